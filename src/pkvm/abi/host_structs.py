@@ -1,0 +1,170 @@
+"""The host's `struct kvm` and `struct kvm_vcpu` as bytes in host memory (a model choice).
+
+Linux's layouts depend on its config, so the model fixes its own, here, once, for the host
+driver (which writes them) and the hyp (which reads the fields Linux's hyp reads, where it reads
+them). Little-endian, C widths. `struct kvm` is 2048 bytes and `struct kvm_vcpu` 4096; the host
+driver places them so that a `kvm` can straddle a page boundary (multi-page pins).
+
+Field table (offsets are computed below; `KVM.describe()` prints them):
+
+struct kvm: `created_vcpus` int; `arch.pkvm.handle` u32 (the hyp reads 16 bits in 7.2);
+`arch.pkvm.is_protected`, `is_created`, `is_dying` u8; `arch.flags`, `arch.vcpu_features`,
+`arch.ctr_el0`, `arch.midr_el1` u64; `arch.vgic.vgic_model` u32; `arch.id_regs[56]` u64;
+`arch.mmu` (`kvm_s2_mmu`: `vmid`, `pgd_phys`, `vtcr` u64); `arch.pkvm.teardown_mc` and
+`arch.pkvm.stage2_teardown_mc` (`kvm_hyp_memcache`: `head`, `nr_pages`, `flags` u64).
+
+struct kvm_vcpu: `kvm` pointer; `vcpu_id`, `vcpu_idx` int; `arch.cflags`, `arch.hcr_el2`,
+`arch.hcrx_el2`, `arch.mdcr_el2`, `arch.iflags`, `arch.vsesr_el2` u64; `arch.sve_max_vl` u32,
+`arch.sve_state` pointer; `arch.hw_mmu` pointer; `arch.fgt[8]` u64; `arch.ctxt` (`regs[31]`,
+`sp_el0`, `pc`, `pstate`, `sp_el1`, `elr_el1`, `spsr_el1`, `fpsr`, `fpcr` u64, `vregs[32]` 16 bytes,
+`sys_regs[64]` u64); `arch.fault` (`esr_el2`, `far_el2`, `hpfar_el2`, `disr_el1`); `arch.vgic_v3`
+(`vgic_hcr`, `vgic_vmcr` u64, `used_lrs` u32, `lrs[16]` u64); `arch.pkvm_memcache` (`head`,
+`nr_pages`, `flags`); `arch.mp_state` u32 and the model's `arch.power_off` u8 (host-only).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    offset: int
+    fmt: str  # struct format of one element
+    count: int = 1
+
+    @property
+    def size(self) -> int:
+        return struct.calcsize("<" + self.fmt) * self.count
+
+
+class Layout:
+    def __init__(self, name: str, size: int, fields: list[tuple[str, str, int]]):
+        self.name = name
+        self.size = size
+        self.fields: dict[str, Field] = {}
+        off = 0
+        for fname, fmt, count in fields:
+            align = struct.calcsize("<" + fmt) if fmt != "16s" else 16
+            align = min(align, 8)
+            off = (off + align - 1) & ~(align - 1)
+            f = Field(fname, off, fmt, count)
+            self.fields[fname] = f
+            off += f.size
+        if off > size:
+            raise AssertionError(f"{name} fields take {off} bytes > {size}")
+
+    def offset(self, name: str) -> int:
+        return self.fields[name].offset
+
+    def field(self, name: str) -> Field:
+        return self.fields[name]
+
+    def describe(self) -> str:
+        lines = [f"struct {self.name} ({self.size} bytes)"]
+        for f in self.fields.values():
+            n = f"[{f.count}]" if f.count > 1 else ""
+            lines.append(f"  {f.offset:#06x} {f.name}{n} ({f.fmt})")
+        return "\n".join(lines)
+
+
+NR_SYS_REGS = 64
+NR_ID_REGS = 56
+NR_LRS = 16
+
+KVM = Layout(
+    "kvm",
+    2048,
+    [
+        ("created_vcpus", "i", 1),
+        ("arch.pkvm.handle", "I", 1),
+        ("arch.pkvm.is_protected", "B", 1),
+        ("arch.pkvm.is_created", "B", 1),
+        ("arch.pkvm.is_dying", "B", 1),
+        ("arch.flags", "Q", 1),
+        ("arch.vcpu_features", "Q", 1),
+        ("arch.ctr_el0", "Q", 1),
+        ("arch.midr_el1", "Q", 1),
+        ("arch.vgic.vgic_model", "I", 1),
+        ("arch.mmu.vmid", "Q", 1),
+        ("arch.mmu.pgd_phys", "Q", 1),
+        ("arch.mmu.vtcr", "Q", 1),
+        ("arch.pkvm.teardown_mc.head", "Q", 1),
+        ("arch.pkvm.teardown_mc.nr_pages", "Q", 1),
+        ("arch.pkvm.teardown_mc.flags", "Q", 1),
+        ("arch.pkvm.stage2_teardown_mc.head", "Q", 1),
+        ("arch.pkvm.stage2_teardown_mc.nr_pages", "Q", 1),
+        ("arch.pkvm.stage2_teardown_mc.flags", "Q", 1),
+        ("arch.id_regs", "Q", NR_ID_REGS),
+    ],
+)
+
+KVM_VCPU = Layout(
+    "kvm_vcpu",
+    4096,
+    [
+        ("kvm", "Q", 1),
+        ("vcpu_id", "i", 1),
+        ("vcpu_idx", "i", 1),
+        ("arch.cflags", "Q", 1),
+        ("arch.hcr_el2", "Q", 1),
+        ("arch.hcrx_el2", "Q", 1),
+        ("arch.mdcr_el2", "Q", 1),
+        ("arch.iflags", "Q", 1),
+        ("arch.vsesr_el2", "Q", 1),
+        ("arch.sve_max_vl", "I", 1),
+        ("arch.sve_state", "Q", 1),
+        ("arch.hw_mmu", "Q", 1),
+        ("arch.fgt", "Q", 8),
+        ("arch.ctxt.regs", "Q", 31),
+        ("arch.ctxt.sp_el0", "Q", 1),
+        ("arch.ctxt.pc", "Q", 1),
+        ("arch.ctxt.pstate", "Q", 1),
+        ("arch.ctxt.sp_el1", "Q", 1),
+        ("arch.ctxt.elr_el1", "Q", 1),
+        ("arch.ctxt.spsr_el1", "Q", 1),
+        ("arch.ctxt.fpsr", "Q", 1),
+        ("arch.ctxt.fpcr", "Q", 1),
+        ("arch.ctxt.vregs", "16s", 32),
+        ("arch.ctxt.sys_regs", "Q", NR_SYS_REGS),
+        ("arch.ctxt.__hyp_running_vcpu", "Q", 1),
+        ("arch.fault.esr_el2", "Q", 1),
+        ("arch.fault.far_el2", "Q", 1),
+        ("arch.fault.hpfar_el2", "Q", 1),
+        ("arch.fault.disr_el1", "Q", 1),
+        ("arch.vgic_v3.vgic_hcr", "Q", 1),
+        ("arch.vgic_v3.vgic_vmcr", "Q", 1),
+        ("arch.vgic_v3.used_lrs", "I", 1),
+        ("arch.vgic_v3.lrs", "Q", NR_LRS),
+        ("arch.pkvm_memcache.head", "Q", 1),
+        ("arch.pkvm_memcache.nr_pages", "Q", 1),
+        ("arch.pkvm_memcache.flags", "Q", 1),
+        ("arch.mp_state", "I", 1),
+    ],
+)
+
+# The run-time context block copied whole between host and hyp on every run (flush/sync).
+CTXT_START = KVM_VCPU.offset("arch.ctxt.regs")
+CTXT_END = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") + 8
+
+# `arch.flags` bits of struct kvm (arm64 kvm_host.h names).
+KVM_ARCH_FLAG_ID_REGS_INITIALIZED = 1 << 7
+KVM_ARCH_FLAG_GUEST_HAS_SVE = 1 << 9
+# `vcpu_features` bits.
+KVM_ARM_VCPU_PSCI_0_2 = 1 << 2
+# `iflags` bits (the model's choice of positions).
+IFLAG_INCREMENT_PC = 1 << 1
+IFLAG_PENDING_EXCEPTION = 1 << 0
+HYP_MEMCACHE_ACCOUNT_STAGE2 = 1 << 1
+
+# Index of each EL1 system register in `arch.ctxt.sys_regs[]` (the model's numbering).
+SYS_REGS = (
+    "SCTLR_EL1", "TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "MAIR_EL1", "AMAIR_EL1", "VBAR_EL1",
+    "ESR_EL1", "FAR_EL1", "CONTEXTIDR_EL1", "TPIDR_EL0", "TPIDRRO_EL0", "TPIDR_EL1",
+    "CPACR_EL1", "CNTKCTL_EL1", "PAR_EL1", "MPIDR_EL1", "CSSELR_EL1", "AFSR0_EL1",
+    "AFSR1_EL1", "CNTV_CTL_EL0", "CNTV_CVAL_EL0", "CNTP_CTL_EL0", "CNTP_CVAL_EL0",
+    "MDSCR_EL1", "ZCR_EL1", "TFSR_EL1", "ACTLR_EL1",
+)
+SYS_REG_INDEX = {name: i for i, name in enumerate(SYS_REGS)}

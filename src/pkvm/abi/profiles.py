@@ -1,0 +1,233 @@
+"""ABI profiles: every difference between Linux 6.12.117 and 7.2.13 that the model knows of.
+
+Like QEMU's versioned machine types, the newest behaviour is written once in the hyp modules and
+each kernel is a small record of differences that the code consults where the kernels part ways.
+A reader finds every 6.12-vs-7.2 difference here (names, numbers, gating, widths, errnos), and
+the hyp code asks `profile.<feature>` instead of comparing version strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# `enum __kvm_host_smccc_func` of Linux 6.12.117 (arch/arm64/include/asm/kvm_asm.h).
+HCALLS_6_12: tuple[str, ...] = (
+    "__kvm_hyp_init",
+    "__kvm_get_mdcr_el2",
+    "__pkvm_init",
+    "__pkvm_create_private_mapping",
+    "__pkvm_cpu_set_vector",
+    "__kvm_enable_ssbs",
+    "__vgic_v3_init_lrs",
+    "__vgic_v3_get_gic_config",
+    "__pkvm_prot_finalize",
+    "__pkvm_host_share_hyp",
+    "__pkvm_host_unshare_hyp",
+    "__kvm_adjust_pc",
+    "__kvm_vcpu_run",
+    "__kvm_flush_vm_context",
+    "__kvm_tlb_flush_vmid_ipa",
+    "__kvm_tlb_flush_vmid_ipa_nsh",
+    "__kvm_tlb_flush_vmid",
+    "__kvm_tlb_flush_vmid_range",
+    "__kvm_flush_cpu_context",
+    "__kvm_timer_set_cntvoff",
+    "__vgic_v3_save_vmcr_aprs",
+    "__vgic_v3_restore_vmcr_aprs",
+    "__pkvm_vcpu_init_traps",
+    "__pkvm_init_vm",
+    "__pkvm_init_vcpu",
+    "__pkvm_teardown_vm",
+)
+
+# `enum __kvm_host_smccc_func` of Linux 7.2.13; its MARKER() entries take no number.
+HCALLS_7_2: tuple[str, ...] = (
+    "__kvm_hyp_init",
+    "__pkvm_init",
+    "__pkvm_create_private_mapping",
+    "__pkvm_cpu_set_vector",
+    "__kvm_enable_ssbs",
+    "__vgic_v3_init_lrs",
+    "__vgic_v3_get_gic_config",
+    "__pkvm_prot_finalize",
+    "__kvm_adjust_pc",
+    "__kvm_vcpu_run",
+    "__kvm_flush_vm_context",
+    "__kvm_tlb_flush_vmid_ipa",
+    "__kvm_tlb_flush_vmid_ipa_nsh",
+    "__kvm_tlb_flush_vmid",
+    "__kvm_tlb_flush_vmid_range",
+    "__kvm_flush_cpu_context",
+    "__kvm_timer_set_cntvoff",
+    "__tracing_load",
+    "__tracing_unload",
+    "__tracing_enable",
+    "__tracing_swap_reader",
+    "__tracing_update_clock",
+    "__tracing_reset",
+    "__tracing_enable_event",
+    "__tracing_write_event",
+    "__vgic_v3_save_aprs",
+    "__vgic_v3_restore_vmcr_aprs",
+    "__vgic_v5_save_apr",
+    "__vgic_v5_restore_vmcr_apr",
+    "__pkvm_host_share_hyp",
+    "__pkvm_host_unshare_hyp",
+    "__pkvm_host_donate_guest",
+    "__pkvm_host_share_guest",
+    "__pkvm_host_unshare_guest",
+    "__pkvm_host_relax_perms_guest",
+    "__pkvm_host_wrprotect_guest",
+    "__pkvm_host_test_clear_young_guest",
+    "__pkvm_host_mkyoung_guest",
+    "__pkvm_reserve_vm",
+    "__pkvm_unreserve_vm",
+    "__pkvm_init_vm",
+    "__pkvm_init_vcpu",
+    "__pkvm_vcpu_in_poison_fault",
+    "__pkvm_force_reclaim_guest_page",
+    "__pkvm_reclaim_dying_guest_page",
+    "__pkvm_start_teardown_vm",
+    "__pkvm_finalize_teardown_vm",
+    "__pkvm_vcpu_load",
+    "__pkvm_vcpu_put",
+    "__pkvm_tlb_flush_vmid",
+)
+
+ALL_HCALL_NAMES = frozenset(HCALLS_6_12) | frozenset(HCALLS_7_2)
+
+# SMCCC: fast call, 64-bit, owner "vendor hypervisor" (6), function number 0.
+KVM_HOST_SMCCC_ID_BASE = 0xC600_0000
+ARM_SMCCC_CALL_HINTS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One kernel's host ABI and the behaviours where it differs from the other."""
+
+    name: str
+    kernel: str
+    hcalls: tuple[str, ...]
+    # Gate of handle_host_hcall: [0, pkvm_only) before finalise, [min_pkvm, len) after.
+    min_pkvm: int
+    pkvm_only: int
+    # pkvm_handle_t width.
+    handle_bits: int
+    # sizeof(struct hyp_page); HYP_NO_ORDER.
+    hyp_page_size: int
+    hyp_no_order: int
+    # Where host and hyp page states live: host S2 / hyp S1 software bits (6.12) or vmemmap.
+    page_state_in_vmemmap: bool
+    # Protected VMs, hyp-owned guest stage-2, guest-memory hypercalls, guest calls at EL2.
+    protected_vms: bool
+    hyp_owned_guest_stage2: bool
+    # VM life: handle reserved first, two-phase teardown, explicit vCPU load/put.
+    reserve_vm: bool
+    two_phase_teardown: bool
+    explicit_vcpu_load: bool
+    # 6.12: hyp vCPUs initialised strictly 0, 1, 2...; 7.2: any order, slot = host vcpu_idx.
+    vcpu_init_in_order: bool
+    # errnos where the kernels differ.
+    host_idmap_exists_errno: int  # host_stage2_adjust_range on a valid leaf
+    teardown_refusal_errno_busy: int
+    # host access to memory it may not touch: 6.12 BUG_ON (fatal), 7.2 injects an abort.
+    host_abort_fatal: bool
+    # level 0 granule usable for the host idmap (6.12 does not skip it).
+    host_idmap_skip_level0: bool
+    # PSCI version the host's psci.c reports.
+    psci_version: int
+    # hyp vmemmap drain on teardown clears the whole hyp_page (6.12) or only refcount (7.2).
+    teardown_clears_whole_hyp_page: bool
+    # pages attached outside a pool's range: keep recorded order (6.12) or force order 0.
+    attach_foreign_keeps_order: bool
+    extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def nr_hcalls(self) -> int:
+        return len(self.hcalls)
+
+    def number(self, name: str) -> int | None:
+        try:
+            return self.hcalls.index(name)
+        except ValueError:
+            return None
+
+    def func_id(self, name: str) -> int | None:
+        n = self.number(name)
+        return None if n is None else KVM_HOST_SMCCC_ID_BASE + n
+
+    def decode(self, x0: int) -> int | None:
+        """x0 -> index of the host hypercall, or None (unknown: SMCCC NOT_SUPPORTED)."""
+        n = ((x0 & ~ARM_SMCCC_CALL_HINTS) - KVM_HOST_SMCCC_ID_BASE) & 0xFFFF_FFFF_FFFF_FFFF
+        if n >= len(self.hcalls):
+            return None
+        return n
+
+    def gate(self, n: int, finalised: bool) -> bool:
+        """Is call `n` reachable in this phase (handle_host_hcall's bounds)?"""
+        if finalised:
+            return self.min_pkvm <= n < len(self.hcalls)
+        return 0 <= n < self.pkvm_only
+
+    def handle(self, reg: int) -> int:
+        return reg & ((1 << self.handle_bits) - 1)
+
+
+PROFILE_6_12 = Profile(
+    name="6.12",
+    kernel="6.12.117",
+    hcalls=HCALLS_6_12,
+    min_pkvm=HCALLS_6_12.index("__pkvm_prot_finalize"),
+    pkvm_only=len(HCALLS_6_12),
+    handle_bits=32,
+    hyp_page_size=4,
+    hyp_no_order=0xFFFF,
+    page_state_in_vmemmap=False,
+    protected_vms=False,
+    hyp_owned_guest_stage2=False,
+    reserve_vm=False,
+    two_phase_teardown=False,
+    explicit_vcpu_load=False,
+    vcpu_init_in_order=True,
+    host_idmap_exists_errno=-11,  # -EAGAIN
+    teardown_refusal_errno_busy=-16,
+    host_abort_fatal=True,
+    host_idmap_skip_level0=False,
+    psci_version=0x10001,
+    teardown_clears_whole_hyp_page=True,
+    attach_foreign_keeps_order=True,
+)
+
+PROFILE_7_2 = Profile(
+    name="latest",
+    kernel="7.2.13",
+    hcalls=HCALLS_7_2,
+    min_pkvm=HCALLS_7_2.index("__pkvm_prot_finalize"),
+    pkvm_only=HCALLS_7_2.index("__pkvm_host_share_hyp"),
+    handle_bits=16,
+    hyp_page_size=8,
+    hyp_no_order=0xFF,
+    page_state_in_vmemmap=True,
+    protected_vms=True,
+    hyp_owned_guest_stage2=True,
+    reserve_vm=True,
+    two_phase_teardown=True,
+    explicit_vcpu_load=True,
+    vcpu_init_in_order=False,
+    host_idmap_exists_errno=-17,  # -EEXIST
+    teardown_refusal_errno_busy=-22,
+    host_abort_fatal=False,
+    host_idmap_skip_level0=True,
+    psci_version=0x10003,
+    teardown_clears_whole_hyp_page=False,
+    attach_foreign_keeps_order=False,
+)
+
+PROFILES = {"6.12": PROFILE_6_12, "latest": PROFILE_7_2, "7.2": PROFILE_7_2}
+
+
+def get_profile(abi: str) -> Profile:
+    try:
+        return PROFILES[abi]
+    except KeyError:
+        raise ValueError(f"unknown abi {abi!r}: use '6.12' or 'latest' (7.2)") from None

@@ -1,0 +1,89 @@
+"""Sizes host and hyp agree on (`arch/arm64/include/asm/kvm_pkvm.h`, `hyp-constants.c`)."""
+
+from __future__ import annotations
+
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+
+KVM_MAX_PVMS = 255
+HANDLE_OFFSET = 0x1000
+HYP_MEMBLOCK_REGIONS = 128
+KVM_PGTABLE_FIRST_LEVEL = -1
+KVM_PGTABLE_LAST_LEVEL = 3
+SZ_1G = 1 << 30
+SZ_2M = 2 << 20
+
+# Model choices (spec vm-state.md §2.1): sizes that make donations span several pages.
+PKVM_HYP_VM_SIZE = 7680
+PKVM_HYP_VCPU_SIZE = 6144
+# The model's 48-bit, 4-level stage-2: one root page, 3 table pages per new mapping at most.
+KVM_PGTABLE_STAGE2_PGD_SIZE = PAGE_SIZE
+KVM_MMU_CACHE_MIN_PAGES = 3
+KVM_FFA_PROXY_PAGES = 11  # mailboxes + descriptor buffer (spec memory.md §1.2, inferred)
+
+KVM_VM_TYPE_ARM_PROTECTED = 1 << 31
+
+
+def page_align(size: int) -> int:
+    return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def div_round_up(n: int, d: int) -> int:
+    return (n + d - 1) // d
+
+
+def hyp_pgtable_max_pages(nr_pages: int) -> int:
+    """`__hyp_pgtable_max_pages`: table pages to map `nr_pages` pages, one round per level."""
+    total = 0
+    for _level in range(KVM_PGTABLE_FIRST_LEVEL, KVM_PGTABLE_LAST_LEVEL + 1):
+        nr_pages = div_round_up(nr_pages, 512)
+        total += nr_pages
+    return total
+
+
+def hyp_pgtable_total_pages(regions: list[tuple[int, int]]) -> int:
+    return sum(hyp_pgtable_max_pages(size >> PAGE_SHIFT) for _base, size in regions)
+
+
+def hyp_s1_pgtable_pages(regions: list[tuple[int, int]]) -> int:
+    return hyp_pgtable_total_pages(regions) + hyp_pgtable_max_pages(SZ_1G >> PAGE_SHIFT)
+
+
+def host_s2_pgtable_pages(regions: list[tuple[int, int]]) -> int:
+    return hyp_pgtable_total_pages(regions) + 16 + hyp_pgtable_max_pages(SZ_1G >> PAGE_SHIFT)
+
+
+def hyp_vm_table_pages() -> int:
+    return page_align(KVM_MAX_PVMS * 8) >> PAGE_SHIFT
+
+
+def hyp_vmemmap_pages(regions: list[tuple[int, int]], struct_hyp_page_size: int) -> int:
+    total = 0
+    for base, size in regions:
+        start = ((base >> PAGE_SHIFT) * struct_hyp_page_size) & ~(PAGE_SIZE - 1)
+        end = page_align(((base >> PAGE_SHIFT) + (size >> PAGE_SHIFT)) * struct_hyp_page_size)
+        total += end - start
+    return total >> PAGE_SHIFT
+
+
+def hyp_ffa_proxy_pages() -> int:
+    return KVM_FFA_PROXY_PAGES
+
+
+def pkvm_selftest_pages() -> int:
+    return 0  # CONFIG_NVHE_EL2_DEBUG=n in both profiles (spec README, model decisions)
+
+
+def kvm_hyp_reserve_pages(regions: list[tuple[int, int]], struct_hyp_page_size: int) -> int:
+    """The total `kvm_hyp_reserve` sums, in pages (before rounding to 2 MiB)."""
+    return (
+        hyp_s1_pgtable_pages(regions)
+        + host_s2_pgtable_pages(regions)
+        + hyp_vm_table_pages()
+        + hyp_vmemmap_pages(regions, struct_hyp_page_size)
+        + hyp_ffa_proxy_pages()
+        + pkvm_selftest_pages()
+    )
+
+
+def pkvm_get_hyp_vm_size(nr_vcpus: int) -> int:
+    return PKVM_HYP_VM_SIZE + 8 * nr_vcpus

@@ -1,0 +1,1 @@
+"""The `pkvm` command line."""

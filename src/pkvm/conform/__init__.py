@@ -1,0 +1,1 @@
+"""Differential conformance: the model against the real Linux pKVM under QEMU."""

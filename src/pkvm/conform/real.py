@@ -1,0 +1,453 @@
+"""The real-kernel side of ``pkvm conform``: run hypercall sequences on Linux's own pKVM.
+
+A sequence is a list of :class:`RawStep`. :func:`run_sequences` boots the chosen Debian kernel
+(``kvm-arm.mode=protected``) under QEMU with a busybox initramfs holding our module
+(``module/pkvm_conform.c``); the initramfs ``/init`` loads it, feeds it the steps one by one and
+prints each step's x0..x3. Many sequences share one boot (each gets its own page names); a
+hyp panic ends the boot, so the steps after it are reported as not run and the next sequence
+starts on a fresh boot.
+
+    >>> from pkvm.conform.real import RawStep, run_sequences
+    >>> [[r]] = run_sequences("7.2", [[RawStep("__pkvm_host_share_hyp", ("page:a",))]])
+    >>> (r.x0, r.x1)
+    (0, 0)
+
+Arguments are ints (reduced modulo 2^64) or symbolic strings the module resolves on the real
+machine: ``"page:NAME"`` (pfn of a zeroed page the module allocates for the sequence),
+``"pa:NAME"`` (its physical address), ``"va:NAME"`` (its kernel virtual address).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pkvm.conform.setup import Kernel, SetupError, ensure_setup, load_kernel
+
+__all__ = [
+    "BootLog",
+    "RawStep",
+    "RealError",
+    "RealResult",
+    "SetupError",
+    "ensure_setup",
+    "run_sequences",
+    "vm_create",
+    "vm_destroy",
+    "vm_run",
+]
+
+MASK64 = (1 << 64) - 1
+_SYMBOL = re.compile(r"(page|pa|va|vm):[A-Za-z0-9_-]{1,20}")
+VMM_CALLS = ("vmm:create", "vmm:run", "vmm:destroy")
+SMCCC_HOST_BASE = 0xC600_0000  # fast call, SMC64, owner "vendor hypervisor"
+PKVM_UP = "Protected hVHE mode initialized successfully"
+MARK = "@@PKVMC"
+BOOT_TIMEOUT = 240.0  # seconds, a whole batch; TCG on 2 cores boots in a few seconds
+
+
+class RealError(RuntimeError):
+    """The harness itself failed (not the hypervisor): the message has the console's tail."""
+
+
+@dataclass(frozen=True)
+class RawStep:
+    """One host hypercall: ``call`` a name of the kernel's enum or an int (the whole x0)."""
+
+    call: str | int
+    args: tuple[int | str, ...] = ()
+    cpu: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.args, (str, int)):  # one argument given bare
+            object.__setattr__(self, "args", (self.args,))
+        elif not isinstance(self.args, tuple):
+            object.__setattr__(self, "args", tuple(self.args))
+        if len(self.args) > 6:
+            raise TypeError(f"at most 6 hypercall arguments (x1..x6), got {len(self.args)}")
+        for a in self.args:
+            if isinstance(a, str) and not _SYMBOL.fullmatch(a):
+                raise ValueError(
+                    f"symbolic argument {a!r}: use 'page:NAME', 'pa:NAME', 'va:NAME' or "
+                    "'vm:NAME' (NAME: up to 20 letters, digits, '_', '-')"
+                )
+        if isinstance(self.call, str) and self.call.startswith("vmm:"):
+            if self.call not in VMM_CALLS:
+                raise ValueError(f"{self.call!r}: VMM steps are {', '.join(VMM_CALLS)}")
+            if not self.args or not (isinstance(self.args[0], str) and
+                                     self.args[0].startswith("vm:")):
+                raise ValueError(f"{self.call} takes a 'vm:NAME' first argument")
+
+
+def vm_create(vm: str, vcpus: int = 1, protected: bool = False) -> RawStep:
+    """A VMM step: create VM ``vm`` ("vm:NAME") with ``vcpus`` vCPUs, run vCPU 0 once.
+
+    Its result: x0 = 0 or -errno (of the failing ioctl), x1 = the hyp handle (later steps may
+    pass ``vm``: the module substitutes it), x2 = the first exit's reason, x3 = vcpus.
+    """
+    return RawStep("vmm:create", (vm, vcpus, int(protected)))
+
+
+def vm_run(vm: str, vcpu: int = 0) -> RawStep:
+    """A VMM step: one KVM_RUN; x0 = 0 or -errno, x1 = exit reason, x2 = MMIO address."""
+    return RawStep("vmm:run", (vm, vcpu))
+
+
+def vm_destroy(vm: str) -> RawStep:
+    """A VMM step: close the VM's fds (the host tears it down); x0 = 0 or -errno."""
+    return RawStep("vmm:destroy", (vm,))
+
+
+@dataclass
+class RealResult:
+    """What the real hypervisor answered; x0/x1 signed, x2/x3 unsigned (as the model)."""
+
+    x0: int
+    x1: int
+    x2: int
+    x3: int
+    panic: bool = False
+    note: str = ""
+
+
+@dataclass
+class BootLog:
+    """Timing and console of one boot (for benchmarks and debugging)."""
+
+    kernel: str
+    seconds: float
+    sequences: int
+    console: str = field(repr=False)
+
+
+def _signed(v: int) -> int:
+    v &= MASK64
+    return v - (1 << 64) if v >> 63 else v
+
+
+def _encode_call(k: Kernel, call: str | int) -> str | None:
+    """The module's spelling of a call, or None when this kernel's enum lacks the name."""
+    if isinstance(call, bool) or not isinstance(call, (str, int)):
+        raise TypeError(f"call must be a hypercall name or an int, not {call!r}")
+    if isinstance(call, int):
+        return hex(call & MASK64)
+    if call in k.ids:
+        return call
+    if not re.fullmatch(r"__\w+", call):
+        raise ValueError(f"{call!r} is not a host hypercall name")
+    return None
+
+
+def _encode_arg(a: int | str, seq: int) -> str:
+    if isinstance(a, bool) or not isinstance(a, (int, str)):
+        raise TypeError(f"hypercall argument must be an int or a symbolic string, not {a!r}")
+    if isinstance(a, int):
+        return hex(a & MASK64)
+    if a.startswith("vm:"):  # VMs outlive a sequence in the module: scope their names
+        return f"vm:{seq}.{a[3:]}"
+    return a
+
+
+def _vmm_command(st: RawStep, seq: int) -> str:
+    name = f"{seq}.{str(st.args[0])[3:]}"
+    rest = [str(int(x)) for x in st.args[1:]]
+    op = str(st.call)[4:]
+    return " ".join(["vmm", op, name, *rest])
+
+
+# --- initramfs ----------------------------------------------------------------------------------
+
+
+def _cpio_entry(name: str, data: bytes, mode: int, ino: int) -> bytes:
+    namez = name.encode() + b"\0"
+    hdr = "070701" + "".join(
+        f"{v:08x}"
+        for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(namez), 0)
+    )
+    out = hdr.encode() + namez
+    out += b"\0" * (-len(out) % 4)
+    out += data + b"\0" * (-len(data) % 4)
+    return out
+
+
+def _cpio(files: list[tuple[str, bytes, int]]) -> bytes:
+    out = b"".join(_cpio_entry(n, d, m, i + 1) for i, (n, d, m) in enumerate(files))
+    return out + _cpio_entry("TRAILER!!!", b"", 0, 0)
+
+
+INIT = f"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+/bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox --install -s /bin
+export PATH=/bin
+if dmesg | grep -q "{PKVM_UP}"; then echo "{MARK}-PKVM-UP"; fi
+insmod /pkvm_conform.ko || echo "{MARK}-INSMOD-FAILED"
+echo "{MARK}-BEGIN"
+echo ids > /proc/pkvm_conform && echo "{MARK}-IDS $(cat /proc/pkvm_conform)"
+if [ -x /helper ]; then
+  mkdir -p /tmp && mkfifo /tmp/vmm.in /tmp/vmm.out
+  /helper < /tmp/vmm.in > /tmp/vmm.out &
+  exec 3> /tmp/vmm.in 4< /tmp/vmm.out
+fi
+while IFS= read -r l; do
+  ans=""
+  case "$l" in
+    vmm\ *) echo "${{l#vmm }}" >&3; read -r ans <&4 ;;
+    *) echo "$l" > /proc/pkvm_conform; read -r ans < /proc/pkvm_conform ;;
+  esac
+  echo "{MARK} $ans"
+done < /cmds
+echo "{MARK}-END"
+poweroff -f
+"""
+
+
+def _initramfs(k: Kernel, cmds: list[str]) -> bytes:
+    files = [
+        ("bin", b"", 0o040755),
+        ("bin/busybox", k.busybox.read_bytes(), 0o100755),
+        ("init", INIT.encode(), 0o100755),
+        ("pkvm_conform.ko", k.module.read_bytes(), 0o100644),
+        ("cmds", "".join(c + "\n" for c in cmds).encode(), 0o100644),
+    ]
+    if k.helper is not None:
+        files.append(("helper", k.helper.read_bytes(), 0o100755))
+    return _cpio(files)
+
+
+# --- one boot -----------------------------------------------------------------------------------
+
+
+def qemu_command(k: Kernel, initrd: Path) -> list[str]:
+    cmdline = "console=ttyAMA0 kvm-arm.mode=protected panic=-1 loglevel=4 rdinit=/init"
+    return [
+        "qemu-system-aarch64",
+        "-M", "virt,virtualization=on,gic-version=3",
+        # pauth-impdef: QEMU's cheap pointer-auth algorithm (boots ~3x faster under TCG than
+        # the architected QARMA; nothing a hypercall observes depends on it).
+        "-cpu", "max,lpa2=off,pauth-impdef=on",
+        "-smp", "2",
+        "-m", "1G",
+        "-nographic", "-no-reboot", "-nic", "none",
+        "-kernel", str(k.image),
+        "-initrd", str(initrd),
+        "-append", cmdline,
+    ]  # fmt: skip
+
+
+def _boot(k: Kernel, cmds: list[str]) -> tuple[str, float]:
+    with tempfile.TemporaryDirectory(prefix="pkvm-conform-") as tmp:
+        initrd = Path(tmp) / "initrd.cpio"
+        initrd.write_bytes(_initramfs(k, cmds))
+        t0 = time.monotonic()
+        try:
+            p = subprocess.run(
+                qemu_command(k, initrd),
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=BOOT_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as e:
+            out = (e.stdout or b"").decode(errors="replace")
+            raise RealError(f"QEMU timed out after {BOOT_TIMEOUT} s:\n{out[-3000:]}") from e
+        console = (p.stdout + p.stderr).decode(errors="replace").replace("\r", "")
+        return console, time.monotonic() - t0
+
+
+_PANIC_RE = re.compile(r"(HYP panic|hyp panic|Kernel panic - not syncing.*)")
+_HYP_PANIC_RE = re.compile(r"(HYP panic|nVHE hyp panic|hVHE hyp panic)")
+
+
+def _check_ids(k: Kernel, console: str) -> None:
+    m = re.search(rf"^{MARK}-IDS (.*)$", console, re.M)
+    if not m:
+        return
+    ids = json.loads(m.group(1))["ids"]
+    if ids != k.ids:
+        raise RealError(f"module's hypercall table differs from the set-up's for {k.release}")
+
+
+@dataclass
+class _Pending:
+    seq: int  # index into the caller's list
+    steps: list[RawStep]
+
+
+def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[int, int]]]:
+    """The module commands of a batch, and for each the (sequence, step) it answers (-1: none).
+
+    Steps whose call this kernel lacks are not sent (they answer as unknown calls locally);
+    each sequence ends with ``pages`` (its name -> pfn map).
+    """
+    cmds: list[str] = []
+    owners: list[tuple[int, int]] = []
+    for b, pend in enumerate(batch):
+        cmds.append(f"seq {pend.seq}")
+        owners.append((b, -1))
+        for j, st in enumerate(pend.steps):
+            if isinstance(st.call, str) and st.call.startswith("vmm:"):
+                if k.helper is None:
+                    raise RealError("this set-up has no VMM helper: VMM steps cannot run")
+                cmds.append(_vmm_command(st, pend.seq))
+                owners.append((b, j))
+                continue
+            func = _encode_call(k, st.call)
+            if func is None:
+                continue
+            args = " ".join(_encode_arg(a, pend.seq) for a in st.args)
+            cmds.append(f"hvc {int(st.cpu)} {func} {args}".rstrip())
+            owners.append((b, j))
+        cmds.append("pages")
+        owners.append((b, -2))
+    return cmds, owners
+
+
+def _run_batch(
+    k: Kernel, batch: list[_Pending], out: list[list[RealResult] | None], logs: list[BootLog]
+) -> list[_Pending]:
+    """Boot once for ``batch``; fill ``out``; return the sequences still to run."""
+    cmds, owners = _commands(k, batch)
+    console, secs = _boot(k, cmds)
+    logs.append(BootLog(k.profile, secs, len(batch), console))
+    if f"{MARK}-PKVM-UP" not in console:
+        raise RealError(
+            f"pKVM did not come up on {k.release} (no {PKVM_UP!r}):\n{console[-3000:]}"
+        )
+    if f"{MARK}-INSMOD-FAILED" in console:
+        raise RealError(f"insmod pkvm_conform.ko failed on {k.release}:\n{console[-3000:]}")
+    _check_ids(k, console)
+    answers = [m.group(1) for m in re.finditer(rf"^{MARK} (.*)$", console, re.M)]
+    finished = f"{MARK}-END" in console
+
+    results: dict[int, dict[int, RealResult]] = {b: {} for b in range(len(batch))}
+    pages: dict[int, dict[str, int]] = {}
+    for (b, j), ans in zip(owners, answers, strict=False):
+        if j == -1:
+            continue
+        msg = json.loads(ans) if ans.strip() else {}
+        if "error" in msg:
+            raise RealError(f"module refused step {j} of sequence {batch[b].seq}: {msg['error']}")
+        if j == -2:
+            pages[b] = {n: int(v, 16) for n, v in msg["pages"].items()}
+            continue
+        results[b][j] = RealResult(
+            _signed(int(msg["x0"], 16)),
+            _signed(int(msg["x1"], 16)),
+            int(msg["x2"], 16) & MASK64,
+            int(msg["x3"], 16) & MASK64,
+        )
+
+    dead_at: tuple[int, int] | None = None
+    if not finished:
+        if len(answers) >= len(owners):
+            raise RealError(f"boot ended before its end marker:\n{console[-3000:]}")
+        dead_at = owners[len(answers)]
+        if dead_at[1] < 0:
+            raise RealError(f"boot died outside any step:\n{console[-3000:]}")
+        if not _PANIC_RE.search(console):
+            raise RealError(
+                f"boot of {k.release} died without a panic at sequence {batch[dead_at[0]].seq} "
+                f"step {dead_at[1]}:\n{console[-3000:]}"
+            )
+    reason = ""
+    if dead_at is not None:
+        lines = [ln.strip() for ln in console.splitlines() if _PANIC_RE.search(ln)]
+        who = "hyp panic" if _HYP_PANIC_RE.search(console) else "host kernel panic (EL1)"
+        reason = f"{who}: " + "; ".join(dict.fromkeys(lines))[:300]
+
+    remaining: list[_Pending] = []
+    for b, pend in enumerate(batch):
+        if dead_at is not None and b > dead_at[0]:
+            remaining.append(pend)
+            continue
+        seq_out: list[RealResult] = []
+        for j, st in enumerate(pend.steps):
+            if j in results[b]:
+                seq_out.append(results[b][j])
+            elif dead_at is not None and b == dead_at[0] and j == dead_at[1]:
+                seq_out.append(RealResult(0, 0, 0, 0, panic=True, note=reason))
+            elif dead_at is not None and b == dead_at[0] and j > dead_at[1]:
+                seq_out.append(
+                    RealResult(0, 0, 0, 0, panic=True, note="not run: machine dead after panic")
+                )
+            else:  # a name this kernel's enum lacks: answered as an unknown call, not sent
+                regs = [a if isinstance(a, int) else _resolve(a, pages.get(b, {})) for a in
+                        (*st.args, 0, 0, 0)][:3]
+                seq_out.append(
+                    RealResult(
+                        -1, _signed(regs[0]), regs[1] & MASK64, regs[2] & MASK64,
+                        note=f"{st.call} is not a host hypercall of {k.release}: not issued",
+                    )
+                )
+        note_pages = pages.get(b)
+        if note_pages:
+            _PAGES[(k.profile, pend.seq)] = note_pages
+        out[pend.seq] = seq_out
+    return remaining
+
+
+def _resolve(a: str, pages: dict[str, int]) -> int:
+    kind, name = a.split(":", 1)
+    pfn = pages.get(name)
+    if pfn is None:
+        return 0
+    if kind == "page":
+        return pfn
+    return pfn << 12 if kind == "pa" else 0  # va:/vm: values are not reported back
+
+
+# (profile, sequence index of the last run) -> name -> pfn, for the model side to match pages.
+_PAGES: dict[tuple[str, int], dict[str, int]] = {}
+
+
+def last_pages(kernel: str, seq: int) -> dict[str, int]:
+    """The name -> pfn map the module used for sequence ``seq`` of the last run (pfn values)."""
+    from pkvm.conform.setup import profile_of
+
+    return dict(_PAGES.get((profile_of(kernel).name, seq), {}))
+
+
+def run_sequences(
+    kernel: str,
+    seqs: list[list[RawStep]],
+    *,
+    per_boot: int = 64,
+    progress: bool = False,
+    logs: list[BootLog] | None = None,
+) -> list[list[RealResult]]:
+    """Run each sequence on the real ``kernel`` ("6.12" | "7.2" | "latest"), in order.
+
+    Sequences share boots (``per_boot`` at most; ``per_boot=1`` gives each a fresh machine);
+    after a hyp panic the rest start on a new boot. Raises :class:`SetupError` when the
+    harness cannot be set up here and :class:`RealError` when a boot fails for another reason.
+    """
+    k = load_kernel(kernel, progress)
+    for s in seqs:
+        for st in s:
+            if not isinstance(st, RawStep):
+                raise TypeError(f"sequences hold RawStep, not {st!r}")
+    out: list[list[RealResult] | None] = [None] * len(seqs)
+    todo = [_Pending(i, list(s)) for i, s in enumerate(seqs)]
+    boot_logs = logs if logs is not None else []
+    for i in list(_PAGES):
+        if i[0] == k.profile:
+            del _PAGES[i]
+    while todo:
+        batch, todo = todo[:per_boot], todo[per_boot:]
+        todo = _run_batch(k, batch, out, boot_logs) + todo
+    return [r if r is not None else [] for r in out]
+
+
+def smccc_id(kernel: str, name: str) -> int:
+    """The whole x0 of host hypercall ``name`` on ``kernel`` (from its own enum)."""
+    k = load_kernel(kernel, progress=False)
+    return SMCCC_HOST_BASE + k.ids[name]
+

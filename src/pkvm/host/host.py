@@ -1,0 +1,141 @@
+"""The host kernel: its memory, its page allocator, its KVM driver."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from pkvm.abi.profiles import Profile
+    from pkvm.host.kvm import HostVm
+
+
+class HostPort(Protocol):
+    """What the board hands the host: HVC and stage-2-checked memory accesses."""
+
+    def hvc(self, cpu: int, func: str | int, *args: int) -> Any: ...
+    def read(self, cpu: int, pa: int, n: int) -> bytes: ...
+    def write(self, cpu: int, pa: int, data: bytes) -> None: ...
+    def zero(self, cpu: int, pa: int, n: int) -> None: ...
+
+RESERVED_LOW_PAGES = 2  # the first two RAM pages are never handed out
+
+
+class PageAllocator:
+    """The host's page allocator: a byte per page, first fit for contiguous runs."""
+
+    def __init__(self, base_pfn: int, nr_pages: int, reserved: list[tuple[int, int]]):
+        self.base_pfn = base_pfn
+        self.used = bytearray(nr_pages)
+        for start, n in reserved:
+            self.used[start - base_pfn : start - base_pfn + n] = b"\x02" * n  # never handed out
+        self.hint = 0
+
+    def alloc(self, n: int) -> int | None:
+        want = bytes(n)
+        i = self.used.find(want, self.hint)
+        if i < 0:
+            i = self.used.find(want)
+            if i < 0:
+                return None
+        self.used[i : i + n] = b"\x01" * n
+        self.hint = i + n
+        return self.base_pfn + i
+
+    def release(self, pfn: int, n: int) -> None:
+        i = pfn - self.base_pfn
+        if i < 0 or i + n > len(self.used) or self.used[i : i + n] != b"\x01" * n:
+            raise ValueError(f"pages {pfn:#x}+{n} were not handed out by alloc_pages")
+        self.used[i : i + n] = bytes(n)
+        self.hint = min(self.hint, i)
+
+    def free_pages(self) -> int:
+        return self.used.count(0)
+
+
+class Host:
+    """The host as a user scripts it: `machine.host`."""
+
+    def __init__(self, port: "HostPort", profile: "Profile", nr_cpus: int, ram_base: int,
+                 ram_size: int, carveout: tuple[int, int]):
+        self.port = port
+        self.profile = profile
+        self.nr_cpus = nr_cpus
+        base_pfn = ram_base >> PAGE_SHIFT
+        end_pfn = (ram_base + ram_size) >> PAGE_SHIFT
+        cb, cs = carveout[0] >> PAGE_SHIFT, carveout[1] >> PAGE_SHIFT
+        self.pages = PageAllocator(base_pfn, end_pfn - base_pfn,
+                                   [(base_pfn, RESERVED_LOW_PAGES), (cb, cs)])
+        self.vms: dict[int, "HostVm"] = {}
+        self.cpu = 0  # the CPU host code runs on unless told otherwise
+        self._shared: dict[int, int] = {}  # pfn -> users (kvm_share_hyp refcounts)
+
+    # -- memory, through the host stage-2 ---------------------------------------------
+    def read(self, pa: int, n: int, cpu: int | None = None) -> bytes:
+        return self.port.read(self.cpu if cpu is None else cpu, pa, n)
+
+    def write(self, pa: int, data: bytes, cpu: int | None = None) -> None:
+        self.port.write(self.cpu if cpu is None else cpu, pa, bytes(data))
+
+    def read_u64(self, pa: int) -> int:
+        return int.from_bytes(self.read(pa, 8), "little")
+
+    def write_u64(self, pa: int, value: int) -> None:
+        self.write(pa, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
+
+    # -- pages ---------------------------------------------------------------------
+    def alloc_pages(self, n: int = 1) -> int:
+        """Physical address of `n` contiguous, zeroed, host-owned pages."""
+        if n < 1:
+            raise ValueError("alloc_pages needs n >= 1")
+        pfn = self.pages.alloc(n)
+        if pfn is None:
+            raise MemoryError(f"the host has no {n} contiguous free pages")
+        self.port.zero(self.cpu, pfn << PAGE_SHIFT, n * PAGE_SIZE)
+        return pfn << PAGE_SHIFT
+
+    def free_pages(self, pa: int, n: int = 1) -> None:
+        self.pages.release(pa >> PAGE_SHIFT, n)
+
+    # -- the hypercalls the host kernel itself makes -------------------------------------
+    def hvc(self, func: str | int, *args: int, cpu: int | None = None):
+        return self.port.hvc(self.cpu if cpu is None else cpu, func, *args)
+
+    def share_hyp(self, pa: int, size: int) -> int:
+        """`kvm_share_hyp`: share every page of [pa, pa+size) once, counting users per pfn."""
+        first, last = pa >> PAGE_SHIFT, (pa + size - 1) >> PAGE_SHIFT
+        done = []
+        for pfn in range(first, last + 1):
+            if self._shared.get(pfn, 0) == 0:
+                r = self.hvc("__pkvm_host_share_hyp", pfn)
+                if r.x0 or r.x1:
+                    for p in done:
+                        self.unshare_hyp(p << PAGE_SHIFT, PAGE_SIZE)
+                    return r.x1 if r.x0 == 0 else -22
+            self._shared[pfn] = self._shared.get(pfn, 0) + 1
+            done.append(pfn)
+        return 0
+
+    def unshare_hyp(self, pa: int, size: int) -> int:
+        first, last = pa >> PAGE_SHIFT, (pa + size - 1) >> PAGE_SHIFT
+        ret = 0
+        for pfn in range(first, last + 1):
+            users = self._shared.get(pfn, 0)
+            if users == 0:
+                continue
+            if users == 1:
+                r = self.hvc("__pkvm_host_unshare_hyp", pfn)
+                if r.x1:
+                    ret = r.x1
+                    continue
+                del self._shared[pfn]
+            else:
+                self._shared[pfn] = users - 1
+        return ret
+
+    # -- KVM ----------------------------------------------------------------------
+    def create_vm(self, vcpus: int = 1, protected: bool = False, memory: int | str = "64M"):
+        from pkvm.host.kvm import HostVm
+
+        return HostVm.create(self, vcpus=vcpus, protected=protected, memory=memory)

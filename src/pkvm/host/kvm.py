@@ -1,0 +1,401 @@
+"""The host's KVM driver for pKVM (`arch/arm64/kvm/pkvm.c`, `arm.c`, `mmu.c`), as a user scripts it.
+
+    vm = machine.host.create_vm(vcpus=2, protected=True, memory="64M")
+    vm.map(0x40000, 16); vm.destroy()
+
+What each step issues, per profile (spec vm-state.md §5):
+* create: allocate and share the host `struct kvm` and each `struct kvm_vcpu`. 7.2 reserves the
+  handle (`__pkvm_reserve_vm`); the hyp VM and each hyp vCPU are made at the first run of that
+  vCPU or the first `map()`. 6.12 (no protected VMs) makes the hyp VM and all vCPUs at once, as
+  its first `KVM_RUN` would, so that `.handle` is known.
+* map (7.2): load vCPU 0 on CPU 0, then per page top up the vCPU memcache and donate (protected)
+  or share (non-protected) the page backing the gfn; put. 6.12 guests run on the host-managed
+  stage-2, so map records the page for the host's own table and makes no hypercall.
+* destroy: 7.2 start teardown, reclaim (protected) or unshare every mapping, finalize (or
+  unreserve a never-created VM); 6.12 `__pkvm_teardown_vm`. Then the host frees what came back
+  in the teardown memcaches, unshares its structs and frees the guest's backing pages.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from pkvm.abi import sizes
+from pkvm.abi.host_structs import (
+    HYP_MEMCACHE_ACCOUNT_STAGE2,
+    KVM,
+    KVM_ARCH_FLAG_ID_REGS_INITIALIZED,
+    KVM_ARM_VCPU_PSCI_0_2,
+    KVM_VCPU,
+)
+from pkvm.errors import EFAULT, EINVAL, HostError
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, RAM_BASE, parse_size
+
+if TYPE_CHECKING:
+    from pkvm.host.host import Host
+
+LINEAR_MAP_BASE = 0xFFFF_0000_0000_0000
+GUEST_RAM_IPA = 0x4000_0000
+HCR_HOST_VCPU = (1 << 31) | (1 << 27) | (1 << 13) | (1 << 14)  # RW, TGE-less guest flags, TWI, TWE
+KVM_PGTABLE_PROT_RWX = 0xF
+
+
+def host_va(pa: int) -> int:
+    """The host kernel's linear-map VA of a PA (the model's choice, spec vm-state.md §0)."""
+    return LINEAR_MAP_BASE + (pa - RAM_BASE)
+
+
+@dataclass
+class HostVcpu:
+    vm: "HostVm"
+    idx: int
+    pa: int  # the host struct kvm_vcpu
+    hyp_created: bool = False
+    hyp_mem: int = 0
+    memcache_pages: list[int] = field(default_factory=list)
+
+    @property
+    def va(self) -> int:
+        return host_va(self.pa)
+
+    def field_pa(self, name: str) -> int:
+        return self.pa + KVM_VCPU.offset(name)
+
+
+class HostVm:
+    """A VM as the host kernel sees it: its `struct kvm`, vCPUs, memslot and mappings."""
+
+    def __init__(self, host: "Host", nr_vcpus: int, protected: bool, memory: int):
+        self.host = host
+        self.profile = host.profile
+        self.nr_vcpus = nr_vcpus
+        self.protected = protected
+        self.memory = memory
+        self.nr_guest_pages = memory >> PAGE_SHIFT
+        self.handle = 0
+        self.is_created = False
+        self.destroyed = False
+        self.vcpus: list[HostVcpu] = []
+        self.memslot: dict[int, int] = {}  # gfn -> host pa backing it
+        self.mapped: dict[int, int] = {}  # gfn -> pa mapped in the guest stage-2
+        self._allocs: list[tuple[int, int]] = []  # (pa, pages) of driver allocations
+        self._kvm_pages = 0
+        self.kvm_pa = 0
+        self.pgd_pa = 0
+        self.hyp_vm_pa = 0
+        self.hyp_vm_pages = 0
+
+    # -- helpers -------------------------------------------------------------------
+    def _hvc(self, name: str, *args: int, cpu: int = 0) -> int:
+        r = self.host.hvc(name, *args, cpu=cpu)
+        if r.x0:
+            raise HostError(EINVAL, name, r.x0, "the hyp does not offer this call")
+        return r.x1
+
+    def _alloc(self, n: int) -> int:
+        pa = self.host.alloc_pages(n)
+        self._allocs.append((pa, n))
+        return pa
+
+    def kvm_field_pa(self, name: str) -> int:
+        return self.kvm_pa + KVM.offset(name)
+
+    def _write_field(self, base: int, layout, name: str, value: int) -> None:
+        f = layout.field(name)
+        self.host.write(base + f.offset, (value & ((1 << (8 * f.size)) - 1)).to_bytes(f.size, "little"))
+
+    def _read_field(self, base: int, layout, name: str) -> int:
+        f = layout.field(name)
+        return int.from_bytes(self.host.read(base + f.offset, f.size), "little")
+
+    # -- create --------------------------------------------------------------------
+    @classmethod
+    def create(cls, host: "Host", vcpus: int, protected: bool, memory: int | str) -> "HostVm":
+        if vcpus < 1:
+            raise ValueError("a VM needs at least one vCPU")
+        size = parse_size(memory)
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError("guest memory must be a positive multiple of 4 KiB")
+        if protected and not host.profile.protected_vms:
+            raise HostError(EINVAL, "KVM_CREATE_VM", None,
+                            f"Linux {host.profile.kernel} has no protected VM type")
+        vm = cls(host, vcpus, protected, size)
+        try:
+            vm._create()
+        except BaseException:
+            vm._undo_create()
+            raise
+        host.vms[id(vm)] = vm
+        return vm
+
+    def _create(self) -> None:
+        # struct kvm straddles a page boundary: the hyp pins both pages.
+        base = self._alloc(2)
+        self.kvm_pa = base + PAGE_SIZE - KVM.size // 2
+        w = self._write_field
+        w(self.kvm_pa, KVM, "created_vcpus", self.nr_vcpus)
+        w(self.kvm_pa, KVM, "arch.vcpu_features", KVM_ARM_VCPU_PSCI_0_2)
+        if self.profile.reserve_vm:
+            w(self.kvm_pa, KVM, "arch.flags", KVM_ARCH_FLAG_ID_REGS_INITIALIZED)
+            w(self.kvm_pa, KVM, "arch.pkvm.stage2_teardown_mc.flags", HYP_MEMCACHE_ACCOUNT_STAGE2)
+        self._share(self.kvm_pa, KVM.size)
+        if self.profile.reserve_vm:
+            ret = self._hvc("__pkvm_reserve_vm")
+            if ret < 0:
+                raise HostError(-ret, "__pkvm_reserve_vm", ret)
+            self.handle = ret
+            w(self.kvm_pa, KVM, "arch.pkvm.handle", ret)
+            w(self.kvm_pa, KVM, "arch.pkvm.is_protected", int(self.protected))
+        for i in range(self.nr_vcpus):
+            pa = self._alloc(1)
+            vcpu = HostVcpu(self, i, pa)
+            w(pa, KVM_VCPU, "kvm", host_va(self.kvm_pa))
+            w(pa, KVM_VCPU, "vcpu_id", i)
+            w(pa, KVM_VCPU, "vcpu_idx", i)
+            w(pa, KVM_VCPU, "arch.ctxt.pstate", 0x3C5)
+            w(pa, KVM_VCPU, "arch.hcr_el2", HCR_HOST_VCPU)
+            self._share(pa, KVM_VCPU.size)
+            self.vcpus.append(vcpu)
+        if not self.profile.reserve_vm:
+            self._create_hyp_vm()
+            for vcpu in self.vcpus:
+                self._create_hyp_vcpu(vcpu)
+
+    def _share(self, pa: int, size: int) -> None:
+        ret = self.host.share_hyp(pa, size)
+        if ret:
+            raise HostError(-ret, "__pkvm_host_share_hyp", ret)
+        self._shared = getattr(self, "_shared", []) + [(pa, size)]
+
+    def _create_hyp_vm(self) -> None:
+        """`__pkvm_create_hyp_vm`: donate the pgd and the hyp VM, `__pkvm_init_vm`."""
+        self.pgd_pa = self._alloc(sizes.KVM_PGTABLE_STAGE2_PGD_SIZE >> PAGE_SHIFT)
+        self.hyp_vm_pages = sizes.page_align(sizes.pkvm_get_hyp_vm_size(self.nr_vcpus)) >> PAGE_SHIFT
+        self.hyp_vm_pa = self._alloc(self.hyp_vm_pages)
+        ret = self._hvc("__pkvm_init_vm", host_va(self.kvm_pa), host_va(self.hyp_vm_pa),
+                        host_va(self.pgd_pa))
+        if ret < 0:
+            self._free_run(self.pgd_pa, 1)
+            self._free_run(self.hyp_vm_pa, self.hyp_vm_pages)
+            self.pgd_pa = self.hyp_vm_pa = 0
+            raise HostError(-ret, "__pkvm_init_vm", ret)
+        if not self.profile.reserve_vm:
+            self.handle = ret
+            self._write_field(self.kvm_pa, KVM, "arch.pkvm.handle", ret)
+        self.is_created = True
+
+    def _create_hyp_vcpu(self, vcpu: HostVcpu) -> None:
+        pages = sizes.page_align(sizes.PKVM_HYP_VCPU_SIZE) >> PAGE_SHIFT
+        mem = self._alloc(pages)
+        ret = self._hvc("__pkvm_init_vcpu", self.handle, vcpu.va, host_va(mem))
+        if ret:
+            self._free_run(mem, pages)
+            raise HostError(-ret, "__pkvm_init_vcpu", ret)
+        vcpu.hyp_created = True
+        vcpu.hyp_mem = mem
+
+    def ensure_hyp_vcpu(self, vcpu: HostVcpu) -> None:
+        """What the first `KVM_RUN` of a vCPU does (`kvm_arch_vcpu_run_pid_change`)."""
+        if not self.is_created:
+            self._create_hyp_vm()
+        if not vcpu.hyp_created:
+            self._create_hyp_vcpu(vcpu)
+
+    def _free_run(self, pa: int, n: int) -> None:
+        self.host.free_pages(pa, n)
+        self._allocs.remove((pa, n))
+
+    def _undo_create(self) -> None:
+        for pa, size in reversed(getattr(self, "_shared", [])):
+            self.host.unshare_hyp(pa, size)
+        for pa, n in self._allocs:
+            self.host.free_pages(pa, n)
+        self._allocs.clear()
+
+    # -- guest memory ------------------------------------------------------------------
+    def backing(self, gfn: int) -> int:
+        """The host page backing `gfn` (allocated on first touch, like a memslot)."""
+        pa = self.memslot.get(gfn)
+        if pa is None:
+            if not GUEST_RAM_IPA >> PAGE_SHIFT <= gfn < (GUEST_RAM_IPA >> PAGE_SHIFT) + self.nr_guest_pages:
+                raise HostError(EFAULT, "memslot", None, f"gfn {gfn:#x} is outside guest RAM")
+            pa = self.host.alloc_pages(1)
+            self.memslot[gfn] = pa
+        return pa
+
+    def write(self, ipa: int, data: bytes) -> None:
+        """The VMM writes guest memory through the memslot (before the guest owns the pages)."""
+        pos = 0
+        while pos < len(data):
+            gfn = (ipa + pos) >> PAGE_SHIFT
+            off = (ipa + pos) & (PAGE_SIZE - 1)
+            k = min(len(data) - pos, PAGE_SIZE - off)
+            self.host.write(self.backing(gfn) + off, data[pos : pos + k])
+            pos += k
+
+    def read(self, ipa: int, n: int) -> bytes:
+        out = bytearray()
+        while n:
+            gfn, off = ipa >> PAGE_SHIFT, ipa & (PAGE_SIZE - 1)
+            k = min(n, PAGE_SIZE - off)
+            out += self.host.read(self.backing(gfn) + off, k)
+            ipa += k
+            n -= k
+        return bytes(out)
+
+    def topup_memcache(self, vcpu: HostVcpu, min_pages: int = sizes.KVM_MMU_CACHE_MIN_PAGES) -> None:
+        """`topup_hyp_memcache`: push host pages on the vCPU's memcache (a list through page
+        first words, head and count in the host struct kvm_vcpu)."""
+        head_pa = vcpu.field_pa("arch.pkvm_memcache.head")
+        nr_pa = vcpu.field_pa("arch.pkvm_memcache.nr_pages")
+        nr = self.host.read_u64(nr_pa)
+        head = self.host.read_u64(head_pa)
+        while nr < min_pages:
+            page = self.host.alloc_pages(1)
+            vcpu.memcache_pages.append(page)
+            self.host.write_u64(page, head)
+            head = page
+            nr += 1
+        self.host.write_u64(head_pa, head)
+        self.host.write_u64(nr_pa, nr)
+
+    def map(self, gfn: int, n: int = 1, cpu: int = 0) -> None:
+        """Map guest frames [gfn, gfn+n) as a guest fault would (donate or share)."""
+        if self.destroyed:
+            raise HostError(EINVAL, "map", None, "the VM was destroyed")
+        for g in range(gfn, gfn + n):
+            self.backing(g)
+        if not self.profile.hyp_owned_guest_stage2:
+            for g in range(gfn, gfn + n):
+                self.mapped[g] = self.memslot[g]
+            return
+        vcpu = self.vcpus[0]
+        self.ensure_hyp_vcpu(vcpu)
+        self._hvc("__pkvm_vcpu_load", self.handle, 0, HCR_HOST_VCPU, cpu=cpu)
+        try:
+            for g in range(gfn, gfn + n):
+                self.map_one(vcpu, g, cpu)
+        finally:
+            self._hvc("__pkvm_vcpu_put", cpu=cpu)
+
+    def map_one(self, vcpu: HostVcpu, gfn: int, cpu: int) -> None:
+        """Map one page with `vcpu` loaded on `cpu` (the stage-2 fault path)."""
+        if gfn in self.mapped:
+            return
+        pa = self.backing(gfn)
+        self.topup_memcache(vcpu)
+        if self.protected:
+            ret = self._hvc("__pkvm_host_donate_guest", pa >> PAGE_SHIFT, gfn, cpu=cpu)
+            name = "__pkvm_host_donate_guest"
+        else:
+            ret = self._hvc("__pkvm_host_share_guest", pa >> PAGE_SHIFT, gfn, 1,
+                            KVM_PGTABLE_PROT_RWX, cpu=cpu)
+            name = "__pkvm_host_share_guest"
+        if ret:
+            raise HostError(-ret, name, ret)
+        self.mapped[gfn] = pa
+
+    # -- destroy -------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Tear the VM down and give the host back every page it gave."""
+        if self.destroyed:
+            return
+        if self.profile.two_phase_teardown:
+            self._destroy_7_2()
+        elif self.handle:
+            ret = self._hvc("__pkvm_teardown_vm", self.handle)
+            if ret:
+                warnings.warn(f"__pkvm_teardown_vm({self.handle:#x}) = {ret}: the hyp VM leaks")
+            else:
+                self._free_teardown_mc("teardown_mc")
+        self._release_host_side()
+        self.destroyed = True
+        self.host.vms.pop(id(self), None)
+
+    def _destroy_7_2(self) -> None:
+        if self.is_created:
+            ret = self._hvc("__pkvm_start_teardown_vm", self.handle)
+            if ret:
+                warnings.warn(f"__pkvm_start_teardown_vm({self.handle:#x}) = {ret}")
+            for gfn in list(self.mapped):
+                if self.protected:
+                    r = self._hvc("__pkvm_reclaim_dying_guest_page", self.handle, gfn)
+                else:
+                    r = self._hvc("__pkvm_host_unshare_guest", self.handle, gfn, 1)
+                if r:
+                    warnings.warn(f"releasing gfn {gfn:#x} failed: {r}")
+                else:
+                    del self.mapped[gfn]
+            ret = self._hvc("__pkvm_finalize_teardown_vm", self.handle)
+            if ret:
+                warnings.warn(f"__pkvm_finalize_teardown_vm({self.handle:#x}) = {ret}: the hyp VM leaks")
+                return
+            self._free_teardown_mc("teardown_mc")
+            self._free_teardown_mc("stage2_teardown_mc")
+        elif self.handle:
+            self._hvc("__pkvm_unreserve_vm", self.handle)
+
+    def _free_teardown_mc(self, name: str) -> None:
+        """`free_hyp_memcache`: pop every page the hyp pushed and free it."""
+        head_pa = self.kvm_field_pa(f"arch.pkvm.{name}.head")
+        nr_pa = self.kvm_field_pa(f"arch.pkvm.{name}.nr_pages")
+        head, nr = self.host.read_u64(head_pa), self.host.read_u64(nr_pa)
+        returned = set()
+        while nr:
+            page = head & ~(PAGE_SIZE - 1)
+            head = self.host.read_u64(page)
+            returned.add(page)
+            nr -= 1
+        self.host.write_u64(head_pa, 0)
+        self.host.write_u64(nr_pa, 0)
+        self._returned = getattr(self, "_returned", set()) | returned
+
+    def _host_memcache(self, vcpu: HostVcpu) -> list[int]:
+        head = self.host.read_u64(vcpu.field_pa("arch.pkvm_memcache.head"))
+        nr = self.host.read_u64(vcpu.field_pa("arch.pkvm_memcache.nr_pages"))
+        out = []
+        while nr:
+            page = head & ~(PAGE_SIZE - 1)
+            out.append(page)
+            head = self.host.read_u64(page)
+            nr -= 1
+        return out
+
+    def _release_host_side(self) -> None:
+        if not self.profile.hyp_owned_guest_stage2:
+            self.mapped.clear()  # 6.12: guest pages never left the host
+        returned = getattr(self, "_returned", set())
+        leaked = []
+        for pa, n in list(self._allocs):
+            pages = [pa + (k << PAGE_SHIFT) for k in range(n)]
+            donated = pa in (self.pgd_pa, self.hyp_vm_pa) or any(
+                v.hyp_mem == pa for v in self.vcpus)
+            if donated and not all(p in returned for p in pages):
+                leaked.append(pa)
+                continue
+            if pa == self.kvm_pa & ~(PAGE_SIZE - 1):
+                continue  # freed after the unshare below
+            self.host.free_pages(pa, n)
+            self._allocs.remove((pa, n))
+        for vcpu in self.vcpus:
+            still_host = set(self._host_memcache(vcpu))
+            for page in vcpu.memcache_pages:
+                if page in returned or page in still_host:
+                    self.host.free_pages(page)
+                else:
+                    leaked.append(page)
+            vcpu.memcache_pages.clear()
+        for pa, size in reversed(getattr(self, "_shared", [])):
+            self.host.unshare_hyp(pa, size)
+        for pa, n in list(self._allocs):
+            if pa not in leaked:
+                self.host.free_pages(pa, n)
+                self._allocs.remove((pa, n))
+        for gfn, pa in list(self.memslot.items()):
+            if gfn not in self.mapped:
+                self.host.free_pages(pa)
+                del self.memslot[gfn]
+        if leaked:
+            warnings.warn(f"VM {self.handle:#x}: {len(leaked)} donated allocations never came back")

@@ -1,0 +1,411 @@
+"""Guest ownership transitions of `nvhe/mem_protect.c` (7.2 only): host <-> guest, guest -> host.
+
+Locks: host then guest (`guest_lock_component`); force-reclaim takes the VM table lock first.
+The guest stage-2 carries each page's guest state in its leaf's software bits; the host side of
+a guest-owned page is a donation annotation naming (handle, gfn).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
+from pkvm.hyp.memory import ComponentId, PageState
+from pkvm.hyp.mem_protect import (
+    KVM_GUEST_INVALID_PTE_TYPE_POISONED,
+    KVM_INVALID_PTE_TYPE_SHIFT,
+    _warn,
+    addr_is_memory,
+    check_range_allowed_memory,
+    decode_host_annotation,
+    get_host_state,
+    host_check_page_state_range,
+    host_set_page_state_range,
+    host_stage2_set_owner_locked,
+    host_stage2_set_owner_metadata_locked,
+    hyp_pfn_to_phys,
+    pfn_range_is_valid,
+    pkvm_getstate,
+    pkvm_mkstate,
+    set_host_state_range,
+)
+from pkvm.hyp.pgtable import (
+    KVM_PGTABLE_PROT_RWX,
+    KVM_PGTABLE_WALK_LEAF,
+    KVM_PTE_LEAF_ATTR_LO_S2_AF,
+    KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
+    VisitCtx,
+    granule_size,
+    pte_to_phys,
+    pte_valid,
+    stage2_pte_prot,
+    stage2_set_prot_attr,
+)
+from pkvm.hyp.state import HypState
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from pkvm.hyp.pkvm import PkvmHypVcpu, PkvmHypVm
+
+U32_MAX = 0xFFFF_FFFF
+POISONED_PTE = KVM_GUEST_INVALID_PTE_TYPE_POISONED << KVM_INVALID_PTE_TYPE_SHIFT
+KVM_MMU_CACHE_MIN_PAGES = 3
+GFN_META_SHIFT = 16
+
+
+def guest_pte_is_poisoned(pte: int) -> bool:
+    return not pte_valid(pte) and pte >> KVM_INVALID_PTE_TYPE_SHIFT == KVM_GUEST_INVALID_PTE_TYPE_POISONED
+
+
+def guest_state_of_pte(pte: int) -> PageState:
+    if guest_pte_is_poisoned(pte):
+        return PageState.POISON
+    if not pte_valid(pte):
+        return PageState.NOPAGE
+    return pkvm_getstate(stage2_pte_prot(pte))
+
+
+class _HostGuest:
+    def __init__(self, h: HypState, vm: "PkvmHypVm"):
+        self.h, self.vm = h, vm
+
+    def __enter__(self) -> None:
+        self.h.host_mmu.lock.acquire()  # type: ignore[union-attr]
+        self.vm.lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.vm.lock.release()
+        self.h.host_mmu.lock.release()  # type: ignore[union-attr]
+
+
+def guest_check_page_state_range(vm: "PkvmHypVm", addr: int, size: int, want: PageState) -> int:
+    vm.lock.assert_held()
+
+    def visit(ctx: VisitCtx, _v: int) -> int:
+        return 0 if guest_state_of_pte(ctx.old) == want else -EPERM
+
+    return vm.pgt.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF)
+
+
+def get_valid_guest_pte(h: HypState, vm: "PkvmHypVm", ipa: int) -> tuple[int, int, int]:
+    """(ret, pte, phys) of the last-level leaf mapping `ipa`."""
+    ret, pte, level = vm.pgt.get_leaf(ipa)
+    if ret:
+        return ret, 0, 0
+    if guest_pte_is_poisoned(pte):
+        return -EHWPOISON, 0, 0
+    if not pte_valid(pte):
+        return -ENOENT, 0, 0
+    if level != 3:
+        return -E2BIG, 0, 0
+    phys = pte_to_phys(pte)
+    ret = check_range_allowed_memory(h, phys, phys + PAGE_SIZE)
+    if ret:
+        _warn(h, ret)
+        return ret, 0, 0
+    return 0, pte, phys
+
+
+def guest_check_pgtable_memcache(vcpu: "PkvmHypVcpu") -> int:
+    return -ENOMEM if vcpu.memcache[1] < KVM_MMU_CACHE_MIN_PAGES else 0
+
+
+def guest_check_transition_size(phys: int, ipa: int, nr_pages: int) -> tuple[int, int]:
+    if nr_pages == 1:
+        return 0, PAGE_SIZE
+    block = granule_size(2)
+    if nr_pages != block >> PAGE_SHIFT or (phys | ipa) & (block - 1):
+        return -EINVAL, 0
+    return 0, block
+
+
+def encode_gfn_meta(vm: "PkvmHypVm", gfn: int) -> int:
+    return (vm.handle & 0xFFFF) | ((gfn & ((1 << 40) - 1)) << GFN_META_SHIFT)
+
+
+def _guest_map(h: HypState, vm: "PkvmHypVm", vcpu: "PkvmHypVcpu | None", ipa: int, size: int,
+               phys: int, prot: int) -> int:
+    vm.mm_ops.vcpu = vcpu
+    try:
+        return vm.pgt.stage2_map(ipa, size, phys, prot)
+    finally:
+        vm.mm_ops.vcpu = None
+
+
+def __pkvm_host_donate_guest(h: HypState, pfn: int, gfn: int, vcpu: "PkvmHypVcpu") -> int:
+    vm = vcpu.vm
+    phys, ipa = hyp_pfn_to_phys(pfn), hyp_pfn_to_phys(gfn)
+    with _HostGuest(h, vm):
+        ret = host_check_page_state_range(h, phys, PAGE_SIZE, PageState.OWNED)
+        if ret:
+            return ret
+        ret = guest_check_page_state_range(vm, ipa, PAGE_SIZE, PageState.NOPAGE)
+        if ret:
+            return ret
+        ret = guest_check_pgtable_memcache(vcpu)
+        if ret:
+            return ret
+        _warn(h, host_stage2_set_owner_metadata_locked(h, phys, PAGE_SIZE, ComponentId.GUEST,
+                                                       encode_gfn_meta(vm, gfn)))
+        _warn(h, _guest_map(h, vm, vcpu, ipa, PAGE_SIZE, phys,
+                            pkvm_mkstate(KVM_PGTABLE_PROT_RWX, PageState.OWNED)))
+        return 0
+
+
+def __pkvm_host_share_guest(h: HypState, pfn: int, gfn: int, nr_pages: int,
+                            vcpu: "PkvmHypVcpu", prot: int) -> int:
+    vm = vcpu.vm
+    phys, ipa = hyp_pfn_to_phys(pfn), hyp_pfn_to_phys(gfn)
+    if prot & ~KVM_PGTABLE_PROT_RWX:
+        return -EINVAL
+    if not pfn_range_is_valid(h, pfn, nr_pages):
+        return -EINVAL
+    ret, size = guest_check_transition_size(phys, ipa, nr_pages)
+    if ret:
+        return ret
+    ret = check_range_allowed_memory(h, phys, phys + size)
+    if ret:
+        return ret
+    vmm = h.vmemmap
+    with _HostGuest(h, vm):
+        ret = guest_check_page_state_range(vm, ipa, size, PageState.NOPAGE)
+        if ret:
+            return ret
+        for pa in range(phys, phys + size, PAGE_SIZE):
+            i = vmm.idx(pa)
+            state = vmm.host_state[i]
+            if state == PageState.OWNED:
+                continue
+            if state == PageState.SHARED_OWNED:
+                if vmm.host_share_guest_count[i] == U32_MAX:
+                    return -EBUSY
+                if vmm.host_share_guest_count[i]:
+                    continue
+            return -EPERM
+        ret = guest_check_pgtable_memcache(vcpu)
+        if ret:
+            return ret
+        for pa in range(phys, phys + size, PAGE_SIZE):
+            i = vmm.idx(pa)
+            vmm.host_state[i] = PageState.SHARED_OWNED
+            vmm.host_share_guest_count[i] += 1
+        _warn(h, _guest_map(h, vm, vcpu, ipa, size, phys,
+                            pkvm_mkstate(prot, PageState.SHARED_BORROWED)))
+        return 0
+
+
+def check_host_shared_guest(h: HypState, vm: "PkvmHypVm", ipa: int, size: int) -> tuple[int, int]:
+    ret, pte, level = vm.pgt.get_leaf(ipa)
+    if ret:
+        return ret, 0
+    if not pte_valid(pte):
+        return -ENOENT, 0
+    if size and granule_size(level) != size:
+        return -E2BIG, 0
+    if not size:
+        size = granule_size(level)
+    if guest_state_of_pte(pte) != PageState.SHARED_BORROWED:
+        return -EPERM, 0
+    phys = pte_to_phys(pte)
+    ret = check_range_allowed_memory(h, phys, phys + size)
+    if ret:
+        _warn(h, ret)
+        return ret, 0
+    vmm = h.vmemmap
+    for pa in range(phys, phys + size, PAGE_SIZE):
+        i = vmm.idx(pa)
+        if vmm.host_state[i] != PageState.SHARED_OWNED:
+            return -EPERM, 0
+        if not vmm.host_share_guest_count[i]:
+            _warn(h, 1)
+            return -EINVAL, 0
+    return 0, phys
+
+
+def __pkvm_host_unshare_guest(h: HypState, gfn: int, nr_pages: int, vm: "PkvmHypVm") -> int:
+    ipa = hyp_pfn_to_phys(gfn)
+    ret, size = guest_check_transition_size(0, ipa, nr_pages)
+    if ret:
+        return ret
+    vmm = h.vmemmap
+    with _HostGuest(h, vm):
+        ret, phys = check_host_shared_guest(h, vm, ipa, size)
+        if ret:
+            return ret
+        ret = vm.pgt.stage2_unmap(ipa, size)
+        if ret:
+            return ret
+        for pa in range(phys, phys + size, PAGE_SIZE):
+            i = vmm.idx(pa)
+            vmm.host_share_guest_count[i] -= 1
+            if not vmm.host_share_guest_count[i]:
+                vmm.host_state[i] = PageState.OWNED
+        return 0
+
+
+def _update_guest(vm: "PkvmHypVm", ipa: int, size: int, set_bits: int, clr_bits: int) -> tuple[int, int]:
+    with vm.lock:
+        return vm.pgt.stage2_update_leaf(ipa, size, set_bits, clr_bits)
+
+
+def __pkvm_host_relax_perms_guest(h: HypState, gfn: int, prot: int, vcpu: "PkvmHypVcpu") -> int:
+    if prot & ~KVM_PGTABLE_PROT_RWX:
+        return -EINVAL
+    attr = stage2_set_prot_attr(prot, 0)
+    if attr is None:
+        return -EINVAL
+    perms = attr & ((1 << 6) | (1 << 7))
+    xn_clear = (3 << 53) if prot & 3 == 3 else 0
+    ret, _ = _update_guest(vcpu.vm, hyp_pfn_to_phys(gfn), PAGE_SIZE,
+                           perms | KVM_PTE_LEAF_ATTR_LO_S2_AF, xn_clear)
+    return ret
+
+
+def __pkvm_host_wrprotect_guest(h: HypState, gfn: int, nr_pages: int, vm: "PkvmHypVm") -> int:
+    ipa = hyp_pfn_to_phys(gfn)
+    ret, size = guest_check_transition_size(0, ipa, nr_pages)
+    if ret:
+        return ret
+    ret, _ = _update_guest(vm, ipa, size, 0, KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)
+    return ret
+
+
+def __pkvm_host_test_clear_young_guest(h: HypState, gfn: int, nr_pages: int, mkold: bool,
+                                       vm: "PkvmHypVm") -> int:
+    ipa = hyp_pfn_to_phys(gfn)
+    ret, size = guest_check_transition_size(0, ipa, nr_pages)
+    if ret:
+        return ret
+    clr = KVM_PTE_LEAF_ATTR_LO_S2_AF if mkold else 0
+    ret, acc = _update_guest(vm, ipa, size, 0, clr)
+    return 1 if acc & KVM_PTE_LEAF_ATTR_LO_S2_AF else 0
+
+
+def __pkvm_host_mkyoung_guest(h: HypState, gfn: int, vcpu: "PkvmHypVcpu") -> int:
+    ret, _ = _update_guest(vcpu.vm, hyp_pfn_to_phys(gfn), PAGE_SIZE, KVM_PTE_LEAF_ATTR_LO_S2_AF, 0)
+    return ret
+
+
+def hyp_poison_page(h: HypState, phys: int) -> None:
+    """Wipe a page leaving a guest (through the hyp fixmap in Linux)."""
+    h.mem.zero(phys, PAGE_SIZE)
+
+
+def __pkvm_host_reclaim_page_guest(h: HypState, gfn: int, vm: "PkvmHypVm") -> int:
+    ipa = hyp_pfn_to_phys(gfn)
+    with _HostGuest(h, vm):
+        ret, pte, phys = get_valid_guest_pte(h, vm, ipa)
+        if not ret:
+            state = guest_state_of_pte(pte)
+            if state == PageState.OWNED:
+                _warn(h, host_check_page_state_range(h, phys, PAGE_SIZE, PageState.NOPAGE))
+                if not h.bug("teardown-no-wipe"):
+                    hyp_poison_page(h, phys)
+            elif state == PageState.SHARED_OWNED:
+                _warn(h, host_check_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED))
+            else:
+                ret = -EPERM
+            if not ret:
+                _warn(h, vm.pgt.stage2_unmap(ipa, PAGE_SIZE))
+                _warn(h, host_stage2_set_owner_locked(h, phys, PAGE_SIZE, ComponentId.HOST))
+    return ret if ret and ret != -EHWPOISON else 0
+
+
+def __pkvm_host_force_reclaim_page_guest(h: HypState, phys: int) -> int:
+    from pkvm.hyp.pkvm import get_vm_by_handle
+
+    phys &= ~(PAGE_SIZE - 1)
+    assert h.vm_table_lock is not None and h.host_mmu is not None
+    with h.vm_table_lock:
+        with h.host_mmu.lock:
+            if not addr_is_memory(h, phys):
+                return -EFAULT
+            state = get_host_state(h, phys)
+            if state in (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED):
+                return -EAGAIN
+            if state != PageState.NOPAGE:
+                return -EPERM
+            ret, pte, level = h.host_mmu.pgt.get_leaf(phys)
+            if ret:
+                return ret
+            if level != 3:
+                _warn(h, 1)
+                return -EINVAL
+            ann = decode_host_annotation(pte)
+            if ann is None:
+                return -EINVAL
+            owner, meta = ann
+            if owner != ComponentId.GUEST:
+                return -EPERM
+            vm = get_vm_by_handle(h, meta & 0xFFFF)
+            if vm is None:
+                return -EAGAIN
+            gfn = meta >> GFN_META_SHIFT
+            ipa = hyp_pfn_to_phys(gfn)
+            with vm.lock:
+                ret, gpte, pa = get_valid_guest_pte(h, vm, ipa)
+                if ret:
+                    return ret
+                _warn(h, pa != phys)
+                if guest_state_of_pte(gpte) != PageState.OWNED:
+                    return -EPERM
+                ret = vm.pgt.stage2_map(ipa, PAGE_SIZE, None, 0, annotation=POISONED_PTE)
+                if ret:
+                    return ret
+                hyp_poison_page(h, phys)
+                _warn(h, host_stage2_set_owner_locked(h, phys, PAGE_SIZE, ComponentId.HOST))
+                return 0
+
+
+def __pkvm_guest_share_host(h: HypState, vcpu: "PkvmHypVcpu", gfn: int) -> int:
+    vm = vcpu.vm
+    ipa = hyp_pfn_to_phys(gfn)
+    with _HostGuest(h, vm):
+        ret, pte, phys = get_valid_guest_pte(h, vm, ipa)
+        if ret:
+            return ret
+        if guest_state_of_pte(pte) != PageState.OWNED:
+            return -EPERM
+        if host_check_page_state_range(h, phys, PAGE_SIZE, PageState.NOPAGE):
+            return -EPERM
+        _warn(h, _guest_map(h, vm, vcpu, ipa, PAGE_SIZE, phys,
+                            pkvm_mkstate(KVM_PGTABLE_PROT_RWX, PageState.SHARED_OWNED)))
+        _warn(h, host_set_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED))
+        return 0
+
+
+def __pkvm_guest_unshare_host(h: HypState, vcpu: "PkvmHypVcpu", gfn: int) -> int:
+    vm = vcpu.vm
+    ipa = hyp_pfn_to_phys(gfn)
+    with _HostGuest(h, vm):
+        ret, pte, phys = get_valid_guest_pte(h, vm, ipa)
+        if ret:
+            return ret
+        if guest_state_of_pte(pte) != PageState.SHARED_OWNED:
+            return -EPERM
+        if host_check_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED):
+            return -EPERM
+        _warn(h, host_stage2_set_owner_metadata_locked(h, phys, PAGE_SIZE, ComponentId.GUEST,
+                                                       encode_gfn_meta(vm, gfn)))
+        _warn(h, _guest_map(h, vm, vcpu, ipa, PAGE_SIZE, phys,
+                            pkvm_mkstate(KVM_PGTABLE_PROT_RWX, PageState.OWNED)))
+        return 0
+
+
+def vcpu_in_poison_fault(h: HypState, vcpu: "PkvmHypVcpu") -> int:
+    esr = vcpu.fault_esr
+    ec = esr >> 26
+    if ec not in (0x20, 0x24) or (esr & 0x3C) != 0x04:
+        return -EINVAL
+    ipa = ((vcpu.fault_hpfar & ~(1 << 63)) >> 4) << PAGE_SHIFT
+    ret, pte, level = vcpu.vm.pgt.get_leaf(ipa)
+    if ret:
+        return ret
+    if level != 3:
+        return -EINVAL
+    return 1 if guest_pte_is_poisoned(pte) else 0
+
+
+__all__ = [
+    "set_host_state_range",
+]

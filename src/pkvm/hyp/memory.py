@@ -1,0 +1,68 @@
+"""`hyp_vmemmap` and page states (`include/nvhe/memory.h`, `include/nvhe/mem_protect.h`).
+
+One `struct hyp_page` per RAM page: refcount, buddy order and, in 7.2, the host and hyp page
+states and the non-protected-guest share count. Its pages are reserved in the hyp carve-out
+(sized by `sizeof(struct hyp_page)`, 4 or 8 bytes) and mapped in the hyp stage-1 like Linux's;
+the field values are kept in typed arrays beside them for speed (a model choice: nothing but
+EL2 can reach either).
+"""
+
+from __future__ import annotations
+
+import enum
+from array import array
+
+from pkvm.machine.memory import PAGE_SHIFT, PhysMemory
+
+
+class PageState(enum.IntEnum):
+    """`enum pkvm_page_state` (7.2 values; 6.12 stores the first three in PTE software bits)."""
+
+    OWNED = 0
+    SHARED_OWNED = 1
+    SHARED_BORROWED = 2
+    NOPAGE = 3
+    POISON = 4
+
+
+class ComponentId(enum.IntEnum):
+    """`enum pkvm_component_id`: also the page-table locking order."""
+
+    HOST = 0
+    HYP = 1
+    GUEST = 2
+
+
+class HypVmemmap:
+    """`struct hyp_page hyp_vmemmap[]` over all of RAM, indexed by physical address."""
+
+    def __init__(self, mem: PhysMemory, hyp_no_order: int):
+        n = mem.nr_pages
+        self.base_pfn = mem.base_pfn
+        self.nr = n
+        self.hyp_no_order = hyp_no_order
+        self.refcount = array("H", bytes(2 * n))
+        self.order = array("H", bytes(2 * n))
+        # 7.2 only (6.12 keeps states in the page tables): a zeroed vmemmap reads host OWNED,
+        # hyp NOPAGE, as Linux's XOR-complemented hyp field does.
+        self.host_state = array("B", bytes(n))
+        self.hyp_state = array("B", [PageState.NOPAGE]) * n
+        self.host_share_guest_count = array("I", bytes(4 * n))
+
+    def idx(self, pa: int) -> int:
+        return (pa >> PAGE_SHIFT) - self.base_pfn
+
+    def covers(self, pa: int) -> bool:
+        return 0 <= (pa >> PAGE_SHIFT) - self.base_pfn < self.nr
+
+    def page_count(self, pa: int) -> int:
+        return self.refcount[self.idx(pa)]
+
+    def clear(self, pa: int) -> None:
+        """`memset(hyp_page, 0, ...)` (6.12 drains): every field back to zero."""
+        i = self.idx(pa)
+        self.refcount[i] = 0
+        self.order[i] = 0
+        self.host_state[i] = PageState.OWNED
+        self.hyp_state[i] = PageState.NOPAGE
+        self.host_share_guest_count[i] = 0

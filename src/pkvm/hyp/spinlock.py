@@ -1,0 +1,95 @@
+"""`hyp_spinlock_t`, with the kernel's lock order asserted and a hook for the explorer.
+
+The order is `vm_table_lock` -> `host_mmu.lock` -> `pkvm_pgd_lock` -> a VM's guest lock, with
+page-pool locks innermost (`enum pkvm_component_id` and nvhe/pkvm.c). Taking a lock out of order,
+twice, or releasing one that is not held is a hyp bug: `LockOrderError`.
+
+Every acquire and release is a preemption point: when an interleaving explorer installs a
+scheduler (`HypLocks.scheduler`), it is called there and may switch to another CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+RANK_VM_TABLE = 10
+RANK_HOST = 20
+RANK_HYP = 30
+RANK_GUEST = 40
+RANK_POOL = 50
+
+
+class LockOrderError(AssertionError):
+    """The hyp took its locks in an order Linux forbids (an inversion is a deadlock waiting)."""
+
+
+class Scheduler(Protocol):
+    def preempt(self, cpu: int, event: str, detail: str) -> None: ...
+    def wait_lock(self, cpu: int, lock: "HypSpinLock") -> None: ...
+
+
+class HypLocks:
+    """Per-machine lock bookkeeping: which CPU runs EL2 code and what each CPU holds."""
+
+    def __init__(self, nr_cpus: int):
+        self.held: list[list[HypSpinLock]] = [[] for _ in range(nr_cpus)]
+        self.cpu = 0
+        self.scheduler: Scheduler | None = None
+        self.on_event: Callable[[int, str, str], None] | None = None
+
+    def preempt(self, event: str, detail: str) -> None:
+        if self.scheduler is not None:
+            self.scheduler.preempt(self.cpu, event, detail)
+
+
+class HypSpinLock:
+    def __init__(self, locks: HypLocks, name: str, rank: int):
+        self.locks = locks
+        self.name = name
+        self.rank = rank
+        self.owner: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<lock {self.name} held by {self.owner}>"
+
+    def acquire(self) -> None:
+        locks = self.locks
+        cpu = locks.cpu
+        if locks.scheduler is not None:
+            locks.scheduler.preempt(cpu, "acquire", self.name)
+            cpu = locks.cpu
+        held = locks.held[cpu]
+        if self.owner == cpu:
+            raise LockOrderError(f"cpu {cpu} takes {self.name} twice")
+        if held and held[-1].rank >= self.rank:
+            raise LockOrderError(
+                f"cpu {cpu} takes {self.name} while holding {held[-1].name}: "
+                f"order is vm_table -> host -> hyp -> guest -> pool"
+            )
+        if self.owner is not None:
+            if locks.scheduler is None:
+                raise LockOrderError(f"cpu {cpu} spins on {self.name} held by cpu {self.owner}")
+            locks.scheduler.wait_lock(cpu, self)
+        self.owner = cpu
+        held.append(self)
+
+    def release(self) -> None:
+        locks = self.locks
+        cpu = locks.cpu
+        if self.owner != cpu:
+            raise LockOrderError(f"cpu {cpu} releases {self.name} it does not hold")
+        locks.held[cpu].remove(self)
+        self.owner = None
+        if locks.scheduler is not None:
+            locks.scheduler.preempt(cpu, "release", self.name)
+
+    def assert_held(self) -> None:
+        if self.owner != self.locks.cpu:
+            raise LockOrderError(f"{self.name} must be held here")
+
+    def __enter__(self) -> "HypSpinLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

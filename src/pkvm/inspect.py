@@ -1,0 +1,179 @@
+"""The read-only view of a machine, for tests, checkers and tools (`machine.inspect`).
+
+Everything it returns is a copy: nothing here can change hyp state.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pkvm.hyp.memory import PageState
+from pkvm.hyp.mem_protect import decode_host_annotation, get_host_state, get_hyp_state
+from pkvm.hyp.pgtable import pte_valid, stage2_pte_prot
+from pkvm.machine.memory import PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from pkvm.board import Machine
+    from pkvm.hyp.state import HypState
+
+STATE_NAMES = {s: s.name for s in PageState}
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    pfn: int
+    owner: Any  # "host", "hyp", ("guest", handle) or None (not memory)
+    host: str
+    hyp: str
+    guests: dict[int, str]
+    refcount: int
+    share_count: int
+
+
+class Inspector:
+    def __init__(self, hyp: "HypState", machine: "Machine"):
+        self._h = hyp
+        self._m = machine
+
+    # -- VMs ---------------------------------------------------------------------------
+    def vms(self) -> list[dict[str, Any]]:
+        from pkvm.hyp.pkvm import RESERVED_ENTRY, vm_snapshot
+
+        h = self._h
+        out = []
+        for idx, slot in enumerate(h.vm_table or []):
+            if slot is None:
+                continue
+            handle = idx + 0x1000
+            if slot is RESERVED_ENTRY:
+                out.append({"handle": handle, "state": "reserved", "protected": None, "vcpus": {}})
+            else:
+                out.append(vm_snapshot(h, slot, handle))
+        return out
+
+    # -- pages -------------------------------------------------------------------------
+    def guest_states(self) -> dict[int, dict[int, PageState]]:
+        """handle -> {pa: state} for every page mapped in a hyp-owned guest stage-2."""
+        from pkvm.hyp.pkvm import live_vms
+        from pkvm.hyp.mem_protect_guest import guest_state_of_pte
+
+        out: dict[int, dict[int, PageState]] = {}
+        for handle, vm in live_vms(self._h):
+            states: dict[int, PageState] = {}
+            if vm.pgt is not None and vm.pgt.pgd:
+                for _ipa, level, pte in vm.pgt.leaves(valid_only=True):
+                    pa = pte & 0xFFFF_FFFF_F000
+                    for k in range(1 << (9 * (3 - level))):
+                        states[pa + (k << PAGE_SHIFT)] = guest_state_of_pte(pte)
+            out[handle] = states
+        return out
+
+    def page_counts(self) -> dict[tuple[Any, str], int]:
+        """{(owner, state): pages}: each component's pages in each state other than NOPAGE."""
+        h = self._h
+        mem = h.mem
+        counts: Counter = Counter()
+        if h.profile.page_state_in_vmemmap:
+            vm = h.vmemmap
+            hs = Counter(vm.host_state)
+            ys = Counter(vm.hyp_state)
+            for s, n in hs.items():
+                if s != PageState.NOPAGE:
+                    counts[("host", PageState(s).name)] += n
+            for s, n in ys.items():
+                if s != PageState.NOPAGE:
+                    counts[("hyp", PageState(s).name)] += n
+        else:
+            for i in range(mem.nr_pages):
+                pa = mem.base + (i << PAGE_SHIFT)
+                s = get_host_state(h, pa)
+                if s != PageState.NOPAGE:
+                    counts[("host", s.name)] += 1
+            for _va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):  # type: ignore[union-attr]
+                from pkvm.hyp.mem_protect import hyp_state_of_pte
+
+                counts[("hyp", hyp_state_of_pte(pte).name)] += 1 << (9 * (3 - level))
+        for handle, states in self.guest_states().items():
+            for s in states.values():
+                counts[(("guest", handle), s.name)] += 1
+        return {k: v for k, v in counts.items() if v}
+
+    def page(self, pfn: int) -> PageInfo:
+        h = self._h
+        pa = pfn << PAGE_SHIFT
+        if not h.mem.is_ram(pa):
+            return PageInfo(pfn, None, "NOPAGE", "NOPAGE", {}, 0, 0)
+        host = get_host_state(h, pa)
+        hyp = get_hyp_state(h, pa)
+        guests = {hd: st[pa].name for hd, st in self.guest_states().items() if pa in st}
+        owner: Any = None
+        if host in (PageState.OWNED, PageState.SHARED_OWNED):
+            owner = "host"
+        elif hyp in (PageState.OWNED, PageState.SHARED_OWNED):
+            owner = "hyp"
+        else:
+            for hd, s in guests.items():
+                if s in ("OWNED", "SHARED_OWNED"):
+                    owner = ("guest", hd)
+        i = h.vmemmap.idx(pa)
+        return PageInfo(pfn, owner, host.name, hyp.name, guests, h.vmemmap.refcount[i],
+                        h.vmemmap.host_share_guest_count[i])
+
+    def host_annotation(self, pa: int) -> tuple[int, int] | None:
+        _, pte, _ = self._h.host_mmu.pgt.get_leaf(pa)  # type: ignore[union-attr]
+        return decode_host_annotation(pte)
+
+    # -- tables ------------------------------------------------------------------------
+    def tables(self) -> list[str]:
+        from pkvm.hyp.pkvm import live_vms
+
+        names = ["hyp", "host"]
+        names += [f"guest:{hd:#x}" for hd, vm in live_vms(self._h) if vm.pgt is not None]
+        return names
+
+    def table(self, name: str):
+        from pkvm.hyp.pkvm import live_vms
+
+        h = self._h
+        if name in ("hyp", "hyp stage-1"):
+            return h.pkvm_pgtable
+        if name in ("host", "host stage-2"):
+            return h.host_mmu.pgt  # type: ignore[union-attr]
+        if name.startswith("guest:"):
+            want = int(name.split(":", 1)[1], 0)
+            for hd, vm in live_vms(h):
+                if hd == want:
+                    return vm.pgt
+        raise KeyError(f"no table {name!r}; tables: {self.tables()}")
+
+    def walk(self, name: str) -> list[dict[str, Any]]:
+        """Every non-zero leaf of a table: {addr, level, size, pte, valid, prot, out}."""
+        pgt = self.table(name)
+        out = []
+        for addr, level, pte in pgt.leaves():
+            out.append({
+                "addr": addr, "level": level, "size": 1 << (12 + 9 * (3 - level)), "pte": pte,
+                "valid": pte_valid(pte), "out": pte & 0xFFFF_FFFF_F000 if pte_valid(pte) else None,
+                "prot": stage2_pte_prot(pte) if pgt.stage == 2 else None,
+            })
+        return out
+
+    def pool(self, name: str) -> dict[str, int]:
+        h = self._h
+        pool = {"hpool": h.hpool, "host_s2_pool": h.host_s2_pool}[name]
+        assert pool is not None
+        return {"pages": pool.nr_pages, "free": pool.free_pages(), "start": pool.range_start}
+
+    def warnings(self) -> list[str]:
+        return list(self._h.warnings)
+
+    def carve(self):
+        import copy
+
+        return copy.copy(self._h.carve)
+
+    @property
+    def profile(self):
+        return self._h.profile

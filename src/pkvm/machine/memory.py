@@ -1,0 +1,107 @@
+"""Physical memory of the simulated board (QEMU-virt-like).
+
+RAM is one anonymous, sparse mapping: a page costs resident memory only once something writes
+it, so a 16 GiB machine starts instantly.  Everything that lives in RAM in the real system lives
+here as bytes: page tables (as 64-bit descriptors), the host's `struct kvm`, guest memory.
+The CPU emulator maps the same bytes directly (`host_address`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from dataclasses import dataclass
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = ~(PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF
+
+RAM_BASE = 0x4000_0000
+MMIO_BASE = 0x0
+MMIO_END = 0x4000_0000
+UART_BASE = 0x0900_0000
+GIC_DIST_BASE = 0x0800_0000
+GIC_REDIST_BASE = 0x080A_0000
+
+ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One range of the physical map; `end` is exclusive."""
+
+    kind: str
+    start: int
+    end: int
+    size: int
+
+
+def parse_size(value: int | str) -> int:
+    """`"2G"`, `"64M"`, `"512K"` or a number of bytes."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+class PhysMemory:
+    """RAM from `RAM_BASE`, byte- and u64-addressable by physical address."""
+
+    def __init__(self, size: int):
+        if size % PAGE_SIZE:
+            raise ValueError("memory size must be a multiple of 4 KiB")
+        self.base = RAM_BASE
+        self.size = size
+        self.end = RAM_BASE + size
+        self.base_pfn = RAM_BASE >> PAGE_SHIFT
+        self.nr_pages = size >> PAGE_SHIFT
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self._map = mmap.mmap(-1, size, flags=flags)
+        self.bytes = memoryview(self._map)
+        self.u64 = self.bytes.cast("Q")
+        self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+
+    # -- physical map ------------------------------------------------------------------
+    def is_ram(self, pa: int) -> bool:
+        return self.base <= pa < self.end
+
+    def range_is_ram(self, pa: int, size: int) -> bool:
+        return self.base <= pa and pa + size <= self.end
+
+    def host_address(self, pa: int) -> int:
+        """Address of the byte backing `pa` in this process (for the CPU emulator)."""
+        return self._address + (pa - self.base)
+
+    # -- access ------------------------------------------------------------------------
+    def read(self, pa: int, n: int) -> bytes:
+        off = pa - self.base
+        return bytes(self.bytes[off : off + n])
+
+    def write(self, pa: int, data: bytes) -> None:
+        off = pa - self.base
+        self.bytes[off : off + len(data)] = data
+
+    def read_u64(self, pa: int) -> int:
+        return self.u64[(pa - self.base) >> 3]
+
+    def write_u64(self, pa: int, value: int) -> None:
+        self.u64[(pa - self.base) >> 3] = value
+
+    def page_is_zero(self, pa: int) -> bool:
+        off = pa - self.base
+        return self.bytes[off : off + PAGE_SIZE] == ZERO_PAGE
+
+    def zero(self, pa: int, size: int) -> None:
+        """Zero whole pages; pages that already read as zero are not touched (stay sparse)."""
+        off = pa - self.base
+        view = self.bytes
+        for page in range(off, off + size, PAGE_SIZE):
+            if view[page : page + PAGE_SIZE] != ZERO_PAGE:
+                view[page : page + PAGE_SIZE] = ZERO_PAGE
+
+    def resident_pages(self) -> int:
+        """Pages that differ from zero (an upper bound of what the model made resident)."""
+        return sum(1 for p in range(0, self.size, PAGE_SIZE) if not self.page_is_zero(self.base + p))
