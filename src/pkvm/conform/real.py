@@ -24,6 +24,7 @@ import re
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,8 +80,9 @@ class RawStep:
         if isinstance(self.call, str) and self.call.startswith("vmm:"):
             if self.call not in VMM_CALLS:
                 raise ValueError(f"{self.call!r}: VMM steps are {', '.join(VMM_CALLS)}")
-            if not self.args or not (isinstance(self.args[0], str) and
-                                     self.args[0].startswith("vm:")):
+            if not self.args or not (
+                isinstance(self.args[0], str) and self.args[0].startswith("vm:")
+            ):
                 raise ValueError(f"{self.call} takes a 'vm:NAME' first argument")
 
 
@@ -105,7 +107,13 @@ def vm_destroy(vm: str) -> RawStep:
 
 @dataclass
 class RealResult:
-    """What the real hypervisor answered; x0/x1 signed, x2/x3 unsigned (as the model)."""
+    """What the real machine answered; x0/x1 signed, x2/x3 unsigned (as the model).
+
+    ``panic``: the machine died at this step (``note`` says whether the hyp panicked, "hyp
+    panic: ...", or the host kernel did, "host kernel panic (EL1): ..."); the steps after it in
+    the sequence are not run and carry ``panic`` too. ``pages`` maps the sequence's page
+    names to the pfns the module gave them (the same dict on every step of a sequence).
+    """
 
     x0: int
     x1: int
@@ -113,6 +121,7 @@ class RealResult:
     x3: int
     panic: bool = False
     note: str = ""
+    pages: dict[str, int] = field(default_factory=dict, repr=False)  # the sequence's name -> pfn
 
 
 @dataclass
@@ -166,8 +175,7 @@ def _vmm_command(st: RawStep, seq: int) -> str:
 def _cpio_entry(name: str, data: bytes, mode: int, ino: int) -> bytes:
     namez = name.encode() + b"\0"
     hdr = "070701" + "".join(
-        f"{v:08x}"
-        for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(namez), 0)
+        f"{v:08x}" for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(namez), 0)
     )
     out = hdr.encode() + namez
     out += b"\0" * (-len(out) % 4)
@@ -199,7 +207,7 @@ fi
 while IFS= read -r l; do
   ans=""
   case "$l" in
-    vmm\ *) echo "${{l#vmm }}" >&3; read -r ans <&4 ;;
+    "vmm "*) echo "${{l#vmm }}" >&3; read -r ans <&4 ;;
     *) echo "$l" > /proc/pkvm_conform; read -r ans < /proc/pkvm_conform ;;
   esac
   echo "{MARK} $ans"
@@ -267,7 +275,7 @@ _HYP_PANIC_RE = re.compile(r"(HYP panic|nVHE hyp panic|hVHE hyp panic)")
 
 
 def _check_ids(k: Kernel, console: str) -> None:
-    m = re.search(rf"^{MARK}-IDS (.*)$", console, re.M)
+    m = re.search(rf"^{MARK}-IDS (.*)$", console, re.MULTILINE)
     if not m:
         return
     ids = json.loads(m.group(1))["ids"]
@@ -281,17 +289,36 @@ class _Pending:
     steps: list[RawStep]
 
 
-def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[int, int]]]:
-    """The module commands of a batch, and for each the (sequence, step) it answers (-1: none).
+SEQ_STEP = -1  # owner codes of the commands that answer no step
+PAGE_STEP = -2
 
-    Steps whose call this kernel lacks are not sent (they answer as unknown calls locally);
-    each sequence ends with ``pages`` (its name -> pfn map).
+
+def _page_names(steps: list[RawStep]) -> list[str]:
+    names: dict[str, None] = {}
+    for st in steps:
+        if isinstance(st.call, str) and st.call.startswith("vmm:"):
+            continue
+        for a in st.args:
+            if isinstance(a, str) and a.split(":", 1)[0] in ("page", "pa", "va"):
+                names[a.split(":", 1)[1]] = None
+    return list(names)
+
+
+def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[int, int]]]:
+    """The module commands of a batch, and for each the (sequence, step) it answers.
+
+    Each sequence starts with ``seq`` and one ``page NAME`` per page it names (so its name ->
+    pfn map is known even if a step panics). Steps whose call this kernel lacks are not sent:
+    they answer as unknown calls without a boot.
     """
     cmds: list[str] = []
     owners: list[tuple[int, int]] = []
     for b, pend in enumerate(batch):
         cmds.append(f"seq {pend.seq}")
-        owners.append((b, -1))
+        owners.append((b, SEQ_STEP))
+        for name in _page_names(pend.steps):
+            cmds.append(f"page {name}")
+            owners.append((b, PAGE_STEP))
         for j, st in enumerate(pend.steps):
             if isinstance(st.call, str) and st.call.startswith("vmm:"):
                 if k.helper is None:
@@ -305,47 +332,62 @@ def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[i
             args = " ".join(_encode_arg(a, pend.seq) for a in st.args)
             cmds.append(f"hvc {int(st.cpu)} {func} {args}".rstrip())
             owners.append((b, j))
-        cmds.append("pages")
-        owners.append((b, -2))
     return cmds, owners
 
 
+def _regs(msg: dict[str, str], pages: dict[str, int]) -> RealResult:
+    return RealResult(
+        _signed(int(msg["x0"], 16)),
+        _signed(int(msg["x1"], 16)),
+        int(msg["x2"], 16) & MASK64,
+        int(msg["x3"], 16) & MASK64,
+        pages=pages,
+    )
+
+
+def _not_issued(k: Kernel, st: RawStep, pages: dict[str, int]) -> RealResult:
+    """A name this kernel's enum lacks answers as an unknown call: x0 = -1, x1..x3 as passed."""
+    regs = [a if isinstance(a, int) else _resolve(a, pages) for a in (*st.args, 0, 0, 0)][:3]
+    return RealResult(
+        -1,
+        _signed(regs[0]),
+        regs[1] & MASK64,
+        regs[2] & MASK64,
+        note=f"{st.call} is not a host hypercall of {k.release}: not issued",
+        pages=pages,
+    )
+
+
 def _run_batch(
-    k: Kernel, batch: list[_Pending], out: list[list[RealResult] | None], logs: list[BootLog]
-) -> list[_Pending]:
-    """Boot once for ``batch``; fill ``out``; return the sequences still to run."""
+    k: Kernel, batch: list[_Pending], logs: list[BootLog]
+) -> tuple[dict[int, list[RealResult]], list[_Pending]]:
+    """Boot once for ``batch``: the results by sequence index, and the sequences still to run."""
     cmds, owners = _commands(k, batch)
     console, secs = _boot(k, cmds)
     logs.append(BootLog(k.profile, secs, len(batch), console))
     if f"{MARK}-PKVM-UP" not in console:
-        raise RealError(
-            f"pKVM did not come up on {k.release} (no {PKVM_UP!r}):\n{console[-3000:]}"
-        )
+        raise RealError(f"pKVM did not come up on {k.release} (no {PKVM_UP!r}):\n{console[-3000:]}")
     if f"{MARK}-INSMOD-FAILED" in console:
         raise RealError(f"insmod pkvm_conform.ko failed on {k.release}:\n{console[-3000:]}")
     _check_ids(k, console)
-    answers = [m.group(1) for m in re.finditer(rf"^{MARK} (.*)$", console, re.M)]
+    answers = [m.group(1) for m in re.finditer(rf"^{MARK} (.*)$", console, re.MULTILINE)]
     finished = f"{MARK}-END" in console
 
     results: dict[int, dict[int, RealResult]] = {b: {} for b in range(len(batch))}
-    pages: dict[int, dict[str, int]] = {}
+    pages: dict[int, dict[str, int]] = {b: {} for b in range(len(batch))}
     for (b, j), ans in zip(owners, answers, strict=False):
-        if j == -1:
+        if j == SEQ_STEP:
             continue
         msg = json.loads(ans) if ans.strip() else {}
         if "error" in msg:
             raise RealError(f"module refused step {j} of sequence {batch[b].seq}: {msg['error']}")
-        if j == -2:
-            pages[b] = {n: int(v, 16) for n, v in msg["pages"].items()}
-            continue
-        results[b][j] = RealResult(
-            _signed(int(msg["x0"], 16)),
-            _signed(int(msg["x1"], 16)),
-            int(msg["x2"], 16) & MASK64,
-            int(msg["x3"], 16) & MASK64,
-        )
+        if j == PAGE_STEP:
+            pages[b].update({n: int(v, 16) for n, v in msg["pages"].items()})
+        else:
+            results[b][j] = _regs(msg, pages[b])
 
     dead_at: tuple[int, int] | None = None
+    reason = ""
     if not finished:
         if len(answers) >= len(owners):
             raise RealError(f"boot ended before its end marker:\n{console[-3000:]}")
@@ -357,12 +399,11 @@ def _run_batch(
                 f"boot of {k.release} died without a panic at sequence {batch[dead_at[0]].seq} "
                 f"step {dead_at[1]}:\n{console[-3000:]}"
             )
-    reason = ""
-    if dead_at is not None:
         lines = [ln.strip() for ln in console.splitlines() if _PANIC_RE.search(ln)]
         who = "hyp panic" if _HYP_PANIC_RE.search(console) else "host kernel panic (EL1)"
         reason = f"{who}: " + "; ".join(dict.fromkeys(lines))[:300]
 
+    done: dict[int, list[RealResult]] = {}
     remaining: list[_Pending] = []
     for b, pend in enumerate(batch):
         if dead_at is not None and b > dead_at[0]:
@@ -373,25 +414,14 @@ def _run_batch(
             if j in results[b]:
                 seq_out.append(results[b][j])
             elif dead_at is not None and b == dead_at[0] and j == dead_at[1]:
-                seq_out.append(RealResult(0, 0, 0, 0, panic=True, note=reason))
+                seq_out.append(RealResult(0, 0, 0, 0, panic=True, note=reason, pages=pages[b]))
             elif dead_at is not None and b == dead_at[0] and j > dead_at[1]:
-                seq_out.append(
-                    RealResult(0, 0, 0, 0, panic=True, note="not run: machine dead after panic")
-                )
-            else:  # a name this kernel's enum lacks: answered as an unknown call, not sent
-                regs = [a if isinstance(a, int) else _resolve(a, pages.get(b, {})) for a in
-                        (*st.args, 0, 0, 0)][:3]
-                seq_out.append(
-                    RealResult(
-                        -1, _signed(regs[0]), regs[1] & MASK64, regs[2] & MASK64,
-                        note=f"{st.call} is not a host hypercall of {k.release}: not issued",
-                    )
-                )
-        note_pages = pages.get(b)
-        if note_pages:
-            _PAGES[(k.profile, pend.seq)] = note_pages
-        out[pend.seq] = seq_out
-    return remaining
+                note = "not run: machine dead after panic"
+                seq_out.append(RealResult(0, 0, 0, 0, panic=True, note=note, pages=pages[b]))
+            else:
+                seq_out.append(_not_issued(k, st, pages[b]))
+        done[pend.seq] = seq_out
+    return done, remaining
 
 
 def _resolve(a: str, pages: dict[str, int]) -> int:
@@ -404,15 +434,17 @@ def _resolve(a: str, pages: dict[str, int]) -> int:
     return pfn << 12 if kind == "pa" else 0  # va:/vm: values are not reported back
 
 
-# (profile, sequence index of the last run) -> name -> pfn, for the model side to match pages.
-_PAGES: dict[tuple[str, int], dict[str, int]] = {}
-
-
-def last_pages(kernel: str, seq: int) -> dict[str, int]:
-    """The name -> pfn map the module used for sequence ``seq`` of the last run (pfn values)."""
-    from pkvm.conform.setup import profile_of
-
-    return dict(_PAGES.get((profile_of(kernel).name, seq), {}))
+def _run_chunk(
+    k: Kernel, todo: list[_Pending], per_boot: int
+) -> tuple[dict[int, list[RealResult]], list[BootLog]]:
+    out: dict[int, list[RealResult]] = {}
+    logs: list[BootLog] = []
+    while todo:
+        batch, todo = todo[:per_boot], todo[per_boot:]
+        done, rest = _run_batch(k, batch, logs)
+        out.update(done)
+        todo = rest + todo
+    return out, logs
 
 
 def run_sequences(
@@ -420,13 +452,15 @@ def run_sequences(
     seqs: list[list[RawStep]],
     *,
     per_boot: int = 64,
+    jobs: int = 1,
     progress: bool = False,
     logs: list[BootLog] | None = None,
 ) -> list[list[RealResult]]:
     """Run each sequence on the real ``kernel`` ("6.12" | "7.2" | "latest"), in order.
 
     Sequences share boots (``per_boot`` at most; ``per_boot=1`` gives each a fresh machine);
-    after a hyp panic the rest start on a new boot. Raises :class:`SetupError` when the
+    after a panic the rest start on a new boot. ``jobs`` > 1 splits the list into that many
+    contiguous parts, each booted by its own QEMU at the same time. Raises :class:`SetupError` when the
     harness cannot be set up here and :class:`RealError` when a boot fails for another reason.
     """
     k = load_kernel(kernel, progress)
@@ -434,20 +468,28 @@ def run_sequences(
         for st in s:
             if not isinstance(st, RawStep):
                 raise TypeError(f"sequences hold RawStep, not {st!r}")
-    out: list[list[RealResult] | None] = [None] * len(seqs)
+    if per_boot < 1 or jobs < 1:
+        raise ValueError("per_boot and jobs must be at least 1")
     todo = [_Pending(i, list(s)) for i, s in enumerate(seqs)]
+    n = max(1, min(jobs, len(todo)))
+    size = -(-len(todo) // n) if todo else 0
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)] if todo else []
+    out: dict[int, list[RealResult]] = {}
     boot_logs = logs if logs is not None else []
-    for i in list(_PAGES):
-        if i[0] == k.profile:
-            del _PAGES[i]
-    while todo:
-        batch, todo = todo[:per_boot], todo[per_boot:]
-        todo = _run_batch(k, batch, out, boot_logs) + todo
-    return [r if r is not None else [] for r in out]
+    if len(chunks) <= 1:
+        for chunk in chunks:
+            done, chunk_logs = _run_chunk(k, chunk, per_boot)
+            out.update(done)
+            boot_logs.extend(chunk_logs)
+    else:
+        with ThreadPoolExecutor(max_workers=len(chunks)) as pool:
+            for done, chunk_logs in pool.map(lambda c: _run_chunk(k, c, per_boot), chunks):
+                out.update(done)
+                boot_logs.extend(chunk_logs)
+    return [out[i] for i in range(len(seqs))]
 
 
 def smccc_id(kernel: str, name: str) -> int:
     """The whole x0 of host hypercall ``name`` on ``kernel`` (from its own enum)."""
     k = load_kernel(kernel, progress=False)
     return SMCCC_HOST_BASE + k.ids[name]
-

@@ -152,9 +152,7 @@ class _Steps:
 
 def _run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     try:
-        p = subprocess.run(
-            cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False
-        )
+        p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     except FileNotFoundError as e:
         raise SetupError(f"{cmd[0]} is not installed: {e}") from e
     if p.returncode != 0:
@@ -329,8 +327,7 @@ def wrap_host_tools(root: Path, kbuild: Path) -> None:
         if wrapper.name == "modpost":  # Debian's dispatcher: arm64 is little-endian, 64-bit
             target = real.with_name("modpost.real-lsb-64.host")
         wrapper.write_text(
-            "#!/bin/sh\n"
-            f'exec "{loader}" --library-path "{libdir}" "{target}" "$@"\n'
+            f'#!/bin/sh\nexec "{loader}" --library-path "{libdir}" "{target}" "$@"\n'
         )
         wrapper.chmod(0o755)
 
@@ -338,10 +335,10 @@ def wrap_host_tools(root: Path, kbuild: Path) -> None:
 def host_hcall_names(kvm_asm_h: Path) -> list[str]:
     """Entries of ``enum __kvm_host_smccc_func``, in order; ``MARKER()`` lines skipped."""
     text = kvm_asm_h.read_text()
-    m = re.search(r"enum\s+__kvm_host_smccc_func\s*\{(.*?)\};", text, re.S)
+    m = re.search(r"enum\s+__kvm_host_smccc_func\s*\{(.*?)\};", text, re.DOTALL)
     if not m:
         raise SetupError(f"no enum __kvm_host_smccc_func in {kvm_asm_h}")
-    body = re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.S)
+    body = re.sub(r"/\*.*?\*/", "", m.group(1), flags=re.DOTALL)
     names = []
     for line in body.splitlines():
         e = re.match(r"\s*__KVM_HOST_SMCCC_FUNC_(\w+)\s*(=[^,]*)?,?\s*$", line)
@@ -357,9 +354,7 @@ def host_hcall_ids(names: list[str], kvm_asm_h: Path) -> dict[str, int]:
     checked against the module's own table at every boot.
     """
     ids = {"__kvm_hyp_init": 0}
-    n = 0
-    for name in names:
-        n += 1
+    for n, name in enumerate(names, start=1):
         ids[name] = n
     if not names or not re.search(
         rf"__KVM_HOST_SMCCC_FUNC_{names[0]}\s*=\s*__KVM_HOST_SMCCC_FUNC___kvm_hyp_init\s*\+\s*1",
@@ -508,3 +503,30 @@ def ensure_setup(kernel: str = "latest", progress: bool = True) -> Path:
 
 def load_kernel(kernel: str, progress: bool = True) -> Kernel:
     return Kernel.load(ensure_setup(kernel, progress))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pkvm.conform.setup [6.12|7.2|latest|all]``: set up, print each directory."""
+    import argparse
+
+    ap = argparse.ArgumentParser(
+        prog="python -m pkvm.conform.setup",
+        description="Fetch and build the real-kernel harness of `pkvm conform` (idempotent).",
+    )
+    ap.add_argument("kernels", nargs="*", default=["all"], help="6.12, 7.2, latest or all")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    args = ap.parse_args(argv)
+    wanted = list(KERNELS) if "all" in args.kernels else args.kernels
+    try:
+        for k in wanted:
+            t0 = time.monotonic()
+            d = ensure_setup(k, progress=not args.quiet)
+            print(f"{profile_of(k).name}: {d} ({time.monotonic() - t0:.1f} s)")
+    except (SetupError, ValueError) as e:
+        print(f"pkvm conform set-up failed: {e}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -407,6 +407,32 @@ class KvmPgtable:
                 self.mm_ops.put_page(table)
         self.mm_ops.put_page(table)
 
+    # -- the page-sized fast path ---------------------------------------------------
+    def _l3_ptep(self, addr: int) -> int | None:
+        """The level-3 entry for `addr`, creating zeroed tables on the way down.
+
+        Returns None where the generic walk must decide (a block, an annotation or a leaf at a
+        higher level, an address out of range, or no page for a new table): for a single page
+        the generic walker would end in exactly the level-3 entry this returns otherwise."""
+        if addr >> self.ia_bits or not self.pgd:
+            return None
+        read = self.mem.read_u64
+        table = self.pgd
+        for level in range(self.start_level, 3):
+            ptep = table + ((addr >> (39 - 9 * level)) & 511) * 8
+            pte = read(ptep)
+            if pte & 3 == 3:
+                table = pte & KVM_PTE_ADDR_MASK
+                continue
+            if pte:
+                return None
+            child = self.mm_ops.zalloc_page()
+            if child is None:
+                return None
+            self._set(ptep, 0, init_table_pte(child))
+            table = child
+        return table + ((addr >> 12) & 511) * 8
+
     # -- hyp stage-1 ops --------------------------------------------------------
     def hyp_map(self, addr: int, size: int, phys: int, prot: int) -> int:
         """`kvm_pgtable_hyp_map`."""
@@ -414,6 +440,17 @@ class KvmPgtable:
         if attr is None:
             return -EINVAL
         base = phys & ~(PAGE_SIZE - 1)
+        if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
+            ptep = self._l3_ptep(addr)
+            if ptep is not None:
+                old = self.mem.read_u64(ptep)
+                new = init_valid_leaf_pte(base, attr, 3)
+                if old == new:
+                    return 0
+                if pte_valid(old) and (old ^ new) & ~KVM_PTE_LEAF_ATTR_HI_SW:
+                    return -EINVAL
+                self._set(ptep, old, new)
+                return 0
 
         def visit(ctx: VisitCtx, _v: int) -> int:
             level = ctx.level
@@ -473,9 +510,20 @@ class KvmPgtable:
             base = phys & ~(PAGE_SIZE - 1)
         else:
             attr, base = 0, 0
-        force_pte = self.force_pte_cb(addr, addr + size, prot) if self.force_pte_cb else False
         if phys is None:
             force_pte = True
+        else:
+            force_pte = self.force_pte_cb(addr, addr + size, prot) if self.force_pte_cb else False
+        if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
+            ptep = self._l3_ptep(addr)
+            if ptep is not None:
+                old = self.mem.read_u64(ptep)
+                new = annotation if phys is None else init_valid_leaf_pte(base, attr, 3)
+                if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
+                    ret = -EAGAIN
+                    return 0 if self._continue(ret, flags | KVM_PGTABLE_WALK_LEAF) else ret
+                self._set(ptep, old, new)
+                return 0
 
         def leaf_allowed(ctx: VisitCtx) -> bool:
             if force_pte and ctx.level < 3:

@@ -25,6 +25,11 @@ GIC_REDIST_BASE = 0x080A_0000
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
+try:
+    _mincore = ctypes.CDLL(None, use_errno=True).mincore
+except (OSError, AttributeError):  # not Linux: compare every page
+    _mincore = None
+
 
 @dataclass(frozen=True)
 class Region:
@@ -95,12 +100,26 @@ class PhysMemory:
         return self.bytes[off : off + PAGE_SIZE] == ZERO_PAGE
 
     def zero(self, pa: int, size: int) -> None:
-        """Zero whole pages; pages that already read as zero are not touched (stay sparse)."""
+        """Zero whole pages. Pages the process never touched are zero already and are left
+        alone (asking the kernel with mincore), so zeroing keeps RAM sparse."""
         off = pa - self.base
         view = self.bytes
-        for page in range(off, off + size, PAGE_SIZE):
+        n = size >> PAGE_SHIFT
+        resident = self._resident(off, n)
+        for k in range(n):
+            if resident is not None and not resident[k]:
+                continue
+            page = off + (k << PAGE_SHIFT)
             if view[page : page + PAGE_SIZE] != ZERO_PAGE:
                 view[page : page + PAGE_SIZE] = ZERO_PAGE
+
+    def _resident(self, off: int, n: int):
+        if _mincore is None:
+            return None
+        vec = (ctypes.c_ubyte * n)()
+        if _mincore(ctypes.c_void_p(self._address + off), ctypes.c_size_t(n << PAGE_SHIFT), vec):
+            return None
+        return vec
 
     def resident_pages(self) -> int:
         """Pages that differ from zero (an upper bound of what the model made resident)."""

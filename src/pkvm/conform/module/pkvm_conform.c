@@ -15,6 +15,7 @@
  *   vm NAME FD                    (from the VMM helper) record the hyp handle of the KVM VM
  *                                 whose fd is FD in the writing process, as vm:NAME; x1 of the
  *                                 answer is the handle
+ *   page NAME                     allocate page NAME now; answers as "pages" does
  *   pages                         the current sequence's name -> pfn map
  *   ids                           every host hypercall name with its index in the enum
  * Missing arguments are 0. The hypercall runs on CPU with interrupts off (IPI or local).
@@ -294,6 +295,11 @@ static ssize_t pkvmc_write(struct file *file, const char __user *ubuf, size_t le
 		pkvmc_npages = 0;
 	} else if (!strcmp(cmd, "vm")) {
 		pkvmc_cmd_vm(rest);
+	} else if (!strcmp(cmd, "page")) {
+		if (!rest || !pkvmc_named_page(rest))
+			pkvmc_error("cannot allocate page", rest);
+		else
+			pkvmc_cmd_pages();
 	} else if (!strcmp(cmd, "pages")) {
 		pkvmc_cmd_pages();
 	} else if (!strcmp(cmd, "ids")) {
