@@ -168,3 +168,43 @@ SYS_REGS = (
     "MDSCR_EL1", "ZCR_EL1", "TFSR_EL1", "ACTLR_EL1",
 )
 SYS_REG_INDEX = {name: i for i, name in enumerate(SYS_REGS)}
+
+
+# -- arch.ctxt <-> the CPU's register context ------------------------------------------------
+def _ctxt_off(name: str) -> int:
+    return KVM_VCPU.offset(name) - CTXT_START
+
+
+_SCALARS = ("sp_el0", "pc", "pstate", "sp_el1", "elr_el1", "spsr_el1", "fpsr", "fpcr")
+
+
+def ctxt_unpack(raw: bytes):
+    """`arch.ctxt` bytes -> `pkvm.machine.cpu.CpuContext`."""
+    from pkvm.machine.cpu import CpuContext
+
+    regs = list(struct.unpack_from("<31Q", raw, _ctxt_off("arch.ctxt.regs")))
+    sc = {n: struct.unpack_from("<Q", raw, _ctxt_off(f"arch.ctxt.{n}"))[0] for n in _SCALARS}
+    voff = _ctxt_off("arch.ctxt.vregs")
+    v = [int.from_bytes(raw[voff + 16 * i : voff + 16 * i + 16], "little") for i in range(32)]
+    soff = _ctxt_off("arch.ctxt.sys_regs")
+    sysvals = struct.unpack_from(f"<{len(SYS_REGS)}Q", raw, soff)
+    return CpuContext(x=regs, sp_el0=sc["sp_el0"], sp_el1=sc["sp_el1"], pc=sc["pc"],
+                      pstate=sc["pstate"], elr_el1=sc["elr_el1"], spsr_el1=sc["spsr_el1"],
+                      v=v, fpcr=sc["fpcr"], fpsr=sc["fpsr"],
+                      sys_regs=dict(zip(SYS_REGS, sysvals)))
+
+
+def ctxt_pack(ctx, base: bytes) -> bytes:
+    """A `CpuContext` written over `arch.ctxt` bytes `base` (fields the CPU lacks are kept)."""
+    raw = bytearray(base)
+    struct.pack_into("<31Q", raw, _ctxt_off("arch.ctxt.regs"), *[r & (2**64 - 1) for r in ctx.x])
+    for n in _SCALARS:
+        struct.pack_into("<Q", raw, _ctxt_off(f"arch.ctxt.{n}"), getattr(ctx, n) & (2**64 - 1))
+    voff = _ctxt_off("arch.ctxt.vregs")
+    for i, val in enumerate(ctx.v):
+        raw[voff + 16 * i : voff + 16 * i + 16] = (val & (2**128 - 1)).to_bytes(16, "little")
+    soff = _ctxt_off("arch.ctxt.sys_regs")
+    for i, name in enumerate(SYS_REGS):
+        if name in ctx.sys_regs:
+            struct.pack_into("<Q", raw, soff + 8 * i, ctx.sys_regs[name] & (2**64 - 1))
+    return bytes(raw)

@@ -60,6 +60,35 @@ class HostVcpu:
     def va(self) -> int:
         return host_va(self.pa)
 
+    @property
+    def runner(self):
+        r = self.__dict__.get("_runner")
+        if r is None:
+            from pkvm.host.vcpu_run import VcpuRunner
+
+            r = self.__dict__["_runner"] = VcpuRunner(self)
+        return r
+
+    def run(self, cpu: int | None = None):
+        """`KVM_RUN`: run until an exit userspace must handle; returns a `VcpuExit`."""
+        return self.runner.run(cpu)
+
+    def complete_mmio(self, data: int) -> None:
+        self.runner.complete_mmio(data)
+
+    @property
+    def regs(self):
+        """The vCPU's registers as the host holds them (a `CpuContext`; assign to change)."""
+        return self.runner.get_regs()
+
+    @regs.setter
+    def regs(self, ctx) -> None:
+        self.runner.set_regs(ctx)
+
+    @property
+    def powered_off(self) -> bool:
+        return self.runner.power_off
+
     def field_pa(self, name: str) -> int:
         return self.pa + KVM_VCPU.offset(name)
 
@@ -158,6 +187,7 @@ class HostVm:
             w(pa, KVM_VCPU, "arch.hcr_el2", HCR_HOST_VCPU)
             self._share(pa, KVM_VCPU.size)
             self.vcpus.append(vcpu)
+            vcpu.runner.reset(GUEST_RAM_IPA, 0)
         if not self.profile.reserve_vm:
             self._create_hyp_vm()
             for vcpu in self.vcpus:
@@ -215,6 +245,14 @@ class HostVm:
         self._allocs.clear()
 
     # -- guest memory ------------------------------------------------------------------
+    def in_memslot(self, gfn: int) -> bool:
+        first = GUEST_RAM_IPA >> PAGE_SHIFT
+        return first <= gfn < first + self.nr_guest_pages
+
+    def vcpu_by_mpidr(self, mpidr: int) -> "HostVcpu | None":
+        aff = mpidr & 0xFF_00FF_FFFF
+        return self.vcpus[aff] if aff < len(self.vcpus) else None
+
     def backing(self, gfn: int) -> int:
         """The host page backing `gfn` (allocated on first touch, like a memslot)."""
         pa = self.memslot.get(gfn)

@@ -255,6 +255,9 @@ class KvmPgtable:
         self.force_pte_cb = force_pte_cb
         self.normal_memattr = normal_memattr
         self.pgd = 0
+        # Ranges (addr, size) changed since the last look, for a consumer that mirrors this
+        # table (the CPU emulator's view of a guest stage-2); None when nobody listens.
+        self.touched: list[tuple[int, int]] | None = None
 
     # -- set-up ----------------------------------------------------------------------
     def init(self, pgd: int | None = None) -> int:
@@ -503,6 +506,8 @@ class KvmPgtable:
     ) -> int:
         """`kvm_pgtable_stage2_map` (phys given) or an annotation (`phys` None: an invalid
         leaf `annotation`). Blocks where alignment and the force-PTE callback allow."""
+        if self.touched is not None:
+            self.touched.append((addr, size))
         if phys is not None:
             attr = stage2_set_prot_attr(prot, self.normal_memattr)
             if attr is None:
@@ -576,6 +581,8 @@ class KvmPgtable:
 
     def stage2_unmap(self, addr: int, size: int) -> int:
         """`kvm_pgtable_stage2_unmap`: clear leaves (whole blocks) and free emptied tables."""
+        if self.touched is not None:
+            self.touched.append((addr, size))
 
         def visit(ctx: VisitCtx, v: int) -> int:
             if not pte_valid(ctx.old):
@@ -598,6 +605,8 @@ class KvmPgtable:
         """Change attribute bits of valid leaves (`stage2_update_leaf_attrs`).
 
         Returns (ret, OR of the old descriptors): the latter serves test_clear_young."""
+        if self.touched is not None:
+            self.touched.append((addr, size))
         acc = [0]
 
         def visit(ctx: VisitCtx, _v: int) -> int:

@@ -60,12 +60,98 @@ def sync_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     el2_write_u64(h, hv + KVM_VCPU.offset("arch.fault.hpfar_el2"), vcpu.fault_hpfar)
 
 
+HPFAR_NS = 1 << 63
+S2_XN_NONE = 0b10
+
+
+def _core_for(h: HypState, vcpu: PkvmHypVcpu):
+    """The CPU this hyp vCPU runs on (one emulator core per hyp vCPU, made at its first run)."""
+    if vcpu.engine is None:
+        from pkvm.machine.cpu import Core
+
+        vcpu.engine = Core()
+        vcpu.exit_data["view_cursor"] = 0
+        pgt = vcpu.vm.pgt
+        if pgt.touched is None:
+            pgt.touched = []
+        vcpu.exit_data["view_cursor"] = 0
+        _sync_view(h, vcpu, vcpu.engine, full=True)
+    return vcpu.engine
+
+
+def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None:
+    """Bring the emulator's stage-2 view up to date with the guest stage-2 (what changed)."""
+    pgt = vcpu.vm.pgt
+    touched = pgt.touched
+    assert touched is not None
+    if full:
+        ranges = [(ipa, 1 << (12 + 9 * (3 - level))) for ipa, level, _ in pgt.leaves(valid_only=True)]
+    else:
+        cursor = vcpu.exit_data["view_cursor"]
+        ranges = touched[cursor:]
+    vcpu.exit_data["view_cursor"] = len(touched)
+    mem = h.mem
+    for addr, size in ranges:
+        ipa = addr & ~0xFFF
+        end = addr + size
+        while ipa < end:
+            ret, pte, level = pgt.get_leaf(ipa)
+            gsize = 1 << (12 + 9 * (3 - level)) if not ret else 0x1000
+            base = ipa & ~(gsize - 1)
+            if not ret and pte & 1 and mem.range_is_ram(pte & 0xFFFF_FFFF_F000 & ~(gsize - 1), gsize):
+                pa = pte & 0xFFFF_FFFF_F000 & ~(gsize - 1)
+                core.map(base, gsize, mem.host_address(pa), writable=bool(pte & (1 << 7)),
+                         executable=((pte >> 53) & 3) != S2_XN_NONE)
+            else:
+                core.unmap(base, gsize)
+            ipa = base + gsize
+
+
 def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     """`__kvm_vcpu_run`: enter the guest, return the exit code."""
     runner = getattr(h, "guest_runner", None)
-    if runner is None:
-        return ARM_EXCEPTION_IRQ
-    return runner(h, vcpu)
+    if runner is not None:
+        return runner(h, vcpu)
+    if not h.profile.hyp_owned_guest_stage2:
+        return ARM_EXCEPTION_IRQ  # 6.12 guests run on the host-managed stage-2: not modelled
+    from pkvm.abi.host_structs import (
+        IFLAG_INCREMENT_PC,
+        IFLAG_PENDING_EXCEPTION,
+        ctxt_pack,
+        ctxt_unpack,
+    )
+    from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
+    from pkvm.machine.cpu import ExitKind
+
+    core = _core_for(h, vcpu)
+    ctx = ctxt_unpack(vcpu.ctxt)
+    if vcpu.iflags & IFLAG_INCREMENT_PC:  # __kvm_adjust_pc
+        ctx.pc = (ctx.pc + 4) & 0xFFFF_FFFF_FFFF_FFFF
+        vcpu.iflags &= ~IFLAG_INCREMENT_PC
+    core.load_context(ctx)
+    if vcpu.iflags & IFLAG_PENDING_EXCEPTION:
+        core.inject_undef()
+        vcpu.iflags &= ~IFLAG_PENDING_EXCEPTION
+    protected = vcpu.vm.is_protected
+    budget = getattr(h, "guest_timeslice", None)
+    code = ARM_EXCEPTION_TRAP
+    while True:
+        _sync_view(h, vcpu, core)
+        ex = core.run(budget)
+        if ex.kind is ExitKind.BUDGET:
+            code = ARM_EXCEPTION_IRQ
+            break
+        vcpu.fault_esr = ex.esr
+        if ex.kind in (ExitKind.DABT, ExitKind.IABT):
+            vcpu.fault_far = ex.far
+            vcpu.fault_hpfar = ex.hpfar | HPFAR_NS
+        if protected and ex.kind is ExitKind.HVC and handle_pvm_hvc64(h, vcpu, core):
+            continue
+        if protected and ex.kind is ExitKind.SYSREG and handle_pvm_sysreg(h, vcpu, core, ex.esr):
+            continue
+        break
+    vcpu.ctxt = ctxt_pack(core.save_context(), vcpu.ctxt)
+    return code
 
 
 def handle_vcpu_run(h: HypState, host_vcpu_va: int) -> int:

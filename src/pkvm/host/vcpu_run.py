@@ -1,0 +1,268 @@
+"""`KVM_RUN` on the host side (`arm.c`, `handle_exit.c`, `mmu.c`, `mmio.c`, `psci.c`).
+
+`HostVcpu.run()` loads the vCPU (7.2), issues `__kvm_vcpu_run` until an exit that userspace
+must see, handling in the kernel what KVM handles there: stage-2 faults on guest RAM (map the
+page by donation or sharing, with the running vCPU's memcache), PSCI and SMCCC calls, WFI, and
+the PC increment / MMIO completion of the previous exit. Returns a `VcpuExit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pkvm.abi.host_structs import (
+    IFLAG_INCREMENT_PC,
+    IFLAG_PENDING_EXCEPTION,
+    KVM_VCPU,
+    SYS_REGS,
+    ctxt_pack,
+    ctxt_unpack,
+)
+from pkvm.errors import EFAULT, HostError
+from pkvm.machine.memory import PAGE_SHIFT
+
+if TYPE_CHECKING:
+    from pkvm.host.kvm import HostVcpu, HostVm
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+ARM_EXCEPTION_IRQ, ARM_EXCEPTION_EL1_SERROR, ARM_EXCEPTION_TRAP, ARM_EXCEPTION_IL = 0, 1, 2, 3
+EC_WFX, EC_HVC64, EC_SMC64, EC_SYS64, EC_IABT_LOW, EC_DABT_LOW = 0x01, 0x16, 0x17, 0x18, 0x20, 0x24
+HPFAR_NS = 1 << 63
+
+PSCI_VERSION = 0x8400_0000
+PSCI_CPU_SUSPEND = (0x8400_0001, 0xC400_0001)
+PSCI_CPU_OFF = 0x8400_0002
+PSCI_CPU_ON = (0x8400_0003, 0xC400_0003)
+PSCI_AFFINITY_INFO = (0x8400_0004, 0xC400_0004)
+PSCI_MIGRATE_INFO_TYPE = 0x8400_0006
+PSCI_SYSTEM_OFF = 0x8400_0008
+PSCI_SYSTEM_RESET = 0x8400_0009
+PSCI_FEATURES = 0x8400_000A
+SMCCC_VERSION = 0x8000_0000
+SMCCC_ARCH_FEATURES = 0x8000_0001
+VENDOR_HYP_UID = 0x8600_FF01
+VENDOR_HYP_FEATURES = 0x8600_0000
+KVM_UID = (0xB66F_B428, 0xE911_C52E, 0x564B_CAA9, 0x743A_004D)
+PSCI_RET_SUCCESS, PSCI_RET_NOT_SUPPORTED, PSCI_RET_INVALID_PARAMS = 0, -1, -2
+PSCI_RET_ALREADY_ON, PSCI_RET_INTERNAL_FAILURE = -4, -6
+SCTLR_EL1_RESET = 0x30D0_0800
+
+
+@dataclass
+class VcpuExit:
+    """What `KVM_RUN` returns to userspace (`struct kvm_run`), plus the raw fault registers."""
+
+    kind: str  # "mmio", "system_event", "wfi", "preempted", "cpu_off", "sysreg", "fail"
+    addr: int = 0
+    size: int = 0
+    write: bool = False
+    data: int = 0
+    event: str = ""  # system_event: "shutdown" or "reset"
+    esr: int = 0
+    detail: str = ""
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def reset_context(pc: int, x0: int, mpidr: int) -> Any:
+    """`kvm_reset_vcpu`: GPRs zero, PSTATE EL1h with DAIF masked, MMU off, PC and x0."""
+    from pkvm.machine.cpu import CpuContext
+
+    ctx = CpuContext(pc=pc, pstate=0x3C5)
+    ctx.x[0] = x0
+    ctx.sys_regs = {name: 0 for name in SYS_REGS}
+    ctx.sys_regs["SCTLR_EL1"] = SCTLR_EL1_RESET
+    ctx.sys_regs["MPIDR_EL1"] = (1 << 31) | mpidr
+    return ctx
+
+
+class VcpuRunner:
+    """The in-kernel part of `KVM_RUN` for one host vCPU."""
+
+    def __init__(self, vcpu: "HostVcpu"):
+        self.vcpu = vcpu
+        self.vm: HostVm = vcpu.vm
+        self.power_off = vcpu.idx != 0
+        self.pending_mmio: tuple[int, int] | None = None  # (esr, srt) of a read to complete
+        self.exits: dict[str, int] = {}
+
+    # -- the host struct kvm_vcpu ------------------------------------------------------
+    def _ctxt_raw(self) -> bytes:
+        from pkvm.abi.host_structs import CTXT_END, CTXT_START
+
+        return self.vm.host.read(self.vcpu.pa + CTXT_START, CTXT_END - CTXT_START)
+
+    def get_regs(self):
+        return ctxt_unpack(self._ctxt_raw())
+
+    def set_regs(self, ctx) -> None:
+        from pkvm.abi.host_structs import CTXT_START
+
+        self.vm.host.write(self.vcpu.pa + CTXT_START, ctxt_pack(ctx, self._ctxt_raw()))
+
+    def _field(self, name: str) -> int:
+        f = KVM_VCPU.field(name)
+        return int.from_bytes(self.vm.host.read(self.vcpu.pa + f.offset, f.size), "little")
+
+    def _set_field(self, name: str, value: int) -> None:
+        f = KVM_VCPU.field(name)
+        self.vm.host.write(self.vcpu.pa + f.offset, (value & U64).to_bytes(f.size, "little"))
+
+    def _set_iflag(self, flag: int) -> None:
+        self._set_field("arch.iflags", self._field("arch.iflags") | flag)
+
+    def reset(self, pc: int, x0: int) -> None:
+        self.set_regs(reset_context(pc, x0, self.vcpu.idx))
+
+    # -- KVM_RUN ------------------------------------------------------------------
+    def complete_mmio(self, data: int) -> None:
+        """Userspace's answer to an MMIO read exit (kvm_run->mmio.data)."""
+        if self.pending_mmio is None:
+            raise HostError(22, "complete_mmio", None, "the last exit was not an MMIO read")
+        from pkvm.machine.cpu import mmio_read_value
+
+        esr, srt = self.pending_mmio
+        ctx = self.get_regs()
+        if srt != 31:
+            ctx.x[srt] = mmio_read_value(esr, data)
+        self.set_regs(ctx)
+        self.pending_mmio = None
+
+    def run(self, cpu: int | None = None) -> VcpuExit:
+        vm = self.vm
+        if self.power_off:
+            return VcpuExit("cpu_off")
+        cpu = self.vcpu.idx % vm.host.nr_cpus if cpu is None else cpu
+        vm.ensure_hyp_vcpu(self.vcpu)
+        explicit = vm.profile.explicit_vcpu_load
+        if explicit:
+            vm._hvc("__pkvm_vcpu_load", vm.handle, self.vcpu.idx, 0x8800_6000, cpu=cpu)
+        try:
+            while True:
+                r = vm.host.hvc("__kvm_vcpu_run", self.vcpu.va, cpu=cpu)
+                if r.x0:
+                    return VcpuExit("fail", detail="__kvm_vcpu_run is not offered")
+                if r.x1 < 0:
+                    return VcpuExit("fail", detail=f"__kvm_vcpu_run = {r.x1}")
+                out = self._handle_exit(r.x1 & 0x7FFF_FFFF, cpu)
+                if out is not None:
+                    self.exits[out.kind] = self.exits.get(out.kind, 0) + 1
+                    return out
+        finally:
+            if explicit:
+                vm._hvc("__pkvm_vcpu_put", cpu=cpu)
+
+    def _count(self, kind: str) -> None:
+        self.exits[kind] = self.exits.get(kind, 0) + 1
+
+    def _handle_exit(self, code: int, cpu: int) -> VcpuExit | None:
+        if code == ARM_EXCEPTION_IRQ:
+            return VcpuExit("preempted")
+        if code != ARM_EXCEPTION_TRAP:
+            return VcpuExit("fail", detail=f"exit code {code}")
+        esr = self._field("arch.fault.esr_el2")
+        ec = esr >> 26
+        if ec in (EC_DABT_LOW, EC_IABT_LOW):
+            return self._abort(esr, cpu)
+        if ec == EC_HVC64:
+            self._count("hvc")
+            return self._smccc(esr)
+        if ec == EC_SMC64:
+            self._count("smc")
+            self._set_iflag(IFLAG_INCREMENT_PC)
+            return self._smccc(esr, smc_imm=esr & 0xFFFF)
+        if ec == EC_WFX:
+            self._set_iflag(IFLAG_INCREMENT_PC)
+            return VcpuExit("wfi", esr=esr)
+        if ec == EC_SYS64:
+            return VcpuExit("sysreg", esr=esr)
+        return VcpuExit("fail", esr=esr, detail=f"unhandled exception class {ec:#x}")
+
+    def _abort(self, esr: int, cpu: int) -> VcpuExit | None:
+        hpfar = self._field("arch.fault.hpfar_el2")
+        far = self._field("arch.fault.far_el2")
+        if self.vm.profile.hyp_owned_guest_stage2 and not hpfar & HPFAR_NS:
+            return VcpuExit("fail", esr=esr, detail="fault IPA not valid (HPFAR_EL2.NS clear)")
+        ipa = (((hpfar & ~HPFAR_NS) >> 4) << PAGE_SHIFT) | (far & 0xFFF)
+        gfn = ipa >> PAGE_SHIFT
+        if self.vm.in_memslot(gfn):
+            self._count("stage2_fault")
+            try:
+                self.vm.map_one(self.vcpu, gfn, cpu)
+            except HostError as e:
+                if e.errno == EFAULT:
+                    return VcpuExit("fail", esr=esr, addr=ipa, detail=str(e))
+                raise
+            return None
+        if not esr & (1 << 24):
+            return VcpuExit("fail", esr=esr, addr=ipa, detail="MMIO access without a valid ISS")
+        write = bool(esr & (1 << 6))
+        size = 1 << ((esr >> 22) & 3)
+        srt = (esr >> 16) & 31
+        self._set_iflag(IFLAG_INCREMENT_PC)
+        if write:
+            data = 0 if srt == 31 else self.get_regs().x[srt] & ((1 << (8 * size)) - 1)
+            return VcpuExit("mmio", addr=ipa, size=size, write=True, data=data, esr=esr)
+        self.pending_mmio = (esr, srt)
+        return VcpuExit("mmio", addr=ipa, size=size, write=False, esr=esr)
+
+    # -- PSCI and SMCCC (psci.c, hypercalls.c) -------------------------------------------
+    def _smccc(self, esr: int, smc_imm: int = 0) -> VcpuExit | None:
+        ctx = self.get_regs()
+        fid = ctx.x[0] & 0xFFFF_FFFF
+        a1, a2, a3 = ctx.x[1], ctx.x[2], ctx.x[3]
+        res: list[int] = [PSCI_RET_NOT_SUPPORTED, 0, 0, 0]
+        out: VcpuExit | None = None
+        vm = self.vm
+        if smc_imm:
+            pass
+        elif fid == PSCI_VERSION:
+            res[0] = vm.profile.psci_version
+        elif fid == SMCCC_VERSION:
+            res[0] = 0x10001
+        elif fid == PSCI_MIGRATE_INFO_TYPE:
+            res[0] = 2
+        elif fid == PSCI_FEATURES:
+            known = {PSCI_VERSION, PSCI_CPU_OFF, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET,
+                     PSCI_MIGRATE_INFO_TYPE, PSCI_FEATURES, SMCCC_VERSION, *PSCI_CPU_ON,
+                     *PSCI_AFFINITY_INFO, *PSCI_CPU_SUSPEND}
+            res[0] = 0 if a1 & 0xFFFF_FFFF in known else PSCI_RET_NOT_SUPPORTED
+        elif fid in PSCI_CPU_ON:
+            res[0] = self._cpu_on(a1, a2, a3, fid)
+        elif fid in PSCI_AFFINITY_INFO:
+            target = vm.vcpu_by_mpidr(a1)
+            res[0] = PSCI_RET_INVALID_PARAMS if target is None else int(target.runner.power_off)
+        elif fid == PSCI_CPU_OFF:
+            self.power_off = True
+            out = VcpuExit("cpu_off")
+        elif fid in (PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET):
+            res[0] = PSCI_RET_INTERNAL_FAILURE
+            out = VcpuExit("system_event", event="shutdown" if fid == PSCI_SYSTEM_OFF else "reset")
+        elif fid in PSCI_CPU_SUSPEND:
+            res[0] = PSCI_RET_SUCCESS
+        elif fid == VENDOR_HYP_UID:
+            res = list(KVM_UID)
+        elif fid == VENDOR_HYP_FEATURES:
+            res = [1, 0, 0, 0]
+        for i in range(4):
+            ctx.x[i] = res[i] & U64
+        self.set_regs(ctx)
+        return out
+
+    def _cpu_on(self, mpidr: int, entry: int, context: int, fid: int) -> int:
+        if fid == PSCI_CPU_ON[0]:
+            mpidr &= 0xFFFF_FFFF
+            entry &= 0xFFFF_FFFF
+            context &= 0xFFFF_FFFF
+        target = self.vm.vcpu_by_mpidr(mpidr)
+        if target is None:
+            return PSCI_RET_INVALID_PARAMS
+        if not target.runner.power_off:
+            return PSCI_RET_ALREADY_ON
+        target.runner.reset(entry, context)
+        target.runner.power_off = False
+        return PSCI_RET_SUCCESS
+
+    def inject_undef(self) -> None:
+        """`kvm_inject_undefined`: applied by EL2 at the next entry (`__kvm_adjust_pc`)."""
+        self._set_iflag(IFLAG_PENDING_EXCEPTION)
