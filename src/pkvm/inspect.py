@@ -177,3 +177,43 @@ class Inspector:
     @property
     def profile(self):
         return self._h.profile
+
+    # -- bulk page states (for pictures and counters) -------------------------------------
+    def page_states(self) -> tuple[bytes, bytes, dict[int, tuple[int, int]]]:
+        """Every RAM page at once: (host_states, hyp_states, guests).
+
+        `host_states[i]` / `hyp_states[i]` are `PageState` values of RAM page i (pfn =
+        RAM base pfn + i), as `page(pfn).host` / `.hyp` give them one at a time; `guests` maps a
+        pfn to (handle, PageState value) for every page in a hyp-owned guest stage-2. Read-only.
+        """
+        from pkvm.hyp.mem_protect import host_state_of_pte, hyp_state_of_pte
+        from pkvm.hyp.mm import hyp_pa
+
+        h = self._h
+        mem = h.mem
+        n = mem.nr_pages
+        base_pfn = mem.base >> PAGE_SHIFT
+        if h.profile.page_state_in_vmemmap:
+            host = bytes(h.vmemmap.host_state)
+            hyp = bytes(h.vmemmap.hyp_state)
+        else:
+            hs = bytearray([PageState.OWNED]) * n  # an empty host stage-2 entry reads OWNED
+            for addr, level, pte in h.host_mmu.pgt.leaves():  # type: ignore[union-attr]
+                i = (addr >> PAGE_SHIFT) - base_pfn
+                k = 1 << (9 * (3 - level))
+                lo, hi = max(i, 0), min(i + k, n)
+                if lo < hi:
+                    hs[lo:hi] = bytes([host_state_of_pte(h, pte, addr)]) * (hi - lo)
+            ys = bytearray([PageState.NOPAGE]) * n
+            for va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):  # type: ignore[union-attr]
+                i = (hyp_pa(va) >> PAGE_SHIFT) - base_pfn
+                k = 1 << (9 * (3 - level))
+                lo, hi = max(i, 0), min(i + k, n)
+                if lo < hi:
+                    ys[lo:hi] = bytes([hyp_state_of_pte(pte)]) * (hi - lo)
+            host, hyp = bytes(hs), bytes(ys)
+        guests: dict[int, tuple[int, int]] = {}
+        for handle, states in self.guest_states().items():
+            for pa, s in states.items():
+                guests[pa >> PAGE_SHIFT] = (handle, int(s))
+        return host, hyp, guests

@@ -1,0 +1,176 @@
+"""`pkvm demo`: a guided tour of what pKVM guarantees, against a hostile host."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import typer
+from rich.panel import Panel
+from rich.table import Table
+
+from pkvm.cli.common import ABI_HELP, console, memory_map_table, page_counts_table
+from pkvm.errors import HostDataAbort, HostError, HypPanic, errno_name
+
+GUEST_RAM_GFN = 0x40000
+
+
+@dataclass
+class Attempt:
+    what: str
+    call: str
+    result: str
+    refused: bool
+
+
+def _hvc_text(r: Any) -> str:
+    if r.x0:
+        return f"x0={r.x0} (not supported)"
+    return f"x1={r.x1}" + (f" (-{errno_name(r.x1)})" if r.x1 < 0 else "")
+
+
+def _try(fn: Callable[[], Any]) -> tuple[str, bool]:
+    """Run one hostile action: (what happened, whether the hyp refused it)."""
+    try:
+        r = fn()
+    except HostDataAbort as e:
+        return f"HostDataAbort at PA {e.addr:#x}" + (" (fatal)" if e.fatal else ""), True
+    except HostError as e:
+        return f"HostError -{errno_name(e.errno or 0)}", True
+    except HypPanic as e:
+        return f"HypPanic: {e.reason}", False
+    if r is None:
+        return "allowed", False
+    return _hvc_text(r), bool(r.x0 or r.x1 < 0)
+
+
+def demo(
+    abi: Annotated[str, typer.Option("--abi", help=ABI_HELP)] = "latest",
+    memory: Annotated[str, typer.Option(help="RAM size (bytes or K/M/G).")] = "512M",
+    cpus: Annotated[int, typer.Option(help="CPUs (at least 2: one loads a vCPU).")] = 2,
+    pages: Annotated[int, typer.Option(help="Guest pages to map in each VM.")] = 8,
+    trace: Annotated[str | None, typer.Option("--jsonl",
+                                              help="Also write the hypercall trace here.")] = None,
+) -> None:
+    """Boot a machine, run two VMs, attack them from the host, tear down, count every page.
+
+    Exit code 0 when every hostile action was refused and every page came back, 1 otherwise.
+    """
+    import pkvm
+
+    try:
+        m = pkvm.Machine(memory=memory, cpus=max(cpus, 2), abi=abi)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    prof = m.profile
+    console.print(Panel.fit(
+        f"[bold]pkvm demo[/bold]: Linux {prof.kernel} profile ([cyan]{m.abi}[/cyan]), "
+        f"{memory} RAM, {m.nr_cpus} CPUs.\nThe machine is booted and finalised: the hyp runs at "
+        "EL2 and the host at EL1 behind its stage-2.", border_style="blue"))
+    console.print(memory_map_table(m))
+    before = m.inspect.page_counts()
+
+    # -- 1. two VMs -----------------------------------------------------------------------
+    console.rule("[bold]1. Guests")
+    vms: dict[str, Any] = {}
+    for label, protected in (("protected", True), ("normal", False)):
+        try:
+            vm = m.host.create_vm(vcpus=2, protected=protected, memory="16M")
+        except HostError as e:
+            console.print(f"create_vm(protected={protected}): [yellow]{e}[/yellow] "
+                          f"(Linux {prof.kernel} has no protected VM type)")
+            continue
+        vm.map(GUEST_RAM_GFN, pages)
+        vms[label] = vm
+        console.print(f"created a [bold]{label}[/bold] VM, handle {vm.handle:#x}, and mapped "
+                      f"{pages} guest pages (gfn {GUEST_RAM_GFN:#x}..)")
+    t = Table(title="VMs the hyp knows (m.inspect.vms())")
+    for c in ("handle", "state", "protected", "hyp vCPUs"):
+        t.add_column(c)
+    for v in m.inspect.vms():
+        t.add_row(f"{v['handle']:#x}", v["state"], str(v["protected"]),
+                  ", ".join(f"{i}: " + (f"loaded on cpu{c}" if c is not None else "idle")
+                            for i, c in v["vcpus"].items()) or "-")
+    console.print(t)
+    console.print(page_counts_table({"boot": before, "now": m.inspect.page_counts()},
+                                    "Pages per owner and state"))
+
+    # -- 2. a hostile host --------------------------------------------------------------
+    console.rule("[bold]2. A hostile host")
+    attempts: list[Attempt] = []
+    carve_pfn = m.carveout[0] >> 12
+    victim = vms.get("protected") or vms.get("normal")
+    if "protected" in vms:
+        pa = vms["protected"].memslot[GUEST_RAM_GFN]
+        res, ref = _try(lambda: m.host.read(pa, 8))
+        attempts.append(Attempt("read a protected guest's page", f"host.read({pa:#x}, 8)",
+                                res, ref))
+        res, ref = _try(lambda: m.hvc(0, "__pkvm_host_share_hyp", pa >> 12))
+        attempts.append(Attempt("share that guest page with the hyp",
+                                f"__pkvm_host_share_hyp({pa >> 12:#x})", res, ref))
+    res, ref = _try(lambda: m.hvc(0, "__pkvm_host_share_hyp", carve_pfn))
+    attempts.append(Attempt("share a page of the hyp's carve-out",
+                            f"__pkvm_host_share_hyp({carve_pfn:#x})", res, ref))
+    if victim is not None and prof.explicit_vcpu_load:
+        h = victim.handle
+        m.hvc(1, "__pkvm_vcpu_load", h, 0, 0)
+        res, ref = _try(lambda: m.hvc(0, "__pkvm_start_teardown_vm", h))
+        m.hvc(1, "__pkvm_vcpu_put")
+        attempts.append(Attempt("tear a VM down while its vCPU 0 is loaded on cpu 1",
+                                f"__pkvm_start_teardown_vm({h:#x})", res, ref))
+        forged = h + 0x100
+        res, ref = _try(lambda: m.hvc(0, "__pkvm_start_teardown_vm", forged))
+        attempts.append(Attempt("tear down a VM by a forged handle",
+                                f"__pkvm_start_teardown_vm({forged:#x})", res, ref))
+    elif victim is not None:
+        forged = victim.handle + 0x100
+        res, ref = _try(lambda: m.hvc(0, "__pkvm_teardown_vm", forged))
+        attempts.append(Attempt("tear down a VM by a forged handle",
+                                f"__pkvm_teardown_vm({forged:#x})", res, ref))
+        console.print("[dim](6.12 has no vCPU load/put: the teardown-while-loaded attempt is a "
+                      "7.2 one)[/dim]")
+    res, ref = _try(lambda: m.hvc(0, "__pkvm_host_share_hyp", 0x0900_0000 >> 12))
+    attempts.append(Attempt("share an MMIO page (the UART)", "__pkvm_host_share_hyp(0x9000)",
+                            res, ref))
+    t = Table(title="Each attempt and what the hyp answered")
+    t.add_column("the host tries to")
+    t.add_column("call", overflow="fold")
+    t.add_column("result")
+    t.add_column("", no_wrap=True)
+    for a in attempts:
+        t.add_row(a.what, a.call, a.result,
+                  "[green]refused ✓[/green]" if a.refused else "[red]ALLOWED ✗[/red]")
+    console.print(t)
+
+    # -- 3. teardown ----------------------------------------------------------------------
+    console.rule("[bold]3. Teardown")
+    for label, vm in vms.items():
+        vm.destroy()
+        console.print(f"destroyed the {label} VM {vm.handle:#x}")
+    after = m.inspect.page_counts()
+    console.print(page_counts_table({"boot": before, "after teardown": after},
+                                    "Every page back where it was?"))
+    same = before == after
+    fatal_note = ""
+    if not prof.explicit_vcpu_load and prof.host_abort_fatal:
+        res, ref = _try(lambda: m.host.read(m.carveout[0], 8))
+        attempts.append(Attempt("read the hyp's carve-out", "host.read", res, ref))
+        fatal_note = (f"\nLast, the host reads the carve-out: [bold]{res}[/bold] — in 6.12 "
+                      "the hyp panics on such an access (BUG_ON), so the machine is now dead.")
+    ok = same and all(a.refused for a in attempts)
+    if trace:
+        m.write_trace(trace)
+        console.print(f"hypercall trace written to {trace} ({len(m.trace)} calls)")
+    console.print(Panel.fit(
+        ("[green]Every hostile action was refused" if all(a.refused for a in attempts)
+         else "[red]Some hostile action was allowed") + "[/]; " +
+        ("[green]page counts after teardown equal those after boot.[/]" if same
+         else "[red]page counts differ after teardown.[/]") + fatal_note,
+        border_style="green" if ok else "red"))
+    raise typer.Exit(0 if ok else 1)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(demo)

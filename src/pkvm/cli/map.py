@@ -1,0 +1,77 @@
+"""`pkvm map [SCENARIO]`: the physical-memory ownership map, as PNG and/or HTML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from pkvm.cli.common import ABI_HELP, console, err_console, load_scenario, new_machine
+
+
+def _suffixed(path: Path, tag: str) -> Path:
+    return path.with_name(f"{path.stem}.{tag}{path.suffix}")
+
+
+def _draw(m: Any, png: Path | None, html: Path | None, title: str) -> None:
+    from pkvm.viz import ownership_map, render_html, render_png
+
+    om = ownership_map(m)
+    if png:
+        render_png(om, str(png), title)
+        console.print(f"{png}: PNG, {om.rows} rows of {om.cols} cells"
+                      + (f", 1 cell = {om.agg} pages" if om.agg > 1 else ""))
+    if html:
+        render_html(om, str(html), title)
+        console.print(f"{html}: HTML (zoom and hover in a browser)")
+
+
+def map_(
+    scenario: Annotated[Path | None, typer.Argument(
+        help="Scenario to run first; without one, a freshly booted machine is drawn.")] = None,
+    png: Annotated[Path | None, typer.Option("--png", help="Write the map as a PNG.")] = None,
+    html: Annotated[Path | None, typer.Option(
+        "--html", help="Write the map as a self-contained HTML page.")] = None,
+    before: Annotated[bool, typer.Option(
+        "--before", help="Also draw the machine before the scenario, as NAME.before.png / "
+        "NAME.before.html.")] = False,
+    abi: Annotated[str | None, typer.Option("--abi", help=ABI_HELP)] = None,
+    memory: Annotated[str | None, typer.Option(
+        help="RAM size when no scenario is given (default 256M).")] = None,
+    cpus: Annotated[int | None, typer.Option(
+        help="CPUs when no scenario is given (default 2).")] = None,
+) -> None:
+    """Draw who owns each RAM page (host, hyp, each guest; shared or not) after a scenario.
+
+    The hyp carve-out is outlined and host stage-2 block mappings are framed. Exit code 0 when
+    the pictures were written, 2 for a usage or scenario error.
+    """
+    from pkvm.scenario import ScenarioError
+
+    if not png and not html:
+        err_console.print("[red]error:[/red] say where to draw: --png FILE and/or --html FILE")
+        raise typer.Exit(2)
+    scn = load_scenario(scenario) if scenario else None
+    m = new_machine(scn, memory, cpus, abi)
+    name = scenario.name if scenario else "fresh machine"
+    if scn is not None and before:
+        _draw(m, _suffixed(png, "before") if png else None,
+              _suffixed(html, "before") if html else None, f"{name}: before ({m.abi})")
+    if scn is not None:
+        try:
+            result = scn.run(m)
+        except ScenarioError as e:
+            err_console.print(f"[red]error:[/red] {e}")
+            raise typer.Exit(2) from None
+        if result.failures:
+            err_console.print(f"note: {len(result.failures)} expectation(s) failed; "
+                              f"`pkvm run {scenario}` shows them")
+    if m.dead:
+        err_console.print(f"[red]error:[/red] the hyp panicked ({m.dead}): nothing to draw")
+        raise typer.Exit(1)
+    _draw(m, png, html, f"{name}: {'after' if scn else 'after boot'} ({m.abi})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("map")(map_)

@@ -1,0 +1,60 @@
+"""`pkvm trace SCENARIO`: run a scenario and write its hypercall trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from pkvm.cli.common import ABI_HELP, console, err_console, load_scenario, new_machine
+
+
+def trace(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file (TOML, docs/scenarios.md).")],
+    jsonl: Annotated[Path | None, typer.Option(
+        "--jsonl", help="JSON Lines: one object per hypercall.")] = None,
+    perfetto: Annotated[Path | None, typer.Option(
+        "--perfetto", help="Chrome trace-event JSON for ui.perfetto.dev: one track per CPU, "
+        "a slice per hypercall, page counters per owner.")] = None,
+    every: Annotated[int, typer.Option(
+        help="Sample page counts after every N-th call that can move pages (counts walk all "
+        "of RAM: raise N for long traces).")] = 1,
+    abi: Annotated[str | None, typer.Option(
+        "--abi", help=ABI_HELP + " Overrides [machine] abi.")] = None,
+) -> None:
+    """Run a scenario and write its trace (JSON Lines and/or Perfetto).
+
+    Expectations are checked but do not change the exit code: 0 when the trace was written,
+    2 for a scenario error. Without --jsonl/--perfetto, the trace goes to stdout as JSON Lines.
+    """
+    import sys
+
+    from pkvm.scenario import ScenarioError
+    from pkvm.trace_export import PageCountSampler, write_perfetto
+
+    scn = load_scenario(scenario)
+    m = new_machine(scn, None, None, abi)
+    sampler = PageCountSampler(m, every) if perfetto else None
+    try:
+        result = scn.run(m)
+    except ScenarioError as e:
+        err_console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+    if jsonl:
+        m.write_trace(str(jsonl))
+        console.print(f"{jsonl}: {len(m.trace)} hypercalls (JSON Lines)")
+    if perfetto:
+        write_perfetto(m, str(perfetto), sampler)
+        n = len(sampler.samples) if sampler else 0
+        console.print(f"{perfetto}: {len(m.trace)} slices on {m.nr_cpus} CPU tracks, {n} "
+                      "page-count samples (open in https://ui.perfetto.dev)")
+    if not jsonl and not perfetto:
+        m.write_trace(sys.stdout)
+    if result.failures:
+        err_console.print(f"note: {len(result.failures)} expectation(s) failed; "
+                          f"`pkvm run {scenario}` shows them")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(trace)

@@ -1,0 +1,119 @@
+"""The ownership map: classification, PNG pixels, HTML content, aggregation, Perfetto export."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+import pkvm
+from pkvm.trace_export import PageCountSampler, trace_events
+from pkvm.viz import ownership_map, pixel_of_pfn, render_html, render_png
+from pkvm.viz.ownership import FIXED, HOST_OWNED, HOST_SHARED_GUEST, HOST_SHARED_HYP, HYP_OWNED
+
+
+def om_cell(om):
+    from pkvm.viz.ownership import png_layout
+
+    return png_layout(om).cell
+
+
+def _rgb(colour):
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+
+
+@pytest.fixture
+def busy():
+    m = pkvm.Machine(memory="256M", cpus=2)
+    shared = m.host.alloc_pages(1) >> 12
+    assert m.hvc(0, "__pkvm_host_share_hyp", shared).ok
+    pvm = m.host.create_vm(vcpus=1, protected=True, memory="16M")
+    pvm.map(0x40000, 4)
+    nvm = m.host.create_vm(vcpus=1, protected=False, memory="16M")
+    nvm.map(0x40000, 4)
+    return m, shared, pvm, nvm
+
+
+def test_page_states_agree_with_page(busy):
+    m, shared, pvm, nvm = busy
+    host, hyp, guests = m.inspect.page_states()
+    base = m.mem.base >> 12
+    for pfn in (shared, base, m.carveout[0] >> 12, pvm.memslot[0x40000] >> 12,
+                nvm.memslot[0x40001] >> 12):
+        info = m.inspect.page(pfn)
+        assert (pkvm.inspect.PageState(host[pfn - base]).name,
+                pkvm.inspect.PageState(hyp[pfn - base]).name) == (info.host, info.hyp)
+        assert {h: pkvm.inspect.PageState(s).name for h, s in [guests[pfn]]} == info.guests \
+            if pfn in guests else not info.guests
+
+
+def test_png_pixels(busy, tmp_path):
+    m, shared, pvm, nvm = busy
+    om = ownership_map(m)
+    assert om.agg == 1
+    path = tmp_path / "map.png"
+    render_png(om, str(path))
+    img = Image.open(path).convert("RGB")
+    carve = (m.carveout[0] >> 12) + 100
+    assert img.getpixel(pixel_of_pfn(om, carve)) == _rgb(FIXED[HYP_OWNED][1])
+    assert img.getpixel(pixel_of_pfn(om, shared)) == _rgb(FIXED[HOST_SHARED_HYP][1])
+    assert img.getpixel(pixel_of_pfn(om, nvm.memslot[0x40000] >> 12)) == \
+        _rgb(FIXED[HOST_SHARED_GUEST][1])
+    free = (m.carveout[0] >> 12) - 5000
+    assert img.getpixel(pixel_of_pfn(om, free)) == _rgb(FIXED[HOST_OWNED][1])
+    gpix = img.getpixel(pixel_of_pfn(om, pvm.memslot[0x40002] >> 12))
+    label = om.category_of(pvm.memslot[0x40002] >> 12)
+    assert label == f"guest {pvm.handle:#x}: owned"
+    assert gpix == _rgb(dict(om.categories)[label])
+    # the carve-out is outlined in black just above its first row
+    x, y = pixel_of_pfn(om, m.carveout[0] >> 12)
+    assert img.getpixel((x, y - om_cell(om) // 2 - 1)) == (0, 0, 0)
+
+
+def test_html_is_self_contained(busy, tmp_path):
+    m, *_ = busy
+    path = tmp_path / "map.html"
+    render_html(ownership_map(m), str(path))
+    text = path.read_text()
+    assert "<canvas" in text and "mousemove" in text and "hyp carve-out" in text
+    assert not re.search(r"<script[^>]+src=", text)
+    data = json.loads(re.search(r"const D = (\{.*?\});\n", text).group(1))
+    assert data["agg"] == 1 and len(data["cells"]) > 1000
+    assert any(c["label"].startswith("guest 0x1000") for c in data["categories"])
+
+
+def test_big_machine_aggregates():
+    m = pkvm.Machine(memory="2G", cpus=2)
+    om = ownership_map(m, max_cells=256 * 128)
+    assert om.agg == 16 and len(om.cells) == (2 << 30 >> 12) // 16
+    assert om.category_of((m.carveout[0] >> 12) + 16) == FIXED[HYP_OWNED][0]
+    assert om.category_of(m.mem.base >> 12) == FIXED[HOST_OWNED][0]
+
+
+def test_block_mappings_are_listed():
+    m = pkvm.Machine(memory="256M", cpus=2)
+    m.host.read(0x4800_0000, 8)  # a host-only 2 MiB region: mapped as one block
+    om = ownership_map(m)
+    assert om.cell_of(0x48000) in [a for a, _ in om.blocks]
+
+
+def test_perfetto_events(busy):
+    m, *_ = busy
+    sampler = PageCountSampler(m)
+    vm = m.host.create_vm(vcpus=2, protected=True, memory="16M")
+    vm.map(0x40000, 2)
+    vm.destroy()
+    doc = json.loads(json.dumps(trace_events(m, sampler)))
+    ev = doc["traceEvents"]
+    xs = [e for e in ev if e["ph"] == "X"]
+    assert len(xs) == len(m.trace)
+    assert {e["tid"] for e in xs} <= set(range(m.nr_cpus))
+    assert any(e["name"] == "__pkvm_host_donate_guest" and e["args"]["result"] == "0"
+               for e in xs)
+    cs = [e for e in ev if e["ph"] == "C"]
+    assert len(cs) >= 3 and all("host" in e["args"] and "hyp" in e["args"] for e in cs)
+    assert any(any(k.startswith("guest") for k in e["args"]) for e in cs)
+    names = {e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert names == {"cpu0", "cpu1"}
