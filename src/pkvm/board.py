@@ -142,7 +142,12 @@ class HostPort:
 
 
 class Machine:
-    """A booted, finalised pKVM machine: `Machine(memory="2G", cpus=4, abi="latest")`."""
+    """A booted, finalised pKVM machine: `Machine(memory="2G", cpus=4, abi="latest")`.
+
+    `check=True` runs the invariant checker after every hypercall; `trace` keeps every hypercall
+    (True), the last N (an int) or none (False); `bugs` switches seeded bugs on
+    (`pkvm.check.bugs`); `timeslice` is the number of guest instructions after which the
+    physical timer interrupts a running guest (None: run until it exits)."""
 
     def __init__(
         self,
@@ -152,6 +157,7 @@ class Machine:
         check: bool = False,
         trace: bool | int = True,
         bugs: tuple[str, ...] | frozenset[str] = (),
+        timeslice: int | None = None,
     ):
         size = parse_size(memory)
         if size < MIN_MEMORY or size % PAGE_SIZE:
@@ -165,6 +171,9 @@ class Machine:
         self.el2 = [El2Regs() for _ in range(cpus)]
         self._hyp: HypState = new_hyp_state(self.mem, self.profile, self.el2)
         self._hyp.seeded_bugs = frozenset(bugs)
+        # The physical timer: a guest is interrupted (ARM_EXCEPTION_IRQ) after this many
+        # instructions; None lets it run until it exits by itself.
+        self._hyp.guest_timeslice = timeslice  # type: ignore[attr-defined]
         self.carveout = carveout_layout(size, self.profile, cpus)
         if self.carveout[0] < RAM_BASE + (4 << 20):
             raise ValueError(f"memory={memory!r} leaves no room for the hyp carve-out")
