@@ -176,35 +176,38 @@ def _ctxt_off(name: str) -> int:
 
 
 _SCALARS = ("sp_el0", "pc", "pstate", "sp_el1", "elr_el1", "spsr_el1", "fpsr", "fpcr")
+# regs[31], the scalars, vregs (as 64 u64 halves) and sys_regs are contiguous u64s.
+_NQ = 31 + len(_SCALARS) + 64 + NR_SYS_REGS
+_CTXT_FMT = struct.Struct(f"<{_NQ}Q")
+_NSYS = len(SYS_REGS)
+assert _ctxt_off("arch.ctxt.sys_regs") == 8 * (31 + len(_SCALARS) + 64)
 
 
 def ctxt_unpack(raw: bytes):
     """`arch.ctxt` bytes -> `pkvm.machine.cpu.CpuContext`."""
     from pkvm.machine.cpu import CpuContext
 
-    regs = list(struct.unpack_from("<31Q", raw, _ctxt_off("arch.ctxt.regs")))
-    sc = {n: struct.unpack_from("<Q", raw, _ctxt_off(f"arch.ctxt.{n}"))[0] for n in _SCALARS}
-    voff = _ctxt_off("arch.ctxt.vregs")
-    v = [int.from_bytes(raw[voff + 16 * i : voff + 16 * i + 16], "little") for i in range(32)]
-    soff = _ctxt_off("arch.ctxt.sys_regs")
-    sysvals = struct.unpack_from(f"<{len(SYS_REGS)}Q", raw, soff)
-    return CpuContext(x=regs, sp_el0=sc["sp_el0"], sp_el1=sc["sp_el1"], pc=sc["pc"],
-                      pstate=sc["pstate"], elr_el1=sc["elr_el1"], spsr_el1=sc["spsr_el1"],
-                      v=v, fpcr=sc["fpcr"], fpsr=sc["fpsr"],
-                      sys_regs=dict(zip(SYS_REGS, sysvals)))
+    q = _CTXT_FMT.unpack_from(raw, 0)
+    v = [q[39 + 2 * i] | q[40 + 2 * i] << 64 for i in range(32)]
+    return CpuContext(x=list(q[:31]), sp_el0=q[31], pc=q[32], pstate=q[33], sp_el1=q[34],
+                      elr_el1=q[35], spsr_el1=q[36], fpsr=q[37], fpcr=q[38], v=v,
+                      sys_regs=dict(zip(SYS_REGS, q[103 : 103 + _NSYS])))
 
 
 def ctxt_pack(ctx, base: bytes) -> bytes:
     """A `CpuContext` written over `arch.ctxt` bytes `base` (fields the CPU lacks are kept)."""
-    raw = bytearray(base)
-    struct.pack_into("<31Q", raw, _ctxt_off("arch.ctxt.regs"), *[r & (2**64 - 1) for r in ctx.x])
-    for n in _SCALARS:
-        struct.pack_into("<Q", raw, _ctxt_off(f"arch.ctxt.{n}"), getattr(ctx, n) & (2**64 - 1))
-    voff = _ctxt_off("arch.ctxt.vregs")
+    m = 2**64 - 1
+    q = list(_CTXT_FMT.unpack_from(base, 0))
+    q[:31] = [r & m for r in ctx.x]
+    q[31:39] = [ctx.sp_el0 & m, ctx.pc & m, ctx.pstate & m, ctx.sp_el1 & m, ctx.elr_el1 & m,
+                ctx.spsr_el1 & m, ctx.fpsr & m, ctx.fpcr & m]
     for i, val in enumerate(ctx.v):
-        raw[voff + 16 * i : voff + 16 * i + 16] = (val & (2**128 - 1)).to_bytes(16, "little")
-    soff = _ctxt_off("arch.ctxt.sys_regs")
+        q[39 + 2 * i] = val & m
+        q[40 + 2 * i] = (val >> 64) & m
+    sysr = ctx.sys_regs
     for i, name in enumerate(SYS_REGS):
-        if name in ctx.sys_regs:
-            struct.pack_into("<Q", raw, soff + 8 * i, ctx.sys_regs[name] & (2**64 - 1))
+        if name in sysr:
+            q[103 + i] = sysr[name] & m
+    raw = bytearray(base)
+    _CTXT_FMT.pack_into(raw, 0, *q)
     return bytes(raw)

@@ -44,13 +44,22 @@ def kern_hyp_va(h: HypState, host_va: int) -> int:
 def el2_translate(h: HypState, va: int, write: bool = False) -> int:
     pgt = h.pkvm_pgtable
     assert pgt is not None
+    tlb = h.el2_tlb
+    if tlb.get(0) != pgt.gen:
+        tlb.clear()
+        tlb[0] = pgt.gen
+    hit = tlb.get(va >> 12 | 1 << 60)
+    if hit is not None and (hit[1] or not write):
+        return hit[0] | (va & 0xFFF)
     ret, pte, level = pgt.get_leaf(va)
     if ret or not pte_valid(pte):
         raise HypBug(f"EL2 data abort: hyp VA {va:#x} is not mapped in the hyp stage-1")
     if write and (pte >> 6) & 3 == 3:
         raise HypBug(f"EL2 permission fault: write to read-only hyp VA {va:#x}")
     mask = (1 << granule_shift(level)) - 1
-    return (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask)
+    pa = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask)
+    tlb[va >> 12 | 1 << 60] = (pa & ~0xFFF, (pte >> 6) & 3 != 3)
+    return pa
 
 
 def el2_read(h: HypState, va: int, n: int) -> bytes:

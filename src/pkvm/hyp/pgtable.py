@@ -258,6 +258,8 @@ class KvmPgtable:
         # Ranges (addr, size) changed since the last look, for a consumer that mirrors this
         # table (the CPU emulator's view of a guest stage-2); None when nobody listens.
         self.touched: list[tuple[int, int]] | None = None
+        # Bumped by every descriptor write: lets a TLB-like cache know its entries are stale.
+        self.gen = 0
 
     # -- set-up ----------------------------------------------------------------------
     def init(self, pgd: int | None = None) -> int:
@@ -386,6 +388,7 @@ class KvmPgtable:
         """Replace an entry, keeping the table page's reference count in step."""
         mem = self.mem
         mem.write_u64(ptep, new)
+        self.gen += 1
         was, now = self._counted(old), self._counted(new)
         if now and not was:
             self.mm_ops.get_page(ptep & ~(PAGE_SIZE - 1))
@@ -561,6 +564,7 @@ class KvmPgtable:
                 child = ctx.old & KVM_PTE_ADDR_MASK
                 # Detach the subtree, then install the block/annotation in its place.
                 self.mem.write_u64(ctx.ptep, 0)
+                self.gen += 1
                 self.mm_ops.put_page(ctx.ptep & ~(PAGE_SIZE - 1))
                 self.free_unlinked(child, ctx.level + 1)
                 ctx.old = 0
@@ -616,6 +620,7 @@ class KvmPgtable:
             new = (ctx.old & ~clr_bits) | set_bits
             if new != ctx.old:
                 self.mem.write_u64(ctx.ptep, new)
+                self.gen += 1
             return 0
 
         ret = self.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_IGNORE_EAGAIN)

@@ -86,6 +86,8 @@ class HypState:
     hyp_vms: dict[int, "PkvmHypVm"] = field(default_factory=dict)  # hyp VA of hyp_vm -> object
     seeded_bugs: frozenset[str] = frozenset()
     warnings: list[str] = field(default_factory=list)
+    # EL2's TLB for its own stage-1: {0: generation, page | 1<<60: (pa page, writable)}.
+    el2_tlb: dict[int, object] = field(default_factory=dict)
 
     @property
     def cpu(self) -> int:
