@@ -14,7 +14,9 @@ starts on a fresh boot.
 
 Arguments are ints (reduced modulo 2^64) or symbolic strings the module resolves on the real
 machine: ``"page:NAME"`` (pfn of a zeroed page the module allocates for the sequence),
-``"pa:NAME"`` (its physical address), ``"va:NAME"`` (its kernel virtual address).
+``"pa:NAME"`` (its physical address), ``"va:NAME"`` (its kernel virtual address),
+``"vm:NAME"`` (the hyp handle of a VM made by a :func:`vm_create` step of the sequence).
+docs/conform.md has the whole story, timings included.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pkvm.conform.setup import Kernel, SetupError, ensure_setup, load_kernel
 
@@ -37,7 +40,9 @@ __all__ = [
     "RealResult",
     "SetupError",
     "ensure_setup",
+    "hypercall_ids",
     "run_sequences",
+    "smccc_id",
     "vm_create",
     "vm_destroy",
     "vm_run",
@@ -49,6 +54,7 @@ VMM_CALLS = ("vmm:create", "vmm:run", "vmm:destroy")
 SMCCC_HOST_BASE = 0xC600_0000  # fast call, SMC64, owner "vendor hypervisor"
 PKVM_UP = "Protected hVHE mode initialized successfully"
 MARK = "@@PKVMC"
+CPUS = 2  # -smp 2, as measured in the spec
 BOOT_TIMEOUT = 240.0  # seconds, a whole batch; TCG on 2 cores boots in a few seconds
 
 
@@ -69,6 +75,8 @@ class RawStep:
             object.__setattr__(self, "args", (self.args,))
         elif not isinstance(self.args, tuple):
             object.__setattr__(self, "args", tuple(self.args))
+        if not 0 <= self.cpu < CPUS:
+            raise ValueError(f"cpu {self.cpu}: the QEMU machine has CPUs 0..{CPUS - 1}")
         if len(self.args) > 6:
             raise TypeError(f"at most 6 hypercall arguments (x1..x6), got {len(self.args)}")
         for a in self.args:
@@ -241,7 +249,7 @@ def qemu_command(k: Kernel, initrd: Path) -> list[str]:
         # pauth-impdef: QEMU's cheap pointer-auth algorithm (boots ~3x faster under TCG than
         # the architected QARMA; nothing a hypercall observes depends on it).
         "-cpu", "max,lpa2=off,pauth-impdef=on",
-        "-smp", "2",
+        "-smp", str(CPUS),
         "-m", "1G",
         "-nographic", "-no-reboot", "-nic", "none",
         "-kernel", str(k.image),
@@ -335,6 +343,17 @@ def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[i
     return cmds, owners
 
 
+def _answer(line: str, console: str) -> dict[str, Any]:
+    """One answer line; a kernel message printed into its middle is cut out."""
+    if not line.strip():
+        return {}
+    m = re.search(r"\{.*\}", line)
+    try:
+        return dict(json.loads(m.group(0) if m else line))
+    except json.JSONDecodeError as e:
+        raise RealError(f"unreadable answer {line!r}:\n{console[-3000:]}") from e
+
+
 def _regs(msg: dict[str, str], pages: dict[str, int]) -> RealResult:
     return RealResult(
         _signed(int(msg["x0"], 16)),
@@ -378,9 +397,11 @@ def _run_batch(
     for (b, j), ans in zip(owners, answers, strict=False):
         if j == SEQ_STEP:
             continue
-        msg = json.loads(ans) if ans.strip() else {}
+        msg = _answer(ans, console)
         if "error" in msg:
             raise RealError(f"module refused step {j} of sequence {batch[b].seq}: {msg['error']}")
+        if not msg:
+            raise RealError(f"no answer to step {j} of sequence {batch[b].seq}:\n{console[-3000:]}")
         if j == PAGE_STEP:
             pages[b].update({n: int(v, 16) for n, v in msg["pages"].items()})
         else:
@@ -451,7 +472,7 @@ def run_sequences(
     kernel: str,
     seqs: list[list[RawStep]],
     *,
-    per_boot: int = 64,
+    per_boot: int = 256,
     jobs: int = 1,
     progress: bool = False,
     logs: list[BootLog] | None = None,
@@ -487,6 +508,11 @@ def run_sequences(
                 out.update(done)
                 boot_logs.extend(chunk_logs)
     return [out[i] for i in range(len(seqs))]
+
+
+def hypercall_ids(kernel: str) -> dict[str, int]:
+    """Host hypercall name -> index, from ``kernel``'s own ``enum __kvm_host_smccc_func``."""
+    return dict(load_kernel(kernel, progress=False).ids)
 
 
 def smccc_id(kernel: str, name: str) -> int:

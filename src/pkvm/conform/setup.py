@@ -21,6 +21,7 @@ Profiles: ``"6.12"`` is the newest 6.12.x arm64 kernel of Debian trixie, ``"7.2"
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -442,17 +443,40 @@ def ensure_busybox(steps: _Steps) -> Path:
     return bb
 
 
+def _is_set_up(out: Path, digest: str) -> bool:
+    done = out / "kernel.json"
+    if not done.exists() or not (cache_root() / "busybox").exists():
+        return False
+    return bool(json.loads(done.read_text()).get("sources") == digest)
+
+
+@contextmanager
+def _cache_lock() -> Iterator[None]:
+    """One set-up at a time per cache (pytest-xdist workers, parallel CI steps)."""
+    cache_root().mkdir(parents=True, exist_ok=True)
+    with (cache_root() / ".lock").open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def ensure_setup(kernel: str = "latest", progress: bool = True) -> Path:
     """Set up one kernel (idempotent) and return its directory in the cache."""
     profile = profile_of(kernel)
-    steps = _Steps(progress)
     out = cache_root() / profile.name
     digest = _sources_digest()
+    if _is_set_up(out, digest):
+        return out
+    with _cache_lock():
+        if not _is_set_up(out, digest):
+            _set_up(profile, out, digest, _Steps(progress))
+    return out
+
+
+def _set_up(profile: Profile, out: Path, digest: str, steps: _Steps) -> None:
     done = out / "kernel.json"
-    if done.exists():
-        meta = json.loads(done.read_text())
-        if meta.get("sources") == digest and (cache_root() / "busybox").exists():
-            return out
     install_host_packages(steps)
     ensure_busybox(steps)
     apt = PrivateApt(profile.suite)
@@ -498,7 +522,6 @@ def ensure_setup(kernel: str = "latest", progress: bool = True) -> Path:
         build_helper(out)
     meta = {"profile": profile.name, "release": release, "ids": ids, "sources": digest}
     done.write_text(json.dumps(meta, indent=1) + "\n")
-    return out
 
 
 def load_kernel(kernel: str, progress: bool = True) -> Kernel:

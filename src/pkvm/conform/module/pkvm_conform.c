@@ -99,7 +99,7 @@ static void pkvmc_do_hvc(void *data)
 	r->x[3] = x3;
 }
 
-static void pkvmc_printf(const char *fmt, ...)
+static __printf(1, 2) void pkvmc_printf(const char *fmt, ...)
 {
 	va_list ap;
 
