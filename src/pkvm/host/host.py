@@ -70,6 +70,7 @@ class Host:
         self.vms: dict[int, "HostVm"] = {}
         self.cpu = 0  # the CPU host code runs on unless told otherwise
         self._shared: dict[int, int] = {}  # pfn -> users (kvm_share_hyp refcounts)
+        self.vmids = 0  # 6.12: the host allocates VMIDs for the stage-2s it manages
 
     # -- memory, through the host stage-2 ---------------------------------------------
     def read(self, pa: int, n: int, cpu: int | None = None) -> bytes:

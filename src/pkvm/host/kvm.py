@@ -47,6 +47,48 @@ def host_va(pa: int) -> int:
     return LINEAR_MAP_BASE + (pa - RAM_BASE)
 
 
+class _HostMem:
+    """RAM as the host kernel's own page-table code touches it: through its stage-2."""
+
+    def __init__(self, host: "Host"):
+        self.host = host
+
+    def read_u64(self, pa: int) -> int:
+        return self.host.read_u64(pa)
+
+    def write_u64(self, pa: int, value: int) -> None:
+        self.host.write_u64(pa, value)
+
+
+class _HostTablePages:
+    """The host's `kvm_pgtable_mm_ops`: table pages from its page allocator, refcounted."""
+
+    def __init__(self, host: "Host"):
+        self.host = host
+        self.refs: dict[int, int] = {}
+
+    def zalloc_page(self) -> int | None:
+        try:
+            pa = self.host.alloc_pages(1)
+        except MemoryError:
+            return None
+        self.refs[pa] = 1
+        return pa
+
+    def get_page(self, pa: int) -> None:
+        self.refs[pa & ~(PAGE_SIZE - 1)] += 1
+
+    def put_page(self, pa: int) -> None:
+        page = pa & ~(PAGE_SIZE - 1)
+        self.refs[page] -= 1
+        if not self.refs[page]:
+            del self.refs[page]
+            self.host.free_pages(page)
+
+    def page_count(self, pa: int) -> int:
+        return self.refs.get(pa & ~(PAGE_SIZE - 1), 0)
+
+
 @dataclass
 class HostVcpu:
     vm: "HostVm"
@@ -115,6 +157,7 @@ class HostVm:
         self.pgd_pa = 0
         self.hyp_vm_pa = 0
         self.hyp_vm_pages = 0
+        self.s2 = None  # 6.12: the guest stage-2 the host manages itself
 
     # -- helpers -------------------------------------------------------------------
     def _hvc(self, name: str, *args: int, cpu: int = 0) -> int:
@@ -188,10 +231,29 @@ class HostVm:
             self._share(pa, KVM_VCPU.size)
             self.vcpus.append(vcpu)
             vcpu.runner.reset(GUEST_RAM_IPA, 0)
+        if not self.profile.hyp_owned_guest_stage2:
+            self._create_host_stage2()
         if not self.profile.reserve_vm:
             self._create_hyp_vm()
             for vcpu in self.vcpus:
                 self._create_hyp_vcpu(vcpu)
+
+    def _create_host_stage2(self) -> None:
+        """6.12: the host builds and owns the guest's stage-2 (`kvm_init_stage2_mmu`); each
+        vCPU's `hw_mmu` points at the VM's `arch.mmu`, which EL2 loads on every run."""
+        from pkvm.arch.pgtable import KvmPgtable
+
+        self.s2 = KvmPgtable(_HostMem(self.host), _HostTablePages(self.host), stage=2,  # type: ignore[arg-type]
+                             name=f"host-managed stage-2 of VM {id(self):#x}", normal_memattr=0xF)
+        if self.s2.init():
+            raise HostError(12, "kvm_init_stage2_mmu")
+        self.host.vmids += 1
+        w = self._write_field
+        w(self.kvm_pa, KVM, "arch.mmu.pgd_phys", self.s2.pgd)
+        w(self.kvm_pa, KVM, "arch.mmu.vmid", self.host.vmids)
+        mmu_va = host_va(self.kvm_pa + KVM.offset("arch.mmu.vmid"))
+        for vcpu in self.vcpus:
+            w(vcpu.pa, KVM_VCPU, "arch.hw_mmu", mmu_va)
 
     def _share(self, pa: int, size: int) -> None:
         ret = self.host.share_hyp(pa, size)
@@ -307,7 +369,7 @@ class HostVm:
             self.backing(g)
         if not self.profile.hyp_owned_guest_stage2:
             for g in range(gfn, gfn + n):
-                self.mapped[g] = self.memslot[g]
+                self.map_one(self.vcpus[0], g, cpu)
             return
         vcpu = self.vcpus[0]
         self.ensure_hyp_vcpu(vcpu)
@@ -323,6 +385,12 @@ class HostVm:
         if gfn in self.mapped:
             return
         pa = self.backing(gfn)
+        if self.s2 is not None:  # 6.12: the host maps the page in its own table
+            ret = self.s2.stage2_map(gfn << PAGE_SHIFT, PAGE_SIZE, pa, KVM_PGTABLE_PROT_RWX)
+            if ret:
+                raise HostError(-ret, "kvm_pgtable_stage2_map", ret)
+            self.mapped[gfn] = pa
+            return
         self.topup_memcache(vcpu)
         if self.protected:
             ret = self._hvc("__pkvm_host_donate_guest", pa >> PAGE_SHIFT, gfn, cpu=cpu)
@@ -402,8 +470,10 @@ class HostVm:
         return out
 
     def _release_host_side(self) -> None:
-        if not self.profile.hyp_owned_guest_stage2:
-            self.mapped.clear()  # 6.12: guest pages never left the host
+        if self.s2 is not None:
+            self.s2.destroy()  # 6.12: the host frees its own stage-2
+            self.s2 = None
+            self.mapped.clear()  # guest pages never left the host
         returned = getattr(self, "_returned", set())
         leaked = []
         for pa, n in list(self._allocs):

@@ -31,6 +31,7 @@ ARM_EXCEPTION_IL = 3
 HCR_TWI = 1 << 13
 HCR_TWE = 1 << 14
 HCR_VSE = 1 << 8
+HCR_VI = 1 << 7  # issue 9: the host's virtual IRQ line (its emulated GIC's output)
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 
 
@@ -42,10 +43,17 @@ def flush_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     vcpu.ctxt = bytes(ctxt)
     host_hcr = vcpu_field(h, hv, "arch.hcr_el2")
     if h.profile.hyp_owned_guest_stage2:
-        mask = HCR_TWI | HCR_TWE | HCR_VSE
+        mask = HCR_TWI | HCR_TWE | HCR_VSE | HCR_VI  # issue 9: + VI
         vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (host_hcr & mask)
     else:
         vcpu.hcr_el2 = host_hcr
+        # 6.12 runs the guest on the stage-2 the host manages: its `hw_mmu`, read every run.
+        from pkvm.abi.host_structs import KVM
+        from pkvm.hyp.mm import el2_read_u64, kern_hyp_va
+
+        mmu = kern_hyp_va(h, vcpu_field(h, hv, "arch.hw_mmu"))
+        pgd_off = KVM.offset("arch.mmu.pgd_phys") - KVM.offset("arch.mmu.vmid")
+        vcpu.exit_data["s2_pgd"] = el2_read_u64(h, mmu + pgd_off) & ~0xFFF
     vcpu.mdcr_el2 = vcpu_field(h, hv, "arch.mdcr_el2")
     vcpu.iflags = vcpu_field(h, hv, "arch.iflags")
 
@@ -70,18 +78,63 @@ def _core_for(h: HypState, vcpu: PkvmHypVcpu):
         from pkvm.machine.cpu import Core
 
         vcpu.engine = Core()
+        # issue 9: trap the EL1 physical timer (CNTHCTL_EL2.EL1PCEN = 0, EL1PCTEN = 1) so the
+        # host can emulate it (unicorn's timers are stubs); the counter stays direct.
+        vcpu.engine._cpw((3, 4, 14, 1, 0), 1)
+        # issue 9: pointer authentication for the guest (HCR_EL2.APK|API), as KVM grants it
+        # after the first trapped use; each vCPU has its own core, so its keys stay with it.
+        hcr = (3, 4, 1, 1, 0)
+        vcpu.engine._cpw(hcr, vcpu.engine._cpr(hcr) | (1 << 40) | (1 << 41))
+        scr = (3, 6, 1, 1, 0)  # and SCR_EL3.APK|API, as firmware leaves them
+        vcpu.engine._cpw(scr, vcpu.engine._cpr(scr) | (1 << 16) | (1 << 17))
         vcpu.exit_data["view_cursor"] = 0
-        pgt = vcpu.vm.pgt
-        if pgt.touched is None:
-            pgt.touched = []
+    pgt = _guest_s2(h, vcpu)
+    if pgt.touched is None:
+        pgt.touched = []
+    if vcpu.exit_data.get("view_of") is not pgt:
+        vcpu.exit_data["view_of"] = pgt
         vcpu.exit_data["view_cursor"] = 0
+        for m in vcpu.engine.mappings():
+            vcpu.engine.unmap(m.start, m.end - m.start)
         _sync_view(h, vcpu, vcpu.engine, full=True)
     return vcpu.engine
 
 
+class _ReadOnlyTables:
+    """mm_ops for walking a table EL2 does not own (6.12: the host's guest stage-2)."""
+
+    def zalloc_page(self) -> None:
+        return None
+
+    def get_page(self, pa: int) -> None:
+        raise AssertionError("EL2 never writes the host-managed stage-2")
+
+    put_page = get_page
+
+    def page_count(self, pa: int) -> int:
+        return 1
+
+
+def _guest_s2(h: HypState, vcpu: PkvmHypVcpu):
+    """The stage-2 the guest runs on: 7.2 the hyp VM's own, 6.12 the host's (`hw_mmu`)."""
+    if h.profile.hyp_owned_guest_stage2:
+        return vcpu.vm.pgt
+    pgd = vcpu.exit_data.get("s2_pgd", 0)
+    cached = vcpu.exit_data.get("host_s2")
+    if cached is None or cached.pgd != pgd:
+        from pkvm.hyp.pgtable import KvmPgtable
+
+        cached = KvmPgtable(h.mem, _ReadOnlyTables(), stage=2, name="host-managed guest stage-2")
+        cached.pgd = pgd if h.mem.is_ram(pgd) else 0
+        vcpu.exit_data["host_s2"] = cached
+    return cached
+
+
 def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None:
     """Bring the emulator's stage-2 view up to date with the guest stage-2 (what changed)."""
-    pgt = vcpu.vm.pgt
+    pgt = _guest_s2(h, vcpu)
+    if not pgt.pgd:
+        return
     touched = pgt.touched
     assert touched is not None
     if full:
@@ -91,6 +144,10 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None
         ranges = touched[cursor:]
     vcpu.exit_data["view_cursor"] = len(touched)
     mem = h.mem
+    # issue 9: contiguous pieces with the same permissions go to the core as one range (each
+    # core.map/unmap rebuilds unicorn regions, ~1 ms): a fault that mapped many pages costs one.
+    run: list = []  # [base, size, host or None, writable, executable]
+    out: list[list] = []
     for addr, size in ranges:
         ipa = addr & ~0xFFF
         end = addr + size
@@ -100,11 +157,42 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None
             base = ipa & ~(gsize - 1)
             if not ret and pte & 1 and mem.range_is_ram(pte & 0xFFFF_FFFF_F000 & ~(gsize - 1), gsize):
                 pa = pte & 0xFFFF_FFFF_F000 & ~(gsize - 1)
-                core.map(base, gsize, mem.host_address(pa), writable=bool(pte & (1 << 7)),
-                         executable=((pte >> 53) & 3) != S2_XN_NONE)
+                piece = [base, gsize, mem.host_address(pa), bool(pte & (1 << 7)),
+                         ((pte >> 53) & 3) != S2_XN_NONE]
             else:
-                core.unmap(base, gsize)
+                piece = [base, gsize, None, False, False]
+            if run and run[0] + run[1] == base and (run[2] is None) == (piece[2] is None) and (
+                run[2] is None or (run[2] + run[1] == piece[2] and run[3:] == piece[3:])
+            ):
+                run[1] += gsize
+            else:
+                if run:
+                    out.append(run)
+                run = piece
             ipa = base + gsize
+    if run:
+        out.append(run)
+    for base, size, host, writable, executable in out:
+        if host is None:
+            core.unmap(base, size)
+        else:
+            core.map(base, size, host, writable=writable, executable=executable)
+
+
+def _refault(h: HypState, vcpu: PkvmHypVcpu, core, ipa: int) -> bool:
+    """6.12: the host changes its guest stage-2 without telling EL2, so a fault is checked
+    against the table itself (a TLB never holds an invalid entry) before it exits."""
+    pgt = _guest_s2(h, vcpu)
+    if not pgt.pgd:
+        return False
+    ret, pte, _level = pgt.get_leaf(ipa)
+    if ret or not pte & 1:
+        return False
+    before = core.mappings()
+    pgt.touched = [(ipa & ~0xFFF, 0x1000)]
+    vcpu.exit_data["view_cursor"] = 0
+    _sync_view(h, vcpu, core)
+    return core.mappings() != before
 
 
 def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
@@ -112,8 +200,6 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     runner = getattr(h, "guest_runner", None)
     if runner is not None:
         return runner(h, vcpu)
-    if not h.profile.hyp_owned_guest_stage2:
-        return ARM_EXCEPTION_IRQ  # 6.12 guests run on the host-managed stage-2: not modelled
     from pkvm.abi.host_structs import (
         IFLAG_INCREMENT_PC,
         IFLAG_PENDING_EXCEPTION,
@@ -132,19 +218,29 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     if vcpu.iflags & IFLAG_PENDING_EXCEPTION:
         core.inject_undef()
         vcpu.iflags &= ~IFLAG_PENDING_EXCEPTION
+    # issue 9: HCR_EL2.VI (the host's GIC asserts the vCPU's IRQ): taken at entry if unmasked.
+    if vcpu.hcr_el2 & HCR_VI and not core.irqs_masked:
+        core.inject_irq()
     protected = vcpu.vm.is_protected
     budget = getattr(h, "guest_timeslice", None)
     code = ARM_EXCEPTION_TRAP
     while True:
         _sync_view(h, vcpu, core)
-        ex = core.run(budget)
+        if isinstance(budget, float):  # issue 9: a wall-clock slice (seconds)
+            from pkvm.machine.preempt import run_for
+
+            ex = run_for(core, budget)
+        else:
+            ex = core.run(budget)
         if ex.kind is ExitKind.BUDGET:
             code = ARM_EXCEPTION_IRQ
             break
         vcpu.fault_esr = ex.esr
         if ex.kind in (ExitKind.DABT, ExitKind.IABT):
+            if not h.profile.hyp_owned_guest_stage2 and _refault(h, vcpu, core, ex.ipa):
+                continue  # the host mapped it meanwhile: the walk now succeeds
             vcpu.fault_far = ex.far
-            vcpu.fault_hpfar = ex.hpfar | HPFAR_NS
+            vcpu.fault_hpfar = ex.hpfar | (HPFAR_NS if h.profile.hyp_owned_guest_stage2 else 0)
         if protected and ex.kind is ExitKind.HVC and handle_pvm_hvc64(h, vcpu, core):
             continue
         if protected and ex.kind is ExitKind.SYSREG and handle_pvm_sysreg(h, vcpu, core, ex.esr):
