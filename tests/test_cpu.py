@@ -46,24 +46,25 @@ def hvc(imm: int) -> int:
 class Platform:
     """RAM at IPA 0x4000_0000 over an mmap, a Core, and helpers to place code and data."""
 
-    def __init__(self, ram_size: int = RAM_SIZE, core: Core | None = None,
-                 mem: mmap.mmap | None = None) -> None:
-        self.mem = mem if mem is not None else mmap.mmap(-1, ram_size)
+    def __init__(self, ram_size: int = RAM_SIZE, core: Core | None = None) -> None:
+        self.mem = mmap.mmap(-1, ram_size)
         self.addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
         self.core = core or Core()
+        self.uart = bytearray()
+        if core is not None:
+            return  # the caller maps RAM
         self.core.map(RAM, len(self.mem), self.addr)
         # Vector table: each 0x80 slot records SP in x9 and reports its index with HVC.
         for slot in range(16):
             self.put(VBAR + slot * 0x80, [MOV_X9_SP, hvc(0x100 + slot)])
-        self.uart = bytearray()
 
     def put(self, ipa: int, words: list[int]) -> None:
         off = ipa - RAM
-        self.mem[off:off + 4 * len(words)] = struct.pack(f"<{len(words)}I", *words)
+        self.mem[off : off + 4 * len(words)] = struct.pack(f"<{len(words)}I", *words)
         self.core.flush_code()  # written behind the core's back
 
     def put64(self, ipa: int, value: int) -> None:
-        self.mem[ipa - RAM:ipa - RAM + 8] = struct.pack("<Q", value)
+        self.mem[ipa - RAM : ipa - RAM + 8] = struct.pack("<Q", value)
 
     def start(self, pc: int = CODE, pstate: int = 0x3C5, **regs: int) -> CpuContext:
         ctx = CpuContext.reset(pc=pc)
@@ -81,7 +82,7 @@ class Platform:
 
     def load_image(self, name: str, data: bytes | None = None) -> None:
         data = data if data is not None else guests.image(name)
-        self.mem[:len(data)] = data
+        self.mem[: len(data)] = data
         self.core.load_context(CpuContext.reset(pc=RAM))
 
     def vector(self, ex: Exit) -> int:
@@ -153,7 +154,7 @@ def test_share_calls_meminfo_then_share() -> None:
     out = p.run_guest()
     assert p.shared == RAM + guests.SHARE_PAGE_OFFSET
     assert out == "share: hello through a shared page at 0x0000000040001000\n"
-    page = p.mem[guests.SHARE_PAGE_OFFSET:guests.SHARE_PAGE_OFFSET + 64]
+    page = p.mem[guests.SHARE_PAGE_OFFSET : guests.SHARE_PAGE_OFFSET + 64]
     assert page.startswith(b"share: hello through a shared page\0")
 
 
@@ -191,8 +192,7 @@ def test_smp_two_vcpus() -> None:
             elif p.serve(ex, core) == "off":
                 assert i == 0
                 assert p.uart.decode() == (
-                    "smp: vCPU 1 up, context 0x0000000000005ec0\n"
-                    "smp: vCPU 0 saw vCPU 1 report\n"
+                    "smp: vCPU 1 up, context 0x0000000000005ec0\nsmp: vCPU 0 saw vCPU 1 report\n"
                 )
                 return
     raise AssertionError("smp guest did not finish")
@@ -224,7 +224,7 @@ def test_hvc_smc_wfi_exits() -> None:
     assert (ex.kind, ex.esr, ex.imm, p.core.pc) == (ExitKind.SMC, 0x5E000005, 5, CODE + 4)
     p.core.skip()
     ex = p.core.run()
-    assert (ex.kind, ex.esr, p.core.pc) == (ExitKind.WFX, 0x06000000, CODE + 8)
+    assert (ex.kind, ex.esr, p.core.pc) == (ExitKind.WFX, 0x07E00000, CODE + 8)
 
 
 # (word, asm, write, isv, sas, sse, srt, sf, ar, far offset from x1)
@@ -374,8 +374,7 @@ def test_sysreg_exit_emulate_and_undef() -> None:
     ],
 )
 @pytest.mark.parametrize(("pstate", "vector"), [(0x3C5, 0x200), (0x3C4, 0x000), (0x000, 0x400)])
-def test_sync_exception_entry(word: int, esr: int, elr_off: int, pstate: int,
-                              vector: int) -> None:
+def test_sync_exception_entry(word: int, esr: int, elr_off: int, pstate: int, vector: int) -> None:
     p = Platform()
     p.put(CODE, [word])
     p.start(pstate=pstate | 0x6000_0000)  # NZCV bits kept across entry
@@ -461,8 +460,13 @@ def mmu_platform() -> Platform:
 
 
 def mmu_start(p: Platform, **regs: int) -> None:
-    p.start(TTBR0_EL1=L1, TCR_EL1=25 | 1 << 23 | 0b101 << 32, MAIR_EL1=0x00FF,
-            SCTLR_EL1=0x00C50078 | 1, **regs)
+    p.start(
+        TTBR0_EL1=L1,
+        TCR_EL1=25 | 1 << 23 | 0b101 << 32,
+        MAIR_EL1=0x00FF,
+        SCTLR_EL1=0x00C50078 | 1,
+        **regs,
+    )
 
 
 @pytest.mark.parametrize(
@@ -541,8 +545,18 @@ def test_context_round_trip() -> None:
     ctx.elr_el1, ctx.spsr_el1 = rng.getrandbits(64) & ~3, 0x3C5
     ctx.fpcr, ctx.fpsr = 0x0300_0000, 0x8000_0010
     ctx.pstate = 0x2000_03C4
-    for name in ("TTBR0_EL1", "TTBR1_EL1", "MAIR_EL1", "VBAR_EL1", "TPIDR_EL1", "TPIDR_EL0",
-                 "TPIDRRO_EL0", "CONTEXTIDR_EL1", "FAR_EL1", "ESR_EL1"):
+    for name in (
+        "TTBR0_EL1",
+        "TTBR1_EL1",
+        "MAIR_EL1",
+        "VBAR_EL1",
+        "TPIDR_EL1",
+        "TPIDR_EL0",
+        "TPIDRRO_EL0",
+        "CONTEXTIDR_EL1",
+        "FAR_EL1",
+        "ESR_EL1",
+    ):
         ctx.sys_regs[name] = rng.getrandbits(32) << 12
     ctx.sys_regs["TCR_EL1"] = 25 | 1 << 23
     ctx.sys_regs["CPACR_EL1"] = 3 << 20
@@ -554,7 +568,11 @@ def test_context_round_trip() -> None:
         assert got.sys_regs["MPIDR_EL1"] == 0x8000_0003
         assert (got.x, got.v, got.pc, got.pstate) == (ctx.x, ctx.v, ctx.pc, ctx.pstate)
         assert (got.sp_el0, got.sp_el1, got.elr_el1, got.spsr_el1) == (
-            ctx.sp_el0, ctx.sp_el1, ctx.elr_el1, ctx.spsr_el1)
+            ctx.sp_el0,
+            ctx.sp_el1,
+            ctx.elr_el1,
+            ctx.spsr_el1,
+        )
         assert (got.fpcr, got.fpsr) == (ctx.fpcr, ctx.fpsr)
 
 
@@ -584,11 +602,16 @@ def test_mappings_merge_split_and_protect() -> None:
     assert [(m.start, m.end) for m in core.mappings()] == [(0x8000_0000, 0x8000_4000)]
     core.unmap(0x8000_1000, 0x1000)
     assert [(m.start, m.end) for m in core.mappings()] == [
-        (0x8000_0000, 0x8000_1000), (0x8000_2000, 0x8000_4000)]
+        (0x8000_0000, 0x8000_1000),
+        (0x8000_2000, 0x8000_4000),
+    ]
     core.map(0x8000_1000, 0x1000, host + 0x1000)
     core.protect(0x8000_2000, 0x1000, writable=False, executable=False)
     assert [(m.start, m.writable) for m in core.mappings()] == [
-        (0x8000_0000, True), (0x8000_2000, False), (0x8000_3000, True)]
+        (0x8000_0000, True),
+        (0x8000_2000, False),
+        (0x8000_3000, True),
+    ]
     core.protect(0x8000_2000, 0x1000, writable=True, executable=True)
     assert len(core.mappings()) == 1
     core.map(0x8000_5000, 0x1000, host + 0x9000)  # not contiguous in host memory
@@ -603,7 +626,7 @@ def test_mappings_merge_split_and_protect() -> None:
 # ---- the decoder against capstone ----------------------------------------------------------
 def test_decoder_agrees_with_capstone_on_base_and_writeback() -> None:
     capstone = pytest.importorskip("capstone")
-    from capstone import arm64_const as C
+    from capstone import arm64_const as C  # type: ignore[import-untyped]
 
     md = capstone.Cs(capstone.CS_ARCH_ARM64, capstone.CS_MODE_ARM)
     md.detail = True
@@ -634,3 +657,157 @@ def test_esr_helpers() -> None:
     assert decode.decode_sys(0xD5384603) == decode.SysInsn(3, 0, 4, 6, 0, 3, True)
     assert decode.decode_sys(NOP) is None
     assert decode.is_fp_simd(0x9E670020) and not decode.is_fp_simd(NOP)
+
+
+# ---- the stage-1 walk against QEMU's own (AT S1E1R / S1E1W into PAR_EL1) ------------------
+AT_S1E1R, AT_S1E1W, ISB, MRS_X0_PAR = 0xD5087801, 0xD5087821, 0xD5033FDF, 0xD5387400
+
+
+def _at(p: Platform, va: int, write: bool, tcr: int, ttbr0: int) -> int:
+    p.put(CODE, [AT_S1E1W if write else AT_S1E1R, ISB, MRS_X0_PAR, hvc(0)])
+    p.start(x1=va, TTBR0_EL1=ttbr0, TCR_EL1=tcr, MAIR_EL1=0x00FF, SCTLR_EL1=0x00C50078 | 1)
+    # the code and tables are identity-mapped by the first block/page of every layout below
+    ex = p.core.run()
+    assert ex.kind is ExitKind.HVC, ex
+    return p.core.x(0)
+
+
+@pytest.mark.parametrize(
+    ("granule", "tg0", "tsz"),
+    [(12, 0b00, 25), (12, 0b00, 16), (16, 0b01, 22), (14, 0b10, 28)],
+)
+def test_translate_agrees_with_at(granule: int, tg0: int, tsz: int) -> None:
+    """Random tables: every VA gets the same answer from `translate` as from the CPU's AT."""
+    rng = random.Random(granule * 100 + tsz)
+    p = Platform(ram_size=8 << 20)
+    gsize = 1 << granule
+    stride = granule - 3
+    insize = 64 - tsz
+    start_level = 4 - -(-(insize - granule) // stride)
+    tables = [RAM + 0x200000 + i * gsize for i in range(24)]
+    free = list(tables[1:])
+    # Identity-map the first 2 MiB of RAM (code, vectors, tables) with a chain of tables and
+    # pages/blocks, then fill random entries elsewhere.
+    va_code = RAM
+
+    def entry_addr(table: int, level: int, va: int) -> int:
+        shift = granule + (3 - level) * stride
+        bits = min(stride, insize - shift)
+        return table + ((va >> shift) & ((1 << bits) - 1)) * 8
+
+    def write_identity(table: int, level: int) -> None:
+        shift = granule + (3 - level) * stride
+        block_ok = level == 3 or (level >= 1 if granule == 12 else level >= 2)
+        if block_ok and (1 << shift) <= 0x200000 or level == 3:
+            for off in range(0, 0x400000, 1 << shift):
+                kind = PAGE if level == 3 else BLOCK
+                p.put64(entry_addr(table, level, va_code + off), (RAM + off) | kind | AF)
+            return
+        nxt = free.pop(0)
+        p.put64(entry_addr(table, level, va_code), nxt | TABLE)
+        write_identity(nxt, level + 1)
+
+    write_identity(tables[0], start_level)
+    vas: list[int] = []
+
+    def fill(table: int, level: int, prefix: int) -> None:
+        """Random entries in free slots; tables recurse; each leaf or hole yields VAs."""
+        shift = granule + (3 - level) * stride
+        bits = min(stride, insize - shift)
+        for _ in range(5):
+            idx = rng.randrange(1 << bits)
+            addr = table + idx * 8
+            if int.from_bytes(p.mem[addr - RAM : addr - RAM + 8], "little"):
+                continue
+            va = prefix | idx << shift
+            kind = rng.choice([0, TABLE, BLOCK] if level < 3 else [0, PAGE, BLOCK])
+            if kind == TABLE and level < 3 and free:
+                nxt = free.pop(0)
+                p.put64(addr, nxt | TABLE)
+                fill(nxt, level + 1, va)
+                continue
+            out = rng.randrange(1, 1 << (40 - shift)) << shift
+            attrs = rng.choice([0, AF, AF, AF]) | rng.choice([0, RO, 0b01 << 6, 0b11 << 6])
+            p.put64(addr, out | kind | attrs | rng.choice([0, PXN]))
+            vas.extend(va | rng.randrange(0, 1 << shift) & ~7 for _ in range(3))
+
+    fill(tables[0], start_level, 0)
+    tcr = tsz | tg0 << 14 | 1 << 23 | 0b101 << 32
+    for va in vas:
+        for write in (False, True):
+            par = _at(p, va, write, tcr, tables[0])
+            w = p.core.translate(va, write=write, el=1)
+            if par & 1:
+                assert w.ipa is None and w.fsc == (par >> 1) & 0x3F, (hex(va), hex(par), w)
+            else:
+                assert w.ipa is not None, (hex(va), hex(par), w)
+                assert w.ipa & ~(gsize - 1) & ((1 << 48) - 1) == par & 0xFFFF_FFFF_F000 & ~(
+                    gsize - 1
+                ), (hex(va), hex(par), w)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_scattered_host_pages(shared: bool) -> None:
+    """Guest RAM backed by host pages in shuffled order runs the same; over shared memory the
+    core aliases them into a window where they merge into few regions."""
+    flags = (mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE) | mmap.MAP_ANONYMOUS
+    pages = 512 + 16  # memwalk walks IPA pages 0x100..0x1ff
+    mem = mmap.mmap(-1, pages * 4096, flags=flags)
+    host = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    order = list(range(pages))
+    random.Random(7).shuffle(order)
+    core = Core()
+    for ipa_page, host_page in enumerate(order):
+        core.map(RAM + ipa_page * 4096, 4096, host + host_page * 4096)
+    if shared:  # 528 pages: 512 + 16, one aligned block each
+        assert [m.end - m.start for m in core.mappings()] == [2 << 20, 64 << 10]
+    else:
+        assert len(core.mappings()) > pages // 2
+    image = guests.patch(guests.image("memwalk"), 1)
+    first = order[0] * 4096
+    mem[first : first + len(image)] = image
+    p = Platform(ram_size=4096, core=core)  # (its own RAM is not used here)
+    core.load_context(CpuContext.reset(pc=RAM))
+    assert p.run_guest() == "memwalk: OK\n"
+    # page 0x101 of the IPA range holds the pattern word at its host page
+    at = order[0x101] * 4096
+    assert int.from_bytes(mem[at : at + 8], "little") == (RAM + 0x101000) ^ 0x9E3779B97F4A7C15
+
+
+def test_wfi_at_el0_traps_to_el1_first_when_sctlr_says_so() -> None:
+    p = Platform()
+    p.put(CODE, [0xD503207F])  # wfi
+    p.start(pstate=0)  # SCTLR_EL1.nTWI = 1 (reset value): EL2's TWI takes it
+    assert p.core.run().kind is ExitKind.WFX
+    p.start(pstate=0, SCTLR_EL1=0x00C50078 & ~(1 << 16))
+    assert p.vector(p.core.run()) == 0x400
+    assert p.core.sys_reg("ESR_EL1") == 0x07E00000
+
+
+def test_budget_ends_a_guest_that_loops_through_its_own_vectors() -> None:
+    p = Platform()
+    p.put(CODE, [0xD4000001, 0x17FFFFFF])  # 1: svc #0; b 1b
+    p.put(VBAR + 0x200, [decode.ERET])
+    p.start()
+    assert p.core.run(max_insns=1000).kind is ExitKind.BUDGET
+    assert p.core.sys_reg("ESR_EL1") == 0x56000000
+
+
+def test_access_crossing_into_an_unmapped_page() -> None:
+    p = Platform()
+    end = RAM + RAM_SIZE
+    p.put(CODE, [0xF9400020, hvc(0)])  # ldr x0, [x1]
+    p.start(x1=end - 4)
+    ex = p.core.run()
+    assert ex.kind is ExitKind.DABT and ex.far == end and ex.hpfar == (end >> 12) << 4
+
+
+def test_inject_sync_sets_esr_and_far() -> None:
+    p = Platform()
+    p.put(CODE, [NOP, hvc(0)])
+    p.start(pstate=0)  # from EL0: the lower-EL vector
+    p.core.inject_sync(0x92000010, far=0x1234_5678)  # an external data abort
+    assert p.vector(p.core.run()) == 0x400
+    ctx = p.core.save_context()
+    assert ctx.sys_regs["ESR_EL1"] == 0x92000010 and ctx.sys_regs["FAR_EL1"] == 0x1234_5678
+    assert ctx.elr_el1 == CODE and ctx.spsr_el1 == 0

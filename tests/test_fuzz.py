@@ -1,0 +1,71 @@
+"""The hostile-host fuzzer finds each seeded bug; the clean model survives it."""
+
+from __future__ import annotations
+
+import random
+import tomllib
+
+import pytest
+
+import pkvm
+from pkvm.check.bugs import BUGS
+from pkvm.check.fuzz import Campaign, execute, generate, replay
+
+MEM, CPUS = "64M", 2
+
+
+def _steps(abi: str, seed: int, n: int):
+    prof = pkvm.Machine(memory=MEM, cpus=CPUS, abi=abi, trace=False).profile
+    return generate(random.Random(seed), prof, CPUS, n)
+
+
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_clean_model_survives(abi: str, seed: int) -> None:
+    r = execute(_steps(abi, seed, 600), MEM, CPUS, abi)
+    assert r.failure is None, str(r.failure)
+    assert r.steps_run == 600
+    assert sum(r.calls.values()) > 600
+
+
+# (bug, abi, seed, step budget, failure signature): each found within its budget.
+FOUND = [
+    ("load-no-pin", "latest", 0, 100, "invariant:vm-refcount"),
+    ("teardown-keeps-stage2", "latest", 0, 200, "invariant:hyp-accounting"),
+    ("teardown-keeps-stage2", "6.12", 0, 100, "invariant:hyp-accounting"),
+    ("vcpu-index-range", "latest", 0, 200, "exception:IndexError@_init_vcpu_locked"),
+    ("unpin-underflow", "latest", 0, 200, "invariant:pin-refcount"),
+    ("unpin-underflow", "6.12", 0, 300, "invariant:pin-refcount"),
+    ("double-fetch", "latest", 0, 500, "exception:IndexError@_init_vcpu_locked"),
+    ("donate-nomap", "latest", 0, 100, "exception:IndexError@set_hyp_state_range"),
+]
+
+
+@pytest.mark.parametrize("bug,abi,seed,budget,signature", FOUND)
+def test_fuzzer_finds_seeded_bug(bug: str, abi: str, seed: int, budget: int, signature: str) -> None:
+    assert bug in BUGS
+    steps = _steps(abi, seed, budget)
+    found = execute(steps, MEM, CPUS, abi, (bug,))
+    assert found.failure is not None and found.failure.signature == signature, found.failure
+    clean = execute(steps[: found.failure.step_index + 1], MEM, CPUS, abi)
+    assert clean.failure is None, str(clean.failure)
+
+
+def test_shrink_and_reproducer(tmp_path) -> None:
+    out = tmp_path / "repro.toml"
+    res = Campaign(seed=0, steps=100, abi="latest", bugs=("load-no-pin",), out=str(out)).run()
+    assert res.found and res.minimal is not None
+    assert len(res.minimal) <= 3
+    doc = tomllib.loads(out.read_text())
+    assert doc["machine"] == {"memory": MEM, "cpus": CPUS, "abi": "latest"}
+    again = replay(doc["machine"], doc["step"], bugs=("load-no-pin",))
+    assert again is not None and again.signature == "invariant:vm-refcount"
+    assert replay(doc["machine"], doc["step"]) is None  # the clean model passes the same steps
+
+
+def test_coverage_is_collected() -> None:
+    r = execute(_steps("latest", 3, 300), MEM, CPUS, "latest")
+    names = {n for n, _ in r.calls}
+    assert {"__pkvm_host_share_hyp", "__pkvm_vcpu_load", "__pkvm_init_vm"} <= names
+    assert any(res != "0" for _, res in r.calls)
+    assert r.transitions
