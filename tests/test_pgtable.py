@@ -321,9 +321,6 @@ class TestHypMap:
         assert s1.pgt.hyp_map(va, PAGE, 0x5000_0000, pt.PAGE_HYP) == -EINVAL
         assert s1.pgt.hyp_map(va, PAGE, 0x4000_0000, W) == -EINVAL
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "model bug: kvm_pgtable_hyp_map over a valid block it cannot reuse returns -EINVAL; "
-        "the kernel (hyp_map_walker, 6.12 and 7.2) replaces the block by a new table and maps"))
     def test_page_inside_valid_block(self, s1):
         va = 0x8000_4000_0000
         assert s1.pgt.hyp_map(va, 2 << 20, 0x4000_0000, pt.PAGE_HYP) == 0

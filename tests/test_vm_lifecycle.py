@@ -764,17 +764,11 @@ class TestGuestMemory:
         assert m.hvc(0, "__pkvm_host_test_clear_young_guest", h, 0x40003, 1, 1).x1 == 0
         assert m.hvc(0, "__pkvm_host_relax_perms_guest", 0x40002, 0x10).x1 == -EINVAL
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "model bug: __pkvm_host_relax_perms_guest on an unmapped gfn returns 0; in 7.2 the "
-        "attr walker's -EAGAIN stops the walk (flags 0) and reaches the host as -EAGAIN"))
     def test_relax_perms_unmapped_is_eagain(self, np):
         m, vm = np
         r = m.hvc(0, "__pkvm_host_relax_perms_guest", 0x40005, 0xF)
         assert (r.x0, r.x1) == (0, -EAGAIN)
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "model bug: __pkvm_host_mkyoung_guest returns the walk's error (-ERANGE for a gfn "
-        "beyond the IPA space); 7.2 ignores kvm_pgtable_stage2_mkyoung's result and returns 0"))
     def test_mkyoung_always_zero(self, np):
         m, vm = np
         assert m.hvc(0, "__pkvm_host_mkyoung_guest", 1 << 36).x1 == 0

@@ -472,9 +472,13 @@ class KvmPgtable:
                 return 0
             if level == KVM_PGTABLE_LAST_LEVEL:
                 return -EINVAL
-            if pte_valid(ctx.old):
-                return -EINVAL
-            return self._new_table(ctx.ptep, ctx.old)
+            # Like Linux, a block in the way is replaced by an empty table (taking a
+            # reference for the entry even where the block already held one).
+            was_valid = pte_valid(ctx.old)
+            ret = self._new_table(ctx.ptep, ctx.old)
+            if not ret and was_valid:
+                self.mm_ops.get_page(ctx.ptep & ~(PAGE_SIZE - 1))
+            return ret
 
         return self.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF)
 
@@ -605,7 +609,8 @@ class KvmPgtable:
 
         return self.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_TABLE_POST)
 
-    def stage2_update_leaf(self, addr: int, size: int, set_bits: int, clr_bits: int) -> tuple[int, int]:
+    def stage2_update_leaf(self, addr: int, size: int, set_bits: int, clr_bits: int,
+                           flags: int = KVM_PGTABLE_WALK_IGNORE_EAGAIN) -> tuple[int, int]:
         """Change attribute bits of valid leaves (`stage2_update_leaf_attrs`).
 
         Returns (ret, OR of the old descriptors): the latter serves test_clear_young."""
@@ -623,9 +628,7 @@ class KvmPgtable:
                 self.gen += 1
             return 0
 
-        ret = self.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_IGNORE_EAGAIN)
-        if ret == -EAGAIN:
-            ret = 0
+        ret = self.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | flags)
         return ret, acc[0]
 
     def destroy(self) -> None:

@@ -10,8 +10,8 @@ its reason.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from pkvm.conform.model import run_sequences_on_model
 from pkvm.conform.real import RawStep, RealResult

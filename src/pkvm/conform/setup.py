@@ -538,6 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("kernels", nargs="*", default=["all"], help="6.12, 7.2, latest or all")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    ap.add_argument(
+        "--no-snapshot", action="store_true", help="do not boot once to save the QEMU snapshot"
+    )
     args = ap.parse_args(argv)
     wanted = list(KERNELS) if "all" in args.kernels else args.kernels
     try:
@@ -545,7 +548,13 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             d = ensure_setup(k, progress=not args.quiet)
             print(f"{profile_of(k).name}: {d} ({time.monotonic() - t0:.1f} s)")
-    except (SetupError, ValueError) as e:
+            if not args.no_snapshot:
+                from pkvm.conform.real import prepare_snapshot
+
+                t0 = time.monotonic()
+                snap = prepare_snapshot(k)
+                print(f"{profile_of(k).name}: snapshot {snap} ({time.monotonic() - t0:.1f} s)")
+    except (SetupError, ValueError, RuntimeError) as e:
         print(f"pkvm conform set-up failed: {e}")
         return 1
     return 0

@@ -47,4 +47,4 @@ def image(name: str) -> bytes:
 
 def patch(data: bytes, value: int, offset: int = PARAM_OFFSET) -> bytes:
     """`data` with the u64 at `offset` replaced (memwalk's MiB, loop's and mmio's iterations)."""
-    return data[:offset] + struct.pack("<Q", value) + data[offset + 8:]
+    return data[:offset] + struct.pack("<Q", value) + data[offset + 8 :]

@@ -29,6 +29,7 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 ARM_EXCEPTION_IRQ, ARM_EXCEPTION_EL1_SERROR, ARM_EXCEPTION_TRAP, ARM_EXCEPTION_IL = 0, 1, 2, 3
 EC_WFX, EC_HVC64, EC_SMC64, EC_SYS64, EC_IABT_LOW, EC_DABT_LOW = 0x01, 0x16, 0x17, 0x18, 0x20, 0x24
 HPFAR_NS = 1 << 63
+HCR_VI = 1 << 7  # issue 9
 
 PSCI_VERSION = 0x8400_0000
 PSCI_CPU_SUSPEND = (0x8400_0001, 0xC400_0001)
@@ -189,6 +190,14 @@ class VcpuRunner:
             self._count("stage2_fault")
             try:
                 self.vm.map_one(self.vcpu, gfn, cpu)
+                # issue 9: fault-around (a VMM's choice, as KVM maps huge pages): the rest of
+                # the aligned block of `vm.fault_around` pages, each donated/shared on its own.
+                around = getattr(self.vm, "fault_around", 1)
+                if around > 1:
+                    first = gfn & ~(around - 1)
+                    for g in range(first, first + around):
+                        if g not in self.vm.mapped and self.vm.in_memslot(g):
+                            self.vm.map_one(self.vcpu, g, cpu)
             except HostError as e:
                 if e.errno == EFAULT:
                     return VcpuExit("fail", esr=esr, addr=ipa, detail=str(e))
@@ -262,6 +271,30 @@ class VcpuRunner:
         target.runner.reset(entry, context)
         target.runner.power_off = False
         return PSCI_RET_SUCCESS
+
+    # -- issue 9: what an emulated interrupt controller and timer need ------------------
+    def set_irq_line(self, level: bool) -> None:
+        """Raise or lower the vCPU's virtual IRQ (HCR_EL2.VI): EL2 delivers it at entry
+        when PSTATE.I is clear."""
+        hcr = self._field("arch.hcr_el2")
+        new = hcr | HCR_VI if level else hcr & ~HCR_VI
+        if new != hcr:
+            self._set_field("arch.hcr_el2", new)
+
+    def complete_sysreg(self, esr: int, value: int | None = None) -> int:
+        """Finish an emulated system-register exit: a read (ISS.Direction = 1) gets `value` in
+        Rt; returns the value written by an MSR. PC moves past the instruction."""
+        rt = (esr >> 5) & 31
+        written = 0
+        if esr & 1:
+            if rt != 31:
+                ctx = self.get_regs()
+                ctx.x[rt] = (value or 0) & U64
+                self.set_regs(ctx)
+        elif rt != 31:
+            written = self.get_regs().x[rt]
+        self._set_iflag(IFLAG_INCREMENT_PC)
+        return written
 
     def inject_undef(self) -> None:
         """`kvm_inject_undefined`: applied by EL2 at the next entry (`__kvm_adjust_pc`)."""

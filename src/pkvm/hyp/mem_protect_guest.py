@@ -31,6 +31,7 @@ from pkvm.hyp.mem_protect import (
 )
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_PROT_RWX,
+    KVM_PGTABLE_WALK_IGNORE_EAGAIN,
     KVM_PGTABLE_WALK_LEAF,
     KVM_PTE_LEAF_ATTR_LO_S2_AF,
     KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
@@ -243,9 +244,10 @@ def __pkvm_host_unshare_guest(h: HypState, gfn: int, nr_pages: int, vm: "PkvmHyp
         return 0
 
 
-def _update_guest(vm: "PkvmHypVm", ipa: int, size: int, set_bits: int, clr_bits: int) -> tuple[int, int]:
+def _update_guest(vm: "PkvmHypVm", ipa: int, size: int, set_bits: int, clr_bits: int,
+                  flags: int = KVM_PGTABLE_WALK_IGNORE_EAGAIN) -> tuple[int, int]:
     with vm.lock:
-        return vm.pgt.stage2_update_leaf(ipa, size, set_bits, clr_bits)
+        return vm.pgt.stage2_update_leaf(ipa, size, set_bits, clr_bits, flags)
 
 
 def __pkvm_host_relax_perms_guest(h: HypState, gfn: int, prot: int, vcpu: "PkvmHypVcpu") -> int:
@@ -256,8 +258,9 @@ def __pkvm_host_relax_perms_guest(h: HypState, gfn: int, prot: int, vcpu: "PkvmH
         return -EINVAL
     perms = attr & ((1 << 6) | (1 << 7))
     xn_clear = (3 << 53) if prot & 3 == 3 else 0
+    # Walked without IGNORE_EAGAIN: an unmapped gfn answers -EAGAIN, as in Linux.
     ret, _ = _update_guest(vcpu.vm, hyp_pfn_to_phys(gfn), PAGE_SIZE,
-                           perms | KVM_PTE_LEAF_ATTR_LO_S2_AF, xn_clear)
+                           perms | KVM_PTE_LEAF_ATTR_LO_S2_AF, xn_clear, flags=0)
     return ret
 
 
@@ -282,8 +285,9 @@ def __pkvm_host_test_clear_young_guest(h: HypState, gfn: int, nr_pages: int, mko
 
 
 def __pkvm_host_mkyoung_guest(h: HypState, gfn: int, vcpu: "PkvmHypVcpu") -> int:
-    ret, _ = _update_guest(vcpu.vm, hyp_pfn_to_phys(gfn), PAGE_SIZE, KVM_PTE_LEAF_ATTR_LO_S2_AF, 0)
-    return ret
+    """Set the access flag; Linux's `kvm_pgtable_stage2_mkyoung` returns nothing: always 0."""
+    _update_guest(vcpu.vm, hyp_pfn_to_phys(gfn), PAGE_SIZE, KVM_PTE_LEAF_ATTR_LO_S2_AF, 0)
+    return 0
 
 
 def hyp_poison_page(h: HypState, phys: int) -> None:

@@ -264,6 +264,8 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
     nr_vcpus = kvm_field(h, host_kvm, "created_vcpus")
     if nr_vcpus < 1:
         hyp_unpin_shared_mem(h, host_kvm, host_kvm + KVM.size)
+        if h.bug("unpin-underflow"):  # seeded: the error path unpins twice
+            hyp_unpin_shared_mem(h, host_kvm, host_kvm + KVM.size)
         return -EINVAL
     handle = 0
     if prof.reserve_vm:
@@ -418,14 +420,22 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
                 vm.id_regs_initialized = True
         bad_idx = idx < 0 or idx >= vm.created_vcpus
         if h.bug("vcpu-index-range") and idx >= 0:
-            bad_idx = idx >= len(vm.vcpus)
+            bad_idx = idx > len(vm.vcpus)  # seeded: off by one, idx == created_vcpus passes
         if bad_idx or vm.vcpus[idx] is not None:
             return fail(-EINVAL)
+    if h.bug("double-fetch"):  # seeded: read the host's vcpu_idx again after checking it
+        idx = _refetch_vcpu_idx(h, host_vcpu)
     vcpu = PkvmHypVcpu(vm, host_vcpu, idx, vcpu_id, mem_va, cflags=cflags)
     vm.vcpus[idx] = vcpu
     if prof.vcpu_init_in_order:
         vm.nr_vcpus += 1
     return 0
+
+
+def _refetch_vcpu_idx(h: HypState, host_vcpu: int) -> int:
+    """Seeded bug "double-fetch" only: a second read of a host-shared field."""
+    h.locks.preempt("host-read", "vcpu_idx")
+    return vcpu_field(h, host_vcpu, "vcpu_idx")
 
 
 # -- load / put --------------------------------------------------------------------------

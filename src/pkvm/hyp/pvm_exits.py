@@ -83,5 +83,7 @@ def handle_pvm_sysreg(h: HypState, vcpu: "PkvmHypVcpu", core, esr: int) -> bool:
         return True
     if op0 == 3 and op1 in (0, 3) and crn in (12, 14):
         return False  # the GIC CPU interface and the timer: the host emulates them
+    if (op0, op1, crn, crm, op2) == (3, 0, 4, 6, 0):  # issue 9: ICC_PMR_EL1 is GIC too
+        return False  # the GIC CPU interface and the timer: the host emulates them
     core.inject_undef()
     return True

@@ -30,16 +30,21 @@ SRT; for a read call `complete_mmio_read(target, esr, data)` on the `Core` or on
 Everything else a guest raises is the guest's own business and is delivered to its EL1 vectors
 as the architecture does (ESR_EL1, FAR_EL1, ELR_EL1, SPSR_EL1, SP banking, PSTATE EL1h with DAIF
 masked, PAN per SCTLR_EL1.SPAN, VBAR_EL1 + 0x000/0x200/0x400 by source): SVC (EC 0x15), BRK
-(0x3C), undefined instructions (0x00), FP/SIMD and SVE with CPACR_EL1 trapping (0x07, 0x19),
-illegal execution state (0x0E), PC alignment (0x22), aborts from the guest's own stage-1 tables
-(0x20/0x21, 0x24/0x25: translation, access flag, permission; alignment 0x21 FSC). The platform
-injects with `inject_undef()`, `inject_sync(esr, far)`, `inject_irq()` (check `irqs_masked`).
+(0x3C), undefined instructions (0x00), illegal execution state (0x0E), PC alignment (0x22),
+aborts from the guest's own stage-1 tables (0x20/0x21, 0x24/0x25: translation, access flag,
+permission; alignment FSC 0x21), MRS/MSR at EL0 that unicorn refuses (0x00). The platform
+injects with `inject_undef()`, `inject_sync(esr, far)`, `inject_irq()` (check `irqs_masked`),
+`inject_fiq()`, `inject_serror()`. `translate(va)` walks the guest's stage-1 as the CPU does
+(4K/16K/64K granules; checked against the CPU's own AT S1E1R/W in the tests).
 
 What unicorn 2.1.4 does (measured; the reasons for the code below):
 * It resets to EL1 with SCR_EL3/HCR_EL2 zero. `__init__` sets what firmware would leave
   (SCR_EL3 NS|RW|HCE, HCR_EL2 RW|TSC|TWI, CPTR_EL3.EZ, CNTHCTL_EL2) and rewrites SCTLR_EL1:
   a system-register write is what makes QEMU rebuild its cached mode flags, a PSTATE write
   alone does not (an EL0 context would still run with EL1 rights).
+* FP/SIMD and SVE never trap: CPACR_EL1.FPEN/ZEN and CPTR_ELx.TFP are ignored, so EC 0x07 /
+  0x19 are never raised (the delivery code is there for a CPU model that traps) and
+  `save_context` always reads the vector registers (no lazy FP switch is possible).
 * It delivers no exception itself. Every one reaches UC_HOOK_INTR as a bare number, without
   the syndrome: 1 UDEF (also WFI trapped by TWI, PC on it), 2 SVC (PC past), 3 prefetch abort
   and 4 data abort (stage-1 faults, alignment, a table walk into unmapped IPA; PC on the
@@ -48,7 +53,8 @@ What unicorn 2.1.4 does (measured; the reasons for the code below):
   guest's stage-1 tables; writing PC inside the hook resumes at the vector in the same
   `emu_start`, so delivered exceptions cost no exit and count against the budget.
 * UC_HOOK_MEM_*_UNMAPPED / *_PROT report the PHYSICAL address (the IPA) when the guest MMU is
-  on (the VA when it is off, which is the same); PC is the faulting instruction. HPFAR comes
+  on (the VA when it is off, which is the same); PC is normally the faulting instruction
+  (rarely stale: `run()` and `_on_mem` check it against the access). HPFAR comes
   from that address; FAR (the VA) from decoding the instruction's address computation; when
   the instruction cannot be decoded FAR is 0 with FnV set. A stage-1 walk that reads unmapped
   IPA does not reach the memory hooks: QEMU turns it into an abort (intno 3/4) that the walk
@@ -56,10 +62,24 @@ What unicorn 2.1.4 does (measured; the reasons for the code below):
 * WFE is a no-op (QEMU 5 ignores HCR_EL2.TWE): architecturally a WFE may complete at once.
 * `emu_start(count=N)` counts with a per-instruction hook (~4x slower); `run()` uses it only
   when given a budget. A timeout slices at arbitrary points (device accesses replayed): unused.
+* EL1 system registers change only by MSR (a UC_HOOK_INSN MSR hook marks them dirty), by
+  exception entry done here, and PAR_EL1 by AT: `save_context` rereads them only then.
 * Register access through the Python binding costs ~2 us each; contexts move through
   preallocated `uc_reg_read_batch` / `uc_reg_write_batch` arrays instead.
-* With the MMU off the current EL1 SP_EL1 is live in SP, and unicorn's SP_EL1 register is
-  stale (likewise SP_EL0 while SP0 is selected): contexts and exception entry bank SP by hand.
+* The live stack pointer is unicorn's SP; its SP_EL0/SP_EL1 register of the bank PSTATE selects
+  is stale (QEMU banks only on its own mode changes, ERET included, not on register writes):
+  contexts and exception entry bank SP by hand.
+* Mapping is costly: `mem_unmap` flushes the TLB page by page (O(size)) and every map or
+  unmap rebuilds QEMU's flat view (O(regions): ~10 ms per call at 2000 regions). `map` keeps
+  regions few and each page remapped O(1) times amortised: adjacent ranges merge only with
+  their binary buddy (same power-of-two size, aligned), leftovers of a cut region are split
+  into aligned blocks, and over shared host memory the pages are first aliased into a per-core
+  window at their IPA offset (`mremap`), so scattered host pages still merge. Page by page:
+  ~50-70 us per map or unmap, whatever the order (vs ~4 ms growing one region, ~2.4 ms with
+  one region per page at 4096 pages).
+* Code translated from guest memory is cached by address: memory written from outside the guest
+  (loading an image into a page that ran) needs `flush_code()`; `map` over an existing mapping
+  flushes by itself.
 """
 
 from __future__ import annotations
@@ -67,6 +87,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import enum
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +150,10 @@ PSTATE_RESET = PSR_DAIF | PSR_MODE_EL1h  # 0x3C5, as kvm_reset_vcpu
 SCTLR_ELx_M = 1 << 0
 SCTLR_ELx_A = 1 << 1
 SCTLR_EL1_SPAN = 1 << 23
+SCTLR_EL1_nTWI = 1 << 16
+
+# ISS CV = 1, COND = 0b1110 (always): what a trapped AArch64 WFx / FP access reports.
+ISS_CV_COND_AL = 1 << 24 | 0xE << 20
 SCTLR_ELx_WXN = 1 << 19
 SCTLR_EL1_DSSBS = 1 << 44
 SCTLR_EL1_RESET = 0x00C50078  # KVM's reset value (MMU, caches off; RES1 bits)
@@ -284,9 +309,17 @@ class CpuContext:
 
     def copy(self) -> CpuContext:
         return CpuContext(
-            x=list(self.x), sp_el0=self.sp_el0, sp_el1=self.sp_el1, pc=self.pc,
-            pstate=self.pstate, elr_el1=self.elr_el1, spsr_el1=self.spsr_el1, v=list(self.v),
-            fpcr=self.fpcr, fpsr=self.fpsr, sys_regs=dict(self.sys_regs),
+            x=list(self.x),
+            sp_el0=self.sp_el0,
+            sp_el1=self.sp_el1,
+            pc=self.pc,
+            pstate=self.pstate,
+            elr_el1=self.elr_el1,
+            spsr_el1=self.spsr_el1,
+            v=list(self.v),
+            fpcr=self.fpcr,
+            fpsr=self.fpsr,
+            sys_regs=dict(self.sys_regs),
         )
 
 
@@ -304,8 +337,13 @@ class _CpReg(ctypes.Structure):
 class _Batch:
     """Preallocated arrays for one `uc_reg_{read,write}_batch` call."""
 
-    def __init__(self, uch: Any, ids: list[int], width: int = 8,
-                 cp: list[tuple[int, int, int, int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        uch: Any,
+        ids: list[int],
+        width: int = 8,
+        cp: list[tuple[int, int, int, int, int]] | None = None,
+    ) -> None:
         n = len(ids)
         self.uch, self.n = uch, n
         self.ids = (ctypes.c_int * n)(*ids)
@@ -335,7 +373,7 @@ class _Batch:
             for c, v in zip(self.cps, values):
                 c.val = v & MASK64
         elif self.width == 16:
-            flat = []
+            flat: list[Any] = []
             for v in values:
                 flat += (v & MASK64, (v >> 64) & MASK64)
             self.vals[:] = flat
@@ -347,6 +385,77 @@ class _Batch:
 def _check(status: int) -> None:
     if status:
         raise UcError(status)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mremap = _libc.mremap
+_mremap.restype = ctypes.c_void_p
+_mremap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_void_p,
+]
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_munmap = _libc.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, PROT_NONE = 0x02, 0x20, 0x4000, 0
+
+
+def _blocks(m: Mapping, start: int, end: int) -> list[Mapping]:
+    """[start, end) of mapping `m` as naturally aligned power-of-two blocks."""
+    out = []
+    while start < end:
+        size = start & -start if start else 1 << 63
+        while size > end - start:
+            size >>= 1
+        out.append(Mapping(start, start + size, m.host + start - m.start, m.writable, m.executable))
+        start += size
+    return out
+
+
+class _Window:
+    """A reserved address range where host pages are aliased at their IPA offset.
+
+    `mremap(old, 0, size, MAYMOVE|FIXED, new)` makes a second mapping of the same pages of a
+    shared mapping; IPAs below 2^38 are covered (256 GiB of address space reserved per core,
+    nothing committed; higher IPAs are mapped where they are). The first refusal (private
+    memory) turns the window off for good.
+    """
+
+    BITS = 38
+
+    def __init__(self) -> None:
+        self.base: int | None = None
+        self.enabled = True
+
+    def alias(self, ipa: int, size: int, host: int) -> int:
+        if not self.enabled or ipa + size > 1 << self.BITS:
+            return host
+        if self.base is None:
+            flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE
+            base = _mmap(None, 1 << self.BITS, PROT_NONE, flags, -1, 0)
+            if base is None or base == MASK64:
+                self.enabled = False
+                return host
+            self.base = base
+            weakref.finalize(self, _munmap, base, 1 << self.BITS)
+        target = self.base + ipa
+        if _mremap(host, 0, size, MREMAP_MAYMOVE | MREMAP_FIXED, target) != target:
+            self.enabled = False  # not a shared mapping: map the pages where they are
+            return host
+        return target
 
 
 @dataclass(slots=True)
@@ -361,8 +470,11 @@ class Mapping:
 
     @property
     def perms(self) -> int:
-        return (UC_PROT_READ | (UC_PROT_WRITE if self.writable else 0)
-                | (UC_PROT_EXEC if self.executable else 0))
+        return (
+            UC_PROT_READ
+            | (UC_PROT_WRITE if self.writable else 0)
+            | (UC_PROT_EXEC if self.executable else 0)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,17 +493,18 @@ class Walk:
 class Core:
     """One guest CPU: a unicorn ARM64 `max` CPU running EL1/EL0 under a model stage-2."""
 
-    def __init__(self, *, tcg_buffer_size: int = 64 << 20) -> None:
-        uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
+    def __init__(self, *, tcg_buffer_size: int = 64 << 20, alias_window: bool = True) -> None:
+        uc: Any = Uc(UC_ARCH_ARM64, UC_MODE_ARM)  # unicorn's typing lacks the ctl_* methods
         uc.ctl_set_cpu_model(A.UC_CPU_ARM64_MAX)
         uc.ctl_set_tcg_buffer_size(tcg_buffer_size)
-        self.uc = uc
+        self.uc: Any = uc
         self._uch = uc._uch
         self._r64 = ctypes.c_uint64()
         self._r64p = ctypes.byref(self._r64)
         self._cp = _CpReg()
         self._cpp = ctypes.byref(self._cp)
         self._decoded: dict[int, decode.MemAccess | None] = {}
+        self._window = _Window() if alias_window else None
         self._maps: list[Mapping] = []
         self._starts: list[int] = []
         self._exit: Exit | None = None
@@ -399,8 +512,11 @@ class Core:
         self._q = _Batch(self._uch, _Q_IDS, width=16)
         names = list(SYS_REGS)
         self._sys_names = names
-        self._sys = _Batch(self._uch, [A.UC_ARM64_REG_CP_REG] * (len(names) + 1),
-                           cp=[SYS_REGS[n] for n in names] + [_SPSR_EL1])
+        self._sys = _Batch(
+            self._uch,
+            [A.UC_ARM64_REG_CP_REG] * (len(names) + 1),
+            cp=[SYS_REGS[n] for n in names] + [_SPSR_EL1],
+        )
         self._cpw(_SCR_EL3, SCR_EL3_NS | SCR_EL3_RES1 | SCR_EL3_HCE | SCR_EL3_RW)
         self._cpw(_CPTR_EL3, CPTR_EL3_EZ)
         self._cpw(_HCR_EL2, HCR_RW | HCR_TSC | HCR_TWI | HCR_TWE)
@@ -505,8 +621,10 @@ class Core:
         """
         el1h = ctx.pstate & PSR_MODE_MASK == PSR_MODE_EL1h
         sp = ctx.sp_el1 if el1h else ctx.sp_el0
-        self._core.write(list(ctx.x) + [sp, ctx.sp_el0, ctx.sp_el1, ctx.pc, ctx.pstate,
-                                        ctx.elr_el1, ctx.fpcr, ctx.fpsr])
+        self._core.write(
+            list(ctx.x)
+            + [sp, ctx.sp_el0, ctx.sp_el1, ctx.pc, ctx.pstate, ctx.elr_el1, ctx.fpcr, ctx.fpsr]
+        )
         self._q.write(list(ctx.v))
         regs = ctx.sys_regs
         sysvals = [regs.get(n, 0) for n in self._sys_names] + [ctx.spsr_el1]
@@ -534,9 +652,17 @@ class Core:
         self._ran = False
         sysvals = self._shadow_sys
         return CpuContext(
-            x=r[:31], sp_el0=sp_el0, sp_el1=sp_el1, pc=r[_I_PC], pstate=pstate,
-            elr_el1=r[_I_ELR], spsr_el1=sysvals[-1], v=self._q.read(), fpcr=r[_I_FPCR],
-            fpsr=r[_I_FPSR], sys_regs=dict(zip(self._sys_names, sysvals[:-1])),
+            x=r[:31],
+            sp_el0=sp_el0,
+            sp_el1=sp_el1,
+            pc=r[_I_PC],
+            pstate=pstate,
+            elr_el1=r[_I_ELR],
+            spsr_el1=sysvals[-1],
+            v=self._q.read(),
+            fpcr=r[_I_FPCR],
+            fpsr=r[_I_FPSR],
+            sys_regs=dict(zip(self._sys_names, sysvals[:-1])),
         )
 
     def _on_msr(self, uc: Uc, reg: int, cp_reg: object, _data: object) -> int:
@@ -548,16 +674,23 @@ class Core:
         """The stage-2 ranges as mapped in unicorn (merged), sorted by IPA."""
         return [Mapping(m.start, m.end, m.host, m.writable, m.executable) for m in self._maps]
 
-    def map(self, ipa: int, size: int, host_address: int, writable: bool = True,
-            executable: bool = True) -> None:
+    def map(
+        self, ipa: int, size: int, host_address: int, writable: bool = True, executable: bool = True
+    ) -> None:
         """Map IPA [ipa, ipa+size) to host memory at `host_address` (page-aligned), replacing
         whatever was there. Adjacent ranges contiguous in host memory with the same
-        permissions become one unicorn region."""
+        permissions become one unicorn region.
+
+        When the host memory is a shared mapping (MAP_SHARED), the pages are first aliased
+        into a per-core window at their IPA offset (`mremap`), so that IPA-contiguous guest
+        memory is host-contiguous whatever pages back it and merges into few regions; over
+        private memory `mremap` refuses and the pages are mapped where they are."""
         self._check_range(ipa, size)
         if host_address % PAGE_SIZE:
             raise ValueError(f"host address {host_address:#x} is not page-aligned")
-        self._update(ipa, ipa + size, Mapping(ipa, ipa + size, host_address, writable,
-                                              executable))
+        if self._window is not None:
+            host_address = self._window.alias(ipa, size, host_address)
+        self._update(ipa, ipa + size, Mapping(ipa, ipa + size, host_address, writable, executable))
 
     def unmap(self, ipa: int, size: int) -> None:
         self._check_range(ipa, size)
@@ -582,7 +715,7 @@ class Core:
     def _overlapping(self, start: int, end: int) -> list[Mapping]:
         i = bisect.bisect_right(self._starts, start) - 1
         out = []
-        for m in self._maps[max(i, 0):]:
+        for m in self._maps[max(i, 0) :]:
             if m.start >= end:
                 break
             if m.end > start:
@@ -591,29 +724,37 @@ class Core:
 
     def _update(self, start: int, end: int, new: Mapping | None) -> None:
         # Regions overlapping or adjacent to [start, end) leave unicorn and come back rebuilt.
-        touched = self._overlapping(max(start - 1, 0), end + 1)
-        pieces: list[Mapping] = []
-        for m in touched:
-            if m.end <= start or m.start >= end:
-                pieces.append(m)
-                continue
-            if m.start < start:
-                pieces.append(Mapping(m.start, start, m.host, m.writable, m.executable))
-            if m.end > end:
-                pieces.append(Mapping(end, m.end, m.host + end - m.start, m.writable,
-                                      m.executable))
-        if new is not None:
-            pieces.append(new)
-        pieces.sort(key=lambda p: p.start)
+        inside = self._overlapping(start, end)
+        if new is None and not inside:
+            return  # nothing mapped there
+        if new is not None and len(inside) == 1:
+            m = inside[0]
+            if (
+                m.start <= start
+                and end <= m.end
+                and m.host + (start - m.start) == new.host
+                and (m.writable, m.executable) == (new.writable, new.executable)
+            ):
+                return  # already mapped exactly so
+        touched = list(inside)
         merged: list[Mapping] = []
-        for p in pieces:
-            q = merged[-1] if merged else None
-            if (q is not None and q.end == p.start and q.host + (q.end - q.start) == p.host
-                    and q.writable == p.writable and q.executable == p.executable):
-                merged[-1] = Mapping(q.start, p.end, q.host, q.writable, q.executable)
-            else:
-                merged.append(Mapping(p.start, p.end, p.host, p.writable, p.executable))
-        replaced = any(m.start < end and m.end > start for m in touched)
+        for m in inside:  # what is left of the regions the new range cuts through, in aligned
+            # power-of-two blocks (so that unmapping page after page stays O(n log n))
+            if m.start < start:
+                merged += _blocks(m, m.start, start)
+            if m.end > end:
+                merged += _blocks(m, end, m.end)
+        if new is not None:
+            cur = new
+            while (buddy := self._buddy(cur)) is not None:
+                touched.append(buddy)
+                lo, hi = (cur, buddy) if cur.start < buddy.start else (buddy, cur)
+                cur = Mapping(lo.start, hi.end, lo.host, lo.writable, lo.executable)
+            merged.append(cur)
+        # issue 9: any region that leaves unicorn and comes back (merged) is a new RAM block;
+        # QEMU's tracking of which pages hold translated code does not follow it, so guest
+        # writes to code (Linux's ftrace/alternatives patching) would miss stale TBs: flush.
+        replaced = bool(touched)
         for m in touched:
             self.uc.mem_unmap(m.start, m.end - m.start)
             i = self._maps.index(m)
@@ -631,6 +772,26 @@ class Core:
         """Forget all translated code (as IC IALLU): call after writing guest memory that
         may already have run (loading a new image, reusing a page) from outside the guest."""
         self.uc.ctl_flush_tb()
+
+    def _buddy(self, m: Mapping) -> Mapping | None:
+        """The mapped region `m` may merge with: its binary buddy (same power-of-two size,
+        aligned pair), contiguous in host memory, same permissions. Merging only buddies keeps
+        a range mapped page by page at O(log n) regions while each page is remapped O(1) times
+        amortised (unicorn's unmap costs a TLB flush per page, and every map or unmap is
+        linear in the number of regions)."""
+        size = m.end - m.start
+        if size & (size - 1) or m.start % size:
+            return None
+        lo = m.start + size if (m.start // size) % 2 == 0 else m.start - size
+        i = bisect.bisect_left(self._starts, lo)
+        if i == len(self._maps) or self._starts[i] != lo:
+            return None
+        b = self._maps[i]
+        if b.end - b.start != size or (b.writable, b.executable) != (m.writable, m.executable):
+            return None
+        if b.host - m.host != b.start - m.start:
+            return None
+        return b
 
     def _host_of(self, ipa: int) -> int | None:
         i = bisect.bisect_right(self._starts, ipa) - 1
@@ -660,8 +821,9 @@ class Core:
         return None if host is None else ctypes.c_uint32.from_address(host).value
 
     # ---- stage-1 walk -----------------------------------------------------------------
-    def translate(self, va: int, *, write: bool = False, fetch: bool = False,
-                  el: int | None = None) -> Walk:
+    def translate(
+        self, va: int, *, write: bool = False, fetch: bool = False, el: int | None = None
+    ) -> Walk:
         """Translate VA with the guest's stage-1 (EL1&0 regime) as the MMU would."""
         sctlr = self._cpr(SYS_REGS["SCTLR_EL1"])
         pstate = self.pstate
@@ -672,13 +834,23 @@ class Core:
         tcr = self._cpr(SYS_REGS["TCR_EL1"])
         upper = bool(va >> 55 & 1)
         if upper:
-            tsz, epd, tg, tbi, hpd = (tcr >> 16) & 63, tcr >> 23 & 1, (tcr >> 30) & 3, \
-                tcr >> 38 & 1, tcr >> 42 & 1
+            tsz, epd, tg, tbi, hpd = (
+                (tcr >> 16) & 63,
+                tcr >> 23 & 1,
+                (tcr >> 30) & 3,
+                tcr >> 38 & 1,
+                tcr >> 42 & 1,
+            )
             granule = {1: 14, 2: 12, 3: 16}.get(tg, 12)
             ttbr = self._cpr(SYS_REGS["TTBR1_EL1"])
         else:
-            tsz, epd, tg, tbi, hpd = tcr & 63, tcr >> 7 & 1, (tcr >> 14) & 3, tcr >> 37 & 1, \
-                tcr >> 41 & 1
+            tsz, epd, tg, tbi, hpd = (
+                tcr & 63,
+                tcr >> 7 & 1,
+                (tcr >> 14) & 3,
+                tcr >> 37 & 1,
+                tcr >> 41 & 1,
+            )
             granule = {0: 12, 1: 16, 2: 14}.get(tg, 12)
             ttbr = self._cpr(SYS_REGS["TTBR0_EL1"])
         if fetch:
@@ -714,8 +886,8 @@ class Core:
                 continue
             if level == 3 and not desc & 2:
                 return Walk(None, FSC.FAULT + level)
-            if level < 3 and level < (1 if granule == 12 else 2):
-                return Walk(None, FSC.FAULT + level)
+            # (a block at level 0, or level 1 with 16K/64K granules, is architecturally a
+            # translation fault; QEMU 5 takes it as a block, and the walk follows the CPU)
             block = 1 << shift
             out = (desc & ((1 << 48) - 1) & ~(block - 1)) | (va & (block - 1))
             if not desc & (1 << 10):
@@ -743,6 +915,7 @@ class Core:
     def run(self, max_insns: int | None = None) -> Exit:
         """Run from the current PC until an exception EL2 would take (or the budget ends)."""
         self._exit = None
+        self._mem_fault: tuple[int, int, int, int, int] | None = None
         self._ran = True
         pc = self._rd(A.UC_ARM64_REG_PC)
         try:
@@ -754,14 +927,23 @@ class Core:
         if ex is None:
             return Exit(ExitKind.BUDGET)
         self._exit = None
+        real_pc = self._mem_fault
+        if real_pc is not None:
+            # issue 9: unicorn's PC inside the memory hook (and after emu_start) is sometimes
+            # stale, the start of the translation block rather than the access (seen with
+            # Linux); `_on_mem` found the access itself: make PC point at it.
+            self._mem_fault = None
+            if real_pc != self._rd(A.UC_ARM64_REG_PC):
+                self._wr(A.UC_ARM64_REG_PC, real_pc)
         return ex
 
     def _stop(self, ex: Exit) -> None:
         self._exit = ex
         self.uc.emu_stop()
 
-    def _on_mem(self, uc: Uc, access: int, address: int, size: int, value: int,
-                _data: object) -> bool:
+    def _on_mem(
+        self, uc: Uc, access: int, address: int, size: int, value: int, _data: object
+    ) -> bool:
         """A stage-2 fault: `address` is the IPA (unicorn's physical address)."""
         pc = self._rd(A.UC_ARM64_REG_PC)
         unmapped = access in (UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED)
@@ -772,6 +954,14 @@ class Core:
         write = access in (UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT)
         insn = self._fetch(pc)
         acc = self._decode_mem(insn) if insn is not None else None
+        if acc is None or not self._targets(acc, pc, address):  # issue 9: a stale PC
+            found = self._access_pc(pc, address)
+            if found is not None:
+                pc = found
+                insn = self._fetch(pc)
+                acc = self._decode_mem(insn) if insn is not None else None
+        if acc is not None:
+            self._mem_fault = pc  # issue 9: the access's PC, restored after emu_start
         if acc is None:
             iss = abort_iss(fsc, write=write, fnv=True)
             self._exit = Exit(ExitKind.DABT, esr(EC.DABT_LOW, iss), 0, hpfar_from_ipa(address))
@@ -781,13 +971,42 @@ class Core:
         if far < va:
             far += PAGE_SIZE
         if acc.iss_valid:
-            iss = abort_iss(fsc, write=write, size=acc.size, srt=acc.rt, sign=acc.sign,
-                            sf=acc.sf, acqrel=acc.acqrel)
+            iss = abort_iss(
+                fsc,
+                write=write,
+                size=acc.size,
+                srt=acc.rt,
+                sign=acc.sign,
+                sf=acc.sf,
+                acqrel=acc.acqrel,
+            )
         else:
             iss = abort_iss(fsc, write=write)
-        self._exit = Exit(ExitKind.DABT, esr(EC.DABT_LOW, iss), far & MASK64,
-                          hpfar_from_ipa(address))
+        self._exit = Exit(
+            ExitKind.DABT, esr(EC.DABT_LOW, iss), far & MASK64, hpfar_from_ipa(address)
+        )
         return False
+
+    def _targets(self, acc: decode.MemAccess, pc: int, address: int) -> bool:
+        """Whether the access decoded at `pc` can have touched IPA `address` (page offset)."""
+        va = acc.address(pc, self._x_or_sp)
+        far = (va & ~0xFFF) | (address & 0xFFF)
+        if far < va:
+            far += PAGE_SIZE
+        return far < va + max(acc.total, 1)
+
+    def _access_pc(self, pc: int, address: int) -> int | None:
+        """issue 9: the load/store at or after `pc` (same translation block, straight line)
+        that touches `address`, for when unicorn reports the block's start as PC."""
+        for k in range(1, 64):
+            p = pc + 4 * k
+            insn = self._fetch(p)
+            if insn is None:
+                return None
+            acc = self._decode_mem(insn)
+            if acc is not None and self._targets(acc, p, address):
+                return p
+        return None
 
     def _on_intr(self, uc: Uc, intno: int, _data: object) -> None:
         pc = self._rd(A.UC_ARM64_REG_PC)
@@ -822,7 +1041,11 @@ class Core:
             return
         el = (pstate >> 2) & 3
         if insn == decode.WFI:
-            self._stop(Exit(ExitKind.WFX, esr(EC.WFx, 0)))
+            wfi = esr(EC.WFx, ISS_CV_COND_AL)  # ISS bit 0 = 0: WFI
+            if el == 0 and not self._cpr(SYS_REGS["SCTLR_EL1"]) & SCTLR_EL1_nTWI:
+                self._enter_el1(VECTOR_SYNC, pc, wfi)  # EL1 traps it first
+            else:
+                self._stop(Exit(ExitKind.WFX, wfi))
             return
         if insn & decode.HVC_MASK == decode.SMC_BITS:
             imm = decode.exception_imm16(insn)
@@ -836,14 +1059,14 @@ class Core:
         fp_trapped = fpen in (0, 2) or (fpen == 1 and el == 0)
         # (unicorn 2.1.4 never raises FP/SVE access traps: kept for a CPU model that does)
         if decode.is_fp_simd(insn) and fp_trapped:
-            self._enter_el1(VECTOR_SYNC, pc, esr(EC.FP_ASIMD, 0x1E00000))
+            self._enter_el1(VECTOR_SYNC, pc, esr(EC.FP_ASIMD, ISS_CV_COND_AL))
             return
         if decode.is_sve(insn):
             zen = (cpacr >> 16) & 3
             if zen in (0, 2) or (zen == 1 and el == 0):
                 self._enter_el1(VECTOR_SYNC, pc, esr(EC.SVE))
             elif fp_trapped:
-                self._enter_el1(VECTOR_SYNC, pc, esr(EC.FP_ASIMD, 0x1E00000))
+                self._enter_el1(VECTOR_SYNC, pc, esr(EC.FP_ASIMD, ISS_CV_COND_AL))
             else:
                 self._enter_el1(VECTOR_SYNC, pc, esr(EC.UNKNOWN))
             return
@@ -861,8 +1084,7 @@ class Core:
             w = self.translate(pc, fetch=True)
             if w.s2_ipa is not None:
                 iss = abort_iss(FSC.FAULT + 3, s1ptw=True)
-                self._stop(Exit(ExitKind.IABT, esr(EC.IABT_LOW, iss), pc,
-                                hpfar_from_ipa(w.s2_ipa)))
+                self._stop(Exit(ExitKind.IABT, esr(EC.IABT_LOW, iss), pc, hpfar_from_ipa(w.s2_ipa)))
                 return
             fsc = w.fsc if w.fsc is not None else FSC.EXTABT
             ec = EC.IABT_LOW if el == 0 else EC.IABT_CUR
@@ -880,21 +1102,28 @@ class Core:
             w = self.translate(probe & MASK64, write=acc.store)
             if w.s2_ipa is not None:
                 iss = abort_iss(FSC.FAULT + 3, write=write, s1ptw=True)
-                self._stop(Exit(ExitKind.DABT, esr(EC.DABT_LOW, iss), probe & MASK64,
-                                hpfar_from_ipa(w.s2_ipa)))
+                self._stop(
+                    Exit(
+                        ExitKind.DABT,
+                        esr(EC.DABT_LOW, iss),
+                        probe & MASK64,
+                        hpfar_from_ipa(w.s2_ipa),
+                    )
+                )
                 return
             if w.fsc is not None:
                 far = probe if probe == va else (probe & ~0xFFF)
-                self._enter_el1(VECTOR_SYNC, pc, esr(ec, abort_iss(w.fsc, write=acc.store)),
-                                far=far & MASK64)
+                self._enter_el1(
+                    VECTOR_SYNC, pc, esr(ec, abort_iss(w.fsc, write=acc.store)), far=far & MASK64
+                )
                 return
         # Translations succeed: an alignment fault.
-        self._enter_el1(VECTOR_SYNC, pc, esr(ec, abort_iss(FSC.ALIGN, write=acc.store)),
-                        far=va)
+        self._enter_el1(VECTOR_SYNC, pc, esr(ec, abort_iss(FSC.ALIGN, write=acc.store)), far=va)
 
     # ---- exception entry to EL1 ------------------------------------------------------------
-    def _enter_el1(self, vector: int, elr: int, esr_value: int | None,
-                   far: int | None = None) -> None:
+    def _enter_el1(
+        self, vector: int, elr: int, esr_value: int | None, far: int | None = None
+    ) -> None:
         """Take an exception to EL1 as the architecture does (AArch64 EL1/EL0 source)."""
         pstate = self._rd(A.UC_ARM64_REG_PSTATE)
         mode = pstate & PSR_MODE_MASK

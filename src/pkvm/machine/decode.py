@@ -76,8 +76,17 @@ class MemAccess:
 
 
 def _gpr(
-    size_log2: int, opc: int, rn: int, rt: int, offset: int, *, iss: bool, wb: bool = False,
-    rm: int | None = None, extend: int = 0b011, shift: int = 0,
+    size_log2: int,
+    opc: int,
+    rn: int,
+    rt: int,
+    offset: int,
+    *,
+    iss: bool,
+    wb: bool = False,
+    rm: int | None = None,
+    extend: int = 0b011,
+    shift: int = 0,
 ) -> MemAccess | None:
     """Single-register GPR load/store from its size and opc fields (the LDR/STR families)."""
     size = 1 << size_log2
@@ -94,8 +103,20 @@ def _gpr(
             return None  # unallocated (size 10/11 with opc 11)
         load, sign, sf = True, True, False
     return MemAccess(
-        rn=rn, offset=offset, size=size, total=size, load=load, store=not load, rt=rt, rm=rm,
-        extend=extend, shift=shift, writeback=wb, sign=sign, sf=sf, iss_valid=iss and not wb,
+        rn=rn,
+        offset=offset,
+        size=size,
+        total=size,
+        load=load,
+        store=not load,
+        rt=rt,
+        rm=rm,
+        extend=extend,
+        shift=shift,
+        writeback=wb,
+        sign=sign,
+        sf=sf,
+        iss_valid=iss and not wb,
     )
 
 
@@ -108,8 +129,9 @@ def decode_mem(insn: int) -> MemAccess | None:
     rt = insn & 31
     rn = (insn >> 5) & 31
     if insn & 0xFFFFFFE0 == 0xD50B7420:  # DC ZVA, Xt (block size 64 bytes on this CPU)
-        return MemAccess(rn=rt, offset=0, size=64, total=64, load=False, store=True, rt=rt,
-                         zva=True)
+        return MemAccess(
+            rn=rt, offset=0, size=64, total=64, load=False, store=True, rt=rt, zva=True
+        )
     if insn & 0x0A000000 != 0x08000000:
         return None
     size_log2 = insn >> 30
@@ -120,20 +142,57 @@ def decode_mem(insn: int) -> MemAccess | None:
         o2, load, o1 = (insn >> 23) & 1, bool(insn & (1 << 22)), (insn >> 21) & 1
         size = 1 << size_log2
         if o2 == 1 and o1 == 0:  # LDAR/STLR/LDLAR/STLLR: a single register, ISV valid
-            return MemAccess(rn=rn, offset=0, size=size, total=size, load=load, store=not load,
-                             rt=rt, sf=size_log2 == 3, acqrel=True, iss_valid=True,
-                             align=size)
+            return MemAccess(
+                rn=rn,
+                offset=0,
+                size=size,
+                total=size,
+                load=load,
+                store=not load,
+                rt=rt,
+                sf=size_log2 == 3,
+                acqrel=True,
+                iss_valid=True,
+                align=size,
+            )
         if o1 == 1 and o2 == 0 and size_log2 < 2:  # CASP: pair of 32/64-bit registers
             size = 4 << size_log2
-            return MemAccess(rn=rn, offset=0, size=size, total=2 * size, load=True, store=True,
-                             rt=rt, exclusive=True, align=2 * size)
+            return MemAccess(
+                rn=rn,
+                offset=0,
+                size=size,
+                total=2 * size,
+                load=True,
+                store=True,
+                rt=rt,
+                exclusive=True,
+                align=2 * size,
+            )
         if o1 == 1 and o2 == 1:  # CAS{A,L,B,H}
-            return MemAccess(rn=rn, offset=0, size=size, total=size, load=True, store=True,
-                             rt=rt, exclusive=True, align=size)
+            return MemAccess(
+                rn=rn,
+                offset=0,
+                size=size,
+                total=size,
+                load=True,
+                store=True,
+                rt=rt,
+                exclusive=True,
+                align=size,
+            )
         pair = o1 == 1  # LDXP/STXP (o2 = 0, size 1x)
         total = 2 * size if pair else size
-        return MemAccess(rn=rn, offset=0, size=size, total=total, load=load, store=not load,
-                         rt=rt, exclusive=True, align=total)
+        return MemAccess(
+            rn=rn,
+            offset=0,
+            size=size,
+            total=total,
+            load=load,
+            store=not load,
+            rt=rt,
+            exclusive=True,
+            align=total,
+        )
 
     # Memory tagging: STG/STZG/ST2G/STZ2G (imm9 scaled by 16), LDG, STZGM/STGM/LDGM.
     if insn & 0xFF200000 == 0xD9200000:
@@ -141,11 +200,26 @@ def decode_mem(insn: int) -> MemAccess | None:
         imm = _sext((insn >> 12) & 0x1FF, 9) * 16
         if op2 == 0:  # LDG (op1 01) has an offset; the *GM forms use Xn alone
             load = op1 in (1, 3)
-            return MemAccess(rn=rn, offset=imm if op1 == 1 else 0, size=16, total=16,
-                             load=load, store=not load, rt=rt)
+            return MemAccess(
+                rn=rn,
+                offset=imm if op1 == 1 else 0,
+                size=16,
+                total=16,
+                load=load,
+                store=not load,
+                rt=rt,
+            )
         size = 32 if op1 & 2 else 16
-        return MemAccess(rn=rn, offset=0 if op2 == 1 else imm, size=size, total=size,
-                         load=False, store=True, rt=rt, writeback=op2 != 2)
+        return MemAccess(
+            rn=rn,
+            offset=0 if op2 == 1 else imm,
+            size=size,
+            total=size,
+            load=False,
+            store=True,
+            rt=rt,
+            writeback=op2 != 2,
+        )
 
     # RCpc unscaled: STLUR/LDAPUR/LDAPURS.
     if insn & 0x3F200C00 == 0x19000000:
@@ -161,13 +235,32 @@ def decode_mem(insn: int) -> MemAccess | None:
         offset = _sext((insn >> 5) & 0x7FFFF, 19) * 4
         if v:
             size = 4 << opc
-            return MemAccess(rn=0, offset=offset, size=size, total=size, load=True, store=False,
-                             rt=rt, literal=True)
+            return MemAccess(
+                rn=0,
+                offset=offset,
+                size=size,
+                total=size,
+                load=True,
+                store=False,
+                rt=rt,
+                literal=True,
+            )
         if opc == 3:
             return None  # PRFM literal
         size = 8 if opc == 1 else 4
-        return MemAccess(rn=0, offset=offset, size=size, total=size, load=True, store=False,
-                         rt=rt, literal=True, sign=opc == 2, sf=opc != 0, iss_valid=True)
+        return MemAccess(
+            rn=0,
+            offset=offset,
+            size=size,
+            total=size,
+            load=True,
+            store=False,
+            rt=rt,
+            literal=True,
+            sign=opc == 2,
+            sf=opc != 0,
+            iss_valid=True,
+        )
 
     # Load/store pair (no-allocate, post-index, offset, pre-index).
     if insn & 0x3A000000 == 0x28000000:
@@ -179,9 +272,17 @@ def decode_mem(insn: int) -> MemAccess | None:
         else:
             size = 8 if opc == 2 or (opc == 1 and not load) else 4  # opc 01 store: STGP
         imm = _sext((insn >> 15) & 0x7F, 7) * (16 if (not v and opc == 1 and not load) else size)
-        return MemAccess(rn=rn, offset=0 if index == 1 else imm, size=size, total=2 * size,
-                         load=load, store=not load, rt=rt, writeback=index in (1, 3),
-                         sign=not v and opc == 1 and load)
+        return MemAccess(
+            rn=rn,
+            offset=0 if index == 1 else imm,
+            size=size,
+            total=2 * size,
+            load=load,
+            store=not load,
+            rt=rt,
+            writeback=index in (1, 3),
+            sign=not v and opc == 1 and load,
+        )
 
     # Load/store register: unsigned immediate, imm9 forms, register offset, atomics.
     if insn & 0x3A000000 == 0x38000000:
@@ -189,8 +290,15 @@ def decode_mem(insn: int) -> MemAccess | None:
         if insn & (1 << 24):  # unsigned immediate
             if v:
                 size = _fp_size(size_log2, opc)
-                return MemAccess(rn=rn, offset=((insn >> 10) & 0xFFF) * size, size=size,
-                                 total=size, load=bool(opc & 1), store=not opc & 1, rt=rt)
+                return MemAccess(
+                    rn=rn,
+                    offset=((insn >> 10) & 0xFFF) * size,
+                    size=size,
+                    total=size,
+                    load=bool(opc & 1),
+                    store=not opc & 1,
+                    rt=rt,
+                )
             return _gpr(size_log2, opc, rn, rt, ((insn >> 10) & 0xFFF) << size_log2, iss=True)
         op4 = (insn >> 10) & 3
         if not insn & (1 << 21):  # imm9: unscaled (00), post (01), unprivileged (10), pre (11)
@@ -199,8 +307,16 @@ def decode_mem(insn: int) -> MemAccess | None:
             offset = 0 if op4 == 1 else imm
             if v:
                 size = _fp_size(size_log2, opc)
-                return MemAccess(rn=rn, offset=offset, size=size, total=size,
-                                 load=bool(opc & 1), store=not opc & 1, rt=rt, writeback=wb)
+                return MemAccess(
+                    rn=rn,
+                    offset=offset,
+                    size=size,
+                    total=size,
+                    load=bool(opc & 1),
+                    store=not opc & 1,
+                    rt=rt,
+                    writeback=wb,
+                )
             return _gpr(size_log2, opc, rn, rt, offset, iss=True, wb=wb)
         if op4 == 2:  # register offset
             rm = (insn >> 16) & 31
@@ -208,22 +324,67 @@ def decode_mem(insn: int) -> MemAccess | None:
             s = bool(insn & (1 << 12))
             if v:
                 size = _fp_size(size_log2, opc)
-                return MemAccess(rn=rn, offset=0, size=size, total=size, load=bool(opc & 1),
-                                 store=not opc & 1, rt=rt, rm=rm, extend=option,
-                                 shift=(size.bit_length() - 1) if s else 0)
-            return _gpr(size_log2, opc, rn, rt, 0, iss=True, rm=rm, extend=option,
-                        shift=size_log2 if s else 0)
+                return MemAccess(
+                    rn=rn,
+                    offset=0,
+                    size=size,
+                    total=size,
+                    load=bool(opc & 1),
+                    store=not opc & 1,
+                    rt=rt,
+                    rm=rm,
+                    extend=option,
+                    shift=(size.bit_length() - 1) if s else 0,
+                )
+            return _gpr(
+                size_log2,
+                opc,
+                rn,
+                rt,
+                0,
+                iss=True,
+                rm=rm,
+                extend=option,
+                shift=size_log2 if s else 0,
+            )
         if op4 == 0 and not v:  # atomic memory operations (LDADD.., SWP, LDAPR)
             size = 1 << size_log2
             if (insn >> 15) & 1 and (insn >> 12) & 7 == 0b100:  # LDAPR{B,H}: RCpc load
-                return MemAccess(rn=rn, offset=0, size=size, total=size, load=True, store=False,
-                                 rt=rt, sf=size_log2 == 3, acqrel=True, iss_valid=True)
-            return MemAccess(rn=rn, offset=0, size=size, total=size, load=True, store=True,
-                             rt=rt, exclusive=True, align=size)
+                return MemAccess(
+                    rn=rn,
+                    offset=0,
+                    size=size,
+                    total=size,
+                    load=True,
+                    store=False,
+                    rt=rt,
+                    sf=size_log2 == 3,
+                    acqrel=True,
+                    iss_valid=True,
+                )
+            return MemAccess(
+                rn=rn,
+                offset=0,
+                size=size,
+                total=size,
+                load=True,
+                store=True,
+                rt=rt,
+                exclusive=True,
+                align=size,
+            )
         if op4 & 1 and not v and size_log2 == 3:  # LDRAA/LDRAB (pointer authentication)
             imm = _sext(((insn >> 22) & 1) << 9 | (insn >> 12) & 0x1FF, 10) * 8
-            return MemAccess(rn=rn, offset=imm, size=8, total=8, load=True, store=False, rt=rt,
-                             writeback=op4 == 3)
+            return MemAccess(
+                rn=rn,
+                offset=imm,
+                size=8,
+                total=8,
+                load=True,
+                store=False,
+                rt=rt,
+                writeback=op4 == 3,
+            )
         return None
 
     # SIMD load/store multiple structures (with or without post-index).
@@ -234,8 +395,16 @@ def decode_mem(insn: int) -> MemAccess | None:
             return None
         per = 16 if insn & (1 << 30) else 8
         load = bool(insn & (1 << 22))
-        return MemAccess(rn=rn, offset=0, size=per, total=n * per, load=load, store=not load,
-                         rt=rt, writeback=bool(insn & (1 << 23)))
+        return MemAccess(
+            rn=rn,
+            offset=0,
+            size=per,
+            total=n * per,
+            load=load,
+            store=not load,
+            rt=rt,
+            writeback=bool(insn & (1 << 23)),
+        )
 
     # SIMD load/store single structure (and replicate).
     if insn & 0xBF9F0000 == 0x0D000000 or insn & 0xBF800000 == 0x0D800000:
@@ -248,8 +417,16 @@ def decode_mem(insn: int) -> MemAccess | None:
         elif scale == 2 and (insn >> 10) & 1:
             scale = 3
         esize = 1 << scale
-        return MemAccess(rn=rn, offset=0, size=esize, total=selem * esize, load=load,
-                         store=not load, rt=rt, writeback=bool(insn & (1 << 23)))
+        return MemAccess(
+            rn=rn,
+            offset=0,
+            size=esize,
+            total=selem * esize,
+            load=load,
+            store=not load,
+            rt=rt,
+            writeback=bool(insn & (1 << 23)),
+        )
     return None
 
 
@@ -279,8 +456,13 @@ def decode_sys(insn: int) -> SysInsn | None:
     if op0 == 0:
         return None
     return SysInsn(
-        op0=op0, op1=(insn >> 16) & 7, crn=(insn >> 12) & 15, crm=(insn >> 8) & 15,
-        op2=(insn >> 5) & 7, rt=insn & 31, read=bool(insn & (1 << 21)),
+        op0=op0,
+        op1=(insn >> 16) & 7,
+        crn=(insn >> 12) & 15,
+        crm=(insn >> 8) & 15,
+        op2=(insn >> 5) & 7,
+        rt=insn & 31,
+        read=bool(insn & (1 << 21)),
     )
 
 

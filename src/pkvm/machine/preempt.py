@@ -1,0 +1,59 @@
+"""The host's physical timer while a guest runs: stop a `Core` after a wall-clock slice.
+
+`run_for(core, seconds)` runs the core like `Core.run()`; a watchdog thread, waking every
+quarter slice, interrupts a run that has lasted `seconds` (`uc.emu_stop()`, which takes effect at
+the next translation-block boundary) and the run reports a BUDGET exit, as an instruction budget
+would. It costs nothing per guest instruction, unlike `Core.run(max_insns)` (unicorn's
+instruction counter, ~4x slower), and nothing per run (no thread hand-off): the run only
+publishes (core, start, seconds) and the watchdog samples it.
+
+A stop that lands after its run ended is dropped by unicorn (emulation done) or, at worst,
+ends the next run early: a spurious, harmless preemption.
+
+(Added for issue 9, Linux guests.)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+_current: tuple[Any, float, float, int] | None = None  # (core, start, seconds, serial)
+_serial = 0
+_thread: threading.Thread | None = None
+stats = {"slices": 0, "preempted": 0}
+
+
+def _watchdog() -> None:
+    stopped = -1
+    while True:
+        cur = _current
+        if cur is None:
+            time.sleep(0.002)
+            continue
+        core, start, seconds, serial = cur
+        left = start + seconds - time.monotonic()
+        if left > 0:
+            time.sleep(min(left, seconds / 4) + 0.0002)
+            continue
+        if serial != stopped:
+            stopped = serial
+            core.uc.emu_stop()
+            stats["preempted"] += 1
+        time.sleep(seconds / 4)
+
+
+def run_for(core: Any, seconds: float) -> Any:
+    """`core.run()` bounded by `seconds` of wall-clock time (a BUDGET exit when it elapses)."""
+    global _thread, _current, _serial
+    if _thread is None:
+        _thread = threading.Thread(target=_watchdog, name="pkvm-preempt", daemon=True)
+        _thread.start()
+    _serial += 1
+    _current = (core, time.monotonic(), seconds, _serial)
+    stats["slices"] += 1
+    try:
+        return core.run()
+    finally:
+        _current = None
