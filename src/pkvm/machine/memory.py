@@ -1,6 +1,7 @@
 """Physical memory of the simulated board (QEMU-virt-like).
 
-RAM is one anonymous, sparse mapping: a page costs resident memory only once something writes
+RAM is one anonymous, shared, sparse mapping (shared so that the CPU emulator can alias
+scattered pages into one region): a page costs resident memory only once something writes
 it, so a 16 GiB machine starts instantly.  Everything that lives in RAM in the real system lives
 here as bytes: page tables (as 64-bit descriptors), the host's `struct kvm`, guest memory.
 The CPU emulator maps the same bytes directly (`host_address`).
@@ -63,7 +64,7 @@ class PhysMemory:
         self.end = RAM_BASE + size
         self.base_pfn = RAM_BASE >> PAGE_SHIFT
         self.nr_pages = size >> PAGE_SHIFT
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
         self._map = mmap.mmap(-1, size, flags=flags)
         self.bytes = memoryview(self._map)
         self.u64 = self.bytes.cast("Q")
