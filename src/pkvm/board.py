@@ -249,8 +249,9 @@ class Machine:
             self._notify(rec)
             raise HypPanic(str(bug), cpu, cname) from None
         result = HvcResult(_s64(regs[0]), _s64(regs[1]), regs[2], regs[3])
-        rec = self._record(cpu, name or hex(x0), x0, args, regs, t0, None)
-        self._notify(rec)
+        if self.tracing or self.listeners:
+            rec = self._record(cpu, name or hex(x0), x0, args, regs, t0, None)
+            self._notify(rec)
         return result
 
     def _record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],

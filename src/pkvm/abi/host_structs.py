@@ -183,6 +183,11 @@ _NSYS = len(SYS_REGS)
 assert _ctxt_off("arch.ctxt.sys_regs") == 8 * (31 + len(_SCALARS) + 64)
 
 
+def ctxt_words(raw: bytes) -> tuple[int, ...]:
+    """`arch.ctxt` as u64 words: x0..x30, sp_el0, pc, pstate, ... (see `ctxt_unpack`)."""
+    return _CTXT_FMT.unpack_from(raw, 0)
+
+
 def ctxt_unpack(raw: bytes):
     """`arch.ctxt` bytes -> `pkvm.machine.cpu.CpuContext`."""
     from pkvm.machine.cpu import CpuContext
@@ -201,13 +206,9 @@ def ctxt_pack(ctx, base: bytes) -> bytes:
     q[:31] = [r & m for r in ctx.x]
     q[31:39] = [ctx.sp_el0 & m, ctx.pc & m, ctx.pstate & m, ctx.sp_el1 & m, ctx.elr_el1 & m,
                 ctx.spsr_el1 & m, ctx.fpsr & m, ctx.fpcr & m]
-    for i, val in enumerate(ctx.v):
-        q[39 + 2 * i] = val & m
-        q[40 + 2 * i] = (val >> 64) & m
+    q[39:103] = [half for val in ctx.v for half in (val & m, (val >> 64) & m)]
     sysr = ctx.sys_regs
-    for i, name in enumerate(SYS_REGS):
-        if name in sysr:
-            q[103 + i] = sysr[name] & m
+    q[103 : 103 + _NSYS] = [sysr.get(name, q[103 + i]) & m for i, name in enumerate(SYS_REGS)]
     raw = bytearray(base)
     _CTXT_FMT.pack_into(raw, 0, *q)
     return bytes(raw)

@@ -48,6 +48,9 @@ KVM_UID = (0xB66F_B428, 0xE911_C52E, 0x564B_CAA9, 0x743A_004D)
 PSCI_RET_SUCCESS, PSCI_RET_NOT_SUPPORTED, PSCI_RET_INVALID_PARAMS = 0, -1, -2
 PSCI_RET_ALREADY_ON, PSCI_RET_INTERNAL_FAILURE = -4, -6
 SCTLR_EL1_RESET = 0x30D0_0800
+_REGS_OFF = KVM_VCPU.offset("arch.ctxt.regs")
+_FAULT_OFF = KVM_VCPU.offset("arch.fault.esr_el2")
+assert KVM_VCPU.offset("arch.fault.hpfar_el2") == _FAULT_OFF + 16
 
 
 @dataclass
@@ -109,6 +112,13 @@ class VcpuRunner:
         f = KVM_VCPU.field(name)
         self.vm.host.write(self.vcpu.pa + f.offset, (value & U64).to_bytes(f.size, "little"))
 
+    def _xreg(self, n: int) -> int:
+        """One general-purpose register from the host's saved context."""
+        return int.from_bytes(self.vm.host.read(self.vcpu.pa + _REGS_OFF + 8 * n, 8), "little")
+
+    def _set_xreg(self, n: int, value: int) -> None:
+        self.vm.host.write(self.vcpu.pa + _REGS_OFF + 8 * n, (value & U64).to_bytes(8, "little"))
+
     def _set_iflag(self, flag: int) -> None:
         self._set_field("arch.iflags", self._field("arch.iflags") | flag)
 
@@ -123,10 +133,8 @@ class VcpuRunner:
         from pkvm.machine.cpu import mmio_read_value
 
         esr, srt = self.pending_mmio
-        ctx = self.get_regs()
         if srt != 31:
-            ctx.x[srt] = mmio_read_value(esr, data)
-        self.set_regs(ctx)
+            self._set_xreg(srt, mmio_read_value(esr, data))
         self.pending_mmio = None
 
     def run(self, cpu: int | None = None) -> VcpuExit:
@@ -161,7 +169,10 @@ class VcpuRunner:
             return VcpuExit("preempted")
         if code != ARM_EXCEPTION_TRAP:
             return VcpuExit("fail", detail=f"exit code {code}")
-        esr = self._field("arch.fault.esr_el2")
+        raw = self.vm.host.read(self.vcpu.pa + _FAULT_OFF, 24)
+        esr = int.from_bytes(raw[0:8], "little")
+        self._far = int.from_bytes(raw[8:16], "little")
+        self._hpfar = int.from_bytes(raw[16:24], "little")
         ec = esr >> 26
         if ec in (EC_DABT_LOW, EC_IABT_LOW):
             return self._abort(esr, cpu)
@@ -180,8 +191,7 @@ class VcpuRunner:
         return VcpuExit("fail", esr=esr, detail=f"unhandled exception class {ec:#x}")
 
     def _abort(self, esr: int, cpu: int) -> VcpuExit | None:
-        hpfar = self._field("arch.fault.hpfar_el2")
-        far = self._field("arch.fault.far_el2")
+        hpfar, far = self._hpfar, self._far
         if self.vm.profile.hyp_owned_guest_stage2 and not hpfar & HPFAR_NS:
             return VcpuExit("fail", esr=esr, detail="fault IPA not valid (HPFAR_EL2.NS clear)")
         ipa = (((hpfar & ~HPFAR_NS) >> 4) << PAGE_SHIFT) | (far & 0xFFF)
@@ -210,7 +220,7 @@ class VcpuRunner:
         srt = (esr >> 16) & 31
         self._set_iflag(IFLAG_INCREMENT_PC)
         if write:
-            data = 0 if srt == 31 else self.get_regs().x[srt] & ((1 << (8 * size)) - 1)
+            data = 0 if srt == 31 else self._xreg(srt) & ((1 << (8 * size)) - 1)
             return VcpuExit("mmio", addr=ipa, size=size, write=True, data=data, esr=esr)
         self.pending_mmio = (esr, srt)
         return VcpuExit("mmio", addr=ipa, size=size, write=False, esr=esr)

@@ -10,6 +10,8 @@ an interrupt before the first guest instruction would.
 
 from __future__ import annotations
 
+import struct
+
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM_VCPU
 from pkvm.errors import EINVAL
 from pkvm.hyp.mm import el2_read, el2_write, el2_write_u64
@@ -32,6 +34,7 @@ HCR_TWI = 1 << 13
 HCR_TWE = 1 << 14
 HCR_VSE = 1 << 8
 HCR_VI = 1 << 7  # issue 9: the host's virtual IRQ line (its emulated GIC's output)
+_FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 
 
@@ -63,9 +66,8 @@ def sync_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     el2_write(h, hv + CTXT_START, vcpu.ctxt)
     el2_write_u64(h, hv + KVM_VCPU.offset("arch.hcr_el2"), vcpu.hcr_el2)
     el2_write_u64(h, hv + KVM_VCPU.offset("arch.iflags"), vcpu.iflags)
-    el2_write_u64(h, hv + KVM_VCPU.offset("arch.fault.esr_el2"), vcpu.fault_esr)
-    el2_write_u64(h, hv + KVM_VCPU.offset("arch.fault.far_el2"), vcpu.fault_far)
-    el2_write_u64(h, hv + KVM_VCPU.offset("arch.fault.hpfar_el2"), vcpu.fault_hpfar)
+    el2_write(h, hv + KVM_VCPU.offset("arch.fault.esr_el2"),
+              _FAULT.pack(vcpu.fault_esr, vcpu.fault_far, vcpu.fault_hpfar))
 
 
 HPFAR_NS = 1 << 63
@@ -195,6 +197,32 @@ def _refault(h: HypState, vcpu: PkvmHypVcpu, core, ipa: int) -> bool:
     return core.mappings() != before
 
 
+def _load_context(vcpu: PkvmHypVcpu, core) -> None:
+    """Put the flushed context on the CPU, applying `__kvm_adjust_pc`'s PC increment.
+
+    The core still holds what the last sync copied out; when the host changed only general
+    registers or the PC since (an MMIO completion), only those are written."""
+    from pkvm.abi.host_structs import IFLAG_INCREMENT_PC, ctxt_unpack, ctxt_words
+
+    words = ctxt_words(vcpu.ctxt)
+    synced = vcpu.exit_data.get("synced_words")
+    pc = words[32]
+    if vcpu.iflags & IFLAG_INCREMENT_PC:
+        pc = (pc + 4) & 0xFFFF_FFFF_FFFF_FFFF
+        vcpu.iflags &= ~IFLAG_INCREMENT_PC
+    if synced is not None:
+        if words[33:] == synced[33:] and words[31] == synced[31]:
+            changed = [i for i in range(31) if words[i] != synced[i]]
+            for i in changed:
+                core.set_x(i, words[i])
+            if pc != synced[32]:
+                core.pc = pc
+            return
+    ctx = ctxt_unpack(vcpu.ctxt)
+    ctx.pc = pc
+    core.load_context(ctx)
+
+
 def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     """`__kvm_vcpu_run`: enter the guest, return the exit code."""
     runner = getattr(h, "guest_runner", None)
@@ -204,17 +232,13 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         IFLAG_INCREMENT_PC,
         IFLAG_PENDING_EXCEPTION,
         ctxt_pack,
-        ctxt_unpack,
+        ctxt_words,
     )
     from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
     from pkvm.machine.cpu import ExitKind
 
     core = _core_for(h, vcpu)
-    ctx = ctxt_unpack(vcpu.ctxt)
-    if vcpu.iflags & IFLAG_INCREMENT_PC:  # __kvm_adjust_pc
-        ctx.pc = (ctx.pc + 4) & 0xFFFF_FFFF_FFFF_FFFF
-        vcpu.iflags &= ~IFLAG_INCREMENT_PC
-    core.load_context(ctx)
+    _load_context(vcpu, core)
     if vcpu.iflags & IFLAG_PENDING_EXCEPTION:
         core.inject_undef()
         vcpu.iflags &= ~IFLAG_PENDING_EXCEPTION
@@ -247,6 +271,7 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
             continue
         break
     vcpu.ctxt = ctxt_pack(core.save_context(), vcpu.ctxt)
+    vcpu.exit_data["synced_words"] = ctxt_words(vcpu.ctxt)
     return code
 
 
