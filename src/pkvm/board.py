@@ -181,6 +181,8 @@ class Machine:
         self.tracing = bool(trace)
         self.trace: collections.deque[TraceRecord] = collections.deque(maxlen=maxlen)
         self._seq = 0
+        self._tlb: dict[tuple[int, int, bool], int] = {}
+        self._tlb_gen = -1
         self.listeners: list[Any] = []  # called with each TraceRecord (checkers, UIs)
         self.host = Host(HostPort(self), self.profile, self.nr_cpus, self.mem.base, self.mem.size,
                          self.carveout)
@@ -288,12 +290,25 @@ class Machine:
         if not 0 <= pa < 1 << 48:
             raise ValueError(f"host address {pa:#x} is beyond the 48-bit physical address space")
         el2 = self.el2[cpu]
+        # The host's TLB: translations stay valid until the hyp writes the host stage-2 (it
+        # invalidates after every change). It only holds what a walk succeeded on.
+        gen = h.host_mmu.pgt.gen if h.host_mmu is not None else -1
+        if self._tlb_gen != gen:
+            self._tlb.clear()
+            self._tlb_gen = gen
+        key = (cpu, pa >> 12, write)
+        hit = self._tlb.get(key)
+        if hit is not None:
+            return hit + (pa & 0xFFF) if hit >= 0 else None
         for _attempt in range(4):
             if not el2.hcr_el2 & HCR_VM:
                 out = pa
                 break
             out, fault = s2_translate(self.mem, el2.vttbr_el2, pa, write)
             if fault is None:
+                if el2.hcr_el2 & HCR_VM:
+                    ram = self.mem.is_ram(out)
+                    self._tlb[key] = (out & ~0xFFF) if ram else -1
                 break
             h.locks.cpu = cpu
             try:

@@ -591,6 +591,8 @@ class KvmPgtable:
         """`kvm_pgtable_stage2_unmap`: clear leaves (whole blocks) and free emptied tables."""
         if self.touched is not None:
             self.touched.append((addr, size))
+        if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1) and self._unmap_page(addr):
+            return 0
 
         def visit(ctx: VisitCtx, v: int) -> int:
             if not pte_valid(ctx.old):
@@ -608,6 +610,32 @@ class KvmPgtable:
             return 0
 
         return self.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_TABLE_POST)
+
+    def _unmap_page(self, addr: int) -> bool:
+        """The generic unmap of one page reached through tables to a level-3 entry: clear it,
+        then free every table it leaves empty, bottom up. False where the walk must decide."""
+        if addr >> self.ia_bits or not self.pgd:
+            return False
+        read = self.mem.read_u64
+        path = []  # (ptep of the table entry, child table) from the top
+        table = self.pgd
+        for level in range(self.start_level, 3):
+            ptep = table + ((addr >> (39 - 9 * level)) & 511) * 8
+            pte = read(ptep)
+            if pte & 3 != 3:
+                return False
+            table = pte & KVM_PTE_ADDR_MASK
+            path.append((ptep, table))
+        ptep = table + ((addr >> 12) & 511) * 8
+        old = read(ptep)
+        if old:
+            self._set(ptep, old, 0)
+        for tptep, child in reversed(path):
+            if self.mm_ops.page_count(child) != 1:
+                break
+            self._set(tptep, read(tptep), 0)
+            self.mm_ops.put_page(child)
+        return True
 
     def stage2_update_leaf(self, addr: int, size: int, set_bits: int, clr_bits: int,
                            flags: int = KVM_PGTABLE_WALK_IGNORE_EAGAIN) -> tuple[int, int]:

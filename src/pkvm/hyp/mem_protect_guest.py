@@ -81,6 +81,12 @@ class _HostGuest:
 
 def guest_check_page_state_range(vm: "PkvmHypVm", addr: int, size: int, want: PageState) -> int:
     vm.lock.assert_held()
+    if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
+        # One page: the walk visits exactly the leaf covering it.
+        ret, pte, _ = vm.pgt.get_leaf(addr)
+        if ret:
+            return ret
+        return 0 if guest_state_of_pte(pte) == want else -EPERM
 
     def visit(ctx: VisitCtx, _v: int) -> int:
         return 0 if guest_state_of_pte(ctx.old) == want else -EPERM
