@@ -469,9 +469,12 @@ def ensure_setup(kernel: str = "latest", progress: bool = True) -> Path:
     digest = _sources_digest()
     if _is_set_up(out, digest):
         return out
-    with _cache_lock():
-        if not _is_set_up(out, digest):
-            _set_up(profile, out, digest, _Steps(progress))
+    try:
+        with _cache_lock():
+            if not _is_set_up(out, digest):
+                _set_up(profile, out, digest, _Steps(progress))
+    except OSError as e:
+        raise SetupError(f"cannot write the cache {cache_root()} (set PKVM_CACHE?): {e}") from e
     return out
 
 
