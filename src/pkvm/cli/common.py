@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, emoji=False)
+err_console = Console(stderr=True, highlight=False, emoji=False)
 
 ABI_HELP = "ABI profile: 'latest' (Linux 7.2.13) or '6.12' (Linux 6.12.117)."
 
