@@ -57,7 +57,9 @@ def test_shrink_and_reproducer(tmp_path) -> None:
     assert res.found and res.minimal is not None
     assert len(res.minimal) <= 3
     doc = tomllib.loads(out.read_text())
-    assert doc["machine"] == {"memory": MEM, "cpus": CPUS, "abi": "latest"}
+    assert doc["machine"] == {"memory": MEM, "cpus": CPUS, "abi": "latest", "check": True}
+    scenario = pytest.importorskip("pkvm.scenario")
+    assert scenario.load(str(out)).run().ok  # `pkvm run` reads it; the clean model passes
     again = replay(doc["machine"], doc["step"], bugs=("load-no-pin",))
     assert again is not None and again.signature == "invariant:vm-refcount"
     assert replay(doc["machine"], doc["step"]) is None  # the clean model passes the same steps
@@ -69,3 +71,28 @@ def test_coverage_is_collected() -> None:
     assert {"__pkvm_host_share_hyp", "__pkvm_vcpu_load", "__pkvm_init_vm"} <= names
     assert any(res != "0" for _, res in r.calls)
     assert r.transitions
+
+
+# --- pkvm explore -------------------------------------------------------------------------------
+def _make(abi: str = "latest", bugs: tuple[str, ...] = ()):
+    return lambda: pkvm.Machine(memory=MEM, cpus=CPUS, abi=abi, trace=False, bugs=bugs)
+
+
+@pytest.mark.parametrize("name", ["share-share", "reserve-reserve", "init-vcpu-race"])
+def test_explore_clean_scenarios_exhaust(name: str) -> None:
+    from pkvm.check.explore import SCENARIOS, explore
+
+    r = explore(_make(), SCENARIOS[name][1], bound=2, max_runs=400)
+    assert not r.findings, r.findings[0].finding
+    assert r.exhausted and r.executions > 10
+
+
+@pytest.mark.parametrize("name,bug,expect", [
+    ("init-vcpu-race", "double-fetch", "IndexError"),
+    ("load-teardown", "load-no-pin", "vm-refcount"),
+])
+def test_explore_finds_race_bugs(name: str, bug: str, expect: str) -> None:
+    from pkvm.check.explore import SCENARIOS, explore
+
+    r = explore(_make(bugs=(bug,)), SCENARIOS[name][1], bound=2, max_runs=50)
+    assert r.findings and expect in (r.findings[0].finding or "")

@@ -21,8 +21,9 @@ import time
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pkvm.abi.host_structs import KVM, KVM_VCPU
 from pkvm.check.invariants import InvariantViolation
@@ -30,6 +31,7 @@ from pkvm.errors import HostDataAbort, HostError, HypPanic, errno_name
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
+FULL_EVERY = 2048  # a full invariant check every this many hypercalls (and at the end)
 HCR_HOST_VCPU = (1 << 31) | (1 << 27) | (1 << 13) | (1 << 14)
 
 
@@ -84,7 +86,7 @@ class Racer:
     rewrite fields of the host structs the hyp is reading (what a real host can do at any time).
     The writes go straight to memory the host has mapped (pinned, shared pages)."""
 
-    def __init__(self, world: "World"):
+    def __init__(self, world: World):
         self.world = world
         self.plan: list[tuple[int, bytes]] = []  # writes to perform at the next host read
         self.log: list[tuple[int, bytes]] = []
@@ -108,10 +110,14 @@ class World:
     def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True):
         import pkvm
 
-        self.cfg = dict(memory=memory, cpus=cpus, abi=abi)
-        self.log: list[tuple] = []
-        self.m = pkvm.Machine(memory=memory, cpus=cpus, abi=abi, check=check, trace=False,
-                              bugs=bugs)
+        self.cfg = {"memory": memory, "cpus": cpus, "abi": abi}
+        self.log: list[Any] = []
+        self.m = pkvm.Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs)
+        if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
+            from pkvm.check.invariants import Checker
+
+            self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)
+            self.m.listeners.append(self.m.checker.after_call)
         self.m.listeners.insert(0, self._on_call)
         self.m.host.port = _RecordingPort(self.m.host.port, self.log)
         inner = self.m.hvc
@@ -468,6 +474,7 @@ class RunResult:
     calls: Counter = field(default_factory=Counter)
     transitions: Counter = field(default_factory=Counter)
     driver_errors: Counter = field(default_factory=Counter)
+    driver_tracebacks: dict[str, str] = field(default_factory=dict)
     log: list[tuple] = field(default_factory=list)
 
 
@@ -508,11 +515,14 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
         except InvariantViolation as v:
             res.failure = Failure("invariant", f"invariant:{v.invariant}", str(v), i)
             break
-        except Exception as e:  # noqa: BLE001 - anything else escaping is what we hunt
+        except Exception as e:
             tb = e.__traceback__
             if _from_driver(tb):
                 # the driver tripped over state a hostile step left behind: not a model finding
-                res.driver_errors[f"{type(e).__name__} in {traceback.extract_tb(tb)[-1].name}"] += 1
+                key = f"{type(e).__name__} in {traceback.extract_tb(tb)[-1].name}"
+                res.driver_errors[key] += 1
+                res.driver_tracebacks.setdefault(key, f"step {i} {s}: " + "".join(
+                    traceback.format_exception(type(e), e, tb)[-6:]))
                 continue
             if not _from_hyp(tb):
                 raise  # a fuzzer bug: do not disguise it as a finding
@@ -526,6 +536,11 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
         finally:
             if progress is not None:
                 progress(i + 1)
+    if res.failure is None and w.m.checker is not None and not w.m.dead:
+        try:
+            w.m.checker.check_all()
+        except InvariantViolation as v:
+            res.failure = Failure("invariant", f"invariant:{v.invariant}", str(v), len(steps) - 1)
     _absorb(res, w)
     res.log = w.log
     return res
@@ -582,23 +597,39 @@ def shrink(steps: list[Step], failure: Failure, memory: str, cpus: int, abi: str
 
 
 # --- reproducers ---------------------------------------------------------------------------------
-def log_to_steps(log: list[tuple]) -> list[dict[str, Any]]:
-    """The raw events of a run as scenario steps (hypercalls and host memory writes)."""
+RACE_NOTE = "race_writes:"
+
+
+def log_to_steps(log: list[Any]) -> list[dict[str, Any]]:
+    """The raw events of a run as scenario steps (`docs/scenarios.md`): `hvc` steps and
+    `host_write` steps. A write a racing host CPU made during a hypercall has no step of its
+    own: the hypercall's `note` lists it ("race_writes: PA=HEX ...") for `replay`."""
     out: list[dict[str, Any]] = []
     for ev in log:
         if ev[0] == "hvc":
             _, cpu, func, args, race = ev
             st: dict[str, Any] = {"hvc": func, "cpu": cpu, "args": list(args)}
             if race:
-                st["race_writes"] = [[pa, data.hex()] for pa, data in race]
+                st["note"] = RACE_NOTE + " " + " ".join(f"{pa:#x}={d.hex()}" for pa, d in race)
             out.append(st)
         elif ev[0] == "write":
             _, cpu, pa, data = ev
-            out.append({"write": pa, "cpu": cpu, "data": data.hex()})
+            out.append({"host_write": pa, "cpu": cpu, "data": data.hex()})
         elif ev[0] == "zero":
             _, cpu, pa, n = ev
-            out.append({"zero": pa, "cpu": cpu, "size": n})
+            out.append({"host_write": pa, "cpu": cpu, "data": "00" * n,
+                        "note": "the host zeroes pages it allocates"})
     return out
+
+
+def _u64_safe(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _u64_safe(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_u64_safe(x) for x in v]
+    if isinstance(v, int) and not isinstance(v, bool) and v >= 1 << 63:
+        return v - (1 << 64)  # TOML integers are signed 64-bit
+    return v
 
 
 def _toml_value(v: Any) -> str:
@@ -615,21 +646,23 @@ def _toml_value(v: Any) -> str:
 
 def dump_toml(cfg: dict[str, Any], steps: list[dict[str, Any]], path: str,
               comment: str = "") -> None:
-    """Write a scenario TOML (`pkvm.scenario.dump` when the CLI engineer's module exists)."""
-    try:
-        from pkvm import scenario  # type: ignore[attr-defined]
+    """Write a scenario TOML through `pkvm.scenario.dump` (our own writer if it is missing),
+    with `comment` as a header."""
+    from pathlib import Path
 
-        if hasattr(scenario, "dump"):
-            scenario.dump(steps, path, machine=cfg, comment=comment)  # type: ignore[call-arg]
-            return
-    except (ImportError, TypeError):
-        pass
-    lines = [f"# {ln}" for ln in comment.splitlines()]
-    lines += ["[machine]"] + [f"{k} = {_toml_value(v)}" for k, v in cfg.items()]
-    for st in steps:
-        lines += ["", "[[step]]"] + [f"{k} = {_toml_value(v)}" for k, v in st.items()]
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    machine = dict(cfg, check=True)
+    try:
+        from pkvm import scenario
+
+        scenario.dump(steps, path, machine=machine)
+        body = Path(path).read_text()
+    except ImportError:
+        lines = ["[machine]"] + [f"{k} = {_toml_value(v)}" for k, v in machine.items()]
+        for st in _u64_safe(steps):
+            lines += ["", "[[step]]"] + [f"{k} = {_toml_value(v)}" for k, v in st.items()]
+        body = "\n".join(lines) + "\n"
+    head = "".join(f"# {ln}\n" for ln in comment.splitlines())
+    Path(path).write_text(head + body)
 
 
 def replay(cfg: dict[str, Any], steps: list[dict[str, Any]], bugs: tuple[str, ...] = ()) -> Failure | None:
@@ -641,15 +674,19 @@ def replay(cfg: dict[str, Any], steps: list[dict[str, Any]], bugs: tuple[str, ..
     racer = Racer(None)  # type: ignore[arg-type]
     racer.world = type("W", (), {"m": m})()  # type: ignore[assignment]
     for i, st in enumerate(steps):
+        cpu = st.get("cpu", 0)
         try:
             if "hvc" in st:
-                racer.plan = [(pa, bytes.fromhex(d)) for pa, d in st.get("race_writes", [])]
+                note = st.get("note", "")
+                racer.plan = []
+                if note.startswith(RACE_NOTE):
+                    for item in note[len(RACE_NOTE):].split():
+                        pa, d = item.split("=")
+                        racer.plan.append((int(pa, 0), bytes.fromhex(d)))
                 m._hyp.locks.scheduler = racer if racer.plan else None
-                m.hvc(st.get("cpu", 0), st["hvc"], *st.get("args", []))
-            elif "write" in st:
-                m.host.port.write(st.get("cpu", 0), st["write"], bytes.fromhex(st["data"]))
-            elif "zero" in st:
-                m.host.port.zero(st.get("cpu", 0), st["zero"], st["size"])
+                m.hvc(cpu, st["hvc"], *st.get("args", []))
+            elif "host_write" in st:
+                m.host.port.write(cpu, st["host_write"], bytes.fromhex(st["data"]))
         except (HostDataAbort, HypPanic) as e:
             if m.dead:
                 return Failure("panic", "HypPanic", str(e), i)
@@ -658,6 +695,8 @@ def replay(cfg: dict[str, Any], steps: list[dict[str, Any]], bugs: tuple[str, ..
         except Exception as e:  # noqa: BLE001
             last = traceback.extract_tb(e.__traceback__)[-1]
             return Failure("exception", f"exception:{type(e).__name__}@{last.name}", repr(e), i)
+        finally:
+            m._hyp.locks.scheduler = None
     return None
 
 
@@ -672,7 +711,7 @@ class Campaign:
     bugs: tuple[str, ...] = ()
     out: str | None = None  # where to write the reproducer TOML
 
-    def run(self, progress: Callable[[int], None] | None = None) -> "CampaignResult":
+    def run(self, progress: Callable[[int], None] | None = None) -> CampaignResult:
         import pkvm
 
         prof = pkvm.Machine(memory=self.memory, cpus=self.cpus, abi=self.abi, trace=False).profile
@@ -687,9 +726,11 @@ class Campaign:
             out.minimal_failure = sres.failure
             out.raw_steps = log_to_steps(sres.log)
             if self.out:
-                cfg = dict(memory=self.memory, cpus=self.cpus, abi=self.abi)
+                cfg = {"memory": self.memory, "cpus": self.cpus, "abi": self.abi}
                 comment = (f"pkvm fuzz --seed {self.seed} --steps {self.steps} --abi {self.abi}"
-                           + (f" --bug {','.join(self.bugs)}" if self.bugs else "")
+                           + "".join(f" --bug {b}" for b in self.bugs)
+                           + ("\nseeded bugs are not part of [machine]: replay with "
+                              "pkvm.check.fuzz.replay(machine, steps, bugs=...)" if self.bugs else "")
                            + f"\nminimal fuzzer steps: {[str(s) for s in small]}\n"
                            + str(sres.failure))
                 dump_toml(cfg, out.raw_steps, self.out, comment)

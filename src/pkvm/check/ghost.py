@@ -58,7 +58,7 @@ class GhostPage:
 
 @dataclass
 class Ghost:
-    checker: "Checker"
+    checker: Checker
     table: list[Any] = field(default_factory=list)  # None | RESERVED | GhostVm
     pre_page: tuple[int, GhostPage | None] | None = None
 
@@ -67,7 +67,7 @@ class Ghost:
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
-        from pkvm.hyp.pkvm import RESERVED_ENTRY
+        from pkvm.hyp.pkvm import RESERVED_ENTRY, PkvmHypVm
 
         h = self.checker.h
         out: list[Any] = []
@@ -79,6 +79,7 @@ class Ghost:
             elif not hasattr(slot, "vcpus"):
                 out.append(f"not a hyp VM: {slot!r}")
             else:
+                assert isinstance(slot, PkvmHypVm)
                 vcpus = frozenset(v.vcpu_idx for v in slot.vcpus if v is not None)
                 loaded = tuple(sorted((v.vcpu_idx, v.loaded_on) for v in slot.vcpus
                                       if v is not None and v.loaded_on is not None))
@@ -100,7 +101,7 @@ class Ghost:
             phys = (args[0] << PAGE_SHIFT) & U64
             self.pre_page = (phys, self.abstract_page(phys))
 
-    def after_call(self, rec: "TraceRecord", changed: set[int], full: bool = False) -> None:
+    def after_call(self, rec: TraceRecord, changed: set[int], full: bool = False) -> None:
         if rec.x0 != 0 or rec.name not in VM_TABLE_CALLS:
             if full:
                 self._compare_table(rec, self.table)
@@ -113,7 +114,7 @@ class Ghost:
         if rec.name in VM_TABLE_CALLS:
             self._table_call(rec)
 
-    def _fail(self, rec: "TraceRecord", what: str, expected: Any, found: Any) -> None:
+    def _fail(self, rec: TraceRecord, what: str, expected: Any, found: Any) -> None:
         from pkvm.check.invariants import InvariantViolation
 
         raise InvariantViolation("ghost", what, None, expected, found)
@@ -163,7 +164,7 @@ class Ghost:
             return -EBUSY, pre
         return 0, replace(pre, host=OWNED, hyp=NOPAGE)
 
-    def _page_call(self, rec: "TraceRecord", changed: set[int]) -> None:
+    def _page_call(self, rec: TraceRecord, changed: set[int]) -> None:
         assert self.pre_page is not None
         phys, pre = self.pre_page
         fn = self.expect_share if rec.name == "__pkvm_host_share_hyp" else self.expect_unshare
@@ -186,7 +187,7 @@ class Ghost:
         idx = (handle - sizes.HANDLE_OFFSET) & 0xFFFF_FFFF
         return idx if idx < len(self.table) else None
 
-    def _table_call(self, rec: "TraceRecord") -> None:
+    def _table_call(self, rec: TraceRecord) -> None:
         prof = self.checker.h.profile
         t = list(self.table)
         name, cpu, x1 = rec.name, rec.cpu, rec.x1
@@ -274,7 +275,8 @@ class Ghost:
                 self._fail(rec, f"start_teardown({handle:#x}) with ghost slot {slot}",
                            0 if ok else -EINVAL, x1)
             if ok:
-                t[idx] = replace(vm, dying=True)  # type: ignore[index, arg-type]
+                assert vm is not None and idx is not None
+                t[idx] = replace(vm, dying=True)
         elif name == "__pkvm_finalize_teardown_vm":
             ok = vm is not None and vm.dying and not vm.loaded
             if x1 != (0 if ok else -EINVAL):
@@ -292,7 +294,7 @@ class Ghost:
         self._compare_table(rec, t, conc)
         self.table = t
 
-    def _quick_compare(self, rec: "TraceRecord") -> None:
+    def _quick_compare(self, rec: TraceRecord) -> None:
         """Cheap frame check for calls outside the VM table: slot kinds still counted alike."""
         from pkvm.hyp.pkvm import RESERVED_ENTRY
 
@@ -301,7 +303,7 @@ class Ghost:
                 self.table.count(None), self.table.count(RESERVED)):
             self._compare_table(rec, self.table)
 
-    def _compare_table(self, rec: "TraceRecord", t: list[Any], conc: list[Any] | None = None) -> None:
+    def _compare_table(self, rec: TraceRecord, t: list[Any], conc: list[Any] | None = None) -> None:
         if conc is None:
             conc = self.abstract_table()
         if conc != t:

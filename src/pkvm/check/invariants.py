@@ -11,13 +11,14 @@ Every `full_every` calls, and on `check_all()`, it checks every page and every t
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_VCPU
-from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mem_protect import decode_host_annotation, get_host_state, get_hyp_state
+from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mm import hyp_pa, hyp_va
 from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, pte_valid
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
@@ -157,13 +158,15 @@ def _name(s: Any) -> str:
 class Checker:
     """Runs the invariants (and the ghost specification) after every hypercall of a machine."""
 
-    def __init__(self, machine: "Machine", full_every: int = 512, ghost: bool = True):
+    def __init__(self, machine: Machine, full_every: int = 512, ghost: bool = True,
+                 initial_check: bool = True):
         self.machine = machine
         self.h: HypState = machine._hyp  # read-only introspection
         self.full_every = full_every
         self.calls = 0
         self._pending: set[int] = set()
         self._gmap: dict[int, list[tuple[int, PageState]]] | None = None
+        self._live: list[tuple[int, PkvmHypVm]] | None = None
         # Pages a 7.2 guest still had when its VM was finalised: finalize does not reclaim
         # them (vm-state.md §4.5), so they keep their state with no guest mapping left.
         self.orphan_owned: set[int] = set()
@@ -180,7 +183,8 @@ class Checker:
             from pkvm.check.ghost import Ghost
 
             self.ghost = Ghost(self)
-        self.check_all()
+        if initial_check:
+            self.check_all()
         self._install_entry_hook()
 
     def _install_entry_hook(self) -> None:
@@ -205,6 +209,7 @@ class Checker:
     def before_call(self, cpu: int, func: Any, args: tuple[int, ...]) -> None:
         # Pages changed since the last call (host stage-2 faults handled by the hyp): checked
         # after this call, but not blamed on it.
+        self._live = None
         if func == "__pkvm_finalize_teardown_vm" and args and self._in_vmemmap:
             self._about_to_orphan = self._guest_pages_of(args[0])
         if self.ghost is not None and func in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp"):
@@ -212,7 +217,7 @@ class Checker:
         if self.ghost is not None:
             self.ghost.before_call(cpu, func, args)
 
-    def after_call(self, rec: "TraceRecord") -> None:
+    def after_call(self, rec: TraceRecord) -> None:
         if rec.panic is not None:
             return
         self.calls += 1
@@ -220,8 +225,9 @@ class Checker:
         try:
             changed = self._changed_pages()
             pending, self._pending = self._pending, set()
-            if rec.x0 == 0 and rec.name not in _GUEST_S2_STILL:
-                self._gmap = None
+            self._live = None
+            if rec.x0 == 0 and rec.name not in _GUEST_S2_STILL and (changed or rec.x1 >= 0):
+                self._gmap = None  # (a refused call that changed no vmemmap entry keeps it)
             if self._about_to_orphan is not None:
                 if rec.name == "__pkvm_finalize_teardown_vm" and rec.x0 == 0 and rec.x1 == 0:
                     for pfn, st in self._about_to_orphan:
@@ -284,13 +290,19 @@ class Checker:
         pa = pfn << PAGE_SHIFT
         return get_host_state(self.h, pa), get_hyp_state(self.h, pa)
 
-    def live_vms(self) -> list[tuple[int, "PkvmHypVm"]]:
+    def live_vms(self) -> list[tuple[int, PkvmHypVm]]:
+        """(handle, VM) of every hyp VM in the table (cached for the duration of one check)."""
+        if self._live is not None:
+            return self._live
         table = self.h.vm_table or []
         if table.count(None) == len(table):
-            return []
-        from pkvm.hyp.pkvm import live_vms
+            out = []
+        else:
+            from pkvm.hyp.pkvm import live_vms
 
-        return live_vms(self.h)
+            out = live_vms(self.h)
+        self._live = out
+        return out
 
     def guest_map(self) -> dict[int, list[tuple[int, PageState]]]:
         """pfn -> [(handle, guest state)] over every valid leaf of every hyp-owned guest stage-2.
@@ -506,6 +518,7 @@ class Checker:
         """Every invariant over every page and table (slow: tens of ms)."""
         h = self.h
         self._gmap = None
+        self._live = None
         gmap = self.guest_map() if h.profile.hyp_owned_guest_stage2 else {}
         host_leaf: dict[int, int] = {}
         for addr, level, pte in h.host_mmu.pgt.leaves():  # type: ignore[union-attr]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -30,16 +30,21 @@ def coverage_tables(calls: Counter, transitions: Counter) -> list[Table]:
 
 
 def register(app: typer.Typer) -> None:
+    """Add `fuzz` and `explore` to the `pkvm` app."""
+    register_explore(app)
+
     @app.command()
     def fuzz(
-        steps: int = typer.Option(2000, help="hostile steps to run"),
-        seed: int = typer.Option(0, help="seed of the step generator"),
-        cpus: int = typer.Option(2, help="CPUs of the machine"),
-        abi: str = typer.Option("latest", help='ABI profile: "latest" (7.2) or "6.12"'),
-        memory: str = typer.Option("64M", help="RAM of the machine"),
-        bug: Optional[list[str]] = typer.Option(None, help="seeded bug to switch on (repeatable)"),
-        out: str = typer.Option("fuzz-repro.toml", help="where to write a minimal reproducer"),
-        coverage: bool = typer.Option(True, help="print the coverage tables"),
+        steps: Annotated[int, typer.Option(help="hostile steps to run")] = 2000,
+        seed: Annotated[int, typer.Option(help="seed of the step generator")] = 0,
+        cpus: Annotated[int, typer.Option(help="CPUs of the machine")] = 2,
+        abi: Annotated[str, typer.Option(help='ABI profile: "latest" (7.2) or "6.12"')] = "latest",
+        memory: Annotated[str, typer.Option(help="RAM of the machine")] = "64M",
+        bug: Annotated[list[str] | None,
+                       typer.Option(help="seeded bug to switch on (repeatable)")] = None,
+        out: Annotated[str, typer.Option(help="where to write a minimal reproducer")]
+        = "fuzz-repro.toml",
+        coverage: Annotated[bool, typer.Option(help="print the coverage tables")] = True,
     ) -> None:
         """Hostile host against a checked machine: shrink and save any failure; exit 1 if found."""
         from pkvm.check.bugs import BUGS
@@ -74,5 +79,49 @@ def register(app: typer.Typer) -> None:
                 console.print(f"shrunk to {len(res.minimal)} steps: "
                               + "; ".join(str(s) for s in res.minimal))
                 console.print(f"reproducer: {out} ({len(res.raw_steps or [])} raw steps)")
+            raise typer.Exit(1)
+        console.print("[green]clean[/]")
+
+
+def register_explore(app: typer.Typer) -> None:
+    @app.command()
+    def explore(
+        scenario: Annotated[str, typer.Argument(help="built-in scenario (see --list)")] = "",
+        abi: Annotated[str, typer.Option(help='ABI profile: "latest" (7.2) or "6.12"')] = "latest",
+        bound: Annotated[int, typer.Option(help="preemption bound")] = 2,
+        max_runs: Annotated[int, typer.Option(help="executions at most")] = 2000,
+        bug: Annotated[list[str] | None,
+                       typer.Option(help="seeded bug to switch on (repeatable)")] = None,
+        list_: Annotated[bool, typer.Option("--list", help="list the scenarios")] = False,
+    ) -> None:
+        """Every interleaving (up to a preemption bound) of a two-CPU scenario; exit 1 if found."""
+        import pkvm
+        from pkvm.check.explore import SCENARIOS
+        from pkvm.check.explore import explore as run_explore
+
+        console = Console()
+        if list_ or not scenario:
+            for name, (doc, _, abis) in SCENARIOS.items():
+                console.print(f"{name:16} {doc} ({', '.join(abis)})")
+            return
+        if scenario not in SCENARIOS:
+            raise typer.BadParameter(f"unknown scenario {scenario!r}; try --list")
+        doc, setup, abis = SCENARIOS[scenario]
+        if abi not in abis:
+            raise typer.BadParameter(f"{scenario} needs abi in {abis}")
+        bugs = tuple(bug or ())
+
+        def make() -> pkvm.Machine:
+            return pkvm.Machine(memory="64M", cpus=2, abi=abi, trace=False, bugs=bugs)
+
+        with console.status(f"exploring {scenario}"):
+            r = run_explore(make, setup, bound=bound, max_runs=max_runs)
+        console.print(f"{scenario}: {r.executions} executions"
+                      + (" (all schedules within the bound)" if r.exhausted else ""))
+        if r.findings:
+            ex = r.findings[0]
+            console.print(f"[red]FOUND[/] {ex.finding}")
+            console.print(f"schedule (choice, options): {ex.choices}")
+            console.print("trace tail: " + "; ".join(ex.trace[-12:]))
             raise typer.Exit(1)
         console.print("[green]clean[/]")

@@ -1,0 +1,332 @@
+"""`pkvm explore`: systematic interleavings of hypercalls on several CPUs.
+
+One Python thread per CPU runs that CPU's program (hypercalls, or host stores for a racing host
+CPU), but only the thread holding the baton runs. The hyp calls the scheduler hook
+(`HypLocks.scheduler`) at every lock acquire and release and at every read of host-shared memory;
+there, and before each program step, the baton may pass to another runnable CPU. A CPU spinning
+on a lock another holds is not runnable. Each execution is fully determined by its list of
+choices, so the explorer enumerates them depth-first (stateless model checking) with a bound on
+preemptions (switching away from a CPU that could have continued).
+
+Oracles per execution: no exception but `HypPanic` escapes, no deadlock, every invariant holds
+at the end, and the outcome (each CPU's results and the final abstract state) equals the outcome
+of some serial order of the same calls (linearizability at hypercall granularity).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pkvm.errors import HypPanic
+from pkvm.machine.memory import PAGE_SHIFT
+
+Op = tuple  # ("hvc", name, *args) | ("store", pa, bytes)
+Setup = Callable[[Any], dict[int, list[Op]]]
+
+
+class Deadlock(Exception):
+    pass
+
+
+@dataclass
+class Execution:
+    choices: list[tuple[int, int]] = field(default_factory=list)  # (chosen, options)
+    trace: list[str] = field(default_factory=list)  # "cpu1 acquire host_mmu.lock", ...
+    results: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+    finding: str | None = None
+
+
+class BatonScheduler:
+    """Runs `programs` on machine `m` under the choice list `prefix` (then: no preemption)."""
+
+    def __init__(self, m: Any, programs: dict[int, list[Op]], prefix: list[int], bound: int):
+        self.m = m
+        self.h = m._hyp
+        self.programs = programs
+        self.prefix = prefix
+        self.bound = bound
+        self.cpus = sorted(programs)
+        self.cond = threading.Condition()
+        self.turn: int | None = None
+        self.done = {c: False for c in self.cpus}
+        self.blocked: dict[int, Any] = {c: None for c in self.cpus}
+        self.preemptions = 0
+        self.ex = Execution(results={c: [] for c in self.cpus})
+        self.aborted = False
+        self.in_call = {c: False for c in self.cpus}
+        from pkvm.check.invariants import Checker
+
+        # Checked at quiescent points only (no CPU inside the hyp): mid-call states of other
+        # CPUs may legitimately break invariants the locks are protecting.
+        self.checker = Checker(m, ghost=False, initial_check=False, full_every=0)
+
+    # -- choice points -----------------------------------------------------------------
+    def _runnable(self) -> list[int]:
+        return [c for c in self.cpus if not self.done[c]
+                and (self.blocked[c] is None or self.blocked[c].owner is None)]
+
+    def _choose(self, cur: int | None, options: list[int]) -> int:
+        if cur in options:  # continuing is option 0; the rest are preemptions
+            options = [cur] + [c for c in options if c != cur]
+            if self.preemptions >= self.bound:
+                options = [cur]
+        if len(options) == 1:
+            return options[0]
+        k = len(self.ex.choices)
+        i = self.prefix[k] if k < len(self.prefix) else 0
+        self.ex.choices.append((i, len(options)))
+        nxt = options[i]
+        if cur in options and nxt != cur:
+            self.preemptions += 1
+        return nxt
+
+    def _switch(self, cpu: int, finished: bool = False) -> None:
+        """Called by the thread holding the baton: pick who runs next, wait for our turn."""
+        runnable = self._runnable()
+        if not runnable:
+            if finished or all(self.done.values()):
+                with self.cond:
+                    self.turn = None
+                    self.cond.notify_all()
+                return
+            self.aborted = True
+            with self.cond:
+                self.turn = None
+                self.cond.notify_all()
+            raise Deadlock(f"every CPU left spins on a lock: {self.blocked}")
+        nxt = self._choose(None if finished else cpu, runnable)
+        if nxt == cpu:
+            return
+        with self.cond:
+            self.turn = nxt
+            self.h.locks.cpu = nxt
+            self.cond.notify_all()
+            if finished:
+                return
+            while self.turn != cpu:
+                if self.aborted:
+                    raise Deadlock("aborted")
+                self.cond.wait()
+        self.h.locks.cpu = cpu
+
+    # -- the hyp's hooks (HypLocks.scheduler) ---------------------------------------------
+    def preempt(self, cpu: int, event: str, detail: str) -> None:
+        self.ex.trace.append(f"cpu{cpu} {event} {detail}")
+        self._switch(cpu)
+
+    def wait_lock(self, cpu: int, lock: Any) -> None:
+        self.ex.trace.append(f"cpu{cpu} spins on {lock.name}")
+        self.blocked[cpu] = lock
+        while lock.owner is not None:
+            self._switch(cpu)
+        self.blocked[cpu] = None
+
+    # -- threads ------------------------------------------------------------------------
+    def _body(self, cpu: int) -> None:
+        with self.cond:
+            while self.turn != cpu:
+                if self.aborted:
+                    return
+                self.cond.wait()
+        self.h.locks.cpu = cpu
+        try:
+            for op in self.programs[cpu]:
+                self.ex.trace.append(f"cpu{cpu} step {op[:2]}")
+                self._quiescent_check()
+                self._switch(cpu)
+                if op[0] == "store":
+                    self.m.mem.write(op[1], op[2])
+                    self.ex.results[cpu].append((0, 0))
+                else:
+                    self.in_call[cpu] = True
+                    r = self.m.hvc(cpu, op[1], *op[2:])
+                    self.in_call[cpu] = False
+                    self.ex.results[cpu].append((r.x0, r.x1))
+            self._quiescent_check()
+        except HypPanic as e:
+            self.ex.errors[cpu] = f"HypPanic: {e}"
+        except Deadlock as e:
+            self.ex.errors[cpu] = f"Deadlock: {e}"
+        except Exception as e:  # noqa: BLE001 - what we look for
+            self.ex.errors[cpu] = f"{type(e).__name__}: {e}"
+        finally:
+            self.done[cpu] = True
+            try:
+                self._switch(cpu, finished=True)
+            except Deadlock as e:
+                self.ex.errors[cpu] = f"Deadlock: {e}"
+
+    def _quiescent_check(self) -> None:
+        if any(self.in_call.values()) or self.m.dead:
+            return
+        c = self.checker
+        c._live = None
+        c._gmap = None
+        c.check_pages(c._changed_pages())
+        c.check_globals()
+
+    def run(self) -> Execution:
+        self.h.locks.scheduler = self
+        threads = [threading.Thread(target=self._body, args=(c,), daemon=True) for c in self.cpus]
+        for t in threads:
+            t.start()
+        first = self._choose(None, self.cpus)
+        with self.cond:
+            self.turn = first
+            self.cond.notify_all()
+        for t in threads:
+            t.join(timeout=30)
+            if t.is_alive():
+                self.aborted = True
+                self.ex.errors[-1] = "an execution did not finish (scheduler hang)"
+        self.h.locks.scheduler = None
+        return self.ex
+
+
+# --- exploring ---------------------------------------------------------------------------------
+def _outcome(m: Any, ex: Execution) -> tuple:
+    return (tuple(tuple(ex.results[c]) for c in sorted(ex.results)),
+            tuple(sorted(m.inspect.page_counts().items(), key=repr)),
+            tuple(repr(v) for v in m.inspect.vms()))
+
+
+def _fresh(make: Callable[[], Any], setup: Setup) -> tuple[Any, dict[int, list[Op]]]:
+    m = make()
+    return m, setup(m)
+
+
+def serial_outcomes(make: Callable[[], Any], setup: Setup) -> set[tuple]:
+    """Outcomes of every interleaving at step granularity (each step runs alone)."""
+    m, programs = _fresh(make, setup)
+    cpus = sorted(programs)
+    seq = [c for c in cpus for _ in programs[c]]
+    out = set()
+    for order in set(itertools.permutations(seq)):
+        m, programs = _fresh(make, setup)
+        pos = {c: 0 for c in cpus}
+        ex = Execution(results={c: [] for c in cpus})
+        for c in order:
+            op = programs[c][pos[c]]
+            pos[c] += 1
+            if op[0] == "store":
+                m.mem.write(op[1], op[2])
+                ex.results[c].append((0, 0))
+            else:
+                try:
+                    r = m.hvc(c, op[1], *op[2:])
+                    ex.results[c].append((r.x0, r.x1))
+                except HypPanic:
+                    ex.results[c].append((-1, -1))
+        out.add(_outcome(m, ex))
+    return out
+
+
+@dataclass
+class ExploreResult:
+    executions: int
+    findings: list[Execution]
+    exhausted: bool
+
+
+def explore(make: Callable[[], Any], setup: Setup, bound: int = 2, max_runs: int = 2000,
+            stop_at_first: bool = True) -> ExploreResult:
+    from pkvm.check.invariants import Checker, InvariantViolation
+
+    serial = serial_outcomes(make, setup)
+    findings: list[Execution] = []
+    prefix: list[int] = []
+    runs = 0
+    exhausted = False
+    while runs < max_runs:
+        m, programs = _fresh(make, setup)
+        ex = BatonScheduler(m, programs, prefix, bound).run()
+        runs += 1
+        bad = [e for e in ex.errors.values() if not e.startswith("HypPanic")]
+        if bad:
+            ex.finding = bad[0]
+        elif not m.dead:
+            try:
+                Checker(m, ghost=False)  # everything, at the end
+            except InvariantViolation as v:
+                ex.finding = str(v)
+            if ex.finding is None and _outcome(m, ex) not in serial:
+                ex.finding = ("not linearizable: results " + repr(ex.results)
+                              + " match no serial order of the same calls")
+        if ex.finding is not None:
+            findings.append(ex)
+            if stop_at_first:
+                break
+        # next schedule: bump the last choice that has an untried alternative
+        ch = ex.choices
+        i = len(ch) - 1
+        while i >= 0 and ch[i][0] + 1 >= ch[i][1]:
+            i -= 1
+        if i < 0:
+            exhausted = True
+            break
+        prefix = [c for c, _ in ch[:i]] + [ch[i][0] + 1]
+    return ExploreResult(runs, findings, exhausted)
+
+
+# --- built-in scenarios --------------------------------------------------------------------------
+def _vm(m: Any, vcpus: int = 2) -> Any:
+    """A VM whose hyp VM and hyp vCPU 0 exist, with no guest memory mapped yet."""
+    vm = m.host.create_vm(vcpus=vcpus, memory="256K")
+    vm.ensure_hyp_vcpu(vm.vcpus[0])
+    return vm
+
+
+def _share_share(m: Any) -> dict[int, list[Op]]:
+    pfn = m.host.alloc_pages(1) >> PAGE_SHIFT
+    return {0: [("hvc", "__pkvm_host_share_hyp", pfn)], 1: [("hvc", "__pkvm_host_share_hyp", pfn)]}
+
+
+def _share_unshare(m: Any) -> dict[int, list[Op]]:
+    pfn = m.host.alloc_pages(1) >> PAGE_SHIFT
+    return {0: [("hvc", "__pkvm_host_share_hyp", pfn), ("hvc", "__pkvm_host_unshare_hyp", pfn)],
+            1: [("hvc", "__pkvm_host_unshare_hyp", pfn), ("hvc", "__pkvm_host_share_hyp", pfn)]}
+
+
+def _reserve_reserve(m: Any) -> dict[int, list[Op]]:
+    return {0: [("hvc", "__pkvm_reserve_vm")], 1: [("hvc", "__pkvm_reserve_vm")]}
+
+
+def _load_load(m: Any) -> dict[int, list[Op]]:
+    vm = _vm(m)
+    return {c: [("hvc", "__pkvm_vcpu_load", vm.handle, 0, 0), ("hvc", "__pkvm_vcpu_put")]
+            for c in (0, 1)}
+
+
+def _load_teardown(m: Any) -> dict[int, list[Op]]:
+    vm = _vm(m)
+    return {0: [("hvc", "__pkvm_vcpu_load", vm.handle, 0, 0), ("hvc", "__pkvm_vcpu_put")],
+            1: [("hvc", "__pkvm_start_teardown_vm", vm.handle),
+                ("hvc", "__pkvm_finalize_teardown_vm", vm.handle)]}
+
+
+def _init_vcpu_race(m: Any) -> dict[int, list[Op]]:
+    """cpu0 creates hyp vCPU 1 while cpu1 (the host) rewrites that vCPU's index."""
+    from pkvm.abi import sizes
+    from pkvm.host.kvm import host_va
+
+    vm = _vm(m)
+    v1 = vm.vcpus[1]
+    mem = m.host.alloc_pages(sizes.page_align(sizes.PKVM_HYP_VCPU_SIZE) >> PAGE_SHIFT)
+    bad = (vm.nr_vcpus + 7).to_bytes(4, "little")
+    return {0: [("hvc", "__pkvm_init_vcpu", vm.handle, host_va(v1.pa), host_va(mem))],
+            1: [("store", v1.field_pa("vcpu_idx"), bad)]}
+
+
+SCENARIOS: dict[str, tuple[str, Setup, tuple[str, ...]]] = {
+    "share-share": ("two CPUs share the same page", _share_share, ("latest", "6.12")),
+    "share-unshare": ("share/unshare crossing on two CPUs", _share_unshare, ("latest", "6.12")),
+    "reserve-reserve": ("two CPUs reserve a VM handle", _reserve_reserve, ("latest",)),
+    "load-load": ("two CPUs load the same vCPU", _load_load, ("latest",)),
+    "load-teardown": ("load/put against start/finalize teardown", _load_teardown, ("latest",)),
+    "init-vcpu-race": ("init_vcpu while the host rewrites vcpu_idx", _init_vcpu_race, ("latest",)),
+}
