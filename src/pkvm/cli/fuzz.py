@@ -45,6 +45,11 @@ def register(app: typer.Typer) -> None:
         out: Annotated[str, typer.Option(help="where to write a minimal reproducer")]
         = "fuzz-repro.toml",
         coverage: Annotated[bool, typer.Option(help="print the coverage tables")] = True,
+        jobs: Annotated[int, typer.Option(help="local worker processes (campaigns seed, "
+                                          "seed+1, ... share the steps)")] = 1,
+        ray: Annotated[str | None, typer.Option(help="run the campaigns as Ray tasks on this "
+                                                "cluster address ('local': a private one)")]
+        = None,
     ) -> None:
         """Hostile host against a checked machine: shrink and save any failure; exit 1 if found."""
         from pkvm.check.bugs import BUGS
@@ -57,6 +62,9 @@ def register(app: typer.Typer) -> None:
                 raise typer.BadParameter(f"unknown seeded bug {b!r}; known: {', '.join(BUGS)}")
         camp = Campaign(seed=seed, steps=steps, cpus=cpus, abi=abi, memory=memory, bugs=bugs,
                         out=out)
+        if jobs > 1 or ray:
+            _scale_out(console, camp, max(jobs, 1), ray, coverage)
+            return
         with Progress(TextColumn("fuzz"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as prog:
             task = prog.add_task("steps", total=steps)
@@ -81,6 +89,33 @@ def register(app: typer.Typer) -> None:
                 console.print(f"reproducer: {out} ({len(res.raw_steps or [])} raw steps)")
             raise typer.Exit(1)
         console.print("[green]clean[/]")
+
+
+def _scale_out(console: Console, camp, jobs: int, ray: str | None, coverage: bool) -> None:
+    """`--jobs K` / `--ray ADDRESS`: K campaigns (or one per Ray task), results merged."""
+    import time
+
+    from pkvm.check.campaigns import run_campaigns, split
+
+    parts = split(camp, jobs)
+    t0 = time.perf_counter()
+    with console.status(f"{len(parts)} campaigns on "
+                        + (f"Ray ({ray})" if ray else f"{jobs} processes")):
+        merged = run_campaigns(parts, jobs=jobs, ray_address=ray)
+    wall = time.perf_counter() - t0
+    ncalls = sum(merged.calls.values())
+    console.print(f"{merged.steps_run} steps, {ncalls} hypercalls in {wall:.1f}s wall "
+                  f"({ncalls / max(wall, 1e-9):.0f} checked calls/s over {len(parts)} campaigns, "
+                  f"seeds {parts[0].seed}..{parts[-1].seed})")
+    if coverage:
+        for t in coverage_tables(merged.calls, merged.transitions):
+            console.print(t)
+    for r in merged.found:
+        console.print(f"[red]FOUND[/] seed {r.campaign.seed}: {r.minimal_failure or r.run.failure}"
+                      f" — reproducer {r.campaign.out}")
+    if merged.found:
+        raise typer.Exit(1)
+    console.print("[green]clean[/]")
 
 
 def register_explore(app: typer.Typer) -> None:

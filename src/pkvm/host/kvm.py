@@ -30,7 +30,7 @@ from pkvm.abi.host_structs import (
     KVM_ARM_VCPU_PSCI_0_2,
     KVM_VCPU,
 )
-from pkvm.errors import EFAULT, EINVAL, HostError
+from pkvm.errors import EFAULT, EINVAL, HostDataAbort, HostError
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, RAM_BASE, parse_size
 
 if TYPE_CHECKING:
@@ -76,10 +76,16 @@ class _HostTablePages:
         return pa
 
     def get_page(self, pa: int) -> None:
-        self.refs[pa & ~(PAGE_SIZE - 1)] += 1
+        page = pa & ~(PAGE_SIZE - 1)
+        if page in self.refs:
+            self.refs[page] += 1
 
     def put_page(self, pa: int) -> None:
+        """Drop a reference; a page this allocator never gave (a table entry something else
+        scribbled) is left alone rather than freed."""
         page = pa & ~(PAGE_SIZE - 1)
+        if page not in self.refs:
+            return
         self.refs[page] -= 1
         if not self.refs[page]:
             del self.refs[page]
@@ -448,12 +454,7 @@ class HostVm:
         head_pa = self.kvm_field_pa(f"arch.pkvm.{name}.head")
         nr_pa = self.kvm_field_pa(f"arch.pkvm.{name}.nr_pages")
         head, nr = self.host.read_u64(head_pa), self.host.read_u64(nr_pa)
-        returned = set()
-        while nr:
-            page = head & ~(PAGE_SIZE - 1)
-            head = self.host.read_u64(page)
-            returned.add(page)
-            nr -= 1
+        returned = set(self._walk_memcache(head, nr))
         self.host.write_u64(head_pa, 0)
         self.host.write_u64(nr_pa, 0)
         self._returned = getattr(self, "_returned", set()) | returned
@@ -461,11 +462,24 @@ class HostVm:
     def _host_memcache(self, vcpu: HostVcpu) -> list[int]:
         head = self.host.read_u64(vcpu.field_pa("arch.pkvm_memcache.head"))
         nr = self.host.read_u64(vcpu.field_pa("arch.pkvm_memcache.nr_pages"))
-        out = []
-        while nr:
+        return self._walk_memcache(head, nr)
+
+    def _walk_memcache(self, head: int, nr: int) -> list[int]:
+        """The pages of a memcache list. The count and links live in memory anyone could have
+        scribbled on: stop at a repeated page, a page the host cannot read, or the end of RAM."""
+        out: list[int] = []
+        seen: set[int] = set()
+        limit = len(self.host.pages.used)
+        while nr and len(out) < limit:
             page = head & ~(PAGE_SIZE - 1)
+            if page in seen:
+                break
+            try:
+                head = self.host.read_u64(page)
+            except (HostDataAbort, ValueError):
+                break
+            seen.add(page)
             out.append(page)
-            head = self.host.read_u64(page)
             nr -= 1
         return out
 
