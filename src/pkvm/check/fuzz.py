@@ -622,45 +622,15 @@ def log_to_steps(log: list[Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _u64_safe(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _u64_safe(x) for k, x in v.items()}
-    if isinstance(v, list):
-        return [_u64_safe(x) for x in v]
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 1 << 63:
-        return v - (1 << 64)  # TOML integers are signed 64-bit
-    return v
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return hex(v) if v > 9 else str(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(v)
-
-
 def dump_toml(cfg: dict[str, Any], steps: list[dict[str, Any]], path: str,
               comment: str = "") -> None:
-    """Write a scenario TOML through `pkvm.scenario.dump` (our own writer if it is missing),
-    with `comment` as a header."""
+    """Write a scenario TOML through `pkvm.scenario.dump`, with `comment` as a header."""
     from pathlib import Path
 
-    machine = dict(cfg, check=True)
-    try:
-        from pkvm import scenario
+    from pkvm import scenario
 
-        scenario.dump(steps, path, machine=machine)
-        body = Path(path).read_text()
-    except ImportError:
-        lines = ["[machine]"] + [f"{k} = {_toml_value(v)}" for k, v in machine.items()]
-        for st in _u64_safe(steps):
-            lines += ["", "[[step]]"] + [f"{k} = {_toml_value(v)}" for k, v in st.items()]
-        body = "\n".join(lines) + "\n"
+    scenario.dump(steps, path, machine=dict(cfg, check=True))
+    body = Path(path).read_text()
     head = "".join(f"# {ln}\n" for ln in comment.splitlines())
     Path(path).write_text(head + body)
 
