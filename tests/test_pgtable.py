@@ -96,17 +96,23 @@ class TestEncodings:
     def test_stage2_guest_memattr(self):
         assert (pt.stage2_set_prot_attr(R | W, 0x6) >> 2) & 0xF == 6
 
-    @pytest.mark.parametrize("prot", [DEV | NC, R | DEV | X, R | NC | X, R | PX, R | UX,
-                                      R | DEV | PX])
+    @pytest.mark.parametrize("prot", [DEV | NC, R | DEV | X, R | NC | X, R | DEV | PX])
     def test_stage2_invalid(self, prot):
         assert pt.stage2_set_prot_attr(prot, 0xF) is None
+
+    @pytest.mark.parametrize("prot, xn", [(R | UX, 0b01), (R | PX, 0b11)])
+    def test_stage2_xnx(self, prot, xn):
+        """The model's CPU has FEAT_XNX (like QEMU's -cpu max): EL0/EL1 execute differ."""
+        attr = pt.stage2_set_prot_attr(prot, 0xF)
+        assert (attr >> 53) & 3 == xn
+        assert pt.stage2_pte_prot(pt.init_valid_leaf_pte(0x4000_0000, attr, 3)) == prot
 
     def test_stage2_decode_xn_field(self):
         base = pt.KVM_PTE_VALID | 0x40
         assert pt.stage2_pte_prot(base | (0b00 << 53)) == R | X
-        assert pt.stage2_pte_prot(base | (0b01 << 53)) == R | PX
+        assert pt.stage2_pte_prot(base | (0b01 << 53)) == R | UX
         assert pt.stage2_pte_prot(base | (0b10 << 53)) == R
-        assert pt.stage2_pte_prot(base | (0b11 << 53)) == R | UX
+        assert pt.stage2_pte_prot(base | (0b11 << 53)) == R | PX
         assert pt.stage2_pte_prot(SW2 | 0xC0) == SW2  # invalid: SW bits only
 
 

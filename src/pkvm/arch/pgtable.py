@@ -79,6 +79,10 @@ KVM_PGTABLE_WALK_TABLE_POST = 1 << 2
 KVM_PGTABLE_WALK_SHARED = 1 << 3
 KVM_PGTABLE_WALK_IGNORE_EAGAIN = 1 << 4  # 6.12 calls this bit HANDLE_FAULT, with the opposite sense
 
+# The model's CPU has FEAT_XNX (as QEMU's `-cpu max` that the conformance runs use): stage-2
+# execute permission can differ between EL0 (UX) and EL1 (PX).
+CPU_HAS_XNX = True
+
 KVM_PGTABLE_MIN_BLOCK_LEVEL = 1
 KVM_PGTABLE_LAST_LEVEL = 3
 PTRS_PER_PTE = 512
@@ -164,12 +168,11 @@ def stage2_set_prot_attr(prot: int, normal_memattr: int, device_memattr: int = 0
     else:
         memattr = normal_memattr
     attr = memattr << KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR_SHIFT
-    if x == KVM_PGTABLE_PROT_X:
-        pass  # XN = 0b00: executable at EL0 and EL1
-    elif x == 0:
-        attr |= 0b10 << KVM_PTE_LEAF_ATTR_HI_S2_XN_SHIFT
-    else:
-        return None  # PX != UX needs FEAT_XNX, which the model's CPU lacks
+    px, ux = bool(x & KVM_PGTABLE_PROT_PX), bool(x & KVM_PGTABLE_PROT_UX)
+    if px != ux and not CPU_HAS_XNX:
+        return None
+    xn = {(True, True): 0b00, (False, True): 0b01, (False, False): 0b10, (True, False): 0b11}
+    attr |= xn[(px, ux)] << KVM_PTE_LEAF_ATTR_HI_S2_XN_SHIFT
     if prot & KVM_PGTABLE_PROT_R:
         attr |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R
     if prot & KVM_PGTABLE_PROT_W:
@@ -188,7 +191,7 @@ def stage2_pte_prot(pte: int) -> int:
     if pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W:
         prot |= KVM_PGTABLE_PROT_W
     xn = (pte >> KVM_PTE_LEAF_ATTR_HI_S2_XN_SHIFT) & 3
-    prot |= {0b00: KVM_PGTABLE_PROT_X, 0b01: KVM_PGTABLE_PROT_PX, 0b11: KVM_PGTABLE_PROT_UX}.get(xn, 0)
+    prot |= {0b00: KVM_PGTABLE_PROT_X, 0b01: KVM_PGTABLE_PROT_UX, 0b11: KVM_PGTABLE_PROT_PX}.get(xn, 0)
     return prot
 
 
