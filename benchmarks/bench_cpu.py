@@ -32,7 +32,7 @@ def _ram(image: bytes) -> tuple[mmap.mmap, int]:
 
 def core_loop(iterations: int) -> float:
     """Seconds for the loop guest on a Core, from entry to its SYSTEM_OFF HVC."""
-    mem, addr = _ram(guests.patch(guests.image("loop"), iterations))
+    _mem, addr = _ram(guests.patch(guests.image("loop"), iterations))
     core = Core()
     core.map(RAM, RAM_SIZE, addr)
     core.load_context(CpuContext.reset(pc=RAM))
@@ -46,7 +46,7 @@ def core_loop(iterations: int) -> float:
 
 def bare_loop(iterations: int) -> float:
     """The same guest on a bare unicorn instance (same CPU model, one region, one INTR hook)."""
-    mem, addr = _ram(guests.patch(guests.image("loop"), iterations))
+    _mem, addr = _ram(guests.patch(guests.image("loop"), iterations))
     uc = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
     uc.ctl_set_cpu_model(A.UC_CPU_ARM64_MAX)
     uc.mem_map_ptr(RAM, RAM_SIZE, UC_PROT_ALL, addr)
@@ -66,7 +66,7 @@ def bare_loop(iterations: int) -> float:
 def mmio_exits(iterations: int, with_context: bool) -> tuple[int, float]:
     """(exits, seconds) for the mmio guest; `with_context` adds save/load per exit as the
     run path's sync/flush would."""
-    mem, addr = _ram(guests.patch(guests.image("mmio"), iterations))
+    _mem, addr = _ram(guests.patch(guests.image("mmio"), iterations))
     core = Core()
     core.map(RAM, RAM_SIZE, addr)
     core.load_context(CpuContext.reset(pc=RAM))

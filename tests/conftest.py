@@ -70,14 +70,16 @@ class RawVm:
 
         self.m = m
         self.nr_vcpus = nr_vcpus
-        self.kvm_pa = m.host.alloc_pages(1)
+        self.kvm_pages = -(-m.profile.sizeof_kvm // 4096)  # the real struct's length
+        self.kvm_pa = m.host.alloc_pages(self.kvm_pages)
         self.handle = 0
         self._w(self.kvm_pa, KVM, "created_vcpus", nr_vcpus)
         self._w(self.kvm_pa, KVM, "arch.pkvm.is_protected", int(protected))
         if id_regs:
             self._w(self.kvm_pa, KVM, "arch.flags", KVM_ARCH_FLAG_ID_REGS_INITIALIZED)
         if share:
-            assert m.hvc(0, "__pkvm_host_share_hyp", self.kvm_pa >> 12).x1 == 0
+            for k in range(self.kvm_pages):
+                assert m.hvc(0, "__pkvm_host_share_hyp", (self.kvm_pa >> 12) + k).x1 == 0
         self.vcpu_pa = {}
 
     def _w(self, base, layout, name, value):
@@ -110,12 +112,14 @@ class RawVm:
     def make_vcpu(self, idx, share=True):
         from pkvm.abi.host_structs import KVM_VCPU
 
-        pa = self.m.host.alloc_pages(1)
+        pages = -(-self.m.profile.sizeof_kvm_vcpu // 4096)
+        pa = self.m.host.alloc_pages(pages)
         self._w(pa, KVM_VCPU, "kvm", kva(self.kvm_pa))
         self._w(pa, KVM_VCPU, "vcpu_id", idx)
         self._w(pa, KVM_VCPU, "vcpu_idx", idx)
         if share:
-            assert self.m.hvc(0, "__pkvm_host_share_hyp", pa >> 12).x1 == 0
+            for k in range(pages):
+                assert self.m.hvc(0, "__pkvm_host_share_hyp", (pa >> 12) + k).x1 == 0
         self.vcpu_pa[idx] = pa
         return pa
 

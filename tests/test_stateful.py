@@ -414,7 +414,7 @@ class HostileVms(RuleBasedStateMachine):
         off = KVM.offset(field)
         kvm_pa = rec["vm"].kvm_pa
         if not rec["saved"]:
-            rec["saved"][0] = self.m.host.read(kvm_pa, KVM.size)  # the whole struct, once
+            rec["saved"][0] = self.m.host.read(kvm_pa, self.m.profile.sizeof_kvm)  # the whole struct, once
         self.m.host.write(kvm_pa + off, junk)
 
     @precondition(lambda self: self.vms)

@@ -14,6 +14,7 @@ The initramfs is a newc cpio (gzip) with busybox, its applet links and an /init 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import os
 import re
@@ -21,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 SUITE = "trixie"
@@ -36,7 +36,7 @@ INIT_SCRIPT = """#!/bin/sh
 echo
 echo "pkvm: busybox initramfs up ($(uname -r)). Try: uname -a; cat /proc/cpuinfo; poweroff -f"
 export PS1='pkvm# '
-exec /bin/sh
+exec /bin/busybox setsid /bin/busybox cttyhack /bin/sh
 """
 # `poweroff` in busybox without an init daemon: poweroff -f calls reboot(2) directly.
 
@@ -148,7 +148,8 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", ino: int = 1, nlink: in
 def build_initramfs(busybox_deb: Path, out: Path) -> None:
     """A newc cpio (gzip): /bin/busybox, /bin/sh and the applet links, /init, a few dirs."""
     with _deb_members(busybox_deb) as tf:
-        member = next(m for m in tf.getmembers() if m.name.lstrip("./") in ("bin/busybox", "usr/bin/busybox"))
+        wanted = ("bin/busybox", "usr/bin/busybox")
+        member = next(m for m in tf.getmembers() if m.name.lstrip("./") in wanted)
         f = tf.extractfile(member)
         assert f is not None
         busybox = f.read()
@@ -193,8 +194,14 @@ def fetch(dest: Path | None = None, *, force: bool = False, log=print) -> tuple[
     dest = dest or cache_dir()
     dest.mkdir(parents=True, exist_ok=True)
     image, initrd = dest / "Image", dest / "initrd.cpio.gz"
+    stamp = dest / "initrd.stamp"  # which /init the cached initramfs has
+    want = hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()[:16]
     if image.is_file() and initrd.is_file() and not force:
-        return image, initrd
+        if stamp.is_file() and stamp.read_text().strip() == want:
+            return image, initrd
+        force_initrd_only = True
+    else:
+        force_initrd_only = False
     for tool in ("apt-get", "apt-cache", "dpkg-deb"):
         if shutil.which(tool) is None:
             raise RuntimeError(f"{tool} is needed to fetch Debian's packages")
@@ -202,6 +209,13 @@ def fetch(dest: Path | None = None, *, force: bool = False, log=print) -> tuple[
     apt = PrivateApt(dest / "apt", mirror)
     log(f"fetch-linux: apt-get update (arm64, {SUITE}, private lists in {apt.root})")
     apt.update()
+    if force_initrd_only:  # the kernel is cached; the initramfs is from an older /init
+        log("fetch-linux: apt-get download busybox-static (rebuilding the initramfs)")
+        bdeb = apt.download("busybox-static")
+        build_initramfs(bdeb, initrd)
+        stamp.write_text(want + "\n")
+        bdeb.unlink(missing_ok=True)
+        return image, initrd
     names = apt.package_names(KERNEL_PACKAGE_RE)
     if not names:
         raise RuntimeError(f"no package matching {KERNEL_PACKAGE_RE} in {SUITE}")
@@ -213,6 +227,7 @@ def fetch(dest: Path | None = None, *, force: bool = False, log=print) -> tuple[
     log("fetch-linux: apt-get download busybox-static")
     bdeb = apt.download("busybox-static")
     build_initramfs(bdeb, initrd)
+    stamp.write_text(want + "\n")
     (dest / "VERSION").write_text(version + "\n")
     log(f"fetch-linux: {initrd} ({initrd.stat().st_size >> 10} KiB)")
     for deb in (kdeb, bdeb):
@@ -223,7 +238,8 @@ def fetch(dest: Path | None = None, *, force: bool = False, log=print) -> tuple[
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m pkvm.linux_fetch", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pkvm.linux_fetch",
+                                description=(__doc__ or "").split("\n")[0])
     p.add_argument("--dest", type=Path, default=None, help=f"default {cache_dir()}")
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     a = p.parse_args(argv)

@@ -2,8 +2,10 @@
 
 Linux's layouts depend on its config, so the model fixes its own, here, once, for the host
 driver (which writes them) and the hyp (which reads the fields Linux's hyp reads, where it reads
-them). Little-endian, C widths. `struct kvm` is 2048 bytes and `struct kvm_vcpu` 4096; the host
-driver places them so that a `kvm` can straddle a page boundary (multi-page pins).
+them). Little-endian, C widths. driver places them so that a `kvm` can straddle a page boundary (multi-page pins). Their
+lengths are the real ones of each kernel (`Profile.sizeof_kvm`, `sizeof_kvm_vcpu`: 3952 and
+7056 bytes in 6.12, 4120 and 9024 in 7.2), so the hyp pins exactly the pages Linux's would;
+the layouts below are sized for the larger.
 
 Field table (offsets are computed below; `KVM.describe()` prints them):
 
@@ -76,7 +78,7 @@ NR_LRS = 16
 
 KVM = Layout(
     "kvm",
-    2048,
+    4120,
     [
         ("created_vcpus", "i", 1),
         ("arch.pkvm.handle", "I", 1),
@@ -103,7 +105,7 @@ KVM = Layout(
 
 KVM_VCPU = Layout(
     "kvm_vcpu",
-    4096,
+    9024,
     [
         ("kvm", "Q", 1),
         ("vcpu_id", "i", 1),

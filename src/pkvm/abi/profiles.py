@@ -140,6 +140,10 @@ class Profile:
     teardown_clears_whole_hyp_page: bool
     # pages attached outside a pool's range: keep recorded order (6.12) or force order 0.
     attach_foreign_keeps_order: bool
+    # sizeof(struct kvm) / sizeof(struct kvm_vcpu) of the Debian arm64 build (measured by
+    # compiling against its headers): what the hyp pins and the host shares for them.
+    sizeof_kvm: int
+    sizeof_kvm_vcpu: int
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -196,6 +200,8 @@ PROFILE_6_12 = Profile(
     psci_version=0x10001,
     teardown_clears_whole_hyp_page=True,
     attach_foreign_keeps_order=True,
+    sizeof_kvm=3952,
+    sizeof_kvm_vcpu=7056,
 )
 
 PROFILE_7_2 = Profile(
@@ -221,6 +227,8 @@ PROFILE_7_2 = Profile(
     psci_version=0x10003,
     teardown_clears_whole_hyp_page=False,
     attach_foreign_keeps_order=False,
+    sizeof_kvm=4120,
+    sizeof_kvm_vcpu=9024,
 )
 
 PROFILES = {"6.12": PROFILE_6_12, "latest": PROFILE_7_2, "7.2": PROFILE_7_2}

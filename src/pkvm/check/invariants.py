@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
-from pkvm.abi.host_structs import KVM, KVM_VCPU
+
 from pkvm.hyp.mem_protect import decode_host_annotation, get_host_state, get_hyp_state
 from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mm import hyp_pa, hyp_va
@@ -432,10 +432,10 @@ class Checker:
                 pins[hyp_pa(p) >> PAGE_SHIFT] += 1
 
         for _handle, vm in self.live_vms():
-            add(vm.host_kvm, KVM.size)
+            add(vm.host_kvm, self.h.profile.sizeof_kvm)
             for vcpu in vm.vcpus:
                 if vcpu is not None:
-                    add(vcpu.host_vcpu, KVM_VCPU.size)
+                    add(vcpu.host_vcpu, self.h.profile.sizeof_kvm_vcpu)
         return pins
 
     def check_globals(self, all_shared: bool = False) -> None:

@@ -210,15 +210,16 @@ class HostVm:
 
     def _create(self) -> None:
         # struct kvm straddles a page boundary: the hyp pins both pages.
-        base = self._alloc(2)
-        self.kvm_pa = base + PAGE_SIZE - KVM.size // 2
+        size = self.profile.sizeof_kvm
+        base = self._alloc(sizes.page_align(size) // PAGE_SIZE + 1)
+        self.kvm_pa = base + PAGE_SIZE - size // 2
         w = self._write_field
         w(self.kvm_pa, KVM, "created_vcpus", self.nr_vcpus)
         w(self.kvm_pa, KVM, "arch.vcpu_features", KVM_ARM_VCPU_PSCI_0_2)
         if self.profile.reserve_vm:
             w(self.kvm_pa, KVM, "arch.flags", KVM_ARCH_FLAG_ID_REGS_INITIALIZED)
             w(self.kvm_pa, KVM, "arch.pkvm.stage2_teardown_mc.flags", HYP_MEMCACHE_ACCOUNT_STAGE2)
-        self._share(self.kvm_pa, KVM.size)
+        self._share(self.kvm_pa, size)
         if self.profile.reserve_vm:
             ret = self._hvc("__pkvm_reserve_vm")
             if ret < 0:
@@ -227,14 +228,14 @@ class HostVm:
             w(self.kvm_pa, KVM, "arch.pkvm.handle", ret)
             w(self.kvm_pa, KVM, "arch.pkvm.is_protected", int(self.protected))
         for i in range(self.nr_vcpus):
-            pa = self._alloc(1)
+            pa = self._alloc(sizes.page_align(self.profile.sizeof_kvm_vcpu) // PAGE_SIZE)
             vcpu = HostVcpu(self, i, pa)
             w(pa, KVM_VCPU, "kvm", host_va(self.kvm_pa))
             w(pa, KVM_VCPU, "vcpu_id", i)
             w(pa, KVM_VCPU, "vcpu_idx", i)
             w(pa, KVM_VCPU, "arch.ctxt.pstate", 0x3C5)
             w(pa, KVM_VCPU, "arch.hcr_el2", HCR_HOST_VCPU)
-            self._share(pa, KVM_VCPU.size)
+            self._share(pa, self.profile.sizeof_kvm_vcpu)
             self.vcpus.append(vcpu)
             vcpu.runner.reset(GUEST_RAM_IPA, 0)
         if not self.profile.hyp_owned_guest_stage2:

@@ -258,20 +258,20 @@ def kvm_guest_prepare_stage2(h: HypState, vm_args: dict[str, Any], pgd_pa: int, 
 def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int:
     """x1 = host struct kvm, x2/x3 = memory donated for the hyp VM and the guest pgd."""
     prof = h.profile
-    ret = hyp_pin_shared_mem(h, host_kvm, host_kvm + KVM.size)
+    ret = hyp_pin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
     if ret:
         return ret
     nr_vcpus = kvm_field(h, host_kvm, "created_vcpus")
     if nr_vcpus < 1:
-        hyp_unpin_shared_mem(h, host_kvm, host_kvm + KVM.size)
+        hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
         if h.bug("unpin-underflow"):  # seeded: the error path unpins twice
-            hyp_unpin_shared_mem(h, host_kvm, host_kvm + KVM.size)
+            hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
         return -EINVAL
     handle = 0
     if prof.reserve_vm:
         handle = prof.handle(kvm_field(h, host_kvm, "arch.pkvm.handle"))
         if handle < sizes.HANDLE_OFFSET:
-            hyp_unpin_shared_mem(h, host_kvm, host_kvm + KVM.size)
+            hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
             return -EINVAL
     vm_size = sizes.pkvm_get_hyp_vm_size(nr_vcpus)
     pgd_size = sizes.KVM_PGTABLE_STAGE2_PGD_SIZE
@@ -280,7 +280,7 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
     if vm_va is None or pgd_va is None:
         unmap_donated_memory(h, vm_va, vm_size)
         unmap_donated_memory(h, pgd_va, pgd_size)
-        hyp_unpin_shared_mem(h, host_kvm, host_kvm + KVM.size)
+        hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
         return -ENOMEM
     is_protected = bool(kvm_field(h, host_kvm, "arch.pkvm.is_protected")) if prof.protected_vms else False
     flags = features = 0
@@ -315,7 +315,7 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
             vm.pgt.destroy()
             unmap_donated_memory(h, vm_va, vm_size)
             unmap_donated_memory(h, pgd_va, pgd_size)
-            hyp_unpin_shared_mem(h, host_kvm, host_kvm + KVM.size)
+            hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
             return ret
         h.hyp_vms[vm_va] = vm
         return 0
@@ -326,7 +326,7 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
             try:
                 unmap_donated_memory(h, vm_va, vm_size)
                 unmap_donated_memory(h, pgd_va, pgd_size)
-                hyp_unpin_shared_mem(h, host_kvm, host_kvm + KVM.size)
+                hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
             finally:
                 h.vm_table_lock.acquire()
             return idx
@@ -370,7 +370,6 @@ def __pkvm_unreserve_vm(h: HypState, handle: int) -> None:
 
 
 def __pkvm_init_vcpu(h: HypState, handle: int, host_vcpu: int, vcpu_hva: int) -> int:
-    prof = h.profile
     size = sizes.PKVM_HYP_VCPU_SIZE
     mem_va = map_donated_memory(h, vcpu_hva, size)
     if mem_va is None:
@@ -393,14 +392,14 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
     idx = vm.nr_vcpus
     if prof.vcpu_init_in_order and idx >= vm.created_vcpus:
         return -EINVAL
-    if hyp_pin_shared_mem(h, host_vcpu, host_vcpu + KVM_VCPU.size):
+    if hyp_pin_shared_mem(h, host_vcpu, host_vcpu + h.profile.sizeof_kvm_vcpu):
         return -EBUSY
     host_idx = vcpu_field(h, host_vcpu, "vcpu_idx")
     vcpu_id = vcpu_field(h, host_vcpu, "vcpu_id")
     cflags = vcpu_field(h, host_vcpu, "arch.cflags")
 
     def fail(err: int) -> int:
-        hyp_unpin_shared_mem(h, host_vcpu, host_vcpu + KVM_VCPU.size)
+        hyp_unpin_shared_mem(h, host_vcpu, host_vcpu + h.profile.sizeof_kvm_vcpu)
         return err
 
     if prof.vcpu_init_in_order:
@@ -506,7 +505,7 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
     # Unpin the host vCPUs.
     for vcpu in vm.vcpus:
         if vcpu is not None:
-            hyp_unpin_shared_mem(h, vcpu.host_vcpu, vcpu.host_vcpu + KVM_VCPU.size)
+            hyp_unpin_shared_mem(h, vcpu.host_vcpu, vcpu.host_vcpu + h.profile.sizeof_kvm_vcpu)
     # Return each hyp vCPU (and, 7.2, the pages left in its memcache), then the hyp VM.
     from pkvm.hyp.mm import memcache_pop
 
@@ -522,7 +521,7 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
         _teardown_donated(h, vm, vcpu.mem_va, sizes.PKVM_HYP_VCPU_SIZE, mc)
     h.hyp_vms.pop(vm.vm_va, None)
     _teardown_donated(h, vm, vm.vm_va, vm.vm_size, mc)
-    hyp_unpin_shared_mem(h, vm.host_kvm, vm.host_kvm + KVM.size)
+    hyp_unpin_shared_mem(h, vm.host_kvm, vm.host_kvm + h.profile.sizeof_kvm)
 
 
 def _teardown_donated(h: HypState, vm: PkvmHypVm, va: int, size: int, mc: str) -> None:

@@ -34,6 +34,8 @@ HCR_TWI = 1 << 13
 HCR_TWE = 1 << 14
 HCR_VSE = 1 << 8
 HCR_VI = 1 << 7  # issue 9: the host's virtual IRQ line (its emulated GIC's output)
+HCR_IMO, HCR_FMO = 1 << 4, 1 << 3  # issue 9: virtual IRQ/FIQ routing (KVM's guest flags)
+_HCR_EL2_ENC = (3, 4, 1, 1, 0)
 _FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 
@@ -85,8 +87,8 @@ def _core_for(h: HypState, vcpu: PkvmHypVcpu):
         vcpu.engine._cpw((3, 4, 14, 1, 0), 1)
         # issue 9: pointer authentication for the guest (HCR_EL2.APK|API), as KVM grants it
         # after the first trapped use; each vCPU has its own core, so its keys stay with it.
-        hcr = (3, 4, 1, 1, 0)
-        vcpu.engine._cpw(hcr, vcpu.engine._cpr(hcr) | (1 << 40) | (1 << 41))
+        hcr = _HCR_EL2_ENC  # (and IMO|FMO: HCR_EL2.VI then raises a virtual IRQ)
+        vcpu.engine._cpw(hcr, vcpu.engine._cpr(hcr) | (1 << 40) | (1 << 41) | HCR_IMO | HCR_FMO)
         scr = (3, 6, 1, 1, 0)  # and SCR_EL3.APK|API, as firmware leaves them
         vcpu.engine._cpw(scr, vcpu.engine._cpr(scr) | (1 << 16) | (1 << 17))
         vcpu.exit_data["view_cursor"] = 0
@@ -238,13 +240,22 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     from pkvm.machine.cpu import ExitKind
 
     core = _core_for(h, vcpu)
+    # issue 9: each vCPU is its own unicorn instance with its own translated code; code another
+    # vCPU of this VM patched (its IC IALLUIS does not reach this core) must not run stale.
+    last = vcpu.vm.__dict__.get("_last_vcpu_run")
+    if last is not None and last is not vcpu:
+        core.flush_code()
+    vcpu.vm.__dict__["_last_vcpu_run"] = vcpu
     _load_context(vcpu, core)
     if vcpu.iflags & IFLAG_PENDING_EXCEPTION:
         core.inject_undef()
         vcpu.iflags &= ~IFLAG_PENDING_EXCEPTION
-    # issue 9: HCR_EL2.VI (the host's GIC asserts the vCPU's IRQ): taken at entry if unmasked.
-    if vcpu.hcr_el2 & HCR_VI and not core.irqs_masked:
-        core.inject_irq()
+    # issue 9: HCR_EL2.VI, the virtual IRQ the host's GIC asserts, goes into the CPU's HCR_EL2
+    # (IMO is set): the CPU takes it itself, exactly when the guest unmasks PSTATE.I.
+    vi = vcpu.hcr_el2 & HCR_VI
+    if vi != vcpu.exit_data.get("hcr_vi", 0):
+        core._cpw(_HCR_EL2_ENC, core._cpr(_HCR_EL2_ENC) & ~HCR_VI | vi)
+        vcpu.exit_data["hcr_vi"] = vi
     protected = vcpu.vm.is_protected
     budget = getattr(h, "guest_timeslice", None)
     code = ARM_EXCEPTION_TRAP
@@ -270,6 +281,8 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         if protected and ex.kind is ExitKind.SYSREG and handle_pvm_sysreg(h, vcpu, core, ex.esr):
             continue
         break
+    if vi:  # issue 9: an IRQ the CPU took wrote SPSR_EL1 behind the core's back
+        core._sys_dirty = True
     vcpu.ctxt = ctxt_pack(core.save_context(), vcpu.ctxt)
     vcpu.exit_data["synced_words"] = ctxt_words(vcpu.ctxt)
     return code

@@ -915,7 +915,7 @@ class Core:
     def run(self, max_insns: int | None = None) -> Exit:
         """Run from the current PC until an exception EL2 would take (or the budget ends)."""
         self._exit = None
-        self._mem_fault: tuple[int, int, int, int, int] | None = None
+        self._mem_fault: int | None = None  # issue 9: the faulting access's PC
         self._ran = True
         pc = self._rd(A.UC_ARM64_REG_PC)
         try:
@@ -989,11 +989,15 @@ class Core:
 
     def _targets(self, acc: decode.MemAccess, pc: int, address: int) -> bool:
         """Whether the access decoded at `pc` can have touched IPA `address` (page offset)."""
-        va = acc.address(pc, self._x_or_sp)
+        va = acc.address(pc, self._x_or_sp) & MASK64
         far = (va & ~0xFFF) | (address & 0xFFF)
         if far < va:
             far += PAGE_SIZE
-        return far < va + max(acc.total, 1)
+        if far >= va + max(acc.total, 1):
+            return False
+        w = self.translate(far, write=acc.store)
+        ipa = w.ipa if w.ipa is not None else w.s2_ipa
+        return ipa is not None and ipa >> 12 == address >> 12
 
     def _access_pc(self, pc: int, address: int) -> int | None:
         """issue 9: the load/store at or after `pc` (same translation block, straight line)

@@ -48,7 +48,9 @@ ICC_AP1R = {(3, 0, 12, 9, i) for i in range(4)}
 ICC_DIR_EL1, ICC_RPR_EL1 = (3, 0, 12, 11, 1), (3, 0, 12, 11, 3)
 ICC_SGI1R_EL1, ICC_ASGI1R_EL1, ICC_SGI0R_EL1 = ((3, 0, 12, 11, i) for i in (5, 6, 7))
 ICC_IAR1_EL1, ICC_EOIR1_EL1, ICC_HPPIR1_EL1, ICC_BPR1_EL1 = ((3, 0, 12, 12, i) for i in range(4))
-ICC_CTLR_EL1, ICC_SRE_EL1, ICC_IGRPEN0_EL1, ICC_IGRPEN1_EL1 = ((3, 0, 12, 12, i) for i in range(4, 8))
+ICC_CTLR_EL1, ICC_SRE_EL1, ICC_IGRPEN0_EL1, ICC_IGRPEN1_EL1 = (
+    (3, 0, 12, 12, i) for i in range(4, 8)
+)
 ICC_CTLR_EOIMODE = 1 << 1
 ICC_CTLR_RO = ((PRI_BITS - 1) << 8) | (1 << 15)  # PRIbits, A3V; IDbits 0 = 16 bits
 ICC_SRE_VALUE = 0x7  # SRE, DFB, DIB

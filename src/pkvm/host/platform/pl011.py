@@ -17,7 +17,8 @@ UART_SPI = 1
 UART_INTID = 32 + UART_SPI
 UART_CLOCK_HZ = 24_000_000
 
-DR, RSR, FR, ILPR, IBRD, FBRD, LCR_H, CR, IFLS = 0x00, 0x04, 0x18, 0x20, 0x24, 0x28, 0x2C, 0x30, 0x34
+DR, RSR, FR, ILPR, IBRD = 0x00, 0x04, 0x18, 0x20, 0x24
+FBRD, LCR_H, CR, IFLS = 0x28, 0x2C, 0x30, 0x34
 IMSC, RIS, MIS, ICR, DMACR = 0x38, 0x3C, 0x40, 0x44, 0x48
 FR_RXFE, FR_TXFF, FR_RXFF, FR_TXFE = 1 << 4, 1 << 5, 1 << 6, 1 << 7
 INT_RX, INT_TX, INT_RT = 1 << 4, 1 << 5, 1 << 6
@@ -64,7 +65,8 @@ class Pl011:
             self._refill()
             return b
         if offset == FR:
-            return FR_TXFE | (0 if self.rx else FR_RXFE) | (FR_RXFF if len(self.rx) >= RX_FIFO else 0)
+            full = FR_RXFF if len(self.rx) >= RX_FIFO else 0
+            return FR_TXFE | (0 if self.rx else FR_RXFE) | full
         if offset == RIS:
             return self.ris
         if offset == MIS:

@@ -1,0 +1,176 @@
+"""Debian's arm64 Linux as a pkvm guest (issue 9 figures).
+
+    .venv/bin/python benchmarks/bench_linux.py [--quick] [--append ARGS]
+
+For a protected and a non-protected VM (1 vCPU, 256 MiB): seconds to the console's
+`Run /init as init process` and to the busybox prompt, then `poweroff -f`; exits by kind.
+Baseline: the same kernel, initramfs, device tree and devices (`pkvm.host.platform`) on a bare
+unicorn core (all RAM mapped up front, devices answered straight from the core's exits, no
+hyp, no host kernel, no stage-2 faults): the speed ratio is bare time / pkvm time.
+`--quick` runs only the protected boot and the baseline.
+
+Guest MIPS are not reported: unicorn 2.1.4 counts instructions only with a per-instruction
+hook, which would change what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import io
+import mmap
+import sys
+import time
+
+import pkvm  # noqa: F401
+from pkvm.host.kvm import GUEST_RAM_IPA
+from pkvm.host.platform.gic import Gic, is_gic_sysreg
+from pkvm.host.platform.linux import DEFAULT_APPEND, LinuxVmm, build_dtb, machine_for, plan_layout
+from pkvm.host.platform.pl011 import UART_BASE, UART_INTID, UART_SIZE, Pl011
+from pkvm.host.platform.timer import INTID_PTIMER, PhysTimer, counter, is_timer_sysreg
+from pkvm.linux_fetch import fetch
+
+MiB = 1 << 20
+PROMPT = "pkvm# "
+PSCI_SYSTEM_OFF = 0x8400_0008
+
+
+def boot_pkvm(kernel: bytes, initrd: bytes, protected: bool, append: str) -> dict:
+    m = machine_for(256 * MiB, 1)
+    before = m.inspect.page_counts()
+    vmm = LinuxVmm(m.host, kernel, initrd, memory=256 * MiB, vcpus=1, protected=protected,
+                   append=append, out=io.StringIO())
+    vmm.input_lines = ["poweroff -f"]
+    r = vmm.run(timeout=300)
+    vmm.destroy()
+    return {"reason": r.reason, "init": r.milestones.get("Run /init"),
+            "prompt": r.milestones.get(PROMPT), "total": r.seconds, "exits": r.exits,
+            "pages": r.pages_mapped, "pages_back": m.inspect.page_counts() == before}
+
+
+def boot_bare(kernel: bytes, initrd: bytes, append: str) -> dict:
+    """The same boot on a bare unicorn core and the same devices: the baseline."""
+    from pkvm.machine.cpu import Core, CpuContext, ExitKind, complete_mmio_read
+
+    memory = 256 * MiB
+    layout = plan_layout(kernel, len(initrd), memory)
+    ram = mmap.mmap(-1, memory)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(ram))
+    dtb = build_dtb(layout, 1, append)
+    for at, blob in ((layout.dtb, dtb), (layout.kernel, kernel), (layout.initrd, initrd)):
+        ram[at - GUEST_RAM_IPA : at - GUEST_RAM_IPA + len(blob)] = blob
+    core = Core()
+    core._cpw((3, 4, 14, 1, 0), 1)  # trap the EL1 physical timer, as the hyp does
+    hcr = (3, 4, 1, 1, 0)
+    core._cpw(hcr, core._cpr(hcr) | (1 << 40) | (1 << 41) | (1 << 4) | (1 << 3))  # APK API IMO FMO
+    scr = (3, 6, 1, 1, 0)
+    core._cpw(scr, core._cpr(scr) | (1 << 16) | (1 << 17))
+    core.map(GUEST_RAM_IPA, memory, base)
+    core.load_context(CpuContext.reset(pc=layout.kernel, x0=layout.dtb))
+    gic, timer, uart = Gic(1), PhysTimer(), Pl011(None)
+    exits: dict[str, int] = {}
+    seen: dict[str, float] = {}
+    fed = False
+    vi = False
+    t0 = time.perf_counter()
+    reason = "timeout"
+    while time.perf_counter() - t0 < 300:
+        gic.set_level(INTID_PTIMER, timer.line(counter()))
+        gic.set_level(UART_INTID, uart.line)
+        pend = gic.irq_pending(0)
+        if pend != vi:  # HCR_EL2.VI: the CPU takes the IRQ when the guest unmasks
+            vi = pend
+            core._cpw(hcr, core._cpr(hcr) & ~(1 << 7) | (int(vi) << 7))
+        ex = core.run()
+        k = ex.kind.value
+        exits[k] = exits.get(k, 0) + 1
+        if ex.kind is ExitKind.DABT:
+            addr = ex.ipa
+            if UART_BASE <= addr < UART_BASE + UART_SIZE:
+                if ex.write:
+                    uart.write(addr - UART_BASE, core.x(ex.srt) if ex.srt != 31 else 0)
+                    core.skip()
+                    tail = uart.buffer[-80:].decode(errors="replace")
+                    if "Run /init" not in seen and "Run /init" in tail:
+                        seen["Run /init"] = time.perf_counter() - t0
+                    if not fed and tail.endswith(PROMPT):
+                        seen[PROMPT] = time.perf_counter() - t0
+                        uart.feed(b"poweroff -f\n")
+                        fed = True
+                else:
+                    complete_mmio_read(core, ex.esr, uart.read(addr - UART_BASE))
+            elif gic.handles(addr):
+                if ex.write:
+                    gic.mmio_write(addr, ex.access_size, core.x(ex.srt) if ex.srt != 31 else 0)
+                    core.skip()
+                else:
+                    complete_mmio_read(core, ex.esr, gic.mmio_read(addr, ex.access_size))
+            elif ex.write:
+                core.skip()
+            else:
+                complete_mmio_read(core, ex.esr, 0)
+        elif ex.kind is ExitKind.SYSREG:
+            e = ex.esr
+            enc = ((e >> 20) & 3, (e >> 14) & 7, (e >> 10) & 15, (e >> 1) & 15, (e >> 17) & 7)
+            rt, read = (e >> 5) & 31, e & 1
+            dev = gic if is_gic_sysreg(enc) else timer if is_timer_sysreg(enc) else None
+            if dev is None:
+                core.inject_undef()
+                continue
+            if read:
+                val = dev.sysreg_read(0, enc) if dev is gic else timer.read(enc)
+                core.set_x(rt, val)
+            else:
+                val = core.x(rt)
+                gic.sysreg_write(0, enc, val) if dev is gic else timer.write(enc, val)
+            core.skip()
+        elif ex.kind is ExitKind.HVC:
+            fid = core.x(0) & 0xFFFF_FFFF
+            if fid == PSCI_SYSTEM_OFF:
+                reason = "shutdown"
+                break
+            core.set_x(0, {0x8400_0000: 0x10001, 0x8000_0000: 0x10001}.get(fid, 2**64 - 1))
+        elif ex.kind is ExitKind.WFX:
+            core.skip()
+            if not gic.irq_pending(0):
+                d = timer.deadline_ns()
+                if d is not None:
+                    time.sleep(max(0.0, min(0.25, (d - time.monotonic_ns()) / 1e9)))
+        elif ex.kind is ExitKind.SMC:
+            core.skip()
+    return {"reason": reason, "init": seen.get("Run /init"), "prompt": seen.get(PROMPT),
+            "total": time.perf_counter() - t0, "exits": exits}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--append", default=DEFAULT_APPEND)
+    a = p.parse_args()
+    image, initrd_path = fetch(log=lambda s: print(s, file=sys.stderr))
+    kernel, initrd = image.read_bytes(), initrd_path.read_bytes()
+    rows = []
+    runs = [("pkvm, protected", lambda: boot_pkvm(kernel, initrd, True, a.append))]
+    if not a.quick:
+        runs.append(("pkvm, non-protected", lambda: boot_pkvm(kernel, initrd, False, a.append)))
+    runs.append(("bare unicorn, same devices", lambda: boot_bare(kernel, initrd, a.append)))
+    for name, fn in runs:
+        r = fn()
+        rows.append((name, r))
+        f = lambda x: "-" if x is None else f"{x:6.1f} s"  # noqa: E731
+        print(f"{name:28s} Run /init {f(r['init'])}  prompt {f(r['prompt'])}  "
+              f"total {f(r['total'])}  [{r['reason']}]", flush=True)
+        print(f"{'':28s} exits: " + ", ".join(f"{k} {v}" for k, v in sorted(r["exits"].items())))
+        if "pages" in r:
+            print(f"{'':28s} guest pages mapped {r['pages']}, back with the host after "
+                  f"teardown: {'yes' if r['pages_back'] else 'NO'}")
+    bare = rows[-1][1]
+    for name, r in rows[:-1]:
+        if r["prompt"] and bare["prompt"]:
+            print(f"speed vs bare unicorn ({name}): {bare['prompt'] / r['prompt']:.2f}x "
+                  "(time to the prompt)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
