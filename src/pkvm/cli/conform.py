@@ -88,13 +88,13 @@ def conform(
     if first_bad is None:
         raise typer.Exit(0)
     seq = seqs[first_bad]
-    alone = D.run_both(kernel, [seq], per_boot=1)[0]
+    alone = D.run_both(kernel, [seq])[0]
     if not D.diverges(alone):
         err_console.print("[red]divergence[/red] that needs the state earlier sequences left on "
                           "the shared boot; see the JSON Lines / table above")
         D.write_scenario(kernel, [st for s2 in seqs[: first_bad + 1] for st in s2], str(reproducer))
         raise typer.Exit(1)
-    small = D.shrink(kernel, seq, lambda c: D.diverges(D.run_both(kernel, [c], per_boot=1)[0]))
+    small = D.shrink(kernel, seq, lambda c: D.diverges(D.run_both(kernel, [c])[0]))
     D.write_scenario(kernel, small, str(reproducer))
     err_console.print(f"[red]divergence[/red]: shrunk to {len(small)} step(s), written to "
                       f"{reproducer} (`pkvm run {reproducer}` replays it on the model)")

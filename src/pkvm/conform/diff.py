@@ -95,8 +95,12 @@ def compare(kernel: str, seq: list[RawStep], model: list[RealResult],
 
 
 def run_both(kernel: str, seqs: list[list[RawStep]], progress: bool = False,
-             jobs: int = 1, per_boot: int = 256) -> list[list[StepDiff]]:
-    """Run on Linux, then on the model with the same grouping of sequences into boots."""
+             jobs: int = 1, per_boot: int = 1) -> list[list[StepDiff]]:
+    """Run on Linux, then on the model with the same grouping of sequences into machines.
+
+    By default every sequence gets a fresh machine on both sides (the real one restored from
+    its QEMU snapshot), so no state carries over between sequences; with `per_boot` > 1 the
+    real harness shares boots and the model mirrors the grouping it reports."""
     from pkvm.conform.real import BootLog, run_sequences
 
     logs: list[BootLog] = []
