@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 
 from pkvm.conform import diff as D
-
 from test_conform_real import ROWS, setup_or_skip
 
 pytestmark = pytest.mark.conform

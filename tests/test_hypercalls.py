@@ -8,9 +8,8 @@ import pytest
 
 import pkvm
 from conftest import (
-    EBUSY,
-    EFAULT,
     EAGAIN,
+    EFAULT,
     EINVAL,
     ENODEV,
     ENOENT,

@@ -57,7 +57,9 @@ class TestMemoryMap:
         assert ram.start <= hyp.start < hyp.end <= ram.end
         assert hyp.size % (2 << 20) == 0
         assert hyp.end == ram.end - (6 << 20)
-        with pytest.raises(Exception):
+        import dataclasses
+
+        with pytest.raises(dataclasses.FrozenInstanceError):
             mm[0].start = 5  # frozen
 
     def test_carveout_is_hyp_owned(self, machine):

@@ -6,7 +6,6 @@ vm-state.md §3-§5). Budgets are small so that the file runs in well under a mi
 
 import warnings
 
-import pytest
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (

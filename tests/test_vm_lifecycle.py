@@ -3,8 +3,6 @@
 import pytest
 
 import pkvm
-from pkvm.abi.host_structs import KVM, KVM_VCPU
-from pkvm.hyp import mem_protect as mp
 from conftest import (
     E2BIG,
     EAGAIN,
@@ -16,9 +14,10 @@ from conftest import (
     PAGE,
     RawVm,
     hyp_region,
-    kva,
     snapshot,
 )
+from pkvm.abi.host_structs import KVM, KVM_VCPU
+from pkvm.hyp import mem_protect as mp
 
 HCR = (1 << 31) | (1 << 27)
 
@@ -155,7 +154,7 @@ class TestHandles:
         vm = RawVm(m, 1)
         h = vm.create()
         assert h == 0x1000
-        r = m.hvc(1, "__pkvm_vcpu_load", 0x1_0000 + h, 0, HCR)
+        m.hvc(1, "__pkvm_vcpu_load", 0x1_0000 + h, 0, HCR)
         assert vm_rec(m, h)["vcpus"] == {0: 1}
         m.hvc(1, "__pkvm_vcpu_put")
         assert m.hvc(0, "__pkvm_start_teardown_vm", 0x11000).x1 == 0
@@ -616,7 +615,6 @@ class TestDriver:
         assert vm_rec(m, vm.handle)["state"] == "reserved"
         vm.map(0x40000)
         assert vm_rec(m, vm.handle)["vcpus"] == {0: None}
-        before = m.inspect.page_counts()
         vm.destroy()
         vm2 = m.host.create_vm(vcpus=1, memory="1M")
         vm2.destroy()  # never created: only unreserved
@@ -634,7 +632,6 @@ class TestDriver:
     def test_host_scribbles_kvm(self, m72):
         """The host rewriting its struct kvm after create cannot confuse the hyp's copy."""
         m = m72
-        before = m.inspect.page_counts()
         vm = m.host.create_vm(vcpus=2, memory="1M")
         vm.map(0x40000)
         m.host.write(vm.kvm_pa + KVM.offset("created_vcpus"), (200).to_bytes(4, "little"))

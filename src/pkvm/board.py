@@ -33,7 +33,7 @@ from pkvm.machine.memory import (
     Region,
     parse_size,
 )
-from pkvm.machine.mmu import HCR_VM, FAULT_PERMISSION, El2Regs, s2_translate
+from pkvm.machine.mmu import FAULT_PERMISSION, HCR_VM, El2Regs, s2_translate
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 MIN_MEMORY = 64 << 20

@@ -9,8 +9,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pkvm.hyp.memory import PageState
 from pkvm.hyp.mem_protect import decode_host_annotation, get_host_state, get_hyp_state
+from pkvm.hyp.memory import PageState
 from pkvm.hyp.pgtable import pte_valid, stage2_pte_prot
 from pkvm.machine.memory import PAGE_SHIFT
 
@@ -56,8 +56,8 @@ class Inspector:
     # -- pages -------------------------------------------------------------------------
     def guest_states(self) -> dict[int, dict[int, PageState]]:
         """handle -> {pa: state} for every page mapped in a hyp-owned guest stage-2."""
-        from pkvm.hyp.pkvm import live_vms
         from pkvm.hyp.mem_protect_guest import guest_state_of_pte
+        from pkvm.hyp.pkvm import live_vms
 
         out: dict[int, dict[int, PageState]] = {}
         for handle, vm in live_vms(self._h):

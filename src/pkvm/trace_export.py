@@ -96,7 +96,7 @@ def trace_events(m: Any, sampler: PageCountSampler | None = None) -> dict[str, A
                      "result": result, **({"panic": r.panic} if r.panic else {})},
         })
     if sampler is not None:
-        for seq, ts, counts in sampler.samples:
+        for _seq, ts, counts in sampler.samples:
             ev.append({"ph": "C", "pid": PID, "name": "pages per owner",
                        "ts": max(ts - t0, 0) / 1000, "args": dict(counts)})
     return {"traceEvents": ev, "displayTimeUnit": "ns",

@@ -2,9 +2,10 @@
 
 Linux's layouts depend on its config, so the model fixes its own, here, once, for the host
 driver (which writes them) and the hyp (which reads the fields Linux's hyp reads, where it reads
-them). Little-endian, C widths. driver places them so that a `kvm` can straddle a page boundary (multi-page pins). Their
-lengths are the real ones of each kernel (`Profile.sizeof_kvm`, `sizeof_kvm_vcpu`: 3952 and
-7056 bytes in 6.12, 4120 and 9024 in 7.2), so the hyp pins exactly the pages Linux's would;
+them). Little-endian, C widths. The host driver places a `kvm` across a page boundary
+(multi-page pins). Their lengths are the real ones of each kernel (`Profile.sizeof_kvm`,
+`sizeof_kvm_vcpu`: 3952 and 7056 bytes in 6.12, 4120 and 9024 in 7.2), so the hyp pins
+exactly the pages Linux's would;
 the layouts below are sized for the larger.
 
 Field table (offsets are computed below; `KVM.describe()` prints them):

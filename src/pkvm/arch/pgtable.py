@@ -17,8 +17,9 @@ DEVICE=4, NORMAL_NC=5; SW0..3 = bits 55..58); only 7.2 exposes a prot value to t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from pkvm.errors import E2BIG, EAGAIN, EINVAL, ENOMEM, ERANGE
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, PhysMemory
@@ -465,7 +466,8 @@ class KvmPgtable:
             level = ctx.level
             p = base + (ctx.addr - ctx.start)
             g = granule_size(level)
-            if level >= KVM_PGTABLE_MIN_BLOCK_LEVEL and g <= ctx.end - ctx.addr and not (p | ctx.addr) & (g - 1):
+            fits = g <= ctx.end - ctx.addr and not (p | ctx.addr) & (g - 1)
+            if level >= KVM_PGTABLE_MIN_BLOCK_LEVEL and fits:
                 new = init_valid_leaf_pte(p, attr, level)
                 if ctx.old == new:
                     return 0

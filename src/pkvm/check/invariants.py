@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
-
 from pkvm.hyp.mem_protect import decode_host_annotation, get_host_state, get_hyp_state
 from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mm import hyp_pa, hyp_va

@@ -420,7 +420,7 @@ class HostVm:
         elif self.handle:
             ret = self._hvc("__pkvm_teardown_vm", self.handle)
             if ret:
-                warnings.warn(f"__pkvm_teardown_vm({self.handle:#x}) = {ret}: the hyp VM leaks")
+                warnings.warn(f"__pkvm_teardown_vm({self.handle:#x}) = {ret}: the hyp VM leaks", stacklevel=2)
             else:
                 self._free_teardown_mc("teardown_mc")
         self._release_host_side()
@@ -431,19 +431,20 @@ class HostVm:
         if self.is_created:
             ret = self._hvc("__pkvm_start_teardown_vm", self.handle)
             if ret:
-                warnings.warn(f"__pkvm_start_teardown_vm({self.handle:#x}) = {ret}")
+                warnings.warn(f"__pkvm_start_teardown_vm({self.handle:#x}) = {ret}", stacklevel=2)
             for gfn in list(self.mapped):
                 if self.protected:
                     r = self._hvc("__pkvm_reclaim_dying_guest_page", self.handle, gfn)
                 else:
                     r = self._hvc("__pkvm_host_unshare_guest", self.handle, gfn, 1)
                 if r:
-                    warnings.warn(f"releasing gfn {gfn:#x} failed: {r}")
+                    warnings.warn(f"releasing gfn {gfn:#x} failed: {r}", stacklevel=2)
                 else:
                     del self.mapped[gfn]
             ret = self._hvc("__pkvm_finalize_teardown_vm", self.handle)
             if ret:
-                warnings.warn(f"__pkvm_finalize_teardown_vm({self.handle:#x}) = {ret}: the hyp VM leaks")
+                warnings.warn(f"__pkvm_finalize_teardown_vm({self.handle:#x}) = {ret}: "
+                              "the hyp VM leaks", stacklevel=2)
                 return
             self._free_teardown_mc("teardown_mc")
             self._free_teardown_mc("stage2_teardown_mc")
@@ -521,4 +522,5 @@ class HostVm:
                 self.host.free_pages(pa)
                 del self.memslot[gfn]
         if leaked:
-            warnings.warn(f"VM {self.handle:#x}: {len(leaked)} donated allocations never came back")
+            warnings.warn(f"VM {self.handle:#x}: {len(leaked)} donated allocations never came "
+                          "back", stacklevel=2)

@@ -10,7 +10,7 @@ host registers and writes its result in one place (`HostCtxt.ret`), as Linux's `
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pkvm.errors import ENODEV
 from pkvm.hyp.mem_protect import __pkvm_host_share_hyp, __pkvm_host_unshare_hyp

@@ -8,7 +8,7 @@ the vmemmap (`profile.page_state_in_vmemmap`).
 
 from __future__ import annotations
 
-from pkvm.errors import EAGAIN, EBUSY, EFAULT, EINVAL, ENOMEM, EPERM, ERANGE
+from pkvm.errors import EAGAIN, EBUSY, EFAULT, EINVAL, ENOMEM, EPERM
 from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.panic import HypBug

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
-from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mem_protect import (
     KVM_GUEST_INVALID_PTE_TYPE_POISONED,
     KVM_INVALID_PTE_TYPE_SHIFT,
@@ -29,6 +28,7 @@ from pkvm.hyp.mem_protect import (
     pkvm_mkstate,
     set_host_state_range,
 )
+from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_PROT_RWX,
     KVM_PGTABLE_WALK_IGNORE_EAGAIN,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pkvm.abi import sizes
 from pkvm.errors import EINVAL, ENOMEM, EPERM
-from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mem_protect import (
     addr_is_memory,
     host_stage2_force_pte_cb,
@@ -20,7 +19,8 @@ from pkvm.hyp.mem_protect import (
     set_host_state_range,
     set_hyp_state_range,
 )
-from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
+from pkvm.hyp.memory import ComponentId, PageState
+from pkvm.hyp.mm import hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_WALK_LEAF,

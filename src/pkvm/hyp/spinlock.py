@@ -10,7 +10,8 @@ scheduler (`HypLocks.scheduler`), it is called there and may switch to another C
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 RANK_VM_TABLE = 10
 RANK_HOST = 20

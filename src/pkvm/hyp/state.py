@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pkvm.abi.profiles import Profile
 from pkvm.hyp.memory import HypVmemmap
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pgtable import KvmPgtable
-from pkvm.abi.profiles import Profile
 from pkvm.hyp.spinlock import RANK_HOST, RANK_HYP, RANK_VM_TABLE, HypLocks, HypSpinLock
 from pkvm.machine.memory import PhysMemory
 from pkvm.machine.mmu import El2Regs

@@ -231,7 +231,6 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     if runner is not None:
         return runner(h, vcpu)
     from pkvm.abi.host_structs import (
-        IFLAG_INCREMENT_PC,
         IFLAG_PENDING_EXCEPTION,
         ctxt_pack,
         ctxt_words,
