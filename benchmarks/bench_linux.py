@@ -23,9 +23,10 @@ import sys
 import time
 
 import pkvm  # noqa: F401
+from pkvm.board import machine_for
 from pkvm.host.kvm import GUEST_RAM_IPA
 from pkvm.host.platform.gic import Gic, is_gic_sysreg
-from pkvm.host.platform.linux import DEFAULT_APPEND, LinuxVmm, build_dtb, machine_for, plan_layout
+from pkvm.host.platform.linux import DEFAULT_APPEND, LinuxVmm, build_dtb, plan_layout
 from pkvm.host.platform.pl011 import UART_BASE, UART_INTID, UART_SIZE, Pl011
 from pkvm.host.platform.timer import INTID_PTIMER, PhysTimer, counter, is_timer_sysreg
 from pkvm.linux_fetch import fetch

@@ -12,9 +12,10 @@ import io
 import pytest
 
 import pkvm
+from pkvm.board import machine_for
 from pkvm.host.platform import fdt
 from pkvm.host.platform.gic import ICC_EOIR1_EL1, ICC_IAR1_EL1, ICC_IGRPEN1_EL1, ICC_PMR_EL1, Gic
-from pkvm.host.platform.linux import Layout, LinuxVmm, build_dtb, machine_for
+from pkvm.host.platform.linux import Layout, LinuxVmm, build_dtb
 from pkvm.host.platform.pl011 import FR, FR_RXFE, IMSC, INT_RX, Pl011
 from pkvm.host.platform.timer import CNTP_CTL_EL0, CNTP_CVAL_EL0, PhysTimer, counter
 

@@ -90,7 +90,8 @@ def _run_linux(kernel: bytes, initrd: Path | None, memory: str, vcpus: int, prot
                timeslice: int) -> None:
     """Boot a Linux Image on the Linux board; the console is live, stdin is its input."""
     import pkvm
-    from pkvm.host.platform.linux import DEFAULT_APPEND, LinuxVmm, machine_for, stdin_feeder
+    from pkvm.board import machine_for
+    from pkvm.host.platform.linux import DEFAULT_APPEND, LinuxVmm, stdin_feeder
 
     guest_mem = parse_size(memory)
     cpio = initrd.read_bytes() if initrd is not None else None

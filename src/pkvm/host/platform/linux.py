@@ -393,17 +393,3 @@ def stdin_feeder(vmm: LinuxVmm, stream: IO[str] | None = None) -> threading.Thre
     return None
 
 
-def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",
-                timeslice: int | None = None):
-    """A pkvm Machine sized for a Linux guest of `guest_memory` bytes and `vcpus` vCPUs.
-
-    One vCPU runs until it exits (Linux exits often: console, timer, GIC, WFI). Several need
-    the host's timer to preempt a vCPU that spins waiting for another: an instruction budget
-    (slower: unicorn counts every instruction), `timeslice` instructions, default 2,000,000."""
-    import pkvm
-
-    if vcpus > 1 and not timeslice:
-        timeslice = 2_000_000
-    machine_mem = 2 * guest_memory + 256 * MiB
-    return pkvm.Machine(memory=machine_mem, cpus=max(2, vcpus), abi=abi, trace=False,
-                        timeslice=timeslice)
