@@ -23,6 +23,12 @@ from dataclasses import dataclass, replace
 MASK64 = (1 << 64) - 1
 
 
+def _read_modify_write(rn: int, rt: int, size: int) -> "MemAccess":
+    """An atomic read-modify-write of `size` bytes at [Xn] (CAS, LDADD, SWP ...): no ISS."""
+    return MemAccess(rn=rn, offset=0, size=size, total=size, load=True, store=True, rt=rt,
+                     exclusive=True, align=size)
+
+
 def _sext(value: int, bits: int) -> int:
     sign = 1 << (bits - 1)
     return (value & (sign - 1)) - (value & sign)
@@ -169,17 +175,7 @@ def decode_mem(insn: int) -> MemAccess | None:
                 align=2 * size,
             )
         if o1 == 1 and o2 == 1:  # CAS{A,L,B,H}
-            return MemAccess(
-                rn=rn,
-                offset=0,
-                size=size,
-                total=size,
-                load=True,
-                store=True,
-                rt=rt,
-                exclusive=True,
-                align=size,
-            )
+            return _read_modify_write(rn, rt, size)
         pair = o1 == 1  # LDXP/STXP (o2 = 0, size 1x)
         total = 2 * size if pair else size
         return MemAccess(
@@ -362,17 +358,7 @@ def decode_mem(insn: int) -> MemAccess | None:
                     acqrel=True,
                     iss_valid=True,
                 )
-            return MemAccess(
-                rn=rn,
-                offset=0,
-                size=size,
-                total=size,
-                load=True,
-                store=True,
-                rt=rt,
-                exclusive=True,
-                align=size,
-            )
+            return _read_modify_write(rn, rt, size)
         if op4 & 1 and not v and size_log2 == 3:  # LDRAA/LDRAB (pointer authentication)
             imm = _sext(((insn >> 22) & 1) << 9 | (insn >> 12) & 0x1FF, 10) * 8
             return MemAccess(
