@@ -47,8 +47,9 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
               "live VM on the same struct is dropped (and later unpins underflow)",
               "invariant pin-refcount"),
     SeededBug("handle-range", "hyp/pkvm.py: get_vm_by_handle",
-              "(placeholder, unused: the model's seeded switch returns None either way)",
-              "-"),
+              "a handle's index is not checked against the table's 255 slots: a forged handle "
+              "reads past the VM table",
+              "exception in the hyp (out-of-range table read)"),
 ]}
 
 

@@ -164,6 +164,8 @@ class HostVm:
         self.hyp_vm_pa = 0
         self.hyp_vm_pages = 0
         self.s2 = None  # 6.12: the guest stage-2 the host manages itself
+        self._shared: list[tuple[int, int]] = []  # (pa, size) the host shared with the hyp
+        self._returned: set[int] = set()  # pages the hyp gave back in teardown memcaches
 
     # -- helpers -------------------------------------------------------------------
     def _hvc(self, name: str, *args: int, cpu: int = 0) -> int:
@@ -266,7 +268,7 @@ class HostVm:
         ret = self.host.share_hyp(pa, size)
         if ret:
             raise HostError(-ret, "__pkvm_host_share_hyp", ret)
-        self._shared = getattr(self, "_shared", []) + [(pa, size)]
+        self._shared.append((pa, size))
 
     def _create_hyp_vm(self) -> None:
         """`__pkvm_create_hyp_vm`: donate the pgd and the hyp VM, `__pkvm_init_vm`."""
@@ -307,7 +309,7 @@ class HostVm:
         self._allocs.remove((pa, n))
 
     def _undo_create(self) -> None:
-        for pa, size in reversed(getattr(self, "_shared", [])):
+        for pa, size in reversed(self._shared):
             self.host.unshare_hyp(pa, size)
         for pa, n in self._allocs:
             self.host.free_pages(pa, n)
@@ -459,7 +461,7 @@ class HostVm:
         returned = set(self._walk_memcache(head, nr))
         self.host.write_u64(head_pa, 0)
         self.host.write_u64(nr_pa, 0)
-        self._returned = getattr(self, "_returned", set()) | returned
+        self._returned |= returned
 
     def _host_memcache(self, vcpu: HostVcpu) -> list[int]:
         head = self.host.read_u64(vcpu.field_pa("arch.pkvm_memcache.head"))
@@ -490,7 +492,7 @@ class HostVm:
             self.s2.destroy()  # 6.12: the host frees its own stage-2
             self.s2 = None
             self.mapped.clear()  # guest pages never left the host
-        returned = getattr(self, "_returned", set())
+        returned = self._returned
         leaked = []
         for pa, n in list(self._allocs):
             pages = [pa + (k << PAGE_SHIFT) for k in range(n)]
@@ -511,7 +513,7 @@ class HostVm:
                 else:
                     leaked.append(page)
             vcpu.memcache_pages.clear()
-        for pa, size in reversed(getattr(self, "_shared", [])):
+        for pa, size in reversed(self._shared):
             self.host.unshare_hyp(pa, size)
         for pa, n in list(self._allocs):
             if pa not in leaked:

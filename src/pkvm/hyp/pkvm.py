@@ -162,10 +162,10 @@ def handle_to_idx(handle: int) -> int:
 
 def get_vm_by_handle(h: HypState, handle: int) -> PkvmHypVm | None:
     idx = handle_to_idx(handle)
-    if h.vm_table is None or idx >= sizes.KVM_MAX_PVMS:
-        if h.bug("handle-range") and h.vm_table is not None and idx < 0x10000:
-            return None  # the seeded bug only drops the check where Python would not crash
+    if h.vm_table is None:
         return None
+    if idx >= sizes.KVM_MAX_PVMS and not h.bug("handle-range"):
+        return None  # seeded "handle-range" drops this check: the lookup reads past the table
     slot = h.vm_table[idx]
     return slot if isinstance(slot, PkvmHypVm) else None
 
@@ -248,8 +248,8 @@ def host_mc_push(h: HypState, host_kvm: int, mc_name: str, pa: int) -> None:
 
 
 # -- init ------------------------------------------------------------------------------------
-def kvm_guest_prepare_stage2(h: HypState, vm_args: dict[str, Any], pgd_pa: int, pgd_size: int):
-    pool = HypPool(f"vm{vm_args['handle']:#x}.pool", h.mem, h.vmemmap, h.locks,
+def kvm_guest_prepare_stage2(h: HypState, handle: int, pgd_pa: int, pgd_size: int) -> HypPool:
+    pool = HypPool(f"vm{handle:#x}.pool", h.mem, h.vmemmap, h.locks,
                    h.profile.attach_foreign_keeps_order)
     pool.init(pgd_pa >> PAGE_SHIFT, pgd_size >> PAGE_SHIFT, 0)
     return pool
@@ -258,30 +258,36 @@ def kvm_guest_prepare_stage2(h: HypState, vm_args: dict[str, Any], pgd_pa: int, 
 def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int:
     """x1 = host struct kvm, x2/x3 = memory donated for the hyp VM and the guest pgd."""
     prof = h.profile
-    ret = hyp_pin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
+    kvm_end = host_kvm + prof.sizeof_kvm
+    ret = hyp_pin_shared_mem(h, host_kvm, kvm_end)
     if ret:
         return ret
     nr_vcpus = kvm_field(h, host_kvm, "created_vcpus")
     if nr_vcpus < 1:
-        hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
+        hyp_unpin_shared_mem(h, host_kvm, kvm_end)
         if h.bug("unpin-underflow"):  # seeded: the error path unpins twice
-            hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
+            hyp_unpin_shared_mem(h, host_kvm, kvm_end)
         return -EINVAL
     handle = 0
     if prof.reserve_vm:
         handle = prof.handle(kvm_field(h, host_kvm, "arch.pkvm.handle"))
         if handle < sizes.HANDLE_OFFSET:
-            hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
+            hyp_unpin_shared_mem(h, host_kvm, kvm_end)
             return -EINVAL
     vm_size = sizes.pkvm_get_hyp_vm_size(nr_vcpus)
     pgd_size = sizes.KVM_PGTABLE_STAGE2_PGD_SIZE
     vm_va = map_donated_memory(h, vm_hva, vm_size)
     pgd_va = map_donated_memory_noclear(h, pgd_hva, pgd_size) if vm_va is not None else None
-    if vm_va is None or pgd_va is None:
+
+    def undo(err: int) -> int:
+        """Give the donations back and unpin the host kvm: a refusal leaves nothing behind."""
         unmap_donated_memory(h, vm_va, vm_size)
         unmap_donated_memory(h, pgd_va, pgd_size)
-        hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
-        return -ENOMEM
+        hyp_unpin_shared_mem(h, host_kvm, kvm_end)
+        return err
+
+    if vm_va is None or pgd_va is None:
+        return undo(-ENOMEM)
     is_protected = bool(kvm_field(h, host_kvm, "arch.pkvm.is_protected")) if prof.protected_vms else False
     flags = features = 0
     if prof.reserve_vm:
@@ -297,7 +303,7 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
     def build(hd: int) -> PkvmHypVm:
         lock = HypSpinLock(h.locks, f"vm{hd:#x}.lock", RANK_GUEST)
         pgd_pa = hyp_pa(pgd_va)  # type: ignore[arg-type]
-        pool = kvm_guest_prepare_stage2(h, {"handle": hd}, pgd_pa, pgd_size)
+        pool = kvm_guest_prepare_stage2(h, hd, pgd_pa, pgd_size)
         vm = PkvmHypVm(hd, host_kvm, nr_vcpus, is_protected, vm_va, vm_size, pgd_pa, pgd_size,
                        pool, None, lock, None, [None] * nr_vcpus, flags=flags,  # type: ignore[arg-type]
                        vcpu_features=features)
@@ -313,26 +319,17 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
         ret = insert_vm_table_entry(h, handle, vm)
         if ret:
             vm.pgt.destroy()
-            unmap_donated_memory(h, vm_va, vm_size)
-            unmap_donated_memory(h, pgd_va, pgd_size)
-            hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
-            return ret
+            return undo(ret)
         h.hyp_vms[vm_va] = vm
         return 0
     with h.vm_table_lock:
         idx = find_free_vm_table_entry(h)
-        if idx < 0:
-            h.vm_table_lock.release()
-            try:
-                unmap_donated_memory(h, vm_va, vm_size)
-                unmap_donated_memory(h, pgd_va, pgd_size)
-                hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
-            finally:
-                h.vm_table_lock.acquire()
-            return idx
-        handle = idx + sizes.HANDLE_OFFSET
-        vm = build(handle)
-        h.vm_table[idx] = vm
+        if idx >= 0:
+            handle = idx + sizes.HANDLE_OFFSET
+            vm = build(handle)
+            h.vm_table[idx] = vm
+    if idx < 0:
+        return undo(idx)  # after the table lock, as Linux gives the donations back
     h.hyp_vms[vm_va] = vm
     return handle
 
