@@ -43,6 +43,10 @@ class HostCtxt:
         v = self.regs[n] & 0xFFFF_FFFF
         return v - (1 << 32) if v & 0x8000_0000 else v
 
+    def bool(self, n: int) -> bool:
+        """`DECLARE_REG(bool, ...)`: a C conversion to bool, true for any non-zero register."""
+        return (self.regs[n] & U64) != 0
+
     def handle(self, n: int) -> int:
         """`pkvm_handle_t`: 32 bits in 6.12, 16 in 7.2."""
         return self.h.profile.handle(self.regs[n])
@@ -353,7 +357,7 @@ def handle___pkvm_host_wrprotect_guest(h: HypState, c: HostCtxt) -> None:
 @host_hcall("__pkvm_host_test_clear_young_guest")
 def handle___pkvm_host_test_clear_young_guest(h: HypState, c: HostCtxt) -> None:
     _np_by_handle(h, c, lambda vm: mpg.__pkvm_host_test_clear_young_guest(
-        h, c.u64(2), c.u64(3), bool(c.u64(4) & 1), vm))
+        h, c.u64(2), c.u64(3), c.bool(4), vm))
 
 
 @host_hcall("__pkvm_host_relax_perms_guest")

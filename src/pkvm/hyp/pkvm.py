@@ -262,7 +262,9 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
     ret = hyp_pin_shared_mem(h, host_kvm, kvm_end)
     if ret:
         return ret
-    nr_vcpus = kvm_field(h, host_kvm, "created_vcpus")
+    # The hyp reads the host's `int created_vcpus` into an `unsigned int`: a negative count is
+    # huge, passes the check and fails the donation of a hyp VM sized for it (-ENOMEM).
+    nr_vcpus = kvm_field(h, host_kvm, "created_vcpus") & 0xFFFF_FFFF
     if nr_vcpus < 1:
         hyp_unpin_shared_mem(h, host_kvm, kvm_end)
         if h.bug("unpin-underflow"):  # seeded: the error path unpins twice

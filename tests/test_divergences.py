@@ -1,0 +1,47 @@
+"""The divergences issue 14 found, each against the kernel source (failing before its fix)."""
+
+import pytest
+from conftest import EINVAL, ENOMEM, RawVm, kva
+
+import pkvm
+
+
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+@pytest.mark.parametrize("created", [-1, -2, -(1 << 31)])
+def test_negative_created_vcpus_is_unsigned(abi, created):
+    """`__pkvm_init_vm` reads `created_vcpus` into an `unsigned int` (nvhe/pkvm.c): a negative
+    count passes `nr_vcpus < 1`, sizes a hyp VM of ~8 * 2^32 bytes whose donation fails."""
+    m = pkvm.Machine(memory="256M", cpus=2, abi=abi)
+    vm = RawVm(m, nr_vcpus=created)
+    if m.profile.reserve_vm:
+        assert vm.reserve() > 0
+    before = m.inspect.page_counts()
+    vm_pa, pgd_pa = m.host.alloc_pages(4), m.host.alloc_pages(1)
+    r = m.hvc(0, "__pkvm_init_vm", kva(vm.kvm_pa), kva(vm_pa), kva(pgd_pa))
+    assert r.x1 == -ENOMEM
+    assert m.inspect.page_counts() == before
+
+
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+def test_zero_created_vcpus_is_einval(abi):
+    m = pkvm.Machine(memory="256M", cpus=2, abi=abi)
+    vm = RawVm(m, nr_vcpus=0)
+    if m.profile.reserve_vm:
+        vm.reserve()
+    assert vm.init_vm() == -EINVAL
+
+
+@pytest.mark.parametrize("mkold", [2, 0x100, 1 << 63])
+def test_mkold_is_a_c_bool(mkold):
+    """`DECLARE_REG(bool, mkold, host_ctxt, 4)`: any non-zero x4 clears the access flag."""
+    m = pkvm.Machine(memory="256M", cpus=2)
+    vm = m.host.create_vm(vcpus=1, memory="8M")
+    vm.ensure_hyp_vcpu(vm.vcpus[0])
+    vm.topup_memcache(vm.vcpus[0])
+    assert m.hvc(0, "__pkvm_vcpu_load", vm.handle, 0, 0).x0 == 0
+    pfn = m.host.alloc_pages(1) >> 12
+    assert m.hvc(0, "__pkvm_host_share_guest", pfn, 0x40002, 1, 0xF).x1 == 0
+    h = vm.handle
+    assert m.hvc(0, "__pkvm_host_test_clear_young_guest", h, 0x40002, 1, mkold).x1 == 1
+    # the flag was cleared: a second look finds the page old
+    assert m.hvc(0, "__pkvm_host_test_clear_young_guest", h, 0x40002, 1, 0).x1 == 0
