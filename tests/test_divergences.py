@@ -45,3 +45,33 @@ def test_mkold_is_a_c_bool(mkold):
     assert m.hvc(0, "__pkvm_host_test_clear_young_guest", h, 0x40002, 1, mkold).x1 == 1
     # the flag was cleared: a second look finds the page old
     assert m.hvc(0, "__pkvm_host_test_clear_young_guest", h, 0x40002, 1, 0).x1 == 0
+
+
+def test_gfn_meta_that_does_not_fit_warns():
+    """`host_stage2_encode_gfn_meta` WARNs when the gfn does not fit GENMASK(55, 16). A gfn of
+    2^52 becomes IPA 0 (`hyp_pfn_to_phys` is 64 bits wide) and is donated, with the WARN."""
+    m = pkvm.Machine(memory="256M", cpus=2)
+    vm = m.host.create_vm(vcpus=1, protected=True, memory="8M")
+    vm.map(0x40000, 1)
+    vm.topup_memcache(vm.vcpus[0])
+    assert m.hvc(0, "__pkvm_vcpu_load", vm.handle, 0, 0).x0 == 0
+    pfn = m.host.alloc_pages(1) >> 12
+    assert m.hvc(0, "__pkvm_host_donate_guest", pfn, 1 << 36).x1 == -34  # beyond the IPA space
+    assert m.inspect.warnings() == []
+    assert m.hvc(0, "__pkvm_host_donate_guest", pfn, 1 << 52).x1 == 0
+    assert len(m.inspect.warnings()) == 1
+    assert "encode_gfn_meta" in m.inspect.warnings()[0]
+
+
+@pytest.mark.parametrize("pa", [0, 0x4000_0000 - 0x1000, 0x4000_0000 + (64 << 20), -0x1000])
+def test_vmemmap_index_outside_ram_is_a_hyp_fault(pa):
+    """`hyp_phys_to_page` of a PA outside RAM points outside the mapped vmemmap: an EL2 data
+    abort, never an index Python wraps to the end of RAM."""
+    from pkvm.hyp.memory import HypVmemmap
+    from pkvm.hyp.panic import HypBug
+    from pkvm.machine.memory import PhysMemory
+
+    vmemmap = HypVmemmap(PhysMemory(64 << 20), 0xFF)
+    assert vmemmap.idx(0x4000_0000) == 0
+    with pytest.raises(HypBug):
+        vmemmap.idx(pa)
