@@ -75,3 +75,48 @@ def test_vmemmap_index_outside_ram_is_a_hyp_fault(pa):
     assert vmemmap.idx(0x4000_0000) == 0
     with pytest.raises(HypBug):
         vmemmap.idx(pa)
+
+
+def _host_hcr_after_run(protected, abi="latest"):
+    from pkvm import guests
+    from pkvm.host.vmm import Vmm
+
+    m = pkvm.Machine(memory="512M", abi=abi)
+    vmm = Vmm(m.host, guests.image("hello"), memory="16M", protected=protected)
+    vmm.run()
+    vcpu = vmm.vm.vcpus[0]
+    return int.from_bytes(m.host.read(vcpu.field_pa("arch.hcr_el2"), 8), "little")
+
+
+# HCR_EL2 bits (arch/arm64/include/asm/kvm_arm.h).
+VM, SWIO, PTW, FMO, IMO, AMO, FB, BSU_IS = 1, 2, 4, 8, 16, 32, 1 << 9, 1 << 10
+TWI, TWE, TID1, TID2, TID3, TSC, TIDCP, TACR, TSW, RW = (
+    1 << 13, 1 << 14, 1 << 16, 1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 31)
+E2H, TLOR, TERR, TEA, TID5 = 1 << 34, 1 << 35, 1 << 36, 1 << 37, 1 << 58
+GUEST_FLAGS = (TSC | TSW | TWE | TWI | VM | BSU_IS | FB | TACR | AMO | SWIO | TIDCP | RW | TLOR
+               | FMO | IMO | PTW | TID3 | TID1)
+
+
+def test_72_hyp_vcpu_hcr_is_initialised_and_synced():
+    """7.2 `pkvm_vcpu_reset_hcr`: HCR_GUEST_FLAGS | E2H (hVHE: the CPU has VHE) | TID2 (no
+    FEAT_EVT); no RAS, FWB or MTE on the board's CPU. The host reads it back after a run
+    (`sync_hyp_vcpu`), with the TWI/TWE the host's own HCR asked for."""
+    hcr = _host_hcr_after_run(False)
+    base = GUEST_FLAGS | E2H | TID2
+    mask = ~(TWI | TWE | (1 << 7) | (1 << 8)) & (2**64 - 1)  # flushed from the host: TWI/TWE/VI/VSE
+    assert hcr & mask == base & mask
+    assert hcr & RW
+
+
+def test_72_protected_vcpu_hcr_has_pvm_traps():
+    """`pvm_init_traps_hcr`: no RAS in the VM's ID registers -> TERR|TEA; no MTE -> TID5."""
+    hcr = _host_hcr_after_run(True)
+    base = GUEST_FLAGS | E2H | TID2 | TERR | TEA | TID5
+    mask = ~(TWI | TWE | (1 << 7) | (1 << 8)) & (2**64 - 1)
+    assert hcr & mask == base & mask
+
+
+def test_612_hcr_is_the_hosts():
+    """6.12's flush copies the host's whole HCR_EL2 and sync writes it back unchanged."""
+    hcr = _host_hcr_after_run(False, abi="6.12")
+    assert hcr & RW

@@ -144,6 +144,9 @@ class Profile:
     # compiling against its headers): what the hyp pins and the host shares for them.
     sizeof_kvm: int
     sizeof_kvm_vcpu: int
+    # 7.2 initialises each hyp vCPU's HCR/MDCR/HCRX (`pkvm_vcpu_init_traps`) and its flush takes
+    # only TWI/TWE/VSE from the host; 6.12's flush copies the host's whole HCR_EL2.
+    hyp_vcpu_init_traps: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -229,6 +232,7 @@ PROFILE_7_2 = Profile(
     attach_foreign_keeps_order=False,
     sizeof_kvm=4120,
     sizeof_kvm_vcpu=9024,
+    hyp_vcpu_init_traps=True,
 )
 
 PROFILES = {"6.12": PROFILE_6_12, "latest": PROFILE_7_2, "7.2": PROFILE_7_2}

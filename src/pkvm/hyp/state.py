@@ -16,6 +16,7 @@ from pkvm.hyp.pgtable import KvmPgtable
 from pkvm.hyp.spinlock import RANK_HOST, RANK_HYP, RANK_VM_TABLE, HypLocks, HypSpinLock
 from pkvm.machine.memory import PhysMemory
 from pkvm.machine.mmu import El2Regs
+from pkvm.machine.cpu_id import CPU_ID_REGS
 
 if TYPE_CHECKING:
     from pkvm.hyp.pkvm import PkvmHypVcpu, PkvmHypVm
@@ -86,6 +87,8 @@ class HypState:
     hyp_vms: dict[int, "PkvmHypVm"] = field(default_factory=dict)  # hyp VA of hyp_vm -> object
     seeded_bugs: frozenset[str] = frozenset()
     warnings: list[str] = field(default_factory=list)
+    # `id_aa64*_el1_sys_val`: the sanitised ID registers the host hands EL2 before init.
+    sys_vals: dict[str, int] = field(default_factory=lambda: dict(CPU_ID_REGS))
     # EL2's TLB for its own stage-1: {0: generation, page | 1<<60: (pa page, writable)}.
     el2_tlb: dict[int, object] = field(default_factory=dict)
 
