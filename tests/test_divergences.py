@@ -1,9 +1,9 @@
 """The divergences issue 14 found, each against the kernel source (failing before its fix)."""
 
 import pytest
-from conftest import EINVAL, ENOMEM, RawVm, kva
 
 import pkvm
+from conftest import EINVAL, ENOMEM, RawVm, kva
 
 
 @pytest.mark.parametrize("abi", ["latest", "6.12"])

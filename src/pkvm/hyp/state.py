@@ -14,9 +14,9 @@ from pkvm.hyp.memory import HypVmemmap
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pgtable import KvmPgtable
 from pkvm.hyp.spinlock import RANK_HOST, RANK_HYP, RANK_VM_TABLE, HypLocks, HypSpinLock
+from pkvm.machine.cpu_id import CPU_ID_REGS
 from pkvm.machine.memory import PhysMemory
 from pkvm.machine.mmu import El2Regs
-from pkvm.machine.cpu_id import CPU_ID_REGS
 
 if TYPE_CHECKING:
     from pkvm.hyp.pkvm import PkvmHypVcpu, PkvmHypVm
