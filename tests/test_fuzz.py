@@ -34,7 +34,7 @@ FOUND = [
     ("teardown-keeps-stage2", "latest", 0, 200, "invariant:hyp-accounting"),
     ("teardown-keeps-stage2", "6.12", 0, 100, "invariant:hyp-accounting"),
     ("vcpu-index-range", "latest", 0, 200, "exception:IndexError@_init_vcpu_locked"),
-    ("unpin-underflow", "latest", 0, 400, "invariant:pin-refcount"),
+    ("unpin-underflow", "latest", 3, 400, "invariant:pin-refcount"),
     ("unpin-underflow", "6.12", 0, 300, "invariant:pin-refcount"),
     ("double-fetch", "latest", 0, 500, "exception:IndexError@_init_vcpu_locked"),
     ("donate-nomap", "latest", 0, 100, "exception:IndexError@set_hyp_state_range"),

@@ -201,8 +201,28 @@ class Spmc:
         self.transactions[handle] = t
         if fraglen < length:
             return [FFA_MEM_FRAG_RX, handle & 0xFFFF_FFFF, handle >> 32, fraglen]
+        if not self._well_formed(t):
+            del self.transactions[handle]
+            return self._err(INVALID_PARAMETERS)
         t.complete = True
         return self._ok(0, handle & 0xFFFF_FFFF, handle >> 32)
+
+    @staticmethod
+    def _well_formed(t: Transaction) -> bool:
+        """The composite region's range count and page total match the descriptor."""
+        desc = bytes(t.received)
+        ep_off, = struct.unpack_from("<I", desc, 32)
+        if ep_off + 8 > len(desc):
+            return False
+        comp, = struct.unpack_from("<I", desc, ep_off + 4)
+        if comp + 16 > len(desc):
+            return False
+        total, cnt = struct.unpack_from("<II", desc, comp)
+        if comp + 16 + 16 * cnt != t.length:
+            return False
+        ranges = t.ranges()
+        return len(ranges) == cnt and total == sum(n for _, n in ranges) and all(
+            n and not a & (PAGE - 1) for a, n in ranges)
 
     def _overlaps(self, t: Transaction, final: bool) -> bool:
         """The same page in two transactions (or twice in one) is refused."""
@@ -229,6 +249,9 @@ class Spmc:
             return self._err(INVALID_PARAMETERS)
         if len(t.received) < t.length:
             return [FFA_MEM_FRAG_RX, handle & 0xFFFF_FFFF, handle >> 32, len(t.received)]
+        if not self._well_formed(t):
+            del self.transactions[handle]
+            return self._err(INVALID_PARAMETERS)
         t.complete = True
         return self._ok(0, handle & 0xFFFF_FFFF, handle >> 32)
 
