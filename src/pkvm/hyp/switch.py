@@ -217,6 +217,8 @@ def _core_for(h: HypState, vcpu: PkvmHypVcpu):
         scr = (3, 6, 1, 1, 0)  # and SCR_EL3.APK|API, as firmware leaves them
         vcpu.engine._cpw(scr, vcpu.engine._cpr(scr) | (1 << 16) | (1 << 17))
         vcpu.exit_data["view_cursor"] = 0
+        if vcpu.vm.is_protected and vcpu.hcr_el2 & HCR_TID3:
+            vcpu.engine.trap_id_regs()  # the protected guest reads its sanitised ID registers
     pgt = _guest_s2(h, vcpu)
     if pgt.touched is None:
         pgt.touched = []
