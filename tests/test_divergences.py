@@ -120,3 +120,20 @@ def test_612_hcr_is_the_hosts():
     """6.12's flush copies the host's whole HCR_EL2 and sync writes it back unchanged."""
     hcr = _host_hcr_after_run(False, abi="6.12")
     assert hcr & RW
+
+
+def test_declare_reg_u32_truncation():
+    """`DECLARE_REG(unsigned int, vcpu_idx, host_ctxt, 2)` of `__pkvm_vcpu_load` and
+    `DECLARE_REG(u32, npages, ctxt, 3)` of FF-A RXTX_MAP keep the low 32 bits."""
+    from pkvm.check.ffa_ops import FFA_SUCCESS, FfaHost
+
+    m = pkvm.Machine(memory="256M", cpus=2)
+    vm = m.host.create_vm(vcpus=1, memory="8M")
+    vm.ensure_hyp_vcpu(vm.vcpus[0])
+    m.hvc(0, "__pkvm_vcpu_load", vm.handle, 1 << 32, 0)
+    assert m.inspect.vms()[0]["vcpus"][0] == 0  # loaded on CPU 0: index 0
+    m2 = pkvm.Machine(memory="64M", cpus=2, ffa=True)
+    f = FfaHost(m2)
+    f.negotiate(0x1_0002)
+    tx, rx = m2.host.alloc_pages(1), m2.host.alloc_pages(1)
+    assert m2.smc(0, "FFA_RXTX_MAP", tx, rx, 1 | 1 << 32).regs[0] == FFA_SUCCESS
