@@ -10,6 +10,7 @@ from pkvm.check.ffa_ops import (
     FFA_MEM_FRAG_RX,
     FFA_SUCCESS,
     FfaHost,
+    attach_ffa_owner_check,
     check_ffa_owner,
     hostile_ffa_op,
     mem_descriptor,
@@ -189,3 +190,13 @@ def test_hostile_ffa_calls_keep_invariants(abi, seed):
         hostile_ffa_op(m, f, rng)
         check_ffa_owner(m)
     assert m.dead is None
+
+
+def test_owner_check_runs_as_a_listener():
+    m, f = _ready("latest")
+    attach_ffa_owner_check(m)
+    page = m.host.alloc_pages(1)
+    assert f.share([(page, 1)]).regs[0] == FFA_SUCCESS  # checked after the SMC
+    m.firmware.spmc.transactions.clear()  # the secure world forgets: the check must notice
+    with pytest.raises(AssertionError):
+        m.smc(0, "FFA_FEATURES", 0xC400_0073)  # answered at EL2: path "ffa"

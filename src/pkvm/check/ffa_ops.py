@@ -196,3 +196,13 @@ def check_ffa_owner(m: Any) -> None:
         if info.host == "SHARED_OWNED" and info.hyp == "NOPAGE" and not info.guests \
                 and not info.share_count and pfn not in held:
             raise FfaOwnerViolation(f"pfn {pfn:#x} host SHARED_OWNED with no borrower")
+
+
+def attach_ffa_owner_check(m: Any) -> None:
+    """Run `check_ffa_owner` after every SMC the FF-A proxy handled (a machine listener)."""
+
+    def after(rec: Any) -> None:
+        if rec.panic is None and rec.name.startswith("smc:ffa:"):
+            check_ffa_owner(m)
+
+    m.listeners.append(after)
