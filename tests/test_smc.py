@@ -174,3 +174,32 @@ def test_smc_door_with_checker(abi):
     for fid in (0x8400_0000, 0x8400_0069, 0x8000_0000, 0xC400_0003, 0x8400_0063):
         m.smc(0, fid, 1, 0, 0)
     assert m.checker is not None
+
+
+FIDS = [0x8400_0000, 0x8400_0002, 0x8400_0008, 0xC400_0001, 0xC400_0003, 0xC400_000E,
+        0x8400_000A, 0x8400_0015, 0x8400_0060, 0x8400_0063, 0xC400_0066, 0x8400_0067,
+        0xC400_0073, 0x8400_0077, 0x8400_007B, 0x8000_0000, 0xC600_0000, 0x0, (1 << 64) - 1]
+
+
+@pytest.mark.parametrize("abi", ["6.12", "latest"])
+@pytest.mark.parametrize("ffa", [False, True])
+def test_hostile_smcs_never_raise(abi, ffa):
+    """Any x0..x17 and immediate: the door answers (CPU_OFF and SYSTEM_OFF excepted from the
+    CPUs the test still uses), the checkers hold, no Python exception escapes EL2."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    m = pkvm.Machine(memory="64M", cpus=2, abi=abi, ffa=ffa, check=True)
+    u64 = st.one_of(st.integers(0, (1 << 64) - 1), st.sampled_from([0, 1, 0x4000_0000, 0x1000]))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.sampled_from(FIDS), u64), st.lists(u64, max_size=17),
+           st.sampled_from([0, 0, 1, 0xFFFF]))
+    def run(fid, args, imm):
+        if fid & 0xFFFF_FFFF in (0x8400_0002, 0x8400_0008, 0x8400_0009):
+            return  # powering the CPU or the board off ends the test's machine
+        r = m.smc(0, fid, *args, imm=imm)
+        assert r.path in ("refused", "psci", "ffa", "el3")
+        assert m.dead is None
+
+    run()
