@@ -200,3 +200,15 @@ def test_owner_check_runs_as_a_listener():
     m.firmware.spmc.transactions.clear()  # the secure world forgets: the check must notice
     with pytest.raises(AssertionError):
         m.smc(0, "FFA_FEATURES", 0xC400_0073)  # answered at EL2: path "ffa"
+
+
+@pytest.mark.parametrize("ffa", [False, True])
+def test_fuzzer_step_is_replayable(ffa):
+    from pkvm.check.ffa_ops import ffa_step
+
+    def run():
+        m = pkvm.Machine(memory="64M", cpus=2, ffa=ffa)
+        out = [ffa_step(m, s).regs for s in range(25)]
+        return out, m.inspect.page_counts()
+
+    assert run() == run()

@@ -206,3 +206,26 @@ def attach_ffa_owner_check(m: Any) -> None:
             check_ffa_owner(m)
 
     m.listeners.append(after)
+
+
+# -- for the fuzzer and the explorer (registered by the lead) -----------------------------------
+# A step is ("ffa", seed): replayable, since what `hostile_ffa_op` allocates and sends depends
+# only on the seed and the machine's history. Registration in `pkvm.check.fuzz`:
+#     generate():  ops.append(("ffa", 3, lambda: gen_ffa_args(r)))
+#     _apply():    elif op == "ffa": ffa_step(w.m, *a)
+# With `Machine(ffa=True)` the steps reach the proxy's memory paths; without, its refusals.
+_HOSTS: "dict[int, FfaHost]" = {}
+
+
+def gen_ffa_args(r: random.Random) -> tuple[int]:
+    return (r.getrandbits(32),)
+
+
+def ffa_step(m: Any, seed: int) -> Any:
+    """One fuzzer step: negotiate and map a mailbox on first use, then a hostile FF-A call."""
+    host = _HOSTS.get(id(m))
+    if host is None or host.m is not m:
+        host = _HOSTS[id(m)] = FfaHost(m)
+        if host.negotiate(0x1_0002 if m.profile.name != "6.12" else 0x1_0001) > 0:
+            host.map_mailbox()
+    return hostile_ffa_op(m, host, random.Random(seed))
