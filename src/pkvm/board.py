@@ -19,10 +19,12 @@ from pkvm.abi import sizes
 from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile, get_profile
 from pkvm.errors import EPERM, HostDataAbort, HypPanic
 from pkvm.host import Host
-from pkvm.hyp.hyp_main import handle_host_hcall
+from pkvm.hyp.hyp_main import handle_host_hcall, handle_host_smc
 from pkvm.hyp.mem_protect import handle_host_mem_abort
 from pkvm.hyp.panic import HypBug
+from pkvm.hyp.psci_relay import init_psci_relay, kvm_hyp_cpu_start
 from pkvm.hyp.state import HypState, new_hyp_state
+from pkvm.machine.firmware import OFF, ON, Firmware, board_mpidr, smc_func_id
 from pkvm.machine.memory import (
     MMIO_BASE,
     MMIO_END,
@@ -37,6 +39,7 @@ from pkvm.machine.mmu import FAULT_PERMISSION, HCR_VM, El2Regs, s2_translate
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 MIN_MEMORY = 64 << 20
+HOST_SECONDARY_ENTRY = 0x4000_0000 + 0x80  # the host kernel's secondary_entry (model address)
 CARVEOUT_GAP_BELOW_END = 6 << 20
 
 
@@ -57,6 +60,32 @@ class HvcResult:
     @property
     def ok(self) -> bool:
         return self.x0 == 0 and self.x1 == 0
+
+
+@dataclass(frozen=True)
+class SmcResult:
+    """The host's x0..x17 after an SMC (`regs`, raw 64-bit), the path EL2 sent it down
+    ("refused", "psci", "ffa", "el3") and whether the calling CPU is now off (CPU_OFF)."""
+
+    regs: tuple[int, ...]
+    path: str
+    powered_off: bool = False
+
+    @property
+    def x0(self) -> int:
+        return _s64(self.regs[0])
+
+    @property
+    def x1(self) -> int:
+        return _s64(self.regs[1])
+
+    @property
+    def x2(self) -> int:
+        return _s64(self.regs[2])
+
+    @property
+    def x3(self) -> int:
+        return _s64(self.regs[3])
 
 
 @dataclass
@@ -110,6 +139,9 @@ class HostPort:
     def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
         return self._m.hvc(cpu, func, *args)
 
+    def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
+        return self._m.smc(cpu, func, *args, imm=imm)
+
     def read(self, cpu: int, pa: int, n: int) -> bytes:
         m = self._m
         spans = self._translate(cpu, pa, n, False)
@@ -158,6 +190,7 @@ class Machine:
         trace: bool | int = True,
         bugs: tuple[str, ...] | frozenset[str] = (),
         timeslice: int | None = None,
+        ffa: bool = False,
     ):
         size = parse_size(memory)
         if size < MIN_MEMORY or size % PAGE_SIZE:
@@ -171,6 +204,17 @@ class Machine:
         self.el2 = [El2Regs() for _ in range(cpus)]
         self._hyp: HypState = new_hyp_state(self.mem, self.profile, self.el2)
         self._hyp.seeded_bugs = frozenset(bugs)
+        # EL3: PSCI for the CPUs (only CPU 0 runs at reset), FF-A when `ffa` (an SPMC).
+        spmc = None
+        if ffa:
+            from pkvm.machine.spmc import Spmc
+
+            spmc = Spmc(self.mem)
+        self.firmware = Firmware(cpus, self.mem, ffa=spmc)
+        self.firmware.on_cpu_start = self._cpu_start
+        self.firmware.on_cpu_off = self._cpu_off
+        self.host_entry: dict[int, tuple[int, int]] = {}  # where each CPU entered the host
+        self._hyp.smc_to_el3 = self.firmware.smc
         # The physical timer: a guest is interrupted (ARM_EXCEPTION_IRQ) after this many
         # instructions; None lets it run until it exits by itself.
         self._hyp.guest_timeslice = timeslice  # type: ignore[attr-defined]
@@ -199,14 +243,52 @@ class Machine:
 
     # -- boot -----------------------------------------------------------------------
     def _boot(self) -> None:
+        """Linux's boot, as far as EL2 sees it: the host probes the firmware (PSCI and SMCCC
+        versions, before pKVM traps SMCs) and hands the PSCI relay its config; `__pkvm_init`
+        and `__pkvm_prot_finalize` on CPU 0; then each secondary CPU is brought up with a
+        PSCI CPU_ON through the relay (it enters EL2 first) and finalised in turn."""
+        fw = self.firmware
+        probe = [0] * 18
+        probe[0] = 0x8400_0000  # PSCI_VERSION
+        fw.smc(0, probe)
+        psci_version = probe[0]
+        probe = [0x8400_000A, 0x8000_0000] + [0] * 16  # PSCI_FEATURES(SMCCC_VERSION)
+        fw.smc(0, probe)
+        smccc = 0x1_0000
+        if probe[0] == 0:
+            probe = [0x8000_0000] + [0] * 17
+            fw.smc(0, probe)
+            smccc = probe[0]
+        init_psci_relay(self._hyp, psci_version, smccc,
+                        [board_mpidr(c) for c in range(self.nr_cpus)])
         base, size = self.carveout
         r = self.hvc(0, "__pkvm_init", base, size, self.nr_cpus, 0, 48)
         if r.x0 or r.x1:
             raise RuntimeError(f"__pkvm_init failed: {r}")
-        for cpu in range(self.nr_cpus):
-            r = self.hvc(cpu, "__pkvm_prot_finalize")
-            if r.x0 or r.x1:
-                raise RuntimeError(f"__pkvm_prot_finalize failed on cpu {cpu}: {r}")
+        self._finalize(0)
+        for cpu in range(1, self.nr_cpus):
+            s = self.smc(0, 0xC400_0003, board_mpidr(cpu), HOST_SECONDARY_ENTRY, cpu)
+            if s.x0 or fw.power[cpu] != ON:
+                raise RuntimeError(f"PSCI CPU_ON of cpu {cpu} failed: {s}")
+            self._finalize(cpu)
+
+    def _finalize(self, cpu: int) -> None:
+        r = self.hvc(cpu, "__pkvm_prot_finalize")
+        if r.x0 or r.x1:
+            raise RuntimeError(f"__pkvm_prot_finalize failed on cpu {cpu}: {r}")
+
+    # -- CPUs powered on and off by the firmware -----------------------------------------
+    def _cpu_start(self, cpu: int, pc: int, ctx: int) -> None:
+        """The firmware started `cpu` at `pc`: EL2's entry (through the relay) or the host's."""
+        self.el2[cpu].hcr_el2 = self.el2[cpu].vttbr_el2 = self.el2[cpu].vtcr_el2 = 0
+        entered = kvm_hyp_cpu_start(self._hyp, cpu, pc, ctx)
+        self.host_entry[cpu] = entered if entered is not None else (pc, ctx)
+
+    def _cpu_off(self, cpu: int) -> None:
+        """A powered-down CPU loses its EL2 state; it comes back only through CPU_ON."""
+        el2 = self.el2[cpu]
+        el2.hcr_el2 = el2.vttbr_el2 = el2.vtcr_el2 = 0
+        self.host_entry.pop(cpu, None)
 
     # -- the HVC instruction ---------------------------------------------------------
     def func_id(self, func: str | int) -> int:
@@ -223,8 +305,7 @@ class Machine:
 
     def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
         """Issue `hvc #0` on `cpu` with x0 = func and x1.. = args (each a 64-bit register)."""
-        if not isinstance(cpu, int) or not 0 <= cpu < self.nr_cpus:
-            raise ValueError(f"cpu must be in 0..{self.nr_cpus - 1}")
+        self._check_cpu(cpu)
         if len(args) > 6:
             raise TypeError("at most 6 arguments (x1..x6)")
         for a in args:
@@ -255,6 +336,46 @@ class Machine:
             rec = self._record(cpu, name or hex(x0), x0, args, regs, t0, None)
             self._notify(rec)
         return result
+
+    def _check_cpu(self, cpu: int) -> None:
+        if not isinstance(cpu, int) or not 0 <= cpu < self.nr_cpus:
+            raise ValueError(f"cpu must be in 0..{self.nr_cpus - 1}")
+        if self.firmware.power[cpu] == OFF:
+            raise ValueError(f"cpu {cpu} is powered off (bring it up with PSCI CPU_ON)")
+
+    # -- the SMC instruction ------------------------------------------------------------
+    def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
+        """Issue `smc #imm` on `cpu` from the host: x0 = func (a PSCI/SMCCC/FF-A name or a
+        raw function ID), x1.. = args (up to x17). EL2 traps it (HCR_EL2.TSC) and routes it
+        as the profile's `handle_host_smc` does; returns the host's x0..x17 afterwards."""
+        self._check_cpu(cpu)
+        if len(args) > 17:
+            raise TypeError("at most 17 arguments (x1..x17)")
+        if not 0 <= imm <= 0xFFFF:
+            raise ValueError("the SMC immediate is 16 bits")
+        for a in args:
+            if not isinstance(a, int):
+                raise TypeError(f"SMC arguments are integers, not {type(a).__name__}")
+        h = self._hyp
+        if h.dead:
+            raise HypPanic(h.dead, cpu, None)
+        x0 = smc_func_id(func) if isinstance(func, str) else func & U64
+        regs = [x0] + [a & U64 for a in args] + [0] * (17 - len(args))
+        h.locks.cpu = cpu
+        t0 = time.perf_counter_ns()
+        try:
+            path = handle_host_smc(h, regs, imm)
+        except HypBug as bug:
+            h.dead = str(bug)
+            self._notify(self._record(cpu, f"smc {x0:#x}", x0, args, regs, t0, str(bug)))
+            raise HypPanic(str(bug), cpu, f"smc {x0:#x}") from None
+        host = self.el2[cpu].host_regs
+        for i in range(18):
+            host[i] = regs[i]
+        off = self.firmware.power[cpu] == OFF
+        if self.tracing or self.listeners:
+            self._notify(self._record(cpu, f"smc:{path}:{x0:#x}", x0, args, regs, t0, None))
+        return SmcResult(tuple(regs), path, off)
 
     def _record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                 t0: int, panic: str | None) -> TraceRecord:

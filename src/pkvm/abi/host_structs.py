@@ -153,6 +153,7 @@ CTXT_START = KVM_VCPU.offset("arch.ctxt.regs")
 CTXT_END = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") + 8
 
 # `arch.flags` bits of struct kvm (arm64 kvm_host.h names).
+KVM_ARCH_FLAG_MTE_ENABLED = 1 << 1
 KVM_ARCH_FLAG_ID_REGS_INITIALIZED = 1 << 7
 KVM_ARCH_FLAG_GUEST_HAS_SVE = 1 << 9
 # `vcpu_features` bits.

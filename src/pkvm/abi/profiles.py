@@ -144,6 +144,29 @@ class Profile:
     # compiling against its headers): what the hyp pins and the host shares for them.
     sizeof_kvm: int
     sizeof_kvm_vcpu: int
+    # 7.2 initialises each hyp vCPU's HCR/MDCR/HCRX (`pkvm_vcpu_init_traps`) and its flush takes
+    # only TWI/TWE/VSE from the host; 6.12's flush copies the host's whole HCR_EL2.
+    hyp_vcpu_init_traps: bool = False
+    # handle_host_smc: 7.2 refuses (x0 = -1, nothing else written) an SMC with a non-zero
+    # immediate or bits 63:32 of x0 set; 6.12 ignores both.
+    smc_refuses_imm_and_upper: bool = False
+    # The PSCI relay forwards SYSTEM_OFF2 (PSCI 1.3; 7.2 only).
+    psci_relay_system_off2: bool = False
+    # ffa_set_retval writes x0..x3 (6.12) or x0..x17 (7.2).
+    ffa_retval_regs: int = 4
+    # The FF-A proxy (nvhe/ffa.c): the version EL2 asks the firmware for (1.1 / 1.2); a
+    # negotiated FFA_VERSION asking for a lower minor is refused (7.2); the FF-A 1.1/1.2
+    # notification, direct-request-2, console-log and PARTITION_INFO_GET_REGS calls are refused
+    # (7.2) rather than passed through; the RXTX_MAP granule is read masked (7.2).
+    ffa_hyp_version: int = 0x1_0001
+    ffa_refuses_downgrade_after_negotiation: bool = False
+    ffa_refuses_1_2_calls: bool = False
+    ffa_rxtx_min_sz_masked: bool = False
+    # 7.2 takes the endpoint-descriptor offset from the descriptor (v1.1+) and bounds-checks it,
+    # sizes the header and EMAD by the negotiated version, bounds-checks the retrieved
+    # descriptor's ranges on reclaim and requires page-aligned range addresses; 6.12 uses the
+    # fixed v1.1 offset and sizes and WARNs on a bad retrieved offset.
+    ffa_strict_descriptors: bool = False
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -229,6 +252,15 @@ PROFILE_7_2 = Profile(
     attach_foreign_keeps_order=False,
     sizeof_kvm=4120,
     sizeof_kvm_vcpu=9024,
+    hyp_vcpu_init_traps=True,
+    smc_refuses_imm_and_upper=True,
+    psci_relay_system_off2=True,
+    ffa_retval_regs=18,
+    ffa_hyp_version=0x1_0002,
+    ffa_refuses_downgrade_after_negotiation=True,
+    ffa_refuses_1_2_calls=True,
+    ffa_rxtx_min_sz_masked=True,
+    ffa_strict_descriptors=True,
 )
 
 PROFILES = {"6.12": PROFILE_6_12, "latest": PROFILE_7_2, "7.2": PROFILE_7_2}

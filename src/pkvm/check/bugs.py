@@ -25,8 +25,8 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
     SeededBug("donate-nomap", "hyp/mem_protect.py: _host_donate_hyp_locked",
               "a host->hyp donation skips the is-memory check, so a host-chosen MMIO / no-map "
               "pfn (e.g. a forged memcache head) is taken by the hyp",
-              "an exception escaping the hyp (vmemmap index) or state-pair on the page the "
-              "negative index lands on"),
+              "an EL2 data abort on the pfn's hyp_vmemmap entry (a hyp panic a correct hyp "
+              "never takes; the fuzzer with stop_on_panic)"),
     SeededBug("teardown-keeps-stage2", "hyp/pkvm.py: _teardown_hyp_memory",
               "teardown does not destroy the guest stage-2: its table pages stay hyp-owned "
               "but belong to no VM (and pages it maps keep being mapped)",

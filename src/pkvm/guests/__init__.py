@@ -13,6 +13,7 @@ map: PL011 data register at IPA 0x0900_0000 (one byte store per character), flag
 | `oob` | loads 8 bytes from IPA 0x1_0000_0000 (past RAM: an MMIO read exit) and prints the value | `oob: read 0x…` |
 | `smp` | 2 vCPUs: vCPU 0 calls PSCI CPU_ON (0xC400_0003, x1 = MPIDR 1, x2 = entry, x3 = 0x5ec0); vCPU 1 prints, sets a flag and calls CPU_OFF (0x8400_0002); vCPU 0 waits for the flag, prints, SYSTEM_OFF | `smp: vCPU 1 up, context 0x…5ec0`, `smp: vCPU 0 saw vCPU 1 report` |
 | `mmio` | benchmark: N iterations (u64 at offset 8, default 100 000) of a 32-bit load from IPA 0x0A00_0000 and a store of that value + 1 back: 2N MMIO exits | – |
+| `idregs` | reads ten AArch64 ID registers and ID_PFR0_EL1 and prints them, then writes ID_AA64PFR0_EL1 (its exception vector reports the UNDEF) | `ID_AA64PFR0_EL1=0x…` … `write: undef` |
 | `loop` | compute kernel: N iterations of a 4-instruction body (N = u64 at offset 8, default 100 000 000), 4N + 5 instructions up to the HVC | – |
 
 Rebuild with `guests/build.sh` (Debian `binutils-aarch64-linux-gnu`).
@@ -34,7 +35,7 @@ SHARE_PAGE_OFFSET = 0x1000  # share: the page it shares, relative to the image s
 OOB_IPA = 0x1_0000_0000
 SMP_CONTEXT = 0x5EC0
 
-NAMES = ("hello", "memwalk", "share", "oob", "smp", "loop", "mmio")
+NAMES = ("hello", "memwalk", "share", "oob", "smp", "loop", "mmio", "idregs")
 MMIO_BENCH_IPA = 0x0A00_0000
 
 

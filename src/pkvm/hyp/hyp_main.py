@@ -43,6 +43,10 @@ class HostCtxt:
         v = self.regs[n] & 0xFFFF_FFFF
         return v - (1 << 32) if v & 0x8000_0000 else v
 
+    def bool(self, n: int) -> bool:
+        """`DECLARE_REG(bool, ...)`: a C conversion to bool, true for any non-zero register."""
+        return (self.regs[n] & U64) != 0
+
     def handle(self, n: int) -> int:
         """`pkvm_handle_t`: 32 bits in 6.12, 16 in 7.2."""
         return self.h.profile.handle(self.regs[n])
@@ -92,7 +96,12 @@ def handle_host_hcall(h: HypState, regs: list[int]) -> str | None:
 # -- boot-time calls ------------------------------------------------------------------------
 @host_hcall("__pkvm_init")
 def handle___pkvm_init(h: HypState, c: HostCtxt) -> None:
-    c.ret(pkvm_init(h, c.u64(1), c.u64(2)))
+    ret = pkvm_init(h, c.u64(1), c.u64(2))
+    if not ret:  # __pkvm_init_finalise sets the FF-A proxy up
+        from pkvm.hyp.ffa import hyp_ffa_init
+
+        ret = hyp_ffa_init(h)
+    c.ret(ret)
 
 
 @host_hcall("__kvm_get_mdcr_el2")
@@ -353,7 +362,7 @@ def handle___pkvm_host_wrprotect_guest(h: HypState, c: HostCtxt) -> None:
 @host_hcall("__pkvm_host_test_clear_young_guest")
 def handle___pkvm_host_test_clear_young_guest(h: HypState, c: HostCtxt) -> None:
     _np_by_handle(h, c, lambda vm: mpg.__pkvm_host_test_clear_young_guest(
-        h, c.u64(2), c.u64(3), bool(c.u64(4) & 1), vm))
+        h, c.u64(2), c.u64(3), c.bool(4), vm))
 
 
 @host_hcall("__pkvm_host_relax_perms_guest")
@@ -379,3 +388,34 @@ def handle___pkvm_tlb_flush_vmid(h: HypState, c: HostCtxt) -> None:
     vm = pkvm.get_np_pkvm_hyp_vm(h, c.handle(1))
     if vm is not None:
         pkvm.put_pkvm_hyp_vm(h, vm)
+
+
+# -- the host's SMC door (`handle_host_smc`) ---------------------------------------------------
+def handle_host_smc(h: HypState, regs: list[int], imm: int = 0) -> str:
+    """A host `smc #imm` trapped to EL2 (HCR_EL2.TSC) with x0..x17 in `regs`; returns the path
+    it took: "refused" (7.2: non-zero immediate or bits 63:32 set), "psci", "ffa" or "el3".
+    The caller advances the host's PC past the SMC (`kvm_skip_host_instr`)."""
+    from pkvm.abi.profiles import ARM_SMCCC_CALL_HINTS
+    from pkvm.hyp.ffa import kvm_host_ffa_handler
+    from pkvm.hyp.psci_relay import kvm_host_psci_handler
+
+    func_id = regs[0] & U64
+    if h.profile.smc_refuses_imm_and_upper and imm:
+        regs[0] = SMCCC_RET_NOT_SUPPORTED
+        return "refused"
+    func_id &= ~ARM_SMCCC_CALL_HINTS
+    if h.profile.smc_refuses_imm_and_upper and func_id >> 32:
+        regs[0] = SMCCC_RET_NOT_SUPPORTED
+        return "refused"
+    fid = func_id & 0xFFFF_FFFF  # the relay and the proxy take a u32
+    if kvm_host_psci_handler(h, regs, fid):
+        return "psci"
+    if kvm_host_ffa_handler(h, regs, fid):
+        return "ffa"
+    default_host_smc_handler(h, regs)
+    return "el3"
+
+
+def default_host_smc_handler(h: HypState, regs: list[int]) -> None:
+    """`__kvm_hyp_host_forward_smc`: x0..x17 to EL3 exactly as the host left them, and back."""
+    h.smc_to_el3(h.cpu, regs)

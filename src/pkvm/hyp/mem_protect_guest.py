@@ -126,8 +126,14 @@ def guest_check_transition_size(phys: int, ipa: int, nr_pages: int) -> tuple[int
     return 0, block
 
 
-def encode_gfn_meta(vm: "PkvmHypVm", gfn: int) -> int:
-    return (vm.handle & 0xFFFF) | ((gfn & ((1 << 40) - 1)) << GFN_META_SHIFT)
+GFN_META_BITS = 40  # GENMASK(55, 16) of the host PTE's owner annotation
+
+
+def encode_gfn_meta(h: HypState, vm: "PkvmHypVm", gfn: int) -> int:
+    """`host_stage2_encode_gfn_meta`: WARN when the gfn does not fit its field, then keep the
+    bits that do (FIELD_PREP masks)."""
+    _warn(h, gfn >> GFN_META_BITS)
+    return (vm.handle & 0xFFFF) | ((gfn & ((1 << GFN_META_BITS) - 1)) << GFN_META_SHIFT)
 
 
 def _guest_map(h: HypState, vm: "PkvmHypVm", vcpu: "PkvmHypVcpu | None", ipa: int, size: int,
@@ -153,7 +159,7 @@ def __pkvm_host_donate_guest(h: HypState, pfn: int, gfn: int, vcpu: "PkvmHypVcpu
         if ret:
             return ret
         _warn(h, host_stage2_set_owner_metadata_locked(h, phys, PAGE_SIZE, ComponentId.GUEST,
-                                                       encode_gfn_meta(vm, gfn)))
+                                                       encode_gfn_meta(h, vm, gfn)))
         _warn(h, _guest_map(h, vm, vcpu, ipa, PAGE_SIZE, phys,
                             pkvm_mkstate(KVM_PGTABLE_PROT_RWX, PageState.OWNED)))
         return 0
@@ -396,7 +402,7 @@ def __pkvm_guest_unshare_host(h: HypState, vcpu: "PkvmHypVcpu", gfn: int) -> int
         if host_check_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED):
             return -EPERM
         _warn(h, host_stage2_set_owner_metadata_locked(h, phys, PAGE_SIZE, ComponentId.GUEST,
-                                                       encode_gfn_meta(vm, gfn)))
+                                                       encode_gfn_meta(h, vm, gfn)))
         _warn(h, _guest_map(h, vm, vcpu, ipa, PAGE_SIZE, phys,
                             pkvm_mkstate(KVM_PGTABLE_PROT_RWX, PageState.OWNED)))
         return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from array import array
 
+from pkvm.hyp.panic import HypBug
 from pkvm.machine.memory import PAGE_SHIFT, PhysMemory
 
 
@@ -50,7 +51,12 @@ class HypVmemmap:
         self.host_share_guest_count = array("I", bytes(4 * n))
 
     def idx(self, pa: int) -> int:
-        return (pa >> PAGE_SHIFT) - self.base_pfn
+        """`hyp_phys_to_page`: the entry of `pa`. Outside RAM the kernel's pointer lands outside
+        the mapped vmemmap and EL2 takes a data abort (hyp panic); never a wrapped index."""
+        i = (pa >> PAGE_SHIFT) - self.base_pfn
+        if not 0 <= i < self.nr:
+            raise HypBug(f"EL2 data abort: hyp_vmemmap entry of PA {pa:#x} is not mapped")
+        return i
 
     def covers(self, pa: int) -> bool:
         return 0 <= (pa >> PAGE_SHIFT) - self.base_pfn < self.nr

@@ -92,6 +92,7 @@ class PkvmHypVcpu:
     loaded_on: int | None = None  # `loaded_hyp_vcpu`: the CPU it is loaded on
     memcache: list[int] = field(default_factory=lambda: [0, 0])  # arch.pkvm_memcache head, nr
     hcr_el2: int = 0
+    hcrx_el2: int = 0
     mdcr_el2: int = 0
     cflags: int = 0
     ctxt: bytes = b""  # arch.ctxt as the hyp keeps it between flush and sync
@@ -262,7 +263,9 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
     ret = hyp_pin_shared_mem(h, host_kvm, kvm_end)
     if ret:
         return ret
-    nr_vcpus = kvm_field(h, host_kvm, "created_vcpus")
+    # The hyp reads the host's `int created_vcpus` into an `unsigned int`: a negative count is
+    # huge, passes the check and fails the donation of a hyp VM sized for it (-ENOMEM).
+    nr_vcpus = kvm_field(h, host_kvm, "created_vcpus") & 0xFFFF_FFFF
     if nr_vcpus < 1:
         hyp_unpin_shared_mem(h, host_kvm, kvm_end)
         if h.bug("unpin-underflow"):  # seeded: the error path unpins twice
@@ -404,7 +407,11 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
             return fail(-EINVAL)
     else:
         idx = host_idx
-        if not vm.is_protected:
+        if vm.is_protected:  # pkvm_vcpu_init_sysregs
+            from pkvm.hyp.sys_regs import kvm_init_pvm_id_regs
+
+            kvm_init_pvm_id_regs(vm, h.sys_vals)
+        else:
             host_flags = kvm_field(h, vm.host_kvm, "arch.flags")
             if not host_flags & KVM_ARCH_FLAG_ID_REGS_INITIALIZED:
                 return fail(-EINVAL)
@@ -422,6 +429,12 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
     if h.bug("double-fetch"):  # seeded: read the host's vcpu_idx again after checking it
         idx = _refetch_vcpu_idx(h, host_vcpu)
     vcpu = PkvmHypVcpu(vm, host_vcpu, idx, vcpu_id, mem_va, cflags=cflags)
+    if prof.hyp_vcpu_init_traps:
+        from pkvm.hyp.switch import pkvm_vcpu_init_traps
+
+        ret = pkvm_vcpu_init_traps(h, vcpu)
+        if ret:
+            return fail(ret)
     vm.vcpus[idx] = vcpu
     if prof.vcpu_init_in_order:
         vm.nr_vcpus += 1

@@ -31,8 +31,6 @@ PVM_FEATURES = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 4)
 FAKE_ABORT_ESR = 0x9200_0047
 HPFAR_NS = 1 << 63
 
-# ICC_SRE_EL1 (op0 3, op1 0, CRn 12, CRm 12, op2 5): reads SRE|DFB|DIB.
-ICC_SRE_EL1 = (3, 0, 12, 12, 5)
 
 
 def handle_pvm_hvc64(h: HypState, vcpu: "PkvmHypVcpu", core) -> bool:
@@ -73,17 +71,27 @@ def memshare_page_req(vcpu: "PkvmHypVcpu", core, ipa: int) -> bool:
 
 
 def handle_pvm_sysreg(h: HypState, vcpu: "PkvmHypVcpu", core, esr: int) -> bool:
-    """`kvm_handle_pvm_sysreg`: the few registers EL2 answers; others are UNDEF for the guest."""
+    """`kvm_handle_pvm_sysreg`: the kernel's table decides (`pkvm.hyp.sys_regs`). Registers
+    outside it that only trap here because the emulated CPU lacks them (the GIC CPU interface,
+    the timers) go to the host, which emulates them; anything else is UNDEF for the guest."""
+    from pkvm.hyp.mem_protect import _warn
+    from pkvm.hyp.sys_regs import HOST, PVM_SYS_REG_DESCS, UNDEF, pvm_sysreg_access
+
     op0, op2, op1, crn = (esr >> 20) & 3, (esr >> 17) & 7, (esr >> 14) & 7, (esr >> 10) & 15
     rt, crm, read = (esr >> 5) & 31, (esr >> 1) & 15, esr & 1
-    if (op0, op1, crn, crm, op2) == ICC_SRE_EL1:
-        if read:
-            core.set_x(rt, 0x7)
-        core.skip()
+    enc = (op0, op1, crn, crm, op2)
+    if enc not in PVM_SYS_REG_DESCS and op0 == 3 and op1 in (0, 3) and crn in (12, 14):
+        return False  # the GIC CPU interface and the timer: the host emulates them
+    regval = core.x(rt) if rt != 31 else 0
+    kind, value = pvm_sysreg_access(vcpu.vm, enc, not read, regval)
+    if kind == HOST:
+        return False
+    if kind in (UNDEF, "idst"):
+        core.inject_undef() if kind == UNDEF else core.inject_sync(esr, 0)
         return True
-    if op0 == 3 and op1 in (0, 3) and crn in (12, 14):
-        return False  # the GIC CPU interface and the timer: the host emulates them
-    if (op0, op1, crn, crm, op2) == (3, 0, 4, 6, 0):  # issue 9: ICC_PMR_EL1 is GIC too
-        return False  # the GIC CPU interface and the timer: the host emulates them
-    core.inject_undef()
+    if kind == "warn":
+        _warn(h, True)  # read_id_reg: the VM's ID registers were never initialised
+    if read and rt != 31:
+        core.set_x(rt, value)
+    core.skip()
     return True

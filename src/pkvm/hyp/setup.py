@@ -268,4 +268,6 @@ def pkvm_prot_finalize(h: HypState) -> int:
     el2.vttbr_el2 = h.host_mmu.pgt.pgd  # VMID 0
     el2.vtcr_el2 = 48
     el2.hcr_el2 |= HCR_VM | (HCR_FWB if h.profile.page_state_in_vmemmap else 0)
+    if h.init_params:  # this CPU's kvm_init_params, for its next entry through the PSCI relay
+        h.init_params[h.cpu] = (el2.hcr_el2, el2.vttbr_el2, el2.vtcr_el2)
     return 0

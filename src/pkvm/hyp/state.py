@@ -7,13 +7,14 @@ machine together and the read-only view (`pkvm.inspect`) that tests and tools us
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pkvm.abi.profiles import Profile
 from pkvm.hyp.memory import HypVmemmap
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pgtable import KvmPgtable
 from pkvm.hyp.spinlock import RANK_HOST, RANK_HYP, RANK_VM_TABLE, HypLocks, HypSpinLock
+from pkvm.machine.cpu_id import CPU_ID_REGS
 from pkvm.machine.memory import PhysMemory
 from pkvm.machine.mmu import El2Regs
 
@@ -86,6 +87,15 @@ class HypState:
     hyp_vms: dict[int, "PkvmHypVm"] = field(default_factory=dict)  # hyp VA of hyp_vm -> object
     seeded_bugs: frozenset[str] = frozenset()
     warnings: list[str] = field(default_factory=list)
+    # `id_aa64*_el1_sys_val`: the sanitised ID registers the host hands EL2 before init.
+    sys_vals: dict[str, int] = field(default_factory=lambda: dict(CPU_ID_REGS))
+    # The SMC door (psci_relay.py, ffa.py): the relay's config, the FF-A proxy's state, the
+    # `smc #0` EL2 issues to the firmware (wired by the board), each CPU's `kvm_init_params`
+    # (hcr, vttbr, vtcr) that a CPU entering EL2 through the relay installs.
+    psci: Any = None
+    ffa: Any = None
+    smc_to_el3: Any = None
+    init_params: list[tuple[int, int, int]] = field(default_factory=list)
     # EL2's TLB for its own stage-1: {0: generation, page | 1<<60: (pa page, writable)}.
     el2_tlb: dict[int, object] = field(default_factory=dict)
 

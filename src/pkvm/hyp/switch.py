@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import struct
 
-from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM_VCPU
+from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM_ARCH_FLAG_MTE_ENABLED, KVM_VCPU
 from pkvm.errors import EINVAL
 from pkvm.hyp.mm import el2_read, el2_write, el2_write_u64
 from pkvm.hyp.pkvm import (
@@ -24,6 +24,7 @@ from pkvm.hyp.pkvm import (
     vcpu_field,
 )
 from pkvm.hyp.state import HypState
+from pkvm.machine.cpu_id import CTR_EL0
 
 ARM_EXCEPTION_IRQ = 0
 ARM_EXCEPTION_EL1_SERROR = 1
@@ -38,6 +39,130 @@ HCR_IMO, HCR_FMO = 1 << 4, 1 << 3  # issue 9: virtual IRQ/FIQ routing (KVM's gue
 _HCR_EL2_ENC = (3, 4, 1, 1, 0)
 _FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
+
+
+# -- the per-vCPU trap configuration (7.2 `nvhe/pkvm.c: pkvm_vcpu_init_traps`) ----------------
+HCR_VM, HCR_SWIO, HCR_PTW, HCR_FMO_, HCR_IMO_, HCR_AMO = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5
+HCR_FB, HCR_BSU_IS, HCR_TID1, HCR_TID2, HCR_TID3 = 1 << 9, 1 << 10, 1 << 16, 1 << 17, 1 << 18
+HCR_TSC, HCR_TIDCP, HCR_TACR, HCR_TSW, HCR_RW = 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 31
+HCR_E2H, HCR_TLOR, HCR_TERR, HCR_TEA, HCR_APK, HCR_API = 1 << 34, 1 << 35, 1 << 36, 1 << 37, 1 << 40, 1 << 41
+HCR_FWB, HCR_FIEN, HCR_TID4, HCR_AMVOFFEN = 1 << 46, 1 << 47, 1 << 49, 1 << 51
+HCR_ATA, HCR_DCT, HCR_TID5 = 1 << 56, 1 << 57, 1 << 58
+HCR_GUEST_FLAGS = (HCR_TSC | HCR_TSW | HCR_TWE | HCR_TWI | HCR_VM | HCR_BSU_IS | HCR_FB | HCR_TACR
+                   | HCR_AMO | HCR_SWIO | HCR_TIDCP | HCR_RW | HCR_TLOR | HCR_FMO_ | HCR_IMO_
+                   | HCR_PTW | HCR_TID3 | HCR_TID1)
+MDCR_HPMN_MASK, MDCR_TPMCR, MDCR_TPM, MDCR_HPME = 0x1F, 1 << 5, 1 << 6, 1 << 7
+MDCR_TDA, MDCR_TDOSA, MDCR_TDRA, MDCR_E2PB_MASK = 1 << 9, 1 << 10, 1 << 11, 3 << 12
+MDCR_TPMS, MDCR_TTRF, MDCR_E2TB_MASK, MDCR_TDCC, MDCR_MTPME = 1 << 14, 1 << 19, 3 << 24, 1 << 27, 1 << 28
+
+
+def _sysf(h: HypState, reg: str, shift: int) -> int:
+    """A field of the host's sanitised ID registers (what `cpus_have_final_cap` tests)."""
+    return (h.sys_vals[reg] >> shift) & 0xF
+
+
+def pkvm_vcpu_reset_hcr(h: HypState, vcpu: PkvmHypVcpu) -> int:
+    """`pkvm_vcpu_reset_hcr`: KVM's guest flags and the bits the CPU's features ask for."""
+    from pkvm.hyp.sys_regs import (
+        KVM_ARM_VCPU_EL1_32BIT,
+        KVM_ARM_VCPU_PTRAUTH_ADDRESS,
+        KVM_ARM_VCPU_PTRAUTH_GENERIC,
+        vm_has_feature,
+    )
+
+    vm = vcpu.vm
+    hcr = HCR_GUEST_FLAGS
+    if _sysf(h, "ID_AA64MMFR1_EL1", 8):  # VHE hardware in protected mode: hVHE
+        hcr |= HCR_E2H
+    if _sysf(h, "ID_AA64PFR0_EL1", 28):  # ARM64_HAS_RAS_EXTN
+        hcr |= HCR_TEA | HCR_TERR
+    if _sysf(h, "ID_AA64MMFR2_EL1", 40):  # ARM64_HAS_STAGE2_FWB
+        hcr |= HCR_FWB
+    # ARM64_HAS_EVT and the VM's CTR_EL0 equal to the CPU's: TID4, else TID2.
+    if _sysf(h, "ID_AA64MMFR2_EL1", 56) and kvm_field(h, vm.host_kvm, "arch.ctr_el0") == CTR_EL0:
+        hcr |= HCR_TID4
+    else:
+        hcr |= HCR_TID2
+    if vm_has_feature(vm, KVM_ARM_VCPU_EL1_32BIT) and _sysf(h, "ID_AA64PFR0_EL1", 4) == 2:
+        hcr &= ~HCR_RW
+    isar1 = h.sys_vals["ID_AA64ISAR1_EL1"]
+    if isar1 & (0xFF << 4 | 0xFF << 24) and (
+            vm_has_feature(vm, KVM_ARM_VCPU_PTRAUTH_ADDRESS | KVM_ARM_VCPU_PTRAUTH_GENERIC)):
+        hcr |= HCR_API | HCR_APK
+    if _sysf(h, "ID_AA64PFR1_EL1", 8) >= 2 and vm.flags & KVM_ARCH_FLAG_MTE_ENABLED:
+        hcr |= HCR_ATA
+    return hcr
+
+
+def pvm_init_traps_hcr(vcpu: PkvmHypVcpu, hcr: int) -> int:
+    from pkvm.hyp.sys_regs import kvm_has_feat
+
+    vm = vcpu.vm
+    hcr |= HCR_RW | HCR_TACR | HCR_TIDCP | HCR_TID3 | HCR_TID1
+    if not kvm_has_feat(vm, "ID_AA64PFR0_EL1", 28, 1):  # RAS
+        hcr = (hcr | HCR_TERR | HCR_TEA) & ~HCR_FIEN
+    if not kvm_has_feat(vm, "ID_AA64PFR0_EL1", 44, 1):  # AMU
+        hcr &= ~HCR_AMVOFFEN
+    if not vm.flags & KVM_ARCH_FLAG_MTE_ENABLED:  # kvm_has_mte
+        hcr = (hcr | HCR_TID5) & ~(HCR_DCT | HCR_ATA)
+    if not kvm_has_feat(vm, "ID_AA64MMFR1_EL1", 16, 1):  # LO
+        hcr |= HCR_TLOR
+    return hcr
+
+
+def pvm_init_traps_mdcr(vcpu: PkvmHypVcpu, mdcr: int) -> int:
+    from pkvm.hyp.sys_regs import kvm_has_feat
+
+    vm = vcpu.vm
+    if not kvm_has_feat(vm, "ID_AA64DFR0_EL1", 8, 1):  # PMUVer
+        mdcr = (mdcr | MDCR_TPM | MDCR_TPMCR) & ~(MDCR_HPME | MDCR_MTPME | MDCR_HPMN_MASK)
+    if not kvm_has_feat(vm, "ID_AA64DFR0_EL1", 0, 6):  # DebugVer (IMP = 6)
+        mdcr |= MDCR_TDRA | MDCR_TDA
+    if not kvm_has_feat(vm, "ID_AA64DFR0_EL1", 36, 0, signed=True):  # DoubleLock
+        mdcr |= MDCR_TDOSA
+    if not kvm_has_feat(vm, "ID_AA64DFR0_EL1", 32, 1):  # PMSVer
+        mdcr = (mdcr | MDCR_TPMS) & ~MDCR_E2PB_MASK
+    if not kvm_has_feat(vm, "ID_AA64DFR0_EL1", 40, 1):  # TraceFilt
+        mdcr |= MDCR_TTRF
+    if not kvm_has_feat(vm, "ID_AA64DFR0_EL1", 44, 1):  # TraceBuffer
+        mdcr &= ~MDCR_E2TB_MASK
+    if not kvm_has_feat(vm, "ID_AA64MMFR0_EL1", 56, 1):  # FGT
+        mdcr |= MDCR_TDCC
+    return mdcr
+
+
+def pkvm_check_pvm_cpu_features(vcpu: PkvmHypVcpu) -> int:
+    from pkvm.hyp.sys_regs import kvm_has_feat
+
+    vm = vcpu.vm
+    if kvm_has_feat(vm, "ID_AA64PFR0_EL1", 0, 2) or kvm_has_feat(vm, "ID_AA64PFR0_EL1", 4, 2):
+        return -EINVAL  # AArch32 at EL0 or EL1
+    if not kvm_has_feat(vm, "ID_AA64PFR0_EL1", 16, 0, signed=True) or not kvm_has_feat(
+            vm, "ID_AA64PFR0_EL1", 20, 0, signed=True):
+        return -EINVAL  # FP and AdvSIMD
+    if kvm_has_feat(vm, "ID_AA64PFR1_EL1", 24, 1):
+        return -EINVAL  # SME
+    return 0
+
+
+def pkvm_vcpu_init_traps(h: HypState, vcpu: PkvmHypVcpu) -> int:
+    """7.2's initial HCR_EL2 / MDCR_EL2 / HCRX_EL2 of a hyp vCPU (`init_pkvm_hyp_vcpu`)."""
+    vcpu.mdcr_el2 = 0
+    vcpu.hcr_el2 = pkvm_vcpu_reset_hcr(h, vcpu)
+    if not vcpu.vm.is_protected:
+        vcpu.hcrx_el2 = vcpu_field(h, vcpu.host_vcpu, "arch.hcrx_el2")  # trusted for np VMs
+        return 0
+    ret = pkvm_check_pvm_cpu_features(vcpu)
+    if ret:
+        return ret
+    vcpu.hcr_el2 = pvm_init_traps_hcr(vcpu, vcpu.hcr_el2)
+    vcpu.mdcr_el2 = pvm_init_traps_mdcr(vcpu, vcpu.mdcr_el2)
+    if _sysf(h, "ID_AA64MMFR1_EL1", 40):  # ARM64_HAS_HCX: vcpu_set_hcrx
+        vcpu.hcrx_el2 = HCRX_EL2_SMPME
+    return 0
+
+
+HCRX_EL2_SMPME = 1 << 5
 
 
 def flush_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
@@ -92,6 +217,8 @@ def _core_for(h: HypState, vcpu: PkvmHypVcpu):
         scr = (3, 6, 1, 1, 0)  # and SCR_EL3.APK|API, as firmware leaves them
         vcpu.engine._cpw(scr, vcpu.engine._cpr(scr) | (1 << 16) | (1 << 17))
         vcpu.exit_data["view_cursor"] = 0
+        if vcpu.vm.is_protected and vcpu.hcr_el2 & HCR_TID3:
+            vcpu.engine.trap_id_regs()  # the protected guest reads its sanitised ID registers
     pgt = _guest_s2(h, vcpu)
     if pgt.touched is None:
         pgt.touched = []

@@ -669,6 +669,27 @@ class Core:
         self._sys_dirty = True  # the guest wrote a system register: re-read at save
         return 0  # let unicorn perform (or refuse) the write
 
+    def trap_id_regs(self) -> None:
+        """HCR_EL2.TID3: EL1 reads of the ID registers (op0 3, op1 0, CRn 0, CRm 1-7) exit
+        with EC 0x18 (SYSREG, PC on the MRS) instead of reading the CPU's values. Off by
+        default: unicorn calls back on every MRS once this is on."""
+        if getattr(self, "_id_trap_on", False):
+            return
+        self._id_trap_on = True
+        self._gpr_of = {rid: n for n, rid in enumerate(_GPR_IDS)}
+        self.uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, A.UC_ARM64_INS_MRS)
+
+    def _on_mrs(self, uc: Uc, reg: int, cp: Any, _data: object) -> int:
+        if cp.op0 != 3 or cp.op1 or cp.crn or not 1 <= cp.crm <= 7:
+            return 0
+        if (self._rd(A.UC_ARM64_REG_PSTATE) >> 2) & 3 != 1:
+            return 0  # EL0 reads are the guest kernel's business (it traps or emulates them)
+        rt = self._gpr_of.get(reg, 31)
+        iss = sys64_iss(cp.op0, cp.op1, cp.crn, cp.crm, cp.op2, rt, True)
+        self._sys_trap_pc = self._rd(A.UC_ARM64_REG_PC)
+        self._stop(Exit(ExitKind.SYSREG, esr(EC.SYS64, iss)))
+        return 1
+
     # ---- stage-2 view -----------------------------------------------------------------
     def mappings(self) -> list[Mapping]:
         """The stage-2 ranges as mapped in unicorn (merged), sorted by IPA."""
@@ -927,6 +948,10 @@ class Core:
         if ex is None:
             return Exit(ExitKind.BUDGET)
         self._exit = None
+        trap_pc = getattr(self, "_sys_trap_pc", None)
+        if trap_pc is not None:  # a trapped MRS: unicorn skipped it, the exit is on it
+            self._sys_trap_pc = None
+            self._wr(A.UC_ARM64_REG_PC, trap_pc)
         real_pc = self._mem_fault
         if real_pc is not None:
             # issue 9: unicorn's PC inside the memory hook (and after emu_start) is sometimes

@@ -1,0 +1,231 @@
+"""FF-A for the checkers: descriptors, a host-side driver, hostile operations, the FF-A owner.
+
+- `mem_descriptor` builds an FF-A v1.1+ memory-transaction descriptor (header, one endpoint
+  descriptor, composite region, constituents) with every offset and count overridable, so that
+  tests and the fuzzer can send the proxy well-formed and hostile descriptors alike.
+- `FfaHost` drives the proxy through `machine.smc` as Linux's FF-A driver would (version,
+  mailbox, share / lend / reclaim, fragments).
+- `hostile_ffa_op` is one random FF-A call with a hostile descriptor or argument (offsets,
+  counts, fragment lengths, overlapping ranges, pages in every state) for the fuzzer and the
+  explorer (registered by the lead; nothing here runs unless called).
+- `check_ffa_owner` is the FF-A owner's invariant: every page of an open transaction in the
+  secure world is host SHARED_OWNED (neither hyp- nor guest-owned), and every host
+  SHARED_OWNED page with no other borrower belongs to one.
+
+Only public doors are used: `machine.smc`, the host's memory accesses and `machine.inspect`.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+FFA_ERROR, FFA_SUCCESS = 0x8400_0060, 0x8400_0061
+FFA_MEM_FRAG_RX = 0x8400_007A
+SP_ID = 0x8001
+
+
+def emad_size(version: int) -> int:
+    return 32 if version >= 0x1_0002 else 16
+
+
+def mem_descriptor(version: int, ranges: list[tuple[int, int]], *, receiver: int = SP_ID,
+                   sender: int = 0, ep_count: int = 1, ep_mem_offset: int | None = None,
+                   composite_off: int | None = None, total_pages: int | None = None,
+                   range_count: int | None = None, handle: int = 0) -> bytes:
+    """An FF-A v1.1+ memory-transaction descriptor for `ranges` [(address, 4K pages)]."""
+    esize = emad_size(version)
+    ep_off = 48 if ep_mem_offset is None else ep_mem_offset
+    comp = 48 + esize if composite_off is None else composite_off
+    total = sum(n for _, n in ranges) if total_pages is None else total_pages
+    cnt = len(ranges) if range_count is None else range_count
+    size = max(48 + esize, comp + 16 + 16 * len(ranges) if comp < 4096 else 0)
+    if ep_off + esize <= 4096:
+        size = max(size, ep_off + esize)
+    buf = bytearray(size)
+    struct.pack_into("<HHIQQIII", buf, 0, sender, 0x2F, 0, handle, 0, esize, ep_count, ep_off)
+    emad_at = ep_off if ep_off + esize <= 4096 else 48  # a wild offset: the EMAD stays at 48
+    struct.pack_into("<HBBI", buf, emad_at, receiver, 0x6, 0, comp)
+    if comp + 16 <= size:
+        struct.pack_into("<IIQ", buf, comp, total & 0xFFFF_FFFF, cnt & 0xFFFF_FFFF, 0)
+        for i, (addr, n) in enumerate(ranges):
+            struct.pack_into("<QII", buf, comp + 16 + 16 * i, addr, n, 0)
+    return bytes(buf)
+
+
+@dataclass
+class FfaHost:
+    """The host's FF-A driver over `machine.smc` (cpu 0)."""
+
+    m: Any
+    version: int = 0
+    tx: int = 0
+    rx: int = 0
+    handles: list[int] = field(default_factory=list)
+
+    def negotiate(self, version: int = 0x1_0001) -> int:
+        r = self.m.smc(0, "FFA_VERSION", version)
+        if r.x0 > 0:
+            self.version = r.regs[0]
+        return r.x0
+
+    def map_mailbox(self) -> Any:
+        self.tx = self.m.host.alloc_pages(1)
+        self.rx = self.m.host.alloc_pages(1)
+        return self.m.smc(0, "FFA_RXTX_MAP", self.tx, self.rx, 1)
+
+    def send(self, fid: str, desc: bytes, length: int | None = None,
+             fraglen: int | None = None) -> Any:
+        self.m.host.write(self.tx, desc[:4096])
+        n = len(desc) if length is None else length
+        f = min(len(desc), 4096) if fraglen is None else fraglen
+        r = self.m.smc(0, fid, n, f, 0, 0)
+        if r.regs[0] == FFA_SUCCESS:
+            self.handles.append(r.regs[2] | r.regs[3] << 32)
+        return r
+
+    def share(self, ranges: list[tuple[int, int]], lend: bool = False, **kw: Any) -> Any:
+        return self.send("FFA_MEM_LEND" if lend else "FFA_MEM_SHARE",
+                         mem_descriptor(self.version, ranges, **kw))
+
+    def frag_tx(self, handle: int, data: bytes, fraglen: int | None = None) -> Any:
+        self.m.host.write(self.tx, data[:4096])
+        f = len(data) if fraglen is None else fraglen
+        r = self.m.smc(0, "FFA_MEM_FRAG_TX", handle & 0xFFFF_FFFF, handle >> 32, f, 0)
+        if r.regs[0] == FFA_SUCCESS:
+            self.handles.append(handle)
+        return r
+
+    def reclaim(self, handle: int, flags: int = 0) -> Any:
+        r = self.m.smc(0, "FFA_MEM_RECLAIM", handle & 0xFFFF_FFFF, handle >> 32, flags)
+        if r.regs[0] == FFA_SUCCESS and handle in self.handles:
+            self.handles.remove(handle)
+        return r
+
+
+# -- hostile operations ------------------------------------------------------------------------
+def _page_in_some_state(m: Any, rng: random.Random) -> int:
+    """A page address: host-owned, hyp-owned (carve-out), shared with the hyp, outside RAM,
+    the mailbox itself, unaligned."""
+    ram = next(r for r in m.memory_map() if r.kind == "ram")
+    hyp = next(r for r in m.memory_map() if r.kind == "hyp")
+    choice = rng.randrange(6)
+    if choice == 0:
+        return m.host.alloc_pages(1)
+    if choice == 1:
+        return hyp.start + rng.randrange(hyp.size >> 12) * 4096
+    if choice == 2:
+        return ram.end + 4096 * rng.randrange(16)
+    if choice == 3:
+        return rng.randrange(ram.start >> 12) << 12
+    if choice == 4:
+        return m.host.alloc_pages(1) + rng.choice((1, 8, 0x800))
+    return ram.start + rng.randrange(ram.size >> 12) * 4096
+
+
+def hostile_ffa_op(m: Any, host: FfaHost, rng: random.Random) -> Any:
+    """One FF-A call with hostile contents; returns the SMC's result."""
+    v = host.version or 0x1_0001
+    op = rng.randrange(8)
+    if op == 0:  # ranges in every state, sometimes overlapping
+        ranges = [(_page_in_some_state(m, rng), rng.choice((1, 1, 2, 0, 0xFFFF_FFFF)))
+                  for _ in range(rng.randrange(1, 4))]
+        if rng.random() < 0.3 and ranges:
+            ranges.append(ranges[0])
+        return host.share(ranges, lend=rng.random() < 0.5)
+    if op == 1:  # hostile offsets and counts in a well-placed descriptor
+        page = m.host.alloc_pages(1)
+        kw = rng.choice([
+            {"ep_mem_offset": rng.choice((0, 4000, 4090, 0xFFFF_FFF0, 47))},
+            {"composite_off": rng.choice((0, 4090, 0xFFFF_FFF8, 12))},
+            {"ep_count": rng.choice((0, 2, 0xFFFF_FFFF))},
+            {"sender": rng.choice((1, 0x8001))},
+            {"range_count": rng.choice((0, 300, 0xFFFF_FFFF))},
+        ])
+        return host.share([(page, 1)], **kw)
+    if op == 2:  # fragment lengths against the announced length
+        desc = mem_descriptor(v, [(m.host.alloc_pages(1), 1)])
+        return host.send("FFA_MEM_SHARE", desc, length=rng.choice((len(desc) - 16, len(desc) + 16,
+                                                                   0xFFFF_FFFF)),
+                         fraglen=rng.choice((len(desc), 63, 4097, len(desc) + 1)))
+    if op == 3 and host.handles:  # reclaim (maybe twice)
+        return host.reclaim(rng.choice(host.handles))
+    if op == 4:  # reclaim of a made-up handle
+        return host.reclaim(rng.getrandbits(64))
+    if op == 5:  # FRAG_TX without a transaction, or with garbage
+        data = struct.pack("<QII", _page_in_some_state(m, rng), 1, 0)
+        return host.frag_tx(rng.getrandbits(64), data, fraglen=rng.choice((16, 15, 4112)))
+    if op == 6:  # mailbox games
+        a, b = _page_in_some_state(m, rng), _page_in_some_state(m, rng)
+        return m.smc(0, rng.choice(("FFA_RXTX_MAP", "FFA_RXTX_UNMAP")), a, b, rng.choice((1, 0, 2)))
+    return m.smc(0, rng.choice((0x8400_0068, 0x8400_0064, 0x8400_0065, 0x8400_0063)),
+                 *(rng.getrandbits(32) for _ in range(5)))
+
+
+# -- the FF-A owner ----------------------------------------------------------------------------
+class FfaOwnerViolation(AssertionError):
+    pass
+
+
+def check_ffa_owner(m: Any) -> None:
+    """Pages the secure world holds are host SHARED_OWNED; host SHARED_OWNED pages with no
+    hyp or guest borrower are held by the secure world."""
+    spmc = m.firmware.spmc
+    held = spmc.pages_in_use() if spmc is not None else set()
+    for pfn in held:
+        info = m.inspect.page(pfn)
+        if info.host != "SHARED_OWNED":
+            raise FfaOwnerViolation(f"pfn {pfn:#x} is in an FF-A transaction but host {info.host}")
+        if info.hyp != "NOPAGE":
+            raise FfaOwnerViolation(f"pfn {pfn:#x} shared with FF-A is also the hyp's ({info.hyp})")
+    # Host SHARED_OWNED pages beyond those lent to the hyp (hyp SHARED_BORROWED) belong to the
+    # secure world when no guest borrows any page; with guest shares, look page by page.
+    counts = m.inspect.page_counts()
+    free = counts.get(("host", "SHARED_OWNED"), 0) - counts.get(("hyp", "SHARED_BORROWED"), 0)
+    guest_borrowed = any(k[1] == "SHARED_BORROWED" for k in counts if k[0] not in ("host", "hyp"))
+    if not guest_borrowed:
+        if free != len(held):
+            raise FfaOwnerViolation(f"{free} host SHARED_OWNED pages without a hyp borrower, "
+                                    f"{len(held)} held by the secure world")
+        return
+    ram = next(r for r in m.memory_map() if r.kind == "ram")
+    for pfn in range(ram.start >> 12, ram.end >> 12):
+        info = m.inspect.page(pfn)
+        if info.host == "SHARED_OWNED" and info.hyp == "NOPAGE" and not info.guests \
+                and not info.share_count and pfn not in held:
+            raise FfaOwnerViolation(f"pfn {pfn:#x} host SHARED_OWNED with no borrower")
+
+
+def attach_ffa_owner_check(m: Any) -> None:
+    """Run `check_ffa_owner` after every SMC the FF-A proxy handled (a machine listener)."""
+
+    def after(rec: Any) -> None:
+        if rec.panic is None and rec.name.startswith("smc:ffa:"):
+            check_ffa_owner(m)
+
+    m.listeners.append(after)
+
+
+# -- for the fuzzer and the explorer (registered by the lead) -----------------------------------
+# A step is ("ffa", seed): replayable, since what `hostile_ffa_op` allocates and sends depends
+# only on the seed and the machine's history. Registration in `pkvm.check.fuzz`:
+#     generate():  ops.append(("ffa", 3, lambda: gen_ffa_args(r)))
+#     _apply():    elif op == "ffa": ffa_step(w.m, *a)
+# With `Machine(ffa=True)` the steps reach the proxy's memory paths; without, its refusals.
+_HOSTS: "dict[int, FfaHost]" = {}
+
+
+def gen_ffa_args(r: random.Random) -> tuple[int]:
+    return (r.getrandbits(32),)
+
+
+def ffa_step(m: Any, seed: int) -> Any:
+    """One fuzzer step: negotiate and map a mailbox on first use, then a hostile FF-A call."""
+    host = _HOSTS.get(id(m))
+    if host is None or host.m is not m:
+        host = _HOSTS[id(m)] = FfaHost(m)
+        if host.negotiate(0x1_0002 if m.profile.name != "6.12" else 0x1_0001) > 0:
+            host.map_mailbox()
+    return hostile_ffa_op(m, host, random.Random(seed))

@@ -1,0 +1,300 @@
+"""The host's FF-A calls, proxied by EL2 (`nvhe/ffa.c`).
+
+The proxy claims every fast standard-owner call with function number 0x60-0xFF (`is_ffa_call`).
+Until a version is negotiated it answers all of them but FFA_VERSION with INVALID_PARAMETERS.
+It is only set up (`hyp_ffa_init`, at finalise) when the host found SMCCC >= 1.2 and the
+firmware answers FFA_VERSION: then EL2 owns a mailbox of its own (TX, RX) and a descriptor
+buffer in its carve-out, registers them with the secure world at the first successful
+negotiation (`hyp_ffa_post_init` checks FFA_ID_GET and the RXTX_MAP granule), and:
+
+- RXTX_MAP (64-bit only) shares the host's TX and RX pages with EL2 and pins them
+  (`__pkvm_host_share_hyp` + `hyp_pin_shared_mem`), after mapping EL2's own pair with the SPMC;
+  RXTX_UNMAP undoes it.
+- MEM_SHARE / MEM_LEND copy the host's descriptor from its TX into EL2's, check it (a single
+  endpoint, the host as sender, the endpoint and composite offsets inside the fragment, whole
+  16-byte constituents), move every constituent range host OWNED -> SHARED_OWNED
+  (`__pkvm_host_share_ffa`; lending is treated as sharing: EL2 keeps no separate "lent"
+  state), and only then forward the call from EL2's TX; a failed forward unshares again.
+  MEM_FRAG_TX does the same for each further fragment.
+- MEM_RECLAIM first retrieves the transaction's descriptor from the SPMC (RETRIEVE_REQ, then
+  FRAG_RX for each further fragment) into the descriptor buffer, checks it, forwards the reclaim
+  and, on success, gives the ranges back (SHARED_OWNED -> OWNED).
+- FEATURES answers MEM_SHARE/LEND itself; PARTITION_INFO_GET copies the SPMC's answer into the
+  host's RX; calls in `ffa_call_supported`'s refusal list get NOT_SUPPORTED; every other FF-A
+  call goes to the firmware unchanged.
+
+Each reply is written with `ffa_set_retval`: x0..x3 in 6.12, x0..x17 in 7.2
+(`Profile.ffa_retval_regs`). The 6.12/7.2 differences in the checks are profile fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pkvm.hyp.mem_protect import (
+    PageState,
+    _warn,
+    host_check_page_state_range,
+    host_hyp_locked,
+    host_set_page_state_range,
+    hyp_pfn_to_phys,
+    pfn_range_is_valid,
+)
+from pkvm.hyp.state import HypState
+from pkvm.machine.memory import PAGE_SIZE
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+HOST_FFA_ID = 0
+KVM_FFA_MBOX_NR_PAGES = 1
+FFA_PAGE_SIZE = 4096
+MBOX_BYTES = KVM_FFA_MBOX_NR_PAGES * PAGE_SIZE
+
+# Function IDs (include/linux/arm_ffa.h).
+FFA_ERROR, FFA_SUCCESS, FFA_VERSION, FFA_FEATURES = 0x8400_0060, 0x8400_0061, 0x8400_0063, 0x8400_0064
+FFA_RX_RELEASE, FFA_RXTX_MAP, FFA_FN64_RXTX_MAP = 0x8400_0065, 0x8400_0066, 0xC400_0066
+FFA_RXTX_UNMAP, FFA_PARTITION_INFO_GET, FFA_ID_GET = 0x8400_0067, 0x8400_0068, 0x8400_0069
+FFA_MSG_POLL, FFA_MSG_WAIT, FFA_MSG_SEND, FFA_MSG_SEND_DIRECT_RESP = (
+    0x8400_006A, 0x8400_006B, 0x8400_006E, 0x8400_0070)
+FFA_MEM_DONATE, FFA_FN64_MEM_DONATE = 0x8400_0071, 0xC400_0071
+FFA_MEM_LEND, FFA_FN64_MEM_LEND = 0x8400_0072, 0xC400_0072
+FFA_MEM_SHARE, FFA_FN64_MEM_SHARE = 0x8400_0073, 0xC400_0073
+FFA_MEM_RETRIEVE_REQ, FFA_FN64_MEM_RETRIEVE_REQ = 0x8400_0074, 0xC400_0074
+FFA_MEM_RETRIEVE_RESP, FFA_MEM_RELINQUISH, FFA_MEM_RECLAIM = 0x8400_0075, 0x8400_0076, 0x8400_0077
+FFA_MEM_OP_PAUSE, FFA_MEM_OP_RESUME = 0x8400_0078, 0x8400_0079
+FFA_MEM_FRAG_RX, FFA_MEM_FRAG_TX = 0x8400_007A, 0x8400_007B
+FFA_NOTIFICATION_CALLS = (0x8400_007D, 0x8400_007E, 0x8400_007F, 0x8400_0080, 0x8400_0081,
+                          0x8400_0082, 0x8400_0083)
+FFA_CONSOLE_LOG, FFA_PARTITION_INFO_GET_REGS = 0x8400_008A, 0xC400_008B
+FFA_MSG_SEND_DIRECT_REQ2, FFA_MSG_SEND_DIRECT_RESP2 = 0xC400_008D, 0xC400_008E
+
+# Error codes (FFA_ERROR's w2).
+FFA_RET_SUCCESS, FFA_RET_NOT_SUPPORTED, FFA_RET_INVALID_PARAMETERS = 0, -1, -2
+FFA_RET_NO_MEMORY, FFA_RET_BUSY, FFA_RET_DENIED, FFA_RET_ABORTED = -3, -4, -6, -8
+
+FFA_VERSION_1_0, FFA_VERSION_1_1, FFA_VERSION_1_2 = 0x1_0000, 0x1_0001, 0x1_0002
+FFA_FEAT_RXTX_MIN_SZ_MASK = 0x3
+FFA_1_0_PARTITON_INFO_SZ = 8
+
+# Descriptor layout (FF-A v1.1+ `struct ffa_mem_region`, 48 bytes; v1.0 has its endpoint array
+# at byte 32). Endpoint descriptor (EMAD): 16 bytes, 32 from v1.2 (an impdef field).
+MEM_REGION_SZ_1_0, MEM_REGION_SZ = 32, 48
+EP_MEM_OFFSET_OFF = 32
+COMPOSITE_SZ = 16  # total_pg_cnt u32, addr_range_cnt u32, reserved u64
+RANGE_SZ = 16  # address u64, pg_cnt u32, reserved u32
+
+
+def major(v: int) -> int:
+    return (v >> 16) & 0x7FFF
+
+
+def minor(v: int) -> int:
+    return v & 0xFFFF
+
+
+def emad_size(version: int) -> int:
+    return 32 if version >= FFA_VERSION_1_2 else 16
+
+
+def mem_region_sz(version: int) -> int:
+    return MEM_REGION_SZ if version > FFA_VERSION_1_0 else MEM_REGION_SZ_1_0
+
+
+def constituents_offset(n: int) -> int:
+    return COMPOSITE_SZ + RANGE_SZ * n
+
+
+@dataclass
+class FfaProxy:
+    """The proxy's state: EL2's mailbox and descriptor buffer, the host's mailbox, the version."""
+
+    hyp_tx: int = 0  # PAs in the carve-out (0: the proxy was never set up)
+    hyp_rx: int = 0
+    desc_buf: int = 0
+    desc_len: int = 0
+    host_tx: int = 0  # PAs of the host's pinned mailbox pages (0: none)
+    host_rx: int = 0
+    version: int = 0
+    negotiated: bool = False
+
+
+def is_ffa_call(fid: int) -> bool:
+    fast = bool(fid & (1 << 31))
+    owner = (fid >> 24) & 0x3F
+    num = fid & 0xFFFF
+    return fast and owner == 4 and 0x60 <= num <= 0xFF
+
+
+def ffa_error(code: int) -> list[int]:
+    res = [0] * 18
+    res[0] = FFA_ERROR
+    res[2] = code & U64
+    return res
+
+
+def ffa_res(ret: int, prop: int = 0) -> list[int]:
+    if ret == FFA_RET_SUCCESS:
+        res = [0] * 18
+        res[0], res[2] = FFA_SUCCESS, prop
+        return res
+    return ffa_error(ret)
+
+
+def smc12(h: HypState, *args: int) -> list[int]:
+    """`hyp_smccc_1_2_smc`: an SMC from EL2 with x0..x17 (unset ones 0); all 18 come back."""
+    regs = [a & U64 for a in args] + [0] * (18 - len(args))
+    h.smc_to_el3(h.cpu, regs)
+    return regs
+
+
+def _proxy(h: HypState) -> FfaProxy:
+    if h.ffa is None:
+        h.ffa = FfaProxy()
+    return h.ffa
+
+
+# -- set-up (`hyp_ffa_init` at finalise, `hyp_ffa_post_init` at the first negotiation) --------
+def hyp_ffa_init(h: HypState) -> int:
+    """0, or -EOPNOTSUPP when the firmware's FF-A version is not 1.x (fails `__pkvm_init`)."""
+    p = _proxy(h)
+    cfg = h.psci
+    if cfg is None or cfg.smccc_version < 0x1_0002:
+        return 0
+    res = smc12(h, FFA_VERSION, h.profile.ffa_hyp_version)
+    if res[0] & 0xFFFF_FFFF == FFA_RET_NOT_SUPPORTED & 0xFFFF_FFFF:
+        return 0
+    if major(res[0]) != 1:
+        return -95  # -EOPNOTSUPP
+    p.version = res[0] & 0xFFFF_FFFF if minor(res[0]) < minor(h.profile.ffa_hyp_version) else (
+        h.profile.ffa_hyp_version)
+    base = h.carve.ffa_proxy
+    p.hyp_tx, p.hyp_rx = base, base + MBOX_BYTES
+    p.desc_buf = base + 2 * MBOX_BYTES
+    from pkvm.abi.sizes import hyp_ffa_proxy_pages
+
+    p.desc_len = PAGE_SIZE * (hyp_ffa_proxy_pages() - 2 * KVM_FFA_MBOX_NR_PAGES)
+    return 0
+
+
+def hyp_ffa_post_init(h: HypState) -> int:
+    res = smc12(h, FFA_ID_GET)
+    if res[0] != FFA_SUCCESS:
+        return -95
+    if res[2] != HOST_FFA_ID:
+        return -22
+    res = smc12(h, FFA_FEATURES, FFA_FN64_RXTX_MAP)
+    if res[0] != FFA_SUCCESS:
+        return -95
+    gran = res[2] & FFA_FEAT_RXTX_MIN_SZ_MASK if h.profile.ffa_rxtx_min_sz_masked else res[2]
+    sizes = {0: 4096, 1: 64 * 1024, 2: 16 * 1024}
+    if gran not in sizes:
+        return -22
+    return -95 if sizes[gran] > PAGE_SIZE else 0
+
+
+def do_ffa_version(h: HypState, regs: list[int]) -> list[int]:
+    p = _proxy(h)
+    req = regs[1] & 0xFFFF_FFFF
+    res = [0] * 18
+    if major(req) != 1:
+        res[0] = FFA_RET_NOT_SUPPORTED & U64
+        return res
+    if p.negotiated:
+        if h.profile.ffa_refuses_downgrade_after_negotiation and minor(req) < minor(p.version):
+            res[0] = FFA_RET_NOT_SUPPORTED & U64
+        else:
+            res[0] = p.version
+        return res
+    if minor(req) < minor(p.version):
+        res = smc12(h, FFA_VERSION, req)
+        if res[0] & 0xFFFF_FFFF == FFA_RET_NOT_SUPPORTED & 0xFFFF_FFFF:
+            return res
+        p.version = req
+    res = [0] * 18
+    if hyp_ffa_post_init(h):
+        res[0] = FFA_RET_NOT_SUPPORTED & U64
+    else:
+        p.negotiated = True
+        res[0] = p.version
+    return res
+
+
+# -- the handler ---------------------------------------------------------------------------
+def ffa_call_supported(h: HypState, fid: int) -> bool:
+    refused = {FFA_FN64_MEM_RETRIEVE_REQ, FFA_MEM_RETRIEVE_RESP, FFA_MEM_RELINQUISH,
+               FFA_MEM_OP_PAUSE, FFA_MEM_OP_RESUME, FFA_MEM_FRAG_RX, FFA_FN64_MEM_DONATE,
+               FFA_MSG_SEND, FFA_MSG_POLL, FFA_MSG_WAIT, FFA_MSG_SEND_DIRECT_RESP, FFA_RXTX_MAP,
+               FFA_MEM_DONATE, FFA_MEM_RETRIEVE_REQ}
+    if h.profile.ffa_refuses_1_2_calls:
+        refused |= set(FFA_NOTIFICATION_CALLS) | {FFA_MSG_SEND_DIRECT_REQ2,
+                                                  FFA_MSG_SEND_DIRECT_RESP2, FFA_CONSOLE_LOG,
+                                                  FFA_PARTITION_INFO_GET_REGS}
+    return fid not in refused
+
+
+def do_ffa_features(h: HypState, regs: list[int]) -> list[int] | None:
+    fid = regs[1] & 0xFFFF_FFFF
+    if not ffa_call_supported(h, fid):
+        return ffa_res(FFA_RET_NOT_SUPPORTED)
+    if fid in (FFA_MEM_SHARE, FFA_FN64_MEM_SHARE, FFA_MEM_LEND, FFA_FN64_MEM_LEND):
+        return ffa_res(FFA_RET_SUCCESS, 0)  # no dynamic buffers
+    return None  # to the firmware
+
+
+def kvm_host_ffa_handler(h: HypState, regs: list[int], fid: int) -> bool:
+    """Claim (True) and answer the host's FF-A call `fid` (32 bits, hint cleared)."""
+    from pkvm.hyp import ffa_mem
+
+    if not is_ffa_call(fid):
+        return False
+    p = _proxy(h)
+    res: list[int] | None
+    if fid != FFA_VERSION and not p.negotiated:
+        res = ffa_error(FFA_RET_INVALID_PARAMETERS)
+    elif fid == FFA_FEATURES:
+        res = do_ffa_features(h, regs)
+        if res is None:
+            return False
+    elif fid == FFA_FN64_RXTX_MAP:
+        res = ffa_mem.do_ffa_rxtx_map(h, regs)
+    elif fid == FFA_RXTX_UNMAP:
+        res = ffa_mem.do_ffa_rxtx_unmap(h, regs)
+    elif fid in (FFA_MEM_SHARE, FFA_FN64_MEM_SHARE):
+        res = ffa_mem.do_ffa_mem_xfer(h, FFA_FN64_MEM_SHARE, regs)
+    elif fid in (FFA_MEM_LEND, FFA_FN64_MEM_LEND):
+        res = ffa_mem.do_ffa_mem_xfer(h, FFA_FN64_MEM_LEND, regs)
+    elif fid == FFA_MEM_RECLAIM:
+        res = ffa_mem.do_ffa_mem_reclaim(h, regs)
+    elif fid == FFA_MEM_FRAG_TX:
+        res = ffa_mem.do_ffa_mem_frag_tx(h, regs)
+    elif fid == FFA_VERSION:
+        res = do_ffa_version(h, regs)
+    elif fid == FFA_PARTITION_INFO_GET:
+        res = ffa_mem.do_ffa_part_get(h, regs)
+    elif ffa_call_supported(h, fid):
+        return False  # pass through to the firmware
+    else:
+        res = ffa_error(FFA_RET_NOT_SUPPORTED)
+    for i in range(h.profile.ffa_retval_regs):
+        regs[i] = res[i] & U64
+    return True
+
+
+# -- helpers for ffa_mem.py ------------------------------------------------------------------
+def host_share_ffa(h: HypState, pfn: int, nr_pages: int, share: bool) -> int:
+    """`__pkvm_host_share_ffa` / `__pkvm_host_unshare_ffa`: the host's pages OWNED <->
+    SHARED_OWNED (the secure world is the borrower; EL2 maps nothing)."""
+    phys = hyp_pfn_to_phys(pfn)
+    size = (PAGE_SIZE * nr_pages) & U64
+    if h.profile.page_state_in_vmemmap and not pfn_range_is_valid(h, pfn, nr_pages):
+        return -22
+    if not size:
+        return 0
+    frm, to = (PageState.OWNED, PageState.SHARED_OWNED) if share else (
+        PageState.SHARED_OWNED, PageState.OWNED)
+    with host_hyp_locked(h):
+        ret = host_check_page_state_range(h, phys, size, frm)
+        if ret:
+            return ret
+        _warn(h, host_set_page_state_range(h, phys, size, to))
+    return 0
+
