@@ -226,6 +226,6 @@ def ffa_step(m: Any, seed: int) -> Any:
     host = _HOSTS.get(id(m))
     if host is None or host.m is not m:
         host = _HOSTS[id(m)] = FfaHost(m)
-        if host.negotiate(0x1_0002 if m.profile.name != "6.12" else 0x1_0001) > 0:
+        if host.negotiate(m.profile.ffa_hyp_version) > 0:
             host.map_mailbox()
     return hostile_ffa_op(m, host, random.Random(seed))
