@@ -8,7 +8,7 @@ each loaded vCPU (7.2) or for the length of a run (6.12), and teardown refuses w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import struct
 from typing import Any
 
 from pkvm.abi import sizes
@@ -30,12 +30,24 @@ from pkvm.hyp.mm import (
     el2_read,
     el2_read_u64,
     el2_write_u64,
+    el2_zero,
     hyp_pa,
     hyp_va,
 )
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pgtable import KvmPgtable
+from pkvm.hyp.pkvm_structs import (
+    CTXT_LEN,
+    CTXT_OFF,
+    HYP_VCPU,
+    HYP_VM,
+    ID_REGS,
+    Field,
+    HypStruct,
+    Memcache,
+    vcpus_slot,
+)
 from pkvm.hyp.spinlock import RANK_GUEST, HypSpinLock
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
@@ -63,7 +75,7 @@ class GuestMmOps:
         pa = memcache_pop(self.h, self.vcpu.memcache)
         if pa is None:
             return None
-        self.h.mem.zero(pa, PAGE_SIZE)
+        el2_zero(self.h, hyp_va(pa), PAGE_SIZE)
         vmm = self.h.vmemmap
         if self.h.profile.teardown_clears_whole_hyp_page:
             vmm.clear(pa)
@@ -80,56 +92,123 @@ class GuestMmOps:
         return self.vm.pool.page_count(pa)
 
 
-@dataclass
-class PkvmHypVcpu:
-    """`struct pkvm_hyp_vcpu`."""
+class PkvmHypVcpu(HypStruct):
+    """`struct pkvm_hyp_vcpu`, in the pages donated for it (`pkvm_structs`)."""
 
-    vm: "PkvmHypVm"
-    host_vcpu: int  # hyp VA of the host's struct kvm_vcpu (pinned)
-    vcpu_idx: int
-    vcpu_id: int
-    mem_va: int  # the donated pages holding this struct
-    loaded_on: int | None = None  # `loaded_hyp_vcpu`: the CPU it is loaded on
-    memcache: list[int] = field(default_factory=lambda: [0, 0])  # arch.pkvm_memcache head, nr
-    hcr_el2: int = 0
-    mdcr_el2: int = 0
-    cflags: int = 0
-    ctxt: bytes = b""  # arch.ctxt as the hyp keeps it between flush and sync
-    iflags: int = 0
-    fault_esr: int = 0
-    fault_far: int = 0
-    fault_hpfar: int = 0
-    engine: Any = None  # the CPU the guest runs on (switch.py)
-    exit_data: dict[str, Any] = field(default_factory=dict)
+    host_vcpu = Field(HYP_VCPU, "host_vcpu")  # hyp VA of the host's struct kvm_vcpu (pinned)
+    vcpu_idx = Field(HYP_VCPU, "vcpu.vcpu_idx")
+    vcpu_id = Field(HYP_VCPU, "vcpu.vcpu_id")
+    hcr_el2 = Field(HYP_VCPU, "vcpu.arch.hcr_el2")
+    mdcr_el2 = Field(HYP_VCPU, "vcpu.arch.mdcr_el2")
+    cflags = Field(HYP_VCPU, "vcpu.arch.cflags")
+    iflags = Field(HYP_VCPU, "vcpu.arch.iflags")
+    fault_esr = Field(HYP_VCPU, "vcpu.arch.fault.esr_el2")
+    fault_far = Field(HYP_VCPU, "vcpu.arch.fault.far_el2")
+    fault_hpfar = Field(HYP_VCPU, "vcpu.arch.fault.hpfar_el2")
+    _kvm = Field(HYP_VCPU, "vcpu.kvm")
+    _loaded = Field(HYP_VCPU, "loaded_hyp_vcpu")
+
+    def __init__(self, vm: "PkvmHypVm", host_vcpu: int, vcpu_idx: int, vcpu_id: int,
+                 mem_va: int, cflags: int = 0):
+        super().__init__(vm._h, mem_va)
+        self.vm = vm
+        self.mem_va = mem_va  # the donated pages holding this struct
+        self.engine: Any = None  # the CPU the guest runs on (switch.py)
+        self.exit_data: dict[str, Any] = {}
+        self.memcache = Memcache(self)  # arch.pkvm_memcache: head, nr_pages
+        self._kvm = vm.va
+        self.host_vcpu = host_vcpu
+        self.vcpu_idx = vcpu_idx
+        self.vcpu_id = vcpu_id
+        self.cflags = cflags
+
+    @property
+    def ctxt(self) -> bytes:
+        """`vcpu.arch.ctxt` as the hyp keeps it between flush and sync."""
+        return self.load(CTXT_OFF, CTXT_LEN)
+
+    @ctxt.setter
+    def ctxt(self, raw: bytes) -> None:
+        self.store(CTXT_OFF, raw[:CTXT_LEN])
+
+    @property
+    def loaded_on(self) -> int | None:
+        """`loaded_hyp_vcpu`: the per-CPU slot holding it (the model's per-CPU slots sit in
+        the hyp image, 8 bytes each), read back as the CPU it is loaded on."""
+        ptr = self._loaded
+        return None if not ptr else (ptr - loaded_slot(self._h, 0)) >> 3
+
+    @loaded_on.setter
+    def loaded_on(self, cpu: int | None) -> None:
+        self._loaded = 0 if cpu is None else loaded_slot(self._h, cpu)
 
 
-@dataclass
-class PkvmHypVm:
-    """`struct pkvm_hyp_vm`."""
+def loaded_slot(h: HypState, cpu: int) -> int:
+    return hyp_va(h.carve.image) + 8 * cpu
 
-    handle: int
-    host_kvm: int  # hyp VA of the host's struct kvm (pinned)
-    created_vcpus: int
-    is_protected: bool
-    vm_va: int  # donated memory holding this struct; its first page's refcount is the VM's
-    vm_size: int
-    pgd_pa: int
-    pgd_size: int
-    pool: HypPool
-    pgt: KvmPgtable
-    lock: HypSpinLock
-    mm_ops: GuestMmOps
-    vcpus: list[PkvmHypVcpu | None]
-    nr_vcpus: int = 0  # 6.12
-    is_dying: bool = False
-    flags: int = 0
-    vcpu_features: int = 0
-    id_regs: tuple[int, ...] = ()
-    id_regs_initialized: bool = False
+
+class PkvmHypVm(HypStruct):
+    """`struct pkvm_hyp_vm`, in the pages donated for it (`pkvm_structs`)."""
+
+    handle = Field(HYP_VM, "kvm.arch.pkvm.handle")
+    created_vcpus = Field(HYP_VM, "kvm.created_vcpus")
+    is_protected = Field(HYP_VM, "kvm.arch.pkvm.is_protected", as_bool=True)
+    is_dying = Field(HYP_VM, "kvm.arch.pkvm.is_dying", as_bool=True)
+    flags = Field(HYP_VM, "kvm.arch.flags")
+    vcpu_features = Field(HYP_VM, "kvm.arch.vcpu_features")
+    pgd_pa = Field(HYP_VM, "kvm.arch.mmu.pgd_phys")
+    host_kvm = Field(HYP_VM, "host_kvm")  # hyp VA of the host's struct kvm (pinned)
+    nr_vcpus = Field(HYP_VM, "nr_vcpus")  # 6.12
+    _vmid = Field(HYP_VM, "kvm.arch.mmu.vmid")
+    _pgt_pgd = Field(HYP_VM, "pgt.pgd")
+
+    def __init__(self, h: HypState, handle: int, host_kvm: int, created_vcpus: int,
+                 is_protected: bool, vm_va: int, vm_size: int, pgd_pa: int, pgd_size: int,
+                 lock: HypSpinLock, flags: int = 0, vcpu_features: int = 0):
+        super().__init__(h, vm_va)
+        self.vm_va = vm_va  # its first page's refcount is the VM's
+        self.vm_size = vm_size
+        self.pgd_size = pgd_size
+        self.lock = lock
+        self.pool: HypPool = None  # type: ignore[assignment]
+        self.pgt: KvmPgtable = None  # type: ignore[assignment]
+        self.mm_ops: GuestMmOps = None  # type: ignore[assignment]
+        self.vcpus: list[PkvmHypVcpu | None] = [None] * created_vcpus
+        self.handle = handle
+        self.host_kvm = host_kvm
+        self.created_vcpus = created_vcpus
+        self.is_protected = is_protected
+        self.pgd_pa = pgd_pa
+        self.flags = flags
+        self.vcpu_features = vcpu_features
+        self._vmid = self.vmid
 
     @property
     def vmid(self) -> int:
         return self.handle - sizes.HANDLE_OFFSET + 1
+
+    def set_vcpu(self, idx: int, vcpu: PkvmHypVcpu) -> None:
+        """`hyp_vm->vcpus[idx] = hyp_vcpu`."""
+        self.vcpus[idx] = vcpu
+        self.store(vcpus_slot(idx), vcpu.va.to_bytes(8, "little"))
+
+    def set_pgt(self, pgt: KvmPgtable) -> None:
+        self.pgt = pgt
+        self._pgt_pgd = hyp_va(pgt.pgd) if pgt.pgd else 0
+
+    @property
+    def id_regs_initialized(self) -> bool:
+        return bool(self.flags & KVM_ARCH_FLAG_ID_REGS_INITIALIZED)
+
+    @property
+    def id_regs(self) -> tuple[int, ...]:
+        raw = self.load(ID_REGS.offset, ID_REGS.size)
+        return struct.unpack(f"<{ID_REGS.count}Q", raw)
+
+    def set_id_regs(self, regs: tuple[int, ...]) -> None:
+        """Copy the host's ID registers once (`pkvm_init_features_from_host`'s sysregs)."""
+        self.store(ID_REGS.offset, struct.pack(f"<{len(regs)}Q", *regs))
+        self.flags = self.flags | KVM_ARCH_FLAG_ID_REGS_INITIALIZED
 
 
 def vm_page(vm: PkvmHypVm) -> int:
@@ -214,14 +293,14 @@ def map_donated_memory_noclear(h: HypState, va: int, size: int) -> int | None:
 def map_donated_memory(h: HypState, va: int, size: int) -> int | None:
     out = map_donated_memory_noclear(h, va, size)
     if out is not None:
-        h.mem.zero(hyp_pa(va), sizes.page_align(size))
+        el2_zero(h, va, sizes.page_align(size))
     return out
 
 
 def unmap_donated_memory(h: HypState, va: int | None, size: int) -> None:
     if va is None:
         return
-    h.mem.zero(hyp_pa(va), sizes.page_align(size))
+    el2_zero(h, va, sizes.page_align(size))
     _warn(h, __pkvm_hyp_donate_host(h, hyp_pa(va) >> PAGE_SHIFT, sizes.page_align(size) >> PAGE_SHIFT))
 
 
@@ -304,14 +383,15 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
         lock = HypSpinLock(h.locks, f"vm{hd:#x}.lock", RANK_GUEST)
         pgd_pa = hyp_pa(pgd_va)  # type: ignore[arg-type]
         pool = kvm_guest_prepare_stage2(h, hd, pgd_pa, pgd_size)
-        vm = PkvmHypVm(hd, host_kvm, nr_vcpus, is_protected, vm_va, vm_size, pgd_pa, pgd_size,
-                       pool, None, lock, None, [None] * nr_vcpus, flags=flags,  # type: ignore[arg-type]
-                       vcpu_features=features)
+        vm = PkvmHypVm(h, hd, host_kvm, nr_vcpus, is_protected, vm_va,  # type: ignore[arg-type]
+                       vm_size, pgd_pa, pgd_size, lock, flags=flags, vcpu_features=features)
+        vm.pool = pool
         vm.mm_ops = GuestMmOps(h, vm)
-        vm.pgt = KvmPgtable(h.mem, vm.mm_ops, stage=2, name=f"guest {hd:#x} stage-2",
-                            eagain_stops=prof.page_state_in_vmemmap, normal_memattr=0x6)
+        pgt = KvmPgtable(h.mem, vm.mm_ops, stage=2, name=f"guest {hd:#x} stage-2",
+                         eagain_stops=prof.page_state_in_vmemmap, normal_memattr=0x6)
         with lock:
-            vm.pgt.init()
+            pgt.init()
+        vm.set_pgt(pgt)
         return vm
 
     if prof.reserve_vm:
@@ -410,10 +490,9 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
                 return fail(-EINVAL)
             if not vm.id_regs_initialized:
                 f = KVM.field("arch.id_regs")
-                vm.id_regs = tuple(
+                vm.set_id_regs(tuple(
                     int.from_bytes(el2_read(h, vm.host_kvm + f.offset + 8 * i, 8), "little")
-                    for i in range(f.count))
-                vm.id_regs_initialized = True
+                    for i in range(f.count)))
         bad_idx = idx < 0 or idx >= vm.created_vcpus
         if h.bug("vcpu-index-range") and idx >= 0:
             bad_idx = idx > len(vm.vcpus)  # seeded: off by one, idx == created_vcpus passes
@@ -422,7 +501,7 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
     if h.bug("double-fetch"):  # seeded: read the host's vcpu_idx again after checking it
         idx = _refetch_vcpu_idx(h, host_vcpu)
     vcpu = PkvmHypVcpu(vm, host_vcpu, idx, vcpu_id, mem_va, cflags=cflags)
-    vm.vcpus[idx] = vcpu
+    vm.set_vcpu(idx, vcpu)
     if prof.vcpu_init_in_order:
         vm.nr_vcpus += 1
     return 0
@@ -482,6 +561,7 @@ def pkvm_get_loaded_hyp_vcpu(h: HypState) -> PkvmHypVcpu | None:
 def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
     """Everything after the VM left the table: stage-2, pins, hyp vCPUs, the hyp VM itself."""
     prof = h.profile
+    host_kvm = vm.host_kvm  # kept aside: the hyp VM's own bytes are wiped below
     mc = "teardown_mc"
     s2mc = "stage2_teardown_mc" if prof.two_phase_teardown else "teardown_mc"
     # Destroy the guest stage-2 and return every table page of the VM pool.
@@ -489,6 +569,7 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
         if not h.bug("teardown-keeps-stage2"):
             vm.pgt.destroy()
         vm.pgd_pa = 0
+        vm.set_pgt(vm.pgt)
     while True:
         pa = vm.pool.alloc_pages(0)
         if pa is None:
@@ -497,7 +578,7 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
             h.vmemmap.clear(pa)
         else:
             h.vmemmap.refcount[h.vmemmap.idx(pa)] = 0
-        host_mc_push(h, vm.host_kvm, s2mc, pa)
+        host_mc_push(h, host_kvm, s2mc, pa)
         _warn(h, __pkvm_hyp_donate_host(h, pa >> PAGE_SHIFT, 1))
     # Unpin the host vCPUs.
     for vcpu in vm.vcpus:
@@ -513,20 +594,22 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
             pa = memcache_pop(h, vcpu.memcache)
             if pa is None:
                 break
-            host_mc_push(h, vm.host_kvm, s2mc, pa)
+            host_mc_push(h, host_kvm, s2mc, pa)
             _warn(h, __pkvm_hyp_donate_host(h, pa >> PAGE_SHIFT, 1))
-        _teardown_donated(h, vm, vcpu.mem_va, sizes.PKVM_HYP_VCPU_SIZE, mc)
+        _teardown_donated(h, host_kvm, vcpu.mem_va, sizes.PKVM_HYP_VCPU_SIZE, mc)
     h.hyp_vms.pop(vm.vm_va, None)
-    _teardown_donated(h, vm, vm.vm_va, vm.vm_size, mc)
-    hyp_unpin_shared_mem(h, vm.host_kvm, vm.host_kvm + h.profile.sizeof_kvm)
+    _teardown_donated(h, host_kvm, vm.vm_va, vm.vm_size, mc)
+    hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
 
 
-def _teardown_donated(h: HypState, vm: PkvmHypVm, va: int, size: int, mc: str) -> None:
+def _teardown_donated(h: HypState, host_kvm: int, va: int, size: int, mc: str) -> None:
     pa = hyp_pa(va)
     size = sizes.page_align(size)
-    h.mem.zero(pa, size)
+    if not h.bug("hyp-vm-no-wipe"):  # seeded: the hyp VM/vCPU goes back with its contents
+        el2_zero(h, va, size)
     for p in range(pa, pa + size, PAGE_SIZE):
-        host_mc_push(h, vm.host_kvm, mc, p)
+        h.wiped_returns.append(p)
+        host_mc_push(h, host_kvm, mc, p)
         _warn(h, __pkvm_hyp_donate_host(h, p >> PAGE_SHIFT, 1))
 
 

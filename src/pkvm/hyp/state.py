@@ -15,7 +15,7 @@ from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pgtable import KvmPgtable
 from pkvm.hyp.spinlock import RANK_HOST, RANK_HYP, RANK_VM_TABLE, HypLocks, HypSpinLock
 from pkvm.machine.memory import PhysMemory
-from pkvm.machine.mmu import El2Regs
+from pkvm.machine.mmu import El2Regs, Tlb
 
 if TYPE_CHECKING:
     from pkvm.hyp.pkvm import PkvmHypVcpu, PkvmHypVm
@@ -86,8 +86,14 @@ class HypState:
     hyp_vms: dict[int, "PkvmHypVm"] = field(default_factory=dict)  # hyp VA of hyp_vm -> object
     seeded_bugs: frozenset[str] = frozenset()
     warnings: list[str] = field(default_factory=list)
-    # EL2's TLB for its own stage-1: {0: generation, page | 1<<60: (pa page, writable)}.
-    el2_tlb: dict[int, object] = field(default_factory=dict)
+    # EL2's TLB over its own stage-1, and the TLB of the host's stage-2 regime (the host's
+    # CPUs fill it, the hyp invalidates it where Linux issues the TLBI).
+    el2_tlb: Tlb = field(default_factory=lambda: Tlb("EL2 stage-1"))
+    host_s2_tlb: Tlb = field(default_factory=lambda: Tlb("host stage-2"))
+    # EL2 stores to a page the hyp neither owns nor borrows (found when the store is made);
+    # pages handed back to the host by the current hypercall that the kernel wipes first.
+    bad_stores: list[str] = field(default_factory=list)
+    wiped_returns: list[int] = field(default_factory=list)
 
     @property
     def cpu(self) -> int:
