@@ -237,6 +237,7 @@ class Machine:
         for i in range(1, 7):
             regs[i] = args[i - 1] & U64 if i <= len(args) else 0
         h.locks.cpu = cpu
+        h.wiped_returns.clear()
         t0 = time.perf_counter_ns()
         name: str | None = None
         try:

@@ -187,9 +187,8 @@ class PkvmHypVm(HypStruct):
     def vmid(self) -> int:
         return self.handle - sizes.HANDLE_OFFSET + 1
 
-    def set_vcpu(self, idx: int, vcpu: PkvmHypVcpu) -> None:
-        """`hyp_vm->vcpus[idx] = hyp_vcpu`."""
-        self.vcpus[idx] = vcpu
+    def store_vcpu_ptr(self, idx: int, vcpu: PkvmHypVcpu) -> None:
+        """The bytes of `hyp_vm->vcpus[idx] = hyp_vcpu` (after the slot list took it)."""
         self.store(vcpus_slot(idx), vcpu.va.to_bytes(8, "little"))
 
     def set_pgt(self, pgt: KvmPgtable) -> None:
@@ -501,7 +500,8 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
     if h.bug("double-fetch"):  # seeded: read the host's vcpu_idx again after checking it
         idx = _refetch_vcpu_idx(h, host_vcpu)
     vcpu = PkvmHypVcpu(vm, host_vcpu, idx, vcpu_id, mem_va, cflags=cflags)
-    vm.set_vcpu(idx, vcpu)
+    vm.vcpus[idx] = vcpu
+    vm.store_vcpu_ptr(idx, vcpu)
     if prof.vcpu_init_in_order:
         vm.nr_vcpus += 1
     return 0
