@@ -111,3 +111,13 @@ def test_layout_fits_the_model_sizes():
     assert HYP_VM["nr_vcpus"][0] < sizes.PKVM_HYP_VM_SIZE
     assert KVM.size <= HYP_VM["host_kvm"][0]
     assert max(f.offset + f.size for f in KVM_VCPU.fields.values()) <= HYP_VCPU["host_vcpu"][0]
+
+
+def test_the_hardware_oracles_doc_snippet_runs(capsys):
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "checking.md").read_text()
+    section = text.split("### Hardware oracles", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "docs/checking.md", "exec"), {})
+    assert "returned to the host unwiped" in capsys.readouterr().out

@@ -116,3 +116,30 @@ def test_poison_after_return_is_an_el2_store_to_a_host_page():
     vm.map(0x40000, 2)
     vm.destroy()
     assert found and all("EL2 fixmap store to PA" in f and "host state OWNED" in f for f in found)
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_a_clean_fuzz_run_never_trips_the_hardware_oracles(abi, monkeypatch):
+    """Hostile steps from the fuzzer's generator, on the clean model: every machine the run
+    makes (one more after each hyp panic) is watched after every hypercall."""
+    import random
+
+    import pkvm.board
+    from pkvm.abi.profiles import get_profile
+    from pkvm.check import fuzz
+
+    found: list[str] = []
+    machines: list[pkvm.Machine] = []
+    init = pkvm.board.Machine.__init__
+
+    def watched(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        machines.append(self)
+        self.listeners.append(lambda rec: found.extend(hw_oracles.violations(self.inspect)))
+
+    monkeypatch.setattr(pkvm.board.Machine, "__init__", watched)
+    steps = fuzz.generate(random.Random(12), get_profile(abi), 2, 600)
+    res = fuzz.execute(steps, "256M", 2, abi)
+    assert res.failure is None and res.steps_run == 600
+    assert machines and sum(res.calls.values()) > 300
+    assert found == []

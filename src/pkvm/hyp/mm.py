@@ -109,8 +109,21 @@ def _check_store(h: HypState, pa: int, fixmap: bool = False) -> None:
 
     if not h.mem.is_ram(pa):
         return
+    page = pa >> 12
+    memo = h.store_ok
+    if not h.profile.page_state_in_vmemmap:
+        # 6.12 keeps the hyp's state in its stage-1 entries: a page found writable stays so
+        # until the next descriptor write (7.2 reads its vmemmap byte, as cheap as a memo).
+        gen = h.pkvm_pgtable.gen  # type: ignore[union-attr]
+        if memo[0] != gen:
+            memo[0] = gen
+            memo[1].clear()
+        elif page in memo[1]:
+            return
     state = get_hyp_state(h, pa)
     if state in _HYP_MAY_WRITE:
+        if not h.profile.page_state_in_vmemmap:
+            memo[1].add(page)
         return
     if fixmap and get_host_state(h, pa) == PageState.NOPAGE:
         return

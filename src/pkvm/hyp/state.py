@@ -94,6 +94,7 @@ class HypState:
     # pages handed back to the host by the current hypercall that the kernel wipes first.
     bad_stores: list[str] = field(default_factory=list)
     wiped_returns: list[int] = field(default_factory=list)
+    store_ok: list = field(default_factory=lambda: [-1, set()])  # [gen, pages] (6.12 memo)
 
     @property
     def cpu(self) -> int:
