@@ -187,12 +187,6 @@ class Inspector:
         """A copy of physical memory."""
         return self._h.mem.read(pa, n)
 
-    def hyp_struct(self, va: int, n: int) -> bytes:
-        """The first `n` bytes of a hyp VM / vCPU at hyp VA `va` (see `pkvm.hyp.pkvm_structs`)."""
-        from pkvm.hyp.mm import hyp_pa
-
-        return self._h.mem.read(hyp_pa(va), n)
-
     def carve(self):
         import copy
 

@@ -99,19 +99,20 @@ def hyp_stage1_tlbi(h: HypState):
     return tlbi
 
 
-_HYP_MAY_WRITE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED)
+_HYP_MAY_WRITE = frozenset({PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED})
 
 
-def _check_store(h: HypState, pa: int, fixmap: bool = False) -> None:
+def check_store(h: HypState, pa: int, fixmap: bool = False) -> None:
     """The rule every EL2 store keeps: the page is the hyp's own or shared with it (a fixmap
     store: a page no one but a guest owns, being wiped on its way out)."""
-    from pkvm.hyp.mem_protect import get_host_state, get_hyp_state
-
     if not h.mem.is_ram(pa):
         return
     page = pa >> 12
     memo = h.store_ok
-    if not h.profile.page_state_in_vmemmap:
+    if h.profile.page_state_in_vmemmap:
+        if h.vmemmap.hyp_state[page - h.vmemmap.base_pfn] in _HYP_MAY_WRITE:
+            return
+    else:
         # 6.12 keeps the hyp's state in its stage-1 entries: a page found writable stays so
         # until the next descriptor write (7.2 reads its vmemmap byte, as cheap as a memo).
         gen = h.pkvm_pgtable.gen  # type: ignore[union-attr]
@@ -120,10 +121,16 @@ def _check_store(h: HypState, pa: int, fixmap: bool = False) -> None:
             memo[1].clear()
         elif page in memo[1]:
             return
+    _check_store_slow(h, pa, fixmap)
+
+
+def _check_store_slow(h: HypState, pa: int, fixmap: bool) -> None:
+    from pkvm.hyp.mem_protect import get_host_state, get_hyp_state
+
     state = get_hyp_state(h, pa)
     if state in _HYP_MAY_WRITE:
         if not h.profile.page_state_in_vmemmap:
-            memo[1].add(page)
+            h.store_ok[1].add(pa >> 12)
         return
     if fixmap and get_host_state(h, pa) == PageState.NOPAGE:
         return
@@ -151,22 +158,30 @@ def el2_write(h: HypState, va: int, data: bytes) -> None:
         pas.append((el2_translate(h, va + pos, write=True), pos, chunk))
         pos += chunk
     for pa, off, chunk in pas:
-        _check_store(h, pa)
+        check_store(h, pa)
         h.mem.write(pa, data[off : off + chunk])
+
+
+def el2_store_in_page(h: HypState, va: int, data: bytes) -> None:
+    """`el2_write` of bytes that do not cross a page."""
+    pa = el2_translate(h, va, write=True)
+    check_store(h, pa)
+    off = pa - h.mem.base
+    h.mem.bytes[off : off + len(data)] = data
 
 
 def el2_zero(h: HypState, va: int, size: int) -> None:
     """`memset(va, 0, size)` at EL2 over whole pages, through the hyp stage-1."""
     pas = [el2_translate(h, v, write=True) for v in range(va, va + size, PAGE_SIZE)]
     for pa in pas:
-        _check_store(h, pa)
+        check_store(h, pa)
         h.mem.zero(pa, PAGE_SIZE)
 
 
 def el2_fixmap_zero(h: HypState, pa: int) -> None:
     """Wipe one page through the per-CPU fixmap slot (`hyp_fixmap_map`, memset, unmap with a
     broadcast TLBI): the page need not be in the hyp's linear map."""
-    _check_store(h, pa, fixmap=True)
+    check_store(h, pa, fixmap=True)
     h.mem.zero(pa, PAGE_SIZE)
 
 

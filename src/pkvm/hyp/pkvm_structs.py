@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM, KVM_VCPU
+from pkvm.hyp.mm import check_store, el2_store_in_page, el2_translate, el2_write, hyp_pa
 
 if TYPE_CHECKING:
     from pkvm.hyp.state import HypState
@@ -65,40 +66,56 @@ ID_REGS = KVM.field("arch.id_regs")
 
 
 class Field:
-    """A scalar kept in the struct's bytes: read from the page, written by an EL2 store."""
+    """A scalar kept in the struct's bytes: read from the page, written by an EL2 store.
 
-    __slots__ = ("off", "st", "signed_bool")
+    A scalar is naturally aligned and the structs start on a page, so it never crosses a page:
+    its store is one translation through the hyp stage-1. Storing the value already there is
+    elided (it changes nothing a reader can see)."""
+
+    __slots__ = ("off", "size", "unpack_from", "pack", "as_bool")
 
     def __init__(self, layout: dict[str, tuple[int, str]], name: str, as_bool: bool = False):
         off, fmt = layout[name]
+        st = struct.Struct("<" + fmt)
         self.off = off
-        self.st = struct.Struct("<" + fmt)
-        self.signed_bool = as_bool
+        self.size = st.size
+        self.unpack_from = st.unpack_from
+        self.pack = st.pack
+        self.as_bool = as_bool
 
     def __get__(self, obj: HypStruct | None, owner: type) -> object:
         if obj is None:
             return self
-        value = self.st.unpack_from(obj._h.mem.bytes, obj._off + self.off)[0]
-        return bool(value) if self.signed_bool else value
+        value = self.unpack_from(obj._h.mem.bytes, obj._off + self.off)[0]
+        return bool(value) if self.as_bool else value
 
     def __set__(self, obj: HypStruct, value: int) -> None:
-        obj.store(self.off, self.st.pack(int(value)))
+        data = self.pack(int(value))
+        h = obj._h
+        mem = h.mem.bytes
+        start = obj._off + self.off
+        if mem[start : start + self.size] != data:
+            pa = el2_translate(h, obj.va + self.off, True)
+            check_store(h, pa)
+            off = pa - h.mem.base
+            mem[off : off + self.size] = data
 
 
 class HypStruct:
     """A hyp structure at hyp VA `va` (donated memory mapped in the hyp stage-1)."""
 
     def __init__(self, h: HypState, va: int):
-        from pkvm.hyp.mm import hyp_pa
-
         self._h = h
         self.va = va
         self._off = hyp_pa(va) - h.mem.base
 
     def store(self, off: int, data: bytes) -> None:
-        from pkvm.hyp.mm import el2_write
-
-        el2_write(self._h, self.va + off, data)
+        """An EL2 store through the hyp stage-1 (`pkvm.hyp.mm.el2_write`, one page at once)."""
+        va = self.va + off
+        if (va & 0xFFF) + len(data) <= 0x1000:
+            el2_store_in_page(self._h, va, data)
+        else:
+            el2_write(self._h, va, data)
 
     def load(self, off: int, n: int) -> bytes:
         start = self._off + off
