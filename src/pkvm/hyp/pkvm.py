@@ -8,7 +8,6 @@ each loaded vCPU (7.2) or for the length of a run (6.12), and teardown refuses w
 
 from __future__ import annotations
 
-import struct
 from typing import Any
 
 from pkvm.abi import sizes
@@ -37,17 +36,7 @@ from pkvm.hyp.mm import (
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pgtable import KvmPgtable
-from pkvm.hyp.pkvm_structs import (
-    CTXT_LEN,
-    CTXT_OFF,
-    HYP_VCPU,
-    HYP_VM,
-    ID_REGS,
-    Field,
-    HypStruct,
-    Memcache,
-    vcpus_slot,
-)
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
 from pkvm.hyp.spinlock import RANK_GUEST, HypSpinLock
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
@@ -90,124 +79,6 @@ class GuestMmOps:
 
     def page_count(self, pa: int) -> int:
         return self.vm.pool.page_count(pa)
-
-
-class PkvmHypVcpu(HypStruct):
-    """`struct pkvm_hyp_vcpu`, in the pages donated for it (`pkvm_structs`)."""
-
-    host_vcpu = Field(HYP_VCPU, "host_vcpu")  # hyp VA of the host's struct kvm_vcpu (pinned)
-    vcpu_idx = Field(HYP_VCPU, "vcpu.vcpu_idx")
-    vcpu_id = Field(HYP_VCPU, "vcpu.vcpu_id")
-    hcr_el2 = Field(HYP_VCPU, "vcpu.arch.hcr_el2")
-    mdcr_el2 = Field(HYP_VCPU, "vcpu.arch.mdcr_el2")
-    cflags = Field(HYP_VCPU, "vcpu.arch.cflags")
-    iflags = Field(HYP_VCPU, "vcpu.arch.iflags")
-    fault_esr = Field(HYP_VCPU, "vcpu.arch.fault.esr_el2")
-    fault_far = Field(HYP_VCPU, "vcpu.arch.fault.far_el2")
-    fault_hpfar = Field(HYP_VCPU, "vcpu.arch.fault.hpfar_el2")
-    _kvm = Field(HYP_VCPU, "vcpu.kvm")
-    _loaded = Field(HYP_VCPU, "loaded_hyp_vcpu")
-
-    def __init__(self, vm: "PkvmHypVm", host_vcpu: int, vcpu_idx: int, vcpu_id: int,
-                 mem_va: int, cflags: int = 0):
-        super().__init__(vm._h, mem_va)
-        self.vm = vm
-        self.mem_va = mem_va  # the donated pages holding this struct
-        self.engine: Any = None  # the CPU the guest runs on (switch.py)
-        self.exit_data: dict[str, Any] = {}
-        self.memcache = Memcache(self)  # arch.pkvm_memcache: head, nr_pages
-        self._kvm = vm.va
-        self.host_vcpu = host_vcpu
-        self.vcpu_idx = vcpu_idx
-        self.vcpu_id = vcpu_id
-        self.cflags = cflags
-
-    @property
-    def ctxt(self) -> bytes:
-        """`vcpu.arch.ctxt` as the hyp keeps it between flush and sync."""
-        return self.load(CTXT_OFF, CTXT_LEN)
-
-    @ctxt.setter
-    def ctxt(self, raw: bytes) -> None:
-        self.store(CTXT_OFF, raw[:CTXT_LEN])
-
-    @property
-    def loaded_on(self) -> int | None:
-        """`loaded_hyp_vcpu`: the per-CPU slot holding it (the model's per-CPU slots sit in
-        the hyp image, 8 bytes each), read back as the CPU it is loaded on."""
-        ptr = self._loaded
-        return None if not ptr else (ptr - loaded_slot(self._h, 0)) >> 3
-
-    @loaded_on.setter
-    def loaded_on(self, cpu: int | None) -> None:
-        self._loaded = 0 if cpu is None else loaded_slot(self._h, cpu)
-
-
-def loaded_slot(h: HypState, cpu: int) -> int:
-    return hyp_va(h.carve.image) + 8 * cpu
-
-
-class PkvmHypVm(HypStruct):
-    """`struct pkvm_hyp_vm`, in the pages donated for it (`pkvm_structs`)."""
-
-    handle = Field(HYP_VM, "kvm.arch.pkvm.handle")
-    created_vcpus = Field(HYP_VM, "kvm.created_vcpus")
-    is_protected = Field(HYP_VM, "kvm.arch.pkvm.is_protected", as_bool=True)
-    is_dying = Field(HYP_VM, "kvm.arch.pkvm.is_dying", as_bool=True)
-    flags = Field(HYP_VM, "kvm.arch.flags")
-    vcpu_features = Field(HYP_VM, "kvm.arch.vcpu_features")
-    pgd_pa = Field(HYP_VM, "kvm.arch.mmu.pgd_phys")
-    host_kvm = Field(HYP_VM, "host_kvm")  # hyp VA of the host's struct kvm (pinned)
-    nr_vcpus = Field(HYP_VM, "nr_vcpus")  # 6.12
-    _vmid = Field(HYP_VM, "kvm.arch.mmu.vmid")
-    _pgt_pgd = Field(HYP_VM, "pgt.pgd")
-
-    def __init__(self, h: HypState, handle: int, host_kvm: int, created_vcpus: int,
-                 is_protected: bool, vm_va: int, vm_size: int, pgd_pa: int, pgd_size: int,
-                 lock: HypSpinLock, flags: int = 0, vcpu_features: int = 0):
-        super().__init__(h, vm_va)
-        self.vm_va = vm_va  # its first page's refcount is the VM's
-        self.vm_size = vm_size
-        self.pgd_size = pgd_size
-        self.lock = lock
-        self.pool: HypPool = None  # type: ignore[assignment]
-        self.pgt: KvmPgtable = None  # type: ignore[assignment]
-        self.mm_ops: GuestMmOps = None  # type: ignore[assignment]
-        self.vcpus: list[PkvmHypVcpu | None] = [None] * created_vcpus
-        self.handle = handle
-        self.host_kvm = host_kvm
-        self.created_vcpus = created_vcpus
-        self.is_protected = is_protected
-        self.pgd_pa = pgd_pa
-        self.flags = flags
-        self.vcpu_features = vcpu_features
-        self._vmid = self.vmid
-
-    @property
-    def vmid(self) -> int:
-        return self.handle - sizes.HANDLE_OFFSET + 1
-
-    def store_vcpu_ptr(self, idx: int, vcpu: PkvmHypVcpu) -> None:
-        """The bytes of `hyp_vm->vcpus[idx] = hyp_vcpu` (after the slot list took it)."""
-        self.store(vcpus_slot(idx), vcpu.va.to_bytes(8, "little"))
-
-    def set_pgt(self, pgt: KvmPgtable) -> None:
-        self.pgt = pgt
-        self._pgt_pgd = hyp_va(pgt.pgd) if pgt.pgd else 0
-
-    @property
-    def id_regs_initialized(self) -> bool:
-        return bool(self.flags & KVM_ARCH_FLAG_ID_REGS_INITIALIZED)
-
-    @property
-    def id_regs(self) -> tuple[int, ...]:
-        raw = self.load(ID_REGS.offset, ID_REGS.size)
-        return struct.unpack(f"<{ID_REGS.count}Q", raw)
-
-    def set_id_regs(self, regs: tuple[int, ...]) -> None:
-        """Copy the host's ID registers once (`pkvm_init_features_from_host`'s sysregs)."""
-        self.store(ID_REGS.offset, struct.pack(f"<{len(regs)}Q", *regs))
-        self.flags = self.flags | KVM_ARCH_FLAG_ID_REGS_INITIALIZED
 
 
 def vm_page(vm: PkvmHypVm) -> int:
@@ -384,7 +255,7 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
         pool = kvm_guest_prepare_stage2(h, hd, pgd_pa, pgd_size)
         vm = PkvmHypVm(h, hd, host_kvm, nr_vcpus, is_protected, vm_va,  # type: ignore[arg-type]
                        vm_size, pgd_pa, pgd_size, lock, flags=flags, vcpu_features=features)
-        vm.pool = pool
+        vm.set_pool(pool)
         vm.mm_ops = GuestMmOps(h, vm)
         pgt = KvmPgtable(h.mem, vm.mm_ops, stage=2, name=f"guest {hd:#x} stage-2",
                          eagain_stops=prof.page_state_in_vmemmap, normal_memattr=0x6)
