@@ -81,5 +81,6 @@ def test_trap_table(enc, write, want):
     from pkvm.hyp.sys_regs import kvm_init_pvm_id_regs, pvm_sysreg_access
 
     vm = SimpleNamespace(vcpu_features=0, id_regs=(), id_regs_initialized=False)
+    vm.set_id_regs = lambda regs: vars(vm).update(id_regs=regs, id_regs_initialized=True)
     kvm_init_pvm_id_regs(vm, dict(CPU_ID_REGS))
     assert pvm_sysreg_access(vm, enc, write, 5) == want

@@ -225,8 +225,6 @@ class Machine:
         self.tracing = bool(trace)
         self.trace: collections.deque[TraceRecord] = collections.deque(maxlen=maxlen)
         self._seq = 0
-        self._tlb: dict[tuple[int, int, bool], int] = {}
-        self._tlb_gen = -1
         self.listeners: list[Any] = []  # called with each TraceRecord (checkers, UIs)
         self.host = Host(HostPort(self), self.profile, self.nr_cpus, self.mem.base, self.mem.size,
                          self.carveout)
@@ -320,6 +318,7 @@ class Machine:
         for i in range(1, 7):
             regs[i] = args[i - 1] & U64 if i <= len(args) else 0
         h.locks.cpu = cpu
+        h.wiped_returns.clear()
         t0 = time.perf_counter_ns()
         name: str | None = None
         try:
@@ -411,25 +410,24 @@ class Machine:
         if not 0 <= pa < 1 << 48:
             raise ValueError(f"host address {pa:#x} is beyond the 48-bit physical address space")
         el2 = self.el2[cpu]
-        # The host's TLB: translations stay valid until the hyp writes the host stage-2 (it
-        # invalidates after every change). It only holds what a walk succeeded on.
-        gen = h.host_mmu.pgt.gen if h.host_mmu is not None else -1
-        if self._tlb_gen != gen:
-            self._tlb.clear()
-            self._tlb_gen = gen
-        key = (cpu, pa >> 12, write)
-        hit = self._tlb.get(key)
+        if not el2.hcr_el2 & HCR_VM:
+            return pa if self.mem.is_ram(pa) else None
+        # The host's TLB (the hyp's `host_s2_tlb`): an entry stays until the TLBI the hyp
+        # issues; a hit on a table changed since is checked against a fresh walk.
+        tlb = h.host_s2_tlb
+        key = (pa >> 12) << 1 | write
+        hit = tlb.entries.get(key)
         if hit is not None:
-            return hit + (pa & 0xFFF) if hit >= 0 else None
+            gen = h.host_mmu.pgt.gen  # type: ignore[union-attr]
+            if hit[2] != gen:
+                self._recheck_host_tlb(el2.vttbr_el2, pa, write, hit, gen)
+            return hit[0] + (pa & 0xFFF) if hit[0] >= 0 else None
         for _attempt in range(4):
-            if not el2.hcr_el2 & HCR_VM:
-                out = pa
-                break
             out, fault = s2_translate(self.mem, el2.vttbr_el2, pa, write)
             if fault is None:
-                if el2.hcr_el2 & HCR_VM:
-                    ram = self.mem.is_ram(out)
-                    self._tlb[key] = (out & ~0xFFF) if ram else -1
+                ram = self.mem.is_ram(out)
+                tlb.entries[key] = [(out & ~0xFFF) if ram else -1, write,
+                                    h.host_mmu.pgt.gen]  # type: ignore[union-attr]
                 break
             h.locks.cpu = cpu
             try:
@@ -442,6 +440,17 @@ class Machine:
         else:
             raise HypPanic("host stage-2 fault does not resolve", cpu, "host abort")
         return out if self.mem.is_ram(out) else None
+
+    def _recheck_host_tlb(self, root: int, pa: int, write: bool, hit: list, gen: int) -> None:
+        out, fault = s2_translate(self.mem, root, pa, write)
+        fresh = -1 if fault else ((out & ~0xFFF) if self.mem.is_ram(out) else -1)
+        if fault is None and fresh == hit[0]:
+            hit[2] = gen
+            return
+        now = f"a {fault.kind} fault" if fault else f"PA {fresh:#x}"
+        self._hyp.host_s2_tlb.record_stale(
+            f"host {'write' if write else 'read'} of IPA {pa:#x} used the cached PA {hit[0]:#x}; "
+            f"the host stage-2 gives {now}")
 
     def _host_abort(self, pa: int, write: bool) -> None:
         fatal = self.profile.host_abort_fatal

@@ -169,6 +169,24 @@ class Inspector:
     def warnings(self) -> list[str]:
         return list(self._h.warnings)
 
+    # -- what the hardware saw (for `pkvm.check.hw_oracles`) ---------------------------------
+    def tlb_stale_uses(self) -> list[str]:
+        """Every access made through a TLB entry a fresh walk disagreed with (EL2, host)."""
+        h = self._h
+        return list(h.el2_tlb.stale_uses) + list(h.host_s2_tlb.stale_uses)
+
+    def el2_bad_stores(self) -> list[str]:
+        """Every EL2 store to a page the hyp neither owned nor had shared with it."""
+        return list(self._h.bad_stores)
+
+    def wiped_returns(self) -> list[int]:
+        """PAs of pages the latest hypercall handed back to the host after a kernel wipe."""
+        return list(self._h.wiped_returns)
+
+    def read(self, pa: int, n: int) -> bytes:
+        """A copy of physical memory."""
+        return self._h.mem.read(pa, n)
+
     def carve(self):
         import copy
 

@@ -262,8 +262,12 @@ class KvmPgtable:
         # Ranges (addr, size) changed since the last look, for a consumer that mirrors this
         # table (the CPU emulator's view of a guest stage-2); None when nobody listens.
         self.touched: list[tuple[int, int]] | None = None
-        # Bumped by every descriptor write: lets a TLB-like cache know its entries are stale.
+        # Bumped by every descriptor write: a TLB entry filled at an older generation is
+        # walked again when hit, to tell whether it went stale.
         self.gen = 0
+        # The TLB invalidation of this table's translation regime, `tlbi(start, size)`, called
+        # where Linux's pgtable.c invalidates (a valid entry broken or cleared); None: no TLB.
+        self.tlbi: Callable[[int, int], None] | None = None
 
     # -- set-up ----------------------------------------------------------------------
     def init(self, pgd: int | None = None) -> int:
@@ -399,6 +403,12 @@ class KvmPgtable:
         elif was and not now:
             self.mm_ops.put_page(ptep & ~(PAGE_SIZE - 1))
 
+    def _tlbi(self, addr: int, level: int) -> None:
+        """Invalidate what an entry at `level` translated (a leaf's block, a table's span)."""
+        if self.tlbi is not None:
+            g = granule_size(level)
+            self.tlbi(addr & ~(g - 1), g)
+
     def _new_table(self, ptep: int, old: int) -> int:
         child = self.mm_ops.zalloc_page()
         if child is None:
@@ -500,11 +510,13 @@ class KvmPgtable:
                 if self.mm_ops.page_count(child) != 1:
                     return 0
                 self._set(ctx.ptep, ctx.old, 0)
+                self._tlbi(ctx.addr, ctx.level)
                 self.mm_ops.put_page(child)
                 return 0
             if ctx.end - ctx.addr < g:
                 return -EINVAL
             self._set(ctx.ptep, ctx.old, 0)
+            self._tlbi(ctx.addr, ctx.level)
             unmapped[0] += g
             return 0
 
@@ -540,6 +552,8 @@ class KvmPgtable:
                     ret = -EAGAIN
                     return 0 if self._continue(ret, flags | KVM_PGTABLE_WALK_LEAF) else ret
                 self._set(ptep, old, new)
+                if pte_valid(old):
+                    self._tlbi(addr, 3)
                 return 0
 
         def leaf_allowed(ctx: VisitCtx) -> bool:
@@ -564,6 +578,8 @@ class KvmPgtable:
             if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
                 return -EAGAIN  # the same mapping, or only its permissions: nothing to update
             self._set(ctx.ptep, old, new)
+            if pte_valid(old):
+                self._tlbi(ctx.addr, ctx.level)
             return 0
 
         def visit(ctx: VisitCtx, v: int) -> int:
@@ -574,6 +590,7 @@ class KvmPgtable:
                 # Detach the subtree, then install the block/annotation in its place.
                 self.mem.write_u64(ctx.ptep, 0)
                 self.gen += 1
+                self._tlbi(ctx.addr, ctx.level)
                 self.mm_ops.put_page(ctx.ptep & ~(PAGE_SIZE - 1))
                 self.free_unlinked(child, ctx.level + 1)
                 ctx.old = 0
@@ -588,6 +605,8 @@ class KvmPgtable:
             if child is None:
                 return -ENOMEM
             self._set(ctx.ptep, ctx.old, init_table_pte(child))
+            if pte_valid(ctx.old):
+                self._tlbi(ctx.addr, ctx.level)
             return 0
 
         return self.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_TABLE_PRE | flags)
@@ -609,9 +628,11 @@ class KvmPgtable:
                 if self.mm_ops.page_count(child) != 1:
                     return 0
                 self._set(ctx.ptep, ctx.old, 0)
+                self._tlbi(ctx.addr, ctx.level)
                 self.mm_ops.put_page(child)
                 return 0
             self._set(ctx.ptep, ctx.old, 0)
+            self._tlbi(ctx.addr, ctx.level)
             return 0
 
         return self.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_TABLE_POST)
@@ -635,10 +656,14 @@ class KvmPgtable:
         old = read(ptep)
         if old:
             self._set(ptep, old, 0)
-        for tptep, child in reversed(path):
+            if pte_valid(old):
+                self._tlbi(addr, 3)
+        for depth in range(len(path) - 1, -1, -1):
+            tptep, child = path[depth]
             if self.mm_ops.page_count(child) != 1:
                 break
             self._set(tptep, read(tptep), 0)
+            self._tlbi(addr, self.start_level + depth)
             self.mm_ops.put_page(child)
         return True
 

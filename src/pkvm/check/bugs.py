@@ -50,6 +50,24 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
               "a handle's index is not checked against the table's 255 slots: a forged handle "
               "reads past the VM table",
               "exception in the hyp (out-of-range table read)"),
+    SeededBug("hyp-unmap-no-tlbi", "hyp/mm.py: hyp_stage1_tlbi (kvm_pgtable_hyp_unmap)",
+              "the hyp stage-1 unmap clears the entry but skips the `tlbi vale2is`: EL2 keeps "
+              "reaching a page it gave back to the host (modelled on intel-staging/pKVM-IA#18 "
+              "\"pkvm: x86: Fix missed TLB flushing in pgtable_unmap_leaf\": an unmap of a "
+              "present leaf without the flush)",
+              "hw_oracles: stale TLB entry used (an EL2 access through the cached translation "
+              "a fresh walk of the hyp stage-1 refuses), where Linux would take an EL2 fault"),
+    SeededBug("hyp-vm-no-wipe", "hyp/pkvm.py: _teardown_donated",
+              "teardown returns the hyp VM and vCPU pages without `memset`: the host reads the "
+              "hyp's copy of its VM (handle, pgd, vCPU registers, back-pointers)",
+              "hw_oracles: wiped on return (the returned page is not zero past its memcache "
+              "link)"),
+    SeededBug("poison-after-return", "hyp/mem_protect_guest.py: __pkvm_host_reclaim_page_guest",
+              "a reclaimed protected-guest page is wiped after the host stage-2 gives it back, "
+              "not before: the host can read the guest's data in between, and the wipe is an "
+              "EL2 store to a host page",
+              "hw_oracles: EL2 store outside the hyp's pages (a fixmap store to a host-owned "
+              "page)"),
 ]}
 
 

@@ -303,8 +303,10 @@ def __pkvm_host_mkyoung_guest(h: HypState, gfn: int, vcpu: "PkvmHypVcpu") -> int
 
 
 def hyp_poison_page(h: HypState, phys: int) -> None:
-    """Wipe a page leaving a guest (through the hyp fixmap in Linux)."""
-    h.mem.zero(phys, PAGE_SIZE)
+    """Wipe a page leaving a guest, through the hyp fixmap."""
+    from pkvm.hyp.mm import el2_fixmap_zero
+
+    el2_fixmap_zero(h, phys)
 
 
 def __pkvm_host_reclaim_page_guest(h: HypState, gfn: int, vm: "PkvmHypVm") -> int:
@@ -315,7 +317,7 @@ def __pkvm_host_reclaim_page_guest(h: HypState, gfn: int, vm: "PkvmHypVm") -> in
             state = guest_state_of_pte(pte)
             if state == PageState.OWNED:
                 _warn(h, host_check_page_state_range(h, phys, PAGE_SIZE, PageState.NOPAGE))
-                if not h.bug("teardown-no-wipe"):
+                if not h.bug("teardown-no-wipe") and not h.bug("poison-after-return"):
                     hyp_poison_page(h, phys)
             elif state == PageState.SHARED_OWNED:
                 _warn(h, host_check_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED))
@@ -324,6 +326,8 @@ def __pkvm_host_reclaim_page_guest(h: HypState, gfn: int, vm: "PkvmHypVm") -> in
             if not ret:
                 _warn(h, vm.pgt.stage2_unmap(ipa, PAGE_SIZE))
                 _warn(h, host_stage2_set_owner_locked(h, phys, PAGE_SIZE, ComponentId.HOST))
+                if state == PageState.OWNED and h.bug("poison-after-return"):
+                    hyp_poison_page(h, phys)  # seeded: the wipe comes after the host has it
     return ret if ret and ret != -EHWPOISON else 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 
+from pkvm.hyp.memory import PageState
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, granule_shift, pte_valid
 from pkvm.hyp.state import HYP_LINEAR_OFFSET, HypState
@@ -42,24 +43,101 @@ def kern_hyp_va(h: HypState, host_va: int) -> int:
 
 # -- EL2 memory accesses through the hyp stage-1 -------------------------------------------
 def el2_translate(h: HypState, va: int, write: bool = False) -> int:
+    """The PA an EL2 access to `va` reaches: through EL2's TLB, else a walk of the hyp stage-1
+    (an unmapped VA is a data abort, a read-only one a permission fault: a hyp panic)."""
     pgt = h.pkvm_pgtable
     assert pgt is not None
-    tlb = h.el2_tlb
-    if tlb.get(0) != pgt.gen:
-        tlb.clear()
-        tlb[0] = pgt.gen
-    hit = tlb.get(va >> 12 | 1 << 60)
-    if hit is not None and (hit[1] or not write):
-        return hit[0] | (va & 0xFFF)
-    ret, pte, level = pgt.get_leaf(va)
+    entries = h.el2_tlb.entries
+    key = (va >> 12) << 1
+    e = entries.get(key)
+    if e is not None and (e[1] or not write):
+        if e[2] != pgt.gen:
+            _recheck(h, va, e, write)
+        return e[0] | (va & 0xFFF)
+    pa, writable = _walk(h, va, write)
+    entries[key] = [pa & ~0xFFF, writable, pgt.gen]
+    return pa
+
+
+def _walk(h: HypState, va: int, write: bool) -> tuple[int, bool]:
+    ret, pte, level = h.pkvm_pgtable.get_leaf(va)  # type: ignore[union-attr]
     if ret or not pte_valid(pte):
         raise HypBug(f"EL2 data abort: hyp VA {va:#x} is not mapped in the hyp stage-1")
-    if write and (pte >> 6) & 3 == 3:
+    writable = (pte >> 6) & 3 != 3
+    if write and not writable:
         raise HypBug(f"EL2 permission fault: write to read-only hyp VA {va:#x}")
     mask = (1 << granule_shift(level)) - 1
-    pa = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask)
-    tlb[va >> 12 | 1 << 60] = (pa & ~0xFFF, (pte >> 6) & 3 != 3)
-    return pa
+    return (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask), writable
+
+
+def _recheck(h: HypState, va: int, e: list, write: bool) -> None:
+    """A hit on an entry filled before the table last changed: does a fresh walk agree?"""
+    pgt = h.pkvm_pgtable
+    ret, pte, level = pgt.get_leaf(va)  # type: ignore[union-attr]
+    if not ret and pte_valid(pte):
+        mask = (1 << granule_shift(level)) - 1
+        fresh = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask & ~0xFFF)
+        if fresh == e[0] and ((pte >> 6) & 3 != 3) == e[1]:
+            e[2] = pgt.gen  # type: ignore[union-attr]
+            return
+        now = f"maps PA {fresh:#x}"
+    else:
+        now = "is unmapped"
+    h.el2_tlb.record_stale(f"EL2 {'write' if write else 'read'} of hyp VA {va:#x} used the "
+                           f"cached PA {e[0]:#x}; the hyp stage-1 {now}")
+
+
+def hyp_stage1_tlbi(h: HypState):
+    """EL2's `tlbi vale2is` as the hyp stage-1 walker issues it (`kvm_pgtable_hyp_unmap`)."""
+    tlb = h.el2_tlb
+
+    def tlbi(start: int, size: int) -> None:
+        if h.bug("hyp-unmap-no-tlbi"):  # seeded: the unmap leaves EL2's TLB as it was
+            return
+        tlb.flush_range(start, size)
+
+    return tlbi
+
+
+_HYP_MAY_WRITE = frozenset({PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED})
+
+
+def check_store(h: HypState, pa: int, fixmap: bool = False) -> None:
+    """The rule every EL2 store keeps: the page is the hyp's own or shared with it (a fixmap
+    store: a page no one but a guest owns, being wiped on its way out)."""
+    if not h.mem.is_ram(pa):
+        return
+    page = pa >> 12
+    memo = h.store_ok
+    if h.profile.page_state_in_vmemmap:
+        if h.vmemmap.hyp_state[page - h.vmemmap.base_pfn] in _HYP_MAY_WRITE:
+            return
+    else:
+        # 6.12 keeps the hyp's state in its stage-1 entries: a page found writable stays so
+        # until the next descriptor write (7.2 reads its vmemmap byte, as cheap as a memo).
+        gen = h.pkvm_pgtable.gen  # type: ignore[union-attr]
+        if memo[0] != gen:
+            memo[0] = gen
+            memo[1].clear()
+        elif page in memo[1]:
+            return
+    _check_store_slow(h, pa, fixmap)
+
+
+def _check_store_slow(h: HypState, pa: int, fixmap: bool) -> None:
+    from pkvm.hyp.mem_protect import get_host_state, get_hyp_state
+
+    state = get_hyp_state(h, pa)
+    if state in _HYP_MAY_WRITE:
+        if not h.profile.page_state_in_vmemmap:
+            h.store_ok[1].add(pa >> 12)
+        return
+    if fixmap and get_host_state(h, pa) == PageState.NOPAGE:
+        return
+    if len(h.bad_stores) < 64:
+        what = "fixmap store" if fixmap else "store"
+        h.bad_stores.append(f"EL2 {what} to PA {pa:#x}: hyp state {state.name}, host state "
+                            f"{get_host_state(h, pa).name}")
 
 
 def el2_read(h: HypState, va: int, n: int) -> bytes:
@@ -80,7 +158,31 @@ def el2_write(h: HypState, va: int, data: bytes) -> None:
         pas.append((el2_translate(h, va + pos, write=True), pos, chunk))
         pos += chunk
     for pa, off, chunk in pas:
+        check_store(h, pa)
         h.mem.write(pa, data[off : off + chunk])
+
+
+def el2_store_in_page(h: HypState, va: int, data: bytes) -> None:
+    """`el2_write` of bytes that do not cross a page."""
+    pa = el2_translate(h, va, write=True)
+    check_store(h, pa)
+    off = pa - h.mem.base
+    h.mem.bytes[off : off + len(data)] = data
+
+
+def el2_zero(h: HypState, va: int, size: int) -> None:
+    """`memset(va, 0, size)` at EL2 over whole pages, through the hyp stage-1."""
+    pas = [el2_translate(h, v, write=True) for v in range(va, va + size, PAGE_SIZE)]
+    for pa in pas:
+        check_store(h, pa)
+        h.mem.zero(pa, PAGE_SIZE)
+
+
+def el2_fixmap_zero(h: HypState, pa: int) -> None:
+    """Wipe one page through the per-CPU fixmap slot (`hyp_fixmap_map`, memset, unmap with a
+    broadcast TLBI): the page need not be in the hyp's linear map."""
+    check_store(h, pa, fixmap=True)
+    h.mem.zero(pa, PAGE_SIZE)
 
 
 def el2_read_u64(h: HypState, va: int) -> int:

@@ -8,7 +8,6 @@ each loaded vCPU (7.2) or for the length of a run (6.12), and teardown refuses w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from pkvm.abi import sizes
@@ -30,12 +29,14 @@ from pkvm.hyp.mm import (
     el2_read,
     el2_read_u64,
     el2_write_u64,
+    el2_zero,
     hyp_pa,
     hyp_va,
 )
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pgtable import KvmPgtable
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
 from pkvm.hyp.spinlock import RANK_GUEST, HypSpinLock
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
@@ -63,7 +64,7 @@ class GuestMmOps:
         pa = memcache_pop(self.h, self.vcpu.memcache)
         if pa is None:
             return None
-        self.h.mem.zero(pa, PAGE_SIZE)
+        el2_zero(self.h, hyp_va(pa), PAGE_SIZE)
         vmm = self.h.vmemmap
         if self.h.profile.teardown_clears_whole_hyp_page:
             vmm.clear(pa)
@@ -78,59 +79,6 @@ class GuestMmOps:
 
     def page_count(self, pa: int) -> int:
         return self.vm.pool.page_count(pa)
-
-
-@dataclass
-class PkvmHypVcpu:
-    """`struct pkvm_hyp_vcpu`."""
-
-    vm: "PkvmHypVm"
-    host_vcpu: int  # hyp VA of the host's struct kvm_vcpu (pinned)
-    vcpu_idx: int
-    vcpu_id: int
-    mem_va: int  # the donated pages holding this struct
-    loaded_on: int | None = None  # `loaded_hyp_vcpu`: the CPU it is loaded on
-    memcache: list[int] = field(default_factory=lambda: [0, 0])  # arch.pkvm_memcache head, nr
-    hcr_el2: int = 0
-    hcrx_el2: int = 0
-    mdcr_el2: int = 0
-    cflags: int = 0
-    ctxt: bytes = b""  # arch.ctxt as the hyp keeps it between flush and sync
-    iflags: int = 0
-    fault_esr: int = 0
-    fault_far: int = 0
-    fault_hpfar: int = 0
-    engine: Any = None  # the CPU the guest runs on (switch.py)
-    exit_data: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class PkvmHypVm:
-    """`struct pkvm_hyp_vm`."""
-
-    handle: int
-    host_kvm: int  # hyp VA of the host's struct kvm (pinned)
-    created_vcpus: int
-    is_protected: bool
-    vm_va: int  # donated memory holding this struct; its first page's refcount is the VM's
-    vm_size: int
-    pgd_pa: int
-    pgd_size: int
-    pool: HypPool
-    pgt: KvmPgtable
-    lock: HypSpinLock
-    mm_ops: GuestMmOps
-    vcpus: list[PkvmHypVcpu | None]
-    nr_vcpus: int = 0  # 6.12
-    is_dying: bool = False
-    flags: int = 0
-    vcpu_features: int = 0
-    id_regs: tuple[int, ...] = ()
-    id_regs_initialized: bool = False
-
-    @property
-    def vmid(self) -> int:
-        return self.handle - sizes.HANDLE_OFFSET + 1
 
 
 def vm_page(vm: PkvmHypVm) -> int:
@@ -215,14 +163,14 @@ def map_donated_memory_noclear(h: HypState, va: int, size: int) -> int | None:
 def map_donated_memory(h: HypState, va: int, size: int) -> int | None:
     out = map_donated_memory_noclear(h, va, size)
     if out is not None:
-        h.mem.zero(hyp_pa(va), sizes.page_align(size))
+        el2_zero(h, va, sizes.page_align(size))
     return out
 
 
 def unmap_donated_memory(h: HypState, va: int | None, size: int) -> None:
     if va is None:
         return
-    h.mem.zero(hyp_pa(va), sizes.page_align(size))
+    el2_zero(h, va, sizes.page_align(size))
     _warn(h, __pkvm_hyp_donate_host(h, hyp_pa(va) >> PAGE_SHIFT, sizes.page_align(size) >> PAGE_SHIFT))
 
 
@@ -307,14 +255,15 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
         lock = HypSpinLock(h.locks, f"vm{hd:#x}.lock", RANK_GUEST)
         pgd_pa = hyp_pa(pgd_va)  # type: ignore[arg-type]
         pool = kvm_guest_prepare_stage2(h, hd, pgd_pa, pgd_size)
-        vm = PkvmHypVm(hd, host_kvm, nr_vcpus, is_protected, vm_va, vm_size, pgd_pa, pgd_size,
-                       pool, None, lock, None, [None] * nr_vcpus, flags=flags,  # type: ignore[arg-type]
-                       vcpu_features=features)
+        vm = PkvmHypVm(h, hd, host_kvm, nr_vcpus, is_protected, vm_va,  # type: ignore[arg-type]
+                       vm_size, pgd_pa, pgd_size, lock, flags=flags, vcpu_features=features)
+        vm.set_pool(pool)
         vm.mm_ops = GuestMmOps(h, vm)
-        vm.pgt = KvmPgtable(h.mem, vm.mm_ops, stage=2, name=f"guest {hd:#x} stage-2",
-                            eagain_stops=prof.page_state_in_vmemmap, normal_memattr=0x6)
+        pgt = KvmPgtable(h.mem, vm.mm_ops, stage=2, name=f"guest {hd:#x} stage-2",
+                         eagain_stops=prof.page_state_in_vmemmap, normal_memattr=0x6)
         with lock:
-            vm.pgt.init()
+            pgt.init()
+        vm.set_pgt(pgt)
         return vm
 
     if prof.reserve_vm:
@@ -417,10 +366,9 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
                 return fail(-EINVAL)
             if not vm.id_regs_initialized:
                 f = KVM.field("arch.id_regs")
-                vm.id_regs = tuple(
+                vm.set_id_regs(tuple(
                     int.from_bytes(el2_read(h, vm.host_kvm + f.offset + 8 * i, 8), "little")
-                    for i in range(f.count))
-                vm.id_regs_initialized = True
+                    for i in range(f.count)))
         bad_idx = idx < 0 or idx >= vm.created_vcpus
         if h.bug("vcpu-index-range") and idx >= 0:
             bad_idx = idx > len(vm.vcpus)  # seeded: off by one, idx == created_vcpus passes
@@ -436,6 +384,7 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
         if ret:
             return fail(ret)
     vm.vcpus[idx] = vcpu
+    vm.store_vcpu_ptr(idx, vcpu)
     if prof.vcpu_init_in_order:
         vm.nr_vcpus += 1
     return 0
@@ -495,6 +444,7 @@ def pkvm_get_loaded_hyp_vcpu(h: HypState) -> PkvmHypVcpu | None:
 def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
     """Everything after the VM left the table: stage-2, pins, hyp vCPUs, the hyp VM itself."""
     prof = h.profile
+    host_kvm = vm.host_kvm  # kept aside: the hyp VM's own bytes are wiped below
     mc = "teardown_mc"
     s2mc = "stage2_teardown_mc" if prof.two_phase_teardown else "teardown_mc"
     # Destroy the guest stage-2 and return every table page of the VM pool.
@@ -502,6 +452,7 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
         if not h.bug("teardown-keeps-stage2"):
             vm.pgt.destroy()
         vm.pgd_pa = 0
+        vm.set_pgt(vm.pgt)
     while True:
         pa = vm.pool.alloc_pages(0)
         if pa is None:
@@ -510,7 +461,7 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
             h.vmemmap.clear(pa)
         else:
             h.vmemmap.refcount[h.vmemmap.idx(pa)] = 0
-        host_mc_push(h, vm.host_kvm, s2mc, pa)
+        host_mc_push(h, host_kvm, s2mc, pa)
         _warn(h, __pkvm_hyp_donate_host(h, pa >> PAGE_SHIFT, 1))
     # Unpin the host vCPUs.
     for vcpu in vm.vcpus:
@@ -526,20 +477,22 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
             pa = memcache_pop(h, vcpu.memcache)
             if pa is None:
                 break
-            host_mc_push(h, vm.host_kvm, s2mc, pa)
+            host_mc_push(h, host_kvm, s2mc, pa)
             _warn(h, __pkvm_hyp_donate_host(h, pa >> PAGE_SHIFT, 1))
-        _teardown_donated(h, vm, vcpu.mem_va, sizes.PKVM_HYP_VCPU_SIZE, mc)
+        _teardown_donated(h, host_kvm, vcpu.mem_va, sizes.PKVM_HYP_VCPU_SIZE, mc)
     h.hyp_vms.pop(vm.vm_va, None)
-    _teardown_donated(h, vm, vm.vm_va, vm.vm_size, mc)
-    hyp_unpin_shared_mem(h, vm.host_kvm, vm.host_kvm + h.profile.sizeof_kvm)
+    _teardown_donated(h, host_kvm, vm.vm_va, vm.vm_size, mc)
+    hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
 
 
-def _teardown_donated(h: HypState, vm: PkvmHypVm, va: int, size: int, mc: str) -> None:
+def _teardown_donated(h: HypState, host_kvm: int, va: int, size: int, mc: str) -> None:
     pa = hyp_pa(va)
     size = sizes.page_align(size)
-    h.mem.zero(pa, size)
+    if not h.bug("hyp-vm-no-wipe"):  # seeded: the hyp VM/vCPU goes back with its contents
+        el2_zero(h, va, size)
     for p in range(pa, pa + size, PAGE_SIZE):
-        host_mc_push(h, vm.host_kvm, mc, p)
+        h.wiped_returns.append(p)
+        host_mc_push(h, host_kvm, mc, p)
         _warn(h, __pkvm_hyp_donate_host(h, p >> PAGE_SHIFT, 1))
 
 

@@ -20,7 +20,7 @@ from pkvm.hyp.mem_protect import (
     set_hyp_state_range,
 )
 from pkvm.hyp.memory import ComponentId, PageState
-from pkvm.hyp.mm import hyp_va, pkvm_create_mappings_locked
+from pkvm.hyp.mm import hyp_stage1_tlbi, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_WALK_LEAF,
@@ -143,6 +143,7 @@ def recreate_hyp_mappings(h: HypState) -> int:
     ret = pgt.init()
     if ret:
         return ret
+    pgt.tlbi = hyp_stage1_tlbi(h)
     h.pkvm_pgtable = pgt
     h._early = early  # type: ignore[attr-defined]
     with h.pkvm_pgd_lock:
@@ -181,6 +182,7 @@ def kvm_host_prepare_stage2(h: HypState) -> int:
     if ret:
         return ret
     assert h.host_mmu_lock is not None
+    pgt.tlbi = h.host_s2_tlb.flush_range  # the stage-2 walker's `__kvm_tlb_flush_vmid_ipa`
     h.host_mmu = HostMmu(pgt=pgt, lock=h.host_mmu_lock)
     return 0
 
@@ -270,4 +272,5 @@ def pkvm_prot_finalize(h: HypState) -> int:
     el2.hcr_el2 |= HCR_VM | (HCR_FWB if h.profile.page_state_in_vmemmap else 0)
     if h.init_params:  # this CPU's kvm_init_params, for its next entry through the PSCI relay
         h.init_params[h.cpu] = (el2.hcr_el2, el2.vttbr_el2, el2.vtcr_el2)
+    h.host_s2_tlb.flush_all()  # `__tlbi(vmalls12e1)`: nothing cached from before the switch
     return 0

@@ -16,7 +16,7 @@ from pkvm.hyp.pgtable import KvmPgtable
 from pkvm.hyp.spinlock import RANK_HOST, RANK_HYP, RANK_VM_TABLE, HypLocks, HypSpinLock
 from pkvm.machine.cpu_id import CPU_ID_REGS
 from pkvm.machine.memory import PhysMemory
-from pkvm.machine.mmu import El2Regs
+from pkvm.machine.mmu import El2Regs, Tlb
 
 if TYPE_CHECKING:
     from pkvm.hyp.pkvm import PkvmHypVcpu, PkvmHypVm
@@ -96,8 +96,15 @@ class HypState:
     ffa: Any = None
     smc_to_el3: Any = None
     init_params: list[tuple[int, int, int]] = field(default_factory=list)
-    # EL2's TLB for its own stage-1: {0: generation, page | 1<<60: (pa page, writable)}.
-    el2_tlb: dict[int, object] = field(default_factory=dict)
+    # EL2's TLB over its own stage-1, and the TLB of the host's stage-2 regime (the host's
+    # CPUs fill it, the hyp invalidates it where Linux issues the TLBI).
+    el2_tlb: Tlb = field(default_factory=lambda: Tlb("EL2 stage-1"))
+    host_s2_tlb: Tlb = field(default_factory=lambda: Tlb("host stage-2"))
+    # EL2 stores to a page the hyp neither owns nor borrows (found when the store is made);
+    # pages handed back to the host by the current hypercall that the kernel wipes first.
+    bad_stores: list[str] = field(default_factory=list)
+    wiped_returns: list[int] = field(default_factory=list)
+    store_ok: list = field(default_factory=lambda: [-1, set()])  # [gen, pages] (6.12 memo)
 
     @property
     def cpu(self) -> int:

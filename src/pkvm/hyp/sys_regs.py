@@ -159,8 +159,7 @@ def kvm_init_pvm_id_regs(vm: "PkvmHypVm", sys_vals: dict[str, int]) -> None:
     for idx in range(idreg_idx((3, 0, 0, 4, 0)), idreg_idx((3, 0, 0, 7, 7)) + 1):
         name = _ID_NAMES.get(idx)
         regs[idx] = pvm_calc_id_reg(vm, name, sys_vals) if name is not None else 0
-    vm.id_regs = tuple(regs)
-    vm.id_regs_initialized = True
+    vm.set_id_regs(tuple(regs))  # stored in the hyp VM's `arch.id_regs`, flag set
 
 
 def read_vm_id_reg(vm: "PkvmHypVm", name: str) -> int:

@@ -61,3 +61,47 @@ def s2_translate(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int
         mask = (1 << shift) - 1
         return (pte & _ADDR & ~mask) | (ipa & mask), None
     raise AssertionError("unreachable")
+
+
+class Tlb:
+    """Translations an MMU cached for one translation regime, held until a TLBI drops them.
+
+    An entry is keyed by input page and holds whatever the walk that filled it produced
+    (`pa` page or -1 for a non-RAM output, writable, the level of the leaf) and the table
+    generation at which it was last known to agree with the table. A hit whose table moved
+    since is walked again: if the fresh walk disagrees, the entry is stale and is still used
+    (as hardware would use it), and the use is recorded in `stale_uses`. An unchanged table
+    costs nothing on a hit. Invalidation follows the TLBI forms the kernel issues: by address
+    and leaf level (`vale2is`, `ipas2e1is`), by address with an unknown level (a table
+    removed: every entry under it), and all (`vmalls12e1`, `vmalle2`)."""
+
+    __slots__ = ("name", "entries", "stale_uses", "_max_log")
+
+    def __init__(self, name: str, max_log: int = 64):
+        self.name = name
+        self.entries: dict[int, list[int]] = {}  # key -> [pa page | -1, writable, level, gen]
+        self.stale_uses: list[str] = []
+        self._max_log = max_log
+
+    def flush_all(self) -> None:
+        self.entries.clear()
+
+    def flush_va(self, addr: int, level: int) -> None:
+        """Invalidate the translations of `addr` made by a leaf at `level` (its whole block)."""
+        shift = 12 + 9 * (3 - level)
+        self.flush_range(addr & ~((1 << shift) - 1), 1 << shift)
+
+    def flush_range(self, start: int, size: int) -> None:
+        entries = self.entries
+        first, n = start >> 12, max(1, size >> 12)
+        if n * 2 > len(entries):  # cheaper to look at every entry
+            for key in [k for k in entries if first <= (k >> 1) < first + n]:
+                del entries[key]
+            return
+        for page in range(first, first + n):
+            entries.pop(page << 1, None)
+            entries.pop(page << 1 | 1, None)
+
+    def record_stale(self, what: str) -> None:
+        if len(self.stale_uses) < self._max_log:
+            self.stale_uses.append(f"{self.name}: {what}")

@@ -1,0 +1,287 @@
+"""`struct pkvm_hyp_vm` and `struct pkvm_hyp_vcpu` (`include/nvhe/pkvm.h`) as bytes.
+
+Both live in the memory the host donated (`__pkvm_init_vm`, `__pkvm_init_vcpu`), and what the
+hyp keeps in them is kept there: a byte-backed attribute reads the donated page directly and
+writes it with an EL2 store through the hyp stage-1. So a teardown that returns these pages
+without the kernel's `memset` hands the host real state (registers, pointers, handles, the VM's
+pgd), and a wipe the model forgot is a page that does not read as zeros.
+
+The layouts (little-endian, C widths):
+
+- `struct pkvm_hyp_vm`: the hyp's own `struct kvm` at offset 0, laid out as the host's
+  (`pkvm.abi.host_structs.KVM`: `created_vcpus`, `arch.pkvm.handle`, `is_protected`,
+  `is_dying`, `arch.flags`, `arch.vcpu_features`, `arch.mmu.{vmid,pgd_phys}`,
+  `arch.id_regs[]`); then `host_kvm`, the guest stage-2's `struct kvm_pgtable`
+  (`ia_bits`, `start_level`, `pgd`, `mmu`), the VM pool's range, 6.12's `nr_vcpus` (the
+  lock and the allocator's free lists stay Python objects beside it); and `vcpus[]` (hyp
+  VAs of the hyp vCPUs) from `sizeof(struct pkvm_hyp_vm)`, the flexible array that
+  `pkvm_get_hyp_vm_size` counts.
+- `struct pkvm_hyp_vcpu`: the hyp's `struct kvm_vcpu` at offset 0, laid out as the host's
+  (`KVM_VCPU`: `kvm` pointer, `vcpu_id`, `vcpu_idx`, `arch.{cflags,hcr_el2,mdcr_el2,iflags}`,
+  `arch.ctxt`, `arch.fault`, `arch.pkvm_memcache`); `host_vcpu` and `loaded_hyp_vcpu` in the
+  last 16 bytes of the model's 6144-byte struct (the model's `kvm_vcpu` copy uses fewer bytes
+  than Linux's, so the two back-pointers sit at the struct's end instead of after 7056/9024).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import TYPE_CHECKING, Any
+
+from pkvm.abi import sizes
+from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM, KVM_ARCH_FLAG_ID_REGS_INITIALIZED, KVM_VCPU
+from pkvm.hyp.mm import check_store, el2_store_in_page, el2_translate, el2_write, hyp_pa, hyp_va
+
+if TYPE_CHECKING:
+    from pkvm.hyp.page_alloc import HypPool
+    from pkvm.hyp.pgtable import KvmPgtable
+    from pkvm.hyp.pkvm import GuestMmOps
+    from pkvm.hyp.spinlock import HypSpinLock
+    from pkvm.hyp.state import HypState
+
+_AFTER_KVM = (KVM.size + 7) & ~7
+HYP_VM = {
+    "host_kvm": (_AFTER_KVM, "Q"),
+    "pgt.ia_bits": (_AFTER_KVM + 8, "I"),
+    "pgt.start_level": (_AFTER_KVM + 12, "i"),
+    "pgt.pgd": (_AFTER_KVM + 16, "Q"),
+    "pgt.mmu": (_AFTER_KVM + 24, "Q"),
+    "pool.range_start": (_AFTER_KVM + 32, "Q"),
+    "pool.range_end": (_AFTER_KVM + 40, "Q"),
+    "nr_vcpus": (_AFTER_KVM + 48, "I"),
+}
+HYP_VM_VCPUS = sizes.PKVM_HYP_VM_SIZE  # vcpus[]: the flexible array after the struct
+HYP_VCPU = {
+    "host_vcpu": (sizes.PKVM_HYP_VCPU_SIZE - 16, "Q"),
+    "loaded_hyp_vcpu": (sizes.PKVM_HYP_VCPU_SIZE - 8, "Q"),
+}
+for _name, _f in KVM.fields.items():
+    if _f.count == 1:
+        HYP_VM[f"kvm.{_name}"] = (_f.offset, _f.fmt)
+for _name, _f in KVM_VCPU.fields.items():
+    if _f.count == 1:
+        HYP_VCPU[f"vcpu.{_name}"] = (_f.offset, _f.fmt)
+_VCPU_USED = max(f.offset + f.size for f in KVM_VCPU.fields.values())
+assert _VCPU_USED <= HYP_VCPU["host_vcpu"][0], "the model's kvm_vcpu copy overlaps host_vcpu"
+assert HYP_VM["nr_vcpus"][0] + 4 <= HYP_VM_VCPUS
+CTXT_OFF = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
+CTXT_LEN = CTXT_END - CTXT_START
+ID_REGS = KVM.field("arch.id_regs")
+
+
+class Field:
+    """A scalar kept in the struct's bytes: read from the page, written by an EL2 store.
+
+    A scalar is naturally aligned and the structs start on a page, so it never crosses a page:
+    its store is one translation through the hyp stage-1. Storing the value already there is
+    elided (it changes nothing a reader can see)."""
+
+    __slots__ = ("off", "size", "unpack_from", "pack", "as_bool")
+
+    def __init__(self, layout: dict[str, tuple[int, str]], name: str, as_bool: bool = False):
+        off, fmt = layout[name]
+        st = struct.Struct("<" + fmt)
+        self.off = off
+        self.size = st.size
+        self.unpack_from = st.unpack_from
+        self.pack = st.pack
+        self.as_bool = as_bool
+
+    def __get__(self, obj: HypStruct | None, owner: type) -> object:
+        if obj is None:
+            return self
+        value = self.unpack_from(obj._h.mem.bytes, obj._off + self.off)[0]
+        return bool(value) if self.as_bool else value
+
+    def __set__(self, obj: HypStruct, value: int) -> None:
+        data = self.pack(int(value))
+        h = obj._h
+        mem = h.mem.bytes
+        start = obj._off + self.off
+        if mem[start : start + self.size] != data:
+            pa = el2_translate(h, obj.va + self.off, True)
+            check_store(h, pa)
+            off = pa - h.mem.base
+            mem[off : off + self.size] = data
+
+
+class HypStruct:
+    """A hyp structure at hyp VA `va` (donated memory mapped in the hyp stage-1)."""
+
+    def __init__(self, h: HypState, va: int):
+        self._h = h
+        self.va = va
+        self._off = hyp_pa(va) - h.mem.base
+
+    def store(self, off: int, data: bytes) -> None:
+        """An EL2 store through the hyp stage-1 (`pkvm.hyp.mm.el2_write`, one page at once)."""
+        va = self.va + off
+        if (va & 0xFFF) + len(data) <= 0x1000:
+            el2_store_in_page(self._h, va, data)
+        else:
+            el2_write(self._h, va, data)
+
+    def load(self, off: int, n: int) -> bytes:
+        start = self._off + off
+        return bytes(self._h.mem.bytes[start : start + n])
+
+
+class Memcache:
+    """`arch.pkvm_memcache` of a hyp vCPU: [head, nr_pages] as the memcache helpers use it."""
+
+    __slots__ = ("_s",)
+    _HEAD = KVM_VCPU.offset("arch.pkvm_memcache.head")
+    _NR = KVM_VCPU.offset("arch.pkvm_memcache.nr_pages")
+
+    def __init__(self, s: HypStruct):
+        self._s = s
+
+    def __getitem__(self, i: int) -> int:
+        return int.from_bytes(self._s.load(self._NR if i else self._HEAD, 8), "little")
+
+    def __setitem__(self, i: int, value: int) -> None:
+        self._s.store(self._NR if i else self._HEAD, (value & (2**64 - 1)).to_bytes(8, "little"))
+
+    def __iter__(self):
+        return iter((self[0], self[1]))
+
+    def __repr__(self) -> str:
+        return f"[{self[0]:#x}, {self[1]}]"
+
+
+def vcpus_slot(idx: int) -> int:
+    """Offset of `vcpus[idx]` in the hyp VM."""
+    return HYP_VM_VCPUS + 8 * idx
+
+
+class PkvmHypVcpu(HypStruct):
+    """`struct pkvm_hyp_vcpu`, in the pages donated for it (`pkvm_structs`)."""
+
+    host_vcpu = Field(HYP_VCPU, "host_vcpu")  # hyp VA of the host's struct kvm_vcpu (pinned)
+    vcpu_idx = Field(HYP_VCPU, "vcpu.vcpu_idx")
+    vcpu_id = Field(HYP_VCPU, "vcpu.vcpu_id")
+    hcr_el2 = Field(HYP_VCPU, "vcpu.arch.hcr_el2")
+    mdcr_el2 = Field(HYP_VCPU, "vcpu.arch.mdcr_el2")
+    hcrx_el2 = Field(HYP_VCPU, "vcpu.arch.hcrx_el2")
+    cflags = Field(HYP_VCPU, "vcpu.arch.cflags")
+    iflags = Field(HYP_VCPU, "vcpu.arch.iflags")
+    fault_esr = Field(HYP_VCPU, "vcpu.arch.fault.esr_el2")
+    fault_far = Field(HYP_VCPU, "vcpu.arch.fault.far_el2")
+    fault_hpfar = Field(HYP_VCPU, "vcpu.arch.fault.hpfar_el2")
+    _kvm = Field(HYP_VCPU, "vcpu.kvm")
+    _loaded = Field(HYP_VCPU, "loaded_hyp_vcpu")
+
+    def __init__(self, vm: "PkvmHypVm", host_vcpu: int, vcpu_idx: int, vcpu_id: int,
+                 mem_va: int, cflags: int = 0):
+        super().__init__(vm._h, mem_va)
+        self.vm = vm
+        self.mem_va = mem_va  # the donated pages holding this struct
+        self.engine: Any = None  # the CPU the guest runs on (switch.py)
+        self.exit_data: dict[str, Any] = {}
+        self.memcache = Memcache(self)  # arch.pkvm_memcache: head, nr_pages
+        self._kvm = vm.va
+        self.host_vcpu = host_vcpu
+        self.vcpu_idx = vcpu_idx
+        self.vcpu_id = vcpu_id
+        self.cflags = cflags
+
+    @property
+    def ctxt(self) -> bytes:
+        """`vcpu.arch.ctxt` as the hyp keeps it between flush and sync."""
+        return self.load(CTXT_OFF, CTXT_LEN)
+
+    @ctxt.setter
+    def ctxt(self, raw: bytes) -> None:
+        self.store(CTXT_OFF, raw[:CTXT_LEN])
+
+    @property
+    def loaded_on(self) -> int | None:
+        """`loaded_hyp_vcpu`: the per-CPU slot holding it (the model's per-CPU slots sit in
+        the hyp image, 8 bytes each), read back as the CPU it is loaded on."""
+        ptr = self._loaded
+        return None if not ptr else (ptr - loaded_slot(self._h, 0)) >> 3
+
+    @loaded_on.setter
+    def loaded_on(self, cpu: int | None) -> None:
+        self._loaded = 0 if cpu is None else loaded_slot(self._h, cpu)
+
+
+def loaded_slot(h: HypState, cpu: int) -> int:
+    return hyp_va(h.carve.image) + 8 * cpu
+
+
+class PkvmHypVm(HypStruct):
+    """`struct pkvm_hyp_vm`, in the pages donated for it (`pkvm_structs`)."""
+
+    handle = Field(HYP_VM, "kvm.arch.pkvm.handle")
+    created_vcpus = Field(HYP_VM, "kvm.created_vcpus")
+    is_protected = Field(HYP_VM, "kvm.arch.pkvm.is_protected", as_bool=True)
+    is_dying = Field(HYP_VM, "kvm.arch.pkvm.is_dying", as_bool=True)
+    flags = Field(HYP_VM, "kvm.arch.flags")
+    vcpu_features = Field(HYP_VM, "kvm.arch.vcpu_features")
+    pgd_pa = Field(HYP_VM, "kvm.arch.mmu.pgd_phys")
+    host_kvm = Field(HYP_VM, "host_kvm")  # hyp VA of the host's struct kvm (pinned)
+    nr_vcpus = Field(HYP_VM, "nr_vcpus")  # 6.12
+    _vmid = Field(HYP_VM, "kvm.arch.mmu.vmid")
+    _pgt_pgd = Field(HYP_VM, "pgt.pgd")
+    _pgt_ia_bits = Field(HYP_VM, "pgt.ia_bits")
+    _pgt_start_level = Field(HYP_VM, "pgt.start_level")
+    _pgt_mmu = Field(HYP_VM, "pgt.mmu")
+    _pool_start = Field(HYP_VM, "pool.range_start")
+    _pool_end = Field(HYP_VM, "pool.range_end")
+
+    def __init__(self, h: HypState, handle: int, host_kvm: int, created_vcpus: int,
+                 is_protected: bool, vm_va: int, vm_size: int, pgd_pa: int, pgd_size: int,
+                 lock: HypSpinLock, flags: int = 0, vcpu_features: int = 0):
+        super().__init__(h, vm_va)
+        self.vm_va = vm_va  # its first page's refcount is the VM's
+        self.vm_size = vm_size
+        self.pgd_size = pgd_size
+        self.lock = lock
+        self.pool: HypPool = None  # type: ignore[assignment]
+        self.pgt: KvmPgtable = None  # type: ignore[assignment]
+        self.mm_ops: GuestMmOps = None  # type: ignore[assignment]
+        self.vcpus: list[PkvmHypVcpu | None] = [None] * created_vcpus
+        self.handle = handle
+        self.host_kvm = host_kvm
+        self.created_vcpus = created_vcpus
+        self.is_protected = is_protected
+        self.pgd_pa = pgd_pa
+        self.flags = flags
+        self.vcpu_features = vcpu_features
+        self._vmid = self.vmid
+
+    @property
+    def vmid(self) -> int:
+        return self.handle - sizes.HANDLE_OFFSET + 1
+
+    def store_vcpu_ptr(self, idx: int, vcpu: PkvmHypVcpu) -> None:
+        """The bytes of `hyp_vm->vcpus[idx] = hyp_vcpu` (after the slot list took it)."""
+        self.store(vcpus_slot(idx), vcpu.va.to_bytes(8, "little"))
+
+    def set_pool(self, pool: HypPool) -> None:
+        self.pool = pool
+        self._pool_start = pool.range_start
+        self._pool_end = pool.range_end
+
+    def set_pgt(self, pgt: KvmPgtable) -> None:
+        """The guest stage-2 (`hyp_vm->pgt`, whose `mmu` is `&hyp_vm->kvm.arch.mmu`)."""
+        self.pgt = pgt
+        self._pgt_pgd = hyp_va(pgt.pgd) if pgt.pgd else 0
+        self._pgt_ia_bits = pgt.ia_bits
+        self._pgt_start_level = pgt.start_level
+        self._pgt_mmu = self.va + HYP_VM["kvm.arch.mmu.vmid"][0]
+
+    @property
+    def id_regs_initialized(self) -> bool:
+        return bool(self.flags & KVM_ARCH_FLAG_ID_REGS_INITIALIZED)
+
+    @property
+    def id_regs(self) -> tuple[int, ...]:
+        raw = self.load(ID_REGS.offset, ID_REGS.size)
+        return struct.unpack(f"<{ID_REGS.count}Q", raw)
+
+    def set_id_regs(self, regs: tuple[int, ...]) -> None:
+        """Copy the host's ID registers once (`pkvm_init_features_from_host`'s sysregs)."""
+        self.store(ID_REGS.offset, struct.pack(f"<{len(regs)}Q", *regs))
+        self.flags = self.flags | KVM_ARCH_FLAG_ID_REGS_INITIALIZED
