@@ -416,9 +416,10 @@ def build_helper(out: Path) -> None:
     src = _HERE / "helper" / "pkvm_vmm.c"
     if not src.is_file():
         return
-    tmp = out / "pkvm_vmm.c"
-    tmp.write_bytes(src.read_bytes())
-    _run([f"{CROSS}gcc", "-static", "-O2", "-Wall", "-o", str(out / "helper"), str(tmp)])
+    for f in src.parent.glob("*.c"):  # pkvm_vmm.c includes guest.c
+        (out / f.name).write_bytes(f.read_bytes())
+    _run([f"{CROSS}gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(out / "helper"),
+          str(out / src.name)])
 
 
 def _fix_headers_makefiles(root: Path) -> None:

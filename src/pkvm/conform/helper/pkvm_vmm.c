@@ -15,12 +15,20 @@
  *   run NAME VCPU                 one KVM_RUN: x0 = 0 or -errno, x1 = exit reason,
  *                                 x2 = MMIO address (MMIO exits), x3 = 0
  *   destroy NAME                  close every fd of the VM: x0 = 0 or -errno
+ *
+ * Guest conformance (guest.c, included below):
+ *
+ *   img OFFSET HEX                put bytes into the image buffer at OFFSET (the console's
+ *                                 lines are short: an image comes in pieces; gaps are zeros)
+ *   guest VCPUS PROTECTED KIB MAX_EXITS TIMEOUT_MS
+ *                                 run the image buffer as a guest (see guest.c) and clear it
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -205,16 +213,19 @@ fail:
 	answer(err, 0, 0, 0);
 }
 
+#include "guest.c"
+
 int main(void)
 {
-	char line[256], a[64], b[64], c[64], d[64];
+	static char line[8192];
+	char a[64], b[64], c[8000], d[64];
 
 	setvbuf(stdin, NULL, _IOLBF, 0);
 	kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (kvm_fd >= 0)
 		run_size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
 	while (fgets(line, sizeof(line), stdin)) {
-		int n = sscanf(line, "%63s %63s %63s %63s", a, b, c, d);
+		int n = sscanf(line, "%63s %63s %7999s %63s", a, b, c, d);
 		struct vmm_vm *vm;
 		uint64_t reason = 0, addr = 0;
 		int err;
@@ -229,6 +240,10 @@ int main(void)
 			vm = find_vm(b);
 			err = vm ? run_vcpu(vm, atoi(c), &reason, &addr) : -ENOENT;
 			answer(err, reason, addr, 0);
+		} else if (!strcmp(a, "img") && n == 3) {
+			answer(image_put(strtoull(b, NULL, 0), c), 0, 0, 0);
+		} else if (!strcmp(a, "guest")) {
+			cmd_guest(line);
 		} else if (!strcmp(a, "destroy") && n == 2) {
 			vm = find_vm(b);
 			if (vm)

@@ -1,0 +1,255 @@
+"""Guest conformance: the same guest image under the real KVM and in the model, exit by exit.
+
+The real side is the VMM helper in the initramfs (``helper/guest.c``): it loads the image at
+the start of guest RAM (IPA 0x4000_0000), runs every vCPU in its own thread looping on
+``KVM_RUN`` and records every exit userspace sees. The model side runs the same image on
+``pkvm.Machine``'s host driver (:class:`pkvm.host.vmm.Vmm` loads it; the loop here runs the
+vCPUs round-robin). Both answer MMIO reads alike (PL011 at 0x0900_0000: flag register 0x90,
+PrimeCell ids; zero elsewhere) and stop at the first system event, failure or exit limit.
+
+    >>> from pkvm.conform.guest import run_model
+    >>> r = run_model("7.2", "hello")
+    >>> r.stop, r.console
+    ('shutdown', 'Hello from a pKVM guest!\\n')
+
+An exit is a short string, the same on both sides (numbers in hex):
+``mw ADDR LEN DATA`` / ``mr ADDR LEN DATA`` (an MMIO write with the data written / a read with
+the data the VMM answered), ``e TYPE`` (``KVM_EXIT_SYSTEM_EVENT``: 1 shutdown, 2 reset),
+``r REASON`` (any other exit reason), ``x ERRNO`` (``KVM_RUN`` failed). What the guest
+reports of its own pKVM calls reaches the comparison as its UART bytes (``mw 9000000 1 ..``).
+Streams are compared per vCPU: the order between vCPUs is the scheduler's, not the guest's.
+
+What is not a userspace exit in KVM and so is not recorded in the model either: stage-2
+faults, PSCI calls other than SYSTEM_OFF/RESET, WFI, a vCPU's power-off, host-interrupt
+returns (``preempted``) and trapped system registers (KVM injects an UNDEF itself); the model
+counts them in ``internal``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from pathlib import Path
+
+from pkvm import guests
+
+__all__ = ["GuestRun", "GuestSpec", "compare", "diverges", "guest_spec", "run_model", "run_real"]
+
+# Parameters the built-in guests run with here (the real side runs under TCG: the defaults of
+# memwalk, loop and mmio would take minutes there). vCPUs: smp needs 2; an image file gets 2
+# (the second stays off unless the guest calls CPU_ON).
+CONFORM_PARAMS = {"memwalk": 2, "loop": 10_000, "mmio": 100}
+MEMORY = 64 << 20
+MAX_EXITS = 4096
+TIMEOUT_MS = 20_000
+MODEL_MAX_INTERNAL = 200_000  # model-side exits that are no userspace exit: the timeout
+UART_BASE, UART_SIZE, UART_FR = 0x0900_0000, 0x1000, 0x18
+PL011_IDS = (0x11, 0x10, 0x14, 0x00, 0x0D, 0xF0, 0x05, 0xB1)
+CHUNK = 1024  # image bytes per console line
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    name: str
+    image: bytes
+    vcpus: int
+    memory: int = MEMORY
+
+
+def guest_spec(name_or_path: str) -> GuestSpec:
+    """A built-in guest (with :data:`CONFORM_PARAMS`) or a raw image file."""
+    if name_or_path in guests.NAMES:
+        data = guests.image(name_or_path)
+        if name_or_path in CONFORM_PARAMS:
+            data = guests.patch(data, CONFORM_PARAMS[name_or_path])
+        return GuestSpec(name_or_path, data, 2 if name_or_path == "smp" else 1)
+    p = Path(name_or_path)
+    if not p.is_file():
+        raise ValueError(f"{name_or_path}: no such file and not a built-in guest "
+                         f"({', '.join(guests.NAMES)})")
+    return GuestSpec(p.name, p.read_bytes(), 2)
+
+
+@dataclass
+class GuestRun:
+    """One side's run: x0 = 0 or -errno of the set-up step that failed (``at``)."""
+
+    x0: int = 0
+    at: str = ""
+    stop: str = ""  # shutdown, reset, event, exit, error, limit, timeout; panic (real only)
+    exits: list[list[str]] = field(default_factory=list)  # per vCPU
+    internal: dict[str, int] = field(default_factory=dict)  # model only: not userspace exits
+    note: str = ""
+
+    @property
+    def console(self) -> str:
+        """The UART bytes the guest wrote (all vCPUs, each vCPU's in order)."""
+        out = bytearray()
+        for stream in self.exits:
+            for e in stream:
+                f = e.split()
+                if f[0] == "mw" and int(f[1], 16) == UART_BASE:
+                    out.append(int(f[3], 16) & 0xFF)
+        return out.decode(errors="replace")
+
+
+def device_read(addr: int) -> int:
+    """What both VMMs answer an MMIO read with."""
+    off = addr - UART_BASE
+    if not 0 <= off < UART_SIZE:
+        return 0
+    if off == UART_FR:
+        return 0x90
+    if off >= 0xFE0 and off % 4 == 0:
+        return PL011_IDS[(off - 0xFE0) // 4]
+    return 0
+
+
+# --- the model ----------------------------------------------------------------------------------
+
+
+def run_model(kernel: str, guest: str | GuestSpec, protected: bool = False,
+              max_exits: int = MAX_EXITS) -> GuestRun:
+    """Run ``guest`` on a fresh model machine of ``kernel`` (as ``pkvm conform`` builds it)."""
+    import pkvm
+    from pkvm.conform.model import KERNELS, MACHINE
+    from pkvm.host.vmm import Vmm
+
+    spec = guest if isinstance(guest, GuestSpec) else guest_spec(guest)
+    m = pkvm.Machine(abi=KERNELS[kernel], trace=False,
+                     timeslice=200_000 if spec.vcpus > 1 else None, **MACHINE)
+    run = GuestRun()
+    try:
+        vmm = Vmm(m.host, spec.image, memory=spec.memory, vcpus=spec.vcpus,
+                  protected=protected)
+    except pkvm.HostError as e:
+        run.x0, run.at = -e.errno, e.call
+        return run
+    try:
+        _model_loop(vmm, run, max_exits)
+    finally:
+        vmm.destroy()
+    return run
+
+
+def _model_loop(vmm, run: GuestRun, max_exits: int) -> None:
+    vcpus = vmm.vm.vcpus
+    run.exits = [[] for _ in vcpus]
+    count = internal = 0
+    while not run.stop:
+        runnable = [v for v in vcpus if not v.powered_off]
+        if not runnable:  # KVM would sleep in every KVM_RUN: only the timeout ends that
+            run.stop = "timeout"
+            break
+        for v in runnable:
+            ex = v.run()
+            rec = run.exits[v.idx]
+            if ex.kind in ("wfi", "preempted", "cpu_off", "sysreg"):
+                if ex.kind == "sysreg":
+                    v.runner.inject_undef()
+                run.internal[ex.kind] = run.internal.get(ex.kind, 0) + 1
+                internal += 1
+                if internal >= MODEL_MAX_INTERNAL:
+                    run.stop = "timeout"
+                    break
+                continue
+            count += 1
+            if ex.kind == "mmio":
+                data = ex.data
+                if not ex.write:
+                    data = device_read(ex.addr) & ((1 << (8 * ex.size)) - 1)
+                    v.complete_mmio(data)
+                rec.append(f"m{'w' if ex.write else 'r'} {ex.addr:x} {ex.size:x} {data:x}")
+            elif ex.kind == "system_event":
+                rec.append(f"e {1 if ex.event == 'shutdown' else 2:x}")
+                run.stop = ex.event
+                break
+            else:  # "fail": KVM_RUN returned an error in KVM's place
+                rec.append(f"fail {ex.detail}")
+                run.stop = "error"
+                break
+            if count >= max_exits:
+                run.stop = "limit"
+                break
+    for v in vcpus:
+        for k, n in v.runner.exits.items():
+            if k in ("stage2_fault", "hvc", "smc"):
+                run.internal[k] = run.internal.get(k, 0) + n
+
+
+# --- the real kernel ----------------------------------------------------------------------------
+
+
+def _image_commands(image: bytes) -> list[str]:
+    cmds = []
+    for off in range(0, len(image), CHUNK):
+        part = image[off : off + CHUNK]
+        if any(part):
+            cmds.append(f"vmm img {off} {part.hex()}")
+    return cmds
+
+
+def run_real(kernel: str, guest: str | GuestSpec, protected: bool = False,
+             max_exits: int = MAX_EXITS, timeout_ms: int = TIMEOUT_MS) -> GuestRun:
+    """Run ``guest`` under ``kernel``'s real KVM (a fresh, snapshot-restored machine)."""
+    from pkvm.conform import real
+    from pkvm.conform.setup import load_kernel
+
+    spec = guest if isinstance(guest, GuestSpec) else guest_spec(guest)
+    k = load_kernel(kernel, progress=False)
+    if k.helper is None:
+        raise real.RealError("this set-up has no VMM helper")
+    cmds = _image_commands(spec.image)
+    cmds.append(f"vmm guest {spec.vcpus} {int(protected)} {spec.memory // 1024} {max_exits} "
+                f"{timeout_ms}")
+    console, _ = real._run_machine(k, cmds, True)
+    answers = re.findall(rf"^{real.MARK} (.*)$", console, re.MULTILINE)
+    run = GuestRun()
+    for line, cmd in zip(answers, cmds, strict=False):
+        ans = json.loads(line)
+        x0 = real._signed(int(ans["x0"], 16))
+        if cmd.startswith("vmm img") and x0:
+            raise real.RealError(f"the helper refused the image ({x0}): {line}")
+        if cmd.startswith("vmm guest"):
+            run.x0, run.at, run.stop = x0, ans["at"], ans["stop"]
+            run.exits = [list(v) for v in ans["vcpus"]]
+    if len(answers) < len(cmds):
+        m = real._PANIC_RE.search(console)
+        if not m:
+            raise real.RealError(f"the machine answered {len(answers)} of {len(cmds)} "
+                                 f"commands:\n{console[-3000:]}")
+        run.stop, run.note = "panic", console[m.start() :].splitlines()[0]
+    return run
+
+
+# --- comparing ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    vcpu: int
+    index: int
+    model: str | None
+    real: str | None
+
+    @property
+    def agree(self) -> bool:
+        return self.model == self.real
+
+
+def compare(model: GuestRun, real: GuestRun) -> list[Row]:
+    """Every exit of every vCPU, side by side; then x0 and the stop reason as rows."""
+    rows = [Row(-1, 0, f"x0 {model.x0}", f"x0 {real.x0}")]
+    for vcpu in range(max(len(model.exits), len(real.exits))):
+        ms = model.exits[vcpu] if vcpu < len(model.exits) else []
+        rs = real.exits[vcpu] if vcpu < len(real.exits) else []
+        for i, (a, b) in enumerate(zip_longest(ms, rs)):
+            rows.append(Row(vcpu, i, a, b))
+    rows.append(Row(-1, 1, f"stop {model.stop}", f"stop {real.stop}"))
+    return rows
+
+
+def diverges(rows: list[Row]) -> bool:
+    return any(not r.agree for r in rows)
