@@ -26,6 +26,9 @@ def conform(
                                     help="Where to write a shrunk divergent sequence."),
     jobs: int = typer.Option(1, help="QEMU instances at once."),
     setup_only: bool = typer.Option(False, "--setup", help="Only set the real side up."),
+    guest: str = typer.Option(None, "--guest", help="Run a guest (a built-in name or a raw "
+                              "image file) on both sides instead; compare its exits."),
+    protected: bool = typer.Option(False, "--protected", help="--guest: a protected VM."),
 ) -> None:
     """Replay raw host hypercalls on `Machine(abi=…)` and on Linux booted under QEMU; diff them.
 
@@ -41,6 +44,14 @@ def conform(
         raise typer.Exit(2) from None
     if setup_only:
         raise typer.Exit(0)
+    if guest is not None:
+        from pkvm.conform.guest import show
+
+        try:
+            raise typer.Exit(show(guest, kernel, protected, console))
+        except (ValueError, SetupError, RealError) as e:
+            err_console.print(f"[red]{e}[/red]")
+            raise typer.Exit(2) from None
     if scenario is not None:
         from pkvm import scenario as sc
 

@@ -27,7 +27,6 @@ counts them in ``internal``.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -35,7 +34,8 @@ from pathlib import Path
 
 from pkvm import guests
 
-__all__ = ["GuestRun", "GuestSpec", "compare", "diverges", "guest_spec", "run_model", "run_real"]
+__all__ = ["GuestRun", "GuestSpec", "compare", "diverges", "guest_spec", "run_model", "run_real",
+           "run_real_many"]
 
 # Parameters the built-in guests run with here (the real side runs under TCG: the defaults of
 # memwalk, loop and mmio would take minutes there). vCPUs: smp needs 2; an image file gets 2
@@ -194,34 +194,47 @@ def _image_commands(image: bytes) -> list[str]:
 def run_real(kernel: str, guest: str | GuestSpec, protected: bool = False,
              max_exits: int = MAX_EXITS, timeout_ms: int = TIMEOUT_MS) -> GuestRun:
     """Run ``guest`` under ``kernel``'s real KVM (a fresh, snapshot-restored machine)."""
+    return run_real_many(kernel, [(guest, protected)], max_exits, timeout_ms)[0]
+
+
+def run_real_many(kernel: str, runs: list[tuple[str | GuestSpec, bool]],
+                  max_exits: int = MAX_EXITS, timeout_ms: int = TIMEOUT_MS) -> list[GuestRun]:
+    """Run several (guest, protected) one after the other on one real machine.
+
+    Each guest gets its own VM, closed before the next starts. A panic ends the machine: the
+    guests after it are not run (stop "not run")."""
     from pkvm.conform import real
     from pkvm.conform.setup import load_kernel
 
-    spec = guest if isinstance(guest, GuestSpec) else guest_spec(guest)
     k = load_kernel(kernel, progress=False)
     if k.helper is None:
         raise real.RealError("this set-up has no VMM helper")
-    cmds = _image_commands(spec.image)
-    cmds.append(f"vmm guest {spec.vcpus} {int(protected)} {spec.memory // 1024} {max_exits} "
-                f"{timeout_ms}")
+    cmds: list[str] = []
+    owner: list[int] = []  # the run each command belongs to
+    for i, (guest, protected) in enumerate(runs):
+        spec = guest if isinstance(guest, GuestSpec) else guest_spec(guest)
+        cmds += _image_commands(spec.image)
+        cmds.append(f"vmm guest {spec.vcpus} {int(protected)} {spec.memory // 1024} "
+                    f"{max_exits} {timeout_ms}")
+        owner += [i] * (len(cmds) - len(owner))
     console, _ = real._run_machine(k, cmds, True)
     answers = re.findall(rf"^{real.MARK} (.*)$", console, re.MULTILINE)
-    run = GuestRun()
-    for line, cmd in zip(answers, cmds, strict=False):
-        ans = json.loads(line)
+    out = [GuestRun(stop="not run", note="not run: machine dead after panic") for _ in runs]
+    for line, cmd, i in zip(answers, cmds, owner, strict=False):
+        ans = real._answer(line, console)
         x0 = real._signed(int(ans["x0"], 16))
         if cmd.startswith("vmm img") and x0:
             raise real.RealError(f"the helper refused the image ({x0}): {line}")
         if cmd.startswith("vmm guest"):
-            run.x0, run.at, run.stop = x0, ans["at"], ans["stop"]
-            run.exits = [list(v) for v in ans["vcpus"]]
+            out[i] = GuestRun(x0, ans["at"], ans["stop"], [list(v) for v in ans["vcpus"]])
     if len(answers) < len(cmds):
         m = real._PANIC_RE.search(console)
         if not m:
             raise real.RealError(f"the machine answered {len(answers)} of {len(cmds)} "
                                  f"commands:\n{console[-3000:]}")
-        run.stop, run.note = "panic", console[m.start() :].splitlines()[0]
-    return run
+        i = owner[len(answers)]
+        out[i] = GuestRun(stop="panic", note=console[m.start() :].splitlines()[0])
+    return out
 
 
 # --- comparing ----------------------------------------------------------------------------------
@@ -253,3 +266,33 @@ def compare(model: GuestRun, real: GuestRun) -> list[Row]:
 
 def diverges(rows: list[Row]) -> bool:
     return any(not r.agree for r in rows)
+
+
+# --- `pkvm conform --guest` ---------------------------------------------------------------------
+
+
+def show(guest: str, kernel: str, protected: bool, console) -> int:
+    """Run ``guest`` on both sides and print the streams side by side: 0 agree, 1 diverge."""
+    from rich.table import Table
+
+    spec = guest_spec(guest)
+    real = run_real(kernel, spec, protected)
+    model = run_model(kernel, spec, protected)
+    rows = compare(model, real)
+    kind = "protected" if protected else "normal"
+    t = Table(title=f"guest {spec.name} ({kind} VM, {spec.vcpus} vCPU): model vs Linux {kernel}")
+    for col in ("vCPU", "#", "model", "kernel", "agree?"):
+        t.add_column(col)
+    for r in rows:
+        mark = "[green]yes[/green]" if r.agree else "[red]NO[/red]"
+        t.add_row("-" if r.vcpu < 0 else str(r.vcpu), "" if r.vcpu < 0 else str(r.index),
+                  r.model or "—", r.real or "—", mark)
+    console.print(t)
+    for side, run in (("model", model), ("kernel", real)):
+        console.print(f"{side} console: {run.console!r}" + (f"  ({run.note})" if run.note else ""))
+    if model.internal:
+        console.print("model, not userspace exits: "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(model.internal.items())))
+    bad = sum(not r.agree for r in rows)
+    console.print(f"{len(rows) - bad}/{len(rows)} rows agree")
+    return 1 if bad else 0
