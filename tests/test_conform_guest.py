@@ -134,3 +134,13 @@ def test_specs_and_devices(tmp_path: Path) -> None:
         guest_spec("nonesuch")
     assert (device_read(0x0900_0018), device_read(0x0900_0FE0), device_read(0x0A00_0000)) == (
         0x90, 0x11, 0)  # fmt: skip
+
+
+@pytest.mark.conform
+def test_docs_guest_section_snippet_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    setup_or_fail("7.2")
+    text = (Path(__file__).parent.parent / "docs" / "conform.md").read_text()
+    section = text.split("## Guest conformance", 1)[1].split("\n## ", 1)[0]
+    [code] = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+    exec(compile(code, "docs/conform.md", "exec"), {})
+    assert "share: hello through a shared page at 0x0000000040001000" in capsys.readouterr().out
