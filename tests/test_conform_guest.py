@@ -144,3 +144,18 @@ def test_docs_guest_section_snippet_runs(capsys: pytest.CaptureFixture[str]) -> 
     [code] = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
     exec(compile(code, "docs/conform.md", "exec"), {})
     assert "share: hello through a shared page at 0x0000000040001000" in capsys.readouterr().out
+
+
+@pytest.mark.conform
+@pytest.mark.xdist_group("guest")
+def test_a_wrong_model_diverges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose PSCI CPU_ON hands the new vCPU a wrong context is caught."""
+    from pkvm.host.vcpu_run import VcpuRunner
+
+    real = real_runs("7.2")[("smp", False)]
+    right = VcpuRunner._cpu_on
+    monkeypatch.setattr(VcpuRunner, "_cpu_on",
+                        lambda self, mpidr, entry, ctx, fid: right(self, mpidr, entry, ctx + 1, fid))
+    rows = compare(run_model("7.2", "smp"), real)
+    bad = [r for r in rows if not r.agree]
+    assert [(r.vcpu, r.model, r.real) for r in bad] == [(1, "mw 9000000 1 31", "mw 9000000 1 30")]

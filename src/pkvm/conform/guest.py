@@ -43,7 +43,7 @@ __all__ = ["GuestRun", "GuestSpec", "compare", "diverges", "guest_spec", "run_mo
 CONFORM_PARAMS = {"memwalk": 2, "loop": 10_000, "mmio": 100}
 MEMORY = 64 << 20
 MAX_EXITS = 4096
-TIMEOUT_MS = 20_000
+TIMEOUT_MS = 10_000
 MODEL_MAX_INTERNAL = 200_000  # model-side exits that are no userspace exit: the timeout
 UART_BASE, UART_SIZE, UART_FR = 0x0900_0000, 0x1000, 0x18
 PL011_IDS = (0x11, 0x10, 0x14, 0x00, 0x0D, 0xF0, 0x05, 0xB1)
@@ -78,7 +78,7 @@ class GuestRun:
 
     x0: int = 0
     at: str = ""
-    stop: str = ""  # shutdown, reset, event, exit, error, limit, timeout; panic (real only)
+    stop: str = ""  # shutdown, reset, event, exit, error, limit, timeout; panic, hang (real)
     exits: list[list[str]] = field(default_factory=list)  # per vCPU
     internal: dict[str, int] = field(default_factory=dict)  # model only: not userspace exits
     note: str = ""
@@ -228,12 +228,15 @@ def run_real_many(kernel: str, runs: list[tuple[str | GuestSpec, bool]],
         if cmd.startswith("vmm guest"):
             out[i] = GuestRun(x0, ans["at"], ans["stop"], [list(v) for v in ans["vcpus"]])
     if len(answers) < len(cmds):
+        i = owner[len(answers)]
         m = real._PANIC_RE.search(console)
-        if not m:
+        if m:
+            out[i] = GuestRun(stop="panic", note=console[m.start() :].splitlines()[0])
+        elif f"{real.MARK}-HANG" in console:  # the harness gave up on a silent machine
+            out[i] = GuestRun(stop="hang", note="no answer: the machine hung")
+        else:
             raise real.RealError(f"the machine answered {len(answers)} of {len(cmds)} "
                                  f"commands:\n{console[-3000:]}")
-        i = owner[len(answers)]
-        out[i] = GuestRun(stop="panic", note=console[m.start() :].splitlines()[0])
     return out
 
 
