@@ -4,8 +4,10 @@ Everything lives in a cache outside the repository (``$PKVM_CACHE/conform``, def
 ``~/.cache/pkvm/conform``) and every stage is skipped when its output is already there, so
 ``ensure_setup`` is cheap to call before each use:
 
-1. Debian packages the harness runs on this machine (QEMU, the aarch64 cross compiler) are
-   installed with the machine's apt when absent (root only).
+1. Debian packages the harness runs on this machine (the aarch64 cross compiler; QEMU only
+   with ``PKVM_CONFORM_QEMU=system``) are installed with the machine's apt when absent (root
+   only). The default QEMU is Debian trixie's, fetched and unpacked privately
+   (:mod:`pkvm.conform.qemu`).
 2. A *private* apt configuration per Debian suite (own sources.list, lists and cache, arm64 and
    amd64) pointing at the mirror the machine's apt already uses fetches, with ``apt-get
    download``: the kernel image, its headers and kbuild packages, busybox-static (arm64) and a
