@@ -170,7 +170,7 @@ def test_specs_and_devices(tmp_path: Path) -> None:
 def test_docs_guest_section_snippet_runs(capsys: pytest.CaptureFixture[str]) -> None:
     setup_or_fail("7.2")
     text = (Path(__file__).parent.parent / "docs" / "conform.md").read_text()
-    section = text.split("## Guest conformance", 1)[1].split("\n## ", 1)[0]
+    section = re.split(r"\n#{2,3} ", text.split("### Guest conformance", 1)[1], maxsplit=1)[0]
     [code] = re.findall(r"```python\n(.*?)```", section, re.DOTALL)
     exec(compile(code, "docs/conform.md", "exec"), {})
     assert "share: hello through a shared page at 0x0000000040001000" in capsys.readouterr().out

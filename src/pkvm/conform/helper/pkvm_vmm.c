@@ -15,13 +15,6 @@
  *   run NAME VCPU                 one KVM_RUN: x0 = 0 or -errno, x1 = exit reason,
  *                                 x2 = MMIO address (MMIO exits), x3 = 0
  *   destroy NAME                  close every fd of the VM: x0 = 0 or -errno
- *
- * Guest conformance (guest.c, included below):
- *
- *   img OFFSET HEX                put bytes into the image buffer at OFFSET (the console's
- *                                 lines are short: an image comes in pieces; gaps are zeros)
- *   guest VCPUS PROTECTED KIB MAX_EXITS TIMEOUT_MS
- *                                 run the image buffer as a guest (see guest.c) and clear it
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -213,6 +206,14 @@ fail:
 	answer(err, 0, 0, 0);
 }
 
+/*
+ * Guest conformance (guest.c):
+ *
+ *   img OFFSET HEX                put bytes into the image buffer at OFFSET (the console's
+ *                                 lines are short: an image comes in pieces; gaps are zeros)
+ *   guest VCPUS PROTECTED KIB MAX_EXITS TIMEOUT_MS
+ *                                 run the image buffer as a guest (see guest.c) and clear it
+ */
 #include "guest.c"
 
 int main(void)
@@ -234,16 +235,16 @@ int main(void)
 			continue;
 		if (kvm_fd < 0) {
 			answer(-ENODEV, 0, 0, 0);
+		} else if (!strcmp(a, "img") && n == 3) {
+			answer(image_put(strtoull(b, NULL, 0), c), 0, 0, 0);
+		} else if (!strcmp(a, "guest")) {
+			cmd_guest(line);
 		} else if (!strcmp(a, "create") && n == 4) {
 			cmd_create(b, atoi(c), atoi(d));
 		} else if (!strcmp(a, "run") && n == 3) {
 			vm = find_vm(b);
 			err = vm ? run_vcpu(vm, atoi(c), &reason, &addr) : -ENOENT;
 			answer(err, reason, addr, 0);
-		} else if (!strcmp(a, "img") && n == 3) {
-			answer(image_put(strtoull(b, NULL, 0), c), 0, 0, 0);
-		} else if (!strcmp(a, "guest")) {
-			cmd_guest(line);
 		} else if (!strcmp(a, "destroy") && n == 2) {
 			vm = find_vm(b);
 			if (vm)
