@@ -1,7 +1,7 @@
 """Guest conformance: every built-in guest under the real KVM and in the model, exit by exit.
 
-The ``conform`` tests run each kernel's guests on one restored QEMU machine (one VM after the
-other) and compare every exit of every vCPU with the model's; the rest check the comparison's
+The ``conform`` tests run each kernel's guests on restored QEMU machines (four each, one VM
+after the other) and compare every exit of every vCPU with the model's; the rest check the comparison's
 own pieces offline.
 """
 

@@ -48,6 +48,7 @@ MODEL_MAX_INTERNAL = 200_000  # model-side exits that are no userspace exit: the
 UART_BASE, UART_SIZE, UART_FR = 0x0900_0000, 0x1000, 0x18
 PL011_IDS = (0x11, 0x10, 0x14, 0x00, 0x0D, 0xF0, 0x05, 0xB1)
 CHUNK = 1024  # image bytes per console line
+PER_MACHINE = 4  # guests per real machine
 
 
 @dataclass(frozen=True)
@@ -209,10 +210,19 @@ def run_real(kernel: str, guest: str | GuestSpec, protected: bool = False,
 
 def run_real_many(kernel: str, runs: list[tuple[str | GuestSpec, bool]],
                   max_exits: int = MAX_EXITS, timeout_ms: int | None = None) -> list[GuestRun]:
-    """Run several (guest, protected) one after the other on one real machine.
+    """Run several (guest, protected), up to :data:`PER_MACHINE` one after the other on each
+    real machine (a machine's allowance of time grows with its commands, not with its guests).
 
     Each guest gets its own VM, closed before the next starts. A panic ends the machine: the
-    guests after it are not run (stop "not run")."""
+    guests after it on that machine are not run (stop "not run")."""
+    out: list[GuestRun] = []
+    for i in range(0, len(runs), PER_MACHINE):
+        out += _run_real_machine(kernel, runs[i : i + PER_MACHINE], max_exits, timeout_ms)
+    return out
+
+
+def _run_real_machine(kernel: str, runs: list[tuple[str | GuestSpec, bool]], max_exits: int,
+                      timeout_ms: int | None) -> list[GuestRun]:
     from pkvm.conform import real
     from pkvm.conform.setup import load_kernel
 
