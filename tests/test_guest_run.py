@@ -102,7 +102,7 @@ EL2_CALLS = bytes.fromhex(
 
 @pytest.mark.parametrize("protected, features, meminfo", [
     (True, 0x1D, 4096),                       # answered at EL2 (measured on 7.2)
-    (False, 1, 2**64 - 1),                    # the host: vendor bitmap; MEMINFO unknown (-1)
+    (False, 3, 2**64 - 1),                    # the host: vendor bitmap (FUNC_FEAT, PTP); MEMINFO -1
 ])
 def test_pkvm_guest_calls(protected, features, meminfo):
     m, vmm, _ = boot(EL2_CALLS, protected)

@@ -24,6 +24,9 @@ def conform(
     jsonl: Path = typer.Option(None, help="Write every compared step as JSON Lines here."),
     reproducer: Path = typer.Option(Path("conform-divergence.toml"),
                                     help="Where to write a shrunk divergent sequence."),
+    guest: str = typer.Option(None, "--guest", help="Run a guest (a built-in name, probe, or "
+                              "a raw image file) on both sides instead; compare its exits."),
+    protected: bool = typer.Option(False, "--protected", help="--guest: a protected VM."),
     jobs: int = typer.Option(1, help="QEMU instances at once."),
     setup_only: bool = typer.Option(False, "--setup", help="Only set the real side up."),
 ) -> None:
@@ -39,6 +42,8 @@ def conform(
     except (SetupError, RealError) as e:
         err_console.print(f"[red]the real side cannot be set up here: {e}[/red]")
         raise typer.Exit(2) from None
+    if guest is not None and not setup_only:
+        _guest(guest, kernel, protected)
     if setup_only:
         raise typer.Exit(0)
     if scenario is not None:
@@ -99,6 +104,19 @@ def conform(
     err_console.print(f"[red]divergence[/red]: shrunk to {len(small)} step(s), written to "
                       f"{reproducer} (`pkvm run {reproducer}` replays it on the model)")
     raise typer.Exit(1)
+
+
+def _guest(guest: str, kernel: str, protected: bool) -> None:
+    """`--guest`: pkvm.conform.guest runs it on both sides and prints the exit streams."""
+    from pkvm.conform.guest import show
+    from pkvm.conform.real import RealError, SetupError
+
+    try:
+        code = show(guest, kernel, protected, console)
+    except (ValueError, SetupError, RealError) as e:
+        err_console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:

@@ -263,7 +263,7 @@ def _initramfs(k: Kernel, cmds: list[str] | None) -> bytes:
 def qemu_command(k: Kernel, initrd: Path) -> list[str]:
     cmdline = "console=ttyAMA0 kvm-arm.mode=protected panic=-1 loglevel=4 rdinit=/init"
     return [
-        "qemu-system-aarch64",
+        *k.qemu,  # pkvm.conform.qemu: Debian trixie's QEMU 10 by default
         "-M", "virt,virtualization=on,gic-version=3",
         # pauth-impdef: QEMU's cheap pointer-auth algorithm (boots ~3x faster under TCG than
         # the architected QARMA; nothing a hypercall observes depends on it).

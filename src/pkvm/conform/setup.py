@@ -4,8 +4,10 @@ Everything lives in a cache outside the repository (``$PKVM_CACHE/conform``, def
 ``~/.cache/pkvm/conform``) and every stage is skipped when its output is already there, so
 ``ensure_setup`` is cheap to call before each use:
 
-1. Debian packages the harness runs on this machine (QEMU, the aarch64 cross compiler) are
-   installed with the machine's apt when absent (root only).
+1. Debian packages the harness runs on this machine (the aarch64 cross compiler; QEMU only
+   with ``PKVM_CONFORM_QEMU=system``) are installed with the machine's apt when absent (root
+   only). The default QEMU is Debian trixie's, fetched and unpacked privately
+   (:mod:`pkvm.conform.qemu`).
 2. A *private* apt configuration per Debian suite (own sources.list, lists and cache, arm64 and
    amd64) pointing at the mirror the machine's apt already uses fetches, with ``apt-get
    download``: the kernel image, its headers and kbuild packages, busybox-static (arm64) and a
@@ -64,8 +66,8 @@ ALIASES = {"latest": "7.2"}
 KERNELS = tuple(PROFILES)
 
 # Debian packages this machine needs, by the command that shows each is present.
+# QEMU is Debian trixie's, unpacked privately (pkvm.conform.qemu), unless PKVM_CONFORM_QEMU=system.
 HOST_TOOLS = {
-    "qemu-system-aarch64": "qemu-system-arm",
     "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
     "make": "make",
     "dpkg-deb": "dpkg",
@@ -93,11 +95,16 @@ class Kernel:
     helper: Path | None
     busybox: Path
     ids: dict[str, int]  # host hypercall name -> index in this kernel's enum
+    qemu: tuple[str, ...] = ("qemu-system-aarch64",)  # how to start QEMU (pkvm.conform.qemu)
+    qemu_name: str = "system"
 
     @classmethod
     def load(cls, d: Path) -> Kernel:
+        from pkvm.conform.qemu import load_qemu
+
         meta = json.loads((d / "kernel.json").read_text())
         helper = d / "helper"
+        q = load_qemu()
         return cls(
             profile=meta["profile"],
             release=meta["release"],
@@ -107,6 +114,8 @@ class Kernel:
             helper=helper if helper.exists() else None,
             busybox=cache_root() / "busybox",
             ids={k: int(v) for k, v in meta["ids"].items()},
+            qemu=q.argv,
+            qemu_name=q.name,
         )
 
 
@@ -166,7 +175,12 @@ def _run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = N
 
 
 def missing_host_packages() -> list[str]:
-    missing = [pkg for cmd, pkg in HOST_TOOLS.items() if shutil.which(cmd) is None]
+    from pkvm.conform.qemu import qemu_choice
+
+    tools = dict(HOST_TOOLS)
+    if qemu_choice() == "system":
+        tools["qemu-system-aarch64"] = "qemu-system-arm"
+    missing = [pkg for cmd, pkg in tools.items() if shutil.which(cmd) is None]
     missing += [pkg for f, pkg in HOST_FILES.items() if not Path(f).exists()]
     return sorted(set(missing))
 
@@ -213,8 +227,9 @@ def debian_mirror() -> str:
 class PrivateApt:
     """apt-get / apt-cache with their own sources, lists and cache: the machine's apt untouched."""
 
-    def __init__(self, suite: str) -> None:
+    def __init__(self, suite: str, native: str = "arm64") -> None:
         self.suite = suite
+        self.native = native  # the architecture a bare package name means
         self.dir = cache_root() / f"apt-{suite}"
 
     @property
@@ -228,7 +243,7 @@ class PrivateApt:
             "Dir::State::Lists": str(d / "lists"),
             "Dir::State::status": str(d / "status"),
             "Dir::Cache": str(d / "cache"),
-            "APT::Architecture": "arm64",
+            "APT::Architecture": self.native,
         }
         out: list[str] = []
         for k, v in opts.items():
@@ -403,9 +418,10 @@ def build_helper(out: Path) -> None:
     src = _HERE / "helper" / "pkvm_vmm.c"
     if not src.is_file():
         return
-    tmp = out / "pkvm_vmm.c"
-    tmp.write_bytes(src.read_bytes())
-    _run([f"{CROSS}gcc", "-static", "-O2", "-Wall", "-o", str(out / "helper"), str(tmp)])
+    for f in src.parent.glob("*.c"):  # pkvm_vmm.c includes guest.c
+        (out / f.name).write_bytes(f.read_bytes())
+    _run([f"{CROSS}gcc", "-static", "-O2", "-Wall", "-pthread", "-o", str(out / "helper"),
+          str(out / src.name)])
 
 
 def _fix_headers_makefiles(root: Path) -> None:
@@ -444,8 +460,14 @@ def ensure_busybox(steps: _Steps) -> Path:
 
 
 def _is_set_up(out: Path, digest: str) -> bool:
+    from pkvm.conform.qemu import load_qemu
+
     done = out / "kernel.json"
     if not done.exists() or not (cache_root() / "busybox").exists():
+        return False
+    try:
+        load_qemu()
+    except SetupError:
         return False
     return bool(json.loads(done.read_text()).get("sources") == digest)
 
@@ -479,9 +501,15 @@ def ensure_setup(kernel: str = "latest", progress: bool = True) -> Path:
 
 
 def _set_up(profile: Profile, out: Path, digest: str, steps: _Steps) -> None:
+    from pkvm.conform.qemu import SUITE, ensure_qemu, qemu_choice
+
     done = out / "kernel.json"
     install_host_packages(steps)
     ensure_busybox(steps)
+    with steps.step(f"QEMU ({qemu_choice()}; Debian {SUITE}'s is fetched and unpacked once)"):
+        ensure_qemu()
+    if done.exists() and json.loads(done.read_text()).get("sources") == digest:
+        return  # only the QEMU was missing
     apt = PrivateApt(profile.suite)
     out.mkdir(parents=True, exist_ok=True)
     root = out / "root"
@@ -564,4 +592,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # Run the imported module's main: under -m this file is also __main__, and SetupError must
+    # be one class for pkvm.conform.qemu and us.
+    from pkvm.conform.setup import main as _main
+
+    raise SystemExit(_main())

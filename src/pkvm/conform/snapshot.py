@@ -84,10 +84,20 @@ class _Qmp:
 def _key(k: Kernel, initrd: bytes, qemu: list[str]) -> str:
     h = hashlib.sha256(initrd)
     h.update(" ".join(qemu).encode())
-    for f in (k.image, Path(shutil.which(qemu[0]) or qemu[0])):
+    h.update(k.qemu_name.encode())
+    qemu_bin = Path(shutil.which(k.qemu[-1]) or k.qemu[-1])
+    for f in (k.image, qemu_bin):
         st = f.stat()
         h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:20]
+
+
+def snapshot_dir(k: Kernel) -> Path:
+    """Snapshots are per QEMU (a migration stream only restores on the QEMU that wrote it)."""
+    if k.qemu_name == "system":
+        return k.dir / "snapshot"
+    tag = hashlib.sha256(k.qemu_name.encode()).hexdigest()[:8]
+    return k.dir / f"snapshot-qemu-{tag}"
 
 
 def ensure_snapshot(
@@ -101,7 +111,7 @@ def ensure_snapshot(
 
     ``check`` is given the console up to READY and raises if the boot is not usable.
     """
-    d = k.dir / "snapshot"
+    d = snapshot_dir(k)
     d.mkdir(exist_ok=True)
     data = initramfs()
     key = _key(k, data, qemu(d / "initrd"))

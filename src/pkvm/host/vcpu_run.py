@@ -40,10 +40,25 @@ PSCI_MIGRATE_INFO_TYPE = 0x8400_0006
 PSCI_SYSTEM_OFF = 0x8400_0008
 PSCI_SYSTEM_RESET = 0x8400_0009
 PSCI_FEATURES = 0x8400_000A
+PSCI_SYSTEM_RESET2 = (0x8400_0012, 0xC400_0012)  # PSCI 1.1
+PSCI_SYSTEM_OFF2 = (0x8400_0015, 0xC400_0015)  # PSCI 1.3
+PSCI_OFF_TYPE_HIBERNATE_OFF = 1
 SMCCC_VERSION = 0x8000_0000
 SMCCC_ARCH_FEATURES = 0x8000_0001
 VENDOR_HYP_UID = 0x8600_FF01
 VENDOR_HYP_FEATURES = 0x8600_0000
+# kvm_arm_init_hypercalls: the default vendor_hyp_bmap, FUNC_FEAT (bit 0) and PTP (bit 1).
+VENDOR_HYP_BMAP = 0b11
+SMCCC_ARCH_WORKAROUND_RET_UNAFFECTED = 1
+HV_PV_TIME_FEATURES = 0xC500_0020
+# SMCCC_ARCH_FEATURES (hypercalls.c): the board's CPU, as QEMU's `-cpu max`, is unaffected by
+# Spectre-v2 (CSV2) and Spectre-BHB (ECBHB) and has SSBS, so no firmware mitigation of
+# Spectre-v4 is offered; PV time is in the default std_hyp_bmap.
+ARCH_FEATURES = {
+    0x8000_8000: SMCCC_ARCH_WORKAROUND_RET_UNAFFECTED,  # ARCH_WORKAROUND_1
+    0x8000_3FFF: SMCCC_ARCH_WORKAROUND_RET_UNAFFECTED,  # ARCH_WORKAROUND_3
+    HV_PV_TIME_FEATURES: 0,
+}
 KVM_UID = (0xB66F_B428, 0xE911_C52E, 0x564B_CAA9, 0x743A_004D)
 PSCI_RET_SUCCESS, PSCI_RET_NOT_SUPPORTED, PSCI_RET_INVALID_PARAMS = 0, -1, -2
 PSCI_RET_ALREADY_ON, PSCI_RET_INTERNAL_FAILURE = -4, -6
@@ -233,6 +248,7 @@ class VcpuRunner:
         res: list[int] = [PSCI_RET_NOT_SUPPORTED, 0, 0, 0]
         out: VcpuExit | None = None
         vm = self.vm
+        minor = vm.profile.psci_version & 0xFFFF
         if smc_imm:
             pass
         elif fid == PSCI_VERSION:
@@ -246,6 +262,12 @@ class VcpuRunner:
                      PSCI_MIGRATE_INFO_TYPE, PSCI_FEATURES, SMCCC_VERSION, *PSCI_CPU_ON,
                      *PSCI_AFFINITY_INFO, *PSCI_CPU_SUSPEND}
             res[0] = 0 if a1 & 0xFFFF_FFFF in known else PSCI_RET_NOT_SUPPORTED
+            if a1 & 0xFFFF_FFFF in PSCI_SYSTEM_RESET2 and minor >= 1:
+                res[0] = 0
+            elif a1 & 0xFFFF_FFFF in PSCI_SYSTEM_OFF2 and minor >= 3:
+                res[0] = PSCI_OFF_TYPE_HIBERNATE_OFF
+        elif fid == SMCCC_ARCH_FEATURES:
+            res[0] = ARCH_FEATURES.get(a1 & 0xFFFF_FFFF, PSCI_RET_NOT_SUPPORTED)
         elif fid in PSCI_CPU_ON:
             res[0] = self._cpu_on(a1, a2, a3, fid)
         elif fid in PSCI_AFFINITY_INFO:
@@ -257,12 +279,27 @@ class VcpuRunner:
         elif fid in (PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET):
             res[0] = PSCI_RET_INTERNAL_FAILURE
             out = VcpuExit("system_event", event="shutdown" if fid == PSCI_SYSTEM_OFF else "reset")
+        elif fid in PSCI_SYSTEM_RESET2 and minor >= 1:
+            arg = a1 & 0xFFFF_FFFF if fid == PSCI_SYSTEM_RESET2[0] else a1
+            if arg == 0 or arg >= 0x8000_0000:  # warm reset, or a vendor-specific type
+                res[0] = PSCI_RET_INTERNAL_FAILURE
+                out = VcpuExit("system_event", event="reset")
+            else:
+                res[0] = PSCI_RET_INVALID_PARAMS
+        elif fid in PSCI_SYSTEM_OFF2 and minor >= 3:
+            if fid == PSCI_SYSTEM_OFF2[0]:
+                a1, a2 = a1 & 0xFFFF_FFFF, a2 & 0xFFFF_FFFF
+            if (a1 and a1 != PSCI_OFF_TYPE_HIBERNATE_OFF) or a2:
+                res[0] = PSCI_RET_INVALID_PARAMS
+            else:
+                res[0] = PSCI_RET_INTERNAL_FAILURE
+                out = VcpuExit("system_event", event="shutdown")
         elif fid in PSCI_CPU_SUSPEND:
             res[0] = PSCI_RET_SUCCESS
         elif fid == VENDOR_HYP_UID:
             res = list(KVM_UID)
         elif fid == VENDOR_HYP_FEATURES:
-            res = [1, 0, 0, 0]
+            res = [VENDOR_HYP_BMAP, 0, 0, 0]
         for i in range(4):
             ctx.x[i] = res[i] & U64
         self.set_regs(ctx)

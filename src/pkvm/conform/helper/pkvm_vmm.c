@@ -21,6 +21,7 @@
 #include <linux/kvm.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -205,16 +206,27 @@ fail:
 	answer(err, 0, 0, 0);
 }
 
+/*
+ * Guest conformance (guest.c):
+ *
+ *   img OFFSET HEX                put bytes into the image buffer at OFFSET (the console's
+ *                                 lines are short: an image comes in pieces; gaps are zeros)
+ *   guest VCPUS PROTECTED KIB MAX_EXITS TIMEOUT_MS
+ *                                 run the image buffer as a guest (see guest.c) and clear it
+ */
+#include "guest.c"
+
 int main(void)
 {
-	char line[256], a[64], b[64], c[64], d[64];
+	static char line[8192];
+	char a[64], b[64], c[8000], d[64];
 
 	setvbuf(stdin, NULL, _IOLBF, 0);
 	kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (kvm_fd >= 0)
 		run_size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
 	while (fgets(line, sizeof(line), stdin)) {
-		int n = sscanf(line, "%63s %63s %63s %63s", a, b, c, d);
+		int n = sscanf(line, "%63s %63s %7999s %63s", a, b, c, d);
 		struct vmm_vm *vm;
 		uint64_t reason = 0, addr = 0;
 		int err;
@@ -223,6 +235,10 @@ int main(void)
 			continue;
 		if (kvm_fd < 0) {
 			answer(-ENODEV, 0, 0, 0);
+		} else if (!strcmp(a, "img") && n == 3) {
+			answer(image_put(strtoull(b, NULL, 0), c), 0, 0, 0);
+		} else if (!strcmp(a, "guest")) {
+			cmd_guest(line);
 		} else if (!strcmp(a, "create") && n == 4) {
 			cmd_create(b, atoi(c), atoi(d));
 		} else if (!strcmp(a, "run") && n == 3) {
