@@ -1,0 +1,115 @@
+"""Single-page fast paths of the hyp agree with the generic code they short-cut (issue 17).
+
+Each fast path is a model speed-up, not kernel behaviour: Hypothesis draws addresses (aligned or
+not, inside RAM, on its edges, in gaps, beyond it), page states and memblock maps, and the fast
+answer must equal the generic one, errno for errno.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pkvm
+from pkvm.errors import EPERM
+from pkvm.hyp import mem_protect as mp
+from pkvm.hyp.memory import PageState
+from pkvm.hyp.state import MemblockRegion
+from pkvm.machine.memory import PAGE_SIZE, RAM_BASE
+
+MEM = 64 << 20
+SETTINGS = settings(max_examples=300, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(scope="module")
+def m72():
+    return pkvm.Machine(memory=MEM, cpus=2, abi="latest", trace=False)
+
+
+def addresses() -> st.SearchStrategy[int]:
+    edge = st.sampled_from([0, RAM_BASE - PAGE_SIZE, RAM_BASE, RAM_BASE + MEM - PAGE_SIZE,
+                            RAM_BASE + MEM, 2**64 - PAGE_SIZE, 2**64 - 1])
+    inside = st.integers(RAM_BASE, RAM_BASE + MEM - 1)
+    anywhere = st.integers(0, 2**64 - 1)
+    wiggle = st.sampled_from([0, 0, 0, 1, 0x800, PAGE_SIZE - 1])
+    return st.tuples(st.one_of(edge, inside, anywhere), wiggle).map(
+        lambda t: (t[0] + t[1]) & (2**64 - 1))
+
+
+def memblocks() -> st.SearchStrategy[list[MemblockRegion]]:
+    """The board's one region, or RAM cut into sorted regions (some nomap) with gaps."""
+    cuts = st.lists(st.integers(1, MEM // PAGE_SIZE - 1), max_size=6, unique=True).map(sorted)
+
+    def regions(c: list[int], nomap: list[bool], gaps: list[bool]) -> list[MemblockRegion]:
+        bounds = [0] + c + [MEM // PAGE_SIZE]
+        out = []
+        for k in range(len(bounds) - 1):
+            if gaps[k % len(gaps)]:
+                continue
+            lo, hi = bounds[k], bounds[k + 1]
+            out.append(MemblockRegion(RAM_BASE + lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE,
+                                      nomap[k % len(nomap)]))
+        return out or [MemblockRegion(RAM_BASE, MEM)]
+
+    split = st.builds(regions, cuts, st.lists(st.booleans(), min_size=1, max_size=7),
+                      st.lists(st.booleans(), min_size=1, max_size=7))
+    return st.one_of(st.just([MemblockRegion(RAM_BASE, MEM)]), split)
+
+
+@SETTINGS
+@given(addr=addresses(), want=st.sampled_from(list(PageState)), state=st.sampled_from(list(PageState)),
+       regions=memblocks())
+def test_host_check_one_page_agrees_with_range_check(m72, addr, want, state, regions):
+    h = m72._hyp
+    vm = h.vmemmap
+    i = (addr >> 12) - vm.base_pfn
+    saved_regions, saved = h.hyp_memory, (vm.host_state[i] if 0 <= i < vm.nr else None)
+    h.hyp_memory = regions
+    h.locks.cpu = 0
+    try:
+        if saved is not None:
+            vm.host_state[i] = state
+        with h.host_mmu.lock:
+            fast = mp.host_check_page_state_range(h, addr, PAGE_SIZE, want)
+            generic = mp.host_check_vmemmap_range(h, addr, PAGE_SIZE, want)
+    finally:
+        h.hyp_memory = saved_regions
+        if saved is not None:
+            vm.host_state[i] = saved
+    assert fast == generic
+
+
+def _hyp_check_reference(h, addr: int, size: int, want: int) -> int:
+    """The per-address loop the fast version replaced."""
+    vm = h.vmemmap
+    for pa in range(addr, addr + size, PAGE_SIZE):
+        state = vm.hyp_state[vm.idx(pa)] if vm.covers(pa) else PageState.NOPAGE
+        if state != want:
+            return -1
+    return 0
+
+
+@SETTINGS
+@given(addr=addresses(), pages=st.integers(0, 4), extra=st.sampled_from([0, 1, PAGE_SIZE - 1]),
+       want=st.sampled_from(list(PageState)), states=st.lists(st.sampled_from(list(PageState)),
+                                                              min_size=5, max_size=5))
+def test_hyp_check_range_agrees_with_per_address_loop(m72, addr, pages, extra, want, states):
+    h = m72._hyp
+    vm = h.vmemmap
+    size = pages * PAGE_SIZE + extra if pages or extra else 0
+    first = (addr >> 12) - vm.base_pfn
+    idx = [first + k for k in range(5) if 0 <= first + k < vm.nr]
+    saved = {i: vm.hyp_state[i] for i in idx}
+    h.locks.cpu = 0
+    try:
+        for i in idx:
+            vm.hyp_state[i] = states[i - first]
+        with h.pkvm_pgd_lock:
+            fast = mp.hyp_check_page_state_range(h, addr, size, want)
+        assert (fast == 0) == (_hyp_check_reference(h, addr, size, want) == 0)
+        assert fast in (0, -EPERM)
+    finally:
+        for i, v in saved.items():
+            vm.hyp_state[i] = v
