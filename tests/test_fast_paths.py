@@ -113,3 +113,51 @@ def test_hyp_check_range_agrees_with_per_address_loop(m72, addr, pages, extra, w
     finally:
         for i, v in saved.items():
             vm.hyp_state[i] = v
+
+
+# -- hyp_unmap of one page vs the generic walker ----------------------------------------------
+class _S1:
+    """A hyp stage-1 table in its own RAM, fed by a pool (as tests/test_pgtable.py builds it)."""
+
+    POOL_BASE, POOL_PAGES = RAM_BASE + (8 << 20), 256
+
+    def __init__(self):
+        from pkvm.hyp import pgtable as pt
+        from pkvm.hyp.memory import HypVmemmap
+        from pkvm.hyp.page_alloc import HypPool
+        from pkvm.hyp.spinlock import HypLocks
+        from pkvm.machine.memory import PhysMemory
+
+        self.mem = PhysMemory(MEM)
+        self.vmm = HypVmemmap(self.mem, 0xFF)
+        self.pool = HypPool("pt", self.mem, self.vmm, HypLocks(1), False)
+        self.pool.init(self.POOL_BASE >> 12, self.POOL_PAGES, 0)
+        self.pgt = pt.KvmPgtable(self.mem, self.pool, stage=1, name="t")
+        assert self.pgt.init() == 0
+
+    def state(self) -> tuple[bytes, bytes, int]:
+        return (self.mem.read(self.POOL_BASE, self.POOL_PAGES * PAGE_SIZE),
+                self.vmm.refcount.tobytes(), self.pgt.gen)
+
+
+VA = 0x8000_4000_0000  # a 2 GiB window: blocks, tables and pages all occur
+va_pages = st.integers(0, (4 << 20) // PAGE_SIZE - 1).map(lambda k: VA + k * PAGE_SIZE)
+maps = st.lists(st.tuples(va_pages, st.sampled_from([1, 1, 1, 2, 512])), max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=maps, unmaps=st.lists(st.one_of(va_pages, st.sampled_from([VA - PAGE_SIZE, 2**48 - PAGE_SIZE,
+                                                                     2**48, VA + 0x800])),
+                                 min_size=1, max_size=6))
+def test_hyp_unmap_one_page_agrees_with_walker(ops, unmaps):
+    from pkvm.hyp.pgtable import PAGE_HYP
+
+    a, b = _S1(), _S1()
+    for env in (a, b):
+        for va, n in ops:
+            base = va & ~(n * PAGE_SIZE - 1) if n == 512 else va
+            env.pgt.hyp_map(base, n * PAGE_SIZE, base - VA + RAM_BASE, PAGE_HYP)
+    assert a.state() == b.state()
+    for va in unmaps:
+        assert a.pgt.hyp_unmap(va, PAGE_SIZE) == b.pgt.hyp_unmap_walk(va, PAGE_SIZE)
+        assert a.state() == b.state()
