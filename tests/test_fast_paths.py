@@ -161,3 +161,28 @@ def test_hyp_unmap_one_page_agrees_with_walker(ops, unmaps):
     for va in unmaps:
         assert a.pgt.hyp_unmap(va, PAGE_SIZE) == b.pgt.hyp_unmap_walk(va, PAGE_SIZE)
         assert a.state() == b.state()
+
+
+# -- 6.12 page-state checks of one page vs the LEAF walk ----------------------------------------
+@pytest.fixture(scope="module")
+def m612():
+    m = pkvm.Machine(memory=MEM, cpus=2, abi="6.12", trace=False)
+    for k in range(4):  # some shared pages: SW bits in both tables, tables split around them
+        m.hvc(0, "__pkvm_host_share_hyp", (m.host.alloc_pages(1) >> 12) + k)
+    return m
+
+
+@SETTINGS
+@given(addr=st.one_of(addresses(), st.integers(0, 2**48).map(lambda a: a & ~(PAGE_SIZE - 1))),
+       want=st.sampled_from(list(PageState)[:4]), hyp=st.booleans())
+def test_612_state_check_of_one_page_agrees_with_walk(m612, addr, want, hyp):
+    from pkvm.hyp.mm import hyp_va
+
+    h = m612._hyp
+    if hyp:
+        pgt, a, state_of = h.pkvm_pgtable, hyp_va(addr) & (2**64 - 1), (
+            lambda pte, _a: mp.hyp_state_of_pte(pte))
+    else:
+        pgt, a, state_of = h.host_mmu.pgt, addr, (lambda pte, x: mp.host_state_of_pte(h, pte, x))
+    fast = mp._check_walk(pgt, a, PAGE_SIZE, state_of, want)
+    assert fast == mp.check_walk_generic(pgt, a, PAGE_SIZE, state_of, want)

@@ -157,7 +157,19 @@ def get_hyp_state(h: HypState, pa: int) -> PageState:
 
 
 def _check_walk(pgt, addr: int, size: int, state_of, want: PageState) -> int:
-    """6.12 `check_page_state_range`: a LEAF walk, the first mismatch is -EPERM."""
+    """6.12 `check_page_state_range`: a LEAF walk, the first mismatch is -EPERM.
+
+    One aligned page is one leaf: `get_leaf` finds the entry the walk would visit (and fails
+    with the walk's errno; tests/test_fast_paths.py checks they agree)."""
+    if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
+        ret, pte, _ = pgt.get_leaf(addr)
+        if ret:
+            return ret
+        return 0 if state_of(pte, addr) == want else -EPERM
+    return check_walk_generic(pgt, addr, size, state_of, want)
+
+
+def check_walk_generic(pgt, addr: int, size: int, state_of, want: PageState) -> int:
 
     def visit(ctx: VisitCtx, _v: int) -> int:
         return 0 if state_of(ctx.old, ctx.addr) == want else -EPERM
