@@ -186,3 +186,17 @@ def test_612_state_check_of_one_page_agrees_with_walk(m612, addr, want, hyp):
         pgt, a, state_of = h.host_mmu.pgt, addr, (lambda pte, x: mp.host_state_of_pte(h, pte, x))
     fast = mp._check_walk(pgt, a, PAGE_SIZE, state_of, want)
     assert fast == mp.check_walk_generic(pgt, a, PAGE_SIZE, state_of, want)
+
+
+# -- the host's u64 accesses vs its byte accesses -----------------------------------------------
+@SETTINGS
+@given(off=st.integers(0, 2 * PAGE_SIZE - 1), value=st.integers(0, 2**64 - 1))
+def test_host_u64_access_agrees_with_bytes(m72, off, value):
+    host = m72.host
+    pa = host.alloc_pages(2) + off
+    try:
+        host.write_u64(pa, value)
+        assert host.read(pa, 8) == value.to_bytes(8, "little")
+        assert host.read_u64(pa) == int.from_bytes(host.read(pa, 8), "little") == value
+    finally:
+        host.free_pages(pa - off, 2)

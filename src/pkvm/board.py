@@ -128,6 +128,29 @@ class HostPort:
                 m.mem.write(out, data[pos : pos + k])
             pos += k
 
+    def read_u64(self, cpu: int, pa: int) -> int:
+        """An 8-byte load: one translation (the TLB's, on a hit) and one read of RAM."""
+        if pa & 0xFFF > PAGE_SIZE - 8:  # straddles two pages
+            return int.from_bytes(self.read(cpu, pa, 8), "little")
+        out = self._m.host_translate(cpu, pa, False)
+        if out is None:
+            return 0
+        mem = self._m.mem
+        return mem.read_u64(out) if not out & 7 else int.from_bytes(mem.read(out, 8), "little")
+
+    def write_u64(self, cpu: int, pa: int, value: int) -> None:
+        if pa & 0xFFF > PAGE_SIZE - 8:
+            self.write(cpu, pa, (value & U64).to_bytes(8, "little"))
+            return
+        out = self._m.host_translate(cpu, pa, True)
+        if out is None:
+            return
+        mem = self._m.mem
+        if out & 7:
+            mem.write(out, (value & U64).to_bytes(8, "little"))
+        else:
+            mem.write_u64(out, value & U64)
+
     def zero(self, cpu: int, pa: int, n: int) -> None:
         """memset(0) of whole host pages (pages already zero are left untouched)."""
         for out, k in self._translate(cpu, pa, n, True):
