@@ -200,3 +200,37 @@ def test_host_u64_access_agrees_with_bytes(m72, off, value):
         assert host.read_u64(pa) == int.from_bytes(host.read(pa, 8), "little") == value
     finally:
         host.free_pages(pa - off, 2)
+
+
+# -- the vCPU context marshalled as words vs through CpuContext ---------------------------------
+@pytest.fixture(scope="module")
+def core():
+    from pkvm.machine.cpu import Core
+
+    return Core()
+
+
+u64 = st.integers(0, 2**64 - 1)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(x=st.lists(u64, min_size=31, max_size=31), v=st.lists(st.integers(0, 2**128 - 1),
+                                                               min_size=32, max_size=32),
+       scalars=st.tuples(u64, u64, u64, u64, u64), el1h=st.booleans(),
+       sysvals=st.dictionaries(st.sampled_from(["TTBR0_EL1", "TPIDR_EL1", "VBAR_EL1", "FAR_EL1",
+                                                "CONTEXTIDR_EL1", "PAR_EL1"]), u64),
+       base=st.binary(min_size=2000, max_size=2000))
+def test_ctxt_pack_words_is_ctxt_pack_of_save_context(core, x, v, scalars, el1h, sysvals, base):
+    from pkvm.abi.host_structs import ctxt_pack, ctxt_pack_words, ctxt_words
+    from pkvm.machine.cpu import CpuContext
+
+    pc, sp0, sp1, elr, spsr = scalars
+    ctx = CpuContext.reset(pc=pc & ~3)
+    ctx.x, ctx.v, ctx.sp_el0, ctx.sp_el1, ctx.elr_el1, ctx.spsr_el1 = x, v, sp0, sp1, elr, spsr
+    ctx.pstate = 0x3C5 if el1h else 0x3C4
+    ctx.sys_regs.update(sysvals)
+    core.load_context(ctx)
+    want = ctxt_pack(core.save_context(), base)
+    w, vhalves, sv = core.save_words()
+    raw, words = ctxt_pack_words(w, vhalves, core.sys_names, sv, base)
+    assert raw == want and words == ctxt_words(want)
