@@ -243,15 +243,51 @@ def met(f: Figure, r: dict) -> bool:
     return ok
 
 
-def child(name: str, quick: bool) -> dict:
-    """Run one figure in a fresh interpreter; a failure is reported, never hidden."""
+def child(name: str, quick: bool, src: str | None = None) -> dict:
+    """Run one figure in a fresh interpreter (with `pkvm` from `src` if given); a failure is
+    reported, never hidden."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", name] + (["--quick"] if quick else [])
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = os.path.abspath(src) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = p.stdout.strip().splitlines()
     if p.returncode or not lines:
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"failed (exit {p.returncode}): {tail}"}
     return json.loads(lines[-1])
+
+
+def compare(names: list[str], quick: bool, before_src: str, repeat: int) -> int:
+    """Each figure `repeat` times per side, before and after alternating (so that the machine's
+    load hits both alike); prints the median of each side and after/before of the key value."""
+    import statistics
+
+    print(f"# before ({before_src}) / after (this tree), {'quick' if quick else 'full'}, median of "
+          f"{repeat} alternating runs per side, CPU time; load {os.getloadavg()[0]:.1f}")
+    print("| figure | target | before | after | after/before |\n|---|---|---|---|---|")
+    for n in names:
+        f = BY_NAME[n]
+        runs: dict[str, list[dict]] = {"before": [], "after": []}
+        for _ in range(repeat):
+            runs["before"].append(child(n, quick, before_src))
+            runs["after"].append(child(n, quick))
+        key = f.goal[1]
+        cells = []
+        meds = []
+        for side in ("before", "after"):
+            ok = [r for r in runs[side] if "error" not in r]
+            if not ok:
+                cells.append(runs[side][0]["error"])
+                meds.append(None)
+                continue
+            med = statistics.median(r[key] for r in ok)
+            rep = min(ok, key=lambda r: abs(r[key] - med))
+            cells.append(rep["text"] + ("" if len(ok) == repeat else f" ({repeat - len(ok)} failed)"))
+            meds.append(med)
+        ratio = f"{meds[1] / meds[0]:.2f}" if None not in meds and meds[0] else "-"
+        print(f"| {f.title} | {f.target} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
+    return 0
 
 
 def main() -> int:
@@ -260,12 +296,18 @@ def main() -> int:
     ap.add_argument("--only", nargs="*", choices=list(BY_NAME), default=None)
     ap.add_argument("--skip", nargs="*", choices=list(BY_NAME), default=[])
     ap.add_argument("--json", help="also write the results to this file")
+    ap.add_argument("--against", metavar="SRC",
+                    help="before/after: alternate each figure between the pkvm package under SRC "
+                    "(e.g. an older checkout's src/) and this tree's")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per side with --against")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         print(json.dumps(BY_NAME[a.child].fn(a.quick)))
         return 0
     names = [n for n in (a.only or BY_NAME) if n not in a.skip]
+    if a.against:
+        return compare(names, a.quick, a.against, a.repeat)
     print(f"# pkvm figures ({'quick' if a.quick else 'full'}; CPU time unless stated; "
           f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f})")
     print(f"{'figure':68s} {'target':>15s}  measured")
