@@ -116,11 +116,19 @@ class HostPort:
 
     def read(self, cpu: int, pa: int, n: int) -> bytes:
         m = self._m
+        if 0 < n <= PAGE_SIZE - (pa & 0xFFF):  # within one page: one translation
+            out = m.host_translate(cpu, pa, False)
+            return m.mem.read(out, n) if out is not None else bytes(n)
         spans = self._translate(cpu, pa, n, False)
         return b"".join(m.mem.read(out, k) if out is not None else bytes(k) for out, k in spans)
 
     def write(self, cpu: int, pa: int, data: bytes) -> None:
         m = self._m
+        if 0 < len(data) <= PAGE_SIZE - (pa & 0xFFF):
+            out = m.host_translate(cpu, pa, True)
+            if out is not None:
+                m.mem.write(out, data)
+            return
         spans = self._translate(cpu, pa, len(data), True)
         pos = 0
         for out, k in spans:

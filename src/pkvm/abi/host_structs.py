@@ -27,6 +27,7 @@ struct kvm_vcpu: `kvm` pointer; `vcpu_id`, `vcpu_idx` int; `arch.cflags`, `arch.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -38,8 +39,8 @@ class Field:
     fmt: str  # struct format of one element
     count: int = 1
 
-    @property
-    def size(self) -> int:
+    @functools.cached_property
+    def size(self) -> int:  # read on every host-struct access: computed once
         return struct.calcsize("<" + self.fmt) * self.count
 
 
