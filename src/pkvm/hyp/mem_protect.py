@@ -54,6 +54,15 @@ OWNED, SHARED_OWNED, SHARED_BORROWED, NOPAGE = (int(PageState.OWNED), int(PageSt
                                                 int(PageState.SHARED_BORROWED), int(PageState.NOPAGE))
 
 
+_PAGE_STATES = tuple(sorted(PageState))  # values 0..4: the member by tuple index
+assert [int(p) for p in _PAGE_STATES] == list(range(len(_PAGE_STATES)))
+
+
+def _state(value: int) -> PageState:
+    """`PageState(value)` without the enum call (a lookup in the members by value)."""
+    return _PAGE_STATES[value] if 0 <= value < len(_PAGE_STATES) else PageState(value)
+
+
 def hyp_pfn_to_phys(pfn: int) -> int:
     return (pfn << PAGE_SHIFT) & U64
 
@@ -142,7 +151,7 @@ def get_host_state(h: HypState, pa: int) -> PageState:
     if h.profile.page_state_in_vmemmap:
         if not h.vmemmap.covers(pa):
             return PageState.NOPAGE
-        return PageState(h.vmemmap.host_state[h.vmemmap.idx(pa)])
+        return _state(h.vmemmap.host_state[h.vmemmap.idx(pa)])
     _, pte, _ = h.host_mmu.pgt.get_leaf(pa)  # type: ignore[union-attr]
     return host_state_of_pte(h, pte, pa)
 
@@ -151,7 +160,7 @@ def get_hyp_state(h: HypState, pa: int) -> PageState:
     if h.profile.page_state_in_vmemmap:
         if not h.vmemmap.covers(pa):
             return PageState.NOPAGE
-        return PageState(h.vmemmap.hyp_state[h.vmemmap.idx(pa)])
+        return _state(h.vmemmap.hyp_state[h.vmemmap.idx(pa)])
     ret, pte, _ = h.pkvm_pgtable.get_leaf(hyp_va(pa))  # type: ignore[union-attr]
     return PageState.NOPAGE if ret else hyp_state_of_pte(pte)
 
