@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from pkvm.errors import E2BIG, EAGAIN, EINVAL, ENOMEM, ERANGE
-from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, PhysMemory
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -205,6 +205,14 @@ def prot_name(prot: int) -> str:
 
 
 # -- memory operations a table is built from ------------------------------------------
+class TableMemory(Protocol):
+    """Where a table's descriptors live: RAM itself (`PhysMemory`) for the hyp, RAM as the
+    host kernel reaches it (through its stage-2) for the host's own tables."""
+
+    def read_u64(self, pa: int) -> int: ...
+    def write_u64(self, pa: int, value: int) -> None: ...
+
+
 class MmOps(Protocol):
     def zalloc_page(self) -> int | None: ...
     def get_page(self, pa: int) -> None: ...
@@ -223,7 +231,7 @@ class VisitCtx:
     end: int
     level: int
     flags: int
-    arg: object
+    arg: Any  # opaque to the walker (mypyc: Any, not object, in a compiled dataclass)
     pgt: "KvmPgtable"
 
 
@@ -239,7 +247,7 @@ class KvmPgtable:
 
     def __init__(
         self,
-        mem: PhysMemory,
+        mem: TableMemory,
         mm_ops: MmOps,
         stage: int,
         name: str,
@@ -276,7 +284,7 @@ class KvmPgtable:
         return 0
 
     # -- the walker ----------------------------------------------------------------
-    def walk(self, addr: int, size: int, cb: Visitor, flags: int, arg: object = None) -> int:
+    def walk(self, addr: int, size: int, cb: Visitor, flags: int, arg: Any = None) -> int:
         """`kvm_pgtable_walk`: visit entries covering [addr, addr+size) depth-first."""
         start = addr & ~(PAGE_SIZE - 1) & U64
         end = (start + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1) & U64
@@ -616,10 +624,10 @@ class KvmPgtable:
             if ctx.level == KVM_PGTABLE_LAST_LEVEL:
                 return -EINVAL
             # Break a block (its other pages fault back lazily) or an annotation into a table.
-            child = self.mm_ops.zalloc_page()
-            if child is None:
+            new_table = self.mm_ops.zalloc_page()
+            if new_table is None:
                 return -ENOMEM
-            self._set(ctx.ptep, ctx.old, init_table_pte(child))
+            self._set(ctx.ptep, ctx.old, init_table_pte(new_table))
             return 0
 
         return self.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_TABLE_PRE | flags)

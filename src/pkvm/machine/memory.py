@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 from dataclasses import dataclass
+from typing import Any
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -26,6 +27,7 @@ GIC_REDIST_BASE = 0x080A_0000
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
+_mincore: Any
 try:
     _mincore = ctypes.CDLL(None, use_errno=True).mincore
     _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
