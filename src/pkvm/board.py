@@ -13,7 +13,7 @@ import collections
 import json
 import time
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from pkvm.abi import sizes
 from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile, get_profile
@@ -38,6 +38,7 @@ from pkvm.machine.memory import (
 from pkvm.machine.mmu import FAULT_PERMISSION, HCR_VM, El2Regs, s2_translate
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
+_ZEROS = [0] * 6
 MIN_MEMORY = 64 << 20
 HOST_SECONDARY_ENTRY = 0x4000_0000 + 0x80  # the host kernel's secondary_entry (model address)
 CARVEOUT_GAP_BELOW_END = 6 << 20
@@ -48,9 +49,9 @@ def _s64(v: int) -> int:
     return v - (1 << 64) if v >> 63 else v
 
 
-@dataclass(frozen=True)
-class HvcResult:
-    """The registers the host sees after an HVC: x0 (SMCCC status) and x1 signed, x2/x3 raw."""
+class HvcResult(NamedTuple):
+    """The registers the host sees after an HVC: x0 (SMCCC status) and x1 signed, x2/x3 raw.
+    (A named tuple: immutable and cheap to make, one per hypercall.)"""
 
     x0: int
     x1: int
@@ -88,8 +89,11 @@ class SmcResult:
         return _s64(self.regs[3])
 
 
-@dataclass
+@dataclass(slots=True)
 class TraceRecord:
+    """One hypercall as the trace keeps it; `start_ns`/`duration_ns` are 0 when tracing is off
+    (the record then only goes to the listeners)."""
+
     seq: int
     cpu: int
     name: str
@@ -144,17 +148,48 @@ class HostPort:
 
     def read(self, cpu: int, pa: int, n: int) -> bytes:
         m = self._m
+        if 0 < n <= PAGE_SIZE - (pa & 0xFFF):  # within one page: one translation
+            out = m.host_translate(cpu, pa, False)
+            return m.mem.read(out, n) if out is not None else bytes(n)
         spans = self._translate(cpu, pa, n, False)
         return b"".join(m.mem.read(out, k) if out is not None else bytes(k) for out, k in spans)
 
     def write(self, cpu: int, pa: int, data: bytes) -> None:
         m = self._m
+        if 0 < len(data) <= PAGE_SIZE - (pa & 0xFFF):
+            out = m.host_translate(cpu, pa, True)
+            if out is not None:
+                m.mem.write(out, data)
+            return
         spans = self._translate(cpu, pa, len(data), True)
         pos = 0
         for out, k in spans:
             if out is not None:
                 m.mem.write(out, data[pos : pos + k])
             pos += k
+
+    def read_u64(self, cpu: int, pa: int) -> int:
+        """An 8-byte load: one translation (the TLB's, on a hit) and one read of RAM."""
+        if pa & 0xFFF > PAGE_SIZE - 8:  # straddles two pages
+            return int.from_bytes(self.read(cpu, pa, 8), "little")
+        out = self._m.host_translate(cpu, pa, False)
+        if out is None:
+            return 0
+        mem = self._m.mem
+        return mem.read_u64(out) if not out & 7 else int.from_bytes(mem.read(out, 8), "little")
+
+    def write_u64(self, cpu: int, pa: int, value: int) -> None:
+        if pa & 0xFFF > PAGE_SIZE - 8:
+            self.write(cpu, pa, (value & U64).to_bytes(8, "little"))
+            return
+        out = self._m.host_translate(cpu, pa, True)
+        if out is None:
+            return
+        mem = self._m.mem
+        if out & 7:
+            mem.write(out, (value & U64).to_bytes(8, "little"))
+        else:
+            mem.write_u64(out, value & U64)
 
     def zero(self, cpu: int, pa: int, n: int) -> None:
         """memset(0) of whole host pages (pages already zero are left untouched)."""
@@ -221,6 +256,7 @@ class Machine:
         self.carveout = carveout_layout(size, self.profile, cpus)
         if self.carveout[0] < RAM_BASE + (4 << 20):
             raise ValueError(f"memory={memory!r} leaves no room for the hyp carve-out")
+        self._func_ids = {name: self.profile.func_id(name) for name in self.profile.hcalls}
         maxlen = None if trace is True else (int(trace) or None)
         self.tracing = bool(trace)
         self.trace: collections.deque[TraceRecord] = collections.deque(maxlen=maxlen)
@@ -291,7 +327,7 @@ class Machine:
     # -- the HVC instruction ---------------------------------------------------------
     def func_id(self, func: str | int) -> int:
         if isinstance(func, str):
-            n = self.profile.func_id(func)
+            n = self._func_ids.get(func)
             if n is not None:
                 return n
             if func not in ALL_HCALL_NAMES:
@@ -315,11 +351,12 @@ class Machine:
         x0 = self.func_id(func)
         regs = self.el2[cpu].host_regs
         regs[0] = x0
-        for i in range(1, 7):
-            regs[i] = args[i - 1] & U64 if i <= len(args) else 0
+        n = len(args)
+        regs[1 : n + 1] = [a & U64 for a in args]
+        regs[n + 1 : 7] = _ZEROS[n:]
         h.locks.cpu = cpu
         h.wiped_returns.clear()
-        t0 = time.perf_counter_ns()
+        t0 = time.perf_counter_ns() if self.tracing else 0
         name: str | None = None
         try:
             name = handle_host_hcall(h, regs)
@@ -379,9 +416,9 @@ class Machine:
     def _record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                 t0: int, panic: str | None) -> TraceRecord:
         self._seq += 1
-        rec = TraceRecord(self._seq, cpu, name, x0, tuple(a & U64 for a in args),
+        rec = TraceRecord(self._seq, cpu, name, x0, tuple([a & U64 for a in args]),
                           _s64(regs[0]), _s64(regs[1]), regs[2], regs[3], t0,
-                          time.perf_counter_ns() - t0, panic)
+                          time.perf_counter_ns() - t0 if self.tracing else 0, panic)
         if self.tracing:
             self.trace.append(rec)
         return rec

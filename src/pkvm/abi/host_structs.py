@@ -27,6 +27,7 @@ struct kvm_vcpu: `kvm` pointer; `vcpu_id`, `vcpu_idx` int; `arch.cflags`, `arch.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -38,8 +39,8 @@ class Field:
     fmt: str  # struct format of one element
     count: int = 1
 
-    @property
-    def size(self) -> int:
+    @functools.cached_property
+    def size(self) -> int:  # read on every host-struct access: computed once
         return struct.calcsize("<" + self.fmt) * self.count
 
 
@@ -216,3 +217,23 @@ def ctxt_pack(ctx, base: bytes) -> bytes:
     raw = bytearray(base)
     _CTXT_FMT.pack_into(raw, 0, *q)
     return bytes(raw)
+
+
+_SYS_SLOTS: dict[tuple[str, ...], tuple[tuple[int, int], ...]] = {}
+
+
+def ctxt_pack_words(words: list[int], vhalves: list[int], sys_names: list[str],
+                    sysvals: list[int], base: bytes) -> tuple[bytes, tuple[int, ...]]:
+    """`ctxt_pack` from a CPU's saved u64 words (`Core.save_words`), with no `CpuContext` in
+    between: (the new `arch.ctxt` bytes, its words as `ctxt_words` gives them)."""
+    key = tuple(sys_names)
+    slots = _SYS_SLOTS.get(key)
+    if slots is None:
+        slots = _SYS_SLOTS[key] = tuple((k, 103 + SYS_REG_INDEX[n]) for k, n in enumerate(key)
+                                        if n in SYS_REG_INDEX)
+    q = list(_CTXT_FMT.unpack_from(base, 0))
+    q[:39] = words
+    q[39:103] = vhalves
+    for k, slot in slots:
+        q[slot] = sysvals[k]
+    return _CTXT_FMT.pack(*q) + base[_CTXT_FMT.size :], tuple(q)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from pkvm.errors import E2BIG, EAGAIN, EINVAL, ENOMEM, ERANGE
-from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, PhysMemory
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -205,6 +205,14 @@ def prot_name(prot: int) -> str:
 
 
 # -- memory operations a table is built from ------------------------------------------
+class TableMemory(Protocol):
+    """Where a table's descriptors live: RAM itself (`PhysMemory`) for the hyp, RAM as the
+    host kernel reaches it (through its stage-2) for the host's own tables."""
+
+    def read_u64(self, pa: int) -> int: ...
+    def write_u64(self, pa: int, value: int) -> None: ...
+
+
 class MmOps(Protocol):
     def zalloc_page(self) -> int | None: ...
     def get_page(self, pa: int) -> None: ...
@@ -223,7 +231,7 @@ class VisitCtx:
     end: int
     level: int
     flags: int
-    arg: object
+    arg: Any  # opaque to the walker (mypyc: Any, not object, in a compiled dataclass)
     pgt: "KvmPgtable"
 
 
@@ -239,7 +247,7 @@ class KvmPgtable:
 
     def __init__(
         self,
-        mem: PhysMemory,
+        mem: TableMemory,
         mm_ops: MmOps,
         stage: int,
         name: str,
@@ -280,7 +288,7 @@ class KvmPgtable:
         return 0
 
     # -- the walker ----------------------------------------------------------------
-    def walk(self, addr: int, size: int, cb: Visitor, flags: int, arg: object = None) -> int:
+    def walk(self, addr: int, size: int, cb: Visitor, flags: int, arg: Any = None) -> int:
         """`kvm_pgtable_walk`: visit entries covering [addr, addr+size) depth-first."""
         start = addr & ~(PAGE_SIZE - 1) & U64
         end = (start + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1) & U64
@@ -499,6 +507,40 @@ class KvmPgtable:
 
     def hyp_unmap(self, addr: int, size: int) -> int:
         """`kvm_pgtable_hyp_unmap`: returns the number of bytes unmapped."""
+        if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1) and not addr >> self.ia_bits \
+                and self.pgd:
+            return self._hyp_unmap_page(addr)
+        return self.hyp_unmap_walk(addr, size)
+
+    def _hyp_unmap_page(self, addr: int) -> int:
+        """`hyp_unmap` of one aligned page without the generic walker: the same descriptor
+        writes in the same order (the leaf, then each table left empty, bottom up)."""
+        read = self.mem.read_u64
+        tables: list[tuple[int, int, int]] = []
+        table = self.pgd
+        for level in range(self.start_level, 4):
+            ptep = table + ((addr >> (39 - 9 * level)) & 511) * 8
+            old = read(ptep)
+            if level < 3 and old & 3 == 3:
+                tables.append((ptep, old, level))
+                table = old & KVM_PTE_ADDR_MASK
+                continue
+            if level < 3 or not old & KVM_PTE_VALID:  # a block, or nothing: -EINVAL, stop
+                return 0
+            self._set(ptep, old, 0)
+            self._tlbi(addr, level)
+            break
+        mm_ops = self.mm_ops
+        for ptep, old, level in reversed(tables):  # the TABLE_POST visits
+            child = old & KVM_PTE_ADDR_MASK
+            if mm_ops.page_count(child) == 1:
+                self._set(ptep, old, 0)
+                self._tlbi(addr, level)
+                mm_ops.put_page(child)
+        return PAGE_SIZE
+
+    def hyp_unmap_walk(self, addr: int, size: int) -> int:
+        """`hyp_unmap` through the generic walker (any range)."""
         unmapped = [0]
 
         def visit(ctx: VisitCtx, v: int) -> int:
@@ -601,10 +643,10 @@ class KvmPgtable:
             if ctx.level == KVM_PGTABLE_LAST_LEVEL:
                 return -EINVAL
             # Break a block (its other pages fault back lazily) or an annotation into a table.
-            child = self.mm_ops.zalloc_page()
-            if child is None:
+            new_table = self.mm_ops.zalloc_page()
+            if new_table is None:
                 return -ENOMEM
-            self._set(ctx.ptep, ctx.old, init_table_pte(child))
+            self._set(ctx.ptep, ctx.old, init_table_pte(new_table))
             if pte_valid(ctx.old):
                 self._tlbi(ctx.addr, ctx.level)
             return 0

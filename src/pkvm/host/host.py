@@ -18,6 +18,7 @@ class HostPort(Protocol):
     def read(self, cpu: int, pa: int, n: int) -> bytes: ...
     def write(self, cpu: int, pa: int, data: bytes) -> None: ...
     def zero(self, cpu: int, pa: int, n: int) -> None: ...
+    # optional, used when present: `read_u64(cpu, pa)`, `write_u64(cpu, pa, value)`
 
 RESERVED_LOW_PAGES = 2  # the first two RAM pages are never handed out
 
@@ -80,10 +81,17 @@ class Host:
         self.port.write(self.cpu if cpu is None else cpu, pa, bytes(data))
 
     def read_u64(self, pa: int) -> int:
-        return int.from_bytes(self.read(pa, 8), "little")
+        fast = getattr(self.port, "read_u64", None)  # optional in a port (one translation)
+        if fast is None:
+            return int.from_bytes(self.read(pa, 8), "little")
+        return fast(self.cpu, pa)
 
     def write_u64(self, pa: int, value: int) -> None:
-        self.write(pa, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
+        fast = getattr(self.port, "write_u64", None)
+        if fast is None:
+            self.write(pa, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
+        else:
+            fast(self.cpu, pa, value)
 
     # -- pages ---------------------------------------------------------------------
     def alloc_pages(self, n: int = 1) -> int:

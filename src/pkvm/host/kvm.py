@@ -360,6 +360,8 @@ class HostVm:
         head_pa = vcpu.field_pa("arch.pkvm_memcache.head")
         nr_pa = vcpu.field_pa("arch.pkvm_memcache.nr_pages")
         nr = self.host.read_u64(nr_pa)
+        if nr >= min_pages:  # full enough: nothing to push, nothing written
+            return
         head = self.host.read_u64(head_pa)
         while nr < min_pages:
             page = self.host.alloc_pages(1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pkvm.abi.profiles import Profile
 from pkvm.errors import ENODEV
 from pkvm.hyp.mem_protect import __pkvm_host_share_hyp, __pkvm_host_unshare_hyp
 from pkvm.hyp.mm import el2_read, el2_write_u64, kern_hyp_va
@@ -71,9 +72,22 @@ def host_hcall(name: str) -> Callable[[Handler], Handler]:
 
     def register(fn: Handler) -> Handler:
         HANDLERS[name] = fn
+        _HOST_HCALL.clear()
         return fn
 
     return register
+
+
+# `host_hcall[]`: one profile's handlers indexed by function number, built once per profile
+# (after every handler below has registered) so that a call costs one tuple index.
+_HOST_HCALL: dict[str, tuple[tuple[str, Handler | None], ...]] = {}
+
+
+def host_hcall_table(prof: Profile) -> tuple[tuple[str, Handler | None], ...]:
+    table = _HOST_HCALL.get(prof.name)
+    if table is None:
+        table = _HOST_HCALL[prof.name] = tuple((name, HANDLERS.get(name)) for name in prof.hcalls)
+    return table
 
 
 def handle_host_hcall(h: HypState, regs: list[int]) -> str | None:
@@ -83,8 +97,7 @@ def handle_host_hcall(h: HypState, regs: list[int]) -> str | None:
     if n is None or not prof.gate(n, h.protected_mode_initialized):
         regs[0] = SMCCC_RET_NOT_SUPPORTED
         return None
-    name = prof.hcalls[n]
-    handler = HANDLERS.get(name)
+    name, handler = host_hcall_table(prof)[n]
     if handler is None:
         regs[0] = SMCCC_RET_NOT_SUPPORTED
         return None

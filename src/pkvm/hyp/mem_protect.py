@@ -49,6 +49,20 @@ KVM_HOST_DONATION_PTE_EXTRA_SHIFT = 4
 KVM_HOST_DONATION_PTE_EXTRA_MASK = ((1 << 56) - 1) << 4
 
 
+# Page states as plain ints for the per-call paths (an enum member lookup costs 4x a global).
+OWNED, SHARED_OWNED, SHARED_BORROWED, NOPAGE = (int(PageState.OWNED), int(PageState.SHARED_OWNED),
+                                                int(PageState.SHARED_BORROWED), int(PageState.NOPAGE))
+
+
+_PAGE_STATES = tuple(sorted(PageState))  # values 0..4: the member by tuple index
+assert [int(p) for p in _PAGE_STATES] == list(range(len(_PAGE_STATES)))
+
+
+def _state(value: int) -> PageState:
+    """`PageState(value)` without the enum call (a lookup in the members by value)."""
+    return _PAGE_STATES[value] if 0 <= value < len(_PAGE_STATES) else PageState(value)
+
+
 def hyp_pfn_to_phys(pfn: int) -> int:
     return (pfn << PAGE_SHIFT) & U64
 
@@ -137,7 +151,7 @@ def get_host_state(h: HypState, pa: int) -> PageState:
     if h.profile.page_state_in_vmemmap:
         if not h.vmemmap.covers(pa):
             return PageState.NOPAGE
-        return PageState(h.vmemmap.host_state[h.vmemmap.idx(pa)])
+        return _state(h.vmemmap.host_state[h.vmemmap.idx(pa)])
     _, pte, _ = h.host_mmu.pgt.get_leaf(pa)  # type: ignore[union-attr]
     return host_state_of_pte(h, pte, pa)
 
@@ -146,13 +160,25 @@ def get_hyp_state(h: HypState, pa: int) -> PageState:
     if h.profile.page_state_in_vmemmap:
         if not h.vmemmap.covers(pa):
             return PageState.NOPAGE
-        return PageState(h.vmemmap.hyp_state[h.vmemmap.idx(pa)])
+        return _state(h.vmemmap.hyp_state[h.vmemmap.idx(pa)])
     ret, pte, _ = h.pkvm_pgtable.get_leaf(hyp_va(pa))  # type: ignore[union-attr]
     return PageState.NOPAGE if ret else hyp_state_of_pte(pte)
 
 
 def _check_walk(pgt, addr: int, size: int, state_of, want: PageState) -> int:
-    """6.12 `check_page_state_range`: a LEAF walk, the first mismatch is -EPERM."""
+    """6.12 `check_page_state_range`: a LEAF walk, the first mismatch is -EPERM.
+
+    One aligned page is one leaf: `get_leaf` finds the entry the walk would visit (and fails
+    with the walk's errno; tests/test_fast_paths.py checks they agree)."""
+    if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
+        ret, pte, _ = pgt.get_leaf(addr)
+        if ret:
+            return ret
+        return 0 if state_of(pte, addr) == want else -EPERM
+    return check_walk_generic(pgt, addr, size, state_of, want)
+
+
+def check_walk_generic(pgt, addr: int, size: int, state_of, want: PageState) -> int:
 
     def visit(ctx: VisitCtx, _v: int) -> int:
         return 0 if state_of(ctx.old, ctx.addr) == want else -EPERM
@@ -165,6 +191,18 @@ def host_check_page_state_range(h: HypState, addr: int, size: int, want: PageSta
     if not h.profile.page_state_in_vmemmap:
         return _check_walk(h.host_mmu.pgt, addr, size,  # type: ignore[union-attr]
                            lambda pte, a: host_state_of_pte(h, pte, a), want)
+    if size == PAGE_SIZE:
+        # One page inside one memory region: the region checks reduce to "mapped memory"
+        # (tests/test_fast_paths.py checks this agrees with the range check below).
+        for reg in h.hyp_memory:
+            if reg.base <= addr and addr + PAGE_SIZE <= reg.end and not reg.nomap:
+                vm = h.vmemmap
+                return 0 if vm.host_state[(addr >> PAGE_SHIFT) - vm.base_pfn] == want else -EPERM
+    return host_check_vmemmap_range(h, addr, size, want)
+
+
+def host_check_vmemmap_range(h: HypState, addr: int, size: int, want: PageState) -> int:
+    """7.2 `__host_check_page_state_range` for any range."""
     ret = check_range_allowed_memory(h, addr, (addr + size) & U64)
     if ret:
         return ret
@@ -183,9 +221,11 @@ def hyp_check_page_state_range(h: HypState, addr: int, size: int, want: PageStat
         return _check_walk(h.pkvm_pgtable, hyp_va(addr), size,
                            lambda pte, a: hyp_state_of_pte(pte), want)
     vm = h.vmemmap
-    for pa in range(addr, addr + size, PAGE_SIZE):
-        state = vm.hyp_state[vm.idx(pa)] if vm.covers(pa) else PageState.NOPAGE
-        if state != want:
+    states, first, nr = vm.hyp_state, vm.base_pfn, vm.nr
+    pfn0 = addr >> PAGE_SHIFT
+    for pfn in range(pfn0, pfn0 + (max(size, 0) + PAGE_SIZE - 1 >> PAGE_SHIFT)):
+        i = pfn - first
+        if (states[i] if 0 <= i < nr else NOPAGE) != want:
             return -EPERM
     return 0
 
@@ -314,7 +354,9 @@ def host_stage2_set_owner_locked(h: HypState, addr: int, size: int, owner: int) 
 def host_set_page_state_range(h: HypState, addr: int, size: int, state: PageState) -> int:
     if not h.profile.page_state_in_vmemmap:
         return host_stage2_idmap_locked(h, addr, size, pkvm_mkstate(PKVM_HOST_MEM_PROT, state))
-    if get_host_state(h, addr) == PageState.NOPAGE:
+    vm = h.vmemmap
+    i = (addr >> PAGE_SHIFT) - vm.base_pfn
+    if not 0 <= i < vm.nr or vm.host_state[i] == NOPAGE:  # get_host_state(h, addr) == NOPAGE
         ret = host_stage2_idmap_locked(h, addr, size, PKVM_HOST_MEM_PROT)
         if ret:
             return ret

@@ -357,11 +357,7 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     runner = getattr(h, "guest_runner", None)
     if runner is not None:
         return runner(h, vcpu)
-    from pkvm.abi.host_structs import (
-        IFLAG_PENDING_EXCEPTION,
-        ctxt_pack,
-        ctxt_words,
-    )
+    from pkvm.abi.host_structs import IFLAG_PENDING_EXCEPTION, ctxt_pack_words
     from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
     from pkvm.machine.cpu import ExitKind
 
@@ -409,8 +405,9 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         break
     if vi:  # issue 9: an IRQ the CPU took wrote SPSR_EL1 behind the core's back
         core._sys_dirty = True
-    vcpu.ctxt = ctxt_pack(core.save_context(), vcpu.ctxt)
-    vcpu.exit_data["synced_words"] = ctxt_words(vcpu.ctxt)
+    words, vhalves, sysvals = core.save_words()
+    vcpu.ctxt, vcpu.exit_data["synced_words"] = ctxt_pack_words(
+        words, vhalves, core.sys_names, sysvals, vcpu.ctxt)
     return code
 
 

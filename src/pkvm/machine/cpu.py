@@ -368,6 +368,11 @@ class _Batch:
             return [raw[2 * i] | raw[2 * i + 1] << 64 for i in range(self.n)]
         return raw
 
+    def read_u64s(self) -> list[int]:
+        """The registers as u64 words (a 128-bit register as its low then high half)."""
+        _check(uclib.uc_reg_read_batch(self.uch, self.ids, self.ptrs, self.n))
+        return list(self.vals)
+
     def write(self, values: list[int]) -> None:
         if hasattr(self, "cps"):
             for c, v in zip(self.cps, values):
@@ -639,6 +644,25 @@ class Core:
 
     def save_context(self) -> CpuContext:
         """The CPU's state (sync)."""
+        w, vhalves, sysvals = self.save_words()
+        return CpuContext(
+            x=w[:31],
+            sp_el0=w[31],
+            pc=w[32],
+            pstate=w[33],
+            sp_el1=w[34],
+            elr_el1=w[35],
+            spsr_el1=w[36],
+            fpsr=w[37],
+            fpcr=w[38],
+            v=[vhalves[2 * i] | vhalves[2 * i + 1] << 64 for i in range(32)],
+            sys_regs=dict(zip(self._sys_names, sysvals)),
+        )
+
+    def save_words(self) -> tuple[list[int], list[int], list[int]]:
+        """The CPU's state (sync) as u64 words, with no per-register objects: x0..x30, sp_el0,
+        pc, pstate, sp_el1, elr_el1, spsr_el1, fpsr, fpcr (`struct kvm_cpu_context` order);
+        V0..V31 as 64 halves (low first); the values of `sys_names` in that order."""
         r = self._core.read()
         pstate = r[_I_PSTATE]
         el1h = pstate & PSR_MODE_MASK == PSR_MODE_EL1h
@@ -651,19 +675,14 @@ class Core:
             self._shadow_sys[self._par_index] = self._cpr(SYS_REGS["PAR_EL1"])
         self._ran = False
         sysvals = self._shadow_sys
-        return CpuContext(
-            x=r[:31],
-            sp_el0=sp_el0,
-            sp_el1=sp_el1,
-            pc=r[_I_PC],
-            pstate=pstate,
-            elr_el1=r[_I_ELR],
-            spsr_el1=sysvals[-1],
-            v=self._q.read(),
-            fpcr=r[_I_FPCR],
-            fpsr=r[_I_FPSR],
-            sys_regs=dict(zip(self._sys_names, sysvals[:-1])),
-        )
+        words = r[:31]
+        words += (sp_el0, r[_I_PC], pstate, sp_el1, r[_I_ELR], sysvals[-1], r[_I_FPSR], r[_I_FPCR])
+        return words, self._q.read_u64s(), sysvals[:-1]
+
+    @property
+    def sys_names(self) -> list[str]:
+        """The system registers `save_words` returns, in its order."""
+        return self._sys_names
 
     def _on_msr(self, uc: Uc, reg: int, cp_reg: object, _data: object) -> int:
         self._sys_dirty = True  # the guest wrote a system register: re-read at save

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 from dataclasses import dataclass
+from typing import Any
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -26,8 +27,11 @@ GIC_REDIST_BASE = 0x080A_0000
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 
+_mincore: Any
 try:
     _mincore = ctypes.CDLL(None, use_errno=True).mincore
+    _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    _mincore.restype = ctypes.c_int
 except (OSError, AttributeError):  # not Linux: compare every page
     _mincore = None
 
@@ -69,6 +73,7 @@ class PhysMemory:
         self.bytes = memoryview(self._map)
         self.u64 = self.bytes.cast("Q")
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._vec1 = (ctypes.c_ubyte * 1)()
 
     # -- physical map ------------------------------------------------------------------
     def is_ram(self, pa: int) -> bool:
@@ -98,27 +103,30 @@ class PhysMemory:
 
     def page_is_zero(self, pa: int) -> bool:
         off = pa - self.base
-        return self.bytes[off : off + PAGE_SIZE] == ZERO_PAGE
+        return self._map[off : off + PAGE_SIZE] == ZERO_PAGE
 
     def zero(self, pa: int, size: int) -> None:
         """Zero whole pages. Pages the process never touched are zero already and are left
         alone (asking the kernel with mincore), so zeroing keeps RAM sparse."""
         off = pa - self.base
-        view = self.bytes
+        ram = self._map  # slices of the mmap are bytes: comparing them is ~15x a memoryview's
         n = size >> PAGE_SHIFT
         resident = self._resident(off, n)
         for k in range(n):
             if resident is not None and not resident[k]:
                 continue
             page = off + (k << PAGE_SHIFT)
-            if view[page : page + PAGE_SIZE] != ZERO_PAGE:
-                view[page : page + PAGE_SIZE] = ZERO_PAGE
+            if ram[page : page + PAGE_SIZE] != ZERO_PAGE:
+                ram[page : page + PAGE_SIZE] = ZERO_PAGE
 
     def _resident(self, off: int, n: int):
         if _mincore is None:
             return None
-        vec = (ctypes.c_ubyte * n)()
-        if _mincore(ctypes.c_void_p(self._address + off), ctypes.c_size_t(n << PAGE_SHIFT), vec):
+        if n == 1:  # the common case: one page, one preallocated byte
+            vec = self._vec1
+        else:
+            vec = (ctypes.c_ubyte * n)()
+        if _mincore(self._address + off, n << PAGE_SHIFT, vec):
             return None
         return vec
 
