@@ -34,6 +34,7 @@ from pkvm.machine.memory import (
     parse_size,
 )
 from pkvm.machine.mmu import FAULT_PERMISSION, HCR_VM, El2Regs, s2_translate
+from pkvm.machine.preempt import PreemptionPoints
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 MIN_MEMORY = 64 << 20
@@ -190,6 +191,7 @@ class Machine:
         from pkvm.inspect import Inspector
 
         self.inspect = Inspector(self._hyp, self)
+        self.preemption: PreemptionPoints = self._hyp.locks  # scheduling hooks (checkers)
         self.checker = None
         if check:
             from pkvm.check import Checker

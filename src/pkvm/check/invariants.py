@@ -81,6 +81,8 @@ INVARIANTS: dict[str, Invariant] = {i.name: i for i in [
               "free list"),
     Invariant("ghost", "the model's result and abstract post-state equal the ghost "
               "specification's (pkvm.check.ghost)"),
+    Invariant("no-warn", "no hyp WARN_ON fires on a path the host can reach (a WARN the host can "
+              "provoke is a kernel bug: the host gets an errno instead)"),
     Invariant("no-exception", "nothing a host passes makes the hyp raise anything but HypPanic"),
 ]}
 
@@ -238,6 +240,7 @@ class Checker:
                 self._about_to_orphan = None
             if self.ghost is not None:
                 self.ghost.after_call(rec, changed, full=self._full_due())
+            self._oracles()
             if self._full_due():
                 self.check_all()
             else:
@@ -249,6 +252,15 @@ class Checker:
             v.call = where
             v.args = (v._render(),)
             raise
+
+    def _oracles(self) -> None:
+        """The registered per-call oracles of `pkvm.check.oracles` (WARNs, hardware)."""
+        from pkvm.check.oracles import run_all
+
+        found = run_all(self.machine.inspect)
+        if found:
+            name, msg = found[0]
+            raise InvariantViolation(name, msg)
 
     def _full_due(self) -> bool:
         return bool(self.full_every) and self.calls % self.full_every == 0

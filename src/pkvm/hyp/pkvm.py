@@ -430,7 +430,6 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
 
 def _refetch_vcpu_idx(h: HypState, host_vcpu: int) -> int:
     """Seeded bug "double-fetch" only: a second read of a host-shared field."""
-    h.locks.preempt("host-read", "vcpu_idx")
     return vcpu_field(h, host_vcpu, "vcpu_idx")
 
 
@@ -596,7 +595,6 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
     nr_va = hv + KVM_VCPU.offset("arch.pkvm_memcache.nr_pages")
     host_head = el2_read_u64(h, head_va)
     host_nr = el2_read_u64(h, nr_va)
-    h.locks.preempt("host-read", "arch.pkvm_memcache")
     target = host_nr
     ret = 0
     from pkvm.hyp.mm import memcache_push

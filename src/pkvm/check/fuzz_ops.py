@@ -1,0 +1,612 @@
+"""The fuzzer's world and operations: what a hostile host does, step by step.
+
+A step names its operands *symbolically* (the k-th page the fuzzer allocated, the k-th VM it
+created, an interesting pfn from a fixed list, a forged handle...), resolved when the step runs,
+so a step list stays meaningful when the shrinker deletes steps from it.
+
+The operations are what a host can do, never aimed at one place of the hyp: every hypercall
+with operands from pools of pages in every state (host-owned, shared, donated to the hyp or a
+guest, the first and last RAM pages, the carve-out's neighbours, MMIO, beyond the PA space);
+the host driver's own life cycles (create, map, destroy) interleaved with hostile calls;
+sessions with a vCPU loaded on a CPU; hostile memcache heads; writes to any field of the host
+structs the hyp reads, up front or by a second host CPU at any EL2 read of host-shared memory
+(the machine's preemption points); host memory exhaustion. Host stores go through the host
+stage-2 (`HostPort`), like the host's own.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pkvm.abi.host_structs import KVM, KVM_VCPU
+from pkvm.errors import HostDataAbort, HostError, errno_name
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+FULL_EVERY = 2048  # a full invariant check every this many hypercalls (and at the end)
+HCR_HOST_VCPU = (1 << 31) | (1 << 27) | (1 << 13) | (1 << 14)
+GFN0 = 0x40000  # the guests' memslot base gfn (256K of memory: 64 pages)
+
+# Steps the real host driver issues (the kernel's KVM code, not a hostile host): a hyp panic
+# in one of them is a failure, not an availability finding.
+DRIVER_OPS = frozenset({"alloc", "create_vm", "map", "destroy", "lifecycle"})
+
+
+@dataclass(frozen=True)
+class Step:
+    """One fuzzer action: `op` with symbolic operands `a`, issued on `cpu`."""
+
+    op: str
+    cpu: int
+    a: tuple[Any, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.op}@cpu{self.cpu}{self.a}"
+
+
+class _RecordingPort:
+    """Stands in for the host's port to the machine: forwards everything, logs writes."""
+
+    def __init__(self, inner: Any, log: list[tuple]):
+        self._inner = inner
+        self._log = log
+
+    def hvc(self, cpu: int, func: Any, *args: int) -> Any:
+        return self._inner.hvc(cpu, func, *args)
+
+    def read(self, cpu: int, pa: int, n: int) -> bytes:
+        return self._inner.read(cpu, pa, n)
+
+    def write(self, cpu: int, pa: int, data: bytes) -> None:
+        self._inner.write(cpu, pa, data)
+        self._log.append(("write", cpu, pa, bytes(data)))
+
+    def zero(self, cpu: int, pa: int, n: int) -> None:
+        self._inner.zero(cpu, pa, n)
+        self._log.append(("zero", cpu, pa, n))
+
+
+class RaceBlocked(Exception):
+    """The racing host CPU's store would need a lock the interrupted CPU holds."""
+
+
+class Racer:
+    """A `Scheduler` (`pkvm.machine.preempt`) playing a second host CPU: at the `fire_at`-th EL2
+    read of host-shared memory during a hypercall it performs its planned stores, through the
+    host stage-2 on its own CPU, as a real host CPU can at any time."""
+
+    def __init__(self, m: Any, port: Any):
+        self.m = m
+        self.port = port
+        self.plan: list[tuple[int, bytes]] = []
+        self.fire_at = 0
+        self.seen = 0
+        self.log: list[tuple[int, bytes, int]] = []  # (pa, data, at which host read)
+
+    def arm(self, plan: list[tuple[int, bytes]], fire_at: int = 0) -> None:
+        self.plan, self.fire_at, self.seen = plan, fire_at, 0
+
+    def preempt(self, cpu: int, event: str, detail: str) -> None:
+        if event != "host-read" or not self.plan:
+            return
+        self.seen += 1
+        if self.seen <= self.fire_at:
+            return
+        plan, self.plan = self.plan, []
+        pts = self.m.preemption
+        racer_cpu = (cpu + 1) % self.m.nr_cpus
+        for pa, data in plan:
+            try:
+                self.port.write(racer_cpu, pa, data)
+            except (HostDataAbort, RaceBlocked):
+                continue  # the store did not happen (refused, or would deadlock here)
+            finally:
+                pts.switch_to(cpu)
+            self.log.append((pa, data, self.seen - 1))
+
+    def wait_lock(self, cpu: int, lock: Any) -> None:
+        raise RaceBlocked(lock)
+
+
+class World:
+    """A machine plus what the fuzzer remembers about it (its operand pools)."""
+
+    def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True):
+        import pkvm
+
+        self.cfg = {"memory": memory, "cpus": cpus, "abi": abi}
+        self.log: list[Any] = []
+        self.m = pkvm.Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs)
+        if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
+            from pkvm.check.invariants import Checker
+
+            self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)
+            self.m.listeners.append(self.m.checker.after_call)
+        self.m.listeners.insert(0, self._on_call)
+        inner_port = self.m.host.port
+        self.m.host.port = _RecordingPort(inner_port, self.log)
+        self.racer = Racer(self.m, inner_port)
+        inner = self.m.hvc
+
+        def hvc(cpu: int, func: Any, *args: int) -> Any:
+            """Log each hypercall as it is issued (a call that raises is logged too)."""
+            ev: list[Any] = ["hvc", cpu, func, tuple(a & U64 for a in args), ()]
+            self.log.append(ev)
+            try:
+                return inner(cpu, func, *args)
+            finally:
+                ev[4] = tuple(self.racer.log)
+                self.racer.log = []
+
+        self.m.hvc = hvc  # type: ignore[method-assign]
+        self.prof = self.m.profile
+        self.pages: list[int] = []
+        self.shared: list[int] = []
+        self.hoard: list[tuple[int, int]] = []  # (pfn, n) taken to exhaust the host's memory
+        self.vms: list[Any] = []
+        self.handles: list[int] = []
+        self.results: Counter = Counter()
+        ram_lo = self.m.mem.base >> PAGE_SHIFT
+        ram_hi = self.m.mem.end >> PAGE_SHIFT
+        cb, cs = self.m.carveout
+        c_lo, c_hi = cb >> PAGE_SHIFT, (cb + cs) >> PAGE_SHIFT
+        # The edges of every region: first/last RAM pages, the carve-out and its neighbours.
+        self.edges = [ram_lo, ram_lo + 1, ram_hi - 1, ram_hi - 2, c_lo - 1, c_lo, c_hi - 1, c_hi]
+        self.specials = self.edges + [
+            ram_hi, (cb + cs // 2) >> PAGE_SHIFT, 0x9000, 0, 0xFFFFFFFFF, 0x1000000000,
+            0xFFFFFFFFFFFFF, 0x10000000000000, 0xFFF0000000000000 | ram_lo, U64,
+            0x8000000000000000,
+        ]
+
+    def _on_call(self, rec: Any) -> None:
+        if rec.panic is None:
+            self.results[(rec.name, _result_label(rec.x0, rec.x1))] += 1
+
+    # -- operand resolution ----------------------------------------------------------------
+    def page(self, k: int) -> int:
+        if not self.pages:
+            self.pages.append(self.m.host.alloc_pages(1))
+        return self.pages[k % len(self.pages)]
+
+    def vm(self, k: int) -> Any | None:
+        return self.vms[k % len(self.vms)] if self.vms else None
+
+    def vm_pages(self) -> list[int]:
+        out = []
+        for vm in self.vms:
+            out += [vm.kvm_pa & ~(PAGE_SIZE - 1), vm.pgd_pa, vm.hyp_vm_pa]
+            out += [v.pa & ~(PAGE_SIZE - 1) for v in vm.vcpus] + [v.hyp_mem for v in vm.vcpus]
+            out += [p for v in vm.vcpus for p in v.memcache_pages[-2:]]
+        return [p for p in out if p]
+
+    def guest_pages(self) -> list[int]:
+        return [pa for vm in self.vms for pa in list(vm.mapped.values())[:8]]
+
+    def pfn(self, spec: tuple) -> int:
+        kind, k = spec
+        pool: list[int] = []
+        if kind == "shared":
+            pool = self.shared
+        elif kind == "vmmem":
+            pool = [p >> PAGE_SHIFT for p in self.vm_pages()]
+        elif kind == "guest":
+            pool = [p >> PAGE_SHIFT for p in self.guest_pages()]
+        elif kind == "edge":
+            pool = self.edges
+        elif kind == "special":
+            pool = self.specials
+        if pool:
+            return pool[k % len(pool)]
+        return self.page(k) >> PAGE_SHIFT
+
+    def handle(self, spec: tuple) -> int:
+        kind, k = spec
+        if kind == "vm" and self.vms:
+            return self.vm(k).handle or 0x1000  # type: ignore[union-attr]
+        if kind == "seen" and self.handles:
+            return self.handles[k % len(self.handles)]
+        return FORGED_HANDLES[k % len(FORGED_HANDLES)]
+
+    def host_ptr(self, spec: tuple) -> int:
+        """A host kernel VA: of a VM's struct kvm / kvm_vcpu, of a page, with an offset."""
+        from pkvm.host.kvm import host_va
+
+        kind, k, off = spec
+        if kind == "kvm" and self.vms:
+            return host_va(self.vm(k).kvm_pa) + off  # type: ignore[union-attr]
+        if kind == "vcpu" and self.vms:
+            vm = self.vm(k)
+            if vm.vcpus:  # type: ignore[union-attr]
+                return host_va(vm.vcpus[off % len(vm.vcpus)].pa)  # type: ignore[union-attr]
+        if kind == "shared" and self.shared:
+            return host_va(self.shared[k % len(self.shared)] << PAGE_SHIFT) + off
+        if kind == "fresh":
+            pa = self.m.host.alloc_pages(max(1, k))
+            self.pages.append(pa)
+            return host_va(pa)
+        return host_va(self.page(k)) + off
+
+
+FORGED_HANDLES = [0, 0x1000, 0x1001, 0x1000 + 254, 0x1000 + 255, 0xFFF, 0xFFFF, 0x11000,
+                  (1 << 32) + 0x1000, U64]
+INTERESTING_U64 = [0, 1, 2, 3, 0xFF, 0x100, 0x1000, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF,
+                   1 << 32, U64, U64 - 1, 1 << 63]
+
+
+def _result_label(x0: int, x1: int) -> str:
+    if x0 != 0:
+        return "x0=-1 (unknown)"
+    if x1 == 0:
+        return "0"
+    if -4096 < x1 < 0:
+        return errno_name(-x1)
+    return "value"
+
+
+# --- running steps -----------------------------------------------------------------------------
+HANDLE_CALLS = {"unreserve": "__pkvm_unreserve_vm", "start_teardown": "__pkvm_start_teardown_vm",
+                "finalize_teardown": "__pkvm_finalize_teardown_vm",
+                "teardown": "__pkvm_teardown_vm", "tlb_flush": "__pkvm_tlb_flush_vmid"}
+
+
+def run_step(w: World, s: Step) -> None:
+    """Perform one step. Refusals (HostError, non-fatal HostDataAbort) are normal outcomes."""
+    m, host, cpu = w.m, w.m.host, s.cpu % w.m.nr_cpus
+    op, a = s.op, s.a
+    hv = m.hvc
+    if op == "alloc":
+        w.pages.append(host.alloc_pages(1))
+    elif op == "share":
+        pfn = w.pfn(a[0])
+        if hv(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
+            w.shared.append(pfn)
+    elif op == "unshare":
+        pfn = w.pfn(a[0])
+        if hv(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0 and pfn in w.shared:
+            w.shared.remove(pfn)
+    elif op == "create_vm":
+        vm = host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
+        w.vms.append(vm)
+        if vm.handle:
+            w.handles.append(vm.handle)
+    elif op == "map":
+        vm = w.vm(a[0])
+        if vm is not None and not vm.destroyed:
+            vm.map(GFN0 + a[1] % 64, a[2], cpu=cpu)
+    elif op == "destroy":
+        vm = w.vm(a[0])
+        if vm is not None:
+            vm.destroy()
+    elif op == "lifecycle":
+        _lifecycle(w, cpu, a)
+    elif op == "reserve":
+        r = hv(cpu, "__pkvm_reserve_vm")
+        if r.x0 == 0 and r.x1 > 0:
+            w.handles.append(r.x1)
+    elif op in HANDLE_CALLS:
+        hv(cpu, HANDLE_CALLS[op], w.handle(a[0]))
+    elif op == "init_vm":
+        r = hv(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+        if r.x0 == 0 and r.x1 > 0:
+            w.handles.append(r.x1)
+    elif op == "init_vcpu":
+        hv(cpu, "__pkvm_init_vcpu", w.handle(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+    elif op == "load":
+        hv(cpu, "__pkvm_vcpu_load", w.handle(a[0]), a[1], HCR_HOST_VCPU)
+    elif op == "put":
+        hv(cpu, "__pkvm_vcpu_put")
+    elif op in GUEST_OPS:
+        guest_call(w, cpu, op, a)
+    elif op == "session":
+        _session(w, cpu, a)
+    elif op == "scribble":
+        _scribble(w, cpu, a)
+    elif op == "scribble_init":
+        _scribble_init(w, cpu, a)
+    elif op == "race":
+        _race(w, cpu, a)
+    elif op == "memcache":
+        _hostile_memcache(w, cpu, a)
+    elif op == "exhaust":
+        _exhaust(w, a)
+    elif op == "release":
+        while w.hoard:
+            pfn, n = w.hoard.pop()
+            host.pages.release(pfn, n)
+    elif op == "raw":
+        hv(cpu, a[0], *a[1:])
+    else:
+        raise ValueError(f"unknown fuzzer op {op!r}")
+
+
+GUEST_OPS = frozenset({"share_guest", "donate_guest", "unshare_guest", "reclaim_dying",
+                       "force_reclaim", "relax_perms", "mkyoung", "wrprotect",
+                       "test_clear_young"})
+
+
+def guest_call(w: World, cpu: int, op: str, a: tuple) -> None:
+    """One of the 7.2 guest-memory hypercalls with symbolic operands."""
+    hv = w.m.hvc
+    if op == "share_guest":
+        hv(cpu, "__pkvm_host_share_guest", w.pfn(a[0]), GFN0 + a[1], a[2], a[3])
+    elif op == "donate_guest":
+        hv(cpu, "__pkvm_host_donate_guest", w.pfn(a[0]), GFN0 + a[1])
+    elif op == "unshare_guest":
+        hv(cpu, "__pkvm_host_unshare_guest", w.handle(a[0]), GFN0 + a[1], a[2])
+    elif op == "reclaim_dying":
+        hv(cpu, "__pkvm_reclaim_dying_guest_page", w.handle(a[0]), GFN0 + a[1])
+    elif op == "force_reclaim":
+        hv(cpu, "__pkvm_force_reclaim_guest_page", w.pfn(a[0]) << PAGE_SHIFT)
+    elif op in ("relax_perms", "mkyoung"):
+        name = "__pkvm_host_relax_perms_guest" if op == "relax_perms" else "__pkvm_host_mkyoung_guest"
+        hv(cpu, name, GFN0 + a[0], a[1])
+    else:
+        name = "__pkvm_host_wrprotect_guest" if op == "wrprotect" else "__pkvm_host_test_clear_young_guest"
+        hv(cpu, name, w.handle(a[0]), GFN0 + a[1], a[2], a[3])
+
+
+def _live_vcpu(w: World, a: tuple) -> tuple[Any, Any] | None:
+    vm = w.vm(a[0])
+    if vm is None or vm.destroyed or not vm.vcpus or not vm.handle:
+        return None
+    return vm, vm.vcpus[a[1] % len(vm.vcpus)]
+
+
+def _session(w: World, cpu: int, a: tuple) -> None:
+    """The host driver's vCPU session: hyp vCPU created, memcache topped up, vCPU loaded on
+    `cpu`, then the inner steps (guest-memory calls, possibly hostile), then put."""
+    got = _live_vcpu(w, a)
+    if got is None:
+        return
+    vm, vcpu = got
+    vm.ensure_hyp_vcpu(vcpu)
+    if a[2]:
+        vm.topup_memcache(vcpu)
+    w.m.hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
+    try:
+        for op, args in a[3]:
+            try:
+                run_step(w, Step(op, cpu, args))
+            except HostError:
+                pass
+    finally:
+        w.m.hvc(cpu, "__pkvm_vcpu_put")
+
+
+def _lifecycle(w: World, cpu: int, a: tuple) -> None:
+    """A whole legitimate VM life: create, map pages (first/last slot pages included), destroy."""
+    vm = w.m.host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
+    w.vms.append(vm)
+    if vm.handle:
+        w.handles.append(vm.handle)
+    for g in a[2]:
+        vm.map(GFN0 + g % 64, 1, cpu=cpu)
+    if a[3]:
+        vm.destroy()
+
+
+def _struct_field(w: World, a: tuple) -> tuple[int, int] | None:
+    """(pa, size) of field `a[2]` of the host struct kvm (a[1] == 0) or a kvm_vcpu of VM a[0]."""
+    vm = w.vm(a[0])
+    if vm is None:
+        return None
+    if a[1] == 0 or not vm.vcpus:
+        layout, base = KVM, vm.kvm_pa
+    else:
+        layout, base = KVM_VCPU, vm.vcpus[a[1] % len(vm.vcpus)].pa
+    # Not the teardown memcaches: the host driver trusts their counts when freeing them.
+    fields = [f for f in layout.fields.values() if "_mc." not in f.name]
+    f = fields[a[2] % len(fields)]
+    return base + f.offset, min(f.size, 8)
+
+
+def _value(w: World, a: tuple, size: int) -> bytes:
+    """An interesting value, or one relative to the VM's vCPU count (indices, counts)."""
+    v = a[3]
+    if isinstance(v, tuple):  # ("rel", d): the VM's vCPU count + d
+        vm = w.vm(a[0])
+        v = (vm.nr_vcpus if vm is not None else 0) + v[1]
+    return (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+
+def _scribble(w: World, cpu: int, a: tuple) -> None:
+    where = _struct_field(w, a)
+    if where is not None:
+        pa, size = where
+        w.m.host.write(pa, _value(w, a, size), cpu=cpu)
+
+
+def _scribble_init(w: World, cpu: int, a: tuple) -> None:
+    """The host writes a field of a vCPU struct, then the driver creates the hyp vCPU."""
+    got = _live_vcpu(w, a)
+    if got is None:
+        return
+    vm, vcpu = got
+    if vcpu.hyp_created:
+        return
+    fields = list(KVM_VCPU.fields.values())
+    f = fields[a[2] % len(fields)]
+    size = min(f.size, 8)
+    w.m.host.write(vcpu.pa + f.offset, _value(w, a, size), cpu=cpu)
+    vm.ensure_hyp_vcpu(vcpu)
+
+
+def _race(w: World, cpu: int, a: tuple) -> None:
+    """Run step a[5] while a second host CPU writes a host-struct field (a[0..3]) at the
+    a[4]-th EL2 read of host-shared memory of that step."""
+    where = _struct_field(w, a)
+    plan = []
+    if where is not None:
+        pa, size = where
+        plan = [(pa, _value(w, a, size))]
+    w.racer.arm(plan, a[4])
+    try:
+        with w.m.preemption.scheduled(w.racer):
+            run_step(w, Step(a[5][0], cpu, a[5][1]))
+    finally:
+        w.racer.arm([])
+
+
+def _hostile_memcache(w: World, cpu: int, a: tuple) -> None:
+    """The host points a vCPU's memcache at a list of its choosing (unaligned head, pages in
+    any state, a cycle, an overlong count), then asks for a guest mapping with it loaded."""
+    got = _live_vcpu(w, a)
+    if got is None:
+        return
+    vm, vcpu = got
+    vm.ensure_hyp_vcpu(vcpu)
+    host = w.m.host
+    kind, spec, nr, off = a[2], a[3], a[4], a[5]
+    head = (w.pfn(spec) << PAGE_SHIFT) & U64
+    if kind == "unaligned":
+        head |= off
+    elif kind == "cycle":  # a host page linking to itself (or back to the first of two)
+        p1, p2 = w.page(a[6]), w.page(a[6] + 1)
+        host.write_u64(p1, p2 if off & 1 else p1)
+        host.write_u64(p2, p1)
+        head = p1
+    elif kind == "chain":  # fresh host pages, linked, ending in the chosen page
+        p1, p2 = host.alloc_pages(1), host.alloc_pages(1)
+        w.pages += [p1, p2]
+        host.write_u64(p1, p2)
+        host.write_u64(p2, head)
+        head = p1
+    host.write_u64(vcpu.field_pa("arch.pkvm_memcache.head"), head)
+    host.write_u64(vcpu.field_pa("arch.pkvm_memcache.nr_pages"), nr)
+    hv = w.m.hvc
+    hv(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
+    try:
+        if vm.protected:
+            hv(cpu, "__pkvm_host_donate_guest", w.page(a[6]) >> PAGE_SHIFT, GFN0 + a[6] % 64)
+        else:
+            hv(cpu, "__pkvm_host_share_guest", w.page(a[6]) >> PAGE_SHIFT, GFN0 + a[6] % 64, 1,
+               0xF)
+    finally:
+        hv(cpu, "__pkvm_vcpu_put")
+
+
+def _exhaust(w: World, a: tuple) -> None:
+    """Take the host's free memory, leaving a[0] pages: the driver then runs short (the pages
+    are only reserved in the host's allocator, never touched)."""
+    alloc = w.m.host.pages
+    want = alloc.free_pages() - a[0]
+    while want > 0:
+        n = want
+        while n and (pfn := alloc.alloc(n)) is None:
+            n //= 2
+        if not n:
+            break
+        w.hoard.append((pfn, n))
+        want -= n
+
+
+# --- generating steps ----------------------------------------------------------------------------
+def _pfn_spec(r: random.Random) -> tuple:
+    kind = r.choice(["page", "page", "shared", "vmmem", "guest", "edge", "special"])
+    return (kind, r.randrange(64))
+
+
+def _handle_spec(r: random.Random) -> tuple:
+    return (r.choice(["vm", "vm", "vm", "seen", "forged"]), r.randrange(16))
+
+
+def _ptr_spec(r: random.Random, kind: str) -> tuple:
+    k = r.choice([kind, kind, "shared", "page", "fresh"])
+    off = r.choice([0, 0, 8, PAGE_SIZE - 8, 1])
+    n = r.choice([1, 2, 3]) if k == "fresh" else r.randrange(16)
+    return (k, n, off)
+
+
+def _scribble_value(r: random.Random) -> Any:
+    return r.choice(INTERESTING_U64 + [r.getrandbits(64), ("rel", r.choice([-1, 0, 1, 2]))])
+
+
+def _gfn(r: random.Random) -> int:
+    return r.choice([0, 63, r.randrange(64), r.randrange(64), 64, 1 << 20])
+
+
+def _guest_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple]]]:
+    return [
+        ("share_guest", 4, lambda: (_pfn_spec(r), _gfn(r), r.choice([1, 1, 2, 512]),
+                                    r.choice([0xF, 0xF, 0xC, 0x3, 0x1, 0x10, 0]))),
+        ("donate_guest", 4, lambda: (_pfn_spec(r), _gfn(r))),
+        ("unshare_guest", 3, lambda: (_handle_spec(r), _gfn(r), r.choice([1, 1, 2, 512]))),
+        ("reclaim_dying", 3, lambda: (_handle_spec(r), _gfn(r))),
+        ("force_reclaim", 2, lambda: (_pfn_spec(r),)),
+        ("relax_perms", 2, lambda: (_gfn(r), r.choice([0xF, 0xC, 0x8, 0x3, 0x1, 0x10]))),
+        ("mkyoung", 1, lambda: (_gfn(r), 0)),
+        ("wrprotect", 1, lambda: (_handle_spec(r), _gfn(r), r.choice([1, 1, 512]), 0)),
+        ("test_clear_young", 1, lambda: (_handle_spec(r), _gfn(r), 1, r.randrange(2))),
+    ]
+
+
+def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
+    """n hostile steps for profile `prof`."""
+    v72 = prof.explicit_vcpu_load
+    ops: list[tuple[str, int, Callable[[], tuple]]] = [
+        ("alloc", 3, lambda: ()),
+        ("share", 8, lambda: (_pfn_spec(r),)),
+        ("unshare", 6, lambda: (_pfn_spec(r),)),
+        ("create_vm", 4, lambda: (r.randint(1, 3), r.random() < 0.5)),
+        ("map", 6, lambda: (r.randrange(8), r.choice([0, 63, r.randrange(64)]), r.randint(1, 3))),
+        ("destroy", 2, lambda: (r.randrange(8),)),
+        ("lifecycle", 1, lambda: (r.randint(1, 3), r.random() < 0.5,
+                                  tuple(r.choice([0, 63, r.randrange(64)])
+                                        for _ in range(r.randint(1, 4))), r.random() < 0.7)),
+        ("init_vm", 2, lambda: (_ptr_spec(r, "kvm"), _ptr_spec(r, "fresh"), _ptr_spec(r, "fresh"))),
+        ("init_vcpu", 3, lambda: (_handle_spec(r), _ptr_spec(r, "vcpu"), _ptr_spec(r, "fresh"))),
+        ("scribble", 4, lambda: (r.randrange(8), r.randrange(3), r.randrange(64),
+                                 _scribble_value(r))),
+        ("scribble_init", 3, lambda: (r.randrange(8), r.randrange(4), r.randrange(64),
+                                      _scribble_value(r))),
+        ("exhaust", 1 if r.random() < 0.5 else 0, lambda: (r.choice([0, 1, 2, 3, 8, 64]),)),
+        ("release", 1, lambda: ()),
+        ("raw", 1, lambda: (r.choice([0xC6000000 + r.randrange(64), 0x84000000,
+                                      r.getrandbits(64)]), r.getrandbits(64))),
+    ]
+    if prof.reserve_vm:
+        ops += [("reserve", 3, lambda: ()), ("unreserve", 2, lambda: (_handle_spec(r),)),
+                ("start_teardown", 3, lambda: (_handle_spec(r),)),
+                ("finalize_teardown", 3, lambda: (_handle_spec(r),))]
+    else:
+        ops += [("teardown", 3, lambda: (_handle_spec(r),))]
+    if v72:
+        guest = _guest_ops(r)
+        g_names, g_weights = [o[0] for o in guest], [o[1] for o in guest]
+        g_gens = {o[0]: o[2] for o in guest}
+
+        def inner() -> tuple:
+            return tuple((op, g_gens[op]()) for op in r.choices(g_names, g_weights,
+                                                                  k=r.randint(1, 4)))
+
+        ops += guest + [
+            ("load", 6, lambda: (_handle_spec(r), r.choice([0, 0, 1, 2, 3, 255, 0xFFFFFFFF]))),
+            ("put", 5, lambda: ()),
+            ("tlb_flush", 1, lambda: (_handle_spec(r),)),
+            ("session", 10, lambda: (r.randrange(8), r.randrange(4), r.random() < 0.8, inner())),
+            ("memcache", 3, lambda: (r.randrange(8), r.randrange(4),
+                                     r.choice(["plain", "unaligned", "cycle", "chain"]),
+                                     _pfn_spec(r), r.choice([0, 1, 2, 3, 5, 64, U64]),
+                                     r.choice([8, 0x800, 0xFFF]), r.randrange(64))),
+        ]
+    raceable = [o for o in ops if o[0] in ("init_vcpu", "init_vm", "session", "load",
+                                           "scribble_init", "map")]
+    names = [o[0] for o in ops]
+    weights = [o[1] for o in ops]
+    gens = {o[0]: o[2] for o in ops}
+    steps = []
+    for _ in range(n):
+        cpu = r.randrange(cpus)
+        if r.random() < 0.05:
+            inner_op = r.choice(raceable)
+            steps.append(Step("race", cpu, (r.randrange(8), r.randrange(3), r.randrange(64),
+                                            _scribble_value(r), r.randrange(4),
+                                            (inner_op[0], inner_op[2]()))))
+            continue
+        op = r.choices(names, weights)[0]
+        steps.append(Step(op, cpu, gens[op]()))
+    return steps
