@@ -181,6 +181,10 @@ class Inspector:
     def is_ram(self, pa: int) -> bool:
         return self._h.mem.is_ram(pa)
 
+    def ram_range(self) -> tuple[int, int]:
+        """[base, end) of the one RAM region the hyp knows (its memblock)."""
+        return self._h.mem.base, self._h.mem.end
+
     def page_quick(self, pfn: int) -> tuple[str, str, int, int] | None:
         """(host state, hyp state, refcount, host_share_guest_count) of one RAM page, or None."""
         h = self._h

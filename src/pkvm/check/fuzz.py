@@ -6,12 +6,13 @@ specification and the registered oracles (`pkvm.check.invariants`, `pkvm.check.g
 `pkvm.check.oracles`) judge the result.
 
 A *failure* is an `InvariantViolation` (a WARN included), any exception other than
-`HostError`, `HostDataAbort` and `HypPanic` escaping the model, or a `HypPanic` in a step the
-real host driver takes (`DRIVER_OPS`: allocating, creating, mapping, destroying a VM). A failure
+`HostError`, `HostDataAbort` and `HypPanic` escaping the model, or a `HypPanic` on a machine
+that has seen only the real host driver's own steps (`DRIVER_OPS`: allocating, creating,
+mapping, destroying VMs, whole life cycles). A failure
 is shrunk (delta debugging over the step list, each candidate replayed on a fresh machine) and
 the minimal run is written as a scenario TOML of raw hypercalls and host memory writes. A
-`HypPanic` in a hostile step (a raw call with a garbage pointer the hyp dereferences, as Linux's
-does) is an availability finding: counted, reported, and the fuzzer carries on with a fresh
+`HypPanic` after hostile steps (a raw call with a garbage pointer the hyp dereferences, as
+Linux's does) is an availability finding: counted, reported, and the fuzzer carries on with a fresh
 machine.
 """
 
@@ -84,6 +85,8 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
     warnings.simplefilter("ignore")
     for i, s in enumerate(steps):
         res.steps_run = i + 1
+        if s.op not in DRIVER_OPS:
+            w.hostile = True
         try:
             run_step(w, s)
         except (HostError, MemoryError):
@@ -95,7 +98,7 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
                 w = World(memory, cpus, abi, bugs)
         except HypPanic as e:
             res.panics.append(f"step {i}: {e} ({s})")
-            if s.op in DRIVER_OPS:
+            if not w.hostile:
                 res.failure = Failure("panic", f"panic@{s.op}", f"hyp panic in a call sequence "
                                       f"the host driver issues ({s}): {e}", i)
                 break

@@ -76,30 +76,49 @@ class RaceBlocked(Exception):
 
 class Racer:
     """A `Scheduler` (`pkvm.machine.preempt`) playing a second host CPU: at the `fire_at`-th EL2
-    read of host-shared memory during a hypercall it performs its planned stores, through the
-    host stage-2 on its own CPU, as a real host CPU can at any time."""
+    read of host-shared memory during a hypercall it stores, through the host stage-2 on its own
+    CPU, as a real host CPU can at any time: either planned (pa, bytes) stores (a replay), or a
+    `value` written over the very bytes EL2 is about to read (an int, or ("rel", d): what is
+    there now plus d)."""
 
     def __init__(self, m: Any, port: Any):
         self.m = m
         self.port = port
         self.plan: list[tuple[int, bytes]] = []
+        self.value: Any = None
         self.fire_at = 0
         self.seen = 0
         self.log: list[tuple[int, bytes, int]] = []  # (pa, data, at which host read)
 
-    def arm(self, plan: list[tuple[int, bytes]], fire_at: int = 0) -> None:
-        self.plan, self.fire_at, self.seen = plan, fire_at, 0
+    def arm(self, plan: list[tuple[int, bytes]], fire_at: int = 0, value: Any = None) -> None:
+        self.plan, self.value, self.fire_at, self.seen = plan, value, fire_at, 0
+
+    def _stores(self, detail: str) -> list[tuple[int, bytes]]:
+        if self.value is None:
+            return self.plan
+        n, _, pa_s = detail.partition("@")
+        pa, size = int(pa_s, 0), min(int(n), 8)
+        v = self.value
+        if isinstance(v, tuple):
+            v = int.from_bytes(self.port.read(0, pa, size), "little") + v[1]
+        return [(pa, (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))]
 
     def preempt(self, cpu: int, event: str, detail: str) -> None:
-        if event != "host-read" or not self.plan:
+        if event != "host-read" or not (self.plan or self.value is not None):
             return
         self.seen += 1
         if self.seen <= self.fire_at:
             return
-        plan, self.plan = self.plan, []
         pts = self.m.preemption
         racer_cpu = (cpu + 1) % self.m.nr_cpus
-        for pa, data in plan:
+        try:
+            stores = self._stores(detail)
+        except HostDataAbort:
+            stores = []
+        finally:
+            pts.switch_to(cpu)
+        self.plan, self.value = [], None
+        for pa, data in stores:
             try:
                 self.port.write(racer_cpu, pa, data)
             except (HostDataAbort, RaceBlocked):
@@ -143,11 +162,17 @@ class World:
                 self.racer.log = []
 
         self.m.hvc = hvc  # type: ignore[method-assign]
+        if self.m.checker is not None and self.m.checker.ghost is not None:
+            # A racing store changed the call's host-shared inputs: the ghost's prediction from
+            # the pre-state does not apply (counted in `ghost.guest.raced`).
+            self.m.checker.ghost.guest.raced_now = lambda: bool(self.racer.log)
+        self.hostile = False  # has any step but the host driver's own run on this machine?
         self.prof = self.m.profile
         self.pages: list[int] = []
         self.shared: list[int] = []
         self.hoard: list[tuple[int, int]] = []  # (pfn, n) taken to exhaust the host's memory
         self.vms: list[Any] = []
+        self.cur: Any = None  # the VM of the vCPU session in progress
         self.handles: list[int] = []
         self.results: Counter = Counter()
         ram_lo = self.m.mem.base >> PAGE_SHIFT
@@ -205,11 +230,27 @@ class World:
 
     def handle(self, spec: tuple) -> int:
         kind, k = spec
+        if kind == "cur" and self.cur is not None:
+            return self.cur.handle or 0x1000
         if kind == "vm" and self.vms:
             return self.vm(k).handle or 0x1000  # type: ignore[union-attr]
         if kind == "seen" and self.handles:
             return self.handles[k % len(self.handles)]
         return FORGED_HANDLES[k % len(FORGED_HANDLES)]
+
+    def gfn(self, spec: Any) -> int:
+        """A guest frame: GFN0 + an offset, or ("mapped", k): one the current VM (any VM
+        outside a session) has mapped."""
+        if not isinstance(spec, tuple):
+            return GFN0 + spec
+        vms = [self.cur] if self.cur is not None else self.vms
+        mapped = [g for vm in vms for g in vm.mapped]
+        return mapped[spec[1] % len(mapped)] if mapped else GFN0
+
+    def load_image(self, vm: Any, gfn: int) -> None:
+        """The VMM writes guest data into a page before the guest gets it (a loaded image)."""
+        if gfn not in vm.mapped and vm.in_memslot(gfn):
+            vm.write(gfn << PAGE_SHIFT, b"guest data %x " % gfn * 4)
 
     def host_ptr(self, spec: tuple) -> int:
         """A host kernel VA: of a VM's struct kvm / kvm_vcpu, of a page, with an offset."""
@@ -224,6 +265,10 @@ class World:
                 return host_va(vm.vcpus[off % len(vm.vcpus)].pa)  # type: ignore[union-attr]
         if kind == "shared" and self.shared:
             return host_va(self.shared[k % len(self.shared)] << PAGE_SHIFT) + off
+        if kind in ("guest", "vmmem"):
+            pages = self.guest_pages() if kind == "guest" else self.vm_pages()
+            if pages:
+                return host_va(pages[k % len(pages)]) + off
         if kind == "fresh":
             pa = self.m.host.alloc_pages(max(1, k))
             self.pages.append(pa)
@@ -276,6 +321,8 @@ def run_step(w: World, s: Step) -> None:
     elif op == "map":
         vm = w.vm(a[0])
         if vm is not None and not vm.destroyed:
+            for g in range(GFN0 + a[1] % 64, GFN0 + a[1] % 64 + a[2]):
+                w.load_image(vm, g)
             vm.map(GFN0 + a[1] % 64, a[2], cpu=cpu)
     elif op == "destroy":
         vm = w.vm(a[0])
@@ -332,21 +379,21 @@ def guest_call(w: World, cpu: int, op: str, a: tuple) -> None:
     """One of the 7.2 guest-memory hypercalls with symbolic operands."""
     hv = w.m.hvc
     if op == "share_guest":
-        hv(cpu, "__pkvm_host_share_guest", w.pfn(a[0]), GFN0 + a[1], a[2], a[3])
+        hv(cpu, "__pkvm_host_share_guest", w.pfn(a[0]), w.gfn(a[1]), a[2], a[3])
     elif op == "donate_guest":
-        hv(cpu, "__pkvm_host_donate_guest", w.pfn(a[0]), GFN0 + a[1])
+        hv(cpu, "__pkvm_host_donate_guest", w.pfn(a[0]), w.gfn(a[1]))
     elif op == "unshare_guest":
-        hv(cpu, "__pkvm_host_unshare_guest", w.handle(a[0]), GFN0 + a[1], a[2])
+        hv(cpu, "__pkvm_host_unshare_guest", w.handle(a[0]), w.gfn(a[1]), a[2])
     elif op == "reclaim_dying":
-        hv(cpu, "__pkvm_reclaim_dying_guest_page", w.handle(a[0]), GFN0 + a[1])
+        hv(cpu, "__pkvm_reclaim_dying_guest_page", w.handle(a[0]), w.gfn(a[1]))
     elif op == "force_reclaim":
         hv(cpu, "__pkvm_force_reclaim_guest_page", w.pfn(a[0]) << PAGE_SHIFT)
     elif op in ("relax_perms", "mkyoung"):
         name = "__pkvm_host_relax_perms_guest" if op == "relax_perms" else "__pkvm_host_mkyoung_guest"
-        hv(cpu, name, GFN0 + a[0], a[1])
+        hv(cpu, name, w.gfn(a[0]), a[1])
     else:
         name = "__pkvm_host_wrprotect_guest" if op == "wrprotect" else "__pkvm_host_test_clear_young_guest"
-        hv(cpu, name, w.handle(a[0]), GFN0 + a[1], a[2], a[3])
+        hv(cpu, name, w.handle(a[0]), w.gfn(a[1]), a[2], a[3])
 
 
 def _live_vcpu(w: World, a: tuple) -> tuple[Any, Any] | None:
@@ -367,14 +414,17 @@ def _session(w: World, cpu: int, a: tuple) -> None:
     if a[2]:
         vm.topup_memcache(vcpu)
     w.m.hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
+    w.cur = vm
     try:
-        for op, args in a[3]:
+        for op, args in a[3]:  # (a finding propagates with the vCPU still loaded, as it was)
             try:
                 run_step(w, Step(op, cpu, args))
-            except HostError:
-                pass
+            except (HostError, HostDataAbort):
+                if w.m.dead:
+                    raise
     finally:
-        w.m.hvc(cpu, "__pkvm_vcpu_put")
+        w.cur = None
+    w.m.hvc(cpu, "__pkvm_vcpu_put")
 
 
 def _lifecycle(w: World, cpu: int, a: tuple) -> None:
@@ -384,6 +434,7 @@ def _lifecycle(w: World, cpu: int, a: tuple) -> None:
     if vm.handle:
         w.handles.append(vm.handle)
     for g in a[2]:
+        w.load_image(vm, GFN0 + g % 64)
         vm.map(GFN0 + g % 64, 1, cpu=cpu)
     if a[3]:
         vm.destroy()
@@ -436,17 +487,12 @@ def _scribble_init(w: World, cpu: int, a: tuple) -> None:
 
 
 def _race(w: World, cpu: int, a: tuple) -> None:
-    """Run step a[5] while a second host CPU writes a host-struct field (a[0..3]) at the
-    a[4]-th EL2 read of host-shared memory of that step."""
-    where = _struct_field(w, a)
-    plan = []
-    if where is not None:
-        pa, size = where
-        plan = [(pa, _value(w, a, size))]
-    w.racer.arm(plan, a[4])
+    """Run step a[2] while a second host CPU overwrites, with value a[0], the host-shared bytes
+    EL2 reads at its a[1]-th read of host-shared memory in that step."""
+    w.racer.arm([], a[1], a[0])
     try:
         with w.m.preemption.scheduled(w.racer):
-            run_step(w, Step(a[5][0], cpu, a[5][1]))
+            run_step(w, Step(a[2][0], cpu, a[2][1]))
     finally:
         w.racer.arm([])
 
@@ -479,14 +525,11 @@ def _hostile_memcache(w: World, cpu: int, a: tuple) -> None:
     host.write_u64(vcpu.field_pa("arch.pkvm_memcache.nr_pages"), nr)
     hv = w.m.hvc
     hv(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
-    try:
-        if vm.protected:
-            hv(cpu, "__pkvm_host_donate_guest", w.page(a[6]) >> PAGE_SHIFT, GFN0 + a[6] % 64)
-        else:
-            hv(cpu, "__pkvm_host_share_guest", w.page(a[6]) >> PAGE_SHIFT, GFN0 + a[6] % 64, 1,
-               0xF)
-    finally:
-        hv(cpu, "__pkvm_vcpu_put")
+    if vm.protected:
+        hv(cpu, "__pkvm_host_donate_guest", w.page(a[6]) >> PAGE_SHIFT, GFN0 + a[6] % 64)
+    else:
+        hv(cpu, "__pkvm_host_share_guest", w.page(a[6]) >> PAGE_SHIFT, GFN0 + a[6] % 64, 1, 0xF)
+    hv(cpu, "__pkvm_vcpu_put")
 
 
 def _exhaust(w: World, a: tuple) -> None:
@@ -511,11 +554,11 @@ def _pfn_spec(r: random.Random) -> tuple:
 
 
 def _handle_spec(r: random.Random) -> tuple:
-    return (r.choice(["vm", "vm", "vm", "seen", "forged"]), r.randrange(16))
+    return (r.choice(["vm", "vm", "vm", "cur", "seen", "forged"]), r.randrange(16))
 
 
 def _ptr_spec(r: random.Random, kind: str) -> tuple:
-    k = r.choice([kind, kind, "shared", "page", "fresh"])
+    k = r.choice([kind, kind, kind, "shared", "page", "fresh", "guest", "vmmem"])
     off = r.choice([0, 0, 8, PAGE_SIZE - 8, 1])
     n = r.choice([1, 2, 3]) if k == "fresh" else r.randrange(16)
     return (k, n, off)
@@ -525,8 +568,13 @@ def _scribble_value(r: random.Random) -> Any:
     return r.choice(INTERESTING_U64 + [r.getrandbits(64), ("rel", r.choice([-1, 0, 1, 2]))])
 
 
-def _gfn(r: random.Random) -> int:
-    return r.choice([0, 63, r.randrange(64), r.randrange(64), 64, 1 << 20])
+def _race_value(r: random.Random) -> Any:
+    return r.choice(INTERESTING_U64 + [r.getrandbits(64), ("rel", r.choice([-1, 1, 2, 64]))])
+
+
+def _gfn(r: random.Random) -> Any:
+    return r.choice([0, 63, r.randrange(64), 64, 1 << 20, ("mapped", r.randrange(64)),
+                     ("mapped", r.randrange(64))])
 
 
 def _guest_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple]]]:
@@ -603,8 +651,7 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
         cpu = r.randrange(cpus)
         if r.random() < 0.05:
             inner_op = r.choice(raceable)
-            steps.append(Step("race", cpu, (r.randrange(8), r.randrange(3), r.randrange(64),
-                                            _scribble_value(r), r.randrange(4),
+            steps.append(Step("race", cpu, (_race_value(r), r.randrange(8),
                                             (inner_op[0], inner_op[2]()))))
             continue
         op = r.choices(names, weights)[0]

@@ -87,10 +87,18 @@ class GuestGhost:
         self.i = inspect
         self.fail = fail
         self.pre: dict[str, Any] | None = None
+        self.raced_now: Any = lambda: False  # set by a fuzzer whose racing CPU may store
+        self.raced = 0  # calls not judged: a racing host CPU changed their inputs
 
     # -- abstraction ------------------------------------------------------------------------
     def _pages(self, pfn: int, n: int) -> list[tuple[str, str, int, int] | None]:
-        return [self.i.page_quick(pfn + k) for k in range(n)]
+        """(host, hyp, refcount, share count) of each page; the refcount of a hyp-owned page
+        (table pages, the hyp VM: the hyp's own business) abstracts to -1."""
+        out = []
+        for k in range(n):
+            p = self.i.page_quick(pfn + k)
+            out.append(p if p is None or p[1] != "OWNED" else (p[0], p[1], -1, p[3]))
+        return out
 
     def _leaf(self, handle: int | None, ipa: int) -> Leaf | None:
         return None if handle is None else Leaf.of(self.i.guest_leaf(handle, ipa))
@@ -120,13 +128,20 @@ class GuestGhost:
         return {"ret": ret, "head": head, "nr": nr, "taken": taken, "have": have, "hv": hv}
 
     def _range_errno(self, phys: int, size: int) -> int:
-        """check_range_allowed_memory over [phys, phys + size) (one RAM region)."""
+        """check_range_allowed_memory over [phys, phys + size): the range must lie in one
+        region or gap (`find_mem_range`; the last gap ends at ULONG_MAX, exclusive), else
+        -EINVAL; outside RAM, -EPERM."""
+        lo, hi = self.i.ram_range()
         last = (phys + size - 1) & U64
-        if self.i.is_ram(phys):
-            return 0 if self.i.is_ram(last) and last >= phys else -EINVAL
-        lo_ram = self.i.is_ram(last) or (phys < last and any(
-            self.i.is_ram(p) for p in (phys + PAGE_SIZE, last - PAGE_SIZE)))
-        return -EINVAL if lo_ram or last < phys else -EPERM
+        if lo <= phys < hi:
+            rs, re_ = lo, hi
+        elif phys < lo:
+            rs, re_ = 0, lo
+        else:
+            rs, re_ = hi, U64
+        if not rs <= last < re_:
+            return -EINVAL
+        return 0 if lo <= phys < hi else -EPERM
 
     # -- hooks -------------------------------------------------------------------------------
     def before(self, cpu: int, name: str, args: tuple[int, ...], handle_of: Any) -> None:
@@ -142,8 +157,9 @@ class GuestGhost:
                 pre["refill"] = self._refill(vcpu)
                 n = a[2] if name == "__pkvm_host_share_guest" and a[2] == BLOCK_PAGES else 1
                 taken = set(pre["refill"]["taken"])  # the refill runs first
-                pre["pages"] = [("NOPAGE", "OWNED", p[2], p[3]) if p and a[0] + k in taken else p
-                                for k, p in enumerate(self._pages(a[0], n))]
+                pfn = ((a[0] << PAGE_SHIFT) & U64) >> PAGE_SHIFT  # hyp_pfn_to_phys wraps
+                pre["pages"] = [("NOPAGE", "OWNED", -1, p[3]) if p and pfn + k in taken else p
+                                for k, p in enumerate(self._pages(pfn, n))]
                 pre["leaves"] = [self._leaf(vcpu["handle"], ((a[1] + k) << PAGE_SHIFT) & U64)
                                  for k in range(n)]
         elif name in ("__pkvm_host_relax_perms_guest", "__pkvm_host_mkyoung_guest"):
@@ -174,6 +190,9 @@ class GuestGhost:
         pre, self.pre = self.pre, None
         if pre is None or rec.name != pre["name"]:
             return
+        if self.raced_now():
+            self.raced += 1
+            return
         fn = getattr(self, "_" + rec.name.removeprefix("__pkvm_"))
         fn(rec, pre, pre["a"])
 
@@ -183,8 +202,12 @@ class GuestGhost:
             self.fail(f"{rec.name} result", want, rec.x1)
 
     def _same(self, what: str, want: Any, found: Any) -> None:
-        if want != found:
-            self.fail(what, want, found)
+        if want == found:
+            return
+        if isinstance(want, list) and isinstance(found, list) and len(want) == len(found):
+            k = next(i for i, (x, y) in enumerate(zip(want, found)) if x != y)
+            self.fail(f"{what} (element {k} of {len(want)})", want[k], found[k])
+        self.fail(what, want, found)
 
     def _memcache_after(self, rec: Any, pre: dict[str, Any]) -> None:
         """The host's memcache bookkeeping after a refill, and where the taken pages went."""
@@ -214,7 +237,7 @@ class GuestGhost:
         self._result(rec, pre, want)
         self._memcache_after(rec, pre)
         n = len(pre["pages"])
-        posts = self._pages(pfn, n)
+        posts = self._pages(phys >> PAGE_SHIFT, n)
         leaves = [self._leaf(pre["vcpu"]["handle"], (ipa + (k << PAGE_SHIFT)) & U64)
                   for k in range(n)]
         if want:
@@ -225,7 +248,7 @@ class GuestGhost:
             assert p0 is not None
             exp = ("SHARED_OWNED", p0[1], p0[2], p0[3] + 1) if share else ("NOPAGE", "NOPAGE",
                                                                             p0[2], p0[3])
-            self._same(f"{rec.name}: page {pfn + k:#x} after", exp, p1)
+            self._same(f"{rec.name}: page {(phys >> PAGE_SHIFT) + k:#x} after", exp, p1)
         level = 2 if n == BLOCK_PAGES else 3
         want_leaf = Leaf(0, "SHARED_BORROWED" if share else "OWNED", level, phys, prot,
                          leaves[0].young if leaves[0] else False)

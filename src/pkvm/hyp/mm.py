@@ -82,7 +82,7 @@ def _host_read_point(h: HypState, pa: int, n: int) -> None:
     from pkvm.hyp.memory import PageState
 
     if get_hyp_state(h, pa & ~(PAGE_SIZE - 1)) == PageState.SHARED_BORROWED:
-        h.locks.preempt("host-read", f"{n} bytes at {pa:#x}")
+        h.locks.preempt("host-read", f"{n}@{pa:#x}")
 
 
 def el2_write(h: HypState, va: int, data: bytes) -> None:

@@ -446,7 +446,7 @@ def pkvm_load_hyp_vcpu(h: HypState, handle: int, vcpu_idx: int) -> PkvmHypVcpu |
         if vm is None:
             return None
         if prof.explicit_vcpu_load:
-            if vm.is_dying or vcpu_idx >= vm.created_vcpus:
+            if (vm.is_dying and not h.bug("load-dying")) or vcpu_idx >= vm.created_vcpus:
                 return None
             vcpu = vm.vcpus[vcpu_idx]
             if vcpu is None or vcpu.loaded_on is not None:
@@ -572,7 +572,7 @@ def __pkvm_reclaim_dying_guest_page(h: HypState, handle: int, gfn: int) -> int:
     if vm is None:
         return -EINVAL
     try:
-        if not vm.is_dying:
+        if not vm.is_dying and not h.bug("reclaim-live"):  # seeded: reclaim from a live VM
             return -EINVAL
         return __pkvm_host_reclaim_page_guest(h, gfn, vm)
     finally:
@@ -610,6 +610,8 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
         host_head = el2_read_u64(h, hyp_va(pa))
         host_nr -= 1
         memcache_push(h, vcpu.memcache, pa)
+    if ret and h.bug("refill-no-writeback"):  # seeded: the host keeps listing taken pages
+        return ret
     el2_write_u64(h, head_va, host_head)
     el2_write_u64(h, nr_va, host_nr)
     return ret
