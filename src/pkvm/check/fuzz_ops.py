@@ -30,6 +30,7 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 FULL_EVERY = 2048  # a full invariant check every this many hypercalls (and at the end)
 HCR_HOST_VCPU = (1 << 31) | (1 << 27) | (1 << 13) | (1 << 14)
 GFN0 = 0x40000  # the guests' memslot base gfn (256K of memory: 64 pages)
+HEADER_FIELDS = 16  # a struct's leading fields (ids, indices, flags: what EL2 reads most)
 
 # Steps the real host driver issues (the kernel's KVM code, not a hostile host): a hyp panic
 # in one of them is a failure, not an availability finding.
@@ -451,16 +452,15 @@ def _struct_field(w: World, a: tuple) -> tuple[int, int] | None:
         layout, base = KVM_VCPU, vm.vcpus[a[1] % len(vm.vcpus)].pa
     # Not the teardown memcaches: the host driver trusts their counts when freeing them.
     fields = [f for f in layout.fields.values() if "_mc." not in f.name]
-    f = fields[a[2] % len(fields)]
+    f = fields[a[2] % len(fields)] if a[2] < 64 else fields[a[2] % min(HEADER_FIELDS, len(fields))]
     return base + f.offset, min(f.size, 8)
 
 
-def _value(w: World, a: tuple, size: int) -> bytes:
-    """An interesting value, or one relative to the VM's vCPU count (indices, counts)."""
+def _value(w: World, a: tuple, size: int, pa: int) -> bytes:
+    """An interesting value, or ("rel", d): what is there now plus d (off-by-ones)."""
     v = a[3]
-    if isinstance(v, tuple):  # ("rel", d): the VM's vCPU count + d
-        vm = w.vm(a[0])
-        v = (vm.nr_vcpus if vm is not None else 0) + v[1]
+    if isinstance(v, tuple):
+        v = int.from_bytes(w.m.host.read(pa, size), "little") + v[1]
     return (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
@@ -468,7 +468,7 @@ def _scribble(w: World, cpu: int, a: tuple) -> None:
     where = _struct_field(w, a)
     if where is not None:
         pa, size = where
-        w.m.host.write(pa, _value(w, a, size), cpu=cpu)
+        w.m.host.write(pa, _value(w, a, size, pa), cpu=cpu)
 
 
 def _scribble_init(w: World, cpu: int, a: tuple) -> None:
@@ -479,10 +479,10 @@ def _scribble_init(w: World, cpu: int, a: tuple) -> None:
     vm, vcpu = got
     if vcpu.hyp_created:
         return
-    fields = list(KVM_VCPU.fields.values())
+    fields = list(KVM_VCPU.fields.values())[:HEADER_FIELDS]
     f = fields[a[2] % len(fields)]
     size = min(f.size, 8)
-    w.m.host.write(vcpu.pa + f.offset, _value(w, a, size), cpu=cpu)
+    w.m.host.write(vcpu.pa + f.offset, _value(w, a, size, vcpu.pa + f.offset), cpu=cpu)
     vm.ensure_hyp_vcpu(vcpu)
 
 
@@ -565,11 +565,13 @@ def _ptr_spec(r: random.Random, kind: str) -> tuple:
 
 
 def _scribble_value(r: random.Random) -> Any:
-    return r.choice(INTERESTING_U64 + [r.getrandbits(64), ("rel", r.choice([-1, 0, 1, 2]))])
+    if r.random() < 0.4:
+        return ("rel", r.choice([-1, 1, 1, 2, 64]))
+    return r.choice(INTERESTING_U64 + [r.getrandbits(64)])
 
 
 def _race_value(r: random.Random) -> Any:
-    return r.choice(INTERESTING_U64 + [r.getrandbits(64), ("rel", r.choice([-1, 1, 2, 64]))])
+    return _scribble_value(r)
 
 
 def _gfn(r: random.Random) -> Any:
@@ -607,9 +609,9 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
                                         for _ in range(r.randint(1, 4))), r.random() < 0.7)),
         ("init_vm", 2, lambda: (_ptr_spec(r, "kvm"), _ptr_spec(r, "fresh"), _ptr_spec(r, "fresh"))),
         ("init_vcpu", 3, lambda: (_handle_spec(r), _ptr_spec(r, "vcpu"), _ptr_spec(r, "fresh"))),
-        ("scribble", 4, lambda: (r.randrange(8), r.randrange(3), r.randrange(64),
+        ("scribble", 4, lambda: (r.randrange(8), r.randrange(3), r.randrange(128),
                                  _scribble_value(r))),
-        ("scribble_init", 3, lambda: (r.randrange(8), r.randrange(4), r.randrange(64),
+        ("scribble_init", 4, lambda: (r.randrange(8), r.randrange(4), r.randrange(64),
                                       _scribble_value(r))),
         ("exhaust", 1 if r.random() < 0.5 else 0, lambda: (r.choice([0, 1, 2, 3, 8, 64]),)),
         ("release", 1, lambda: ()),
@@ -651,7 +653,7 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
         cpu = r.randrange(cpus)
         if r.random() < 0.05:
             inner_op = r.choice(raceable)
-            steps.append(Step("race", cpu, (_race_value(r), r.randrange(8),
+            steps.append(Step("race", cpu, (_race_value(r), min(int(r.expovariate(0.4)), 15),
                                             (inner_op[0], inner_op[2]()))))
             continue
         op = r.choices(names, weights)[0]
