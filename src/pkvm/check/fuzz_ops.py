@@ -651,9 +651,9 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
     steps = []
     for _ in range(n):
         cpu = r.randrange(cpus)
-        if r.random() < 0.05:
+        if r.random() < 0.1:
             inner_op = r.choice(raceable)
-            steps.append(Step("race", cpu, (_race_value(r), min(int(r.expovariate(0.4)), 15),
+            steps.append(Step("race", cpu, (_race_value(r), min(int(r.expovariate(0.3)), 15),
                                             (inner_op[0], inner_op[2]()))))
             continue
         op = r.choices(names, weights)[0]
