@@ -398,9 +398,11 @@ def guest_call(w: World, cpu: int, op: str, a: tuple) -> None:
 
 
 def _live_vcpu(w: World, a: tuple) -> tuple[Any, Any] | None:
-    vm = w.vm(a[0])
-    if vm is None or vm.destroyed or not vm.vcpus or not vm.handle:
+    """The a[1]-th vCPU of the a[0]-th VM the host has not destroyed."""
+    live = [vm for vm in w.vms if not vm.destroyed and vm.handle and vm.vcpus]
+    if not live:
         return None
+    vm = live[a[0] % len(live)]
     return vm, vm.vcpus[a[1] % len(vm.vcpus)]
 
 
@@ -414,6 +416,8 @@ def _session(w: World, cpu: int, a: tuple) -> None:
     vm.ensure_hyp_vcpu(vcpu)
     if a[2]:
         vm.topup_memcache(vcpu)
+    if w.m.inspect.loaded_vcpu(cpu) is not None:
+        w.m.hvc(cpu, "__pkvm_vcpu_put")  # a hostile step left a vCPU loaded here
     w.m.hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
     w.cur = vm
     try:
@@ -651,9 +655,9 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
     steps = []
     for _ in range(n):
         cpu = r.randrange(cpus)
-        if r.random() < 0.1:
+        if r.random() < 0.12:
             inner_op = r.choice(raceable)
-            steps.append(Step("race", cpu, (_race_value(r), min(int(r.expovariate(0.3)), 15),
+            steps.append(Step("race", cpu, (_race_value(r), r.randrange(8),
                                             (inner_op[0], inner_op[2]()))))
             continue
         op = r.choices(names, weights)[0]
