@@ -30,7 +30,32 @@ def test_clean_model_survives(abi: str, seed: int) -> None:
 
 # (bug, abi, seed, steps, failure signature): each found by the fuzzer alone from a fixed seed
 # within its step budget (`pkvm fuzz --seed S --steps N --bug B` finds it, well within 60 s).
-FOUND: list[tuple[str, str, int, int, str]] = []
+FOUND = [
+    ("load-no-pin", "latest", 0, 100, "invariant:vm-refcount"),
+    ("teardown-keeps-stage2", "latest", 0, 50, "invariant:hyp-accounting"),
+    ("teardown-keeps-stage2", "6.12", 0, 50, "invariant:hyp-accounting"),
+    ("vcpu-index-range", "latest", 0, 400, "exception:IndexError@_init_vcpu_locked"),
+    ("unpin-underflow", "latest", 0, 1150, "invariant:pin-refcount"),
+    ("unpin-underflow", "6.12", 0, 50, "invariant:pin-refcount"),
+    ("double-fetch", "latest", 1, 50, "exception:IndexError@_init_vcpu_locked"),
+    ("donate-nomap", "latest", 0, 2100, "exception:IndexError@set_hyp_state_range"),
+    ("handle-range", "latest", 0, 50, "exception:IndexError@get_vm_by_handle"),
+    ("teardown-no-wipe", "latest", 0, 200, "invariant:ghost"),
+    ("unshare-pinned", "6.12", 0, 200, "invariant:ghost"),
+    ("unshare-pinned", "latest", 1, 1700, "invariant:ghost"),
+    ("share-guest-warn", "latest", 0, 350, "invariant:no-warn"),
+    ("memcache-capacity", "latest", 0, 150, "invariant:ghost"),
+    ("range-args", "latest", 0, 3600, "invariant:ghost"),
+    ("donate-guest-keeps-host", "latest", 0, 200, "invariant:ghost"),
+    ("reclaim-live", "latest", 0, 250, "invariant:ghost"),
+    ("load-dying", "latest", 0, 150, "invariant:ghost"),
+    ("refill-no-writeback", "latest", 0, 250, "invariant:ghost"),
+    ("force-reclaim-no-wipe", "latest", 0, 1850, "invariant:ghost"),
+    ("young-not-cleared", "latest", 2, 350, "invariant:ghost"),
+    ("unshare-guest-count", "latest", 1, 4050, "invariant:ghost"),
+    ("teardown-keeps-pin", "latest", 0, 300, "invariant:pin-refcount"),
+    ("teardown-keeps-pin", "6.12", 0, 50, "invariant:pin-refcount"),
+]
 
 
 def test_catalog_is_hunted() -> None:

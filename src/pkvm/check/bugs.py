@@ -103,12 +103,11 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
               "unshared",
               "the ghost (-EBUSY expected)",
               "rule: nvhe/mem_protect.c __pkvm_host_unshare_hyp (hyp_page_count -> -EBUSY)"),
-    SeededBug("pin-unshared", "hyp/mem_protect.py: hyp_pin_shared_mem",
-              "pinning checks only the host side of the page: a page the host shares with a "
-              "guest (not with the hyp) is pinned and used at EL2",
-              "invariant pin-refcount / hyp-s1-agrees, or a panic on a driver-only history",
-              "rule: nvhe/mem_protect.c hyp_pin_shared_mem (host SHARED_OWNED and hyp "
-              "SHARED_BORROWED)"),
+    SeededBug("teardown-keeps-pin", "hyp/pkvm.py: _teardown_hyp_memory",
+              "teardown does not unpin the host's struct kvm: the page stays pinned by no VM, "
+              "and the host can never unshare it",
+              "invariant pin-refcount (full check: pins = users of live VMs)",
+              "rule: nvhe/pkvm.c teardown unpins the host struct kvm (hyp_unpin_shared_mem)"),
     SeededBug("donate-guest-keeps-host", "hyp/mem_protect_guest.py: __pkvm_host_donate_guest",
               "a page donated to a protected guest keeps its host stage-2 mapping and state",
               "the ghost (post-state of the page) / invariant host-s2-agrees",

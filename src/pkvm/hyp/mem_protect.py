@@ -495,7 +495,7 @@ def hyp_pin_shared_mem(h: HypState, start_va: int, end_va: int) -> int:
         if ret:
             return ret
         ret = hyp_check_page_state_range(h, phys, size, PageState.SHARED_BORROWED)
-        if ret and not h.bug("pin-unshared"):  # seeded: pin without the hyp-side check
+        if ret:
             return ret
         vm = h.vmemmap
         for va in range(start, end, PAGE_SIZE):

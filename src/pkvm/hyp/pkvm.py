@@ -517,7 +517,8 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
         _teardown_donated(h, vm, vcpu.mem_va, sizes.PKVM_HYP_VCPU_SIZE, mc)
     h.hyp_vms.pop(vm.vm_va, None)
     _teardown_donated(h, vm, vm.vm_va, vm.vm_size, mc)
-    hyp_unpin_shared_mem(h, vm.host_kvm, vm.host_kvm + h.profile.sizeof_kvm)
+    if not h.bug("teardown-keeps-pin"):  # seeded: the host's struct kvm stays pinned
+        hyp_unpin_shared_mem(h, vm.host_kvm, vm.host_kvm + h.profile.sizeof_kvm)
 
 
 def _teardown_donated(h: HypState, vm: PkvmHypVm, va: int, size: int, mc: str) -> None:
