@@ -277,6 +277,8 @@ class Checker:
         `check_globals` re-runs when this changes or a call touches one of the pages it read
         (`_globals_pfns`: pinned pages and hyp VM pages)."""
         table = self.h.vm_table or []
+        if table.count(None) == len(table):
+            return (), tuple(map(id, self.h.loaded_hyp_vcpu))
         vms = tuple((id(s), getattr(s, "is_dying", None), getattr(s, "created_vcpus", None),
                      tuple((id(v), v.loaded_on) for v in s.vcpus if v is not None)
                      if hasattr(s, "vcpus") else ())
