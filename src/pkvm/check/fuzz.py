@@ -27,15 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pkvm.check.fuzz_ops import (
-    DRIVER_OPS,
-    FULL_EVERY,
-    Racer,
-    Step,
-    World,
-    generate,
-    run_step,
-)
+from pkvm.check.fuzz_gen import generate
+from pkvm.check.fuzz_ops import DRIVER_OPS, FULL_EVERY, Racer, Step, World, run_step
 from pkvm.check.invariants import InvariantViolation
 from pkvm.errors import HostDataAbort, HostError, HypPanic
 
