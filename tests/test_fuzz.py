@@ -28,21 +28,57 @@ def test_clean_model_survives(abi: str, seed: int) -> None:
     assert sum(r.calls.values()) > 600
 
 
-# (bug, abi, seed, step budget, failure signature): each found within its budget.
+# (bug, abi, seed, steps, failure signature): each found by the fuzzer alone from a fixed seed
+# within its step budget (`pkvm fuzz --seed S --steps N --bug B` finds it, well within 60 s).
 FOUND = [
     ("load-no-pin", "latest", 0, 100, "invariant:vm-refcount"),
-    ("teardown-keeps-stage2", "latest", 0, 200, "invariant:hyp-accounting"),
-    ("teardown-keeps-stage2", "6.12", 0, 100, "invariant:hyp-accounting"),
-    ("vcpu-index-range", "latest", 0, 200, "exception:IndexError@_init_vcpu_locked"),
-    ("unpin-underflow", "latest", 3, 400, "invariant:pin-refcount"),
-    ("unpin-underflow", "6.12", 0, 300, "invariant:pin-refcount"),
-    ("double-fetch", "latest", 0, 500, "exception:IndexError@_init_vcpu_locked"),
+    ("teardown-keeps-stage2", "latest", 0, 50, "invariant:hyp-accounting"),
+    ("teardown-keeps-stage2", "6.12", 0, 50, "invariant:hyp-accounting"),
+    ("vcpu-index-range", "latest", 0, 400, "exception:IndexError@_init_vcpu_locked"),
+    ("unpin-underflow", "latest", 0, 1150, "invariant:pin-refcount"),
+    ("unpin-underflow", "6.12", 0, 100, "invariant:pin-refcount"),
+    ("double-fetch", "latest", 1, 50, "exception:IndexError@_init_vcpu_locked"),
+    ("handle-range", "latest", 0, 50, "exception:IndexError@get_vm_by_handle"),
+    ("teardown-no-wipe", "latest", 0, 200, "invariant:ghost"),
+    ("unshare-pinned", "6.12", 0, 200, "invariant:ghost"),
+    ("unshare-pinned", "latest", 1, 1700, "invariant:ghost"),
+    ("share-guest-warn", "latest", 0, 350, "invariant:no-warn"),
+    ("memcache-capacity", "latest", 0, 150, "invariant:ghost"),
+    ("range-args", "latest", 0, 3600, "invariant:ghost"),
+    ("donate-guest-keeps-host", "latest", 0, 200, "invariant:ghost"),
+    ("reclaim-live", "latest", 0, 250, "invariant:ghost"),
+    ("load-dying", "latest", 0, 150, "invariant:ghost"),
+    ("refill-no-writeback", "latest", 0, 250, "invariant:ghost"),
+    ("force-reclaim-no-wipe", "latest", 0, 1850, "invariant:ghost"),
+    ("young-not-cleared", "latest", 2, 350, "invariant:ghost"),
+    ("unshare-guest-count", "latest", 1, 4050, "invariant:ghost"),
+    ("teardown-keeps-pin", "latest", 0, 300, "invariant:pin-refcount"),
+    ("teardown-keeps-pin", "6.12", 0, 50, "invariant:pin-refcount"),
+    ("hyp-vm-no-wipe", "latest", 0, 50, "invariant:hw"),
+    ("poison-after-return", "latest", 0, 200, "invariant:hw"),
 ]
+
+
+def test_catalog_is_hunted() -> None:
+    """Every seeded bug is found by the fuzzer or the explorer in these tests, and names the
+    upstream fix (or kernel rule) it is modelled on."""
+    hunted = {f[0] for f in FOUND} | {e[1] for e in EXPLORED} | {"donate-nomap"}
+    missed = set(BUGS) - hunted
+    print("seeded bugs no search finds yet:", NOT_FOUND_BY_SEARCH)
+    assert missed == set(NOT_FOUND_BY_SEARCH)
+    assert len(BUGS) >= 20
+    assert all(b.upstream for b in BUGS.values())
+
+
+# Seeded bugs the fuzzer and the explorer do not find yet, each with the reason (none may hide).
+NOT_FOUND_BY_SEARCH = {
+    "hyp-unmap-no-tlbi": "the generator never passes a raw host pointer into a page EL2 has just "
+                         "unmapped, so no EL2 access goes through the stale entry",
+}
 
 
 @pytest.mark.parametrize("bug,abi,seed,budget,signature", FOUND)
 def test_fuzzer_finds_seeded_bug(bug: str, abi: str, seed: int, budget: int, signature: str) -> None:
-    assert bug in BUGS
     steps = _steps(abi, seed, budget)
     found = execute(steps, MEM, CPUS, abi, (bug,))
     assert found.failure is not None and found.failure.signature == signature, found.failure
@@ -53,7 +89,7 @@ def test_fuzzer_finds_seeded_bug(bug: str, abi: str, seed: int, budget: int, sig
 def test_fuzzer_finds_donate_nomap_as_an_el2_fault() -> None:
     """The seeded missing memory check lets a non-RAM page reach `hyp_vmemmap`: an EL2 data
     abort (as on hardware), which a correct hyp never takes; the clean model never does."""
-    steps = _steps("latest", 0, 100)
+    steps = _steps("latest", 0, 2100)
     found = execute(steps, MEM, CPUS, "latest", ("donate-nomap",), stop_on_panic=True)
     assert found.failure is not None and found.failure.kind == "panic", found.failure
     assert "hyp_vmemmap" in found.failure.message
@@ -88,7 +124,7 @@ def _make(abi: str = "latest", bugs: tuple[str, ...] = ()):
     return lambda: pkvm.Machine(memory=MEM, cpus=CPUS, abi=abi, trace=False, bugs=bugs)
 
 
-@pytest.mark.parametrize("name", ["share-share", "reserve-reserve", "init-vcpu-race"])
+@pytest.mark.parametrize("name", ["share-share", "reserve-reserve"])
 def test_explore_clean_scenarios_exhaust(name: str) -> None:
     from pkvm.check.explore import SCENARIOS, explore
 
@@ -97,12 +133,86 @@ def test_explore_clean_scenarios_exhaust(name: str) -> None:
     assert r.exhausted and r.executions > 10
 
 
-@pytest.mark.parametrize("name,bug,expect", [
-    ("init-vcpu-race", "double-fetch", "IndexError"),
-    ("load-teardown", "load-no-pin", "vm-refcount"),
-])
+# (scenario, bug, what the finding names): found by `pkvm explore` alone.
+EXPLORED = [("load-teardown", "load-no-pin", "vm-refcount")]
+
+
+@pytest.mark.parametrize("name,bug,expect", EXPLORED)
 def test_explore_finds_race_bugs(name: str, bug: str, expect: str) -> None:
     from pkvm.check.explore import SCENARIOS, explore
 
     r = explore(_make(bugs=(bug,)), SCENARIOS[name][1], bound=2, max_runs=50)
     assert r.findings and expect in (r.findings[0].finding or "")
+
+
+USER_SCENARIO = """
+[machine]
+memory = "64M"
+cpus = 2
+abi = "latest"
+
+[[step]]
+create_vm = "a"
+vcpus = 1
+memory = "256K"
+
+[[step]]
+map = "a"
+gfn = 0x40000
+
+[[step]]
+hvc = "__pkvm_vcpu_load"
+args = ["vm:a", 0, 0]
+cpu = 0
+
+[[step]]
+hvc = "__pkvm_vcpu_put"
+cpu = 0
+
+[[step]]
+hvc = "__pkvm_start_teardown_vm"
+args = ["vm:a"]
+cpu = 1
+
+[[step]]
+host_write = "gfn:a:0x40000"
+data = "00"
+cpu = 1
+"""
+
+
+def test_explore_a_user_scenario_file(tmp_path) -> None:
+    """`pkvm explore FILE.toml`: set-up steps first, hvc / host_write steps split by `cpu`."""
+    from pkvm.check.explore import explore, from_file
+
+    path = tmp_path / "race.toml"
+    path.write_text(USER_SCENARIO)
+    make, setup, machine = from_file(str(path))
+    assert machine["abi"] == "latest"
+    progs = setup(make())
+    assert [op[1] for op in progs[0]] == ["__pkvm_vcpu_load", "__pkvm_vcpu_put"]
+    assert progs[1][0][1] == "__pkvm_start_teardown_vm" and progs[1][1][0] == "store"
+    clean = explore(make, setup, bound=1, max_runs=60)
+    assert not clean.findings, clean.findings[0].finding
+    make_bug, setup_bug, _ = from_file(str(path), ("load-no-pin",))
+    r = explore(make_bug, setup_bug, bound=1, max_runs=60)
+    assert r.findings and "vm-refcount" in (r.findings[0].finding or "")
+
+
+def test_oracle_registry_is_one_line(monkeypatch) -> None:
+    """A module with `violations(inspect) -> list[str]` becomes a per-call oracle by one entry
+    in `pkvm.check.oracles.ORACLES`; its finding is an InvariantViolation named after it."""
+    import types
+
+    from pkvm.check import InvariantViolation, oracles
+
+    seen = []
+    mod = types.SimpleNamespace(violations=lambda insp: seen.append(insp) or (
+        ["two pages shared"] if len(seen) == 2 else []))
+    monkeypatch.setitem(oracles.ORACLES, "example", mod)
+    m = pkvm.Machine(memory=MEM, cpus=CPUS, check=True, trace=False)
+    pfn = m.host.alloc_pages(2) >> 12
+    m.hvc(0, "__pkvm_host_share_hyp", pfn)
+    with pytest.raises(InvariantViolation) as e:
+        m.hvc(0, "__pkvm_host_share_hyp", pfn + 1)
+    assert e.value.invariant == "example" and seen[0] is m.inspect

@@ -36,6 +36,7 @@ from pkvm.machine.memory import (
     parse_size,
 )
 from pkvm.machine.mmu import FAULT_PERMISSION, HCR_VM, El2Regs, s2_translate
+from pkvm.machine.preempt import PreemptionPoints
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 _ZEROS = [0] * 6
@@ -268,6 +269,7 @@ class Machine:
         from pkvm.inspect import Inspector
 
         self.inspect = Inspector(self._hyp, self)
+        self.preemption: PreemptionPoints = self._hyp.locks  # scheduling hooks (checkers)
         self.checker = None
         if check:
             from pkvm.check import Checker

@@ -183,9 +183,72 @@ class Inspector:
         """PAs of pages the latest hypercall handed back to the host after a kernel wipe."""
         return list(self._h.wiped_returns)
 
+    def warning_count(self) -> int:
+        """How many hyp WARN_ONs have fired so far (cheap: for per-call oracles)."""
+        return len(self._h.warnings)
+
+    # -- cheap per-call views (for the checkers' per-hypercall oracles) --------------------
     def read(self, pa: int, n: int) -> bytes:
-        """A copy of physical memory."""
+        """A copy of `n` bytes of RAM at `pa` (what any observer with the page mapped sees)."""
         return self._h.mem.read(pa, n)
+
+    def is_ram(self, pa: int) -> bool:
+        return self._h.mem.is_ram(pa)
+
+    def ram_range(self) -> tuple[int, int]:
+        """[base, end) of the one RAM region the hyp knows (its memblock)."""
+        return self._h.mem.base, self._h.mem.end
+
+    def page_quick(self, pfn: int) -> tuple[str, str, int, int] | None:
+        """(host state, hyp state, refcount, host_share_guest_count) of one RAM page, or None."""
+        h = self._h
+        pa = pfn << PAGE_SHIFT
+        if not 0 <= pa < 1 << 64 or not h.mem.is_ram(pa):
+            return None
+        i = h.vmemmap.idx(pa)
+        return (get_host_state(h, pa).name, get_hyp_state(h, pa).name, h.vmemmap.refcount[i],
+                h.vmemmap.host_share_guest_count[i])
+
+    def vm(self, handle: int) -> dict[str, Any] | None:
+        """The hyp VM in the slot of `handle` (None if free or reserved): protected, dying,
+        vCPUs created and initialised, where each is loaded."""
+        from pkvm.hyp.pkvm import PkvmHypVm, handle_to_idx
+
+        table = self._h.vm_table or []
+        idx = handle_to_idx(handle)
+        slot = table[idx] if idx < len(table) else None
+        if not isinstance(slot, PkvmHypVm):
+            return None
+        return {"handle": slot.handle, "protected": slot.is_protected, "dying": slot.is_dying,
+                "created": slot.created_vcpus,
+                "vcpus": {v.vcpu_idx: v.loaded_on for v in slot.vcpus if v is not None}}
+
+    def loaded_vcpu(self, cpu: int) -> dict[str, Any] | None:
+        """The hyp vCPU loaded on `cpu` (7.2): its VM's handle, protected/dying, its index, the
+        hyp memcache (head, nr) and the PA of the host struct kvm_vcpu it mirrors."""
+        from pkvm.hyp.mm import hyp_pa
+
+        lv = self._h.loaded_hyp_vcpu
+        v = lv[cpu] if 0 <= cpu < len(lv) else None
+        if v is None:
+            return None
+        return {"handle": v.vm.handle, "protected": v.vm.is_protected, "dying": v.vm.is_dying,
+                "idx": v.vcpu_idx, "memcache": (v.memcache[0], v.memcache[1]),
+                "host_vcpu_pa": hyp_pa(v.host_vcpu)}
+
+    def guest_leaf(self, handle: int, ipa: int) -> tuple[int, int, int] | None:
+        """(ret, level, descriptor) of the guest stage-2 leaf covering `ipa` in VM `handle` as
+        `kvm_pgtable_get_leaf` finds it (the descriptor may be invalid: 0 or an annotation; ret
+        -ERANGE past the IPA space), or None if there is no such VM or table."""
+        from pkvm.hyp.pkvm import PkvmHypVm, handle_to_idx
+
+        table = self._h.vm_table or []
+        idx = handle_to_idx(handle)
+        slot = table[idx] if idx < len(table) else None
+        if not isinstance(slot, PkvmHypVm) or slot.pgt is None or not slot.pgt.pgd:
+            return None
+        ret, pte, level = slot.pgt.get_leaf(ipa)
+        return ret, level, pte
 
     def carve(self):
         import copy

@@ -1,9 +1,10 @@
 """`pkvm explore`: systematic interleavings of hypercalls on several CPUs.
 
 One Python thread per CPU runs that CPU's program (hypercalls, or host stores for a racing host
-CPU), but only the thread holding the baton runs. The hyp calls the scheduler hook
-(`HypLocks.scheduler`) at every lock acquire and release and at every read of host-shared memory;
-there, and before each program step, the baton may pass to another runnable CPU. A CPU spinning
+CPU, made through the host stage-2 like the host's own), but only the thread holding the baton
+runs. The machine's preemption points (`pkvm.machine.preempt`: every lock acquire and release,
+every EL2 read of host-shared memory) call the installed scheduler; there, and before each
+program step, the baton may pass to another runnable CPU. A CPU spinning
 on a lock another holds is not runnable. Each execution is fully determined by its list of
 choices, so the explorer enumerates them depth-first (stateless model checking) with a bound on
 preemptions (switching away from a CPU that could have continued).
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pkvm.errors import HypPanic
+from pkvm.errors import HostDataAbort, HypPanic
 from pkvm.machine.memory import PAGE_SHIFT
 
 Op = tuple  # ("hvc", name, *args) | ("store", pa, bytes)
@@ -46,7 +47,7 @@ class BatonScheduler:
 
     def __init__(self, m: Any, programs: dict[int, list[Op]], prefix: list[int], bound: int):
         self.m = m
-        self.h = m._hyp
+        self.pts = m.preemption
         self.programs = programs
         self.prefix = prefix
         self.bound = bound
@@ -104,7 +105,7 @@ class BatonScheduler:
             return
         with self.cond:
             self.turn = nxt
-            self.h.locks.cpu = nxt
+            self.pts.switch_to(nxt)
             self.cond.notify_all()
             if finished:
                 return
@@ -112,9 +113,9 @@ class BatonScheduler:
                 if self.aborted:
                     raise Deadlock("aborted")
                 self.cond.wait()
-        self.h.locks.cpu = cpu
+        self.pts.switch_to(cpu)
 
-    # -- the hyp's hooks (HypLocks.scheduler) ---------------------------------------------
+    # -- the machine's scheduling hooks (pkvm.machine.preempt.Scheduler) ---------------------
     def preempt(self, cpu: int, event: str, detail: str) -> None:
         self.ex.trace.append(f"cpu{cpu} {event} {detail}")
         self._switch(cpu)
@@ -133,15 +134,14 @@ class BatonScheduler:
                 if self.aborted:
                     return
                 self.cond.wait()
-        self.h.locks.cpu = cpu
+        self.pts.switch_to(cpu)
         try:
             for op in self.programs[cpu]:
                 self.ex.trace.append(f"cpu{cpu} step {op[:2]}")
                 self._quiescent_check()
                 self._switch(cpu)
                 if op[0] == "store":
-                    self.m.mem.write(op[1], op[2])
-                    self.ex.results[cpu].append((0, 0))
+                    self.ex.results[cpu].append(host_store(self.m, cpu, op[1], op[2]))
                 else:
                     self.in_call[cpu] = True
                     r = self.m.hvc(cpu, op[1], *op[2:])
@@ -171,7 +171,10 @@ class BatonScheduler:
         c.check_globals()
 
     def run(self) -> Execution:
-        self.h.locks.scheduler = self
+        with self.pts.scheduled(self):
+            return self._run()
+
+    def _run(self) -> Execution:
         threads = [threading.Thread(target=self._body, args=(c,), daemon=True) for c in self.cpus]
         for t in threads:
             t.start()
@@ -184,7 +187,6 @@ class BatonScheduler:
             if t.is_alive():
                 self.aborted = True
                 self.ex.errors[-1] = "an execution did not finish (scheduler hang)"
-        self.h.locks.scheduler = None
         return self.ex
 
 
@@ -193,6 +195,17 @@ def _outcome(m: Any, ex: Execution) -> tuple:
     return (tuple(tuple(ex.results[c]) for c in sorted(ex.results)),
             tuple(sorted(m.inspect.page_counts().items(), key=repr)),
             tuple(repr(v) for v in m.inspect.vms()))
+
+
+def host_store(m: Any, cpu: int, pa: int, data: bytes) -> tuple[int, int]:
+    """A host CPU's store, through the host stage-2: (0, 0), or (-1, 0) where it aborts."""
+    try:
+        m.host.write(pa, data, cpu=cpu)
+        return (0, 0)
+    except HostDataAbort:
+        if m.dead:
+            raise HypPanic(m.dead, cpu, "host abort") from None
+        return (-1, 0)
 
 
 def _fresh(make: Callable[[], Any], setup: Setup) -> tuple[Any, dict[int, list[Op]]]:
@@ -214,8 +227,7 @@ def serial_outcomes(make: Callable[[], Any], setup: Setup) -> set[tuple]:
             op = programs[c][pos[c]]
             pos[c] += 1
             if op[0] == "store":
-                m.mem.write(op[1], op[2])
-                ex.results[c].append((0, 0))
+                ex.results[c].append(host_store(m, c, op[1], op[2]))
             else:
                 try:
                     r = m.hvc(c, op[1], *op[2:])
@@ -309,17 +321,60 @@ def _load_teardown(m: Any) -> dict[int, list[Op]]:
                 ("hvc", "__pkvm_finalize_teardown_vm", vm.handle)]}
 
 
-def _init_vcpu_race(m: Any) -> dict[int, list[Op]]:
-    """cpu0 creates hyp vCPU 1 while cpu1 (the host) rewrites that vCPU's index."""
+def _init_vcpu_unshare(m: Any) -> dict[int, list[Op]]:
+    """cpu0 creates hyp vCPU 1 (pinning its host struct) while cpu1 unshares that struct."""
     from pkvm.abi import sizes
     from pkvm.host.kvm import host_va
 
     vm = _vm(m)
     v1 = vm.vcpus[1]
     mem = m.host.alloc_pages(sizes.page_align(sizes.PKVM_HYP_VCPU_SIZE) >> PAGE_SHIFT)
-    bad = (vm.nr_vcpus + 7).to_bytes(4, "little")
     return {0: [("hvc", "__pkvm_init_vcpu", vm.handle, host_va(v1.pa), host_va(mem))],
-            1: [("store", v1.field_pa("vcpu_idx"), bad)]}
+            1: [("hvc", "__pkvm_host_unshare_hyp", v1.pa >> PAGE_SHIFT)]}
+
+
+# --- a user's scenario file ------------------------------------------------------------------------
+SETUP_ACTIONS = ("alloc", "create_vm", "map", "host_read")
+
+
+def from_file(path: str, bugs: tuple[str, ...] = ()
+              ) -> tuple[Callable[[], Any], Setup, dict[str, Any]]:
+    """(make, setup, machine table) exploring a scenario file (`docs/scenarios.md`).
+
+    Its `alloc`, `create_vm`, `map` and `host_read` steps are the set-up, played in file order
+    on a fresh machine; its `hvc` and `host_write` steps are the concurrent part: each goes to
+    the program of the CPU its `cpu` key names (0 by default), in file order. Symbols
+    (`page:`, `vm:`, `vcpu:`, `gfn:`) are resolved after the set-up."""
+    from pkvm import scenario as sc
+
+    scen = sc.load(path)
+    for st in scen.steps:
+        if st.action not in SETUP_ACTIONS + ("hvc", "host_write"):
+            raise sc.ScenarioError(path, st.line, f"`pkvm explore` cannot interleave a "
+                                   f"{st.action!r} step: only hvc and host_write run concurrently")
+
+    def make() -> Any:
+        return scen.new_machine(trace=False, check=False, bugs=bugs)
+
+    def setup(m: Any) -> dict[int, list[Op]]:
+        runner = sc._Runner(m, path)
+        programs: dict[int, list[Op]] = {}
+        for i, st in enumerate(scen.steps):
+            if st.action in SETUP_ACTIONS:
+                res = runner.step(i, st)
+                if res.outcome in ("abort", "panic", "errno"):
+                    raise sc.ScenarioError(path, st.line, f"set-up step failed: {res.detail}")
+        for st in scen.steps:
+            if st.action == "hvc":
+                args = [runner.resolve(v, st) for v in st.fields.get("args", [])]
+                programs.setdefault(st.cpu, []).append(("hvc", st.target, *args))
+            elif st.action == "host_write":
+                pa = runner.resolve(st.target, st, address=True)
+                programs.setdefault(st.cpu, []).append(
+                    ("store", pa, bytes.fromhex(st.fields["data"])))
+        return programs
+
+    return make, setup, dict(scen.machine)
 
 
 SCENARIOS: dict[str, tuple[str, Setup, tuple[str, ...]]] = {
@@ -328,5 +383,6 @@ SCENARIOS: dict[str, tuple[str, Setup, tuple[str, ...]]] = {
     "reserve-reserve": ("two CPUs reserve a VM handle", _reserve_reserve, ("latest",)),
     "load-load": ("two CPUs load the same vCPU", _load_load, ("latest",)),
     "load-teardown": ("load/put against start/finalize teardown", _load_teardown, ("latest",)),
-    "init-vcpu-race": ("init_vcpu while the host rewrites vcpu_idx", _init_vcpu_race, ("latest",)),
+    "init-vcpu-unshare": ("init_vcpu against the host unsharing the vCPU's struct",
+                          _init_vcpu_unshare, ("latest",)),
 }

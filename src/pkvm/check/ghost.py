@@ -63,7 +63,11 @@ class Ghost:
     pre_page: tuple[int, GhostPage | None] | None = None
 
     def __post_init__(self) -> None:
+        from pkvm.check.ghost_guest import GuestGhost
+
         self.table = self.abstract_table()
+        self.guest = GuestGhost(self.checker.machine.inspect,
+                                lambda what, want, found: self._fail(None, what, want, found))
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
@@ -100,8 +104,12 @@ class Ghost:
         if name in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp") and args:
             phys = (args[0] << PAGE_SHIFT) & U64
             self.pre_page = (phys, self.abstract_page(phys))
+        if name is not None and self.checker.h.profile.explicit_vcpu_load:
+            self.guest.before(cpu, name, args, self.checker.h.profile.handle)
 
     def after_call(self, rec: TraceRecord, changed: set[int], full: bool = False) -> None:
+        if rec.x0 == 0:
+            self.guest.after(rec)
         if rec.x0 != 0 or rec.name not in VM_TABLE_CALLS:
             if full:
                 self._compare_table(rec, self.table)
@@ -114,7 +122,7 @@ class Ghost:
         if rec.name in VM_TABLE_CALLS:
             self._table_call(rec)
 
-    def _fail(self, rec: TraceRecord, what: str, expected: Any, found: Any) -> None:
+    def _fail(self, rec: TraceRecord | None, what: str, expected: Any, found: Any) -> None:
         from pkvm.check.invariants import InvariantViolation
 
         raise InvariantViolation("ghost", what, None, expected, found)

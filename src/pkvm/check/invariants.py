@@ -81,6 +81,8 @@ INVARIANTS: dict[str, Invariant] = {i.name: i for i in [
               "free list"),
     Invariant("ghost", "the model's result and abstract post-state equal the ghost "
               "specification's (pkvm.check.ghost)"),
+    Invariant("no-warn", "no hyp WARN_ON fires on a path the host can reach (a WARN the host can "
+              "provoke is a kernel bug: the host gets an errno instead)"),
     Invariant("no-exception", "nothing a host passes makes the hyp raise anything but HypPanic"),
 ]}
 
@@ -172,6 +174,9 @@ class Checker:
         self.orphan_borrowed: Counter = Counter()
         self._about_to_orphan: list[tuple[int, PageState]] | None = None
         self.transitions: Counter = Counter()  # ((host, hyp) before, after) -> pages
+        self._globals_fp: tuple | None = None  # see _fingerprint
+        self._globals_pfns: set[int] = set()
+        self.globals_skipped = 0
         vm = self.h.vmemmap
         self._in_vmemmap = self.h.profile.page_state_in_vmemmap
         self._prev = [a.tobytes() for a in self._arrays()]
@@ -238,17 +243,47 @@ class Checker:
                 self._about_to_orphan = None
             if self.ghost is not None:
                 self.ghost.after_call(rec, changed, full=self._full_due())
+            self._oracles()
             if self._full_due():
                 self.check_all()
             else:
-                self.check_pages(changed | pending | self._arg_pages(rec.args), rec.name)
-                self.check_globals()
+                touched = changed | pending | self._arg_pages(rec.args)
+                self.check_pages(touched, rec.name)
+                fp = self._fingerprint()
+                if fp != self._globals_fp or touched & self._globals_pfns:
+                    self.check_globals()
+                    self._globals_fp = fp
+                else:
+                    self.globals_skipped += 1
                 if rec.name in ("__pkvm_finalize_teardown_vm", "__pkvm_teardown_vm") and rec.x1 == 0:
                     self.check_hyp_accounting()
         except InvariantViolation as v:
             v.call = where
             v.args = (v._render(),)
             raise
+
+    def _oracles(self) -> None:
+        """The registered per-call oracles of `pkvm.check.oracles` (WARNs, hardware)."""
+        from pkvm.check.oracles import run_all
+
+        found = run_all(self.machine.inspect)
+        if found:
+            name, msg = found[0]
+            raise InvariantViolation(name, msg)
+
+    def _fingerprint(self) -> tuple:
+        """What the global facts depend on besides page entries: the VM table's slots, each
+        live VM's dying flag, vCPUs and where they are loaded, and the per-CPU loaded vCPUs.
+        `check_globals` re-runs when this changes or a call touches one of the pages it read
+        (`_globals_pfns`: pinned pages and hyp VM pages)."""
+        table = self.h.vm_table or []
+        if table.count(None) == len(table):
+            return (), tuple(map(id, self.h.loaded_hyp_vcpu))
+        vms = tuple((id(s), getattr(s, "is_dying", None), getattr(s, "created_vcpus", None),
+                     tuple((id(v), v.loaded_on) for v in s.vcpus if v is not None)
+                     if hasattr(s, "vcpus") else ())
+                    for s in table if s is not None)
+        return vms, tuple(map(id, self.h.loaded_hyp_vcpu))
 
     def _full_due(self) -> bool:
         return bool(self.full_every) and self.calls % self.full_every == 0
@@ -482,6 +517,7 @@ class Checker:
                                          f"refcount {loaded} (loaded vCPUs)", f"refcount {rc}")
         pins = self.expected_pins()
         pfns = set(pins)
+        self._globals_pfns = pfns | {vm_page(v) >> PAGE_SHIFT for v in live}
         if all_shared:
             pfns |= self._shared_pages()
         for pfn in pfns:

@@ -121,7 +121,8 @@ def _scale_out(console: Console, camp, jobs: int, ray: str | None, coverage: boo
 def register_explore(app: typer.Typer) -> None:
     @app.command()
     def explore(
-        scenario: Annotated[str, typer.Argument(help="built-in scenario (see --list)")] = "",
+        scenario: Annotated[str, typer.Argument(help="built-in scenario (see --list) or a "
+                                                "scenario file (FILE.toml)")] = "",
         abi: Annotated[str, typer.Option(help='ABI profile: "latest" (7.2) or "6.12"')] = "latest",
         bound: Annotated[int, typer.Option(help="preemption bound")] = 2,
         max_runs: Annotated[int, typer.Option(help="executions at most")] = 2000,
@@ -129,25 +130,33 @@ def register_explore(app: typer.Typer) -> None:
                        typer.Option(help="seeded bug to switch on (repeatable)")] = None,
         list_: Annotated[bool, typer.Option("--list", help="list the scenarios")] = False,
     ) -> None:
-        """Every interleaving (up to a preemption bound) of a two-CPU scenario; exit 1 if found."""
+        """Every interleaving (up to a preemption bound) of a multi-CPU scenario; exit 1 if found."""
         import pkvm
-        from pkvm.check.explore import SCENARIOS
+        from pkvm.check.explore import SCENARIOS, from_file
         from pkvm.check.explore import explore as run_explore
 
         console = Console()
         if list_ or not scenario:
             for name, (doc, _, abis) in SCENARIOS.items():
-                console.print(f"{name:16} {doc} ({', '.join(abis)})")
+                console.print(f"{name:18} {doc} ({', '.join(abis)})")
             return
-        if scenario not in SCENARIOS:
-            raise typer.BadParameter(f"unknown scenario {scenario!r}; try --list")
-        doc, setup, abis = SCENARIOS[scenario]
-        if abi not in abis:
-            raise typer.BadParameter(f"{scenario} needs abi in {abis}")
         bugs = tuple(bug or ())
+        if scenario.endswith(".toml"):
+            from pkvm.scenario import ScenarioError
 
-        def make() -> pkvm.Machine:
-            return pkvm.Machine(memory="64M", cpus=2, abi=abi, trace=False, bugs=bugs)
+            try:
+                make, setup, _ = from_file(scenario, bugs)
+            except (ScenarioError, OSError) as e:
+                raise typer.BadParameter(str(e)) from None
+        else:
+            if scenario not in SCENARIOS:
+                raise typer.BadParameter(f"unknown scenario {scenario!r}; try --list")
+            doc, setup, abis = SCENARIOS[scenario]
+            if abi not in abis:
+                raise typer.BadParameter(f"{scenario} needs abi in {abis}")
+
+            def make() -> pkvm.Machine:
+                return pkvm.Machine(memory="64M", cpus=2, abi=abi, trace=False, bugs=bugs)
 
         with console.status(f"exploring {scenario}"):
             r = run_explore(make, setup, bound=bound, max_runs=max_runs)

@@ -460,14 +460,14 @@ def __pkvm_host_unshare_hyp(h: HypState, pfn: int) -> int:
             if ret:
                 return ret
             ret = hyp_check_page_count_range(h, phys, PAGE_SIZE)
-            if ret:
+            if ret and not h.bug("unshare-pinned"):  # seeded: a pinned page can be unshared
                 return ret
             set_hyp_state_range(h, phys, PAGE_SIZE, PageState.NOPAGE)
             _warn(h, host_set_page_state_range(h, phys, PAGE_SIZE, PageState.OWNED))
             return 0
         if not h.vmemmap.covers(phys):
             return -EPERM
-        if h.vmemmap.page_count(phys):
+        if h.vmemmap.page_count(phys) and not h.bug("unshare-pinned"):
             return -EBUSY
         _warn(h, host_set_page_state_range(h, phys, PAGE_SIZE, PageState.OWNED))
         if h.pkvm_pgtable.hyp_unmap(hyp_va(phys), PAGE_SIZE) != PAGE_SIZE:  # type: ignore[union-attr]

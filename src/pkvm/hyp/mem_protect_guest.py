@@ -31,8 +31,10 @@ from pkvm.hyp.mem_protect import (
 from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_PROT_RWX,
+    KVM_PGTABLE_PROT_X,
     KVM_PGTABLE_WALK_IGNORE_EAGAIN,
     KVM_PGTABLE_WALK_LEAF,
+    KVM_PTE_LEAF_ATTR_HI_S2_XN,
     KVM_PTE_LEAF_ATTR_LO_S2_AF,
     KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
     VisitCtx,
@@ -113,7 +115,9 @@ def get_valid_guest_pte(h: HypState, vm: "PkvmHypVm", ipa: int) -> tuple[int, in
     return 0, pte, phys
 
 
-def guest_check_pgtable_memcache(vcpu: "PkvmHypVcpu") -> int:
+def guest_check_pgtable_memcache(h: HypState, vcpu: "PkvmHypVcpu") -> int:
+    if h.bug("memcache-capacity"):  # seeded: no capacity check before the share/donate
+        return 0
     return -ENOMEM if vcpu.memcache[1] < KVM_MMU_CACHE_MIN_PAGES else 0
 
 
@@ -155,11 +159,12 @@ def __pkvm_host_donate_guest(h: HypState, pfn: int, gfn: int, vcpu: "PkvmHypVcpu
         ret = guest_check_page_state_range(vm, ipa, PAGE_SIZE, PageState.NOPAGE)
         if ret:
             return ret
-        ret = guest_check_pgtable_memcache(vcpu)
+        ret = guest_check_pgtable_memcache(h, vcpu)
         if ret:
             return ret
-        _warn(h, host_stage2_set_owner_metadata_locked(h, phys, PAGE_SIZE, ComponentId.GUEST,
-                                                       encode_gfn_meta(h, vm, gfn)))
+        if not h.bug("donate-guest-keeps-host"):  # seeded: the host keeps its mapping
+            _warn(h, host_stage2_set_owner_metadata_locked(
+                h, phys, PAGE_SIZE, ComponentId.GUEST, encode_gfn_meta(h, vm, gfn)))
         _warn(h, _guest_map(h, vm, vcpu, ipa, PAGE_SIZE, phys,
                             pkvm_mkstate(KVM_PGTABLE_PROT_RWX, PageState.OWNED)))
         return 0
@@ -171,7 +176,7 @@ def __pkvm_host_share_guest(h: HypState, pfn: int, gfn: int, nr_pages: int,
     phys, ipa = hyp_pfn_to_phys(pfn), hyp_pfn_to_phys(gfn)
     if prot & ~KVM_PGTABLE_PROT_RWX:
         return -EINVAL
-    if not pfn_range_is_valid(h, pfn, nr_pages):
+    if not pfn_range_is_valid(h, pfn, nr_pages) and not h.bug("range-args"):
         return -EINVAL
     ret, size = guest_check_transition_size(phys, ipa, nr_pages)
     if ret:
@@ -194,8 +199,9 @@ def __pkvm_host_share_guest(h: HypState, pfn: int, gfn: int, nr_pages: int,
                     return -EBUSY
                 if vmm.host_share_guest_count[i]:
                     continue
+            _warn(h, h.bug("share-guest-warn"))  # seeded: WARN on a host-reachable refusal
             return -EPERM
-        ret = guest_check_pgtable_memcache(vcpu)
+        ret = guest_check_pgtable_memcache(h, vcpu)
         if ret:
             return ret
         for pa in range(phys, phys + size, PAGE_SIZE):
@@ -251,8 +257,8 @@ def __pkvm_host_unshare_guest(h: HypState, gfn: int, nr_pages: int, vm: "PkvmHyp
         for pa in range(phys, phys + size, PAGE_SIZE):
             i = vmm.idx(pa)
             vmm.host_share_guest_count[i] -= 1
-            if not vmm.host_share_guest_count[i]:
-                vmm.host_state[i] = PageState.OWNED
+            if not vmm.host_share_guest_count[i] or h.bug("unshare-guest-count"):
+                vmm.host_state[i] = PageState.OWNED  # (seeded: even while still shared)
         return 0
 
 
@@ -268,11 +274,14 @@ def __pkvm_host_relax_perms_guest(h: HypState, gfn: int, prot: int, vcpu: "PkvmH
     attr = stage2_set_prot_attr(prot, 0)
     if attr is None:
         return -EINVAL
-    perms = attr & ((1 << 6) | (1 << 7))
-    xn_clear = (3 << 53) if prot & 3 == 3 else 0
+    set_bits = attr & ((1 << 6) | (1 << 7))  # R and W are only ever added
+    clr_bits = 0
+    if prot & KVM_PGTABLE_PROT_X:  # X, when asked for, is set exactly as asked (PX, UX)
+        set_bits |= attr & KVM_PTE_LEAF_ATTR_HI_S2_XN
+        clr_bits = ~attr & KVM_PTE_LEAF_ATTR_HI_S2_XN
     # Walked without IGNORE_EAGAIN: an unmapped gfn answers -EAGAIN, as in Linux.
     ret, _ = _update_guest(vcpu.vm, hyp_pfn_to_phys(gfn), PAGE_SIZE,
-                           perms | KVM_PTE_LEAF_ATTR_LO_S2_AF, xn_clear, flags=0)
+                           set_bits | KVM_PTE_LEAF_ATTR_LO_S2_AF, clr_bits, flags=0)
     return ret
 
 
@@ -291,7 +300,7 @@ def __pkvm_host_test_clear_young_guest(h: HypState, gfn: int, nr_pages: int, mko
     ret, size = guest_check_transition_size(0, ipa, nr_pages)
     if ret:
         return ret
-    clr = KVM_PTE_LEAF_ATTR_LO_S2_AF if mkold else 0
+    clr = KVM_PTE_LEAF_ATTR_LO_S2_AF if mkold and not h.bug("young-not-cleared") else 0
     ret, acc = _update_guest(vm, ipa, size, 0, clr)
     return 1 if acc & KVM_PTE_LEAF_ATTR_LO_S2_AF else 0
 
@@ -372,7 +381,8 @@ def __pkvm_host_force_reclaim_page_guest(h: HypState, phys: int) -> int:
                 ret = vm.pgt.stage2_map(ipa, PAGE_SIZE, None, 0, annotation=POISONED_PTE)
                 if ret:
                     return ret
-                hyp_poison_page(h, phys)
+                if not h.bug("force-reclaim-no-wipe"):
+                    hyp_poison_page(h, phys)
                 _warn(h, host_stage2_set_owner_locked(h, phys, PAGE_SIZE, ComponentId.HOST))
                 return 0
 

@@ -144,10 +144,23 @@ def el2_read(h: HypState, va: int, n: int) -> bytes:
     out = bytearray()
     while n:
         chunk = min(n, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
-        out += h.mem.read(el2_translate(h, va), chunk)
+        pa = el2_translate(h, va)
+        if h.locks.scheduler is not None:
+            _host_read_point(h, pa, n)
+        out += h.mem.read(pa, chunk)
         va += chunk
         n -= chunk
     return bytes(out)
+
+
+def _host_read_point(h: HypState, pa: int, n: int) -> None:
+    """A preemption point before EL2 reads memory the host shares with it (another host CPU
+    may write it at any time)."""
+    from pkvm.hyp.mem_protect import get_hyp_state
+    from pkvm.hyp.memory import PageState
+
+    if get_hyp_state(h, pa & ~(PAGE_SIZE - 1)) == PageState.SHARED_BORROWED:
+        h.locks.preempt("host-read", f"{n}@{pa:#x}")
 
 
 def el2_write(h: HypState, va: int, data: bytes) -> None:

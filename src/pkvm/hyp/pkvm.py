@@ -392,7 +392,6 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
 
 def _refetch_vcpu_idx(h: HypState, host_vcpu: int) -> int:
     """Seeded bug "double-fetch" only: a second read of a host-shared field."""
-    h.locks.preempt("host-read", "vcpu_idx")
     return vcpu_field(h, host_vcpu, "vcpu_idx")
 
 
@@ -409,7 +408,7 @@ def pkvm_load_hyp_vcpu(h: HypState, handle: int, vcpu_idx: int) -> PkvmHypVcpu |
         if vm is None:
             return None
         if prof.explicit_vcpu_load:
-            if vm.is_dying or vcpu_idx >= vm.created_vcpus:
+            if (vm.is_dying and not h.bug("load-dying")) or vcpu_idx >= vm.created_vcpus:
                 return None
             vcpu = vm.vcpus[vcpu_idx]
             if vcpu is None or vcpu.loaded_on is not None:
@@ -482,7 +481,8 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
         _teardown_donated(h, host_kvm, vcpu.mem_va, sizes.PKVM_HYP_VCPU_SIZE, mc)
     h.hyp_vms.pop(vm.vm_va, None)
     _teardown_donated(h, host_kvm, vm.vm_va, vm.vm_size, mc)
-    hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
+    if not h.bug("teardown-keeps-pin"):  # seeded: the host's struct kvm stays pinned
+        hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
 
 
 def _teardown_donated(h: HypState, host_kvm: int, va: int, size: int, mc: str) -> None:
@@ -539,7 +539,7 @@ def __pkvm_reclaim_dying_guest_page(h: HypState, handle: int, gfn: int) -> int:
     if vm is None:
         return -EINVAL
     try:
-        if not vm.is_dying:
+        if not vm.is_dying and not h.bug("reclaim-live"):  # seeded: reclaim from a live VM
             return -EINVAL
         return __pkvm_host_reclaim_page_guest(h, gfn, vm)
     finally:
@@ -562,7 +562,6 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
     nr_va = hv + KVM_VCPU.offset("arch.pkvm_memcache.nr_pages")
     host_head = el2_read_u64(h, head_va)
     host_nr = el2_read_u64(h, nr_va)
-    h.locks.preempt("host-read", "arch.pkvm_memcache")
     target = host_nr
     ret = 0
     from pkvm.hyp.mm import memcache_push
@@ -578,6 +577,8 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
         host_head = el2_read_u64(h, hyp_va(pa))
         host_nr -= 1
         memcache_push(h, vcpu.memcache, pa)
+    if ret and h.bug("refill-no-writeback"):  # seeded: the host keeps listing taken pages
+        return ret
     el2_write_u64(h, head_va, host_head)
     el2_write_u64(h, nr_va, host_nr)
     return ret

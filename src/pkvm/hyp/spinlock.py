@@ -11,7 +11,8 @@ scheduler (`HypLocks.scheduler`), it is called there and may switch to another C
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+
+from pkvm.machine.preempt import PreemptionPoints, Scheduler
 
 RANK_VM_TABLE = 10
 RANK_HOST = 20
@@ -24,23 +25,17 @@ class LockOrderError(AssertionError):
     """The hyp took its locks in an order Linux forbids (an inversion is a deadlock waiting)."""
 
 
-class Scheduler(Protocol):
-    def preempt(self, cpu: int, event: str, detail: str) -> None: ...
-    def wait_lock(self, cpu: int, lock: "HypSpinLock") -> None: ...
+__all__ = ["HypLocks", "HypSpinLock", "LockOrderError", "Scheduler"]
 
 
-class HypLocks:
-    """Per-machine lock bookkeeping: which CPU runs EL2 code and what each CPU holds."""
+class HypLocks(PreemptionPoints):
+    """Per-machine lock bookkeeping: which CPU runs EL2 code and what each CPU holds; the
+    machine's preemption points (`pkvm.machine.preempt`)."""
 
     def __init__(self, nr_cpus: int):
+        super().__init__()
         self.held: list[list[HypSpinLock]] = [[] for _ in range(nr_cpus)]
-        self.cpu = 0
-        self.scheduler: Scheduler | None = None
         self.on_event: Callable[[int, str, str], None] | None = None
-
-    def preempt(self, event: str, detail: str) -> None:
-        if self.scheduler is not None:
-            self.scheduler.preempt(self.cpu, event, detail)
 
 
 class HypSpinLock:

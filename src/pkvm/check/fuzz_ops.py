@@ -1,0 +1,549 @@
+"""The fuzzer's world and operations: what a hostile host does, step by step.
+
+A step names its operands *symbolically* (the k-th page the fuzzer allocated, the k-th VM it
+created, an interesting pfn from a fixed list, a forged handle...), resolved when the step runs,
+so a step list stays meaningful when the shrinker deletes steps from it.
+
+The operations are what a host can do, never aimed at one place of the hyp: every hypercall
+with operands from pools of pages in every state (host-owned, shared, donated to the hyp or a
+guest, the first and last RAM pages, the carve-out's neighbours, MMIO, beyond the PA space);
+the host driver's own life cycles (create, map, destroy) interleaved with hostile calls;
+sessions with a vCPU loaded on a CPU; hostile memcache heads; writes to any field of the host
+structs the hyp reads, up front or by a second host CPU at any EL2 read of host-shared memory
+(the machine's preemption points); host memory exhaustion. Host stores go through the host
+stage-2 (`HostPort`), like the host's own.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from pkvm.abi.host_structs import KVM, KVM_VCPU
+from pkvm.errors import HostDataAbort, HostError, errno_name
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+FULL_EVERY = 2048  # a full invariant check every this many hypercalls (and at the end)
+HCR_HOST_VCPU = (1 << 31) | (1 << 27) | (1 << 13) | (1 << 14)
+GFN0 = 0x40000  # the guests' memslot base gfn (256K of memory: 64 pages)
+HEADER_FIELDS = 16  # a struct's leading fields (ids, indices, flags: what EL2 reads most)
+
+# Steps the real host driver issues (the kernel's KVM code, not a hostile host): a hyp panic
+# in one of them is a failure, not an availability finding.
+DRIVER_OPS = frozenset({"alloc", "create_vm", "map", "destroy", "lifecycle"})
+
+
+@dataclass(frozen=True)
+class Step:
+    """One fuzzer action: `op` with symbolic operands `a`, issued on `cpu`."""
+
+    op: str
+    cpu: int
+    a: tuple[Any, ...] = ()
+
+    def __str__(self) -> str:
+        return f"{self.op}@cpu{self.cpu}{self.a}"
+
+
+class _RecordingPort:
+    """Stands in for the host's port to the machine: forwards everything, logs writes."""
+
+    def __init__(self, inner: Any, log: list[tuple]):
+        self._inner = inner
+        self._log = log
+
+    def hvc(self, cpu: int, func: Any, *args: int) -> Any:
+        return self._inner.hvc(cpu, func, *args)
+
+    def read(self, cpu: int, pa: int, n: int) -> bytes:
+        return self._inner.read(cpu, pa, n)
+
+    def write(self, cpu: int, pa: int, data: bytes) -> None:
+        self._inner.write(cpu, pa, data)
+        self._log.append(("write", cpu, pa, bytes(data)))
+
+    def zero(self, cpu: int, pa: int, n: int) -> None:
+        self._inner.zero(cpu, pa, n)
+        self._log.append(("zero", cpu, pa, n))
+
+
+class RaceBlocked(Exception):
+    """The racing host CPU's store would need a lock the interrupted CPU holds."""
+
+
+class Racer:
+    """A `Scheduler` (`pkvm.machine.preempt`) playing a second host CPU: at the `fire_at`-th EL2
+    read of host-shared memory during a hypercall it stores, through the host stage-2 on its own
+    CPU, as a real host CPU can at any time: either planned (pa, bytes) stores (a replay), or a
+    `value` written over the very bytes EL2 is about to read (an int, or ("rel", d): what is
+    there now plus d)."""
+
+    def __init__(self, m: Any, port: Any):
+        self.m = m
+        self.port = port
+        self.plan: list[tuple[int, bytes]] = []
+        self.value: Any = None
+        self.fire_at = 0
+        self.seen = 0
+        self.log: list[tuple[int, bytes, int]] = []  # (pa, data, at which host read)
+
+    def arm(self, plan: list[tuple[int, bytes]], fire_at: int = 0, value: Any = None) -> None:
+        self.plan, self.value, self.fire_at, self.seen = plan, value, fire_at, 0
+
+    def _stores(self, detail: str) -> list[tuple[int, bytes]]:
+        if self.value is None:
+            return self.plan
+        n, _, pa_s = detail.partition("@")
+        pa, size = int(pa_s, 0), min(int(n), 8)
+        v = self.value
+        if isinstance(v, tuple):
+            v = int.from_bytes(self.port.read(0, pa, size), "little") + v[1]
+        return [(pa, (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))]
+
+    def preempt(self, cpu: int, event: str, detail: str) -> None:
+        if event != "host-read" or not (self.plan or self.value is not None):
+            return
+        self.seen += 1
+        if self.seen <= self.fire_at:
+            return
+        pts = self.m.preemption
+        racer_cpu = (cpu + 1) % self.m.nr_cpus
+        try:
+            stores = self._stores(detail)
+        except HostDataAbort:
+            stores = []
+        finally:
+            pts.switch_to(cpu)
+        self.plan, self.value = [], None
+        for pa, data in stores:
+            try:
+                self.port.write(racer_cpu, pa, data)
+            except (HostDataAbort, RaceBlocked):
+                continue  # the store did not happen (refused, or would deadlock here)
+            finally:
+                pts.switch_to(cpu)
+            self.log.append((pa, data, self.seen - 1))
+
+    def wait_lock(self, cpu: int, lock: Any) -> None:
+        raise RaceBlocked(lock)
+
+
+class World:
+    """A machine plus what the fuzzer remembers about it (its operand pools)."""
+
+    def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True):
+        import pkvm
+
+        self.cfg = {"memory": memory, "cpus": cpus, "abi": abi}
+        self.log: list[Any] = []
+        self.m = pkvm.Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs)
+        if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
+            from pkvm.check.invariants import Checker
+
+            self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)
+            self.m.listeners.append(self.m.checker.after_call)
+        self.m.listeners.insert(0, self._on_call)
+        inner_port = self.m.host.port
+        self.m.host.port = _RecordingPort(inner_port, self.log)
+        self.racer = Racer(self.m, inner_port)
+        inner = self.m.hvc
+
+        def hvc(cpu: int, func: Any, *args: int) -> Any:
+            """Log each hypercall as it is issued (a call that raises is logged too)."""
+            ev: list[Any] = ["hvc", cpu, func, tuple(a & U64 for a in args), ()]
+            self.log.append(ev)
+            try:
+                return inner(cpu, func, *args)
+            finally:
+                ev[4] = tuple(self.racer.log)
+                self.racer.log = []
+
+        self.m.hvc = hvc  # type: ignore[method-assign]
+        if self.m.checker is not None and self.m.checker.ghost is not None:
+            # A racing store changed the call's host-shared inputs: the ghost's prediction from
+            # the pre-state does not apply (counted in `ghost.guest.raced`).
+            self.m.checker.ghost.guest.raced_now = lambda: bool(self.racer.log)
+        self.hostile = False  # has any step but the host driver's own run on this machine?
+        self.prof = self.m.profile
+        self.pages: list[int] = []
+        self.shared: list[int] = []
+        self.hoard: list[tuple[int, int]] = []  # (pfn, n) taken to exhaust the host's memory
+        self.vms: list[Any] = []
+        self.cur: Any = None  # the VM of the vCPU session in progress
+        self.handles: list[int] = []
+        self.results: Counter = Counter()
+        ram_lo = self.m.mem.base >> PAGE_SHIFT
+        ram_hi = self.m.mem.end >> PAGE_SHIFT
+        cb, cs = self.m.carveout
+        c_lo, c_hi = cb >> PAGE_SHIFT, (cb + cs) >> PAGE_SHIFT
+        # The edges of every region: first/last RAM pages, the carve-out and its neighbours.
+        self.edges = [ram_lo, ram_lo + 1, ram_hi - 1, ram_hi - 2, c_lo - 1, c_lo, c_hi - 1, c_hi]
+        self.specials = self.edges + [
+            ram_hi, (cb + cs // 2) >> PAGE_SHIFT, 0x9000, 0, 0xFFFFFFFFF, 0x1000000000,
+            0xFFFFFFFFFFFFF, 0x10000000000000, 0xFFF0000000000000 | ram_lo, U64,
+            0x8000000000000000,
+        ]
+
+    def _on_call(self, rec: Any) -> None:
+        if rec.panic is None:
+            self.results[(rec.name, _result_label(rec.x0, rec.x1))] += 1
+
+    # -- operand resolution ----------------------------------------------------------------
+    def page(self, k: int) -> int:
+        if not self.pages:
+            self.pages.append(self.m.host.alloc_pages(1))
+        return self.pages[k % len(self.pages)]
+
+    def vm(self, k: int) -> Any | None:
+        return self.vms[k % len(self.vms)] if self.vms else None
+
+    def vm_pages(self) -> list[int]:
+        out = []
+        for vm in self.vms:
+            out += [vm.kvm_pa & ~(PAGE_SIZE - 1), vm.pgd_pa, vm.hyp_vm_pa]
+            out += [v.pa & ~(PAGE_SIZE - 1) for v in vm.vcpus] + [v.hyp_mem for v in vm.vcpus]
+            out += [p for v in vm.vcpus for p in v.memcache_pages[-2:]]
+        return [p for p in out if p]
+
+    def guest_pages(self) -> list[int]:
+        return [pa for vm in self.vms for pa in list(vm.mapped.values())[:8]]
+
+    def pfn(self, spec: tuple) -> int:
+        kind, k = spec
+        pool: list[int] = []
+        if kind == "shared":
+            pool = self.shared
+        elif kind == "vmmem":
+            pool = [p >> PAGE_SHIFT for p in self.vm_pages()]
+        elif kind == "guest":
+            pool = [p >> PAGE_SHIFT for p in self.guest_pages()]
+        elif kind == "edge":
+            pool = self.edges
+        elif kind == "special":
+            pool = self.specials
+        if pool:
+            return pool[k % len(pool)]
+        return self.page(k) >> PAGE_SHIFT
+
+    def handle(self, spec: tuple) -> int:
+        kind, k = spec
+        if kind == "cur" and self.cur is not None:
+            return self.cur.handle or 0x1000
+        if kind == "vm" and self.vms:
+            return self.vm(k).handle or 0x1000  # type: ignore[union-attr]
+        if kind == "seen" and self.handles:
+            return self.handles[k % len(self.handles)]
+        return FORGED_HANDLES[k % len(FORGED_HANDLES)]
+
+    def gfn(self, spec: Any) -> int:
+        """A guest frame: GFN0 + an offset, or ("mapped", k): one the current VM (any VM
+        outside a session) has mapped."""
+        if not isinstance(spec, tuple):
+            return GFN0 + spec
+        vms = [self.cur] if self.cur is not None else self.vms
+        mapped = [g for vm in vms for g in vm.mapped]
+        return mapped[spec[1] % len(mapped)] if mapped else GFN0
+
+    def load_image(self, vm: Any, gfn: int) -> None:
+        """The VMM writes guest data into a page before the guest gets it (a loaded image)."""
+        if gfn not in vm.mapped and vm.in_memslot(gfn):
+            vm.write(gfn << PAGE_SHIFT, b"guest data %x " % gfn * 4)
+
+    def host_ptr(self, spec: tuple) -> int:
+        """A host kernel VA: of a VM's struct kvm / kvm_vcpu, of a page, with an offset."""
+        from pkvm.host.kvm import host_va
+
+        kind, k, off = spec
+        if kind == "kvm" and self.vms:
+            return host_va(self.vm(k).kvm_pa) + off  # type: ignore[union-attr]
+        if kind == "vcpu" and self.vms:
+            vm = self.vm(k)
+            if vm.vcpus:  # type: ignore[union-attr]
+                return host_va(vm.vcpus[off % len(vm.vcpus)].pa)  # type: ignore[union-attr]
+        if kind == "shared" and self.shared:
+            return host_va(self.shared[k % len(self.shared)] << PAGE_SHIFT) + off
+        if kind in ("guest", "vmmem"):
+            pages = self.guest_pages() if kind == "guest" else self.vm_pages()
+            if pages:
+                return host_va(pages[k % len(pages)]) + off
+        if kind == "fresh":
+            pa = self.m.host.alloc_pages(max(1, k))
+            self.pages.append(pa)
+            return host_va(pa)
+        return host_va(self.page(k)) + off
+
+
+FORGED_HANDLES = [0, 0x1000, 0x1001, 0x1000 + 254, 0x1000 + 255, 0xFFF, 0xFFFF, 0x11000,
+                  (1 << 32) + 0x1000, U64]
+INTERESTING_U64 = [0, 1, 2, 3, 0xFF, 0x100, 0x1000, 0x7FFF_FFFF, 0x8000_0000, 0xFFFF_FFFF,
+                   1 << 32, U64, U64 - 1, 1 << 63]
+
+
+def _result_label(x0: int, x1: int) -> str:
+    if x0 != 0:
+        return "x0=-1 (unknown)"
+    if x1 == 0:
+        return "0"
+    if -4096 < x1 < 0:
+        return errno_name(-x1)
+    return "value"
+
+
+# --- running steps -----------------------------------------------------------------------------
+HANDLE_CALLS = {"unreserve": "__pkvm_unreserve_vm", "start_teardown": "__pkvm_start_teardown_vm",
+                "finalize_teardown": "__pkvm_finalize_teardown_vm",
+                "teardown": "__pkvm_teardown_vm", "tlb_flush": "__pkvm_tlb_flush_vmid"}
+
+
+def run_step(w: World, s: Step) -> None:
+    """Perform one step. Refusals (HostError, non-fatal HostDataAbort) are normal outcomes."""
+    m, host, cpu = w.m, w.m.host, s.cpu % w.m.nr_cpus
+    op, a = s.op, s.a
+    hv = m.hvc
+    if op == "alloc":
+        w.pages.append(host.alloc_pages(1))
+    elif op == "share":
+        pfn = w.pfn(a[0])
+        if hv(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
+            w.shared.append(pfn)
+    elif op == "unshare":
+        pfn = w.pfn(a[0])
+        if hv(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0 and pfn in w.shared:
+            w.shared.remove(pfn)
+    elif op == "create_vm":
+        vm = host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
+        w.vms.append(vm)
+        if vm.handle:
+            w.handles.append(vm.handle)
+    elif op == "map":
+        vm = w.vm(a[0])
+        if vm is not None and not vm.destroyed:
+            for g in range(GFN0 + a[1] % 64, GFN0 + a[1] % 64 + a[2]):
+                w.load_image(vm, g)
+            vm.map(GFN0 + a[1] % 64, a[2], cpu=cpu)
+    elif op == "destroy":
+        vm = w.vm(a[0])
+        if vm is not None:
+            vm.destroy()
+    elif op == "lifecycle":
+        _lifecycle(w, cpu, a)
+    elif op == "reserve":
+        r = hv(cpu, "__pkvm_reserve_vm")
+        if r.x0 == 0 and r.x1 > 0:
+            w.handles.append(r.x1)
+    elif op in HANDLE_CALLS:
+        hv(cpu, HANDLE_CALLS[op], w.handle(a[0]))
+    elif op == "init_vm":
+        r = hv(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+        if r.x0 == 0 and r.x1 > 0:
+            w.handles.append(r.x1)
+    elif op == "init_vcpu":
+        hv(cpu, "__pkvm_init_vcpu", w.handle(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+    elif op == "load":
+        hv(cpu, "__pkvm_vcpu_load", w.handle(a[0]), a[1], HCR_HOST_VCPU)
+    elif op == "put":
+        hv(cpu, "__pkvm_vcpu_put")
+    elif op in GUEST_OPS:
+        guest_call(w, cpu, op, a)
+    elif op == "session":
+        _session(w, cpu, a)
+    elif op == "scribble":
+        _scribble(w, cpu, a)
+    elif op == "scribble_init":
+        _scribble_init(w, cpu, a)
+    elif op == "race":
+        _race(w, cpu, a)
+    elif op == "memcache":
+        _hostile_memcache(w, cpu, a)
+    elif op == "exhaust":
+        _exhaust(w, a)
+    elif op == "release":
+        while w.hoard:
+            pfn, n = w.hoard.pop()
+            host.pages.release(pfn, n)
+    elif op == "raw":
+        hv(cpu, a[0], *a[1:])
+    else:
+        raise ValueError(f"unknown fuzzer op {op!r}")
+
+
+GUEST_OPS = frozenset({"share_guest", "donate_guest", "unshare_guest", "reclaim_dying",
+                       "force_reclaim", "relax_perms", "mkyoung", "wrprotect",
+                       "test_clear_young"})
+
+
+def guest_call(w: World, cpu: int, op: str, a: tuple) -> None:
+    """One of the 7.2 guest-memory hypercalls with symbolic operands."""
+    hv = w.m.hvc
+    if op == "share_guest":
+        hv(cpu, "__pkvm_host_share_guest", w.pfn(a[0]), w.gfn(a[1]), a[2], a[3])
+    elif op == "donate_guest":
+        hv(cpu, "__pkvm_host_donate_guest", w.pfn(a[0]), w.gfn(a[1]))
+    elif op == "unshare_guest":
+        hv(cpu, "__pkvm_host_unshare_guest", w.handle(a[0]), w.gfn(a[1]), a[2])
+    elif op == "reclaim_dying":
+        hv(cpu, "__pkvm_reclaim_dying_guest_page", w.handle(a[0]), w.gfn(a[1]))
+    elif op == "force_reclaim":
+        hv(cpu, "__pkvm_force_reclaim_guest_page", w.pfn(a[0]) << PAGE_SHIFT)
+    elif op in ("relax_perms", "mkyoung"):
+        name = "__pkvm_host_relax_perms_guest" if op == "relax_perms" else "__pkvm_host_mkyoung_guest"
+        hv(cpu, name, w.gfn(a[0]), a[1])
+    else:
+        name = "__pkvm_host_wrprotect_guest" if op == "wrprotect" else "__pkvm_host_test_clear_young_guest"
+        hv(cpu, name, w.handle(a[0]), w.gfn(a[1]), a[2], a[3])
+
+
+def _live_vcpu(w: World, a: tuple) -> tuple[Any, Any] | None:
+    """The a[1]-th vCPU of the a[0]-th VM the host has not destroyed."""
+    live = [vm for vm in w.vms if not vm.destroyed and vm.handle and vm.vcpus]
+    if not live:
+        return None
+    vm = live[a[0] % len(live)]
+    return vm, vm.vcpus[a[1] % len(vm.vcpus)]
+
+
+def _session(w: World, cpu: int, a: tuple) -> None:
+    """The host driver's vCPU session: hyp vCPU created, memcache topped up, vCPU loaded on
+    `cpu`, then the inner steps (guest-memory calls, possibly hostile), then put."""
+    got = _live_vcpu(w, a)
+    if got is None:
+        return
+    vm, vcpu = got
+    vm.ensure_hyp_vcpu(vcpu)
+    if a[2]:
+        vm.topup_memcache(vcpu)
+    if w.m.inspect.loaded_vcpu(cpu) is not None:
+        w.m.hvc(cpu, "__pkvm_vcpu_put")  # a hostile step left a vCPU loaded here
+    w.m.hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
+    w.cur = vm
+    try:
+        for op, args in a[3]:  # (a finding propagates with the vCPU still loaded, as it was)
+            try:
+                run_step(w, Step(op, cpu, args))
+            except (HostError, HostDataAbort):
+                if w.m.dead:
+                    raise
+    finally:
+        w.cur = None
+    w.m.hvc(cpu, "__pkvm_vcpu_put")
+
+
+def _lifecycle(w: World, cpu: int, a: tuple) -> None:
+    """A whole legitimate VM life: create, map pages (first/last slot pages included), destroy."""
+    vm = w.m.host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
+    w.vms.append(vm)
+    if vm.handle:
+        w.handles.append(vm.handle)
+    for g in a[2]:
+        w.load_image(vm, GFN0 + g % 64)
+        vm.map(GFN0 + g % 64, 1, cpu=cpu)
+    if a[3]:
+        vm.destroy()
+
+
+def _struct_field(w: World, a: tuple) -> tuple[int, int] | None:
+    """(pa, size) of field `a[2]` of the host struct kvm (a[1] == 0) or a kvm_vcpu of VM a[0]."""
+    vm = w.vm(a[0])
+    if vm is None:
+        return None
+    if a[1] == 0 or not vm.vcpus:
+        layout, base = KVM, vm.kvm_pa
+    else:
+        layout, base = KVM_VCPU, vm.vcpus[a[1] % len(vm.vcpus)].pa
+    # Not the teardown memcaches: the host driver trusts their counts when freeing them.
+    fields = [f for f in layout.fields.values() if "_mc." not in f.name]
+    f = fields[a[2] % len(fields)] if a[2] < 64 else fields[a[2] % min(HEADER_FIELDS, len(fields))]
+    return base + f.offset, min(f.size, 8)
+
+
+def _value(w: World, a: tuple, size: int, pa: int) -> bytes:
+    """An interesting value, or ("rel", d): what is there now plus d (off-by-ones)."""
+    v = a[3]
+    if isinstance(v, tuple):
+        v = int.from_bytes(w.m.host.read(pa, size), "little") + v[1]
+    return (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+
+def _scribble(w: World, cpu: int, a: tuple) -> None:
+    where = _struct_field(w, a)
+    if where is not None:
+        pa, size = where
+        w.m.host.write(pa, _value(w, a, size, pa), cpu=cpu)
+
+
+def _scribble_init(w: World, cpu: int, a: tuple) -> None:
+    """The host writes a field of a vCPU struct, then the driver creates the hyp vCPU."""
+    got = _live_vcpu(w, a)
+    if got is None:
+        return
+    vm, vcpu = got
+    if vcpu.hyp_created:
+        return
+    fields = list(KVM_VCPU.fields.values())[:HEADER_FIELDS]
+    f = fields[a[2] % len(fields)]
+    size = min(f.size, 8)
+    w.m.host.write(vcpu.pa + f.offset, _value(w, a, size, vcpu.pa + f.offset), cpu=cpu)
+    vm.ensure_hyp_vcpu(vcpu)
+
+
+def _race(w: World, cpu: int, a: tuple) -> None:
+    """Run step a[2] while a second host CPU overwrites, with value a[0], the host-shared bytes
+    EL2 reads at its a[1]-th read of host-shared memory in that step."""
+    w.racer.arm([], a[1], a[0])
+    try:
+        with w.m.preemption.scheduled(w.racer):
+            run_step(w, Step(a[2][0], cpu, a[2][1]))
+    finally:
+        w.racer.arm([])
+
+
+def _hostile_memcache(w: World, cpu: int, a: tuple) -> None:
+    """The host points a vCPU's memcache at a list of its choosing (unaligned head, pages in
+    any state, a cycle, an overlong count), then asks for a guest mapping with it loaded."""
+    got = _live_vcpu(w, a)
+    if got is None:
+        return
+    vm, vcpu = got
+    vm.ensure_hyp_vcpu(vcpu)
+    host = w.m.host
+    kind, spec, nr, off = a[2], a[3], a[4], a[5]
+    head = (w.pfn(spec) << PAGE_SHIFT) & U64
+    if kind == "unaligned":
+        head |= off
+    elif kind == "cycle":  # a host page linking to itself (or back to the first of two)
+        p1, p2 = w.page(a[6]), w.page(a[6] + 1)
+        host.write_u64(p1, p2 if off & 1 else p1)
+        host.write_u64(p2, p1)
+        head = p1
+    elif kind == "chain":  # fresh host pages, linked, ending in the chosen page
+        p1, p2 = host.alloc_pages(1), host.alloc_pages(1)
+        w.pages += [p1, p2]
+        host.write_u64(p1, p2)
+        host.write_u64(p2, head)
+        head = p1
+    host.write_u64(vcpu.field_pa("arch.pkvm_memcache.head"), head)
+    host.write_u64(vcpu.field_pa("arch.pkvm_memcache.nr_pages"), nr)
+    hv = w.m.hvc
+    hv(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
+    if vm.protected:
+        hv(cpu, "__pkvm_host_donate_guest", w.page(a[6]) >> PAGE_SHIFT, GFN0 + a[6] % 64)
+    else:
+        hv(cpu, "__pkvm_host_share_guest", w.page(a[6]) >> PAGE_SHIFT, GFN0 + a[6] % 64, 1, 0xF)
+    hv(cpu, "__pkvm_vcpu_put")
+
+
+def _exhaust(w: World, a: tuple) -> None:
+    """Take the host's free memory, leaving a[0] pages: the driver then runs short (the pages
+    are only reserved in the host's allocator, never touched)."""
+    alloc = w.m.host.pages
+    want = alloc.free_pages() - a[0]
+    while want > 0:
+        n = want
+        while n and (pfn := alloc.alloc(n)) is None:
+            n //= 2
+        if not n:
+            break
+        w.hoard.append((pfn, n))
+        want -= n

@@ -1,0 +1,82 @@
+"""Per-hypercall oracles over the read-only view, registered by name.
+
+An oracle is a module (or object) with `violations(inspect) -> list[str]`: after every hypercall
+the `Checker` calls each registered oracle with the machine's `pkvm.inspect` view, and a
+non-empty list is an `InvariantViolation` named after the oracle (shrunk like any other
+finding). Registering one is one line in `ORACLES`:
+
+    ORACLES["stale-tlb"] = importlib.import_module("pkvm.check.hw_oracles")
+
+The invariants of `pkvm.check.invariants` and the ghost specification stay where they are (they
+need the call's pre-state); these oracles judge the state after the call alone.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+
+class Oracle(Protocol):
+    def violations(self, inspect: Any) -> list[str]: ...
+
+
+# WARN_ONs the kernel itself lets the host reach (the model mirrors them): each entry names the
+# function and the exact WARN line, matches only that site, and counts what it excused.
+KNOWN_KERNEL_WARNS: dict[str, tuple[str, str, str]] = {
+    "ffa-frag-tx-reclaim": (
+        "do_ffa_mem_frag_tx", "_warn(h, res[0] != FFA_SUCCESS)",
+        "nvhe/ffa.c do_ffa_mem_frag_tx: when sharing the fragment's ranges fails, the proxy "
+        "reclaims the transaction by the host's handle and WARNs if that fails; a host that "
+        "passes a bogus handle with bad ranges reaches it (both kernels)"),
+}
+
+
+def _known(stack: str) -> str | None:
+    for name, (func, line, _why) in KNOWN_KERNEL_WARNS.items():
+        if f"in {func}\n" in stack and stack.rstrip().endswith(line):
+            return name
+    return None
+
+
+def excused_warns(inspect: Any) -> dict[str, int]:
+    """How many of the machine's WARNs each `KNOWN_KERNEL_WARNS` entry excused."""
+    out: dict[str, int] = {}
+    for stack in inspect.warnings():
+        k = _known(stack)
+        if k:
+            out[k] = out.get(k, 0) + 1
+    return out
+
+
+class NoWarn:
+    """No hyp `WARN_ON` fires on a host-reachable path. In Linux a WARN the host can provoke is
+    a bug (fixed as one, e.g. "KVM: arm64: Don't WARN from __pkvm_host_share_guest()"): the
+    host must get an errno, not a splat. A WARN at one of `KNOWN_KERNEL_WARNS` is the kernel's
+    own behaviour: not reported here, counted by `excused_warns`."""
+
+    @staticmethod
+    def violations(inspect: Any) -> list[str]:
+        if not inspect.warning_count():
+            return []
+        bad = [w for w in inspect.warnings() if _known(w) is None]
+        if not bad:
+            return []
+        return [f"hyp WARN_ON fired ({len(bad)} so far); first at:\n{bad[0].rstrip()}"]
+
+
+ORACLES: dict[str, Oracle] = {
+    "no-warn": NoWarn(),
+}
+
+
+ORACLES["hw"] = importlib.import_module("pkvm.check.hw_oracles")  # stray EL2 stores, stale TLBs
+
+
+def run_all(inspect: Any) -> list[tuple[str, str]]:
+    """(oracle, message) for every violation any registered oracle reports now."""
+    out = []
+    for name, o in ORACLES.items():
+        for msg in o.violations(inspect):
+            out.append((name, msg))
+    return out
