@@ -94,6 +94,7 @@ def fixed_calls() -> list[SmcCall]:
         call(AFF32, 1, 0, label="AFFINITY_INFO32"),
         call(AFF64, 1, 0, label="AFFINITY_INFO64 cpu1"),
         call(AFF64, 2, 0, label="AFFINITY_INFO64 cpu2"),
+        call(AFF64, 2, 1, label="AFFINITY_INFO64 cpu2 level 1"),  # found by the random set
         call(0xC400_0007, label="MIGRATE_INFO_UP_CPU64"),
         call(0x8400_001F, label="PSCI unassigned 32"),
         call(0xC400_001F, label="PSCI unassigned 64"),
