@@ -13,7 +13,7 @@ Field table (offsets are computed below; `KVM.describe()` prints them):
 struct kvm: `created_vcpus` int; `arch.pkvm.handle` u32 (the hyp reads 16 bits in 7.2);
 `arch.pkvm.is_protected`, `is_created`, `is_dying` u8; `arch.flags`, `arch.vcpu_features`,
 `arch.ctr_el0`, `arch.midr_el1` u64; `arch.vgic.vgic_model` u32; `arch.id_regs[56]` u64;
-`arch.mmu` (`kvm_s2_mmu`: `vmid`, `pgd_phys`, `vtcr` u64); `arch.pkvm.teardown_mc` and
+`arch.mmu` (`kvm_s2_mmu`, laid out as both kernels lay it out: see `KVM_S2_MMU`); `arch.pkvm.teardown_mc` and
 `arch.pkvm.stage2_teardown_mc` (`kvm_hyp_memcache`: `head`, `nr_pages`, `flags` u64).
 
 struct kvm_vcpu: `kvm` pointer; `vcpu_id`, `vcpu_idx` int; `arch.cflags`, `arch.hcr_el2`,
@@ -94,7 +94,12 @@ KVM = Layout(
         ("arch.vgic.vgic_model", "I", 1),
         ("arch.mmu.vmid", "Q", 1),
         ("arch.mmu.pgd_phys", "Q", 1),
+        ("arch.mmu.pgt", "Q", 1),
         ("arch.mmu.vtcr", "Q", 1),
+        ("arch.mmu.last_vcpu_ran", "Q", 1),
+        ("arch.mmu.split_page_cache", "40s", 1),
+        ("arch.mmu.split_page_chunk_size", "Q", 1),
+        ("arch.mmu.arch", "Q", 1),
         ("arch.pkvm.teardown_mc.head", "Q", 1),
         ("arch.pkvm.teardown_mc.nr_pages", "Q", 1),
         ("arch.pkvm.teardown_mc.flags", "Q", 1),
@@ -104,6 +109,26 @@ KVM = Layout(
         ("arch.id_regs", "Q", NR_ID_REGS),
     ],
 )
+
+# `struct kvm_s2_mmu` at the kernel's own offsets (the same in 6.12 and 7.2, arm64 kvm_host.h:
+# `kvm_vmid` is one atomic64, `kvm_mmu_memory_cache` is 40 bytes): a host pointer to one goes to
+# EL2 with every `__kvm_tlb_flush_*` call, and the hyp reads these fields where Linux's does.
+KVM_S2_MMU = Layout(
+    "kvm_s2_mmu",
+    96,
+    [
+        ("vmid", "Q", 1),
+        ("pgd_phys", "Q", 1),
+        ("pgt", "Q", 1),
+        ("vtcr", "Q", 1),
+        ("last_vcpu_ran", "Q", 1),
+        ("split_page_cache", "40s", 1),
+        ("split_page_chunk_size", "Q", 1),
+        ("arch", "Q", 1),
+    ],
+)
+assert all(KVM.offset(f"arch.mmu.{n}") - KVM.offset("arch.mmu.vmid") == f.offset
+           for n, f in KVM_S2_MMU.fields.items()), "struct kvm's arch.mmu is a kvm_s2_mmu"
 
 KVM_VCPU = Layout(
     "kvm_vcpu",

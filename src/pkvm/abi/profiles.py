@@ -147,6 +147,9 @@ class Profile:
     # 7.2 initialises each hyp vCPU's HCR/MDCR/HCRX (`pkvm_vcpu_init_traps`) and its flush takes
     # only TWI/TWE/VSE from the host; 6.12's flush copies the host's whole HCR_EL2.
     hyp_vcpu_init_traps: bool = False
+    # `enter_vmid_context` loads the host's kvm_s2_mmu with `__load_stage2`, whose 6.12 form
+    # also takes `kern_hyp_va(mmu->arch)`: 6.12 reads `mmu->arch` first, 7.2 never reads it.
+    load_stage2_reads_mmu_arch: bool = False
     # handle_host_smc: 7.2 refuses (x0 = -1, nothing else written) an SMC with a non-zero
     # immediate or bits 63:32 of x0 set; 6.12 ignores both.
     smc_refuses_imm_and_upper: bool = False
@@ -225,6 +228,7 @@ PROFILE_6_12 = Profile(
     attach_foreign_keeps_order=True,
     sizeof_kvm=3952,
     sizeof_kvm_vcpu=7056,
+    load_stage2_reads_mmu_arch=True,
 )
 
 PROFILE_7_2 = Profile(

@@ -27,6 +27,8 @@ def conform(
     guest: str = typer.Option(None, "--guest", help="Run a guest (a built-in name, probe, or "
                               "a raw image file) on both sides instead; compare its exits."),
     protected: bool = typer.Option(False, "--protected", help="--guest: a protected VM."),
+    smc: bool = typer.Option(False, "--smc", help="Compare host SMCs (x0..x17): the measured "
+                             "set plus --random N (default 40) seeded hostile ones."),
     jobs: int = typer.Option(1, help="QEMU instances at once."),
     setup_only: bool = typer.Option(False, "--setup", help="Only set the real side up."),
 ) -> None:
@@ -44,6 +46,8 @@ def conform(
         raise typer.Exit(2) from None
     if guest is not None and not setup_only:
         _guest(guest, kernel, protected)
+    if smc and not setup_only:
+        _smc(kernel, random_n or 40, seed)
     if setup_only:
         raise typer.Exit(0)
     if scenario is not None:
@@ -117,6 +121,20 @@ def _guest(guest: str, kernel: str, protected: bool) -> None:
         err_console.print(f"[red]{e}[/red]")
         raise typer.Exit(2) from None
     raise typer.Exit(code)
+
+
+def _smc(kernel: str, n: int, seed: int) -> None:
+    """`--smc`: pkvm.conform.smc runs the SMCs on both sides and prints the differences."""
+    from pkvm.conform import smc as S
+    from pkvm.conform.real import RealError, SetupError
+
+    try:
+        rep = S.compare(kernel, S.fixed_calls() + S.random_calls(seed, n))
+    except (SetupError, RealError) as e:
+        err_console.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
+    console.print(rep.summary(), markup=False, highlight=False)
+    raise typer.Exit(1 if rep.differences else 0)
 
 
 def register(app: typer.Typer) -> None:

@@ -599,3 +599,15 @@ def smccc_id(kernel: str, name: str) -> int:
     """The whole x0 of host hypercall ``name`` on ``kernel`` (from its own enum)."""
     k = load_kernel(kernel, progress=False)
     return SMCCC_HOST_BASE + k.ids[name]
+
+
+# --- SMC conformance (pkvm.conform.smc): raw module commands on one fresh machine ------------
+def run_module_commands(kernel: str, cmds: list[str], snapshot: bool = True) -> tuple[list[str], str]:
+    """Send the module commands ``cmds`` (e.g. ``smc CPU IMM X0 .. X17``) to one fresh machine
+    of ``kernel``: the answer lines in order (fewer than ``cmds`` if the machine died) and the
+    console."""
+    k = load_kernel(kernel, progress=False)
+    use = snapshot and os.environ.get("PKVM_CONFORM_SNAPSHOT", "1") != "0"
+    console, _ = _run_machine(k, cmds, use)
+    answers = [m.group(1) for m in re.finditer(rf"^{MARK} (.*)$", console, re.MULTILINE)]
+    return answers, console

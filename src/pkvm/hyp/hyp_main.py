@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from pkvm.abi.profiles import Profile
 from pkvm.errors import ENODEV
+from pkvm.hyp import tlb
 from pkvm.hyp.mem_protect import __pkvm_host_share_hyp, __pkvm_host_unshare_hyp
 from pkvm.hyp.mm import el2_read, el2_write_u64, kern_hyp_va
 from pkvm.hyp.panic import HypBug
@@ -175,13 +176,29 @@ def handle___kvm_flush_vm_context(h: HypState, c: HostCtxt) -> None:
     pass
 
 
-def _tlb_flush_mmu(h: HypState, c: HostCtxt) -> None:
-    _deref(h, c, 1, 24)  # the host kvm_s2_mmu: VMID, VTCR, pgd
+@host_hcall("__kvm_tlb_flush_vmid_ipa")
+def handle___kvm_tlb_flush_vmid_ipa(h: HypState, c: HostCtxt) -> None:
+    tlb.__kvm_tlb_flush_vmid_ipa(h, c.host_ptr(1), c.u64(2), c.s32(3))
 
 
-for _name in ("__kvm_tlb_flush_vmid_ipa", "__kvm_tlb_flush_vmid_ipa_nsh", "__kvm_tlb_flush_vmid",
-              "__kvm_tlb_flush_vmid_range", "__kvm_flush_cpu_context"):
-    host_hcall(_name)(_tlb_flush_mmu)
+@host_hcall("__kvm_tlb_flush_vmid_ipa_nsh")
+def handle___kvm_tlb_flush_vmid_ipa_nsh(h: HypState, c: HostCtxt) -> None:
+    tlb.__kvm_tlb_flush_vmid_ipa_nsh(h, c.host_ptr(1), c.u64(2), c.s32(3))
+
+
+@host_hcall("__kvm_tlb_flush_vmid_range")
+def handle___kvm_tlb_flush_vmid_range(h: HypState, c: HostCtxt) -> None:
+    tlb.__kvm_tlb_flush_vmid_range(h, c.host_ptr(1), c.u64(2), c.u64(3))
+
+
+@host_hcall("__kvm_tlb_flush_vmid")
+def handle___kvm_tlb_flush_vmid(h: HypState, c: HostCtxt) -> None:
+    tlb.__kvm_tlb_flush_vmid(h, c.host_ptr(1))
+
+
+@host_hcall("__kvm_flush_cpu_context")
+def handle___kvm_flush_cpu_context(h: HypState, c: HostCtxt) -> None:
+    tlb.__kvm_flush_cpu_context(h, c.host_ptr(1))
 
 
 @host_hcall("__kvm_timer_set_cntvoff")

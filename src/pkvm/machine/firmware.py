@@ -113,8 +113,10 @@ class Firmware:
         if fid == MIGRATE_INFO_TYPE:
             return PSCI_TOS_NOT_PRESENT_MP
         if fid in (AFFINITY_INFO, AFFINITY_INFO64):
+            if a2 != 0:  # QEMU: every affinity level above 0 is on (measured)
+                return 0
             target = self.cpu_of(a1)
-            if a2 != 0 or target is None:
+            if target is None:
                 return PSCI_RET_INVALID_PARAMS
             return 0 if self.power[target] == ON else 1
         if fid in (CPU_ON, CPU_ON64):

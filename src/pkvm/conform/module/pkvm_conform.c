@@ -18,6 +18,9 @@
  *   page NAME                     allocate page NAME now; answers as "pages" does
  *   pages                         the current sequence's name -> pfn map
  *   ids                           every host hypercall name with its index in the enum
+ *   smc CPU IMM X0 .. X17         (SMC conformance) `smc #IMM` on CPU with x0..x17 as given
+ *                                 (numbers; missing ones 0); IMM is 0, 1 or 0xffff. The
+ *                                 answer holds x0..x17 after the call (key "smc")
  * Missing arguments are 0. The hypercall runs on CPU with interrupts off (IPI or local).
  */
 #include <linux/module.h>
@@ -269,6 +272,87 @@ static void pkvmc_cmd_ids(void)
 	pkvmc_printf("}}\n");
 }
 
+/* --- SMC conformance: `smc #imm` from EL1 with x0..x17 set, all 18 registers read back ---- */
+#define PKVMC_SMC_REGS 18
+
+struct pkvmc_smc {
+	u64 imm;
+	u64 x[PKVMC_SMC_REGS];
+};
+
+#define PKVMC_SMC_ASM(IMM)								\
+	asm volatile("ldp x0, x1, [%0, #0]\n\t"						\
+		     "ldp x2, x3, [%0, #16]\n\t"					\
+		     "ldp x4, x5, [%0, #32]\n\t"					\
+		     "ldp x6, x7, [%0, #48]\n\t"					\
+		     "ldp x8, x9, [%0, #64]\n\t"					\
+		     "ldp x10, x11, [%0, #80]\n\t"					\
+		     "ldp x12, x13, [%0, #96]\n\t"					\
+		     "ldp x14, x15, [%0, #112]\n\t"					\
+		     "ldp x16, x17, [%0, #128]\n\t"					\
+		     "smc #" #IMM "\n\t"						\
+		     "stp x0, x1, [%0, #0]\n\t"					\
+		     "stp x2, x3, [%0, #16]\n\t"					\
+		     "stp x4, x5, [%0, #32]\n\t"					\
+		     "stp x6, x7, [%0, #48]\n\t"					\
+		     "stp x8, x9, [%0, #64]\n\t"					\
+		     "stp x10, x11, [%0, #80]\n\t"					\
+		     "stp x12, x13, [%0, #96]\n\t"					\
+		     "stp x14, x15, [%0, #112]\n\t"					\
+		     "stp x16, x17, [%0, #128]\n\t"					\
+		     : : "r"(x) : "x0", "x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8",	\
+		       "x9", "x10", "x11", "x12", "x13", "x14", "x15", "x16", "x17",	\
+		       "memory")
+
+static void pkvmc_do_smc(void *data)
+{
+	struct pkvmc_smc *r = data;
+	u64 *x = r->x;	/* in a callee-saved register: SMCCC preserves x18..x30 */
+
+	switch (r->imm) {
+	case 0:
+		PKVMC_SMC_ASM(0);
+		break;
+	case 1:
+		PKVMC_SMC_ASM(1);
+		break;
+	default:
+		PKVMC_SMC_ASM(0xffff);
+		break;
+	}
+}
+
+static void pkvmc_cmd_smc(char *rest)
+{
+	struct pkvmc_smc r = {};
+	char *tok;
+	unsigned int cpu;
+	int n = 0, i, err;
+
+	tok = strsep(&rest, " ");
+	if (!tok || kstrtouint(tok, 0, &cpu) || cpu >= nr_cpu_ids || !cpu_online(cpu))
+		return pkvmc_error("bad cpu", tok);
+	tok = strsep(&rest, " ");
+	if (!tok || kstrtou64(tok, 0, &r.imm) || (r.imm != 0 && r.imm != 1 && r.imm != 0xffff))
+		return pkvmc_error("bad smc immediate (0, 1 or 0xffff)", tok);
+	while ((tok = strsep(&rest, " ")) != NULL) {
+		if (!*tok)
+			continue;
+		if (n == PKVMC_SMC_REGS)
+			return pkvmc_error("too many registers", tok);
+		if (kstrtou64(tok, 0, &r.x[n++]))
+			return pkvmc_error("bad register value", tok);
+	}
+	err = smp_call_function_single(cpu, pkvmc_do_smc, &r, 1);
+	if (err)
+		return pkvmc_error("cpu call failed", "");
+	pkvmc_printf("{\"smc\": [");
+	for (i = 0; i < PKVMC_SMC_REGS; i++)
+		pkvmc_printf("%s\"0x%llx\"", i ? ", " : "", r.x[i]);
+	pkvmc_printf("]}\n");
+}
+/* --- end of SMC conformance ----------------------------------------------------------------- */
+
 static ssize_t pkvmc_write(struct file *file, const char __user *ubuf, size_t len, loff_t *off)
 {
 	char buf[PKVMC_IN_LEN];
@@ -304,6 +388,8 @@ static ssize_t pkvmc_write(struct file *file, const char __user *ubuf, size_t le
 		pkvmc_cmd_pages();
 	} else if (!strcmp(cmd, "ids")) {
 		pkvmc_cmd_ids();
+	} else if (!strcmp(cmd, "smc")) {
+		pkvmc_cmd_smc(rest ? rest : "");
 	} else {
 		pkvmc_error("unknown command", cmd);
 	}
