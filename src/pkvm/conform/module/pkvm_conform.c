@@ -16,7 +16,7 @@
  *                                 whose fd is FD in the writing process, as vm:NAME; x1 of the
  *                                 answer is the handle
  *   page NAME                     allocate page NAME now; answers as "pages" does
- *   pages                         the current sequence's name -> pfn map
+ *   pages                         the current sequence's name -> pfn map (and -> kernel VA)
  *   ids                           every host hypercall name with its index in the enum
  * Missing arguments are 0. The hypercall runs on CPU with interrupts off (IPI or local).
  */
@@ -137,17 +137,19 @@ static struct page *pkvmc_named_page(const char *name)
 	return page;
 }
 
+/* A VM's name keeps its handle after the VM is gone (a stale handle); a VM never made is 0. */
 static int pkvmc_vm_handle(const char *name, u64 *handle)
 {
 	int i;
 
+	*handle = 0;
 	for (i = pkvmc_nvms - 1; i >= 0; i--) {
 		if (!strcmp(pkvmc_vms[i].name, name)) {
 			*handle = pkvmc_vms[i].handle;
-			return 0;
+			break;
 		}
 	}
-	return -ENOENT;
+	return 0;
 }
 
 /* One argument: a number or a symbolic page or VM reference. */
@@ -255,6 +257,10 @@ static void pkvmc_cmd_pages(void)
 	for (i = 0; i < pkvmc_npages; i++)
 		pkvmc_printf("%s\"%s\": \"0x%lx\"", i ? ", " : "", pkvmc_pages[i].name,
 			     page_to_pfn(pkvmc_pages[i].page));
+	pkvmc_printf("}, \"vas\": {");
+	for (i = 0; i < pkvmc_npages; i++)
+		pkvmc_printf("%s\"%s\": \"0x%llx\"", i ? ", " : "", pkvmc_pages[i].name,
+			     (u64)page_address(pkvmc_pages[i].page));
 	pkvmc_printf("}}\n");
 }
 
