@@ -106,6 +106,9 @@ def run_sequence_on_model(kernel: str, steps: list[RawStep], machine=None,
             dead = f"hyp panic: {e.reason}"
             note = dead + (_mapped_earlier(kernel, steps[: len(out)], e.reason) if fresh else "")
             out.append(run.result(0, 0, 0, 0, panic=True, note=note))
+        except _HostSError as e:
+            dead = str(e)
+            out.append(run.result(0, 0, 0, 0, panic=True, note=dead))
         except pkvm.HostDataAbort as e:
             # 6.12's hyp panics on a refused host access; 7.2 injects an abort the host
             # kernel cannot handle (an oops in kernel code)
@@ -149,9 +152,21 @@ def _step(run: ModelRun, st: RawStep) -> RealResult:
     return run.result(r.x0, r.x1, r.x2, r.x3)
 
 
+class _HostSError(Exception):
+    """Linux's KVM_RUN would have panicked the host kernel."""
+
+
 def _exit(e: Any) -> tuple[int, int]:
     """(kvm_run exit reason, MMIO address) of a model `VcpuExit`; an exit userspace never
-    sees from Linux's KVM_RUN (a WFI, an IRQ) is reported as reason -1."""
+    sees from Linux's KVM_RUN (a WFI, an IRQ) is reported as reason -1.
+
+    A negative `__kvm_vcpu_run` return (the hyp found no hyp vCPU to run) has bit 31 set:
+    Linux's `handle_exit_early` takes it for a pending SError and, on a CPU with RAS (QEMU's
+    `-cpu max`), `kvm_handle_guest_serror` finds the SError fatal and panics the host. The
+    model's host driver returns a "fail" exit instead; the VMM step reports what Linux does."""
+    if e.kind == "fail" and e.detail.startswith("__kvm_vcpu_run = -"):
+        raise _HostSError(f"host oops: {e.detail}: KVM takes it for a pending SError "
+                          "(handle_exit_early) and panics (kvm_handle_guest_serror)")
     reason = EXIT_REASONS.get(e.kind, -1)
     return reason, e.addr if e.kind == "mmio" else 0
 

@@ -164,9 +164,12 @@ class _Gen:
         out.append(RawStep("__pkvm_vcpu_put", (), cpu))
         return out
 
-    def sequence(self, length: int) -> list[RawStep]:
+    def sequence(self, length: int, index: int) -> list[RawStep]:
         rng = self.rng
         seq = self.setup()
+        # round robin: sequence i makes call i (mod their number), so a budget of as many
+        # sequences as the kernel has calls makes each at least once
+        seq.append(self.call(self.pkvm_calls[index % len(self.pkvm_calls)], rng.randrange(2)))
         while len(seq) < length:
             cpu, r = rng.randrange(2), rng.random()
             if self.v72 and r < 0.3:
@@ -182,6 +185,8 @@ class _Gen:
             elif r < 0.5:
                 seq.append(RawStep(rng.choice([0xC600_0000 + len(self.names) + rng.randrange(4),
                                                0x8400_0000, rng.getrandbits(64)]), (), cpu))
+            elif r < 0.58 and seq[-1].call in self.names:  # the same call again, maybe elsewhere
+                seq.append(RawStep(seq[-1].call, seq[-1].args, rng.randrange(2)))
             else:
                 seq.append(self.call(rng.choice(self.pkvm_calls), cpu))
         if rng.random() < 0.04 and self.deref:
@@ -205,7 +210,7 @@ def probes(seq: list[RawStep]) -> list[RawStep]:
 def random_sequences(kernel: str, n: int, seed: int, length: int = 12) -> list[list[RawStep]]:
     """`n` deep hostile sequences of about `length` steps (plus set-up and probes)."""
     rng = random.Random(seed)
-    return [_Gen(kernel, rng).sequence(length) for _ in range(n)]
+    return [_Gen(kernel, rng).sequence(length, i) for i in range(n)]
 
 
 # -- coverage --------------------------------------------------------------------------------
