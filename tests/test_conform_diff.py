@@ -272,3 +272,15 @@ def test_run_after_the_hyp_vm_is_gone_panics_the_host(kernel):
     assert out[1].x1 == 0
     assert out[2].kind == "host oops" and "__kvm_vcpu_run = -22" in out[2].note
     assert out[3].not_run
+
+
+def test_docs_comparison_snippet_runs():
+    """docs/conform.md's offline example (the others need QEMU: the `conform` tests run them)."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "docs" / "conform.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "compare_step" in b]
+    assert blocks
+    for b in blocks:
+        exec(compile(b, "docs/conform.md", "exec"), {})  # noqa: S102
