@@ -284,3 +284,16 @@ def test_docs_comparison_snippet_runs():
     assert blocks
     for b in blocks:
         exec(compile(b, "docs/conform.md", "exec"), {})  # noqa: S102
+
+
+# -- divergences the deep random sequences found (fixed in the model) ----------------------------
+@pytest.mark.parametrize("gfn,panics", [(1 << 40, True), (0x8458_6557_D99D_5D90, True),
+                                        (0x1004_0000, False), (0x40000, False)])
+def test_test_clear_young_past_the_ipa_range_is_a_hyp_bug(gfn, panics):
+    """7.2: kvm_pgtable_stage2_test_clear_young WARNs when the walk fails (an IPA past the
+    guest's range); at EL2 a WARN is fatal. Linux 7.2.13 under QEMU: nVHE hyp BUG."""
+    out = run_sequence_on_model("7.2", [vm_create("vm:a"), RawStep(
+        "__pkvm_host_test_clear_young_guest", ("vm:a", gfn, 1, 1))])
+    assert (out[1].kind == "hyp panic") == panics
+    if panics:
+        assert "kvm_pgtable_stage2_test_clear_young" in out[1].note
