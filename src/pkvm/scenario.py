@@ -27,7 +27,8 @@ from pkvm.abi.profiles import ALL_HCALL_NAMES
 from pkvm.errors import Errno, HostDataAbort, HostError, HypPanic, errno_name
 
 PAGE_SHIFT = 12
-ACTIONS = ("hvc", "host_read", "host_write", "alloc", "create_vm", "map", "run", "destroy")
+ACTIONS = ("hvc", "host_read", "host_write", "alloc", "create_vm", "map", "run", "topup",
+           "destroy")
 # Keys each action accepts besides itself and the common ones.
 ACTION_KEYS: dict[str, set[str]] = {
     "hvc": {"args"},
@@ -37,6 +38,7 @@ ACTION_KEYS: dict[str, set[str]] = {
     "create_vm": {"vcpus", "protected", "memory", "code"},
     "map": {"gfn", "n"},
     "run": {"vcpu"},
+    "topup": {"vcpu", "pages"},
     "destroy": set(),
 }
 COMMON_KEYS = {"cpu", "expect", "note"}
@@ -271,11 +273,12 @@ def _parse_step(raw: dict[str, Any], path: str, text: str, line: int | None) -> 
                 isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 1 << 32 for w in code):
             raise err("code", "code must be a list of 32-bit instruction words (loaded at the "
                       "guest's RAM base, where its vCPUs start)")
-    elif action == "run":
+    elif action in ("run", "topup"):
         _check_name(target, err, action)
-        vcpu = fields.get("vcpu", 0)
-        if not isinstance(vcpu, int) or isinstance(vcpu, bool) or vcpu < 0:
-            raise err("vcpu", "vcpu must be a vCPU index (0, 1, ...)")
+        for key in ("vcpu", "pages"):
+            v = fields.get(key, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise err(key, f"{key} must be a non-negative integer")
     elif action == "map":
         _check_name(target, err, action)
         if not isinstance(fields.get("gfn", 0x40000), int):
@@ -463,6 +466,12 @@ class _Runner:
                         self.backing[(step.target, g)] = vm.memslot[g]
                         named.append(vm.memslot[g] >> PAGE_SHIFT)
             return "ok", f"mapped gfn {gfn:#x}+{n}", None
+        if a == "topup":
+            idx = f.get("vcpu", 0)
+            if idx >= len(vm.vcpus):
+                raise HostError(22, "topup", None, f"VM {step.target!r} has no vCPU {idx}")
+            vm.topup_memcache(vm.vcpus[idx], f.get("pages", 4))
+            return "ok", f"vCPU {idx}'s memcache topped up to {f.get('pages', 4)} page(s)", None
         if a == "run":
             idx = f.get("vcpu", 0)
             if idx >= len(vm.vcpus):  # as a VMM without that vCPU fd answers

@@ -263,6 +263,9 @@ def scenario_tables(seq: list[RawStep], real: list[RealResult] | None = None) ->
                 out.append({"run": name, "vcpu": 0})
             elif st.call == "vmm:run":
                 out.append({"run": name, "vcpu": int(st.args[1]) if len(st.args) > 1 else 0})
+            elif st.call == "vmm:topup":
+                out.append({"topup": name, "vcpu": int(st.args[1]) if len(st.args) > 1 else 0,
+                            "pages": int(st.args[2]) if len(st.args) > 2 else 4})
             else:
                 out.append({"destroy": name})
             continue
@@ -292,7 +295,7 @@ def write_scenario(kernel: str, seq: list[RawStep], path: str,
 def from_scenario(sc) -> list[RawStep]:
     """The `RawStep`s of a loaded scenario (the inverse of `scenario_tables`). A `create_vm`
     with guest `code` and the `run` of its vCPU 0 right after it are one `vmm:create`."""
-    from pkvm.conform.real import vm_create, vm_destroy, vm_run
+    from pkvm.conform.real import vm_create, vm_destroy, vm_run, vm_topup
 
     out: list[RawStep] = []
     steps = list(sc.steps)
@@ -312,10 +315,13 @@ def from_scenario(sc) -> list[RawStep]:
                 i += 1  # the helper's create runs vCPU 0 once
         elif st.action == "run":
             out.append(vm_run(f"vm:{st.target}", st.fields.get("vcpu", 0)))
+        elif st.action == "topup":
+            out.append(vm_topup(f"vm:{st.target}", st.fields.get("vcpu", 0),
+                                st.fields.get("pages", 4)))
         elif st.action == "destroy":
             out.append(vm_destroy(f"vm:{st.target}"))
         else:
             raise ValueError(f"step {i} ({st.action}): the real side replays only hvc, "
-                             "create_vm, run and destroy steps")
+                             "create_vm, run, topup and destroy steps")
         i += 1
     return out

@@ -194,10 +194,18 @@ def _vmm_step(run: ModelRun, st: RawStep) -> RealResult:
     vm = run.vms.get(name)
     if vm is None:
         return run.result(-ENOENT, 0, 0, 0)  # the helper: no VM of that name
-    if st.call == "vmm:run":
+    if st.call in ("vmm:run", "vmm:topup"):
         vcpu = int(st.args[1]) if len(st.args) > 1 else 0
         if not 0 <= vcpu < len(vm.vcpus):
             return run.result(-EINVAL, 0, 0, 0)
+        if st.call == "vmm:topup":
+            n = int(st.args[2]) if len(st.args) > 2 else 4
+            if not 0 <= n <= 64:
+                return run.result(-EINVAL, 0, 0, 0)
+            v = vm.vcpus[vcpu]
+            vm.topup_memcache(v, n)
+            return run.result(0, m.host.read_u64(v.field_pa("arch.pkvm_memcache.nr_pages")),
+                              0, 0)
         reason, addr = _exit(vm.vcpus[vcpu].run())
         return run.result(0, reason, addr, 0)
     vm.destroy()

@@ -50,11 +50,12 @@ __all__ = [
     "vm_create",
     "vm_destroy",
     "vm_run",
+    "vm_topup",
 ]
 
 MASK64 = (1 << 64) - 1
 _SYMBOL = re.compile(r"(page|pa|va|vm):[A-Za-z0-9_-]{1,20}")
-VMM_CALLS = ("vmm:create", "vmm:run", "vmm:destroy")
+VMM_CALLS = ("vmm:create", "vmm:run", "vmm:destroy", "vmm:topup")
 SMCCC_HOST_BASE = 0xC600_0000  # fast call, SMC64, owner "vendor hypervisor"
 PKVM_UP = "Protected hVHE mode initialized successfully"
 MARK = "@@PKVMC"
@@ -111,6 +112,13 @@ def vm_create(vm: str, vcpus: int = 1, protected: bool = False) -> RawStep:
 def vm_run(vm: str, vcpu: int = 0) -> RawStep:
     """A VMM step: one KVM_RUN; x0 = 0 or -errno, x1 = exit reason, x2 = MMIO address."""
     return RawStep("vmm:run", (vm, vcpu))
+
+
+def vm_topup(vm: str, vcpu: int = 0, pages: int = 4) -> RawStep:
+    """A VMM step: fill vCPU ``vcpu``'s pKVM memcache up to ``pages`` fresh pages (what KVM's
+    ``topup_hyp_memcache`` does before a guest-memory call); x0 = 0 or -errno, x1 = pages held.
+    7.2 only (6.12's vCPUs have no such memcache)."""
+    return RawStep("vmm:topup", (vm, vcpu, pages))
 
 
 def vm_destroy(vm: str) -> RawStep:

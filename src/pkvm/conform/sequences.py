@@ -26,7 +26,7 @@ import random
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
-from pkvm.conform.real import RawStep, vm_create, vm_destroy, vm_run
+from pkvm.conform.real import RawStep, vm_create, vm_destroy, vm_run, vm_topup
 
 if TYPE_CHECKING:
     from pkvm.conform.diff import StepDiff
@@ -87,7 +87,9 @@ class _Gen:
         deref = DEREF | ({"__kvm_vcpu_run"} if not self.v72 else set())  # 6.12: a vCPU pointer
         self.pkvm_calls = [c for c in self.names[self.prof.min_pkvm:] if c not in deref]
         self.deref = sorted(deref & set(self.names))
+        self.robin = [c for c in self.names[1:] if c not in deref]
         self.vms: list[str] = []
+        self.protected: dict[str, bool] = {}  # the VMs made live, protected or not
         self.pages = ["page:p0", "page:p1", "page:p2", "page:s", "page:g"]
 
     def arg(self, kind: str) -> int | str:
@@ -143,11 +145,15 @@ class _Gen:
     def setup(self) -> list[RawStep]:
         rng, out = self.rng, []
         if rng.random() < 0.85:
-            out.append(vm_create("vm:a", rng.choice([1, 1, 2]), self.v72 and rng.random() < 0.3))
+            prot = self.v72 and rng.random() < 0.3
+            out.append(vm_create("vm:a", rng.choice([1, 1, 2]), prot))
             self.vms.append("vm:a")
+            self.protected["vm:a"] = prot
         if rng.random() < 0.35:
-            out.append(vm_create("vm:b", 1, self.v72 and rng.random() < 0.5))
+            prot = self.v72 and rng.random() < 0.5
+            out.append(vm_create("vm:b", 1, prot))
             self.vms.append("vm:b")
+            self.protected["vm:b"] = prot
         if rng.random() < 0.3:  # a VM already gone: its handle is stale
             out += [vm_create("vm:c", 1), vm_destroy("vm:c")]
             self.vms.append("vm:c")
@@ -158,9 +164,21 @@ class _Gen:
         """7.2: load a vCPU on `cpu`, make guest-memory calls there, put it."""
         rng = self.rng
         vm = rng.choice(self.vms) if self.vms else 0
-        out = [RawStep("__pkvm_vcpu_load", (vm, rng.choice([0, 0, 1]), HCR_GUEST), cpu)]
+        idx = rng.choice([0, 0, 1])
+        out = []
+        if vm and rng.random() < 0.6:  # KVM tops the memcache up before such calls
+            out.append(vm_topup(str(vm), idx, rng.choice([1, 2, 4, 8])))
+        out.append(RawStep("__pkvm_vcpu_load", (vm, idx, HCR_GUEST), cpu))
         for _ in range(rng.randrange(1, 5)):
-            out.append(self.call(rng.choice(VCPU_CALLS), cpu))
+            if rng.random() < 0.4 and vm in self.protected:  # a well-formed transfer
+                page = rng.choice(["page:p0", "page:p1", "page:g"])
+                gfn = GUEST_GFN + rng.choice([1, 2, 3, 0x10])
+                if self.protected[vm]:
+                    out.append(RawStep("__pkvm_host_donate_guest", (page, gfn), cpu))
+                else:
+                    out.append(RawStep("__pkvm_host_share_guest", (page, gfn, 1, 7), cpu))
+            else:
+                out.append(self.call(rng.choice(VCPU_CALLS), cpu))
         out.append(RawStep("__pkvm_vcpu_put", (), cpu))
         return out
 
@@ -169,7 +187,7 @@ class _Gen:
         seq = self.setup()
         # round robin: sequence i makes call i (mod their number), so a budget of as many
         # sequences as the kernel has calls makes each at least once
-        seq.append(self.call(self.pkvm_calls[index % len(self.pkvm_calls)], rng.randrange(2)))
+        seq.append(self.call(self.robin[index % len(self.robin)], rng.randrange(2)))
         while len(seq) < length:
             cpu, r = rng.randrange(2), rng.random()
             if self.v72 and r < 0.3:
