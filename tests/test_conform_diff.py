@@ -22,7 +22,7 @@ from pkvm.conform.real import RawStep, RealResult, vm_create, vm_destroy, vm_run
 from test_conform_real import ROWS, setup_or_skip
 
 KERNELS = ["6.12", "7.2"]
-RANDOM_BUDGET, RANDOM_SEED = 50, 7  # the default random budget of CI (per kernel)
+RANDOM_BUDGET, RANDOM_SEED = 60, 7  # the default random budget of CI (per kernel)
 _REAL: dict[str, tuple[list, list]] = {}
 
 

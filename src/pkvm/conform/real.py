@@ -61,7 +61,7 @@ PKVM_UP = "Protected hVHE mode initialized successfully"
 MARK = "@@PKVMC"
 CPUS = 2  # -smp 2, as measured in the spec
 BOOT_TIMEOUT = 240.0  # seconds, a whole batch at most; TCG on 2 cores boots in a few seconds
-STEP_TIMEOUT = 0.5  # seconds per command added to a batch's allowance
+STEP_TIMEOUT = 1.0  # seconds per command added to a batch's allowance
 
 
 class RealError(RuntimeError):
@@ -304,7 +304,7 @@ def qemu_command(k: Kernel, initrd: Path) -> list[str]:
 def _batch_timeout(cmds: list[str], boot: bool) -> float:
     """How long a machine may take for ``cmds`` before it counts as hung (a CPU locked up in
     the hyp answers nothing: that is a result, "lockup", not a harness failure)."""
-    return min(BOOT_TIMEOUT, (40.0 if boot else 20.0) + STEP_TIMEOUT * len(cmds))
+    return min(BOOT_TIMEOUT, (90.0 if boot else 60.0) + STEP_TIMEOUT * len(cmds))
 
 
 def _hang_note(timeout: float) -> str:

@@ -109,7 +109,7 @@ class _Gen:
         if kind == "nr":
             return rng.choice([1, 1, 2, 3, 512, 0, rng.getrandbits(64)])
         if kind == "prot":
-            return rng.choice([1, 3, 5, 7, 2, 0, 8, rng.getrandbits(64)])
+            return rng.choice([1, 3, 5, 7, 2, 0, 8, 0xF, 0x17, rng.getrandbits(64)])
         if kind == "va":  # a page of ours only: the hyp may take it for a while
             return rng.choice(["va:p0", "va:s", "va:p1"])
         if kind == "kva":  # a struct kvm / kvm_vcpu to pin: ours, shared or not
@@ -132,15 +132,42 @@ class _Gen:
             return rng.choice([0, 1, 2, rng.getrandbits(16)])
         return rng.getrandbits(64)
 
+    def good(self, kind: str) -> int | str:
+        """A value a well-behaved host would pass for an argument of this kind."""
+        rng = self.rng
+        live = [v for v in self.vms if v != "vm:c"]
+        table: dict[str, list[int | str]] = {
+            "pfn": ["page:p0", "page:p1", "page:g"], "handle": live or [0x1000],
+            "gfn": [GUEST_GFN, GUEST_GFN + 1, GUEST_GFN + 2], "nr": [1], "prot": [7, 3, 1, 5],
+            "vcpu": [0], "hcr": [HCR_GUEST], "bool": [0, 1], "cpu": [0, 1], "size": [4096],
+        }
+        if kind in table:
+            return rng.choice(table[kind])
+        return self.arg(kind)
+
     def call(self, name: str, cpu: int) -> RawStep:
         sig = SIGS.get(name)
         if sig is None:
             sig = ("word",) * self.rng.randrange(4)
-        args = [self.arg(k) for k in sig]
+        if self.rng.random() < 0.4:  # plausible values, one of them perhaps hostile
+            args = [self.good(k) for k in sig]
+            if args and self.rng.random() < 0.3:
+                i = self.rng.randrange(len(args))
+                args[i] = self.arg(sig[i])
+        else:
+            args = [self.arg(k) for k in sig]
         if self.rng.random() < 0.15:  # garbage in the registers the call does not read
             args += [self.rng.getrandbits(64) for _ in range(self.rng.randrange(1, 7 - len(sig)))
                      ] if len(sig) < 6 else []
         return RawStep(name, tuple(args), cpu)
+
+    def spoil(self, st: RawStep) -> RawStep:
+        """A well-formed call with one argument redrawn from its kind's hostile values."""
+        sig = SIGS[str(st.call)]
+        i = self.rng.randrange(len(st.args))
+        args = list(st.args)
+        args[i] = self.arg(sig[i])
+        return RawStep(st.call, tuple(args), st.cpu)
 
     def setup(self) -> list[RawStep]:
         rng, out = self.rng, []
@@ -174,9 +201,10 @@ class _Gen:
                 page = rng.choice(["page:p0", "page:p1", "page:g"])
                 gfn = GUEST_GFN + rng.choice([1, 2, 3, 0x10])
                 if self.protected[vm]:
-                    out.append(RawStep("__pkvm_host_donate_guest", (page, gfn), cpu))
+                    st = RawStep("__pkvm_host_donate_guest", (page, gfn), cpu)
                 else:
-                    out.append(RawStep("__pkvm_host_share_guest", (page, gfn, 1, 7), cpu))
+                    st = RawStep("__pkvm_host_share_guest", (page, gfn, 1, 7), cpu)
+                out.append(self.spoil(st) if rng.random() < 0.3 else st)
             else:
                 out.append(self.call(rng.choice(VCPU_CALLS), cpu))
         out.append(RawStep("__pkvm_vcpu_put", (), cpu))
@@ -203,12 +231,12 @@ class _Gen:
             elif r < 0.5:
                 seq.append(RawStep(rng.choice([0xC600_0000 + len(self.names) + rng.randrange(4),
                                                0x8400_0000, rng.getrandbits(64)]), (), cpu))
-            elif r < 0.58 and seq[-1].call in self.names:  # the same call again, maybe elsewhere
+            elif r < 0.62 and seq[-1].call in self.names:  # the same call again, maybe elsewhere
                 seq.append(RawStep(seq[-1].call, seq[-1].args, rng.randrange(2)))
             else:
                 seq.append(self.call(rng.choice(self.pkvm_calls), cpu))
         if rng.random() < 0.04 and self.deref:
-            arg = rng.choice(["va:s", "va:p0", 0])
+            arg = rng.choice(["va:s", "va:p0"])  # NULL would name Linux's first RAM page
             return seq + [RawStep(rng.choice(self.deref), (arg,), rng.randrange(2))]
         return seq + probes(seq)
 
