@@ -76,8 +76,14 @@ def test_deep_random_sequences_agree(kernel):
         assert cov["__pkvm_vcpu_load"]["real"]["ok"] > 0
 
 
+def _mutant_cases() -> list:
+    return [pytest.param(m, id=m.name, marks=pytest.mark.xfail(
+        strict=True, reason=CM.UNDETECTED[m.name])) if m.name in CM.UNDETECTED else
+        pytest.param(m, id=m.name) for m in CM.MUTANTS]
+
+
 @pytest.mark.conform
-@pytest.mark.parametrize("mutant", CM.MUTANTS, ids=lambda m: m.name)
+@pytest.mark.parametrize("mutant", _mutant_cases())
 def test_mutant_is_detected(mutant):
     """Each model mutant diverges from Linux somewhere in the default random budget."""
     for kernel in mutant.kernels:
