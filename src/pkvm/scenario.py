@@ -27,22 +27,25 @@ from pkvm.abi.profiles import ALL_HCALL_NAMES
 from pkvm.errors import Errno, HostDataAbort, HostError, HypPanic, errno_name
 
 PAGE_SHIFT = 12
-ACTIONS = ("hvc", "host_read", "host_write", "alloc", "create_vm", "map", "destroy")
+ACTIONS = ("hvc", "host_read", "host_write", "alloc", "create_vm", "map", "run", "topup",
+           "destroy")
 # Keys each action accepts besides itself and the common ones.
 ACTION_KEYS: dict[str, set[str]] = {
     "hvc": {"args"},
     "host_read": {"size"},
     "host_write": {"data"},
     "alloc": {"pages"},
-    "create_vm": {"vcpus", "protected", "memory"},
+    "create_vm": {"vcpus", "protected", "memory", "code"},
     "map": {"gfn", "n"},
+    "run": {"vcpu"},
+    "topup": {"vcpu", "pages"},
     "destroy": set(),
 }
 COMMON_KEYS = {"cpu", "expect", "note"}
 EXPECT_KEYS = {"x0", "x1", "x2", "x3", "errno", "ok", "abort", "panic", "data"}
 MACHINE_KEYS = {"memory", "cpus", "abi", "check"}
 MACHINE_DEFAULTS: dict[str, Any] = {"memory": "256M", "cpus": 2, "abi": "latest"}
-SYMBOL = re.compile(r"^(page|pa|vm|vcpu|gfn):([A-Za-z_][\w.-]*)(?::(0x[0-9a-fA-F]+|\d+))?"
+SYMBOL = re.compile(r"^(page|pa|va|vm|vcpu|gfn):([A-Za-z_][\w.-]*)(?::(0x[0-9a-fA-F]+|\d+))?"
                     r"(?:\+(0x[0-9a-fA-F]+|\d+))?$")
 
 
@@ -265,6 +268,17 @@ def _parse_step(raw: dict[str, Any], path: str, text: str, line: int | None) -> 
             raise err("protected", "protected must be true or false")
         if not isinstance(fields.get("memory", "16M"), (str, int)):
             raise err("memory", "memory must be bytes or a size such as \"16M\"")
+        code = fields.get("code", [])
+        if not isinstance(code, list) or not all(
+                isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 1 << 32 for w in code):
+            raise err("code", "code must be a list of 32-bit instruction words (loaded at the "
+                      "guest's RAM base, where its vCPUs start)")
+    elif action in ("run", "topup"):
+        _check_name(target, err, action)
+        for key in ("vcpu", "pages"):
+            v = fields.get(key, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise err(key, f"{key} must be a non-negative integer")
     elif action == "map":
         _check_name(target, err, action)
         if not isinstance(fields.get("gfn", 0x40000), int):
@@ -298,7 +312,7 @@ def _check_name(v: Any, err: Callable[[str | None, str], ScenarioError], key: st
 
 
 def _check_value(v: Any, err: Callable[[str | None, str], ScenarioError], key: str,
-                 symbolic: tuple[str, ...] = ("page", "pa", "vm", "vcpu", "gfn")) -> None:
+                 symbolic: tuple[str, ...] = ("page", "pa", "va", "vm", "vcpu", "gfn")) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise err(key, f"a value is an integer or a symbol such as \"page:a\", not {v!r}")
     if isinstance(v, str):
@@ -341,6 +355,10 @@ class _Runner:
             return pa + (offset << PAGE_SHIFT) if address else (pa >> PAGE_SHIFT) + offset
         if kind == "pa":
             return self.page(name) + offset
+        if kind == "va":
+            from pkvm.host.kvm import host_va
+
+            return host_va(self.page(name)) + offset
         if name not in self.vms:
             raise ScenarioError(self.path, step.line, f"no VM named {name!r}: create it first "
                                 f"with create_vm = \"{name}\"")
@@ -429,6 +447,12 @@ class _Runner:
             vm = m.host.create_vm(vcpus=f.get("vcpus", 1), protected=f.get("protected", False),
                                   memory=f.get("memory", "16M"))
             self.vms[step.target] = vm
+            if f.get("code"):
+                from pkvm.host.kvm import GUEST_RAM_IPA
+
+                vm.write(GUEST_RAM_IPA, b"".join(w.to_bytes(4, "little") for w in f["code"]))
+                for vcpu in vm.vcpus:  # KVM_ARM_VCPU_INIT without POWER_OFF: all start
+                    vcpu.runner.power_off = False
             return "ok", f"handle {vm.handle:#x}", vm
         vm = self.vm(step.target, step)
         if a == "map":
@@ -442,6 +466,20 @@ class _Runner:
                         self.backing[(step.target, g)] = vm.memslot[g]
                         named.append(vm.memslot[g] >> PAGE_SHIFT)
             return "ok", f"mapped gfn {gfn:#x}+{n}", None
+        if a == "topup":
+            idx = f.get("vcpu", 0)
+            if idx >= len(vm.vcpus):
+                raise HostError(22, "topup", None, f"VM {step.target!r} has no vCPU {idx}")
+            vm.topup_memcache(vm.vcpus[idx], f.get("pages", 4))
+            return "ok", f"vCPU {idx}'s memcache topped up to {f.get('pages', 4)} page(s)", None
+        if a == "run":
+            idx = f.get("vcpu", 0)
+            if idx >= len(vm.vcpus):  # as a VMM without that vCPU fd answers
+                raise HostError(22, "KVM_RUN", None, f"VM {step.target!r} has "
+                                f"{len(vm.vcpus)} vCPUs, no vCPU {idx}")
+            e = vm.vcpus[idx].run()
+            where = f" at {e.addr:#x}" if e.kind == "mmio" else ""
+            return "ok", f"exit {e.kind}{where}", e
         vm.destroy()
         return "ok", "destroyed", None
 
