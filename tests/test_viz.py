@@ -59,8 +59,11 @@ def test_png_pixels(busy, tmp_path):
     carve = (m.carveout[0] >> 12) + 100
     assert img.getpixel(pixel_of_pfn(om, carve)) == _rgb(FIXED[HYP_OWNED][1])
     assert img.getpixel(pixel_of_pfn(om, shared)) == _rgb(FIXED[HOST_SHARED_HYP][1])
-    assert img.getpixel(pixel_of_pfn(om, nvm.memslot[0x40000] >> 12)) == \
-        _rgb(FIXED[HOST_SHARED_GUEST][1])
+    shared_g = nvm.memslot[0x40000] >> 12  # a host page shared with the normal VM: named so
+    assert om.category_of(shared_g) == f"host: shared with guest {nvm.handle:#x}"
+    assert img.getpixel(pixel_of_pfn(om, shared_g)) == \
+        _rgb(dict(om.categories)[om.category_of(shared_g)])
+    assert "host: shared with" in FIXED[HOST_SHARED_GUEST][0]
     free = (m.carveout[0] >> 12) - 5000
     assert img.getpixel(pixel_of_pfn(om, free)) == _rgb(FIXED[HOST_OWNED][1])
     gpix = img.getpixel(pixel_of_pfn(om, pvm.memslot[0x40002] >> 12))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -33,8 +35,8 @@ class PkvmConsole(Console):
         raise SystemExit(EXIT_PIPE)
 
 
-console = PkvmConsole(highlight=False, emoji=False)
-err_console = PkvmConsole(stderr=True, highlight=False, emoji=False)
+console = PkvmConsole(highlight=False, emoji=False, soft_wrap=True)
+err_console = PkvmConsole(stderr=True, highlight=False, emoji=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
@@ -200,3 +202,26 @@ def new_machine(scn: Any, memory: str | None, cpus: int | None, abi: str | None)
     kw.update({k: v for k, v in (("memory", memory), ("cpus", cpus), ("abi", abi))
                if v is not None})
     return make_machine(**kw)
+
+
+@contextmanager
+def progress(label: str, total: int | None, quiet: bool = False) -> Iterator[Callable[[int], None]]:
+    """A live bar (or count, when `total` is None) on stderr while long work runs; yields
+    `update(done)`. Shown only on a terminal and without `--quiet`: piped output stays clean."""
+    if quiet or not err_console.is_terminal:
+        yield lambda n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    cols = [TextColumn(escape(label)), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+    if total is None:
+        cols = [TextColumn(escape(label)), TextColumn("{task.completed}"), TimeElapsedColumn()]
+    with Progress(*cols, console=err_console, transient=True) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.update(task, completed=n)

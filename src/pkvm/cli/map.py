@@ -6,8 +6,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
-from pkvm.cli.common import ABI_HELP, console, err_console, load_scenario, new_machine
+from pkvm.cli.common import (
+    ABI_HELP,
+    check_count,
+    check_output,
+    console,
+    fail,
+    load_scenario,
+    new_machine,
+    note,
+)
 
 
 def _suffixed(path: Path, tag: str) -> Path:
@@ -20,11 +30,11 @@ def _draw(m: Any, png: Path | None, html: Path | None, title: str) -> None:
     om = ownership_map(m)
     if png:
         render_png(om, str(png), title)
-        console.print(f"{png}: PNG, {om.rows} rows of {om.cols} cells"
-                      + (f", 1 cell = {om.agg} pages" if om.agg > 1 else ""))
+        console.print(escape(f"{png}: PNG, {om.rows} rows of {om.cols} cells"
+                             + (f", 1 cell = {om.agg} pages" if om.agg > 1 else "")))
     if html:
         render_html(om, str(html), title)
-        console.print(f"{html}: HTML (zoom and hover in a browser)")
+        console.print(escape(f"{html}: HTML (zoom and hover in a browser)"))
 
 
 def map_(
@@ -41,20 +51,33 @@ def map_(
         help="RAM size when no scenario is given (default 256M).")] = None,
     cpus: Annotated[int | None, typer.Option(
         help="CPUs when no scenario is given (default 2).")] = None,
+    at: Annotated[int | None, typer.Option(
+        "--at", help="Draw the machine after step N of the scenario (1 = after the first "
+        "step) instead of after the last.")] = None,
 ) -> None:
     """Draw who owns each RAM page (host, hyp, each guest; shared or not) after a scenario.
 
     The hyp carve-out is outlined and host stage-2 block mappings are framed. Exit code 0 when
-    the pictures were written, 2 for a usage or scenario error.
+    the pictures were written, 1 when the hyp panicked before the map could be drawn, 2 for a
+    usage or scenario error.
     """
-    from pkvm.scenario import ScenarioError
+    from pkvm.scenario import Scenario, ScenarioError
 
     if not png and not html:
-        err_console.print("[red]error:[/red] say where to draw: --png FILE and/or --html FILE")
-        raise typer.Exit(2)
+        fail("say where to draw: --png FILE and/or --html FILE")
+    check_output("--png", png)
+    check_output("--html", html)
+    if at is not None and scenario is None:
+        fail(f"--at {at}: needs a SCENARIO to step through")
+    check_count("--at", at)
     scn = load_scenario(scenario) if scenario else None
+    if scn is not None and at is not None:
+        if at > len(scn.steps):
+            fail(f"--at {at}: {scenario} has {len(scn.steps)} steps")
+        scn = Scenario(scn.machine, scn.steps[:at], scn.path)
     m = new_machine(scn, memory, cpus, abi)
     name = scenario.name if scenario else "fresh machine"
+    when = f"after step {at}" if at is not None else "after"
     if scn is not None and before:
         _draw(m, _suffixed(png, "before") if png else None,
               _suffixed(html, "before") if html else None, f"{name}: before ({m.abi})")
@@ -62,15 +85,13 @@ def map_(
         try:
             result = scn.run(m)
         except ScenarioError as e:
-            err_console.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(2) from None
+            fail(str(e))
         if result.failures:
-            err_console.print(f"note: {len(result.failures)} expectation(s) failed; "
-                              f"`pkvm run {scenario}` shows them")
+            note(f"note: {len(result.failures)} expectation(s) failed; "
+                 f"`pkvm run {scenario}` shows them")
     if m.dead:
-        err_console.print(f"[red]error:[/red] the hyp panicked ({m.dead}): nothing to draw")
-        raise typer.Exit(1)
-    _draw(m, png, html, f"{name}: {'after' if scn else 'after boot'} ({m.abi})")
+        fail(f"the hyp panicked ({m.dead}): nothing to draw", 1)
+    _draw(m, png, html, f"{name}: {when if scn else 'after boot'} ({m.abi})")
 
 
 def register(app: typer.Typer) -> None:

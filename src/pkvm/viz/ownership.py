@@ -38,6 +38,8 @@ FIXED: list[tuple[str, str]] = [
 ]
 GUEST_COLOURS = ["#2e86de", "#16a085", "#6c5ce7", "#00b5c8", "#1e3799", "#38ada9", "#8854d0",
                  "#0a3d62"]
+# host pages shared with guest N (the first is the fixed "shared with a guest" green)
+SHARED_WITH_GUEST_COLOURS = ["#7cc26b", "#b5d334", "#4caf50", "#9ccc65", "#cddc39", "#66bb6a"]
 CARVEOUT_OUTLINE = "#000000"
 BLOCK_FRAME = "#4a4a4a"
 
@@ -99,14 +101,23 @@ def ownership_map(m: Any, cols: int = COLS, max_cells: int = MAX_CELLS) -> Owner
         if not 0 <= i < n:
             continue
         if state == SHARED_BORROWED:
-            continue  # the host's page, shared with the guest: host SHARED_OWNED shows it
-        key = (handle, 0 if state == OWNED else 1)
+            # the host's page, shared with this guest: named after the guest it is shared with
+            if pages[i] != HOST_SHARED_GUEST:
+                continue
+            key = (handle, 2)
+        else:
+            key = (handle, 0 if state == OWNED else 1)
         if key not in guest_cat:
-            colour = GUEST_COLOURS[guest_idx.setdefault(handle, len(guest_idx))
-                                   % len(GUEST_COLOURS)]
+            idx = guest_idx.setdefault(handle, len(guest_idx))
+            colour = GUEST_COLOURS[idx % len(GUEST_COLOURS)]
             guest_cat[key] = len(cats)
-            label = f"guest {handle:#x}: " + ("owned" if key[1] == 0 else "shared with the host")
-            cats.append((label, colour if key[1] == 0 else _lighten(colour)))
+            if key[1] == 2:
+                cats.append((f"host: shared with guest {handle:#x}",
+                             SHARED_WITH_GUEST_COLOURS[idx % len(SHARED_WITH_GUEST_COLOURS)]))
+            else:
+                label = f"guest {handle:#x}: " + ("owned" if key[1] == 0
+                                                   else "shared with the host")
+                cats.append((label, colour if key[1] == 0 else _lighten(colour)))
         pages[i] = guest_cat[key]
     counts = dict(Counter(pages))
     agg = 1
@@ -153,7 +164,8 @@ def legend_lines(om: OwnershipMap) -> list[tuple[str | None, str]]:
     lines: list[tuple[str | None, str]] = []
     for i, (label, colour) in enumerate(om.categories):
         if om.counts.get(i) or i in (HOST_OWNED, HYP_OWNED):
-            lines.append((colour, f"{label} ({om.counts.get(i, 0)} pages)"))
+            n = om.counts.get(i, 0)
+            lines.append((colour, f"{label} ({n} page{'' if n == 1 else 's'})"))
     lines.append((None, ""))
     lines.append((None, "thick black outline: hyp carve-out"))
     lines.append((None, "thin grey frame: host stage-2 block mapping"))
@@ -287,7 +299,7 @@ canvas { image-rendering: pixelated; display: block; }
       margin-right: 6px; vertical-align: -2px; }
 </style></head><body>
 <h3 id="title"></h3>
-<div>zoom: <button id="zout">−</button> <span id="zl"></span> <button id="zin">+</button>
+<div>rows are labelled with their first pfn; zoom: <button id="zout">−</button> <span id="zl"></span> <button id="zin">+</button>
  <span style="color:#666">(mouse wheel with Ctrl zooms too; hover a cell for its page)</span></div>
 <div id="wrap"><div id="scroll"><canvas id="c"></canvas></div><div id="legend"></div></div>
 <div id="tip"></div>
@@ -297,6 +309,7 @@ const b64 = s => Uint8Array.from(atob(s), c => c.charCodeAt(0));
 const cells = b64(D.cells), host = b64(D.host), hyp = b64(D.hyp);
 const rows = Math.ceil(cells.length / D.cols);
 let z = rows > 256 ? 2 : 4;
+const L = 72;  // left margin (px) for the pfn axis
 const cv = document.getElementById("c"), ctx = cv.getContext("2d");
 document.getElementById("title").textContent = D.title + " — pfn 0x" + D.base_pfn.toString(16)
   + "..0x" + (D.base_pfn + D.nr_pages - 1).toString(16);
@@ -308,15 +321,20 @@ function outline(a, b, colour, w) {
   else { if (ca) { parts.push([ra, ca, ra + 1, D.cols]); ra++; }
          if (rb > ra) parts.push([ra, 0, rb, D.cols]); if (cb) parts.push([rb, 0, rb + 1, cb]); }
   for (const [r0, c0, r1, c1] of parts)
-    ctx.strokeRect(c0 * z + w / 2, r0 * z + w / 2, (c1 - c0) * z - w, (r1 - r0) * z - w);
+    ctx.strokeRect(L + c0 * z + w / 2, r0 * z + w / 2, (c1 - c0) * z - w, (r1 - r0) * z - w);
 }
 function draw() {
-  cv.width = D.cols * z; cv.height = rows * z;
+  cv.width = L + D.cols * z; cv.height = rows * z + 8;
   document.getElementById("zl").textContent = z + " px/cell";
   for (let i = 0; i < cells.length; i++) {
     ctx.fillStyle = D.categories[cells[i]].colour;
-    ctx.fillRect((i % D.cols) * z, Math.floor(i / D.cols) * z, z, z);
+    ctx.fillRect(L + (i % D.cols) * z, Math.floor(i / D.cols) * z, z, z);
   }
+  // the pfn axis: the first pfn of every few rows, in the left margin
+  ctx.fillStyle = "#555"; ctx.font = "11px monospace"; ctx.textBaseline = "top";
+  const every = Math.max(1, Math.ceil(16 / z));
+  for (let r = 0; r < rows; r += every)
+    ctx.fillText("0x" + (D.base_pfn + r * D.cols * D.agg).toString(16), 2, r * z);
   for (const [a, b] of D.blocks) outline(a, b, "#4a4a4a", 1);
   outline(D.carveout[0], D.carveout[1], "#000", 2);
 }
@@ -330,7 +348,7 @@ for (const [colour, text] of D.legend) {
 const tip = document.getElementById("tip");
 cv.addEventListener("mousemove", e => {
   const r = cv.getBoundingClientRect();
-  const c = Math.floor((e.clientX - r.left) / z), rw = Math.floor((e.clientY - r.top) / z);
+  const c = Math.floor((e.clientX - r.left - L) / z), rw = Math.floor((e.clientY - r.top) / z);
   const i = rw * D.cols + c;
   if (c < 0 || c >= D.cols || i >= cells.length) { tip.style.display = "none"; return; }
   const pfn = D.base_pfn + i * D.agg;
