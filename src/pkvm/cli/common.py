@@ -35,8 +35,8 @@ class PkvmConsole(Console):
         raise SystemExit(EXIT_PIPE)
 
 
-console = PkvmConsole(highlight=False, emoji=False, soft_wrap=True)
-err_console = PkvmConsole(stderr=True, highlight=False, emoji=False, soft_wrap=True)
+console = PkvmConsole(highlight=False, emoji=False)
+err_console = PkvmConsole(stderr=True, highlight=False, emoji=False)
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:

@@ -6,9 +6,17 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from pkvm.cli.common import console, err_console
+from pkvm.cli.common import (
+    check_count,
+    check_output,
+    console,
+    err_console,
+    fail,
+    load_scenario,
+)
 
 
 def _fmt(v: int) -> str:
@@ -34,30 +42,32 @@ def conform(
     from pkvm.conform import diff as D
     from pkvm.conform.real import RawStep, RealError, SetupError, ensure_setup
 
+    if kernel not in ("6.12", "7.2"):
+        fail(f"--kernel {kernel}: the real kernels are 6.12 and 7.2")
+    check_count("--random", random_n, 0)
+    check_count("--length", length)
+    check_count("--jobs", jobs)
+    check_output("--jsonl", jsonl)
+    check_output("--reproducer", reproducer)
+    s = load_scenario(scenario) if scenario is not None else None
     try:
         ensure_setup(kernel, progress=True)
     except (SetupError, RealError) as e:
-        err_console.print(f"[red]the real side cannot be set up here: {e}[/red]")
-        raise typer.Exit(2) from None
+        fail(f"the real side cannot be set up here: {e}")
     if setup_only:
         raise typer.Exit(0)
-    if scenario is not None:
-        from pkvm import scenario as sc
-
-        s = sc.load(scenario)
+    if s is not None:
         seq = [RawStep(st.target, tuple(st.fields.get("args", [])), st.cpu)
                for st in s.steps if st.action == "hvc"]
         seqs = [seq]
     elif random_n:
         seqs = D.random_sequences(kernel, random_n, seed, length)
     else:
-        err_console.print("give a SCENARIO or --random N")
-        raise typer.Exit(2)
+        fail("give a SCENARIO or --random N")
     try:
         results = D.run_both(kernel, seqs, progress=True, jobs=jobs)
     except RealError as e:
-        err_console.print(f"[red]the real machine failed: {e}[/red]")
-        raise typer.Exit(2) from None
+        fail(f"the real machine failed: {e}")
     t = Table(title=f"model vs Linux {kernel}")
     for col in ("seq", "step", "cpu", "call", "args", "model x0/x1", "kernel x0/x1", "agree?"):
         t.add_column(col)
@@ -75,9 +85,9 @@ def conform(
             re_ = "panic" if d.real.panic else f"{_fmt(d.real.x0)}/{_fmt(d.real.x1)}"
             mark = "[green]yes[/green]" if d.agree else ("[yellow]known[/yellow]" if ok else "[red]NO[/red]")
             if not d.agree or len(seqs) == 1:
-                t.add_row(str(si), str(d.index), str(d.step.cpu), str(d.step.call),
-                          ", ".join(a if isinstance(a, str) else _fmt(a) for a in d.step.args),
-                          mo, re_, mark)
+                t.add_row(str(si), str(d.index), str(d.step.cpu), escape(str(d.step.call)),
+                          escape(", ".join(a if isinstance(a, str) else _fmt(a)
+                                           for a in d.step.args)), mo, re_, mark)
             if not ok and first_bad is None:
                 first_bad = si
     if out:
@@ -97,7 +107,7 @@ def conform(
     small = D.shrink(kernel, seq, lambda c: D.diverges(D.run_both(kernel, [c])[0]))
     D.write_scenario(kernel, small, str(reproducer))
     err_console.print(f"[red]divergence[/red]: shrunk to {len(small)} step(s), written to "
-                      f"{reproducer} (`pkvm run {reproducer}` replays it on the model)")
+                      + escape(f"{reproducer} (`pkvm run {reproducer}` replays it on the model)"))
     raise typer.Exit(1)
 
 
