@@ -27,12 +27,12 @@ def print_step(res: Any, verbose: bool = True) -> None:
     colour = {"ok": "green", "abort": "magenta", "panic": "red bold", "refused": "yellow",
               "errno": "yellow", "not run": "red"}.get(res.outcome, "white")
     console.print(f"{mark} {res.index + 1:>3} {where}{escape(step.describe())} → "
-                  f"[{colour}]{res.outcome}[/{colour}] {escape(res.detail)}")
+                  f"[{colour}]{res.outcome}[/{colour}] {escape(res.detail)}", soft_wrap=True)
     if step.note and verbose:
         console.print(f"        [dim]{escape(step.note)}[/dim]")
     if res.passed is False:
         console.print(f"        [red]expected[/red] {escape(res.expected)}   [red]got[/red] "
-                      f"{res.outcome}: {escape(res.detail)}")
+                      f"{res.outcome}: {escape(res.detail)}", soft_wrap=True)
         if res.pages:
             t = Table(title="pages named by this step (m.inspect.page)", title_justify="left")
             for c in ("pfn", "owner", "host", "hyp", "guests", "refcount", "shares"):
