@@ -6,8 +6,10 @@ pytest); TOML blocks load and play as scenarios; shell commands (indented blocks
 doc's named TOML files and `.venv` (this interpreter's environment), exactly as a user types them.
 A command's expected exit code is 0 unless its comment says `(exit N)`.
 
-What is not run, each counted and printed (pytest's skip summary with its reason):
-- the install line and the test-suite commands (this suite is what they run);
+Each doc is one test: its snippets run in order in one scratch checkout, as a reader follows
+them. What is not run is printed with the reason (`pytest -s` shows it):
+- the install line, `apt-get`, and the test-suite commands (this suite is what they run);
+- the cross-assembler commands of docs/guests.md when the aarch64 binutils are missing;
 - synopsis lines (placeholders such as `NAME` or `[--opt ...]`): their options are checked
   against the command's `--help` instead.
 Snippets that need the real kernels run only under the `conform` marker, those that need
@@ -33,14 +35,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 VENV_BIN = Path(sys.executable).parent
 SHELL_LANGS = ("", "sh", "bash", "shell", "console")
-COMMAND = re.compile(r"^(?:printf .*\| )?(?:\.venv/bin/)?(pkvm|python3?|pip|lint-imports|ruff)\b")
-SYNOPSIS = re.compile(r"\[--|\.\.\.\]?$|\b(?:NAME|FILE|SCENARIO|IMAGE|N|S)\b(?!\.)|latest\|6\.12")
+COMMAND = re.compile(r"^(?:printf .*\| )?(?:\.venv/bin/)?(pkvm|python3?|pip|lint-imports|ruff|"
+                     r"apt-get|aarch64-linux-gnu-\w+)\b")
+SYNOPSIS = re.compile(r"\[--|\.\.\.\]?$|(?<![\w.])(?:NAME|FILE|SCENARIO|IMAGE|N|S)(?![\w.])|"
+                      r"latest\|6\.12")
 NOT_RUN = {  # what a command starts with -> why it is not run here
     "python3 -m venv": "the install: this test runs inside that install",
     ".venv/bin/pip": "the install: this test runs inside that install",
     ".venv/bin/lint-imports": "runs the test suite itself",
     ".venv/bin/ruff": "runs the test suite itself",
     ".venv/bin/python -m pytest": "runs the test suite itself",
+    "apt-get": "installs system packages (needs root and the network)",
 }
 INTERNAL_REFERENCE = re.compile(r"\.\./shared|shared/spec|\bmemory\.md\b|\bvm-state\.md\b|"
                                 r"\brun-and-check\.md\b|\bsmc\.md\b|§")
@@ -53,9 +58,9 @@ PENDING_STAND_ALONE = {"checking.md": "issue 12 rewrites docs/checking.md",
 class Snippet:
     doc: Path
     line: int
-    kind: str  # "python", "toml", "shell"
+    kind: str  # "python", "toml", "shell", "file" (a named block written out, e.g. hi.S)
     text: str
-    name: str | None = None  # a TOML block's file name, from its first-line comment
+    name: str | None = None  # a TOML or assembly block's file name, from its first comment
 
     @property
     def id(self) -> str:
@@ -87,10 +92,11 @@ def snippets(doc: Path) -> list[Snippet]:
             while j < len(lines) and not lines[j].startswith("```"):
                 j += 1
             body = lines[start:j]
-            if lang in ("python", "toml"):
+            if lang in ("python", "toml", "asm"):
                 first = body[0] if body else ""
-                name = re.match(r"^#\s*([\w.-]+\.toml)\b", first)
-                out.append(Snippet(doc, start + 1, lang, "\n".join(body) + "\n",
+                name = re.match(r"^(?:#|//)\s*([\w.-]+\.(?:toml|S))\b", first)
+                kind = "file" if lang == "asm" else lang
+                out.append(Snippet(doc, start + 1, kind, "\n".join(body) + "\n",
                                    name.group(1) if name else None))
             elif lang in SHELL_LANGS:
                 out += _commands(doc, start, body, prompts=any(b.startswith("$ ") for b in body))
@@ -126,99 +132,127 @@ def _commands(doc: Path, start: int, body: list[str], prompts: bool) -> list[Sni
 
 
 ALL = [s for d in DOCS for s in snippets(d)]
-
-
-def _param(s: Snippet):
-    marks = [getattr(pytest.mark, s.needs)] if s.needs else []
-    return pytest.param(s, id=s.id, marks=marks)
+CROSS = "aarch64-linux-gnu-"
 
 
 @pytest.fixture
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A user's checkout: examples/, .venv (this environment), the doc's named TOML files."""
+    """A user's checkout: examples/, guests/, .venv (this environment)."""
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    shutil.copytree(ROOT / "guests", tmp_path / "guests")
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / "bin").symlink_to(VENV_BIN)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
-def _write_named_tomls(doc: Path, where: Path) -> None:
-    for s in snippets(doc):
-        if s.kind == "toml" and s.name:
-            (where / s.name).write_text(s.text)
-
-
 def test_the_docs_have_snippets():
     kinds = {k: sum(s.kind == k for s in ALL) for k in ("python", "toml", "shell")}
-    assert kinds["python"] >= 5 and kinds["toml"] >= 2 and kinds["shell"] >= 15, kinds
+    assert kinds["python"] >= 6 and kinds["toml"] >= 2 and kinds["shell"] >= 20, kinds
 
 
-# -- Python ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("snippet", [_param(s) for s in ALL if s.kind == "python"])
-def test_python_snippet(snippet: Snippet, workdir: Path):
-    _write_named_tomls(snippet.doc, workdir)
-    if re.search(r"^def test_", snippet.text, re.M):  # a test file: run it under pytest
-        (workdir / "test_snippet.py").write_text(snippet.text)
+def _doc_params(marker: str | None):
+    out = []
+    for d in DOCS:
+        mine = [s for s in ALL if s.doc == d and s.needs == marker and s.kind != "file"]
+        if mine:
+            marks = [getattr(pytest.mark, marker)] if marker else []
+            out.append(pytest.param(d, id=d.name, marks=marks))
+    return out
+
+
+def _run_doc(doc: Path, marker: str | None, where: Path) -> list[str]:
+    """Run the doc's snippets (those needing `marker`) in order, as a reader would; the doc's
+    named files (TOML scenarios, assembly) are written first. Returns what went wrong, and the
+    snippets not run with why (printed)."""
+    for s in snippets(doc):
+        if s.name:
+            (where / s.name).write_text(s.text)
+    problems, not_run = [], []
+    for s in snippets(doc):
+        if s.needs != marker or s.kind == "file":
+            continue
+        why = _not_run(s) if s.kind == "shell" else None
+        if why:
+            not_run.append(f"{s.id}: {why}")
+            continue
+        try:
+            {"python": _python, "toml": _toml, "shell": _shell}[s.kind](s, where)
+        except Exception as e:  # noqa: BLE001 (collect every snippet's failure, then fail)
+            problems.append(f"{s.id}: {type(e).__name__}: {e}")
+    for line in not_run:
+        print(f"not run: {line}")
+    return problems
+
+
+@pytest.mark.parametrize("doc", _doc_params(None))
+def test_doc_snippets_run(doc: Path, workdir: Path):
+    problems = _run_doc(doc, None, workdir)
+    assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.parametrize("doc", _doc_params("conform"))
+def test_doc_snippets_on_the_real_kernels_run(doc: Path, workdir: Path):
+    problems = _run_doc(doc, "conform", workdir)
+    assert not problems, "\n\n".join(problems)
+
+
+@pytest.mark.parametrize("doc", _doc_params("linux"))
+def test_doc_snippets_with_debian_linux_run(doc: Path, workdir: Path):
+    problems = _run_doc(doc, "linux", workdir)
+    assert not problems, "\n\n".join(problems)
+
+
+# -- one snippet ---------------------------------------------------------------------------------
+def _python(s: Snippet, where: Path) -> None:
+    if re.search(r"^def test_", s.text, re.M):  # a test file: run it under pytest
+        (where / "test_snippet.py").write_text(s.text)
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                            "test_snippet.py"], cwd=workdir, capture_output=True, text=True,
+                            "test_snippet.py"], cwd=where, capture_output=True, text=True,
                            timeout=600)
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert " passed" in r.stdout
+        assert r.returncode == 0 and " passed" in r.stdout, r.stdout + r.stderr
         return
-    code = compile(snippet.text, snippet.id, "exec")
-    exec(code, {"__name__": "__snippet__"})
+    exec(compile(s.text, s.id, "exec"), {"__name__": "__snippet__"})
 
 
-# -- TOML ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("snippet", [_param(s) for s in ALL if s.kind == "toml"])
-def test_toml_snippet_is_a_scenario_that_holds(snippet: Snippet):
+def _toml(s: Snippet, where: Path) -> None:
     from pkvm import scenario
 
-    scn = scenario.loads(snippet.text, snippet.id)
-    result = scn.run()
+    result = scenario.loads(s.text, s.id).run()
     assert result.ok, [(f.index + 1, f.expected, f.detail) for f in result.failures]
 
 
-# -- shell ---------------------------------------------------------------------------------------
 def _not_run(s: Snippet) -> str | None:
     """Why none of the command's `&&` parts is run here, or None."""
     parts = [p.strip() for p in s.text.split("; ")[-1].split("&&")]
     whys = [next((w for k, w in NOT_RUN.items() if p.startswith(k)), None) for p in parts]
-    return whys[0] if all(whys) else None
-
-
-def _shell_param(s: Snippet):
-    why = _not_run(s)
-    if why:
-        return pytest.param(s, id=s.id, marks=pytest.mark.skip(reason=f"not run: {why}"))
-    return _param(s)
+    if all(whys):
+        return whys[0]
+    if CROSS in s.text and shutil.which(CROSS + "as") is None:
+        return f"needs the {CROSS} binutils (apt-get install binutils-aarch64-linux-gnu)"
+    return None
 
 
 def _runnable_parts(text: str) -> str:
     """Drop the install steps of `a && b && c` (this test runs inside that install)."""
     parts = [p.strip() for p in text.split("&&")]
-    keep = [p for p in parts if not any(p.startswith(k) for k in NOT_RUN)]
-    return " && ".join(keep)
+    return " && ".join(p for p in parts if not any(p.startswith(k) for k in NOT_RUN))
 
 
-@pytest.mark.parametrize("snippet", [_shell_param(s) for s in ALL if s.kind == "shell"])
-def test_shell_command(snippet: Snippet, workdir: Path):
-    _write_named_tomls(snippet.doc, workdir)
-    text = _runnable_parts(snippet.text)
+def _shell(s: Snippet, where: Path) -> None:
+    text = _runnable_parts(s.text)
     command = text.split("; ")[-1]
-    words = shlex.split(command, comments=True)
-    if SYNOPSIS.search(command.split("#")[0]):
-        _check_synopsis(words)
+    if command.startswith(("pkvm", ".venv/bin/pkvm")) and SYNOPSIS.search(command.split("#")[0]):
+        _check_synopsis(shlex.split(command, comments=True))
         return
     comment = command.split("#", 1)[1] if "#" in command else ""
     want = int(m.group(1)) if (m := re.search(r"\(exit (\d)\)", comment)) else 0
     env = dict(os.environ, PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                COLUMNS="100")
-    r = subprocess.run(["bash", "-c", text], cwd=workdir, env=env, capture_output=True,
+    r = subprocess.run(["bash", "-c", text], cwd=where, env=env, capture_output=True,
                        text=True, timeout=1800, input="uname -a\npoweroff -f\n")
-    assert r.returncode == want, f"{text}\nexit {r.returncode}\n{r.stdout[-3000:]}\n" \
-                                 f"{r.stderr[-3000:]}"
+    assert r.returncode == want, f"{text}: exit {r.returncode}, not {want}\n" \
+                                 f"{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     assert "Traceback" not in r.stderr, r.stderr
 
 
