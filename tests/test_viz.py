@@ -120,3 +120,88 @@ def test_perfetto_events(busy):
     assert any(any(k.startswith("guest") for k in e["args"]) for e in cs)
     names = {e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "thread_name"}
     assert names == {"cpu0", "cpu1"}
+
+
+# -- issue 15 -----------------------------------------------------------------------------------
+def test_perfetto_counters_are_disjoint_and_fall_to_zero(busy):
+    m, shared, pvm, nvm = busy
+    sampler = PageCountSampler(m)
+    assert m.hvc(0, "__pkvm_host_unshare_hyp", shared).ok
+    pvm.destroy()
+    nvm.destroy()
+    ev = trace_events(m, sampler)["traceEvents"]
+    cs = [e["args"] for e in ev if e["ph"] == "C"]
+    series = set(cs[0])
+    assert all(set(c) == series for c in cs)  # every sample carries every series
+    assert {f"guest {pvm.handle:#x}", "host shared"} <= series  # nvm: host pages, shared
+    assert cs[-1][f"guest {pvm.handle:#x}"] == 0  # emitted at 0, not dropped
+    assert cs[0]["host shared"] > 0 and cs[-1]["host shared"] == 0
+    ram = m.mem.size >> 12
+    for c in cs:  # disjoint: the stacked series never count a page twice
+        assert sum(c.values()) <= ram
+
+
+def test_perfetto_has_host_data_aborts_on_the_cpu_track(busy):
+    m, shared, pvm, nvm = busy
+    with pytest.raises(pkvm.HostDataAbort):
+        m.host.read(pvm.memslot[0x40000], 8, cpu=1)
+    m.host.read(0x4C00_0000, 8)  # a fresh host page: the hyp maps it (a handled abort)
+    ev = trace_events(m)["traceEvents"]
+    aborts = [e for e in ev if e["ph"] == "i" and e["cat"] == "host abort"]
+    refused = [e for e in aborts if e["args"]["verdict"] == "refused"]
+    assert refused and refused[-1]["tid"] == 1
+    assert refused[-1]["args"]["addr"] == hex(pvm.memslot[0x40000])
+    assert refused[-1]["args"]["access"] == "read"
+    assert any(e["args"]["verdict"] == "mapped" and e["args"]["addr"] == "0x4c000000"
+               for e in aborts)
+
+
+def test_map_names_the_guest_a_host_page_is_shared_with(busy):
+    m, shared, pvm, nvm = busy
+    om = ownership_map(m)
+    assert om.category_of(nvm.memslot[0x40001] >> 12) == f"host: shared with guest {nvm.handle:#x}"
+    from pkvm.viz.ownership import legend_lines
+
+    texts = [t for _, t in legend_lines(om)]
+    assert any(t.endswith("(4 pages)") for t in texts)
+    assert not any("(1 pages)" in t for t in texts)
+
+
+def test_legend_says_one_page_not_one_pages():
+    from pkvm.viz.ownership import legend_lines
+
+    m = pkvm.Machine(memory="256M", cpus=2)
+    assert m.hvc(0, "__pkvm_host_share_hyp", m.host.alloc_pages(1) >> 12).ok
+    texts = [t for _, t in legend_lines(ownership_map(m))]
+    assert "host: shared with the hyp (1 page)" in texts
+
+
+def test_html_labels_rows_with_pfns(busy, tmp_path):
+    m, *_ = busy
+    path = tmp_path / "map.html"
+    render_html(ownership_map(m), str(path))
+    text = path.read_text()
+    assert "the pfn axis" in text and "fillText(\"0x\" + (D.base_pfn" in text
+
+
+def test_map_at_a_step_draws_the_machine_then(tmp_path):
+    from typer.testing import CliRunner
+
+    from pkvm.cli.main import app
+
+    scn = tmp_path / "s.toml"
+    scn.write_text('[[step]]\ncreate_vm = "v"\nprotected = true\n\n[[step]]\nmap = "v"\nn = 3\n\n'
+                   '[[step]]\ndestroy = "v"\n')
+    html_at, html_end = tmp_path / "at.html", tmp_path / "end.html"
+    r = CliRunner().invoke(app, ["map", str(scn), "--html", str(html_at), "--at", "2"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["map", str(scn), "--html", str(html_end)])
+    assert r.exit_code == 0, r.output
+
+    def labels(p):
+        data = json.loads(re.search(r"const D = (\{.*?\});\n", p.read_text()).group(1))
+        return [c["label"] for c in data["categories"]], data["title"]
+
+    at, title = labels(html_at)
+    assert "guest 0x1000: owned" in at and "after step 2" in title
+    assert "guest 0x1000: owned" not in labels(html_end)[0]

@@ -299,7 +299,8 @@ canvas { image-rendering: pixelated; display: block; }
       margin-right: 6px; vertical-align: -2px; }
 </style></head><body>
 <h3 id="title"></h3>
-<div>rows are labelled with their first pfn; zoom: <button id="zout">−</button> <span id="zl"></span> <button id="zin">+</button>
+<div>rows are labelled with their first pfn; zoom: <button id="zout">−</button>
+ <span id="zl"></span> <button id="zin">+</button>
  <span style="color:#666">(mouse wheel with Ctrl zooms too; hover a cell for its page)</span></div>
 <div id="wrap"><div id="scroll"><canvas id="c"></canvas></div><div id="legend"></div></div>
 <div id="tip"></div>
