@@ -82,7 +82,7 @@ def test_html_is_self_contained(busy, tmp_path):
     text = path.read_text()
     assert "<canvas" in text and "mousemove" in text and "hyp carve-out" in text
     assert not re.search(r"<script[^>]+src=", text)
-    data = json.loads(re.search(r"const D = (\{.*?\});\n", text).group(1))
+    data = json.loads(re.search(r"let D = (\{.*?\});\n", text).group(1))
     assert data["agg"] == 1 and len(data["cells"]) > 1000
     assert any(c["label"].startswith("guest 0x1000") for c in data["categories"])
 
@@ -199,9 +199,29 @@ def test_map_at_a_step_draws_the_machine_then(tmp_path):
     assert r.exit_code == 0, r.output
 
     def labels(p):
-        data = json.loads(re.search(r"const D = (\{.*?\});\n", p.read_text()).group(1))
+        data = json.loads(re.search(r"let D = (\{.*?\});\n", p.read_text()).group(1))
         return [c["label"] for c in data["categories"]], data["title"]
 
     at, title = labels(html_at)
     assert "guest 0x1000: owned" in at and "after step 2" in title
     assert "guest 0x1000: owned" not in labels(html_end)[0]
+
+
+def test_map_html_steps_through_the_scenario(tmp_path):
+    from typer.testing import CliRunner
+
+    from pkvm.cli.main import app
+
+    scn = tmp_path / "s.toml"
+    scn.write_text('[[step]]\ncreate_vm = "v"\nprotected = true\n\n[[step]]\nmap = "v"\nn = 3\n\n'
+                   '[[step]]\ndestroy = "v"\n')
+    html = tmp_path / "steps.html"
+    r = CliRunner().invoke(app, ["map", str(scn), "--html", str(html), "--step-through"])
+    assert r.exit_code == 0, r.output
+    frames = json.loads(re.search(r"const FRAMES = (\[.*?\]);\n", html.read_text()).group(1))
+    assert len(frames) == 4  # before step 1, then after each of the 3 steps
+    labels = [[c["label"] for c in f["categories"]] for f in frames]
+    assert "guest 0x1000: owned" in labels[2] and "guest 0x1000: owned" not in labels[3]
+    assert "after step 2, map v" in frames[2]["title"]
+    bad = CliRunner().invoke(app, ["map", "--png", str(tmp_path / "x.png"), "--step-through"])
+    assert bad.exit_code == 2

@@ -54,6 +54,9 @@ def map_(
     at: Annotated[int | None, typer.Option(
         "--at", help="Draw the machine after step N of the scenario (1 = after the first "
         "step) instead of after the last.")] = None,
+    step_through: Annotated[bool, typer.Option(
+        "--step-through", help="HTML: one frame per step (the machine before the first step "
+        "and after each), with a slider.")] = False,
 ) -> None:
     """Draw who owns each RAM page (host, hyp, each guest; shared or not) after a scenario.
 
@@ -70,6 +73,8 @@ def map_(
     if at is not None and scenario is None:
         fail(f"--at {at}: needs a SCENARIO to step through")
     check_count("--at", at)
+    if step_through and (scenario is None or not html):
+        fail("--step-through: needs a SCENARIO and --html FILE")
     scn = load_scenario(scenario) if scenario else None
     if scn is not None and at is not None:
         if at > len(scn.steps):
@@ -81,9 +86,19 @@ def map_(
     if scn is not None and before:
         _draw(m, _suffixed(png, "before") if png else None,
               _suffixed(html, "before") if html else None, f"{name}: before ({m.abi})")
+    frames: list[tuple[str, Any]] = []
+    if scn is not None and step_through:
+        from pkvm.viz import ownership_map
+
+        frames.append((f"{name}: before step 1 ({m.abi})", ownership_map(m)))
+
+        def frame(res: Any) -> None:
+            if not m.dead:
+                frames.append((f"{name}: after step {res.index + 1}, {res.step.describe()} "
+                               f"→ {res.outcome}", ownership_map(m)))
     if scn is not None:
         try:
-            result = scn.run(m)
+            result = scn.run(m, on_step=frame if frames else None)
         except ScenarioError as e:
             fail(str(e))
         if result.failures:
@@ -91,6 +106,13 @@ def map_(
                  f"`pkvm run {scenario}` shows them")
     if m.dead:
         fail(f"the hyp panicked ({m.dead}): nothing to draw", 1)
+    if frames:
+        from pkvm.viz import render_html_frames
+
+        render_html_frames(frames, str(html))
+        console.print(escape(f"{html}: HTML, {len(frames)} frames (a slider steps through "
+                             "the scenario)"))
+        html = None
     _draw(m, png, html, f"{name}: {when if scn else 'after boot'} ({m.abi})")
 
 

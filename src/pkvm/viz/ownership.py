@@ -269,8 +269,8 @@ def _outline(d: Any, om: OwnershipMap, lay: PngLayout, a: int, b: int, colour: s
 
 
 # -- HTML --------------------------------------------------------------------------------------
-def render_html(om: OwnershipMap, path: str, title: str = "") -> None:
-    data = {
+def _html_data(om: OwnershipMap, title: str) -> dict[str, Any]:
+    return {
         "abi": om.abi, "base_pfn": om.base_pfn, "nr_pages": om.nr_pages, "agg": om.agg,
         "cols": om.cols, "cells": base64.b64encode(om.cells).decode(),
         "host": base64.b64encode(om.host).decode(), "hyp": base64.b64encode(om.hyp).decode(),
@@ -281,7 +281,18 @@ def render_html(om: OwnershipMap, path: str, title: str = "") -> None:
         "legend": [[c, t] for c, t in legend_lines(om)],
         "title": title or f"pkvm ({om.abi}): physical memory ownership",
     }
-    html = HTML_TEMPLATE.replace("/*DATA*/null", json.dumps(data))
+
+
+def render_html(om: OwnershipMap, path: str, title: str = "") -> None:
+    render_html_frames([(title, om)], path)
+
+
+def render_html_frames(frames: list[tuple[str, OwnershipMap]], path: str) -> None:
+    """One page; with several (title, map) frames (the machine after each step of a scenario)
+    a slider steps through them."""
+    data = [_html_data(om, title) for title, om in frames]
+    html = HTML_TEMPLATE.replace("/*DATA*/null", json.dumps(data[0]))
+    html = html.replace("/*FRAMES*/null", json.dumps(data) if len(data) > 1 else "null")
     with open(path, "w") as f:
         f.write(html)
 
@@ -302,18 +313,24 @@ canvas { image-rendering: pixelated; display: block; }
 <div>rows are labelled with their first pfn; zoom: <button id="zout">−</button>
  <span id="zl"></span> <button id="zin">+</button>
  <span style="color:#666">(mouse wheel with Ctrl zooms too; hover a cell for its page)</span></div>
+<div id="stepper" style="display:none; margin: 6px 0">step: <input type="range" id="step" min="0"
+ value="0"> <span id="stepname"></span> (arrow keys step too)</div>
 <div id="wrap"><div id="scroll"><canvas id="c"></canvas></div><div id="legend"></div></div>
 <div id="tip"></div>
 <script>
-const D = /*DATA*/null;
+let D = /*DATA*/null;
+const FRAMES = /*FRAMES*/null;
 const b64 = s => Uint8Array.from(atob(s), c => c.charCodeAt(0));
-const cells = b64(D.cells), host = b64(D.host), hyp = b64(D.hyp);
+let cells = b64(D.cells), host = b64(D.host), hyp = b64(D.hyp);
 const rows = Math.ceil(cells.length / D.cols);
 let z = rows > 256 ? 2 : 4;
 const L = 72;  // left margin (px) for the pfn axis
 const cv = document.getElementById("c"), ctx = cv.getContext("2d");
-document.getElementById("title").textContent = D.title + " — pfn 0x" + D.base_pfn.toString(16)
-  + "..0x" + (D.base_pfn + D.nr_pages - 1).toString(16);
+function title() {
+  document.getElementById("title").textContent = D.title + " — pfn 0x"
+    + D.base_pfn.toString(16) + "..0x" + (D.base_pfn + D.nr_pages - 1).toString(16);
+}
+title();
 function outline(a, b, colour, w) {
   ctx.strokeStyle = colour; ctx.lineWidth = w;
   const parts = []; let ra = Math.floor(a / D.cols), ca = a % D.cols;
@@ -340,11 +357,30 @@ function draw() {
   outline(D.carveout[0], D.carveout[1], "#000", 2);
 }
 const lg = document.getElementById("legend");
-for (const [colour, text] of D.legend) {
-  const div = document.createElement("div");
-  if (colour) { const s = document.createElement("span"); s.className = "sw";
-    s.style.background = colour; div.appendChild(s); }
-  div.appendChild(document.createTextNode(text || "\\u00a0")); lg.appendChild(div);
+function legend() {
+  lg.textContent = "";
+  for (const [colour, text] of D.legend) {
+    const div = document.createElement("div");
+    if (colour) { const s = document.createElement("span"); s.className = "sw";
+      s.style.background = colour; div.appendChild(s); }
+    div.appendChild(document.createTextNode(text || "\\u00a0")); lg.appendChild(div);
+  }
+}
+legend();
+function show(i) {  // the machine after step i (frame 0: before the first step)
+  D = FRAMES[i]; cells = b64(D.cells); host = b64(D.host); hyp = b64(D.hyp);
+  document.getElementById("stepname").textContent = D.title;
+  title(); legend(); draw();
+}
+if (FRAMES) {
+  const st = document.getElementById("step");
+  document.getElementById("stepper").style.display = "block";
+  st.max = FRAMES.length - 1; st.oninput = () => show(+st.value);
+  document.addEventListener("keydown", e => {
+    const k = {ArrowLeft: -1, ArrowRight: 1}[e.key]; if (!k) return;
+    st.value = Math.min(Math.max(+st.value + k, 0), FRAMES.length - 1); show(+st.value);
+  });
+  document.getElementById("stepname").textContent = D.title;
 }
 const tip = document.getElementById("tip");
 cv.addEventListener("mousemove", e => {
