@@ -31,10 +31,10 @@ def _draw(m: Any, png: Path | None, html: Path | None, title: str) -> None:
     if png:
         render_png(om, str(png), title)
         console.print(escape(f"{png}: PNG, {om.rows} rows of {om.cols} cells"
-                             + (f", 1 cell = {om.agg} pages" if om.agg > 1 else "")))
+                             + (f", 1 cell = {om.agg} pages" if om.agg > 1 else "")), soft_wrap=True)
     if html:
         render_html(om, str(html), title)
-        console.print(escape(f"{html}: HTML (zoom and hover in a browser)"))
+        console.print(escape(f"{html}: HTML (zoom and hover in a browser)"), soft_wrap=True)
 
 
 def map_(
@@ -111,7 +111,7 @@ def map_(
 
         render_html_frames(frames, str(html))
         console.print(escape(f"{html}: HTML, {len(frames)} frames (a slider steps through "
-                             "the scenario)"))
+                             "the scenario)"), soft_wrap=True)
         html = None
     _draw(m, png, html, f"{name}: {when if scn else 'after boot'} ({m.abi})")
 

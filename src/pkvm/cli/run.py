@@ -95,12 +95,12 @@ def run(
 def write_traces(m: Any, jsonl: Path | None, perfetto: Path | None, sampler: Any = None) -> None:
     if jsonl:
         m.write_trace(str(jsonl))
-        console.print(escape(f"trace: {len(m.trace)} calls written to {jsonl} (JSON Lines)"))
+        console.print(escape(f"trace: {len(m.trace)} calls written to {jsonl} (JSON Lines)"), soft_wrap=True)
     if perfetto:
         from pkvm.trace_export import write_perfetto
 
         write_perfetto(m, str(perfetto), sampler)
-        console.print(escape(f"trace: {perfetto} (open in https://ui.perfetto.dev)"))
+        console.print(escape(f"trace: {perfetto} (open in https://ui.perfetto.dev)"), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:

@@ -55,13 +55,14 @@ def trace(
         fail(str(e))
     if jsonl:
         m.write_trace(str(jsonl))
-        console.print(escape(f"{jsonl}: {len(m.trace)} hypercalls (JSON Lines)"))
+        console.print(escape(f"{jsonl}: {len(m.trace)} hypercalls (JSON Lines)"), soft_wrap=True)
     if perfetto:
         write_perfetto(m, str(perfetto), sampler)
         n = len(sampler.samples) if sampler else 0
         console.print(escape(f"{perfetto}: {len(m.trace)} slices on {m.nr_cpus} CPU tracks, "
-                             f"{len(m.host_aborts)} host data aborts, {n} page-count samples "
-                             "(open in https://ui.perfetto.dev)"))
+                             f"{len(m.host_aborts)} host data abort{_s(len(m.host_aborts))}, "
+                             f"{n} page-count samples (open in https://ui.perfetto.dev)"),
+                      soft_wrap=True)
     if not jsonl and not perfetto:
         m.write_trace(sys.stdout)
     if result.failures:
@@ -69,6 +70,10 @@ def trace(
              f"`pkvm run {scenario}` shows them")
     if m.dead:
         note(f"note: the hyp panicked ({m.dead}); the trace ends there")
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
 
 
 def register(app: typer.Typer) -> None:
