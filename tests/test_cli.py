@@ -212,6 +212,8 @@ def test_help_keeps_brackets_and_has_no_type_hints_for_flags():
     assert "<bool>" not in r.output and "{" not in r.output.splitlines()[0]
     assert "run [OPTIONS] SCENARIO" in r.output
     assert "(the message names file:line)" in flat(r.output)  # reflowed, not cut mid-sentence
+    top = invoke("--help").output
+    assert "..." not in top.split("Commands:")[1]  # every command's summary is a whole sentence
     g = invoke("run-guest", "--help")
     assert "run-guest [OPTIONS] IMAGE" in g.output and "<bool>" not in g.output
 

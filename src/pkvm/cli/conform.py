@@ -112,4 +112,4 @@ def conform(
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(conform)
+    app.command(short_help="Compare the model with the real Linux pKVM under QEMU.")(conform)

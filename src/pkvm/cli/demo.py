@@ -190,4 +190,4 @@ def attempts_table(attempts: list[Attempt]) -> Table:
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(demo)
+    app.command(short_help="The tour: two VMs, a hostile host, every page back.")(demo)

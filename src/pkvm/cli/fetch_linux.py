@@ -29,4 +29,5 @@ def fetch_linux(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fetch-linux")(fetch_linux)
+    app.command("fetch-linux", short_help="Fetch Debian's arm64 kernel and an initramfs.")(
+        fetch_linux)

@@ -45,7 +45,7 @@ def register(app: typer.Typer) -> None:
     """Add `fuzz` and `explore` to the `pkvm` app."""
     register_explore(app)
 
-    @app.command()
+    @app.command(short_help="Fuzz the hyp with a hostile host; shrink what it finds.")
     def fuzz(
         steps: Annotated[int, typer.Option(help="hostile steps to run")] = 2000,
         seed: Annotated[int, typer.Option(help="seed of the step generator")] = 0,
@@ -136,7 +136,7 @@ def _scale_out(console: Console, camp, jobs: int, ray: str | None, coverage: boo
 
 
 def register_explore(app: typer.Typer) -> None:
-    @app.command()
+    @app.command(short_help="Every interleaving of a two-CPU scenario, up to a bound.")
     def explore(
         scenario: Annotated[str, typer.Argument(help="built-in scenario (see --list)")] = "",
         abi: Annotated[str, typer.Option(help=ABI_HELP)] = "latest",

@@ -117,4 +117,4 @@ def map_(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("map")(map_)
+    app.command("map", short_help="Draw who owns each RAM page (PNG, HTML).")(map_)

@@ -104,4 +104,4 @@ def write_traces(m: Any, jsonl: Path | None, perfetto: Path | None, sampler: Any
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(run)
+    app.command(short_help="Play a scenario file and check its expectations.")(run)

@@ -244,7 +244,7 @@ def _run_linux(kernel: bytes, initrd: Path | None, memory: str, vcpus: int, prot
 
 
 def register(app: typer.Typer) -> None:
-    app.command("run-guest")(run_guest)
+    app.command("run-guest", short_help="Boot a guest image in a VM.")(run_guest)
     from pkvm.cli import fetch_linux  # issue 9: `pkvm fetch-linux` registers with run-guest
 
     fetch_linux.register(app)

@@ -77,4 +77,4 @@ def _s(n: int) -> str:
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(trace)
+    app.command(short_help="Write a scenario's trace (JSON Lines, Perfetto).")(trace)
