@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -167,7 +168,7 @@ def demo(
     ok = same and all(a.refused for a in attempts)
     if trace:
         m.write_trace(trace)
-        console.print(f"hypercall trace written to {trace} ({len(m.trace)} calls)")
+        console.print(escape(f"hypercall trace written to {trace} ({len(m.trace)} calls)"))
     console.print(Panel.fit(
         ("[green]Every hostile action was refused" if all(a.refused for a in attempts)
          else "[red]Some hostile action was allowed") + "[/]; " +

@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
             if res.minimal is not None:
                 console.print(escape(f"shrunk to {len(res.minimal)} steps: "
                                      + "; ".join(str(s) for s in res.minimal)))
-                console.print(f"reproducer: {out} ({len(res.raw_steps or [])} raw steps)")
+                console.print(escape(f"reproducer: {out} ({len(res.raw_steps or [])} raw steps)"))
             raise typer.Exit(1)
         console.print("[green]clean[/]")
 

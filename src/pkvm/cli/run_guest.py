@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from pkvm.cli.common import (
@@ -180,7 +181,7 @@ def _run_image(image: str, data: bytes, guest_mem: int, vcpus: int, protected: b
         sys.stdout.flush()
         vmm.destroy()
     after = m.inspect.page_counts()
-    t = Table(title=f"guest {image}: {s.reason}", show_header=False)
+    t = Table(title=escape(f"guest {image}: {s.reason}"), show_header=False)
     t.add_row("wall time", f"{s.seconds:.3f} s")
     t.add_row("exits", ", ".join(f"{k} {v}" for k, v in sorted(s.exits.items())))
     t.add_row("MMIO reads / writes", f"{s.mmio_reads} / {s.mmio_writes}")
@@ -232,10 +233,10 @@ def _run_linux(kernel: bytes, initrd: Path | None, memory: str, vcpus: int, prot
     if r is None:
         err_console.print("interrupted")
         raise typer.Exit(1)
-    t = Table(title=f"Linux guest: {r.reason}", show_header=False)
+    t = Table(title=escape(f"Linux guest: {r.reason}"), show_header=False)
     t.add_row("wall time", f"{r.seconds:.2f} s")
     for name, sec in r.milestones.items():
-        t.add_row(f"console shows {name.strip()!r} at", f"{sec:.2f} s")
+        t.add_row(escape(f"console shows {name.strip()!r} at"), f"{sec:.2f} s")
     t.add_row("exits", ", ".join(f"{k} {v}" for k, v in sorted(r.exits.items())))
     t.add_row("guest pages mapped", str(r.pages_mapped))
     t.add_row("pages back with the host after teardown", "yes" if after == before else "NO")
