@@ -368,10 +368,10 @@ def test_a_guest_that_prints_fail_exits_1(tmp_path):
 
 
 def test_square_brackets_in_names_and_messages_print_as_written(tmp_path):
-    f = tmp_path / "[bold]x[/bold].toml"
+    f = tmp_path / "[bold]x[red].toml"
     f.write_text('[machine]\nmemroy = "256M"\n' + STEP)
     line = one_error_line(invoke("run", f))
-    assert "[bold]x[/bold].toml:2: unknown [machine] key 'memroy'" in line
+    assert "[bold]x[red].toml:2: unknown [machine] key 'memroy'" in line
     ok = tmp_path / "[v].toml"
     ok.write_text(STEP)
     r = invoke("run", ok)
