@@ -182,6 +182,8 @@ def _run_image(image: str, data: bytes, guest_mem: int, vcpus: int, protected: b
         vmm.destroy()
     after = m.inspect.page_counts()
     t = Table(title=escape(f"guest {image}: {s.reason}"), show_header=False)
+    t.add_column(no_wrap=True)
+    t.add_column()
     t.add_row("wall time", f"{s.seconds:.3f} s")
     t.add_row("exits", ", ".join(f"{k} {v}" for k, v in sorted(s.exits.items())))
     t.add_row("MMIO reads / writes", f"{s.mmio_reads} / {s.mmio_writes}")
@@ -234,6 +236,8 @@ def _run_linux(kernel: bytes, initrd: Path | None, memory: str, vcpus: int, prot
         err_console.print("interrupted")
         raise typer.Exit(1)
     t = Table(title=escape(f"Linux guest: {r.reason}"), show_header=False)
+    t.add_column(no_wrap=True)
+    t.add_column()
     t.add_row("wall time", f"{r.seconds:.2f} s")
     for name, sec in r.milestones.items():
         t.add_row(escape(f"console shows {name.strip()!r} at"), f"{sec:.2f} s")
