@@ -8,6 +8,9 @@ or be listed in `pkvm.conform.diff.KNOWN_DIFFERENCES` with its reason.
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 
 from pkvm.conform import diff as D
@@ -16,6 +19,14 @@ from test_conform_real import ROWS, setup_or_skip
 pytestmark = pytest.mark.conform
 
 KERNELS = ["6.12", "7.2"]
+# The fixed set breaks VMs on purpose (teardown with a vCPU loaded, a forged handle): the model's
+# host driver then WARNs when it tears them down at the end. These WARNs are expected, captured.
+DRIVER_WARNS = {
+    "6.12": ["the hyp VM leaks", "donated allocations never came back"],
+    "7.2": ["__pkvm_start_teardown_vm(0x1000) = -22"],
+}
+DRIVER_WARN = re.compile(r"the hyp VM leaks|never came back|releasing gfn .* failed|"
+                         r"__pkvm_start_teardown_vm\(|__pkvm_teardown_vm\(")
 
 
 def _report(results: list[list[D.StepDiff]]) -> str:
@@ -32,9 +43,17 @@ def _report(results: list[list[D.StepDiff]]) -> str:
 def test_fixed_set_agrees(kernel):
     setup_or_skip(kernel)
     seqs = [list(r.steps) for r in ROWS if kernel in r.kernels]
-    results = D.run_both(kernel, seqs)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        results = D.run_both(kernel, seqs)
+    driver = [str(w.message) for w in warned if DRIVER_WARN.search(str(w.message))]
+    for w in warned:  # anything else is not ours to swallow: warn again
+        if not DRIVER_WARN.search(str(w.message)):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     assert not any(D.diverges(r) for r in results), _report(results)
     assert sum(len(r) for r in results) == sum(len(s) for s in seqs)
+    for want in DRIVER_WARNS[kernel]:
+        assert any(want in m for m in driver), (want, driver)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

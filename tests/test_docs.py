@@ -80,6 +80,7 @@ class Snippet:
 def snippets(doc: Path) -> list[Snippet]:
     """The code of one markdown file: fenced blocks by language, and indented blocks."""
     out: list[Snippet] = []
+    env: list[str] = []  # shell assignments (D=...) carry on to later blocks, as in one shell
     lines = doc.read_text().splitlines()
     i = 0
     prev_blank = True
@@ -99,14 +100,14 @@ def snippets(doc: Path) -> list[Snippet]:
                 out.append(Snippet(doc, start + 1, kind, "\n".join(body) + "\n",
                                    name.group(1) if name else None))
             elif lang in SHELL_LANGS:
-                out += _commands(doc, start, body, prompts=any(b.startswith("$ ") for b in body))
+                out += _commands(doc, start, body, any(b.startswith("$ ") for b in body), env)
             i, prev_blank = j + 1, False
             continue
         if line.startswith("    ") and (prev_blank or lines[i - 1].startswith("```")):
             j = i
             while j < len(lines) and lines[j].startswith("    "):
                 j += 1
-            out += _commands(doc, i, [x[4:] for x in lines[i:j]], prompts=False)
+            out += _commands(doc, i, [x[4:] for x in lines[i:j]], False, env)
             i, prev_blank = j, False
             continue
         prev_blank = not line.strip()
@@ -114,10 +115,11 @@ def snippets(doc: Path) -> list[Snippet]:
     return out
 
 
-def _commands(doc: Path, start: int, body: list[str], prompts: bool) -> list[Snippet]:
+def _commands(doc: Path, start: int, body: list[str], prompts: bool,
+              env: list[str]) -> list[Snippet]:
     """Shell commands of a block (with `$ ` prompts, only the prompted lines); `D=...`
-    assignments are carried into the commands after them."""
-    out, env = [], []
+    assignments (kept in `env`) are carried into the commands after them."""
+    out = []
     for k, text in enumerate(body):
         if prompts and not text.startswith("$ "):
             continue
@@ -140,8 +142,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A user's checkout: examples/, guests/, .venv (this environment)."""
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
     shutil.copytree(ROOT / "guests", tmp_path / "guests")
-    (tmp_path / ".venv").mkdir()
-    (tmp_path / ".venv" / "bin").symlink_to(VENV_BIN)
+    (tmp_path / ".venv").symlink_to(VENV_BIN.parent)  # the venv itself: its pyvenv.cfg too
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
