@@ -45,6 +45,8 @@ COMMON_KEYS = {"cpu", "expect", "note"}
 EXPECT_KEYS = {"x0", "x1", "x2", "x3", "errno", "ok", "abort", "panic", "data"}
 MACHINE_KEYS = {"memory", "cpus", "abi", "check"}
 MACHINE_DEFAULTS: dict[str, Any] = {"memory": "256M", "cpus": 2, "abi": "latest"}
+MIN_MEMORY = 64 << 20
+MAX_CPUS = 64
 SYMBOL = re.compile(r"^(page|pa|va|vm|vcpu|gfn):([A-Za-z_][\w.-]*)(?::(0x[0-9a-fA-F]+|\d+))?"
                     r"(?:\+(0x[0-9a-fA-F]+|\d+))?$")
 
@@ -157,10 +159,52 @@ class Scenario:
         return Result(m, results)
 
 
+# -- checking machine options (shared with the command line) ---------------------------------
+def machine_value_error(key: str, value: Any) -> str | None:
+    """What is wrong with `value` for the machine option `key` ("memory", "cpus", "abi",
+    "check"), or None. The command line checks its options with this too."""
+    from pkvm.abi.profiles import PROFILES
+    from pkvm.machine.memory import parse_size
+
+    if key == "abi":
+        known = ", ".join(f"{k!r}" for k in PROFILES)
+        if not isinstance(value, str):
+            return (f"abi must be a string such as \"6.12\" (in quotes), not {value!r}; "
+                    f"known: {known}")
+        if value not in PROFILES:
+            return f"unknown abi {value!r}: known {known}"
+    elif key == "memory":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            return f"memory must be bytes or a size such as \"256M\", not {value!r}"
+        try:
+            size = parse_size(value)
+        except ValueError:
+            return f"memory {value!r} is not a size: write bytes or a number with K, M or G"
+        if size < MIN_MEMORY:
+            return f"memory must be at least 64M, not {value!r}"
+        if size % 4096:
+            return f"memory must be a whole number of 4 KiB pages, not {value!r}"
+    elif key == "cpus":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"cpus must be an integer, not {value!r}"
+        if not 1 <= value <= MAX_CPUS:
+            return f"cpus must be between 1 and {MAX_CPUS}, not {value}"
+    elif key == "check" and not isinstance(value, bool):
+        return f"check must be true or false, not {value!r}"
+    return None
+
+
 # -- loading ---------------------------------------------------------------------------------
 def _step_lines(text: str) -> list[int]:
     return [i + 1 for i, line in enumerate(text.splitlines())
             if re.match(r"^\s*\[\[\s*step\s*\]\]", line)]
+
+
+def _table_line(text: str, name: str) -> int | None:
+    for i, line in enumerate(text.splitlines()):
+        if re.match(rf"^\s*\[\s*{name}\s*\]", line):
+            return i + 1
+    return None
 
 
 def _key_line(text: str, start: int | None, key: str) -> int | None:
@@ -190,25 +234,39 @@ def loads(text: str, path: str = "<scenario>") -> Scenario:
                             "expected only [machine] and [[step]] tables")
     if not isinstance(machine, dict):
         raise ScenarioError(path, None, "[machine] must be a table")
+    mline = _table_line(text, "machine")
     bad = set(machine) - MACHINE_KEYS
     if bad:
-        raise ScenarioError(path, _key_line(text, 1, min(bad)),
+        raise ScenarioError(path, _key_line(text, mline, min(bad)),
                             f"unknown [machine] key {min(bad)!r}: expected one of "
                             f"{sorted(MACHINE_KEYS)}")
+    for key, value in machine.items():
+        problem = machine_value_error(key, value)
+        if problem:
+            raise ScenarioError(path, _key_line(text, mline, key), f"[machine] {problem}")
     if not isinstance(raw_steps, list):
         raise ScenarioError(path, None, "steps must be written as [[step]] tables")
     lines = _step_lines(text)
     steps = [_parse_step(raw, path, text, lines[i] if i < len(lines) else None)
              for i, raw in enumerate(raw_steps)]
+    if not steps:
+        raise ScenarioError(path, None, "no steps: a scenario needs at least one [[step]] table "
+                            "(docs/scenarios.md)")
     return Scenario(machine, steps, path)
 
 
 def load(path: str | Path) -> Scenario:
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise ScenarioError(str(p), None, f"cannot read the scenario: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ScenarioError(str(p), line, "not a text file: a scenario is UTF-8 TOML (byte "
+                            f"{e.start} is {raw[e.start]:#04x})") from None
     return loads(text, str(p))
 
 
@@ -330,6 +388,10 @@ def _check_value(v: Any, err: Callable[[str | None, str], ScenarioError], key: s
 
 
 # -- running ----------------------------------------------------------------------------------
+class _NotRun(Exception):
+    """A step that names what an earlier, failed step should have made."""
+
+
 class _Runner:
     def __init__(self, m: Any, path: str):
         self.m = m
@@ -337,6 +399,14 @@ class _Runner:
         self.pages: dict[str, tuple[int, int]] = {}  # name -> (pa, pages)
         self.vms: dict[str, Any] = {}
         self.backing: dict[tuple[str, int], int] = {}  # (vm, gfn) -> pa of its backing page
+        self.failed_vms: dict[str, int] = {}  # name -> 1-based index of its failed create_vm
+
+    def _no_vm(self, name: str, step: Step) -> Exception:
+        if name in self.failed_vms:
+            return _NotRun(f"VM {name!r} does not exist: its create_vm (step "
+                           f"{self.failed_vms[name]}) failed")
+        return ScenarioError(self.path, step.line, f"no VM named {name!r}: create it first "
+                             f"with create_vm = \"{name}\"")
 
     def page(self, name: str, n: int = 1) -> int:
         if name not in self.pages:
@@ -360,8 +430,7 @@ class _Runner:
 
             return host_va(self.page(name)) + offset
         if name not in self.vms:
-            raise ScenarioError(self.path, step.line, f"no VM named {name!r}: create it first "
-                                f"with create_vm = \"{name}\"")
+            raise self._no_vm(name, step)
         vm = self.vms[name]
         if kind == "vm":
             return vm.handle + offset
@@ -382,8 +451,7 @@ class _Runner:
 
     def vm(self, name: str, step: Step) -> Any:
         if name not in self.vms:
-            raise ScenarioError(self.path, step.line, f"no VM named {name!r}: create it first "
-                                f"with create_vm = \"{name}\"")
+            raise self._no_vm(name, step)
         return self.vms[name]
 
     def step(self, i: int, step: Step) -> StepResult:
@@ -391,14 +459,23 @@ class _Runner:
         named: list[int] = []
         try:
             outcome, detail, value = self._do(step, named)
+        except _NotRun as e:
+            res = StepResult(i, step, "not run", str(e))
+            if step.expect is not None:
+                res.passed, res.expected = False, _check(step.expect, res)[1]
+            return res
         except HostDataAbort as e:
             outcome, detail, value = "abort", str(e), e
         except HypPanic as e:
             outcome, detail, value = "panic", str(e), e
         except HostError as e:
             outcome, detail, value = "errno", f"-{errno_name(e.errno or 0)}: {e.strerror}", e
+            if step.action == "create_vm":
+                self.failed_vms.setdefault(step.target, i + 1)
         except MemoryError as e:
             outcome, detail, value = "errno", f"-ENOMEM: {e}", HostError(12, step.action)
+            if step.action == "create_vm":
+                self.failed_vms.setdefault(step.target, i + 1)
         except (ValueError, TypeError) as e:  # a caller mistake the model refuses to run
             raise ScenarioError(self.path, step.line, str(e)) from None
         res = StepResult(i, step, outcome, detail, value)
@@ -424,6 +501,9 @@ class _Runner:
                 elif isinstance(v, int) and m.mem.is_ram(v << PAGE_SHIFT):
                     named.append(v)
             r = m.hvc(step.cpu, step.target, *args)
+            if r.x0 == 0 and r.x1 > 0 and args and r.x1 == args[0] % (1 << 64):
+                # A handler without a result leaves x1 as the host passed it: not a value.
+                return "ok", f"x0=0 (x1 left as passed, {_x1_text(r.x1)})", r
             regs = f"x0={r.x0} x1={r.x1} ({_x1_text(r.x1)})" if r.x0 == 0 else f"x0={r.x0}"
             return ("ok" if r.ok else "refused" if r.x0 else "errno" if r.x1 < 0 else "value",
                     regs, r)

@@ -7,9 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from pkvm.cli.common import console, err_console
+from pkvm.cli.common import (
+    check_count,
+    check_output,
+    console,
+    err_console,
+    fail,
+    load_scenario,
+)
 
 
 def _fmt(v: int) -> str:
@@ -56,18 +64,25 @@ def conform(
     divergence, 2 for set-up errors."""
     from pkvm.conform.real import RealError, SetupError, ensure_setup
 
+    if kernel not in ("6.12", "7.2"):
+        fail(f"--kernel {kernel}: the real kernels are 6.12 and 7.2")
+    check_count("--random", random_n, 0)
+    check_count("--length", length)
+    check_count("--jobs", jobs)
+    check_output("--jsonl", jsonl)
+    check_output("--reproducer", reproducer)
+    s = load_scenario(scenario) if scenario is not None else None
     try:
         ensure_setup(kernel, progress=True)
     except (SetupError, RealError) as e:
-        err_console.print(f"[red]the real side cannot be set up here: {e}[/red]")
-        raise typer.Exit(2) from None
+        fail(f"the real side cannot be set up here: {e}")
     if guest is not None and not setup_only:
         _guest(guest, kernel, protected)
     if smc and not setup_only:
         _smc(kernel, random_n or 40, seed)
     if setup_only:
         raise typer.Exit(0)
-    seqs = _sequences(scenario, kernel, random_n, seed, length)
+    seqs = _sequences(s, kernel, random_n, seed, length)
     results = _run(kernel, seqs, jobs)
     first_bad = _report(kernel, seqs, results, jsonl, coverage)
     if first_bad is None:
@@ -76,23 +91,19 @@ def conform(
     raise typer.Exit(1)
 
 
-def _sequences(scenario: Path | None, kernel: str, random_n: int, seed: int,
-               length: int) -> list[list[Any]]:
+def _sequences(s: Any, kernel: str, random_n: int, seed: int, length: int) -> list[list[Any]]:
+    """The steps of a loaded scenario `s`, or `random_n` deep random sequences."""
     from pkvm.conform import diff as D
     from pkvm.conform.sequences import random_sequences
 
-    if scenario is not None:
-        from pkvm import scenario as sc
-
+    if s is not None:
         try:
-            return [D.from_scenario(sc.load(scenario))]
-        except (sc.ScenarioError, ValueError) as e:
-            err_console.print(f"[red]{e}[/red]")
-            raise typer.Exit(2) from None
+            return [D.from_scenario(s)]
+        except ValueError as e:
+            fail(str(e))
     if random_n:
         return random_sequences(kernel, random_n, seed, length)
-    err_console.print("give a SCENARIO or --random N")
-    raise typer.Exit(2)
+    fail("give a SCENARIO or --random N")
 
 
 def _run(kernel: str, seqs: list[list[Any]], jobs: int) -> list[list[Any]]:
@@ -102,8 +113,7 @@ def _run(kernel: str, seqs: list[list[Any]], jobs: int) -> list[list[Any]]:
     try:
         return D.run_both(kernel, seqs, progress=True, jobs=jobs)
     except RealError as e:
-        err_console.print(f"[red]the real machine failed: {e}[/red]")
-        raise typer.Exit(2) from None
+        fail(f"the real machine failed: {e}")
 
 
 def _report(kernel: str, seqs: list[list[Any]], results: list[list[Any]], jsonl: Path | None,
@@ -123,8 +133,9 @@ def _report(kernel: str, seqs: list[list[Any]], results: list[list[Any]], jsonl:
             if out:
                 out.write(json.dumps({"sequence": si, **d.as_dict()}) + "\n")
             if d.status in ("differ", "known") or len(seqs) == 1:
-                t.add_row(str(si), str(d.index), str(d.step.cpu), str(d.step.call),
-                          ", ".join(a if isinstance(a, str) else _fmt(a) for a in d.step.args),
+                t.add_row(str(si), str(d.index), str(d.step.cpu), escape(str(d.step.call)),
+                          escape(", ".join(a if isinstance(a, str) else _fmt(a)
+                                           for a in d.step.args)),
                           _side(d.model), _side(d.real), MARKS[d.status])
             if d.status == "differ" and first_bad is None:
                 first_bad = si
@@ -167,9 +178,10 @@ def _reproduce(kernel: str, seqs: list[list[Any]], first_bad: int, reproducer: P
     real = [d.real for d in D.run_both(kernel, [small])[0]]
     D.write_scenario(kernel, small, str(reproducer), real)
     err_console.print(f"[red]divergence[/red]: sequence {first_bad} shrunk to {len(small)} "
-                      f"step(s), written to {reproducer} (`pkvm run {reproducer}` replays it on "
-                      f"the model with the kernel's answers as expectations; `pkvm conform "
-                      f"{reproducer} --kernel {kernel}` on both)")
+                      + escape(f"step(s), written to {reproducer} (`pkvm run {reproducer}` "
+                               f"replays it on the model with the kernel's answers as "
+                               f"expectations; `pkvm conform {reproducer} --kernel {kernel}` on "
+                               f"both)"))
 
 
 def _guest(guest: str, kernel: str, protected: bool) -> None:
@@ -180,8 +192,7 @@ def _guest(guest: str, kernel: str, protected: bool) -> None:
     try:
         code = show(guest, kernel, protected, console)
     except (ValueError, SetupError, RealError) as e:
-        err_console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        fail(str(e))
     raise typer.Exit(code)
 
 
@@ -193,11 +204,10 @@ def _smc(kernel: str, n: int, seed: int) -> None:
     try:
         rep = S.compare(kernel, S.fixed_calls() + S.random_calls(seed, n))
     except (SetupError, RealError) as e:
-        err_console.print(f"[red]{e}[/red]")
-        raise typer.Exit(2) from None
+        fail(str(e))
     console.print(rep.summary(), markup=False, highlight=False)
     raise typer.Exit(1 if rep.differences else 0)
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(conform)
+    app.command(short_help="Compare the model with the real Linux pKVM under QEMU.")(conform)
