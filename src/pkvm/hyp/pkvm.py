@@ -126,6 +126,7 @@ class PkvmHypVm:
     vcpu_features: int = 0
     id_regs: tuple[int, ...] = ()
     id_regs_initialized: bool = False
+    engine: Any = None  # issue 14: the CPU emulator its vCPUs run on (switch.py: _Engine)
 
     @property
     def vmid(self) -> int:

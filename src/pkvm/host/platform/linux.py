@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from pkvm.host.host import Host
 
 MiB = 1 << 20
-TURN_SECONDS = 0.05  # several vCPUs: how long one keeps the (single) host thread
+TURN_SECONDS = 0.005  # several vCPUs: how long one keeps the (single) host thread
 # arm64.nosve/nosme: the guest's SVE loads/stores cannot be decoded for a stage-1 fault's FAR
 # yet (a fault would reach the guest as an external abort, SIGBUS); see docs/linux.md.
 DEFAULT_APPEND = ("console=ttyAMA0 earlycon=pl011,0x09000000 nokaslr rdinit=/init "
@@ -177,6 +177,8 @@ class LinuxVmm:
             self.vm.destroy()
             raise
         self.gic = Gic(vcpus)
+        # The host CPU each vCPU's thread runs on (vCPU i on CPU i, as a VMM pins them).
+        self.cpu_of = [i % host.nr_cpus for i in range(vcpus)]
         self.timers = [PhysTimer() for _ in range(vcpus)]
         self.uart = Pl011(out)
         self.exits: dict[str, int] = {}
@@ -268,16 +270,18 @@ class LinuxVmm:
 
     def _turn(self, i: int, parked: list[bool], line: list[bool], n: int) -> str:
         """Run vCPU `i` until it is preempted, waits or stops; with several vCPUs, also until
-        its turn (TURN_SECONDS) is over. Device exits are answered in between."""
+        its turn (TURN_SECONDS) is over or another vCPU waiting for an interrupt has one
+        (an IPI, its timer): that one runs next. Device exits are answered in between."""
         vcpu = self.vm.vcpus[i]
         gic = self.gic
         end = time.perf_counter() + TURN_SECONDS
+        cpu = self.cpu_of[i]
         while True:
             pend = gic.irq_pending(i)
             if pend != line[i]:
                 vcpu.runner.set_irq_line(pend)
                 line[i] = pend
-            ex = vcpu.run()
+            ex = vcpu.run(cpu)
             kind = ex.kind
             self._count(kind)
             if kind == "mmio":
@@ -297,8 +301,14 @@ class LinuxVmm:
                 self._update_lines()
                 return "running"
             self._update_lines()
-            if n == 1 or time.perf_counter() > end:
+            if n == 1:
                 return "running"
+            if time.perf_counter() > end:
+                return "running"
+            for j in range(n):
+                if j != i and parked[j] and gic.irq_pending(j):
+                    self._count("yields")
+                    return "running"
 
     def _sleep(self, active: list[int]) -> None:
         """Every running vCPU waits for an interrupt: sleep until a timer fires or input."""
