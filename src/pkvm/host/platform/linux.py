@@ -144,6 +144,7 @@ class LinuxRun:
     reason: str
     seconds: float = 0.0
     milestones: dict[str, float] = field(default_factory=dict)
+    cpu_milestones: dict[str, float] = field(default_factory=dict)  # process CPU time
     exits: dict[str, int] = field(default_factory=dict)
     pages_mapped: int = 0
     console: str = ""
@@ -185,7 +186,8 @@ class LinuxVmm:
         self.wake = threading.Event()
         self.milestones = milestones
         self.seen: dict[str, float] = {}
-        self._t0 = 0.0
+        self.seen_cpu: dict[str, float] = {}
+        self._t0 = self._c0 = 0.0
         self._scan = ""
         self.input_lines: list[str] = []  # fed one per prompt (non-tty input)
         self.prompt = "# "
@@ -204,6 +206,7 @@ class LinuxVmm:
         for m in self.milestones:
             if m not in self.seen and m in tail:
                 self.seen[m] = time.perf_counter() - self._t0
+                self.seen_cpu[m] = time.process_time() - self._c0
         last = tail.rsplit("\n", 1)[-1]
         if self.input_lines and self.prompt in last and last != self._fed_at:
             self._fed_at = last
@@ -329,6 +332,7 @@ class LinuxVmm:
         parked = [False] * n
         line = [False] * n
         self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
         reason = "running"
         gic = self.gic
         try:
@@ -364,7 +368,7 @@ class LinuxVmm:
                     if k in ("stage2_fault", "hvc", "smc"):
                         self.exits[k] = self.exits.get(k, 0) + c
                 v.runner.exits.clear()
-        return LinuxRun(reason, seconds, dict(self.seen), dict(self.exits),
+        return LinuxRun(reason, seconds, dict(self.seen), dict(self.seen_cpu), dict(self.exits),
                         len(self.vm.mapped), self.uart_text)
 
     def destroy(self) -> None:
