@@ -12,7 +12,7 @@ mapped up front, devices answered straight from the core's exits, no hyp, no hos
 stage-2 faults): the speed ratio is bare / pkvm time to the prompt, 1 vCPU, protected. The
 sides run interleaved, `--rounds` times each (default 1), with `gc.collect()` before each run
 and set-up (machine, VM, loading the image) outside the timed region; medians are reported.
-`--quick` leaves out the non-protected VM and the 2-vCPU boot.
+`--quick` leaves out the non-protected VM.
 
 Guest MIPS are not reported: unicorn 2.1.4 counts instructions only with a per-instruction
 hook, which would change what is measured.
@@ -172,7 +172,7 @@ def main() -> int:
     a = p.parse_args()
     image, initrd_path = fetch(log=lambda s: print(s, file=sys.stderr))
     kernel, initrd = image.read_bytes(), initrd_path.read_bytes()
-    counts = [int(x) for x in a.vcpus.split(",")] if not a.quick else [1]
+    counts = [int(x) for x in a.vcpus.split(",")]
     sides: list[tuple[str, object]] = []
     for n in counts:
         sides.append((f"pkvm, protected, {n} vCPU{'s' if n > 1 else ''}",
