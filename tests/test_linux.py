@@ -121,7 +121,7 @@ def test_protected_linux_with_two_vcpus_reaches_the_shell_and_counts_two_cpus(li
     loads: dict[int, set[int]] = {}
 
     def on_call(rec) -> None:  # the HVC door, as the hyp saw each __pkvm_vcpu_load
-        if rec.name == "__pkvm_vcpu_load" and rec.x0 == 0 and rec.x1 == 0:
+        if rec.name == "__pkvm_vcpu_load" and rec.x0 == 0:  # dispatched (it returns nothing)
             loads.setdefault(rec.args[1], set()).add(rec.cpu)
 
     m.listeners.append(on_call)
