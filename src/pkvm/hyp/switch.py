@@ -151,6 +151,9 @@ def _switch_to(vcpu: PkvmHypVcpu, core) -> None:
         else:
             uc.context_update(ctx)
     uc.context_restore(eng.saved.get(vcpu.vcpu_idx, eng.fresh))
+    # QEMU keeps "a virtual IRQ is asserted" outside the saved state (the CPU's interrupt
+    # request): rewriting HCR_EL2 makes it follow this vCPU's HCR_EL2.VI again.
+    core._cpw(_HCR_EL2_ENC, core._cpr(_HCR_EL2_ENC))
     uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
     core._sys_dirty = True  # the shadow of the system registers is the other vCPU's
     vcpu.exit_data.pop("synced_words", None)  # load the whole context
