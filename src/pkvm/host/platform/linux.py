@@ -295,8 +295,7 @@ class LinuxVmm:
                 self._update_lines()
                 if not gic.irq_pending(i):
                     parked[i] = True
-                    return "running"
-                # an interrupt is pending: the WFI completes at once and the turn goes on
+                return "running"
             elif kind == "system_event":
                 return ex.event
             elif kind == "fail":
