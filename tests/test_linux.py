@@ -8,6 +8,7 @@ impossible. The device-tree and device tests run everywhere.
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 
@@ -107,4 +108,33 @@ def test_protected_linux_boots_to_init_isolated_and_every_page_comes_back(linux_
         vmm.destroy()
     for pa in pages:
         assert m.host.read(pa, 4096) == bytes(4096)
+    assert m.inspect.page_counts() == before
+
+
+@pytest.mark.linux
+def test_protected_linux_with_two_vcpus_reaches_the_shell_and_counts_two_cpus(linux_files):
+    """vCPU 1 starts off; Linux brings it up with PSCI CPU_ON (the host's psci.c), each vCPU is
+    loaded on its own host CPU, and they share the host thread in preempted turns."""
+    kernel, initrd = linux_files
+    m = machine_for(256 * MiB, 2)
+    before = m.inspect.page_counts()
+    loads: dict[int, set[int]] = {}
+
+    def on_call(rec) -> None:  # the HVC door, as the hyp saw each __pkvm_vcpu_load
+        if rec.name == "__pkvm_vcpu_load" and rec.x0 == 0:  # dispatched (it returns nothing)
+            loads.setdefault(rec.args[1], set()).add(rec.cpu)
+
+    m.listeners.append(on_call)
+    vmm = LinuxVmm(m.host, kernel, initrd, memory=256 * MiB, vcpus=2, protected=True,
+                   out=io.StringIO())
+    assert vmm.vm.vcpus[1].powered_off
+    try:
+        vmm.input_lines = ["nproc", "poweroff -f"]
+        r = vmm.run(timeout=900)
+        assert r.reason == "shutdown", r.console[-2000:]
+        assert "smp: Brought up 1 node, 2 CPUs" in r.console
+        assert re.search(r"nproc\s+2\s", r.console), r.console[-500:]
+        assert loads == {0: {0}, 1: {1}}
+    finally:
+        vmm.destroy()
     assert m.inspect.page_counts() == before

@@ -531,14 +531,21 @@ class Machine:
 
 
 def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",
-                timeslice: int | None = None) -> Machine:
+                timeslice: int | float | None = None) -> Machine:
     """A machine sized for a Linux guest of `guest_memory` bytes and `vcpus` vCPUs.
 
     One vCPU runs until it exits (Linux exits often: console, timer, GIC, WFI). Several need
-    the physical timer to preempt a vCPU that spins waiting for another: an instruction budget
-    (slower: unicorn counts every instruction), `timeslice` instructions, default 2,000,000."""
+    the host's timer to preempt a vCPU that spins waiting for another: by default a wall-clock
+    slice of `LINUX_SLICE` seconds (`pkvm.machine.preempt`, free per instruction), or, where
+    this unicorn build cannot stop precisely, 2,000,000 instructions (unicorn counts every
+    instruction then, ~4x slower). `timeslice` overrides either (an int: instructions)."""
     if vcpus > 1 and not timeslice:
-        timeslice = 2_000_000
+        from pkvm.machine import preempt
+
+        timeslice = LINUX_SLICE if preempt.available() else 2_000_000
     machine_mem = 2 * guest_memory + (256 << 20)
     return Machine(memory=machine_mem, cpus=max(2, vcpus), abi=abi, trace=False,
-                   timeslice=timeslice)
+                   timeslice=timeslice)  # type: ignore[arg-type]
+
+
+LINUX_SLICE = 0.005  # issue 14: seconds a vCPU runs before the host's timer preempts it

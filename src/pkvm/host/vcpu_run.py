@@ -20,6 +20,7 @@ from pkvm.abi.host_structs import (
     ctxt_unpack,
 )
 from pkvm.errors import EFAULT, HostError
+from pkvm.host.psci import is_psci, kvm_psci_call
 from pkvm.machine.memory import PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -31,18 +32,6 @@ EC_WFX, EC_HVC64, EC_SMC64, EC_SYS64, EC_IABT_LOW, EC_DABT_LOW = 0x01, 0x16, 0x1
 HPFAR_NS = 1 << 63
 HCR_VI = 1 << 7  # issue 9
 
-PSCI_VERSION = 0x8400_0000
-PSCI_CPU_SUSPEND = (0x8400_0001, 0xC400_0001)
-PSCI_CPU_OFF = 0x8400_0002
-PSCI_CPU_ON = (0x8400_0003, 0xC400_0003)
-PSCI_AFFINITY_INFO = (0x8400_0004, 0xC400_0004)
-PSCI_MIGRATE_INFO_TYPE = 0x8400_0006
-PSCI_SYSTEM_OFF = 0x8400_0008
-PSCI_SYSTEM_RESET = 0x8400_0009
-PSCI_FEATURES = 0x8400_000A
-PSCI_SYSTEM_RESET2 = (0x8400_0012, 0xC400_0012)  # PSCI 1.1
-PSCI_SYSTEM_OFF2 = (0x8400_0015, 0xC400_0015)  # PSCI 1.3
-PSCI_OFF_TYPE_HIBERNATE_OFF = 1
 SMCCC_VERSION = 0x8000_0000
 SMCCC_ARCH_FEATURES = 0x8000_0001
 VENDOR_HYP_UID = 0x8600_FF01
@@ -60,8 +49,7 @@ ARCH_FEATURES = {
     HV_PV_TIME_FEATURES: 0,
 }
 KVM_UID = (0xB66F_B428, 0xE911_C52E, 0x564B_CAA9, 0x743A_004D)
-PSCI_RET_SUCCESS, PSCI_RET_NOT_SUPPORTED, PSCI_RET_INVALID_PARAMS = 0, -1, -2
-PSCI_RET_ALREADY_ON, PSCI_RET_INTERNAL_FAILURE = -4, -6
+SMCCC_RET_NOT_SUPPORTED = -1
 SCTLR_EL1_RESET = 0x30D0_0800
 _REGS_OFF = KVM_VCPU.offset("arch.ctxt.regs")
 _FAULT_OFF = KVM_VCPU.offset("arch.fault.esr_el2")
@@ -242,60 +230,22 @@ class VcpuRunner:
 
     # -- PSCI and SMCCC (psci.c, hypercalls.c) -------------------------------------------
     def _smccc(self, esr: int, smc_imm: int = 0) -> VcpuExit | None:
+        """`kvm_smccc_call_handler` (no SMCCC filter, default firmware bitmaps)."""
         ctx = self.get_regs()
         fid = ctx.x[0] & 0xFFFF_FFFF
-        a1, a2, a3 = ctx.x[1], ctx.x[2], ctx.x[3]
-        res: list[int] = [PSCI_RET_NOT_SUPPORTED, 0, 0, 0]
+        res: list[int] = [SMCCC_RET_NOT_SUPPORTED, 0, 0, 0]
         out: VcpuExit | None = None
-        vm = self.vm
-        minor = vm.profile.psci_version & 0xFFFF
         if smc_imm:
-            pass
-        elif fid == PSCI_VERSION:
-            res[0] = vm.profile.psci_version
+            pass  # handle_smc: a non-zero immediate is not an SMCCC call
+        elif is_psci(fid):
+            res, out = kvm_psci_call(self, fid, ctx.x[1], ctx.x[2], ctx.x[3])
+            if out is not None and out.kind == "system_event":
+                for v in self.vm.vcpus:  # kvm_prepare_system_event: every vCPU stopped
+                    v.runner.power_off = True
         elif fid == SMCCC_VERSION:
             res[0] = 0x10001
-        elif fid == PSCI_MIGRATE_INFO_TYPE:
-            res[0] = 2
-        elif fid == PSCI_FEATURES:
-            known = {PSCI_VERSION, PSCI_CPU_OFF, PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET,
-                     PSCI_MIGRATE_INFO_TYPE, PSCI_FEATURES, SMCCC_VERSION, *PSCI_CPU_ON,
-                     *PSCI_AFFINITY_INFO, *PSCI_CPU_SUSPEND}
-            res[0] = 0 if a1 & 0xFFFF_FFFF in known else PSCI_RET_NOT_SUPPORTED
-            if a1 & 0xFFFF_FFFF in PSCI_SYSTEM_RESET2 and minor >= 1:
-                res[0] = 0
-            elif a1 & 0xFFFF_FFFF in PSCI_SYSTEM_OFF2 and minor >= 3:
-                res[0] = PSCI_OFF_TYPE_HIBERNATE_OFF
         elif fid == SMCCC_ARCH_FEATURES:
-            res[0] = ARCH_FEATURES.get(a1 & 0xFFFF_FFFF, PSCI_RET_NOT_SUPPORTED)
-        elif fid in PSCI_CPU_ON:
-            res[0] = self._cpu_on(a1, a2, a3, fid)
-        elif fid in PSCI_AFFINITY_INFO:
-            target = vm.vcpu_by_mpidr(a1)
-            res[0] = PSCI_RET_INVALID_PARAMS if target is None else int(target.runner.power_off)
-        elif fid == PSCI_CPU_OFF:
-            self.power_off = True
-            out = VcpuExit("cpu_off")
-        elif fid in (PSCI_SYSTEM_OFF, PSCI_SYSTEM_RESET):
-            res[0] = PSCI_RET_INTERNAL_FAILURE
-            out = VcpuExit("system_event", event="shutdown" if fid == PSCI_SYSTEM_OFF else "reset")
-        elif fid in PSCI_SYSTEM_RESET2 and minor >= 1:
-            arg = a1 & 0xFFFF_FFFF if fid == PSCI_SYSTEM_RESET2[0] else a1
-            if arg == 0 or arg >= 0x8000_0000:  # warm reset, or a vendor-specific type
-                res[0] = PSCI_RET_INTERNAL_FAILURE
-                out = VcpuExit("system_event", event="reset")
-            else:
-                res[0] = PSCI_RET_INVALID_PARAMS
-        elif fid in PSCI_SYSTEM_OFF2 and minor >= 3:
-            if fid == PSCI_SYSTEM_OFF2[0]:
-                a1, a2 = a1 & 0xFFFF_FFFF, a2 & 0xFFFF_FFFF
-            if (a1 and a1 != PSCI_OFF_TYPE_HIBERNATE_OFF) or a2:
-                res[0] = PSCI_RET_INVALID_PARAMS
-            else:
-                res[0] = PSCI_RET_INTERNAL_FAILURE
-                out = VcpuExit("system_event", event="shutdown")
-        elif fid in PSCI_CPU_SUSPEND:
-            res[0] = PSCI_RET_SUCCESS
+            res[0] = ARCH_FEATURES.get(ctx.x[1] & 0xFFFF_FFFF, SMCCC_RET_NOT_SUPPORTED)
         elif fid == VENDOR_HYP_UID:
             res = list(KVM_UID)
         elif fid == VENDOR_HYP_FEATURES:
@@ -304,20 +254,6 @@ class VcpuRunner:
             ctx.x[i] = res[i] & U64
         self.set_regs(ctx)
         return out
-
-    def _cpu_on(self, mpidr: int, entry: int, context: int, fid: int) -> int:
-        if fid == PSCI_CPU_ON[0]:
-            mpidr &= 0xFFFF_FFFF
-            entry &= 0xFFFF_FFFF
-            context &= 0xFFFF_FFFF
-        target = self.vm.vcpu_by_mpidr(mpidr)
-        if target is None:
-            return PSCI_RET_INVALID_PARAMS
-        if not target.runner.power_off:
-            return PSCI_RET_ALREADY_ON
-        target.runner.reset(entry, context)
-        target.runner.power_off = False
-        return PSCI_RET_SUCCESS
 
     # -- issue 9: what an emulated interrupt controller and timer need ------------------
     def set_irq_line(self, level: bool) -> None:

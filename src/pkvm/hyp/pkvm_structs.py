@@ -242,6 +242,7 @@ class PkvmHypVm(HypStruct):
         self.pgt: KvmPgtable = None  # type: ignore[assignment]
         self.mm_ops: GuestMmOps = None  # type: ignore[assignment]
         self.vcpus: list[PkvmHypVcpu | None] = [None] * created_vcpus
+        self.engine: Any = None  # the CPU emulator its vCPUs run on (switch.py: _Engine)
         self.handle = handle
         self.host_kvm = host_kvm
         self.created_vcpus = created_vcpus

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import struct
 
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM_ARCH_FLAG_MTE_ENABLED, KVM_VCPU
 from pkvm.errors import EINVAL
 from pkvm.hyp.mm import el2_read, el2_write, el2_write_u64
@@ -201,34 +203,88 @@ HPFAR_NS = 1 << 63
 S2_XN_NONE = 0b10
 
 
-def _core_for(h: HypState, vcpu: PkvmHypVcpu):
-    """The CPU this hyp vCPU runs on (one emulator core per hyp vCPU, made at its first run)."""
-    if vcpu.engine is None:
+class _Engine:
+    """issue 14: the CPU emulator a VM's vCPUs run on, and what it holds.
+
+    One per VM: unicorn's translated code and its view of the stage-2 are shared by the VM's
+    vCPUs, as QEMU's single-threaded TCG runs all the CPUs of a machine on one translation
+    cache. Code one vCPU patches (alternatives, ftrace, a page reused for user code) is then
+    seen by the other at once (unicorn tracks writes to translated code within one engine; a
+    separate engine per vCPU had to drop all its code whenever another vCPU had run). Each
+    vCPU keeps its own CPU: its registers come from its context at entry, and the rest of the
+    emulated CPU's state (exclusive monitor, HCR_EL2.VI, mode flags) is saved at the switch
+    and restored when it runs again; the emulator's TLB, which knows no VMID or vCPU, is
+    emptied then, as each physical CPU has its own."""
+
+    def __init__(self, core) -> None:
+        self.core = core
+        self.view_of = None  # the stage-2 the view mirrors
+        self.view_cursor = 0  # how much of its `touched` log the view has applied
+        self.host_s2 = None  # 6.12: the host-managed stage-2, as EL2 walks it
+        self.owner: PkvmHypVcpu | None = None  # whose registers the core holds
+        self.saved: dict[int, object] = {}  # vcpu_idx -> its emulated CPU's other state
+        self.fresh = core.uc.context_save()  # the state a vCPU's first entry starts from
+
+
+def _engine_for(h: HypState, vcpu: PkvmHypVcpu) -> _Engine:
+    vm = vcpu.vm
+    eng = vm.engine
+    if eng is None:
         from pkvm.machine.cpu import Core
 
-        vcpu.engine = Core()
+        core = Core()
         # issue 9: trap the EL1 physical timer (CNTHCTL_EL2.EL1PCEN = 0, EL1PCTEN = 1) so the
         # host can emulate it (unicorn's timers are stubs); the counter stays direct.
-        vcpu.engine._cpw((3, 4, 14, 1, 0), 1)
+        core._cpw((3, 4, 14, 1, 0), 1)
         # issue 9: pointer authentication for the guest (HCR_EL2.APK|API), as KVM grants it
-        # after the first trapped use; each vCPU has its own core, so its keys stay with it.
+        # after the first trapped use; each vCPU's keys are in its context.
         hcr = _HCR_EL2_ENC  # (and IMO|FMO: HCR_EL2.VI then raises a virtual IRQ)
-        vcpu.engine._cpw(hcr, vcpu.engine._cpr(hcr) | (1 << 40) | (1 << 41) | HCR_IMO | HCR_FMO)
+        core._cpw(hcr, core._cpr(hcr) | (1 << 40) | (1 << 41) | HCR_IMO | HCR_FMO)
         scr = (3, 6, 1, 1, 0)  # and SCR_EL3.APK|API, as firmware leaves them
-        vcpu.engine._cpw(scr, vcpu.engine._cpr(scr) | (1 << 16) | (1 << 17))
-        vcpu.exit_data["view_cursor"] = 0
-        if vcpu.vm.is_protected and vcpu.hcr_el2 & HCR_TID3:
-            vcpu.engine.trap_id_regs()  # the protected guest reads its sanitised ID registers
+        core._cpw(scr, core._cpr(scr) | (1 << 16) | (1 << 17))
+        if vm.is_protected and vcpu.hcr_el2 & HCR_TID3:
+            core.trap_id_regs()  # the protected guest reads its sanitised ID registers
+        eng = vm.engine = _Engine(core)
+    vcpu.engine = eng.core
+    return eng
+
+
+def _core_for(h: HypState, vcpu: PkvmHypVcpu):
+    """The CPU this hyp vCPU runs on, its stage-2 view up to date."""
+    eng = _engine_for(h, vcpu)
     pgt = _guest_s2(h, vcpu)
     if pgt.touched is None:
         pgt.touched = []
-    if vcpu.exit_data.get("view_of") is not pgt:
-        vcpu.exit_data["view_of"] = pgt
-        vcpu.exit_data["view_cursor"] = 0
-        for m in vcpu.engine.mappings():
-            vcpu.engine.unmap(m.start, m.end - m.start)
-        _sync_view(h, vcpu, vcpu.engine, full=True)
-    return vcpu.engine
+    if eng.view_of is not pgt:
+        eng.view_of = pgt
+        eng.view_cursor = 0
+        for m in eng.core.mappings():
+            eng.core.unmap(m.start, m.end - m.start)
+        _sync_view(h, vcpu, eng.core, full=True)
+    return eng.core
+
+
+def _switch_to(vcpu: PkvmHypVcpu, core) -> None:
+    """issue 14: put `vcpu` on its VM's engine if another vCPU ran there last."""
+    eng = vcpu.vm.engine
+    prev = eng.owner
+    if prev is vcpu:
+        return
+    uc = core.uc
+    if prev is not None:
+        ctx = eng.saved.get(prev.vcpu_idx)
+        if ctx is None:
+            eng.saved[prev.vcpu_idx] = uc.context_save()
+        else:
+            uc.context_update(ctx)
+    uc.context_restore(eng.saved.get(vcpu.vcpu_idx, eng.fresh))
+    # QEMU keeps "a virtual IRQ is asserted" outside the saved state (the CPU's interrupt
+    # request): rewriting HCR_EL2 makes it follow this vCPU's HCR_EL2.VI again.
+    core._cpw(_HCR_EL2_ENC, core._cpr(_HCR_EL2_ENC))
+    uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+    core._sys_dirty = True  # the shadow of the system registers is the other vCPU's
+    vcpu.exit_data.pop("synced_words", None)  # load the whole context
+    eng.owner = vcpu
 
 
 class _ReadOnlyTables:
@@ -251,13 +307,14 @@ def _guest_s2(h: HypState, vcpu: PkvmHypVcpu):
     if h.profile.hyp_owned_guest_stage2:
         return vcpu.vm.pgt
     pgd = vcpu.exit_data.get("s2_pgd", 0)
-    cached = vcpu.exit_data.get("host_s2")
+    eng = vcpu.vm.engine
+    cached = eng.host_s2
     if cached is None or cached.pgd != pgd:
         from pkvm.hyp.pgtable import KvmPgtable
 
         cached = KvmPgtable(h.mem, _ReadOnlyTables(), stage=2, name="host-managed guest stage-2")
         cached.pgd = pgd if h.mem.is_ram(pgd) else 0
-        vcpu.exit_data["host_s2"] = cached
+        eng.host_s2 = cached
     return cached
 
 
@@ -271,9 +328,8 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None
     if full:
         ranges = [(ipa, 1 << (12 + 9 * (3 - level))) for ipa, level, _ in pgt.leaves(valid_only=True)]
     else:
-        cursor = vcpu.exit_data["view_cursor"]
-        ranges = touched[cursor:]
-    vcpu.exit_data["view_cursor"] = len(touched)
+        ranges = touched[vcpu.vm.engine.view_cursor :]
+    vcpu.vm.engine.view_cursor = len(touched)
     mem = h.mem
     # issue 9: contiguous pieces with the same permissions go to the core as one range (each
     # core.map/unmap rebuilds unicorn regions, ~1 ms): a fault that mapped many pages costs one.
@@ -321,7 +377,7 @@ def _refault(h: HypState, vcpu: PkvmHypVcpu, core, ipa: int) -> bool:
         return False
     before = core.mappings()
     pgt.touched = [(ipa & ~0xFFF, 0x1000)]
-    vcpu.exit_data["view_cursor"] = 0
+    vcpu.vm.engine.view_cursor = 0
     _sync_view(h, vcpu, core)
     return core.mappings() != before
 
@@ -362,12 +418,7 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     from pkvm.machine.cpu import ExitKind
 
     core = _core_for(h, vcpu)
-    # issue 9: each vCPU is its own unicorn instance with its own translated code; code another
-    # vCPU of this VM patched (its IC IALLUIS does not reach this core) must not run stale.
-    last = vcpu.vm.__dict__.get("_last_vcpu_run")
-    if last is not None and last is not vcpu:
-        core.flush_code()
-    vcpu.vm.__dict__["_last_vcpu_run"] = vcpu
+    _switch_to(vcpu, core)  # issue 14: the VM's vCPUs share one engine
     _load_context(vcpu, core)
     if vcpu.iflags & IFLAG_PENDING_EXCEPTION:
         core.inject_undef()

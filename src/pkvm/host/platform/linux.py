@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from pkvm.host.host import Host
 
 MiB = 1 << 20
-TURN_SECONDS = 0.05  # several vCPUs: how long one keeps the (single) host thread
+TURN_SECONDS = 0.005  # several vCPUs: how long one keeps the (single) host thread
 # arm64.nosve/nosme: the guest's SVE loads/stores cannot be decoded for a stage-1 fault's FAR
 # yet (a fault would reach the guest as an external abort, SIGBUS); see docs/linux.md.
 DEFAULT_APPEND = ("console=ttyAMA0 earlycon=pl011,0x09000000 nokaslr rdinit=/init "
@@ -144,6 +144,7 @@ class LinuxRun:
     reason: str
     seconds: float = 0.0
     milestones: dict[str, float] = field(default_factory=dict)
+    cpu_milestones: dict[str, float] = field(default_factory=dict)  # process CPU time
     exits: dict[str, int] = field(default_factory=dict)
     pages_mapped: int = 0
     console: str = ""
@@ -177,13 +178,16 @@ class LinuxVmm:
             self.vm.destroy()
             raise
         self.gic = Gic(vcpus)
+        # The host CPU each vCPU's thread runs on (vCPU i on CPU i, as a VMM pins them).
+        self.cpu_of = [i % host.nr_cpus for i in range(vcpus)]
         self.timers = [PhysTimer() for _ in range(vcpus)]
         self.uart = Pl011(out)
         self.exits: dict[str, int] = {}
         self.wake = threading.Event()
         self.milestones = milestones
         self.seen: dict[str, float] = {}
-        self._t0 = 0.0
+        self.seen_cpu: dict[str, float] = {}
+        self._t0 = self._c0 = 0.0
         self._scan = ""
         self.input_lines: list[str] = []  # fed one per prompt (non-tty input)
         self.prompt = "# "
@@ -202,6 +206,7 @@ class LinuxVmm:
         for m in self.milestones:
             if m not in self.seen and m in tail:
                 self.seen[m] = time.perf_counter() - self._t0
+                self.seen_cpu[m] = time.process_time() - self._c0
         last = tail.rsplit("\n", 1)[-1]
         if self.input_lines and self.prompt in last and last != self._fed_at:
             self._fed_at = last
@@ -268,16 +273,18 @@ class LinuxVmm:
 
     def _turn(self, i: int, parked: list[bool], line: list[bool], n: int) -> str:
         """Run vCPU `i` until it is preempted, waits or stops; with several vCPUs, also until
-        its turn (TURN_SECONDS) is over. Device exits are answered in between."""
+        its turn (TURN_SECONDS) is over or another vCPU waiting for an interrupt has one
+        (an IPI, its timer): that one runs next. Device exits are answered in between."""
         vcpu = self.vm.vcpus[i]
         gic = self.gic
         end = time.perf_counter() + TURN_SECONDS
+        cpu = self.cpu_of[i]
         while True:
             pend = gic.irq_pending(i)
             if pend != line[i]:
                 vcpu.runner.set_irq_line(pend)
                 line[i] = pend
-            ex = vcpu.run()
+            ex = vcpu.run(cpu)
             kind = ex.kind
             self._count(kind)
             if kind == "mmio":
@@ -297,8 +304,14 @@ class LinuxVmm:
                 self._update_lines()
                 return "running"
             self._update_lines()
-            if n == 1 or time.perf_counter() > end:
+            if n == 1:
                 return "running"
+            if time.perf_counter() > end:
+                return "running"
+            for j in range(n):
+                if j != i and parked[j] and gic.irq_pending(j):
+                    self._count("yields")
+                    return "running"
 
     def _sleep(self, active: list[int]) -> None:
         """Every running vCPU waits for an interrupt: sleep until a timer fires or input."""
@@ -319,6 +332,7 @@ class LinuxVmm:
         parked = [False] * n
         line = [False] * n
         self._t0 = time.perf_counter()
+        self._c0 = time.process_time()
         reason = "running"
         gic = self.gic
         try:
@@ -354,7 +368,7 @@ class LinuxVmm:
                     if k in ("stage2_fault", "hvc", "smc"):
                         self.exits[k] = self.exits.get(k, 0) + c
                 v.runner.exits.clear()
-        return LinuxRun(reason, seconds, dict(self.seen), dict(self.exits),
+        return LinuxRun(reason, seconds, dict(self.seen), dict(self.seen_cpu), dict(self.exits),
                         len(self.vm.mapped), self.uart_text)
 
     def destroy(self) -> None:
