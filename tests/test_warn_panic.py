@@ -85,3 +85,26 @@ def test_conformance_sees_a_warn_panic_as_a_hyp_panic():
     assert compare_step("7.2", 0, st, mo, real).agree
     alive = RealResult(0, -22, 0, 0)
     assert not compare_step("7.2", 0, st, mo, alive).agree
+
+
+
+def test_the_fuzzer_counts_known_warn_panics(monkeypatch: pytest.MonkeyPatch):
+    """The same run is a `no-warn` finding, or, were its WARN site a `KNOWN_KERNEL_WARNS` entry,
+    an availability finding counted in `known_warns` (the fuzzer goes on with a new machine)."""
+    from pkvm.check import oracles
+    from pkvm.check.fuzz import execute, generate
+
+    prof = pkvm.Machine(memory="64M", cpus=2, trace=False).profile
+    steps = generate(random.Random(0), prof, 2, 350)
+    found = execute(steps, "64M", 2, "latest", ("share-guest-warn",))
+    assert found.failure is not None and found.failure.signature == "invariant:no-warn"
+    assert "WARN_ON in __pkvm_host_share_guest" in found.failure.message
+    assert not found.known_warns
+    monkeypatch.setitem(oracles.KNOWN_KERNEL_WARNS, "test-site", (
+        "__pkvm_host_share_guest",
+        '_warn(h, h.bug("share-guest-warn"))  # seeded: WARN on a host-reachable refusal', "test"))
+    steps = steps[: found.failure.step_index + 1]
+    known = execute(steps, "64M", 2, "latest", ("share-guest-warn",))
+    assert known.failure is None, known.failure
+    assert known.known_warns == {"test-site": 1}
+    assert any("WARN_ON in __pkvm_host_share_guest" in p for p in known.panics)

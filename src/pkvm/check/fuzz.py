@@ -54,6 +54,7 @@ class Failure:
 class RunResult:
     failure: Failure | None = None
     panics: list[str] = field(default_factory=list)
+    known_warns: Counter = field(default_factory=Counter)  # WARN panics at KNOWN_KERNEL_WARNS
     steps_run: int = 0
     calls: Counter = field(default_factory=Counter)
     transitions: Counter = field(default_factory=Counter)
@@ -92,11 +93,15 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
                 _absorb(res, w)
                 w = World(memory, cpus, abi, bugs)
         except HypPanic as e:
-            res.panics.append(f"step {i}: {e} ({s})")
             warn = _warn_failure(e, w.m, i)
             if warn is not None:
                 res.failure = warn
                 break
+            if e.warn:
+                from pkvm.check.oracles import excused_warns
+
+                res.known_warns.update(excused_warns(w.m.inspect))
+            res.panics.append(f"step {i}: {e} ({s})")
             if not w.hostile:
                 res.failure = Failure("panic", f"panic@{s.op}", f"hyp panic in a call sequence "
                                       f"the host driver issues ({s}): {e}", i)
