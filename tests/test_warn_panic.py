@@ -108,3 +108,30 @@ def test_the_fuzzer_counts_known_warn_panics(monkeypatch: pytest.MonkeyPatch):
     assert known.failure is None, known.failure
     assert known.known_warns == {"test-site": 1}
     assert any("WARN_ON in __pkvm_host_share_guest" in p for p in known.panics)
+
+
+def _share_hyp_page_with_guest(m):
+    """A page the host shared with the hyp, offered to a guest: refused with -EPERM (the seeded
+    `share-guest-warn` also WARNs there)."""
+    vm = m.host.create_vm(vcpus=1, protected=False, memory="1M")
+    vm.map(0x40000, 1)
+    vm.topup_memcache(vm.vcpus[0])
+    assert m.hvc(0, "__pkvm_vcpu_load", vm.handle, 0, 0).x0 == 0
+    pfn = m.host.alloc_pages(1) >> 12
+    assert m.hvc(0, "__pkvm_host_share_hyp", pfn).x1 == 0
+    return {0: [("hvc", "__pkvm_host_share_guest", pfn, 0x40002, 1, 0xF)],
+            1: [("hvc", "__pkvm_host_share_hyp", pfn)]}
+
+
+@pytest.mark.parametrize("bugs", [(), ("share-guest-warn",)])
+def test_the_explorer_reports_a_warn_panic(bugs):
+    from pkvm.check.explore import explore
+
+    def make():
+        return pkvm.Machine(memory="64M", cpus=2, trace=False, bugs=bugs)
+
+    r = explore(make, _share_hyp_page_with_guest, bound=1, max_runs=20)
+    if not bugs:
+        assert not r.findings, r.findings[0].finding
+    else:
+        assert r.findings and (r.findings[0].finding or "").startswith("no-warn: hyp WARN_ON")
