@@ -1,6 +1,16 @@
-"""How fast the real-kernel side of ``pkvm conform`` runs hypercall sequences.
+"""How fast the real-kernel side of ``pkvm conform`` runs hypercall sequences, and the tool's
+own figures.
 
     python benchmarks/bench_conform.py [--kernels 6.12 7.2] [--sequences 256] [--jobs 1 2]
+    python benchmarks/bench_conform.py --figures [--random 1000] [--seed 1] [--jobs 2]
+    python benchmarks/bench_conform.py --mutants
+
+``--figures``: deep random sequences of a fixed seed per kernel, run in chunks of 50 that
+alternate the real side and the model: agreement over executed steps (each known difference's
+excused steps apart), hypercalls reaching success on the real kernel, sequences per minute
+(both sides, set-up excluded). ``--mutants``: the mutation score, each model mutant of
+``tests/conform_mutants.py`` against the real answers to the default random budget of the
+tests (``tests/test_conform_diff.py``: RANDOM_BUDGET sequences of RANDOM_SEED).
 
 Prints, per kernel: set-up time (warm: everything cached), one boot with an empty sequence,
 sequences per minute for 4-step sequences that do not panic (they share a machine, 256 per
@@ -39,13 +49,90 @@ def rate(kernel: str, seqs: list[list[RawStep]], jobs: int) -> tuple[float, list
     return len(seqs) / (time.monotonic() - t0) * 60.0, logs
 
 
+def figures(kernel: str, n: int, seed: int, jobs: int) -> None:
+    from pkvm.conform import diff as D
+    from pkvm.conform import sequences as S
+    from pkvm.conform.model import run_sequences_on_model
+
+    ensure_setup(kernel, progress=True)  # outside the timed region
+    seqs = S.random_sequences(kernel, n, seed)
+    results: list = []
+    t_real = t_model = 0.0
+    for i in range(0, n, 50):  # interleave the two sides
+        chunk = seqs[i : i + 50]
+        t0 = time.monotonic()
+        real = run_sequences(kernel, chunk, per_boot=1, jobs=jobs)
+        t1 = time.monotonic()
+        model = run_sequences_on_model(kernel, chunk)
+        t_model += time.monotonic() - t1
+        t_real += t1 - t0
+        results += [D.compare(kernel, q, mo, r) for q, mo, r in zip(chunk, model, real)]
+    s = D.summarize(results)
+    ok, total = S.succeeded(S.coverage(kernel, results))
+    print(f"{kernel}: {n} deep random sequences (seed {seed}): {s.agree}/{s.executed} executed "
+          f"steps agree ({s.percent:.2f} %), {s.differ} differ, known {dict(s.known)}, "
+          f"{s.not_run} not run after a panic")
+    print(f"{kernel}: host hypercalls reaching success on Linux: {ok}/{total}")
+    print(f"{kernel}: {n / (t_real + t_model) * 60:.0f} sequences/min both sides (real "
+          f"{n / t_real * 60:.0f}/min with jobs={jobs}, model {n / t_model * 60:.0f}/min)")
+    for si, diffs in enumerate(results):
+        for d in diffs:
+            if d.status == "differ":
+                print(f"  differs: seq {si} step {d.index} {d.step.call}{d.step.args}: model "
+                      f"{d.model.x0}/{d.model.x1} {d.model.kind} vs kernel {d.real.x0}/"
+                      f"{d.real.x1} {d.real.kind} {d.real.note[:80]}")
+
+
+def mutation_score(kernels: list[str]) -> None:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    import conform_mutants as CM  # noqa: E402
+    from pkvm.conform import diff as D
+    from pkvm.conform import sequences as S
+    from test_conform_diff import RANDOM_BUDGET, RANDOM_SEED  # noqa: E402
+
+    real = {}
+    for k in kernels:
+        ensure_setup(k, progress=True)
+        seqs = S.random_sequences(k, RANDOM_BUDGET, RANDOM_SEED)
+        real[k] = (seqs, run_sequences(k, seqs, per_boot=1))
+    detected = total = 0
+    for m in CM.MUTANTS:
+        for k in m.kernels:
+            if k not in real:
+                continue
+            seqs, answers = real[k]
+            with CM.applied(m):
+                res = D.run_both(k, seqs, real=answers)
+            hit = [d for r in res for d in r if d.status == "differ"]
+            total += 1
+            detected += bool(hit)
+            where = f"first at {hit[0].step.call}" if hit else "NOT detected"
+            print(f"mutant {m.name:28} {k:5}: {len(hit):4} differing steps, {where}")
+    print(f"mutation score: {detected}/{total} (budget {RANDOM_BUDGET} sequences, seed "
+          f"{RANDOM_SEED}, per kernel)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--figures", action="store_true")
+    ap.add_argument("--mutants", action="store_true")
+    ap.add_argument("--random", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--kernels", nargs="*", default=list(KERNELS))
     ap.add_argument("--sequences", type=int, default=256)
     ap.add_argument("--panics", type=int, default=4)
     ap.add_argument("--jobs", type=int, nargs="*", default=[1, 2])
     a = ap.parse_args()
+    if a.figures or a.mutants:
+        kernels = ["7.2" if k == "latest" else k for k in a.kernels]
+        for k in kernels if a.figures else []:
+            figures(k, a.random, a.seed, max(a.jobs))
+        if a.mutants:
+            mutation_score(kernels)
+        return
     for k in a.kernels:
         t0 = time.monotonic()
         ensure_setup(k, progress=True)

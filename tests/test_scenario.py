@@ -156,3 +156,64 @@ def test_strategies_drive_the_model(calls, pfn):
             m.hvc(cpu, name, *args)
         except pkvm.HypPanic:
             break
+
+
+# -- issue 15 -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("key, value, words", [
+    ("abi", 6.12, "must be a string"),
+    ("abi", "5.0", "unknown abi '5.0'"),
+    ("memory", "1K", "at least 64M"),
+    ("memory", "64M+1", "is not a size"),
+    ("memory", (64 << 20) + 1, "whole number of 4 KiB pages"),
+    ("memory", True, "bytes or a size"),
+    ("cpus", "two", "must be an integer"),
+    ("cpus", 0, "between 1 and 64"),
+    ("cpus", 65, "between 1 and 64"),
+    ("check", 1, "true or false"),
+])
+def test_machine_values_are_checked(key, value, words):
+    problem = scenario.machine_value_error(key, value)
+    assert problem is not None and words in problem
+
+
+@pytest.mark.parametrize("key, value", [("abi", "6.12"), ("abi", "latest"), ("abi", "7.2"),
+                                        ("memory", "64M"), ("memory", 1 << 30), ("cpus", 64),
+                                        ("check", True)])
+def test_good_machine_values_pass(key, value):
+    assert scenario.machine_value_error(key, value) is None
+
+
+def test_machine_value_errors_name_their_line():
+    with pytest.raises(scenario.ScenarioError) as e:
+        scenario.loads('# c\n[machine]\nabi = "latest"\ncpus = "two"\n\n[[step]]\nalloc = "a"\n',
+                       "f.toml")
+    assert e.value.line == 4 and "cpus must be an integer" in str(e.value)
+
+
+def test_non_utf8_and_empty_files_are_scenario_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b'[[step]]\nnote = "caf\xe9"\nalloc = "a"\n')
+    with pytest.raises(scenario.ScenarioError) as e:
+        scenario.load(bad)
+    assert e.value.line == 2 and "not a text file" in str(e.value)
+    empty = tmp_path / "empty.toml"
+    empty.write_text("")
+    with pytest.raises(scenario.ScenarioError, match="no steps"):
+        scenario.load(empty)
+
+
+def test_steps_after_a_failed_create_vm_are_not_run():
+    scn = scenario.loads('[machine]\nabi = "6.12"\n\n[[step]]\ncreate_vm = "g"\nprotected = true\n'
+                         '\n[[step]]\nmap = "g"\nexpect = { ok = true }\n\n[[step]]\n'
+                         'hvc = "__pkvm_teardown_vm"\nargs = ["vm:g"]\n', "f.toml")
+    r = scn.run()
+    assert [s.outcome for s in r.steps] == ["errno", "not run", "not run"]
+    assert [s.passed for s in r.steps] == [None, False, None]
+    assert "its create_vm (step 1) failed" in r.steps[1].detail
+
+
+def test_a_call_without_a_result_is_not_a_value():
+    scn = scenario.loads('[[step]]\ncreate_vm = "g"\nvcpus = 1\n\n[[step]]\n'
+                         'hvc = "__pkvm_vcpu_load"\nargs = ["vm:g", 0, 0]\nexpect = { ok = true }\n')
+    r = scn.run()
+    assert r.ok and r.steps[1].outcome == "ok" and "x1 left as passed" in r.steps[1].detail

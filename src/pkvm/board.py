@@ -90,6 +90,19 @@ class SmcResult:
         return _s64(self.regs[3])
 
 
+@dataclass(frozen=True)
+class HostAbortRecord:
+    """A host stage-2 fault the hyp handled (`handle_host_mem_abort`): `verdict` is "mapped"
+    (the hyp mapped the page, the access retried), "refused" (a HostDataAbort) or "retry"."""
+
+    cpu: int
+    addr: int
+    write: bool
+    verdict: str
+    ret: int
+    ts_ns: int
+
+
 @dataclass(slots=True)
 class TraceRecord:
     """One hypercall as the trace keeps it; `start_ns`/`duration_ns` are 0 when tracing is off
@@ -261,6 +274,7 @@ class Machine:
         maxlen = None if trace is True else (int(trace) or None)
         self.tracing = bool(trace)
         self.trace: collections.deque[TraceRecord] = collections.deque(maxlen=maxlen)
+        self.host_aborts: collections.deque[HostAbortRecord] = collections.deque(maxlen=maxlen)
         self._seq = 0
         self.listeners: list[Any] = []  # called with each TraceRecord (checkers, UIs)
         self.host = Host(HostPort(self), self.profile, self.nr_cpus, self.mem.base, self.mem.size,
@@ -474,7 +488,12 @@ class Machine:
             except HypBug as bug:
                 h.dead = str(bug)
                 raise HypPanic(str(bug), cpu, "host abort") from None
-            if ret == -EPERM or (ret and fault.kind == FAULT_PERMISSION):
+            refused = ret == -EPERM or (ret and fault.kind == FAULT_PERMISSION)
+            if self.tracing:
+                verdict = "refused" if refused else "mapped" if ret == 0 else "retry"
+                self.host_aborts.append(HostAbortRecord(cpu, pa, write, verdict, ret,
+                                                        time.perf_counter_ns()))
+            if refused:
                 self._host_abort(pa, write)
         else:
             raise HypPanic("host stage-2 fault does not resolve", cpu, "host abort")

@@ -27,22 +27,27 @@ from pkvm.abi.profiles import ALL_HCALL_NAMES
 from pkvm.errors import Errno, HostDataAbort, HostError, HypPanic, errno_name
 
 PAGE_SHIFT = 12
-ACTIONS = ("hvc", "host_read", "host_write", "alloc", "create_vm", "map", "destroy")
+ACTIONS = ("hvc", "host_read", "host_write", "alloc", "create_vm", "map", "run", "topup",
+           "destroy")
 # Keys each action accepts besides itself and the common ones.
 ACTION_KEYS: dict[str, set[str]] = {
     "hvc": {"args"},
     "host_read": {"size"},
     "host_write": {"data"},
     "alloc": {"pages"},
-    "create_vm": {"vcpus", "protected", "memory"},
+    "create_vm": {"vcpus", "protected", "memory", "code"},
     "map": {"gfn", "n"},
+    "run": {"vcpu"},
+    "topup": {"vcpu", "pages"},
     "destroy": set(),
 }
 COMMON_KEYS = {"cpu", "expect", "note"}
 EXPECT_KEYS = {"x0", "x1", "x2", "x3", "errno", "ok", "abort", "panic", "data"}
 MACHINE_KEYS = {"memory", "cpus", "abi", "check"}
 MACHINE_DEFAULTS: dict[str, Any] = {"memory": "256M", "cpus": 2, "abi": "latest"}
-SYMBOL = re.compile(r"^(page|pa|vm|vcpu|gfn):([A-Za-z_][\w.-]*)(?::(0x[0-9a-fA-F]+|\d+))?"
+MIN_MEMORY = 64 << 20
+MAX_CPUS = 64
+SYMBOL = re.compile(r"^(page|pa|va|vm|vcpu|gfn):([A-Za-z_][\w.-]*)(?::(0x[0-9a-fA-F]+|\d+))?"
                     r"(?:\+(0x[0-9a-fA-F]+|\d+))?$")
 
 
@@ -154,10 +159,52 @@ class Scenario:
         return Result(m, results)
 
 
+# -- checking machine options (shared with the command line) ---------------------------------
+def machine_value_error(key: str, value: Any) -> str | None:
+    """What is wrong with `value` for the machine option `key` ("memory", "cpus", "abi",
+    "check"), or None. The command line checks its options with this too."""
+    from pkvm.abi.profiles import PROFILES
+    from pkvm.machine.memory import parse_size
+
+    if key == "abi":
+        known = ", ".join(f"{k!r}" for k in PROFILES)
+        if not isinstance(value, str):
+            return (f"abi must be a string such as \"6.12\" (in quotes), not {value!r}; "
+                    f"known: {known}")
+        if value not in PROFILES:
+            return f"unknown abi {value!r}: known {known}"
+    elif key == "memory":
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            return f"memory must be bytes or a size such as \"256M\", not {value!r}"
+        try:
+            size = parse_size(value)
+        except ValueError:
+            return f"memory {value!r} is not a size: write bytes or a number with K, M or G"
+        if size < MIN_MEMORY:
+            return f"memory must be at least 64M, not {value!r}"
+        if size % 4096:
+            return f"memory must be a whole number of 4 KiB pages, not {value!r}"
+    elif key == "cpus":
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"cpus must be an integer, not {value!r}"
+        if not 1 <= value <= MAX_CPUS:
+            return f"cpus must be between 1 and {MAX_CPUS}, not {value}"
+    elif key == "check" and not isinstance(value, bool):
+        return f"check must be true or false, not {value!r}"
+    return None
+
+
 # -- loading ---------------------------------------------------------------------------------
 def _step_lines(text: str) -> list[int]:
     return [i + 1 for i, line in enumerate(text.splitlines())
             if re.match(r"^\s*\[\[\s*step\s*\]\]", line)]
+
+
+def _table_line(text: str, name: str) -> int | None:
+    for i, line in enumerate(text.splitlines()):
+        if re.match(rf"^\s*\[\s*{name}\s*\]", line):
+            return i + 1
+    return None
 
 
 def _key_line(text: str, start: int | None, key: str) -> int | None:
@@ -187,25 +234,39 @@ def loads(text: str, path: str = "<scenario>") -> Scenario:
                             "expected only [machine] and [[step]] tables")
     if not isinstance(machine, dict):
         raise ScenarioError(path, None, "[machine] must be a table")
+    mline = _table_line(text, "machine")
     bad = set(machine) - MACHINE_KEYS
     if bad:
-        raise ScenarioError(path, _key_line(text, 1, min(bad)),
+        raise ScenarioError(path, _key_line(text, mline, min(bad)),
                             f"unknown [machine] key {min(bad)!r}: expected one of "
                             f"{sorted(MACHINE_KEYS)}")
+    for key, value in machine.items():
+        problem = machine_value_error(key, value)
+        if problem:
+            raise ScenarioError(path, _key_line(text, mline, key), f"[machine] {problem}")
     if not isinstance(raw_steps, list):
         raise ScenarioError(path, None, "steps must be written as [[step]] tables")
     lines = _step_lines(text)
     steps = [_parse_step(raw, path, text, lines[i] if i < len(lines) else None)
              for i, raw in enumerate(raw_steps)]
+    if not steps:
+        raise ScenarioError(path, None, "no steps: a scenario needs at least one [[step]] table "
+                            "(docs/scenarios.md)")
     return Scenario(machine, steps, path)
 
 
 def load(path: str | Path) -> Scenario:
     p = Path(path)
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise ScenarioError(str(p), None, f"cannot read the scenario: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ScenarioError(str(p), line, "not a text file: a scenario is UTF-8 TOML (byte "
+                            f"{e.start} is {raw[e.start]:#04x})") from None
     return loads(text, str(p))
 
 
@@ -265,6 +326,17 @@ def _parse_step(raw: dict[str, Any], path: str, text: str, line: int | None) -> 
             raise err("protected", "protected must be true or false")
         if not isinstance(fields.get("memory", "16M"), (str, int)):
             raise err("memory", "memory must be bytes or a size such as \"16M\"")
+        code = fields.get("code", [])
+        if not isinstance(code, list) or not all(
+                isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 1 << 32 for w in code):
+            raise err("code", "code must be a list of 32-bit instruction words (loaded at the "
+                      "guest's RAM base, where its vCPUs start)")
+    elif action in ("run", "topup"):
+        _check_name(target, err, action)
+        for key in ("vcpu", "pages"):
+            v = fields.get(key, 0)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise err(key, f"{key} must be a non-negative integer")
     elif action == "map":
         _check_name(target, err, action)
         if not isinstance(fields.get("gfn", 0x40000), int):
@@ -298,7 +370,7 @@ def _check_name(v: Any, err: Callable[[str | None, str], ScenarioError], key: st
 
 
 def _check_value(v: Any, err: Callable[[str | None, str], ScenarioError], key: str,
-                 symbolic: tuple[str, ...] = ("page", "pa", "vm", "vcpu", "gfn")) -> None:
+                 symbolic: tuple[str, ...] = ("page", "pa", "va", "vm", "vcpu", "gfn")) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise err(key, f"a value is an integer or a symbol such as \"page:a\", not {v!r}")
     if isinstance(v, str):
@@ -316,6 +388,10 @@ def _check_value(v: Any, err: Callable[[str | None, str], ScenarioError], key: s
 
 
 # -- running ----------------------------------------------------------------------------------
+class _NotRun(Exception):
+    """A step that names what an earlier, failed step should have made."""
+
+
 class _Runner:
     def __init__(self, m: Any, path: str):
         self.m = m
@@ -323,6 +399,14 @@ class _Runner:
         self.pages: dict[str, tuple[int, int]] = {}  # name -> (pa, pages)
         self.vms: dict[str, Any] = {}
         self.backing: dict[tuple[str, int], int] = {}  # (vm, gfn) -> pa of its backing page
+        self.failed_vms: dict[str, int] = {}  # name -> 1-based index of its failed create_vm
+
+    def _no_vm(self, name: str, step: Step) -> Exception:
+        if name in self.failed_vms:
+            return _NotRun(f"VM {name!r} does not exist: its create_vm (step "
+                           f"{self.failed_vms[name]}) failed")
+        return ScenarioError(self.path, step.line, f"no VM named {name!r}: create it first "
+                             f"with create_vm = \"{name}\"")
 
     def page(self, name: str, n: int = 1) -> int:
         if name not in self.pages:
@@ -341,9 +425,12 @@ class _Runner:
             return pa + (offset << PAGE_SHIFT) if address else (pa >> PAGE_SHIFT) + offset
         if kind == "pa":
             return self.page(name) + offset
+        if kind == "va":
+            from pkvm.host.kvm import host_va
+
+            return host_va(self.page(name)) + offset
         if name not in self.vms:
-            raise ScenarioError(self.path, step.line, f"no VM named {name!r}: create it first "
-                                f"with create_vm = \"{name}\"")
+            raise self._no_vm(name, step)
         vm = self.vms[name]
         if kind == "vm":
             return vm.handle + offset
@@ -364,8 +451,7 @@ class _Runner:
 
     def vm(self, name: str, step: Step) -> Any:
         if name not in self.vms:
-            raise ScenarioError(self.path, step.line, f"no VM named {name!r}: create it first "
-                                f"with create_vm = \"{name}\"")
+            raise self._no_vm(name, step)
         return self.vms[name]
 
     def step(self, i: int, step: Step) -> StepResult:
@@ -373,14 +459,23 @@ class _Runner:
         named: list[int] = []
         try:
             outcome, detail, value = self._do(step, named)
+        except _NotRun as e:
+            res = StepResult(i, step, "not run", str(e))
+            if step.expect is not None:
+                res.passed, res.expected = False, _check(step.expect, res)[1]
+            return res
         except HostDataAbort as e:
             outcome, detail, value = "abort", str(e), e
         except HypPanic as e:
             outcome, detail, value = "panic", str(e), e
         except HostError as e:
             outcome, detail, value = "errno", f"-{errno_name(e.errno or 0)}: {e.strerror}", e
+            if step.action == "create_vm":
+                self.failed_vms.setdefault(step.target, i + 1)
         except MemoryError as e:
             outcome, detail, value = "errno", f"-ENOMEM: {e}", HostError(12, step.action)
+            if step.action == "create_vm":
+                self.failed_vms.setdefault(step.target, i + 1)
         except (ValueError, TypeError) as e:  # a caller mistake the model refuses to run
             raise ScenarioError(self.path, step.line, str(e)) from None
         res = StepResult(i, step, outcome, detail, value)
@@ -406,6 +501,9 @@ class _Runner:
                 elif isinstance(v, int) and m.mem.is_ram(v << PAGE_SHIFT):
                     named.append(v)
             r = m.hvc(step.cpu, step.target, *args)
+            if r.x0 == 0 and r.x1 > 0 and args and r.x1 == args[0] % (1 << 64):
+                # A handler without a result leaves x1 as the host passed it: not a value.
+                return "ok", f"x0=0 (x1 left as passed, {_x1_text(r.x1)})", r
             regs = f"x0={r.x0} x1={r.x1} ({_x1_text(r.x1)})" if r.x0 == 0 else f"x0={r.x0}"
             return ("ok" if r.ok else "refused" if r.x0 else "errno" if r.x1 < 0 else "value",
                     regs, r)
@@ -429,6 +527,12 @@ class _Runner:
             vm = m.host.create_vm(vcpus=f.get("vcpus", 1), protected=f.get("protected", False),
                                   memory=f.get("memory", "16M"))
             self.vms[step.target] = vm
+            if f.get("code"):
+                from pkvm.host.kvm import GUEST_RAM_IPA
+
+                vm.write(GUEST_RAM_IPA, b"".join(w.to_bytes(4, "little") for w in f["code"]))
+                for vcpu in vm.vcpus:  # KVM_ARM_VCPU_INIT without POWER_OFF: all start
+                    vcpu.runner.power_off = False
             return "ok", f"handle {vm.handle:#x}", vm
         vm = self.vm(step.target, step)
         if a == "map":
@@ -442,6 +546,20 @@ class _Runner:
                         self.backing[(step.target, g)] = vm.memslot[g]
                         named.append(vm.memslot[g] >> PAGE_SHIFT)
             return "ok", f"mapped gfn {gfn:#x}+{n}", None
+        if a == "topup":
+            idx = f.get("vcpu", 0)
+            if idx >= len(vm.vcpus):
+                raise HostError(22, "topup", None, f"VM {step.target!r} has no vCPU {idx}")
+            vm.topup_memcache(vm.vcpus[idx], f.get("pages", 4))
+            return "ok", f"vCPU {idx}'s memcache topped up to {f.get('pages', 4)} page(s)", None
+        if a == "run":
+            idx = f.get("vcpu", 0)
+            if idx >= len(vm.vcpus):  # as a VMM without that vCPU fd answers
+                raise HostError(22, "KVM_RUN", None, f"VM {step.target!r} has "
+                                f"{len(vm.vcpus)} vCPUs, no vCPU {idx}")
+            e = vm.vcpus[idx].run()
+            where = f" at {e.addr:#x}" if e.kind == "mmio" else ""
+            return "ok", f"exit {e.kind}{where}", e
         vm.destroy()
         return "ok", "destroyed", None
 

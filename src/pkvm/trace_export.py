@@ -1,8 +1,13 @@
 """Hypercall traces as Perfetto / Chrome trace-event JSON (`{"traceEvents": [...]}`).
 
 One track (tid) per CPU under one process, a complete event ("X") per hypercall with its
-arguments and result, and counter events ("C") of pages per owner. Counters need the page counts
-*at the time*, so attach a `PageCountSampler` before running:
+arguments and result, an instant event ("i") on the CPU's track for each host data abort the hyp
+handled (address, read/write, verdict: mapped or refused), and counter events ("C") of pages per
+owner. The counter series are disjoint, so Perfetto's stacked view adds up to all of RAM: "host"
+is what the host owns alone, "host shared" what it owns and has shared (with the hyp or a
+guest), "hyp" and "guest 0x…" what each owns. Every sample carries every series (a series that
+falls to 0 is drawn at 0). Counters need the page counts *at the time*, so attach a
+`PageCountSampler` before running:
 
     sampler = PageCountSampler(m)          # samples after calls that can move pages
     ... m.hvc(...) ...
@@ -32,14 +37,16 @@ OWNERSHIP_CALLS = frozenset({
 
 
 def owner_counts(m: Any) -> dict[str, int]:
-    """Pages per owner ("host", "hyp", "guest 0x1000", and "shared" for host pages shared out)."""
-    out: Counter = Counter()
+    """Pages per owner, disjoint: "host" (owned, not shared), "host shared" (owned by the host
+    and shared out), "hyp", "guest 0x1000" (owned, shared or not)."""
+    out: Counter = Counter({"host": 0, "host shared": 0, "hyp": 0})
     for (owner, state), n in m.inspect.page_counts().items():
-        name = owner if isinstance(owner, str) else f"guest {owner[1]:#x}"
-        if state in ("OWNED", "SHARED_OWNED"):
-            out[name] += n
-        if owner == "host" and state == "SHARED_OWNED":
-            out["host shared"] += n
+        if state not in ("OWNED", "SHARED_OWNED"):
+            continue
+        if owner == "host":
+            out["host shared" if state == "SHARED_OWNED" else "host"] += n
+        else:
+            out[owner if isinstance(owner, str) else f"guest {owner[1]:#x}"] += n
     return dict(out)
 
 
@@ -95,12 +102,20 @@ def trace_events(m: Any, sampler: PageCountSampler | None = None) -> dict[str, A
                      "x0": r.x0, "x1": r.x1, "x2": hex(r.x2), "x3": hex(r.x3),
                      "result": result, **({"panic": r.panic} if r.panic else {})},
         })
+    for a in getattr(m, "host_aborts", ()):
+        ev.append({"ph": "i", "s": "t", "pid": PID, "tid": a.cpu, "cat": "host abort",
+                   "name": f"host data abort ({a.verdict})", "ts": max(a.ts_ns - t0, 0) / 1000,
+                   "args": {"addr": hex(a.addr), "access": "write" if a.write else "read",
+                            "verdict": a.verdict, "ret": a.ret}})
     if sampler is not None:
+        series = sorted({k for _, _, counts in sampler.samples for k in counts})
         for _seq, ts, counts in sampler.samples:
             ev.append({"ph": "C", "pid": PID, "name": "pages per owner",
-                       "ts": max(ts - t0, 0) / 1000, "args": dict(counts)})
+                       "ts": max(ts - t0, 0) / 1000,
+                       "args": {k: counts.get(k, 0) for k in series}})
     return {"traceEvents": ev, "displayTimeUnit": "ns",
-            "otherData": {"abi": m.abi, "cpus": m.nr_cpus, "calls": len(recs)}}
+            "otherData": {"abi": m.abi, "cpus": m.nr_cpus, "calls": len(recs),
+                          "host_aborts": len(getattr(m, "host_aborts", ()))}}
 
 
 def write_perfetto(m: Any, out: IO[str] | str, sampler: PageCountSampler | None = None) -> None:

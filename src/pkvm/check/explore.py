@@ -247,7 +247,9 @@ class ExploreResult:
 
 
 def explore(make: Callable[[], Any], setup: Setup, bound: int = 2, max_runs: int = 2000,
-            stop_at_first: bool = True) -> ExploreResult:
+            stop_at_first: bool = True,
+            progress: Callable[[int], None] | None = None) -> ExploreResult:
+    """`progress(runs)` is called after each execution (a display's live count)."""
     from pkvm.check.invariants import Checker, InvariantViolation
 
     serial = serial_outcomes(make, setup)
@@ -259,6 +261,8 @@ def explore(make: Callable[[], Any], setup: Setup, bound: int = 2, max_runs: int
         m, programs = _fresh(make, setup)
         ex = BatonScheduler(m, programs, prefix, bound).run()
         runs += 1
+        if progress is not None:
+            progress(runs)
         bad = [e for e in ex.errors.values() if not e.startswith("HypPanic")]
         if m.dead:  # a fired WARN_ON panics the hyp: still the no-warn oracle's finding
             from pkvm.check.oracles import NoWarn

@@ -7,13 +7,25 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from pkvm.cli.common import ABI_HELP, console, memory_map_table, page_counts_table
+from pkvm.cli.common import (
+    ABI_HELP,
+    check_count,
+    check_machine_options,
+    check_output,
+    console,
+    fail,
+    make_machine,
+    memory_map_table,
+    page_counts_table,
+)
 from pkvm.errors import HostDataAbort, HostError, HypPanic, errno_name
 
 GUEST_RAM_GFN = 0x40000
+VM_MEMORY = 16 << 20  # each demo VM's memslot
 
 
 @dataclass
@@ -49,7 +61,7 @@ def demo(
     abi: Annotated[str, typer.Option("--abi", help=ABI_HELP)] = "latest",
     memory: Annotated[str, typer.Option(help="RAM size (bytes or K/M/G).")] = "512M",
     cpus: Annotated[int, typer.Option(help="CPUs (at least 2: one loads a vCPU).")] = 2,
-    pages: Annotated[int, typer.Option(help="Guest pages to map in each VM.")] = 8,
+    pages: Annotated[int, typer.Option(help="Guest pages to map in each VM (1..4096).")] = 8,
     trace: Annotated[str | None, typer.Option("--jsonl",
                                               help="Also write the hypercall trace here.")] = None,
 ) -> None:
@@ -57,13 +69,13 @@ def demo(
 
     Exit code 0 when every hostile action was refused and every page came back, 1 otherwise.
     """
-    import pkvm
-
-    try:
-        m = pkvm.Machine(memory=memory, cpus=max(cpus, 2), abi=abi)
-    except ValueError as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+    check_machine_options(memory, cpus, abi, min_cpus=2,
+                          why=" (the host loads a vCPU on one CPU and attacks from another)")
+    check_count("--pages", pages)
+    if pages > VM_MEMORY >> 12:
+        fail(f"--pages {pages}: each demo VM has 16 MiB, at most {VM_MEMORY >> 12} pages")
+    check_output("--jsonl", trace)
+    m = make_machine(memory=memory, cpus=cpus, abi=abi)
     prof = m.profile
     console.print(Panel.fit(
         f"[bold]pkvm demo[/bold]: Linux {prof.kernel} profile ([cyan]{m.abi}[/cyan]), "
@@ -77,10 +89,12 @@ def demo(
     vms: dict[str, Any] = {}
     for label, protected in (("protected", True), ("normal", False)):
         try:
-            vm = m.host.create_vm(vcpus=2, protected=protected, memory="16M")
+            vm = m.host.create_vm(vcpus=2, protected=protected, memory=VM_MEMORY)
         except HostError as e:
-            console.print(f"create_vm(protected={protected}): [yellow]{e}[/yellow] "
-                          f"(Linux {prof.kernel} has no protected VM type)")
+            console.print(f"create_vm(protected={protected}): refused with "
+                          f"[yellow]-{errno_name(e.errno or 0)}[/yellow]"
+                          + (f" (Linux {prof.kernel} has no protected VM type)" if protected
+                             else ""))
             continue
         vm.map(GUEST_RAM_GFN, pages)
         vms[label] = vm
@@ -134,15 +148,7 @@ def demo(
     res, ref = _try(lambda: m.hvc(0, "__pkvm_host_share_hyp", 0x0900_0000 >> 12))
     attempts.append(Attempt("share an MMIO page (the UART)", "__pkvm_host_share_hyp(0x9000)",
                             res, ref))
-    t = Table(title="Each attempt and what the hyp answered")
-    t.add_column("the host tries to")
-    t.add_column("call", overflow="fold")
-    t.add_column("result")
-    t.add_column("", no_wrap=True)
-    for a in attempts:
-        t.add_row(a.what, a.call, a.result,
-                  "[green]refused ✓[/green]" if a.refused else "[red]ALLOWED ✗[/red]")
-    console.print(t)
+    console.print(attempts_table(attempts))
 
     # -- 3. teardown ----------------------------------------------------------------------
     console.rule("[bold]3. Teardown")
@@ -162,7 +168,7 @@ def demo(
     ok = same and all(a.refused for a in attempts)
     if trace:
         m.write_trace(trace)
-        console.print(f"hypercall trace written to {trace} ({len(m.trace)} calls)")
+        console.print(escape(f"hypercall trace written to {trace} ({len(m.trace)} calls)"))
     console.print(Panel.fit(
         ("[green]Every hostile action was refused" if all(a.refused for a in attempts)
          else "[red]Some hostile action was allowed") + "[/]; " +
@@ -172,5 +178,17 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
+def attempts_table(attempts: list[Attempt]) -> Table:
+    """What the host tried (the call under it) and the hyp's answer (the verdict over it):
+    two columns, readable at 80 columns with no word broken."""
+    t = Table(title="Each attempt and what the hyp answered", show_lines=True)
+    t.add_column("the host tries to (the call)")
+    t.add_column("the hyp's answer")
+    for a in attempts:
+        verdict = "[green]refused ✓[/green]" if a.refused else "[red]ALLOWED ✗[/red]"
+        t.add_row(f"{a.what}\n[dim]{a.call}[/dim]", f"{verdict}\n{a.result}")
+    return t
+
+
 def register(app: typer.Typer) -> None:
-    app.command()(demo)
+    app.command(short_help="The tour: two VMs, a hostile host, every page back.")(demo)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from pkvm.cli.common import err_console
+from pkvm.cli.common import fail, note
 
 
 def fetch_linux(
@@ -14,18 +14,20 @@ def fetch_linux(
                               "(default ~/.cache/pkvm/linux)."),
     force: bool = typer.Option(False, "--force", help="Fetch again even if cached."),
 ) -> None:
-    """Download Debian's arm64 kernel (apt-get download, a private apt configuration using this
-    machine's Debian mirror) and build a busybox initramfs; print the two paths."""
+    """Download Debian's arm64 kernel and build a busybox initramfs; print the two paths.
+
+    The kernel comes with apt-get download through a private apt configuration that uses this
+    machine's Debian mirror. Exit 1 when the download or the build fails."""
     from pkvm.linux_fetch import fetch
 
     try:
-        image, initrd = fetch(dest, force=force, log=lambda s: err_console.print(s))
+        image, initrd = fetch(dest, force=force, log=note)
     except (RuntimeError, OSError) as e:
-        err_console.print(f"[red]fetch-linux: {e}[/red]")
-        raise typer.Exit(1) from None
+        fail(f"fetch-linux: {e}", 1)
     print(image)
     print(initrd)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fetch-linux")(fetch_linux)
+    app.command("fetch-linux", short_help="Fetch Debian's arm64 kernel and an initramfs.")(
+        fetch_linux)

@@ -7,19 +7,31 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
+
+from pkvm.cli.common import (
+    ABI_HELP,
+    check_count,
+    check_machine_options,
+    check_output,
+    fail,
+    progress,
+)
+from pkvm.cli.common import console as _console
 
 
 def coverage_tables(calls: Counter, transitions: Counter) -> list[Table]:
-    """(hypercall x result) and (page-state transition) coverage as rich tables."""
-    results = sorted({res for _, res in calls})
-    t1 = Table(title="hypercall x result (x1 errno, 0, value, or x0=-1)")
-    t1.add_column("hypercall")
-    for res in results:
-        t1.add_column(res, justify="right")
+    """(hypercall x result) and (page-state transition) coverage as rich tables, one row per
+    hypercall with its results listed (readable at 80 columns and when piped)."""
+    t1 = Table(title="hypercall x result (x1: 0, an errno or a value; or x0=-1)")
+    t1.add_column("hypercall", no_wrap=True)
+    t1.add_column("results (count)")
+    t1.add_column("calls", justify="right")
     for name in sorted({n for n, _ in calls}):
-        t1.add_row(name, *[str(calls.get((name, r), "")) for r in results])
+        mine = sorted(((r, n) for (c, r), n in calls.items() if c == name), key=lambda x: -x[1])
+        t1.add_row(escape(str(name)), escape(", ".join(f"{r}={n}" for r, n in mine)),
+                   str(sum(n for _, n in mine)))
     t2 = Table(title="page-state transitions (host/hyp before -> after)")
     t2.add_column("before")
     t2.add_column("after")
@@ -33,12 +45,12 @@ def register(app: typer.Typer) -> None:
     """Add `fuzz` and `explore` to the `pkvm` app."""
     register_explore(app)
 
-    @app.command()
+    @app.command(short_help="Fuzz the hyp with a hostile host; shrink what it finds.")
     def fuzz(
         steps: Annotated[int, typer.Option(help="hostile steps to run")] = 2000,
         seed: Annotated[int, typer.Option(help="seed of the step generator")] = 0,
         cpus: Annotated[int, typer.Option(help="CPUs of the machine")] = 2,
-        abi: Annotated[str, typer.Option(help='ABI profile: "latest" (7.2) or "6.12"')] = "latest",
+        abi: Annotated[str, typer.Option(help=ABI_HELP)] = "latest",
         memory: Annotated[str, typer.Option(help="RAM of the machine")] = "64M",
         bug: Annotated[list[str] | None,
                        typer.Option(help="seeded bug to switch on (repeatable)")] = None,
@@ -50,46 +62,50 @@ def register(app: typer.Typer) -> None:
         ray: Annotated[str | None, typer.Option(help="run the campaigns as Ray tasks on this "
                                                 "cluster address ('local': a private one)")]
         = None,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     ) -> None:
         """Hostile host against a checked machine: shrink and save any failure; exit 1 if found."""
         from pkvm.check.bugs import BUGS
         from pkvm.check.fuzz import Campaign
 
-        console = Console()
+        console = _console
+        check_machine_options(memory, cpus, abi)
+        check_count("--steps", steps)
+        check_count("--jobs", jobs)
+        check_output("--out", out)
         bugs = tuple(bug or ())
         for b in bugs:
             if b not in BUGS:
-                raise typer.BadParameter(f"unknown seeded bug {b!r}; known: {', '.join(BUGS)}")
+                fail(f"--bug {b}: unknown seeded bug; known: {', '.join(BUGS)}")
         camp = Campaign(seed=seed, steps=steps, cpus=cpus, abi=abi, memory=memory, bugs=bugs,
                         out=out)
         if jobs > 1 or ray:
             _scale_out(console, camp, max(jobs, 1), ray, coverage)
             return
-        with Progress(TextColumn("fuzz"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as prog:
-            task = prog.add_task("steps", total=steps)
-            res = camp.run(progress=lambda n: prog.update(task, completed=n))
+        with progress("fuzz", steps, quiet) as update:
+            res = camp.run(progress=update)
         r = res.run
         ncalls = sum(r.calls.values())
         console.print(f"{r.steps_run} steps, {ncalls} hypercalls in {res.seconds:.1f}s "
                       f"({ncalls / max(res.seconds, 1e-9):.0f} checked calls/s), seed {seed}, "
                       f"abi {abi}" + (f", bugs {','.join(bugs)}" if bugs else ""))
         for p in r.panics:
-            console.print(f"[yellow]availability finding (hyp panic):[/] {p}")
+            console.print(f"[yellow]availability finding (hyp panic):[/] {escape(str(p))}")
         if r.known_warns:
-            console.print(f"of which WARN panics the kernel also lets a host reach "
-                          f"(KNOWN_KERNEL_WARNS): {dict(r.known_warns)}")
+            console.print(escape(f"of which WARN panics the kernel also lets a host reach "
+                                 f"(KNOWN_KERNEL_WARNS): {dict(r.known_warns)}"))
         if r.driver_errors:
-            console.print(f"host driver refusals under hostile state: {dict(r.driver_errors)}")
+            console.print(escape(f"host driver refusals under hostile state: "
+                                 f"{dict(r.driver_errors)}"))
         if coverage:
             for t in coverage_tables(r.calls, r.transitions):
                 console.print(t)
         if res.found:
-            console.print(f"[red]FOUND[/] {res.minimal_failure or r.failure}")
+            console.print(f"[red]FOUND[/] {escape(str(res.minimal_failure or r.failure))}")
             if res.minimal is not None:
-                console.print(f"shrunk to {len(res.minimal)} steps: "
-                              + "; ".join(str(s) for s in res.minimal))
-                console.print(f"reproducer: {out} ({len(res.raw_steps or [])} raw steps)")
+                console.print(escape(f"shrunk to {len(res.minimal)} steps: "
+                                     + "; ".join(str(s) for s in res.minimal)))
+                console.print(escape(f"reproducer: {out} ({len(res.raw_steps or [])} raw steps)"))
             raise typer.Exit(1)
         console.print("[green]clean[/]")
 
@@ -114,61 +130,71 @@ def _scale_out(console: Console, camp, jobs: int, ray: str | None, coverage: boo
         for t in coverage_tables(merged.calls, merged.transitions):
             console.print(t)
     for r in merged.found:
-        console.print(f"[red]FOUND[/] seed {r.campaign.seed}: {r.minimal_failure or r.run.failure}"
-                      f" — reproducer {r.campaign.out}")
+        console.print(f"[red]FOUND[/] seed {r.campaign.seed}: "
+                      + escape(f"{r.minimal_failure or r.run.failure} — reproducer "
+                               f"{r.campaign.out}"))
     if merged.found:
         raise typer.Exit(1)
     console.print("[green]clean[/]")
 
 
 def register_explore(app: typer.Typer) -> None:
-    @app.command()
+    @app.command(short_help="Every interleaving of a two-CPU scenario, up to a bound.")
     def explore(
         scenario: Annotated[str, typer.Argument(help="built-in scenario (see --list) or a "
                                                 "scenario file (FILE.toml)")] = "",
-        abi: Annotated[str, typer.Option(help='ABI profile: "latest" (7.2) or "6.12"')] = "latest",
+        abi: Annotated[str, typer.Option(help=ABI_HELP)] = "latest",
         bound: Annotated[int, typer.Option(help="preemption bound")] = 2,
         max_runs: Annotated[int, typer.Option(help="executions at most")] = 2000,
         bug: Annotated[list[str] | None,
                        typer.Option(help="seeded bug to switch on (repeatable)")] = None,
         list_: Annotated[bool, typer.Option("--list", help="list the scenarios")] = False,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live count")] = False,
     ) -> None:
         """Every interleaving (up to a preemption bound) of a multi-CPU scenario; exit 1 if found."""
         import pkvm
         from pkvm.check.explore import SCENARIOS, from_file
         from pkvm.check.explore import explore as run_explore
 
-        console = Console()
+        console = _console
         if list_ or not scenario:
             for name, (doc, _, abis) in SCENARIOS.items():
-                console.print(f"{name:18} {doc} ({', '.join(abis)})")
+                console.print(escape(f"{name:18} {doc} ({', '.join(abis)})"))
             return
+        check_count("--bound", bound, 0)
+        check_count("--max-runs", max_runs)
         bugs = tuple(bug or ())
+        from pkvm.check.bugs import BUGS
+
+        for b in bugs:
+            if b not in BUGS:
+                fail(f"--bug {b}: unknown seeded bug; known: {', '.join(BUGS)}")
         if scenario.endswith(".toml"):
             from pkvm.scenario import ScenarioError
 
             try:
                 make, setup, _ = from_file(scenario, bugs)
             except (ScenarioError, OSError) as e:
-                raise typer.BadParameter(str(e)) from None
+                fail(str(e))
         else:
+            check_machine_options(abi=abi)
             if scenario not in SCENARIOS:
-                raise typer.BadParameter(f"unknown scenario {scenario!r}; try --list")
+                fail(f"unknown scenario {scenario!r}; `pkvm explore --list` lists them")
             doc, setup, abis = SCENARIOS[scenario]
             if abi not in abis:
-                raise typer.BadParameter(f"{scenario} needs abi in {abis}")
+                fail(f"--abi {abi}: scenario {scenario} runs on abi {', '.join(abis)}")
 
             def make() -> pkvm.Machine:
                 return pkvm.Machine(memory="64M", cpus=2, abi=abi, trace=False, bugs=bugs)
 
-        with console.status(f"exploring {scenario}"):
-            r = run_explore(make, setup, bound=bound, max_runs=max_runs)
+        with progress(f"exploring {scenario}", max_runs, quiet) as update:
+            r = run_explore(make, setup, bound=bound, max_runs=max_runs, progress=update)
         console.print(f"{scenario}: {r.executions} executions"
                       + (" (all schedules within the bound)" if r.exhausted else ""))
         if r.findings:
             ex = r.findings[0]
-            console.print(f"[red]FOUND[/] {ex.finding}")
-            console.print(f"schedule (choice, options): {ex.choices}")
-            console.print("trace tail: " + "; ".join(ex.trace[-12:]))
+            console.print(f"[red]FOUND[/] {escape(str(ex.finding))}")
+            console.print(escape(f"schedule (choice, options): {ex.choices}"))
+            console.print(escape("trace tail: " + "; ".join(ex.trace[-12:])))
             raise typer.Exit(1)
         console.print("[green]clean[/]")

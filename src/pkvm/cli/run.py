@@ -6,9 +6,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from pkvm.cli.common import ABI_HELP, console, err_console, load_scenario, new_machine, owner_text
+from pkvm.cli.common import (
+    ABI_HELP,
+    check_output,
+    console,
+    fail,
+    load_scenario,
+    new_machine,
+    owner_text,
+)
 
 
 def print_step(res: Any, verbose: bool = True) -> None:
@@ -16,18 +25,18 @@ def print_step(res: Any, verbose: bool = True) -> None:
     mark = {True: "[green]✓[/green]", False: "[red]✗[/red]", None: "[dim]·[/dim]"}[res.passed]
     where = f"[dim]line {step.line}[/dim] " if step.line else ""
     colour = {"ok": "green", "abort": "magenta", "panic": "red bold", "refused": "yellow",
-              "errno": "yellow"}.get(res.outcome, "white")
-    console.print(f"{mark} {res.index + 1:>3} {where}{step.describe()} → "
-                  f"[{colour}]{res.outcome}[/{colour}] {res.detail}")
+              "errno": "yellow", "not run": "red"}.get(res.outcome, "white")
+    console.print(f"{mark} {res.index + 1:>3} {where}{escape(step.describe())} → "
+                  f"[{colour}]{res.outcome}[/{colour}] {escape(res.detail)}", soft_wrap=True)
     if step.note and verbose:
-        console.print(f"        [dim]{step.note}[/dim]")
+        console.print(f"        [dim]{escape(step.note)}[/dim]")
     if res.passed is False:
-        console.print(f"        [red]expected[/red] {res.expected}   [red]got[/red] "
-                      f"{res.outcome}: {res.detail}")
+        console.print(f"        [red]expected[/red] {escape(res.expected)}   [red]got[/red] "
+                      f"{res.outcome}: {escape(res.detail)}", soft_wrap=True)
         if res.pages:
             t = Table(title="pages named by this step (m.inspect.page)", title_justify="left")
             for c in ("pfn", "owner", "host", "hyp", "guests", "refcount", "shares"):
-                t.add_column(c, overflow="fold")
+                t.add_column(c)
             for p in res.pages:
                 t.add_row(f"{p.pfn:#x}", owner_text(p.owner), p.host, p.hyp,
                           ", ".join(f"{h:#x}: {s}" for h, s in p.guests.items()) or "-",
@@ -38,7 +47,7 @@ def print_step(res: Any, verbose: bool = True) -> None:
 def run(
     scenario: Annotated[Path, typer.Argument(help="Scenario file (TOML, docs/scenarios.md).")],
     abi: Annotated[str | None, typer.Option(
-        "--abi", help=ABI_HELP + " Overrides [machine] abi.")] = None,
+        "--abi", help=ABI_HELP + " Overrides the file's [machine] abi.")] = None,
     jsonl: Annotated[Path | None, typer.Option(
         "--jsonl", help="Write the hypercall trace (JSON Lines).")] = None,
     perfetto: Annotated[Path | None, typer.Option(
@@ -55,10 +64,12 @@ def run(
     """
     from pkvm.scenario import ScenarioError
 
+    check_output("--jsonl", jsonl)
+    check_output("--perfetto", perfetto)
     scn = load_scenario(scenario)
     m = new_machine(scn, None, None, abi)
-    console.print(f"[bold]{scenario}[/bold]: {len(scn.steps)} steps on a {m.abi} machine, "
-                  f"{m.mem.size >> 20} MiB, {m.nr_cpus} CPUs")
+    console.print(f"[bold]{escape(str(scenario))}[/bold]: {len(scn.steps)} steps on a {m.abi} "
+                  f"machine, {m.mem.size >> 20} MiB, {m.nr_cpus} CPUs")
     sampler = None
     if perfetto:
         from pkvm.trace_export import PageCountSampler
@@ -68,8 +79,7 @@ def run(
         result = scn.run(m, on_step=lambda r: (print_step(r, True) if not quiet or r.passed is
                                                False else None), stop_on_failure=stop)
     except ScenarioError as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        fail(str(e))
     write_traces(m, jsonl, perfetto, sampler)
     checked = [s for s in result.steps if s.passed is not None]
     failed = result.failures
@@ -85,13 +95,13 @@ def run(
 def write_traces(m: Any, jsonl: Path | None, perfetto: Path | None, sampler: Any = None) -> None:
     if jsonl:
         m.write_trace(str(jsonl))
-        console.print(f"trace: {len(m.trace)} calls written to {jsonl} (JSON Lines)")
+        console.print(escape(f"trace: {len(m.trace)} calls written to {jsonl} (JSON Lines)"), soft_wrap=True)
     if perfetto:
         from pkvm.trace_export import write_perfetto
 
         write_perfetto(m, str(perfetto), sampler)
-        console.print(f"trace: {perfetto} (open in https://ui.perfetto.dev)")
+        console.print(escape(f"trace: {perfetto} (open in https://ui.perfetto.dev)"), soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(run)
+    app.command(short_help="Play a scenario file and check its expectations.")(run)

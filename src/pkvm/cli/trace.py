@@ -6,8 +6,18 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from pkvm.cli.common import ABI_HELP, console, err_console, load_scenario, new_machine
+from pkvm.cli.common import (
+    ABI_HELP,
+    check_count,
+    check_output,
+    console,
+    fail,
+    load_scenario,
+    new_machine,
+    note,
+)
 
 
 def trace(
@@ -16,7 +26,7 @@ def trace(
         "--jsonl", help="JSON Lines: one object per hypercall.")] = None,
     perfetto: Annotated[Path | None, typer.Option(
         "--perfetto", help="Chrome trace-event JSON for ui.perfetto.dev: one track per CPU, "
-        "a slice per hypercall, page counters per owner.")] = None,
+        "a slice per hypercall, host data aborts, page counters per owner.")] = None,
     every: Annotated[int, typer.Option(
         help="Sample page counts after every N-th call that can move pages (counts walk all "
         "of RAM: raise N for long traces).")] = 1,
@@ -33,28 +43,38 @@ def trace(
     from pkvm.scenario import ScenarioError
     from pkvm.trace_export import PageCountSampler, write_perfetto
 
+    check_count("--every", every)
+    check_output("--jsonl", jsonl)
+    check_output("--perfetto", perfetto)
     scn = load_scenario(scenario)
     m = new_machine(scn, None, None, abi)
     sampler = PageCountSampler(m, every) if perfetto else None
     try:
         result = scn.run(m)
     except ScenarioError as e:
-        err_console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(2) from None
+        fail(str(e))
     if jsonl:
         m.write_trace(str(jsonl))
-        console.print(f"{jsonl}: {len(m.trace)} hypercalls (JSON Lines)")
+        console.print(escape(f"{jsonl}: {len(m.trace)} hypercalls (JSON Lines)"), soft_wrap=True)
     if perfetto:
         write_perfetto(m, str(perfetto), sampler)
         n = len(sampler.samples) if sampler else 0
-        console.print(f"{perfetto}: {len(m.trace)} slices on {m.nr_cpus} CPU tracks, {n} "
-                      "page-count samples (open in https://ui.perfetto.dev)")
+        console.print(escape(f"{perfetto}: {len(m.trace)} slices on {m.nr_cpus} CPU tracks, "
+                             f"{len(m.host_aborts)} host data abort{_s(len(m.host_aborts))}, "
+                             f"{n} page-count samples (open in https://ui.perfetto.dev)"),
+                      soft_wrap=True)
     if not jsonl and not perfetto:
         m.write_trace(sys.stdout)
     if result.failures:
-        err_console.print(f"note: {len(result.failures)} expectation(s) failed; "
-                          f"`pkvm run {scenario}` shows them")
+        note(f"note: {len(result.failures)} expectation(s) failed; "
+             f"`pkvm run {scenario}` shows them")
+    if m.dead:
+        note(f"note: the hyp panicked ({m.dead}); the trace ends there")
+
+
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
 
 
 def register(app: typer.Typer) -> None:
-    app.command()(trace)
+    app.command(short_help="Write a scenario's trace (JSON Lines, Perfetto).")(trace)

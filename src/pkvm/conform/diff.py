@@ -1,46 +1,44 @@
 """Compare the model with the real Linux pKVM, step by step (`pkvm conform`).
 
-A step agrees when both machines panicked, or neither did and the registers agree: x0 and x1
-always; x2/x3 when the step passed them as literal integers (they come back as passed; a
-symbolic page names different pfns on the two machines). VMM steps compare x0 (and the handle
-`vmm:create` returns in x1). A divergence may stand only if `KNOWN_DIFFERENCES` names it, with
-its reason.
+A step is compared only when both machines executed it; a step after a panic is "not run" on
+that side and counted apart. Both panicked at the step: they agree when the kind of death is
+the same (hyp panic / host oops / lockup; a Python exception in the model, "model error", never
+agrees). Neither panicked: x0..x3 are all compared. A register whose argument was symbolic
+(`page:`, `pa:`, `va:`, `vm:`) agrees when both sides hold their own resolution of the symbol
+(the call left it as passed), or both hold the same other value. VMM steps compare x0..x3 too.
+
+A divergence may stand only if an entry of `KNOWN_DIFFERENCES` matches the exact state it
+explains; each entry counts the steps it excused.
 """
 
 from __future__ import annotations
 
-import random
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pkvm.conform.model import run_sequences_on_model
 from pkvm.conform.real import RawStep, RealResult
 
-DEREF_CALLS = frozenset({
-    "__kvm_adjust_pc", "__kvm_tlb_flush_vmid_ipa", "__kvm_tlb_flush_vmid_ipa_nsh",
-    "__kvm_tlb_flush_vmid", "__kvm_tlb_flush_vmid_range", "__kvm_flush_cpu_context",
-    "__vgic_v3_save_vmcr_aprs", "__vgic_v3_save_aprs", "__vgic_v3_restore_vmcr_aprs",
-    "__pkvm_vcpu_init_traps", "__kvm_vcpu_run",
-})
-DONATING_CALLS = frozenset({"__pkvm_init_vm", "__pkvm_init_vcpu", "__pkvm_teardown_vm",
-                            "__pkvm_finalize_teardown_vm"})
+AGREE, DIFFER, KNOWN, NOT_RUN = "agree", "differ", "known", "not run"
 
 
-def _stale_el2_tlb(kernel: str, st: RawStep, mo: RealResult, re_: RealResult,
-                   before: list[RawStep]) -> bool:
-    return (mo.panic and not re_.panic and st.call in DEREF_CALLS
-            and any(b.call in DONATING_CALLS for b in before))
+@dataclass
+class Known:
+    """One known difference: `matches(kernel, step, model, real)` is true only in the exact
+    state the reason explains; `excused` counts the steps it excused in this process."""
+
+    name: str
+    reason: str
+    matches: Callable[[str, RawStep, RealResult, RealResult], bool]
+    excused: Counter = field(default_factory=Counter)  # kernel -> steps
 
 
-# (predicate over (kernel, step, model, real, earlier steps), reason). Short and justified.
-KNOWN_DIFFERENCES: list[tuple[Callable[..., bool], str]] = [
-    (lambda k, st, mo, re_, before: st.call in ("vmm:run",) and mo.x0 == re_.x0,
-     "exit reasons of the real /dev/kvm helper's guest are not modelled (x1/x2 of vmm:run)"),
-    (_stale_el2_tlb,
-     "QEMU keeps a stale EL2 TLB entry after the hyp unmaps a page it took by donation and gave "
-     "back (TLBI VALE2IS under hVHE, see the spec's note on QEMU 7.2): the real hyp then reads "
-     "the page where the model, like hardware, takes an EL2 fault and panics"),
-]
+# Each entry matches only the exact state its reason explains. Empty since the real side runs on
+# QEMU 10: QEMU 7.2 kept a stale EL2 TLB entry after the hyp unmapped a page (the only entry
+# there was), and on QEMU 10 the real hyp panics at the same step as the model.
+KNOWN_DIFFERENCES: list[Known] = []
+
 
 @dataclass
 class StepDiff:
@@ -48,92 +46,109 @@ class StepDiff:
     step: RawStep
     model: RealResult
     real: RealResult
-    agree: bool
-    fields: tuple[str, ...]  # the registers that differ
-    known: str | None = None  # the reason, when a known difference
+    status: str  # AGREE, DIFFER, KNOWN or NOT_RUN
+    fields: tuple[str, ...]  # what differs: registers, "panic" or "kind"
+    known: str | None = None  # the known difference's name
+
+    @property
+    def agree(self) -> bool:
+        return self.status == AGREE
+
+    @property
+    def executed(self) -> bool:
+        return self.status != NOT_RUN
 
     def as_dict(self) -> dict:
         def regs(r: RealResult) -> dict:
             return {"x0": r.x0, "x1": r.x1, "x2": r.x2, "x3": r.x3, "panic": r.panic,
-                    "note": r.note}
+                    "kind": r.kind, "not_run": r.not_run, "note": r.note}
 
         return {"index": self.index, "call": self.step.call, "args": list(self.step.args),
                 "cpu": self.step.cpu, "model": regs(self.model), "real": regs(self.real),
-                "agree": self.agree, "differs": list(self.fields), "known": self.known}
+                "status": self.status, "differs": list(self.fields), "known": self.known}
+
+
+def _resolution(arg: int | str, r: RealResult, handles: dict[str, int]) -> int | None:
+    """What a symbolic argument was on the machine that answered `r` (None: an int)."""
+    if isinstance(arg, int):
+        return None
+    kind, name = arg.split(":", 1)
+    if kind == "vm":
+        return handles.get(name, 0)
+    pfn = r.pages.get(name)
+    if pfn is None:
+        return 0
+    return {"page": pfn, "pa": pfn << 12, "va": r.vas.get(name, 0)}[kind]
+
+
+def _reg_agrees(st: RawStep, n: int, mo: RealResult, re_: RealResult,
+                handles: tuple[dict[str, int], dict[str, int]]) -> bool:
+    mv, rv = getattr(mo, f"x{n}") & (2**64 - 1), getattr(re_, f"x{n}") & (2**64 - 1)
+    arg = st.args[n - 1] if n - 1 < len(st.args) else None
+    is_vmm = isinstance(st.call, str) and st.call.startswith("vmm:")
+    if arg is None or is_vmm or isinstance(arg, int):
+        return mv == rv
+    m_sym = mv == (_resolution(arg, mo, handles[0]) or 0) & (2**64 - 1)
+    r_sym = rv == (_resolution(arg, re_, handles[1]) or 0) & (2**64 - 1)
+    return m_sym == r_sym and (m_sym or mv == rv)
 
 
 def compare_step(kernel: str, i: int, st: RawStep, mo: RealResult, re_: RealResult,
-                 before: list[RawStep] | None = None) -> StepDiff:
+                 handles: tuple[dict[str, int], dict[str, int]] = ({}, {})) -> StepDiff:
+    if mo.not_run or re_.not_run:
+        return StepDiff(i, st, mo, re_, NOT_RUN, ())
     if mo.panic or re_.panic:
-        fields = () if mo.panic == re_.panic else ("panic",)
-    elif isinstance(st.call, str) and st.call.startswith("vmm:"):
-        want = ["x0"] + (["x1"] if st.call == "vmm:create" else [])
-        fields = tuple(f for f in want if getattr(mo, f) != getattr(re_, f))
+        fields: tuple[str, ...] = ()
+        if mo.panic != re_.panic:
+            fields = ("panic",)
+        elif mo.kind != re_.kind or mo.kind == "model error":
+            fields = ("kind",)
     else:
-        want = ["x0", "x1", "x2", "x3"]
-        if mo.x0 != 0:
-            want = ["x0"]  # a refused call: x1.. came back as passed on both
-        fields = tuple(f for f in want if not _reg_agrees(st, int(f[1]), mo, re_))
-    d = StepDiff(i, st, mo, re_, not fields, fields)
-    if fields:
-        for pred, reason in KNOWN_DIFFERENCES:
-            if pred(kernel, st, mo, re_, before or []):
-                d.known = reason
-                break
-    return d
-
-
-def _resolved(arg: int | str, pages: dict[str, int]) -> int | None:
-    if isinstance(arg, int):
-        return arg & (2**64 - 1)
-    kind, name = arg.split(":", 1)
-    if kind in ("page", "pa", "va") and name in pages:
-        pfn = pages[name]
-        return {"page": pfn, "pa": pfn << 12}.get(kind)
-    return None
-
-
-def _reg_agrees(st: RawStep, n: int, mo: RealResult, re_: RealResult) -> bool:
-    """x`n` agrees: equal, or both hold what the step passed there (a page each names)."""
-    mv, rv = getattr(mo, f"x{n}"), getattr(re_, f"x{n}")
-    if mv == rv:
-        return True
-    if n - 1 < len(st.args) and isinstance(st.args[n - 1], str):
-        arg = st.args[n - 1]
-        mres, rres = _resolved(arg, mo.pages), _resolved(arg, re_.pages)
-        if mres is not None and rres is not None:
-            return (mv & (2**64 - 1)) == mres and (rv & (2**64 - 1)) == rres
-        if arg.startswith("va:"):
-            return True  # host VAs differ between the machines by construction
-    return False
+        fields = tuple(f"x{n}" for n in range(4)
+                       if not (_reg_agrees(st, n, mo, re_, handles) if n else mo.x0 == re_.x0))
+    if not fields:
+        return StepDiff(i, st, mo, re_, AGREE, ())
+    for k in KNOWN_DIFFERENCES:
+        if k.matches(kernel, st, mo, re_):
+            k.excused[kernel] += 1
+            return StepDiff(i, st, mo, re_, KNOWN, fields, k.name)
+    return StepDiff(i, st, mo, re_, DIFFER, fields)
 
 
 def compare(kernel: str, seq: list[RawStep], model: list[RealResult],
             real: list[RealResult]) -> list[StepDiff]:
     out: list[StepDiff] = []
-    for i, (st, mo, re_) in enumerate(zip(seq, model, real)):
-        d = compare_step(kernel, i, st, mo, re_, seq[:i])
-        if not d.agree and d.known is None and out and out[-1].known and (
-                out[-1].model.panic != out[-1].real.panic):
-            d.known = "the machines differ after a known difference earlier in the sequence"
-        out.append(d)
+    handles: tuple[dict[str, int], dict[str, int]] = ({}, {})
+    for i, (st, mo, re_) in enumerate(zip(seq, model, real, strict=True)):
+        out.append(compare_step(kernel, i, st, mo, re_, handles))
+        if st.call == "vmm:create":
+            name = str(st.args[0]).split(":", 1)[1]
+            for side, r in zip(handles, (mo, re_)):
+                if not r.panic and r.x0 == 0:
+                    side[name] = r.x1 & (2**64 - 1)
     return out
 
 
 def run_both(kernel: str, seqs: list[list[RawStep]], progress: bool = False,
-             jobs: int = 1, per_boot: int = 1) -> list[list[StepDiff]]:
+             jobs: int = 1, per_boot: int = 1,
+             real: list[list[RealResult]] | None = None) -> list[list[StepDiff]]:
     """Run on Linux, then on the model with the same grouping of sequences into machines.
 
     By default every sequence gets a fresh machine on both sides (the real one restored from
     its QEMU snapshot), so no state carries over between sequences; with `per_boot` > 1 the
-    real harness shares boots and the model mirrors the grouping it reports."""
+    real harness shares boots and the model mirrors the grouping it reports. `real`: results
+    of an earlier real run of the same sequences (one fresh machine each) to compare again."""
     from pkvm.conform.real import BootLog, run_sequences
 
-    logs: list[BootLog] = []
-    real = run_sequences(kernel, seqs, progress=progress, jobs=jobs, per_boot=per_boot,
-                         logs=logs)
-    model = run_sequences_on_model(kernel, seqs, boot_groups(real, [lg.sequences for lg in logs]))
-    return [compare(kernel, s, mo, r) for s, mo, r in zip(seqs, model, real)]
+    if real is None:
+        logs: list[BootLog] = []
+        real = run_sequences(kernel, seqs, progress=progress, jobs=jobs, per_boot=per_boot,
+                             logs=logs)
+        groups = boot_groups(real, [lg.sequences for lg in logs])
+    else:
+        groups = [1] * len(seqs)
+    model = run_sequences_on_model(kernel, seqs, groups)
+    return [compare(kernel, s, mo, r) for s, mo, r in zip(seqs, model, real, strict=True)]
 
 
 def boot_groups(real: list[list[RealResult]], batches: list[int]) -> list[int]:
@@ -152,61 +167,42 @@ def boot_groups(real: list[list[RealResult]], batches: list[int]) -> list[int]:
 
 
 def diverges(diffs: list[StepDiff]) -> bool:
-    return any(not d.agree and d.known is None for d in diffs)
+    return any(d.status == DIFFER for d in diffs)
 
 
-# -- random hostile sequences ----------------------------------------------------------------
-PFNS = [0x40000, 0x40001, 0x7FFFF, 0x80000, 0x9000, 0x8000, 0xFFFFFFFFF, 0x1000000000,
-        0xFFFFFFFFFFFFF, 0x10000000000000, 0xFFF0000000040000, 2**64 - 1, 0x7F200, 0]
-HANDLES = [0, 0x1000, 0x1001, 0x10FE, 0x10FF, 0x11000, 0xFFFF, 2**32 - 1, 0xFFF]
+@dataclass
+class Summary:
+    """Counts over a run: agreement is over steps both sides executed."""
+
+    steps: int = 0
+    agree: int = 0
+    differ: int = 0
+    known: Counter = field(default_factory=Counter)  # known-difference name -> steps
+    not_run: int = 0
+
+    @property
+    def executed(self) -> int:
+        return self.agree + self.differ + sum(self.known.values())
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.agree / max(self.executed, 1)
 
 
-def random_sequences(kernel: str, n: int, seed: int, length: int = 8) -> list[list[RawStep]]:
-    """`n` hostile sequences over what the host can drive (see the issue's list)."""
-    from pkvm.abi.profiles import get_profile
-
-    prof = get_profile(KERNEL_ABI.get(kernel, kernel))
-    rng = random.Random(seed)
-    names = list(prof.hcalls)
-    pkvm_calls = names[prof.min_pkvm:]
-    boot_calls = names[1 : prof.min_pkvm]
-    vm_calls = [c for c in pkvm_calls if "vm" in c or "vcpu" in c or "guest" in c]
-    panicky = {"__kvm_adjust_pc", "__kvm_tlb_flush_vmid_ipa", "__kvm_tlb_flush_vmid_ipa_nsh",
-               "__kvm_tlb_flush_vmid", "__kvm_tlb_flush_vmid_range", "__kvm_flush_cpu_context",
-               "__vgic_v3_save_vmcr_aprs", "__vgic_v3_save_aprs", "__vgic_v3_restore_vmcr_aprs",
-               "__pkvm_vcpu_init_traps", "__vgic_v5_save_apr", "__vgic_v5_restore_vmcr_apr"}
-    if prof.name == "6.12":
-        panicky.add("__kvm_vcpu_run")
-    out = []
-    for _ in range(n):
-        seq: list[RawStep] = []
-        pages = [f"page:{c}" for c in "abc"]
-        for _ in range(length):
-            r = rng.random()
-            cpu = rng.randrange(2)
-            if r < 0.35:
-                call = rng.choice(["__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp"])
-                arg: int | str = rng.choice(pages) if rng.random() < 0.6 else rng.choice(PFNS)
-                seq.append(RawStep(call, (arg,), cpu))
-            elif r < 0.6:
-                call = rng.choice(vm_calls)
-                args = tuple(rng.choice(HANDLES + [0, 1, rng.getrandbits(64)])
-                             for _ in range(rng.randrange(4)))
-                seq.append(RawStep(call, args, cpu))
-            elif r < 0.7:
-                seq.append(RawStep(rng.choice(boot_calls), (), cpu))
-            elif r < 0.8:
-                seq.append(RawStep(rng.choice([0xC600_0000 + len(names) + rng.randrange(8),
-                                               0x8400_0000, 0x8600_0000, rng.getrandbits(64)]),
-                                   (), cpu))
-            elif r < 0.97:
-                seq.append(RawStep(rng.choice(["__kvm_flush_vm_context", "__kvm_timer_set_cntvoff",
-                                               "__pkvm_prot_finalize"]), (rng.getrandbits(64),), cpu))
+def summarize(results: list[list[StepDiff]]) -> Summary:
+    s = Summary()
+    for diffs in results:
+        for d in diffs:
+            s.steps += 1
+            if d.status == AGREE:
+                s.agree += 1
+            elif d.status == DIFFER:
+                s.differ += 1
+            elif d.status == KNOWN:
+                s.known[d.known] += 1
             else:
-                seq.append(RawStep(rng.choice(sorted(panicky & set(names))), (0,), cpu))
-                break  # a panic ends the machine: nothing after it is observable
-        out.append(seq)
-    return out
+                s.not_run += 1
+    return s
 
 
 KERNEL_ABI = {"7.2": "latest", "latest": "latest", "6.12": "6.12"}
@@ -234,10 +230,84 @@ def shrink(kernel: str, seq: list[RawStep],
     return cur
 
 
-def write_scenario(kernel: str, seq: list[RawStep], path: str) -> None:
+# -- reproducers -----------------------------------------------------------------------------
+def scenario_tables(seq: list[RawStep], real: list[RealResult] | None = None) -> list[dict]:
+    """The scenario steps (`pkvm.scenario` tables) of a sequence; `real`: the kernel's answers,
+    written as each hvc step's expectation (x0, and x1 unless a symbol was passed in x1)."""
+    from pkvm.conform.model import GUEST_CODE, GUEST_MEMORY
+
+    out: list[dict] = []
+    for i, st in enumerate(seq):
+        cpu = {"cpu": st.cpu} if st.cpu else {}
+        if isinstance(st.call, str) and st.call.startswith("vmm:"):
+            name = str(st.args[0]).split(":", 1)[1]
+            if st.call == "vmm:create":
+                vcpus = int(st.args[1]) if len(st.args) > 1 else 1
+                protected = bool(st.args[2]) if len(st.args) > 2 else False
+                out.append({"create_vm": name, "vcpus": vcpus, "protected": protected,
+                            "memory": GUEST_MEMORY, "code": list(GUEST_CODE)})
+                out.append({"run": name, "vcpu": 0})
+            elif st.call == "vmm:run":
+                out.append({"run": name, "vcpu": int(st.args[1]) if len(st.args) > 1 else 0})
+            elif st.call == "vmm:topup":
+                out.append({"topup": name, "vcpu": int(st.args[1]) if len(st.args) > 1 else 0,
+                            "pages": int(st.args[2]) if len(st.args) > 2 else 4})
+            else:
+                out.append({"destroy": name})
+            continue
+        t = {"hvc": st.call, "args": list(st.args), **cpu}
+        r = real[i] if real is not None else None
+        if r is not None and not r.not_run:
+            if r.panic:
+                t["expect"] = {"panic": r.kind == "hyp panic"}
+            else:
+                t["expect"] = {"x0": r.x0}
+                if not (st.args and isinstance(st.args[0], str)):
+                    t["expect"]["x1"] = r.x1
+        out.append(t)
+    return out
+
+
+def write_scenario(kernel: str, seq: list[RawStep], path: str,
+                   real: list[RealResult] | None = None) -> None:
+    """Write `seq` as a scenario file (`pkvm run PATH` replays it on the model, with the
+    kernel's answers as expectations; `pkvm conform PATH` on both)."""
     from pkvm import scenario
 
-    steps = [(st.cpu, st.call, list(st.args)) for st in seq
-             if not (isinstance(st.call, str) and st.call.startswith("vmm:"))]
-    scenario.dump(steps, path, machine={"memory": "1G", "cpus": 2,
-                                         "abi": KERNEL_ABI.get(kernel, kernel)})
+    scenario.dump(scenario_tables(seq, real), path,
+                  machine={"memory": "1G", "cpus": 2, "abi": KERNEL_ABI.get(kernel, kernel)})
+
+
+def from_scenario(sc) -> list[RawStep]:
+    """The `RawStep`s of a loaded scenario (the inverse of `scenario_tables`). A `create_vm`
+    with guest `code` and the `run` of its vCPU 0 right after it are one `vmm:create`."""
+    from pkvm.conform.real import vm_create, vm_destroy, vm_run, vm_topup
+
+    out: list[RawStep] = []
+    steps = list(sc.steps)
+    i = 0
+    while i < len(steps):
+        st = steps[i]
+        f = st.fields
+        if st.action == "hvc":
+            args = tuple(a & (2**64 - 1) if isinstance(a, int) else a for a in f.get("args", []))
+            call = st.target & (2**64 - 1) if isinstance(st.target, int) else st.target
+            out.append(RawStep(call, args, st.cpu))
+        elif st.action == "create_vm":
+            out.append(vm_create(f"vm:{st.target}", f.get("vcpus", 1), f.get("protected", False)))
+            nxt = steps[i + 1] if i + 1 < len(steps) else None
+            if (f.get("code") and nxt is not None and nxt.action == "run"
+                    and nxt.target == st.target and nxt.fields.get("vcpu", 0) == 0):
+                i += 1  # the helper's create runs vCPU 0 once
+        elif st.action == "run":
+            out.append(vm_run(f"vm:{st.target}", st.fields.get("vcpu", 0)))
+        elif st.action == "topup":
+            out.append(vm_topup(f"vm:{st.target}", st.fields.get("vcpu", 0),
+                                st.fields.get("pages", 4)))
+        elif st.action == "destroy":
+            out.append(vm_destroy(f"vm:{st.target}"))
+        else:
+            raise ValueError(f"step {i} ({st.action}): the real side replays only hvc, "
+                             "create_vm, run, topup and destroy steps")
+        i += 1
+    return out

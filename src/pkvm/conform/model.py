@@ -4,24 +4,31 @@ The machine matches the real one booted by `pkvm.conform.real` (QEMU virt, 1 GiB
 48-bit PA). Symbolic arguments resolve to the model's own objects: `page:NAME` to the pfn of a
 zeroed host page allocated on first use, `pa:NAME` to its physical address, `va:NAME` to its host
 linear-map address, `vm:NAME` to the handle of a VM a `vmm:create` step made.
+
+VMM steps drive the host driver (`pkvm.host`) as the real side's `/dev/kvm` helper drives KVM:
+the same guest (a loop of stores to the UART) at the same IPA, one `KVM_RUN` per step.
 """
 
 from __future__ import annotations
 
+import re
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
 import pkvm
 from pkvm.conform.real import RawStep, RealResult
-from pkvm.host.kvm import host_va
+from pkvm.host.kvm import GUEST_RAM_IPA, host_va
 
 MACHINE = {"memory": "1G", "cpus": 2}
 KERNELS = {"6.12": "6.12", "7.2": "latest", "latest": "latest"}
-
-
-def _signed(v: int) -> int:
-    v &= (1 << 64) - 1
-    return v - (1 << 64) if v >> 63 else v
+# The helper's guest (helper/pkvm_vmm.c): movz x1, #0x0900, lsl #16; 1: str w0, [x1];
+# add w0, w0, #1; b 1b
+GUEST_CODE = (0xD2A12001, 0xB9000020, 0x11000400, 0x17FFFFFE)
+GUEST_MEMORY = 0x10000  # the helper's 64 KiB memslot
+# struct kvm_run exit reasons (include/uapi/linux/kvm.h) of what the model's KVM_RUN returns
+EXIT_REASONS = {"mmio": 6, "system_event": 24, "fail": 9}
+ENOENT, EINVAL = 2, 22
 
 
 @dataclass
@@ -29,18 +36,25 @@ class ModelRun:
     machine: Any
     pages: dict[str, int] = field(default_factory=dict)
     vms: dict[str, Any] = field(default_factory=dict)
+    handles: dict[str, int] = field(default_factory=dict)  # kept after teardown: stale handles
 
     def resolve(self, a: int | str) -> int:
         if isinstance(a, int):
             return a
         kind, name = a.split(":", 1)
         if kind == "vm":
-            vm = self.vms.get(name)
-            return vm.handle if vm is not None else 0
+            return self.handles.get(name, 0)
         if name not in self.pages:
             self.pages[name] = self.machine.host.alloc_pages(1) >> 12
         pfn = self.pages[name]
         return {"page": pfn, "pa": pfn << 12, "va": host_va(pfn << 12)}[kind]
+
+    @property
+    def vas(self) -> dict[str, int]:
+        return {n: host_va(p << 12) for n, p in self.pages.items()}
+
+    def result(self, x0: int, x1: int, x2: int, x3: int, **kw: Any) -> RealResult:
+        return RealResult(x0, x1, x2, x3, pages=dict(self.pages), vas=self.vas, **kw)
 
 
 def new_machine(kernel: str):
@@ -57,37 +71,76 @@ def run_sequences_on_model(kernel: str, seqs: list[list[RawStep]],
     it = iter(seqs)
     for count in groups:
         m = new_machine(kernel)
-        for _ in range(count):
+        for j in range(count):
             seq = next(it, None)
             if seq is None:
                 break
-            out.append(run_sequence_on_model(kernel, seq, m))
+            out.append(run_sequence_on_model(kernel, seq, m, fresh=j == 0))
     for seq in it:  # sequences the boot records did not cover
         out.append(run_sequence_on_model(kernel, seq))
     return out
 
 
-def run_sequence_on_model(kernel: str, steps: list[RawStep], machine=None) -> list[RealResult]:
-    """Each step's x0..x3 (or panic), on `machine` or a fresh model of `kernel`'s profile."""
+def run_sequence_on_model(kernel: str, steps: list[RawStep], machine=None,
+                          fresh: bool = False) -> list[RealResult]:
+    """Each step's x0..x3 (or how the machine died), on `machine` or a fresh model.
+
+    A Python exception raised by the model is a result too (kind "model error", which never
+    agrees with the kernel): the run goes on with the next sequence."""
+    fresh = fresh or machine is None
     m = machine if machine is not None else new_machine(kernel)
     run = ModelRun(m)
     out: list[RealResult] = []
     if m.dead:
-        return [RealResult(0, 0, 0, 0, panic=True, note="machine dead", pages={}) for _ in steps]
+        return [run.result(0, 0, 0, 0, panic=True, note="not run: machine dead", not_run=True)
+                for _ in steps]
     dead = ""
     for st in steps:
         if dead:
-            out.append(RealResult(0, 0, 0, 0, panic=True, note=dead, pages=run.pages))
+            out.append(run.result(0, 0, 0, 0, panic=True, note=f"not run: {dead}",
+                                  not_run=True))
             continue
         try:
             out.append(_step(run, st))
         except pkvm.HypPanic as e:
             dead = f"hyp panic: {e.reason}"
-            out.append(RealResult(0, 0, 0, 0, panic=True, note=dead, pages=run.pages))
+            note = dead + (_mapped_earlier(kernel, steps[: len(out)], e.reason) if fresh else "")
+            out.append(run.result(0, 0, 0, 0, panic=True, note=note))
+        except _HostSError as e:
+            dead = str(e)
+            out.append(run.result(0, 0, 0, 0, panic=True, note=dead))
         except pkvm.HostDataAbort as e:
-            dead = "host data abort" if e.fatal else ""
-            out.append(RealResult(0, 0, 0, 0, panic=e.fatal, note=str(e), pages=run.pages))
+            # 6.12's hyp panics on a refused host access; 7.2 injects an abort the host
+            # kernel cannot handle (an oops in kernel code)
+            dead = f"hyp panic: {e}" if e.fatal else f"host oops: {e}"
+            out.append(run.result(0, 0, 0, 0, panic=True, note=dead))
+        except Exception as e:  # noqa: BLE001 - a model bug is a result, not the run's end
+            tb = traceback.format_exception_only(type(e), e)[-1].strip()
+            dead = f"model error: {tb}"
+            out.append(run.result(0, 0, 0, 0, panic=True, note=dead))
     return out
+
+
+_EL2_ABORT = re.compile(r"EL2 data abort: hyp VA (0x[0-9a-f]+) is not mapped")
+
+
+def _mapped_earlier(kernel: str, before: list[RawStep], reason: str) -> str:
+    """For an EL2 data abort: replay the steps before it on a fresh model and say whether the
+    faulting hyp VA was mapped at EL2 after one of them (" [mapped at EL2 after step N]")."""
+    m = _EL2_ABORT.search(reason)
+    if not m:
+        return ""
+    va = int(m.group(1), 16)
+    run = ModelRun(new_machine(kernel))
+    for i, st in enumerate(before):
+        try:
+            _step(run, st)
+        except Exception:  # noqa: BLE001 - the original run got past this step
+            return ""
+        _, pte, _ = run.machine.inspect.table("hyp").get_leaf(va & ~0xFFF)
+        if pte & 1:
+            return f" [mapped at EL2 after step {i}]"
+    return ""
 
 
 def _step(run: ModelRun, st: RawStep) -> RealResult:
@@ -96,7 +149,26 @@ def _step(run: ModelRun, st: RawStep) -> RealResult:
         return _vmm_step(run, st)
     args = [run.resolve(a) for a in st.args]
     r = m.hvc(st.cpu, st.call, *args)
-    return RealResult(r.x0, r.x1, r.x2, r.x3, pages=run.pages)
+    return run.result(r.x0, r.x1, r.x2, r.x3)
+
+
+class _HostSError(Exception):
+    """Linux's KVM_RUN would have panicked the host kernel."""
+
+
+def _exit(e: Any) -> tuple[int, int]:
+    """(kvm_run exit reason, MMIO address) of a model `VcpuExit`; an exit userspace never
+    sees from Linux's KVM_RUN (a WFI, an IRQ) is reported as reason -1.
+
+    A negative `__kvm_vcpu_run` return (the hyp found no hyp vCPU to run) has bit 31 set:
+    Linux's `handle_exit_early` takes it for a pending SError and, on a CPU with RAS (QEMU's
+    `-cpu max`), `kvm_handle_guest_serror` finds the SError fatal and panics the host. The
+    model's host driver returns a "fail" exit instead; the VMM step reports what Linux does."""
+    if e.kind == "fail" and e.detail.startswith("__kvm_vcpu_run = -"):
+        raise _HostSError(f"host oops: {e.detail}: KVM takes it for a pending SError "
+                          "(handle_exit_early) and panics (kvm_handle_guest_serror)")
+    reason = EXIT_REASONS.get(e.kind, -1)
+    return reason, e.addr if e.kind == "mmio" else 0
 
 
 def _vmm_step(run: ModelRun, st: RawStep) -> RealResult:
@@ -106,20 +178,36 @@ def _vmm_step(run: ModelRun, st: RawStep) -> RealResult:
     if st.call == "vmm:create":
         vcpus = int(st.args[1]) if len(st.args) > 1 else 1
         protected = bool(st.args[2]) if len(st.args) > 2 else False
+        if name in run.vms or not 1 <= vcpus <= 8:
+            return run.result(-EINVAL, 0, 0, 0)  # the helper refuses these itself
         try:
-            vm = m.host.create_vm(vcpus=vcpus, protected=protected, memory="2M")
+            vm = m.host.create_vm(vcpus=vcpus, protected=protected, memory=GUEST_MEMORY)
         except pkvm.HostError as e:
-            return RealResult(-e.errno, 0, 0, vcpus, pages=run.pages)
+            return run.result(-(e.errno or EINVAL), 0, 0, 0)
+        vm.write(GUEST_RAM_IPA, b"".join(w.to_bytes(4, "little") for w in GUEST_CODE))
+        for vcpu in vm.vcpus:  # KVM_ARM_VCPU_INIT without POWER_OFF: every vCPU runs
+            vcpu.runner.power_off = False
         run.vms[name] = vm
-        vm.vcpus[0].run()  # the first KVM_RUN creates the hyp VM and vCPU 0
-        return RealResult(0, vm.handle, 0, vcpus, pages=run.pages)
+        run.handles[name] = vm.handle
+        reason, _ = _exit(vm.vcpus[0].run())  # the first KVM_RUN creates the hyp VM
+        return run.result(0, vm.handle, reason, vcpus)
     vm = run.vms.get(name)
     if vm is None:
-        return RealResult(-9, 0, 0, 0, pages=run.pages)  # -EBADF: no such VM fd
-    if st.call == "vmm:run":
+        return run.result(-ENOENT, 0, 0, 0)  # the helper: no VM of that name
+    if st.call in ("vmm:run", "vmm:topup"):
         vcpu = int(st.args[1]) if len(st.args) > 1 else 0
-        vm.vcpus[vcpu].run()
-        return RealResult(0, 0, 0, 0, pages=run.pages)
+        if not 0 <= vcpu < len(vm.vcpus):
+            return run.result(-EINVAL, 0, 0, 0)
+        if st.call == "vmm:topup":
+            n = int(st.args[2]) if len(st.args) > 2 else 4
+            if not 0 <= n <= 64:
+                return run.result(-EINVAL, 0, 0, 0)
+            v = vm.vcpus[vcpu]
+            vm.topup_memcache(v, n)
+            return run.result(0, m.host.read_u64(v.field_pa("arch.pkvm_memcache.nr_pages")),
+                              0, 0)
+        reason, addr = _exit(vm.vcpus[vcpu].run())
+        return run.result(0, reason, addr, 0)
     vm.destroy()
     del run.vms[name]
-    return RealResult(0, 0, 0, 0, pages=run.pages)
+    return run.result(0, 0, 0, 0)

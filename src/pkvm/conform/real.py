@@ -50,16 +50,18 @@ __all__ = [
     "vm_create",
     "vm_destroy",
     "vm_run",
+    "vm_topup",
 ]
 
 MASK64 = (1 << 64) - 1
 _SYMBOL = re.compile(r"(page|pa|va|vm):[A-Za-z0-9_-]{1,20}")
-VMM_CALLS = ("vmm:create", "vmm:run", "vmm:destroy")
+VMM_CALLS = ("vmm:create", "vmm:run", "vmm:destroy", "vmm:topup")
 SMCCC_HOST_BASE = 0xC600_0000  # fast call, SMC64, owner "vendor hypervisor"
 PKVM_UP = "Protected hVHE mode initialized successfully"
 MARK = "@@PKVMC"
 CPUS = 2  # -smp 2, as measured in the spec
-BOOT_TIMEOUT = 240.0  # seconds, a whole batch; TCG on 2 cores boots in a few seconds
+BOOT_TIMEOUT = 240.0  # seconds, a whole batch at most; TCG on 2 cores boots in a few seconds
+STEP_TIMEOUT = 1.0  # seconds per command added to a batch's allowance
 
 
 class RealError(RuntimeError):
@@ -112,6 +114,13 @@ def vm_run(vm: str, vcpu: int = 0) -> RawStep:
     return RawStep("vmm:run", (vm, vcpu))
 
 
+def vm_topup(vm: str, vcpu: int = 0, pages: int = 4) -> RawStep:
+    """A VMM step: fill vCPU ``vcpu``'s pKVM memcache up to ``pages`` fresh pages (what KVM's
+    ``topup_hyp_memcache`` does before a guest-memory call); x0 = 0 or -errno, x1 = pages held.
+    7.2 only (6.12's vCPUs have no such memcache)."""
+    return RawStep("vmm:topup", (vm, vcpu, pages))
+
+
 def vm_destroy(vm: str) -> RawStep:
     """A VMM step: close the VM's fds (the host tears it down); x0 = 0 or -errno."""
     return RawStep("vmm:destroy", (vm,))
@@ -122,9 +131,10 @@ class RealResult:
     """What the real machine answered; x0/x1 signed, x2/x3 unsigned (as the model).
 
     ``panic``: the machine died at this step (``note`` says whether the hyp panicked, "hyp
-    panic: ...", or the host kernel did, "host kernel panic (EL1): ..."); the steps after it in
-    the sequence are not run and carry ``panic`` too. ``pages`` maps the sequence's page
-    names to the pfns the module gave them (the same dict on every step of a sequence).
+    panic: ...", the host kernel did, "host kernel panic (EL1): ...", or a CPU locked up,
+    "lockup: ..."); the steps after it in the sequence are not run (``not_run``, and ``panic``
+    too). ``pages`` maps the sequence's page names to the pfns the module gave them and
+    ``vas`` to their kernel VAs (the same dicts on every step of a sequence).
     """
 
     x0: int
@@ -134,6 +144,19 @@ class RealResult:
     panic: bool = False
     note: str = ""
     pages: dict[str, int] = field(default_factory=dict, repr=False)  # the sequence's name -> pfn
+    not_run: bool = False  # the machine died at an earlier step: this one never ran
+    vas: dict[str, int] = field(default_factory=dict, repr=False)  # name -> kernel VA
+
+    @property
+    def kind(self) -> str:
+        """How the machine died at this step: "hyp panic", "host oops", "lockup", "model
+        error" (a Python exception in the model: never agrees), or "" (it did not)."""
+        if not self.panic or self.not_run:
+            return ""
+        for k in ("hyp panic", "lockup", "model error"):
+            if self.note.startswith(k):
+                return k
+        return "host oops"
 
 
 @dataclass
@@ -278,7 +301,18 @@ def qemu_command(k: Kernel, initrd: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _batch_timeout(cmds: list[str], boot: bool) -> float:
+    """How long a machine may take for ``cmds`` before it counts as hung (a CPU locked up in
+    the hyp answers nothing: that is a result, "lockup", not a harness failure)."""
+    return min(BOOT_TIMEOUT, (90.0 if boot else 60.0) + STEP_TIMEOUT * len(cmds))
+
+
+def _hang_note(timeout: float) -> str:
+    return f"\n{MARK}-HANG harness timeout: no answer within {timeout:.0f} s\n"
+
+
 def _boot(k: Kernel, cmds: list[str]) -> tuple[str, float]:
+    timeout = _batch_timeout(cmds, boot=True)
     with tempfile.TemporaryDirectory(prefix="pkvm-conform-") as tmp:
         initrd = Path(tmp) / "initrd.cpio"
         initrd.write_bytes(_initramfs(k, cmds))
@@ -288,12 +322,14 @@ def _boot(k: Kernel, cmds: list[str]) -> tuple[str, float]:
                 qemu_command(k, initrd),
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
-                timeout=BOOT_TIMEOUT,
+                timeout=timeout,
                 check=False,
             )
         except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode(errors="replace")
-            raise RealError(f"QEMU timed out after {BOOT_TIMEOUT} s:\n{out[-3000:]}") from e
+            out = (e.stdout or b"").decode(errors="replace").replace("\r", "")
+            if f"{MARK} " not in out and f"{MARK}-BEGIN" not in out:
+                raise RealError(f"QEMU timed out after {timeout} s:\n{out[-3000:]}") from e
+            return out + _hang_note(timeout), time.monotonic() - t0
         console = (p.stdout + p.stderr).decode(errors="replace").replace("\r", "")
         return console, time.monotonic() - t0
 
@@ -324,9 +360,13 @@ def _run_machine(k: Kernel, cmds: list[str], use_snapshot: bool) -> tuple[str, f
             try:
                 t0 = time.monotonic()
                 feed = "".join(c + "\n" for c in cmds) + f"{MARK}-END\n"
-                console = _snapshot.restore_run(
-                    d, qemu_command(k, d / "initrd"), feed, BOOT_TIMEOUT
-                )
+                timeout = _batch_timeout(cmds, boot=False)
+                try:
+                    console = _snapshot.restore_run(
+                        d, qemu_command(k, d / "initrd"), feed, timeout
+                    )
+                except _snapshot.SnapshotTimeout as e:  # restored and running, then hung
+                    return e.console + _hang_note(timeout), time.monotonic() - t0
                 if f"{MARK} " in console or _PANIC_RE.search(console):
                     return console, time.monotonic() - t0
                 raise _snapshot.SnapshotError(
@@ -420,19 +460,23 @@ def _answer(line: str, console: str) -> dict[str, Any]:
         raise RealError(f"unreadable answer {line!r}:\n{console[-3000:]}") from e
 
 
-def _regs(msg: dict[str, str], pages: dict[str, int]) -> RealResult:
+def _regs(msg: dict[str, str], pages: dict[str, int], vas: dict[str, int]) -> RealResult:
     return RealResult(
         _signed(int(msg["x0"], 16)),
         _signed(int(msg["x1"], 16)),
         int(msg["x2"], 16) & MASK64,
         int(msg["x3"], 16) & MASK64,
         pages=pages,
+        vas=vas,
     )
 
 
-def _not_issued(k: Kernel, st: RawStep, pages: dict[str, int]) -> RealResult:
+def _not_issued(k: Kernel, st: RawStep, pages: dict[str, int],
+                vas: dict[str, int] | None = None) -> RealResult:
     """A name this kernel's enum lacks answers as an unknown call: x0 = -1, x1..x3 as passed."""
-    regs = [a if isinstance(a, int) else _resolve(a, pages) for a in (*st.args, 0, 0, 0)][:3]
+    vas = vas or {}
+    regs = [a if isinstance(a, int) else _resolve(a, pages, vas)
+            for a in (*st.args, 0, 0, 0)][:3]
     return RealResult(
         -1,
         _signed(regs[0]),
@@ -440,6 +484,7 @@ def _not_issued(k: Kernel, st: RawStep, pages: dict[str, int]) -> RealResult:
         regs[2] & MASK64,
         note=f"{st.call} is not a host hypercall of {k.release}: not issued",
         pages=pages,
+        vas=vas,
     )
 
 
@@ -455,6 +500,7 @@ def _run_batch(
 
     results: dict[int, dict[int, RealResult]] = {b: {} for b in range(len(batch))}
     pages: dict[int, dict[str, int]] = {b: {} for b in range(len(batch))}
+    vas: dict[int, dict[str, int]] = {b: {} for b in range(len(batch))}
     for (b, j), ans in zip(owners, answers, strict=False):
         if j == SEQ_STEP:
             continue
@@ -465,25 +511,14 @@ def _run_batch(
             raise RealError(f"no answer to step {j} of sequence {batch[b].seq}:\n{console[-3000:]}")
         if j == PAGE_STEP:
             pages[b].update({n: int(v, 16) for n, v in msg["pages"].items()})
+            vas[b].update({n: int(v, 16) for n, v in msg.get("vas", {}).items()})
         else:
-            results[b][j] = _regs(msg, pages[b])
+            results[b][j] = _regs(msg, pages[b], vas[b])
 
     dead_at: tuple[int, int] | None = None
     reason = ""
     if not finished:
-        if len(answers) >= len(owners):
-            raise RealError(f"boot ended before its end marker:\n{console[-3000:]}")
-        dead_at = owners[len(answers)]
-        if dead_at[1] < 0:
-            raise RealError(f"boot died outside any step:\n{console[-3000:]}")
-        if not _PANIC_RE.search(console):
-            raise RealError(
-                f"boot of {k.release} died without a panic at sequence {batch[dead_at[0]].seq} "
-                f"step {dead_at[1]}:\n{console[-3000:]}"
-            )
-        lines = [ln.strip() for ln in console.splitlines() if _PANIC_RE.search(ln)]
-        who = "hyp panic" if _HYP_PANIC_RE.search(console) else "host kernel panic (EL1)"
-        reason = f"{who}: " + "; ".join(dict.fromkeys(lines))[:300]
+        dead_at, reason = _death(k, batch, owners, answers, console)
 
     done: dict[int, list[RealResult]] = {}
     remaining: list[_Pending] = []
@@ -496,24 +531,56 @@ def _run_batch(
             if j in results[b]:
                 seq_out.append(results[b][j])
             elif dead_at is not None and b == dead_at[0] and j == dead_at[1]:
-                seq_out.append(RealResult(0, 0, 0, 0, panic=True, note=reason, pages=pages[b]))
+                seq_out.append(RealResult(0, 0, 0, 0, panic=True, note=reason, pages=pages[b],
+                                          vas=vas[b]))
             elif dead_at is not None and b == dead_at[0] and j > dead_at[1]:
                 note = "not run: machine dead after panic"
-                seq_out.append(RealResult(0, 0, 0, 0, panic=True, note=note, pages=pages[b]))
+                seq_out.append(RealResult(0, 0, 0, 0, panic=True, note=note, pages=pages[b],
+                                          vas=vas[b], not_run=True))
             else:
-                seq_out.append(_not_issued(k, st, pages[b]))
+                seq_out.append(_not_issued(k, st, pages[b], vas[b]))
         done[pend.seq] = seq_out
     return done, remaining
 
 
-def _resolve(a: str, pages: dict[str, int]) -> int:
+_LOCKUP_RE = re.compile(r"(hard LOCKUP|soft lockup|self-detected stall|rcu_preempt detected stalls"
+                        r"|rcu_sched detected stalls|harness timeout)", re.IGNORECASE)
+
+
+def _death(k: Kernel, batch: list[_Pending], owners: list[tuple[int, int]], answers: list[str],
+           console: str) -> tuple[tuple[int, int], str]:
+    """Where a batch that did not finish died, and how (the first step left unanswered)."""
+    if len(answers) >= len(owners):
+        raise RealError(f"boot ended before its end marker:\n{console[-3000:]}")
+    dead_at = owners[len(answers)]
+    if dead_at[1] < 0:
+        raise RealError(f"boot died outside any step:\n{console[-3000:]}")
+    panic = _PANIC_RE.search(console)
+    lockup = _LOCKUP_RE.search(console)
+    if not panic and not lockup:
+        raise RealError(
+            f"boot of {k.release} died without a panic at sequence {batch[dead_at[0]].seq} "
+            f"step {dead_at[1]}:\n{console[-3000:]}"
+        )
+    if panic:
+        lines = [ln.strip() for ln in console.splitlines() if _PANIC_RE.search(ln)]
+        who = "hyp panic" if _HYP_PANIC_RE.search(console) else "host kernel panic (EL1)"
+    else:
+        lines = [ln.strip() for ln in console.splitlines() if _LOCKUP_RE.search(ln)]
+        who = "lockup"
+    return dead_at, f"{who}: " + "; ".join(dict.fromkeys(lines))[:300]
+
+
+def _resolve(a: str, pages: dict[str, int], vas: dict[str, int]) -> int:
     kind, name = a.split(":", 1)
     pfn = pages.get(name)
     if pfn is None:
         return 0
     if kind == "page":
         return pfn
-    return pfn << 12 if kind == "pa" else 0  # va:/vm: values are not reported back
+    if kind == "va":
+        return vas.get(name, 0)
+    return pfn << 12 if kind == "pa" else 0  # vm: values are not reported back
 
 
 def _run_chunk(

@@ -165,6 +165,14 @@ def _save(d: Path, cmd: list[str], ready: str, check: Callable[[str], None]) -> 
             proc.wait()
 
 
+class SnapshotTimeout(SnapshotError):
+    """The restored machine stopped answering: ``console`` is what it printed until then."""
+
+    def __init__(self, message: str, console: str):
+        super().__init__(message)
+        self.console = console
+
+
 def restore_run(d: Path, cmd: list[str], commands: str, timeout: float) -> str:
     """Restore the snapshot, feed ``commands`` to its console, return what it printed."""
     with tempfile.TemporaryDirectory(prefix="pkvm-restore-") as tmp:
@@ -188,7 +196,10 @@ def restore_run(d: Path, cmd: list[str], commands: str, timeout: float) -> str:
             qmp.close()
             out, _ = proc.communicate(commands.encode(), timeout=timeout)
         except subprocess.TimeoutExpired as e:
-            raise SnapshotError(f"restored machine timed out after {timeout} s") from e
+            proc.kill()
+            out, _ = proc.communicate()
+            raise SnapshotTimeout(f"restored machine timed out after {timeout} s",
+                                  out.decode(errors="replace").replace("\r", "")) from e
         except OSError as e:
             raise SnapshotError(f"restoring the snapshot failed: {e}") from e
         finally:

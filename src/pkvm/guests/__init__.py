@@ -16,12 +16,17 @@ map: PL011 data register at IPA 0x0900_0000 (one byte store per character), flag
 | `idregs` | reads ten AArch64 ID registers and ID_PFR0_EL1 and prints them, then writes ID_AA64PFR0_EL1 (its exception vector reports the UNDEF) | `ID_AA64PFR0_EL1=0x…` … `write: undef` |
 | `loop` | compute kernel: N iterations of a 4-instruction body (N = u64 at offset 8, default 100 000 000), 4N + 5 instructions up to the HVC | – |
 
-Rebuild with `guests/build.sh` (Debian `binutils-aarch64-linux-gnu`).
+Rebuild with `guests/build.sh` (Debian `binutils-aarch64-linux-gnu`); docs/guests.md says how
+to write your own. `image_problem(data)` tells an image that cannot be a raw AArch64 guest (empty,
+ELF, gzip, text, a first word that no instruction encodes) and `explain_failure(reason)` puts a
+guest's failed run (an exception to a vector it never set up) in words.
 """
 
 from __future__ import annotations
 
+import re
 import struct
+from dataclasses import dataclass
 from importlib import resources
 
 RAM_BASE = 0x4000_0000
@@ -49,3 +54,76 @@ def image(name: str) -> bytes:
 def patch(data: bytes, value: int, offset: int = PARAM_OFFSET) -> bytes:
     """`data` with the u64 at `offset` replaced (memwalk's MiB, loop's and mmio's iterations)."""
     return data[:offset] + struct.pack("<Q", value) + data[offset + 8 :]
+
+
+@dataclass(frozen=True)
+class About:
+    """What a built-in guest needs to run as intended, and what its output shows."""
+
+    protected: bool = False  # needs a protected VM (pKVM's guest calls at EL2: 7.2 only)
+    vcpus: int = 1  # needs at least this many vCPUs
+    shows: str = ""
+
+
+ABOUT: dict[str, About] = {
+    "hello": About(shows="the guest printed through the UART (MMIO exits the VMM completed) and "
+                   "powered off with PSCI SYSTEM_OFF"),
+    "memwalk": About(shows="the guest wrote and read back every page of its memory: each first "
+                     "touch was a stage-2 fault the host answered by mapping a page"),
+    "share": About(protected=True, shows="the protected guest asked the hyp (MEM_SHARE) to "
+                   "share one of its pages with the host, and the host read its message there"),
+    "oob": About(shows="the guest loaded from IPA 0x1_0000_0000, past its RAM: no memory is "
+                 "there, so the load became an MMIO exit and the VMM (no device at that "
+                 "address) answered 0, which the guest printed"),
+    "smp": About(vcpus=2, shows="vCPU 0 started vCPU 1 with PSCI CPU_ON (handled by the host), "
+                 "and the two vCPUs talked through guest memory"),
+    "loop": About(shows="the guest ran its compute loop (4 instructions an iteration, nothing "
+                  "printed) and powered off: the run's wall time is the measure"),
+    "mmio": About(shows="the guest made two MMIO exits an iteration (a load and a store at IPA "
+                  "0x0A00_0000), each a full KVM_RUN round trip through the hyp"),
+}
+
+VECTOR_NAMES = ("synchronous", "IRQ", "FIQ", "SError")
+VECTOR_FROM = ("the current EL with SP_EL0", "the current EL with SP_ELx",
+               "a lower EL (AArch64)", "a lower EL (AArch32)")
+
+
+def image_problem(data: bytes) -> str | None:
+    """Why `data` cannot be a raw AArch64 guest image, or None when it may be one."""
+    if not data:
+        return "the image is empty (0 bytes)"
+    if data[:4] == b"\x7fELF":
+        return ("this is an ELF file, not a raw image: convert it with "
+                "`aarch64-linux-gnu-objcopy -O binary IN.elf OUT.bin` (linked at 0x40000000; "
+                "see docs/guests.md)")
+    if data[:2] == b"\x1f\x8b":
+        return "this is gzip-compressed: decompress it first (gunzip) and give the raw image"
+    head = data[:512]
+    printable = sum(32 <= b < 127 or b in (9, 10, 13) for b in head)
+    if printable == len(head):
+        return "this looks like text, not AArch64 machine code"
+    if len(data) < 4:
+        return f"the image has {len(data)} bytes: not even one AArch64 instruction"
+    word = struct.unpack_from("<I", data)[0]
+    op0 = (word >> 25) & 0xF
+    if op0 in (0b0000, 0b0001, 0b0011):  # UDF / unallocated encodings of the A64 top level
+        return (f"its first word {word:#010x} is no AArch64 instruction (the guest is entered at "
+                "its first byte)")
+    return None
+
+
+def explain_failure(reason: str) -> str | None:
+    """Words for a run that failed on an instruction fetch from a vector the guest never set
+    up (VBAR_EL1 is 0 at reset: the exception vectors sit at IPA 0x0..0x800, outside RAM)."""
+    m = re.search(r"addr (0x[0-9a-f]+)", reason)
+    if not reason.startswith("fail") or m is None:
+        return None
+    addr = int(m.group(1), 16)
+    if addr >= 0x800 or addr % 0x80:
+        return None
+    kind = VECTOR_NAMES[(addr >> 7) & 3]
+    origin = VECTOR_FROM[addr >> 9]
+    return (f"the guest took a {kind} exception from {origin} and jumped to its vector at "
+            f"VBAR_EL1 + {addr:#x}, but it never set VBAR_EL1 (0 at reset, outside its RAM): "
+            "its code hit an undefined instruction or a fault. Is the image raw AArch64 code "
+            "built to run at 0x40000000 (docs/guests.md)?")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
@@ -95,8 +96,10 @@ class Vmm:
         else:
             s.mmio_reads += 1
 
-    def run(self, max_exits: int | None = None) -> RunSummary:
-        """Run the vCPUs round-robin until the guest powers off (or fails)."""
+    def run(self, max_exits: int | None = None,
+            progress: Callable[[int], None] | None = None) -> RunSummary:
+        """Run the vCPUs round-robin until the guest powers off (or fails); `progress(exits)`
+        is called every 256 exits (a display's live count)."""
         s = self.summary
         t0 = time.perf_counter()
         exits = 0
@@ -111,6 +114,8 @@ class Vmm:
                 for vcpu in runnable:
                     ex = vcpu.run()
                     exits += 1
+                    if progress is not None and not exits & 0xFF:
+                        progress(exits)
                     s.exits[ex.kind] = s.exits.get(ex.kind, 0) + 1
                     if ex.kind == "mmio":
                         self._mmio(vcpu, ex)

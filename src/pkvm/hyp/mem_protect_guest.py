@@ -29,6 +29,7 @@ from pkvm.hyp.mem_protect import (
     set_host_state_range,
 )
 from pkvm.hyp.memory import ComponentId, PageState
+from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_PROT_RWX,
     KVM_PGTABLE_PROT_X,
@@ -302,6 +303,10 @@ def __pkvm_host_test_clear_young_guest(h: HypState, gfn: int, nr_pages: int, mko
         return ret
     clr = KVM_PTE_LEAF_ATTR_LO_S2_AF if mkold and not h.bug("young-not-cleared") else 0
     ret, acc = _update_guest(vm, ipa, size, 0, clr)
+    if ret:  # kvm_pgtable_stage2_test_clear_young: WARN_ON(kvm_pgtable_walk(...)); at EL2
+        # every WARN is a BUG (nvhe_hyp_panic_handler treats all hyp bugs as fatal)
+        raise HypBug(f"WARN_ON in kvm_pgtable_stage2_test_clear_young: walk of IPA {ipa:#x} "
+                     f"+ {size:#x} = {ret}")
     return 1 if acc & KVM_PTE_LEAF_ATTR_LO_S2_AF else 0
 
 

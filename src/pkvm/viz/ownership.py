@@ -38,6 +38,8 @@ FIXED: list[tuple[str, str]] = [
 ]
 GUEST_COLOURS = ["#2e86de", "#16a085", "#6c5ce7", "#00b5c8", "#1e3799", "#38ada9", "#8854d0",
                  "#0a3d62"]
+# host pages shared with guest N (the first is the fixed "shared with a guest" green)
+SHARED_WITH_GUEST_COLOURS = ["#7cc26b", "#b5d334", "#4caf50", "#9ccc65", "#cddc39", "#66bb6a"]
 CARVEOUT_OUTLINE = "#000000"
 BLOCK_FRAME = "#4a4a4a"
 
@@ -99,14 +101,23 @@ def ownership_map(m: Any, cols: int = COLS, max_cells: int = MAX_CELLS) -> Owner
         if not 0 <= i < n:
             continue
         if state == SHARED_BORROWED:
-            continue  # the host's page, shared with the guest: host SHARED_OWNED shows it
-        key = (handle, 0 if state == OWNED else 1)
+            # the host's page, shared with this guest: named after the guest it is shared with
+            if pages[i] != HOST_SHARED_GUEST:
+                continue
+            key = (handle, 2)
+        else:
+            key = (handle, 0 if state == OWNED else 1)
         if key not in guest_cat:
-            colour = GUEST_COLOURS[guest_idx.setdefault(handle, len(guest_idx))
-                                   % len(GUEST_COLOURS)]
+            idx = guest_idx.setdefault(handle, len(guest_idx))
+            colour = GUEST_COLOURS[idx % len(GUEST_COLOURS)]
             guest_cat[key] = len(cats)
-            label = f"guest {handle:#x}: " + ("owned" if key[1] == 0 else "shared with the host")
-            cats.append((label, colour if key[1] == 0 else _lighten(colour)))
+            if key[1] == 2:
+                cats.append((f"host: shared with guest {handle:#x}",
+                             SHARED_WITH_GUEST_COLOURS[idx % len(SHARED_WITH_GUEST_COLOURS)]))
+            else:
+                label = f"guest {handle:#x}: " + ("owned" if key[1] == 0
+                                                   else "shared with the host")
+                cats.append((label, colour if key[1] == 0 else _lighten(colour)))
         pages[i] = guest_cat[key]
     counts = dict(Counter(pages))
     agg = 1
@@ -153,7 +164,8 @@ def legend_lines(om: OwnershipMap) -> list[tuple[str | None, str]]:
     lines: list[tuple[str | None, str]] = []
     for i, (label, colour) in enumerate(om.categories):
         if om.counts.get(i) or i in (HOST_OWNED, HYP_OWNED):
-            lines.append((colour, f"{label} ({om.counts.get(i, 0)} pages)"))
+            n = om.counts.get(i, 0)
+            lines.append((colour, f"{label} ({n} page{'' if n == 1 else 's'})"))
     lines.append((None, ""))
     lines.append((None, "thick black outline: hyp carve-out"))
     lines.append((None, "thin grey frame: host stage-2 block mapping"))
@@ -257,8 +269,8 @@ def _outline(d: Any, om: OwnershipMap, lay: PngLayout, a: int, b: int, colour: s
 
 
 # -- HTML --------------------------------------------------------------------------------------
-def render_html(om: OwnershipMap, path: str, title: str = "") -> None:
-    data = {
+def _html_data(om: OwnershipMap, title: str) -> dict[str, Any]:
+    return {
         "abi": om.abi, "base_pfn": om.base_pfn, "nr_pages": om.nr_pages, "agg": om.agg,
         "cols": om.cols, "cells": base64.b64encode(om.cells).decode(),
         "host": base64.b64encode(om.host).decode(), "hyp": base64.b64encode(om.hyp).decode(),
@@ -269,7 +281,18 @@ def render_html(om: OwnershipMap, path: str, title: str = "") -> None:
         "legend": [[c, t] for c, t in legend_lines(om)],
         "title": title or f"pkvm ({om.abi}): physical memory ownership",
     }
-    html = HTML_TEMPLATE.replace("/*DATA*/null", json.dumps(data))
+
+
+def render_html(om: OwnershipMap, path: str, title: str = "") -> None:
+    render_html_frames([(title, om)], path)
+
+
+def render_html_frames(frames: list[tuple[str, OwnershipMap]], path: str) -> None:
+    """One page; with several (title, map) frames (the machine after each step of a scenario)
+    a slider steps through them."""
+    data = [_html_data(om, title) for title, om in frames]
+    html = HTML_TEMPLATE.replace("/*DATA*/null", json.dumps(data[0]))
+    html = html.replace("/*FRAMES*/null", json.dumps(data) if len(data) > 1 else "null")
     with open(path, "w") as f:
         f.write(html)
 
@@ -287,19 +310,27 @@ canvas { image-rendering: pixelated; display: block; }
       margin-right: 6px; vertical-align: -2px; }
 </style></head><body>
 <h3 id="title"></h3>
-<div>zoom: <button id="zout">−</button> <span id="zl"></span> <button id="zin">+</button>
+<div>rows are labelled with their first pfn; zoom: <button id="zout">−</button>
+ <span id="zl"></span> <button id="zin">+</button>
  <span style="color:#666">(mouse wheel with Ctrl zooms too; hover a cell for its page)</span></div>
+<div id="stepper" style="display:none; margin: 6px 0">step: <input type="range" id="step" min="0"
+ value="0"> <span id="stepname"></span> (arrow keys step too)</div>
 <div id="wrap"><div id="scroll"><canvas id="c"></canvas></div><div id="legend"></div></div>
 <div id="tip"></div>
 <script>
-const D = /*DATA*/null;
+let D = /*DATA*/null;
+const FRAMES = /*FRAMES*/null;
 const b64 = s => Uint8Array.from(atob(s), c => c.charCodeAt(0));
-const cells = b64(D.cells), host = b64(D.host), hyp = b64(D.hyp);
+let cells = b64(D.cells), host = b64(D.host), hyp = b64(D.hyp);
 const rows = Math.ceil(cells.length / D.cols);
 let z = rows > 256 ? 2 : 4;
+const L = 72;  // left margin (px) for the pfn axis
 const cv = document.getElementById("c"), ctx = cv.getContext("2d");
-document.getElementById("title").textContent = D.title + " — pfn 0x" + D.base_pfn.toString(16)
-  + "..0x" + (D.base_pfn + D.nr_pages - 1).toString(16);
+function title() {
+  document.getElementById("title").textContent = D.title + " — pfn 0x"
+    + D.base_pfn.toString(16) + "..0x" + (D.base_pfn + D.nr_pages - 1).toString(16);
+}
+title();
 function outline(a, b, colour, w) {
   ctx.strokeStyle = colour; ctx.lineWidth = w;
   const parts = []; let ra = Math.floor(a / D.cols), ca = a % D.cols;
@@ -308,29 +339,53 @@ function outline(a, b, colour, w) {
   else { if (ca) { parts.push([ra, ca, ra + 1, D.cols]); ra++; }
          if (rb > ra) parts.push([ra, 0, rb, D.cols]); if (cb) parts.push([rb, 0, rb + 1, cb]); }
   for (const [r0, c0, r1, c1] of parts)
-    ctx.strokeRect(c0 * z + w / 2, r0 * z + w / 2, (c1 - c0) * z - w, (r1 - r0) * z - w);
+    ctx.strokeRect(L + c0 * z + w / 2, r0 * z + w / 2, (c1 - c0) * z - w, (r1 - r0) * z - w);
 }
 function draw() {
-  cv.width = D.cols * z; cv.height = rows * z;
+  cv.width = L + D.cols * z; cv.height = rows * z + 8;
   document.getElementById("zl").textContent = z + " px/cell";
   for (let i = 0; i < cells.length; i++) {
     ctx.fillStyle = D.categories[cells[i]].colour;
-    ctx.fillRect((i % D.cols) * z, Math.floor(i / D.cols) * z, z, z);
+    ctx.fillRect(L + (i % D.cols) * z, Math.floor(i / D.cols) * z, z, z);
   }
+  // the pfn axis: the first pfn of every few rows, in the left margin
+  ctx.fillStyle = "#555"; ctx.font = "11px monospace"; ctx.textBaseline = "top";
+  const every = Math.max(1, Math.ceil(16 / z));
+  for (let r = 0; r < rows; r += every)
+    ctx.fillText("0x" + (D.base_pfn + r * D.cols * D.agg).toString(16), 2, r * z);
   for (const [a, b] of D.blocks) outline(a, b, "#4a4a4a", 1);
   outline(D.carveout[0], D.carveout[1], "#000", 2);
 }
 const lg = document.getElementById("legend");
-for (const [colour, text] of D.legend) {
-  const div = document.createElement("div");
-  if (colour) { const s = document.createElement("span"); s.className = "sw";
-    s.style.background = colour; div.appendChild(s); }
-  div.appendChild(document.createTextNode(text || "\\u00a0")); lg.appendChild(div);
+function legend() {
+  lg.textContent = "";
+  for (const [colour, text] of D.legend) {
+    const div = document.createElement("div");
+    if (colour) { const s = document.createElement("span"); s.className = "sw";
+      s.style.background = colour; div.appendChild(s); }
+    div.appendChild(document.createTextNode(text || "\\u00a0")); lg.appendChild(div);
+  }
+}
+legend();
+function show(i) {  // the machine after step i (frame 0: before the first step)
+  D = FRAMES[i]; cells = b64(D.cells); host = b64(D.host); hyp = b64(D.hyp);
+  document.getElementById("stepname").textContent = D.title;
+  title(); legend(); draw();
+}
+if (FRAMES) {
+  const st = document.getElementById("step");
+  document.getElementById("stepper").style.display = "block";
+  st.max = FRAMES.length - 1; st.oninput = () => show(+st.value);
+  document.addEventListener("keydown", e => {
+    const k = {ArrowLeft: -1, ArrowRight: 1}[e.key]; if (!k) return;
+    st.value = Math.min(Math.max(+st.value + k, 0), FRAMES.length - 1); show(+st.value);
+  });
+  document.getElementById("stepname").textContent = D.title;
 }
 const tip = document.getElementById("tip");
 cv.addEventListener("mousemove", e => {
   const r = cv.getBoundingClientRect();
-  const c = Math.floor((e.clientX - r.left) / z), rw = Math.floor((e.clientY - r.top) / z);
+  const c = Math.floor((e.clientX - r.left - L) / z), rw = Math.floor((e.clientY - r.top) / z);
   const i = rw * D.cols + c;
   if (c < 0 || c >= D.cols || i >= cells.length) { tip.style.display = "none"; return; }
   const pfn = D.base_pfn + i * D.agg;

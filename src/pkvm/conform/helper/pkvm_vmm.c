@@ -15,6 +15,8 @@
  *   run NAME VCPU                 one KVM_RUN: x0 = 0 or -errno, x1 = exit reason,
  *                                 x2 = MMIO address (MMIO exits), x3 = 0
  *   destroy NAME                  close every fd of the VM: x0 = 0 or -errno
+ *   topup NAME VCPU N             have the module fill the vCPU's pKVM memcache up to N pages:
+ *                                 x0 = 0 or -errno, x1 = pages it holds
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -140,6 +142,36 @@ static int register_handle(struct vmm_vm *vm, uint64_t *handle)
 	return 0;
 }
 
+/* Ask the module to top the vCPU's memcache up (it works on our fd); answer as it answers. */
+static void cmd_topup(struct vmm_vm *vm, int idx, int n)
+{
+	char cmd[64], buf[256];
+	int fd;
+	ssize_t len;
+
+	if (!vm)
+		return answer(-ENOENT, 0, 0, 0);
+	if (idx < 0 || idx >= vm->nr_vcpus || n < 0 || n > 64)
+		return answer(-EINVAL, 0, 0, 0);
+	fd = open("/proc/pkvm_conform", O_RDWR);
+	if (fd < 0)
+		return answer(-errno, 0, 0, 0);
+	snprintf(cmd, sizeof(cmd), "topup %d %d", vm->vcpu_fd[idx], n);
+	if (write(fd, cmd, strlen(cmd)) < 0) {
+		close(fd);
+		return answer(-errno, 0, 0, 0);
+	}
+	len = pread(fd, buf, sizeof(buf) - 1, 0);
+	close(fd);
+	if (len <= 0)
+		return answer(-EIO, 0, 0, 0);
+	buf[len] = '\0';
+	if (strstr(buf, "\"error\""))
+		return answer(-EINVAL, 0, 0, 0);
+	fputs(buf, stdout);
+	fflush(stdout);
+}
+
 static int run_vcpu(struct vmm_vm *vm, int idx, uint64_t *reason, uint64_t *addr)
 {
 	if (idx < 0 || idx >= vm->nr_vcpus)
@@ -245,6 +277,8 @@ int main(void)
 			vm = find_vm(b);
 			err = vm ? run_vcpu(vm, atoi(c), &reason, &addr) : -ENOENT;
 			answer(err, reason, addr, 0);
+		} else if (!strcmp(a, "topup") && n == 4) {
+			cmd_topup(find_vm(b), atoi(c), atoi(d));
 		} else if (!strcmp(a, "destroy") && n == 2) {
 			vm = find_vm(b);
 			if (vm)

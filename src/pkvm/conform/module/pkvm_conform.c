@@ -15,8 +15,11 @@
  *   vm NAME FD                    (from the VMM helper) record the hyp handle of the KVM VM
  *                                 whose fd is FD in the writing process, as vm:NAME; x1 of the
  *                                 answer is the handle
+ *   topup FD N                    (from the VMM helper) push fresh zeroed pages on the pKVM
+ *                                 memcache of the KVM vCPU whose fd is FD in the writing process
+ *                                 until it holds N (at most 64); x1 = pages it holds (7.2 on)
  *   page NAME                     allocate page NAME now; answers as "pages" does
- *   pages                         the current sequence's name -> pfn map
+ *   pages                         the current sequence's name -> pfn map (and -> kernel VA)
  *   ids                           every host hypercall name with its index in the enum
  *   smc CPU IMM X0 .. X17         (SMC conformance) `smc #IMM` on CPU with x0..x17 as given
  *                                 (numbers; missing ones 0); IMM is 0, 1 or 0xffff. The
@@ -36,6 +39,7 @@
 #include <linux/fs.h>
 #include <linux/kvm_host.h>
 #include <linux/arm-smccc.h>
+#include <linux/version.h>
 #include <asm/kvm_asm.h>
 
 #include "hcall_ids.h"	/* generated: PKVMC_HCALLS(X) lists X(name) for each enum entry */
@@ -140,17 +144,19 @@ static struct page *pkvmc_named_page(const char *name)
 	return page;
 }
 
+/* A VM's name keeps its handle after the VM is gone (a stale handle); a VM never made is 0. */
 static int pkvmc_vm_handle(const char *name, u64 *handle)
 {
 	int i;
 
+	*handle = 0;
 	for (i = pkvmc_nvms - 1; i >= 0; i--) {
 		if (!strcmp(pkvmc_vms[i].name, name)) {
 			*handle = pkvmc_vms[i].handle;
-			return 0;
+			break;
 		}
 	}
-	return -ENOENT;
+	return 0;
 }
 
 /* One argument: a number or a symbolic page or VM reference. */
@@ -250,6 +256,49 @@ static void pkvmc_cmd_vm(char *rest)
 		     handle);
 }
 
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 13, 0)
+static phys_addr_t pkvmc_virt_to_phys(void *virt)
+{
+	return virt_to_phys(virt);
+}
+
+static void pkvmc_cmd_topup(char *rest)
+{
+	char *tok = strsep(&rest, " ");
+	struct kvm_hyp_memcache *mc;
+	struct kvm_vcpu *vcpu;
+	struct file *file;
+	unsigned int fd, n;
+
+	if (!tok || kstrtouint(tok, 0, &fd) || !rest || kstrtouint(rest, 0, &n) || n > 64)
+		return pkvmc_error("bad topup", rest);
+	file = fget(fd);
+	if (!file)
+		return pkvmc_error("no such fd", tok);
+	if (strncmp(file_dentry(file)->d_name.name, "kvm-vcpu", 8)) {
+		fput(file);
+		return pkvmc_error("not a KVM vCPU fd", tok);
+	}
+	vcpu = file->private_data;
+	mc = &vcpu->arch.pkvm_memcache;
+	while (mc->nr_pages < n) {
+		struct page *page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+
+		if (!page)
+			break;
+		push_hyp_memcache(mc, page_address(page), pkvmc_virt_to_phys);
+	}
+	pkvmc_printf("{\"x0\": \"0x0\", \"x1\": \"0x%lx\", \"x2\": \"0x0\", \"x3\": \"0x0\"}\n",
+		     mc->nr_pages);
+	fput(file);
+}
+#else
+static void pkvmc_cmd_topup(char *rest)
+{
+	pkvmc_error("no pKVM vCPU memcache on this kernel", rest);
+}
+#endif
+
 static void pkvmc_cmd_pages(void)
 {
 	int i;
@@ -258,6 +307,10 @@ static void pkvmc_cmd_pages(void)
 	for (i = 0; i < pkvmc_npages; i++)
 		pkvmc_printf("%s\"%s\": \"0x%lx\"", i ? ", " : "", pkvmc_pages[i].name,
 			     page_to_pfn(pkvmc_pages[i].page));
+	pkvmc_printf("}, \"vas\": {");
+	for (i = 0; i < pkvmc_npages; i++)
+		pkvmc_printf("%s\"%s\": \"0x%llx\"", i ? ", " : "", pkvmc_pages[i].name,
+			     (u64)page_address(pkvmc_pages[i].page));
 	pkvmc_printf("}}\n");
 }
 
@@ -379,6 +432,8 @@ static ssize_t pkvmc_write(struct file *file, const char __user *ubuf, size_t le
 		pkvmc_npages = 0;
 	} else if (!strcmp(cmd, "vm")) {
 		pkvmc_cmd_vm(rest);
+	} else if (!strcmp(cmd, "topup")) {
+		pkvmc_cmd_topup(rest);
 	} else if (!strcmp(cmd, "page")) {
 		if (!rest || !pkvmc_named_page(rest))
 			pkvmc_error("cannot allocate page", rest);
