@@ -49,7 +49,8 @@ def test_mkold_is_a_c_bool(mkold):
 
 def test_gfn_meta_that_does_not_fit_warns():
     """`host_stage2_encode_gfn_meta` WARNs when the gfn does not fit GENMASK(55, 16). A gfn of
-    2^52 becomes IPA 0 (`hyp_pfn_to_phys` is 64 bits wide) and is donated, with the WARN."""
+    2^52 becomes IPA 0 (`hyp_pfn_to_phys` is 64 bits wide); the WARN fires, and a WARN at EL2
+    is a hyp panic (`nvhe_hyp_panic_handler` treats every hyp bug, warnings included, as fatal)."""
     m = pkvm.Machine(memory="256M", cpus=2)
     vm = m.host.create_vm(vcpus=1, protected=True, memory="8M")
     vm.map(0x40000, 1)
@@ -58,9 +59,14 @@ def test_gfn_meta_that_does_not_fit_warns():
     pfn = m.host.alloc_pages(1) >> 12
     assert m.hvc(0, "__pkvm_host_donate_guest", pfn, 1 << 36).x1 == -34  # beyond the IPA space
     assert m.inspect.warnings() == []
-    assert m.hvc(0, "__pkvm_host_donate_guest", pfn, 1 << 52).x1 == 0
+    with pytest.raises(pkvm.HypPanic) as e:
+        m.hvc(0, "__pkvm_host_donate_guest", pfn, 1 << 52)
+    assert e.value.warn and e.value.call == "__pkvm_host_donate_guest"
+    assert e.value.reason.startswith("WARN_ON in encode_gfn_meta (")
     assert len(m.inspect.warnings()) == 1
     assert "encode_gfn_meta" in m.inspect.warnings()[0]
+    with pytest.raises(pkvm.HypPanic):  # the machine is dead
+        m.hvc(0, "__pkvm_vcpu_put")
 
 
 @pytest.mark.parametrize("pa", [0, 0x4000_0000 - 0x1000, 0x4000_0000 + (64 << 20), -0x1000])

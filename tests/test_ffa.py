@@ -186,10 +186,27 @@ def test_refused_calls(abi):
 def test_hostile_ffa_calls_keep_invariants(abi, seed):
     m, f = _ready(abi, check=True)
     rng = random.Random(seed)
-    for _ in range(60):
-        hostile_ffa_op(m, f, rng)
-        check_ffa_owner(m)
+    if _hostile_until_known_warn(m, f, rng, 60, each=check_ffa_owner):
+        return  # the kernel's own frag_tx reclaim WARN: fatal at EL2, as in Linux
     assert m.dead is None
+
+
+def _hostile_until_known_warn(m, f, rng, n, each=None) -> bool:
+    """Run `n` hostile FF-A calls; True if one panicked the hyp at the one WARN the kernel lets
+    a host reach (`KNOWN_KERNEL_WARNS`), the only panic these calls may cause."""
+    from pkvm.check.oracles import NoWarn, excused_warns
+
+    for _ in range(n):
+        try:
+            hostile_ffa_op(m, f, rng)
+        except pkvm.HypPanic as e:
+            assert e.warn and "WARN_ON in do_ffa_mem_frag_tx" in e.reason, e
+            assert excused_warns(m.inspect) == {"ffa-frag-tx-reclaim": 1}
+            assert NoWarn.violations(m.inspect) == []
+            return True
+        if each is not None:
+            each(m)
+    return False
 
 
 def test_owner_check_runs_as_a_listener():
@@ -208,7 +225,13 @@ def test_fuzzer_step_is_replayable(ffa):
 
     def run():
         m = pkvm.Machine(memory="64M", cpus=2, ffa=ffa)
-        out = [ffa_step(m, s).regs for s in range(25)]
+        out = []
+        for s in range(25):
+            try:
+                out.append(ffa_step(m, s).regs)
+            except pkvm.HypPanic as e:  # a WARN at EL2 is fatal: the replay must panic alike
+                out.append(e.reason)
+                break
         return out, m.inspect.page_counts()
 
     assert run() == run()
@@ -221,9 +244,9 @@ def test_known_kernel_warn_is_excused_narrowly_and_counted():
 
     m, f = _ready("latest", check=False)
     rng = random.Random(3)
-    for _ in range(60):
-        hostile_ffa_op(m, f, rng)
-    assert excused_warns(m.inspect).get("ffa-frag-tx-reclaim", 0) >= 1
+    assert _hostile_until_known_warn(m, f, rng, 60)  # a WARN at EL2 panics, as in Linux
+    assert m.dead and m.dead.startswith("WARN_ON in do_ffa_mem_frag_tx")
+    assert excused_warns(m.inspect) == {"ffa-frag-tx-reclaim": 1}
     assert NoWarn.violations(m.inspect) == []
     m._hyp.warnings.append("  File \"x.py\", line 1, in other\n    _warn(h, 1)\n")
     assert NoWarn.violations(m.inspect)

@@ -49,8 +49,13 @@ def errno_name(value: int) -> str:
         return str(value)
 
 
+# How the reason of a panic caused by a fired `WARN_ON` begins (`pkvm.hyp.panic.HypWarn`).
+WARN_PREFIX = "WARN_ON in "
+
+
 class HypPanic(Exception):
-    """The hypervisor died: a `BUG_ON`, or an EL2 access to memory its stage-1 does not map.
+    """The hypervisor died: a `BUG_ON`, a fired `WARN_ON` (fatal at EL2, as in Linux), or an EL2
+    access to memory its stage-1 does not map.
 
     After a panic the machine is dead: every later `hvc` and host access raises it again.
     """
@@ -60,6 +65,11 @@ class HypPanic(Exception):
         self.reason = reason
         self.cpu = cpu
         self.call = call
+
+    @property
+    def warn(self) -> bool:
+        """Was it a fired `WARN_ON` (reason `WARN_ON in <function> (<file>:<line>)`)?"""
+        return self.reason.startswith(WARN_PREFIX)
 
 
 class HostDataAbort(Exception):

@@ -76,7 +76,7 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
     SeededBug("memcache-capacity", "hyp/mem_protect_guest.py: guest_check_pgtable_memcache",
               "share/donate to a guest starts without checking that the vCPU memcache can pay "
               "for the stage-2 table pages; the map fails half-way",
-              "the ghost (-ENOMEM expected) or oracle no-warn",
+              "oracle no-warn (the half-way map WARNs, fatal at EL2), else the ghost (-ENOMEM)",
               "KVM/arm64 fixes for 7.1, take #2: \"Check that the memcache has enough capacity "
               "before engaging on the share/donate path\""),
     SeededBug("refill-no-writeback", "hyp/pkvm.py: pkvm_refill_memcache",

@@ -9,7 +9,8 @@ on a lock another holds is not runnable. Each execution is fully determined by i
 choices, so the explorer enumerates them depth-first (stateless model checking) with a bound on
 preemptions (switching away from a CPU that could have continued).
 
-Oracles per execution: no exception but `HypPanic` escapes, no deadlock, every invariant holds
+Oracles per execution: no exception but `HypPanic` escapes (and no WARN_ON panics the hyp
+but a counted `KNOWN_KERNEL_WARNS` one), no deadlock, every invariant holds
 at the end, and the outcome (each CPU's results and the final abstract state) equals the outcome
 of some serial order of the same calls (linearizability at hypercall granularity).
 """
@@ -263,6 +264,10 @@ def explore(make: Callable[[], Any], setup: Setup, bound: int = 2, max_runs: int
         if progress is not None:
             progress(runs)
         bad = [e for e in ex.errors.values() if not e.startswith("HypPanic")]
+        if m.dead:  # a fired WARN_ON panics the hyp: still the no-warn oracle's finding
+            from pkvm.check.oracles import NoWarn
+
+            bad += [f"no-warn: {w}" for w in NoWarn.violations(m.inspect)]
         if bad:
             ex.finding = bad[0]
         elif not m.dead:

@@ -5,7 +5,9 @@ step runs on a machine built with `check=True`: after every hypercall the invari
 specification and the registered oracles (`pkvm.check.invariants`, `pkvm.check.ghost`,
 `pkvm.check.oracles`) judge the result.
 
-A *failure* is an `InvariantViolation` (a WARN included), any exception other than
+A *failure* is an `InvariantViolation`, a `HypPanic` from a fired `WARN_ON` (fatal at EL2 as in
+Linux; signature `invariant:no-warn`, except at the counted `KNOWN_KERNEL_WARNS` sites of
+`pkvm.check.oracles`), any exception other than
 `HostError`, `HostDataAbort` and `HypPanic` escaping the model, or a `HypPanic` on a machine
 that has seen only the real host driver's own steps (`DRIVER_OPS`: allocating, creating,
 mapping, destroying VMs, whole life cycles). A failure
@@ -52,6 +54,7 @@ class Failure:
 class RunResult:
     failure: Failure | None = None
     panics: list[str] = field(default_factory=list)
+    known_warns: Counter = field(default_factory=Counter)  # WARN panics at KNOWN_KERNEL_WARNS
     steps_run: int = 0
     calls: Counter = field(default_factory=Counter)
     transitions: Counter = field(default_factory=Counter)
@@ -90,6 +93,14 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
                 _absorb(res, w)
                 w = World(memory, cpus, abi, bugs)
         except HypPanic as e:
+            warn = _warn_failure(e, w.m, i)
+            if warn is not None:
+                res.failure = warn
+                break
+            if e.warn:
+                from pkvm.check.oracles import excused_warns
+
+                res.known_warns.update(excused_warns(w.m.inspect))
             res.panics.append(f"step {i}: {e} ({s})")
             if not w.hostile:
                 res.failure = Failure("panic", f"panic@{s.op}", f"hyp panic in a call sequence "
@@ -132,6 +143,20 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
     _absorb(res, w)
     res.log = w.log
     return res
+
+
+def _warn_failure(e: HypPanic, m: Any, i: int) -> Failure | None:
+    """A panic from a fired `WARN_ON` the host reached: the `no-warn` finding (a WARN at EL2 is
+    fatal, as in Linux, so the oracle can no longer see it after the call). A WARN at one of
+    `KNOWN_KERNEL_WARNS` is the kernel's own behaviour: None, an availability finding."""
+    if not e.warn:
+        return None
+    from pkvm.check.oracles import NoWarn
+
+    bad = NoWarn.violations(m.inspect)
+    if not bad:
+        return None
+    return Failure("invariant", "invariant:no-warn", f"no-warn: {bad[0]}\n({e})", i)
 
 
 def _absorb(res: RunResult, w: World) -> None:
@@ -251,6 +276,8 @@ def replay(cfg: dict[str, Any], steps: list[dict[str, Any]], bugs: tuple[str, ..
             elif "host_write" in st:
                 m.host.port.write(cpu, st["host_write"], bytes.fromhex(st["data"]))
         except (HostDataAbort, HypPanic) as e:
+            if isinstance(e, HypPanic) and (warn := _warn_failure(e, m, i)) is not None:
+                return warn
             if m.dead:
                 return Failure("panic", "HypPanic", str(e), i)
         except InvariantViolation as v:

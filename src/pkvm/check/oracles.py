@@ -22,7 +22,9 @@ class Oracle(Protocol):
 
 
 # WARN_ONs the kernel itself lets the host reach (the model mirrors them): each entry names the
-# function and the exact WARN line, matches only that site, and counts what it excused.
+# function and the exact WARN line, matches only that site, and counts what it excused. A WARN
+# at EL2 is fatal (as in Linux), so reaching one of these is a hyp panic: an availability
+# finding, as on the real kernel, not a `no-warn` finding.
 KNOWN_KERNEL_WARNS: dict[str, tuple[str, str, str]] = {
     "ffa-frag-tx-reclaim": (
         "do_ffa_mem_frag_tx", "_warn(h, res[0] != FFA_SUCCESS)",
@@ -53,7 +55,10 @@ class NoWarn:
     """No hyp `WARN_ON` fires on a host-reachable path. In Linux a WARN the host can provoke is
     a bug (fixed as one, e.g. "KVM: arm64: Don't WARN from __pkvm_host_share_guest()"): the
     host must get an errno, not a splat. A WARN at one of `KNOWN_KERNEL_WARNS` is the kernel's
-    own behaviour: not reported here, counted by `excused_warns`."""
+    own behaviour: not reported here, counted by `excused_warns`.
+
+    A fired WARN panics the hyp (`HypPanic.warn`), so after a call that WARNed this oracle is
+    asked by whoever saw the panic (the fuzzer, the explorer), not by the per-call checker."""
 
     @staticmethod
     def violations(inspect: Any) -> list[str]:

@@ -91,6 +91,9 @@ def register(app: typer.Typer) -> None:
                       f"abi {abi}" + (f", bugs {','.join(bugs)}" if bugs else ""))
         for p in r.panics:
             console.print(f"[yellow]availability finding (hyp panic):[/] {escape(str(p))}")
+        if r.known_warns:
+            console.print(escape(f"of which WARN panics the kernel also lets a host reach "
+                                 f"(KNOWN_KERNEL_WARNS): {dict(r.known_warns)}"))
         if r.driver_errors:
             console.print(escape(f"host driver refusals under hostile state: "
                                  f"{dict(r.driver_errors)}"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pkvm.errors import EAGAIN, EBUSY, EFAULT, EINVAL, ENOMEM, EPERM
 from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
-from pkvm.hyp.panic import HypBug
+from pkvm.hyp.panic import HypBug, HypWarn
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_PROT_RW,
     KVM_PGTABLE_PROT_RWX,
@@ -566,8 +566,13 @@ def hyp_unpin_shared_mem(h: HypState, start_va: int, end_va: int) -> None:
 
 # -- WARN_ON ----------------------------------------------------------------------------
 def _warn(h: HypState, cond: object) -> None:
-    """Record a `WARN_ON` that fired (the kernel prints a splat and carries on)."""
+    """A `WARN_ON`: when it fires, record the site (for `inspect.warnings()`) and panic, as the
+    kernel's hyp does (a WARN at EL2 is a `BRK` that `nvhe_hyp_panic_handler` treats as fatal)."""
     if cond:
+        import sys
         import traceback
 
         h.warnings.append("".join(traceback.format_stack(limit=3)[:-1]))
+        caller = sys._getframe(1)
+        where = f"{caller.f_code.co_filename.split('/src/')[-1]}:{caller.f_lineno}"
+        raise HypWarn(caller.f_code.co_name, where)

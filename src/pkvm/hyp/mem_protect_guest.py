@@ -135,8 +135,8 @@ GFN_META_BITS = 40  # GENMASK(55, 16) of the host PTE's owner annotation
 
 
 def encode_gfn_meta(h: HypState, vm: "PkvmHypVm", gfn: int) -> int:
-    """`host_stage2_encode_gfn_meta`: WARN when the gfn does not fit its field, then keep the
-    bits that do (FIELD_PREP masks)."""
+    """`host_stage2_encode_gfn_meta`: WARN (a hyp panic) when the gfn does not fit its field;
+    otherwise the handle and gfn packed as FIELD_PREP does."""
     _warn(h, gfn >> GFN_META_BITS)
     return (vm.handle & 0xFFFF) | ((gfn & ((1 << GFN_META_BITS) - 1)) << GFN_META_SHIFT)
 
