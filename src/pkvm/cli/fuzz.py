@@ -76,6 +76,8 @@ def register(app: typer.Typer) -> None:
                       f"abi {abi}" + (f", bugs {','.join(bugs)}" if bugs else ""))
         for p in r.panics:
             console.print(f"[yellow]availability finding (hyp panic):[/] {p}")
+        console.print(f"ghost predictions skipped (a racing host store changed the call's "
+                      f"inputs): {r.raced}")
         if r.driver_errors:
             console.print(f"host driver refusals under hostile state: {dict(r.driver_errors)}")
         if coverage:
@@ -107,6 +109,8 @@ def _scale_out(console: Console, camp, jobs: int, ray: str | None, coverage: boo
     console.print(f"{merged.steps_run} steps, {ncalls} hypercalls in {wall:.1f}s wall "
                   f"({ncalls / max(wall, 1e-9):.0f} checked calls/s over {len(parts)} campaigns, "
                   f"seeds {parts[0].seed}..{parts[-1].seed})")
+    console.print(f"ghost predictions skipped (a racing host store changed the call's "
+                  f"inputs): {merged.raced}")
     if coverage:
         for t in coverage_tables(merged.calls, merged.transitions):
             console.print(t)
