@@ -95,7 +95,9 @@ class Racer:
     def _stores(self, detail: str) -> list[tuple[int, bytes]]:
         if self.value is None:
             return self.plan
-        n, _, pa_s = detail.partition("@")
+        n, at, pa_s = detail.partition("@")
+        if not at:  # a read EL2 names but does not place (a whole struct): nothing to overwrite
+            return []
         pa, size = int(pa_s, 0), min(int(n), 8)
         v = self.value
         if isinstance(v, tuple):
