@@ -34,28 +34,30 @@ FOUND = [
     ("load-no-pin", "latest", 0, 100, "invariant:vm-refcount"),
     ("teardown-keeps-stage2", "latest", 0, 50, "invariant:hyp-accounting"),
     ("teardown-keeps-stage2", "6.12", 0, 50, "invariant:hyp-accounting"),
-    ("vcpu-index-range", "latest", 0, 400, "exception:IndexError@_init_vcpu_locked"),
+    ("vcpu-index-range", "latest", 0, 1800, "exception:IndexError@_init_vcpu_locked"),
     ("unpin-underflow", "latest", 0, 1150, "invariant:pin-refcount"),
-    ("unpin-underflow", "6.12", 0, 100, "invariant:pin-refcount"),
-    ("double-fetch", "latest", 1, 50, "exception:IndexError@_init_vcpu_locked"),
+    ("unpin-underflow", "6.12", 0, 1400, "invariant:pin-refcount"),
+    ("double-fetch", "latest", 2, 300, "exception:IndexError@_init_vcpu_locked"),
     ("handle-range", "latest", 0, 50, "exception:IndexError@get_vm_by_handle"),
     ("teardown-no-wipe", "latest", 0, 200, "invariant:ghost"),
-    ("unshare-pinned", "6.12", 0, 200, "invariant:ghost"),
-    ("unshare-pinned", "latest", 1, 1700, "invariant:ghost"),
-    ("share-guest-warn", "latest", 0, 350, "invariant:no-warn"),
-    ("memcache-capacity", "latest", 0, 150, "invariant:no-warn"),  # the half-way map WARNs: fatal
+    ("unshare-pinned", "6.12", 0, 1400, "invariant:ghost"),
+    ("unshare-pinned", "latest", 0, 1200, "invariant:ghost"),
+    ("share-guest-warn", "latest", 0, 750, "invariant:no-warn"),
+    ("memcache-capacity", "latest", 0, 2000, "invariant:no-warn"),
     ("range-args", "latest", 0, 3600, "invariant:ghost"),
     ("donate-guest-keeps-host", "latest", 0, 200, "invariant:ghost"),
     ("reclaim-live", "latest", 0, 250, "invariant:ghost"),
-    ("load-dying", "latest", 0, 150, "invariant:ghost"),
+    ("load-dying", "latest", 0, 300, "invariant:ghost"),
     ("refill-no-writeback", "latest", 0, 250, "invariant:ghost"),
     ("force-reclaim-no-wipe", "latest", 0, 1850, "invariant:ghost"),
-    ("young-not-cleared", "latest", 2, 350, "invariant:ghost"),
-    ("unshare-guest-count", "latest", 1, 4050, "invariant:ghost"),
-    ("teardown-keeps-pin", "latest", 0, 300, "invariant:pin-refcount"),
+    ("young-not-cleared", "latest", 2, 850, "invariant:ghost"),
+    ("unshare-guest-count", "latest", 17, 2600, "invariant:ghost"),
+    ("teardown-keeps-pin", "latest", 0, 1250, "invariant:pin-refcount"),
     ("teardown-keeps-pin", "6.12", 0, 50, "invariant:pin-refcount"),
     ("hyp-vm-no-wipe", "latest", 0, 50, "invariant:hw"),
     ("poison-after-return", "latest", 0, 200, "invariant:hw"),
+    ("hyp-unmap-no-tlbi", "latest", 0, 50, "invariant:hw"),
+    ("hyp-unmap-no-tlbi", "6.12", 0, 100, "invariant:hw"),
 ]
 
 
@@ -71,10 +73,7 @@ def test_catalog_is_hunted() -> None:
 
 
 # Seeded bugs the fuzzer and the explorer do not find yet, each with the reason (none may hide).
-NOT_FOUND_BY_SEARCH = {
-    "hyp-unmap-no-tlbi": "the generator never passes a raw host pointer into a page EL2 has just "
-                         "unmapped, so no EL2 access goes through the stale entry",
-}
+NOT_FOUND_BY_SEARCH: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("bug,abi,seed,budget,signature", FOUND)
@@ -89,7 +88,7 @@ def test_fuzzer_finds_seeded_bug(bug: str, abi: str, seed: int, budget: int, sig
 def test_fuzzer_finds_donate_nomap_as_an_el2_fault() -> None:
     """The seeded missing memory check lets a non-RAM page reach `hyp_vmemmap`: an EL2 data
     abort (as on hardware), which a correct hyp never takes; the clean model never does."""
-    steps = _steps("latest", 0, 2100)
+    steps = _steps("latest", 22, 50)
     found = execute(steps, MEM, CPUS, "latest", ("donate-nomap",), stop_on_panic=True)
     assert found.failure is not None and found.failure.kind == "panic", found.failure
     assert "hyp_vmemmap" in found.failure.message
@@ -109,6 +108,14 @@ def test_shrink_and_reproducer(tmp_path) -> None:
     again = replay(doc["machine"], doc["step"], bugs=("load-no-pin",))
     assert again is not None and again.signature == "invariant:vm-refcount"
     assert replay(doc["machine"], doc["step"]) is None  # the clean model passes the same steps
+
+
+def test_raced_predictions_are_counted() -> None:
+    """Calls whose inputs a racing host store changed are not judged by the guest-memory ghost:
+    that excuse is counted per run (and printed by `pkvm fuzz`)."""
+    r = execute(_steps("latest", 6, 1500), MEM, CPUS, "latest")
+    assert r.failure is None, str(r.failure)
+    assert r.raced > 0
 
 
 def test_coverage_is_collected() -> None:

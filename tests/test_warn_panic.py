@@ -95,7 +95,7 @@ def test_the_fuzzer_counts_known_warn_panics(monkeypatch: pytest.MonkeyPatch):
     from pkvm.check.fuzz import execute, generate
 
     prof = pkvm.Machine(memory="64M", cpus=2, trace=False).profile
-    steps = generate(random.Random(0), prof, 2, 350)
+    steps = generate(random.Random(0), prof, 2, 750)  # test_fuzz: found at step 722
     found = execute(steps, "64M", 2, "latest", ("share-guest-warn",))
     assert found.failure is not None and found.failure.signature == "invariant:no-warn"
     assert "WARN_ON in __pkvm_host_share_guest" in found.failure.message

@@ -42,6 +42,7 @@ class Merged:
     calls: Counter = field(default_factory=Counter)
     transitions: Counter = field(default_factory=Counter)
     steps_run: int = 0
+    raced: int = 0
     seconds: float = 0.0  # summed over workers
 
     @property
@@ -55,6 +56,7 @@ def merge(results: list[CampaignResult]) -> Merged:
         m.calls.update(r.run.calls)
         m.transitions.update(r.run.transitions)
         m.steps_run += r.run.steps_run
+        m.raced += r.run.raced
         m.seconds += r.seconds
     return m
 

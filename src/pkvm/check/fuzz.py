@@ -60,6 +60,7 @@ class RunResult:
     transitions: Counter = field(default_factory=Counter)
     driver_errors: Counter = field(default_factory=Counter)
     driver_tracebacks: dict[str, str] = field(default_factory=dict)
+    raced: int = 0  # ghost predictions skipped: a racing host store changed the call's inputs
     log: list[tuple] = field(default_factory=list)
 
 
@@ -165,6 +166,9 @@ def _absorb(res: RunResult, w: World) -> None:
     if w.m.checker is not None:
         res.transitions.update(w.m.checker.transitions)
         w.m.checker.transitions = Counter()
+        if w.m.checker.ghost is not None:
+            res.raced += w.m.checker.ghost.guest.raced
+            w.m.checker.ghost.guest.raced = 0
 
 
 # --- shrinking -----------------------------------------------------------------------------------

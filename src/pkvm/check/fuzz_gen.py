@@ -11,8 +11,10 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from pkvm.check.fuzz_ops import INTERESTING_U64, U64, Step
-from pkvm.machine.memory import PAGE_SIZE
+from pkvm.check.fuzz_ops import GFN0, INTERESTING_U64, U64, Step
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+
+GFN0_IPA = GFN0 << PAGE_SHIFT
 
 
 # --- generating steps ----------------------------------------------------------------------------
@@ -25,11 +27,45 @@ def _handle_spec(r: random.Random) -> tuple:
     return (r.choice(["vm", "vm", "vm", "cur", "seen", "forged"]), r.randrange(16))
 
 
-def _ptr_spec(r: random.Random, kind: str) -> tuple:
-    k = r.choice([kind, kind, kind, "shared", "page", "fresh", "guest", "vmmem"])
-    off = r.choice([0, 0, 8, PAGE_SIZE - 8, 1])
+# Where a host pointer argument points: pages in every state and history (`World.host_ptr`),
+# "recent" (pages whose state a step just changed) drawn most.
+PTR_POOL = ["recent", "recent", "recent", "shared", "unshared", "returned", "vmmem", "guest",
+            "page", "special"]
+# Offsets into the page: its start, fields inside, and structs straddling into the next page.
+PTR_OFFSETS = [0, 0, 8, 0x40, 1, PAGE_SIZE - 8, PAGE_SIZE - 4, PAGE_SIZE - 0x10]
+
+
+def _ptr_spec(r: random.Random, kind: str | None = None) -> tuple:
+    """A host pointer: to a struct of the `kind` the handler expects (when it has one), or
+    into the pointer pool."""
+    k = r.choice(([kind] * 3 if kind else []) + ["fresh"] + PTR_POOL)
+    off = r.choice(PTR_OFFSETS)
     n = r.choice([1, 2, 3]) if k == "fresh" else r.randrange(16)
     return (k, n, off)
+
+
+# Handlers taking a host kernel pointer in x1 (a struct kvm_s2_mmu, kvm_vcpu or vgic_v3_cpu_if),
+# with the kind of struct the host driver passes there, and how many plain arguments follow.
+PTR_HANDLERS = [
+    ("__kvm_tlb_flush_vmid_ipa", "kvm", 2), ("__kvm_tlb_flush_vmid_ipa_nsh", "kvm", 2),
+    ("__kvm_tlb_flush_vmid_range", "kvm", 2), ("__kvm_tlb_flush_vmid", "kvm", 0),
+    ("__kvm_flush_cpu_context", "kvm", 0), ("__kvm_adjust_pc", "vcpu", 0),
+    ("__kvm_vcpu_run", "vcpu", 0), ("__pkvm_vcpu_init_traps", "vcpu", 0),
+    ("__vgic_v3_save_vmcr_aprs", None, 0), ("__vgic_v3_save_aprs", None, 0),
+    ("__vgic_v3_restore_vmcr_aprs", None, 0),
+]
+
+
+def _ptr_handlers(prof: Any) -> list[tuple[str, str | None, int]]:
+    """The pointer-taking handlers of `prof`'s ABI (7.2's vcpu_run takes no pointer)."""
+    return [h for h in PTR_HANDLERS if h[0] in prof.hcalls
+            and not (h[0] == "__kvm_vcpu_run" and prof.explicit_vcpu_load)]
+
+
+def _ptr_call(r: random.Random, handlers: list[tuple[str, str | None, int]]) -> tuple:
+    name, kind, nargs = r.choice(handlers)
+    extra = tuple(r.choice([0, 1, 3, GFN0_IPA, r.getrandbits(48), U64]) for _ in range(nargs))
+    return (name, _ptr_spec(r, kind), extra)
 
 
 def _scribble_value(r: random.Random) -> Any:
@@ -65,6 +101,7 @@ def _guest_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple]]]:
 def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
     """n hostile steps for profile `prof`."""
     v72 = prof.explicit_vcpu_load
+    ptr_handlers = _ptr_handlers(prof)
     ops: list[tuple[str, int, Callable[[], tuple]]] = [
         ("alloc", 3, lambda: ()),
         ("share", 8, lambda: (_pfn_spec(r),)),
@@ -83,6 +120,7 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
                                       _scribble_value(r))),
         ("exhaust", 1 if r.random() < 0.5 else 0, lambda: (r.choice([0, 1, 2, 3, 8, 64]),)),
         ("release", 1, lambda: ()),
+        ("ptr_call", 4, lambda: _ptr_call(r, ptr_handlers)),
         ("raw", 1, lambda: (r.choice([0xC6000000 + r.randrange(64), 0x84000000,
                                       r.getrandbits(64)]), r.getrandbits(64))),
     ]
@@ -112,7 +150,7 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
                                      r.choice([8, 0x800, 0xFFF]), r.randrange(64))),
         ]
     raceable = [o for o in ops if o[0] in ("init_vcpu", "init_vm", "session", "load",
-                                           "scribble_init", "map")]
+                                           "scribble_init", "map", "ptr_call")]
     names = [o[0] for o in ops]
     weights = [o[1] for o in ops]
     gens = {o[0]: o[2] for o in ops}

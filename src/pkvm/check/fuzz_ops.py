@@ -95,7 +95,9 @@ class Racer:
     def _stores(self, detail: str) -> list[tuple[int, bytes]]:
         if self.value is None:
             return self.plan
-        n, _, pa_s = detail.partition("@")
+        n, at, pa_s = detail.partition("@")
+        if not at:  # a read EL2 names but does not place (a whole struct): nothing to overwrite
+            return []
         pa, size = int(pa_s, 0), min(int(n), 8)
         v = self.value
         if isinstance(v, tuple):
@@ -169,6 +171,10 @@ class World:
         self.prof = self.m.profile
         self.pages: list[int] = []
         self.shared: list[int] = []
+        # Page histories: pfns whose state a step just changed (newest last), pages shared
+        # then unshared, pages a destroyed VM handed back (donated, then returned).
+        self.recent: list[int] = []
+        self.unshared: list[int] = []
         self.hoard: list[tuple[int, int]] = []  # (pfn, n) taken to exhaust the host's memory
         self.vms: list[Any] = []
         self.cur: Any = None  # the VM of the vCPU session in progress
@@ -199,13 +205,20 @@ class World:
     def vm(self, k: int) -> Any | None:
         return self.vms[k % len(self.vms)] if self.vms else None
 
-    def vm_pages(self) -> list[int]:
+    def vm_pages(self, vms: list[Any] | None = None) -> list[int]:
         out = []
-        for vm in self.vms:
+        for vm in self.vms if vms is None else vms:
             out += [vm.kvm_pa & ~(PAGE_SIZE - 1), vm.pgd_pa, vm.hyp_vm_pa]
             out += [v.pa & ~(PAGE_SIZE - 1) for v in vm.vcpus] + [v.hyp_mem for v in vm.vcpus]
             out += [p for v in vm.vcpus for p in v.memcache_pages[-2:]]
         return [p for p in out if p]
+
+    def touched(self, *pfns: int) -> None:
+        """Note pages whose state a step (may have) just changed."""
+        self.recent = (self.recent + [p for p in pfns if 0 <= p < 1 << 52])[-32:]
+
+    def returned_pages(self) -> list[int]:
+        return [p for vm in self.vms if vm.destroyed for p in self.vm_pages([vm])]
 
     def guest_pages(self) -> list[int]:
         return [pa for vm in self.vms for pa in list(vm.mapped.values())[:8]]
@@ -252,7 +265,10 @@ class World:
             vm.write(gfn << PAGE_SHIFT, b"guest data %x " % gfn * 4)
 
     def host_ptr(self, spec: tuple) -> int:
-        """A host kernel VA: of a VM's struct kvm / kvm_vcpu, of a page, with an offset."""
+        """A host kernel VA (as the host driver forms them, `host_va`), with an offset: of a
+        VM's struct kvm / kvm_vcpu, or into a page of any state and history: host-owned,
+        shared, just changed ("recent", newest first), shared then unshared, donated and
+        returned, hyp-owned (a live VM's), guest-owned, the region edges and beyond RAM."""
         from pkvm.host.kvm import host_va
 
         kind, k, off = spec
@@ -262,16 +278,21 @@ class World:
             vm = self.vm(k)
             if vm.vcpus:  # type: ignore[union-attr]
                 return host_va(vm.vcpus[off % len(vm.vcpus)].pa)  # type: ignore[union-attr]
-        if kind == "shared" and self.shared:
-            return host_va(self.shared[k % len(self.shared)] << PAGE_SHIFT) + off
-        if kind in ("guest", "vmmem"):
-            pages = self.guest_pages() if kind == "guest" else self.vm_pages()
-            if pages:
-                return host_va(pages[k % len(pages)]) + off
         if kind == "fresh":
             pa = self.m.host.alloc_pages(max(1, k))
             self.pages.append(pa)
             return host_va(pa)
+        pools: dict[str, Any] = {
+            "shared": lambda: self.shared, "unshared": lambda: self.unshared,
+            "recent": lambda: self.recent[::-1][:8],
+            "returned": lambda: [p >> PAGE_SHIFT for p in self.returned_pages()],
+            "vmmem": lambda: [p >> PAGE_SHIFT for p in self.vm_pages()],
+            "guest": lambda: [p >> PAGE_SHIFT for p in self.guest_pages()],
+            "special": lambda: self.specials,
+        }
+        pool = pools[kind]() if kind in pools else []
+        if pool:
+            return (host_va(pool[k % len(pool)] << PAGE_SHIFT) + off) & U64
         return host_va(self.page(k)) + off
 
 
@@ -308,10 +329,14 @@ def run_step(w: World, s: Step) -> None:
         pfn = w.pfn(a[0])
         if hv(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
             w.shared.append(pfn)
+            w.touched(pfn)
     elif op == "unshare":
         pfn = w.pfn(a[0])
-        if hv(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0 and pfn in w.shared:
-            w.shared.remove(pfn)
+        if hv(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0:
+            if pfn in w.shared:
+                w.shared.remove(pfn)
+            w.unshared = (w.unshared + [pfn])[-32:]
+            w.touched(pfn)
     elif op == "create_vm":
         vm = host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
         w.vms.append(vm)
@@ -327,6 +352,7 @@ def run_step(w: World, s: Step) -> None:
         vm = w.vm(a[0])
         if vm is not None:
             vm.destroy()
+            w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([vm])))
     elif op == "lifecycle":
         _lifecycle(w, cpu, a)
     elif op == "reserve":
@@ -334,7 +360,10 @@ def run_step(w: World, s: Step) -> None:
         if r.x0 == 0 and r.x1 > 0:
             w.handles.append(r.x1)
     elif op in HANDLE_CALLS:
-        hv(cpu, HANDLE_CALLS[op], w.handle(a[0]))
+        handle = w.handle(a[0])
+        if hv(cpu, HANDLE_CALLS[op], handle).x1 == 0:
+            w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([v for v in w.vms
+                                                              if v.handle == handle])))
     elif op == "init_vm":
         r = hv(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
         if r.x0 == 0 and r.x1 > 0:
@@ -365,6 +394,8 @@ def run_step(w: World, s: Step) -> None:
             host.pages.release(pfn, n)
     elif op == "raw":
         hv(cpu, a[0], *a[1:])
+    elif op == "ptr_call":  # a handler taking a host pointer in x1, then plain arguments
+        hv(cpu, a[0], w.host_ptr(a[1]), *a[2])
     else:
         raise ValueError(f"unknown fuzzer op {op!r}")
 
@@ -378,15 +409,18 @@ def guest_call(w: World, cpu: int, op: str, a: tuple) -> None:
     """One of the 7.2 guest-memory hypercalls with symbolic operands."""
     hv = w.m.hvc
     if op == "share_guest":
-        hv(cpu, "__pkvm_host_share_guest", w.pfn(a[0]), w.gfn(a[1]), a[2], a[3])
+        hv(cpu, "__pkvm_host_share_guest", pfn := w.pfn(a[0]), w.gfn(a[1]), a[2], a[3])
+        w.touched(pfn)
     elif op == "donate_guest":
-        hv(cpu, "__pkvm_host_donate_guest", w.pfn(a[0]), w.gfn(a[1]))
+        hv(cpu, "__pkvm_host_donate_guest", pfn := w.pfn(a[0]), w.gfn(a[1]))
+        w.touched(pfn)
     elif op == "unshare_guest":
         hv(cpu, "__pkvm_host_unshare_guest", w.handle(a[0]), w.gfn(a[1]), a[2])
     elif op == "reclaim_dying":
         hv(cpu, "__pkvm_reclaim_dying_guest_page", w.handle(a[0]), w.gfn(a[1]))
     elif op == "force_reclaim":
-        hv(cpu, "__pkvm_force_reclaim_guest_page", w.pfn(a[0]) << PAGE_SHIFT)
+        hv(cpu, "__pkvm_force_reclaim_guest_page", (pfn := w.pfn(a[0])) << PAGE_SHIFT)
+        w.touched(pfn)
     elif op in ("relax_perms", "mkyoung"):
         name = "__pkvm_host_relax_perms_guest" if op == "relax_perms" else "__pkvm_host_mkyoung_guest"
         hv(cpu, name, w.gfn(a[0]), a[1])
@@ -441,6 +475,7 @@ def _lifecycle(w: World, cpu: int, a: tuple) -> None:
         vm.map(GFN0 + g % 64, 1, cpu=cpu)
     if a[3]:
         vm.destroy()
+        w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([vm])))
 
 
 def _struct_field(w: World, a: tuple) -> tuple[int, int] | None:

@@ -94,6 +94,8 @@ def register(app: typer.Typer) -> None:
         if r.known_warns:
             console.print(escape(f"of which WARN panics the kernel also lets a host reach "
                                  f"(KNOWN_KERNEL_WARNS): {dict(r.known_warns)}"))
+        console.print(f"ghost predictions skipped (a racing host store changed the call's "
+                      f"inputs): {r.raced}")
         if r.driver_errors:
             console.print(escape(f"host driver refusals under hostile state: "
                                  f"{dict(r.driver_errors)}"))
@@ -126,6 +128,8 @@ def _scale_out(console: Console, camp, jobs: int, ray: str | None, coverage: boo
     console.print(f"{merged.steps_run} steps, {ncalls} hypercalls in {wall:.1f}s wall "
                   f"({ncalls / max(wall, 1e-9):.0f} checked calls/s over {len(parts)} campaigns, "
                   f"seeds {parts[0].seed}..{parts[-1].seed})")
+    console.print(f"ghost predictions skipped (a racing host store changed the call's "
+                  f"inputs): {merged.raced}")
     if coverage:
         for t in coverage_tables(merged.calls, merged.transitions):
             console.print(t)
