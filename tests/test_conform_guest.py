@@ -7,7 +7,6 @@ own pieces offline.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -31,33 +30,18 @@ from pkvm.conform.guest import (
     run_model,
     run_real_many,
 )
-from pkvm.conform.setup import SetupError, ensure_setup
+from test_conform_real import setup_or_skip
 
 EINVAL = 22
 CASES = [(k, g, p) for k in ("6.12", "7.2") for g in guests.NAMES for p in (False, True)]
 PROBES = [("6.12", "probe", False), ("6.12", "probe", True), ("7.2", "probe", False),
           ("7.2", "probe", True)]
 _REAL: dict[str, dict[tuple[str, bool], GuestRun]] = {}
-_SETUP_FAILED: dict[str, str] = {}
-
-
-def setup_or_fail(kernel: str) -> None:
-    """As tests/test_conform_real.py: a set-up failure fails (PKVM_CONFORM_OPTIONAL=1 skips)."""
-    if kernel not in _SETUP_FAILED:
-        try:
-            ensure_setup(kernel, progress=False)
-            return
-        except SetupError as e:
-            _SETUP_FAILED[kernel] = str(e)
-    why = f"real {kernel} kernel harness cannot be set up here: {_SETUP_FAILED[kernel]}"
-    if os.environ.get("PKVM_CONFORM_OPTIONAL") == "1":
-        pytest.skip(why)
-    pytest.fail(why)
 
 
 def real_runs(kernel: str) -> dict[tuple[str, bool], GuestRun]:
     if kernel not in _REAL:
-        setup_or_fail(kernel)
+        setup_or_skip(kernel)
         todo = [(g, p) for k, g, p in CASES + PROBES if k == kernel]
         _REAL[kernel] = dict(zip(todo, run_real_many(kernel, todo), strict=True))
     return _REAL[kernel]
@@ -112,7 +96,7 @@ def test_probe_agrees_but_for_known_rows(kernel: str, guest: str, protected: boo
 
 @pytest.mark.conform
 def test_cli_guest_side_by_side() -> None:
-    setup_or_fail("7.2")
+    setup_or_skip("7.2")
     r = CliRunner().invoke(app, ["conform", "--guest", "oob", "--kernel", "7.2"])
     assert r.exit_code == 0, r.output
     assert "mr 100000000 8 0" in r.output
@@ -170,7 +154,7 @@ def test_specs_and_devices(tmp_path: Path) -> None:
 
 @pytest.mark.conform
 def test_docs_guest_section_snippet_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    setup_or_fail("7.2")
+    setup_or_skip("7.2")
     text = (Path(__file__).parent.parent / "docs" / "conform.md").read_text()
     section = re.split(r"\n#{2,3} ", text.split("### Guest conformance", 1)[1], maxsplit=1)[0]
     [code] = re.findall(r"```python\n(.*?)```", section, re.DOTALL)

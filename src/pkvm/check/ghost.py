@@ -29,6 +29,22 @@ if TYPE_CHECKING:
     from pkvm.check.invariants import Checker
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def range_errno(lo: int, hi: int, phys: int, size: int) -> int:
+    """7.2's `check_range_allowed_memory` over [phys, phys + size) with RAM at [lo, hi): the
+    range must lie in one region or gap (`find_mem_range`; the last gap ends at ULONG_MAX,
+    exclusive), else -EINVAL; outside RAM, -EPERM."""
+    last = (phys + size - 1) & U64
+    if lo <= phys < hi:
+        rs, re_ = lo, hi
+    elif phys < lo:
+        rs, re_ = 0, lo
+    else:
+        rs, re_ = hi, U64
+    if not rs <= last < re_:
+        return -EINVAL
+    return 0 if lo <= phys < hi else -EPERM
 OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
                          PageState.NOPAGE)
 
@@ -133,17 +149,7 @@ class Ghost:
         h = self.checker.h
         lo, hi = h.mem.base, h.mem.end
         if h.profile.page_state_in_vmemmap:
-            end = (phys + PAGE_SIZE) & U64
-            last = (end - 1) & U64
-            if lo <= phys < hi:
-                rs, re_ = lo, hi
-            elif phys < lo:
-                rs, re_ = 0, lo
-            else:
-                rs, re_ = hi, U64
-            if not rs <= last < re_:
-                return -EINVAL
-            return 0 if lo <= phys < hi else -EPERM
+            return range_errno(lo, hi, phys, PAGE_SIZE)
         if phys + PAGE_SIZE > 1 << 48:
             return -ERANGE
         return 0 if lo <= phys < hi else -EPERM

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pkvm.abi.host_structs import KVM_VCPU
+from pkvm.check.ghost import range_errno
 from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
 from pkvm.hyp.mem_protect_guest import guest_state_of_pte
 from pkvm.hyp.pgtable import (
@@ -128,20 +129,8 @@ class GuestGhost:
         return {"ret": ret, "head": head, "nr": nr, "taken": taken, "have": have, "hv": hv}
 
     def _range_errno(self, phys: int, size: int) -> int:
-        """check_range_allowed_memory over [phys, phys + size): the range must lie in one
-        region or gap (`find_mem_range`; the last gap ends at ULONG_MAX, exclusive), else
-        -EINVAL; outside RAM, -EPERM."""
         lo, hi = self.i.ram_range()
-        last = (phys + size - 1) & U64
-        if lo <= phys < hi:
-            rs, re_ = lo, hi
-        elif phys < lo:
-            rs, re_ = 0, lo
-        else:
-            rs, re_ = hi, U64
-        if not rs <= last < re_:
-            return -EINVAL
-        return 0 if lo <= phys < hi else -EPERM
+        return range_errno(lo, hi, phys, size)
 
     # -- hooks -------------------------------------------------------------------------------
     def before(self, cpu: int, name: str, args: tuple[int, ...], handle_of: Any) -> None:
