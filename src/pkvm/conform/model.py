@@ -153,7 +153,7 @@ def _step(run: ModelRun, st: RawStep) -> RealResult:
 
 
 class _HostSError(Exception):
-    """Linux's KVM_RUN would have panicked the host kernel."""
+    """Linux's KVM_RUN would have panicked the host kernel, or never returned (a lockup)."""
 
 
 def _exit(e: Any) -> tuple[int, int]:
@@ -163,10 +163,14 @@ def _exit(e: Any) -> tuple[int, int]:
     A negative `__kvm_vcpu_run` return (the hyp found no hyp vCPU to run) has bit 31 set:
     Linux's `handle_exit_early` takes it for a pending SError and, on a CPU with RAS (QEMU's
     `-cpu max`), `kvm_handle_guest_serror` finds the SError fatal and panics the host. The
-    model's host driver returns a "fail" exit instead; the VMM step reports what Linux does."""
+    model's host driver returns a "fail" exit instead; the VMM step reports what Linux does.
+    A "hung" exit (the run loop kept re-entering the guest with nothing for userspace, where
+    Linux's loop goes on for ever) is the lockup the real harness times out on."""
     if e.kind == "fail" and e.detail.startswith("__kvm_vcpu_run = -"):
         raise _HostSError(f"host oops: {e.detail}: KVM takes it for a pending SError "
                           "(handle_exit_early) and panics (kvm_handle_guest_serror)")
+    if e.kind == "hung":  # Linux's KVM_RUN never returns: the harness sees a lockup
+        raise _HostSError(f"lockup: {e.detail}")
     reason = EXIT_REASONS.get(e.kind, -1)
     return reason, e.addr if e.kind == "mmio" else 0
 
