@@ -223,6 +223,19 @@ def test_model_vmm_steps_answer_as_the_helper():
     assert [o.x0 for o in out[3:]] == [0, -2, -2]  # gone or never made: -ENOENT
 
 
+def test_kvm_run_with_another_vcpu_loaded_by_hand_locks_up():
+    """Linux 7.2 (seed 1, sequence 14, seen while the helper was not pinned and KVM_RUN ran on
+    the CPU of the raw load): a raw `__pkvm_vcpu_load` of vCPU 0 stays loaded on the helper's
+    CPU, so KVM_RUN of vCPU 1 there has `pkvm_load_hyp_vcpu` refuse the load and
+    `__kvm_vcpu_run` run vCPU 0; KVM then reads vCPU 1's fault ESR (0: an unknown exception
+    class), `kvm_handle_unknown_ec` injects an undef and re-enters, for ever: a lockup."""
+    steps = [vm_create("vm:a", 2), RawStep("__pkvm_vcpu_load", ("vm:a", 0, 0x8800_6000), cpu=0),
+             vm_run("vm:a", 1)]
+    out = run_sequence_on_model("7.2", steps)
+    assert (out[1].x0, out[1].panic) == (0, False)
+    assert out[2].panic and out[2].kind == "lockup", out[2]
+
+
 # -- offline: the generator and reproducers --------------------------------------------------------
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_generator_reaches_every_hypercall_and_live_state(kernel):

@@ -29,6 +29,10 @@ GUEST_MEMORY = 0x10000  # the helper's 64 KiB memslot
 # struct kvm_run exit reasons (include/uapi/linux/kvm.h) of what the model's KVM_RUN returns
 EXIT_REASONS = {"mmio": 6, "system_event": 24, "fail": 9}
 ENOENT, EINVAL = 2, 22
+# The real helper is pinned to CPU 0 (`taskset 1` in the boot's init): every KVM ioctl of a VMM
+# step, KVM_RUN included, enters the hyp there, so a hypercall step's vCPU loaded by hand on
+# CPU 1 never meets it by the scheduler's chance.
+HELPER_CPU = 0
 
 
 @dataclass
@@ -153,7 +157,7 @@ def _step(run: ModelRun, st: RawStep) -> RealResult:
 
 
 class _HostSError(Exception):
-    """Linux's KVM_RUN would have panicked the host kernel."""
+    """Linux's KVM_RUN would have panicked the host kernel, or never returned (a lockup)."""
 
 
 def _exit(e: Any) -> tuple[int, int]:
@@ -163,10 +167,14 @@ def _exit(e: Any) -> tuple[int, int]:
     A negative `__kvm_vcpu_run` return (the hyp found no hyp vCPU to run) has bit 31 set:
     Linux's `handle_exit_early` takes it for a pending SError and, on a CPU with RAS (QEMU's
     `-cpu max`), `kvm_handle_guest_serror` finds the SError fatal and panics the host. The
-    model's host driver returns a "fail" exit instead; the VMM step reports what Linux does."""
+    model's host driver returns a "fail" exit instead; the VMM step reports what Linux does.
+    A "hung" exit (the run loop kept re-entering the guest with nothing for userspace, where
+    Linux's loop goes on for ever) is the lockup the real harness times out on."""
     if e.kind == "fail" and e.detail.startswith("__kvm_vcpu_run = -"):
         raise _HostSError(f"host oops: {e.detail}: KVM takes it for a pending SError "
                           "(handle_exit_early) and panics (kvm_handle_guest_serror)")
+    if e.kind == "hung":  # Linux's KVM_RUN never returns: the harness sees a lockup
+        raise _HostSError(f"lockup: {e.detail}")
     reason = EXIT_REASONS.get(e.kind, -1)
     return reason, e.addr if e.kind == "mmio" else 0
 
@@ -189,7 +197,8 @@ def _vmm_step(run: ModelRun, st: RawStep) -> RealResult:
             vcpu.runner.power_off = False
         run.vms[name] = vm
         run.handles[name] = vm.handle
-        reason, _ = _exit(vm.vcpus[0].run())  # the first KVM_RUN creates the hyp VM
+        # the first KVM_RUN creates the hyp VM
+        reason, _ = _exit(vm.vcpus[0].run(cpu=HELPER_CPU))
         return run.result(0, vm.handle, reason, vcpus)
     vm = run.vms.get(name)
     if vm is None:
@@ -206,7 +215,7 @@ def _vmm_step(run: ModelRun, st: RawStep) -> RealResult:
             vm.topup_memcache(v, n)
             return run.result(0, m.host.read_u64(v.field_pa("arch.pkvm_memcache.nr_pages")),
                               0, 0)
-        reason, addr = _exit(vm.vcpus[vcpu].run())
+        reason, addr = _exit(vm.vcpus[vcpu].run(cpu=HELPER_CPU))
         return run.result(0, reason, addr, 0)
     vm.destroy()
     del run.vms[name]

@@ -236,7 +236,7 @@ echo "{MARK}-BEGIN"
 echo ids > /proc/pkvm_conform && echo "{MARK}-IDS $(cat /proc/pkvm_conform)"
 if [ -x /helper ]; then
   mkfifo /tmp/vmm.in /tmp/vmm.out
-  /helper < /tmp/vmm.in > /tmp/vmm.out &
+  taskset 1 /helper < /tmp/vmm.in > /tmp/vmm.out &
   exec 3> /tmp/vmm.in 4< /tmp/vmm.out
 fi
 """

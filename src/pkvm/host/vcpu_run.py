@@ -29,6 +29,16 @@ if TYPE_CHECKING:
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 ARM_EXCEPTION_IRQ, ARM_EXCEPTION_EL1_SERROR, ARM_EXCEPTION_TRAP, ARM_EXCEPTION_IL = 0, 1, 2, 3
 EC_WFX, EC_HVC64, EC_SMC64, EC_SYS64, EC_IABT_LOW, EC_DABT_LOW = 0x01, 0x16, 0x17, 0x18, 0x20, 0x24
+# Exception classes `arm_exit_handlers` (arch/arm64/kvm/handle_exit.c) gives a handler of their
+# own; every other class (EC 0, "unknown", among them) goes to `kvm_handle_unknown_ec`, which
+# injects an undefined-instruction exception and re-enters the guest.
+EC_OWN_HANDLER = frozenset({
+    0x01, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0A, 0x0C, 0x12, 0x13, 0x15, 0x16, 0x17,
+    0x18, 0x19, 0x1A, 0x20, 0x24, 0x25, 0x2D, 0x30, 0x32, 0x34, 0x38, 0x3C,
+})  # fmt: skip
+# The model's KVM_RUN re-enters the guest at most this many times before giving up with a
+# "hung" exit: Linux's run loop would go on for ever (a locked-up vCPU thread).
+RUN_REENTRY_LIMIT = 2048
 HPFAR_NS = 1 << 63
 HCR_VI = 1 << 7  # issue 9
 
@@ -60,7 +70,9 @@ assert KVM_VCPU.offset("arch.fault.hpfar_el2") == _FAULT_OFF + 16
 class VcpuExit:
     """What `KVM_RUN` returns to userspace (`struct kvm_run`), plus the raw fault registers."""
 
-    kind: str  # "mmio", "system_event", "wfi", "preempted", "cpu_off", "sysreg", "fail"
+    # "mmio", "system_event", "wfi", "preempted", "cpu_off", "sysreg", "fail", or "hung" (the
+    # run loop re-entered the guest RUN_REENTRY_LIMIT times with nothing for userspace)
+    kind: str
     addr: int = 0
     size: int = 0
     write: bool = False
@@ -150,7 +162,7 @@ class VcpuRunner:
         if explicit:
             vm._hvc("__pkvm_vcpu_load", vm.handle, self.vcpu.idx, 0x8800_6000, cpu=cpu)
         try:
-            while True:
+            for _ in range(RUN_REENTRY_LIMIT):
                 r = vm.host.hvc("__kvm_vcpu_run", self.vcpu.va, cpu=cpu)
                 if r.x0:
                     return VcpuExit("fail", detail="__kvm_vcpu_run is not offered")
@@ -160,6 +172,9 @@ class VcpuRunner:
                 if out is not None:
                     self.exits[out.kind] = self.exits.get(out.kind, 0) + 1
                     return out
+            self._count("hung")
+            return VcpuExit("hung", detail=f"KVM_RUN re-entered the guest {RUN_REENTRY_LIMIT} "
+                                           "times without an exit to userspace")
         finally:
             if explicit:
                 vm._hvc("__pkvm_vcpu_put", cpu=cpu)
@@ -191,6 +206,10 @@ class VcpuRunner:
             return VcpuExit("wfi", esr=esr)
         if ec == EC_SYS64:
             return VcpuExit("sysreg", esr=esr)
+        if ec not in EC_OWN_HANDLER:  # kvm_handle_unknown_ec
+            self._count("unknown_ec")
+            self.inject_undef()
+            return None
         return VcpuExit("fail", esr=esr, detail=f"unhandled exception class {ec:#x}")
 
     def _abort(self, esr: int, cpu: int) -> VcpuExit | None:

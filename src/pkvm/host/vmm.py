@@ -123,6 +123,8 @@ class Vmm:
                         stop = ex.event
                     elif ex.kind == "sysreg":
                         vcpu.runner.inject_undef()
+                    elif ex.kind == "hung":
+                        stop = f"hung: {ex.detail}"
                     elif ex.kind == "fail":
                         stop = f"fail: {ex.detail} (esr {ex.esr:#x}, addr {ex.addr:#x})"
                     if stop:

@@ -298,6 +298,8 @@ class LinuxVmm:
                 return "running"
             elif kind == "system_event":
                 return ex.event
+            elif kind == "hung":
+                return f"hung: {ex.detail}"
             elif kind == "fail":
                 return f"fail: {ex.detail} (esr {ex.esr:#x}, addr {ex.addr:#x})"
             else:  # preempted, cpu_off
