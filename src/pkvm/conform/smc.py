@@ -21,6 +21,8 @@ import json
 import random
 from dataclasses import dataclass, field
 
+from pkvm.abi import psci
+
 U64 = (1 << 64) - 1
 NREGS = 18
 MARKERS = tuple(0x5EC0_0000_0000_0000 | (i << 8) | i for i in range(8, NREGS))
@@ -69,8 +71,10 @@ def call(x0: int, *args: int, imm: int = 0, cpu: int = 0, label: str = "") -> Sm
     return SmcCall(tuple(low) + MARKERS, imm, cpu, label or f"{x0:#x}")
 
 
-PSCI_VERSION, PSCI_FEATURES, MIGRATE_INFO_TYPE = 0x8400_0000, 0x8400_000A, 0x8400_0006
-CPU_ON32, CPU_ON64, AFF32, AFF64 = 0x8400_0003, 0xC400_0003, 0x8400_0004, 0xC400_0004
+PSCI_VERSION, PSCI_FEATURES = psci.PSCI_0_2_FN_PSCI_VERSION, psci.PSCI_1_0_FN_PSCI_FEATURES
+MIGRATE_INFO_TYPE = psci.PSCI_0_2_FN_MIGRATE_INFO_TYPE
+CPU_ON32, CPU_ON64 = psci.PSCI_0_2_FN_CPU_ON, psci.PSCI_0_2_FN64_CPU_ON
+AFF32, AFF64 = psci.PSCI_0_2_FN_AFFINITY_INFO, psci.PSCI_0_2_FN64_AFFINITY_INFO
 FFA_ID_GET, FFA_FEATURES, FFA_VERSION = 0x8400_0069, 0x8400_0064, 0x8400_0063
 FFA_RXTX_MAP32, FFA_RXTX_MAP64, FFA_RXTX_UNMAP = 0x8400_0066, 0xC400_0066, 0x8400_0067
 FFA_MEM_SHARE32, FFA_MEM_SHARE64 = 0x8400_0073, 0xC400_0073
