@@ -30,6 +30,7 @@ class Mutant:
 
 BOTH, V72, V612 = ("6.12", "7.2"), ("7.2",), ("6.12",)
 MP, MPG, PKVM = "pkvm.hyp.mem_protect", "pkvm.hyp.mem_protect_guest", "pkvm.hyp.pkvm"
+PKVM_72 = "pkvm.hyp.pkvm_two_phase"  # the 7.2 VM life cycle
 
 MUTANTS = [
     Mutant("share-hyp-errno", MP, "__pkvm_host_share_hyp",
@@ -48,14 +49,15 @@ MUTANTS = [
            "        if h.pkvm_pgtable", V612,
            "a page left shared: 6.12's unshare_hyp unmaps it at EL2 but the host keeps it "
            "SHARED_OWNED"),
-    Mutant("reserve-vm-off-by-one", PKVM, "__pkvm_reserve_vm",
+    Mutant("reserve-vm-off-by-one", PKVM_72, "__pkvm_reserve_vm",
            "return idx + sizes.HANDLE_OFFSET", "return idx + sizes.HANDLE_OFFSET + 1", V72,
            "an off-by-one: reserved handles start at 0x1001"),
-    Mutant("vcpu-load-off-by-one", PKVM, "pkvm_load_hyp_vcpu",
+    Mutant("vcpu-load-off-by-one", PKVM_72, "pkvm_load_hyp_vcpu",
            "vcpu_idx >= vm.created_vcpus", "vcpu_idx > vm.created_vcpus", V72,
            "an off-by-one in a range: vcpu_load accepts index created_vcpus"),
-    Mutant("start-teardown-twice", PKVM, "__pkvm_start_teardown_vm",
-           " or vm.is_dying", "", V72,
+    Mutant("start-teardown-twice", PKVM_72, "__pkvm_start_teardown_vm",
+           "if vm.is_dying:\n            return -EINVAL\n        vm.is_dying = True",
+           "vm.is_dying = True", V72,
            "a missing check: a dying VM can start its teardown again"),
     Mutant("share-guest-prot", MPG, "__pkvm_host_share_guest",
            "if prot & ~KVM_PGTABLE_PROT_RWX:\n        return -EINVAL",

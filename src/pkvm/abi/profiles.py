@@ -8,7 +8,8 @@ the hyp code asks `profile.<feature>` instead of comparing version strings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 # `enum __kvm_host_smccc_func` of Linux 6.12.117 (arch/arm64/include/asm/kvm_asm.h).
 HCALLS_6_12: tuple[str, ...] = (
@@ -121,7 +122,15 @@ class Profile:
     # Protected VMs, hyp-owned guest stage-2, guest-memory hypercalls, guest calls at EL2.
     protected_vms: bool
     hyp_owned_guest_stage2: bool
-    # VM life: handle reserved first, two-phase teardown, explicit vCPU load/put.
+    # The shape of the VM life cycle in nvhe/pkvm.c, chosen once at boot (`hyp/vm_life.py`,
+    # `host/kvm_life.py`): "one-phase" (6.12: `__pkvm_init_vm` allocates the handle, vCPUs are
+    # made in order, each run loads its vCPU, one teardown call) or "two-phase" (7.2: the handle
+    # is reserved first, vCPUs go to the slot of their host index, the host loads and puts a
+    # vCPU explicitly, teardown starts and then finalises).
+    vm_lifecycle: Literal["one-phase", "two-phase"]
+    # The hypercalls of that life cycle, as features: handle reserved first, two-phase
+    # teardown, explicit vCPU load/put. (`teardown_refusal_errno_busy`, below: the errno of a
+    # teardown refused because the VM's refcount is held, 6.12 -EBUSY after a WARN, 7.2 -EINVAL.)
     reserve_vm: bool
     two_phase_teardown: bool
     explicit_vcpu_load: bool
@@ -170,7 +179,6 @@ class Profile:
     # descriptor's ranges on reclaim and requires page-aligned range addresses; 6.12 uses the
     # fixed v1.1 offset and sizes and WARNs on a bad retrieved offset.
     ffa_strict_descriptors: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def nr_hcalls(self) -> int:
@@ -215,6 +223,7 @@ PROFILE_6_12 = Profile(
     page_state_in_vmemmap=False,
     protected_vms=False,
     hyp_owned_guest_stage2=False,
+    vm_lifecycle="one-phase",
     reserve_vm=False,
     two_phase_teardown=False,
     explicit_vcpu_load=False,
@@ -243,6 +252,7 @@ PROFILE_7_2 = Profile(
     page_state_in_vmemmap=True,
     protected_vms=True,
     hyp_owned_guest_stage2=True,
+    vm_lifecycle="two-phase",
     reserve_vm=True,
     two_phase_teardown=True,
     explicit_vcpu_load=True,
@@ -267,11 +277,24 @@ PROFILE_7_2 = Profile(
     ffa_strict_descriptors=True,
 )
 
-PROFILES = {"6.12": PROFILE_6_12, "latest": PROFILE_7_2, "7.2": PROFILE_7_2}
+# Every name a user may give for a kernel's ABI -> the profile's own name. The one alias table:
+# the board, scenarios, the CLI and the conformance harness all resolve names through it.
+ABI_ALIASES: dict[str, str] = {"6.12": "6.12", "7.2": "latest", "latest": "latest"}
+_BY_NAME = {p.name: p for p in (PROFILE_6_12, PROFILE_7_2)}
+PROFILES: dict[str, Profile] = {alias: _BY_NAME[name] for alias, name in ABI_ALIASES.items()}
 
 
-def get_profile(abi: str) -> Profile:
+def abi_name(name: str) -> str:
+    """The canonical ABI name ("6.12" or "latest") of a kernel or ABI name ("7.2" = "latest")."""
     try:
-        return PROFILES[abi]
+        return ABI_ALIASES[name]
     except KeyError:
-        raise ValueError(f"unknown abi {abi!r}: use '6.12' or 'latest' (7.2)") from None
+        raise ValueError(f"unknown abi {name!r}: use '6.12' or 'latest' (7.2)") from None
+
+
+def profile_for(name: str) -> Profile:
+    """The profile of a kernel or ABI name: "6.12", "7.2" or its alias "latest"."""
+    return _BY_NAME[abi_name(name)]
+
+
+get_profile = profile_for

@@ -25,7 +25,7 @@ class SeededBug:
 
 
 BUGS: dict[str, SeededBug] = {b.name: b for b in [
-    SeededBug("load-no-pin", "hyp/pkvm.py: pkvm_load_hyp_vcpu / pkvm_put_hyp_vcpu",
+    SeededBug("load-no-pin", "hyp/pkvm_*_phase.py: pkvm_load_hyp_vcpu / pkvm_put_hyp_vcpu",
               "vCPU load does not take a reference on the hyp VM (put does not drop it), so "
               "the VM can be torn down under a loaded vCPU",
               "invariant vm-refcount at the load",
@@ -54,7 +54,7 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
               "a racing host CPU at an EL2 read of host-shared memory: an exception escaping "
               "the hyp, or the ghost's init_vcpu index check",
               "rule: nvhe/pkvm.c init_pkvm_hyp_vcpu reads each host field once"),
-    SeededBug("vcpu-index-range", "hyp/pkvm.py: _init_vcpu_locked",
+    SeededBug("vcpu-index-range", "hyp/pkvm_two_phase.py: init_vcpu_slot",
               "off-by-one range check on the host's vCPU index: idx == created_vcpus passes",
               "an exception escaping the hyp (the slot array) / the ghost's index check",
               "rule: nvhe/pkvm.c __pkvm_init_vcpu (idx >= created_vcpus -> -EINVAL)"),
@@ -86,12 +86,12 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
               "KVM/arm64 updates for 7.2: \"pKVM fixes, mostly addressing recurring issues "
               "around hypervisor tracking of donated pages in obscure cases where the donation "
               "could fail\""),
-    SeededBug("load-dying", "hyp/pkvm.py: pkvm_load_hyp_vcpu",
+    SeededBug("load-dying", "hyp/pkvm_two_phase.py: pkvm_load_hyp_vcpu",
               "a vCPU of a dying VM can be loaded",
               "the ghost's VM table (load of a dying VM)",
               "KVM: arm64: Refactor the guest teardown path (a dying VM's vCPUs cannot be "
               "loaded)"),
-    SeededBug("reclaim-live", "hyp/pkvm.py: __pkvm_reclaim_dying_guest_page",
+    SeededBug("reclaim-live", "hyp/pkvm_two_phase.py: __pkvm_reclaim_dying_guest_page",
               "pages can be reclaimed from a VM that is not dying: a live guest loses memory",
               "the ghost (reclaim_dying result)",
               "KVM: arm64: Refactor the guest teardown path (reclaim only once dying)"),

@@ -147,17 +147,14 @@ def smc12(h: HypState, *args: int) -> list[int]:
 
 
 def _proxy(h: HypState) -> FfaProxy:
-    if h.ffa is None:
-        h.ffa = FfaProxy()
     return h.ffa
 
 
 # -- set-up (`hyp_ffa_init` at finalise, `hyp_ffa_post_init` at the first negotiation) --------
 def hyp_ffa_init(h: HypState) -> int:
     """0, or -EOPNOTSUPP when the firmware's FF-A version is not 1.x (fails `__pkvm_init`)."""
-    p = _proxy(h)
-    cfg = h.psci
-    if cfg is None or cfg.smccc_version < 0x1_0002:
+    p = h.ffa = FfaProxy()
+    if h.psci.smccc_version < 0x1_0002:
         return 0
     res = smc12(h, FFA_VERSION, h.profile.ffa_hyp_version)
     if res[0] & 0xFFFF_FFFF == FFA_RET_NOT_SUPPORTED & 0xFFFF_FFFF:

@@ -12,14 +12,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pkvm.abi.profiles import Profile
-from pkvm.errors import ENODEV
-from pkvm.hyp import tlb
+from pkvm.abi.host_structs import IFLAG_INCREMENT_PC, KVM_VCPU
+from pkvm.abi.profiles import ARM_SMCCC_CALL_HINTS, Profile
+from pkvm.errors import EINVAL, ENODEV
+from pkvm.hyp import mem_protect_guest as mpg
+from pkvm.hyp import pkvm, pkvm_one_phase, pkvm_two_phase, tlb
+from pkvm.hyp.ffa import hyp_ffa_init, kvm_host_ffa_handler
 from pkvm.hyp.mem_protect import __pkvm_host_share_hyp, __pkvm_host_unshare_hyp
 from pkvm.hyp.mm import el2_read, el2_write_u64, kern_hyp_va
 from pkvm.hyp.panic import HypBug
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
+from pkvm.hyp.psci_relay import kvm_host_psci_handler
 from pkvm.hyp.setup import pkvm_init, pkvm_prot_finalize
 from pkvm.hyp.state import HypState
+from pkvm.hyp.switch import HCR_TWE, HCR_TWI
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 SMCCC_RET_SUCCESS = 0
@@ -59,9 +65,6 @@ class HostCtxt:
 
     def ret(self, value: int) -> None:
         self.regs[1] = value & U64
-
-    def ret_n(self, n: int, value: int) -> None:
-        self.regs[n] = value & U64
 
 
 Handler = Callable[[HypState, HostCtxt], None]
@@ -112,8 +115,6 @@ def handle_host_hcall(h: HypState, regs: list[int]) -> str | None:
 def handle___pkvm_init(h: HypState, c: HostCtxt) -> None:
     ret = pkvm_init(h, c.u64(1), c.u64(2))
     if not ret:  # __pkvm_init_finalise sets the FF-A proxy up
-        from pkvm.hyp.ffa import hyp_ffa_init
-
         ret = hyp_ffa_init(h)
     c.ret(ret)
 
@@ -224,8 +225,6 @@ for _name in ("__vgic_v5_save_apr", "__vgic_v5_restore_vmcr_apr"):
 
 @host_hcall("__pkvm_vcpu_init_traps")
 def handle___pkvm_vcpu_init_traps(h: HypState, c: HostCtxt) -> None:
-    from pkvm.abi.host_structs import KVM_VCPU
-
     va = c.host_ptr(1)
     el2_read(h, va, 8)
     el2_write_u64(h, va + KVM_VCPU.offset("arch.mdcr_el2"), 0)
@@ -249,11 +248,6 @@ for _name in ("__tracing_unload", "__tracing_update_clock", "__tracing_write_eve
 
 
 # -- hyp VMs and vCPUs (nvhe/pkvm.c) ---------------------------------------------------------
-from pkvm.hyp import mem_protect_guest as mpg  # noqa: E402
-from pkvm.hyp import pkvm  # noqa: E402
-from pkvm.hyp.switch import handle_vcpu_run  # noqa: E402
-
-
 @host_hcall("__pkvm_init_vm")
 def handle___pkvm_init_vm(h: HypState, c: HostCtxt) -> None:
     c.ret(pkvm.__pkvm_init_vm(h, c.host_ptr(1), c.host_ptr(2), c.host_ptr(3)))
@@ -266,32 +260,32 @@ def handle___pkvm_init_vcpu(h: HypState, c: HostCtxt) -> None:
 
 @host_hcall("__pkvm_teardown_vm")
 def handle___pkvm_teardown_vm(h: HypState, c: HostCtxt) -> None:
-    c.ret(pkvm.__pkvm_teardown_vm(h, c.handle(1)))
+    c.ret(pkvm_one_phase.__pkvm_teardown_vm(h, c.handle(1)))
 
 
 @host_hcall("__pkvm_reserve_vm")
 def handle___pkvm_reserve_vm(h: HypState, c: HostCtxt) -> None:
-    c.ret(pkvm.__pkvm_reserve_vm(h))
+    c.ret(pkvm_two_phase.__pkvm_reserve_vm(h))
 
 
 @host_hcall("__pkvm_unreserve_vm")
 def handle___pkvm_unreserve_vm(h: HypState, c: HostCtxt) -> None:
-    pkvm.__pkvm_unreserve_vm(h, c.handle(1))
+    pkvm_two_phase.__pkvm_unreserve_vm(h, c.handle(1))
 
 
 @host_hcall("__pkvm_start_teardown_vm")
 def handle___pkvm_start_teardown_vm(h: HypState, c: HostCtxt) -> None:
-    c.ret(pkvm.__pkvm_start_teardown_vm(h, c.handle(1)))
+    c.ret(pkvm_two_phase.__pkvm_start_teardown_vm(h, c.handle(1)))
 
 
 @host_hcall("__pkvm_finalize_teardown_vm")
 def handle___pkvm_finalize_teardown_vm(h: HypState, c: HostCtxt) -> None:
-    c.ret(pkvm.__pkvm_finalize_teardown_vm(h, c.handle(1)))
+    c.ret(pkvm_two_phase.__pkvm_finalize_teardown_vm(h, c.handle(1)))
 
 
 @host_hcall("__pkvm_reclaim_dying_guest_page")
 def handle___pkvm_reclaim_dying_guest_page(h: HypState, c: HostCtxt) -> None:
-    c.ret(pkvm.__pkvm_reclaim_dying_guest_page(h, c.handle(1), c.u64(2)))
+    c.ret(pkvm_two_phase.__pkvm_reclaim_dying_guest_page(h, c.handle(1), c.u64(2)))
 
 
 @host_hcall("__pkvm_force_reclaim_guest_page")
@@ -301,13 +295,11 @@ def handle___pkvm_force_reclaim_guest_page(h: HypState, c: HostCtxt) -> None:
 
 @host_hcall("__pkvm_vcpu_load")
 def handle___pkvm_vcpu_load(h: HypState, c: HostCtxt) -> None:
-    vcpu = pkvm.pkvm_load_hyp_vcpu(h, c.handle(1), c.u32(2))
+    vcpu = pkvm_two_phase.pkvm_load_hyp_vcpu(h, c.handle(1), c.u32(2))
     if vcpu is None:
         return
     hcr = c.u64(3)
     if vcpu.vm.is_protected:
-        from pkvm.hyp.switch import HCR_TWE, HCR_TWI
-
         mask = HCR_TWI | HCR_TWE
         vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (hcr & mask)
 
@@ -316,19 +308,16 @@ def handle___pkvm_vcpu_load(h: HypState, c: HostCtxt) -> None:
 def handle___pkvm_vcpu_put(h: HypState, c: HostCtxt) -> None:
     vcpu = pkvm.pkvm_get_loaded_hyp_vcpu(h)
     if vcpu is not None:
-        pkvm.pkvm_put_hyp_vcpu(h, vcpu)
+        pkvm_two_phase.pkvm_put_hyp_vcpu(h, vcpu)
 
 
 @host_hcall("__kvm_vcpu_run")
 def handle___kvm_vcpu_run(h: HypState, c: HostCtxt) -> None:
-    host_vcpu = c.host_ptr(1) if not h.profile.explicit_vcpu_load else 0
-    c.ret(handle_vcpu_run(h, host_vcpu))
+    c.ret(h.life.handle_vcpu_run(h, c.host_ptr(1)))
 
 
 @host_hcall("__kvm_adjust_pc")
 def handle___kvm_adjust_pc(h: HypState, c: HostCtxt) -> None:
-    from pkvm.abi.host_structs import IFLAG_INCREMENT_PC, KVM_VCPU
-
     va = c.host_ptr(1)
     iflags = pkvm.vcpu_field(h, va, "arch.iflags")
     if iflags & IFLAG_INCREMENT_PC:
@@ -337,7 +326,7 @@ def handle___kvm_adjust_pc(h: HypState, c: HostCtxt) -> None:
         el2_write_u64(h, va + KVM_VCPU.offset("arch.iflags"), iflags & ~IFLAG_INCREMENT_PC)
 
 
-def _loaded(h: HypState, protected: bool | None) -> "pkvm.PkvmHypVcpu | None":
+def _loaded(h: HypState, protected: bool | None) -> PkvmHypVcpu | None:
     vcpu = pkvm.pkvm_get_loaded_hyp_vcpu(h)
     if vcpu is None or (protected is not None and vcpu.vm.is_protected != protected):
         return None
@@ -348,7 +337,7 @@ def _loaded(h: HypState, protected: bool | None) -> "pkvm.PkvmHypVcpu | None":
 def handle___pkvm_host_donate_guest(h: HypState, c: HostCtxt) -> None:
     vcpu = _loaded(h, True)
     if vcpu is None:
-        c.ret(-22)
+        c.ret(-EINVAL)
         return
     ret = pkvm.pkvm_refill_memcache(h, vcpu)
     if not ret:
@@ -360,7 +349,7 @@ def handle___pkvm_host_donate_guest(h: HypState, c: HostCtxt) -> None:
 def handle___pkvm_host_share_guest(h: HypState, c: HostCtxt) -> None:
     vcpu = _loaded(h, False)
     if vcpu is None:
-        c.ret(-22)
+        c.ret(-EINVAL)
         return
     ret = pkvm.pkvm_refill_memcache(h, vcpu)
     if not ret:
@@ -368,10 +357,10 @@ def handle___pkvm_host_share_guest(h: HypState, c: HostCtxt) -> None:
     c.ret(ret)
 
 
-def _np_by_handle(h: HypState, c: HostCtxt, fn) -> None:
+def _np_by_handle(h: HypState, c: HostCtxt, fn: Callable[[PkvmHypVm], int]) -> None:
     vm = pkvm.get_np_pkvm_hyp_vm(h, c.handle(1))
     if vm is None:
-        c.ret(-22)
+        c.ret(-EINVAL)
         return
     try:
         c.ret(fn(vm))
@@ -398,19 +387,19 @@ def handle___pkvm_host_test_clear_young_guest(h: HypState, c: HostCtxt) -> None:
 @host_hcall("__pkvm_host_relax_perms_guest")
 def handle___pkvm_host_relax_perms_guest(h: HypState, c: HostCtxt) -> None:
     vcpu = _loaded(h, False)
-    c.ret(-22 if vcpu is None else mpg.__pkvm_host_relax_perms_guest(h, c.u64(1), c.u64(2), vcpu))
+    c.ret(-EINVAL if vcpu is None else mpg.__pkvm_host_relax_perms_guest(h, c.u64(1), c.u64(2), vcpu))
 
 
 @host_hcall("__pkvm_host_mkyoung_guest")
 def handle___pkvm_host_mkyoung_guest(h: HypState, c: HostCtxt) -> None:
     vcpu = _loaded(h, False)
-    c.ret(-22 if vcpu is None else mpg.__pkvm_host_mkyoung_guest(h, c.u64(1), vcpu))
+    c.ret(-EINVAL if vcpu is None else mpg.__pkvm_host_mkyoung_guest(h, c.u64(1), vcpu))
 
 
 @host_hcall("__pkvm_vcpu_in_poison_fault")
 def handle___pkvm_vcpu_in_poison_fault(h: HypState, c: HostCtxt) -> None:
     vcpu = _loaded(h, None)
-    c.ret(-22 if vcpu is None else mpg.vcpu_in_poison_fault(h, vcpu))
+    c.ret(-EINVAL if vcpu is None else mpg.vcpu_in_poison_fault(h, vcpu))
 
 
 @host_hcall("__pkvm_tlb_flush_vmid")
@@ -425,10 +414,6 @@ def handle_host_smc(h: HypState, regs: list[int], imm: int = 0) -> str:
     """A host `smc #imm` trapped to EL2 (HCR_EL2.TSC) with x0..x17 in `regs`; returns the path
     it took: "refused" (7.2: non-zero immediate or bits 63:32 set), "psci", "ffa" or "el3".
     The caller advances the host's PC past the SMC (`kvm_skip_host_instr`)."""
-    from pkvm.abi.profiles import ARM_SMCCC_CALL_HINTS
-    from pkvm.hyp.ffa import kvm_host_ffa_handler
-    from pkvm.hyp.psci_relay import kvm_host_psci_handler
-
     func_id = regs[0] & U64
     if h.profile.smc_refuses_imm_and_upper and imm:
         regs[0] = SMCCC_RET_NOT_SUPPORTED

@@ -1,20 +1,24 @@
 """Hyp VMs and vCPUs (`nvhe/pkvm.c`): the VM table, handles, init, teardown, load/put.
 
-The host names a VM only by its handle (`idx + 0x1000`); every lookup checks range and liveness
-under `vm_table_lock`. A hyp VM lives in memory the host donated (its size is the kernel's
+What both kernels share lives here; where the shape of the life cycle differs (how a VM gets its
+handle, where a vCPU goes, who loads a vCPU, how teardown is split) the kernel's own functions
+live in `pkvm_one_phase` (6.12) and `pkvm_two_phase` (7.2), and `HypState.life` is the one
+`__pkvm_init` chose from `profile.vm_lifecycle` (`VmLife` says what each provides).
+
+The host names a VM only by its handle (`idx + HANDLE_OFFSET`); every lookup checks range and
+liveness under `vm_table_lock`. A hyp VM lives in memory the host donated (its size is the kernel's
 `pkvm_get_hyp_vm_size`); its reference count is the `hyp_page` refcount of its first page, held by
 each loaded vCPU (7.2) or for the length of a run (6.12), and teardown refuses while it is held.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import (
     KVM,
-    KVM_ARCH_FLAG_ID_REGS_INITIALIZED,
-    KVM_ARM_VCPU_PSCI_0_2,
     KVM_VCPU,
 )
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM
@@ -32,6 +36,8 @@ from pkvm.hyp.mm import (
     el2_zero,
     hyp_pa,
     hyp_va,
+    memcache_pop,
+    memcache_push,
 )
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.panic import HypBug
@@ -42,7 +48,45 @@ from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 RESERVED_ENTRY = object()  # `RESERVED_ENTRY` (0xa110ca7ed): occupied, invisible to lookup
-U64 = 0xFFFF_FFFF_FFFF_FFFF
+# MAIR index of normal memory in a guest stage-2 the hyp builds (`KVM_S2_MEMATTR(NORMAL)`).
+GUEST_S2_MEMATTR = 0x6
+
+
+class VmLife(Protocol):
+    """The VM life-cycle functions whose shape differs between the kernels (a module each:
+    `pkvm_one_phase` for 6.12, `pkvm_two_phase` for 7.2)."""
+
+    # The host memcache that takes the guest stage-2's table pages at teardown.
+    STAGE2_TEARDOWN_MC: str
+
+    def init_vm_handle(self, h: HypState, host_kvm: int) -> int:
+        """`__pkvm_init_vm`: the handle known before the VM is built (0: none yet), or -errno."""
+        ...
+
+    def init_vm_arch(self, h: HypState, host_kvm: int, is_protected: bool) -> tuple[int, int]:
+        """`__pkvm_init_vm`: the hyp VM's `arch.flags` and `arch.vcpu_features`."""
+        ...
+
+    def insert_vm(self, h: HypState, handle: int, build: Callable[[int], PkvmHypVm],
+                  undo: Callable[[int], int]) -> int:
+        """`__pkvm_init_vm`: build the VM, put it in the table; x1 for the host (or `undo`)."""
+        ...
+
+    def init_vcpu_check(self, vm: PkvmHypVm) -> int:
+        """`init_pkvm_hyp_vcpu`: the refusal before the host vCPU is pinned (0: none)."""
+        ...
+
+    def init_vcpu_slot(self, h: HypState, vm: PkvmHypVm, host_idx: int) -> int:
+        """`init_pkvm_hyp_vcpu`: the slot of `vm.vcpus` the new vCPU takes, or -errno."""
+        ...
+
+    def init_vcpu_done(self, vm: PkvmHypVm) -> None:
+        """`__pkvm_init_vcpu`: bookkeeping once the vCPU is in its slot."""
+        ...
+
+    def handle_vcpu_run(self, h: HypState, host_vcpu: int) -> int:
+        """`handle___kvm_vcpu_run` in pKVM mode (x1 = the host vCPU, hyp VA); returns x1."""
+        ...
 
 
 class GuestMmOps:
@@ -59,8 +103,6 @@ class GuestMmOps:
             return pa
         if self.vcpu is None:
             return None
-        from pkvm.hyp.mm import memcache_pop
-
         pa = memcache_pop(self.h, self.vcpu.memcache)
         if pa is None:
             return None
@@ -90,7 +132,7 @@ def vm_refcount(h: HypState, vm: PkvmHypVm) -> int:
 
 
 def live_vms(h: HypState) -> list[tuple[int, PkvmHypVm]]:
-    return [(i + sizes.HANDLE_OFFSET, vm) for i, vm in enumerate(h.vm_table or [])
+    return [(i + sizes.HANDLE_OFFSET, vm) for i, vm in enumerate(h.vm_table)
             if isinstance(vm, PkvmHypVm)]
 
 
@@ -111,7 +153,7 @@ def handle_to_idx(handle: int) -> int:
 
 def get_vm_by_handle(h: HypState, handle: int) -> PkvmHypVm | None:
     idx = handle_to_idx(handle)
-    if h.vm_table is None:
+    if not h.vm_table:  # before `__pkvm_init`: the kernel's NULL vm_table
         return None
     if idx >= sizes.KVM_MAX_PVMS and not h.bug("handle-range"):
         return None  # seeded "handle-range" drops this check: the lookup reads past the table
@@ -120,7 +162,6 @@ def get_vm_by_handle(h: HypState, handle: int) -> PkvmHypVm | None:
 
 
 def find_free_vm_table_entry(h: HypState) -> int:
-    assert h.vm_table is not None
     for i, slot in enumerate(h.vm_table):
         if slot is None:
             return i
@@ -129,21 +170,19 @@ def find_free_vm_table_entry(h: HypState) -> int:
 
 def get_pkvm_hyp_vm(h: HypState, handle: int) -> PkvmHypVm | None:
     """Look up and take a reference (7.2 `get_pkvm_hyp_vm`)."""
-    assert h.vm_table_lock is not None
     with h.vm_table_lock:
         vm = get_vm_by_handle(h, handle)
         if vm is not None:
-            h.vmemmap.refcount[h.vmemmap.idx(vm_page(vm))] += 1
+            vm_ref_inc(h, vm)
         return vm
 
 
 def put_pkvm_hyp_vm(h: HypState, vm: PkvmHypVm) -> None:
-    assert h.vm_table_lock is not None
     with h.vm_table_lock:
-        _vm_ref_dec(h, vm)
+        vm_ref_dec(h, vm)
 
 
-def _vm_ref_dec(h: HypState, vm: PkvmHypVm) -> None:
+def vm_ref_dec(h: HypState, vm: PkvmHypVm) -> None:
     i = h.vmemmap.idx(vm_page(vm))
     if h.vmemmap.refcount[i] == 0:
         raise HypBug("hyp_page_ref_dec: VM refcount underflow")
@@ -219,12 +258,10 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
         if h.bug("unpin-underflow"):  # seeded: the error path unpins twice
             hyp_unpin_shared_mem(h, host_kvm, kvm_end)
         return -EINVAL
-    handle = 0
-    if prof.reserve_vm:
-        handle = prof.handle(kvm_field(h, host_kvm, "arch.pkvm.handle"))
-        if handle < sizes.HANDLE_OFFSET:
-            hyp_unpin_shared_mem(h, host_kvm, kvm_end)
-            return -EINVAL
+    handle = h.life.init_vm_handle(h, host_kvm)
+    if handle < 0:
+        hyp_unpin_shared_mem(h, host_kvm, kvm_end)
+        return handle
     vm_size = sizes.pkvm_get_hyp_vm_size(nr_vcpus)
     pgd_size = sizes.KVM_PGTABLE_STAGE2_PGD_SIZE
     vm_va = map_donated_memory(h, vm_hva, vm_size)
@@ -240,82 +277,24 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
     if vm_va is None or pgd_va is None:
         return undo(-ENOMEM)
     is_protected = bool(kvm_field(h, host_kvm, "arch.pkvm.is_protected")) if prof.protected_vms else False
-    flags = features = 0
-    if prof.reserve_vm:
-        host_flags = kvm_field(h, host_kvm, "arch.flags")
-        host_features = kvm_field(h, host_kvm, "arch.vcpu_features")
-        if is_protected:
-            features = host_features & KVM_ARM_VCPU_PSCI_0_2
-        else:
-            flags = host_flags & ~KVM_ARCH_FLAG_ID_REGS_INITIALIZED
-            features = host_features
-    assert h.vm_table_lock is not None and h.vm_table is not None
+    flags, features = h.life.init_vm_arch(h, host_kvm, is_protected)
+    pgd_pa = hyp_pa(pgd_va)
 
     def build(hd: int) -> PkvmHypVm:
         lock = HypSpinLock(h.locks, f"vm{hd:#x}.lock", RANK_GUEST)
-        pgd_pa = hyp_pa(pgd_va)  # type: ignore[arg-type]
         pool = kvm_guest_prepare_stage2(h, hd, pgd_pa, pgd_size)
-        vm = PkvmHypVm(h, hd, host_kvm, nr_vcpus, is_protected, vm_va,  # type: ignore[arg-type]
+        vm = PkvmHypVm(h, hd, host_kvm, nr_vcpus, is_protected, vm_va,
                        vm_size, pgd_pa, pgd_size, lock, flags=flags, vcpu_features=features)
         vm.set_pool(pool)
         vm.mm_ops = GuestMmOps(h, vm)
         pgt = KvmPgtable(h.mem, vm.mm_ops, stage=2, name=f"guest {hd:#x} stage-2",
-                         eagain_stops=prof.page_state_in_vmemmap, normal_memattr=0x6)
+                         eagain_stops=prof.page_state_in_vmemmap, normal_memattr=GUEST_S2_MEMATTR)
         with lock:
             pgt.init()
         vm.set_pgt(pgt)
         return vm
 
-    if prof.reserve_vm:
-        vm = build(handle)
-        ret = insert_vm_table_entry(h, handle, vm)
-        if ret:
-            vm.pgt.destroy()
-            return undo(ret)
-        h.hyp_vms[vm_va] = vm
-        return 0
-    with h.vm_table_lock:
-        idx = find_free_vm_table_entry(h)
-        if idx >= 0:
-            handle = idx + sizes.HANDLE_OFFSET
-            vm = build(handle)
-            h.vm_table[idx] = vm
-    if idx < 0:
-        return undo(idx)  # after the table lock, as Linux gives the donations back
-    h.hyp_vms[vm_va] = vm
-    return handle
-
-
-def insert_vm_table_entry(h: HypState, handle: int, vm: PkvmHypVm) -> int:
-    assert h.vm_table_lock is not None
-    with h.vm_table_lock:
-        idx = handle_to_idx(handle)
-        if h.vm_table is None or idx >= sizes.KVM_MAX_PVMS or h.vm_table[idx] is not RESERVED_ENTRY:
-            return -EINVAL
-        h.vm_table[idx] = vm
-        return 0
-
-
-def __pkvm_reserve_vm(h: HypState) -> int:
-    assert h.vm_table_lock is not None
-    with h.vm_table_lock:
-        if h.vm_table is None:
-            return -EINVAL
-        idx = find_free_vm_table_entry(h)
-        if idx < 0:
-            return idx
-        h.vm_table[idx] = RESERVED_ENTRY
-        return idx + sizes.HANDLE_OFFSET
-
-
-def __pkvm_unreserve_vm(h: HypState, handle: int) -> None:
-    if h.vm_table is None:
-        return
-    assert h.vm_table_lock is not None
-    with h.vm_table_lock:
-        idx = handle_to_idx(handle)
-        if idx < sizes.KVM_MAX_PVMS and h.vm_table[idx] is RESERVED_ENTRY:
-            h.vm_table[idx] = None
+    return h.life.insert_vm(h, handle, build, undo)
 
 
 def __pkvm_init_vcpu(h: HypState, handle: int, host_vcpu: int, vcpu_hva: int) -> int:
@@ -323,7 +302,6 @@ def __pkvm_init_vcpu(h: HypState, handle: int, host_vcpu: int, vcpu_hva: int) ->
     mem_va = map_donated_memory(h, vcpu_hva, size)
     if mem_va is None:
         return -ENOMEM
-    assert h.vm_table_lock is not None
     ret = 0
     with h.vm_table_lock:
         vm = get_vm_by_handle(h, handle)
@@ -337,56 +315,33 @@ def __pkvm_init_vcpu(h: HypState, handle: int, host_vcpu: int, vcpu_hva: int) ->
 
 
 def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -> int:
-    prof = h.profile
-    idx = vm.nr_vcpus
-    if prof.vcpu_init_in_order and idx >= vm.created_vcpus:
-        return -EINVAL
-    if hyp_pin_shared_mem(h, host_vcpu, host_vcpu + h.profile.sizeof_kvm_vcpu):
+    ret = h.life.init_vcpu_check(vm)
+    if ret:
+        return ret
+    host_vcpu_end = host_vcpu + h.profile.sizeof_kvm_vcpu
+    if hyp_pin_shared_mem(h, host_vcpu, host_vcpu_end):
         return -EBUSY
     host_idx = vcpu_field(h, host_vcpu, "vcpu_idx")
     vcpu_id = vcpu_field(h, host_vcpu, "vcpu_id")
     cflags = vcpu_field(h, host_vcpu, "arch.cflags")
-
-    def fail(err: int) -> int:
-        hyp_unpin_shared_mem(h, host_vcpu, host_vcpu + h.profile.sizeof_kvm_vcpu)
-        return err
-
-    if prof.vcpu_init_in_order:
-        if host_idx != idx:
-            return fail(-EINVAL)
-    else:
-        idx = host_idx
-        if vm.is_protected:  # pkvm_vcpu_init_sysregs
-            from pkvm.hyp.sys_regs import kvm_init_pvm_id_regs
-
-            kvm_init_pvm_id_regs(vm, h.sys_vals)
-        else:
-            host_flags = kvm_field(h, vm.host_kvm, "arch.flags")
-            if not host_flags & KVM_ARCH_FLAG_ID_REGS_INITIALIZED:
-                return fail(-EINVAL)
-            if not vm.id_regs_initialized:
-                f = KVM.field("arch.id_regs")
-                vm.set_id_regs(tuple(
-                    int.from_bytes(el2_read(h, vm.host_kvm + f.offset + 8 * i, 8), "little")
-                    for i in range(f.count)))
-        bad_idx = idx < 0 or idx >= vm.created_vcpus
-        if h.bug("vcpu-index-range") and idx >= 0:
-            bad_idx = idx > len(vm.vcpus)  # seeded: off by one, idx == created_vcpus passes
-        if bad_idx or vm.vcpus[idx] is not None:
-            return fail(-EINVAL)
+    idx = h.life.init_vcpu_slot(h, vm, host_idx)
+    if idx < 0:
+        hyp_unpin_shared_mem(h, host_vcpu, host_vcpu_end)
+        return idx
     if h.bug("double-fetch"):  # seeded: read the host's vcpu_idx again after checking it
         idx = _refetch_vcpu_idx(h, host_vcpu)
     vcpu = PkvmHypVcpu(vm, host_vcpu, idx, vcpu_id, mem_va, cflags=cflags)
-    if prof.hyp_vcpu_init_traps:
+    if h.profile.hyp_vcpu_init_traps:
+        # A deliberate late import: switch.py imports this module (field readers, the VM).
         from pkvm.hyp.switch import pkvm_vcpu_init_traps
 
         ret = pkvm_vcpu_init_traps(h, vcpu)
         if ret:
-            return fail(ret)
+            hyp_unpin_shared_mem(h, host_vcpu, host_vcpu_end)
+            return ret
     vm.vcpus[idx] = vcpu
     vm.store_vcpu_ptr(idx, vcpu)
-    if prof.vcpu_init_in_order:
-        vm.nr_vcpus += 1
+    h.life.init_vcpu_done(vm)
     return 0
 
 
@@ -395,44 +350,10 @@ def _refetch_vcpu_idx(h: HypState, host_vcpu: int) -> int:
     return vcpu_field(h, host_vcpu, "vcpu_idx")
 
 
-# -- load / put --------------------------------------------------------------------------
-def pkvm_load_hyp_vcpu(h: HypState, handle: int, vcpu_idx: int) -> PkvmHypVcpu | None:
-    prof = h.profile
-    cpu = h.cpu
-    if prof.explicit_vcpu_load and h.loaded_hyp_vcpu[cpu] is not None:
-        return None
-    assert h.vm_table_lock is not None
-    vcpu = None
-    with h.vm_table_lock:
-        vm = get_vm_by_handle(h, handle)
-        if vm is None:
-            return None
-        if prof.explicit_vcpu_load:
-            if (vm.is_dying and not h.bug("load-dying")) or vcpu_idx >= vm.created_vcpus:
-                return None
-            vcpu = vm.vcpus[vcpu_idx]
-            if vcpu is None or vcpu.loaded_on is not None:
-                return None
-            vcpu.loaded_on = cpu
-        else:
-            if vcpu_idx >= vm.nr_vcpus:
-                return None
-            vcpu = vm.vcpus[vcpu_idx]
-        if not h.bug("load-no-pin"):
-            h.vmemmap.refcount[h.vmemmap.idx(vm_page(vm))] += 1
-    if prof.explicit_vcpu_load:
-        h.loaded_hyp_vcpu[cpu] = vcpu
-    return vcpu
-
-
-def pkvm_put_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
-    assert h.vm_table_lock is not None
-    with h.vm_table_lock:
-        if h.profile.explicit_vcpu_load:
-            vcpu.loaded_on = None
-            h.loaded_hyp_vcpu[h.cpu] = None
-        if not h.bug("load-no-pin"):
-            _vm_ref_dec(h, vcpu.vm)
+# -- load / put (the parts both kernels share) --------------------------------------------------
+def vm_ref_inc(h: HypState, vm: PkvmHypVm) -> None:
+    """`hyp_page_ref_inc` of the hyp VM's first page (under `vm_table_lock`)."""
+    h.vmemmap.refcount[h.vmemmap.idx(vm_page(vm))] += 1
 
 
 def pkvm_get_loaded_hyp_vcpu(h: HypState) -> PkvmHypVcpu | None:
@@ -445,7 +366,7 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
     prof = h.profile
     host_kvm = vm.host_kvm  # kept aside: the hyp VM's own bytes are wiped below
     mc = "teardown_mc"
-    s2mc = "stage2_teardown_mc" if prof.two_phase_teardown else "teardown_mc"
+    s2mc = h.life.STAGE2_TEARDOWN_MC
     # Destroy the guest stage-2 and return every table page of the VM pool.
     with vm.lock:
         if not h.bug("teardown-keeps-stage2"):
@@ -467,8 +388,6 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
         if vcpu is not None:
             hyp_unpin_shared_mem(h, vcpu.host_vcpu, vcpu.host_vcpu + h.profile.sizeof_kvm_vcpu)
     # Return each hyp vCPU (and, 7.2, the pages left in its memcache), then the hyp VM.
-    from pkvm.hyp.mm import memcache_pop
-
     for vcpu in vm.vcpus:
         if vcpu is None:
             continue
@@ -496,54 +415,9 @@ def _teardown_donated(h: HypState, host_kvm: int, va: int, size: int, mc: str) -
         _warn(h, __pkvm_hyp_donate_host(h, p >> PAGE_SHIFT, 1))
 
 
-def __pkvm_teardown_vm(h: HypState, handle: int) -> int:
-    """6.12: one call."""
-    assert h.vm_table_lock is not None and h.vm_table is not None
-    with h.vm_table_lock:
-        vm = get_vm_by_handle(h, handle)
-        if vm is None:
-            return -ENOENT
-        if vm_refcount(h, vm):
-            _warn(h, 1)
-            return -EBUSY
-        h.vm_table[handle_to_idx(handle)] = None
-    _teardown_hyp_memory(h, vm)
-    return 0
-
-
-def __pkvm_start_teardown_vm(h: HypState, handle: int) -> int:
-    assert h.vm_table_lock is not None
-    with h.vm_table_lock:
-        vm = get_vm_by_handle(h, handle)
-        if vm is None or vm_refcount(h, vm) or vm.is_dying:
-            return -EINVAL
-        vm.is_dying = True
-        return 0
-
-
-def __pkvm_finalize_teardown_vm(h: HypState, handle: int) -> int:
-    assert h.vm_table_lock is not None and h.vm_table is not None
-    with h.vm_table_lock:
-        vm = get_vm_by_handle(h, handle)
-        if vm is None or vm_refcount(h, vm) or not vm.is_dying:
-            return -EINVAL
-        h.vm_table[handle_to_idx(handle)] = None
-    _teardown_hyp_memory(h, vm)
-    return 0
-
-
-def __pkvm_reclaim_dying_guest_page(h: HypState, handle: int, gfn: int) -> int:
-    from pkvm.hyp.mem_protect_guest import __pkvm_host_reclaim_page_guest
-
-    vm = get_pkvm_hyp_vm(h, handle)
-    if vm is None:
-        return -EINVAL
-    try:
-        if not vm.is_dying and not h.bug("reclaim-live"):  # seeded: reclaim from a live VM
-            return -EINVAL
-        return __pkvm_host_reclaim_page_guest(h, gfn, vm)
-    finally:
-        put_pkvm_hyp_vm(h, vm)
+def remove_vm_table_entry(h: HypState, handle: int) -> None:
+    """Empty the VM's slot (under `vm_table_lock`): the handle is free for the next VM."""
+    h.vm_table[handle_to_idx(handle)] = None
 
 
 def get_np_pkvm_hyp_vm(h: HypState, handle: int) -> PkvmHypVm | None:
@@ -564,8 +438,6 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
     host_nr = el2_read_u64(h, nr_va)
     target = host_nr
     ret = 0
-    from pkvm.hyp.mm import memcache_push
-
     while vcpu.memcache[1] < target:
         if host_nr == 0:
             ret = -ENOMEM

@@ -26,7 +26,8 @@ The layouts (little-endian, C widths):
 from __future__ import annotations
 
 import struct
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, TypedDict, overload
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM, KVM_ARCH_FLAG_ID_REGS_INITIALIZED, KVM_VCPU
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from pkvm.hyp.pkvm import GuestMmOps
     from pkvm.hyp.spinlock import HypSpinLock
     from pkvm.hyp.state import HypState
+    from pkvm.hyp.switch import _Engine
+    from pkvm.machine.cpu import Core
 
 _AFTER_KVM = (KVM.size + 7) & ~7
 HYP_VM = {
@@ -76,22 +79,25 @@ class Field:
     its store is one translation through the hyp stage-1. Storing the value already there is
     elided (it changes nothing a reader can see)."""
 
-    __slots__ = ("off", "size", "unpack_from", "pack", "as_bool")
+    __slots__ = ("off", "size", "unpack_from", "pack")
 
-    def __init__(self, layout: dict[str, tuple[int, str]], name: str, as_bool: bool = False):
+    def __init__(self, layout: dict[str, tuple[int, str]], name: str):
         off, fmt = layout[name]
         st = struct.Struct("<" + fmt)
         self.off = off
         self.size = st.size
         self.unpack_from = st.unpack_from
         self.pack = st.pack
-        self.as_bool = as_bool
 
-    def __get__(self, obj: HypStruct | None, owner: type) -> object:
+    @overload
+    def __get__(self, obj: None, owner: type) -> Field: ...
+    @overload
+    def __get__(self, obj: HypStruct, owner: type) -> int: ...
+    def __get__(self, obj: HypStruct | None, owner: type) -> Field | int:
         if obj is None:
             return self
-        value = self.unpack_from(obj._h.mem.bytes, obj._off + self.off)[0]
-        return bool(value) if self.as_bool else value
+        value: int = self.unpack_from(obj._h.mem.bytes, obj._off + self.off)[0]
+        return value
 
     def __set__(self, obj: HypStruct, value: int) -> None:
         data = self.pack(int(value))
@@ -103,6 +109,29 @@ class Field:
             check_store(h, pa)
             off = pa - h.mem.base
             mem[off : off + self.size] = data
+
+
+class BoolField(Field):
+    """A C `bool` kept in the struct's bytes."""
+
+    __slots__ = ()
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> BoolField: ...
+    @overload
+    def __get__(self, obj: HypStruct, owner: type) -> bool: ...
+    def __get__(self, obj: HypStruct | None, owner: type) -> BoolField | bool:
+        if obj is None:
+            return self
+        return bool(self.unpack_from(obj._h.mem.bytes, obj._off + self.off)[0])
+
+
+class VcpuExitData(TypedDict, total=False):
+    """What the run path keeps beside a hyp vCPU between runs (switch.py)."""
+
+    s2_pgd: int  # 6.12: the pgd of the host-managed stage-2, read at each flush
+    synced_words: tuple[int, ...]  # the context words the last sync copied out of the core
+    hcr_vi: int  # the HCR_EL2.VI last written into the core
 
 
 class HypStruct:
@@ -142,7 +171,7 @@ class Memcache:
     def __setitem__(self, i: int, value: int) -> None:
         self._s.store(self._NR if i else self._HEAD, (value & (2**64 - 1)).to_bytes(8, "little"))
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         return iter((self[0], self[1]))
 
     def __repr__(self) -> str:
@@ -176,8 +205,8 @@ class PkvmHypVcpu(HypStruct):
         super().__init__(vm._h, mem_va)
         self.vm = vm
         self.mem_va = mem_va  # the donated pages holding this struct
-        self.engine: Any = None  # the CPU the guest runs on (switch.py)
-        self.exit_data: dict[str, Any] = {}
+        self.engine: Core | None = None  # the CPU the guest runs on (switch.py)
+        self.exit_data: VcpuExitData = {}
         self.memcache = Memcache(self)  # arch.pkvm_memcache: head, nr_pages
         self._kvm = vm.va
         self.host_vcpu = host_vcpu
@@ -215,8 +244,8 @@ class PkvmHypVm(HypStruct):
 
     handle = Field(HYP_VM, "kvm.arch.pkvm.handle")
     created_vcpus = Field(HYP_VM, "kvm.created_vcpus")
-    is_protected = Field(HYP_VM, "kvm.arch.pkvm.is_protected", as_bool=True)
-    is_dying = Field(HYP_VM, "kvm.arch.pkvm.is_dying", as_bool=True)
+    is_protected = BoolField(HYP_VM, "kvm.arch.pkvm.is_protected")
+    is_dying = BoolField(HYP_VM, "kvm.arch.pkvm.is_dying")
     flags = Field(HYP_VM, "kvm.arch.flags")
     vcpu_features = Field(HYP_VM, "kvm.arch.vcpu_features")
     pgd_pa = Field(HYP_VM, "kvm.arch.mmu.pgd_phys")
@@ -229,6 +258,10 @@ class PkvmHypVm(HypStruct):
     _pgt_mmu = Field(HYP_VM, "pgt.mmu")
     _pool_start = Field(HYP_VM, "pool.range_start")
     _pool_end = Field(HYP_VM, "pool.range_end")
+    # Set by `__pkvm_init_vm` before the VM enters the table (`set_pool`, `set_pgt`).
+    pool: HypPool
+    pgt: KvmPgtable
+    mm_ops: GuestMmOps
 
     def __init__(self, h: HypState, handle: int, host_kvm: int, created_vcpus: int,
                  is_protected: bool, vm_va: int, vm_size: int, pgd_pa: int, pgd_size: int,
@@ -238,11 +271,8 @@ class PkvmHypVm(HypStruct):
         self.vm_size = vm_size
         self.pgd_size = pgd_size
         self.lock = lock
-        self.pool: HypPool = None  # type: ignore[assignment]
-        self.pgt: KvmPgtable = None  # type: ignore[assignment]
-        self.mm_ops: GuestMmOps = None  # type: ignore[assignment]
         self.vcpus: list[PkvmHypVcpu | None] = [None] * created_vcpus
-        self.engine: Any = None  # the CPU emulator its vCPUs run on (switch.py: _Engine)
+        self.engine: _Engine | None = None  # the CPU emulator its vCPUs run on (switch.py)
         self.handle = handle
         self.host_kvm = host_kvm
         self.created_vcpus = created_vcpus
@@ -280,7 +310,7 @@ class PkvmHypVm(HypStruct):
     @property
     def id_regs(self) -> tuple[int, ...]:
         raw = self.load(ID_REGS.offset, ID_REGS.size)
-        return struct.unpack(f"<{ID_REGS.count}Q", raw)
+        return tuple(struct.unpack(f"<{ID_REGS.count}Q", raw))
 
     def set_id_regs(self, regs: tuple[int, ...]) -> None:
         """Copy the host's ID registers once (`pkvm_init_features_from_host`'s sysregs)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pkvm.abi import sizes
 from pkvm.errors import EINVAL, ENOMEM, EPERM
+from pkvm.hyp import pkvm_one_phase, pkvm_two_phase
 from pkvm.hyp.mem_protect import (
     addr_is_memory,
     host_stage2_force_pte_cb,
@@ -34,6 +35,7 @@ from pkvm.hyp.pgtable import (
     pte_to_phys,
     pte_valid,
 )
+from pkvm.hyp.pkvm import VmLife
 from pkvm.hyp.state import HYP_VA_BITS, HostMmu, HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 from pkvm.machine.mmu import HCR_FWB, HCR_VM
@@ -44,6 +46,10 @@ HYP_TEXT_PAGES = 4
 HYP_RODATA_PAGES = 1
 HYP_DATA_PAGES = 1
 HYP_BSS_PAGES = 2
+
+
+# The VM life cycle of each kernel (`Profile.vm_lifecycle`), installed at `__pkvm_init`.
+VM_LIFECYCLES: dict[str, VmLife] = {"one-phase": pkvm_one_phase, "two-phase": pkvm_two_phase}
 
 
 def hyp_image_pages(nr_cpus: int) -> int:
@@ -135,9 +141,8 @@ def image_sections(h: HypState) -> list[tuple[str, int, int, int]]:
     return out
 
 
-def recreate_hyp_mappings(h: HypState) -> int:
+def recreate_hyp_mappings(h: HypState, early: _EarlyAlloc) -> int:
     c = h.carve
-    early = _EarlyAlloc(h, c.hyp_pgt, c.hyp_pgt_pages)
     pgt = KvmPgtable(h.mem, early, stage=1, name="hyp stage-1", ia_bits=HYP_VA_BITS,
                      eagain_stops=h.profile.page_state_in_vmemmap)
     ret = pgt.init()
@@ -145,7 +150,6 @@ def recreate_hyp_mappings(h: HypState) -> int:
         return ret
     pgt.tlbi = hyp_stage1_tlbi(h)
     h.pkvm_pgtable = pgt
-    h._early = early  # type: ignore[attr-defined]
     with h.pkvm_pgd_lock:
         for _name, pa, pages, prot in image_sections(h):
             ret = pkvm_create_mappings_locked(h, hyp_va(pa), hyp_va(pa + (pages << PAGE_SHIFT)), prot)
@@ -160,7 +164,6 @@ def recreate_hyp_mappings(h: HypState) -> int:
 
 def fix_hyp_pgtable_refcnt(h: HypState) -> int:
     pgt = h.pkvm_pgtable
-    assert pgt is not None
 
     def visit(ctx: VisitCtx, _v: int) -> int:
         if pte_valid(ctx.old):
@@ -181,7 +184,6 @@ def kvm_host_prepare_stage2(h: HypState) -> int:
     ret = pgt.init()
     if ret:
         return ret
-    assert h.host_mmu_lock is not None
     pgt.tlbi = h.host_s2_tlb.flush_range  # the stage-2 walker's `__kvm_tlb_flush_vmid_ipa`
     h.host_mmu = HostMmu(pgt=pgt, lock=h.host_mmu_lock)
     return 0
@@ -190,7 +192,6 @@ def kvm_host_prepare_stage2(h: HypState) -> int:
 def fix_host_ownership(h: HypState) -> int:
     """Hand every page the hyp stage-1 maps over to the hyp in the host stage-2."""
     pgt = h.pkvm_pgtable
-    assert pgt is not None
     vmemmap = h.profile.page_state_in_vmemmap
 
     def visit(ctx: VisitCtx, _v: int) -> int:
@@ -214,7 +215,6 @@ def fix_host_ownership(h: HypState) -> int:
             set_host_state_range(h, phys, PAGE_SIZE, PageState.SHARED_OWNED)
         return 0
 
-    assert h.host_mmu is not None
     with h.host_mmu.lock:
         with h.pkvm_pgd_lock:
             for reg in h.hyp_memory:
@@ -233,22 +233,21 @@ def pkvm_init(h: HypState, phys: int, size: int) -> int:
     ret = divide_memory_pool(h, phys, size)
     if ret:
         return ret
-    ret = recreate_hyp_mappings(h)
+    early = _EarlyAlloc(h, h.carve.hyp_pgt, h.carve.hyp_pgt_pages)
+    ret = recreate_hyp_mappings(h, early)
     if ret:
         return ret
-    return pkvm_init_finalise(h)
+    return pkvm_init_finalise(h, early)
 
 
-def pkvm_init_finalise(h: HypState) -> int:
+def pkvm_init_finalise(h: HypState, early: _EarlyAlloc) -> int:
     c = h.carve
-    early = h._early  # type: ignore[attr-defined]
     hpool = HypPool("hpool", h.mem, h.vmemmap, h.locks, h.profile.attach_foreign_keeps_order)
     hpool.init(c.hyp_pgt >> PAGE_SHIFT, c.hyp_pgt_pages, early.used_pages)
     h.hpool = hpool
     ret = kvm_host_prepare_stage2(h)
     if ret:
         return ret
-    assert h.pkvm_pgtable is not None
     h.pkvm_pgtable.mm_ops = hpool
     ret = fix_hyp_pgtable_refcnt(h)
     if ret:
@@ -257,7 +256,7 @@ def pkvm_init_finalise(h: HypState) -> int:
     if ret:
         return ret
     h.vm_table = [None] * sizes.KVM_MAX_PVMS
-    del h._early  # type: ignore[attr-defined]
+    h.life = VM_LIFECYCLES[h.profile.vm_lifecycle]
     return 0
 
 
@@ -266,7 +265,6 @@ def pkvm_prot_finalize(h: HypState) -> int:
     el2 = h.el2[h.cpu]
     if el2.hcr_el2 & HCR_VM:
         return -EPERM
-    assert h.host_mmu is not None
     el2.vttbr_el2 = h.host_mmu.pgt.pgd  # VMID 0
     el2.vtcr_el2 = 48
     el2.hcr_el2 |= HCR_VM | (HCR_FWB if h.profile.page_state_in_vmemmap else 0)

@@ -6,6 +6,7 @@ machine together and the read-only view (`pkvm.inspect`) that tests and tools us
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,10 @@ from pkvm.machine.memory import PhysMemory
 from pkvm.machine.mmu import El2Regs, Tlb
 
 if TYPE_CHECKING:
-    from pkvm.hyp.pkvm import PkvmHypVcpu, PkvmHypVm
+    from pkvm.hyp.ffa import FfaProxy
+    from pkvm.hyp.pkvm import VmLife
+    from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
+    from pkvm.hyp.psci_relay import HostPsciConfig
 
 # hyp VA of the linear map: __hyp_va(pa) = pa + HYP_LINEAR_OFFSET (any fixed offset will do).
 HYP_LINEAR_OFFSET = 0x0000_8000_0000_0000
@@ -63,8 +67,23 @@ class HostMmu:
     lock: HypSpinLock
 
 
-@dataclass
+SmcToEl3 = Callable[[int, list[int]], None]
+
+
+@dataclass(repr=False, eq=False)
 class HypState:
+    """EL2's globals, in two phases.
+
+    At reset (`new_hyp_state`) the hyp has what the machine gives it: RAM, its CPUs' EL2
+    registers, its locks and the hyp vmemmap. Before `__pkvm_init` the board wires the SMC door
+    (`smc_to_el3`) and the host fills the PSCI relay's config (`psci`). `__pkvm_init` then
+    builds the rest (`setup.py`, in the kernel's order): the hyp stage-1, the pools, the host
+    stage-2, the VM table, the FF-A proxy and the VM life cycle of this kernel. These booted
+    fields are not Optional: no host call reaches code that reads them before `__pkvm_init` has
+    set them (the board makes `__pkvm_init` the first call, and the hypercall gate keeps every
+    other call out until then), so nothing after boot tests for None.
+    """
+
     mem: PhysMemory
     profile: Profile
     nr_cpus: int
@@ -73,28 +92,37 @@ class HypState:
     hyp_memory: list[MemblockRegion]
     vmemmap: HypVmemmap
     pkvm_pgd_lock: HypSpinLock
+    vm_table_lock: HypSpinLock
+    host_mmu_lock: HypSpinLock
     carve: CarveOut = field(default_factory=CarveOut)
-    pkvm_pgtable: KvmPgtable | None = None
-    host_mmu: HostMmu | None = None
-    hpool: HypPool | None = None
-    host_s2_pool: HypPool | None = None
-    vm_table: list[object | None] | None = None
-    vm_table_lock: HypSpinLock | None = None
-    host_mmu_lock: HypSpinLock | None = None
-    loaded_hyp_vcpu: list["PkvmHypVcpu | None"] = field(default_factory=list)
+    # -- wired before `__pkvm_init` -------------------------------------------------------
+    # The `smc #0` EL2 issues to the firmware (the board) and the PSCI relay's config.
+    smc_to_el3: SmcToEl3 = field(init=False)
+    psci: HostPsciConfig = field(init=False)
+    # -- built by `__pkvm_init` (setup.py) --------------------------------------------------
+    pkvm_pgtable: KvmPgtable = field(init=False)
+    hpool: HypPool = field(init=False)
+    host_s2_pool: HypPool = field(init=False)
+    host_mmu: HostMmu = field(init=False)
+    ffa: FfaProxy = field(init=False)
+    # What differs in shape between the kernels' VM life cycles (nvhe/pkvm.c), chosen from
+    # `profile.vm_lifecycle`: `pkvm_one_phase` (6.12) or `pkvm_two_phase` (7.2).
+    life: VmLife = field(init=False)
+    # `vm_table`: empty (the kernel's NULL) until `__pkvm_init` allocates it.
+    vm_table: list[object | None] = field(default_factory=list)
+    loaded_hyp_vcpu: list[PkvmHypVcpu | None] = field(default_factory=list)
     protected_mode_initialized: bool = False
     dead: str | None = None
-    hyp_vms: dict[int, "PkvmHypVm"] = field(default_factory=dict)  # hyp VA of hyp_vm -> object
+    hyp_vms: dict[int, PkvmHypVm] = field(default_factory=dict)  # hyp VA of hyp_vm -> object
     seeded_bugs: frozenset[str] = frozenset()
     warnings: list[str] = field(default_factory=list)
+    # The physical timer that interrupts a guest (ARM_EXCEPTION_IRQ): after this many
+    # instructions (int) or seconds of wall clock (float); None lets a guest run until it exits.
+    guest_timeslice: int | float | None = None
     # `id_aa64*_el1_sys_val`: the sanitised ID registers the host hands EL2 before init.
     sys_vals: dict[str, int] = field(default_factory=lambda: dict(CPU_ID_REGS))
-    # The SMC door (psci_relay.py, ffa.py): the relay's config, the FF-A proxy's state, the
-    # `smc #0` EL2 issues to the firmware (wired by the board), each CPU's `kvm_init_params`
-    # (hcr, vttbr, vtcr) that a CPU entering EL2 through the relay installs.
-    psci: Any = None
-    ffa: Any = None
-    smc_to_el3: Any = None
+    # Each CPU's `kvm_init_params` (hcr, vttbr, vtcr) that a CPU entering EL2 through the PSCI
+    # relay installs.
     init_params: list[tuple[int, int, int]] = field(default_factory=list)
     # EL2's TLB over its own stage-1, and the TLB of the host's stage-2 regime (the host's
     # CPUs fill it, the hyp invalidates it where Linux issues the TLBI).
@@ -104,7 +132,7 @@ class HypState:
     # pages handed back to the host by the current hypercall that the kernel wipes first.
     bad_stores: list[str] = field(default_factory=list)
     wiped_returns: list[int] = field(default_factory=list)
-    store_ok: list = field(default_factory=lambda: [-1, set()])  # [gen, pages] (6.12 memo)
+    store_ok: list[Any] = field(default_factory=lambda: [-1, set()])  # [gen, pages] (6.12 memo)
 
     @property
     def cpu(self) -> int:
@@ -118,7 +146,7 @@ class HypState:
 def new_hyp_state(mem: PhysMemory, profile: Profile, el2: list[El2Regs]) -> HypState:
     locks = HypLocks(len(el2))
     vmemmap = HypVmemmap(mem, profile.hyp_no_order)
-    h = HypState(
+    return HypState(
         mem=mem,
         profile=profile,
         nr_cpus=len(el2),
@@ -127,8 +155,7 @@ def new_hyp_state(mem: PhysMemory, profile: Profile, el2: list[El2Regs]) -> HypS
         hyp_memory=[MemblockRegion(mem.base, mem.size)],
         vmemmap=vmemmap,
         pkvm_pgd_lock=HypSpinLock(locks, "pkvm_pgd_lock", RANK_HYP),
+        vm_table_lock=HypSpinLock(locks, "vm_table_lock", RANK_VM_TABLE),
+        host_mmu_lock=HypSpinLock(locks, "host_mmu.lock", RANK_HOST),
+        loaded_hyp_vcpu=[None] * len(el2),
     )
-    h.vm_table_lock = HypSpinLock(locks, "vm_table_lock", RANK_VM_TABLE)
-    h.host_mmu_lock = HypSpinLock(locks, "host_mmu.lock", RANK_HOST)
-    h.loaded_hyp_vcpu = [None] * len(el2)
-    return h

@@ -3,9 +3,9 @@
 flush (host vCPU -> hyp vCPU), world switch (run the guest until an exit EL2 takes), sync
 (hyp vCPU -> host vCPU). What is copied in each direction follows `run-and-check.md` §1.2/§1.4:
 the whole `arch.ctxt`, HCR (7.2: only TWI/TWE/VSE from the host), MDCR, `iflags`, and the fault
-registers on the way out. The guest itself runs on `HypState.guest_runner` (the CPU emulator,
-`pkvm.hyp.guest_run`); without one a run returns `ARM_EXCEPTION_IRQ` at once, as a CPU that took
-an interrupt before the first guest instruction would.
+registers on the way out. The guest runs on a CPU emulator core (`pkvm.machine.cpu.Core`), one
+per VM, until an exit EL2 takes or the physical timer (`HypState.guest_timeslice`) fires.
+Which hyp vCPU a `__kvm_vcpu_run` runs is the kernel's life cycle (`HypState.life`).
 """
 
 from __future__ import annotations
@@ -14,19 +14,35 @@ import struct
 
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
-from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM_ARCH_FLAG_MTE_ENABLED, KVM_VCPU
-from pkvm.errors import EINVAL
-from pkvm.hyp.mm import el2_read, el2_write, el2_write_u64
-from pkvm.hyp.pkvm import (
-    PkvmHypVcpu,
-    kvm_field,
-    pkvm_get_loaded_hyp_vcpu,
-    pkvm_load_hyp_vcpu,
-    pkvm_put_hyp_vcpu,
-    vcpu_field,
+from pkvm.abi.host_structs import (
+    CTXT_END,
+    CTXT_START,
+    IFLAG_INCREMENT_PC,
+    IFLAG_PENDING_EXCEPTION,
+    KVM,
+    KVM_ARCH_FLAG_MTE_ENABLED,
+    KVM_VCPU,
+    ctxt_pack_words,
+    ctxt_unpack,
+    ctxt_words,
 )
+from pkvm.errors import EINVAL
+from pkvm.hyp.mm import el2_read, el2_read_u64, el2_write, el2_write_u64, kern_hyp_va
+from pkvm.hyp.pgtable import KvmPgtable
+from pkvm.hyp.pkvm import kvm_field, vcpu_field
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu
+from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
 from pkvm.hyp.state import HypState
+from pkvm.hyp.sys_regs import (
+    KVM_ARM_VCPU_EL1_32BIT,
+    KVM_ARM_VCPU_PTRAUTH_ADDRESS,
+    KVM_ARM_VCPU_PTRAUTH_GENERIC,
+    kvm_has_feat,
+    vm_has_feature,
+)
+from pkvm.machine.cpu import Core, ExitKind
 from pkvm.machine.cpu_id import CTR_EL0
+from pkvm.machine.preempt import run_for
 
 ARM_EXCEPTION_IRQ = 0
 ARM_EXCEPTION_EL1_SERROR = 1
@@ -36,8 +52,8 @@ ARM_EXCEPTION_IL = 3
 HCR_TWI = 1 << 13
 HCR_TWE = 1 << 14
 HCR_VSE = 1 << 8
-HCR_VI = 1 << 7  # issue 9: the host's virtual IRQ line (its emulated GIC's output)
-HCR_IMO, HCR_FMO = 1 << 4, 1 << 3  # issue 9: virtual IRQ/FIQ routing (KVM's guest flags)
+HCR_VI = 1 << 7  # the host's virtual IRQ line (its emulated GIC's output)
+HCR_IMO, HCR_FMO = 1 << 4, 1 << 3  # virtual IRQ/FIQ routing (KVM's guest flags)
 _HCR_EL2_ENC = (3, 4, 1, 1, 0)
 _FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
@@ -65,13 +81,6 @@ def _sysf(h: HypState, reg: str, shift: int) -> int:
 
 def pkvm_vcpu_reset_hcr(h: HypState, vcpu: PkvmHypVcpu) -> int:
     """`pkvm_vcpu_reset_hcr`: KVM's guest flags and the bits the CPU's features ask for."""
-    from pkvm.hyp.sys_regs import (
-        KVM_ARM_VCPU_EL1_32BIT,
-        KVM_ARM_VCPU_PTRAUTH_ADDRESS,
-        KVM_ARM_VCPU_PTRAUTH_GENERIC,
-        vm_has_feature,
-    )
-
     vm = vcpu.vm
     hcr = HCR_GUEST_FLAGS
     if _sysf(h, "ID_AA64MMFR1_EL1", 8):  # VHE hardware in protected mode: hVHE
@@ -97,8 +106,6 @@ def pkvm_vcpu_reset_hcr(h: HypState, vcpu: PkvmHypVcpu) -> int:
 
 
 def pvm_init_traps_hcr(vcpu: PkvmHypVcpu, hcr: int) -> int:
-    from pkvm.hyp.sys_regs import kvm_has_feat
-
     vm = vcpu.vm
     hcr |= HCR_RW | HCR_TACR | HCR_TIDCP | HCR_TID3 | HCR_TID1
     if not kvm_has_feat(vm, "ID_AA64PFR0_EL1", 28, 1):  # RAS
@@ -113,8 +120,6 @@ def pvm_init_traps_hcr(vcpu: PkvmHypVcpu, hcr: int) -> int:
 
 
 def pvm_init_traps_mdcr(vcpu: PkvmHypVcpu, mdcr: int) -> int:
-    from pkvm.hyp.sys_regs import kvm_has_feat
-
     vm = vcpu.vm
     if not kvm_has_feat(vm, "ID_AA64DFR0_EL1", 8, 1):  # PMUVer
         mdcr = (mdcr | MDCR_TPM | MDCR_TPMCR) & ~(MDCR_HPME | MDCR_MTPME | MDCR_HPMN_MASK)
@@ -134,8 +139,6 @@ def pvm_init_traps_mdcr(vcpu: PkvmHypVcpu, mdcr: int) -> int:
 
 
 def pkvm_check_pvm_cpu_features(vcpu: PkvmHypVcpu) -> int:
-    from pkvm.hyp.sys_regs import kvm_has_feat
-
     vm = vcpu.vm
     if kvm_has_feat(vm, "ID_AA64PFR0_EL1", 0, 2) or kvm_has_feat(vm, "ID_AA64PFR0_EL1", 4, 2):
         return -EINVAL  # AArch32 at EL0 or EL1
@@ -175,14 +178,11 @@ def flush_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     vcpu.ctxt = bytes(ctxt)
     host_hcr = vcpu_field(h, hv, "arch.hcr_el2")
     if h.profile.hyp_owned_guest_stage2:
-        mask = HCR_TWI | HCR_TWE | HCR_VSE | HCR_VI  # issue 9: + VI
+        mask = HCR_TWI | HCR_TWE | HCR_VSE | HCR_VI  # VI: the host's emulated GIC
         vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (host_hcr & mask)
     else:
         vcpu.hcr_el2 = host_hcr
         # 6.12 runs the guest on the stage-2 the host manages: its `hw_mmu`, read every run.
-        from pkvm.abi.host_structs import KVM
-        from pkvm.hyp.mm import el2_read_u64, kern_hyp_va
-
         mmu = kern_hyp_va(h, vcpu_field(h, hv, "arch.hw_mmu"))
         pgd_off = KVM.offset("arch.mmu.pgd_phys") - KVM.offset("arch.mmu.vmid")
         vcpu.exit_data["s2_pgd"] = el2_read_u64(h, mmu + pgd_off) & ~0xFFF
@@ -204,7 +204,7 @@ S2_XN_NONE = 0b10
 
 
 class _Engine:
-    """issue 14: the CPU emulator a VM's vCPUs run on, and what it holds.
+    """The CPU emulator a VM's vCPUs run on, and what it holds.
 
     One per VM: unicorn's translated code and its view of the stage-2 are shared by the VM's
     vCPUs, as QEMU's single-threaded TCG runs all the CPUs of a machine on one translation
@@ -230,8 +230,6 @@ def _engine_for(h: HypState, vcpu: PkvmHypVcpu) -> _Engine:
     vm = vcpu.vm
     eng = vm.engine
     if eng is None:
-        from pkvm.machine.cpu import Core
-
         core = Core()
         # issue 9: trap the EL1 physical timer (CNTHCTL_EL2.EL1PCEN = 0, EL1PCTEN = 1) so the
         # host can emulate it (unicorn's timers are stubs); the counter stays direct.
@@ -265,7 +263,7 @@ def _core_for(h: HypState, vcpu: PkvmHypVcpu):
 
 
 def _switch_to(vcpu: PkvmHypVcpu, core) -> None:
-    """issue 14: put `vcpu` on its VM's engine if another vCPU ran there last."""
+    """Put `vcpu` on its VM's engine if another vCPU ran there last."""
     eng = vcpu.vm.engine
     prev = eng.owner
     if prev is vcpu:
@@ -310,8 +308,6 @@ def _guest_s2(h: HypState, vcpu: PkvmHypVcpu):
     eng = vcpu.vm.engine
     cached = eng.host_s2
     if cached is None or cached.pgd != pgd:
-        from pkvm.hyp.pgtable import KvmPgtable
-
         cached = KvmPgtable(h.mem, _ReadOnlyTables(), stage=2, name="host-managed guest stage-2")
         cached.pgd = pgd if h.mem.is_ram(pgd) else 0
         eng.host_s2 = cached
@@ -331,7 +327,7 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None
         ranges = touched[vcpu.vm.engine.view_cursor :]
     vcpu.vm.engine.view_cursor = len(touched)
     mem = h.mem
-    # issue 9: contiguous pieces with the same permissions go to the core as one range (each
+    # Contiguous pieces with the same permissions go to the core as one range (each
     # core.map/unmap rebuilds unicorn regions, ~1 ms): a fault that mapped many pages costs one.
     run: list = []  # [base, size, host or None, writable, executable]
     out: list[list] = []
@@ -387,8 +383,6 @@ def _load_context(vcpu: PkvmHypVcpu, core) -> None:
 
     The core still holds what the last sync copied out; when the host changed only general
     registers or the PC since (an MMIO completion), only those are written."""
-    from pkvm.abi.host_structs import IFLAG_INCREMENT_PC, ctxt_unpack, ctxt_words
-
     words = ctxt_words(vcpu.ctxt)
     synced = vcpu.exit_data.get("synced_words")
     pc = words[32]
@@ -410,15 +404,8 @@ def _load_context(vcpu: PkvmHypVcpu, core) -> None:
 
 def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     """`__kvm_vcpu_run`: enter the guest, return the exit code."""
-    runner = getattr(h, "guest_runner", None)
-    if runner is not None:
-        return runner(h, vcpu)
-    from pkvm.abi.host_structs import IFLAG_PENDING_EXCEPTION, ctxt_pack_words
-    from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
-    from pkvm.machine.cpu import ExitKind
-
     core = _core_for(h, vcpu)
-    _switch_to(vcpu, core)  # issue 14: the VM's vCPUs share one engine
+    _switch_to(vcpu, core)  # the VM's vCPUs share one engine
     _load_context(vcpu, core)
     if vcpu.iflags & IFLAG_PENDING_EXCEPTION:
         core.inject_undef()
@@ -430,13 +417,11 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         core._cpw(_HCR_EL2_ENC, core._cpr(_HCR_EL2_ENC) & ~HCR_VI | vi)
         vcpu.exit_data["hcr_vi"] = vi
     protected = vcpu.vm.is_protected
-    budget = getattr(h, "guest_timeslice", None)
+    budget = h.guest_timeslice
     code = ARM_EXCEPTION_TRAP
     while True:
         _sync_view(h, vcpu, core)
-        if isinstance(budget, float):  # issue 9: a wall-clock slice (seconds)
-            from pkvm.machine.preempt import run_for
-
+        if isinstance(budget, float):  # a wall-clock slice (seconds)
             ex = run_for(core, budget)
         else:
             ex = core.run(budget)
@@ -460,33 +445,3 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     vcpu.ctxt, vcpu.exit_data["synced_words"] = ctxt_pack_words(
         words, vhalves, core.sys_names, sysvals, vcpu.ctxt)
     return code
-
-
-def handle_vcpu_run(h: HypState, host_vcpu_va: int) -> int:
-    """The body of `handle___kvm_vcpu_run` in pKVM mode; returns x1."""
-    prof = h.profile
-    if prof.explicit_vcpu_load:
-        vcpu = pkvm_get_loaded_hyp_vcpu(h)
-        if vcpu is None:
-            return -EINVAL
-        flush_hyp_vcpu(h, vcpu)
-        ret = kvm_vcpu_run(h, vcpu)
-        sync_hyp_vcpu(h, vcpu)
-        return ret
-    # 6.12: look the hyp vCPU up from the host's vCPU on every run (plain host reads).
-    from pkvm.hyp.mm import kern_hyp_va
-
-    host_kvm = kern_hyp_va(h, vcpu_field(h, host_vcpu_va, "kvm"))
-    handle = prof.handle(kvm_field(h, host_kvm, "arch.pkvm.handle"))
-    idx = vcpu_field(h, host_vcpu_va, "vcpu_idx")
-    h.locks.preempt("host-read", "vcpu->kvm->arch.pkvm.handle")
-    vcpu = pkvm_load_hyp_vcpu(h, handle, idx & 0xFFFF_FFFF)
-    if vcpu is None:
-        return -EINVAL
-    try:
-        flush_hyp_vcpu(h, vcpu)
-        ret = kvm_vcpu_run(h, vcpu)
-        sync_hyp_vcpu(h, vcpu)
-    finally:
-        pkvm_put_hyp_vcpu(h, vcpu)
-    return ret
