@@ -266,7 +266,7 @@ class Machine:
         self._hyp.smc_to_el3 = self.firmware.smc
         # The physical timer: a guest is interrupted (ARM_EXCEPTION_IRQ) after this many
         # instructions; None lets it run until it exits by itself.
-        self._hyp.guest_timeslice = timeslice  # type: ignore[attr-defined]
+        self._hyp.guest_timeslice = timeslice
         self.carveout = carveout_layout(size, self.profile, cpus)
         if self.carveout[0] < RAM_BASE + (4 << 20):
             raise ValueError(f"memory={memory!r} leaves no room for the hyp carve-out")

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from pkvm.host.kvm import HostVm
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from pkvm.abi.profiles import Profile
-    from pkvm.host.kvm import HostVm
+
+
+class HvcAnswer(Protocol):
+    """x0..x3 of the calling CPU after an HVC (the board's `HvcResult`)."""
+
+    @property
+    def x0(self) -> int: ...
+    @property
+    def x1(self) -> int: ...
+    @property
+    def x2(self) -> int: ...
+    @property
+    def x3(self) -> int: ...
 
 
 class HostPort(Protocol):
     """What the board hands the host: HVC and stage-2-checked memory accesses."""
 
-    def hvc(self, cpu: int, func: str | int, *args: int) -> Any: ...
+    def hvc(self, cpu: int, func: str | int, *args: int) -> HvcAnswer: ...
     def read(self, cpu: int, pa: int, n: int) -> bytes: ...
     def write(self, cpu: int, pa: int, data: bytes) -> None: ...
     def zero(self, cpu: int, pa: int, n: int) -> None: ...
@@ -84,7 +97,8 @@ class Host:
         fast = getattr(self.port, "read_u64", None)  # optional in a port (one translation)
         if fast is None:
             return int.from_bytes(self.read(pa, 8), "little")
-        return fast(self.cpu, pa)
+        value: int = fast(self.cpu, pa)
+        return value
 
     def write_u64(self, pa: int, value: int) -> None:
         fast = getattr(self.port, "write_u64", None)
@@ -108,13 +122,13 @@ class Host:
         self.pages.release(pa >> PAGE_SHIFT, n)
 
     # -- the hypercalls the host kernel itself makes -------------------------------------
-    def hvc(self, func: str | int, *args: int, cpu: int | None = None):
+    def hvc(self, func: str | int, *args: int, cpu: int | None = None) -> HvcAnswer:
         return self.port.hvc(self.cpu if cpu is None else cpu, func, *args)
 
     def share_hyp(self, pa: int, size: int) -> int:
         """`kvm_share_hyp`: share every page of [pa, pa+size) once, counting users per pfn."""
         first, last = pa >> PAGE_SHIFT, (pa + size - 1) >> PAGE_SHIFT
-        done = []
+        done: list[int] = []
         for pfn in range(first, last + 1):
             if self._shared.get(pfn, 0) == 0:
                 r = self.hvc("__pkvm_host_share_hyp", pfn)
@@ -144,7 +158,5 @@ class Host:
         return ret
 
     # -- KVM ----------------------------------------------------------------------
-    def create_vm(self, vcpus: int = 1, protected: bool = False, memory: int | str = "64M"):
-        from pkvm.host.kvm import HostVm
-
+    def create_vm(self, vcpus: int = 1, protected: bool = False, memory: int | str = "64M") -> HostVm:
         return HostVm.create(self, vcpus=vcpus, protected=protected, memory=memory)

@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from pkvm.abi import sizes
-from pkvm.abi.host_structs import (
-    HYP_MEMCACHE_ACCOUNT_STAGE2,
-    KVM,
-    KVM_ARCH_FLAG_ID_REGS_INITIALIZED,
-    KVM_ARM_VCPU_PSCI_0_2,
-    KVM_VCPU,
-)
-from pkvm.errors import EFAULT, EINVAL, HostDataAbort, HostError
+from pkvm.abi.host_structs import KVM, KVM_ARM_VCPU_PSCI_0_2, KVM_VCPU, Layout
+from pkvm.arch.pgtable import KvmPgtable
+from pkvm.errors import EFAULT, EINVAL, ENOMEM, HostDataAbort, HostError
+from pkvm.host.kvm_life import HOST_VM_LIFECYCLES
+from pkvm.host.vcpu_run import HCR_HOST_VCPU, VcpuExit, VcpuRunner
+from pkvm.machine.cpu import CpuContext
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, RAM_BASE, parse_size
 
 if TYPE_CHECKING:
@@ -38,7 +36,6 @@ if TYPE_CHECKING:
 
 LINEAR_MAP_BASE = 0xFFFF_0000_0000_0000
 GUEST_RAM_IPA = 0x4000_0000
-HCR_HOST_VCPU = (1 << 31) | (1 << 27) | (1 << 13) | (1 << 14)  # RW, TGE-less guest flags, TWI, TWE
 KVM_PGTABLE_PROT_RWX = 0xF
 
 
@@ -103,21 +100,19 @@ class HostVcpu:
     hyp_created: bool = False
     hyp_mem: int = 0
     memcache_pages: list[int] = field(default_factory=list)
+    _runner: VcpuRunner | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def va(self) -> int:
         return host_va(self.pa)
 
     @property
-    def runner(self):
-        r = self.__dict__.get("_runner")
-        if r is None:
-            from pkvm.host.vcpu_run import VcpuRunner
+    def runner(self) -> VcpuRunner:
+        if self._runner is None:
+            self._runner = VcpuRunner(self)
+        return self._runner
 
-            r = self.__dict__["_runner"] = VcpuRunner(self)
-        return r
-
-    def run(self, cpu: int | None = None):
+    def run(self, cpu: int | None = None) -> VcpuExit:
         """`KVM_RUN`: run until an exit userspace must handle; returns a `VcpuExit`."""
         return self.runner.run(cpu)
 
@@ -125,12 +120,12 @@ class HostVcpu:
         self.runner.complete_mmio(data)
 
     @property
-    def regs(self):
+    def regs(self) -> CpuContext:
         """The vCPU's registers as the host holds them (a `CpuContext`; assign to change)."""
         return self.runner.get_regs()
 
     @regs.setter
-    def regs(self, ctx) -> None:
+    def regs(self, ctx: CpuContext) -> None:
         self.runner.set_regs(ctx)
 
     @property
@@ -147,6 +142,7 @@ class HostVm:
     def __init__(self, host: "Host", nr_vcpus: int, protected: bool, memory: int):
         self.host = host
         self.profile = host.profile
+        self.life = HOST_VM_LIFECYCLES[self.profile.vm_lifecycle]
         self.nr_vcpus = nr_vcpus
         self.protected = protected
         self.memory = memory
@@ -155,6 +151,9 @@ class HostVm:
         self.is_created = False
         self.destroyed = False
         self.vcpus: list[HostVcpu] = []
+        # Fault-around (a VMM's choice, as KVM maps huge pages): a stage-2 fault maps the
+        # aligned block of this many pages, each donated or shared on its own.
+        self.fault_around = 1
         self.memslot: dict[int, int] = {}  # gfn -> host pa backing it
         self.mapped: dict[int, int] = {}  # gfn -> pa mapped in the guest stage-2
         self._allocs: list[tuple[int, int]] = []  # (pa, pages) of driver allocations
@@ -163,12 +162,12 @@ class HostVm:
         self.pgd_pa = 0
         self.hyp_vm_pa = 0
         self.hyp_vm_pages = 0
-        self.s2 = None  # 6.12: the guest stage-2 the host manages itself
+        self.s2: KvmPgtable | None = None  # 6.12: the guest stage-2 the host manages itself
         self._shared: list[tuple[int, int]] = []  # (pa, size) the host shared with the hyp
         self._returned: set[int] = set()  # pages the hyp gave back in teardown memcaches
 
     # -- helpers -------------------------------------------------------------------
-    def _hvc(self, name: str, *args: int, cpu: int = 0) -> int:
+    def hvc(self, name: str, *args: int, cpu: int = 0) -> int:
         r = self.host.hvc(name, *args, cpu=cpu)
         if r.x0:
             raise HostError(EINVAL, name, r.x0, "the hyp does not offer this call")
@@ -182,13 +181,13 @@ class HostVm:
     def kvm_field_pa(self, name: str) -> int:
         return self.kvm_pa + KVM.offset(name)
 
-    def _write_field(self, base: int, layout, name: str, value: int) -> None:
+    def _write_field(self, base: int, layout: Layout, name: str, value: int) -> None:
         f = layout.field(name)
         self.host.write(base + f.offset, (value & ((1 << (8 * f.size)) - 1)).to_bytes(f.size, "little"))
 
-    def _read_field(self, base: int, layout, name: str) -> int:
-        f = layout.field(name)
-        return int.from_bytes(self.host.read(base + f.offset, f.size), "little")
+    def write_kvm_field(self, name: str, value: int) -> None:
+        """A store to a field of the VM's `struct kvm` (through the host's stage-2)."""
+        self._write_field(self.kvm_pa, KVM, name, value)
 
     # -- create --------------------------------------------------------------------
     @classmethod
@@ -218,17 +217,9 @@ class HostVm:
         w = self._write_field
         w(self.kvm_pa, KVM, "created_vcpus", self.nr_vcpus)
         w(self.kvm_pa, KVM, "arch.vcpu_features", KVM_ARM_VCPU_PSCI_0_2)
-        if self.profile.reserve_vm:
-            w(self.kvm_pa, KVM, "arch.flags", KVM_ARCH_FLAG_ID_REGS_INITIALIZED)
-            w(self.kvm_pa, KVM, "arch.pkvm.stage2_teardown_mc.flags", HYP_MEMCACHE_ACCOUNT_STAGE2)
+        self.life.init_kvm(self)
         self._share(self.kvm_pa, size)
-        if self.profile.reserve_vm:
-            ret = self._hvc("__pkvm_reserve_vm")
-            if ret < 0:
-                raise HostError(-ret, "__pkvm_reserve_vm", ret)
-            self.handle = ret
-            w(self.kvm_pa, KVM, "arch.pkvm.handle", ret)
-            w(self.kvm_pa, KVM, "arch.pkvm.is_protected", int(self.protected))
+        self.life.init_host_vm(self)
         for i in range(self.nr_vcpus):
             pa = self._alloc(sizes.page_align(self.profile.sizeof_kvm_vcpu) // PAGE_SIZE)
             vcpu = HostVcpu(self, i, pa)
@@ -242,23 +233,19 @@ class HostVm:
             vcpu.runner.reset(GUEST_RAM_IPA, 0)
         if not self.profile.hyp_owned_guest_stage2:
             self._create_host_stage2()
-        if not self.profile.reserve_vm:
-            self._create_hyp_vm()
-            for vcpu in self.vcpus:
-                self._create_hyp_vcpu(vcpu)
+        self.life.vcpus_created(self)
 
     def _create_host_stage2(self) -> None:
         """6.12: the host builds and owns the guest's stage-2 (`kvm_init_stage2_mmu`); each
         vCPU's `hw_mmu` points at the VM's `arch.mmu`, which EL2 loads on every run."""
-        from pkvm.arch.pgtable import KvmPgtable
-
-        self.s2 = KvmPgtable(_HostMem(self.host), _HostTablePages(self.host), stage=2,  # type: ignore[arg-type]
-                             name=f"host-managed stage-2 of VM {id(self):#x}", normal_memattr=0xF)
-        if self.s2.init():
-            raise HostError(12, "kvm_init_stage2_mmu")
+        s2 = self.s2 = KvmPgtable(_HostMem(self.host), _HostTablePages(self.host), stage=2,
+                                  name=f"host-managed stage-2 of VM {id(self):#x}",
+                                  normal_memattr=0xF)
+        if s2.init():
+            raise HostError(ENOMEM, "kvm_init_stage2_mmu")
         self.host.vmids += 1
         w = self._write_field
-        w(self.kvm_pa, KVM, "arch.mmu.pgd_phys", self.s2.pgd)
+        w(self.kvm_pa, KVM, "arch.mmu.pgd_phys", s2.pgd)
         w(self.kvm_pa, KVM, "arch.mmu.vmid", self.host.vmids)
         mmu_va = host_va(self.kvm_pa + KVM.offset("arch.mmu.vmid"))
         for vcpu in self.vcpus:
@@ -270,27 +257,25 @@ class HostVm:
             raise HostError(-ret, "__pkvm_host_share_hyp", ret)
         self._shared.append((pa, size))
 
-    def _create_hyp_vm(self) -> None:
+    def create_hyp_vm(self) -> None:
         """`__pkvm_create_hyp_vm`: donate the pgd and the hyp VM, `__pkvm_init_vm`."""
         self.pgd_pa = self._alloc(sizes.KVM_PGTABLE_STAGE2_PGD_SIZE >> PAGE_SHIFT)
         self.hyp_vm_pages = sizes.page_align(sizes.pkvm_get_hyp_vm_size(self.nr_vcpus)) >> PAGE_SHIFT
         self.hyp_vm_pa = self._alloc(self.hyp_vm_pages)
-        ret = self._hvc("__pkvm_init_vm", host_va(self.kvm_pa), host_va(self.hyp_vm_pa),
+        ret = self.hvc("__pkvm_init_vm", host_va(self.kvm_pa), host_va(self.hyp_vm_pa),
                         host_va(self.pgd_pa))
         if ret < 0:
             self._free_run(self.pgd_pa, 1)
             self._free_run(self.hyp_vm_pa, self.hyp_vm_pages)
             self.pgd_pa = self.hyp_vm_pa = 0
             raise HostError(-ret, "__pkvm_init_vm", ret)
-        if not self.profile.reserve_vm:
-            self.handle = ret
-            self._write_field(self.kvm_pa, KVM, "arch.pkvm.handle", ret)
+        self.life.hyp_vm_created(self, ret)
         self.is_created = True
 
-    def _create_hyp_vcpu(self, vcpu: HostVcpu) -> None:
+    def create_hyp_vcpu(self, vcpu: HostVcpu) -> None:
         pages = sizes.page_align(sizes.PKVM_HYP_VCPU_SIZE) >> PAGE_SHIFT
         mem = self._alloc(pages)
-        ret = self._hvc("__pkvm_init_vcpu", self.handle, vcpu.va, host_va(mem))
+        ret = self.hvc("__pkvm_init_vcpu", self.handle, vcpu.va, host_va(mem))
         if ret:
             self._free_run(mem, pages)
             raise HostError(-ret, "__pkvm_init_vcpu", ret)
@@ -300,9 +285,9 @@ class HostVm:
     def ensure_hyp_vcpu(self, vcpu: HostVcpu) -> None:
         """What the first `KVM_RUN` of a vCPU does (`kvm_arch_vcpu_run_pid_change`)."""
         if not self.is_created:
-            self._create_hyp_vm()
+            self.create_hyp_vm()
         if not vcpu.hyp_created:
-            self._create_hyp_vcpu(vcpu)
+            self.create_hyp_vcpu(vcpu)
 
     def _free_run(self, pa: int, n: int) -> None:
         self.host.free_pages(pa, n)
@@ -384,12 +369,12 @@ class HostVm:
             return
         vcpu = self.vcpus[0]
         self.ensure_hyp_vcpu(vcpu)
-        self._hvc("__pkvm_vcpu_load", self.handle, 0, HCR_HOST_VCPU, cpu=cpu)
+        self.life.vcpu_load(self, vcpu, HCR_HOST_VCPU, cpu)
         try:
             for g in range(gfn, gfn + n):
                 self.map_one(vcpu, g, cpu)
         finally:
-            self._hvc("__pkvm_vcpu_put", cpu=cpu)
+            self.life.vcpu_put(self, cpu)
 
     def map_one(self, vcpu: HostVcpu, gfn: int, cpu: int) -> None:
         """Map one page with `vcpu` loaded on `cpu` (the stage-2 fault path)."""
@@ -404,10 +389,10 @@ class HostVm:
             return
         self.topup_memcache(vcpu)
         if self.protected:
-            ret = self._hvc("__pkvm_host_donate_guest", pa >> PAGE_SHIFT, gfn, cpu=cpu)
+            ret = self.hvc("__pkvm_host_donate_guest", pa >> PAGE_SHIFT, gfn, cpu=cpu)
             name = "__pkvm_host_donate_guest"
         else:
-            ret = self._hvc("__pkvm_host_share_guest", pa >> PAGE_SHIFT, gfn, 1,
+            ret = self.hvc("__pkvm_host_share_guest", pa >> PAGE_SHIFT, gfn, 1,
                             KVM_PGTABLE_PROT_RWX, cpu=cpu)
             name = "__pkvm_host_share_guest"
         if ret:
@@ -419,43 +404,12 @@ class HostVm:
         """Tear the VM down and give the host back every page it gave."""
         if self.destroyed:
             return
-        if self.profile.two_phase_teardown:
-            self._destroy_7_2()
-        elif self.handle:
-            ret = self._hvc("__pkvm_teardown_vm", self.handle)
-            if ret:
-                warnings.warn(f"__pkvm_teardown_vm({self.handle:#x}) = {ret}: the hyp VM leaks", stacklevel=2)
-            else:
-                self._free_teardown_mc("teardown_mc")
+        self.life.destroy(self)
         self._release_host_side()
         self.destroyed = True
         self.host.vms.pop(id(self), None)
 
-    def _destroy_7_2(self) -> None:
-        if self.is_created:
-            ret = self._hvc("__pkvm_start_teardown_vm", self.handle)
-            if ret:
-                warnings.warn(f"__pkvm_start_teardown_vm({self.handle:#x}) = {ret}", stacklevel=2)
-            for gfn in list(self.mapped):
-                if self.protected:
-                    r = self._hvc("__pkvm_reclaim_dying_guest_page", self.handle, gfn)
-                else:
-                    r = self._hvc("__pkvm_host_unshare_guest", self.handle, gfn, 1)
-                if r:
-                    warnings.warn(f"releasing gfn {gfn:#x} failed: {r}", stacklevel=2)
-                else:
-                    del self.mapped[gfn]
-            ret = self._hvc("__pkvm_finalize_teardown_vm", self.handle)
-            if ret:
-                warnings.warn(f"__pkvm_finalize_teardown_vm({self.handle:#x}) = {ret}: "
-                              "the hyp VM leaks", stacklevel=2)
-                return
-            self._free_teardown_mc("teardown_mc")
-            self._free_teardown_mc("stage2_teardown_mc")
-        elif self.handle:
-            self._hvc("__pkvm_unreserve_vm", self.handle)
-
-    def _free_teardown_mc(self, name: str) -> None:
+    def free_teardown_mc(self, name: str) -> None:
         """`free_hyp_memcache`: pop every page the hyp pushed and free it."""
         head_pa = self.kvm_field_pa(f"arch.pkvm.{name}.head")
         nr_pa = self.kvm_field_pa(f"arch.pkvm.{name}.nr_pages")

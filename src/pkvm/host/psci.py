@@ -115,7 +115,7 @@ def kvm_psci_vcpu_affinity_info(runner: "VcpuRunner", target: int, lowest_level:
 def kvm_psci_call(runner: "VcpuRunner", fid: int, a1: int, a2: int, a3: int,
                   ) -> tuple[list[int], "VcpuExit | None"]:
     """`kvm_psci_call` for PSCI 1.x: ([x0..x3], exit or None to re-enter the guest)."""
-    from pkvm.host.vcpu_run import VcpuExit
+    from pkvm.host.vcpu_run import VcpuExit  # late: vcpu_run imports this module
 
     minor = runner.vm.profile.psci_version & 0xFFFF
     if fid in _NARROWED:  # kvm_psci_narrow_to_32bit
@@ -158,7 +158,7 @@ def kvm_psci_call(runner: "VcpuRunner", fid: int, a1: int, a2: int, a3: int,
 
 def _psci_0_2_call(runner: "VcpuRunner", fid: int, a1: int, a2: int, a3: int,
                    ) -> tuple[int, "VcpuExit | None"]:
-    from pkvm.host.vcpu_run import VcpuExit
+    from pkvm.host.vcpu_run import VcpuExit  # late: vcpu_run imports this module
 
     if fid in (PSCI_0_2_FN_CPU_SUSPEND, PSCI_0_2_FN64_CPU_SUSPEND):
         return PSCI_RET_SUCCESS, VcpuExit("wfi")  # kvm_psci_vcpu_suspend: kvm_vcpu_wfi

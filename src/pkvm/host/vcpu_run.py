@@ -9,9 +9,11 @@ the PC increment / MMIO completion of the previous exit. Returns a `VcpuExit`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pkvm.abi.host_structs import (
+    CTXT_END,
+    CTXT_START,
     IFLAG_INCREMENT_PC,
     IFLAG_PENDING_EXCEPTION,
     KVM_VCPU,
@@ -19,8 +21,9 @@ from pkvm.abi.host_structs import (
     ctxt_pack,
     ctxt_unpack,
 )
-from pkvm.errors import EFAULT, HostError
+from pkvm.errors import EFAULT, EINVAL, HostError
 from pkvm.host.psci import is_psci, kvm_psci_call
+from pkvm.machine.cpu import CpuContext, mmio_read_value
 from pkvm.machine.memory import PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -40,7 +43,9 @@ EC_OWN_HANDLER = frozenset({
 # "hung" exit: Linux's run loop would go on for ever (a locked-up vCPU thread).
 RUN_REENTRY_LIMIT = 2048
 HPFAR_NS = 1 << 63
-HCR_VI = 1 << 7  # issue 9
+HCR_VI = 1 << 7  # the vCPU's virtual IRQ line (HCR_EL2.VI), driven by the host's emulated GIC
+# The HCR_EL2 the host keeps in a new vCPU and hands `__pkvm_vcpu_load`: RW, TSC, TWI, TWE.
+HCR_HOST_VCPU = (1 << 31) | (1 << 27) | (1 << 13) | (1 << 14)
 
 SMCCC_VERSION = 0x8000_0000
 SMCCC_ARCH_FEATURES = 0x8000_0001
@@ -83,10 +88,8 @@ class VcpuExit:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def reset_context(pc: int, x0: int, mpidr: int) -> Any:
+def reset_context(pc: int, x0: int, mpidr: int) -> CpuContext:
     """`kvm_reset_vcpu`: GPRs zero, PSTATE EL1h with DAIF masked, MMU off, PC and x0."""
-    from pkvm.machine.cpu import CpuContext
-
     ctx = CpuContext(pc=pc, pstate=0x3C5)
     ctx.x[0] = x0
     ctx.sys_regs = {name: 0 for name in SYS_REGS}
@@ -107,16 +110,13 @@ class VcpuRunner:
 
     # -- the host struct kvm_vcpu ------------------------------------------------------
     def _ctxt_raw(self) -> bytes:
-        from pkvm.abi.host_structs import CTXT_END, CTXT_START
-
         return self.vm.host.read(self.vcpu.pa + CTXT_START, CTXT_END - CTXT_START)
 
-    def get_regs(self):
-        return ctxt_unpack(self._ctxt_raw())
+    def get_regs(self) -> CpuContext:
+        ctx: CpuContext = ctxt_unpack(self._ctxt_raw())
+        return ctx
 
-    def set_regs(self, ctx) -> None:
-        from pkvm.abi.host_structs import CTXT_START
-
+    def set_regs(self, ctx: CpuContext) -> None:
         self.vm.host.write(self.vcpu.pa + CTXT_START, ctxt_pack(ctx, self._ctxt_raw()))
 
     def _field(self, name: str) -> int:
@@ -144,9 +144,7 @@ class VcpuRunner:
     def complete_mmio(self, data: int) -> None:
         """Userspace's answer to an MMIO read exit (kvm_run->mmio.data)."""
         if self.pending_mmio is None:
-            raise HostError(22, "complete_mmio", None, "the last exit was not an MMIO read")
-        from pkvm.machine.cpu import mmio_read_value
-
+            raise HostError(EINVAL, "complete_mmio", None, "the last exit was not an MMIO read")
         esr, srt = self.pending_mmio
         if srt != 31:
             self._set_xreg(srt, mmio_read_value(esr, data))
@@ -158,9 +156,7 @@ class VcpuRunner:
             return VcpuExit("cpu_off")
         cpu = self.vcpu.idx % vm.host.nr_cpus if cpu is None else cpu
         vm.ensure_hyp_vcpu(self.vcpu)
-        explicit = vm.profile.explicit_vcpu_load
-        if explicit:
-            vm._hvc("__pkvm_vcpu_load", vm.handle, self.vcpu.idx, 0x8800_6000, cpu=cpu)
+        vm.life.vcpu_load(vm, self.vcpu, HCR_HOST_VCPU, cpu)
         try:
             for _ in range(RUN_REENTRY_LIMIT):
                 r = vm.host.hvc("__kvm_vcpu_run", self.vcpu.va, cpu=cpu)
@@ -176,8 +172,7 @@ class VcpuRunner:
             return VcpuExit("hung", detail=f"KVM_RUN re-entered the guest {RUN_REENTRY_LIMIT} "
                                            "times without an exit to userspace")
         finally:
-            if explicit:
-                vm._hvc("__pkvm_vcpu_put", cpu=cpu)
+            vm.life.vcpu_put(vm, cpu)
 
     def _count(self, kind: str) -> None:
         self.exits[kind] = self.exits.get(kind, 0) + 1
@@ -222,9 +217,9 @@ class VcpuRunner:
             self._count("stage2_fault")
             try:
                 self.vm.map_one(self.vcpu, gfn, cpu)
-                # issue 9: fault-around (a VMM's choice, as KVM maps huge pages): the rest of
+                # Fault-around (a VMM's choice, as KVM maps huge pages): the rest of
                 # the aligned block of `vm.fault_around` pages, each donated/shared on its own.
-                around = getattr(self.vm, "fault_around", 1)
+                around = self.vm.fault_around
                 if around > 1:
                     first = gfn & ~(around - 1)
                     for g in range(first, first + around):
@@ -274,7 +269,7 @@ class VcpuRunner:
         self.set_regs(ctx)
         return out
 
-    # -- issue 9: what an emulated interrupt controller and timer need ------------------
+    # -- what an emulated interrupt controller and timer need ------------------
     def set_irq_line(self, level: bool) -> None:
         """Raise or lower the vCPU's virtual IRQ (HCR_EL2.VI): EL2 delivers it at entry
         when PSTATE.I is clear."""

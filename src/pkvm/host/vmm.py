@@ -16,9 +16,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
-from pkvm.host.kvm import GUEST_RAM_IPA, HostVm
+from pkvm.host.kvm import GUEST_RAM_IPA, HostVcpu, HostVm
+from pkvm.host.vcpu_run import VcpuExit
 
 if TYPE_CHECKING:
     from pkvm.host.host import Host
@@ -81,7 +82,7 @@ class Vmm:
         self.uart = Pl011(out)
         self.summary = RunSummary("running")
 
-    def _mmio(self, vcpu, ex) -> None:
+    def _mmio(self, vcpu: HostVcpu, ex: VcpuExit) -> None:
         s = self.summary
         if UART_BASE <= ex.addr < UART_BASE + UART_SIZE:
             off = ex.addr - UART_BASE
@@ -149,7 +150,8 @@ class Vmm:
         self.vm.destroy()
 
 
-def run_image(host: "Host", image: bytes, out: IO[str] | None = sys.stdout, **kw) -> RunSummary:
+def run_image(host: Host, image: bytes, out: IO[str] | None = sys.stdout,
+              **kw: Any) -> RunSummary:
     vmm = Vmm(host, image, out=out, **kw)
     try:
         return vmm.run()

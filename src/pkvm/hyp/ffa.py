@@ -32,7 +32,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pkvm.hyp.mem_protect import (
-    PageState,
     _warn,
     host_check_page_state_range,
     host_hyp_locked,
@@ -40,6 +39,7 @@ from pkvm.hyp.mem_protect import (
     hyp_pfn_to_phys,
     pfn_range_is_valid,
 )
+from pkvm.hyp.memory import PageState
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SIZE
 

@@ -6,15 +6,14 @@ A handler returns True to re-enter the guest, False to exit to the host.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pkvm.errors import ENOENT
+from pkvm.hyp.mem_protect import _warn
 from pkvm.hyp.mem_protect_guest import __pkvm_guest_share_host, __pkvm_guest_unshare_host
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu
 from pkvm.hyp.state import HypState
+from pkvm.hyp.sys_regs import HOST, PVM_SYS_REG_DESCS, UNDEF, pvm_sysreg_access
+from pkvm.machine.cpu import Core
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
-
-if TYPE_CHECKING:
-    from pkvm.hyp.pkvm import PkvmHypVcpu
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 SMCCC_RET_SUCCESS = 0
@@ -33,7 +32,7 @@ HPFAR_NS = 1 << 63
 
 
 
-def handle_pvm_hvc64(h: HypState, vcpu: "PkvmHypVcpu", core) -> bool:
+def handle_pvm_hvc64(h: HypState, vcpu: PkvmHypVcpu, core: Core) -> bool:
     """Answer FEATURES / HYP_MEMINFO / MEM_SHARE / MEM_UNSHARE at EL2; anything else exits."""
     fid = core.x(0) & 0xFFFF_FFFF
     a1, a2, a3 = core.x(1), core.x(2), core.x(3)
@@ -61,7 +60,7 @@ def handle_pvm_hvc64(h: HypState, vcpu: "PkvmHypVcpu", core) -> bool:
     return True
 
 
-def memshare_page_req(vcpu: "PkvmHypVcpu", core, ipa: int) -> bool:
+def memshare_page_req(vcpu: PkvmHypVcpu, core: Core, ipa: int) -> bool:
     """The page to share is not mapped yet: make the host fault it in; the HVC replays."""
     vcpu.fault_esr = FAKE_ABORT_ESR
     vcpu.fault_hpfar = (HPFAR_NS | (ipa >> 8)) & ~0xF
@@ -70,13 +69,10 @@ def memshare_page_req(vcpu: "PkvmHypVcpu", core, ipa: int) -> bool:
     return False
 
 
-def handle_pvm_sysreg(h: HypState, vcpu: "PkvmHypVcpu", core, esr: int) -> bool:
+def handle_pvm_sysreg(h: HypState, vcpu: PkvmHypVcpu, core: Core, esr: int) -> bool:
     """`kvm_handle_pvm_sysreg`: the kernel's table decides (`pkvm.hyp.sys_regs`). Registers
     outside it that only trap here because the emulated CPU lacks them (the GIC CPU interface,
     the timers) go to the host, which emulates them; anything else is UNDEF for the guest."""
-    from pkvm.hyp.mem_protect import _warn
-    from pkvm.hyp.sys_regs import HOST, PVM_SYS_REG_DESCS, UNDEF, pvm_sysreg_access
-
     op0, op2, op1, crn = (esr >> 20) & 3, (esr >> 17) & 7, (esr >> 14) & 7, (esr >> 10) & 15
     rt, crm, read = (esr >> 5) & 31, (esr >> 1) & 15, esr & 1
     enc = (op0, op1, crn, crm, op2)

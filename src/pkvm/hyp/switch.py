@@ -11,6 +11,7 @@ Which hyp vCPU a `__kvm_vcpu_run` runs is the kernel's life cycle (`HypState.lif
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 
@@ -216,11 +217,11 @@ class _Engine:
     and restored when it runs again; the emulator's TLB, which knows no VMID or vCPU, is
     emptied then, as each physical CPU has its own."""
 
-    def __init__(self, core) -> None:
+    def __init__(self, core: Core) -> None:
         self.core = core
-        self.view_of = None  # the stage-2 the view mirrors
+        self.view_of: KvmPgtable | None = None  # the stage-2 the view mirrors
         self.view_cursor = 0  # how much of its `touched` log the view has applied
-        self.host_s2 = None  # 6.12: the host-managed stage-2, as EL2 walks it
+        self.host_s2: KvmPgtable | None = None  # 6.12: the host-managed stage-2, as EL2 walks it
         self.owner: PkvmHypVcpu | None = None  # whose registers the core holds
         self.saved: dict[int, object] = {}  # vcpu_idx -> its emulated CPU's other state
         self.fresh = core.uc.context_save()  # the state a vCPU's first entry starts from
@@ -247,7 +248,14 @@ def _engine_for(h: HypState, vcpu: PkvmHypVcpu) -> _Engine:
     return eng
 
 
-def _core_for(h: HypState, vcpu: PkvmHypVcpu):
+def _engine_of(vcpu: PkvmHypVcpu) -> _Engine:
+    """The engine of a vCPU's VM (made by `_engine_for` before the first run)."""
+    eng = vcpu.vm.engine
+    assert eng is not None, "a hyp vCPU ran before its VM had an engine"
+    return eng
+
+
+def _core_for(h: HypState, vcpu: PkvmHypVcpu) -> Core:
     """The CPU this hyp vCPU runs on, its stage-2 view up to date."""
     eng = _engine_for(h, vcpu)
     pgt = _guest_s2(h, vcpu)
@@ -262,9 +270,9 @@ def _core_for(h: HypState, vcpu: PkvmHypVcpu):
     return eng.core
 
 
-def _switch_to(vcpu: PkvmHypVcpu, core) -> None:
+def _switch_to(vcpu: PkvmHypVcpu, core: Core) -> None:
     """Put `vcpu` on its VM's engine if another vCPU ran there last."""
-    eng = vcpu.vm.engine
+    eng = _engine_of(vcpu)
     prev = eng.owner
     if prev is vcpu:
         return
@@ -300,12 +308,12 @@ class _ReadOnlyTables:
         return 1
 
 
-def _guest_s2(h: HypState, vcpu: PkvmHypVcpu):
+def _guest_s2(h: HypState, vcpu: PkvmHypVcpu) -> KvmPgtable:
     """The stage-2 the guest runs on: 7.2 the hyp VM's own, 6.12 the host's (`hw_mmu`)."""
     if h.profile.hyp_owned_guest_stage2:
         return vcpu.vm.pgt
     pgd = vcpu.exit_data.get("s2_pgd", 0)
-    eng = vcpu.vm.engine
+    eng = _engine_of(vcpu)
     cached = eng.host_s2
     if cached is None or cached.pgd != pgd:
         cached = KvmPgtable(h.mem, _ReadOnlyTables(), stage=2, name="host-managed guest stage-2")
@@ -314,7 +322,7 @@ def _guest_s2(h: HypState, vcpu: PkvmHypVcpu):
     return cached
 
 
-def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None:
+def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core: Core, full: bool = False) -> None:
     """Bring the emulator's stage-2 view up to date with the guest stage-2 (what changed)."""
     pgt = _guest_s2(h, vcpu)
     if not pgt.pgd:
@@ -324,13 +332,13 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None
     if full:
         ranges = [(ipa, 1 << (12 + 9 * (3 - level))) for ipa, level, _ in pgt.leaves(valid_only=True)]
     else:
-        ranges = touched[vcpu.vm.engine.view_cursor :]
-    vcpu.vm.engine.view_cursor = len(touched)
+        ranges = touched[_engine_of(vcpu).view_cursor :]
+    _engine_of(vcpu).view_cursor = len(touched)
     mem = h.mem
     # Contiguous pieces with the same permissions go to the core as one range (each
     # core.map/unmap rebuilds unicorn regions, ~1 ms): a fault that mapped many pages costs one.
-    run: list = []  # [base, size, host or None, writable, executable]
-    out: list[list] = []
+    run: list[Any] = []  # [base, size, host or None, writable, executable]
+    out: list[list[Any]] = []
     for addr, size in ranges:
         ipa = addr & ~0xFFF
         end = addr + size
@@ -362,7 +370,7 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None
             core.map(base, size, host, writable=writable, executable=executable)
 
 
-def _refault(h: HypState, vcpu: PkvmHypVcpu, core, ipa: int) -> bool:
+def _refault(h: HypState, vcpu: PkvmHypVcpu, core: Core, ipa: int) -> bool:
     """6.12: the host changes its guest stage-2 without telling EL2, so a fault is checked
     against the table itself (a TLB never holds an invalid entry) before it exits."""
     pgt = _guest_s2(h, vcpu)
@@ -373,12 +381,12 @@ def _refault(h: HypState, vcpu: PkvmHypVcpu, core, ipa: int) -> bool:
         return False
     before = core.mappings()
     pgt.touched = [(ipa & ~0xFFF, 0x1000)]
-    vcpu.vm.engine.view_cursor = 0
+    _engine_of(vcpu).view_cursor = 0
     _sync_view(h, vcpu, core)
-    return core.mappings() != before
+    return bool(core.mappings() != before)
 
 
-def _load_context(vcpu: PkvmHypVcpu, core) -> None:
+def _load_context(vcpu: PkvmHypVcpu, core: Core) -> None:
     """Put the flushed context on the CPU, applying `__kvm_adjust_pc`'s PC increment.
 
     The core still holds what the last sync copied out; when the host changed only general

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from pkvm.machine.cpu_id import CPU_ID_REGS, ID_REG_ENC
 
 if TYPE_CHECKING:
-    from pkvm.hyp.pkvm import PkvmHypVm
+    from pkvm.hyp.pkvm_structs import PkvmHypVm
 
 # `enum kvm_vcpu_features` bits in kvm->arch.vcpu_features.
 KVM_ARM_VCPU_EL1_32BIT = 1 << 1

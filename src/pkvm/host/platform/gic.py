@@ -13,6 +13,7 @@ reads as spurious), EOImode 0 and 1, no LPIs/ITS.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 GICD_BASE = 0x0800_0000
@@ -308,7 +309,8 @@ class Gic:
                 return base, bits, off - base
         return None
 
-    def _irqs_at(self, bank: list[Irq], first: int, rel: int, bits: int, size: int):
+    def _irqs_at(self, bank: list[Irq], first: int, rel: int, bits: int,
+                 size: int) -> Iterator[tuple[int, Irq]]:
         start = rel * 8 // bits
         for k in range(size * 8 // bits):
             n = start + k - first

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
-from pkvm.host.kvm import GUEST_RAM_IPA, HostVm
+from pkvm.host.kvm import GUEST_RAM_IPA, HostVcpu, HostVm
 from pkvm.host.platform import fdt
 from pkvm.host.platform.gic import GICD_BASE, GICD_SIZE, GICR_BASE, GICR_STRIDE, Gic, is_gic_sysreg
 from pkvm.host.platform.pl011 import (
@@ -46,6 +46,7 @@ from pkvm.host.platform.timer import (
     counter,
     is_timer_sysreg,
 )
+from pkvm.host.vcpu_run import VcpuExit
 
 if TYPE_CHECKING:
     from pkvm.host.host import Host
@@ -166,7 +167,7 @@ class LinuxVmm:
         self.layout = plan_layout(kernel, len(initrd or b""), memory)
         self.dtb = build_dtb(self.layout, vcpus, append)
         self.vm: HostVm = host.create_vm(vcpus=vcpus, protected=protected, memory=memory)
-        self.vm.fault_around = fault_around  # type: ignore[attr-defined]
+        self.vm.fault_around = fault_around
         try:
             self.vm.write(self.layout.dtb, self.dtb)
             self.vm.write(self.layout.kernel, kernel)
@@ -222,7 +223,7 @@ class LinuxVmm:
     def _count(self, kind: str) -> None:
         self.exits[kind] = self.exits.get(kind, 0) + 1
 
-    def _mmio(self, vcpu, ex) -> None:
+    def _mmio(self, vcpu: HostVcpu, ex: VcpuExit) -> None:
         addr = ex.addr
         if UART_BASE <= addr < UART_BASE + UART_SIZE:
             self._count("mmio_uart")
@@ -243,7 +244,7 @@ class LinuxVmm:
             if not ex.write:
                 vcpu.complete_mmio(0)
 
-    def _sysreg(self, i: int, vcpu, esr: int) -> None:
+    def _sysreg(self, i: int, vcpu: HostVcpu, esr: int) -> None:
         enc = _sysreg_enc(esr)
         r = vcpu.runner
         read = bool(esr & 1)

@@ -9,6 +9,7 @@ Linux's driver is written against). The interrupt line is (RIS & IMSC) != 0.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import IO
 
 UART_BASE = 0x0900_0000
@@ -36,7 +37,7 @@ class Pl011:
         self.pending_input: deque[int] = deque()  # beyond the FIFO
         self.tx_raised = False
         self.regs = {IBRD: 0, FBRD: 0, LCR_H: 0, CR: 0x300, IFLS: 0x12, IMSC: 0, DMACR: 0}
-        self.listeners: list = []  # called with each output line (str)
+        self.listeners: list[Callable[[str], object]] = []  # called with each output line
         self._line = bytearray()
 
     # -- the host side ------------------------------------------------------------------

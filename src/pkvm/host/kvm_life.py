@@ -1,0 +1,143 @@
+"""The host driver's side of the VM life cycle where the kernels differ in shape.
+
+`arch/arm64/kvm/pkvm.c` of 6.12 makes the hyp VM in one call that also answers its handle, runs a
+vCPU by passing its `struct kvm_vcpu` to `__kvm_vcpu_run` and tears the VM down in one call
+(`__pkvm_teardown_vm`). 7.2 reserves the handle when the VM is created (`pkvm_init_host_vm`),
+loads a vCPU on the CPU around its runs (`__pkvm_vcpu_load` / `__pkvm_vcpu_put`) and tears down
+in two phases, giving each guest page back in between. Each `HostVm` takes the one of its kernel
+(`Profile.vm_lifecycle`) when it is created; the hyp side is `pkvm.hyp.pkvm_one_phase` /
+`pkvm_two_phase`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Protocol
+
+from pkvm.abi.host_structs import HYP_MEMCACHE_ACCOUNT_STAGE2, KVM_ARCH_FLAG_ID_REGS_INITIALIZED
+from pkvm.errors import HostError
+
+if TYPE_CHECKING:
+    from pkvm.host.kvm import HostVcpu, HostVm
+
+
+class HostVmLife(Protocol):
+    def init_kvm(self, vm: HostVm) -> None:
+        """Fields of the new `struct kvm` written before it is shared with the hyp."""
+        ...
+
+    def init_host_vm(self, vm: HostVm) -> None:
+        """Once `struct kvm` is shared: `pkvm_init_host_vm`."""
+        ...
+
+    def vcpus_created(self, vm: HostVm) -> None:
+        """Once every `struct kvm_vcpu` is shared."""
+        ...
+
+    def hyp_vm_created(self, vm: HostVm, x1: int) -> None:
+        """`__pkvm_init_vm` answered `x1` (>= 0)."""
+        ...
+
+    def vcpu_load(self, vm: HostVm, vcpu: HostVcpu, hcr: int, cpu: int) -> None:
+        """`kvm_arch_vcpu_load` before running or mapping with `vcpu` on `cpu`."""
+        ...
+
+    def vcpu_put(self, vm: HostVm, cpu: int) -> None:
+        ...
+
+    def destroy(self, vm: HostVm) -> None:
+        """`pkvm_destroy_hyp_vm`: tear the hyp VM down, collect what came back."""
+        ...
+
+
+class OnePhase:
+    """Linux 6.12."""
+
+    def init_kvm(self, vm: HostVm) -> None:
+        pass
+
+    def init_host_vm(self, vm: HostVm) -> None:
+        pass
+
+    def vcpus_created(self, vm: HostVm) -> None:
+        """Make the hyp VM and all its vCPUs now, as the first `KVM_RUN` would, so that the
+        VM's handle is known from the start."""
+        vm.create_hyp_vm()
+        for vcpu in vm.vcpus:
+            vm.create_hyp_vcpu(vcpu)
+
+    def hyp_vm_created(self, vm: HostVm, x1: int) -> None:
+        vm.handle = x1
+        vm.write_kvm_field("arch.pkvm.handle", x1)
+
+    def vcpu_load(self, vm: HostVm, vcpu: HostVcpu, hcr: int, cpu: int) -> None:
+        pass  # each `__kvm_vcpu_run` names its vCPU
+
+    def vcpu_put(self, vm: HostVm, cpu: int) -> None:
+        pass
+
+    def destroy(self, vm: HostVm) -> None:
+        if not vm.handle:
+            return
+        ret = vm.hvc("__pkvm_teardown_vm", vm.handle)
+        if ret:
+            warnings.warn(f"__pkvm_teardown_vm({vm.handle:#x}) = {ret}: the hyp VM leaks",
+                          stacklevel=3)
+        else:
+            vm.free_teardown_mc("teardown_mc")
+
+
+class TwoPhase:
+    """Linux 7.2."""
+
+    def init_kvm(self, vm: HostVm) -> None:
+        vm.write_kvm_field("arch.flags", KVM_ARCH_FLAG_ID_REGS_INITIALIZED)
+        vm.write_kvm_field("arch.pkvm.stage2_teardown_mc.flags", HYP_MEMCACHE_ACCOUNT_STAGE2)
+
+    def init_host_vm(self, vm: HostVm) -> None:
+        ret = vm.hvc("__pkvm_reserve_vm")
+        if ret < 0:
+            raise HostError(-ret, "__pkvm_reserve_vm", ret)
+        vm.handle = ret
+        vm.write_kvm_field("arch.pkvm.handle", ret)
+        vm.write_kvm_field("arch.pkvm.is_protected", int(vm.protected))
+
+    def vcpus_created(self, vm: HostVm) -> None:
+        pass  # the hyp VM and each hyp vCPU are made at the vCPU's first run or map
+
+    def hyp_vm_created(self, vm: HostVm, x1: int) -> None:
+        pass  # the handle was reserved
+
+    def vcpu_load(self, vm: HostVm, vcpu: HostVcpu, hcr: int, cpu: int) -> None:
+        vm.hvc("__pkvm_vcpu_load", vm.handle, vcpu.idx, hcr, cpu=cpu)
+
+    def vcpu_put(self, vm: HostVm, cpu: int) -> None:
+        vm.hvc("__pkvm_vcpu_put", cpu=cpu)
+
+    def destroy(self, vm: HostVm) -> None:
+        if not vm.is_created:
+            if vm.handle:
+                vm.hvc("__pkvm_unreserve_vm", vm.handle)
+            return
+        ret = vm.hvc("__pkvm_start_teardown_vm", vm.handle)
+        if ret:
+            warnings.warn(f"__pkvm_start_teardown_vm({vm.handle:#x}) = {ret}", stacklevel=3)
+        for gfn in list(vm.mapped):
+            if vm.protected:
+                r = vm.hvc("__pkvm_reclaim_dying_guest_page", vm.handle, gfn)
+            else:
+                r = vm.hvc("__pkvm_host_unshare_guest", vm.handle, gfn, 1)
+            if r:
+                warnings.warn(f"releasing gfn {gfn:#x} failed: {r}", stacklevel=3)
+            else:
+                del vm.mapped[gfn]
+        ret = vm.hvc("__pkvm_finalize_teardown_vm", vm.handle)
+        if ret:
+            warnings.warn(f"__pkvm_finalize_teardown_vm({vm.handle:#x}) = {ret}: "
+                          "the hyp VM leaks", stacklevel=3)
+            return
+        vm.free_teardown_mc("teardown_mc")
+        vm.free_teardown_mc("stage2_teardown_mc")
+
+
+HOST_VM_LIFECYCLES: dict[str, HostVmLife] = {"one-phase": OnePhase(), "two-phase": TwoPhase()}
