@@ -117,8 +117,12 @@ class Profile:
     # sizeof(struct hyp_page); HYP_NO_ORDER.
     hyp_page_size: int
     hyp_no_order: int
-    # Where host and hyp page states live: host S2 / hyp S1 software bits (6.12) or vmemmap.
+    # Where host and hyp page states live: host S2 / hyp S1 software bits (6.12) or vmemmap;
+    # it picks the hyp's page-state store (`pkvm.hyp.memory.page_states`).
     page_state_in_vmemmap: bool
+    # `kvm_pgtable_walk_continue` on a visitor's -EAGAIN: 7.2 stops unless the walk has
+    # KVM_PGTABLE_WALK_IGNORE_EAGAIN; 6.12 goes on (unless it handles a fault).
+    pgtable_walk_eagain_stops: bool
     # Protected VMs, hyp-owned guest stage-2, guest-memory hypercalls, guest calls at EL2.
     protected_vms: bool
     hyp_owned_guest_stage2: bool
@@ -179,6 +183,14 @@ class Profile:
     # descriptor's ranges on reclaim and requires page-aligned range addresses; 6.12 uses the
     # fixed v1.1 offset and sizes and WARNs on a bad retrieved offset.
     ffa_strict_descriptors: bool = False
+    # `__pkvm_host_share_ffa` / `__pkvm_host_unshare_ffa` refuse (-EINVAL) a pfn range beyond
+    # the physical address space (`pfn_range_is_valid`, 7.2); 6.12 has no such check.
+    ffa_share_checks_pfn_range: bool = False
+    # `__pkvm_prot_finalize` also sets HCR_EL2.FWB for the host stage-2 (7.2); 6.12 never does.
+    host_stage2_fwb: bool = False
+    # `__get_fault_info` sets HPFAR_EL2.NS to mark the fault IPA it reports valid and the host's
+    # `kvm_vcpu_get_fault_ipa` refuses a fault without it (7.2); 6.12 ignores the bit.
+    fault_hpfar_ns_valid: bool = False
 
     @property
     def nr_hcalls(self) -> int:
@@ -221,6 +233,7 @@ PROFILE_6_12 = Profile(
     hyp_page_size=4,
     hyp_no_order=0xFFFF,
     page_state_in_vmemmap=False,
+    pgtable_walk_eagain_stops=False,
     protected_vms=False,
     hyp_owned_guest_stage2=False,
     vm_lifecycle="one-phase",
@@ -250,6 +263,7 @@ PROFILE_7_2 = Profile(
     hyp_page_size=8,
     hyp_no_order=0xFF,
     page_state_in_vmemmap=True,
+    pgtable_walk_eagain_stops=True,
     protected_vms=True,
     hyp_owned_guest_stage2=True,
     vm_lifecycle="two-phase",
@@ -275,6 +289,9 @@ PROFILE_7_2 = Profile(
     ffa_refuses_1_2_calls=True,
     ffa_rxtx_min_sz_masked=True,
     ffa_strict_descriptors=True,
+    ffa_share_checks_pfn_range=True,
+    host_stage2_fwb=True,
+    fault_hpfar_ns_valid=True,
 )
 
 # Every name a user may give for a kernel's ABI -> the profile's own name. The one alias table:

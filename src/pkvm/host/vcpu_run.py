@@ -209,7 +209,7 @@ class VcpuRunner:
 
     def _abort(self, esr: int, cpu: int) -> VcpuExit | None:
         hpfar, far = self._hpfar, self._far
-        if self.vm.profile.hyp_owned_guest_stage2 and not hpfar & HPFAR_NS:
+        if self.vm.profile.fault_hpfar_ns_valid and not hpfar & HPFAR_NS:
             return VcpuExit("fail", esr=esr, detail="fault IPA not valid (HPFAR_EL2.NS clear)")
         ipa = (((hpfar & ~HPFAR_NS) >> 4) << PAGE_SHIFT) | (far & 0xFFF)
         gfn = ipa >> PAGE_SHIFT

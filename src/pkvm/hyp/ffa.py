@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pkvm.hyp.mem_protect import (
+    PageState,
     _warn,
     host_check_page_state_range,
     host_hyp_locked,
@@ -39,7 +40,6 @@ from pkvm.hyp.mem_protect import (
     hyp_pfn_to_phys,
     pfn_range_is_valid,
 )
-from pkvm.hyp.memory import PageState
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SIZE
 
@@ -146,6 +146,9 @@ def smc12(h: HypState, *args: int) -> list[int]:
     return regs
 
 
+EOPNOTSUPP = 95  # Linux's value (not among `pkvm.errors`, which the hyp's other files use)
+
+
 def _proxy(h: HypState) -> FfaProxy:
     return h.ffa
 
@@ -160,7 +163,7 @@ def hyp_ffa_init(h: HypState) -> int:
     if res[0] & 0xFFFF_FFFF == FFA_RET_NOT_SUPPORTED & 0xFFFF_FFFF:
         return 0
     if major(res[0]) != 1:
-        return -95  # -EOPNOTSUPP
+        return -EOPNOTSUPP
     p.version = res[0] & 0xFFFF_FFFF if minor(res[0]) < minor(h.profile.ffa_hyp_version) else (
         h.profile.ffa_hyp_version)
     base = h.carve.ffa_proxy
@@ -175,17 +178,17 @@ def hyp_ffa_init(h: HypState) -> int:
 def hyp_ffa_post_init(h: HypState) -> int:
     res = smc12(h, FFA_ID_GET)
     if res[0] != FFA_SUCCESS:
-        return -95
+        return -EOPNOTSUPP
     if res[2] != HOST_FFA_ID:
-        return -22
+        return -22  # -EINVAL
     res = smc12(h, FFA_FEATURES, FFA_FN64_RXTX_MAP)
     if res[0] != FFA_SUCCESS:
-        return -95
+        return -EOPNOTSUPP
     gran = res[2] & FFA_FEAT_RXTX_MIN_SZ_MASK if h.profile.ffa_rxtx_min_sz_masked else res[2]
     sizes = {0: 4096, 1: 64 * 1024, 2: 16 * 1024}
     if gran not in sizes:
-        return -22
-    return -95 if sizes[gran] > PAGE_SIZE else 0
+        return -22  # -EINVAL
+    return -EOPNOTSUPP if sizes[gran] > PAGE_SIZE else 0
 
 
 def do_ffa_version(h: HypState, regs: list[int]) -> list[int]:
@@ -282,8 +285,8 @@ def host_share_ffa(h: HypState, pfn: int, nr_pages: int, share: bool) -> int:
     SHARED_OWNED (the secure world is the borrower; EL2 maps nothing)."""
     phys = hyp_pfn_to_phys(pfn)
     size = (PAGE_SIZE * nr_pages) & U64
-    if h.profile.page_state_in_vmemmap and not pfn_range_is_valid(h, pfn, nr_pages):
-        return -22
+    if h.profile.ffa_share_checks_pfn_range and not pfn_range_is_valid(h, pfn, nr_pages):
+        return -22  # -EINVAL
     if not size:
         return 0
     frm, to = (PageState.OWNED, PageState.SHARED_OWNED) if share else (

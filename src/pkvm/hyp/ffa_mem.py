@@ -164,8 +164,7 @@ def _emad_off(h: HypState, buf: bytes) -> int:
         return EP_MEM_OFFSET_OFF if version <= FFA_VERSION_1_0 else MEM_REGION_SZ
     if version <= FFA_VERSION_1_0:
         return EP_MEM_OFFSET_OFF
-    off: int = struct.unpack_from("<I", buf, EP_MEM_OFFSET_OFF)[0]
-    return off
+    return struct.unpack_from("<I", buf, EP_MEM_OFFSET_OFF)[0]
 
 
 def do_ffa_mem_xfer(h: HypState, fid: int, regs: list[int]) -> list[int]:

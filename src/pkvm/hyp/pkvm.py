@@ -288,7 +288,7 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
         vm.set_pool(pool)
         vm.mm_ops = GuestMmOps(h, vm)
         pgt = KvmPgtable(h.mem, vm.mm_ops, stage=2, name=f"guest {hd:#x} stage-2",
-                         eagain_stops=prof.page_state_in_vmemmap, normal_memattr=GUEST_S2_MEMATTR)
+                         eagain_stops=prof.pgtable_walk_eagain_stops, normal_memattr=GUEST_S2_MEMATTR)
         with lock:
             pgt.init()
         vm.set_pgt(pgt)

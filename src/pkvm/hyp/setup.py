@@ -144,7 +144,7 @@ def image_sections(h: HypState) -> list[tuple[str, int, int, int]]:
 def recreate_hyp_mappings(h: HypState, early: _EarlyAlloc) -> int:
     c = h.carve
     pgt = KvmPgtable(h.mem, early, stage=1, name="hyp stage-1", ia_bits=HYP_VA_BITS,
-                     eagain_stops=h.profile.page_state_in_vmemmap)
+                     eagain_stops=h.profile.pgtable_walk_eagain_stops)
     ret = pgt.init()
     if ret:
         return ret
@@ -179,7 +179,7 @@ def kvm_host_prepare_stage2(h: HypState) -> int:
     pool.init(c.host_s2_pgt >> PAGE_SHIFT, c.host_s2_pgt_pages, 0)
     h.host_s2_pool = pool
     pgt = KvmPgtable(h.mem, pool, stage=2, name="host stage-2", ia_bits=48,
-                     eagain_stops=h.profile.page_state_in_vmemmap,
+                     eagain_stops=h.profile.pgtable_walk_eagain_stops,
                      force_pte_cb=host_stage2_force_pte_cb(h), normal_memattr=0xF)
     ret = pgt.init()
     if ret:
@@ -267,7 +267,7 @@ def pkvm_prot_finalize(h: HypState) -> int:
         return -EPERM
     el2.vttbr_el2 = h.host_mmu.pgt.pgd  # VMID 0
     el2.vtcr_el2 = 48
-    el2.hcr_el2 |= HCR_VM | (HCR_FWB if h.profile.page_state_in_vmemmap else 0)
+    el2.hcr_el2 |= HCR_VM | (HCR_FWB if h.profile.host_stage2_fwb else 0)
     if h.init_params:  # this CPU's kvm_init_params, for its next entry through the PSCI relay
         h.init_params[h.cpu] = (el2.hcr_el2, el2.vttbr_el2, el2.vtcr_el2)
     h.host_s2_tlb.flush_all()  # `__tlbi(vmalls12e1)`: nothing cached from before the switch

@@ -178,11 +178,12 @@ def flush_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     ctxt[RUNNING_VCPU_OFF : RUNNING_VCPU_OFF + 8] = bytes(8)
     vcpu.ctxt = bytes(ctxt)
     host_hcr = vcpu_field(h, hv, "arch.hcr_el2")
-    if h.profile.hyp_owned_guest_stage2:
+    if h.profile.hyp_vcpu_init_traps:  # the hyp set the vCPU's traps up itself
         mask = HCR_TWI | HCR_TWE | HCR_VSE | HCR_VI  # VI: the host's emulated GIC
         vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (host_hcr & mask)
     else:
         vcpu.hcr_el2 = host_hcr
+    if not h.profile.hyp_owned_guest_stage2:
         # 6.12 runs the guest on the stage-2 the host manages: its `hw_mmu`, read every run.
         mmu = kern_hyp_va(h, vcpu_field(h, hv, "arch.hw_mmu"))
         pgd_off = KVM.offset("arch.mmu.pgd_phys") - KVM.offset("arch.mmu.vmid")
@@ -441,7 +442,7 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
             if not h.profile.hyp_owned_guest_stage2 and _refault(h, vcpu, core, ex.ipa):
                 continue  # the host mapped it meanwhile: the walk now succeeds
             vcpu.fault_far = ex.far
-            vcpu.fault_hpfar = ex.hpfar | (HPFAR_NS if h.profile.hyp_owned_guest_stage2 else 0)
+            vcpu.fault_hpfar = ex.hpfar | (HPFAR_NS if h.profile.fault_hpfar_ns_valid else 0)
         if protected and ex.kind is ExitKind.HVC and handle_pvm_hvc64(h, vcpu, core):
             continue
         if protected and ex.kind is ExitKind.SYSREG and handle_pvm_sysreg(h, vcpu, core, ex.esr):
