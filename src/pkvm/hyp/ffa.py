@@ -242,7 +242,7 @@ def do_ffa_features(h: HypState, regs: list[int]) -> list[int] | None:
 
 def kvm_host_ffa_handler(h: HypState, regs: list[int], fid: int) -> bool:
     """Claim (True) and answer the host's FF-A call `fid` (32 bits, hint cleared)."""
-    from pkvm.hyp import ffa_mem
+    from pkvm.hyp import ffa_mem  # late on purpose: ffa_mem imports this module
 
     if not is_ffa_call(fid):
         return False

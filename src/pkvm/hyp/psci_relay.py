@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pkvm.abi import psci
+from pkvm.hyp.setup import image_sections
 from pkvm.hyp.state import HypState
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -87,8 +88,6 @@ def hyp_cpu_entry_pa(h: HypState, resume: bool = False) -> int:
 
 def init_params_pa(h: HypState, cpu: int) -> int:
     """`kvm_init_params` of `cpu`: the model keeps it at the start of the CPU's per-CPU page."""
-    from pkvm.hyp.setup import image_sections
-
     for name, pa, _pages, _prot in image_sections(h):
         if name == "percpu":
             return pa + cpu * 4096

@@ -419,7 +419,7 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     if vcpu.iflags & IFLAG_PENDING_EXCEPTION:
         core.inject_undef()
         vcpu.iflags &= ~IFLAG_PENDING_EXCEPTION
-    # issue 9: HCR_EL2.VI, the virtual IRQ the host's GIC asserts, goes into the CPU's HCR_EL2
+    # HCR_EL2.VI, the virtual IRQ the host's GIC asserts, goes into the CPU's HCR_EL2
     # (IMO is set): the CPU takes it itself, exactly when the guest unmasks PSTATE.I.
     vi = vcpu.hcr_el2 & HCR_VI
     if vi != vcpu.exit_data.get("hcr_vi", 0):

@@ -18,6 +18,7 @@ until it exits (Linux exits often); several are sliced by an instruction budget.
 
 from __future__ import annotations
 
+import atexit
 import os
 import struct
 import sys
@@ -387,13 +388,11 @@ def stdin_feeder(vmm: LinuxVmm, stream: IO[str] | None = None) -> threading.Thre
     except (AttributeError, OSError, ValueError):
         return None
     if os.isatty(fd):
-        import termios
+        import termios  # POSIX only: imported when there is a terminal to put in cbreak mode
         import tty
 
         old = termios.tcgetattr(fd)
         tty.setcbreak(fd)
-        import atexit
-
         atexit.register(termios.tcsetattr, fd, termios.TCSADRAIN, old)
 
         def pump() -> None:
