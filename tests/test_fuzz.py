@@ -34,7 +34,7 @@ FOUND = [
     ("load-no-pin", "latest", 0, 100, "invariant:vm-refcount"),
     ("teardown-keeps-stage2", "latest", 0, 50, "invariant:hyp-accounting"),
     ("teardown-keeps-stage2", "6.12", 0, 50, "invariant:hyp-accounting"),
-    ("vcpu-index-range", "latest", 0, 1800, "exception:IndexError@_init_vcpu_locked"),
+    ("vcpu-index-range", "latest", 0, 1800, "exception:IndexError@init_vcpu_slot"),
     ("unpin-underflow", "latest", 0, 1150, "invariant:pin-refcount"),
     ("unpin-underflow", "6.12", 0, 1400, "invariant:pin-refcount"),
     ("double-fetch", "latest", 2, 300, "exception:IndexError@_init_vcpu_locked"),

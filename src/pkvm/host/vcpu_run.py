@@ -44,8 +44,8 @@ EC_OWN_HANDLER = frozenset({
 RUN_REENTRY_LIMIT = 2048
 HPFAR_NS = 1 << 63
 HCR_VI = 1 << 7  # the vCPU's virtual IRQ line (HCR_EL2.VI), driven by the host's emulated GIC
-# The HCR_EL2 the host keeps in a new vCPU and hands `__pkvm_vcpu_load`: RW, TSC, TWI, TWE.
-HCR_HOST_VCPU = (1 << 31) | (1 << 27) | (1 << 13) | (1 << 14)
+# The HCR_EL2 the host keeps in a new vCPU and hands `__pkvm_vcpu_load`.
+HCR_HOST_VCPU = (1 << 31) | (1 << 27) | (1 << 13) | (1 << 14)  # RW, TGE-less guest flags, TWI, TWE
 
 SMCCC_VERSION = 0x8000_0000
 SMCCC_ARCH_FEATURES = 0x8000_0001

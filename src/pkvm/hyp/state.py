@@ -79,9 +79,10 @@ class HypState:
     (`smc_to_el3`) and the host fills the PSCI relay's config (`psci`). `__pkvm_init` then
     builds the rest (`setup.py`, in the kernel's order): the hyp stage-1, the pools, the host
     stage-2, the VM table, the FF-A proxy and the VM life cycle of this kernel. These booted
-    fields are not Optional: no host call reaches code that reads them before `__pkvm_init` has
-    set them (the board makes `__pkvm_init` the first call, and the hypercall gate keeps every
-    other call out until then), so nothing after boot tests for None.
+    fields are not Optional: the board issues `__pkvm_init` while it boots, before the host can
+    make any other call, so no code that reads them runs before they are set and nothing after
+    boot tests for None. (`vm_table` is empty until then, as the kernel's is NULL, for the checks
+    the kernel makes on it.)
     """
 
     mem: PhysMemory
