@@ -109,7 +109,8 @@ from unicorn import (
     UcError,
 )
 from unicorn import arm64_const as A
-from unicorn.unicorn_py3.unicorn import uclib
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+from unicorn.unicorn_py3.unicorn import UcContext, uclib
 
 from pkvm.machine import decode
 from pkvm.machine.esr import (
@@ -166,7 +167,9 @@ VECTOR_SYNC, VECTOR_IRQ, VECTOR_FIQ, VECTOR_SERROR = 0x000, 0x080, 0x100, 0x180
 
 # EL1 system registers of a vCPU context: name -> (op0, op1, CRn, CRm, op2). MPIDR_EL1 is the
 # virtual one (VMPIDR_EL2), which EL1 reads as MPIDR_EL1.
-SYS_REGS: dict[str, tuple[int, int, int, int, int]] = {
+SysRegEnc = tuple[int, int, int, int, int]  # (op0, op1, CRn, CRm, op2)
+CpuState = UcContext  # the emulated CPU's whole state, opaque (`Core.save_cpu_state`)
+SYS_REGS: dict[str, SysRegEnc] = {
     "SCTLR_EL1": (3, 0, 1, 0, 0),
     "ACTLR_EL1": (3, 0, 1, 0, 1),
     "CPACR_EL1": (3, 0, 1, 0, 2),
@@ -192,18 +195,23 @@ SYS_REGS: dict[str, tuple[int, int, int, int, int]] = {
     "MPIDR_EL1": (3, 4, 0, 0, 5),  # VMPIDR_EL2
 }
 _SPSR_EL1 = (3, 0, 4, 0, 0)
+_EL1_ENCS = frozenset([*SYS_REGS.values(), _SPSR_EL1])
 
-# What firmware leaves for EL2 software (EL3 and EL2 registers the guest never sees).
-_SCR_EL3 = (3, 6, 1, 1, 0)
-_CPTR_EL3 = (3, 6, 1, 1, 2)
-_HCR_EL2 = (3, 4, 1, 1, 0)
-_CPTR_EL2 = (3, 4, 1, 1, 2)
-_CNTHCTL_EL2 = (3, 4, 14, 1, 0)
+# EL2 and EL3 registers the guest never sees, by encoding (`asm/sysreg.h` names), and the bits
+# of them the model sets: what firmware leaves for EL2 software, and what EL2 configures.
+SYS_SCR_EL3 = (3, 6, 1, 1, 0)
+SYS_CPTR_EL3 = (3, 6, 1, 1, 2)
+SYS_HCR_EL2 = (3, 4, 1, 1, 0)
+SYS_CPTR_EL2 = (3, 4, 1, 1, 2)
+SYS_CNTHCTL_EL2 = (3, 4, 14, 1, 0)
 SCR_EL3_NS, SCR_EL3_RES1, SCR_EL3_HCE, SCR_EL3_RW = 1 << 0, 0b11 << 4, 1 << 8, 1 << 10
+SCR_EL3_APK, SCR_EL3_API = 1 << 16, 1 << 17
 CPTR_EL3_EZ = 1 << 8
+HCR_FMO, HCR_IMO, HCR_VI = 1 << 3, 1 << 4, 1 << 7
 HCR_TWI, HCR_TWE, HCR_TSC, HCR_RW = 1 << 13, 1 << 14, 1 << 19, 1 << 31
+HCR_APK, HCR_API = 1 << 40, 1 << 41
 CPTR_EL2_RES1 = 0x32FF  # nVHE layout, RES1 bits, TZ = TFP = 0
-CNTHCTL_EL1PCTEN_EL1PCEN = 0b11
+CNTHCTL_EL1PCTEN, CNTHCTL_EL1PCEN = 1 << 0, 1 << 1
 
 # unicorn interrupt numbers (QEMU's EXCP_*).
 EXCP_UDEF, EXCP_SWI, EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT = 1, 2, 3, 4
@@ -522,11 +530,11 @@ class Core:
             [A.UC_ARM64_REG_CP_REG] * (len(names) + 1),
             cp=[SYS_REGS[n] for n in names] + [_SPSR_EL1],
         )
-        self._cpw(_SCR_EL3, SCR_EL3_NS | SCR_EL3_RES1 | SCR_EL3_HCE | SCR_EL3_RW)
-        self._cpw(_CPTR_EL3, CPTR_EL3_EZ)
-        self._cpw(_HCR_EL2, HCR_RW | HCR_TSC | HCR_TWI | HCR_TWE)
-        self._cpw(_CPTR_EL2, CPTR_EL2_RES1)
-        self._cpw(_CNTHCTL_EL2, CNTHCTL_EL1PCTEN_EL1PCEN)
+        self._cpw(SYS_SCR_EL3, SCR_EL3_NS | SCR_EL3_RES1 | SCR_EL3_HCE | SCR_EL3_RW)
+        self._cpw(SYS_CPTR_EL3, CPTR_EL3_EZ)
+        self._cpw(SYS_HCR_EL2, HCR_RW | HCR_TSC | HCR_TWI | HCR_TWE)
+        self._cpw(SYS_CPTR_EL2, CPTR_EL2_RES1)
+        self._cpw(SYS_CNTHCTL_EL2, CNTHCTL_EL1PCTEN | CNTHCTL_EL1PCEN)
         uc.reg_write(A.UC_ARM64_REG_PSTATE, PSTATE_RESET)
         self._cpw(SYS_REGS["SCTLR_EL1"], SCTLR_EL1_RESET)  # rebuilds the mode flags
         self._sys_dirty = True  # the system registers may differ from _shadow_sys
@@ -558,6 +566,46 @@ class Core:
         c.op0, c.op1, c.crn, c.crm, c.op2 = enc
         _check(uclib.uc_reg_read(self._uch, A.UC_ARM64_REG_CP_REG, self._cpp))
         return int(c.val)
+
+    # ---- EL2 control: what EL2 software does to the CPU it runs a guest on ------------------
+    def read_sysreg(self, enc: SysRegEnc) -> int:
+        """Any system register of the CPU by encoding (op0, op1, CRn, CRm, op2), as EL2 reads
+        its own (`read_sysreg_s`): HCR_EL2, CNTHCTL_EL2, or what firmware left in SCR_EL3."""
+        return self._cpr(enc)
+
+    def write_sysreg(self, enc: SysRegEnc, value: int) -> None:
+        """Write a system register by encoding (`write_sysreg_s`). A write to one of the
+        guest's EL1 registers makes the next context save read them all again."""
+        self._cpw(enc, value)
+        if enc in _EL1_ENCS:
+            self._sys_dirty = True
+
+    def invalidate_sys_shadow(self) -> None:
+        """Forget what the core believes the guest's EL1 system registers hold: the next load
+        writes them all and the next save reads them all. For when they changed in a way the
+        core does not see (an interrupt the CPU took wrote SPSR_EL1, ESR_EL1 and ELR_EL1)."""
+        self._sys_dirty = True
+
+    def save_cpu_state(self) -> CpuState:
+        """The emulated CPU's whole state (registers, exclusive monitor, mode flags), for one
+        core shared by several vCPUs: a vCPU leaving it keeps this and comes back with it."""
+        return self.uc.context_save()
+
+    def update_cpu_state(self, state: CpuState) -> None:
+        """Refresh a state `save_cpu_state` returned with the CPU's current one."""
+        self.uc.context_update(state)
+
+    def restore_cpu_state(self, state: CpuState) -> None:
+        """Make `state` the CPU's state again (after another vCPU ran on this core)."""
+        self.uc.context_restore(state)
+        # QEMU keeps "a virtual IRQ is asserted" outside the saved state (the CPU's interrupt
+        # request): rewriting HCR_EL2 makes it follow the restored HCR_EL2.VI again.
+        self._cpw(SYS_HCR_EL2, self._cpr(SYS_HCR_EL2))
+        self._sys_dirty = True  # the shadow of the system registers is the other vCPU's
+
+    def flush_tlb(self) -> None:
+        """Invalidate every cached translation (the emulator's TLB knows no VMID or vCPU)."""
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def sys_reg(self, name: str) -> int:
         """Read an EL1 system register of `SYS_REGS` (or SPSR_EL1)."""
