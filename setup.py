@@ -7,7 +7,13 @@ import os
 
 from setuptools import setup
 
-COMPILED = ["src/pkvm/arch/pgtable.py", "src/pkvm/machine/memory.py"]
+COMPILED = [
+    "src/pkvm/arch/pte.py",
+    "src/pkvm/arch/pgtable.py",
+    "src/pkvm/arch/pgtable_hyp.py",
+    "src/pkvm/arch/pgtable_stage2.py",
+    "src/pkvm/machine/memory.py",
+]
 
 ext_modules = []
 if os.environ.get("PKVM_MYPYC") == "1":
