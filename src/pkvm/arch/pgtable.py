@@ -211,7 +211,9 @@ class KvmPgtable:
             table = pte & KVM_PTE_ADDR_MASK
         raise AssertionError("unreachable")
 
-    def leaves(self, addr: int = 0, size: int | None = None, valid_only: bool = False):
+    def leaves(
+        self, addr: int = 0, size: int | None = None, valid_only: bool = False
+    ) -> list[tuple[int, int, int]]:
         """Yield (addr, level, pte) for every non-zero leaf in range, ascending."""
         if size is None:
             size = (1 << self.ia_bits) - addr

@@ -33,6 +33,22 @@ if TYPE_CHECKING:  # for types only: the table's methods call these operations
     from pkvm.arch.pgtable import KvmPgtable, VisitCtx
 
 
+def _stage2_map_page(pgt: KvmPgtable, addr: int, new: int, flags: int) -> int | None:
+    """The map of one aligned page reached through tables to its level-3 entry, as the walk
+    would make it; None where the walk must decide."""
+    ptep = pgt.l3_ptep(addr)
+    if ptep is None:
+        return None
+    old = pgt.mem.read_u64(ptep)
+    if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
+        ret = -EAGAIN
+        return 0 if pgt.walk_continues(ret, flags | KVM_PGTABLE_WALK_LEAF) else ret
+    pgt.set_pte(ptep, old, new)
+    if pte_valid(old):
+        pgt.invalidate(addr, KVM_PGTABLE_LAST_LEVEL)
+    return 0
+
+
 def kvm_pgtable_stage2_map(
     pgt: KvmPgtable, addr: int, size: int, phys: int | None, prot: int, annotation: int = 0,
     flags: int = 0,
@@ -53,17 +69,10 @@ def kvm_pgtable_stage2_map(
     else:
         force_pte = pgt.force_pte_cb(addr, addr + size, prot) if pgt.force_pte_cb else False
     if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
-        ptep = pgt.l3_ptep(addr)
-        if ptep is not None:
-            old = pgt.mem.read_u64(ptep)
-            new = annotation if phys is None else init_valid_leaf_pte(base, attr, 3)
-            if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
-                ret = -EAGAIN
-                return 0 if pgt.walk_continues(ret, flags | KVM_PGTABLE_WALK_LEAF) else ret
-            pgt.set_pte(ptep, old, new)
-            if pte_valid(old):
-                pgt.invalidate(addr, 3)
-            return 0
+        new = annotation if phys is None else init_valid_leaf_pte(base, attr, 3)
+        ret = _stage2_map_page(pgt, addr, new, flags)
+        if ret is not None:
+            return ret
 
     def leaf_allowed(ctx: VisitCtx) -> bool:
         if force_pte and ctx.level < 3:

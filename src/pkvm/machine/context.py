@@ -28,10 +28,9 @@ import ctypes
 from dataclasses import dataclass, field
 from typing import Any
 
-from unicorn import UC_HOOK_INSN, Uc, UcError
 from unicorn import arm64_const as A
-from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
-from unicorn.unicorn_py3.unicorn import UcContext, uclib
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INSN
+from unicorn.unicorn_py3.unicorn import Uc, UcContext, UcError, uclib
 
 MASK64 = (1 << 64) - 1
 
@@ -190,21 +189,23 @@ class _Batch:
         n = len(ids)
         self.uch, self.n = uch, n
         self.ids = (ctypes.c_int * n)(*ids)
+        self.width = width
+        # System registers (`cp` given) move as {encoding, value} structures, others as words.
+        self.cps: ctypes.Array[_CpReg] | None = None
+        self.vals = (ctypes.c_uint64 * (n * width // 8))()
         if cp is not None:
-            self.cps = (_CpReg * n)()
+            cps = self.cps = (_CpReg * n)()
             for i, (op0, op1, crn, crm, op2) in enumerate(cp):
-                c = self.cps[i]
+                c = cps[i]
                 c.op0, c.op1, c.crn, c.crm, c.op2 = op0, op1, crn, crm, op2
-            self.ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(c) for c in self.cps])
+            self.ptrs = (ctypes.c_void_p * n)(*[ctypes.addressof(c) for c in cps])
         else:
-            self.vals = (ctypes.c_uint64 * (n * width // 8))()
             base = ctypes.addressof(self.vals)
             self.ptrs = (ctypes.c_void_p * n)(*[base + width * i for i in range(n)])
-        self.width = width
 
     def read(self) -> list[int]:
         _check(uclib.uc_reg_read_batch(self.uch, self.ids, self.ptrs, self.n))
-        if hasattr(self, "cps"):
+        if self.cps is not None:
             return [c.val for c in self.cps]
         raw = list(self.vals)
         if self.width == 16:
@@ -217,7 +218,7 @@ class _Batch:
         return list(self.vals)
 
     def write(self, values: list[int]) -> None:
-        if hasattr(self, "cps"):
+        if self.cps is not None:
             for c, v in zip(self.cps, values):
                 c.val = v & MASK64
         elif self.width == 16:
@@ -313,7 +314,8 @@ class CpuRegisters:
     def save_cpu_state(self) -> CpuState:
         """The emulated CPU's whole state (registers, exclusive monitor, mode flags), for one
         core shared by several vCPUs: a vCPU leaving it keeps this and comes back with it."""
-        return self.uc.context_save()
+        state: CpuState = self.uc.context_save()
+        return state
 
     def update_cpu_state(self, state: CpuState) -> None:
         """Refresh a state `save_cpu_state` returned with the CPU's current one."""

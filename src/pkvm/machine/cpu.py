@@ -54,8 +54,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from unicorn import UC_ARCH_ARM64, UC_MODE_ARM, Uc, UcError
 from unicorn import arm64_const as A
+from unicorn.unicorn_const import UC_ARCH_ARM64, UC_MODE_ARM
+from unicorn.unicorn_py3.unicorn import Uc, UcError
 
 from pkvm.machine.context import (
     CNTHCTL_EL1PCEN,

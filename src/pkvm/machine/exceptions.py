@@ -34,7 +34,8 @@ import enum
 from dataclasses import dataclass
 from typing import Any
 
-from unicorn import (
+from unicorn import arm64_const as A
+from unicorn.unicorn_const import (
     UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_MEM_INVALID,
@@ -43,9 +44,8 @@ from unicorn import (
     UC_MEM_READ_UNMAPPED,
     UC_MEM_WRITE_PROT,
     UC_MEM_WRITE_UNMAPPED,
-    Uc,
 )
-from unicorn import arm64_const as A
+from unicorn.unicorn_py3.unicorn import Uc
 
 from pkvm.machine import decode
 from pkvm.machine.context import (

@@ -27,7 +27,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from unicorn import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
+from unicorn.unicorn_const import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 
 PAGE_SIZE = 4096
 MASK64 = (1 << 64) - 1
