@@ -34,6 +34,8 @@ from pkvm.arch.pte import (
     KVM_PGTABLE_WALK_TABLE_PRE,
     KVM_PTE_ADDR_MASK,
     KVM_PTE_VALID,
+    MT_S2_NORMAL,
+    PTE_INDEX_MASK,
     PTRS_PER_PTE,
     U64,
     granule_shift,
@@ -43,7 +45,7 @@ from pkvm.arch.pte import (
     pte_valid,
 )
 from pkvm.errors import EAGAIN, EINVAL, ENOMEM, ERANGE
-from pkvm.machine.memory import PAGE_SIZE
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 
 # -- memory operations a table is built from ------------------------------------------
@@ -97,7 +99,7 @@ class KvmPgtable:
         start_level: int = 0,
         eagain_stops: bool = True,
         force_pte_cb: Callable[[int, int, int], bool] | None = None,
-        normal_memattr: int = 0xF,
+        normal_memattr: int = MT_S2_NORMAL,
     ):
         self.mem = mem
         self.mm_ops = mm_ops
@@ -162,7 +164,7 @@ class KvmPgtable:
         while idx < PTRS_PER_PTE and state[0] < end:
             ptep = table + idx * 8
             old = mem.read_u64(ptep)
-            is_table = level < 3 and (old & 3) == 3
+            is_table = pte_table(old, level)
             ret = 0
             reload = False
             if is_table and flags & KVM_PGTABLE_WALK_TABLE_PRE:
@@ -175,7 +177,7 @@ class KvmPgtable:
                 reload = True
             if reload:
                 old = mem.read_u64(ptep)
-                is_table = level < 3 and (old & 3) == 3
+                is_table = pte_table(old, level)
             if not self.walk_continues(ret, flags):
                 return ret
             if not is_table:
@@ -205,8 +207,8 @@ class KvmPgtable:
         table = self.pgd
         read = self.mem.read_u64
         for level in range(self.start_level, 4):
-            pte = read(table + ((addr >> granule_shift(level)) & 511) * 8)
-            if level == 3 or (pte & 3) != 3:
+            pte = read(table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8)
+            if not pte_table(pte, level):
                 return 0, pte, level
             table = pte & KVM_PTE_ADDR_MASK
         raise AssertionError("unreachable")
@@ -291,9 +293,9 @@ class KvmPgtable:
         read = self.mem.read_u64
         table = self.pgd
         for level in range(self.start_level, 3):
-            ptep = table + ((addr >> (39 - 9 * level)) & 511) * 8
+            ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
             pte = read(ptep)
-            if pte & 3 == 3:
+            if pte_table(pte, level):
                 table = pte & KVM_PTE_ADDR_MASK
                 continue
             if pte:
@@ -303,7 +305,7 @@ class KvmPgtable:
                 return None
             self.set_pte(ptep, 0, init_table_pte(child))
             table = child
-        return table + ((addr >> 12) & 511) * 8
+        return table + ((addr >> PAGE_SHIFT) & PTE_INDEX_MASK) * 8
 
     def destroy(self) -> None:
         """`kvm_pgtable_stage2_destroy` / `hyp_destroy`: free every table page, the root last."""

@@ -17,6 +17,8 @@ from pkvm.arch.pte import (
     KVM_PTE_ADDR_MASK,
     KVM_PTE_LEAF_ATTR_HI_SW,
     KVM_PTE_VALID,
+    PTE_INDEX_MASK,
+    granule_shift,
     granule_size,
     hyp_set_prot_attr,
     init_valid_leaf_pte,
@@ -89,9 +91,9 @@ def hyp_unmap_page(pgt: KvmPgtable, addr: int) -> int:
     tables: list[tuple[int, int, int]] = []
     table = pgt.pgd
     for level in range(pgt.start_level, 4):
-        ptep = table + ((addr >> (39 - 9 * level)) & 511) * 8
+        ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
         old = read(ptep)
-        if level < 3 and old & 3 == 3:
+        if pte_table(old, level):
             tables.append((ptep, old, level))
             table = old & KVM_PTE_ADDR_MASK
             continue

@@ -19,6 +19,8 @@ from pkvm.arch.pte import (
     KVM_PGTABLE_WALK_TABLE_PRE,
     KVM_PTE_ADDR_MASK,
     KVM_PTE_LEAF_ATTR_S2_PERMS,
+    PTE_INDEX_MASK,
+    granule_shift,
     granule_size,
     init_table_pte,
     init_valid_leaf_pte,
@@ -27,7 +29,7 @@ from pkvm.arch.pte import (
     stage2_set_prot_attr,
 )
 from pkvm.errors import E2BIG, EAGAIN, EINVAL, ENOMEM
-from pkvm.machine.memory import PAGE_SIZE
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:  # for types only: the table's methods call these operations
     from pkvm.arch.pgtable import KvmPgtable, VisitCtx
@@ -166,13 +168,13 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
     path = []  # (ptep of the table entry, child table) from the top
     table = pgt.pgd
     for level in range(pgt.start_level, 3):
-        ptep = table + ((addr >> (39 - 9 * level)) & 511) * 8
+        ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
         pte = read(ptep)
-        if pte & 3 != 3:
+        if not pte_table(pte, level):
             return False
         table = pte & KVM_PTE_ADDR_MASK
         path.append((ptep, table))
-    ptep = table + ((addr >> 12) & 511) * 8
+    ptep = table + ((addr >> PAGE_SHIFT) & PTE_INDEX_MASK) * 8
     old = read(ptep)
     if old:
         pgt.set_pte(ptep, old, 0)

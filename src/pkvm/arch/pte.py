@@ -17,6 +17,7 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 # -- descriptor bits (arch/arm64/include/asm/kvm_pgtable.h) -------------------------------
 KVM_PTE_VALID = 1 << 0
 KVM_PTE_TYPE = 1 << 1  # 1: table (level < 3) or page (level 3); 0: block
+KVM_PTE_TABLE_BITS = KVM_PTE_VALID | KVM_PTE_TYPE
 KVM_PTE_ADDR_MASK = ((1 << 48) - 1) & ~(PAGE_SIZE - 1)
 
 KVM_PTE_LEAF_ATTR_LO_S1_ATTRIDX_SHIFT = 2
@@ -28,6 +29,7 @@ KVM_PTE_LEAF_ATTR_LO_S1_AF = 1 << 10
 KVM_PTE_LEAF_ATTR_HI_S1_XN = 1 << 54
 MT_NORMAL = 0
 MT_DEVICE_NGNRE = 4
+MT_S2_NORMAL, MT_S2_DEVICE_nGnRE, MT_S2_NORMAL_NC = 0xF, 0x1, 0x5  # stage-2 MemAttr
 
 KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR_SHIFT = 2
 KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R = 1 << 6
@@ -75,6 +77,7 @@ CPU_HAS_XNX = True
 KVM_PGTABLE_MIN_BLOCK_LEVEL = 1
 KVM_PGTABLE_LAST_LEVEL = 3
 PTRS_PER_PTE = 512
+PTE_INDEX_MASK = PTRS_PER_PTE - 1
 
 
 def granule_shift(level: int) -> int:
@@ -90,7 +93,7 @@ def pte_valid(pte: int) -> bool:
 
 
 def pte_table(pte: int, level: int) -> bool:
-    return level < KVM_PGTABLE_LAST_LEVEL and (pte & 3) == 3
+    return level < KVM_PGTABLE_LAST_LEVEL and pte & KVM_PTE_TABLE_BITS == KVM_PTE_TABLE_BITS
 
 
 def pte_to_phys(pte: int) -> int:
@@ -141,7 +144,9 @@ def hyp_pte_prot(pte: int) -> int:
     return prot
 
 
-def stage2_set_prot_attr(prot: int, normal_memattr: int, device_memattr: int = 0x1) -> int | None:
+def stage2_set_prot_attr(
+    prot: int, normal_memattr: int, device_memattr: int = MT_S2_DEVICE_nGnRE
+) -> int | None:
     """Stage-2 leaf attributes for `prot`, or None where Linux says -EINVAL."""
     device = bool(prot & KVM_PGTABLE_PROT_DEVICE)
     nc = bool(prot & KVM_PGTABLE_PROT_NORMAL_NC)
@@ -153,7 +158,7 @@ def stage2_set_prot_attr(prot: int, normal_memattr: int, device_memattr: int = 0
     if device:
         memattr = device_memattr
     elif nc:
-        memattr = 0x5
+        memattr = MT_S2_NORMAL_NC
     else:
         memattr = normal_memattr
     attr = memattr << KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR_SHIFT
@@ -182,11 +187,3 @@ def stage2_pte_prot(pte: int) -> int:
     xn = (pte >> KVM_PTE_LEAF_ATTR_HI_S2_XN_SHIFT) & 3
     prot |= {0b00: KVM_PGTABLE_PROT_X, 0b01: KVM_PGTABLE_PROT_UX, 0b11: KVM_PGTABLE_PROT_PX}.get(xn, 0)
     return prot
-
-
-def prot_name(prot: int) -> str:
-    s = ("R" if prot & KVM_PGTABLE_PROT_R else "-") + ("W" if prot & KVM_PGTABLE_PROT_W else "-")
-    s += "X" if prot & KVM_PGTABLE_PROT_X else "-"
-    if prot & KVM_PGTABLE_PROT_DEVICE:
-        s += " dev"
-    return s

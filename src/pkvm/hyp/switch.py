@@ -213,7 +213,7 @@ S2_XN_NONE = 0b10
 
 
 class _Engine:
-    """issue 14: the CPU emulator a VM's vCPUs run on, and what it holds.
+    """The CPU emulator a VM's vCPUs run on, and what it holds.
 
     One per VM: unicorn's translated code and its view of the stage-2 are shared by the VM's
     vCPUs, as QEMU's single-threaded TCG runs all the CPUs of a machine on one translation
@@ -273,7 +273,7 @@ def _core_for(h: HypState, vcpu: PkvmHypVcpu):
 
 
 def _switch_to(vcpu: PkvmHypVcpu, core) -> None:
-    """issue 14: put `vcpu` on its VM's engine if another vCPU ran there last."""
+    """Put `vcpu` on its VM's engine if another vCPU ran there last."""
     eng = vcpu.vm.engine
     prev = eng.owner
     if prev is vcpu:
@@ -417,12 +417,12 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
 
     core = _core_for(h, vcpu)
-    _switch_to(vcpu, core)  # issue 14: the VM's vCPUs share one engine
+    _switch_to(vcpu, core)  # the VM's vCPUs share one engine
     _load_context(vcpu, core)
     if vcpu.iflags & IFLAG_PENDING_EXCEPTION:
         core.inject_undef()
         vcpu.iflags &= ~IFLAG_PENDING_EXCEPTION
-    # issue 9: HCR_EL2.VI, the virtual IRQ the host's GIC asserts, goes into the CPU's HCR_EL2
+    # HCR_EL2.VI, the virtual IRQ the host's GIC asserts, goes into the CPU's HCR_EL2
     # (IMO is set): the CPU takes it itself, exactly when the guest unmasks PSTATE.I.
     vi = vcpu.hcr_el2 & HCR_VI
     if vi != vcpu.exit_data.get("hcr_vi", 0):
@@ -433,7 +433,7 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     code = ARM_EXCEPTION_TRAP
     while True:
         _sync_view(h, vcpu, core)
-        if isinstance(budget, float):  # issue 9: a wall-clock slice (seconds)
+        if isinstance(budget, float):  # a wall-clock slice (seconds)
             ex = run_for(core, budget)
         else:
             ex = core.run(budget)
@@ -451,7 +451,7 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         if protected and ex.kind is ExitKind.SYSREG and handle_pvm_sysreg(h, vcpu, core, ex.esr):
             continue
         break
-    if vi:  # issue 9: an IRQ the CPU took wrote SPSR_EL1 behind the core's back
+    if vi:  # an IRQ the CPU took wrote SPSR_EL1 behind the core's back
         core.invalidate_sys_shadow()
     words, vhalves, sysvals = core.save_words()
     vcpu.ctxt, vcpu.exit_data["synced_words"] = ctxt_pack_words(

@@ -49,6 +49,13 @@ PSR_IL_BIT = 1 << 20
 PSR_PAN_BIT = 1 << 22
 PSR_NZCV = 0xF << 28
 PSTATE_RESET = PSR_DAIF | PSR_MODE_EL1h  # 0x3C5, as kvm_reset_vcpu
+PSR_EL_SHIFT = 2  # PSTATE.EL, bits [3:2]
+MPIDR_RES1 = 1 << 31
+
+
+def pstate_el(pstate: int) -> int:
+    """The exception level PSTATE says the CPU is at."""
+    return (pstate >> PSR_EL_SHIFT) & 3
 
 # SCTLR_EL1 bits used here.
 SCTLR_ELx_M = 1 << 0
@@ -146,7 +153,7 @@ class CpuContext:
         ctx = cls(pc=pc)
         ctx.x[0] = x0
         ctx.sys_regs["SCTLR_EL1"] = SCTLR_EL1_RESET
-        ctx.sys_regs["MPIDR_EL1"] = (1 << 31) | mpidr
+        ctx.sys_regs["MPIDR_EL1"] = MPIDR_RES1 | mpidr
         return ctx
 
     def copy(self) -> CpuContext:
@@ -336,11 +343,6 @@ class CpuRegisters:
     def sys_reg(self, name: str) -> int:
         """Read an EL1 system register of `SYS_REGS` (or SPSR_EL1)."""
         return self._cpr(SYS_SPSR_EL1 if name == "SPSR_EL1" else SYS_REGS[name])
-
-    def set_sys_reg(self, name: str, value: int) -> None:
-        self._cpw(SYS_SPSR_EL1 if name == "SPSR_EL1" else SYS_REGS[name], value)
-        self._sys_dirty = True
-        self._rebuild_flags()
 
     def _rebuild_flags(self) -> None:
         # A system-register write makes QEMU recompute its cached EL/MMU flags.

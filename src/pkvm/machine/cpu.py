@@ -93,8 +93,9 @@ from pkvm.machine.exceptions import (
     Exit,
     ExitKind,
 )
+from pkvm.machine.memory import PAGE_SIZE
 from pkvm.machine.stage1 import Walk
-from pkvm.machine.stage2_view import PAGE_SIZE, Mapping, Stage2View
+from pkvm.machine.stage2_view import Mapping, Stage2View
 
 __all__ = [
     "ARM_EXCEPTION_IRQ",

@@ -65,6 +65,7 @@ from pkvm.machine.context import (
     PSR_MODE_EL1h,
     PSR_MODE_EL1t,
     SCTLR_EL1_nTWI,
+    pstate_el,
 )
 from pkvm.machine.esr import (
     EC,
@@ -80,11 +81,12 @@ from pkvm.machine.esr import (
     ipa_from_hpfar,
     sys64_iss,
 )
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 from pkvm.machine.stage1 import Walk, walk_stage1
-from pkvm.machine.stage2_view import PAGE_SIZE, Stage2View
+from pkvm.machine.stage2_view import Stage2View
 
-PAGE_SHIFT = 12
-PAGE_MASK = PAGE_SIZE - 1
+PAGE_OFFSET_MASK = PAGE_SIZE - 1
+CPACR_EL1_ZEN_SHIFT, CPACR_EL1_FPEN_SHIFT = 16, 20  # 0b01: EL0 traps, 0b11: nothing traps
 XZR = 31  # register number 31 as a data register
 _GPR_OF = {rid: n for n, rid in enumerate(GPR_IDS)}  # unicorn register id -> Xn
 _DECODE_CACHE_MAX = 65536  # decoded instruction words kept before the cache starts afresh
@@ -140,7 +142,7 @@ class Exit:
     @property
     def ipa(self) -> int:
         """Faulting IPA (HPFAR page + FAR page offset) of a stage-2 abort."""
-        return ipa_from_hpfar(self.hpfar) | (self.far & PAGE_MASK)
+        return ipa_from_hpfar(self.hpfar) | (self.far & PAGE_OFFSET_MASK)
 
     @property
     def isv(self) -> bool:
@@ -168,7 +170,7 @@ class Exit:
 def _far(va: int, ipa: int) -> int:
     """The faulting VA of an access starting at `va` that faulted at `ipa`: the page offset
     is the IPA's, in the page of `va` or the next one (an access crossing a page)."""
-    far = (va & ~PAGE_MASK) | (ipa & PAGE_MASK)
+    far = (va & ~PAGE_OFFSET_MASK) | (ipa & PAGE_OFFSET_MASK)
     return far + PAGE_SIZE if far < va else far
 
 
@@ -207,7 +209,7 @@ class CpuExceptions(CpuRegisters):
             va,
             sctlr=sctlr,
             pstate=pstate,
-            el=(pstate >> 2) & 3 if el is None else el,
+            el=pstate_el(pstate) if el is None else el,
             read_sysreg=self.sys_reg,
             read_u64=self._view.read_u64,
             write=write,
@@ -234,7 +236,7 @@ class CpuExceptions(CpuRegisters):
     def _on_mrs(self, uc: Uc, reg: int, cp: Any, _data: object) -> int:
         if cp.op0 != 3 or cp.op1 or cp.crn or not 1 <= cp.crm <= 7:
             return 0
-        if (self._rd(A.UC_ARM64_REG_PSTATE) >> 2) & 3 != 1:
+        if pstate_el(self._rd(A.UC_ARM64_REG_PSTATE)) != 1:
             return 0  # EL0 reads are the guest kernel's business (it traps or emulates them)
         rt = _GPR_OF.get(reg, XZR)
         iss = sys64_iss(cp.op0, cp.op1, cp.crn, cp.crm, cp.op2, rt, True)
@@ -343,7 +345,7 @@ class CpuExceptions(CpuRegisters):
         if insn is None:  # the fetch itself faults: let the walk explain it
             self._abort(pc, fetch=True)
             return
-        el = (pstate >> 2) & 3
+        el = pstate_el(pstate)
         if insn == decode.WFI:
             wfi = esr(EC.WFx, ISS_CV_COND_AL)  # ISS bit 0 = 0: WFI
             if el == 0 and not self._cpr(SYS_REGS["SCTLR_EL1"]) & SCTLR_EL1_nTWI:
@@ -359,14 +361,14 @@ class CpuExceptions(CpuRegisters):
                 self._stop(Exit(ExitKind.SMC, esr(EC.SMC64, imm), imm=imm))
             return
         cpacr = self._cpr(SYS_REGS["CPACR_EL1"])
-        fpen = (cpacr >> 20) & 3
+        fpen = (cpacr >> CPACR_EL1_FPEN_SHIFT) & 3
         fp_trapped = fpen in (0, 2) or (fpen == 1 and el == 0)
         # (unicorn 2.1.4 never raises FP/SVE access traps: kept for a CPU model that does)
         if decode.is_fp_simd(insn) and fp_trapped:
             self._enter_el1(VECTOR_SYNC, pc, esr(EC.FP_ASIMD, ISS_CV_COND_AL))
             return
         if decode.is_sve(insn):
-            zen = (cpacr >> 16) & 3
+            zen = (cpacr >> CPACR_EL1_ZEN_SHIFT) & 3
             if zen in (0, 2) or (zen == 1 and el == 0):
                 self._enter_el1(VECTOR_SYNC, pc, esr(EC.SVE))
             elif fp_trapped:
@@ -383,7 +385,7 @@ class CpuExceptions(CpuRegisters):
 
     def _abort(self, pc: int, fetch: bool) -> None:
         """A stage-1 abort (or alignment, or a walk into unmapped IPA) at `pc`."""
-        el = (self.pstate >> 2) & 3
+        el = pstate_el(self.pstate)
         if fetch:
             w = self.translate(pc, fetch=True)
             if w.s2_ipa is not None:

@@ -29,8 +29,8 @@ from typing import Any
 
 from unicorn.unicorn_const import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
 
-PAGE_SIZE = 4096
-MASK64 = (1 << 64) - 1
+from pkvm.machine.context import MASK64
+from pkvm.machine.memory import PAGE_SIZE
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _mremap = _libc.mremap
@@ -213,7 +213,7 @@ class Stage2View:
                 lo, hi = (cur, buddy) if cur.start < buddy.start else (buddy, cur)
                 cur = Mapping(lo.start, hi.end, lo.host, lo.writable, lo.executable)
             merged.append(cur)
-        # issue 9: any region that leaves unicorn and comes back (merged) is a new RAM block;
+        # Any region that leaves unicorn and comes back (merged) is a new RAM block;
         # QEMU's tracking of which pages hold translated code does not follow it, so guest
         # writes to code (Linux's ftrace/alternatives patching) would miss stale TBs: flush.
         replaced = bool(touched)
