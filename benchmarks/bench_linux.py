@@ -62,18 +62,10 @@ def boot_pkvm(kernel: bytes, initrd: bytes, protected: bool, append: str, vcpus:
 
 def boot_bare(kernel: bytes, initrd: bytes, append: str) -> dict:
     """The same boot on a bare unicorn core and the same devices: the baseline."""
+    from pkvm.hyp.switch import configure_guest_core
     from pkvm.machine.cpu import (
-        CNTHCTL_EL1PCTEN,
-        HCR_API,
-        HCR_APK,
-        HCR_FMO,
-        HCR_IMO,
         HCR_VI,
-        SCR_EL3_API,
-        SCR_EL3_APK,
-        SYS_CNTHCTL_EL2,
         SYS_HCR_EL2,
-        SYS_SCR_EL3,
         Core,
         CpuContext,
         ExitKind,
@@ -88,10 +80,7 @@ def boot_bare(kernel: bytes, initrd: bytes, append: str) -> dict:
     for at, blob in ((layout.dtb, dtb), (layout.kernel, kernel), (layout.initrd, initrd)):
         ram[at - GUEST_RAM_IPA : at - GUEST_RAM_IPA + len(blob)] = blob
     core = Core()
-    core.write_sysreg(SYS_CNTHCTL_EL2, CNTHCTL_EL1PCTEN)  # trap the EL1 physical timer, as the hyp does
-    hcr = core.read_sysreg(SYS_HCR_EL2)
-    core.write_sysreg(SYS_HCR_EL2, hcr | HCR_APK | HCR_API | HCR_IMO | HCR_FMO)
-    core.write_sysreg(SYS_SCR_EL3, core.read_sysreg(SYS_SCR_EL3) | SCR_EL3_APK | SCR_EL3_API)
+    configure_guest_core(core)  # the timer trapped, pointer authentication, as the hyp does
     core.map(GUEST_RAM_IPA, memory, base)
     core.load_context(CpuContext.reset(pc=layout.kernel, x0=layout.dtb))
     gic, timer, uart = Gic(1), PhysTimer(), Pl011(None)

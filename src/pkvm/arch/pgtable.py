@@ -270,6 +270,16 @@ class KvmPgtable:
         self.set_pte(ptep, old, init_table_pte(child))
         return 0
 
+    def free_empty_table(self, ctx: VisitCtx) -> None:
+        """An unmap's TABLE_POST visit: unlink and free the child table when its only
+        reference left is its own (every entry below it gone)."""
+        child = ctx.old & KVM_PTE_ADDR_MASK
+        if self.mm_ops.page_count(child) != 1:
+            return
+        self.set_pte(ctx.ptep, ctx.old, 0)
+        self.invalidate(ctx.addr, ctx.level)
+        self.mm_ops.put_page(child)
+
     def free_unlinked(self, table: int, level: int) -> None:
         """Free a detached subtree: drop every counted entry, then the table itself."""
         read = self.mem.read_u64

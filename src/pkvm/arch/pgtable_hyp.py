@@ -121,12 +121,7 @@ def hyp_unmap_walk(pgt: KvmPgtable, addr: int, size: int) -> int:
         if not pte_valid(ctx.old):
             return -EINVAL
         if pte_table(ctx.old, ctx.level):
-            child = ctx.old & KVM_PTE_ADDR_MASK
-            if pgt.mm_ops.page_count(child) != 1:
-                return 0
-            pgt.set_pte(ctx.ptep, ctx.old, 0)
-            pgt.invalidate(ctx.addr, ctx.level)
-            pgt.mm_ops.put_page(child)
+            pgt.free_empty_table(ctx)
             return 0
         if ctx.end - ctx.addr < g:
             return -EINVAL

@@ -145,12 +145,7 @@ def kvm_pgtable_stage2_unmap(pgt: KvmPgtable, addr: int, size: int) -> int:
                 pgt.set_pte(ctx.ptep, ctx.old, 0)
             return 0
         if pte_table(ctx.old, ctx.level):
-            child = ctx.old & KVM_PTE_ADDR_MASK
-            if pgt.mm_ops.page_count(child) != 1:
-                return 0
-            pgt.set_pte(ctx.ptep, ctx.old, 0)
-            pgt.invalidate(ctx.addr, ctx.level)
-            pgt.mm_ops.put_page(child)
+            pgt.free_empty_table(ctx)
             return 0
         pgt.set_pte(ctx.ptep, ctx.old, 0)
         pgt.invalidate(ctx.addr, ctx.level)

@@ -235,21 +235,26 @@ class _Engine:
         self.fresh = core.save_cpu_state()  # the state a vCPU's first entry starts from
 
 
+def configure_guest_core(core: Core) -> None:
+    """What EL2 sets on a CPU before it runs guests there."""
+    # Trap the EL1 physical timer (CNTHCTL_EL2.EL1PCEN = 0, EL1PCTEN = 1) so the host can
+    # emulate it (unicorn's timers are stubs); the counter stays direct.
+    core.write_sysreg(SYS_CNTHCTL_EL2, CNTHCTL_EL1PCTEN)
+    # Pointer authentication for the guest (HCR_EL2.APK|API), as KVM grants it after the
+    # first trapped use; each vCPU's keys are in its context. IMO|FMO: HCR_EL2.VI then raises
+    # a virtual IRQ.
+    hcr = core.read_sysreg(SYS_HCR_EL2)
+    core.write_sysreg(SYS_HCR_EL2, hcr | HCR_APK | HCR_API | HCR_IMO | HCR_FMO)
+    # And SCR_EL3.APK|API, as firmware leaves them.
+    core.write_sysreg(SYS_SCR_EL3, core.read_sysreg(SYS_SCR_EL3) | SCR_EL3_APK | SCR_EL3_API)
+
+
 def _engine_for(h: HypState, vcpu: PkvmHypVcpu) -> _Engine:
     vm = vcpu.vm
     eng = vm.engine
     if eng is None:
         core = Core()
-        # Trap the EL1 physical timer (CNTHCTL_EL2.EL1PCEN = 0, EL1PCTEN = 1) so the host can
-        # emulate it (unicorn's timers are stubs); the counter stays direct.
-        core.write_sysreg(SYS_CNTHCTL_EL2, CNTHCTL_EL1PCTEN)
-        # Pointer authentication for the guest (HCR_EL2.APK|API), as KVM grants it after the
-        # first trapped use; each vCPU's keys are in its context. IMO|FMO: HCR_EL2.VI then
-        # raises a virtual IRQ.
-        hcr = core.read_sysreg(SYS_HCR_EL2)
-        core.write_sysreg(SYS_HCR_EL2, hcr | HCR_APK | HCR_API | HCR_IMO | HCR_FMO)
-        # And SCR_EL3.APK|API, as firmware leaves them.
-        core.write_sysreg(SYS_SCR_EL3, core.read_sysreg(SYS_SCR_EL3) | SCR_EL3_APK | SCR_EL3_API)
+        configure_guest_core(core)
         if vm.is_protected and vcpu.hcr_el2 & HCR_TID3:
             core.trap_id_regs()  # the protected guest reads its sanitised ID registers
         eng = vm.engine = _Engine(core)

@@ -17,7 +17,7 @@ Exits (`ExitKind`), all with `Exit.code == ARM_EXCEPTION_TRAP` except `BUDGET`:
 |---|---|---|---|
 | HVC | 0x16 | past the HVC (as ELR_EL2) | `imm` = imm16 |
 | SMC | 0x17 | on the SMC (EL2 advances it) | `imm` = imm16; trapped by HCR_EL2.TSC |
-| WFX | 0x01 | on the WFI | ISS bit 0 = 0 (WFI). WFE never exits (see below) |
+| WFX | 0x01 | on the WFI | ISS bit 0 = 0 (WFI). WFE never exits (see `pkvm.machine.exceptions`) |
 | DABT | 0x24 | on the instruction (not executed) | stage-2: FSC 0x07 no mapping, 0x0F not writable; ISV etc. only for single GPR loads/stores without writeback; S1PTW when the guest's table walk hit an unmapped IPA |
 | IABT | 0x20 | on the instruction | FSC 0x07 / 0x0F (mapped not executable) |
 | SYSREG | 0x18 | on the MRS/MSR/SYS | an EL1 system-register access unicorn does not implement (all ICC_*, ...): ISS Op0/Op2/Op1/CRn/Rt/CRm/Direction; emulate and `skip()`, or `inject_undef()` |
