@@ -262,7 +262,7 @@ def _engine_for(h: HypState, vcpu: PkvmHypVcpu) -> _Engine:
     return eng
 
 
-def _core_for(h: HypState, vcpu: PkvmHypVcpu):
+def _core_for(h: HypState, vcpu: PkvmHypVcpu) -> Core:
     """The CPU this hyp vCPU runs on, its stage-2 view up to date."""
     eng = _engine_for(h, vcpu)
     pgt = _guest_s2(h, vcpu)
@@ -277,7 +277,7 @@ def _core_for(h: HypState, vcpu: PkvmHypVcpu):
     return eng.core
 
 
-def _switch_to(vcpu: PkvmHypVcpu, core) -> None:
+def _switch_to(vcpu: PkvmHypVcpu, core: Core) -> None:
     """Put `vcpu` on its VM's engine if another vCPU ran there last."""
     eng = vcpu.vm.engine
     prev = eng.owner
@@ -326,7 +326,7 @@ def _guest_s2(h: HypState, vcpu: PkvmHypVcpu):
     return cached
 
 
-def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None:
+def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core: Core, full: bool = False) -> None:
     """Bring the emulator's stage-2 view up to date with the guest stage-2 (what changed)."""
     pgt = _guest_s2(h, vcpu)
     if not pgt.pgd:
@@ -374,7 +374,7 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core, full: bool = False) -> None
             core.map(base, size, host, writable=writable, executable=executable)
 
 
-def _refault(h: HypState, vcpu: PkvmHypVcpu, core, ipa: int) -> bool:
+def _refault(h: HypState, vcpu: PkvmHypVcpu, core: Core, ipa: int) -> bool:
     """6.12: the host changes its guest stage-2 without telling EL2, so a fault is checked
     against the table itself (a TLB never holds an invalid entry) before it exits."""
     pgt = _guest_s2(h, vcpu)
@@ -390,7 +390,7 @@ def _refault(h: HypState, vcpu: PkvmHypVcpu, core, ipa: int) -> bool:
     return core.mappings() != before
 
 
-def _load_context(vcpu: PkvmHypVcpu, core) -> None:
+def _load_context(vcpu: PkvmHypVcpu, core: Core) -> None:
     """Put the flushed context on the CPU, applying `__kvm_adjust_pc`'s PC increment.
 
     The core still holds what the last sync copied out; when the host changed only general
