@@ -62,7 +62,15 @@ def boot_pkvm(kernel: bytes, initrd: bytes, protected: bool, append: str, vcpus:
 
 def boot_bare(kernel: bytes, initrd: bytes, append: str) -> dict:
     """The same boot on a bare unicorn core and the same devices: the baseline."""
-    from pkvm.machine.cpu import Core, CpuContext, ExitKind, complete_mmio_read
+    from pkvm.hyp.switch import configure_guest_core
+    from pkvm.machine.cpu import (
+        HCR_VI,
+        SYS_HCR_EL2,
+        Core,
+        CpuContext,
+        ExitKind,
+        complete_mmio_read,
+    )
 
     memory = 256 * MiB
     layout = plan_layout(kernel, len(initrd), memory)
@@ -72,11 +80,7 @@ def boot_bare(kernel: bytes, initrd: bytes, append: str) -> dict:
     for at, blob in ((layout.dtb, dtb), (layout.kernel, kernel), (layout.initrd, initrd)):
         ram[at - GUEST_RAM_IPA : at - GUEST_RAM_IPA + len(blob)] = blob
     core = Core()
-    core._cpw((3, 4, 14, 1, 0), 1)  # trap the EL1 physical timer, as the hyp does
-    hcr = (3, 4, 1, 1, 0)
-    core._cpw(hcr, core._cpr(hcr) | (1 << 40) | (1 << 41) | (1 << 4) | (1 << 3))  # APK API IMO FMO
-    scr = (3, 6, 1, 1, 0)
-    core._cpw(scr, core._cpr(scr) | (1 << 16) | (1 << 17))
+    configure_guest_core(core)  # the timer trapped, pointer authentication, as the hyp does
     core.map(GUEST_RAM_IPA, memory, base)
     core.load_context(CpuContext.reset(pc=layout.kernel, x0=layout.dtb))
     gic, timer, uart = Gic(1), PhysTimer(), Pl011(None)
@@ -93,7 +97,8 @@ def boot_bare(kernel: bytes, initrd: bytes, append: str) -> dict:
         pend = gic.irq_pending(0)
         if pend != vi:  # HCR_EL2.VI: the CPU takes the IRQ when the guest unmasks
             vi = pend
-            core._cpw(hcr, core._cpr(hcr) & ~(1 << 7) | (int(vi) << 7))
+            hcr = core.read_sysreg(SYS_HCR_EL2)
+            core.write_sysreg(SYS_HCR_EL2, hcr & ~HCR_VI | (HCR_VI if vi else 0))
         ex = core.run()
         k = ex.kind.value
         exits[k] = exits.get(k, 0) + 1

@@ -46,7 +46,7 @@ def test_cpu_table_is_the_cores():
 
     core = Core()
     for name, enc in ID_REG_ENC.items():
-        assert core._cpr(enc) == CPU_ID_REGS[name], name
+        assert core.read_sysreg(enc) == CPU_ID_REGS[name], name
 
 
 def test_protected_guest_reads_sanitised_id_registers():

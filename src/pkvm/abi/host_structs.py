@@ -31,6 +31,8 @@ import functools
 import struct
 from dataclasses import dataclass
 
+from pkvm.machine.context import CpuContext
+
 
 @dataclass(frozen=True)
 class Field:
@@ -218,10 +220,8 @@ def ctxt_words(raw: bytes) -> tuple[int, ...]:
     return _CTXT_FMT.unpack_from(raw, 0)
 
 
-def ctxt_unpack(raw: bytes):
+def ctxt_unpack(raw: bytes) -> CpuContext:
     """`arch.ctxt` bytes -> `pkvm.machine.cpu.CpuContext`."""
-    from pkvm.machine.cpu import CpuContext
-
     q = _CTXT_FMT.unpack_from(raw, 0)
     v = [q[39 + 2 * i] | q[40 + 2 * i] << 64 for i in range(32)]
     return CpuContext(x=list(q[:31]), sp_el0=q[31], pc=q[32], pstate=q[33], sp_el1=q[34],
@@ -229,7 +229,7 @@ def ctxt_unpack(raw: bytes):
                       sys_regs=dict(zip(SYS_REGS, q[103 : 103 + _NSYS])))
 
 
-def ctxt_pack(ctx, base: bytes) -> bytes:
+def ctxt_pack(ctx: CpuContext, base: bytes) -> bytes:
     """A `CpuContext` written over `arch.ctxt` bytes `base` (fields the CPU lacks are kept)."""
     m = 2**64 - 1
     q = list(_CTXT_FMT.unpack_from(base, 0))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pkvm.arch.pte import KVM_PGTABLE_LAST_LEVEL, PTRS_PER_PTE
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 KVM_MAX_PVMS = 255
 HANDLE_OFFSET = 0x1000
-HYP_MEMBLOCK_REGIONS = 128
-KVM_PGTABLE_FIRST_LEVEL = -1
-KVM_PGTABLE_LAST_LEVEL = 3
+KVM_PGTABLE_FIRST_LEVEL = -1  # the worst case the sizing allows for (LPA2's level -1)
+POINTER_SIZE = 8  # sizeof(void *): the VM table is an array of pointers
+HOST_S2_PGD_CONCAT_PAGES = 16  # bounds the host stage-2's concatenated root tables
 SZ_1G = 1 << 30
 SZ_2M = 2 << 20
 
@@ -19,8 +20,6 @@ PKVM_HYP_VCPU_SIZE = 6144
 KVM_PGTABLE_STAGE2_PGD_SIZE = PAGE_SIZE
 KVM_MMU_CACHE_MIN_PAGES = 3
 KVM_FFA_PROXY_PAGES = 11  # mailboxes + descriptor buffer (spec memory.md §1.2, inferred)
-
-KVM_VM_TYPE_ARM_PROTECTED = 1 << 31
 
 
 def page_align(size: int) -> int:
@@ -35,7 +34,7 @@ def hyp_pgtable_max_pages(nr_pages: int) -> int:
     """`__hyp_pgtable_max_pages`: table pages to map `nr_pages` pages, one round per level."""
     total = 0
     for _level in range(KVM_PGTABLE_FIRST_LEVEL, KVM_PGTABLE_LAST_LEVEL + 1):
-        nr_pages = div_round_up(nr_pages, 512)
+        nr_pages = div_round_up(nr_pages, PTRS_PER_PTE)
         total += nr_pages
     return total
 
@@ -49,11 +48,12 @@ def hyp_s1_pgtable_pages(regions: list[tuple[int, int]]) -> int:
 
 
 def host_s2_pgtable_pages(regions: list[tuple[int, int]]) -> int:
-    return hyp_pgtable_total_pages(regions) + 16 + hyp_pgtable_max_pages(SZ_1G >> PAGE_SHIFT)
+    return (hyp_pgtable_total_pages(regions) + HOST_S2_PGD_CONCAT_PAGES
+            + hyp_pgtable_max_pages(SZ_1G >> PAGE_SHIFT))
 
 
 def hyp_vm_table_pages() -> int:
-    return page_align(KVM_MAX_PVMS * 8) >> PAGE_SHIFT
+    return page_align(KVM_MAX_PVMS * POINTER_SIZE) >> PAGE_SHIFT
 
 
 def hyp_vmemmap_pages(regions: list[tuple[int, int]], struct_hyp_page_size: int) -> int:

@@ -622,7 +622,7 @@ class Checker:
                 if hyp != OWNED or host != NOPAGE:
                     raise InvariantViolation("table-pages", f"{name} table page not hyp-owned",
                                              pfn, "NOPAGE/OWNED", f"{host.name}/{hyp.name}")
-                counted = sum(1 for k in range(512) if pgt._counted(h.mem.read_u64(table + 8 * k)))
+                counted = sum(1 for k in range(512) if pgt.counted(h.mem.read_u64(table + 8 * k)))
                 rc = vmm.refcount[vmm.idx(table)]
                 if rc != 1 + counted:
                     raise InvariantViolation("table-pages", f"{name} table page refcount", pfn,

@@ -13,8 +13,6 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
-
 from pkvm.abi.host_structs import (
     CTXT_END,
     CTXT_START,
@@ -41,7 +39,17 @@ from pkvm.hyp.sys_regs import (
     kvm_has_feat,
     vm_has_feature,
 )
-from pkvm.machine.cpu import Core, ExitKind
+from pkvm.machine.cpu import (
+    CNTHCTL_EL1PCTEN,
+    SCR_EL3_API,
+    SCR_EL3_APK,
+    SYS_CNTHCTL_EL2,
+    SYS_HCR_EL2,
+    SYS_SCR_EL3,
+    Core,
+    CpuState,
+    ExitKind,
+)
 from pkvm.machine.cpu_id import CTR_EL0
 from pkvm.machine.preempt import run_for
 
@@ -55,7 +63,6 @@ HCR_TWE = 1 << 14
 HCR_VSE = 1 << 8
 HCR_VI = 1 << 7  # the host's virtual IRQ line (its emulated GIC's output)
 HCR_IMO, HCR_FMO = 1 << 4, 1 << 3  # virtual IRQ/FIQ routing (KVM's guest flags)
-_HCR_EL2_ENC = (3, 4, 1, 1, 0)
 _FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 
@@ -224,8 +231,22 @@ class _Engine:
         self.view_cursor = 0  # how much of its `touched` log the view has applied
         self.host_s2: KvmPgtable | None = None  # 6.12: the host-managed stage-2, as EL2 walks it
         self.owner: PkvmHypVcpu | None = None  # whose registers the core holds
-        self.saved: dict[int, object] = {}  # vcpu_idx -> its emulated CPU's other state
-        self.fresh = core.uc.context_save()  # the state a vCPU's first entry starts from
+        self.saved: dict[int, CpuState] = {}  # vcpu_idx -> its emulated CPU's other state
+        self.fresh = core.save_cpu_state()  # the state a vCPU's first entry starts from
+
+
+def configure_guest_core(core: Core) -> None:
+    """What EL2 sets on a CPU before it runs guests there."""
+    # Trap the EL1 physical timer (CNTHCTL_EL2.EL1PCEN = 0, EL1PCTEN = 1) so the host can
+    # emulate it (unicorn's timers are stubs); the counter stays direct.
+    core.write_sysreg(SYS_CNTHCTL_EL2, CNTHCTL_EL1PCTEN)
+    # Pointer authentication for the guest (HCR_EL2.APK|API), as KVM grants it after the
+    # first trapped use; each vCPU's keys are in its context. IMO|FMO: HCR_EL2.VI then raises
+    # a virtual IRQ.
+    hcr = core.read_sysreg(SYS_HCR_EL2)
+    core.write_sysreg(SYS_HCR_EL2, hcr | HCR_APK | HCR_API | HCR_IMO | HCR_FMO)
+    # And SCR_EL3.APK|API, as firmware leaves them.
+    core.write_sysreg(SYS_SCR_EL3, core.read_sysreg(SYS_SCR_EL3) | SCR_EL3_APK | SCR_EL3_API)
 
 
 def _engine_for(h: HypState, vcpu: PkvmHypVcpu) -> _Engine:
@@ -233,15 +254,7 @@ def _engine_for(h: HypState, vcpu: PkvmHypVcpu) -> _Engine:
     eng = vm.engine
     if eng is None:
         core = Core()
-        # issue 9: trap the EL1 physical timer (CNTHCTL_EL2.EL1PCEN = 0, EL1PCTEN = 1) so the
-        # host can emulate it (unicorn's timers are stubs); the counter stays direct.
-        core._cpw((3, 4, 14, 1, 0), 1)
-        # issue 9: pointer authentication for the guest (HCR_EL2.APK|API), as KVM grants it
-        # after the first trapped use; each vCPU's keys are in its context.
-        hcr = _HCR_EL2_ENC  # (and IMO|FMO: HCR_EL2.VI then raises a virtual IRQ)
-        core._cpw(hcr, core._cpr(hcr) | (1 << 40) | (1 << 41) | HCR_IMO | HCR_FMO)
-        scr = (3, 6, 1, 1, 0)  # and SCR_EL3.APK|API, as firmware leaves them
-        core._cpw(scr, core._cpr(scr) | (1 << 16) | (1 << 17))
+        configure_guest_core(core)
         if vm.is_protected and vcpu.hcr_el2 & HCR_TID3:
             core.trap_id_regs()  # the protected guest reads its sanitised ID registers
         eng = vm.engine = _Engine(core)
@@ -277,19 +290,14 @@ def _switch_to(vcpu: PkvmHypVcpu, core: Core) -> None:
     prev = eng.owner
     if prev is vcpu:
         return
-    uc = core.uc
     if prev is not None:
         ctx = eng.saved.get(prev.vcpu_idx)
         if ctx is None:
-            eng.saved[prev.vcpu_idx] = uc.context_save()
+            eng.saved[prev.vcpu_idx] = core.save_cpu_state()
         else:
-            uc.context_update(ctx)
-    uc.context_restore(eng.saved.get(vcpu.vcpu_idx, eng.fresh))
-    # QEMU keeps "a virtual IRQ is asserted" outside the saved state (the CPU's interrupt
-    # request): rewriting HCR_EL2 makes it follow this vCPU's HCR_EL2.VI again.
-    core._cpw(_HCR_EL2_ENC, core._cpr(_HCR_EL2_ENC))
-    uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-    core._sys_dirty = True  # the shadow of the system registers is the other vCPU's
+            core.update_cpu_state(ctx)
+    core.restore_cpu_state(eng.saved.get(vcpu.vcpu_idx, eng.fresh))
+    core.flush_tlb()
     vcpu.exit_data.pop("synced_words", None)  # load the whole context
     eng.owner = vcpu
 
@@ -423,7 +431,7 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     # (IMO is set): the CPU takes it itself, exactly when the guest unmasks PSTATE.I.
     vi = vcpu.hcr_el2 & HCR_VI
     if vi != vcpu.exit_data.get("hcr_vi", 0):
-        core._cpw(_HCR_EL2_ENC, core._cpr(_HCR_EL2_ENC) & ~HCR_VI | vi)
+        core.write_sysreg(SYS_HCR_EL2, core.read_sysreg(SYS_HCR_EL2) & ~HCR_VI | vi)
         vcpu.exit_data["hcr_vi"] = vi
     protected = vcpu.vm.is_protected
     budget = h.guest_timeslice
@@ -448,8 +456,8 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         if protected and ex.kind is ExitKind.SYSREG and handle_pvm_sysreg(h, vcpu, core, ex.esr):
             continue
         break
-    if vi:  # issue 9: an IRQ the CPU took wrote SPSR_EL1 behind the core's back
-        core._sys_dirty = True
+    if vi:  # an IRQ the CPU took wrote SPSR_EL1 behind the core's back
+        core.invalidate_sys_shadow()
     words, vhalves, sysvals = core.save_words()
     vcpu.ctxt, vcpu.exit_data["synced_words"] = ctxt_pack_words(
         words, vhalves, core.sys_names, sysvals, vcpu.ctxt)

@@ -83,10 +83,6 @@ def esr_ec(value: int) -> int:
     return (value >> ESR_ELx_EC_SHIFT) & 0x3F
 
 
-def esr_iss(value: int) -> int:
-    return value & ESR_ELx_ISS_MASK
-
-
 def abort_iss(
     fsc: int,
     *,

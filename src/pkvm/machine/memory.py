@@ -119,7 +119,7 @@ class PhysMemory:
             if ram[page : page + PAGE_SIZE] != ZERO_PAGE:
                 ram[page : page + PAGE_SIZE] = ZERO_PAGE
 
-    def _resident(self, off: int, n: int):
+    def _resident(self, off: int, n: int) -> ctypes.Array[ctypes.c_ubyte] | None:
         if _mincore is None:
             return None
         if n == 1:  # the common case: one page, one preallocated byte
@@ -130,6 +130,3 @@ class PhysMemory:
             return None
         return vec
 
-    def resident_pages(self) -> int:
-        """Pages that differ from zero (an upper bound of what the model made resident)."""
-        return sum(1 for p in range(0, self.size, PAGE_SIZE) if not self.page_is_zero(self.base + p))

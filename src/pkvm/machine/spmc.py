@@ -231,7 +231,7 @@ class Spmc:
             mine.extend(range(addr >> 12, (addr >> 12) + cnt))
         if len(set(mine)) != len(mine):
             return True
-        others = set()
+        others: set[int] = set()
         for o in self.transactions.values():
             if o is not t:
                 for addr, cnt in o.ranges():
