@@ -7,15 +7,14 @@ hyp panic. This is how a host pointer the hyp has not pinned (or NULL) brings th
 
 from __future__ import annotations
 
-import struct
-
-from pkvm.hyp.memory import PageState
+from pkvm.hyp.memory import PageState, page_states
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, granule_shift, pte_valid
 from pkvm.hyp.state import HYP_LINEAR_OFFSET, HypState
 from pkvm.machine.memory import PAGE_SIZE, RAM_BASE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
+MAX_BAD_STORES = 64  # EL2 stores outside the hyp's pages kept for the report
 
 
 def hyp_va(pa: int) -> int:
@@ -99,45 +98,21 @@ def hyp_stage1_tlbi(h: HypState):
     return tlbi
 
 
-_HYP_MAY_WRITE = frozenset({PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED})
-
-
 def check_store(h: HypState, pa: int, fixmap: bool = False) -> None:
     """The rule every EL2 store keeps: the page is the hyp's own or shared with it (a fixmap
     store: a page no one but a guest owns, being wiped on its way out)."""
     if not h.mem.is_ram(pa):
         return
-    page = pa >> 12
-    memo = h.store_ok
-    if h.profile.page_state_in_vmemmap:
-        if h.vmemmap.hyp_state[page - h.vmemmap.base_pfn] in _HYP_MAY_WRITE:
-            return
-    else:
-        # 6.12 keeps the hyp's state in its stage-1 entries: a page found writable stays so
-        # until the next descriptor write (7.2 reads its vmemmap byte, as cheap as a memo).
-        gen = h.pkvm_pgtable.gen  # type: ignore[union-attr]
-        if memo[0] != gen:
-            memo[0] = gen
-            memo[1].clear()
-        elif page in memo[1]:
-            return
-    _check_store_slow(h, pa, fixmap)
-
-
-def _check_store_slow(h: HypState, pa: int, fixmap: bool) -> None:
-    from pkvm.hyp.mem_protect import get_host_state, get_hyp_state
-
-    state = get_hyp_state(h, pa)
-    if state in _HYP_MAY_WRITE:
-        if not h.profile.page_state_in_vmemmap:
-            h.store_ok[1].add(pa >> 12)
+    store = page_states(h)
+    if store.hyp_may_write(h, pa):
         return
-    if fixmap and get_host_state(h, pa) == PageState.NOPAGE:
+    if fixmap and store.get_host_state(h, pa) == PageState.NOPAGE:
         return
-    if len(h.bad_stores) < 64:
+    if len(h.bad_stores) < MAX_BAD_STORES:
         what = "fixmap store" if fixmap else "store"
-        h.bad_stores.append(f"EL2 {what} to PA {pa:#x}: hyp state {state.name}, host state "
-                            f"{get_host_state(h, pa).name}")
+        h.bad_stores.append(f"EL2 {what} to PA {pa:#x}: hyp state "
+                            f"{store.get_hyp_state(h, pa).name}, host state "
+                            f"{store.get_host_state(h, pa).name}")
 
 
 def el2_read(h: HypState, va: int, n: int) -> bytes:
@@ -156,10 +131,7 @@ def el2_read(h: HypState, va: int, n: int) -> bytes:
 def _host_read_point(h: HypState, pa: int, n: int) -> None:
     """A preemption point before EL2 reads memory the host shares with it (another host CPU
     may write it at any time)."""
-    from pkvm.hyp.mem_protect import get_hyp_state
-    from pkvm.hyp.memory import PageState
-
-    if get_hyp_state(h, pa & ~(PAGE_SIZE - 1)) == PageState.SHARED_BORROWED:
+    if page_states(h).get_hyp_state(h, pa & ~(PAGE_SIZE - 1)) == PageState.SHARED_BORROWED:
         h.locks.preempt("host-read", f"{n}@{pa:#x}")
 
 
@@ -206,10 +178,6 @@ def el2_write_u64(h: HypState, va: int, value: int) -> None:
     el2_write(h, va, (value & U64).to_bytes(8, "little"))
 
 
-def el2_read_fmt(h: HypState, va: int, fmt: str) -> tuple:
-    return struct.unpack("<" + fmt, el2_read(h, va, struct.calcsize("<" + fmt)))
-
-
 # -- linear mappings -------------------------------------------------------------------
 def pkvm_create_mappings_locked(h: HypState, start: int, end: int, prot: int) -> int:
     """Map hyp VAs [start, end) onto their linear-map PAs, one page at a time."""
@@ -224,11 +192,6 @@ def pkvm_create_mappings_locked(h: HypState, start: int, end: int, prot: int) ->
             return err
         va += PAGE_SIZE
     return 0
-
-
-def pkvm_create_mappings(h: HypState, start: int, end: int, prot: int) -> int:
-    with h.pkvm_pgd_lock:
-        return pkvm_create_mappings_locked(h, start, end, prot)
 
 
 # -- struct kvm_hyp_memcache: a stack of pages linked through their first word --------------
