@@ -116,8 +116,12 @@ class Profile:
     # sizeof(struct hyp_page); HYP_NO_ORDER.
     hyp_page_size: int
     hyp_no_order: int
-    # Where host and hyp page states live: host S2 / hyp S1 software bits (6.12) or vmemmap.
+    # Where host and hyp page states live: host S2 / hyp S1 software bits (6.12) or vmemmap;
+    # it picks the hyp's page-state store (`pkvm.hyp.memory.page_states`).
     page_state_in_vmemmap: bool
+    # `kvm_pgtable_walk_continue` on a visitor's -EAGAIN: 7.2 stops unless the walk has
+    # KVM_PGTABLE_WALK_IGNORE_EAGAIN; 6.12 goes on (unless it handles a fault).
+    pgtable_walk_eagain_stops: bool
     # Protected VMs, hyp-owned guest stage-2, guest-memory hypercalls, guest calls at EL2.
     protected_vms: bool
     hyp_owned_guest_stage2: bool
@@ -213,6 +217,7 @@ PROFILE_6_12 = Profile(
     hyp_page_size=4,
     hyp_no_order=0xFFFF,
     page_state_in_vmemmap=False,
+    pgtable_walk_eagain_stops=False,
     protected_vms=False,
     hyp_owned_guest_stage2=False,
     reserve_vm=False,
@@ -241,6 +246,7 @@ PROFILE_7_2 = Profile(
     hyp_page_size=8,
     hyp_no_order=0xFF,
     page_state_in_vmemmap=True,
+    pgtable_walk_eagain_stops=True,
     protected_vms=True,
     hyp_owned_guest_stage2=True,
     reserve_vm=True,

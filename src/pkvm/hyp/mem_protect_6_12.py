@@ -19,7 +19,6 @@ from pkvm.hyp.mem_protect import (
     _HYP_MAY_WRITE,
     KVM_INVALID_PTE_OWNER_SHIFT,
     PKVM_HOST_MEM_PROT,
-    PageStates,
     _warn,
     addr_is_memory,
     host_hyp_locked,
@@ -30,7 +29,7 @@ from pkvm.hyp.mem_protect import (
     hyp_state_of_pte,
     pkvm_mkstate,
 )
-from pkvm.hyp.memory import ComponentId, PageState
+from pkvm.hyp.memory import ComponentId, PageState, PageStates
 from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.pgtable import KVM_PGTABLE_WALK_LEAF, PAGE_HYP, KvmPgtable, VisitCtx
 from pkvm.hyp.state import HypState

@@ -7,13 +7,23 @@ hyp panic. This is how a host pointer the hyp has not pinned (or NULL) brings th
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pkvm.hyp.memory import PageState, page_states
 from pkvm.hyp.panic import HypBug
-from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, granule_shift, pte_valid
+from pkvm.hyp.pgtable import (
+    KVM_PTE_ADDR_MASK,
+    KVM_PTE_LEAF_ATTR_LO_S1_AP_RO,
+    KVM_PTE_LEAF_ATTR_LO_S1_AP_SHIFT,
+    granule_shift,
+    pte_valid,
+)
 from pkvm.hyp.state import HYP_LINEAR_OFFSET, HypState
-from pkvm.machine.memory import PAGE_SIZE, RAM_BASE
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, RAM_BASE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
+PAGE_OFFSET_MASK = PAGE_SIZE - 1
+S1_AP_MASK = 3  # AP[2:1]
 MAX_BAD_STORES = 64  # EL2 stores outside the hyp's pages kept for the report
 
 
@@ -47,14 +57,14 @@ def el2_translate(h: HypState, va: int, write: bool = False) -> int:
     pgt = h.pkvm_pgtable
     assert pgt is not None
     entries = h.el2_tlb.entries
-    key = (va >> 12) << 1
+    key = (va >> PAGE_SHIFT) << 1
     e = entries.get(key)
     if e is not None and (e[1] or not write):
         if e[2] != pgt.gen:
             _recheck(h, va, e, write)
-        return e[0] | (va & 0xFFF)
+        return e[0] | (va & PAGE_OFFSET_MASK)
     pa, writable = _walk(h, va, write)
-    entries[key] = [pa & ~0xFFF, writable, pgt.gen]
+    entries[key] = [pa & ~PAGE_OFFSET_MASK, writable, pgt.gen]
     return pa
 
 
@@ -62,21 +72,26 @@ def _walk(h: HypState, va: int, write: bool) -> tuple[int, bool]:
     ret, pte, level = h.pkvm_pgtable.get_leaf(va)  # type: ignore[union-attr]
     if ret or not pte_valid(pte):
         raise HypBug(f"EL2 data abort: hyp VA {va:#x} is not mapped in the hyp stage-1")
-    writable = (pte >> 6) & 3 != 3
+    writable = _s1_writable(pte)
     if write and not writable:
         raise HypBug(f"EL2 permission fault: write to read-only hyp VA {va:#x}")
     mask = (1 << granule_shift(level)) - 1
     return (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask), writable
 
 
-def _recheck(h: HypState, va: int, e: list, write: bool) -> None:
+def _s1_writable(pte: int) -> bool:
+    ap = (pte >> KVM_PTE_LEAF_ATTR_LO_S1_AP_SHIFT) & S1_AP_MASK
+    return ap != KVM_PTE_LEAF_ATTR_LO_S1_AP_RO
+
+
+def _recheck(h: HypState, va: int, e: list[int], write: bool) -> None:
     """A hit on an entry filled before the table last changed: does a fresh walk agree?"""
     pgt = h.pkvm_pgtable
     ret, pte, level = pgt.get_leaf(va)  # type: ignore[union-attr]
     if not ret and pte_valid(pte):
         mask = (1 << granule_shift(level)) - 1
-        fresh = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask & ~0xFFF)
-        if fresh == e[0] and ((pte >> 6) & 3 != 3) == e[1]:
+        fresh = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask & ~PAGE_OFFSET_MASK)
+        if fresh == e[0] and _s1_writable(pte) == e[1]:
             e[2] = pgt.gen  # type: ignore[union-attr]
             return
         now = f"maps PA {fresh:#x}"
@@ -86,7 +101,7 @@ def _recheck(h: HypState, va: int, e: list, write: bool) -> None:
                            f"cached PA {e[0]:#x}; the hyp stage-1 {now}")
 
 
-def hyp_stage1_tlbi(h: HypState):
+def hyp_stage1_tlbi(h: HypState) -> Callable[[int, int], None]:
     """EL2's `tlbi vale2is` as the hyp stage-1 walker issues it (`kvm_pgtable_hyp_unmap`)."""
     tlb = h.el2_tlb
 
