@@ -12,7 +12,7 @@ its part (`host_request_*`, `hyp_ack_*`), then both change (`host_initiate_*`,
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pkvm.errors import EBUSY, EFAULT, EINVAL, EPERM
 from pkvm.hyp.mem_protect import (
@@ -40,27 +40,27 @@ CONFIG_NVHE_EL2_DEBUG = False
 KVM_MAX_OWNER_ID = ComponentId.HYP  # 6.12's owner ids: the host and the hyp
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Initiator:
     id: ComponentId
     addr: int  # in the initiator's address space
     completer_addr: int  # the same pages in the completer's
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PkvmMemTransition:
-    """`struct pkvm_mem_transition`."""
+    """`struct pkvm_mem_transition` (`size`: its `nr_pages * PAGE_SIZE`, as a u64)."""
 
     nr_pages: int
     initiator: Initiator
     completer: ComponentId
+    size: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        return (self.nr_pages * PAGE_SIZE) & U64
+    def __post_init__(self) -> None:
+        self.size = (self.nr_pages * PAGE_SIZE) & U64
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PkvmMemShare:
     tx: PkvmMemTransition
     completer_prot: int
