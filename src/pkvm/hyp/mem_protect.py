@@ -13,9 +13,10 @@ from __future__ import annotations
 import sys
 import traceback
 from collections.abc import Callable
+from typing import ClassVar
 
 from pkvm.errors import EAGAIN, EBUSY, EINVAL, ENOMEM, EPERM
-from pkvm.hyp.memory import ComponentId, PageState, PageStates, page_states
+from pkvm.hyp.memory import ComponentId, HostHypTransitions, PageState, PageStates, page_states
 from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.panic import HypBug, HypWarn
 from pkvm.hyp.pgtable import (
@@ -183,19 +184,19 @@ def host_stage2_set_owner_locked(h: HypState, addr: int, size: int, owner: int) 
 
 
 def __pkvm_host_share_hyp(h: HypState, pfn: int) -> int:
-    return page_states(h).host_share_hyp(h, pfn)
+    return page_states(h).transitions.host_share_hyp(h, pfn)
 
 
 def __pkvm_host_unshare_hyp(h: HypState, pfn: int) -> int:
-    return page_states(h).host_unshare_hyp(h, pfn)
+    return page_states(h).transitions.host_unshare_hyp(h, pfn)
 
 
 def __pkvm_host_donate_hyp(h: HypState, pfn: int, nr_pages: int) -> int:
-    return page_states(h).host_donate_hyp(h, pfn, nr_pages)
+    return page_states(h).transitions.host_donate_hyp(h, pfn, nr_pages)
 
 
 def __pkvm_hyp_donate_host(h: HypState, pfn: int, nr_pages: int) -> int:
-    return page_states(h).hyp_donate_host(h, pfn, nr_pages)
+    return page_states(h).transitions.hyp_donate_host(h, pfn, nr_pages)
 
 
 # -- the host stage-2 ----------------------------------------------------------------------
@@ -360,6 +361,8 @@ class VmemmapPageStates(PageStates):
     """7.2: each page's host and hyp states are fields of its `struct hyp_page`; the host
     stage-2 only maps (or annotates) and the hyp stage-1 maps a borrowed page while pinned."""
 
+    transitions: ClassVar[HostHypTransitions] = sys.modules[__name__]  # 7.2's, below
+
     def get_host_state(self, h: HypState, pa: int) -> PageState:
         vm = h.vmemmap
         i = (pa >> PAGE_SHIFT) - vm.base_pfn
@@ -428,18 +431,6 @@ class VmemmapPageStates(PageStates):
 
     def unpin_last(self, h: HypState, va: int) -> None:
         _warn(h, h.pkvm_pgtable.hyp_unmap(va, PAGE_SIZE) != PAGE_SIZE)  # type: ignore[union-attr]
-
-    def host_share_hyp(self, h: HypState, pfn: int) -> int:
-        return host_share_hyp(h, pfn)
-
-    def host_unshare_hyp(self, h: HypState, pfn: int) -> int:
-        return host_unshare_hyp(h, pfn)
-
-    def host_donate_hyp(self, h: HypState, pfn: int, nr_pages: int) -> int:
-        return host_donate_hyp(h, pfn, nr_pages)
-
-    def hyp_donate_host(self, h: HypState, pfn: int, nr_pages: int) -> int:
-        return hyp_donate_host(h, pfn, nr_pages)
 
 
 # -- host <-> hyp transitions ------------------------------------------------------------

@@ -11,8 +11,10 @@ its part (`host_request_*`, `hyp_ack_*`), then both change (`host_initiate_*`,
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from pkvm.errors import EBUSY, EFAULT, EINVAL, EPERM
 from pkvm.hyp.mem_protect import (
@@ -29,7 +31,7 @@ from pkvm.hyp.mem_protect import (
     hyp_state_of_pte,
     pkvm_mkstate,
 )
-from pkvm.hyp.memory import ComponentId, PageState, PageStates
+from pkvm.hyp.memory import ComponentId, HostHypTransitions, PageState, PageStates
 from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.pgtable import KVM_PGTABLE_WALK_LEAF, PAGE_HYP, KvmPgtable, VisitCtx
 from pkvm.hyp.state import HypState
@@ -364,6 +366,8 @@ host_set_range = __host_set_page_state_range
 class PtePageStates(PageStates):
     """6.12: page states are software bits of the host stage-2 and hyp stage-1 leaves."""
 
+    transitions: ClassVar[HostHypTransitions] = sys.modules[__name__]  # do_share ..., above
+
     def get_host_state(self, h: HypState, pa: int) -> PageState:
         _, pte, _ = h.host_mmu.pgt.get_leaf(pa)  # type: ignore[union-attr]
         return host_state_of_pte(h, pte, pa)
@@ -408,15 +412,3 @@ class PtePageStates(PageStates):
 
     def unpin_last(self, h: HypState, va: int) -> None:
         """Nothing to do (see `pin_first`)."""
-
-    def host_share_hyp(self, h: HypState, pfn: int) -> int:
-        return host_share_hyp(h, pfn)
-
-    def host_unshare_hyp(self, h: HypState, pfn: int) -> int:
-        return host_unshare_hyp(h, pfn)
-
-    def host_donate_hyp(self, h: HypState, pfn: int, nr_pages: int) -> int:
-        return host_donate_hyp(h, pfn, nr_pages)
-
-    def hyp_donate_host(self, h: HypState, pfn: int, nr_pages: int) -> int:
-        return hyp_donate_host(h, pfn, nr_pages)

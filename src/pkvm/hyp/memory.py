@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from array import array
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pkvm.hyp.panic import HypBug
 from pkvm.machine.memory import PAGE_SHIFT, PhysMemory
@@ -81,9 +81,25 @@ class HypVmemmap:
 
 
 # -- the page-state store: one per kernel, chosen by the profile -----------------------------
+class HostHypTransitions(Protocol):
+    """A kernel's `__pkvm_host_share_hyp`, `__pkvm_host_unshare_hyp`, `__pkvm_host_donate_hyp`
+    and `__pkvm_hyp_donate_host` (the module that defines them)."""
+
+    def host_share_hyp(self, h: HypState, pfn: int) -> int: ...
+
+    def host_unshare_hyp(self, h: HypState, pfn: int) -> int: ...
+
+    def host_donate_hyp(self, h: HypState, pfn: int, nr_pages: int) -> int: ...
+
+    def hyp_donate_host(self, h: HypState, pfn: int, nr_pages: int) -> int: ...
+
+
 class PageStates(ABC):
-    """Where a kernel keeps each page's host and hyp states, and the host <-> hyp transitions
-    whose shape follows from it. Every method runs with the locks its kernel function takes."""
+    """Where a kernel keeps each page's host and hyp states, and (`transitions`) the host <-> hyp
+    transitions whose shape follows from it. Every method runs with the locks its kernel
+    function takes."""
+
+    transitions: ClassVar[HostHypTransitions]
 
     @abstractmethod
     def get_host_state(self, h: HypState, pa: int) -> PageState: ...
@@ -122,17 +138,6 @@ class PageStates(ABC):
     def unpin_last(self, h: HypState, va: int) -> None:
         """`hyp_unpin_shared_mem` is about to drop the last reference on the page at `va`."""
 
-    @abstractmethod
-    def host_share_hyp(self, h: HypState, pfn: int) -> int: ...
-
-    @abstractmethod
-    def host_unshare_hyp(self, h: HypState, pfn: int) -> int: ...
-
-    @abstractmethod
-    def host_donate_hyp(self, h: HypState, pfn: int, nr_pages: int) -> int: ...
-
-    @abstractmethod
-    def hyp_donate_host(self, h: HypState, pfn: int, nr_pages: int) -> int: ...
 
 
 _STORES: dict[bool, PageStates] = {}
