@@ -2,7 +2,7 @@
 
 Every transition is written as *check everything, then change everything*, under the host lock
 then the hyp lock (then a guest's), so a refusal changes nothing. Where a page's state lives is
-the kernel's page-state store (`PageStates`), chosen by `Profile.page_state_in_vmemmap`: 7.2's
+the kernel's page-state store (`pkvm.hyp.memory.page_states`, chosen once per kernel): 7.2's
 vmemmap (`VmemmapPageStates`, here, with 7.2's transitions) or 6.12's page-table software bits
 (`pkvm.hyp.mem_protect_6_12`, with 6.12's `do_share` / `do_unshare` / `do_donate`). Callers use
 the kernel's names (`get_host_state`, `__pkvm_host_share_hyp`, ...), which ask the store.

@@ -5,6 +5,11 @@ states and the non-protected-guest share count. Its pages are reserved in the hy
 (sized by `sizeof(struct hyp_page)`, 4 or 8 bytes) and mapped in the hyp stage-1 like Linux's;
 the field values are kept in typed arrays beside them for speed (a model choice: nothing but
 EL2 can reach either).
+
+`PageStates` is where a kernel keeps each page's host and hyp states: 7.2 in these fields
+(`pkvm.hyp.mem_protect.VmemmapPageStates`), 6.12 in the software bits of the host stage-2 and
+hyp stage-1 leaves (`pkvm.hyp.mem_protect_6_12.PtePageStates`); `page_states(h)` is the one of
+the kernel `h` runs, chosen by `Profile.page_state_in_vmemmap`.
 """
 
 from __future__ import annotations
@@ -137,7 +142,6 @@ class PageStates(ABC):
     @abstractmethod
     def unpin_last(self, h: HypState, va: int) -> None:
         """`hyp_unpin_shared_mem` is about to drop the last reference on the page at `va`."""
-
 
 
 _STORES: dict[bool, PageStates] = {}
