@@ -29,24 +29,26 @@ class Mutant:
 
 
 BOTH, V72, V612 = ("6.12", "7.2"), ("7.2",), ("6.12",)
-MP, MPG, PKVM = "pkvm.hyp.mem_protect", "pkvm.hyp.mem_protect_guest", "pkvm.hyp.pkvm"
+MP, MP612 = "pkvm.hyp.mem_protect", "pkvm.hyp.mem_protect_6_12"
+MPG, PKVM = "pkvm.hyp.mem_protect_guest", "pkvm.hyp.pkvm"
 PKVM_72 = "pkvm.hyp.pkvm_two_phase"  # the 7.2 VM life cycle
 
 MUTANTS = [
-    Mutant("share-hyp-errno", MP, "__pkvm_host_share_hyp",
-           "if ret:\n            return ret", "if ret:\n            return -EBUSY", BOTH,
+    Mutant("share-hyp-errno", MP, "host_share_hyp",
+           "if ret:\n            return ret", "if ret:\n            return -EBUSY", V72,
            "an errno: share_hyp of a page the host does not own alone answers -EBUSY"),
-    Mutant("unshare-hyp-no-host-check", MP, "__pkvm_host_unshare_hyp",
-           "ret = host_check_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_OWNED)",
-           "ret = 0", V612,  # 7.2 checks the hyp's side too: the same answers
+    Mutant("share-hyp-errno-6.12", MP612, "check_share",
+           "if ret:\n        return ret", "if ret:\n        return -EBUSY", V612,
+           "an errno: share_hyp of a page the host does not own alone answers -EBUSY"),
+    Mutant("unshare-hyp-no-host-check", MP612, "check_unshare",
+           "ret = host_request_unshare(h, tx)", "ret = 0", V612,
+           # 7.2 checks the hyp's side too: the same answers
            "a missing check: unshare_hyp does not check the host shares the page"),
-    Mutant("share-hyp-no-hyp-state", MP, "__pkvm_host_share_hyp",
+    Mutant("share-hyp-no-hyp-state", MP, "host_share_hyp",
            "set_hyp_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)", "pass", V72,
            "a skipped state change: share_hyp leaves the hyp's side of the page NOPAGE"),
-    Mutant("unshare-hyp-stays-shared", MP, "__pkvm_host_unshare_hyp",
-           "        _warn(h, host_set_page_state_range(h, phys, PAGE_SIZE, PageState.OWNED))\n"
-           "        if h.pkvm_pgtable",
-           "        if h.pkvm_pgtable", V612,
+    Mutant("unshare-hyp-stays-shared", MP612, "__do_unshare",
+           "ret = host_initiate_unshare(h, tx)", "ret = 0", V612,
            "a page left shared: 6.12's unshare_hyp unmaps it at EL2 but the host keeps it "
            "SHARED_OWNED"),
     Mutant("reserve-vm-off-by-one", PKVM_72, "__pkvm_reserve_vm",

@@ -296,13 +296,13 @@ def test_reproducer_carries_the_kernels_answers(tmp_path):
 def test_mutants_apply_and_restore():
     from pkvm.hyp import mem_protect
 
-    orig = mem_protect.__pkvm_host_share_hyp
+    orig = mem_protect.host_share_hyp
     for m in CM.MUTANTS:
         with CM.applied(m):
             pass
-    assert mem_protect.__pkvm_host_share_hyp is orig
+    assert mem_protect.host_share_hyp is orig
     with CM.applied(CM.MUTANTS[0]):
-        assert mem_protect.__pkvm_host_share_hyp is not orig
+        assert mem_protect.host_share_hyp is not orig
 
 
 @pytest.mark.parametrize("kernel", KERNELS)

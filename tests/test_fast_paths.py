@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import pkvm
 from pkvm.errors import EPERM
 from pkvm.hyp import mem_protect as mp
+from pkvm.hyp import mem_protect_6_12 as mp612
 from pkvm.hyp.memory import PageState
 from pkvm.hyp.state import MemblockRegion
 from pkvm.machine.memory import PAGE_SIZE, RAM_BASE
@@ -184,8 +185,8 @@ def test_612_state_check_of_one_page_agrees_with_walk(m612, addr, want, hyp):
             lambda pte, _a: mp.hyp_state_of_pte(pte))
     else:
         pgt, a, state_of = h.host_mmu.pgt, addr, (lambda pte, x: mp.host_state_of_pte(h, pte, x))
-    fast = mp._check_walk(pgt, a, PAGE_SIZE, state_of, want)
-    assert fast == mp.check_walk_generic(pgt, a, PAGE_SIZE, state_of, want)
+    fast = mp612.check_page_state_range(pgt, a, PAGE_SIZE, state_of, want)
+    assert fast == mp612.check_walk_generic(pgt, a, PAGE_SIZE, state_of, want)
 
 
 # -- the host's u64 accesses vs its byte accesses -----------------------------------------------

@@ -31,7 +31,8 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
               "invariant vm-refcount at the load",
               "KVM: arm64: Refactor the guest teardown path (the dying state: no teardown while "
               "a vCPU is loaded)"),
-    SeededBug("donate-nomap", "hyp/mem_protect.py: _host_donate_hyp_locked",
+    SeededBug("donate-nomap", "hyp/mem_protect.py: host_donate_hyp, "
+              "hyp/mem_protect_6_12.py: check_donation",
               "a host->hyp donation skips the is-memory check, so a host-chosen MMIO / no-map "
               "pfn (e.g. a forged memcache head) is taken by the hyp",
               "an EL2 data abort on the pfn's hyp_vmemmap entry (a hyp panic a correct hyp "
@@ -99,7 +100,8 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
               "share_guest does not check that pfn + nr_pages stays inside the PA space",
               "the ghost (-EINVAL expected) / an exception escaping the hyp",
               "KVM: arm64: Check range args for pKVM mem transitions"),
-    SeededBug("unshare-pinned", "hyp/mem_protect.py: __pkvm_host_unshare_hyp",
+    SeededBug("unshare-pinned", "hyp/mem_protect.py: host_unshare_hyp, "
+              "hyp/mem_protect_6_12.py: hyp_ack_unshare",
               "a host page the hyp has pinned (a live VM's struct kvm / kvm_vcpu) can be "
               "unshared",
               "the ghost (-EBUSY expected)",

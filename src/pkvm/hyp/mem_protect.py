@@ -1,15 +1,22 @@
 """Memory protection (`nvhe/mem_protect.c`): the host stage-2, page ownership, transitions.
 
 Every transition is written as *check everything, then change everything*, under the host lock
-then the hyp lock (then a guest's), so a refusal changes nothing. Page states live where each
-kernel keeps them: 6.12 in the software bits of the host stage-2 and hyp stage-1 leaves, 7.2 in
-the vmemmap (`profile.page_state_in_vmemmap`).
+then the hyp lock (then a guest's), so a refusal changes nothing. Where a page's state lives is
+the kernel's page-state store (`pkvm.hyp.memory.page_states`, chosen once per kernel): 7.2's
+vmemmap (`VmemmapPageStates`, here, with 7.2's transitions) or 6.12's page-table software bits
+(`pkvm.hyp.mem_protect_6_12`, with 6.12's `do_share` / `do_unshare` / `do_donate`). Callers use
+the kernel's names (`get_host_state`, `__pkvm_host_share_hyp`, ...), which ask the store.
 """
 
 from __future__ import annotations
 
-from pkvm.errors import EAGAIN, EBUSY, EFAULT, EINVAL, ENOMEM, EPERM
-from pkvm.hyp.memory import ComponentId, PageState
+import sys
+import traceback
+from collections.abc import Callable
+from typing import ClassVar
+
+from pkvm.errors import EAGAIN, EBUSY, EINVAL, ENOMEM, EPERM
+from pkvm.hyp.memory import ComponentId, HostHypTransitions, PageState, PageStates, page_states
 from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.panic import HypBug, HypWarn
 from pkvm.hyp.pgtable import (
@@ -18,9 +25,7 @@ from pkvm.hyp.pgtable import (
     KVM_PGTABLE_PROT_SW0,
     KVM_PGTABLE_PROT_SW1,
     KVM_PGTABLE_WALK_IGNORE_EAGAIN,
-    KVM_PGTABLE_WALK_LEAF,
     PAGE_HYP,
-    VisitCtx,
     granule_size,
     hyp_pte_prot,
     pte_valid,
@@ -38,15 +43,18 @@ PKVM_PAGE_STATE_PROT_MASK = KVM_PGTABLE_PROT_SW0 | KVM_PGTABLE_PROT_SW1
 
 # 6.12 invalid-PTE owner annotation (bits 9:2) and 7.2 typed annotations (bits 63:60).
 KVM_INVALID_PTE_OWNER_SHIFT = 2
-KVM_MAX_OWNER_ID_6_12 = 1
+KVM_INVALID_PTE_OWNER_MASK = 0xFF
 KVM_INVALID_PTE_TYPE_SHIFT = 60
 KVM_INVALID_PTE_TYPE_LOCKED = 1
 KVM_HOST_INVALID_PTE_TYPE_DONATION = 2
 KVM_GUEST_INVALID_PTE_TYPE_POISONED = 3
 KVM_HOST_DONATION_PTE_OWNER_SHIFT = 1
 KVM_HOST_DONATION_PTE_OWNER_MASK = 0x7 << 1
+KVM_HOST_DONATION_PTE_MAX_OWNER = KVM_HOST_DONATION_PTE_OWNER_MASK >> KVM_HOST_DONATION_PTE_OWNER_SHIFT
 KVM_HOST_DONATION_PTE_EXTRA_SHIFT = 4
-KVM_HOST_DONATION_PTE_EXTRA_MASK = ((1 << 56) - 1) << 4
+KVM_HOST_DONATION_PTE_EXTRA_BITS = 56
+KVM_HOST_DONATION_PTE_EXTRA_MASK = ((1 << KVM_HOST_DONATION_PTE_EXTRA_BITS) - 1) << 4
+HYP_PAGE_REFCOUNT_MAX = 0xFFFF  # `struct hyp_page`'s refcount is a u16
 
 
 # Page states as plain ints for the per-call paths (an enum member lookup costs 4x a global).
@@ -56,6 +64,7 @@ OWNED, SHARED_OWNED, SHARED_BORROWED, NOPAGE = (int(PageState.OWNED), int(PageSt
 
 _PAGE_STATES = tuple(sorted(PageState))  # values 0..4: the member by tuple index
 assert [int(p) for p in _PAGE_STATES] == list(range(len(_PAGE_STATES)))
+_HYP_MAY_WRITE = frozenset({PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED})
 
 
 def _state(value: int) -> PageState:
@@ -112,7 +121,7 @@ def pfn_range_is_valid(h: HypState, pfn: int, nr_pages: int) -> bool:
     return pfn < limit and nr_pages <= limit - pfn
 
 
-# -- page states ---------------------------------------------------------------------------
+# -- page states in page-table software bits (include/nvhe/mem_protect.h) -------------------
 def pkvm_getstate(prot: int) -> PageState:
     bits = prot & PKVM_PAGE_STATE_PROT_MASK
     if bits == 0:
@@ -124,10 +133,12 @@ def pkvm_getstate(prot: int) -> PageState:
     return PageState.NOPAGE  # __PKVM_PAGE_RESERVED: never used for a live page
 
 
+_STATE_PROT_BITS = {PageState.OWNED: 0, PageState.SHARED_OWNED: KVM_PGTABLE_PROT_SW0,
+                    PageState.SHARED_BORROWED: KVM_PGTABLE_PROT_SW1}
+
+
 def pkvm_mkstate(prot: int, state: PageState) -> int:
-    bits = {PageState.OWNED: 0, PageState.SHARED_OWNED: KVM_PGTABLE_PROT_SW0,
-            PageState.SHARED_BORROWED: KVM_PGTABLE_PROT_SW1}[state]
-    return (prot & ~PKVM_PAGE_STATE_PROT_MASK) | bits
+    return (prot & ~PKVM_PAGE_STATE_PROT_MASK) | _STATE_PROT_BITS[state]
 
 
 def host_state_of_pte(h: HypState, pte: int, addr: int) -> PageState:
@@ -146,115 +157,50 @@ def hyp_state_of_pte(pte: int) -> PageState:
     return pkvm_getstate(hyp_pte_prot(pte))
 
 
+# -- the kernel's page-state store (`pkvm.hyp.memory.page_states`) -------------------------
 def get_host_state(h: HypState, pa: int) -> PageState:
-    """The host's state of the page at `pa`, wherever this profile keeps it."""
-    if h.profile.page_state_in_vmemmap:
-        if not h.vmemmap.covers(pa):
-            return PageState.NOPAGE
-        return _state(h.vmemmap.host_state[h.vmemmap.idx(pa)])
-    _, pte, _ = h.host_mmu.pgt.get_leaf(pa)  # type: ignore[union-attr]
-    return host_state_of_pte(h, pte, pa)
+    """The host's state of the page at `pa`, wherever this kernel keeps it."""
+    return page_states(h).get_host_state(h, pa)
 
 
 def get_hyp_state(h: HypState, pa: int) -> PageState:
-    if h.profile.page_state_in_vmemmap:
-        if not h.vmemmap.covers(pa):
-            return PageState.NOPAGE
-        return _state(h.vmemmap.hyp_state[h.vmemmap.idx(pa)])
-    ret, pte, _ = h.pkvm_pgtable.get_leaf(hyp_va(pa))  # type: ignore[union-attr]
-    return PageState.NOPAGE if ret else hyp_state_of_pte(pte)
-
-
-def _check_walk(pgt, addr: int, size: int, state_of, want: PageState) -> int:
-    """6.12 `check_page_state_range`: a LEAF walk, the first mismatch is -EPERM.
-
-    One aligned page is one leaf: `get_leaf` finds the entry the walk would visit (and fails
-    with the walk's errno; tests/test_fast_paths.py checks they agree)."""
-    if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
-        ret, pte, _ = pgt.get_leaf(addr)
-        if ret:
-            return ret
-        return 0 if state_of(pte, addr) == want else -EPERM
-    return check_walk_generic(pgt, addr, size, state_of, want)
-
-
-def check_walk_generic(pgt, addr: int, size: int, state_of, want: PageState) -> int:
-
-    def visit(ctx: VisitCtx, _v: int) -> int:
-        return 0 if state_of(ctx.old, ctx.addr) == want else -EPERM
-
-    return pgt.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF)
+    return page_states(h).get_hyp_state(h, pa)
 
 
 def host_check_page_state_range(h: HypState, addr: int, size: int, want: PageState) -> int:
-    h.host_mmu.lock.assert_held()  # type: ignore[union-attr]
-    if not h.profile.page_state_in_vmemmap:
-        return _check_walk(h.host_mmu.pgt, addr, size,  # type: ignore[union-attr]
-                           lambda pte, a: host_state_of_pte(h, pte, a), want)
-    if size == PAGE_SIZE:
-        # One page inside one memory region: the region checks reduce to "mapped memory"
-        # (tests/test_fast_paths.py checks this agrees with the range check below).
-        for reg in h.hyp_memory:
-            if reg.base <= addr and addr + PAGE_SIZE <= reg.end and not reg.nomap:
-                vm = h.vmemmap
-                return 0 if vm.host_state[(addr >> PAGE_SHIFT) - vm.base_pfn] == want else -EPERM
-    return host_check_vmemmap_range(h, addr, size, want)
-
-
-def host_check_vmemmap_range(h: HypState, addr: int, size: int, want: PageState) -> int:
-    """7.2 `__host_check_page_state_range` for any range."""
-    ret = check_range_allowed_memory(h, addr, (addr + size) & U64)
-    if ret:
-        return ret
-    vm = h.vmemmap
-    i = vm.idx(addr)
-    states = vm.host_state
-    for k in range(i, i + (size >> PAGE_SHIFT)):
-        if states[k] != want:
-            return -EPERM
-    return 0
+    return page_states(h).host_check_page_state_range(h, addr, size, want)
 
 
 def hyp_check_page_state_range(h: HypState, addr: int, size: int, want: PageState) -> int:
-    h.pkvm_pgd_lock.assert_held()
-    if not h.profile.page_state_in_vmemmap:
-        return _check_walk(h.pkvm_pgtable, hyp_va(addr), size,
-                           lambda pte, a: hyp_state_of_pte(pte), want)
-    vm = h.vmemmap
-    states, first, nr = vm.hyp_state, vm.base_pfn, vm.nr
-    pfn0 = addr >> PAGE_SHIFT
-    for pfn in range(pfn0, pfn0 + (max(size, 0) + PAGE_SIZE - 1 >> PAGE_SHIFT)):
-        i = pfn - first
-        if (states[i] if 0 <= i < nr else NOPAGE) != want:
-            return -EPERM
-    return 0
+    return page_states(h).hyp_check_page_state_range(h, addr, size, want)
 
 
-def hyp_check_page_count_range(h: HypState, addr: int, size: int) -> int:
-    vm = h.vmemmap
-    for pa in range(addr, addr + size, PAGE_SIZE):
-        if vm.refcount[vm.idx(pa)]:
-            return -EBUSY
-    return 0
+def host_set_page_state_range(h: HypState, addr: int, size: int, state: PageState) -> int:
+    return page_states(h).host_set_page_state_range(h, addr, size, state)
 
 
-def set_host_state_range(h: HypState, addr: int, size: int, state: PageState) -> None:
-    """7.2 `__host_update_page_state`."""
-    vm = h.vmemmap
-    i = vm.idx(addr)
-    for k in range(i, i + (size >> PAGE_SHIFT)):
-        vm.host_state[k] = state
+def host_stage2_set_owner_locked(h: HypState, addr: int, size: int, owner: int) -> int:
+    return page_states(h).host_stage2_set_owner_locked(h, addr, size, owner)
 
 
-def set_hyp_state_range(h: HypState, addr: int, size: int, state: PageState) -> None:
-    vm = h.vmemmap
-    i = vm.idx(addr)
-    for k in range(i, i + (size >> PAGE_SHIFT)):
-        vm.hyp_state[k] = state
+def __pkvm_host_share_hyp(h: HypState, pfn: int) -> int:
+    return page_states(h).transitions.host_share_hyp(h, pfn)
+
+
+def __pkvm_host_unshare_hyp(h: HypState, pfn: int) -> int:
+    return page_states(h).transitions.host_unshare_hyp(h, pfn)
+
+
+def __pkvm_host_donate_hyp(h: HypState, pfn: int, nr_pages: int) -> int:
+    return page_states(h).transitions.host_donate_hyp(h, pfn, nr_pages)
+
+
+def __pkvm_hyp_donate_host(h: HypState, pfn: int, nr_pages: int) -> int:
+    return page_states(h).transitions.hyp_donate_host(h, pfn, nr_pages)
 
 
 # -- the host stage-2 ----------------------------------------------------------------------
-def host_stage2_force_pte_cb(h: HypState):
+def host_stage2_force_pte_cb(h: HypState) -> Callable[[int, int, int], bool]:
     def cb(addr: int, end: int, prot: int) -> bool:
         if range_is_memory(h, addr, end):
             return prot != PKVM_HOST_MEM_PROT
@@ -275,7 +221,7 @@ def host_stage2_unmap_dev_all(h: HypState) -> int:
     return pgt.stage2_unmap(addr, (1 << pgt.ia_bits) - addr)
 
 
-def host_stage2_try(h: HypState, fn) -> int:
+def host_stage2_try(h: HypState, fn: Callable[[], int]) -> int:
     ret = fn()
     if ret == -ENOMEM:
         ret = host_stage2_unmap_dev_all(h)
@@ -308,7 +254,7 @@ def decode_host_annotation(pte: int) -> tuple[int, int] | None:
     if ptype == KVM_HOST_INVALID_PTE_TYPE_DONATION:
         owner = (pte & KVM_HOST_DONATION_PTE_OWNER_MASK) >> KVM_HOST_DONATION_PTE_OWNER_SHIFT
         return owner, (pte & KVM_HOST_DONATION_PTE_EXTRA_MASK) >> KVM_HOST_DONATION_PTE_EXTRA_SHIFT
-    return (pte >> KVM_INVALID_PTE_OWNER_SHIFT) & 0xFF, 0
+    return (pte >> KVM_INVALID_PTE_OWNER_SHIFT) & KVM_INVALID_PTE_OWNER_MASK, 0
 
 
 def host_stage2_set_owner_metadata_locked(h: HypState, addr: int, size: int, owner: int,
@@ -317,7 +263,7 @@ def host_stage2_set_owner_metadata_locked(h: HypState, addr: int, size: int, own
         return -EINVAL
     if not range_is_memory(h, addr, (addr + size) & U64):
         return -EPERM
-    if owner > 7 or meta >= 1 << 56:
+    if owner > KVM_HOST_DONATION_PTE_MAX_OWNER or meta >> KVM_HOST_DONATION_PTE_EXTRA_BITS:
         return -EINVAL
     pgt = h.host_mmu.pgt  # type: ignore[union-attr]
     ann = host_donation_annotation(owner, meta)
@@ -325,42 +271,6 @@ def host_stage2_set_owner_metadata_locked(h: HypState, addr: int, size: int, own
     if ret:
         return ret
     set_host_state_range(h, addr, size, PageState.NOPAGE)
-    return 0
-
-
-def host_stage2_set_owner_locked(h: HypState, addr: int, size: int, owner: int) -> int:
-    pgt = h.host_mmu.pgt  # type: ignore[union-attr]
-    if not h.profile.page_state_in_vmemmap:
-        # 6.12 kvm_pgtable_stage2_set_owner: owner id in bits 9:2; the host gets a zero leaf.
-        if owner > KVM_MAX_OWNER_ID_6_12:
-            return -EINVAL
-        ann = owner << KVM_INVALID_PTE_OWNER_SHIFT
-        if owner == ComponentId.HOST:
-            return host_stage2_try(h, lambda: pgt.stage2_unmap(addr, size))
-        return host_stage2_try(h, lambda: pgt.stage2_map(addr, size, None, 0, annotation=ann))
-    if owner == ComponentId.HOST:
-        if not range_is_memory(h, addr, (addr + size) & U64):
-            return -EPERM
-        ret = host_stage2_idmap_locked(h, addr, size, PKVM_HOST_MEM_PROT)
-        if ret:
-            return ret
-        set_host_state_range(h, addr, size, PageState.OWNED)
-        return 0
-    if owner == ComponentId.HYP:
-        return host_stage2_set_owner_metadata_locked(h, addr, size, owner, 0)
-    return -EINVAL
-
-
-def host_set_page_state_range(h: HypState, addr: int, size: int, state: PageState) -> int:
-    if not h.profile.page_state_in_vmemmap:
-        return host_stage2_idmap_locked(h, addr, size, pkvm_mkstate(PKVM_HOST_MEM_PROT, state))
-    vm = h.vmemmap
-    i = (addr >> PAGE_SHIFT) - vm.base_pfn
-    if not 0 <= i < vm.nr or vm.host_state[i] == NOPAGE:  # get_host_state(h, addr) == NOPAGE
-        ret = host_stage2_idmap_locked(h, addr, size, PKVM_HOST_MEM_PROT)
-        if ret:
-            return ret
-    set_host_state_range(h, addr, size, state)
     return 0
 
 
@@ -408,6 +318,121 @@ def handle_host_mem_abort(h: HypState, addr: int) -> int:
     raise HypBug(f"host stage-2 idmap of {addr:#x} failed with {ret}")
 
 
+# -- 7.2: page states in the hyp vmemmap (`struct hyp_page`) --------------------------------
+def host_check_vmemmap_range(h: HypState, addr: int, size: int, want: PageState) -> int:
+    """7.2 `__host_check_page_state_range` for any range."""
+    ret = check_range_allowed_memory(h, addr, (addr + size) & U64)
+    if ret:
+        return ret
+    vm = h.vmemmap
+    i = vm.idx(addr)
+    states = vm.host_state
+    for k in range(i, i + (size >> PAGE_SHIFT)):
+        if states[k] != want:
+            return -EPERM
+    return 0
+
+
+def hyp_check_page_count_range(h: HypState, addr: int, size: int) -> int:
+    vm = h.vmemmap
+    for pa in range(addr, addr + size, PAGE_SIZE):
+        if vm.refcount[vm.idx(pa)]:
+            return -EBUSY
+    return 0
+
+
+def set_host_state_range(h: HypState, addr: int, size: int, state: PageState) -> None:
+    """7.2 `__host_update_page_state`."""
+    vm = h.vmemmap
+    i = vm.idx(addr)
+    for k in range(i, i + (size >> PAGE_SHIFT)):
+        vm.host_state[k] = state
+
+
+def set_hyp_state_range(h: HypState, addr: int, size: int, state: PageState) -> None:
+    """7.2 `__hyp_set_page_state_range`."""
+    vm = h.vmemmap
+    i = vm.idx(addr)
+    for k in range(i, i + (size >> PAGE_SHIFT)):
+        vm.hyp_state[k] = state
+
+
+class VmemmapPageStates(PageStates):
+    """7.2: each page's host and hyp states are fields of its `struct hyp_page`; the host
+    stage-2 only maps (or annotates) and the hyp stage-1 maps a borrowed page while pinned."""
+
+    transitions: ClassVar[HostHypTransitions] = sys.modules[__name__]  # 7.2's, below
+
+    def get_host_state(self, h: HypState, pa: int) -> PageState:
+        vm = h.vmemmap
+        i = (pa >> PAGE_SHIFT) - vm.base_pfn
+        return _state(vm.host_state[i]) if 0 <= i < vm.nr else PageState.NOPAGE
+
+    def get_hyp_state(self, h: HypState, pa: int) -> PageState:
+        vm = h.vmemmap
+        i = (pa >> PAGE_SHIFT) - vm.base_pfn
+        return _state(vm.hyp_state[i]) if 0 <= i < vm.nr else PageState.NOPAGE
+
+    def host_check_page_state_range(self, h: HypState, addr: int, size: int,
+                                    state: PageState) -> int:
+        h.host_mmu.lock.assert_held()  # type: ignore[union-attr]
+        if size == PAGE_SIZE:
+            # One page inside one memory region: the region checks reduce to "mapped memory"
+            # (tests/test_fast_paths.py checks this agrees with the range check below).
+            for reg in h.hyp_memory:
+                if reg.base <= addr and addr + PAGE_SIZE <= reg.end and not reg.nomap:
+                    vm = h.vmemmap
+                    i = (addr >> PAGE_SHIFT) - vm.base_pfn
+                    return 0 if vm.host_state[i] == state else -EPERM
+        return host_check_vmemmap_range(h, addr, size, state)
+
+    def hyp_check_page_state_range(self, h: HypState, phys: int, size: int,
+                                   state: PageState) -> int:
+        h.pkvm_pgd_lock.assert_held()
+        vm = h.vmemmap
+        states, first, nr = vm.hyp_state, vm.base_pfn, vm.nr
+        pfn0 = phys >> PAGE_SHIFT
+        for pfn in range(pfn0, pfn0 + (max(size, 0) + PAGE_SIZE - 1 >> PAGE_SHIFT)):
+            i = pfn - first
+            if (states[i] if 0 <= i < nr else NOPAGE) != state:
+                return -EPERM
+        return 0
+
+    def host_set_page_state_range(self, h: HypState, addr: int, size: int,
+                                  state: PageState) -> int:
+        vm = h.vmemmap
+        i = (addr >> PAGE_SHIFT) - vm.base_pfn
+        if not 0 <= i < vm.nr or vm.host_state[i] == NOPAGE:  # get_host_state(...) == NOPAGE
+            ret = host_stage2_idmap_locked(h, addr, size, PKVM_HOST_MEM_PROT)
+            if ret:
+                return ret
+        set_host_state_range(h, addr, size, state)
+        return 0
+
+    def host_stage2_set_owner_locked(self, h: HypState, addr: int, size: int, owner: int) -> int:
+        if owner == ComponentId.HOST:
+            if not range_is_memory(h, addr, (addr + size) & U64):
+                return -EPERM
+            ret = host_stage2_idmap_locked(h, addr, size, PKVM_HOST_MEM_PROT)
+            if ret:
+                return ret
+            set_host_state_range(h, addr, size, PageState.OWNED)
+            return 0
+        if owner == ComponentId.HYP:
+            return host_stage2_set_owner_metadata_locked(h, addr, size, owner, 0)
+        return -EINVAL
+
+    def hyp_may_write(self, h: HypState, pa: int) -> bool:
+        vm = h.vmemmap
+        return vm.hyp_state[(pa >> PAGE_SHIFT) - vm.base_pfn] in _HYP_MAY_WRITE
+
+    def pin_first(self, h: HypState, va: int) -> None:
+        _warn(h, pkvm_create_mappings_locked(h, va, va + PAGE_SIZE, PAGE_HYP))
+
+    def unpin_last(self, h: HypState, va: int) -> None:
+        _warn(h, h.pkvm_pgtable.hyp_unmap(va, PAGE_SIZE) != PAGE_SIZE)  # type: ignore[union-attr]
+
+
 # -- host <-> hyp transitions ------------------------------------------------------------
 class _HostHyp:
     """Take the host then the hyp lock, release in reverse (`host_lock_component` ...)."""
@@ -428,100 +453,78 @@ def host_hyp_locked(h: HypState) -> _HostHyp:
     return _HostHyp(h)
 
 
-def __pkvm_host_share_hyp(h: HypState, pfn: int) -> int:
+def host_share_hyp(h: HypState, pfn: int) -> int:
+    """7.2 `__pkvm_host_share_hyp`: the hyp borrows the page (mapped at EL2 only once pinned)."""
     phys = hyp_pfn_to_phys(pfn)
     with host_hyp_locked(h):
         ret = host_check_page_state_range(h, phys, PAGE_SIZE, PageState.OWNED)
         if ret:
             return ret
-        if h.profile.page_state_in_vmemmap:
-            ret = hyp_check_page_state_range(h, phys, PAGE_SIZE, PageState.NOPAGE)
-            if ret:
-                return ret
-            set_hyp_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)
-            _warn(h, host_set_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_OWNED))
-            return 0
-        # 6.12 do_share: the completer (hyp) accepts PAGE_HYP from the host.
+        ret = hyp_check_page_state_range(h, phys, PAGE_SIZE, PageState.NOPAGE)
+        if ret:
+            return ret
+        set_hyp_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)
         _warn(h, host_set_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_OWNED))
-        _warn(h, pkvm_create_mappings_locked(
-            h, hyp_va(phys), hyp_va(phys) + PAGE_SIZE,
-            pkvm_mkstate(PAGE_HYP, PageState.SHARED_BORROWED)))
         return 0
 
 
-def __pkvm_host_unshare_hyp(h: HypState, pfn: int) -> int:
+def host_unshare_hyp(h: HypState, pfn: int) -> int:
+    """7.2 `__pkvm_host_unshare_hyp`: refused (-EBUSY) while the hyp has the page pinned."""
     phys = hyp_pfn_to_phys(pfn)
     with host_hyp_locked(h):
         ret = host_check_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_OWNED)
         if ret:
             return ret
-        if h.profile.page_state_in_vmemmap:
-            ret = hyp_check_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)
-            if ret:
-                return ret
-            ret = hyp_check_page_count_range(h, phys, PAGE_SIZE)
-            if ret and not h.bug("unshare-pinned"):  # seeded: a pinned page can be unshared
-                return ret
-            set_hyp_state_range(h, phys, PAGE_SIZE, PageState.NOPAGE)
-            _warn(h, host_set_page_state_range(h, phys, PAGE_SIZE, PageState.OWNED))
-            return 0
-        if not h.vmemmap.covers(phys):
-            return -EPERM
-        if h.vmemmap.page_count(phys) and not h.bug("unshare-pinned"):
-            return -EBUSY
+        ret = hyp_check_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)
+        if ret:
+            return ret
+        ret = hyp_check_page_count_range(h, phys, PAGE_SIZE)
+        if ret and not h.bug("unshare-pinned"):  # seeded: a pinned page can be unshared
+            return ret
+        set_hyp_state_range(h, phys, PAGE_SIZE, PageState.NOPAGE)
         _warn(h, host_set_page_state_range(h, phys, PAGE_SIZE, PageState.OWNED))
-        if h.pkvm_pgtable.hyp_unmap(hyp_va(phys), PAGE_SIZE) != PAGE_SIZE:  # type: ignore[union-attr]
-            return -EFAULT
         return 0
 
 
-def __pkvm_host_donate_hyp(h: HypState, pfn: int, nr_pages: int) -> int:
+def host_donate_hyp(h: HypState, pfn: int, nr_pages: int) -> int:
+    """7.2 `__pkvm_host_donate_hyp`."""
     phys = hyp_pfn_to_phys(pfn)
     size = (PAGE_SIZE * nr_pages) & U64
-    if h.profile.page_state_in_vmemmap and not pfn_range_is_valid(h, pfn, nr_pages):
+    if not pfn_range_is_valid(h, pfn, nr_pages):
         return -EINVAL
     with host_hyp_locked(h):
-        return _host_donate_hyp_locked(h, phys, size)
-
-
-def _host_donate_hyp_locked(h: HypState, phys: int, size: int) -> int:
-    ret = host_check_page_state_range(h, phys, size, PageState.OWNED)
-    if ret and h.bug("donate-nomap") and not addr_is_memory(h, phys):  # seeded: no memory check
-        ret = 0
-    if ret:
-        return ret
-    if h.profile.page_state_in_vmemmap:
+        ret = host_check_page_state_range(h, phys, size, PageState.OWNED)
+        if ret and h.bug("donate-nomap") and not addr_is_memory(h, phys):  # seeded: no memory check
+            ret = 0
+        if ret:
+            return ret
         ret = hyp_check_page_state_range(h, phys, size, PageState.NOPAGE)
         if ret:
             return ret
         set_hyp_state_range(h, phys, size, PageState.OWNED)
-    _warn(h, pkvm_create_mappings_locked(h, hyp_va(phys), hyp_va(phys) + size, PAGE_HYP))
-    _warn(h, host_stage2_set_owner_locked(h, phys, size, ComponentId.HYP))
-    return 0
+        _warn(h, pkvm_create_mappings_locked(h, hyp_va(phys), hyp_va(phys) + size, PAGE_HYP))
+        _warn(h, host_stage2_set_owner_locked(h, phys, size, ComponentId.HYP))
+        return 0
 
 
-def __pkvm_hyp_donate_host(h: HypState, pfn: int, nr_pages: int) -> int:
+def hyp_donate_host(h: HypState, pfn: int, nr_pages: int) -> int:
+    """7.2 `__pkvm_hyp_donate_host`."""
     phys = hyp_pfn_to_phys(pfn)
     size = (PAGE_SIZE * nr_pages) & U64
-    if h.profile.page_state_in_vmemmap and not pfn_range_is_valid(h, pfn, nr_pages):
+    if not pfn_range_is_valid(h, pfn, nr_pages):
         return -EINVAL
     with host_hyp_locked(h):
         ret = hyp_check_page_state_range(h, phys, size, PageState.OWNED)
         if ret:
             return ret
-        if h.profile.page_state_in_vmemmap:
-            ret = host_check_page_state_range(h, phys, size, PageState.NOPAGE)
-            if ret:
-                return ret
-            ret = hyp_check_page_count_range(h, phys, size)
-            if ret:
-                return ret
-            set_hyp_state_range(h, phys, size, PageState.NOPAGE)
-        unmapped = h.pkvm_pgtable.hyp_unmap(hyp_va(phys), size)  # type: ignore[union-attr]
-        if unmapped != size:
-            if not h.profile.page_state_in_vmemmap:
-                return -EFAULT
-            _warn(h, 1)
+        ret = host_check_page_state_range(h, phys, size, PageState.NOPAGE)
+        if ret:
+            return ret
+        ret = hyp_check_page_count_range(h, phys, size)
+        if ret:
+            return ret
+        set_hyp_state_range(h, phys, size, PageState.NOPAGE)
+        _warn(h, h.pkvm_pgtable.hyp_unmap(hyp_va(phys), size) != size)  # type: ignore[union-attr]
         _warn(h, host_stage2_set_owner_locked(h, phys, size, ComponentId.HOST))
         return 0
 
@@ -532,33 +535,35 @@ def hyp_pin_shared_mem(h: HypState, start_va: int, end_va: int) -> int:
     end = (end_va + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     phys = hyp_pa(start)
     size = (end - start) & U64
+    store = page_states(h)
     with host_hyp_locked(h):
-        ret = host_check_page_state_range(h, phys, size, PageState.SHARED_OWNED)
+        ret = store.host_check_page_state_range(h, phys, size, PageState.SHARED_OWNED)
         if ret:
             return ret
-        ret = hyp_check_page_state_range(h, phys, size, PageState.SHARED_BORROWED)
+        ret = store.hyp_check_page_state_range(h, phys, size, PageState.SHARED_BORROWED)
         if ret:
             return ret
         vm = h.vmemmap
         for va in range(start, end, PAGE_SIZE):
             i = vm.idx(hyp_pa(va))
-            if vm.refcount[i] == 0xFFFF:
+            if vm.refcount[i] == HYP_PAGE_REFCOUNT_MAX:
                 raise HypBug("hyp_page_ref_inc: refcount overflow")
             vm.refcount[i] += 1
-            if vm.refcount[i] == 1 and h.profile.page_state_in_vmemmap:
-                _warn(h, pkvm_create_mappings_locked(h, va, va + PAGE_SIZE, PAGE_HYP))
+            if vm.refcount[i] == 1:
+                store.pin_first(h, va)
         return 0
 
 
 def hyp_unpin_shared_mem(h: HypState, start_va: int, end_va: int) -> None:
     start = start_va & ~(PAGE_SIZE - 1)
     end = (end_va + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    store = page_states(h)
     with host_hyp_locked(h):
         vm = h.vmemmap
         for va in range(start, end, PAGE_SIZE):
             i = vm.idx(hyp_pa(va))
-            if vm.refcount[i] == 1 and h.profile.page_state_in_vmemmap:
-                _warn(h, h.pkvm_pgtable.hyp_unmap(va, PAGE_SIZE) != PAGE_SIZE)  # type: ignore[union-attr]
+            if vm.refcount[i] == 1:
+                store.unpin_last(h, va)
             if vm.refcount[i] == 0:
                 raise HypBug("hyp_page_ref_dec: refcount underflow on unpin")
             vm.refcount[i] -= 1
@@ -569,9 +574,6 @@ def _warn(h: HypState, cond: object) -> None:
     """A `WARN_ON`: when it fires, record the site (for `inspect.warnings()`) and panic, as the
     kernel's hyp does (a WARN at EL2 is a `BRK` that `nvhe_hyp_panic_handler` treats as fatal)."""
     if cond:
-        import sys
-        import traceback
-
         h.warnings.append("".join(traceback.format_stack(limit=3)[:-1]))
         caller = sys._getframe(1)
         where = f"{caller.f_code.co_filename.split('/src/')[-1]}:{caller.f_lineno}"

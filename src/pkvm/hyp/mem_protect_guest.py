@@ -7,8 +7,6 @@ a guest-owned page is a donation annotation naming (handle, gfn).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
 from pkvm.hyp.mem_protect import (
     KVM_GUEST_INVALID_PTE_TYPE_POISONED,
@@ -26,9 +24,9 @@ from pkvm.hyp.mem_protect import (
     pfn_range_is_valid,
     pkvm_getstate,
     pkvm_mkstate,
-    set_host_state_range,
 )
 from pkvm.hyp.memory import ComponentId, PageState
+from pkvm.hyp.mm import el2_fixmap_zero
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_PROT_RWX,
@@ -37,6 +35,7 @@ from pkvm.hyp.pgtable import (
     KVM_PGTABLE_WALK_LEAF,
     KVM_PTE_LEAF_ATTR_HI_S2_XN,
     KVM_PTE_LEAF_ATTR_LO_S2_AF,
+    KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R,
     KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W,
     VisitCtx,
     granule_size,
@@ -45,16 +44,23 @@ from pkvm.hyp.pgtable import (
     stage2_pte_prot,
     stage2_set_prot_attr,
 )
+from pkvm.hyp.pkvm import get_vm_by_handle
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
 from pkvm.hyp.state import HypState
+from pkvm.machine.esr import EC, FSC, esr_ec
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-if TYPE_CHECKING:
-    from pkvm.hyp.pkvm import PkvmHypVcpu, PkvmHypVm
-
 U32_MAX = 0xFFFF_FFFF
+KVM_PGTABLE_LAST_LEVEL = 3
+ESR_ELx_FSC_TYPE = 0x3C  # the fault status code without its level
+HPFAR_EL2_NS = 1 << 63
+HPFAR_MASK = ((1 << 64) - 1) & ~HPFAR_EL2_NS & ~0xF  # HPFAR_EL2.FIPA: the IPA's page, from bit 4
+HPFAR_IPA_SHIFT = 8
+GFN_META_HANDLE_MASK = 0xFFFF  # GENMASK(15, 0) of the host PTE's owner annotation
 POISONED_PTE = KVM_GUEST_INVALID_PTE_TYPE_POISONED << KVM_INVALID_PTE_TYPE_SHIFT
 KVM_MMU_CACHE_MIN_PAGES = 3
 GFN_META_SHIFT = 16
+GFN_META_BITS = 40  # GENMASK(55, 16) of the host PTE's owner annotation
 
 
 def guest_pte_is_poisoned(pte: int) -> bool:
@@ -106,7 +112,7 @@ def get_valid_guest_pte(h: HypState, vm: "PkvmHypVm", ipa: int) -> tuple[int, in
         return -EHWPOISON, 0, 0
     if not pte_valid(pte):
         return -ENOENT, 0, 0
-    if level != 3:
+    if level != KVM_PGTABLE_LAST_LEVEL:
         return -E2BIG, 0, 0
     phys = pte_to_phys(pte)
     ret = check_range_allowed_memory(h, phys, phys + PAGE_SIZE)
@@ -125,20 +131,18 @@ def guest_check_pgtable_memcache(h: HypState, vcpu: "PkvmHypVcpu") -> int:
 def guest_check_transition_size(phys: int, ipa: int, nr_pages: int) -> tuple[int, int]:
     if nr_pages == 1:
         return 0, PAGE_SIZE
-    block = granule_size(2)
+    block = granule_size(KVM_PGTABLE_LAST_LEVEL - 1)
     if nr_pages != block >> PAGE_SHIFT or (phys | ipa) & (block - 1):
         return -EINVAL, 0
     return 0, block
 
-
-GFN_META_BITS = 40  # GENMASK(55, 16) of the host PTE's owner annotation
 
 
 def encode_gfn_meta(h: HypState, vm: "PkvmHypVm", gfn: int) -> int:
     """`host_stage2_encode_gfn_meta`: WARN (a hyp panic) when the gfn does not fit its field;
     otherwise the handle and gfn packed as FIELD_PREP does."""
     _warn(h, gfn >> GFN_META_BITS)
-    return (vm.handle & 0xFFFF) | ((gfn & ((1 << GFN_META_BITS) - 1)) << GFN_META_SHIFT)
+    return (vm.handle & GFN_META_HANDLE_MASK) | ((gfn & ((1 << GFN_META_BITS) - 1)) << GFN_META_SHIFT)
 
 
 def _guest_map(h: HypState, vm: "PkvmHypVm", vcpu: "PkvmHypVcpu | None", ipa: int, size: int,
@@ -275,7 +279,7 @@ def __pkvm_host_relax_perms_guest(h: HypState, gfn: int, prot: int, vcpu: "PkvmH
     attr = stage2_set_prot_attr(prot, 0)
     if attr is None:
         return -EINVAL
-    set_bits = attr & ((1 << 6) | (1 << 7))  # R and W are only ever added
+    set_bits = attr & (KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R | KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W)  # added only
     clr_bits = 0
     if prot & KVM_PGTABLE_PROT_X:  # X, when asked for, is set exactly as asked (PX, UX)
         set_bits |= attr & KVM_PTE_LEAF_ATTR_HI_S2_XN
@@ -303,8 +307,7 @@ def __pkvm_host_test_clear_young_guest(h: HypState, gfn: int, nr_pages: int, mko
         return ret
     clr = KVM_PTE_LEAF_ATTR_LO_S2_AF if mkold and not h.bug("young-not-cleared") else 0
     ret, acc = _update_guest(vm, ipa, size, 0, clr)
-    if ret:  # kvm_pgtable_stage2_test_clear_young: WARN_ON(kvm_pgtable_walk(...)); at EL2
-        # every WARN is a BUG (nvhe_hyp_panic_handler treats all hyp bugs as fatal)
+    if ret:  # kvm_pgtable_stage2_test_clear_young WARNs on a failed walk: a hyp panic
         raise HypBug(f"WARN_ON in kvm_pgtable_stage2_test_clear_young: walk of IPA {ipa:#x} "
                      f"+ {size:#x} = {ret}")
     return 1 if acc & KVM_PTE_LEAF_ATTR_LO_S2_AF else 0
@@ -318,8 +321,6 @@ def __pkvm_host_mkyoung_guest(h: HypState, gfn: int, vcpu: "PkvmHypVcpu") -> int
 
 def hyp_poison_page(h: HypState, phys: int) -> None:
     """Wipe a page leaving a guest, through the hyp fixmap."""
-    from pkvm.hyp.mm import el2_fixmap_zero
-
     el2_fixmap_zero(h, phys)
 
 
@@ -346,8 +347,6 @@ def __pkvm_host_reclaim_page_guest(h: HypState, gfn: int, vm: "PkvmHypVm") -> in
 
 
 def __pkvm_host_force_reclaim_page_guest(h: HypState, phys: int) -> int:
-    from pkvm.hyp.pkvm import get_vm_by_handle
-
     phys &= ~(PAGE_SIZE - 1)
     assert h.vm_table_lock is not None and h.host_mmu is not None
     with h.vm_table_lock:
@@ -362,7 +361,7 @@ def __pkvm_host_force_reclaim_page_guest(h: HypState, phys: int) -> int:
             ret, pte, level = h.host_mmu.pgt.get_leaf(phys)
             if ret:
                 return ret
-            if level != 3:
+            if level != KVM_PGTABLE_LAST_LEVEL:
                 _warn(h, 1)
                 return -EINVAL
             ann = decode_host_annotation(pte)
@@ -371,7 +370,7 @@ def __pkvm_host_force_reclaim_page_guest(h: HypState, phys: int) -> int:
             owner, meta = ann
             if owner != ComponentId.GUEST:
                 return -EPERM
-            vm = get_vm_by_handle(h, meta & 0xFFFF)
+            vm = get_vm_by_handle(h, meta & GFN_META_HANDLE_MASK)
             if vm is None:
                 return -EAGAIN
             gfn = meta >> GFN_META_SHIFT
@@ -429,18 +428,14 @@ def __pkvm_guest_unshare_host(h: HypState, vcpu: "PkvmHypVcpu", gfn: int) -> int
 
 def vcpu_in_poison_fault(h: HypState, vcpu: "PkvmHypVcpu") -> int:
     esr = vcpu.fault_esr
-    ec = esr >> 26
-    if ec not in (0x20, 0x24) or (esr & 0x3C) != 0x04:
+    if esr_ec(esr) not in (EC.DABT_LOW, EC.IABT_LOW) or (esr & ESR_ELx_FSC_TYPE) != FSC.FAULT:
         return -EINVAL
-    ipa = ((vcpu.fault_hpfar & ~(1 << 63)) >> 4) << PAGE_SHIFT
+    ipa = (vcpu.fault_hpfar & HPFAR_MASK) << HPFAR_IPA_SHIFT
     ret, pte, level = vcpu.vm.pgt.get_leaf(ipa)
     if ret:
         return ret
-    if level != 3:
+    if level != KVM_PGTABLE_LAST_LEVEL:
         return -EINVAL
     return 1 if guest_pte_is_poisoned(pte) else 0
 
 
-__all__ = [
-    "set_host_state_range",
-]

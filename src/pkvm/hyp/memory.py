@@ -5,15 +5,26 @@ states and the non-protected-guest share count. Its pages are reserved in the hy
 (sized by `sizeof(struct hyp_page)`, 4 or 8 bytes) and mapped in the hyp stage-1 like Linux's;
 the field values are kept in typed arrays beside them for speed (a model choice: nothing but
 EL2 can reach either).
+
+`PageStates` is where a kernel keeps each page's host and hyp states: 7.2 in these fields
+(`pkvm.hyp.mem_protect.VmemmapPageStates`), 6.12 in the software bits of the host stage-2 and
+hyp stage-1 leaves (`pkvm.hyp.mem_protect_6_12.PtePageStates`); `page_states(h)` is the one of
+the kernel `h` runs, chosen by `Profile.page_state_in_vmemmap`.
 """
 
 from __future__ import annotations
 
 import enum
+from abc import ABC, abstractmethod
 from array import array
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from pkvm.hyp.panic import HypBug
 from pkvm.machine.memory import PAGE_SHIFT, PhysMemory
+
+if TYPE_CHECKING:
+    from pkvm.abi.profiles import Profile
+    from pkvm.hyp.state import HypState
 
 
 class PageState(enum.IntEnum):
@@ -72,3 +83,85 @@ class HypVmemmap:
         self.host_state[i] = PageState.OWNED
         self.hyp_state[i] = PageState.NOPAGE
         self.host_share_guest_count[i] = 0
+
+
+# -- the page-state store: one per kernel, chosen by the profile -----------------------------
+class HostHypTransitions(Protocol):
+    """A kernel's `__pkvm_host_share_hyp`, `__pkvm_host_unshare_hyp`, `__pkvm_host_donate_hyp`
+    and `__pkvm_hyp_donate_host` (the module that defines them)."""
+
+    def host_share_hyp(self, h: HypState, pfn: int) -> int: ...
+
+    def host_unshare_hyp(self, h: HypState, pfn: int) -> int: ...
+
+    def host_donate_hyp(self, h: HypState, pfn: int, nr_pages: int) -> int: ...
+
+    def hyp_donate_host(self, h: HypState, pfn: int, nr_pages: int) -> int: ...
+
+
+class PageStates(ABC):
+    """Where a kernel keeps each page's host and hyp states, and (`transitions`) the host <-> hyp
+    transitions whose shape follows from it. Every method runs with the locks its kernel
+    function takes."""
+
+    transitions: ClassVar[HostHypTransitions]
+
+    @abstractmethod
+    def get_host_state(self, h: HypState, pa: int) -> PageState: ...
+
+    @abstractmethod
+    def get_hyp_state(self, h: HypState, pa: int) -> PageState: ...
+
+    @abstractmethod
+    def host_check_page_state_range(self, h: HypState, addr: int, size: int,
+                                    state: PageState) -> int:
+        """`__host_check_page_state_range`: 0, or the errno of the first page not in `state`."""
+
+    @abstractmethod
+    def hyp_check_page_state_range(self, h: HypState, phys: int, size: int,
+                                   state: PageState) -> int:
+        """`__hyp_check_page_state_range` of the hyp's linear map of [phys, phys + size)."""
+
+    @abstractmethod
+    def host_set_page_state_range(self, h: HypState, addr: int, size: int,
+                                  state: PageState) -> int:
+        """`__host_set_page_state_range`: the host keeps the pages, in `state`."""
+
+    @abstractmethod
+    def host_stage2_set_owner_locked(self, h: HypState, addr: int, size: int, owner: int) -> int:
+        """`host_stage2_set_owner_locked`: the pages leave the host (or come back to it)."""
+
+    @abstractmethod
+    def hyp_may_write(self, h: HypState, pa: int) -> bool:
+        """Is the RAM page at `pa` one the hyp owns or borrows (so EL2 may store to it)?"""
+
+    @abstractmethod
+    def pin_first(self, h: HypState, va: int) -> None:
+        """`hyp_pin_shared_mem` took the first reference on the page at hyp VA `va`."""
+
+    @abstractmethod
+    def unpin_last(self, h: HypState, va: int) -> None:
+        """`hyp_unpin_shared_mem` is about to drop the last reference on the page at `va`."""
+
+
+_STORES: dict[bool, PageStates] = {}
+
+
+def select_page_states(profile: Profile) -> PageStates:
+    """The page-state store of `profile`'s kernel (one object per kernel, made once)."""
+    if not _STORES:
+        # The stores are written on top of this module (they use the vmemmap and the page
+        # tables): imported here, a cycle broken on purpose.
+        from pkvm.hyp.mem_protect import VmemmapPageStates
+        from pkvm.hyp.mem_protect_6_12 import PtePageStates
+
+        _STORES.update({True: VmemmapPageStates(), False: PtePageStates()})
+    return _STORES[profile.page_state_in_vmemmap]
+
+
+def page_states(h: HypState) -> PageStates:
+    """The page-state store of the kernel `h` runs."""
+    try:
+        return _STORES[h.profile.page_state_in_vmemmap]
+    except KeyError:
+        return select_page_states(h.profile)

@@ -7,15 +7,24 @@ hyp panic. This is how a host pointer the hyp has not pinned (or NULL) brings th
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Callable
 
-from pkvm.hyp.memory import PageState
+from pkvm.hyp.memory import PageState, page_states
 from pkvm.hyp.panic import HypBug
-from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, granule_shift, pte_valid
+from pkvm.hyp.pgtable import (
+    KVM_PTE_ADDR_MASK,
+    KVM_PTE_LEAF_ATTR_LO_S1_AP_RO,
+    KVM_PTE_LEAF_ATTR_LO_S1_AP_SHIFT,
+    granule_shift,
+    pte_valid,
+)
 from pkvm.hyp.state import HYP_LINEAR_OFFSET, HypState
-from pkvm.machine.memory import PAGE_SIZE, RAM_BASE
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, RAM_BASE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
+PAGE_OFFSET_MASK = PAGE_SIZE - 1
+S1_AP_MASK = 3  # AP[2:1]
+MAX_BAD_STORES = 64  # EL2 stores outside the hyp's pages kept for the report
 
 
 def hyp_va(pa: int) -> int:
@@ -48,14 +57,14 @@ def el2_translate(h: HypState, va: int, write: bool = False) -> int:
     pgt = h.pkvm_pgtable
     assert pgt is not None
     entries = h.el2_tlb.entries
-    key = (va >> 12) << 1
+    key = (va >> PAGE_SHIFT) << 1
     e = entries.get(key)
     if e is not None and (e[1] or not write):
         if e[2] != pgt.gen:
             _recheck(h, va, e, write)
-        return e[0] | (va & 0xFFF)
+        return e[0] | (va & PAGE_OFFSET_MASK)
     pa, writable = _walk(h, va, write)
-    entries[key] = [pa & ~0xFFF, writable, pgt.gen]
+    entries[key] = [pa & ~PAGE_OFFSET_MASK, writable, pgt.gen]
     return pa
 
 
@@ -63,21 +72,26 @@ def _walk(h: HypState, va: int, write: bool) -> tuple[int, bool]:
     ret, pte, level = h.pkvm_pgtable.get_leaf(va)  # type: ignore[union-attr]
     if ret or not pte_valid(pte):
         raise HypBug(f"EL2 data abort: hyp VA {va:#x} is not mapped in the hyp stage-1")
-    writable = (pte >> 6) & 3 != 3
+    writable = _s1_writable(pte)
     if write and not writable:
         raise HypBug(f"EL2 permission fault: write to read-only hyp VA {va:#x}")
     mask = (1 << granule_shift(level)) - 1
     return (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask), writable
 
 
-def _recheck(h: HypState, va: int, e: list, write: bool) -> None:
+def _s1_writable(pte: int) -> bool:
+    ap = (pte >> KVM_PTE_LEAF_ATTR_LO_S1_AP_SHIFT) & S1_AP_MASK
+    return ap != KVM_PTE_LEAF_ATTR_LO_S1_AP_RO
+
+
+def _recheck(h: HypState, va: int, e: list[int], write: bool) -> None:
     """A hit on an entry filled before the table last changed: does a fresh walk agree?"""
     pgt = h.pkvm_pgtable
     ret, pte, level = pgt.get_leaf(va)  # type: ignore[union-attr]
     if not ret and pte_valid(pte):
         mask = (1 << granule_shift(level)) - 1
-        fresh = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask & ~0xFFF)
-        if fresh == e[0] and ((pte >> 6) & 3 != 3) == e[1]:
+        fresh = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask & ~PAGE_OFFSET_MASK)
+        if fresh == e[0] and _s1_writable(pte) == e[1]:
             e[2] = pgt.gen  # type: ignore[union-attr]
             return
         now = f"maps PA {fresh:#x}"
@@ -87,7 +101,7 @@ def _recheck(h: HypState, va: int, e: list, write: bool) -> None:
                            f"cached PA {e[0]:#x}; the hyp stage-1 {now}")
 
 
-def hyp_stage1_tlbi(h: HypState):
+def hyp_stage1_tlbi(h: HypState) -> Callable[[int, int], None]:
     """EL2's `tlbi vale2is` as the hyp stage-1 walker issues it (`kvm_pgtable_hyp_unmap`)."""
     tlb = h.el2_tlb
 
@@ -99,45 +113,21 @@ def hyp_stage1_tlbi(h: HypState):
     return tlbi
 
 
-_HYP_MAY_WRITE = frozenset({PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED})
-
-
 def check_store(h: HypState, pa: int, fixmap: bool = False) -> None:
     """The rule every EL2 store keeps: the page is the hyp's own or shared with it (a fixmap
     store: a page no one but a guest owns, being wiped on its way out)."""
     if not h.mem.is_ram(pa):
         return
-    page = pa >> 12
-    memo = h.store_ok
-    if h.profile.page_state_in_vmemmap:
-        if h.vmemmap.hyp_state[page - h.vmemmap.base_pfn] in _HYP_MAY_WRITE:
-            return
-    else:
-        # 6.12 keeps the hyp's state in its stage-1 entries: a page found writable stays so
-        # until the next descriptor write (7.2 reads its vmemmap byte, as cheap as a memo).
-        gen = h.pkvm_pgtable.gen  # type: ignore[union-attr]
-        if memo[0] != gen:
-            memo[0] = gen
-            memo[1].clear()
-        elif page in memo[1]:
-            return
-    _check_store_slow(h, pa, fixmap)
-
-
-def _check_store_slow(h: HypState, pa: int, fixmap: bool) -> None:
-    from pkvm.hyp.mem_protect import get_host_state, get_hyp_state
-
-    state = get_hyp_state(h, pa)
-    if state in _HYP_MAY_WRITE:
-        if not h.profile.page_state_in_vmemmap:
-            h.store_ok[1].add(pa >> 12)
+    store = page_states(h)
+    if store.hyp_may_write(h, pa):
         return
-    if fixmap and get_host_state(h, pa) == PageState.NOPAGE:
+    if fixmap and store.get_host_state(h, pa) == PageState.NOPAGE:
         return
-    if len(h.bad_stores) < 64:
+    if len(h.bad_stores) < MAX_BAD_STORES:
         what = "fixmap store" if fixmap else "store"
-        h.bad_stores.append(f"EL2 {what} to PA {pa:#x}: hyp state {state.name}, host state "
-                            f"{get_host_state(h, pa).name}")
+        h.bad_stores.append(f"EL2 {what} to PA {pa:#x}: hyp state "
+                            f"{store.get_hyp_state(h, pa).name}, host state "
+                            f"{store.get_host_state(h, pa).name}")
 
 
 def el2_read(h: HypState, va: int, n: int) -> bytes:
@@ -156,10 +146,7 @@ def el2_read(h: HypState, va: int, n: int) -> bytes:
 def _host_read_point(h: HypState, pa: int, n: int) -> None:
     """A preemption point before EL2 reads memory the host shares with it (another host CPU
     may write it at any time)."""
-    from pkvm.hyp.mem_protect import get_hyp_state
-    from pkvm.hyp.memory import PageState
-
-    if get_hyp_state(h, pa & ~(PAGE_SIZE - 1)) == PageState.SHARED_BORROWED:
+    if page_states(h).get_hyp_state(h, pa & ~(PAGE_SIZE - 1)) == PageState.SHARED_BORROWED:
         h.locks.preempt("host-read", f"{n}@{pa:#x}")
 
 
@@ -206,10 +193,6 @@ def el2_write_u64(h: HypState, va: int, value: int) -> None:
     el2_write(h, va, (value & U64).to_bytes(8, "little"))
 
 
-def el2_read_fmt(h: HypState, va: int, fmt: str) -> tuple:
-    return struct.unpack("<" + fmt, el2_read(h, va, struct.calcsize("<" + fmt)))
-
-
 # -- linear mappings -------------------------------------------------------------------
 def pkvm_create_mappings_locked(h: HypState, start: int, end: int, prot: int) -> int:
     """Map hyp VAs [start, end) onto their linear-map PAs, one page at a time."""
@@ -224,11 +207,6 @@ def pkvm_create_mappings_locked(h: HypState, start: int, end: int, prot: int) ->
             return err
         va += PAGE_SIZE
     return 0
-
-
-def pkvm_create_mappings(h: HypState, start: int, end: int, prot: int) -> int:
-    with h.pkvm_pgd_lock:
-        return pkvm_create_mappings_locked(h, start, end, prot)
 
 
 # -- struct kvm_hyp_memcache: a stack of pages linked through their first word --------------

@@ -61,9 +61,6 @@ class HypPool:
     def nr_pages(self) -> int:
         return (self.range_end - self.range_start) >> PAGE_SHIFT
 
-    def in_range(self, pa: int) -> bool:
-        return self.range_start <= pa < self.range_end
-
     def free_pages(self) -> int:
         return sum(len(lst) << o for o, lst in enumerate(self.free_area))
 
