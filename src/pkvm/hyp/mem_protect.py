@@ -426,6 +426,22 @@ class VmemmapPageStates(PageStates):
         vm = h.vmemmap
         return vm.hyp_state[(pa >> PAGE_SHIFT) - vm.base_pfn] in _HYP_MAY_WRITE
 
+    def fix_host_ownership_page(self, h: HypState, phys: int, state: PageState) -> int:
+        # 7.2 propagates the hyp stage-1's annotation to the page's vmemmap states. (Its hyp
+        # text, mapped read-only for the host, is not in the model's RAM.)
+        if state == PageState.OWNED:
+            set_hyp_state_range(h, phys, PAGE_SIZE, PageState.OWNED)
+            return self.host_stage2_set_owner_locked(h, phys, PAGE_SIZE, ComponentId.HYP)
+        if state == PageState.SHARED_OWNED:
+            set_hyp_state_range(h, phys, PAGE_SIZE, PageState.SHARED_OWNED)
+            set_host_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)
+        elif state == PageState.SHARED_BORROWED:
+            set_hyp_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)
+            set_host_state_range(h, phys, PAGE_SIZE, PageState.SHARED_OWNED)
+        else:
+            return -EINVAL
+        return 0
+
     def pin_first(self, h: HypState, va: int) -> None:
         _warn(h, pkvm_create_mappings_locked(h, va, va + PAGE_SIZE, PAGE_HYP))
 

@@ -407,6 +407,20 @@ class PtePageStates(PageStates):
             return True
         return False
 
+    def fix_host_ownership_page(self, h: HypState, phys: int, state: PageState) -> int:
+        # 6.12 keeps the states in the host stage-2's software bits: the page is mapped for
+        # the host with the state that mirrors the hyp's.
+        if state == PageState.OWNED:
+            return self.host_stage2_set_owner_locked(h, phys, PAGE_SIZE, ComponentId.HYP)
+        if state == PageState.SHARED_OWNED:
+            mirror = PageState.SHARED_BORROWED
+        elif state == PageState.SHARED_BORROWED:
+            mirror = PageState.SHARED_OWNED
+        else:
+            return -EINVAL
+        return host_stage2_idmap_locked(h, phys, PAGE_SIZE,
+                                        pkvm_mkstate(PKVM_HOST_MEM_PROT, mirror))
+
     def pin_first(self, h: HypState, va: int) -> None:
         """A borrowed page is mapped at EL2 from its share to its unshare: nothing to do."""
 

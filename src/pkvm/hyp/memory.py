@@ -136,6 +136,11 @@ class PageStates(ABC):
         """Is the RAM page at `pa` one the hyp owns or borrows (so EL2 may store to it)?"""
 
     @abstractmethod
+    def fix_host_ownership_page(self, h: HypState, phys: int, state: PageState) -> int:
+        """`fix_host_ownership_walker` for one page the hyp stage-1 maps in `state`: the host
+        stage-2 (and, where the kernel keeps them, the page's states) made to agree."""
+
+    @abstractmethod
     def pin_first(self, h: HypState, va: int) -> None:
         """`hyp_pin_shared_mem` took the first reference on the page at hyp VA `va`."""
 
@@ -160,8 +165,5 @@ def select_page_states(profile: Profile) -> PageStates:
 
 
 def page_states(h: HypState) -> PageStates:
-    """The page-state store of the kernel `h` runs."""
-    try:
-        return _STORES[h.profile.page_state_in_vmemmap]
-    except KeyError:
-        return select_page_states(h.profile)
+    """The page-state store of the kernel `h` runs (chosen when `h` was made)."""
+    return h.page_states

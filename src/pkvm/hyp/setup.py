@@ -15,12 +15,8 @@ from pkvm.hyp import pkvm_one_phase, pkvm_two_phase
 from pkvm.hyp.mem_protect import (
     addr_is_memory,
     host_stage2_force_pte_cb,
-    host_stage2_set_owner_locked,
     pkvm_getstate,
-    set_host_state_range,
-    set_hyp_state_range,
 )
-from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mm import hyp_stage1_tlbi, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pgtable import (
@@ -192,7 +188,6 @@ def kvm_host_prepare_stage2(h: HypState) -> int:
 def fix_host_ownership(h: HypState) -> int:
     """Hand every page the hyp stage-1 maps over to the hyp in the host stage-2."""
     pgt = h.pkvm_pgtable
-    vmemmap = h.profile.page_state_in_vmemmap
 
     def visit(ctx: VisitCtx, _v: int) -> int:
         if not pte_valid(ctx.old):
@@ -202,18 +197,8 @@ def fix_host_ownership(h: HypState) -> int:
         phys = pte_to_phys(ctx.old)
         if not addr_is_memory(h, phys):
             return -EINVAL
-        state = pkvm_getstate(hyp_pte_prot(ctx.old))
-        if state == PageState.OWNED:
-            if vmemmap:
-                set_hyp_state_range(h, phys, PAGE_SIZE, PageState.OWNED)
-            return host_stage2_set_owner_locked(h, phys, PAGE_SIZE, ComponentId.HYP)
-        if state == PageState.SHARED_OWNED and vmemmap:
-            set_hyp_state_range(h, phys, PAGE_SIZE, PageState.SHARED_OWNED)
-            set_host_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)
-        elif state == PageState.SHARED_BORROWED and vmemmap:
-            set_hyp_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)
-            set_host_state_range(h, phys, PAGE_SIZE, PageState.SHARED_OWNED)
-        return 0
+        return h.page_states.fix_host_ownership_page(
+            h, phys, pkvm_getstate(hyp_pte_prot(ctx.old)))
 
     with h.host_mmu.lock:
         with h.pkvm_pgd_lock:

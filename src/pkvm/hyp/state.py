@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi.profiles import Profile
-from pkvm.hyp.memory import HypVmemmap
+from pkvm.hyp.memory import HypVmemmap, PageStates, select_page_states
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pgtable import KvmPgtable
 from pkvm.hyp.spinlock import RANK_HOST, RANK_HYP, RANK_VM_TABLE, HypLocks, HypSpinLock
@@ -96,6 +96,9 @@ class HypState:
     vm_table_lock: HypSpinLock
     host_mmu_lock: HypSpinLock
     carve: CarveOut = field(default_factory=CarveOut)
+    # Where this kernel keeps page states (7.2: the vmemmap; 6.12: PTE software bits), chosen
+    # from the profile when the state is made.
+    page_states: PageStates = field(init=False)
     # -- wired before `__pkvm_init` -------------------------------------------------------
     # The `smc #0` EL2 issues to the firmware (the board) and the PSCI relay's config.
     smc_to_el3: SmcToEl3 = field(init=False)
@@ -134,6 +137,9 @@ class HypState:
     bad_stores: list[str] = field(default_factory=list)
     wiped_returns: list[int] = field(default_factory=list)
     store_ok: list[Any] = field(default_factory=lambda: [-1, set()])  # [gen, pages] (6.12 memo)
+
+    def __post_init__(self) -> None:
+        self.page_states = select_page_states(self.profile)
 
     @property
     def cpu(self) -> int:
