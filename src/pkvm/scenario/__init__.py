@@ -14,6 +14,7 @@ fresh machine (or the one given) and returns a `Result`; `dump(steps, path)` wri
 fuzzer writes its reproducers this way). The format reference is `docs/scenarios.md`.
 """
 
+from pkvm.machine.memory import PAGE_SHIFT
 from pkvm.scenario.format import dump, load, loads, machine_value_error
 from pkvm.scenario.run import Scenario, _Runner
 from pkvm.scenario.steps import (
@@ -25,7 +26,6 @@ from pkvm.scenario.steps import (
     MACHINE_KEYS,
     MAX_CPUS,
     MIN_MEMORY,
-    PAGE_SHIFT,
     SYMBOL,
     Result,
     ScenarioError,

@@ -8,17 +8,24 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pkvm.abi.profiles import ALL_HCALL_NAMES
+import tomli_w
+
+from pkvm.abi.profiles import ALL_HCALL_NAMES, PROFILES
 from pkvm.errors import Errno
+from pkvm.machine.memory import parse_size
 from pkvm.scenario.run import Scenario
 from pkvm.scenario.steps import (
     ACTION_KEYS,
     ACTIONS,
     COMMON_KEYS,
+    DEFAULT_GFN,
+    DEFAULT_VM_MEMORY,
+    DEFAULT_WRITE_DATA,
     EXPECT_KEYS,
     MACHINE_DEFAULTS,
     MACHINE_KEYS,
     MAX_CPUS,
+    MAX_HVC_ARGS,
     MIN_MEMORY,
     SYMBOL,
     ScenarioError,
@@ -29,9 +36,6 @@ from pkvm.scenario.steps import (
 def machine_value_error(key: str, value: Any) -> str | None:
     """What is wrong with `value` for the machine option `key` ("memory", "cpus", "abi",
     "check"), or None. The command line checks its options with this too."""
-    from pkvm.abi.profiles import PROFILES
-    from pkvm.machine.memory import parse_size
-
     if key == "abi":
         known = ", ".join(f"{k!r}" for k in PROFILES)
         if not isinstance(value, str):
@@ -135,6 +139,9 @@ def load(path: str | Path) -> Scenario:
     return loads(text, str(p))
 
 
+Err = Callable[[str | None, str], ScenarioError]  # makes the error of one key of a step
+
+
 def _parse_step(raw: dict[str, Any], path: str, text: str, line: int | None) -> Step:
     def err(key: str | None, msg: str) -> ScenarioError:
         return ScenarioError(path, _key_line(text, line, key) if key else line, msg)
@@ -148,93 +155,132 @@ def _parse_step(raw: dict[str, Any], path: str, text: str, line: int | None) -> 
     for k in raw:
         if k not in allowed:
             raise err(k, f"unknown key {k!r} in a {action} step: expected one of {sorted(allowed)}")
-    target = raw[action]
     cpu = raw.get("cpu", 0)
     if not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0:
         raise err("cpu", f"cpu must be a non-negative integer, not {cpu!r}")
-    note = raw.get("note", "")
     fields = {k: v for k, v in raw.items() if k in ACTION_KEYS[action]}
-    if action == "hvc":
-        if not isinstance(target, (str, int)) or isinstance(target, bool):
-            raise err(action, "hvc takes a hypercall name or a function ID (int)")
-        if isinstance(target, str) and target not in ALL_HCALL_NAMES:
-            close = [n for n in sorted(ALL_HCALL_NAMES) if target.strip("_") in n]
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise err(action, f"unknown hypercall {target!r}: expected a name of "
-                      f"enum __kvm_host_smccc_func (6.12 or 7.2){hint}")
-        args = fields.get("args", [])
-        if not isinstance(args, list) or len(args) > 6:
-            raise err("args", "args must be a list of at most 6 values (x1..x6)")
-        for a in args:
-            _check_value(a, err, "args")
-    elif action in ("host_read", "host_write"):
-        if action == "host_write" and isinstance(target, dict):
-            fields.update({k: v for k, v in target.items() if k != "addr"})
-            target = target.get("addr")
-        _check_value(target, err, action, symbolic=("page", "pa", "gfn"))
-        if "size" in fields and (not isinstance(fields["size"], int) or fields["size"] < 1):
-            raise err("size", "size must be a positive integer (bytes)")
-        if action == "host_write":
-            data = fields.setdefault("data", "a5" * 8)
-            if not isinstance(data, str) or not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", data):
-                raise err("data", "data must be a hex string such as \"deadbeef\"")
-    elif action == "alloc":
-        _check_name(target, err, action)
-        pages = fields.get("pages", 1)
-        if not isinstance(pages, int) or isinstance(pages, bool) or pages < 1:
-            raise err("pages", "pages must be a positive integer")
-    elif action == "create_vm":
-        _check_name(target, err, action)
-        if not isinstance(fields.get("vcpus", 1), int) or fields.get("vcpus", 1) < 1:
-            raise err("vcpus", "vcpus must be a positive integer")
-        if not isinstance(fields.get("protected", False), bool):
-            raise err("protected", "protected must be true or false")
-        if not isinstance(fields.get("memory", "16M"), (str, int)):
-            raise err("memory", "memory must be bytes or a size such as \"16M\"")
-        code = fields.get("code", [])
-        if not isinstance(code, list) or not all(
-                isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 1 << 32 for w in code):
-            raise err("code", "code must be a list of 32-bit instruction words (loaded at the "
-                      "guest's RAM base, where its vCPUs start)")
-    elif action in ("run", "topup"):
-        _check_name(target, err, action)
-        for key in ("vcpu", "pages"):
-            v = fields.get(key, 0)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                raise err(key, f"{key} must be a non-negative integer")
-    elif action == "map":
-        _check_name(target, err, action)
-        if not isinstance(fields.get("gfn", 0x40000), int):
-            raise err("gfn", "gfn must be an integer guest frame number (RAM starts at 0x40000)")
-        if not isinstance(fields.get("n", 1), int) or fields.get("n", 1) < 1:
-            raise err("n", "n must be a positive integer")
-    elif action == "destroy":
-        _check_name(target, err, action)
+    target = _CHECK_ACTION[action](action, raw[action], fields, err)
     expect = raw.get("expect")
     if expect is not None:
-        if not isinstance(expect, dict):
-            raise err("expect", "expect must be a table such as { errno = \"EPERM\" }")
-        for k, v in expect.items():
-            if k not in EXPECT_KEYS:
-                raise err("expect", f"unknown expectation {k!r}: expected one of "
-                          f"{sorted(EXPECT_KEYS)}")
-            if k == "errno" and not (isinstance(v, str) and v.upper() in Errno.__members__
-                                     or isinstance(v, int)):
-                raise err("expect", f"errno must be a name such as \"EPERM\" (known: "
-                          f"{', '.join(Errno.__members__)}) or a number, not {v!r}")
-            if k in ("ok", "abort", "panic") and not isinstance(v, bool):
-                raise err("expect", f"{k} must be true or false")
-            if k.startswith("x") and not isinstance(v, int):
-                raise err("expect", f"{k} must be an integer")
-    return Step(action, target, fields, cpu, expect, note, line)
+        _check_expect(expect, err)
+    return Step(action, target, fields, cpu, expect, raw.get("note", ""), line)
 
 
-def _check_name(v: Any, err: Callable[[str | None, str], ScenarioError], key: str) -> None:
+def _check_hvc(action: str, target: Any, fields: dict[str, Any], err: Err) -> Any:
+    if not isinstance(target, (str, int)) or isinstance(target, bool):
+        raise err(action, "hvc takes a hypercall name or a function ID (int)")
+    if isinstance(target, str) and target not in ALL_HCALL_NAMES:
+        close = [n for n in sorted(ALL_HCALL_NAMES) if target.strip("_") in n]
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise err(action, f"unknown hypercall {target!r}: expected a name of "
+                  f"enum __kvm_host_smccc_func (6.12 or 7.2){hint}")
+    args = fields.get("args", [])
+    if not isinstance(args, list) or len(args) > MAX_HVC_ARGS:
+        raise err("args", f"args must be a list of at most {MAX_HVC_ARGS} values (x1..x6)")
+    for a in args:
+        _check_value(a, err, "args")
+    return target
+
+
+def _check_host_access(action: str, target: Any, fields: dict[str, Any], err: Err) -> Any:
+    """host_read / host_write; a host_write target may be a table { addr = ..., data = ... }."""
+    if action == "host_write" and isinstance(target, dict):
+        fields.update({k: v for k, v in target.items() if k != "addr"})
+        target = target.get("addr")
+    _check_value(target, err, action, symbolic=("page", "pa", "gfn"))
+    if "size" in fields and (not isinstance(fields["size"], int) or fields["size"] < 1):
+        raise err("size", "size must be a positive integer (bytes)")
+    if action == "host_write":
+        data = fields.setdefault("data", DEFAULT_WRITE_DATA)
+        if not isinstance(data, str) or not re.fullmatch(r"(?:[0-9a-fA-F]{2})+", data):
+            raise err("data", "data must be a hex string such as \"deadbeef\"")
+    return target
+
+
+def _check_alloc(action: str, target: Any, fields: dict[str, Any], err: Err) -> Any:
+    _check_name(target, err, action)
+    pages = fields.get("pages", 1)
+    if not isinstance(pages, int) or isinstance(pages, bool) or pages < 1:
+        raise err("pages", "pages must be a positive integer")
+    return target
+
+
+def _check_create_vm(action: str, target: Any, fields: dict[str, Any], err: Err) -> Any:
+    _check_name(target, err, action)
+    if not isinstance(fields.get("vcpus", 1), int) or fields.get("vcpus", 1) < 1:
+        raise err("vcpus", "vcpus must be a positive integer")
+    if not isinstance(fields.get("protected", False), bool):
+        raise err("protected", "protected must be true or false")
+    if not isinstance(fields.get("memory", DEFAULT_VM_MEMORY), (str, int)):
+        raise err("memory", "memory must be bytes or a size such as \"16M\"")
+    code = fields.get("code", [])
+    if not isinstance(code, list) or not all(
+            isinstance(w, int) and not isinstance(w, bool) and 0 <= w < 1 << 32 for w in code):
+        raise err("code", "code must be a list of 32-bit instruction words (loaded at the "
+                  "guest's RAM base, where its vCPUs start)")
+    return target
+
+
+def _check_vcpu_op(action: str, target: Any, fields: dict[str, Any], err: Err) -> Any:
+    """run / topup."""
+    _check_name(target, err, action)
+    for key in ("vcpu", "pages"):
+        v = fields.get(key, 0)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise err(key, f"{key} must be a non-negative integer")
+    return target
+
+
+def _check_map(action: str, target: Any, fields: dict[str, Any], err: Err) -> Any:
+    _check_name(target, err, action)
+    if not isinstance(fields.get("gfn", DEFAULT_GFN), int):
+        raise err("gfn", "gfn must be an integer guest frame number (RAM starts at 0x40000)")
+    if not isinstance(fields.get("n", 1), int) or fields.get("n", 1) < 1:
+        raise err("n", "n must be a positive integer")
+    return target
+
+
+def _check_destroy(action: str, target: Any, fields: dict[str, Any], err: Err) -> Any:
+    _check_name(target, err, action)
+    return target
+
+
+_CHECK_ACTION: dict[str, Callable[[str, Any, dict[str, Any], Err], Any]] = {
+    "hvc": _check_hvc,
+    "host_read": _check_host_access,
+    "host_write": _check_host_access,
+    "alloc": _check_alloc,
+    "create_vm": _check_create_vm,
+    "run": _check_vcpu_op,
+    "topup": _check_vcpu_op,
+    "map": _check_map,
+    "destroy": _check_destroy,
+}
+
+
+def _check_expect(expect: Any, err: Err) -> None:
+    if not isinstance(expect, dict):
+        raise err("expect", "expect must be a table such as { errno = \"EPERM\" }")
+    for k, v in expect.items():
+        if k not in EXPECT_KEYS:
+            raise err("expect", f"unknown expectation {k!r}: expected one of "
+                      f"{sorted(EXPECT_KEYS)}")
+        if k == "errno" and not (isinstance(v, str) and v.upper() in Errno.__members__
+                                 or isinstance(v, int)):
+            raise err("expect", f"errno must be a name such as \"EPERM\" (known: "
+                      f"{', '.join(Errno.__members__)}) or a number, not {v!r}")
+        if k in ("ok", "abort", "panic") and not isinstance(v, bool):
+            raise err("expect", f"{k} must be true or false")
+        if k.startswith("x") and not isinstance(v, int):
+            raise err("expect", f"{k} must be an integer")
+
+
+def _check_name(v: Any, err: Err, key: str) -> None:
     if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z_][\w.-]*", v):
         raise err(key, f"{key} takes a name such as \"a\" or \"vm1\", not {v!r}")
 
 
-def _check_value(v: Any, err: Callable[[str | None, str], ScenarioError], key: str,
+def _check_value(v: Any, err: Err, key: str,
                  symbolic: tuple[str, ...] = ("page", "pa", "va", "vm", "vcpu", "gfn")) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, str)):
         raise err(key, f"a value is an integer or a symbol such as \"page:a\", not {v!r}")
@@ -256,7 +302,6 @@ def _check_value(v: Any, err: Callable[[str | None, str], ScenarioError], key: s
 def dump(steps: Iterable[Any], path: str | Path, machine: dict[str, Any] | None = None) -> None:
     """Write a scenario file. A step is a `Step`, a step table (dict as in the file), or a call
     `(cpu, name, args)` / `(cpu, name, args, expect)` as the fuzzer records it."""
-    import tomli_w
 
     tables = []
     for s in steps:

@@ -7,10 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pkvm.errors import Errno, HostDataAbort, HostError, HypPanic, errno_name
+from pkvm.board import Machine
+from pkvm.errors import EINVAL, ENOMEM, Errno, HostDataAbort, HostError, HypPanic, errno_name
+from pkvm.host.kvm import GUEST_RAM_IPA, HostVm, host_va
+from pkvm.machine.memory import PAGE_SHIFT
 from pkvm.scenario.steps import (
+    DEFAULT_GFN,
+    DEFAULT_TOPUP_PAGES,
+    DEFAULT_VM_MEMORY,
     MACHINE_DEFAULTS,
-    PAGE_SHIFT,
     SYMBOL,
     Result,
     ScenarioError,
@@ -25,13 +30,11 @@ class Scenario:
     steps: list[Step]
     path: str = "<scenario>"
 
-    def new_machine(self, **overrides: Any):
-        import pkvm
-
+    def new_machine(self, **overrides: Any) -> Machine:
         kw = dict(MACHINE_DEFAULTS)
         kw.update(self.machine)
         kw.update({k: v for k, v in overrides.items() if v is not None})
-        return pkvm.Machine(**kw)
+        return Machine(**kw)
 
     def run(self, machine: Any = None, on_step: Callable[[StepResult], None] | None = None,
             stop_on_failure: bool = False) -> Result:
@@ -54,11 +57,11 @@ class _NotRun(Exception):
 
 
 class _Runner:
-    def __init__(self, m: Any, path: str):
+    def __init__(self, m: Machine, path: str) -> None:
         self.m = m
         self.path = path
         self.pages: dict[str, tuple[int, int]] = {}  # name -> (pa, pages)
-        self.vms: dict[str, Any] = {}
+        self.vms: dict[str, HostVm] = {}
         self.backing: dict[tuple[str, int], int] = {}  # (vm, gfn) -> pa of its backing page
         self.failed_vms: dict[str, int] = {}  # name -> 1-based index of its failed create_vm
 
@@ -87,8 +90,6 @@ class _Runner:
         if kind == "pa":
             return self.page(name) + offset
         if kind == "va":
-            from pkvm.host.kvm import host_va
-
             return host_va(self.page(name)) + offset
         if name not in self.vms:
             raise self._no_vm(name, step)
@@ -110,7 +111,7 @@ class _Runner:
                                 f"no vCPU {i}")
         return vm.vcpus[i].va + offset
 
-    def vm(self, name: str, step: Step) -> Any:
+    def vm(self, name: str, step: Step) -> HostVm:
         if name not in self.vms:
             raise self._no_vm(name, step)
         return self.vms[name]
@@ -134,7 +135,7 @@ class _Runner:
             if step.action == "create_vm":
                 self.failed_vms.setdefault(step.target, i + 1)
         except MemoryError as e:
-            outcome, detail, value = "errno", f"-ENOMEM: {e}", HostError(12, step.action)
+            outcome, detail, value = "errno", f"-ENOMEM: {e}", HostError(ENOMEM, step.action)
             if step.action == "create_vm":
                 self.failed_vms.setdefault(step.target, i + 1)
         except (ValueError, TypeError) as e:  # a caller mistake the model refuses to run
@@ -186,18 +187,16 @@ class _Runner:
             if step.target in self.vms:
                 raise ScenarioError(self.path, step.line, f"VM {step.target!r} already exists")
             vm = m.host.create_vm(vcpus=f.get("vcpus", 1), protected=f.get("protected", False),
-                                  memory=f.get("memory", "16M"))
+                                  memory=f.get("memory", DEFAULT_VM_MEMORY))
             self.vms[step.target] = vm
             if f.get("code"):
-                from pkvm.host.kvm import GUEST_RAM_IPA
-
                 vm.write(GUEST_RAM_IPA, b"".join(w.to_bytes(4, "little") for w in f["code"]))
                 for vcpu in vm.vcpus:  # KVM_ARM_VCPU_INIT without POWER_OFF: all start
                     vcpu.runner.power_off = False
             return "ok", f"handle {vm.handle:#x}", vm
         vm = self.vm(step.target, step)
         if a == "map":
-            gfn = f.get("gfn", 0x40000)
+            gfn = f.get("gfn", DEFAULT_GFN)
             n = f.get("n", 1)
             try:
                 vm.map(gfn, n, cpu=step.cpu)
@@ -210,13 +209,13 @@ class _Runner:
         if a == "topup":
             idx = f.get("vcpu", 0)
             if idx >= len(vm.vcpus):
-                raise HostError(22, "topup", None, f"VM {step.target!r} has no vCPU {idx}")
-            vm.topup_memcache(vm.vcpus[idx], f.get("pages", 4))
+                raise HostError(EINVAL, "topup", None, f"VM {step.target!r} has no vCPU {idx}")
+            vm.topup_memcache(vm.vcpus[idx], f.get("pages", DEFAULT_TOPUP_PAGES))
             return "ok", f"vCPU {idx}'s memcache topped up to {f.get('pages', 4)} page(s)", None
         if a == "run":
             idx = f.get("vcpu", 0)
             if idx >= len(vm.vcpus):  # as a VMM without that vCPU fd answers
-                raise HostError(22, "KVM_RUN", None, f"VM {step.target!r} has "
+                raise HostError(EINVAL, "KVM_RUN", None, f"VM {step.target!r} has "
                                 f"{len(vm.vcpus)} vCPUs, no vCPU {idx}")
             e = vm.vcpus[idx].run()
             where = f" at {e.addr:#x}" if e.kind == "mmio" else ""

@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-PAGE_SHIFT = 12
+from pkvm.host.kvm import GUEST_RAM_IPA
+from pkvm.machine.memory import PAGE_SHIFT
+
 ACTIONS = ("hvc", "host_read", "host_write", "alloc", "create_vm", "map", "run", "topup",
            "destroy")
 # Keys each action accepts besides itself and the common ones.
@@ -26,6 +28,11 @@ EXPECT_KEYS = {"x0", "x1", "x2", "x3", "errno", "ok", "abort", "panic", "data"}
 MACHINE_KEYS = {"memory", "cpus", "abi", "check"}
 MACHINE_DEFAULTS: dict[str, Any] = {"memory": "256M", "cpus": 2, "abi": "latest"}
 MIN_MEMORY = 64 << 20
+MAX_HVC_ARGS = 6  # x1..x6
+DEFAULT_WRITE_DATA = "a5" * 8  # host_write without data
+DEFAULT_VM_MEMORY = "16M"  # create_vm without memory
+DEFAULT_GFN = GUEST_RAM_IPA >> PAGE_SHIFT  # map without gfn: the first page of guest RAM
+DEFAULT_TOPUP_PAGES = 4  # topup without pages
 MAX_CPUS = 64
 SYMBOL = re.compile(r"^(page|pa|va|vm|vcpu|gfn):([A-Za-z_][\w.-]*)(?::(0x[0-9a-fA-F]+|\d+))?"
                     r"(?:\+(0x[0-9a-fA-F]+|\d+))?$")
