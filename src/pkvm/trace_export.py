@@ -39,7 +39,7 @@ OWNERSHIP_CALLS = frozenset({
 def owner_counts(m: Any) -> dict[str, int]:
     """Pages per owner, disjoint: "host" (owned, not shared), "host shared" (owned by the host
     and shared out), "hyp", "guest 0x1000" (owned, shared or not)."""
-    out: Counter = Counter({"host": 0, "host shared": 0, "hyp": 0})
+    out: Counter[str] = Counter({"host": 0, "host shared": 0, "hyp": 0})
     for (owner, state), n in m.inspect.page_counts().items():
         if state not in ("OWNED", "SHARED_OWNED"):
             continue

@@ -1,4 +1,8 @@
-"""`pkvm conform`: the same host hypercalls on the model and on the real Linux pKVM."""
+"""`pkvm conform`: the same host hypercalls on the model and on the real Linux pKVM.
+
+The real-kernel harness (`pkvm.conform`) is imported by the functions that use it, not on top,
+so that every other `pkvm` command starts without it.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ def _side(r: Any) -> str:
     if r.not_run:
         return "not run"
     if r.panic:
-        return r.kind
+        return str(r.kind)
     return f"{_fmt(r.x0)}/{_fmt(r.x1)}/{_fmt(r.x2)}/{_fmt(r.x3)}"
 
 
