@@ -71,10 +71,6 @@ class PageCountSampler:
             self._pending = 0
             self.samples.append((rec.seq, rec.start_ns + rec.duration_ns, owner_counts(self.m)))
 
-    def detach(self) -> None:
-        if self in self.m.listeners:
-            self.m.listeners.remove(self)
-
 
 def _now(m: Any) -> int:
     return m.trace[-1].start_ns + m.trace[-1].duration_ns if m.trace else 0

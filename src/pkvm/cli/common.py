@@ -25,6 +25,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import pkvm
+from pkvm.machine.memory import PAGE_SHIFT, parse_size
+
 if TYPE_CHECKING:
     from pkvm.scenario import Scenario
 
@@ -116,8 +119,6 @@ def host_memory() -> int | None:
 
 def make_machine(**kw: Any) -> Any:
     """`pkvm.Machine(**kw)`, or exit 2 with one line saying why it cannot be built."""
-    import pkvm
-
     try:
         return pkvm.Machine(**kw)
     except ValueError as e:
@@ -127,8 +128,6 @@ def make_machine(**kw: Any) -> Any:
 
 
 def memory_problem(memory: Any, e: BaseException) -> str:
-    from pkvm.machine.memory import parse_size
-
     have = host_memory()
     text = f"cannot reserve {size_text(parse_size(memory))} of RAM for the machine"
     if have:
@@ -161,7 +160,7 @@ def memory_map_table(m: Any) -> Table:
     t.add_column("pfns", justify="right")
     for r in m.memory_map():
         t.add_row(r.kind, f"{r.start:#x}", f"{r.end:#x}", size_text(r.size),
-                  f"{r.start >> 12:#x}..{(r.end >> 12) - 1:#x}")
+                  f"{r.start >> PAGE_SHIFT:#x}..{(r.end >> PAGE_SHIFT) - 1:#x}")
     return t
 
 

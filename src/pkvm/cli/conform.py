@@ -23,9 +23,12 @@ from pkvm.cli.common import (
     load_scenario,
 )
 
+DECIMAL_BELOW = 4096  # a register of smaller magnitude prints in decimal (an errno, a count)
+U64_MASK = (1 << 64) - 1
+
 
 def _fmt(v: int) -> str:
-    return str(v) if -4096 < v < 4096 else hex(v & (2**64 - 1))
+    return str(v) if -DECIMAL_BELOW < v < DECIMAL_BELOW else hex(v & U64_MASK)
 
 
 def _side(r: Any) -> str:

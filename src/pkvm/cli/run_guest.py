@@ -35,7 +35,7 @@ from pkvm.cli.common import (
     progress,
 )
 from pkvm.host.vmm import Vmm
-from pkvm.machine.memory import parse_size
+from pkvm.machine.memory import PAGE_SIZE, parse_size
 
 PARAM_GUESTS = ("memwalk", "loop", "mmio")
 
@@ -55,7 +55,7 @@ def _size(option: str, value: str) -> int:
         size = parse_size(value)
     except ValueError:
         fail(f"{option} {value}: not a size (bytes, or a number with K, M or G)")
-    if size <= 0 or size % 4096:
+    if size <= 0 or size % PAGE_SIZE:
         fail(f"{option} {value}: must be a positive whole number of 4 KiB pages")
     return size
 

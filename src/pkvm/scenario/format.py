@@ -12,7 +12,7 @@ import tomli_w
 
 from pkvm.abi.profiles import ALL_HCALL_NAMES, PROFILES
 from pkvm.errors import Errno
-from pkvm.machine.memory import parse_size
+from pkvm.machine.memory import PAGE_SIZE, parse_size
 from pkvm.scenario.run import Scenario
 from pkvm.scenario.steps import (
     ACTION_KEYS,
@@ -52,7 +52,7 @@ def machine_value_error(key: str, value: Any) -> str | None:
             return f"memory {value!r} is not a size: write bytes or a number with K, M or G"
         if size < MIN_MEMORY:
             return f"memory must be at least 64M, not {value!r}"
-        if size % 4096:
+        if size % PAGE_SIZE:
             return f"memory must be a whole number of 4 KiB pages, not {value!r}"
     elif key == "cpus":
         if isinstance(value, bool) or not isinstance(value, int):
