@@ -98,7 +98,7 @@ def test_map_fresh_and_usage(tmp_path):
     assert invoke("map").exit_code == 2
 
 
-# -- issue 15: every bad input is one line and exit 2 -----------------------------------------
+# -- every bad input is one line and exit 2 ------------------------------------------------------
 def one_error_line(r, code: int = 2) -> str:
     """The command exited `code` with exactly one line on stderr, and no traceback."""
     assert r.exit_code == code, r.output

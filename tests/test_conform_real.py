@@ -27,7 +27,6 @@ from pkvm.conform.real import (
     RawStep,
     RealResult,
     _commands,
-    _cpio,
     _not_issued,
     _Pending,
     run_sequences,
@@ -371,10 +370,3 @@ def test_commands_scope_names_and_skip_absent_calls(tmp_path: Path) -> None:
     assert [j for _, j in owners] == [-1, -2, 0, 2, 3, 4]
     [r] = [_not_issued(k, seq[1], {})]
     assert (r.x0, r.x1) == (-1, 1)
-
-
-def test_cpio_is_newc() -> None:
-    blob = _cpio([("init", b"#!/bin/sh\n", 0o100755)])
-    assert blob.startswith(b"070701")
-    assert blob.endswith(b"TRAILER!!!\0\0\0\0") or b"TRAILER!!!" in blob
-    assert len(blob) % 4 == 0

@@ -1,4 +1,4 @@
-"""Debian's arm64 Linux kernel, unmodified, as a pkvm guest (issue 9).
+"""Debian's arm64 Linux kernel, unmodified, as a pkvm guest.
 
 The boot tests need the kernel and initramfs (`pkvm fetch-linux`, cached in ~/.cache/pkvm/linux;
 fetched here on first use through the package registry) and skip with the reason when that is

@@ -158,7 +158,7 @@ def test_strategies_drive_the_model(calls, pfn):
             break
 
 
-# -- issue 15 -----------------------------------------------------------------------------------
+# -- bad [machine] values ------------------------------------------------------------------------
 @pytest.mark.parametrize("key, value, words", [
     ("abi", 6.12, "must be a string"),
     ("abi", "5.0", "unknown abi '5.0'"),

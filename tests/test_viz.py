@@ -122,7 +122,7 @@ def test_perfetto_events(busy):
     assert names == {"cpu0", "cpu1"}
 
 
-# -- issue 15 -----------------------------------------------------------------------------------
+# -- the Perfetto page counters -----------------------------------------------------------------
 def test_perfetto_counters_are_disjoint_and_fall_to_zero(busy):
     m, shared, pvm, nvm = busy
     sampler = PageCountSampler(m)

@@ -39,7 +39,7 @@ OWNERSHIP_CALLS = frozenset({
 def owner_counts(m: Any) -> dict[str, int]:
     """Pages per owner, disjoint: "host" (owned, not shared), "host shared" (owned by the host
     and shared out), "hyp", "guest 0x1000" (owned, shared or not)."""
-    out: Counter = Counter({"host": 0, "host shared": 0, "hyp": 0})
+    out: Counter[str] = Counter({"host": 0, "host shared": 0, "hyp": 0})
     for (owner, state), n in m.inspect.page_counts().items():
         if state not in ("OWNED", "SHARED_OWNED"):
             continue
@@ -70,10 +70,6 @@ class PageCountSampler:
         if self._pending >= self.every:
             self._pending = 0
             self.samples.append((rec.seq, rec.start_ns + rec.duration_ns, owner_counts(self.m)))
-
-    def detach(self) -> None:
-        if self in self.m.listeners:
-            self.m.listeners.remove(self)
 
 
 def _now(m: Any) -> int:

@@ -4,6 +4,11 @@ Every command checks its options here before any work (`check_machine_options`, 
 `check_output`, `check_input`) and reports a mistake with `fail()`: one line on stderr, the
 option and value named, exit 2. Text that comes from outside (file names, messages, values) is
 escaped so that square brackets print as written.
+
+The CLI's modules import the model on top; what only some commands need (scenario files, the
+ownership map, the Linux board and its Debian fetcher, rich's progress bars, the checkers, the
+real-kernel harness) is imported inside the functions that use it, so that `pkvm --help` and
+every other command start without it.
 """
 
 from __future__ import annotations
@@ -13,12 +18,18 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+import pkvm
+from pkvm.machine.memory import PAGE_SHIFT, parse_size
+
+if TYPE_CHECKING:
+    from pkvm.scenario import Scenario
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
@@ -108,8 +119,6 @@ def host_memory() -> int | None:
 
 def make_machine(**kw: Any) -> Any:
     """`pkvm.Machine(**kw)`, or exit 2 with one line saying why it cannot be built."""
-    import pkvm
-
     try:
         return pkvm.Machine(**kw)
     except ValueError as e:
@@ -119,8 +128,6 @@ def make_machine(**kw: Any) -> Any:
 
 
 def memory_problem(memory: Any, e: BaseException) -> str:
-    from pkvm.machine.memory import parse_size
-
     have = host_memory()
     text = f"cannot reserve {size_text(parse_size(memory))} of RAM for the machine"
     if have:
@@ -153,7 +160,7 @@ def memory_map_table(m: Any) -> Table:
     t.add_column("pfns", justify="right")
     for r in m.memory_map():
         t.add_row(r.kind, f"{r.start:#x}", f"{r.end:#x}", size_text(r.size),
-                  f"{r.start >> 12:#x}..{(r.end >> 12) - 1:#x}")
+                  f"{r.start >> PAGE_SHIFT:#x}..{(r.end >> PAGE_SHIFT) - 1:#x}")
     return t
 
 
@@ -178,7 +185,7 @@ def page_counts_table(columns: dict[str, dict[tuple[Any, str], int]], title: str
     return t
 
 
-def load_scenario(path: Path):
+def load_scenario(path: Path) -> Scenario:
     """Load a scenario or exit 2 with `file:line: message`."""
     from pkvm.scenario import ScenarioError, load
 

@@ -1,4 +1,8 @@
-"""`pkvm conform`: the same host hypercalls on the model and on the real Linux pKVM."""
+"""`pkvm conform`: the same host hypercalls on the model and on the real Linux pKVM.
+
+The real-kernel harness (`pkvm.conform`) is imported by the functions that use it, not on top,
+so that every other `pkvm` command starts without it.
+"""
 
 from __future__ import annotations
 
@@ -19,16 +23,19 @@ from pkvm.cli.common import (
     load_scenario,
 )
 
+DECIMAL_BELOW = 4096  # a register of smaller magnitude prints in decimal (an errno, a count)
+U64_MASK = (1 << 64) - 1
+
 
 def _fmt(v: int) -> str:
-    return str(v) if -4096 < v < 4096 else hex(v & (2**64 - 1))
+    return str(v) if -DECIMAL_BELOW < v < DECIMAL_BELOW else hex(v & U64_MASK)
 
 
 def _side(r: Any) -> str:
     if r.not_run:
         return "not run"
     if r.panic:
-        return r.kind
+        return str(r.kind)
     return f"{_fmt(r.x0)}/{_fmt(r.x1)}/{_fmt(r.x2)}/{_fmt(r.x3)}"
 
 

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from pkvm.board import Machine
 from pkvm.cli.common import (
     ABI_HELP,
     check_count,
@@ -23,9 +24,13 @@ from pkvm.cli.common import (
     page_counts_table,
 )
 from pkvm.errors import HostDataAbort, HostError, HypPanic, errno_name
+from pkvm.host.kvm import GUEST_RAM_IPA, HostVm
+from pkvm.machine.memory import PAGE_SHIFT, UART_BASE
 
-GUEST_RAM_GFN = 0x40000
+GUEST_RAM_GFN = GUEST_RAM_IPA >> PAGE_SHIFT
 VM_MEMORY = 16 << 20  # each demo VM's memslot
+FORGED_HANDLE_OFFSET = 0x100  # a handle no VM has, near a real one
+PageCounts = dict[tuple[Any, str], int]  # m.inspect.page_counts()
 
 
 @dataclass
@@ -72,28 +77,47 @@ def demo(
     check_machine_options(memory, cpus, abi, min_cpus=2,
                           why=" (the host loads a vCPU on one CPU and attacks from another)")
     check_count("--pages", pages)
-    if pages > VM_MEMORY >> 12:
-        fail(f"--pages {pages}: each demo VM has 16 MiB, at most {VM_MEMORY >> 12} pages")
+    if pages > VM_MEMORY >> PAGE_SHIFT:
+        fail(f"--pages {pages}: each demo VM has 16 MiB, at most {VM_MEMORY >> PAGE_SHIFT} pages")
     check_output("--jsonl", trace)
     m = make_machine(memory=memory, cpus=cpus, abi=abi)
-    prof = m.profile
     console.print(Panel.fit(
-        f"[bold]pkvm demo[/bold]: Linux {prof.kernel} profile ([cyan]{m.abi}[/cyan]), "
+        f"[bold]pkvm demo[/bold]: Linux {m.profile.kernel} profile ([cyan]{m.abi}[/cyan]), "
         f"{memory} RAM, {m.nr_cpus} CPUs.\nThe machine is booted and finalised: the hyp runs at "
         "EL2 and the host at EL1 behind its stage-2.", border_style="blue"))
     console.print(memory_map_table(m))
     before = m.inspect.page_counts()
-
-    # -- 1. two VMs -----------------------------------------------------------------------
     console.rule("[bold]1. Guests")
-    vms: dict[str, Any] = {}
+    vms = _guests(m, pages, before)
+    console.rule("[bold]2. A hostile host")
+    attempts = _attacks(m, vms)
+    console.print(attempts_table(attempts))
+    console.rule("[bold]3. Teardown")
+    same, fatal_note = _teardown(m, vms, before, attempts)
+    refused = all(a.refused for a in attempts)
+    if trace:
+        m.write_trace(trace)
+        console.print(escape(f"hypercall trace written to {trace} ({len(m.trace)} calls)"))
+    console.print(Panel.fit(
+        ("[green]Every hostile action was refused" if refused
+         else "[red]Some hostile action was allowed") + "[/]; " +
+        ("[green]page counts after teardown equal those after boot.[/]" if same
+         else "[red]page counts differ after teardown.[/]") + fatal_note,
+        border_style="green" if same and refused else "red"))
+    raise typer.Exit(0 if same and refused else 1)
+
+
+def _guests(m: Machine, pages: int, before: PageCounts) -> dict[str, HostVm]:
+    """A protected and a normal VM, each with ``pages`` guest pages mapped (a kernel without
+    protected VMs refuses the first)."""
+    vms: dict[str, HostVm] = {}
     for label, protected in (("protected", True), ("normal", False)):
         try:
             vm = m.host.create_vm(vcpus=2, protected=protected, memory=VM_MEMORY)
         except HostError as e:
             console.print(f"create_vm(protected={protected}): refused with "
                           f"[yellow]-{errno_name(e.errno or 0)}[/yellow]"
-                          + (f" (Linux {prof.kernel} has no protected VM type)" if protected
+                          + (f" (Linux {m.profile.kernel} has no protected VM type)" if protected
                              else ""))
             continue
         vm.map(GUEST_RAM_GFN, pages)
@@ -110,72 +134,65 @@ def demo(
     console.print(t)
     console.print(page_counts_table({"boot": before, "now": m.inspect.page_counts()},
                                     "Pages per owner and state"))
+    return vms
 
-    # -- 2. a hostile host --------------------------------------------------------------
-    console.rule("[bold]2. A hostile host")
+
+def _attacks(m: Machine, vms: dict[str, HostVm]) -> list[Attempt]:
+    """What a hostile host tries against the guests and the hyp."""
     attempts: list[Attempt] = []
-    carve_pfn = m.carveout[0] >> 12
+
+    def attempt(what: str, call: str, fn: Callable[[], Any]) -> None:
+        attempts.append(Attempt(what, call, *_try(fn)))
+
+    carve_pfn = m.carveout[0] >> PAGE_SHIFT
     victim = vms.get("protected") or vms.get("normal")
     if "protected" in vms:
         pa = vms["protected"].memslot[GUEST_RAM_GFN]
-        res, ref = _try(lambda: m.host.read(pa, 8))
-        attempts.append(Attempt("read a protected guest's page", f"host.read({pa:#x}, 8)",
-                                res, ref))
-        res, ref = _try(lambda: m.hvc(0, "__pkvm_host_share_hyp", pa >> 12))
-        attempts.append(Attempt("share that guest page with the hyp",
-                                f"__pkvm_host_share_hyp({pa >> 12:#x})", res, ref))
-    res, ref = _try(lambda: m.hvc(0, "__pkvm_host_share_hyp", carve_pfn))
-    attempts.append(Attempt("share a page of the hyp's carve-out",
-                            f"__pkvm_host_share_hyp({carve_pfn:#x})", res, ref))
-    if victim is not None and prof.explicit_vcpu_load:
+        attempt("read a protected guest's page", f"host.read({pa:#x}, 8)",
+                lambda: m.host.read(pa, 8))
+        attempt("share that guest page with the hyp", f"__pkvm_host_share_hyp({pa >> PAGE_SHIFT:#x})",
+                lambda: m.hvc(0, "__pkvm_host_share_hyp", pa >> PAGE_SHIFT))
+    attempt("share a page of the hyp's carve-out", f"__pkvm_host_share_hyp({carve_pfn:#x})",
+            lambda: m.hvc(0, "__pkvm_host_share_hyp", carve_pfn))
+    if victim is not None and m.profile.explicit_vcpu_load:
         h = victim.handle
         m.hvc(1, "__pkvm_vcpu_load", h, 0, 0)
-        res, ref = _try(lambda: m.hvc(0, "__pkvm_start_teardown_vm", h))
+        attempt("tear a VM down while its vCPU 0 is loaded on cpu 1",
+                f"__pkvm_start_teardown_vm({h:#x})",
+                lambda: m.hvc(0, "__pkvm_start_teardown_vm", h))
         m.hvc(1, "__pkvm_vcpu_put")
-        attempts.append(Attempt("tear a VM down while its vCPU 0 is loaded on cpu 1",
-                                f"__pkvm_start_teardown_vm({h:#x})", res, ref))
-        forged = h + 0x100
-        res, ref = _try(lambda: m.hvc(0, "__pkvm_start_teardown_vm", forged))
-        attempts.append(Attempt("tear down a VM by a forged handle",
-                                f"__pkvm_start_teardown_vm({forged:#x})", res, ref))
+        forged = h + FORGED_HANDLE_OFFSET
+        attempt("tear down a VM by a forged handle", f"__pkvm_start_teardown_vm({forged:#x})",
+                lambda: m.hvc(0, "__pkvm_start_teardown_vm", forged))
     elif victim is not None:
-        forged = victim.handle + 0x100
-        res, ref = _try(lambda: m.hvc(0, "__pkvm_teardown_vm", forged))
-        attempts.append(Attempt("tear down a VM by a forged handle",
-                                f"__pkvm_teardown_vm({forged:#x})", res, ref))
+        forged = victim.handle + FORGED_HANDLE_OFFSET
+        attempt("tear down a VM by a forged handle", f"__pkvm_teardown_vm({forged:#x})",
+                lambda: m.hvc(0, "__pkvm_teardown_vm", forged))
         console.print("[dim](6.12 has no vCPU load/put: the teardown-while-loaded attempt is a "
                       "7.2 one)[/dim]")
-    res, ref = _try(lambda: m.hvc(0, "__pkvm_host_share_hyp", 0x0900_0000 >> 12))
-    attempts.append(Attempt("share an MMIO page (the UART)", "__pkvm_host_share_hyp(0x9000)",
-                            res, ref))
-    console.print(attempts_table(attempts))
+    uart_pfn = UART_BASE >> PAGE_SHIFT
+    attempt("share an MMIO page (the UART)", f"__pkvm_host_share_hyp({uart_pfn:#x})",
+            lambda: m.hvc(0, "__pkvm_host_share_hyp", uart_pfn))
+    return attempts
 
-    # -- 3. teardown ----------------------------------------------------------------------
-    console.rule("[bold]3. Teardown")
+
+def _teardown(m: Machine, vms: dict[str, HostVm], before: PageCounts,
+              attempts: list[Attempt]) -> tuple[bool, str]:
+    """Destroy the VMs and compare the page counts with boot's: (equal, a note on a last
+    attempt that kills the machine)."""
     for label, vm in vms.items():
         vm.destroy()
         console.print(f"destroyed the {label} VM {vm.handle:#x}")
     after = m.inspect.page_counts()
     console.print(page_counts_table({"boot": before, "after teardown": after},
                                     "Every page back where it was?"))
-    same = before == after
     fatal_note = ""
-    if not prof.explicit_vcpu_load and prof.host_abort_fatal:
+    if m.profile.host_abort_fatal:
         res, ref = _try(lambda: m.host.read(m.carveout[0], 8))
         attempts.append(Attempt("read the hyp's carve-out", "host.read", res, ref))
         fatal_note = (f"\nLast, the host reads the carve-out: [bold]{res}[/bold] — in 6.12 "
                       "the hyp panics on such an access (BUG_ON), so the machine is now dead.")
-    ok = same and all(a.refused for a in attempts)
-    if trace:
-        m.write_trace(trace)
-        console.print(escape(f"hypercall trace written to {trace} ({len(m.trace)} calls)"))
-    console.print(Panel.fit(
-        ("[green]Every hostile action was refused" if all(a.refused for a in attempts)
-         else "[red]Some hostile action was allowed") + "[/]; " +
-        ("[green]page counts after teardown equal those after boot.[/]" if same
-         else "[red]page counts differ after teardown.[/]") + fatal_note,
-        border_style="green" if ok else "red"))
-    raise typer.Exit(0 if ok else 1)
+    return before == after, fatal_note
 
 
 def attempts_table(attempts: list[Attempt]) -> Table:

@@ -1,4 +1,7 @@
-"""`pkvm fetch-linux`: Debian's arm64 kernel and a busybox initramfs, into the cache."""
+"""`pkvm fetch-linux`: Debian's arm64 kernel and a busybox initramfs, into the cache.
+
+What only this command needs is imported inside it (start-up speed: see `pkvm.cli.common`).
+"""
 
 from __future__ import annotations
 

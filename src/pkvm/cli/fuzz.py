@@ -1,15 +1,21 @@
-"""`pkvm fuzz`: the hostile-host fuzzer from the command line (registered by `pkvm.cli.main`)."""
+"""`pkvm fuzz`: the hostile-host fuzzer from the command line (registered by `pkvm.cli.main`).
+
+The checkers (`pkvm.check`: fuzzer, explorer, campaigns, seeded bugs) are imported by the
+commands that use them, not on top, so that every other `pkvm` command starts without them.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+import pkvm
 from pkvm.cli.common import (
     ABI_HELP,
     check_count,
@@ -20,8 +26,11 @@ from pkvm.cli.common import (
 )
 from pkvm.cli.common import console as _console
 
+if TYPE_CHECKING:
+    from pkvm.check.fuzz import Campaign
 
-def coverage_tables(calls: Counter, transitions: Counter) -> list[Table]:
+
+def coverage_tables(calls: Counter[Any], transitions: Counter[Any]) -> list[Table]:
     """(hypercall x result) and (page-state transition) coverage as rich tables, one row per
     hypercall with its results listed (readable at 80 columns and when piped)."""
     t1 = Table(title="hypercall x result (x1: 0, an errno or a value; or x0=-1)")
@@ -112,10 +121,8 @@ def register(app: typer.Typer) -> None:
         console.print("[green]clean[/]")
 
 
-def _scale_out(console: Console, camp, jobs: int, ray: str | None, coverage: bool) -> None:
+def _scale_out(console: Console, camp: Campaign, jobs: int, ray: str | None, coverage: bool) -> None:
     """`--jobs K` / `--ray ADDRESS`: K campaigns (or one per Ray task), results merged."""
-    import time
-
     from pkvm.check.campaigns import run_campaigns, split
 
     parts = split(camp, jobs)
@@ -156,7 +163,6 @@ def register_explore(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live count")] = False,
     ) -> None:
         """Every interleaving (up to a preemption bound) of a multi-CPU scenario; exit 1 if found."""
-        import pkvm
         from pkvm.check.explore import SCENARIOS, from_file
         from pkvm.check.explore import explore as run_explore
 

@@ -20,13 +20,14 @@ import sys
 import typer
 import typer.core
 
+import pkvm
 from pkvm.cli.common import EXIT_PIPE
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
-COMMAND_MODULES = ("demo", "run", "map", "trace", "fuzz", "explore", "run_guest", "conform")
+COMMAND_MODULES = ("demo", "run", "map", "trace", "fuzz", "run_guest", "fetch_linux", "conform")
 
 app = typer.Typer(
     help="pkvm: an executable model of Arm pKVM, the protected KVM hypervisor at EL2.\n\n"
@@ -42,8 +43,6 @@ SKIPPED: dict[str, str] = {}
 
 def _version(value: bool) -> None:
     if value:
-        import pkvm
-
         print(f"pkvm {pkvm.__version__}")
         raise typer.Exit(0)
 

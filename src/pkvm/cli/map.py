@@ -1,4 +1,7 @@
-"""`pkvm map [SCENARIO]`: the physical-memory ownership map, as PNG and/or HTML."""
+"""`pkvm map [SCENARIO]`: the physical-memory ownership map, as PNG and/or HTML.
+
+What only this command needs is imported inside it (start-up speed: see `pkvm.cli.common`).
+"""
 
 from __future__ import annotations
 

@@ -3,18 +3,24 @@
 IMAGE is a raw AArch64 image or a built-in guest, or a Linux arm64 `Image` (recognised by its
 header, or by `--initrd`): Linux boots on the `virt`-like board of `pkvm.host.platform.linux`
 with a generated device tree, GICv3, timer and an interrupt-driven PL011 console.
+
+What only this command needs is imported inside it (start-up speed: see `pkvm.cli.common`).
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import IO, Annotated, Any, cast
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+import pkvm
+from pkvm import guests
+from pkvm.abi.profiles import get_profile
+from pkvm.board import machine_for
 from pkvm.cli.common import (
     ABI_HELP,
     check_count,
@@ -28,7 +34,8 @@ from pkvm.cli.common import (
     note,
     progress,
 )
-from pkvm.machine.memory import parse_size
+from pkvm.host.vmm import Vmm
+from pkvm.machine.memory import PAGE_SIZE, parse_size
 
 PARAM_GUESTS = ("memwalk", "loop", "mmio")
 
@@ -48,7 +55,7 @@ def _size(option: str, value: str) -> int:
         size = parse_size(value)
     except ValueError:
         fail(f"{option} {value}: not a size (bytes, or a number with K, M or G)")
-    if size <= 0 or size % 4096:
+    if size <= 0 or size % PAGE_SIZE:
         fail(f"{option} {value}: must be a positive whole number of 4 KiB pages")
     return size
 
@@ -90,9 +97,6 @@ def run_guest(
     Exit 0 when the guest powers off (PSCI SYSTEM_OFF or SYSTEM_RESET) without printing FAIL,
     1 otherwise, 2 for a usage error (an option, or an image that cannot be a guest).
     """
-    from pkvm import guests
-    from pkvm.abi.profiles import get_profile
-
     check_machine_options(abi=abi)
     prof = get_profile(abi)
     if vcpus is not None and not 1 <= vcpus <= 64:
@@ -155,10 +159,6 @@ def _builtin_needs(image: str, about: Any, vcpus: int | None, protected: bool | 
 def _run_image(image: str, data: bytes, guest_mem: int, vcpus: int, protected: bool, abi: str,
                timeslice: int, about: Any, quiet: bool) -> None:
     """Boot a raw image in a VM; the summary (and what a built-in's output shows) on stderr."""
-    import pkvm
-    from pkvm import guests
-    from pkvm.host.vmm import Vmm
-
     if len(data) > guest_mem:
         fail(f"{image}: the image ({len(data)} bytes) does not fit in the guest's "
              f"{guest_mem >> 10} KiB: raise --memory")
@@ -169,7 +169,7 @@ def _run_image(image: str, data: bytes, guest_mem: int, vcpus: int, protected: b
     before = m.inspect.page_counts()
     try:
         vmm = Vmm(m.host, data, memory=guest_mem, vcpus=vcpus, protected=protected,
-                  out=_Stdout())
+                  out=cast(IO[str], _Stdout()))  # Vmm only writes and flushes
     except (pkvm.HostError, ValueError) as e:
         fail(f"cannot create the VM: {e}")
     except (MemoryError, OSError) as e:
@@ -206,8 +206,6 @@ def _run_linux(kernel: bytes, initrd: Path | None, memory: str, vcpus: int, prot
                abi: str, append: str | None, dtb_out: Path | None, timeout: float | None,
                timeslice: int) -> None:
     """Boot a Linux Image on the Linux board; the console is live, stdin is its input."""
-    import pkvm
-    from pkvm.board import machine_for
     from pkvm.host.platform.linux import DEFAULT_APPEND, LinuxVmm, stdin_feeder
 
     guest_mem = _size("--memory", memory)
@@ -250,6 +248,3 @@ def _run_linux(kernel: bytes, initrd: Path | None, memory: str, vcpus: int, prot
 
 def register(app: typer.Typer) -> None:
     app.command("run-guest", short_help="Boot a guest image in a VM.")(run_guest)
-    from pkvm.cli import fetch_linux  # issue 9: `pkvm fetch-linux` registers with run-guest
-
-    fetch_linux.register(app)

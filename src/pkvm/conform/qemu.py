@@ -3,7 +3,7 @@
 Debian bookworm's QEMU 7.2 mis-emulates ``TLBI VALE2IS`` under pKVM's hVHE mode (E2H=1): a hyp
 that unmaps a page keeps reading it through a stale EL2 TLB entry, and some pages come back
 unwiped after a VM's teardown. Trixie's QEMU 10 does not. It is fetched with ``apt-get
-download`` through the private trixie apt of :mod:`pkvm.conform.setup` (its whole dependency
+download`` through the private trixie apt of :mod:`pkvm.debian` (its whole dependency
 closure, amd64, computed against an empty package status), unpacked with ``dpkg-deb -x`` into
 ``$PKVM_CACHE/conform/qemu-trixie/root`` (nothing is installed on the machine) and run through
 the unpacked glibc's loader, ``ld-linux-x86-64.so.2 --library-path ...``, because it needs a
@@ -22,7 +22,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pkvm.conform.setup import PrivateApt, SetupError, _extract, _run, cache_root
+from pkvm.conform.cache import SetupError, cache_root, private_apt
+from pkvm.debian import extract, run
 
 __all__ = ["Qemu", "ensure_qemu", "load_qemu", "qemu_choice"]
 
@@ -80,31 +81,22 @@ def load_qemu() -> Qemu:
     return q
 
 
-def closure(apt: PrivateApt, packages: list[str]) -> list[str]:
-    """``packages`` and everything they depend on (no recommends), as ``name:amd64``."""
-    out = _run(["apt-get", *apt.options, "-s", "install", "--no-install-recommends", *packages])
-    names = [line.split()[1] for line in out.splitlines() if line.startswith("Inst ")]
-    if not names:
-        raise SetupError(f"apt found nothing to fetch for {' '.join(packages)}")
-    return names
-
-
 def ensure_qemu() -> Qemu:
     """Fetch and unpack trixie's QEMU once (idempotent; the caller holds the cache lock)."""
     if qemu_choice() != SUITE or _unpacked(qemu_dir()) is not None:
         return load_qemu()
     d = qemu_dir()
-    apt = PrivateApt(SUITE, native="amd64")
+    apt = private_apt(SUITE, native="amd64")
     apt.ensure_lists()
     debs, root = d / "debs", d / "root"
     shutil.rmtree(debs, ignore_errors=True)
     shutil.rmtree(root, ignore_errors=True)
-    apt.download(debs, closure(apt, [PACKAGE]))
+    apt.download(debs, apt.closure([PACKAGE]))
     version = ""
     for deb in sorted(debs.glob("*.deb")):
-        _extract(deb, root)
+        extract(deb, root)
         if deb.name.startswith(f"{PACKAGE}_"):
-            version = _run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
+            version = run(["dpkg-deb", "-f", str(deb), "Version"]).strip()
     lib = root / LIBDIR
     if not (lib / "ld-linux-x86-64.so.2").exists() or not version:
         raise SetupError(f"{PACKAGE} or glibc missing from the packages fetched into {debs}")
@@ -113,7 +105,7 @@ def ensure_qemu() -> Qemu:
     (root / ".done").write_text("probe\n")
     probe = _unpacked(d)
     assert probe is not None
-    _run([*probe.argv, "--version"])
+    run([*probe.argv, "--version"])
     shutil.rmtree(debs)
     (root / ".done").write_text(version + "\n")
     return load_qemu()

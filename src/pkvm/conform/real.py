@@ -35,6 +35,7 @@ from typing import Any
 
 from pkvm.conform import snapshot as _snapshot
 from pkvm.conform.setup import Kernel, SetupError, ensure_setup, load_kernel
+from pkvm.cpio import CpioEntry, newc
 
 __all__ = [
     "BootLog",
@@ -207,22 +208,6 @@ def _vmm_command(st: RawStep, seq: int) -> str:
 # --- initramfs ----------------------------------------------------------------------------------
 
 
-def _cpio_entry(name: str, data: bytes, mode: int, ino: int) -> bytes:
-    namez = name.encode() + b"\0"
-    hdr = "070701" + "".join(
-        f"{v:08x}" for v in (ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(namez), 0)
-    )
-    out = hdr.encode() + namez
-    out += b"\0" * (-len(out) % 4)
-    out += data + b"\0" * (-len(data) % 4)
-    return out
-
-
-def _cpio(files: list[tuple[str, bytes, int]]) -> bytes:
-    out = b"".join(_cpio_entry(n, d, m, i + 1) for i, (n, d, m) in enumerate(files))
-    return out + _cpio_entry("TRAILER!!!", b"", 0, 0)
-
-
 _PRELUDE = f"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp
 /bin/busybox mount -t proc proc /proc
@@ -268,16 +253,16 @@ poweroff -f
 def _initramfs(k: Kernel, cmds: list[str] | None) -> bytes:
     """The boot's initramfs; ``cmds`` None: the snapshot's (commands come by the console)."""
     files = [
-        ("bin", b"", 0o040755),
-        ("bin/busybox", k.busybox.read_bytes(), 0o100755),
-        ("init", (INIT if cmds is not None else SNAPSHOT_INIT).encode(), 0o100755),
-        ("pkvm_conform.ko", k.module.read_bytes(), 0o100644),
+        CpioEntry("bin", 0o040755),
+        CpioEntry("bin/busybox", 0o100755, k.busybox.read_bytes()),
+        CpioEntry("init", 0o100755, (INIT if cmds is not None else SNAPSHOT_INIT).encode()),
+        CpioEntry("pkvm_conform.ko", 0o100644, k.module.read_bytes()),
     ]
     if cmds is not None:
-        files.append(("cmds", "".join(c + "\n" for c in cmds).encode(), 0o100644))
+        files.append(CpioEntry("cmds", 0o100644, "".join(c + "\n" for c in cmds).encode()))
     if k.helper is not None:
-        files.append(("helper", k.helper.read_bytes(), 0o100755))
-    return _cpio(files)
+        files.append(CpioEntry("helper", 0o100755, k.helper.read_bytes()))
+    return newc(files)
 
 
 # --- one boot -----------------------------------------------------------------------------------

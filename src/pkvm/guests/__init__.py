@@ -29,11 +29,14 @@ import struct
 from dataclasses import dataclass
 from importlib import resources
 
-RAM_BASE = 0x4000_0000
-UART_BASE = 0x0900_0000
-UART_FR = UART_BASE + 0x18
-UART_FR_VALUE = 0x90  # TXFE | RXFE: transmit FIFO empty, nothing to receive
-PSCI_SYSTEM_OFF = 0x8400_0008
+from pkvm.abi.psci import PSCI_0_2_FN_SYSTEM_OFF
+from pkvm.host.kvm import GUEST_RAM_IPA
+from pkvm.host.platform.pl011 import FR, FR_RXFE, FR_TXFE, UART_BASE
+
+RAM_BASE = GUEST_RAM_IPA  # where a guest image is loaded and entered
+UART_FR = UART_BASE + FR
+UART_FR_VALUE = FR_TXFE | FR_RXFE  # transmit FIFO empty, nothing to receive
+PSCI_SYSTEM_OFF = PSCI_0_2_FN_SYSTEM_OFF
 
 PARAM_OFFSET = 8  # memwalk (MiB), loop and mmio (iterations): a u64 at this image offset
 SHARE_PAGE_OFFSET = 0x1000  # share: the page it shares, relative to the image start

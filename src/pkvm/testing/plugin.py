@@ -17,9 +17,12 @@ Command-line option: `--pkvm-abi=6.12` changes the default profile of every `pkv
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from pkvm.board import Machine
 
 DEFAULTS: dict[str, Any] = {"memory": "256M", "cpus": 2}
 
@@ -42,8 +45,10 @@ def pkvm_abi(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def pkvm_machine(request: pytest.FixtureRequest, pkvm_abi: str):
+def pkvm_machine(request: pytest.FixtureRequest, pkvm_abi: str) -> Machine:
     """A booted, finalised `pkvm.Machine` (256 MiB, 2 CPUs unless a `pkvm` marker says)."""
+    # Imported when a test asks for a machine: pytest loads this plugin in every session of
+    # an environment where pkvm is installed, and most need no machine.
     import pkvm
 
     kwargs = dict(DEFAULTS, abi=pkvm_abi)

@@ -20,7 +20,8 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from pkvm.abi.profiles import get_profile
-from pkvm.machine.memory import MMIO_END, PAGE_SHIFT, RAM_BASE, parse_size
+from pkvm.board import carveout_layout
+from pkvm.machine.memory import GIC_DIST_BASE, MMIO_END, PAGE_SHIFT, RAM_BASE, UART_BASE, parse_size
 
 U64 = (1 << 64) - 1
 RAM_BASE_PFN = RAM_BASE >> PAGE_SHIFT
@@ -49,13 +50,11 @@ def handles() -> st.SearchStrategy[int]:
 
 def interesting_pfns(memory: int | str = "256M", cpus: int = 2, abi: str = "latest") -> list[int]:
     """Pfns at the boundaries of a machine of that size: RAM edges, carve-out edges, MMIO, wraps."""
-    from pkvm.board import carveout_layout
-
     size = parse_size(memory)
     end_pfn = (RAM_BASE + size) >> PAGE_SHIFT
     base, csize = carveout_layout(size, get_profile(abi), cpus)
     cb, ce = base >> PAGE_SHIFT, (base + csize) >> PAGE_SHIFT
-    uart, gic = 0x0900_0000 >> PAGE_SHIFT, 0x0800_0000 >> PAGE_SHIFT
+    uart, gic = UART_BASE >> PAGE_SHIFT, GIC_DIST_BASE >> PAGE_SHIFT
     out = [
         0, 1, uart, gic, (MMIO_END >> PAGE_SHIFT) - 1,
         RAM_BASE_PFN, RAM_BASE_PFN + 1, RAM_BASE_PFN + 2,

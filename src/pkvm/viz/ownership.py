@@ -204,6 +204,7 @@ def pixel_of_pfn(om: OwnershipMap, pfn: int) -> tuple[int, int]:
 
 
 def render_png(om: OwnershipMap, path: str, title: str = "") -> None:
+    # Pillow is imported when a PNG is drawn: `pkvm` imports this module for every command.
     from PIL import Image, ImageDraw, ImageFont
 
     lay = png_layout(om)
