@@ -471,7 +471,7 @@ class Machine:
         key = (pa >> 12) << 1 | write
         hit = tlb.entries.get(key)
         if hit is not None:
-            gen = h.host_mmu.pgt.gen  # type: ignore[union-attr]
+            gen = h.host_mmu.pgt.gen
             if hit[2] != gen:
                 self._recheck_host_tlb(el2.vttbr_el2, pa, write, hit, gen)
             return hit[0] + (pa & 0xFFF) if hit[0] >= 0 else None
@@ -480,7 +480,7 @@ class Machine:
             if fault is None:
                 ram = self.mem.is_ram(out)
                 tlb.entries[key] = [(out & ~0xFFF) if ram else -1, write,
-                                    h.host_mmu.pgt.gen]  # type: ignore[union-attr]
+                                    h.host_mmu.pgt.gen]
                 break
             h.locks.cpu = cpu
             try:

@@ -91,7 +91,7 @@ class Inspector:
                 s = get_host_state(h, pa)
                 if s != PageState.NOPAGE:
                     counts[("host", s.name)] += 1
-            for _va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):  # type: ignore[union-attr]
+            for _va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):
                 from pkvm.hyp.mem_protect import hyp_state_of_pte
 
                 counts[("hyp", hyp_state_of_pte(pte).name)] += 1 << (9 * (3 - level))
@@ -122,7 +122,7 @@ class Inspector:
                         h.vmemmap.host_share_guest_count[i])
 
     def host_annotation(self, pa: int) -> tuple[int, int] | None:
-        _, pte, _ = self._h.host_mmu.pgt.get_leaf(pa)  # type: ignore[union-attr]
+        _, pte, _ = self._h.host_mmu.pgt.get_leaf(pa)
         return decode_host_annotation(pte)
 
     # -- tables ------------------------------------------------------------------------
@@ -140,7 +140,7 @@ class Inspector:
         if name in ("hyp", "hyp stage-1"):
             return h.pkvm_pgtable
         if name in ("host", "host stage-2"):
-            return h.host_mmu.pgt  # type: ignore[union-attr]
+            return h.host_mmu.pgt
         if name.startswith("guest:"):
             want = int(name.split(":", 1)[1], 0)
             for hd, vm in live_vms(h):
@@ -279,14 +279,14 @@ class Inspector:
             hyp = bytes(h.vmemmap.hyp_state)
         else:
             hs = bytearray([PageState.OWNED]) * n  # an empty host stage-2 entry reads OWNED
-            for addr, level, pte in h.host_mmu.pgt.leaves():  # type: ignore[union-attr]
+            for addr, level, pte in h.host_mmu.pgt.leaves():
                 i = (addr >> PAGE_SHIFT) - base_pfn
                 k = 1 << (9 * (3 - level))
                 lo, hi = max(i, 0), min(i + k, n)
                 if lo < hi:
                     hs[lo:hi] = bytes([host_state_of_pte(h, pte, addr)]) * (hi - lo)
             ys = bytearray([PageState.NOPAGE]) * n
-            for va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):  # type: ignore[union-attr]
+            for va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):
                 i = (hyp_pa(va) >> PAGE_SHIFT) - base_pfn
                 k = 1 << (9 * (3 - level))
                 lo, hi = max(i, 0), min(i + k, n)

@@ -370,7 +370,7 @@ class Checker:
         h = self.h
         if gmap is None:
             gmap = self.guest_map() if h.profile.hyp_owned_guest_stage2 else {}
-        host_pgt = h.host_mmu.pgt  # type: ignore[union-attr]
+        host_pgt = h.host_mmu.pgt
         hyp_pgt = h.pkvm_pgtable
         assert hyp_pgt is not None
         for pfn in pfns:
@@ -556,7 +556,7 @@ class Checker:
         self._live = None
         gmap = self.guest_map() if h.profile.hyp_owned_guest_stage2 else {}
         host_leaf: dict[int, int] = {}
-        for addr, level, pte in h.host_mmu.pgt.leaves():  # type: ignore[union-attr]
+        for addr, level, pte in h.host_mmu.pgt.leaves():
             if pte_valid(pte) and (pte & KVM_PTE_ADDR_MASK) != addr:
                 raise InvariantViolation("no-host-access", "host stage-2 is not an identity map",
                                          addr >> PAGE_SHIFT, hex(addr), hex(pte & KVM_PTE_ADDR_MASK))
@@ -599,7 +599,7 @@ class Checker:
     def _tables(self) -> list[tuple[str, Any]]:
         h = self.h
         out: list[tuple[str, Any]] = [("hyp stage-1", h.pkvm_pgtable),
-                                      ("host stage-2", h.host_mmu.pgt)]  # type: ignore[union-attr]
+                                      ("host stage-2", h.host_mmu.pgt)]
         for handle, vm in self.live_vms():
             if vm.pgt is not None and vm.pgt.pgd:
                 out.append((f"guest {handle:#x} stage-2", vm.pgt))

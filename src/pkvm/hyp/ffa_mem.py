@@ -164,7 +164,8 @@ def _emad_off(h: HypState, buf: bytes) -> int:
         return EP_MEM_OFFSET_OFF if version <= FFA_VERSION_1_0 else MEM_REGION_SZ
     if version <= FFA_VERSION_1_0:
         return EP_MEM_OFFSET_OFF
-    return struct.unpack_from("<I", buf, EP_MEM_OFFSET_OFF)[0]
+    off: int = struct.unpack_from("<I", buf, EP_MEM_OFFSET_OFF)[0]
+    return off
 
 
 def do_ffa_mem_xfer(h: HypState, fid: int, regs: list[int]) -> list[int]:

@@ -117,7 +117,7 @@ def check_range_allowed_memory(h: HypState, start: int, end: int) -> int:
 
 
 def pfn_range_is_valid(h: HypState, pfn: int, nr_pages: int) -> bool:
-    limit = 1 << (h.host_mmu.pgt.ia_bits - PAGE_SHIFT)  # type: ignore[union-attr]
+    limit = 1 << (h.host_mmu.pgt.ia_bits - PAGE_SHIFT)
     return pfn < limit and nr_pages <= limit - pfn
 
 
@@ -211,7 +211,7 @@ def host_stage2_force_pte_cb(h: HypState) -> Callable[[int, int, int], bool]:
 
 def host_stage2_unmap_dev_all(h: HypState) -> int:
     """Unmap every gap between memory regions (MMIO mappings fault back in)."""
-    pgt = h.host_mmu.pgt  # type: ignore[union-attr]
+    pgt = h.host_mmu.pgt
     addr = 0
     for reg in h.hyp_memory:
         ret = pgt.stage2_unmap(addr, reg.base - addr)
@@ -232,7 +232,7 @@ def host_stage2_try(h: HypState, fn: Callable[[], int]) -> int:
 
 
 def host_stage2_idmap_locked(h: HypState, addr: int, size: int, prot: int) -> int:
-    pgt = h.host_mmu.pgt  # type: ignore[union-attr]
+    pgt = h.host_mmu.pgt
     return host_stage2_try(
         h, lambda: pgt.stage2_map(addr, size, addr, prot, flags=KVM_PGTABLE_WALK_IGNORE_EAGAIN)
     )
@@ -265,7 +265,7 @@ def host_stage2_set_owner_metadata_locked(h: HypState, addr: int, size: int, own
         return -EPERM
     if owner > KVM_HOST_DONATION_PTE_MAX_OWNER or meta >> KVM_HOST_DONATION_PTE_EXTRA_BITS:
         return -EINVAL
-    pgt = h.host_mmu.pgt  # type: ignore[union-attr]
+    pgt = h.host_mmu.pgt
     ann = host_donation_annotation(owner, meta)
     ret = host_stage2_try(h, lambda: pgt.stage2_map(addr, size, None, 0, annotation=ann))
     if ret:
@@ -277,7 +277,7 @@ def host_stage2_set_owner_metadata_locked(h: HypState, addr: int, size: int, own
 def host_stage2_adjust_range(h: HypState, addr: int) -> tuple[int, int, int]:
     """Pick the largest granule around `addr` that lies in its region or gap and is unmapped."""
     is_mem, rstart, rend = find_mem_range(h, addr)
-    ret, pte, level = h.host_mmu.pgt.get_leaf(addr)  # type: ignore[union-attr]
+    ret, pte, level = h.host_mmu.pgt.get_leaf(addr)
     if ret:
         return ret, 0, 0
     if pte_valid(pte):
@@ -297,7 +297,7 @@ def host_stage2_adjust_range(h: HypState, addr: int) -> tuple[int, int, int]:
 def host_stage2_idmap(h: HypState, addr: int) -> int:
     is_mem, _, _ = find_mem_range(h, addr)
     prot = PKVM_HOST_MEM_PROT if is_mem else PKVM_HOST_MMIO_PROT
-    with h.host_mmu.lock:  # type: ignore[union-attr]
+    with h.host_mmu.lock:
         ret, start, end = host_stage2_adjust_range(h, addr)
         if ret:
             return ret
@@ -375,7 +375,7 @@ class VmemmapPageStates(PageStates):
 
     def host_check_page_state_range(self, h: HypState, addr: int, size: int,
                                     state: PageState) -> int:
-        h.host_mmu.lock.assert_held()  # type: ignore[union-attr]
+        h.host_mmu.lock.assert_held()
         if size == PAGE_SIZE:
             # One page inside one memory region: the region checks reduce to "mapped memory"
             # (tests/test_fast_paths.py checks this agrees with the range check below).
@@ -446,7 +446,7 @@ class VmemmapPageStates(PageStates):
         _warn(h, pkvm_create_mappings_locked(h, va, va + PAGE_SIZE, PAGE_HYP))
 
     def unpin_last(self, h: HypState, va: int) -> None:
-        _warn(h, h.pkvm_pgtable.hyp_unmap(va, PAGE_SIZE) != PAGE_SIZE)  # type: ignore[union-attr]
+        _warn(h, h.pkvm_pgtable.hyp_unmap(va, PAGE_SIZE) != PAGE_SIZE)
 
 
 # -- host <-> hyp transitions ------------------------------------------------------------
@@ -457,12 +457,12 @@ class _HostHyp:
         self.h = h
 
     def __enter__(self) -> None:
-        self.h.host_mmu.lock.acquire()  # type: ignore[union-attr]
+        self.h.host_mmu.lock.acquire()
         self.h.pkvm_pgd_lock.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.h.pkvm_pgd_lock.release()
-        self.h.host_mmu.lock.release()  # type: ignore[union-attr]
+        self.h.host_mmu.lock.release()
 
 
 def host_hyp_locked(h: HypState) -> _HostHyp:
@@ -540,7 +540,7 @@ def hyp_donate_host(h: HypState, pfn: int, nr_pages: int) -> int:
         if ret:
             return ret
         set_hyp_state_range(h, phys, size, PageState.NOPAGE)
-        _warn(h, h.pkvm_pgtable.hyp_unmap(hyp_va(phys), size) != size)  # type: ignore[union-attr]
+        _warn(h, h.pkvm_pgtable.hyp_unmap(hyp_va(phys), size) != size)
         _warn(h, host_stage2_set_owner_locked(h, phys, size, ComponentId.HOST))
         return 0
 

@@ -97,8 +97,8 @@ def check_walk_generic(pgt: KvmPgtable, addr: int, size: int, get_page_state: St
 
 # -- the host's side -------------------------------------------------------------------------
 def __host_check_page_state_range(h: HypState, addr: int, size: int, state: PageState) -> int:
-    h.host_mmu.lock.assert_held()  # type: ignore[union-attr]
-    return check_page_state_range(h.host_mmu.pgt, addr, size,  # type: ignore[union-attr]
+    h.host_mmu.lock.assert_held()
+    return check_page_state_range(h.host_mmu.pgt, addr, size,
                                   lambda pte, a: host_state_of_pte(h, pte, a), state)
 
 
@@ -111,7 +111,7 @@ def host_stage2_set_owner_locked(h: HypState, addr: int, size: int, owner: int) 
     id, 0, leaves an empty entry that faults back in as OWNED)."""
     if owner > KVM_MAX_OWNER_ID:
         return -EINVAL
-    pgt = h.host_mmu.pgt  # type: ignore[union-attr]
+    pgt = h.host_mmu.pgt
     if owner == ComponentId.HOST:
         return host_stage2_try(h, lambda: pgt.stage2_unmap(addr, size))
     ann = owner << KVM_INVALID_PTE_OWNER_SHIFT
@@ -155,7 +155,7 @@ def host_complete_donation(h: HypState, addr: int, tx: PkvmMemTransition) -> int
 # -- the hyp's side (addresses are hyp VAs) --------------------------------------------------
 def __hyp_check_page_state_range(h: HypState, addr: int, size: int, state: PageState) -> int:
     h.pkvm_pgd_lock.assert_held()
-    return check_page_state_range(h.pkvm_pgtable, addr, size,  # type: ignore[arg-type]
+    return check_page_state_range(h.pkvm_pgtable, addr, size,
                                   lambda pte, a: hyp_state_of_pte(pte), state)
 
 
@@ -164,7 +164,7 @@ def hyp_request_donation(h: HypState, tx: PkvmMemTransition) -> int:
 
 
 def hyp_initiate_donation(h: HypState, tx: PkvmMemTransition) -> int:
-    unmapped = h.pkvm_pgtable.hyp_unmap(tx.initiator.addr, tx.size)  # type: ignore[union-attr]
+    unmapped = h.pkvm_pgtable.hyp_unmap(tx.initiator.addr, tx.size)
     return -EFAULT if unmapped != tx.size else 0
 
 
@@ -201,7 +201,7 @@ def hyp_complete_share(h: HypState, addr: int, tx: PkvmMemTransition, perms: int
 
 
 def hyp_complete_unshare(h: HypState, addr: int, tx: PkvmMemTransition) -> int:
-    unmapped = h.pkvm_pgtable.hyp_unmap(addr, tx.size)  # type: ignore[union-attr]
+    unmapped = h.pkvm_pgtable.hyp_unmap(addr, tx.size)
     return -EFAULT if unmapped != tx.size else 0
 
 
@@ -369,11 +369,11 @@ class PtePageStates(PageStates):
     transitions: ClassVar[HostHypTransitions] = sys.modules[__name__]  # do_share ..., above
 
     def get_host_state(self, h: HypState, pa: int) -> PageState:
-        _, pte, _ = h.host_mmu.pgt.get_leaf(pa)  # type: ignore[union-attr]
+        _, pte, _ = h.host_mmu.pgt.get_leaf(pa)
         return host_state_of_pte(h, pte, pa)
 
     def get_hyp_state(self, h: HypState, pa: int) -> PageState:
-        ret, pte, _ = h.pkvm_pgtable.get_leaf(hyp_va(pa))  # type: ignore[union-attr]
+        ret, pte, _ = h.pkvm_pgtable.get_leaf(hyp_va(pa))
         return PageState.NOPAGE if ret else hyp_state_of_pte(pte)
 
     def host_check_page_state_range(self, h: HypState, addr: int, size: int,
@@ -395,7 +395,7 @@ class PtePageStates(PageStates):
         """A page found writable stays so until the hyp stage-1 next changes (a memo, as cheap
         as 7.2's read of its vmemmap byte)."""
         memo = h.store_ok
-        gen = h.pkvm_pgtable.gen  # type: ignore[union-attr]
+        gen = h.pkvm_pgtable.gen
         page = pa >> PAGE_SHIFT
         if memo[0] != gen:
             memo[0] = gen

@@ -80,12 +80,12 @@ class _HostGuest:
         self.h, self.vm = h, vm
 
     def __enter__(self) -> None:
-        self.h.host_mmu.lock.acquire()  # type: ignore[union-attr]
+        self.h.host_mmu.lock.acquire()
         self.vm.lock.acquire()
 
     def __exit__(self, *exc: object) -> None:
         self.vm.lock.release()
-        self.h.host_mmu.lock.release()  # type: ignore[union-attr]
+        self.h.host_mmu.lock.release()
 
 
 def guest_check_page_state_range(vm: "PkvmHypVm", addr: int, size: int, want: PageState) -> int:

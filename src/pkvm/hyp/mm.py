@@ -8,6 +8,7 @@ hyp panic. This is how a host pointer the hyp has not pinned (or NULL) brings th
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from pkvm.hyp.memory import PageState, page_states
 from pkvm.hyp.panic import HypBug
@@ -69,7 +70,7 @@ def el2_translate(h: HypState, va: int, write: bool = False) -> int:
 
 
 def _walk(h: HypState, va: int, write: bool) -> tuple[int, bool]:
-    ret, pte, level = h.pkvm_pgtable.get_leaf(va)  # type: ignore[union-attr]
+    ret, pte, level = h.pkvm_pgtable.get_leaf(va)
     if ret or not pte_valid(pte):
         raise HypBug(f"EL2 data abort: hyp VA {va:#x} is not mapped in the hyp stage-1")
     writable = _s1_writable(pte)
@@ -87,12 +88,12 @@ def _s1_writable(pte: int) -> bool:
 def _recheck(h: HypState, va: int, e: list[int], write: bool) -> None:
     """A hit on an entry filled before the table last changed: does a fresh walk agree?"""
     pgt = h.pkvm_pgtable
-    ret, pte, level = pgt.get_leaf(va)  # type: ignore[union-attr]
+    ret, pte, level = pgt.get_leaf(va)
     if not ret and pte_valid(pte):
         mask = (1 << granule_shift(level)) - 1
         fresh = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask & ~PAGE_OFFSET_MASK)
         if fresh == e[0] and _s1_writable(pte) == e[1]:
-            e[2] = pgt.gen  # type: ignore[union-attr]
+            e[2] = pgt.gen
             return
         now = f"maps PA {fresh:#x}"
     else:
@@ -210,14 +211,23 @@ def pkvm_create_mappings_locked(h: HypState, start: int, end: int, prot: int) ->
 
 
 # -- struct kvm_hyp_memcache: a stack of pages linked through their first word --------------
-def memcache_push(h: HypState, mc: list[int], pa: int) -> None:
+class MemcacheSlots(Protocol):
+    """A memcache as the helpers see it: slot 0 the head's physical address, slot 1 the number
+    of pages (a hyp vCPU's `arch.pkvm_memcache` in its struct, or a list)."""
+
+    def __getitem__(self, i: int, /) -> int: ...
+
+    def __setitem__(self, i: int, value: int, /) -> None: ...
+
+
+def memcache_push(h: HypState, mc: MemcacheSlots, pa: int) -> None:
     """Push `pa` on a hyp-side memcache [head, nr_pages] (EL2 writes the link in the page)."""
     el2_write_u64(h, hyp_va(pa), mc[0])
     mc[0] = pa
     mc[1] += 1
 
 
-def memcache_pop(h: HypState, mc: list[int]) -> int | None:
+def memcache_pop(h: HypState, mc: MemcacheSlots) -> int | None:
     if not mc[1]:
         return None
     pa = mc[0] & ~(PAGE_SIZE - 1)

@@ -357,8 +357,8 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core: Core, full: bool = False) -
             base = ipa & ~(gsize - 1)
             if not ret and pte & 1 and mem.range_is_ram(pte & 0xFFFF_FFFF_F000 & ~(gsize - 1), gsize):
                 pa = pte & 0xFFFF_FFFF_F000 & ~(gsize - 1)
-                piece = [base, gsize, mem.host_address(pa), bool(pte & (1 << 7)),
-                         ((pte >> 53) & 3) != S2_XN_NONE]
+                piece: list[Any] = [base, gsize, mem.host_address(pa), bool(pte & (1 << 7)),
+                                    ((pte >> 53) & 3) != S2_XN_NONE]
             else:
                 piece = [base, gsize, None, False, False]
             if run and run[0] + run[1] == base and (run[2] is None) == (piece[2] is None) and (
