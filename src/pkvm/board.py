@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
@@ -145,14 +146,32 @@ def carveout_layout(mem_size: int, profile: Profile, nr_cpus: int) -> tuple[int,
     return base, size
 
 
+Proceed = Callable[[int, str | int, tuple[int, ...]], HvcResult]
+Interposer = Callable[[Proceed, int, str | int, tuple[int, ...]], HvcResult]
+StoreObserver = Callable[[int, int, bytes | int], None]
+
+
 class HostPort:
     """All the host (EL1) can do to the rest of the machine: HVC, and memory accesses that the
-    hardware checks against the host stage-2. The host holds this, never the machine."""
+    hardware checks against the host stage-2. The host holds one (`m.host.port`), never the
+    machine; a tool playing another host CPU takes its own (`Machine.host_port()`).
 
-    __slots__ = ("_m",)
+    `observe_stores(fn)` calls `fn(cpu, pa, data)` after every store through this port that
+    the host stage-2 let through: `data` is the bytes stored, or, for `zero`, the number of
+    bytes zeroed. A refused store raises `HostDataAbort` and is not observed."""
+
+    __slots__ = ("_m", "_observers")
 
     def __init__(self, machine: "Machine"):
         self._m = machine
+        self._observers: list[StoreObserver] = []
+
+    def observe_stores(self, fn: StoreObserver) -> None:
+        self._observers.append(fn)
+
+    def _stored(self, cpu: int, pa: int, data: bytes | int) -> None:
+        for fn in self._observers:
+            fn(cpu, pa, data)
 
     def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
         return self._m.hvc(cpu, func, *args)
@@ -169,6 +188,11 @@ class HostPort:
         return b"".join(m.mem.read(out, k) if out is not None else bytes(k) for out, k in spans)
 
     def write(self, cpu: int, pa: int, data: bytes) -> None:
+        self._write(cpu, pa, data)
+        if self._observers:
+            self._stored(cpu, pa, bytes(data))
+
+    def _write(self, cpu: int, pa: int, data: bytes) -> None:
         m = self._m
         if 0 < len(data) <= PAGE_SIZE - (pa & 0xFFF):
             out = m.host_translate(cpu, pa, True)
@@ -193,23 +217,27 @@ class HostPort:
         return mem.read_u64(out) if not out & 7 else int.from_bytes(mem.read(out, 8), "little")
 
     def write_u64(self, cpu: int, pa: int, value: int) -> None:
+        raw = (value & U64).to_bytes(8, "little")
         if pa & 0xFFF > PAGE_SIZE - 8:
-            self.write(cpu, pa, (value & U64).to_bytes(8, "little"))
+            self.write(cpu, pa, raw)
             return
         out = self._m.host_translate(cpu, pa, True)
-        if out is None:
-            return
-        mem = self._m.mem
-        if out & 7:
-            mem.write(out, (value & U64).to_bytes(8, "little"))
-        else:
-            mem.write_u64(out, value & U64)
+        if out is not None:
+            mem = self._m.mem
+            if out & 7:
+                mem.write(out, raw)
+            else:
+                mem.write_u64(out, value & U64)
+        if self._observers:
+            self._stored(cpu, pa, raw)
 
     def zero(self, cpu: int, pa: int, n: int) -> None:
         """memset(0) of whole host pages (pages already zero are left untouched)."""
         for out, k in self._translate(cpu, pa, n, True):
             if out is not None:
                 self._m.mem.zero(out, k)
+        if self._observers:
+            self._stored(cpu, pa, n)
 
     def _translate(self, cpu: int, pa: int, n: int, write: bool) -> list[tuple[int | None, int]]:
         """Check every page of [pa, pa+n) first: a refused access changes nothing."""
@@ -276,7 +304,8 @@ class Machine:
         self.trace: collections.deque[TraceRecord] = collections.deque(maxlen=maxlen)
         self.host_aborts: collections.deque[HostAbortRecord] = collections.deque(maxlen=maxlen)
         self._seq = 0
-        self.listeners: list[Any] = []  # called with each TraceRecord (checkers, UIs)
+        self.listeners: list[Callable[[TraceRecord], None]] = []  # after each call (checkers, UIs)
+        self._interposers: list[Interposer] = []
         self.host = Host(HostPort(self), self.profile, self.nr_cpus, self.mem.base, self.mem.size,
                          self.carveout)
         self._boot()
@@ -354,7 +383,27 @@ class Machine:
         return func & U64
 
     def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
-        """Issue `hvc #0` on `cpu` with x0 = func and x1.. = args (each a 64-bit register)."""
+        """Issue `hvc #0` on `cpu` with x0 = func and x1.. = args (each a 64-bit register).
+
+        The call passes through the installed interposers (`interpose_hvc`), outermost first."""
+        if self._interposers:
+            return self._interposed(len(self._interposers) - 1, cpu, func, args)
+        return self._hvc(cpu, func, args)
+
+    def interpose_hvc(self, fn: Interposer) -> None:
+        """Wrap every later hypercall in `fn(proceed, cpu, func, args)`, which must return
+        `proceed(cpu, func, args)` (it may look at the call before and after, never change
+        it): how a checker sees a call's pre-state and a fuzzer logs the calls it issues.
+        The last installed runs outermost. The host's own calls go through it too."""
+        self._interposers.append(fn)
+
+    def _interposed(self, k: int, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
+        if k < 0:
+            return self._hvc(cpu, func, args)
+        return self._interposers[k](
+            lambda c, f, a: self._interposed(k - 1, c, f, a), cpu, func, args)
+
+    def _hvc(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
         self._check_cpu(cpu)
         if len(args) > 6:
             raise TypeError("at most 6 arguments (x1..x6)")
@@ -517,6 +566,11 @@ class Machine:
         raise HostDataAbort(pa, write, fatal)
 
     # -- the physical map ----------------------------------------------------------------
+    def host_port(self) -> HostPort:
+        """A new door to the machine for a tool that plays another host CPU (its stores go
+        through the host stage-2 like the host's own; it has observers of its own)."""
+        return HostPort(self)
+
     def memory_map(self) -> list[Region]:
         base, size = self.carveout
         return [

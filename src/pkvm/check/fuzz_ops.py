@@ -47,28 +47,6 @@ class Step:
         return f"{self.op}@cpu{self.cpu}{self.a}"
 
 
-class _RecordingPort:
-    """Stands in for the host's port to the machine: forwards everything, logs writes."""
-
-    def __init__(self, inner: Any, log: list[tuple]):
-        self._inner = inner
-        self._log = log
-
-    def hvc(self, cpu: int, func: Any, *args: int) -> Any:
-        return self._inner.hvc(cpu, func, *args)
-
-    def read(self, cpu: int, pa: int, n: int) -> bytes:
-        return self._inner.read(cpu, pa, n)
-
-    def write(self, cpu: int, pa: int, data: bytes) -> None:
-        self._inner.write(cpu, pa, data)
-        self._log.append(("write", cpu, pa, bytes(data)))
-
-    def zero(self, cpu: int, pa: int, n: int) -> None:
-        self._inner.zero(cpu, pa, n)
-        self._log.append(("zero", cpu, pa, n))
-
-
 class RaceBlocked(Exception):
     """The racing host CPU's store would need a lock the interrupted CPU holds."""
 
@@ -147,22 +125,9 @@ class World:
             self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)
             self.m.listeners.append(self.m.checker.after_call)
         self.m.listeners.insert(0, self._on_call)
-        inner_port = self.m.host.port
-        self.m.host.port = _RecordingPort(inner_port, self.log)
-        self.racer = Racer(self.m, inner_port)
-        inner = self.m.hvc
-
-        def hvc(cpu: int, func: Any, *args: int) -> Any:
-            """Log each hypercall as it is issued (a call that raises is logged too)."""
-            ev: list[Any] = ["hvc", cpu, func, tuple(a & U64 for a in args), ()]
-            self.log.append(ev)
-            try:
-                return inner(cpu, func, *args)
-            finally:
-                ev[4] = tuple(self.racer.log)
-                self.racer.log = []
-
-        self.m.hvc = hvc  # type: ignore[method-assign]
+        self.m.host.port.observe_stores(self._on_store)
+        self.racer = Racer(self.m, self.m.host_port())
+        self.m.interpose_hvc(self._log_call)
         if self.m.checker is not None and self.m.checker.ghost is not None:
             # A racing store changed the call's host-shared inputs: the ghost's prediction from
             # the pre-state does not apply (counted in `ghost.guest.raced`).
@@ -180,8 +145,8 @@ class World:
         self.cur: Any = None  # the VM of the vCPU session in progress
         self.handles: list[int] = []
         self.results: Counter = Counter()
-        ram_lo = self.m.mem.base >> PAGE_SHIFT
-        ram_hi = self.m.mem.end >> PAGE_SHIFT
+        ram_base, ram_end = self.m.inspect.ram_range()
+        ram_lo, ram_hi = ram_base >> PAGE_SHIFT, ram_end >> PAGE_SHIFT
         cb, cs = self.m.carveout
         c_lo, c_hi = cb >> PAGE_SHIFT, (cb + cs) >> PAGE_SHIFT
         # The edges of every region: first/last RAM pages, the carve-out and its neighbours.
@@ -191,6 +156,23 @@ class World:
             0xFFFFFFFFFFFFF, 0x10000000000000, 0xFFF0000000000000 | ram_lo, U64,
             0x8000000000000000,
         ]
+
+    def _on_store(self, cpu: int, pa: int, data: bytes | int) -> None:
+        if isinstance(data, int):
+            self.log.append(("zero", cpu, pa, data))
+        else:
+            self.log.append(("write", cpu, pa, data))
+
+    def _log_call(self, proceed: Any, cpu: int, func: Any, args: tuple[int, ...]) -> Any:
+        """Log each hypercall as it is issued (a call that raises is logged too), with the
+        stores a racing host CPU made during it."""
+        ev: list[Any] = ["hvc", cpu, func, tuple(a & U64 for a in args), ()]
+        self.log.append(ev)
+        try:
+            return proceed(cpu, func, args)
+        finally:
+            ev[4] = tuple(self.racer.log)
+            self.racer.log = []
 
     def _on_call(self, rec: Any) -> None:
         if rec.panic is None:

@@ -23,7 +23,7 @@ from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, pte_valid
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
-    from pkvm.board import Machine, TraceRecord
+    from pkvm.board import HvcResult, Machine, Proceed, TraceRecord
     from pkvm.hyp.pkvm import PkvmHypVm
     from pkvm.hyp.state import HypState
 
@@ -192,16 +192,14 @@ class Checker:
         self._install_entry_hook()
 
     def _install_entry_hook(self) -> None:
-        """Let the ghost see the pre-state: wrap this machine's `hvc` (an instance attribute,
-        which the host's port also goes through). Hyp state is only read."""
-        m = self.machine
-        inner = m.hvc
+        """Let the ghost see the pre-state: an interposer on the machine's hypercalls (the
+        host's own go through it too). Hyp state is only read."""
+        self.machine.interpose_hvc(self._before)
 
-        def hvc(cpu: int, func: Any, *args: int):  # type: ignore[no-untyped-def]
-            self.before_call(cpu, func, args)
-            return inner(cpu, func, *args)
-
-        m.hvc = hvc  # type: ignore[method-assign]
+    def _before(self, proceed: Proceed, cpu: int, func: str | int,
+                args: tuple[int, ...]) -> HvcResult:
+        self.before_call(cpu, func, args)
+        return proceed(cpu, func, args)
 
     def _arrays(self) -> list[Any]:
         vm = self.h.vmemmap
