@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
-from pkvm.hyp.memory import PageState
+from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -87,11 +87,9 @@ class Ghost:
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
-        from pkvm.hyp.pkvm import RESERVED_ENTRY, PkvmHypVm
-
         h = self.checker.h
         out: list[Any] = []
-        for slot in h.vm_table or []:
+        for slot in h.vm_table:
             if slot is None:
                 out.append(None)
             elif slot is RESERVED_ENTRY:
@@ -310,9 +308,7 @@ class Ghost:
 
     def _quick_compare(self, rec: TraceRecord) -> None:
         """Cheap frame check for calls outside the VM table: slot kinds still counted alike."""
-        from pkvm.hyp.pkvm import RESERVED_ENTRY
-
-        table = self.checker.h.vm_table or []
+        table = self.checker.h.vm_table
         if (table.count(None), table.count(RESERVED_ENTRY)) != (
                 self.table.count(None), self.table.count(RESERVED)):
             self._compare_table(rec, self.table)

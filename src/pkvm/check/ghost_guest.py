@@ -29,10 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pkvm.abi.host_structs import KVM_VCPU
-from pkvm.check.ghost import range_errno
-from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
-from pkvm.hyp.mem_protect_guest import guest_state_of_pte
-from pkvm.hyp.pgtable import (
+from pkvm.arch.pgtable import (
     KVM_PGTABLE_PROT_RWX,
     KVM_PGTABLE_PROT_W,
     KVM_PGTABLE_PROT_X,
@@ -40,6 +37,9 @@ from pkvm.hyp.pgtable import (
     pte_valid,
     stage2_pte_prot,
 )
+from pkvm.check.ghost import range_errno
+from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
+from pkvm.inspect import guest_state_of_pte
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF

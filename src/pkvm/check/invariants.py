@@ -16,16 +16,23 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
-from pkvm.hyp.mem_protect import decode_host_annotation, get_host_state, get_hyp_state
-from pkvm.hyp.memory import ComponentId, PageState
-from pkvm.hyp.mm import hyp_pa, hyp_va
-from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, pte_valid
+from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
+from pkvm.inspect import (
+    RESERVED_ENTRY,
+    ComponentId,
+    HypView,
+    PageState,
+    PkvmHypVm,
+    decode_host_annotation,
+    guest_state_of_pte,
+    hyp_pa,
+    hyp_state_of_pte,
+    hyp_va,
+)
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from pkvm.board import HvcResult, Machine, Proceed, TraceRecord
-    from pkvm.hyp.pkvm import PkvmHypVm
-    from pkvm.hyp.state import HypState
 
 OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
                          PageState.NOPAGE)
@@ -162,7 +169,7 @@ class Checker:
     def __init__(self, machine: Machine, full_every: int = 512, ghost: bool = True,
                  initial_check: bool = True):
         self.machine = machine
-        self.h: HypState = machine._hyp  # read-only introspection
+        self.h: HypView = machine.inspect.hyp_view()
         self.full_every = full_every
         self.calls = 0
         self._pending: set[int] = set()
@@ -320,19 +327,14 @@ class Checker:
     # -- per page --------------------------------------------------------------------------
     def page_states(self, pfn: int) -> tuple[PageState, PageState]:
         pa = pfn << PAGE_SHIFT
-        return get_host_state(self.h, pa), get_hyp_state(self.h, pa)
+        return self.h.host_state(pa), self.h.hyp_state(pa)
 
     def live_vms(self) -> list[tuple[int, PkvmHypVm]]:
         """(handle, VM) of every hyp VM in the table (cached for the duration of one check)."""
         if self._live is not None:
             return self._live
-        table = self.h.vm_table or []
-        if table.count(None) == len(table):
-            out = []
-        else:
-            from pkvm.hyp.pkvm import live_vms
-
-            out = live_vms(self.h)
+        table = self.h.vm_table
+        out = [] if table.count(None) == len(table) else self.h.live_vms()
         self._live = out
         return out
 
@@ -342,8 +344,6 @@ class Checker:
         Cached between calls that cannot change a guest stage-2 (`_GUEST_S2_STILL`)."""
         if self._gmap is not None:
             return self._gmap
-        from pkvm.hyp.mem_protect_guest import guest_state_of_pte
-
         out: dict[int, list[tuple[int, PageState]]] = {}
         for handle, vm in self.live_vms():
             if vm.pgt is None or not vm.pgt.pgd:
@@ -368,9 +368,8 @@ class Checker:
         h = self.h
         if gmap is None:
             gmap = self.guest_map() if h.profile.hyp_owned_guest_stage2 else {}
-        host_pgt = h.host_mmu.pgt  # type: ignore[union-attr]
-        hyp_pgt = h.pkvm_pgtable
-        assert hyp_pgt is not None
+        host_pgt = h.host_pgt
+        hyp_pgt = h.hyp_pgt
         for pfn in pfns:
             pa = pfn << PAGE_SHIFT
             _, hpte, _ = host_pgt.get_leaf(pa)
@@ -471,11 +470,10 @@ class Checker:
         return pins
 
     def check_globals(self, all_shared: bool = False) -> None:
-        from pkvm.hyp.pkvm import RESERVED_ENTRY, PkvmHypVm, vm_page
-
         h = self.h
+        vm_page = h.vm_page
         vmm = h.vmemmap
-        table = h.vm_table or []
+        table = h.vm_table
         live: list[PkvmHypVm] = []
         for idx, slot in enumerate(table if table.count(None) != len(table) else ()):
             if slot is None or slot is RESERVED_ENTRY:
@@ -538,12 +536,9 @@ class Checker:
             vmm = h.vmemmap
             hs, ys = vmm.host_state, vmm.hyp_state
             return {self._ram_lo + i for i in range(vmm.nr) if hs[i] == SO and ys[i] == SB}
-        from pkvm.hyp.mem_protect import hyp_state_of_pte
-
-        assert h.pkvm_pgtable is not None
         lo = hyp_va(self._ram_lo << PAGE_SHIFT)
         size = (self._ram_hi - self._ram_lo) << PAGE_SHIFT
-        return {hyp_pa(a) >> PAGE_SHIFT for a, lvl, pte in h.pkvm_pgtable.leaves(lo, size, True)
+        return {hyp_pa(a) >> PAGE_SHIFT for a, lvl, pte in h.hyp_pgt.leaves(lo, size, True)
                 if lvl == 3 and hyp_state_of_pte(pte) == SB}
 
     # -- everything --------------------------------------------------------------------------
@@ -554,7 +549,7 @@ class Checker:
         self._live = None
         gmap = self.guest_map() if h.profile.hyp_owned_guest_stage2 else {}
         host_leaf: dict[int, int] = {}
-        for addr, level, pte in h.host_mmu.pgt.leaves():  # type: ignore[union-attr]
+        for addr, level, pte in h.host_pgt.leaves():
             if pte_valid(pte) and (pte & KVM_PTE_ADDR_MASK) != addr:
                 raise InvariantViolation("no-host-access", "host stage-2 is not an identity map",
                                          addr >> PAGE_SHIFT, hex(addr), hex(pte & KVM_PTE_ADDR_MASK))
@@ -563,10 +558,9 @@ class Checker:
                 if self._ram_lo <= first + k < self._ram_hi:
                     host_leaf[first + k] = pte
         hyp_leaf: dict[int, int] = {}
-        assert h.pkvm_pgtable is not None
         lo = hyp_va(self._ram_lo << PAGE_SHIFT)
         size = (self._ram_hi - self._ram_lo) << PAGE_SHIFT
-        for addr, level, pte in h.pkvm_pgtable.leaves(lo, size):
+        for addr, level, pte in h.hyp_pgt.leaves(lo, size):
             first = hyp_pa(addr) >> PAGE_SHIFT
             for k in range(1 << (9 * (3 - level))):
                 hyp_leaf[first + k] = pte
@@ -583,11 +577,9 @@ class Checker:
                 self._check_page(pfn, self.page_states(pfn), hp, hyp_leaf.get(pfn, 0),
                                  gmap.get(pfn, []))
         else:
-            from pkvm.hyp.mem_protect import host_state_of_pte, hyp_state_of_pte
-
             for pfn in range(lo, self._ram_hi):
                 hp, yp = host_leaf.get(pfn, 0), hyp_leaf.get(pfn, 0)
-                states = (host_state_of_pte(h, hp, pfn << PAGE_SHIFT), hyp_state_of_pte(yp))
+                states = (h.host_state_of_pte(hp, pfn << PAGE_SHIFT), hyp_state_of_pte(yp))
                 self._check_page(pfn, states, hp, yp, [])
         self.check_globals(all_shared=True)
         self.check_tables()
@@ -596,8 +588,7 @@ class Checker:
 
     def _tables(self) -> list[tuple[str, Any]]:
         h = self.h
-        out: list[tuple[str, Any]] = [("hyp stage-1", h.pkvm_pgtable),
-                                      ("host stage-2", h.host_mmu.pgt)]  # type: ignore[union-attr]
+        out: list[tuple[str, Any]] = [("hyp stage-1", h.hyp_pgt), ("host stage-2", h.host_pgt)]
         for handle, vm in self.live_vms():
             if vm.pgt is not None and vm.pgt.pgd:
                 out.append((f"guest {handle:#x} stage-2", vm.pgt))
@@ -620,7 +611,7 @@ class Checker:
                 if hyp != OWNED or host != NOPAGE:
                     raise InvariantViolation("table-pages", f"{name} table page not hyp-owned",
                                              pfn, "NOPAGE/OWNED", f"{host.name}/{hyp.name}")
-                counted = sum(1 for k in range(512) if pgt._counted(h.mem.read_u64(table + 8 * k)))
+                counted = h.counted_entries(pgt, table, h.mem)
                 rc = vmm.refcount[vmm.idx(table)]
                 if rc != 1 + counted:
                     raise InvariantViolation("table-pages", f"{name} table page refcount", pfn,
@@ -628,9 +619,9 @@ class Checker:
 
     def pools(self) -> list[tuple[str, Any]]:
         h = self.h
-        out = [("hpool", h.hpool), ("host_s2_pool", h.host_s2_pool)]
+        out: list[tuple[str, Any]] = h.pools()
         out += [(f"vm {hd:#x} pool", vm.pool) for hd, vm in self.live_vms()]
-        return [(n, p) for n, p in out if p is not None]
+        return out
 
     def hyp_owned_pages(self) -> set[int]:
         """pfns the hyp owns outside its carve-out."""
@@ -642,13 +633,10 @@ class Checker:
             ys = h.vmemmap.hyp_state
             out = {lo + i for i in range(h.vmemmap.nr) if ys[i] == OWNED}
         else:
-            from pkvm.hyp.mem_protect import hyp_state_of_pte
-
-            assert h.pkvm_pgtable is not None
             va = hyp_va(lo << PAGE_SHIFT)
             size = (self._ram_hi - lo) << PAGE_SHIFT
             out = set()
-            for a, level, pte in h.pkvm_pgtable.leaves(va, size, True):
+            for a, level, pte in h.hyp_pgt.leaves(va, size, True):
                 if hyp_state_of_pte(pte) == OWNED:
                     first = hyp_pa(a) >> PAGE_SHIFT
                     out.update(range(first, first + (1 << (9 * (3 - level)))))
