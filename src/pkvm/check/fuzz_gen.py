@@ -57,7 +57,8 @@ PTR_HANDLERS = [
 
 
 def _ptr_handlers(prof: Any) -> list[tuple[str, str | None, int]]:
-    """The pointer-taking handlers of `prof`'s ABI (7.2's vcpu_run takes no pointer)."""
+    """The pointer-taking handlers of `prof`'s ABI (with an explicit vCPU load, vcpu_run runs
+    the loaded vCPU and takes no pointer)."""
     return [h for h in PTR_HANDLERS if h[0] in prof.hcalls
             and not (h[0] == "__kvm_vcpu_run" and prof.explicit_vcpu_load)]
 
@@ -100,7 +101,6 @@ def _guest_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple]]]:
 
 def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
     """n hostile steps for profile `prof`."""
-    v72 = prof.explicit_vcpu_load
     ptr_handlers = _ptr_handlers(prof)
     ops: list[tuple[str, int, Callable[[], tuple]]] = [
         ("alloc", 3, lambda: ()),
@@ -130,8 +130,18 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
                 ("finalize_teardown", 3, lambda: (_handle_spec(r),))]
     else:
         ops += [("teardown", 3, lambda: (_handle_spec(r),))]
-    if v72:
+    guest: list[tuple[str, int, Callable[[], tuple]]] = []
+    if prof.hyp_owned_guest_stage2:  # the guest-memory hypercalls
         guest = _guest_ops(r)
+        ops += guest
+    if prof.explicit_vcpu_load:
+        ops += [
+            ("load", 6, lambda: (_handle_spec(r), r.choice([0, 0, 1, 2, 3, 255, 0xFFFFFFFF]))),
+            ("put", 5, lambda: ()),
+        ]
+    if "__pkvm_tlb_flush_vmid" in prof.hcalls:
+        ops += [("tlb_flush", 1, lambda: (_handle_spec(r),))]
+    if prof.explicit_vcpu_load and guest:  # sessions: guest-memory calls with a vCPU loaded
         g_names, g_weights = [o[0] for o in guest], [o[1] for o in guest]
         g_gens = {o[0]: o[2] for o in guest}
 
@@ -139,10 +149,7 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
             return tuple((op, g_gens[op]()) for op in r.choices(g_names, g_weights,
                                                                   k=r.randint(1, 4)))
 
-        ops += guest + [
-            ("load", 6, lambda: (_handle_spec(r), r.choice([0, 0, 1, 2, 3, 255, 0xFFFFFFFF]))),
-            ("put", 5, lambda: ()),
-            ("tlb_flush", 1, lambda: (_handle_spec(r),)),
+        ops += [
             ("session", 10, lambda: (r.randrange(8), r.randrange(4), r.random() < 0.8, inner())),
             ("memcache", 3, lambda: (r.randrange(8), r.randrange(4),
                                      r.choice(["plain", "unaligned", "cycle", "chain"]),
