@@ -18,13 +18,17 @@ from typing import IO, Any, NamedTuple
 
 from pkvm.abi import sizes
 from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile, get_profile
+from pkvm.check import Checker
 from pkvm.errors import EPERM, HostDataAbort, HypPanic
 from pkvm.host import Host
 from pkvm.hyp.hyp_main import handle_host_hcall, handle_host_smc
 from pkvm.hyp.mem_protect import handle_host_mem_abort
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.psci_relay import init_psci_relay, kvm_hyp_cpu_start
+from pkvm.hyp.setup import hyp_image_pages
 from pkvm.hyp.state import HypState, new_hyp_state
+from pkvm.inspect import Inspector
+from pkvm.machine import preempt
 from pkvm.machine.firmware import OFF, ON, Firmware, board_mpidr, smc_func_id
 from pkvm.machine.memory import (
     MMIO_BASE,
@@ -38,6 +42,7 @@ from pkvm.machine.memory import (
 )
 from pkvm.machine.mmu import FAULT_PERMISSION, HCR_VM, El2Regs, s2_translate
 from pkvm.machine.preempt import PreemptionPoints
+from pkvm.machine.spmc import Spmc
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 _ZEROS = [0] * 6
@@ -135,8 +140,6 @@ def carveout_layout(mem_size: int, profile: Profile, nr_cpus: int) -> tuple[int,
 
     Size: the summed terms rounded up to 2 MiB (plus 2 MiB if the model's hyp image does not fit
     in the rounding slack); it ends 6 MiB below the end of RAM."""
-    from pkvm.hyp.setup import hyp_image_pages
-
     regions = [(RAM_BASE, mem_size)]
     pages = sizes.kvm_hyp_reserve_pages(regions, profile.hyp_page_size)
     size = (pages << PAGE_SHIFT) + sizes.SZ_2M - 1 & ~(sizes.SZ_2M - 1)
@@ -284,8 +287,6 @@ class Machine:
         # EL3: PSCI for the CPUs (only CPU 0 runs at reset), FF-A when `ffa` (an SPMC).
         spmc = None
         if ffa:
-            from pkvm.machine.spmc import Spmc
-
             spmc = Spmc(self.mem)
         self.firmware = Firmware(cpus, self.mem, ffa=spmc)
         self.firmware.on_cpu_start = self._cpu_start
@@ -309,14 +310,10 @@ class Machine:
         self.host = Host(HostPort(self), self.profile, self.nr_cpus, self.mem.base, self.mem.size,
                          self.carveout)
         self._boot()
-        from pkvm.inspect import Inspector
-
         self.inspect = Inspector(self._hyp, self)
         self.preemption: PreemptionPoints = self._hyp.locks  # scheduling hooks (checkers)
         self.checker = None
         if check:
-            from pkvm.check import Checker
-
             self.checker = Checker(self)
             self.listeners.append(self.checker.after_call)
 
@@ -594,12 +591,10 @@ def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",
     this unicorn build cannot stop precisely, 2,000,000 instructions (unicorn counts every
     instruction then, ~4x slower). `timeslice` overrides either (an int: instructions)."""
     if vcpus > 1 and not timeslice:
-        from pkvm.machine import preempt
-
         timeslice = LINUX_SLICE if preempt.available() else 2_000_000
     machine_mem = 2 * guest_memory + (256 << 20)
     return Machine(memory=machine_mem, cpus=max(2, vcpus), abi=abi, trace=False,
                    timeslice=timeslice)  # type: ignore[arg-type]
 
 
-LINUX_SLICE = 0.005  # issue 14: seconds a vCPU runs before the host's timer preempts it
+LINUX_SLICE = 0.005  # seconds a vCPU of a Linux guest runs before the host's timer preempts it

@@ -27,11 +27,15 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pkvm import scenario
+from pkvm.board import Machine
 from pkvm.check.fuzz_gen import generate
 from pkvm.check.fuzz_ops import DRIVER_OPS, FULL_EVERY, Racer, Step, World, run_step
 from pkvm.check.invariants import InvariantViolation
+from pkvm.check.oracles import NoWarn, excused_warns
 from pkvm.errors import HostDataAbort, HostError, HypPanic
 
 __all__ = ["FULL_EVERY", "Campaign", "CampaignResult", "Failure", "RunResult", "Step", "World",
@@ -99,8 +103,6 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
                 res.failure = warn
                 break
             if e.warn:
-                from pkvm.check.oracles import excused_warns
-
                 res.known_warns.update(excused_warns(w.m.inspect))
             res.panics.append(f"step {i}: {e} ({s})")
             if not w.hostile:
@@ -152,8 +154,6 @@ def _warn_failure(e: HypPanic, m: Any, i: int) -> Failure | None:
     `KNOWN_KERNEL_WARNS` is the kernel's own behaviour: None, an availability finding."""
     if not e.warn:
         return None
-    from pkvm.check.oracles import NoWarn
-
     bad = NoWarn.violations(m.inspect)
     if not bad:
         return None
@@ -244,10 +244,6 @@ def log_to_steps(log: list[Any]) -> list[dict[str, Any]]:
 def dump_toml(cfg: dict[str, Any], steps: list[dict[str, Any]], path: str,
               comment: str = "") -> None:
     """Write a scenario TOML through `pkvm.scenario.dump`, with `comment` as a header."""
-    from pathlib import Path
-
-    from pkvm import scenario
-
     scenario.dump(steps, path, machine=dict(cfg, check=True))
     body = Path(path).read_text()
     head = "".join(f"# {ln}\n" for ln in comment.splitlines())
@@ -256,9 +252,7 @@ def dump_toml(cfg: dict[str, Any], steps: list[dict[str, Any]], path: str,
 
 def replay(cfg: dict[str, Any], steps: list[dict[str, Any]], bugs: tuple[str, ...] = ()) -> Failure | None:
     """Run raw scenario steps on a fresh checked machine; the failure they cause, if any."""
-    import pkvm
-
-    m = pkvm.Machine(memory=cfg["memory"], cpus=cfg["cpus"], abi=cfg["abi"], check=True,
+    m = Machine(memory=cfg["memory"], cpus=cfg["cpus"], abi=cfg["abi"], check=True,
                      trace=False, bugs=bugs)
     racer = Racer(m, m.host.port)
     for i, st in enumerate(steps):
@@ -304,9 +298,7 @@ class Campaign:
     out: str | None = None  # where to write the reproducer TOML
 
     def run(self, progress: Callable[[int], None] | None = None) -> CampaignResult:
-        import pkvm
-
-        prof = pkvm.Machine(memory=self.memory, cpus=self.cpus, abi=self.abi, trace=False).profile
+        prof = Machine(memory=self.memory, cpus=self.cpus, abi=self.abi, trace=False).profile
         steps = generate(random.Random(self.seed), prof, self.cpus, self.steps)
         t0 = time.perf_counter()
         res = execute(steps, self.memory, self.cpus, self.abi, self.bugs, progress)

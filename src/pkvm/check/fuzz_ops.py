@@ -17,11 +17,15 @@ stage-2 (`HostPort`), like the host's own.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pkvm.abi.host_structs import KVM, KVM_VCPU
+from pkvm.board import Machine
+from pkvm.check.invariants import Checker
 from pkvm.errors import HostDataAbort, HostError, errno_name
+from pkvm.host.kvm import host_va
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -114,14 +118,10 @@ class World:
     """A machine plus what the fuzzer remembers about it (its operand pools)."""
 
     def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True):
-        import pkvm
-
         self.cfg = {"memory": memory, "cpus": cpus, "abi": abi}
         self.log: list[Any] = []
-        self.m = pkvm.Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs)
+        self.m = Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs)
         if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
-            from pkvm.check.invariants import Checker
-
             self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)
             self.m.listeners.append(self.m.checker.after_call)
         self.m.listeners.insert(0, self._on_call)
@@ -251,8 +251,6 @@ class World:
         VM's struct kvm / kvm_vcpu, or into a page of any state and history: host-owned,
         shared, just changed ("recent", newest first), shared then unshared, donated and
         returned, hyp-owned (a live VM's), guest-owned, the region edges and beyond RAM."""
-        from pkvm.host.kvm import host_va
-
         kind, k, off = spec
         if kind == "kvm" and self.vms:
             return host_va(self.vm(k).kvm_pa) + off  # type: ignore[union-attr]
@@ -302,84 +300,104 @@ HANDLE_CALLS = {"unreserve": "__pkvm_unreserve_vm", "start_teardown": "__pkvm_st
 
 def run_step(w: World, s: Step) -> None:
     """Perform one step. Refusals (HostError, non-fatal HostDataAbort) are normal outcomes."""
-    m, host, cpu = w.m, w.m.host, s.cpu % w.m.nr_cpus
+    cpu = s.cpu % w.m.nr_cpus
     op, a = s.op, s.a
-    hv = m.hvc
-    if op == "alloc":
-        w.pages.append(host.alloc_pages(1))
-    elif op == "share":
-        pfn = w.pfn(a[0])
-        if hv(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
-            w.shared.append(pfn)
-            w.touched(pfn)
-    elif op == "unshare":
-        pfn = w.pfn(a[0])
-        if hv(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0:
-            if pfn in w.shared:
-                w.shared.remove(pfn)
-            w.unshared = (w.unshared + [pfn])[-32:]
-            w.touched(pfn)
-    elif op == "create_vm":
-        vm = host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
-        w.vms.append(vm)
-        if vm.handle:
-            w.handles.append(vm.handle)
-    elif op == "map":
-        vm = w.vm(a[0])
-        if vm is not None and not vm.destroyed:
-            for g in range(GFN0 + a[1] % 64, GFN0 + a[1] % 64 + a[2]):
-                w.load_image(vm, g)
-            vm.map(GFN0 + a[1] % 64, a[2], cpu=cpu)
-    elif op == "destroy":
-        vm = w.vm(a[0])
-        if vm is not None:
-            vm.destroy()
-            w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([vm])))
-    elif op == "lifecycle":
-        _lifecycle(w, cpu, a)
-    elif op == "reserve":
-        r = hv(cpu, "__pkvm_reserve_vm")
-        if r.x0 == 0 and r.x1 > 0:
-            w.handles.append(r.x1)
-    elif op in HANDLE_CALLS:
-        handle = w.handle(a[0])
-        if hv(cpu, HANDLE_CALLS[op], handle).x1 == 0:
-            w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([v for v in w.vms
-                                                              if v.handle == handle])))
-    elif op == "init_vm":
-        r = hv(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
-        if r.x0 == 0 and r.x1 > 0:
-            w.handles.append(r.x1)
-    elif op == "init_vcpu":
-        hv(cpu, "__pkvm_init_vcpu", w.handle(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
-    elif op == "load":
-        hv(cpu, "__pkvm_vcpu_load", w.handle(a[0]), a[1], HCR_HOST_VCPU)
-    elif op == "put":
-        hv(cpu, "__pkvm_vcpu_put")
+    if op in HANDLE_CALLS:
+        _handle_call(w, cpu, op, a)
     elif op in GUEST_OPS:
         guest_call(w, cpu, op, a)
-    elif op == "session":
-        _session(w, cpu, a)
-    elif op == "scribble":
-        _scribble(w, cpu, a)
-    elif op == "scribble_init":
-        _scribble_init(w, cpu, a)
-    elif op == "race":
-        _race(w, cpu, a)
-    elif op == "memcache":
-        _hostile_memcache(w, cpu, a)
-    elif op == "exhaust":
-        _exhaust(w, a)
-    elif op == "release":
-        while w.hoard:
-            pfn, n = w.hoard.pop()
-            host.pages.release(pfn, n)
-    elif op == "raw":
-        hv(cpu, a[0], *a[1:])
-    elif op == "ptr_call":  # a handler taking a host pointer in x1, then plain arguments
-        hv(cpu, a[0], w.host_ptr(a[1]), *a[2])
+    elif op in STEP_OPS:
+        STEP_OPS[op](w, cpu, a)
     else:
         raise ValueError(f"unknown fuzzer op {op!r}")
+
+
+def _alloc(w: World, cpu: int, a: tuple) -> None:
+    w.pages.append(w.m.host.alloc_pages(1))
+
+
+def _share(w: World, cpu: int, a: tuple) -> None:
+    pfn = w.pfn(a[0])
+    if w.m.hvc(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
+        w.shared.append(pfn)
+        w.touched(pfn)
+
+
+def _unshare(w: World, cpu: int, a: tuple) -> None:
+    pfn = w.pfn(a[0])
+    if w.m.hvc(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0:
+        if pfn in w.shared:
+            w.shared.remove(pfn)
+        w.unshared = (w.unshared + [pfn])[-32:]
+        w.touched(pfn)
+
+
+def _create_vm(w: World, cpu: int, a: tuple) -> None:
+    vm = w.m.host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
+    w.vms.append(vm)
+    if vm.handle:
+        w.handles.append(vm.handle)
+
+
+def _map(w: World, cpu: int, a: tuple) -> None:
+    vm = w.vm(a[0])
+    if vm is not None and not vm.destroyed:
+        for g in range(GFN0 + a[1] % 64, GFN0 + a[1] % 64 + a[2]):
+            w.load_image(vm, g)
+        vm.map(GFN0 + a[1] % 64, a[2], cpu=cpu)
+
+
+def _destroy(w: World, cpu: int, a: tuple) -> None:
+    vm = w.vm(a[0])
+    if vm is not None:
+        vm.destroy()
+        w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([vm])))
+
+
+def _reserve(w: World, cpu: int, a: tuple) -> None:
+    r = w.m.hvc(cpu, "__pkvm_reserve_vm")
+    if r.x0 == 0 and r.x1 > 0:
+        w.handles.append(r.x1)
+
+
+def _handle_call(w: World, cpu: int, op: str, a: tuple) -> None:
+    handle = w.handle(a[0])
+    if w.m.hvc(cpu, HANDLE_CALLS[op], handle).x1 == 0:
+        w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([v for v in w.vms
+                                                          if v.handle == handle])))
+
+
+def _init_vm(w: World, cpu: int, a: tuple) -> None:
+    r = w.m.hvc(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+    if r.x0 == 0 and r.x1 > 0:
+        w.handles.append(r.x1)
+
+
+def _init_vcpu(w: World, cpu: int, a: tuple) -> None:
+    w.m.hvc(cpu, "__pkvm_init_vcpu", w.handle(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+
+
+def _load(w: World, cpu: int, a: tuple) -> None:
+    w.m.hvc(cpu, "__pkvm_vcpu_load", w.handle(a[0]), a[1], HCR_HOST_VCPU)
+
+
+def _put(w: World, cpu: int, a: tuple) -> None:
+    w.m.hvc(cpu, "__pkvm_vcpu_put")
+
+
+def _release(w: World, cpu: int, a: tuple) -> None:
+    while w.hoard:
+        pfn, n = w.hoard.pop()
+        w.m.host.pages.release(pfn, n)
+
+
+def _raw(w: World, cpu: int, a: tuple) -> None:
+    w.m.hvc(cpu, a[0], *a[1:])
+
+
+def _ptr_call(w: World, cpu: int, a: tuple) -> None:
+    """A handler taking a host pointer in x1, then plain arguments."""
+    w.m.hvc(cpu, a[0], w.host_ptr(a[1]), *a[2])
 
 
 GUEST_OPS = frozenset({"share_guest", "donate_guest", "unshare_guest", "reclaim_dying",
@@ -551,7 +569,7 @@ def _hostile_memcache(w: World, cpu: int, a: tuple) -> None:
     hv(cpu, "__pkvm_vcpu_put")
 
 
-def _exhaust(w: World, a: tuple) -> None:
+def _exhaust_op(w: World, cpu: int, a: tuple) -> None:
     """Take the host's free memory, leaving a[0] pages: the driver then runs short (the pages
     are only reserved in the host's allocator, never touched)."""
     alloc = w.m.host.pages
@@ -564,3 +582,14 @@ def _exhaust(w: World, a: tuple) -> None:
             break
         w.hoard.append((pfn, n))
         want -= n
+
+
+# Every step op but the handle calls (`HANDLE_CALLS`) and the guest-memory calls (`GUEST_OPS`).
+STEP_OPS: dict[str, Callable[[World, int, tuple], None]] = {
+    "alloc": _alloc, "share": _share, "unshare": _unshare, "create_vm": _create_vm,
+    "map": _map, "destroy": _destroy, "lifecycle": _lifecycle, "reserve": _reserve,
+    "init_vm": _init_vm, "init_vcpu": _init_vcpu, "load": _load, "put": _put,
+    "session": _session, "scribble": _scribble, "scribble_init": _scribble_init,
+    "race": _race, "memcache": _hostile_memcache, "exhaust": _exhaust_op,
+    "release": _release, "raw": _raw, "ptr_call": _ptr_call,
+}

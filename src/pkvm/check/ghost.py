@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
+from pkvm.check.ghost_guest import GuestGhost, range_errno
+from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
 from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
@@ -32,20 +34,6 @@ if TYPE_CHECKING:
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
-def range_errno(lo: int, hi: int, phys: int, size: int) -> int:
-    """7.2's `check_range_allowed_memory` over [phys, phys + size) with RAM at [lo, hi): the
-    range must lie in one region or gap (`find_mem_range`; the last gap ends at ULONG_MAX,
-    exclusive), else -EINVAL; outside RAM, -EPERM."""
-    last = (phys + size - 1) & U64
-    if lo <= phys < hi:
-        rs, re_ = lo, hi
-    elif phys < lo:
-        rs, re_ = 0, lo
-    else:
-        rs, re_ = hi, U64
-    if not rs <= last < re_:
-        return -EINVAL
-    return 0 if lo <= phys < hi else -EPERM
 OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
                          PageState.NOPAGE)
 
@@ -80,8 +68,6 @@ class Ghost:
     pre_page: tuple[int, GhostPage | None] | None = None
 
     def __post_init__(self) -> None:
-        from pkvm.check.ghost_guest import GuestGhost
-
         self.table = self.abstract_table()
         self.guest = GuestGhost(self.checker.machine.inspect,
                                 lambda what, want, found: self._fail(None, what, want, found))
@@ -138,8 +124,6 @@ class Ghost:
             self._table_call(rec)
 
     def _fail(self, rec: TraceRecord | None, what: str, expected: Any, found: Any) -> None:
-        from pkvm.check.invariants import InvariantViolation
-
         raise InvariantViolation("ghost", what, None, expected, found)
 
     # -- host <-> hyp sharing (memory.md §4.3, §4.4) ------------------------------------------

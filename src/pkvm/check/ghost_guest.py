@@ -37,7 +37,6 @@ from pkvm.arch.pgtable import (
     pte_valid,
     stage2_pte_prot,
 )
-from pkvm.check.ghost import range_errno
 from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
 from pkvm.inspect import guest_state_of_pte
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
@@ -57,6 +56,23 @@ GUEST_CALLS = frozenset({
     "__pkvm_host_test_clear_young_guest", "__pkvm_reclaim_dying_guest_page",
     "__pkvm_force_reclaim_guest_page",
 })
+
+
+def range_errno(lo: int, hi: int, phys: int, size: int) -> int:
+    """7.2's `check_range_allowed_memory` over [phys, phys + size) with RAM at [lo, hi): the
+    range must lie in one region or gap (`find_mem_range`; the last gap ends at ULONG_MAX,
+    exclusive), else -EINVAL; outside RAM, -EPERM."""
+    last = (phys + size - 1) & U64
+    if lo <= phys < hi:
+        rs, re_ = lo, hi
+    elif phys < lo:
+        rs, re_ = 0, lo
+    else:
+        rs, re_ = hi, U64
+    if not rs <= last < re_:
+        return -EINVAL
+    return 0 if lo <= phys < hi else -EPERM
+
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,9 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
+from pkvm.check.ghost import Ghost
 from pkvm.check.global_invariants import GlobalInvariants
+from pkvm.check.oracles import run_all
 from pkvm.check.page_invariants import NOPAGE, OWNED, SB
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
 from pkvm.inspect import HypView, PageState, PkvmHypVm, hyp_pa, hyp_state_of_pte, hyp_va
@@ -80,8 +82,6 @@ class Checker(GlobalInvariants):
         self._ram_hi = vm.base_pfn + vm.nr
         self.ghost = None
         if ghost:
-            from pkvm.check.ghost import Ghost
-
             self.ghost = Ghost(self)
         if initial_check:
             self.check_all()
@@ -158,8 +158,6 @@ class Checker(GlobalInvariants):
 
     def _oracles(self) -> None:
         """The registered per-call oracles of `pkvm.check.oracles` (WARNs, hardware)."""
-        from pkvm.check.oracles import run_all
-
         found = run_all(self.machine.inspect)
         if found:
             name, msg = found[0]
