@@ -151,13 +151,16 @@ def carveout_layout(mem_size: int, profile: Profile, nr_cpus: int) -> tuple[int,
 
 Proceed = Callable[[int, str | int, tuple[int, ...]], HvcResult]
 Interposer = Callable[[Proceed, int, str | int, tuple[int, ...]], HvcResult]
+SmcProceed = Callable[[int, str | int, tuple[int, ...], int], SmcResult]
+SmcInterposer = Callable[[SmcProceed, int, str | int, tuple[int, ...], int], SmcResult]
 StoreObserver = Callable[[int, int, bytes | int], None]
 
 
 class HostPort:
     """All the host (EL1) can do to the rest of the machine: HVC, and memory accesses that the
     hardware checks against the host stage-2. The host holds one (`m.host.port`), never the
-    machine; a tool playing another host CPU takes its own (`Machine.host_port()`).
+    machine (`m.host_port` is that one); a tool playing another host CPU takes its own
+    (`Machine.new_host_port()`).
 
     `observe_stores(fn)` calls `fn(cpu, pa, data)` after every store through this port that
     the host stage-2 let through: `data` is the bytes stored, or, for `zero`, the number of
@@ -307,7 +310,9 @@ class Machine:
         self._seq = 0
         self.listeners: list[Callable[[TraceRecord], None]] = []  # after each call (checkers, UIs)
         self._interposers: list[Interposer] = []
-        self.host = Host(HostPort(self), self.profile, self.nr_cpus, self.mem.base, self.mem.size,
+        self._smc_interposers: list[SmcInterposer] = []
+        self.host_port = HostPort(self)  # the host kernel's (`m.host.port`)
+        self.host = Host(self.host_port, self.profile, self.nr_cpus, self.mem.base, self.mem.size,
                          self.carveout)
         self._boot()
         self.inspect = Inspector(self._hyp, self)
@@ -423,8 +428,8 @@ class Machine:
         try:
             name = handle_host_hcall(h, regs)
         except HypBug as bug:
-            n = self.profile.decode(x0)
-            cname = self.profile.hcalls[n] if n is not None else hex(x0)
+            nr = self.profile.decode(x0)
+            cname = self.profile.hcalls[nr] if nr is not None else hex(x0)
             h.dead = str(bug)
             rec = self._record(cpu, cname, x0, args, regs, t0, str(bug))
             self._notify(rec)
@@ -445,7 +450,26 @@ class Machine:
     def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
         """Issue `smc #imm` on `cpu` from the host: x0 = func (a PSCI/SMCCC/FF-A name or a
         raw function ID), x1.. = args (up to x17). EL2 traps it (HCR_EL2.TSC) and routes it
-        as the profile's `handle_host_smc` does; returns the host's x0..x17 afterwards."""
+        as the profile's `handle_host_smc` does; returns the host's x0..x17 afterwards.
+
+        The call passes through the installed interposers (`interpose_smc`), outermost first."""
+        if self._smc_interposers:
+            return self._smc_interposed(len(self._smc_interposers) - 1, cpu, func, args, imm)
+        return self._smc(cpu, func, args, imm)
+
+    def interpose_smc(self, fn: SmcInterposer) -> None:
+        """As `interpose_hvc`, for the SMC instruction: `fn(proceed, cpu, func, args, imm)`
+        must return `proceed(cpu, func, args, imm)`."""
+        self._smc_interposers.append(fn)
+
+    def _smc_interposed(self, k: int, cpu: int, func: str | int, args: tuple[int, ...],
+                        imm: int) -> SmcResult:
+        if k < 0:
+            return self._smc(cpu, func, args, imm)
+        return self._smc_interposers[k](
+            lambda c, f, a, i: self._smc_interposed(k - 1, c, f, a, i), cpu, func, args, imm)
+
+    def _smc(self, cpu: int, func: str | int, args: tuple[int, ...], imm: int) -> SmcResult:
         self._check_cpu(cpu)
         if len(args) > 17:
             raise TypeError("at most 17 arguments (x1..x17)")
@@ -545,7 +569,7 @@ class Machine:
             raise HypPanic("host stage-2 fault does not resolve", cpu, "host abort")
         return out if self.mem.is_ram(out) else None
 
-    def _recheck_host_tlb(self, root: int, pa: int, write: bool, hit: list, gen: int) -> None:
+    def _recheck_host_tlb(self, root: int, pa: int, write: bool, hit: list[int], gen: int) -> None:
         out, fault = s2_translate(self.mem, root, pa, write)
         fresh = -1 if fault else ((out & ~0xFFF) if self.mem.is_ram(out) else -1)
         if fault is None and fresh == hit[0]:
@@ -563,7 +587,7 @@ class Machine:
         raise HostDataAbort(pa, write, fatal)
 
     # -- the physical map ----------------------------------------------------------------
-    def host_port(self) -> HostPort:
+    def new_host_port(self) -> HostPort:
         """A new door to the machine for a tool that plays another host CPU (its stores go
         through the host stage-2 like the host's own; it has observers of its own)."""
         return HostPort(self)

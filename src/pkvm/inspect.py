@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.arch.pgtable import KvmPgtable, pte_valid, stage2_pte_prot
 from pkvm.hyp.mem_protect import (
     decode_host_annotation,
@@ -69,11 +70,14 @@ class Inspector:
         for idx, slot in enumerate(h.vm_table or []):
             if slot is None:
                 continue
-            handle = idx + 0x1000
+            handle = idx + HANDLE_OFFSET
             if slot is RESERVED_ENTRY:
                 out.append({"handle": handle, "state": "reserved", "protected": None, "vcpus": {}})
-            else:
+            elif isinstance(slot, PkvmHypVm):
                 out.append(vm_snapshot(h, slot, handle))
+            else:
+                out.append({"handle": handle, "state": f"not a hyp VM: {slot!r}",
+                            "protected": None, "vcpus": {}})
         return out
 
     # -- pages -------------------------------------------------------------------------
@@ -94,7 +98,7 @@ class Inspector:
         """{(owner, state): pages}: each component's pages in each state other than NOPAGE."""
         h = self._h
         mem = h.mem
-        counts: Counter = Counter()
+        counts: Counter[tuple[Any, str]] = Counter()
         if h.profile.page_state_in_vmemmap:
             vm = h.vmemmap
             hs = Counter(vm.host_state)
@@ -149,16 +153,16 @@ class Inspector:
         names += [f"guest:{hd:#x}" for hd, vm in live_vms(self._h) if vm.pgt is not None]
         return names
 
-    def table(self, name: str):
+    def table(self, name: str) -> KvmPgtable:
         h = self._h
-        if name in ("hyp", "hyp stage-1"):
+        if name in ("hyp", "hyp stage-1") and h.pkvm_pgtable is not None:
             return h.pkvm_pgtable
-        if name in ("host", "host stage-2"):
-            return h.host_mmu.pgt  # type: ignore[union-attr]
+        if name in ("host", "host stage-2") and h.host_mmu is not None:
+            return h.host_mmu.pgt
         if name.startswith("guest:"):
             want = int(name.split(":", 1)[1], 0)
             for hd, vm in live_vms(h):
-                if hd == want:
+                if hd == want and vm.pgt is not None:
                     return vm.pgt
         raise KeyError(f"no table {name!r}; tables: {self.tables()}")
 

@@ -31,7 +31,7 @@ from pkvm.errors import HostDataAbort, HypPanic
 from pkvm.host.kvm import host_va
 from pkvm.machine.memory import PAGE_SHIFT
 
-Op = tuple  # ("hvc", name, *args) | ("store", pa, bytes)
+Op = tuple[Any, ...]  # ("hvc", name, *args) | ("store", pa, bytes)
 Setup = Callable[[Any], dict[int, list[Op]]]
 
 
@@ -195,7 +195,7 @@ class BatonScheduler:
 
 
 # --- exploring ---------------------------------------------------------------------------------
-def _outcome(m: Any, ex: Execution) -> tuple:
+def _outcome(m: Any, ex: Execution) -> tuple[Any, ...]:
     return (tuple(tuple(ex.results[c]) for c in sorted(ex.results)),
             tuple(sorted(m.inspect.page_counts().items(), key=repr)),
             tuple(repr(v) for v in m.inspect.vms()))
@@ -217,7 +217,7 @@ def _fresh(make: Callable[[], Any], setup: Setup) -> tuple[Any, dict[int, list[O
     return m, setup(m)
 
 
-def serial_outcomes(make: Callable[[], Any], setup: Setup) -> set[tuple]:
+def serial_outcomes(make: Callable[[], Any], setup: Setup) -> set[tuple[Any, ...]]:
     """Outcomes of every interleaving at step granularity (each step runs alone)."""
     m, programs = _fresh(make, setup)
     cpus = sorted(programs)

@@ -58,14 +58,14 @@ class Failure:
 class RunResult:
     failure: Failure | None = None
     panics: list[str] = field(default_factory=list)
-    known_warns: Counter = field(default_factory=Counter)  # WARN panics at KNOWN_KERNEL_WARNS
+    known_warns: Counter[Any] = field(default_factory=Counter)  # WARN panics at KNOWN_KERNEL_WARNS
     steps_run: int = 0
-    calls: Counter = field(default_factory=Counter)
-    transitions: Counter = field(default_factory=Counter)
-    driver_errors: Counter = field(default_factory=Counter)
+    calls: Counter[Any] = field(default_factory=Counter)
+    transitions: Counter[Any] = field(default_factory=Counter)
+    driver_errors: Counter[Any] = field(default_factory=Counter)
     driver_tracebacks: dict[str, str] = field(default_factory=dict)
     raced: int = 0  # ghost predictions skipped: a racing host store changed the call's inputs
-    log: list[tuple] = field(default_factory=list)
+    log: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 def _from_hyp(tb: Any) -> bool:

@@ -125,8 +125,8 @@ class World:
             self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)
             self.m.listeners.append(self.m.checker.after_call)
         self.m.listeners.insert(0, self._on_call)
-        self.m.host.port.observe_stores(self._on_store)
-        self.racer = Racer(self.m, self.m.host_port())
+        self.m.host_port.observe_stores(self._on_store)
+        self.racer = Racer(self.m, self.m.new_host_port())
         self.m.interpose_hvc(self._log_call)
         if self.m.checker is not None and self.m.checker.ghost is not None:
             # A racing store changed the call's host-shared inputs: the ghost's prediction from
@@ -144,7 +144,7 @@ class World:
         self.vms: list[Any] = []
         self.cur: Any = None  # the VM of the vCPU session in progress
         self.handles: list[int] = []
-        self.results: Counter = Counter()
+        self.results: Counter[Any] = Counter()
         ram_base, ram_end = self.m.inspect.ram_range()
         ram_lo, ram_hi = ram_base >> PAGE_SHIFT, ram_end >> PAGE_SHIFT
         cb, cs = self.m.carveout
@@ -205,7 +205,7 @@ class World:
     def guest_pages(self) -> list[int]:
         return [pa for vm in self.vms for pa in list(vm.mapped.values())[:8]]
 
-    def pfn(self, spec: tuple) -> int:
+    def pfn(self, spec: tuple[Any, ...]) -> int:
         kind, k = spec
         pool: list[int] = []
         if kind == "shared":
@@ -219,24 +219,24 @@ class World:
         elif kind == "special":
             pool = self.specials
         if pool:
-            return pool[k % len(pool)]
+            return int(pool[k % len(pool)])
         return self.page(k) >> PAGE_SHIFT
 
-    def handle(self, spec: tuple) -> int:
+    def handle(self, spec: tuple[Any, ...]) -> int:
         kind, k = spec
         if kind == "cur" and self.cur is not None:
             return self.cur.handle or 0x1000
         if kind == "vm" and self.vms:
             return self.vm(k).handle or 0x1000  # type: ignore[union-attr]
         if kind == "seen" and self.handles:
-            return self.handles[k % len(self.handles)]
-        return FORGED_HANDLES[k % len(FORGED_HANDLES)]
+            return int(self.handles[k % len(self.handles)])
+        return int(FORGED_HANDLES[k % len(FORGED_HANDLES)])
 
     def gfn(self, spec: Any) -> int:
         """A guest frame: GFN0 + an offset, or ("mapped", k): one the current VM (any VM
         outside a session) has mapped."""
         if not isinstance(spec, tuple):
-            return GFN0 + spec
+            return GFN0 + int(spec)
         vms = [self.cur] if self.cur is not None else self.vms
         mapped = [g for vm in vms for g in vm.mapped]
         return mapped[spec[1] % len(mapped)] if mapped else GFN0
@@ -246,14 +246,14 @@ class World:
         if gfn not in vm.mapped and vm.in_memslot(gfn):
             vm.write(gfn << PAGE_SHIFT, b"guest data %x " % gfn * 4)
 
-    def host_ptr(self, spec: tuple) -> int:
+    def host_ptr(self, spec: tuple[Any, ...]) -> int:
         """A host kernel VA (as the host driver forms them, `host_va`), with an offset: of a
         VM's struct kvm / kvm_vcpu, or into a page of any state and history: host-owned,
         shared, just changed ("recent", newest first), shared then unshared, donated and
         returned, hyp-owned (a live VM's), guest-owned, the region edges and beyond RAM."""
         kind, k, off = spec
         if kind == "kvm" and self.vms:
-            return host_va(self.vm(k).kvm_pa) + off  # type: ignore[union-attr]
+            return int(host_va(self.vm(k).kvm_pa) + off)  # type: ignore[union-attr]
         if kind == "vcpu" and self.vms:
             vm = self.vm(k)
             if vm.vcpus:  # type: ignore[union-attr]
@@ -272,8 +272,8 @@ class World:
         }
         pool = pools[kind]() if kind in pools else []
         if pool:
-            return (host_va(pool[k % len(pool)] << PAGE_SHIFT) + off) & U64
-        return host_va(self.page(k)) + off
+            return int(host_va(pool[k % len(pool)] << PAGE_SHIFT) + off) & U64
+        return int(host_va(self.page(k)) + off)
 
 
 FORGED_HANDLES = [0, 0x1000, 0x1001, 0x1000 + 254, 0x1000 + 255, 0xFFF, 0xFFFF, 0x11000,
@@ -312,18 +312,18 @@ def run_step(w: World, s: Step) -> None:
         raise ValueError(f"unknown fuzzer op {op!r}")
 
 
-def _alloc(w: World, cpu: int, a: tuple) -> None:
+def _alloc(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     w.pages.append(w.m.host.alloc_pages(1))
 
 
-def _share(w: World, cpu: int, a: tuple) -> None:
+def _share(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     pfn = w.pfn(a[0])
     if w.m.hvc(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
         w.shared.append(pfn)
         w.touched(pfn)
 
 
-def _unshare(w: World, cpu: int, a: tuple) -> None:
+def _unshare(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     pfn = w.pfn(a[0])
     if w.m.hvc(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0:
         if pfn in w.shared:
@@ -332,14 +332,14 @@ def _unshare(w: World, cpu: int, a: tuple) -> None:
         w.touched(pfn)
 
 
-def _create_vm(w: World, cpu: int, a: tuple) -> None:
+def _create_vm(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     vm = w.m.host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
     w.vms.append(vm)
     if vm.handle:
         w.handles.append(vm.handle)
 
 
-def _map(w: World, cpu: int, a: tuple) -> None:
+def _map(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     vm = w.vm(a[0])
     if vm is not None and not vm.destroyed:
         for g in range(GFN0 + a[1] % 64, GFN0 + a[1] % 64 + a[2]):
@@ -347,55 +347,55 @@ def _map(w: World, cpu: int, a: tuple) -> None:
         vm.map(GFN0 + a[1] % 64, a[2], cpu=cpu)
 
 
-def _destroy(w: World, cpu: int, a: tuple) -> None:
+def _destroy(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     vm = w.vm(a[0])
     if vm is not None:
         vm.destroy()
         w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([vm])))
 
 
-def _reserve(w: World, cpu: int, a: tuple) -> None:
+def _reserve(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     r = w.m.hvc(cpu, "__pkvm_reserve_vm")
     if r.x0 == 0 and r.x1 > 0:
         w.handles.append(r.x1)
 
 
-def _handle_call(w: World, cpu: int, op: str, a: tuple) -> None:
+def _handle_call(w: World, cpu: int, op: str, a: tuple[Any, ...]) -> None:
     handle = w.handle(a[0])
     if w.m.hvc(cpu, HANDLE_CALLS[op], handle).x1 == 0:
         w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([v for v in w.vms
                                                           if v.handle == handle])))
 
 
-def _init_vm(w: World, cpu: int, a: tuple) -> None:
+def _init_vm(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     r = w.m.hvc(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
     if r.x0 == 0 and r.x1 > 0:
         w.handles.append(r.x1)
 
 
-def _init_vcpu(w: World, cpu: int, a: tuple) -> None:
+def _init_vcpu(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     w.m.hvc(cpu, "__pkvm_init_vcpu", w.handle(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
 
 
-def _load(w: World, cpu: int, a: tuple) -> None:
+def _load(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     w.m.hvc(cpu, "__pkvm_vcpu_load", w.handle(a[0]), a[1], HCR_HOST_VCPU)
 
 
-def _put(w: World, cpu: int, a: tuple) -> None:
+def _put(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     w.m.hvc(cpu, "__pkvm_vcpu_put")
 
 
-def _release(w: World, cpu: int, a: tuple) -> None:
+def _release(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     while w.hoard:
         pfn, n = w.hoard.pop()
         w.m.host.pages.release(pfn, n)
 
 
-def _raw(w: World, cpu: int, a: tuple) -> None:
+def _raw(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     w.m.hvc(cpu, a[0], *a[1:])
 
 
-def _ptr_call(w: World, cpu: int, a: tuple) -> None:
+def _ptr_call(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """A handler taking a host pointer in x1, then plain arguments."""
     w.m.hvc(cpu, a[0], w.host_ptr(a[1]), *a[2])
 
@@ -405,7 +405,7 @@ GUEST_OPS = frozenset({"share_guest", "donate_guest", "unshare_guest", "reclaim_
                        "test_clear_young"})
 
 
-def guest_call(w: World, cpu: int, op: str, a: tuple) -> None:
+def guest_call(w: World, cpu: int, op: str, a: tuple[Any, ...]) -> None:
     """One of the 7.2 guest-memory hypercalls with symbolic operands."""
     hv = w.m.hvc
     if op == "share_guest":
@@ -429,7 +429,7 @@ def guest_call(w: World, cpu: int, op: str, a: tuple) -> None:
         hv(cpu, name, w.handle(a[0]), w.gfn(a[1]), a[2], a[3])
 
 
-def _live_vcpu(w: World, a: tuple) -> tuple[Any, Any] | None:
+def _live_vcpu(w: World, a: tuple[Any, ...]) -> tuple[Any, Any] | None:
     """The a[1]-th vCPU of the a[0]-th VM the host has not destroyed."""
     live = [vm for vm in w.vms if not vm.destroyed and vm.handle and vm.vcpus]
     if not live:
@@ -438,7 +438,7 @@ def _live_vcpu(w: World, a: tuple) -> tuple[Any, Any] | None:
     return vm, vm.vcpus[a[1] % len(vm.vcpus)]
 
 
-def _session(w: World, cpu: int, a: tuple) -> None:
+def _session(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """The host driver's vCPU session: hyp vCPU created, memcache topped up, vCPU loaded on
     `cpu`, then the inner steps (guest-memory calls, possibly hostile), then put."""
     got = _live_vcpu(w, a)
@@ -464,7 +464,7 @@ def _session(w: World, cpu: int, a: tuple) -> None:
     w.m.hvc(cpu, "__pkvm_vcpu_put")
 
 
-def _lifecycle(w: World, cpu: int, a: tuple) -> None:
+def _lifecycle(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """A whole legitimate VM life: create, map pages (first/last slot pages included), destroy."""
     vm = w.m.host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
     w.vms.append(vm)
@@ -478,7 +478,7 @@ def _lifecycle(w: World, cpu: int, a: tuple) -> None:
         w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([vm])))
 
 
-def _struct_field(w: World, a: tuple) -> tuple[int, int] | None:
+def _struct_field(w: World, a: tuple[Any, ...]) -> tuple[int, int] | None:
     """(pa, size) of field `a[2]` of the host struct kvm (a[1] == 0) or a kvm_vcpu of VM a[0]."""
     vm = w.vm(a[0])
     if vm is None:
@@ -493,22 +493,22 @@ def _struct_field(w: World, a: tuple) -> tuple[int, int] | None:
     return base + f.offset, min(f.size, 8)
 
 
-def _value(w: World, a: tuple, size: int, pa: int) -> bytes:
+def _value(w: World, a: tuple[Any, ...], size: int, pa: int) -> bytes:
     """An interesting value, or ("rel", d): what is there now plus d (off-by-ones)."""
     v = a[3]
     if isinstance(v, tuple):
         v = int.from_bytes(w.m.host.read(pa, size), "little") + v[1]
-    return (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+    return int(v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
-def _scribble(w: World, cpu: int, a: tuple) -> None:
+def _scribble(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     where = _struct_field(w, a)
     if where is not None:
         pa, size = where
         w.m.host.write(pa, _value(w, a, size, pa), cpu=cpu)
 
 
-def _scribble_init(w: World, cpu: int, a: tuple) -> None:
+def _scribble_init(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """The host writes a field of a vCPU struct, then the driver creates the hyp vCPU."""
     got = _live_vcpu(w, a)
     if got is None:
@@ -523,7 +523,7 @@ def _scribble_init(w: World, cpu: int, a: tuple) -> None:
     vm.ensure_hyp_vcpu(vcpu)
 
 
-def _race(w: World, cpu: int, a: tuple) -> None:
+def _race(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """Run step a[2] while a second host CPU overwrites, with value a[0], the host-shared bytes
     EL2 reads at its a[1]-th read of host-shared memory in that step."""
     w.racer.arm([], a[1], a[0])
@@ -534,7 +534,7 @@ def _race(w: World, cpu: int, a: tuple) -> None:
         w.racer.arm([])
 
 
-def _hostile_memcache(w: World, cpu: int, a: tuple) -> None:
+def _hostile_memcache(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """The host points a vCPU's memcache at a list of its choosing (unaligned head, pages in
     any state, a cycle, an overlong count), then asks for a guest mapping with it loaded."""
     got = _live_vcpu(w, a)
@@ -569,7 +569,7 @@ def _hostile_memcache(w: World, cpu: int, a: tuple) -> None:
     hv(cpu, "__pkvm_vcpu_put")
 
 
-def _exhaust_op(w: World, cpu: int, a: tuple) -> None:
+def _exhaust_op(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """Take the host's free memory, leaving a[0] pages: the driver then runs short (the pages
     are only reserved in the host's allocator, never touched)."""
     alloc = w.m.host.pages
@@ -578,14 +578,14 @@ def _exhaust_op(w: World, cpu: int, a: tuple) -> None:
         n = want
         while n and (pfn := alloc.alloc(n)) is None:
             n //= 2
-        if not n:
+        if not n or pfn is None:
             break
         w.hoard.append((pfn, n))
         want -= n
 
 
 # Every step op but the handle calls (`HANDLE_CALLS`) and the guest-memory calls (`GUEST_OPS`).
-STEP_OPS: dict[str, Callable[[World, int, tuple], None]] = {
+STEP_OPS: dict[str, Callable[[World, int, tuple[Any, ...]], None]] = {
     "alloc": _alloc, "share": _share, "unshare": _unshare, "create_vm": _create_vm,
     "map": _map, "destroy": _destroy, "lifecycle": _lifecycle, "reserve": _reserve,
     "init_vm": _init_vm, "init_vcpu": _init_vcpu, "load": _load, "put": _put,

@@ -263,7 +263,7 @@ class GuestGhost:
                      nr: int, prot: int) -> int:
         r = pre["refill"]
         if r["ret"]:
-            return r["ret"]
+            return int(r["ret"])
         if share:
             if prot & ~RWX:
                 return -EINVAL

@@ -23,8 +23,8 @@ class GlobalInvariants(PageInvariants):
     carveout: tuple[int, int]
     _globals_pfns: set[int]
 
-    def expected_pins(self) -> Counter:
-        pins: Counter = Counter()
+    def expected_pins(self) -> Counter[int]:
+        pins: Counter[Any] = Counter()
 
         def add(va: int, size: int) -> None:
             lo = va & ~(PAGE_SIZE - 1)

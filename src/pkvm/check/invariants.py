@@ -69,10 +69,10 @@ class Checker(GlobalInvariants):
         # Pages a 7.2 guest still had when its VM was finalised: finalize does not reclaim
         # them (vm-state.md §4.5), so they keep their state with no guest mapping left.
         self.orphan_owned: set[int] = set()
-        self.orphan_borrowed: Counter = Counter()
+        self.orphan_borrowed: Counter[Any] = Counter()
         self._about_to_orphan: list[tuple[int, PageState]] | None = None
-        self.transitions: Counter = Counter()  # ((host, hyp) before, after) -> pages
-        self._globals_fp: tuple | None = None  # see _fingerprint
+        self.transitions: Counter[Any] = Counter()  # ((host, hyp) before, after) -> pages
+        self._globals_fp: tuple[Any, ...] | None = None  # see _fingerprint
         self._globals_pfns: set[int] = set()
         self.globals_skipped = 0
         vm = self.h.vmemmap
@@ -163,12 +163,12 @@ class Checker(GlobalInvariants):
             name, msg = found[0]
             raise InvariantViolation(name, msg)
 
-    def _fingerprint(self) -> tuple:
+    def _fingerprint(self) -> tuple[Any, ...]:
         """What the global facts depend on besides page entries: the VM table's slots, each
         live VM's dying flag, vCPUs and where they are loaded, and the per-CPU loaded vCPUs.
         `check_globals` re-runs when this changes or a call touches one of the pages it read
         (`_globals_pfns`: pinned pages and hyp VM pages)."""
-        table = self.h.vm_table or []
+        table = self.h.vm_table
         if table.count(None) == len(table):
             return (), tuple(map(id, self.h.loaded_hyp_vcpu))
         vms = tuple((id(s), getattr(s, "is_dying", None), getattr(s, "created_vcpus", None),

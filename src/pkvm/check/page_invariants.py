@@ -111,7 +111,8 @@ class PageInvariants:
         return [(pfn, st) for pfn, lst in self.guest_map().items() for hd, st in lst
                 if hd == handle]
 
-    def check_pages(self, pfns: Iterable[int], call: str = "", gmap: dict | None = None) -> None:
+    def check_pages(self, pfns: Iterable[int], call: str = "",
+                    gmap: dict[int, list[tuple[int, PageState]]] | None = None) -> None:
         pfns = [p for p in pfns if self._ram_lo <= p < self._ram_hi]
         if not pfns:
             return

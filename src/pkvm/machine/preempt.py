@@ -45,8 +45,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
-from unicorn import UC_ARCH_ARM64, UC_HOOK_CODE, UC_MODE_ARM, Uc
+from unicorn import UC_ARCH_ARM64, UC_HOOK_CODE, UC_MODE_ARM
 from unicorn import arm64_const as A
+from unicorn.unicorn_py3.unicorn import Uc
 
 
 class Scheduler(Protocol):
