@@ -93,8 +93,12 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
         except (HostError, MemoryError):
             pass
         except HostDataAbort:
-            if w.m.dead:
+            if w.m.dead:  # 6.12: the hyp's BUG_ON on a refused host access
                 res.panics.append(f"step {i}: fatal host abort ({s})")
+                if not w.hostile:
+                    res.failure = Failure("panic", f"panic@{s.op}", "fatal host abort in a call "
+                                          f"sequence the host driver issues ({s})", i)
+                    break
                 _absorb(res, w)
                 w = World(memory, cpus, abi, bugs)
         except HypPanic as e:
