@@ -168,11 +168,7 @@ class BatonScheduler:
     def _quiescent_check(self) -> None:
         if any(self.in_call.values()) or self.m.dead:
             return
-        c = self.checker
-        c._live = None
-        c._gmap = None
-        c.check_pages(c._changed_pages())
-        c.check_globals()
+        self.checker.check_changed()
 
     def run(self) -> Execution:
         with self.pts.scheduled(self):

@@ -64,7 +64,7 @@ class Racer:
 
     def __init__(self, m: Any, port: Any):
         self.m = m
-        self.port = port
+        self.store_port = port
         self.plan: list[tuple[int, bytes]] = []
         self.value: Any = None
         self.fire_at = 0
@@ -83,7 +83,7 @@ class Racer:
         pa, size = int(pa_s, 0), min(int(n), 8)
         v = self.value
         if isinstance(v, tuple):
-            v = int.from_bytes(self.port.read(0, pa, size), "little") + v[1]
+            v = int.from_bytes(self.store_port.read(0, pa, size), "little") + v[1]
         return [(pa, (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))]
 
     def preempt(self, cpu: int, event: str, detail: str) -> None:
@@ -103,7 +103,7 @@ class Racer:
         self.plan, self.value = [], None
         for pa, data in stores:
             try:
-                self.port.write(racer_cpu, pa, data)
+                self.store_port.write(racer_cpu, pa, data)
             except (HostDataAbort, RaceBlocked):
                 continue  # the store did not happen (refused, or would deadlock here)
             finally:

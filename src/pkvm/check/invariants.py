@@ -156,6 +156,14 @@ class Checker(GlobalInvariants):
             v.args = (v._render(),)
             raise
 
+    def check_changed(self) -> None:
+        """The pages changed since the last check and the global facts, with no call to blame
+        (the explorer's check between steps, when no CPU is inside the hyp)."""
+        self._live = None
+        self._gmap = None
+        self.check_pages(self._changed_pages())
+        self.check_globals()
+
     def _oracles(self) -> None:
         """The registered per-call oracles of `pkvm.check.oracles` (WARNs, hardware)."""
         found = run_all(self.machine.inspect)
