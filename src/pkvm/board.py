@@ -261,8 +261,9 @@ class Machine:
 
     `check=True` runs the invariant checker after every hypercall; `trace` keeps every hypercall
     (True), the last N (an int) or none (False); `bugs` switches seeded bugs on
-    (`pkvm.check.bugs`); `timeslice` is the number of guest instructions after which the
-    physical timer interrupts a running guest (None: run until it exits)."""
+    (`pkvm.check.bugs`); `timeslice` is the number of guest instructions (an int) or the seconds
+    of wall-clock time (a float, `pkvm.machine.preempt.run_for`) after which the physical timer
+    interrupts a running guest (None: run until it exits)."""
 
     def __init__(
         self,
@@ -272,7 +273,7 @@ class Machine:
         check: bool = False,
         trace: bool | int = True,
         bugs: tuple[str, ...] | frozenset[str] = (),
-        timeslice: int | None = None,
+        timeslice: int | float | None = None,
         ffa: bool = False,
     ):
         size = parse_size(memory)
@@ -540,8 +541,10 @@ class Machine:
         tlb = h.host_s2_tlb
         key = (pa >> 12) << 1 | write
         hit = tlb.entries.get(key)
+        mmu = h.host_mmu
+        assert mmu is not None  # set by __pkvm_init, before HCR_EL2.VM is
         if hit is not None:
-            gen = h.host_mmu.pgt.gen  # type: ignore[union-attr]
+            gen = mmu.pgt.gen
             if hit[2] != gen:
                 self._recheck_host_tlb(el2.vttbr_el2, pa, write, hit, gen)
             return hit[0] + (pa & 0xFFF) if hit[0] >= 0 else None
@@ -549,8 +552,7 @@ class Machine:
             out, fault = s2_translate(self.mem, el2.vttbr_el2, pa, write)
             if fault is None:
                 ram = self.mem.is_ram(out)
-                tlb.entries[key] = [(out & ~0xFFF) if ram else -1, write,
-                                    h.host_mmu.pgt.gen]  # type: ignore[union-attr]
+                tlb.entries[key] = [(out & ~0xFFF) if ram else -1, write, mmu.pgt.gen]
                 break
             h.locks.cpu = cpu
             try:
@@ -618,7 +620,7 @@ def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",
         timeslice = LINUX_SLICE if preempt.available() else 2_000_000
     machine_mem = 2 * guest_memory + (256 << 20)
     return Machine(memory=machine_mem, cpus=max(2, vcpus), abi=abi, trace=False,
-                   timeslice=timeslice)  # type: ignore[arg-type]
+                   timeslice=timeslice)
 
 
 LINUX_SLICE = 0.005  # seconds a vCPU of a Linux guest runs before the host's timer preempts it

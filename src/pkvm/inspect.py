@@ -58,6 +58,20 @@ class PageInfo:
     share_count: int
 
 
+def _host_pgt(h: HypState) -> KvmPgtable:
+    """The host stage-2 (it exists from `__pkvm_init` on, before any view is made)."""
+    mmu = h.host_mmu
+    assert mmu is not None
+    return mmu.pgt
+
+
+def _hyp_pgt(h: HypState) -> KvmPgtable:
+    """The hyp stage-1 (it exists from `__pkvm_init` on)."""
+    pgt = h.pkvm_pgtable
+    assert pgt is not None
+    return pgt
+
+
 class Inspector:
     def __init__(self, hyp: "HypState", machine: "Machine"):
         self._h = hyp
@@ -115,7 +129,7 @@ class Inspector:
                 s = get_host_state(h, pa)
                 if s != PageState.NOPAGE:
                     counts[("host", s.name)] += 1
-            for _va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):  # type: ignore[union-attr]
+            for _va, level, pte in _hyp_pgt(h).leaves(valid_only=True):
                 counts[("hyp", hyp_state_of_pte(pte).name)] += 1 << (9 * (3 - level))
         for handle, states in self.guest_states().items():
             for s in states.values():
@@ -144,7 +158,7 @@ class Inspector:
                         h.vmemmap.host_share_guest_count[i])
 
     def host_annotation(self, pa: int) -> tuple[int, int] | None:
-        _, pte, _ = self._h.host_mmu.pgt.get_leaf(pa)  # type: ignore[union-attr]
+        _, pte, _ = _host_pgt(self._h).get_leaf(pa)
         return decode_host_annotation(pte)
 
     # -- tables ------------------------------------------------------------------------
@@ -290,14 +304,14 @@ class Inspector:
             hyp = bytes(h.vmemmap.hyp_state)
         else:
             hs = bytearray([PageState.OWNED]) * n  # an empty host stage-2 entry reads OWNED
-            for addr, level, pte in h.host_mmu.pgt.leaves():  # type: ignore[union-attr]
+            for addr, level, pte in _host_pgt(h).leaves():
                 i = (addr >> PAGE_SHIFT) - base_pfn
                 k = 1 << (9 * (3 - level))
                 lo, hi = max(i, 0), min(i + k, n)
                 if lo < hi:
                     hs[lo:hi] = bytes([host_state_of_pte(h, pte, addr)]) * (hi - lo)
             ys = bytearray([PageState.NOPAGE]) * n
-            for va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):  # type: ignore[union-attr]
+            for va, level, pte in _hyp_pgt(h).leaves(valid_only=True):
                 i = (hyp_pa(va) >> PAGE_SHIFT) - base_pfn
                 k = 1 << (9 * (3 - level))
                 lo, hi = max(i, 0), min(i + k, n)
@@ -383,15 +397,11 @@ class HypView:
 
     @property
     def host_pgt(self) -> KvmPgtable:
-        mmu = self._h.host_mmu
-        assert mmu is not None
-        return mmu.pgt
+        return _host_pgt(self._h)
 
     @property
     def hyp_pgt(self) -> KvmPgtable:
-        pgt = self._h.pkvm_pgtable
-        assert pgt is not None
-        return pgt
+        return _hyp_pgt(self._h)
 
     def pools(self) -> list[tuple[str, HypPool]]:
         """The hyp's global page pools (each VM's own pool is `vm.pool`)."""

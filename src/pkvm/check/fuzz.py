@@ -195,7 +195,8 @@ def shrink(steps: list[Step], failure: Failure, memory: str, cpus: int, abi: str
     best = fails(cur)
     if best is None:  # not reproducible from a fresh machine (should not happen: all seeded)
         return cur, execute(cur, memory, cpus, abi, bugs)
-    cur = cur[: best.failure.step_index + 1]  # type: ignore[union-attr]
+    assert best.failure is not None  # `fails` returns only failed runs
+    cur = cur[: best.failure.step_index + 1]
     n = 2
     while len(cur) >= 2 and runs < max_runs and time.monotonic() - t0 < max_seconds:
         chunk = max(1, len(cur) // n)
@@ -203,8 +204,8 @@ def shrink(steps: list[Step], failure: Failure, memory: str, cpus: int, abi: str
         for start in range(0, len(cur), chunk):
             cand = cur[:start] + cur[start + chunk:]
             r = fails(cand) if cand else None
-            if r is not None:
-                cur, best = cand[: r.failure.step_index + 1], r  # type: ignore[union-attr]
+            if r is not None and r.failure is not None:
+                cur, best = cand[: r.failure.step_index + 1], r
                 n = max(n - 1, 2)
                 reduced = True
                 break

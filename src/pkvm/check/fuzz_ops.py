@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pkvm.abi.host_structs import KVM, KVM_VCPU
+from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.board import Machine
 from pkvm.check.invariants import Checker
 from pkvm.errors import HostDataAbort, HostError, errno_name
@@ -225,9 +226,9 @@ class World:
     def handle(self, spec: tuple[Any, ...]) -> int:
         kind, k = spec
         if kind == "cur" and self.cur is not None:
-            return self.cur.handle or 0x1000
+            return self.cur.handle or HANDLE_OFFSET
         if kind == "vm" and self.vms:
-            return self.vm(k).handle or 0x1000  # type: ignore[union-attr]
+            return self.vms[k % len(self.vms)].handle or HANDLE_OFFSET
         if kind == "seen" and self.handles:
             return int(self.handles[k % len(self.handles)])
         return int(FORGED_HANDLES[k % len(FORGED_HANDLES)])
@@ -253,11 +254,11 @@ class World:
         returned, hyp-owned (a live VM's), guest-owned, the region edges and beyond RAM."""
         kind, k, off = spec
         if kind == "kvm" and self.vms:
-            return int(host_va(self.vm(k).kvm_pa) + off)  # type: ignore[union-attr]
+            return int(host_va(self.vms[k % len(self.vms)].kvm_pa) + off)
         if kind == "vcpu" and self.vms:
-            vm = self.vm(k)
-            if vm.vcpus:  # type: ignore[union-attr]
-                return host_va(vm.vcpus[off % len(vm.vcpus)].pa)  # type: ignore[union-attr]
+            vm = self.vms[k % len(self.vms)]
+            if vm.vcpus:
+                return int(host_va(vm.vcpus[off % len(vm.vcpus)].pa))
         if kind == "fresh":
             pa = self.m.host.alloc_pages(max(1, k))
             self.pages.append(pa)
