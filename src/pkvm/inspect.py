@@ -430,5 +430,10 @@ class HypView:
 
     @staticmethod
     def counted_entries(pgt: KvmPgtable, table: int, mem: RamView) -> int:
-        """Entries of table page `table` that hold a reference on it (its refcount - 1)."""
-        return sum(1 for k in range(512) if pgt._counted(mem.read_u64(table + 8 * k)))
+        """Entries of table page `table` that hold a reference on it (its refcount - 1): in a
+        stage-1 table the valid ones, in a stage-2 table every non-zero one (an invalid entry
+        carrying an ownership annotation holds its reference too)."""
+        ptes = mem.u64[(table - mem.base) >> 3:((table - mem.base) >> 3) + 512].tolist()
+        if pgt.stage == 1:
+            return sum(pte & 1 for pte in ptes)
+        return sum(1 for pte in ptes if pte)
