@@ -12,18 +12,23 @@ from __future__ import annotations
 import collections
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
 from pkvm.abi import sizes
 from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile, get_profile
+from pkvm.check import Checker
 from pkvm.errors import EPERM, HostDataAbort, HypPanic
 from pkvm.host import Host
 from pkvm.hyp.hyp_main import handle_host_hcall, handle_host_smc
 from pkvm.hyp.mem_protect import handle_host_mem_abort
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.psci_relay import init_psci_relay, kvm_hyp_cpu_start
+from pkvm.hyp.setup import hyp_image_pages
 from pkvm.hyp.state import HypState, new_hyp_state
+from pkvm.inspect import Inspector
+from pkvm.machine import preempt
 from pkvm.machine.firmware import OFF, ON, Firmware, board_mpidr, smc_func_id
 from pkvm.machine.memory import (
     MMIO_BASE,
@@ -37,6 +42,8 @@ from pkvm.machine.memory import (
 )
 from pkvm.machine.mmu import FAULT_PERMISSION, HCR_VM, El2Regs, s2_translate
 from pkvm.machine.preempt import PreemptionPoints
+from pkvm.machine.spmc import Spmc
+from pkvm.port import HostPort
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 _ZEROS = [0] * 6
@@ -134,8 +141,6 @@ def carveout_layout(mem_size: int, profile: Profile, nr_cpus: int) -> tuple[int,
 
     Size: the summed terms rounded up to 2 MiB (plus 2 MiB if the model's hyp image does not fit
     in the rounding slack); it ends 6 MiB below the end of RAM."""
-    from pkvm.hyp.setup import hyp_image_pages
-
     regions = [(RAM_BASE, mem_size)]
     pages = sizes.kvm_hyp_reserve_pages(regions, profile.hyp_page_size)
     size = (pages << PAGE_SHIFT) + sizes.SZ_2M - 1 & ~(sizes.SZ_2M - 1)
@@ -145,90 +150,18 @@ def carveout_layout(mem_size: int, profile: Profile, nr_cpus: int) -> tuple[int,
     return base, size
 
 
-class HostPort:
-    """All the host (EL1) can do to the rest of the machine: HVC, and memory accesses that the
-    hardware checks against the host stage-2. The host holds this, never the machine."""
-
-    __slots__ = ("_m",)
-
-    def __init__(self, machine: "Machine"):
-        self._m = machine
-
-    def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
-        return self._m.hvc(cpu, func, *args)
-
-    def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
-        return self._m.smc(cpu, func, *args, imm=imm)
-
-    def read(self, cpu: int, pa: int, n: int) -> bytes:
-        m = self._m
-        if 0 < n <= PAGE_SIZE - (pa & 0xFFF):  # within one page: one translation
-            out = m.host_translate(cpu, pa, False)
-            return m.mem.read(out, n) if out is not None else bytes(n)
-        spans = self._translate(cpu, pa, n, False)
-        return b"".join(m.mem.read(out, k) if out is not None else bytes(k) for out, k in spans)
-
-    def write(self, cpu: int, pa: int, data: bytes) -> None:
-        m = self._m
-        if 0 < len(data) <= PAGE_SIZE - (pa & 0xFFF):
-            out = m.host_translate(cpu, pa, True)
-            if out is not None:
-                m.mem.write(out, data)
-            return
-        spans = self._translate(cpu, pa, len(data), True)
-        pos = 0
-        for out, k in spans:
-            if out is not None:
-                m.mem.write(out, data[pos : pos + k])
-            pos += k
-
-    def read_u64(self, cpu: int, pa: int) -> int:
-        """An 8-byte load: one translation (the TLB's, on a hit) and one read of RAM."""
-        if pa & 0xFFF > PAGE_SIZE - 8:  # straddles two pages
-            return int.from_bytes(self.read(cpu, pa, 8), "little")
-        out = self._m.host_translate(cpu, pa, False)
-        if out is None:
-            return 0
-        mem = self._m.mem
-        return mem.read_u64(out) if not out & 7 else int.from_bytes(mem.read(out, 8), "little")
-
-    def write_u64(self, cpu: int, pa: int, value: int) -> None:
-        if pa & 0xFFF > PAGE_SIZE - 8:
-            self.write(cpu, pa, (value & U64).to_bytes(8, "little"))
-            return
-        out = self._m.host_translate(cpu, pa, True)
-        if out is None:
-            return
-        mem = self._m.mem
-        if out & 7:
-            mem.write(out, (value & U64).to_bytes(8, "little"))
-        else:
-            mem.write_u64(out, value & U64)
-
-    def zero(self, cpu: int, pa: int, n: int) -> None:
-        """memset(0) of whole host pages (pages already zero are left untouched)."""
-        for out, k in self._translate(cpu, pa, n, True):
-            if out is not None:
-                self._m.mem.zero(out, k)
-
-    def _translate(self, cpu: int, pa: int, n: int, write: bool) -> list[tuple[int | None, int]]:
-        """Check every page of [pa, pa+n) first: a refused access changes nothing."""
-        spans = []
-        while n > 0:
-            k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
-            spans.append((self._m.host_translate(cpu, pa, write), k))
-            pa += k
-            n -= k
-        return spans
-
-
+Proceed = Callable[[int, str | int, tuple[int, ...]], HvcResult]
+Interposer = Callable[[Proceed, int, str | int, tuple[int, ...]], HvcResult]
+SmcProceed = Callable[[int, str | int, tuple[int, ...], int], SmcResult]
+SmcInterposer = Callable[[SmcProceed, int, str | int, tuple[int, ...], int], SmcResult]
 class Machine:
     """A booted, finalised pKVM machine: `Machine(memory="2G", cpus=4, abi="latest")`.
 
     `check=True` runs the invariant checker after every hypercall; `trace` keeps every hypercall
     (True), the last N (an int) or none (False); `bugs` switches seeded bugs on
-    (`pkvm.check.bugs`); `timeslice` is the number of guest instructions after which the
-    physical timer interrupts a running guest (None: run until it exits)."""
+    (`pkvm.check.bugs`); `timeslice` is the number of guest instructions (an int) or the seconds
+    of wall-clock time (a float, `pkvm.machine.preempt.run_for`) after which the physical timer
+    interrupts a running guest (None: run until it exits)."""
 
     def __init__(
         self,
@@ -238,7 +171,7 @@ class Machine:
         check: bool = False,
         trace: bool | int = True,
         bugs: tuple[str, ...] | frozenset[str] = (),
-        timeslice: int | None = None,
+        timeslice: int | float | None = None,
         ffa: bool = False,
     ):
         size = parse_size(memory)
@@ -256,8 +189,6 @@ class Machine:
         # EL3: PSCI for the CPUs (only CPU 0 runs at reset), FF-A when `ffa` (an SPMC).
         spmc = None
         if ffa:
-            from pkvm.machine.spmc import Spmc
-
             spmc = Spmc(self.mem)
         self.firmware = Firmware(cpus, self.mem, ffa=spmc)
         self.firmware.on_cpu_start = self._cpu_start
@@ -276,18 +207,17 @@ class Machine:
         self.trace: collections.deque[TraceRecord] = collections.deque(maxlen=maxlen)
         self.host_aborts: collections.deque[HostAbortRecord] = collections.deque(maxlen=maxlen)
         self._seq = 0
-        self.listeners: list[Any] = []  # called with each TraceRecord (checkers, UIs)
-        self.host = Host(HostPort(self), self.profile, self.nr_cpus, self.mem.base, self.mem.size,
+        self.listeners: list[Callable[[TraceRecord], None]] = []  # after each call (checkers, UIs)
+        self._interposers: list[Interposer] = []
+        self._smc_interposers: list[SmcInterposer] = []
+        self.host_port = HostPort(self)  # the host kernel's (`m.host.port`)
+        self.host = Host(self.host_port, self.profile, self.nr_cpus, self.mem.base, self.mem.size,
                          self.carveout)
         self._boot()
-        from pkvm.inspect import Inspector
-
         self.inspect = Inspector(self._hyp, self)
         self.preemption: PreemptionPoints = self._hyp.locks  # scheduling hooks (checkers)
         self.checker = None
         if check:
-            from pkvm.check import Checker
-
             self.checker = Checker(self)
             self.listeners.append(self.checker.after_call)
 
@@ -354,7 +284,27 @@ class Machine:
         return func & U64
 
     def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
-        """Issue `hvc #0` on `cpu` with x0 = func and x1.. = args (each a 64-bit register)."""
+        """Issue `hvc #0` on `cpu` with x0 = func and x1.. = args (each a 64-bit register).
+
+        The call passes through the installed interposers (`interpose_hvc`), outermost first."""
+        if self._interposers:
+            return self._interposed(len(self._interposers) - 1, cpu, func, args)
+        return self._hvc(cpu, func, args)
+
+    def interpose_hvc(self, fn: Interposer) -> None:
+        """Wrap every later hypercall in `fn(proceed, cpu, func, args)`, which must return
+        `proceed(cpu, func, args)` (it may look at the call before and after, never change
+        it): how a checker sees a call's pre-state and a fuzzer logs the calls it issues.
+        The last installed runs outermost. The host's own calls go through it too."""
+        self._interposers.append(fn)
+
+    def _interposed(self, k: int, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
+        if k < 0:
+            return self._hvc(cpu, func, args)
+        return self._interposers[k](
+            lambda c, f, a: self._interposed(k - 1, c, f, a), cpu, func, args)
+
+    def _hvc(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
         self._check_cpu(cpu)
         if len(args) > 6:
             raise TypeError("at most 6 arguments (x1..x6)")
@@ -377,8 +327,8 @@ class Machine:
         try:
             name = handle_host_hcall(h, regs)
         except HypBug as bug:
-            n = self.profile.decode(x0)
-            cname = self.profile.hcalls[n] if n is not None else hex(x0)
+            nr = self.profile.decode(x0)
+            cname = self.profile.hcalls[nr] if nr is not None else hex(x0)
             h.dead = str(bug)
             rec = self._record(cpu, cname, x0, args, regs, t0, str(bug))
             self._notify(rec)
@@ -399,7 +349,26 @@ class Machine:
     def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
         """Issue `smc #imm` on `cpu` from the host: x0 = func (a PSCI/SMCCC/FF-A name or a
         raw function ID), x1.. = args (up to x17). EL2 traps it (HCR_EL2.TSC) and routes it
-        as the profile's `handle_host_smc` does; returns the host's x0..x17 afterwards."""
+        as the profile's `handle_host_smc` does; returns the host's x0..x17 afterwards.
+
+        The call passes through the installed interposers (`interpose_smc`), outermost first."""
+        if self._smc_interposers:
+            return self._smc_interposed(len(self._smc_interposers) - 1, cpu, func, args, imm)
+        return self._smc(cpu, func, args, imm)
+
+    def interpose_smc(self, fn: SmcInterposer) -> None:
+        """As `interpose_hvc`, for the SMC instruction: `fn(proceed, cpu, func, args, imm)`
+        must return `proceed(cpu, func, args, imm)`."""
+        self._smc_interposers.append(fn)
+
+    def _smc_interposed(self, k: int, cpu: int, func: str | int, args: tuple[int, ...],
+                        imm: int) -> SmcResult:
+        if k < 0:
+            return self._smc(cpu, func, args, imm)
+        return self._smc_interposers[k](
+            lambda c, f, a, i: self._smc_interposed(k - 1, c, f, a, i), cpu, func, args, imm)
+
+    def _smc(self, cpu: int, func: str | int, args: tuple[int, ...], imm: int) -> SmcResult:
         self._check_cpu(cpu)
         if len(args) > 17:
             raise TypeError("at most 17 arguments (x1..x17)")
@@ -470,8 +439,10 @@ class Machine:
         tlb = h.host_s2_tlb
         key = (pa >> 12) << 1 | write
         hit = tlb.entries.get(key)
+        mmu = h.host_mmu
+        assert mmu is not None  # set by __pkvm_init, before HCR_EL2.VM is
         if hit is not None:
-            gen = h.host_mmu.pgt.gen
+            gen = mmu.pgt.gen
             if hit[2] != gen:
                 self._recheck_host_tlb(el2.vttbr_el2, pa, write, hit, gen)
             return hit[0] + (pa & 0xFFF) if hit[0] >= 0 else None
@@ -479,8 +450,7 @@ class Machine:
             out, fault = s2_translate(self.mem, el2.vttbr_el2, pa, write)
             if fault is None:
                 ram = self.mem.is_ram(out)
-                tlb.entries[key] = [(out & ~0xFFF) if ram else -1, write,
-                                    h.host_mmu.pgt.gen]
+                tlb.entries[key] = [(out & ~0xFFF) if ram else -1, write, mmu.pgt.gen]
                 break
             h.locks.cpu = cpu
             try:
@@ -499,7 +469,7 @@ class Machine:
             raise HypPanic("host stage-2 fault does not resolve", cpu, "host abort")
         return out if self.mem.is_ram(out) else None
 
-    def _recheck_host_tlb(self, root: int, pa: int, write: bool, hit: list, gen: int) -> None:
+    def _recheck_host_tlb(self, root: int, pa: int, write: bool, hit: list[int], gen: int) -> None:
         out, fault = s2_translate(self.mem, root, pa, write)
         fresh = -1 if fault else ((out & ~0xFFF) if self.mem.is_ram(out) else -1)
         if fault is None and fresh == hit[0]:
@@ -517,6 +487,11 @@ class Machine:
         raise HostDataAbort(pa, write, fatal)
 
     # -- the physical map ----------------------------------------------------------------
+    def new_host_port(self) -> HostPort:
+        """A new door to the machine for a tool that plays another host CPU (its stores go
+        through the host stage-2 like the host's own; it has observers of its own)."""
+        return HostPort(self)
+
     def memory_map(self) -> list[Region]:
         base, size = self.carveout
         return [
@@ -540,12 +515,10 @@ def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",
     this unicorn build cannot stop precisely, 2,000,000 instructions (unicorn counts every
     instruction then, ~4x slower). `timeslice` overrides either (an int: instructions)."""
     if vcpus > 1 and not timeslice:
-        from pkvm.machine import preempt
-
         timeslice = LINUX_SLICE if preempt.available() else 2_000_000
     machine_mem = 2 * guest_memory + (256 << 20)
     return Machine(memory=machine_mem, cpus=max(2, vcpus), abi=abi, trace=False,
-                   timeslice=timeslice)  # type: ignore[arg-type]
+                   timeslice=timeslice)
 
 
-LINUX_SLICE = 0.005  # issue 14: seconds a vCPU runs before the host's timer preempts it
+LINUX_SLICE = 0.005  # seconds a vCPU of a Linux guest runs before the host's timer preempts it

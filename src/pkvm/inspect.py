@@ -1,22 +1,48 @@
 """The read-only view of a machine, for tests, checkers and tools (`machine.inspect`).
 
-Everything it returns is a copy: nothing here can change hyp state.
+Everything `Inspector` returns is a copy: nothing here can change hyp state. `HypView`
+(`machine.inspect.hyp_view()`) is the view the invariant checker and the ghost specification
+read the hyp's own structures through: the vmemmap arrays and RAM as read-only memoryviews, the
+VM table and the per-CPU loaded vCPUs as tuples, and the hyp's page-table, VM and pool objects
+for reading. With the pure decoders re-exported here (page states, annotations, hyp VA <-> PA),
+it is all `pkvm.check` may use of the hyp: an import contract (pyproject.toml) forbids
+`pkvm.check` to import `pkvm.hyp`, so an oracle cannot call the code it checks.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pkvm.hyp.mem_protect import decode_host_annotation, get_host_state, get_hyp_state
-from pkvm.hyp.memory import PageState
-from pkvm.hyp.pgtable import pte_valid, stage2_pte_prot
+from pkvm.abi.sizes import HANDLE_OFFSET
+from pkvm.arch.pgtable import KvmPgtable, pte_valid, stage2_pte_prot
+from pkvm.hyp.mem_protect import (
+    decode_host_annotation,
+    get_host_state,
+    get_hyp_state,
+    host_state_of_pte,
+    hyp_state_of_pte,
+)
+from pkvm.hyp.mem_protect_guest import guest_state_of_pte
+from pkvm.hyp.memory import ComponentId, PageState
+from pkvm.hyp.mm import hyp_pa, hyp_va
+from pkvm.hyp.page_alloc import HypPool
+from pkvm.hyp.pkvm import RESERVED_ENTRY, handle_to_idx, live_vms, vm_page, vm_snapshot
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
 from pkvm.machine.memory import PAGE_SHIFT
 
 if TYPE_CHECKING:
+    from pkvm.abi.profiles import Profile
     from pkvm.board import Machine
     from pkvm.hyp.state import HypState
+
+__all__ = [
+    "RESERVED_ENTRY", "ComponentId", "HypView", "Inspector", "PageInfo", "PageState",
+    "PkvmHypVcpu", "PkvmHypVm", "decode_host_annotation", "guest_state_of_pte",
+    "hyp_state_of_pte", "hyp_pa", "hyp_va",
+]
 
 STATE_NAMES = {s: s.name for s in PageState}
 
@@ -32,6 +58,20 @@ class PageInfo:
     share_count: int
 
 
+def _host_pgt(h: HypState) -> KvmPgtable:
+    """The host stage-2 (it exists from `__pkvm_init` on, before any view is made)."""
+    mmu = h.host_mmu
+    assert mmu is not None
+    return mmu.pgt
+
+
+def _hyp_pgt(h: HypState) -> KvmPgtable:
+    """The hyp stage-1 (it exists from `__pkvm_init` on)."""
+    pgt = h.pkvm_pgtable
+    assert pgt is not None
+    return pgt
+
+
 class Inspector:
     def __init__(self, hyp: "HypState", machine: "Machine"):
         self._h = hyp
@@ -39,26 +79,24 @@ class Inspector:
 
     # -- VMs ---------------------------------------------------------------------------
     def vms(self) -> list[dict[str, Any]]:
-        from pkvm.hyp.pkvm import RESERVED_ENTRY, vm_snapshot
-
         h = self._h
         out = []
         for idx, slot in enumerate(h.vm_table or []):
             if slot is None:
                 continue
-            handle = idx + 0x1000
+            handle = idx + HANDLE_OFFSET
             if slot is RESERVED_ENTRY:
                 out.append({"handle": handle, "state": "reserved", "protected": None, "vcpus": {}})
-            else:
+            elif isinstance(slot, PkvmHypVm):
                 out.append(vm_snapshot(h, slot, handle))
+            else:
+                out.append({"handle": handle, "state": f"not a hyp VM: {slot!r}",
+                            "protected": None, "vcpus": {}})
         return out
 
     # -- pages -------------------------------------------------------------------------
     def guest_states(self) -> dict[int, dict[int, PageState]]:
         """handle -> {pa: state} for every page mapped in a hyp-owned guest stage-2."""
-        from pkvm.hyp.mem_protect_guest import guest_state_of_pte
-        from pkvm.hyp.pkvm import live_vms
-
         out: dict[int, dict[int, PageState]] = {}
         for handle, vm in live_vms(self._h):
             states: dict[int, PageState] = {}
@@ -74,7 +112,7 @@ class Inspector:
         """{(owner, state): pages}: each component's pages in each state other than NOPAGE."""
         h = self._h
         mem = h.mem
-        counts: Counter = Counter()
+        counts: Counter[tuple[Any, str]] = Counter()
         if h.profile.page_state_in_vmemmap:
             vm = h.vmemmap
             hs = Counter(vm.host_state)
@@ -91,9 +129,7 @@ class Inspector:
                 s = get_host_state(h, pa)
                 if s != PageState.NOPAGE:
                     counts[("host", s.name)] += 1
-            for _va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):
-                from pkvm.hyp.mem_protect import hyp_state_of_pte
-
+            for _va, level, pte in _hyp_pgt(h).leaves(valid_only=True):
                 counts[("hyp", hyp_state_of_pte(pte).name)] += 1 << (9 * (3 - level))
         for handle, states in self.guest_states().items():
             for s in states.values():
@@ -122,29 +158,25 @@ class Inspector:
                         h.vmemmap.host_share_guest_count[i])
 
     def host_annotation(self, pa: int) -> tuple[int, int] | None:
-        _, pte, _ = self._h.host_mmu.pgt.get_leaf(pa)
+        _, pte, _ = _host_pgt(self._h).get_leaf(pa)
         return decode_host_annotation(pte)
 
     # -- tables ------------------------------------------------------------------------
     def tables(self) -> list[str]:
-        from pkvm.hyp.pkvm import live_vms
-
         names = ["hyp", "host"]
         names += [f"guest:{hd:#x}" for hd, vm in live_vms(self._h) if vm.pgt is not None]
         return names
 
-    def table(self, name: str):
-        from pkvm.hyp.pkvm import live_vms
-
+    def table(self, name: str) -> KvmPgtable:
         h = self._h
-        if name in ("hyp", "hyp stage-1"):
+        if name in ("hyp", "hyp stage-1") and h.pkvm_pgtable is not None:
             return h.pkvm_pgtable
-        if name in ("host", "host stage-2"):
+        if name in ("host", "host stage-2") and h.host_mmu is not None:
             return h.host_mmu.pgt
         if name.startswith("guest:"):
             want = int(name.split(":", 1)[1], 0)
             for hd, vm in live_vms(h):
-                if hd == want:
+                if hd == want and vm.pgt is not None:
                     return vm.pgt
         raise KeyError(f"no table {name!r}; tables: {self.tables()}")
 
@@ -212,8 +244,6 @@ class Inspector:
     def vm(self, handle: int) -> dict[str, Any] | None:
         """The hyp VM in the slot of `handle` (None if free or reserved): protected, dying,
         vCPUs created and initialised, where each is loaded."""
-        from pkvm.hyp.pkvm import PkvmHypVm, handle_to_idx
-
         table = self._h.vm_table or []
         idx = handle_to_idx(handle)
         slot = table[idx] if idx < len(table) else None
@@ -226,8 +256,6 @@ class Inspector:
     def loaded_vcpu(self, cpu: int) -> dict[str, Any] | None:
         """The hyp vCPU loaded on `cpu` (7.2): its VM's handle, protected/dying, its index, the
         hyp memcache (head, nr) and the PA of the host struct kvm_vcpu it mirrors."""
-        from pkvm.hyp.mm import hyp_pa
-
         lv = self._h.loaded_hyp_vcpu
         v = lv[cpu] if 0 <= cpu < len(lv) else None
         if v is None:
@@ -240,8 +268,6 @@ class Inspector:
         """(ret, level, descriptor) of the guest stage-2 leaf covering `ipa` in VM `handle` as
         `kvm_pgtable_get_leaf` finds it (the descriptor may be invalid: 0 or an annotation; ret
         -ERANGE past the IPA space), or None if there is no such VM or table."""
-        from pkvm.hyp.pkvm import PkvmHypVm, handle_to_idx
-
         table = self._h.vm_table or []
         idx = handle_to_idx(handle)
         slot = table[idx] if idx < len(table) else None
@@ -250,14 +276,16 @@ class Inspector:
         ret, pte, level = slot.pgt.get_leaf(ipa)
         return ret, level, pte
 
-    def carve(self):
-        import copy
-
+    def carve(self) -> Any:
         return copy.copy(self._h.carve)
 
     @property
-    def profile(self):
+    def profile(self) -> Profile:
         return self._h.profile
+
+    def hyp_view(self) -> HypView:
+        """The read-only view of the hyp's own structures (for `pkvm.check`)."""
+        return HypView(self._h)
 
     # -- bulk page states (for pictures and counters) -------------------------------------
     def page_states(self) -> tuple[bytes, bytes, dict[int, tuple[int, int]]]:
@@ -267,9 +295,6 @@ class Inspector:
         RAM base pfn + i), as `page(pfn).host` / `.hyp` give them one at a time; `guests` maps a
         pfn to (handle, PageState value) for every page in a hyp-owned guest stage-2. Read-only.
         """
-        from pkvm.hyp.mem_protect import host_state_of_pte, hyp_state_of_pte
-        from pkvm.hyp.mm import hyp_pa
-
         h = self._h
         mem = h.mem
         n = mem.nr_pages
@@ -279,14 +304,14 @@ class Inspector:
             hyp = bytes(h.vmemmap.hyp_state)
         else:
             hs = bytearray([PageState.OWNED]) * n  # an empty host stage-2 entry reads OWNED
-            for addr, level, pte in h.host_mmu.pgt.leaves():
+            for addr, level, pte in _host_pgt(h).leaves():
                 i = (addr >> PAGE_SHIFT) - base_pfn
                 k = 1 << (9 * (3 - level))
                 lo, hi = max(i, 0), min(i + k, n)
                 if lo < hi:
                     hs[lo:hi] = bytes([host_state_of_pte(h, pte, addr)]) * (hi - lo)
             ys = bytearray([PageState.NOPAGE]) * n
-            for va, level, pte in h.pkvm_pgtable.leaves(valid_only=True):
+            for va, level, pte in _hyp_pgt(h).leaves(valid_only=True):
                 i = (hyp_pa(va) >> PAGE_SHIFT) - base_pfn
                 k = 1 << (9 * (3 - level))
                 lo, hi = max(i, 0), min(i + k, n)
@@ -298,3 +323,117 @@ class Inspector:
             for pa, s in states.items():
                 guests[pa >> PAGE_SHIFT] = (handle, int(s))
         return host, hyp, guests
+
+
+class VmemmapView:
+    """`hyp_vmemmap`, read-only: each per-page array as a read-only memoryview."""
+
+    __slots__ = ("base_pfn", "nr", "refcount", "host_state", "hyp_state",
+                 "host_share_guest_count", "_v")
+
+    def __init__(self, h: HypState):
+        v = h.vmemmap
+        self._v = v
+        self.base_pfn: int = v.base_pfn
+        self.nr: int = v.nr
+        self.refcount = memoryview(v.refcount).toreadonly()
+        self.host_state = memoryview(v.host_state).toreadonly()
+        self.hyp_state = memoryview(v.hyp_state).toreadonly()
+        self.host_share_guest_count = memoryview(v.host_share_guest_count).toreadonly()
+
+    def idx(self, pa: int) -> int:
+        return self._v.idx(pa)
+
+    def covers(self, pa: int) -> bool:
+        return self._v.covers(pa)
+
+    def page_count(self, pa: int) -> int:
+        return int(self.refcount[self._v.idx(pa)])
+
+
+class RamView:
+    """RAM as an observer with every page mapped sees it: reads only."""
+
+    __slots__ = ("base", "end", "nr_pages", "u64", "_mem")
+
+    def __init__(self, h: HypState):
+        mem = h.mem
+        self._mem = mem
+        self.base: int = mem.base
+        self.end: int = mem.end
+        self.nr_pages: int = mem.nr_pages
+        self.u64 = mem.u64.toreadonly()
+
+    def is_ram(self, pa: int) -> bool:
+        return self._mem.is_ram(pa)
+
+    def read(self, pa: int, n: int) -> bytes:
+        return self._mem.read(pa, n)
+
+    def read_u64(self, pa: int) -> int:
+        return self._mem.read_u64(pa)
+
+    def page_is_zero(self, pa: int) -> bool:
+        return self._mem.page_is_zero(pa)
+
+
+class HypView:
+    """The hyp's state for oracles, read-only (see the module docstring)."""
+
+    def __init__(self, h: HypState):
+        self._h = h
+        self.profile: Profile = h.profile
+        self.vmemmap = VmemmapView(h)
+        self.mem = RamView(h)
+
+    @property
+    def vm_table(self) -> tuple[object | None, ...]:
+        """The VM table's slots: None (free), `RESERVED_ENTRY` or a `PkvmHypVm`."""
+        return tuple(self._h.vm_table or ())
+
+    @property
+    def loaded_hyp_vcpu(self) -> tuple[PkvmHypVcpu | None, ...]:
+        return tuple(self._h.loaded_hyp_vcpu)
+
+    @property
+    def host_pgt(self) -> KvmPgtable:
+        return _host_pgt(self._h)
+
+    @property
+    def hyp_pgt(self) -> KvmPgtable:
+        return _hyp_pgt(self._h)
+
+    def pools(self) -> list[tuple[str, HypPool]]:
+        """The hyp's global page pools (each VM's own pool is `vm.pool`)."""
+        h = self._h
+        out = [("hpool", h.hpool), ("host_s2_pool", h.host_s2_pool)]
+        return [(name, pool) for name, pool in out if pool is not None]
+
+    def live_vms(self) -> list[tuple[int, PkvmHypVm]]:
+        """(handle, VM) of every hyp VM in the table."""
+        return live_vms(self._h)
+
+    def host_state(self, pa: int) -> PageState:
+        return get_host_state(self._h, pa)
+
+    def hyp_state(self, pa: int) -> PageState:
+        return get_hyp_state(self._h, pa)
+
+    def host_state_of_pte(self, pte: int, addr: int) -> PageState:
+        """6.12: the host's state of `addr` from its host stage-2 leaf `pte`."""
+        return host_state_of_pte(self._h, pte, addr)
+
+    @staticmethod
+    def vm_page(vm: PkvmHypVm) -> int:
+        """PA of the page holding hyp VM `vm`'s struct."""
+        return vm_page(vm)
+
+    @staticmethod
+    def counted_entries(pgt: KvmPgtable, table: int, mem: RamView) -> int:
+        """Entries of table page `table` that hold a reference on it (its refcount - 1): in a
+        stage-1 table the valid ones, in a stage-2 table every non-zero one (an invalid entry
+        carrying an ownership annotation holds its reference too)."""
+        ptes = mem.u64[(table - mem.base) >> 3:((table - mem.base) >> 3) + 512].tolist()
+        if pgt.stage == 1:
+            return sum(pte & 1 for pte in ptes)
+        return sum(1 for pte in ptes if pte)

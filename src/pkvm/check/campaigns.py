@@ -15,6 +15,7 @@ import dataclasses
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from pkvm.check.fuzz import Campaign, CampaignResult
 
@@ -39,8 +40,8 @@ def _run_one(c: Campaign) -> CampaignResult:
 @dataclass
 class Merged:
     results: list[CampaignResult]
-    calls: Counter = field(default_factory=Counter)
-    transitions: Counter = field(default_factory=Counter)
+    calls: Counter[Any] = field(default_factory=Counter)
+    transitions: Counter[Any] = field(default_factory=Counter)
     steps_run: int = 0
     raced: int = 0
     seconds: float = 0.0  # summed over workers

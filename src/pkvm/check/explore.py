@@ -23,10 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from pkvm import scenario as sc
+from pkvm.abi import sizes
+from pkvm.check.invariants import Checker, InvariantViolation
+from pkvm.check.oracles import NoWarn
 from pkvm.errors import HostDataAbort, HypPanic
+from pkvm.host.kvm import host_va
 from pkvm.machine.memory import PAGE_SHIFT
 
-Op = tuple  # ("hvc", name, *args) | ("store", pa, bytes)
+Op = tuple[Any, ...]  # ("hvc", name, *args) | ("store", pa, bytes)
 Setup = Callable[[Any], dict[int, list[Op]]]
 
 
@@ -61,8 +66,6 @@ class BatonScheduler:
         self.ex = Execution(results={c: [] for c in self.cpus})
         self.aborted = False
         self.in_call = {c: False for c in self.cpus}
-        from pkvm.check.invariants import Checker
-
         # Checked at quiescent points only (no CPU inside the hyp): mid-call states of other
         # CPUs may legitimately break invariants the locks are protecting.
         self.checker = Checker(m, ghost=False, initial_check=False, full_every=0)
@@ -165,11 +168,7 @@ class BatonScheduler:
     def _quiescent_check(self) -> None:
         if any(self.in_call.values()) or self.m.dead:
             return
-        c = self.checker
-        c._live = None
-        c._gmap = None
-        c.check_pages(c._changed_pages())
-        c.check_globals()
+        self.checker.check_changed()
 
     def run(self) -> Execution:
         with self.pts.scheduled(self):
@@ -192,7 +191,7 @@ class BatonScheduler:
 
 
 # --- exploring ---------------------------------------------------------------------------------
-def _outcome(m: Any, ex: Execution) -> tuple:
+def _outcome(m: Any, ex: Execution) -> tuple[Any, ...]:
     return (tuple(tuple(ex.results[c]) for c in sorted(ex.results)),
             tuple(sorted(m.inspect.page_counts().items(), key=repr)),
             tuple(repr(v) for v in m.inspect.vms()))
@@ -214,7 +213,7 @@ def _fresh(make: Callable[[], Any], setup: Setup) -> tuple[Any, dict[int, list[O
     return m, setup(m)
 
 
-def serial_outcomes(make: Callable[[], Any], setup: Setup) -> set[tuple]:
+def serial_outcomes(make: Callable[[], Any], setup: Setup) -> set[tuple[Any, ...]]:
     """Outcomes of every interleaving at step granularity (each step runs alone)."""
     m, programs = _fresh(make, setup)
     cpus = sorted(programs)
@@ -250,8 +249,6 @@ def explore(make: Callable[[], Any], setup: Setup, bound: int = 2, max_runs: int
             stop_at_first: bool = True,
             progress: Callable[[int], None] | None = None) -> ExploreResult:
     """`progress(runs)` is called after each execution (a display's live count)."""
-    from pkvm.check.invariants import Checker, InvariantViolation
-
     serial = serial_outcomes(make, setup)
     findings: list[Execution] = []
     prefix: list[int] = []
@@ -265,8 +262,6 @@ def explore(make: Callable[[], Any], setup: Setup, bound: int = 2, max_runs: int
             progress(runs)
         bad = [e for e in ex.errors.values() if not e.startswith("HypPanic")]
         if m.dead:  # a fired WARN_ON panics the hyp: still the no-warn oracle's finding
-            from pkvm.check.oracles import NoWarn
-
             bad += [f"no-warn: {w}" for w in NoWarn.violations(m.inspect)]
         if bad:
             ex.finding = bad[0]
@@ -332,8 +327,6 @@ def _load_teardown(m: Any) -> dict[int, list[Op]]:
 
 def _init_vcpu_unshare(m: Any) -> dict[int, list[Op]]:
     """cpu0 creates hyp vCPU 1 (pinning its host struct) while cpu1 unshares that struct."""
-    from pkvm.abi import sizes
-    from pkvm.host.kvm import host_va
 
     vm = _vm(m)
     v1 = vm.vcpus[1]
@@ -354,8 +347,6 @@ def from_file(path: str, bugs: tuple[str, ...] = ()
     on a fresh machine; its `hvc` and `host_write` steps are the concurrent part: each goes to
     the program of the CPU its `cpu` key names (0 by default), in file order. Symbols
     (`page:`, `vm:`, `vcpu:`, `gfn:`) are resolved after the set-up."""
-    from pkvm import scenario as sc
-
     scen = sc.load(path)
     for st in scen.steps:
         if st.action not in SETUP_ACTIONS + ("hvc", "host_write"):

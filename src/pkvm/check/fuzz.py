@@ -27,11 +27,15 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pkvm import scenario
+from pkvm.board import Machine
 from pkvm.check.fuzz_gen import generate
 from pkvm.check.fuzz_ops import DRIVER_OPS, FULL_EVERY, Racer, Step, World, run_step
 from pkvm.check.invariants import InvariantViolation
+from pkvm.check.oracles import NoWarn, excused_warns
 from pkvm.errors import HostDataAbort, HostError, HypPanic
 
 __all__ = ["FULL_EVERY", "Campaign", "CampaignResult", "Failure", "RunResult", "Step", "World",
@@ -54,14 +58,14 @@ class Failure:
 class RunResult:
     failure: Failure | None = None
     panics: list[str] = field(default_factory=list)
-    known_warns: Counter = field(default_factory=Counter)  # WARN panics at KNOWN_KERNEL_WARNS
+    known_warns: Counter[Any] = field(default_factory=Counter)  # WARN panics at KNOWN_KERNEL_WARNS
     steps_run: int = 0
-    calls: Counter = field(default_factory=Counter)
-    transitions: Counter = field(default_factory=Counter)
-    driver_errors: Counter = field(default_factory=Counter)
+    calls: Counter[Any] = field(default_factory=Counter)
+    transitions: Counter[Any] = field(default_factory=Counter)
+    driver_errors: Counter[Any] = field(default_factory=Counter)
     driver_tracebacks: dict[str, str] = field(default_factory=dict)
     raced: int = 0  # ghost predictions skipped: a racing host store changed the call's inputs
-    log: list[tuple] = field(default_factory=list)
+    log: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 def _from_hyp(tb: Any) -> bool:
@@ -89,8 +93,12 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
         except (HostError, MemoryError):
             pass
         except HostDataAbort:
-            if w.m.dead:
+            if w.m.dead:  # 6.12: the hyp's BUG_ON on a refused host access
                 res.panics.append(f"step {i}: fatal host abort ({s})")
+                if not w.hostile:
+                    res.failure = Failure("panic", f"panic@{s.op}", "fatal host abort in a call "
+                                          f"sequence the host driver issues ({s})", i)
+                    break
                 _absorb(res, w)
                 w = World(memory, cpus, abi, bugs)
         except HypPanic as e:
@@ -99,8 +107,6 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
                 res.failure = warn
                 break
             if e.warn:
-                from pkvm.check.oracles import excused_warns
-
                 res.known_warns.update(excused_warns(w.m.inspect))
             res.panics.append(f"step {i}: {e} ({s})")
             if not w.hostile:
@@ -152,8 +158,6 @@ def _warn_failure(e: HypPanic, m: Any, i: int) -> Failure | None:
     `KNOWN_KERNEL_WARNS` is the kernel's own behaviour: None, an availability finding."""
     if not e.warn:
         return None
-    from pkvm.check.oracles import NoWarn
-
     bad = NoWarn.violations(m.inspect)
     if not bad:
         return None
@@ -191,7 +195,8 @@ def shrink(steps: list[Step], failure: Failure, memory: str, cpus: int, abi: str
     best = fails(cur)
     if best is None:  # not reproducible from a fresh machine (should not happen: all seeded)
         return cur, execute(cur, memory, cpus, abi, bugs)
-    cur = cur[: best.failure.step_index + 1]  # type: ignore[union-attr]
+    assert best.failure is not None  # `fails` returns only failed runs
+    cur = cur[: best.failure.step_index + 1]
     n = 2
     while len(cur) >= 2 and runs < max_runs and time.monotonic() - t0 < max_seconds:
         chunk = max(1, len(cur) // n)
@@ -199,8 +204,8 @@ def shrink(steps: list[Step], failure: Failure, memory: str, cpus: int, abi: str
         for start in range(0, len(cur), chunk):
             cand = cur[:start] + cur[start + chunk:]
             r = fails(cand) if cand else None
-            if r is not None:
-                cur, best = cand[: r.failure.step_index + 1], r  # type: ignore[union-attr]
+            if r is not None and r.failure is not None:
+                cur, best = cand[: r.failure.step_index + 1], r
                 n = max(n - 1, 2)
                 reduced = True
                 break
@@ -244,10 +249,6 @@ def log_to_steps(log: list[Any]) -> list[dict[str, Any]]:
 def dump_toml(cfg: dict[str, Any], steps: list[dict[str, Any]], path: str,
               comment: str = "") -> None:
     """Write a scenario TOML through `pkvm.scenario.dump`, with `comment` as a header."""
-    from pathlib import Path
-
-    from pkvm import scenario
-
     scenario.dump(steps, path, machine=dict(cfg, check=True))
     body = Path(path).read_text()
     head = "".join(f"# {ln}\n" for ln in comment.splitlines())
@@ -256,9 +257,7 @@ def dump_toml(cfg: dict[str, Any], steps: list[dict[str, Any]], path: str,
 
 def replay(cfg: dict[str, Any], steps: list[dict[str, Any]], bugs: tuple[str, ...] = ()) -> Failure | None:
     """Run raw scenario steps on a fresh checked machine; the failure they cause, if any."""
-    import pkvm
-
-    m = pkvm.Machine(memory=cfg["memory"], cpus=cfg["cpus"], abi=cfg["abi"], check=True,
+    m = Machine(memory=cfg["memory"], cpus=cfg["cpus"], abi=cfg["abi"], check=True,
                      trace=False, bugs=bugs)
     racer = Racer(m, m.host.port)
     for i, st in enumerate(steps):
@@ -304,9 +303,7 @@ class Campaign:
     out: str | None = None  # where to write the reproducer TOML
 
     def run(self, progress: Callable[[int], None] | None = None) -> CampaignResult:
-        import pkvm
-
-        prof = pkvm.Machine(memory=self.memory, cpus=self.cpus, abi=self.abi, trace=False).profile
+        prof = Machine(memory=self.memory, cpus=self.cpus, abi=self.abi, trace=False).profile
         steps = generate(random.Random(self.seed), prof, self.cpus, self.steps)
         t0 = time.perf_counter()
         res = execute(steps, self.memory, self.cpus, self.abi, self.bugs, progress)

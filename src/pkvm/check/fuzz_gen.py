@@ -18,12 +18,12 @@ GFN0_IPA = GFN0 << PAGE_SHIFT
 
 
 # --- generating steps ----------------------------------------------------------------------------
-def _pfn_spec(r: random.Random) -> tuple:
+def _pfn_spec(r: random.Random) -> tuple[Any, ...]:
     kind = r.choice(["page", "page", "shared", "vmmem", "guest", "edge", "special"])
     return (kind, r.randrange(64))
 
 
-def _handle_spec(r: random.Random) -> tuple:
+def _handle_spec(r: random.Random) -> tuple[Any, ...]:
     return (r.choice(["vm", "vm", "vm", "cur", "seen", "forged"]), r.randrange(16))
 
 
@@ -35,7 +35,7 @@ PTR_POOL = ["recent", "recent", "recent", "shared", "unshared", "returned", "vmm
 PTR_OFFSETS = [0, 0, 8, 0x40, 1, PAGE_SIZE - 8, PAGE_SIZE - 4, PAGE_SIZE - 0x10]
 
 
-def _ptr_spec(r: random.Random, kind: str | None = None) -> tuple:
+def _ptr_spec(r: random.Random, kind: str | None = None) -> tuple[Any, ...]:
     """A host pointer: to a struct of the `kind` the handler expects (when it has one), or
     into the pointer pool."""
     k = r.choice(([kind] * 3 if kind else []) + ["fresh"] + PTR_POOL)
@@ -57,12 +57,13 @@ PTR_HANDLERS = [
 
 
 def _ptr_handlers(prof: Any) -> list[tuple[str, str | None, int]]:
-    """The pointer-taking handlers of `prof`'s ABI (7.2's vcpu_run takes no pointer)."""
+    """The pointer-taking handlers of `prof`'s ABI (with an explicit vCPU load, vcpu_run runs
+    the loaded vCPU and takes no pointer)."""
     return [h for h in PTR_HANDLERS if h[0] in prof.hcalls
             and not (h[0] == "__kvm_vcpu_run" and prof.explicit_vcpu_load)]
 
 
-def _ptr_call(r: random.Random, handlers: list[tuple[str, str | None, int]]) -> tuple:
+def _ptr_call(r: random.Random, handlers: list[tuple[str, str | None, int]]) -> tuple[Any, ...]:
     name, kind, nargs = r.choice(handlers)
     extra = tuple(r.choice([0, 1, 3, GFN0_IPA, r.getrandbits(48), U64]) for _ in range(nargs))
     return (name, _ptr_spec(r, kind), extra)
@@ -83,7 +84,7 @@ def _gfn(r: random.Random) -> Any:
                      ("mapped", r.randrange(64))])
 
 
-def _guest_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple]]]:
+def _guest_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple[Any, ...]]]]:
     return [
         ("share_guest", 4, lambda: (_pfn_spec(r), _gfn(r), r.choice([1, 1, 2, 512]),
                                     r.choice([0xF, 0xF, 0xC, 0x3, 0x1, 0x10, 0]))),
@@ -100,9 +101,8 @@ def _guest_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple]]]:
 
 def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
     """n hostile steps for profile `prof`."""
-    v72 = prof.explicit_vcpu_load
     ptr_handlers = _ptr_handlers(prof)
-    ops: list[tuple[str, int, Callable[[], tuple]]] = [
+    ops: list[tuple[str, int, Callable[[], tuple[Any, ...]]]] = [
         ("alloc", 3, lambda: ()),
         ("share", 8, lambda: (_pfn_spec(r),)),
         ("unshare", 6, lambda: (_pfn_spec(r),)),
@@ -130,19 +130,26 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
                 ("finalize_teardown", 3, lambda: (_handle_spec(r),))]
     else:
         ops += [("teardown", 3, lambda: (_handle_spec(r),))]
-    if v72:
+    guest: list[tuple[str, int, Callable[[], tuple[Any, ...]]]] = []
+    if prof.hyp_owned_guest_stage2:  # the guest-memory hypercalls
         guest = _guest_ops(r)
+        ops += guest
+    if prof.explicit_vcpu_load:
+        ops += [
+            ("load", 6, lambda: (_handle_spec(r), r.choice([0, 0, 1, 2, 3, 255, 0xFFFFFFFF]))),
+            ("put", 5, lambda: ()),
+        ]
+    if "__pkvm_tlb_flush_vmid" in prof.hcalls:
+        ops += [("tlb_flush", 1, lambda: (_handle_spec(r),))]
+    if prof.explicit_vcpu_load and guest:  # sessions: guest-memory calls with a vCPU loaded
         g_names, g_weights = [o[0] for o in guest], [o[1] for o in guest]
         g_gens = {o[0]: o[2] for o in guest}
 
-        def inner() -> tuple:
+        def inner() -> tuple[Any, ...]:
             return tuple((op, g_gens[op]()) for op in r.choices(g_names, g_weights,
                                                                   k=r.randint(1, 4)))
 
-        ops += guest + [
-            ("load", 6, lambda: (_handle_spec(r), r.choice([0, 0, 1, 2, 3, 255, 0xFFFFFFFF]))),
-            ("put", 5, lambda: ()),
-            ("tlb_flush", 1, lambda: (_handle_spec(r),)),
+        ops += [
             ("session", 10, lambda: (r.randrange(8), r.randrange(4), r.random() < 0.8, inner())),
             ("memcache", 3, lambda: (r.randrange(8), r.randrange(4),
                                      r.choice(["plain", "unaligned", "cycle", "chain"]),

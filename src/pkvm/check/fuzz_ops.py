@@ -17,11 +17,16 @@ stage-2 (`HostPort`), like the host's own.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pkvm.abi.host_structs import KVM, KVM_VCPU
+from pkvm.abi.sizes import HANDLE_OFFSET
+from pkvm.board import Machine
+from pkvm.check.invariants import Checker
 from pkvm.errors import HostDataAbort, HostError, errno_name
+from pkvm.host.kvm import host_va
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -47,28 +52,6 @@ class Step:
         return f"{self.op}@cpu{self.cpu}{self.a}"
 
 
-class _RecordingPort:
-    """Stands in for the host's port to the machine: forwards everything, logs writes."""
-
-    def __init__(self, inner: Any, log: list[tuple]):
-        self._inner = inner
-        self._log = log
-
-    def hvc(self, cpu: int, func: Any, *args: int) -> Any:
-        return self._inner.hvc(cpu, func, *args)
-
-    def read(self, cpu: int, pa: int, n: int) -> bytes:
-        return self._inner.read(cpu, pa, n)
-
-    def write(self, cpu: int, pa: int, data: bytes) -> None:
-        self._inner.write(cpu, pa, data)
-        self._log.append(("write", cpu, pa, bytes(data)))
-
-    def zero(self, cpu: int, pa: int, n: int) -> None:
-        self._inner.zero(cpu, pa, n)
-        self._log.append(("zero", cpu, pa, n))
-
-
 class RaceBlocked(Exception):
     """The racing host CPU's store would need a lock the interrupted CPU holds."""
 
@@ -82,7 +65,7 @@ class Racer:
 
     def __init__(self, m: Any, port: Any):
         self.m = m
-        self.port = port
+        self.store_port = port
         self.plan: list[tuple[int, bytes]] = []
         self.value: Any = None
         self.fire_at = 0
@@ -101,7 +84,7 @@ class Racer:
         pa, size = int(pa_s, 0), min(int(n), 8)
         v = self.value
         if isinstance(v, tuple):
-            v = int.from_bytes(self.port.read(0, pa, size), "little") + v[1]
+            v = int.from_bytes(self.store_port.read(0, pa, size), "little") + v[1]
         return [(pa, (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))]
 
     def preempt(self, cpu: int, event: str, detail: str) -> None:
@@ -121,7 +104,7 @@ class Racer:
         self.plan, self.value = [], None
         for pa, data in stores:
             try:
-                self.port.write(racer_cpu, pa, data)
+                self.store_port.write(racer_cpu, pa, data)
             except (HostDataAbort, RaceBlocked):
                 continue  # the store did not happen (refused, or would deadlock here)
             finally:
@@ -136,33 +119,16 @@ class World:
     """A machine plus what the fuzzer remembers about it (its operand pools)."""
 
     def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True):
-        import pkvm
-
         self.cfg = {"memory": memory, "cpus": cpus, "abi": abi}
         self.log: list[Any] = []
-        self.m = pkvm.Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs)
+        self.m = Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs)
         if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
-            from pkvm.check.invariants import Checker
-
             self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)
             self.m.listeners.append(self.m.checker.after_call)
         self.m.listeners.insert(0, self._on_call)
-        inner_port = self.m.host.port
-        self.m.host.port = _RecordingPort(inner_port, self.log)
-        self.racer = Racer(self.m, inner_port)
-        inner = self.m.hvc
-
-        def hvc(cpu: int, func: Any, *args: int) -> Any:
-            """Log each hypercall as it is issued (a call that raises is logged too)."""
-            ev: list[Any] = ["hvc", cpu, func, tuple(a & U64 for a in args), ()]
-            self.log.append(ev)
-            try:
-                return inner(cpu, func, *args)
-            finally:
-                ev[4] = tuple(self.racer.log)
-                self.racer.log = []
-
-        self.m.hvc = hvc  # type: ignore[method-assign]
+        self.m.host_port.observe_stores(self._on_store)
+        self.racer = Racer(self.m, self.m.new_host_port())
+        self.m.interpose_hvc(self._log_call)
         if self.m.checker is not None and self.m.checker.ghost is not None:
             # A racing store changed the call's host-shared inputs: the ghost's prediction from
             # the pre-state does not apply (counted in `ghost.guest.raced`).
@@ -179,9 +145,9 @@ class World:
         self.vms: list[Any] = []
         self.cur: Any = None  # the VM of the vCPU session in progress
         self.handles: list[int] = []
-        self.results: Counter = Counter()
-        ram_lo = self.m.mem.base >> PAGE_SHIFT
-        ram_hi = self.m.mem.end >> PAGE_SHIFT
+        self.results: Counter[Any] = Counter()
+        ram_base, ram_end = self.m.inspect.ram_range()
+        ram_lo, ram_hi = ram_base >> PAGE_SHIFT, ram_end >> PAGE_SHIFT
         cb, cs = self.m.carveout
         c_lo, c_hi = cb >> PAGE_SHIFT, (cb + cs) >> PAGE_SHIFT
         # The edges of every region: first/last RAM pages, the carve-out and its neighbours.
@@ -191,6 +157,23 @@ class World:
             0xFFFFFFFFFFFFF, 0x10000000000000, 0xFFF0000000000000 | ram_lo, U64,
             0x8000000000000000,
         ]
+
+    def _on_store(self, cpu: int, pa: int, data: bytes | int) -> None:
+        if isinstance(data, int):
+            self.log.append(("zero", cpu, pa, data))
+        else:
+            self.log.append(("write", cpu, pa, data))
+
+    def _log_call(self, proceed: Any, cpu: int, func: Any, args: tuple[int, ...]) -> Any:
+        """Log each hypercall as it is issued (a call that raises is logged too), with the
+        stores a racing host CPU made during it."""
+        ev: list[Any] = ["hvc", cpu, func, tuple(a & U64 for a in args), ()]
+        self.log.append(ev)
+        try:
+            return proceed(cpu, func, args)
+        finally:
+            ev[4] = tuple(self.racer.log)
+            self.racer.log = []
 
     def _on_call(self, rec: Any) -> None:
         if rec.panic is None:
@@ -223,7 +206,7 @@ class World:
     def guest_pages(self) -> list[int]:
         return [pa for vm in self.vms for pa in list(vm.mapped.values())[:8]]
 
-    def pfn(self, spec: tuple) -> int:
+    def pfn(self, spec: tuple[Any, ...]) -> int:
         kind, k = spec
         pool: list[int] = []
         if kind == "shared":
@@ -237,24 +220,24 @@ class World:
         elif kind == "special":
             pool = self.specials
         if pool:
-            return pool[k % len(pool)]
+            return int(pool[k % len(pool)])
         return self.page(k) >> PAGE_SHIFT
 
-    def handle(self, spec: tuple) -> int:
+    def handle(self, spec: tuple[Any, ...]) -> int:
         kind, k = spec
         if kind == "cur" and self.cur is not None:
-            return self.cur.handle or 0x1000
+            return self.cur.handle or HANDLE_OFFSET
         if kind == "vm" and self.vms:
-            return self.vm(k).handle or 0x1000  # type: ignore[union-attr]
+            return self.vms[k % len(self.vms)].handle or HANDLE_OFFSET
         if kind == "seen" and self.handles:
-            return self.handles[k % len(self.handles)]
-        return FORGED_HANDLES[k % len(FORGED_HANDLES)]
+            return int(self.handles[k % len(self.handles)])
+        return int(FORGED_HANDLES[k % len(FORGED_HANDLES)])
 
     def gfn(self, spec: Any) -> int:
         """A guest frame: GFN0 + an offset, or ("mapped", k): one the current VM (any VM
         outside a session) has mapped."""
         if not isinstance(spec, tuple):
-            return GFN0 + spec
+            return GFN0 + int(spec)
         vms = [self.cur] if self.cur is not None else self.vms
         mapped = [g for vm in vms for g in vm.mapped]
         return mapped[spec[1] % len(mapped)] if mapped else GFN0
@@ -264,20 +247,18 @@ class World:
         if gfn not in vm.mapped and vm.in_memslot(gfn):
             vm.write(gfn << PAGE_SHIFT, b"guest data %x " % gfn * 4)
 
-    def host_ptr(self, spec: tuple) -> int:
+    def host_ptr(self, spec: tuple[Any, ...]) -> int:
         """A host kernel VA (as the host driver forms them, `host_va`), with an offset: of a
         VM's struct kvm / kvm_vcpu, or into a page of any state and history: host-owned,
         shared, just changed ("recent", newest first), shared then unshared, donated and
         returned, hyp-owned (a live VM's), guest-owned, the region edges and beyond RAM."""
-        from pkvm.host.kvm import host_va
-
         kind, k, off = spec
         if kind == "kvm" and self.vms:
-            return host_va(self.vm(k).kvm_pa) + off  # type: ignore[union-attr]
+            return int(host_va(self.vms[k % len(self.vms)].kvm_pa) + off)
         if kind == "vcpu" and self.vms:
-            vm = self.vm(k)
-            if vm.vcpus:  # type: ignore[union-attr]
-                return host_va(vm.vcpus[off % len(vm.vcpus)].pa)  # type: ignore[union-attr]
+            vm = self.vms[k % len(self.vms)]
+            if vm.vcpus:
+                return int(host_va(vm.vcpus[off % len(vm.vcpus)].pa))
         if kind == "fresh":
             pa = self.m.host.alloc_pages(max(1, k))
             self.pages.append(pa)
@@ -292,8 +273,8 @@ class World:
         }
         pool = pools[kind]() if kind in pools else []
         if pool:
-            return (host_va(pool[k % len(pool)] << PAGE_SHIFT) + off) & U64
-        return host_va(self.page(k)) + off
+            return int(host_va(pool[k % len(pool)] << PAGE_SHIFT) + off) & U64
+        return int(host_va(self.page(k)) + off)
 
 
 FORGED_HANDLES = [0, 0x1000, 0x1001, 0x1000 + 254, 0x1000 + 255, 0xFFF, 0xFFFF, 0x11000,
@@ -320,84 +301,104 @@ HANDLE_CALLS = {"unreserve": "__pkvm_unreserve_vm", "start_teardown": "__pkvm_st
 
 def run_step(w: World, s: Step) -> None:
     """Perform one step. Refusals (HostError, non-fatal HostDataAbort) are normal outcomes."""
-    m, host, cpu = w.m, w.m.host, s.cpu % w.m.nr_cpus
+    cpu = s.cpu % w.m.nr_cpus
     op, a = s.op, s.a
-    hv = m.hvc
-    if op == "alloc":
-        w.pages.append(host.alloc_pages(1))
-    elif op == "share":
-        pfn = w.pfn(a[0])
-        if hv(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
-            w.shared.append(pfn)
-            w.touched(pfn)
-    elif op == "unshare":
-        pfn = w.pfn(a[0])
-        if hv(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0:
-            if pfn in w.shared:
-                w.shared.remove(pfn)
-            w.unshared = (w.unshared + [pfn])[-32:]
-            w.touched(pfn)
-    elif op == "create_vm":
-        vm = host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
-        w.vms.append(vm)
-        if vm.handle:
-            w.handles.append(vm.handle)
-    elif op == "map":
-        vm = w.vm(a[0])
-        if vm is not None and not vm.destroyed:
-            for g in range(GFN0 + a[1] % 64, GFN0 + a[1] % 64 + a[2]):
-                w.load_image(vm, g)
-            vm.map(GFN0 + a[1] % 64, a[2], cpu=cpu)
-    elif op == "destroy":
-        vm = w.vm(a[0])
-        if vm is not None:
-            vm.destroy()
-            w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([vm])))
-    elif op == "lifecycle":
-        _lifecycle(w, cpu, a)
-    elif op == "reserve":
-        r = hv(cpu, "__pkvm_reserve_vm")
-        if r.x0 == 0 and r.x1 > 0:
-            w.handles.append(r.x1)
-    elif op in HANDLE_CALLS:
-        handle = w.handle(a[0])
-        if hv(cpu, HANDLE_CALLS[op], handle).x1 == 0:
-            w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([v for v in w.vms
-                                                              if v.handle == handle])))
-    elif op == "init_vm":
-        r = hv(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
-        if r.x0 == 0 and r.x1 > 0:
-            w.handles.append(r.x1)
-    elif op == "init_vcpu":
-        hv(cpu, "__pkvm_init_vcpu", w.handle(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
-    elif op == "load":
-        hv(cpu, "__pkvm_vcpu_load", w.handle(a[0]), a[1], HCR_HOST_VCPU)
-    elif op == "put":
-        hv(cpu, "__pkvm_vcpu_put")
+    if op in HANDLE_CALLS:
+        _handle_call(w, cpu, op, a)
     elif op in GUEST_OPS:
         guest_call(w, cpu, op, a)
-    elif op == "session":
-        _session(w, cpu, a)
-    elif op == "scribble":
-        _scribble(w, cpu, a)
-    elif op == "scribble_init":
-        _scribble_init(w, cpu, a)
-    elif op == "race":
-        _race(w, cpu, a)
-    elif op == "memcache":
-        _hostile_memcache(w, cpu, a)
-    elif op == "exhaust":
-        _exhaust(w, a)
-    elif op == "release":
-        while w.hoard:
-            pfn, n = w.hoard.pop()
-            host.pages.release(pfn, n)
-    elif op == "raw":
-        hv(cpu, a[0], *a[1:])
-    elif op == "ptr_call":  # a handler taking a host pointer in x1, then plain arguments
-        hv(cpu, a[0], w.host_ptr(a[1]), *a[2])
+    elif op in STEP_OPS:
+        STEP_OPS[op](w, cpu, a)
     else:
         raise ValueError(f"unknown fuzzer op {op!r}")
+
+
+def _alloc(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    w.pages.append(w.m.host.alloc_pages(1))
+
+
+def _share(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    pfn = w.pfn(a[0])
+    if w.m.hvc(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
+        w.shared.append(pfn)
+        w.touched(pfn)
+
+
+def _unshare(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    pfn = w.pfn(a[0])
+    if w.m.hvc(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0:
+        if pfn in w.shared:
+            w.shared.remove(pfn)
+        w.unshared = (w.unshared + [pfn])[-32:]
+        w.touched(pfn)
+
+
+def _create_vm(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    vm = w.m.host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
+    w.vms.append(vm)
+    if vm.handle:
+        w.handles.append(vm.handle)
+
+
+def _map(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    vm = w.vm(a[0])
+    if vm is not None and not vm.destroyed:
+        for g in range(GFN0 + a[1] % 64, GFN0 + a[1] % 64 + a[2]):
+            w.load_image(vm, g)
+        vm.map(GFN0 + a[1] % 64, a[2], cpu=cpu)
+
+
+def _destroy(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    vm = w.vm(a[0])
+    if vm is not None:
+        vm.destroy()
+        w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([vm])))
+
+
+def _reserve(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    r = w.m.hvc(cpu, "__pkvm_reserve_vm")
+    if r.x0 == 0 and r.x1 > 0:
+        w.handles.append(r.x1)
+
+
+def _handle_call(w: World, cpu: int, op: str, a: tuple[Any, ...]) -> None:
+    handle = w.handle(a[0])
+    if w.m.hvc(cpu, HANDLE_CALLS[op], handle).x1 == 0:
+        w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([v for v in w.vms
+                                                          if v.handle == handle])))
+
+
+def _init_vm(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    r = w.m.hvc(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+    if r.x0 == 0 and r.x1 > 0:
+        w.handles.append(r.x1)
+
+
+def _init_vcpu(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    w.m.hvc(cpu, "__pkvm_init_vcpu", w.handle(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+
+
+def _load(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    w.m.hvc(cpu, "__pkvm_vcpu_load", w.handle(a[0]), a[1], HCR_HOST_VCPU)
+
+
+def _put(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    w.m.hvc(cpu, "__pkvm_vcpu_put")
+
+
+def _release(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    while w.hoard:
+        pfn, n = w.hoard.pop()
+        w.m.host.pages.release(pfn, n)
+
+
+def _raw(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    w.m.hvc(cpu, a[0], *a[1:])
+
+
+def _ptr_call(w: World, cpu: int, a: tuple[Any, ...]) -> None:
+    """A handler taking a host pointer in x1, then plain arguments."""
+    w.m.hvc(cpu, a[0], w.host_ptr(a[1]), *a[2])
 
 
 GUEST_OPS = frozenset({"share_guest", "donate_guest", "unshare_guest", "reclaim_dying",
@@ -405,7 +406,7 @@ GUEST_OPS = frozenset({"share_guest", "donate_guest", "unshare_guest", "reclaim_
                        "test_clear_young"})
 
 
-def guest_call(w: World, cpu: int, op: str, a: tuple) -> None:
+def guest_call(w: World, cpu: int, op: str, a: tuple[Any, ...]) -> None:
     """One of the 7.2 guest-memory hypercalls with symbolic operands."""
     hv = w.m.hvc
     if op == "share_guest":
@@ -429,7 +430,7 @@ def guest_call(w: World, cpu: int, op: str, a: tuple) -> None:
         hv(cpu, name, w.handle(a[0]), w.gfn(a[1]), a[2], a[3])
 
 
-def _live_vcpu(w: World, a: tuple) -> tuple[Any, Any] | None:
+def _live_vcpu(w: World, a: tuple[Any, ...]) -> tuple[Any, Any] | None:
     """The a[1]-th vCPU of the a[0]-th VM the host has not destroyed."""
     live = [vm for vm in w.vms if not vm.destroyed and vm.handle and vm.vcpus]
     if not live:
@@ -438,7 +439,7 @@ def _live_vcpu(w: World, a: tuple) -> tuple[Any, Any] | None:
     return vm, vm.vcpus[a[1] % len(vm.vcpus)]
 
 
-def _session(w: World, cpu: int, a: tuple) -> None:
+def _session(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """The host driver's vCPU session: hyp vCPU created, memcache topped up, vCPU loaded on
     `cpu`, then the inner steps (guest-memory calls, possibly hostile), then put."""
     got = _live_vcpu(w, a)
@@ -464,7 +465,7 @@ def _session(w: World, cpu: int, a: tuple) -> None:
     w.m.hvc(cpu, "__pkvm_vcpu_put")
 
 
-def _lifecycle(w: World, cpu: int, a: tuple) -> None:
+def _lifecycle(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """A whole legitimate VM life: create, map pages (first/last slot pages included), destroy."""
     vm = w.m.host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
     w.vms.append(vm)
@@ -478,7 +479,7 @@ def _lifecycle(w: World, cpu: int, a: tuple) -> None:
         w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([vm])))
 
 
-def _struct_field(w: World, a: tuple) -> tuple[int, int] | None:
+def _struct_field(w: World, a: tuple[Any, ...]) -> tuple[int, int] | None:
     """(pa, size) of field `a[2]` of the host struct kvm (a[1] == 0) or a kvm_vcpu of VM a[0]."""
     vm = w.vm(a[0])
     if vm is None:
@@ -493,22 +494,22 @@ def _struct_field(w: World, a: tuple) -> tuple[int, int] | None:
     return base + f.offset, min(f.size, 8)
 
 
-def _value(w: World, a: tuple, size: int, pa: int) -> bytes:
+def _value(w: World, a: tuple[Any, ...], size: int, pa: int) -> bytes:
     """An interesting value, or ("rel", d): what is there now plus d (off-by-ones)."""
     v = a[3]
     if isinstance(v, tuple):
         v = int.from_bytes(w.m.host.read(pa, size), "little") + v[1]
-    return (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+    return int(v & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
 
 
-def _scribble(w: World, cpu: int, a: tuple) -> None:
+def _scribble(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     where = _struct_field(w, a)
     if where is not None:
         pa, size = where
         w.m.host.write(pa, _value(w, a, size, pa), cpu=cpu)
 
 
-def _scribble_init(w: World, cpu: int, a: tuple) -> None:
+def _scribble_init(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """The host writes a field of a vCPU struct, then the driver creates the hyp vCPU."""
     got = _live_vcpu(w, a)
     if got is None:
@@ -523,7 +524,7 @@ def _scribble_init(w: World, cpu: int, a: tuple) -> None:
     vm.ensure_hyp_vcpu(vcpu)
 
 
-def _race(w: World, cpu: int, a: tuple) -> None:
+def _race(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """Run step a[2] while a second host CPU overwrites, with value a[0], the host-shared bytes
     EL2 reads at its a[1]-th read of host-shared memory in that step."""
     w.racer.arm([], a[1], a[0])
@@ -534,7 +535,7 @@ def _race(w: World, cpu: int, a: tuple) -> None:
         w.racer.arm([])
 
 
-def _hostile_memcache(w: World, cpu: int, a: tuple) -> None:
+def _hostile_memcache(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """The host points a vCPU's memcache at a list of its choosing (unaligned head, pages in
     any state, a cycle, an overlong count), then asks for a guest mapping with it loaded."""
     got = _live_vcpu(w, a)
@@ -569,7 +570,7 @@ def _hostile_memcache(w: World, cpu: int, a: tuple) -> None:
     hv(cpu, "__pkvm_vcpu_put")
 
 
-def _exhaust(w: World, a: tuple) -> None:
+def _exhaust_op(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """Take the host's free memory, leaving a[0] pages: the driver then runs short (the pages
     are only reserved in the host's allocator, never touched)."""
     alloc = w.m.host.pages
@@ -578,7 +579,18 @@ def _exhaust(w: World, a: tuple) -> None:
         n = want
         while n and (pfn := alloc.alloc(n)) is None:
             n //= 2
-        if not n:
+        if not n or pfn is None:
             break
         w.hoard.append((pfn, n))
         want -= n
+
+
+# Every step op but the handle calls (`HANDLE_CALLS`) and the guest-memory calls (`GUEST_OPS`).
+STEP_OPS: dict[str, Callable[[World, int, tuple[Any, ...]], None]] = {
+    "alloc": _alloc, "share": _share, "unshare": _unshare, "create_vm": _create_vm,
+    "map": _map, "destroy": _destroy, "lifecycle": _lifecycle, "reserve": _reserve,
+    "init_vm": _init_vm, "init_vcpu": _init_vcpu, "load": _load, "put": _put,
+    "session": _session, "scribble": _scribble, "scribble_init": _scribble_init,
+    "race": _race, "memcache": _hostile_memcache, "exhaust": _exhaust_op,
+    "release": _release, "raw": _raw, "ptr_call": _ptr_call,
+}

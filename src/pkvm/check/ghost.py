@@ -16,12 +16,15 @@ the VM table), not from the hyp code. Two parts:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
+from pkvm.check.ghost_guest import GuestGhost, range_errno
+from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
-from pkvm.hyp.memory import PageState
+from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -31,20 +34,6 @@ if TYPE_CHECKING:
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
-def range_errno(lo: int, hi: int, phys: int, size: int) -> int:
-    """7.2's `check_range_allowed_memory` over [phys, phys + size) with RAM at [lo, hi): the
-    range must lie in one region or gap (`find_mem_range`; the last gap ends at ULONG_MAX,
-    exclusive), else -EINVAL; outside RAM, -EPERM."""
-    last = (phys + size - 1) & U64
-    if lo <= phys < hi:
-        rs, re_ = lo, hi
-    elif phys < lo:
-        rs, re_ = 0, lo
-    else:
-        rs, re_ = hi, U64
-    if not rs <= last < re_:
-        return -EINVAL
-    return 0 if lo <= phys < hi else -EPERM
 OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
                          PageState.NOPAGE)
 
@@ -79,19 +68,15 @@ class Ghost:
     pre_page: tuple[int, GhostPage | None] | None = None
 
     def __post_init__(self) -> None:
-        from pkvm.check.ghost_guest import GuestGhost
-
         self.table = self.abstract_table()
         self.guest = GuestGhost(self.checker.machine.inspect,
                                 lambda what, want, found: self._fail(None, what, want, found))
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
-        from pkvm.hyp.pkvm import RESERVED_ENTRY, PkvmHypVm
-
         h = self.checker.h
         out: list[Any] = []
-        for slot in h.vm_table or []:
+        for slot in h.vm_table:
             if slot is None:
                 out.append(None)
             elif slot is RESERVED_ENTRY:
@@ -120,7 +105,7 @@ class Ghost:
         if name in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp") and args:
             phys = (args[0] << PAGE_SHIFT) & U64
             self.pre_page = (phys, self.abstract_page(phys))
-        if name is not None and self.checker.h.profile.explicit_vcpu_load:
+        if name is not None and self.checker.h.profile.hyp_owned_guest_stage2:
             self.guest.before(cpu, name, args, self.checker.h.profile.handle)
 
     def after_call(self, rec: TraceRecord, changed: set[int], full: bool = False) -> None:
@@ -139,8 +124,6 @@ class Ghost:
             self._table_call(rec)
 
     def _fail(self, rec: TraceRecord | None, what: str, expected: Any, found: Any) -> None:
-        from pkvm.check.invariants import InvariantViolation
-
         raise InvariantViolation("ghost", what, None, expected, found)
 
     # -- host <-> hyp sharing (memory.md §4.3, §4.4) ------------------------------------------
@@ -202,117 +185,15 @@ class Ghost:
         return idx if idx < len(self.table) else None
 
     def _table_call(self, rec: TraceRecord) -> None:
-        prof = self.checker.h.profile
-        t = list(self.table)
-        name, cpu, x1 = rec.name, rec.cpu, rec.x1
-        a = list(rec.args) + [0] * 6
-        handle = prof.handle(a[0])
-        idx = self._slot(handle)
-        slot = t[idx] if idx is not None else None
-        vm = slot if isinstance(slot, GhostVm) else None
-        conc = self.abstract_table()
-
-        def loaded_on(c: int) -> tuple[int, int] | None:
-            for i, s in enumerate(t):
-                if isinstance(s, GhostVm):
-                    for v, lc in s.loaded:
-                        if lc == c:
-                            return i, v
-            return None
-
-        if name == "__pkvm_reserve_vm":
-            free = next((i for i, s in enumerate(t) if s is None), None)
-            want = -ENOMEM if free is None else free + sizes.HANDLE_OFFSET
-            if x1 != want:
-                self._fail(rec, "reserve_vm result (first free slot)", hex(want), hex(x1))
-            if free is not None:
-                t[free] = RESERVED
-        elif name == "__pkvm_unreserve_vm":
-            if idx is not None and slot == RESERVED:
-                t[idx] = None
-        elif name == "__pkvm_init_vm":
-            diff = [i for i in range(len(t)) if t[i] != conc[i]]
-            if prof.reserve_vm:
-                if x1 == 0:
-                    if len(diff) != 1 or t[diff[0]] != RESERVED or not isinstance(conc[diff[0]], GhostVm):
-                        self._fail(rec, "init_vm success turns one reserved slot into a VM",
-                                   "one reserved -> live slot", [hex(i + 0x1000) for i in diff])
-                    i = diff[0]
-                    t[i] = GhostVm(False, conc[i].created, frozenset(), ())
-            else:
-                free = next((i for i, s in enumerate(t) if s is None), None)
-                if x1 > 0:
-                    if free is None or x1 != free + sizes.HANDLE_OFFSET:
-                        self._fail(rec, "init_vm handle (first free slot)",
-                                   hex(free + sizes.HANDLE_OFFSET) if free is not None else "-ENOMEM",
-                                   hex(x1))
-                    assert free is not None
-                    c = conc[free]
-                    t[free] = GhostVm(False, c.created if isinstance(c, GhostVm) else -1,
-                                      frozenset(), ())
-                elif free is None and x1 != -ENOMEM and x1 >= 0:
-                    self._fail(rec, "init_vm with a full table", -ENOMEM, x1)
-        elif name == "__pkvm_init_vcpu":
-            if vm is None:
-                if x1 not in (-ENOMEM, -ENOENT):
-                    self._fail(rec, f"init_vcpu on handle {handle:#x}, not a live VM",
-                               "-ENOMEM or -ENOENT", x1)
-            elif x1 == 0:
-                c = conc[idx] if idx is not None else None
-                new = (c.vcpus - vm.vcpus) if isinstance(c, GhostVm) else frozenset()
-                if len(new) != 1 or not isinstance(c, GhostVm) or c.vcpus < vm.vcpus:
-                    self._fail(rec, "init_vcpu success adds exactly one vCPU",
-                               sorted(vm.vcpus), sorted(c.vcpus) if isinstance(c, GhostVm) else c)
-                (v,) = new
-                if not 0 <= v < vm.created:
-                    self._fail(rec, f"init_vcpu index in range of created_vcpus ({vm.created})",
-                               f"0..{vm.created - 1}", v)
-                if not prof.reserve_vm and v != len(vm.vcpus):
-                    self._fail(rec, "6.12 initialises vCPUs in order", len(vm.vcpus), v)
-                t[idx] = replace(vm, vcpus=vm.vcpus | {v})  # type: ignore[index]
-        elif name == "__pkvm_vcpu_load" and prof.explicit_vcpu_load:
-            v = a[1] & 0xFFFF_FFFF
-            ok = (loaded_on(cpu) is None and vm is not None and not vm.dying and v < vm.created
-                  and v in vm.vcpus and all(lv != v for lv, _ in vm.loaded))
-            if ok:
-                assert vm is not None and idx is not None
-                t[idx] = replace(vm, loaded=tuple(sorted(vm.loaded + ((v, cpu),))))
-        elif name == "__pkvm_vcpu_put" and prof.explicit_vcpu_load:
-            cur = loaded_on(cpu)
-            if cur is not None:
-                i, v = cur
-                g = t[i]
-                t[i] = replace(g, loaded=tuple(x for x in g.loaded if x != (v, cpu)))
-        elif name == "__pkvm_start_teardown_vm":
-            ok = vm is not None and not vm.dying and not vm.loaded
-            if x1 != (0 if ok else -EINVAL):
-                self._fail(rec, f"start_teardown({handle:#x}) with ghost slot {slot}",
-                           0 if ok else -EINVAL, x1)
-            if ok:
-                assert vm is not None and idx is not None
-                t[idx] = replace(vm, dying=True)
-        elif name == "__pkvm_finalize_teardown_vm":
-            ok = vm is not None and vm.dying and not vm.loaded
-            if x1 != (0 if ok else -EINVAL):
-                self._fail(rec, f"finalize_teardown({handle:#x}) with ghost slot {slot}",
-                           0 if ok else -EINVAL, x1)
-            if ok:
-                t[idx] = None  # type: ignore[index]
-        elif name == "__pkvm_teardown_vm":
-            ok = vm is not None
-            if x1 != (0 if ok else -ENOENT):
-                self._fail(rec, f"teardown_vm({handle:#x}) with ghost slot {slot}",
-                           0 if ok else -ENOENT, x1)
-            if ok:
-                t[idx] = None  # type: ignore[index]
-        self._compare_table(rec, t, conc)
-        self.table = t
+        """Predict a VM-table call's result and post-table (`TABLE_CALLS`), then compare."""
+        c = TableCall(self, rec)
+        TABLE_CALLS[rec.name](c)
+        self._compare_table(rec, c.t, c.conc)
+        self.table = c.t
 
     def _quick_compare(self, rec: TraceRecord) -> None:
         """Cheap frame check for calls outside the VM table: slot kinds still counted alike."""
-        from pkvm.hyp.pkvm import RESERVED_ENTRY
-
-        table = self.checker.h.vm_table or []
+        table = self.checker.h.vm_table
         if (table.count(None), table.count(RESERVED_ENTRY)) != (
                 self.table.count(None), self.table.count(RESERVED)):
             self._compare_table(rec, self.table)
@@ -325,3 +206,162 @@ class Ghost:
             i = diff[0]
             self._fail(rec, f"VM table slot {i + sizes.HANDLE_OFFSET:#x} after {rec.name}",
                        t[i], conc[i])
+
+
+class TableCall:
+    """One VM-table call as the ghost predicts it: the ghost table `t` it updates, the
+    concrete table `conc` after the call, and the slot the handle argument names."""
+
+    def __init__(self, ghost: Ghost, rec: TraceRecord):
+        self.ghost = ghost
+        self.rec = rec
+        self.prof = ghost.checker.h.profile
+        self.t = list(ghost.table)
+        self.cpu, self.x1 = rec.cpu, rec.x1
+        self.a = list(rec.args) + [0] * 6
+        self.handle = self.prof.handle(self.a[0])
+        self.idx = ghost._slot(self.handle)
+        self.slot = self.t[self.idx] if self.idx is not None else None
+        self.vm = self.slot if isinstance(self.slot, GhostVm) else None
+        self.conc = ghost.abstract_table()
+
+    def fail(self, what: str, expected: Any, found: Any) -> None:
+        self.ghost._fail(self.rec, what, expected, found)
+
+    def loaded_on(self, cpu: int) -> tuple[int, int] | None:
+        """(slot, vCPU index) of the vCPU the ghost has loaded on `cpu`, or None."""
+        for i, s in enumerate(self.t):
+            if isinstance(s, GhostVm):
+                for v, lc in s.loaded:
+                    if lc == cpu:
+                        return i, v
+        return None
+
+    def first_free(self) -> int | None:
+        return next((i for i, s in enumerate(self.t) if s is None), None)
+
+
+def _reserve_vm(c: TableCall) -> None:
+    free = c.first_free()
+    want = -ENOMEM if free is None else free + sizes.HANDLE_OFFSET
+    if c.x1 != want:
+        c.fail("reserve_vm result (first free slot)", hex(want), hex(c.x1))
+    if free is not None:
+        c.t[free] = RESERVED
+
+
+def _unreserve_vm(c: TableCall) -> None:
+    if c.idx is not None and c.slot == RESERVED:
+        c.t[c.idx] = None
+
+
+def _init_vm(c: TableCall) -> None:
+    t, conc, x1 = c.t, c.conc, c.x1
+    if c.prof.reserve_vm:  # init_vm fills a slot the host reserved first
+        diff = [i for i in range(len(t)) if t[i] != conc[i]]
+        if x1 == 0:
+            if len(diff) != 1 or t[diff[0]] != RESERVED or not isinstance(conc[diff[0]], GhostVm):
+                c.fail("init_vm success turns one reserved slot into a VM",
+                       "one reserved -> live slot", [hex(i + sizes.HANDLE_OFFSET) for i in diff])
+            i = diff[0]
+            t[i] = GhostVm(False, conc[i].created, frozenset(), ())
+        return
+    free = c.first_free()
+    if x1 > 0:
+        if free is None or x1 != free + sizes.HANDLE_OFFSET:
+            c.fail("init_vm handle (first free slot)",
+                   hex(free + sizes.HANDLE_OFFSET) if free is not None else "-ENOMEM", hex(x1))
+        assert free is not None
+        got = conc[free]
+        t[free] = GhostVm(False, got.created if isinstance(got, GhostVm) else -1, frozenset(), ())
+    elif free is None and x1 != -ENOMEM and x1 >= 0:
+        c.fail("init_vm with a full table", -ENOMEM, x1)
+
+
+def _init_vcpu(c: TableCall) -> None:
+    vm, idx = c.vm, c.idx
+    if vm is None:
+        if c.x1 not in (-ENOMEM, -ENOENT):
+            c.fail(f"init_vcpu on handle {c.handle:#x}, not a live VM", "-ENOMEM or -ENOENT", c.x1)
+        return
+    if c.x1 != 0:
+        return
+    assert idx is not None
+    got = c.conc[idx]
+    new = (got.vcpus - vm.vcpus) if isinstance(got, GhostVm) else frozenset()
+    if len(new) != 1 or not isinstance(got, GhostVm) or got.vcpus < vm.vcpus:
+        c.fail("init_vcpu success adds exactly one vCPU", sorted(vm.vcpus),
+               sorted(got.vcpus) if isinstance(got, GhostVm) else got)
+    (v,) = new
+    if not 0 <= v < vm.created:
+        c.fail(f"init_vcpu index in range of created_vcpus ({vm.created})",
+               f"0..{vm.created - 1}", v)
+    if c.prof.vcpu_init_in_order and v != len(vm.vcpus):
+        c.fail("hyp vCPUs are initialised in order", len(vm.vcpus), v)
+    c.t[idx] = replace(vm, vcpus=vm.vcpus | {v})
+
+
+def _vcpu_load(c: TableCall) -> None:
+    if not c.prof.explicit_vcpu_load:
+        return
+    vm, v = c.vm, c.a[1] & 0xFFFF_FFFF
+    ok = (c.loaded_on(c.cpu) is None and vm is not None and not vm.dying and v < vm.created
+          and v in vm.vcpus and all(lv != v for lv, _ in vm.loaded))
+    if ok:
+        assert vm is not None and c.idx is not None
+        c.t[c.idx] = replace(vm, loaded=tuple(sorted(vm.loaded + ((v, c.cpu),))))
+
+
+def _vcpu_put(c: TableCall) -> None:
+    if not c.prof.explicit_vcpu_load:
+        return
+    cur = c.loaded_on(c.cpu)
+    if cur is not None:
+        i, v = cur
+        g = c.t[i]
+        c.t[i] = replace(g, loaded=tuple(x for x in g.loaded if x != (v, c.cpu)))
+
+
+def _start_teardown_vm(c: TableCall) -> None:
+    vm = c.vm
+    ok = vm is not None and not vm.dying and not vm.loaded
+    if c.x1 != (0 if ok else -EINVAL):
+        c.fail(f"start_teardown({c.handle:#x}) with ghost slot {c.slot}", 0 if ok else -EINVAL,
+               c.x1)
+    if ok:
+        assert vm is not None and c.idx is not None
+        c.t[c.idx] = replace(vm, dying=True)
+
+
+def _finalize_teardown_vm(c: TableCall) -> None:
+    vm = c.vm
+    ok = vm is not None and vm.dying and not vm.loaded
+    if c.x1 != (0 if ok else -EINVAL):
+        c.fail(f"finalize_teardown({c.handle:#x}) with ghost slot {c.slot}",
+               0 if ok else -EINVAL, c.x1)
+    if ok:
+        assert c.idx is not None
+        c.t[c.idx] = None
+
+
+def _teardown_vm(c: TableCall) -> None:
+    ok = c.vm is not None
+    if c.x1 != (0 if ok else -ENOENT):
+        c.fail(f"teardown_vm({c.handle:#x}) with ghost slot {c.slot}", 0 if ok else -ENOENT, c.x1)
+    if ok:
+        assert c.idx is not None
+        c.t[c.idx] = None
+
+
+# The VM-table calls (`VM_TABLE_CALLS`), each with its prediction.
+TABLE_CALLS: dict[str, Callable[[TableCall], None]] = {
+    "__pkvm_reserve_vm": _reserve_vm,
+    "__pkvm_unreserve_vm": _unreserve_vm,
+    "__pkvm_init_vm": _init_vm,
+    "__pkvm_init_vcpu": _init_vcpu,
+    "__pkvm_vcpu_load": _vcpu_load,
+    "__pkvm_vcpu_put": _vcpu_put,
+    "__pkvm_start_teardown_vm": _start_teardown_vm,
+    "__pkvm_finalize_teardown_vm": _finalize_teardown_vm,
+    "__pkvm_teardown_vm": _teardown_vm,
+}

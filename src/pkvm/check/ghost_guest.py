@@ -29,10 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pkvm.abi.host_structs import KVM_VCPU
-from pkvm.check.ghost import range_errno
-from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
-from pkvm.hyp.mem_protect_guest import guest_state_of_pte
-from pkvm.hyp.pgtable import (
+from pkvm.arch.pgtable import (
     KVM_PGTABLE_PROT_RWX,
     KVM_PGTABLE_PROT_W,
     KVM_PGTABLE_PROT_X,
@@ -40,6 +37,8 @@ from pkvm.hyp.pgtable import (
     pte_valid,
     stage2_pte_prot,
 )
+from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
+from pkvm.inspect import guest_state_of_pte
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -57,6 +56,23 @@ GUEST_CALLS = frozenset({
     "__pkvm_host_test_clear_young_guest", "__pkvm_reclaim_dying_guest_page",
     "__pkvm_force_reclaim_guest_page",
 })
+
+
+def range_errno(lo: int, hi: int, phys: int, size: int) -> int:
+    """7.2's `check_range_allowed_memory` over [phys, phys + size) with RAM at [lo, hi): the
+    range must lie in one region or gap (`find_mem_range`; the last gap ends at ULONG_MAX,
+    exclusive), else -EINVAL; outside RAM, -EPERM."""
+    last = (phys + size - 1) & U64
+    if lo <= phys < hi:
+        rs, re_ = lo, hi
+    elif phys < lo:
+        rs, re_ = 0, lo
+    else:
+        rs, re_ = hi, U64
+    if not rs <= last < re_:
+        return -EINVAL
+    return 0 if lo <= phys < hi else -EPERM
+
 
 
 @dataclass(frozen=True)
@@ -247,7 +263,7 @@ class GuestGhost:
                      nr: int, prot: int) -> int:
         r = pre["refill"]
         if r["ret"]:
-            return r["ret"]
+            return int(r["ret"])
         if share:
             if prot & ~RWX:
                 return -EINVAL

@@ -33,8 +33,6 @@ The flag's place in unicorn's private engine struct is found, not assumed, on a 
 `size_recur_mem`/`init_tcg`; `uc_emu_stop()` called from a hook must set that byte, and setting
 it from another thread must end a YIELD loop at the instruction after the YIELD. Where any check
 fails (another unicorn build), `available()` is False and callers use an instruction budget.
-
-(Added for issue 9, Linux guests; the stop mechanism for issue 14, several vCPUs.)
 """
 
 from __future__ import annotations
@@ -46,6 +44,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
+
+from unicorn import UC_ARCH_ARM64, UC_HOOK_CODE, UC_MODE_ARM
+from unicorn import arm64_const as A
+from unicorn.unicorn_py3.unicorn import Uc
 
 
 class Scheduler(Protocol):
@@ -99,9 +101,6 @@ def _engine_addr(uc: Any) -> int:
 
 def _find_stop_request() -> int | None:
     """Offset of `stop_request` in unicorn's engine struct (checked by behaviour), or None."""
-    from unicorn import UC_ARCH_ARM64, UC_HOOK_CODE, UC_MODE_ARM, Uc
-    from unicorn import arm64_const as A
-
     uc: Any = Uc(UC_ARCH_ARM64, UC_MODE_ARM)
     uc.mem_map(0x1000, 0x1000)
     uc.mem_write(0x1000, _PROBE_CODE)

@@ -1,0 +1,225 @@
+"""Global invariants: the VM table, pins and refcounts, page-table pages, pools and the hyp's
+accounting of the pages it owns outside its carve-out.
+
+`GlobalInvariants` is the part of the `Checker` (`pkvm.check.invariants`) that checks facts
+spanning many pages; it builds on the per-page checks of `PageInvariants`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from pkvm.abi import sizes
+from pkvm.check.page_invariants import NOPAGE, OWNED, SB, SO, PageInvariants
+from pkvm.check.violations import InvariantViolation
+from pkvm.inspect import RESERVED_ENTRY, PkvmHypVm, hyp_pa, hyp_state_of_pte, hyp_va
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+
+
+class GlobalInvariants(PageInvariants):
+    """Checks over the hyp's global structures; the `Checker` supplies `carveout`."""
+
+    carveout: tuple[int, int]
+    _globals_pfns: set[int]
+
+    def expected_pins(self) -> Counter[int]:
+        pins: Counter[Any] = Counter()
+
+        def add(va: int, size: int) -> None:
+            lo = va & ~(PAGE_SIZE - 1)
+            for p in range(lo, va + size, PAGE_SIZE):
+                pins[hyp_pa(p) >> PAGE_SHIFT] += 1
+
+        for _handle, vm in self.live_vms():
+            add(vm.host_kvm, self.h.profile.sizeof_kvm)
+            for vcpu in vm.vcpus:
+                if vcpu is not None:
+                    add(vcpu.host_vcpu, self.h.profile.sizeof_kvm_vcpu)
+        return pins
+
+    def check_globals(self, all_shared: bool = False) -> None:
+        h = self.h
+        vm_page = h.vm_page
+        vmm = h.vmemmap
+        table = h.vm_table
+        live: list[PkvmHypVm] = []
+        for idx, slot in enumerate(table if table.count(None) != len(table) else ()):
+            if slot is None or slot is RESERVED_ENTRY:
+                continue
+            if not isinstance(slot, PkvmHypVm):
+                raise InvariantViolation("vm-table", f"slot {idx} holds {slot!r}")
+            if slot.handle != idx + sizes.HANDLE_OFFSET:
+                raise InvariantViolation("vm-table", f"slot {idx} holds a VM with another handle",
+                                         None, hex(idx + sizes.HANDLE_OFFSET), hex(slot.handle))
+            live.append(slot)
+            for k, vcpu in enumerate(slot.vcpus):
+                if vcpu is None:
+                    continue
+                if vcpu.vm is not slot or vcpu.vcpu_idx != k:
+                    raise InvariantViolation("vm-table", f"VM {slot.handle:#x} vcpus[{k}] is "
+                                             f"vCPU {vcpu.vcpu_idx} of another VM")
+                if vcpu.loaded_on is not None and h.loaded_hyp_vcpu[vcpu.loaded_on] is not vcpu:
+                    raise InvariantViolation("vm-table", f"vCPU {k} of VM {slot.handle:#x} says "
+                                             f"loaded on cpu {vcpu.loaded_on}, that CPU disagrees")
+        live_ids = {id(v) for v in live}
+        for cpu, vcpu in enumerate(h.loaded_hyp_vcpu):
+            if vcpu is None:
+                continue
+            if id(vcpu.vm) not in live_ids or vcpu.loaded_on != cpu:
+                raise InvariantViolation("vm-table", f"cpu {cpu} has a loaded vCPU of a VM not in "
+                                         "the table or loaded elsewhere", None,
+                                         f"vCPU of a live VM loaded on {cpu}",
+                                         f"VM {vcpu.vm.handle:#x}, loaded_on {vcpu.loaded_on}")
+        for vm in live:
+            loaded = sum(1 for v in vm.vcpus if v is not None and v.loaded_on is not None)
+            if not h.profile.explicit_vcpu_load:
+                loaded = 0
+            pfn = vm_page(vm) >> PAGE_SHIFT
+            rc = vmm.refcount[pfn - self._ram_lo]
+            if rc != loaded:
+                raise InvariantViolation("vm-refcount", f"hyp VM {vm.handle:#x}", pfn,
+                                         f"refcount {loaded} (loaded vCPUs)", f"refcount {rc}")
+        pins = self.expected_pins()
+        pfns = set(pins)
+        self._globals_pfns = pfns | {vm_page(v) >> PAGE_SHIFT for v in live}
+        if all_shared:
+            pfns |= self._shared_pages()
+        for pfn in pfns:
+            i = pfn - self._ram_lo
+            if not 0 <= i < vmm.nr:
+                raise InvariantViolation("pin-refcount", "a pinned host struct lies outside RAM",
+                                         pfn)
+            states = self.page_states(pfn)
+            if pfn in pins and states != (SO, SB):
+                raise InvariantViolation("pin-refcount", "a pinned page is not shared with the hyp",
+                                         pfn, "SHARED_OWNED/SHARED_BORROWED",
+                                         f"{states[0].name}/{states[1].name}")
+            if states == (SO, SB) and vmm.refcount[i] != pins.get(pfn, 0):
+                raise InvariantViolation("pin-refcount", "pins do not match users", pfn,
+                                         f"refcount {pins.get(pfn, 0)}", f"refcount {vmm.refcount[i]}")
+
+    def _shared_pages(self) -> set[int]:
+        h = self.h
+        if self._in_vmemmap:
+            vmm = h.vmemmap
+            hs, ys = vmm.host_state, vmm.hyp_state
+            return {self._ram_lo + i for i in range(vmm.nr) if hs[i] == SO and ys[i] == SB}
+        lo = hyp_va(self._ram_lo << PAGE_SHIFT)
+        size = (self._ram_hi - self._ram_lo) << PAGE_SHIFT
+        return {hyp_pa(a) >> PAGE_SHIFT for a, lvl, pte in h.hyp_pgt.leaves(lo, size, True)
+                if lvl == 3 and hyp_state_of_pte(pte) == SB}
+
+    def _tables(self) -> list[tuple[str, Any]]:
+        h = self.h
+        out: list[tuple[str, Any]] = [("hyp stage-1", h.hyp_pgt), ("host stage-2", h.host_pgt)]
+        for handle, vm in self.live_vms():
+            if vm.pgt is not None and vm.pgt.pgd:
+                out.append((f"guest {handle:#x} stage-2", vm.pgt))
+        return out
+
+    def check_tables(self) -> None:
+        h = self.h
+        vmm = h.vmemmap
+        seen: dict[int, str] = {}
+        for name, pgt in self._tables():
+            for table in pgt.table_pages():
+                pfn = table >> PAGE_SHIFT
+                if pfn in seen:
+                    raise InvariantViolation("table-pages", f"page in two tables: {seen[pfn]} "
+                                             f"and {name}", pfn)
+                seen[pfn] = name
+                if not vmm.covers(table):
+                    continue
+                host, hyp = self.page_states(pfn)
+                if hyp != OWNED or host != NOPAGE:
+                    raise InvariantViolation("table-pages", f"{name} table page not hyp-owned",
+                                             pfn, "NOPAGE/OWNED", f"{host.name}/{hyp.name}")
+                counted = h.counted_entries(pgt, table, h.mem)
+                rc = vmm.refcount[vmm.idx(table)]
+                if rc != 1 + counted:
+                    raise InvariantViolation("table-pages", f"{name} table page refcount", pfn,
+                                             f"1 + {counted} counted entries", rc)
+
+    def pools(self) -> list[tuple[str, Any]]:
+        h = self.h
+        out: list[tuple[str, Any]] = h.pools()
+        out += [(f"vm {hd:#x} pool", vm.pool) for hd, vm in self.live_vms()]
+        return out
+
+    def hyp_owned_pages(self) -> set[int]:
+        """pfns the hyp owns outside its carve-out."""
+        h = self.h
+        cb, cs = self.carveout
+        c_lo, c_hi = cb >> PAGE_SHIFT, (cb + cs) >> PAGE_SHIFT
+        lo = self._ram_lo
+        if self._in_vmemmap:
+            ys = h.vmemmap.hyp_state
+            out = {lo + i for i in range(h.vmemmap.nr) if ys[i] == OWNED}
+        else:
+            va = hyp_va(lo << PAGE_SHIFT)
+            size = (self._ram_hi - lo) << PAGE_SHIFT
+            out = set()
+            for a, level, pte in h.hyp_pgt.leaves(va, size, True):
+                if hyp_state_of_pte(pte) == OWNED:
+                    first = hyp_pa(a) >> PAGE_SHIFT
+                    out.update(range(first, first + (1 << (9 * (3 - level)))))
+        return {p for p in out if not c_lo <= p < c_hi}
+
+    def vm_owned_pages(self) -> dict[int, str]:
+        """pfn -> what it is, for every page a live hyp VM accounts for."""
+        h = self.h
+        out: dict[int, str] = {}
+
+        def add(pa: int, size: int, what: str) -> None:
+            for p in range(pa >> PAGE_SHIFT, (pa + size + PAGE_SIZE - 1) >> PAGE_SHIFT):
+                out[p] = what
+
+        for hd, vm in self.live_vms():
+            add(hyp_pa(vm.vm_va), vm.vm_size, f"VM {hd:#x} hyp VM")
+            add(vm.pool.range_start, vm.pool.range_end - vm.pool.range_start, f"VM {hd:#x} pool")
+            if vm.pgt is not None and vm.pgt.pgd:
+                for t in vm.pgt.table_pages():
+                    add(t, PAGE_SIZE, f"VM {hd:#x} stage-2 table")
+            for pa, order in vm.pool.free_blocks():
+                add(pa, PAGE_SIZE << order, f"VM {hd:#x} pool (free)")
+            for vcpu in vm.vcpus:
+                if vcpu is None:
+                    continue
+                add(hyp_pa(vcpu.mem_va), sizes.PKVM_HYP_VCPU_SIZE, f"VM {hd:#x} vCPU {vcpu.vcpu_idx}")
+                pa, n = vcpu.memcache[0], vcpu.memcache[1]
+                while n > 0 and h.mem.is_ram(pa):
+                    add(pa & ~(PAGE_SIZE - 1), PAGE_SIZE, f"VM {hd:#x} vCPU memcache")
+                    pa = h.mem.read_u64(pa & ~(PAGE_SIZE - 1))
+                    n -= 1
+        return out
+
+    def check_hyp_accounting(self) -> None:
+        owned = self.vm_owned_pages()
+        stray = sorted(self.hyp_owned_pages() - set(owned))
+        if stray:
+            raise InvariantViolation("hyp-accounting", f"{len(stray)} hyp-owned page(s) outside "
+                                     "the carve-out belong to no live VM (a leak, or a VM's "
+                                     "memory left behind by teardown)", stray[0],
+                                     "owned by a live VM", [hex(p) for p in stray[:8]])
+
+    def check_pools(self) -> None:
+        h = self.h
+        vmm = h.vmemmap
+        listed: dict[int, str] = {}
+        for name, pool in self.pools():
+            for pa, order in pool.free_blocks():
+                pfn = pa >> PAGE_SHIFT
+                if pfn in listed:
+                    raise InvariantViolation("pool-free-lists", f"free block on two lists "
+                                             f"({listed[pfn]}, {name})", pfn)
+                listed[pfn] = name
+                for k in range(1 << order):
+                    p = pa + (k << PAGE_SHIFT)
+                    if vmm.refcount[vmm.idx(p)]:
+                        raise InvariantViolation("pool-free-lists", f"{name}: free page in use",
+                                                 p >> PAGE_SHIFT, "refcount 0",
+                                                 vmm.refcount[vmm.idx(p)])
+                    if not h.mem.page_is_zero(p):
+                        raise InvariantViolation("pool-free-lists", f"{name}: free page not zero",
+                                                 p >> PAGE_SHIFT)

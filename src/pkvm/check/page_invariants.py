@@ -1,0 +1,205 @@
+"""Page-ownership invariants: each RAM page's states against every table that maps it.
+
+`PageInvariants` is the part of the `Checker` (`pkvm.check.invariants`) that checks one page at
+a time: its (host, hyp) state pair, the guest stage-2 mappings of it, the host stage-2 leaf
+(annotation or identity map) and the hyp stage-1 leaf.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
+from pkvm.check.violations import InvariantViolation
+from pkvm.inspect import (
+    ComponentId,
+    HypView,
+    PageState,
+    PkvmHypVm,
+    decode_host_annotation,
+    guest_state_of_pte,
+    hyp_va,
+)
+from pkvm.machine.memory import PAGE_SHIFT
+
+OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
+                         PageState.NOPAGE)
+
+# memory.md §4.1: (host, hyp, guest states) a RAM page may be in; "*" = N >= 1 guests.
+ALLOWED_PAIRS_7_2: dict[tuple[PageState, PageState], str] = {
+    (OWNED, NOPAGE): "ordinary host memory",
+    (SO, SB): "shared with the hyp",
+    (NOPAGE, OWNED): "hyp-owned (carve-out or donated)",
+    (SO, NOPAGE): "shared with FF-A or with N non-protected guests",
+    (NOPAGE, NOPAGE): "donated to a protected guest",
+    (SB, NOPAGE): "a protected guest shared it back",
+}
+ALLOWED_PAIRS_6_12: dict[tuple[PageState, PageState], str] = {
+    (OWNED, NOPAGE): "ordinary host memory",
+    (SO, SB): "shared with the hyp",
+    (NOPAGE, OWNED): "hyp-owned (carve-out or donated)",
+    (SB, SO): "kvm_vgic_global_state page",
+    (SO, NOPAGE): "shared with FF-A",
+}
+
+
+def _valid_leaves(mem: Any, pgd: int, start_level: int) -> list[tuple[int, int]]:
+    """(level, pte) of every valid leaf under `pgd`: whole tables read at once (fast)."""
+    out: list[tuple[int, int]] = []
+    u64, base = mem.u64, mem.base
+    stack = [(pgd, start_level)]
+    while stack:
+        table, level = stack.pop()
+        off = (table - base) >> 3
+        for pte in u64[off:off + 512].tolist():
+            if not pte & 1:
+                continue
+            if level < 3 and pte & 2:
+                stack.append((pte & KVM_PTE_ADDR_MASK, level + 1))
+            else:
+                out.append((level, pte))
+    return out
+
+
+class PageInvariants:
+    """Per-page checks; the `Checker` supplies the state below."""
+
+    h: HypView
+    _ram_lo: int
+    _ram_hi: int
+    _in_vmemmap: bool
+    _live: list[tuple[int, PkvmHypVm]] | None
+    _gmap: dict[int, list[tuple[int, PageState]]] | None
+    orphan_owned: set[int]
+    orphan_borrowed: Counter[int]
+
+    def page_states(self, pfn: int) -> tuple[PageState, PageState]:
+        pa = pfn << PAGE_SHIFT
+        return self.h.host_state(pa), self.h.hyp_state(pa)
+
+    def live_vms(self) -> list[tuple[int, PkvmHypVm]]:
+        """(handle, VM) of every hyp VM in the table (cached for the duration of one check)."""
+        if self._live is not None:
+            return self._live
+        table = self.h.vm_table
+        out = [] if table.count(None) == len(table) else self.h.live_vms()
+        self._live = out
+        return out
+
+    def guest_map(self) -> dict[int, list[tuple[int, PageState]]]:
+        """pfn -> [(handle, guest state)] over every valid leaf of every hyp-owned guest stage-2.
+
+        Cached between calls that cannot change a guest stage-2 (`_GUEST_S2_STILL`)."""
+        if self._gmap is not None:
+            return self._gmap
+        out: dict[int, list[tuple[int, PageState]]] = {}
+        for handle, vm in self.live_vms():
+            if vm.pgt is None or not vm.pgt.pgd:
+                continue
+            for level, pte in _valid_leaves(self.h.mem, vm.pgt.pgd, vm.pgt.start_level):
+                pfn = (pte & KVM_PTE_ADDR_MASK) >> PAGE_SHIFT
+                st = guest_state_of_pte(pte)
+                for k in range(1 << (9 * (3 - level))):
+                    out.setdefault(pfn + k, []).append((handle, st))
+        self._gmap = out
+        return out
+
+    def _guest_pages_of(self, raw_handle: int) -> list[tuple[int, PageState]]:
+        handle = self.h.profile.handle(raw_handle)
+        return [(pfn, st) for pfn, lst in self.guest_map().items() for hd, st in lst
+                if hd == handle]
+
+    def check_pages(self, pfns: Iterable[int], call: str = "",
+                    gmap: dict[int, list[tuple[int, PageState]]] | None = None) -> None:
+        pfns = [p for p in pfns if self._ram_lo <= p < self._ram_hi]
+        if not pfns:
+            return
+        h = self.h
+        if gmap is None:
+            gmap = self.guest_map() if h.profile.hyp_owned_guest_stage2 else {}
+        host_pgt = h.host_pgt
+        hyp_pgt = h.hyp_pgt
+        for pfn in pfns:
+            pa = pfn << PAGE_SHIFT
+            _, hpte, _ = host_pgt.get_leaf(pa)
+            ret, ypte, _ = hyp_pgt.get_leaf(hyp_va(pa))
+            self._check_page(pfn, self.page_states(pfn), hpte, 0 if ret else ypte,
+                             gmap.get(pfn, []))
+
+    def _check_page(self, pfn: int, states: tuple[PageState, PageState], hpte: int, ypte: int,
+                    guests: list[tuple[int, PageState]]) -> None:
+        h = self.h
+        host, hyp = states
+        i = pfn - self._ram_lo
+        vmm = h.vmemmap
+        pa = pfn << PAGE_SHIFT
+        allowed = ALLOWED_PAIRS_7_2 if self._in_vmemmap else ALLOWED_PAIRS_6_12
+        pair = (host, hyp)
+        if pair not in allowed:
+            raise InvariantViolation("state-pair", "(host, hyp) is not a pair of memory.md §4.1",
+                                     pfn, "one of " + ", ".join(f"{a.name}/{b.name}" for a, b in allowed),
+                                     f"{host.name}/{hyp.name}")
+        # guests
+        if self._in_vmemmap:
+            gstates = [s for _, s in guests]
+            owners = [g for g, s in guests if s in (OWNED, SO)]
+            borrowed = gstates.count(SB)
+            if len(owners) > 1:
+                raise InvariantViolation("guest-consistent", "two guests own one page", pfn,
+                                         "at most one guest owner", owners)
+            want: str | None = None
+            orphan = pfn in self.orphan_owned and not gstates
+            obor = self.orphan_borrowed.get(pfn, 0)
+            if pair == (NOPAGE, NOPAGE) and gstates != [OWNED] and not orphan:
+                want = "exactly one guest mapping, OWNED"
+            elif pair == (SB, NOPAGE) and gstates != [SO] and not orphan:
+                want = "exactly one guest mapping, SHARED_OWNED"
+            elif pair == (SO, NOPAGE):
+                if any(s != SB for s in gstates) or borrowed + obor != vmm.host_share_guest_count[i]:
+                    want = f"{vmm.host_share_guest_count[i]} SHARED_BORROWED guest mappings " \
+                           f"(host_share_guest_count; {obor} of them orphaned by a teardown)"
+            elif pair not in ((NOPAGE, NOPAGE), (SB, NOPAGE)) and gstates:
+                want = f"no guest mapping for a {host.name}/{hyp.name} page"
+            if want is None and pair != (SO, NOPAGE) and vmm.host_share_guest_count[i]:
+                want = "host_share_guest_count 0"
+            if want is not None:
+                raise InvariantViolation(
+                    "guest-consistent", "guest stage-2 mappings disagree with host/hyp states",
+                    pfn, want, f"host {host.name}, hyp {hyp.name}, guests "
+                    f"{[(hex(g), s.name) for g, s in guests]}, share count "
+                    f"{vmm.host_share_guest_count[i]}")
+            # host stage-2
+            ann = decode_host_annotation(hpte)
+            if (host == NOPAGE) != (ann is not None):
+                raise InvariantViolation("host-s2-agrees", "host NOPAGE <=> annotated host leaf",
+                                         pfn, f"annotation iff host NOPAGE (host {host.name})",
+                                         f"host leaf {hpte:#x}")
+            if ann is not None:
+                want_owner = ComponentId.HYP if hyp == OWNED else ComponentId.GUEST
+                if ann[0] != want_owner:
+                    raise InvariantViolation("host-s2-agrees", "annotation names the wrong owner",
+                                             pfn, ComponentId(want_owner).name, ann)
+            # hyp stage-1
+            mapped = pte_valid(ypte) and (ypte & KVM_PTE_ADDR_MASK) == pa
+            rc = vmm.refcount[i]
+            if hyp == OWNED and not mapped:
+                raise InvariantViolation("hyp-s1-agrees", "hyp-owned page not mapped at EL2", pfn,
+                                         "a valid hyp stage-1 leaf", f"{ypte:#x}")
+            if hyp == SB and mapped != (rc > 0):
+                raise InvariantViolation("hyp-s1-agrees", "shared page mapped at EL2 <=> pinned",
+                                         pfn, f"mapped={rc > 0} (refcount {rc})", f"mapped={mapped}")
+            if hyp == NOPAGE and pte_valid(ypte):
+                raise InvariantViolation("hyp-s1-agrees", "page the hyp does not have is mapped "
+                                         "at EL2", pfn, "no hyp stage-1 leaf", f"{ypte:#x}")
+        else:
+            ann = decode_host_annotation(hpte)
+            if host == NOPAGE and (ann is None or ann[0] != ComponentId.HYP) and hyp == OWNED:
+                raise InvariantViolation("host-s2-agrees", "hyp page without hyp annotation",
+                                         pfn, "owner HYP annotation", f"host leaf {hpte:#x}")
+        # host access
+        if pte_valid(hpte) and host not in (OWNED, SO, SB):
+            raise InvariantViolation("no-host-access", "the host stage-2 maps a page it may not "
+                                     "touch", pfn, f"no valid host leaf ({host.name}/{hyp.name})",
+                                     f"host leaf {hpte:#x}")

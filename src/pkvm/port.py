@@ -1,0 +1,116 @@
+"""The host's door to the machine (`HostPort`): HVC, SMC and memory accesses that the hardware
+checks against the host stage-2. `pkvm.board.Machine` makes them; the host holds one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pkvm.machine.memory import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from pkvm.board import HvcResult, Machine, SmcResult
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+StoreObserver = Callable[[int, int, bytes | int], None]
+
+
+class HostPort:
+    """All the host (EL1) can do to the rest of the machine: HVC, and memory accesses that the
+    hardware checks against the host stage-2. The host holds one (`m.host.port`), never the
+    machine (`m.host_port` is that one); a tool playing another host CPU takes its own
+    (`Machine.new_host_port()`).
+
+    `observe_stores(fn)` calls `fn(cpu, pa, data)` after every store through this port that
+    the host stage-2 let through: `data` is the bytes stored, or, for `zero`, the number of
+    bytes zeroed. A refused store raises `HostDataAbort` and is not observed."""
+
+    __slots__ = ("_m", "_observers")
+
+    def __init__(self, machine: "Machine"):
+        self._m = machine
+        self._observers: list[StoreObserver] = []
+
+    def observe_stores(self, fn: StoreObserver) -> None:
+        self._observers.append(fn)
+
+    def _stored(self, cpu: int, pa: int, data: bytes | int) -> None:
+        for fn in self._observers:
+            fn(cpu, pa, data)
+
+    def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
+        return self._m.hvc(cpu, func, *args)
+
+    def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
+        return self._m.smc(cpu, func, *args, imm=imm)
+
+    def read(self, cpu: int, pa: int, n: int) -> bytes:
+        m = self._m
+        if 0 < n <= PAGE_SIZE - (pa & 0xFFF):  # within one page: one translation
+            out = m.host_translate(cpu, pa, False)
+            return m.mem.read(out, n) if out is not None else bytes(n)
+        spans = self._translate(cpu, pa, n, False)
+        return b"".join(m.mem.read(out, k) if out is not None else bytes(k) for out, k in spans)
+
+    def write(self, cpu: int, pa: int, data: bytes) -> None:
+        self._write(cpu, pa, data)
+        if self._observers:
+            self._stored(cpu, pa, bytes(data))
+
+    def _write(self, cpu: int, pa: int, data: bytes) -> None:
+        m = self._m
+        if 0 < len(data) <= PAGE_SIZE - (pa & 0xFFF):
+            out = m.host_translate(cpu, pa, True)
+            if out is not None:
+                m.mem.write(out, data)
+            return
+        spans = self._translate(cpu, pa, len(data), True)
+        pos = 0
+        for out, k in spans:
+            if out is not None:
+                m.mem.write(out, data[pos : pos + k])
+            pos += k
+
+    def read_u64(self, cpu: int, pa: int) -> int:
+        """An 8-byte load: one translation (the TLB's, on a hit) and one read of RAM."""
+        if pa & 0xFFF > PAGE_SIZE - 8:  # straddles two pages
+            return int.from_bytes(self.read(cpu, pa, 8), "little")
+        out = self._m.host_translate(cpu, pa, False)
+        if out is None:
+            return 0
+        mem = self._m.mem
+        return mem.read_u64(out) if not out & 7 else int.from_bytes(mem.read(out, 8), "little")
+
+    def write_u64(self, cpu: int, pa: int, value: int) -> None:
+        raw = (value & U64).to_bytes(8, "little")
+        if pa & 0xFFF > PAGE_SIZE - 8:
+            self.write(cpu, pa, raw)
+            return
+        out = self._m.host_translate(cpu, pa, True)
+        if out is not None:
+            mem = self._m.mem
+            if out & 7:
+                mem.write(out, raw)
+            else:
+                mem.write_u64(out, value & U64)
+        if self._observers:
+            self._stored(cpu, pa, raw)
+
+    def zero(self, cpu: int, pa: int, n: int) -> None:
+        """memset(0) of whole host pages (pages already zero are left untouched)."""
+        for out, k in self._translate(cpu, pa, n, True):
+            if out is not None:
+                self._m.mem.zero(out, k)
+        if self._observers:
+            self._stored(cpu, pa, n)
+
+    def _translate(self, cpu: int, pa: int, n: int, write: bool) -> list[tuple[int | None, int]]:
+        """Check every page of [pa, pa+n) first: a refused access changes nothing."""
+        spans = []
+        while n > 0:
+            k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
+            spans.append((self._m.host_translate(cpu, pa, write), k))
+            pa += k
+            n -= k
+        return spans
