@@ -83,7 +83,8 @@ def _said_why(lines: list[str], lineno: int) -> bool:
 def test_imports_inside_functions_say_why(path: Path) -> None:
     """Imports sit at module top unless one breaks a cycle (or defers a heavy module) on purpose,
     and a comment says so: on the import, above its block, or (for a module that defers the
-    imports of single commands) once in the module's docstring ("imported inside" / "imported by the functions that use")."""
+    imports of single commands) once in the module's docstring ("imported inside" / "imported
+    by the functions that use")."""
     text = path.read_text()
     tree = _tree(path)
     doc = ast.get_docstring(tree) or ""

@@ -67,7 +67,7 @@ def run_campaigns(campaigns: list[Campaign], jobs: int = 1,
     """Run `campaigns` in parallel (processes, or Ray tasks) and merge their results."""
     if ray_address:
         try:
-            import ray
+            import ray  # optional (pkvm[ray]): imported only when a cluster is given
         except ImportError as e:
             raise RuntimeError("--ray needs Ray: pip install 'pkvm[ray]'") from e
         if ray_address == "local":
