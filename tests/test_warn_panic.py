@@ -8,7 +8,8 @@ import random
 import pytest
 
 import pkvm
-from pkvm.check.ffa_ops import FFA_SUCCESS, FfaHost, hostile_ffa_op
+from pkvm.abi.ffa import FFA_SUCCESS
+from pkvm.check.ffa_ops import FfaHost, hostile_ffa_op
 from pkvm.check.fuzz import Failure, _warn_failure
 from pkvm.check.oracles import NoWarn, excused_warns
 from pkvm.conform.diff import compare_step

@@ -22,13 +22,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-FFA_ERROR, FFA_SUCCESS = 0x8400_0060, 0x8400_0061
-FFA_MEM_FRAG_RX = 0x8400_007A
+from pkvm.abi.ffa import FFA_SUCCESS
+from pkvm.abi.ffa import ffa_emad_size as emad_size
+
 SP_ID = 0x8001
-
-
-def emad_size(version: int) -> int:
-    return 32 if version >= 0x1_0002 else 16
 
 
 def mem_descriptor(version: int, ranges: list[tuple[int, int]], *, receiver: int = SP_ID,
