@@ -470,6 +470,9 @@ class Checker:
             for vcpu in vm.vcpus:
                 if vcpu is not None:
                     add(vcpu.host_vcpu, self.h.profile.sizeof_kvm_vcpu)
+        ffa = self.machine.inspect.ffa_proxy()  # the host's FF-A mailbox, pinned by RXTX_MAP
+        for pa in (ffa["host_tx"], ffa["host_rx"]) if ffa and ffa["host_tx"] else ():
+            pins[pa >> PAGE_SHIFT] += 1
         return pins
 
     def check_globals(self, all_shared: bool = False) -> None:
@@ -595,6 +598,10 @@ class Checker:
         self.check_tables()
         self.check_pools()
         self.check_hyp_accounting()
+        from pkvm.check.ghost_ffa import check_owner_full  # the FF-A owner
+
+        check_owner_full(self.machine.inspect, self.machine.firmware,
+                         self.ghost.ffa.orphans if self.ghost is not None else None)
 
     def _tables(self) -> list[tuple[str, Any]]:
         h = self.h
