@@ -28,7 +28,7 @@ from pkvm.errors import Errno, HostDataAbort, HostError, HypPanic, errno_name
 
 PAGE_SHIFT = 12
 ACTIONS = ("hvc", "host_read", "host_write", "alloc", "create_vm", "map", "run", "topup",
-           "destroy")
+           "destroy", "smc")
 # Keys each action accepts besides itself and the common ones.
 ACTION_KEYS: dict[str, set[str]] = {
     "hvc": {"args"},
@@ -40,10 +40,11 @@ ACTION_KEYS: dict[str, set[str]] = {
     "run": {"vcpu"},
     "topup": {"vcpu", "pages"},
     "destroy": set(),
+    "smc": {"args", "imm"},
 }
 COMMON_KEYS = {"cpu", "expect", "note"}
 EXPECT_KEYS = {"x0", "x1", "x2", "x3", "errno", "ok", "abort", "panic", "data"}
-MACHINE_KEYS = {"memory", "cpus", "abi", "check"}
+MACHINE_KEYS = {"memory", "cpus", "abi", "check", "ffa"}
 MACHINE_DEFAULTS: dict[str, Any] = {"memory": "256M", "cpus": 2, "abi": "latest"}
 MIN_MEMORY = 64 << 20
 MAX_CPUS = 64
@@ -86,7 +87,7 @@ class Step:
         return t
 
     def describe(self) -> str:
-        if self.action == "hvc":
+        if self.action in ("hvc", "smc"):
             args = ", ".join(_fmt_arg(a) for a in self.fields.get("args", []))
             return f"cpu{self.cpu}: {_fmt_arg(self.target)}({args})"
         extra = " ".join(f"{k}={_fmt_arg(v)}" for k, v in self.fields.items())
@@ -191,6 +192,8 @@ def machine_value_error(key: str, value: Any) -> str | None:
             return f"cpus must be between 1 and {MAX_CPUS}, not {value}"
     elif key == "check" and not isinstance(value, bool):
         return f"check must be true or false, not {value!r}"
+    elif key == "ffa" and not isinstance(value, bool):
+        return f"ffa (a secure world at EL3) must be true or false, not {value!r}"
     return None
 
 
@@ -302,6 +305,22 @@ def _parse_step(raw: dict[str, Any], path: str, text: str, line: int | None) -> 
             raise err("args", "args must be a list of at most 6 values (x1..x6)")
         for a in args:
             _check_value(a, err, "args")
+    elif action == "smc":
+        from pkvm.machine.firmware import SMC_NAMES
+
+        if not isinstance(target, (str, int)) or isinstance(target, bool):
+            raise err(action, "smc takes a PSCI / SMCCC / FF-A call name or a function ID (int)")
+        if isinstance(target, str) and target not in SMC_NAMES:
+            raise err(action, f"unknown SMC {target!r}: expected one of {', '.join(SMC_NAMES)} "
+                      "or a function ID")
+        args = fields.get("args", [])
+        if not isinstance(args, list) or len(args) > 17:
+            raise err("args", "args must be a list of at most 17 values (x1..x17)")
+        for a in args:
+            _check_value(a, err, "args")
+        imm = fields.get("imm", 0)
+        if not isinstance(imm, int) or isinstance(imm, bool) or not 0 <= imm <= 0xFFFF:
+            raise err("imm", "imm (the SMC's immediate) must be an integer in 0..0xffff")
     elif action in ("host_read", "host_write"):
         if action == "host_write" and isinstance(target, dict):
             fields.update({k: v for k, v in target.items() if k != "addr"})
@@ -507,6 +526,12 @@ class _Runner:
             regs = f"x0={r.x0} x1={r.x1} ({_x1_text(r.x1)})" if r.x0 == 0 else f"x0={r.x0}"
             return ("ok" if r.ok else "refused" if r.x0 else "errno" if r.x1 < 0 else "value",
                     regs, r)
+        if a == "smc":
+            args = [self.resolve(v, step) for v in f.get("args", [])]
+            named += [x >> PAGE_SHIFT for x in args if m.mem.is_ram(x % (1 << 64))]
+            r = m.smc(step.cpu, step.target, *args, imm=f.get("imm", 0))
+            return "ok", (f"x0={r.regs[0]:#x} x1={r.regs[1]:#x} x2={r.regs[2]:#x} "
+                          f"x3={r.regs[3]:#x} ({r.path})"), r
         if a == "alloc":
             if step.target in self.pages:
                 raise ScenarioError(self.path, step.line, f"page {step.target!r} is already "
@@ -595,7 +620,7 @@ def _check(expect: dict[str, Any], res: StepResult) -> tuple[bool, str]:
                 ok &= res.outcome == "errno" and isinstance(r, HostError) and r.errno == want
         elif k.startswith("x"):
             parts.append(f"{k}={v}")
-            ok &= res.step.action == "hvc" and res.outcome not in ("abort", "panic") \
+            ok &= res.step.action in ("hvc", "smc") and res.outcome not in ("abort", "panic") \
                 and getattr(r, k) == v
         elif k == "data":
             parts.append(f"data={v}")

@@ -135,12 +135,15 @@ class Racer:
 class World:
     """A machine plus what the fuzzer remembers about it (its operand pools)."""
 
-    def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True):
+    def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True,
+                 smc: bool = False):
         import pkvm
 
-        self.cfg = {"memory": memory, "cpus": cpus, "abi": abi}
+        self.cfg: dict[str, Any] = {"memory": memory, "cpus": cpus, "abi": abi}
+        if smc:  # a secure world at EL3 for the FF-A steps
+            self.cfg["ffa"] = True
         self.log: list[Any] = []
-        self.m = pkvm.Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs)
+        self.m = pkvm.Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs, ffa=smc)
         if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
             from pkvm.check.invariants import Checker
 
@@ -163,6 +166,13 @@ class World:
                 self.racer.log = []
 
         self.m.hvc = hvc  # type: ignore[method-assign]
+        inner_smc = self.m.smc
+
+        def smc(cpu: int, func: Any, *args: int, imm: int = 0) -> Any:
+            self.log.append(("smc", cpu, func, tuple(a & U64 for a in args), imm))
+            return inner_smc(cpu, func, *args, imm=imm)
+
+        self.m.smc = smc  # type: ignore[method-assign]
         if self.m.checker is not None and self.m.checker.ghost is not None:
             # A racing store changed the call's host-shared inputs: the ghost's prediction from
             # the pre-state does not apply (counted in `ghost.guest.raced`).
@@ -193,7 +203,11 @@ class World:
         ]
 
     def _on_call(self, rec: Any) -> None:
-        if rec.panic is None:
+        if rec.panic is None and rec.name.startswith("smc:"):
+            from pkvm.check.ffa_ops import smc_result_label
+
+            self.results[(rec.name, smc_result_label(rec))] += 1
+        elif rec.panic is None:
             self.results[(rec.name, _result_label(rec.x0, rec.x1))] += 1
 
     # -- operand resolution ----------------------------------------------------------------
@@ -396,6 +410,10 @@ def run_step(w: World, s: Step) -> None:
         hv(cpu, a[0], *a[1:])
     elif op == "ptr_call":  # a handler taking a host pointer in x1, then plain arguments
         hv(cpu, a[0], w.host_ptr(a[1]), *a[2])
+    elif op.startswith("smc_"):  # `--smc`: hostile FF-A and PSCI calls through machine.smc
+        from pkvm.check.ffa_ops import run_smc_step
+
+        run_smc_step(m, cpu, op, a)
     else:
         raise ValueError(f"unknown fuzzer op {op!r}")
 
