@@ -148,9 +148,11 @@ def _page_in_some_state(m: Any, rng: random.Random, host: FfaHost | None = None)
 
 
 def _ranges(m: Any, host: FfaHost, rng: random.Random) -> list[tuple[int, int]]:
-    """1-3 constituents of pages in every state, of 0, 1, 2 or 2^32-1 pages, sometimes one
-    named twice (overlapping ranges)."""
-    ranges = [(_page_in_some_state(m, rng, host), rng.choice((1, 1, 1, 2, 0, 0xFFFF_FFFF)))
+    """1-3 constituents: mostly one page of the host's pool (which may be shared already),
+    else pages in every state, of 0, 1, 2 or 2^32-1 pages; sometimes one named twice
+    (overlapping ranges)."""
+    ranges = [(host.page(rng), 1) if rng.random() < 0.6 else
+              (_page_in_some_state(m, rng, host), rng.choice((1, 1, 1, 2, 0, 0xFFFF_FFFF)))
               for _ in range(rng.randrange(1, 4))]
     if rng.random() < 0.2:
         ranges.append(ranges[0])
@@ -279,7 +281,7 @@ def smc_result_label(rec: Any) -> str:
 
 def smc_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple[int]]]]:
     """The fuzzer's SMC operations and their weights (`pkvm.check.fuzz_gen.generate`)."""
-    return [("smc_ffa", 12, lambda: (r.getrandbits(32),)),
+    return [("smc_ffa", 20, lambda: (r.getrandbits(32),)),
             ("smc_psci", 2, lambda: (r.getrandbits(32),))]
 
 

@@ -134,7 +134,8 @@ def _share_ranges(h: HypState, ranges: list[tuple[int, int]], share: bool) -> in
     """`__ffa_host_share_ranges` / `__ffa_host_unshare_ranges`: how many ranges went through."""
     for i, (addr, pg_cnt) in enumerate(ranges):
         sz = pg_cnt * FFA_PAGE_SIZE
-        aligned = sz | addr if h.profile.ffa_strict_descriptors else sz
+        strict = h.profile.ffa_strict_descriptors and not h.bug("ffa-unaligned-range")  # seeded
+        aligned = sz | addr if strict else sz
         if aligned & (PAGE_SIZE - 1):
             return i
         if host_share_ffa(h, addr >> PAGE_SHIFT, sz // PAGE_SIZE, share):
