@@ -209,7 +209,7 @@ def host_store(m: Any, cpu: int, pa: int, data: bytes) -> tuple[int, int]:
         return (-1, 0)
 
 
-def call(m: Any, cpu: int, op: Op) -> tuple[int, int]:
+def call(m: Any, cpu: int, op: tuple[Any, ...]) -> tuple[int, int]:
     """A program's hypercall (x0, x1) or host SMC (x0, x2: FF-A's status and error code)."""
     if op[0] == "smc":
         s = m.smc(cpu, op[1], *op[2:])

@@ -74,7 +74,7 @@ class FfaHost:
         r = self.m.smc(self.cpu, "FFA_VERSION", version)
         if r.x0 > 0:
             self.version = r.regs[0]
-        return r.x0
+        return int(r.x0)
 
     def map_mailbox(self) -> Any:
         self.tx = self.m.host.alloc_pages(1)
@@ -130,18 +130,18 @@ def _page_in_some_state(m: Any, rng: random.Random, host: FfaHost | None = None)
     hyp = next(r for r in m.memory_map() if r.kind == "hyp")
     choice = rng.randrange(8 if host is not None else 6)
     if choice == 0:
-        return host.page(rng) if host is not None else m.host.alloc_pages(1)
+        return host.page(rng) if host is not None else int(m.host.alloc_pages(1))
     if choice == 1:
-        return hyp.start + rng.randrange(hyp.size >> 12) * 4096
+        return int(hyp.start) + rng.randrange(hyp.size >> 12) * 4096
     if choice == 2:
-        return ram.end + 4096 * rng.randrange(16)
+        return int(ram.end) + 4096 * rng.randrange(16)
     if choice == 3:
         return rng.randrange(ram.start >> 12) << 12
     if choice == 4:
         page = host.page(rng) if host is not None else m.host.alloc_pages(1)
         return page + rng.choice((1, 8, 0x800))
     if choice == 5:
-        return ram.start + rng.randrange(ram.size >> 12) * 4096
+        return int(ram.start) + rng.randrange(ram.size >> 12) * 4096
     if choice == 6 and host is not None:
         return host.page(rng)
     return rng.choice((host.tx, host.rx)) if host is not None and host.tx else ram.start
@@ -167,7 +167,7 @@ def hostile_ffa_op(m: Any, host: FfaHost, rng: random.Random) -> Any:
         return host.share(_ranges(m, host, rng), lend=rng.random() < 0.5)
     if op == 1:  # hostile offsets and counts in a well-placed descriptor
         page = host.page(rng)
-        kw = rng.choice([
+        kw: dict[str, Any] = rng.choice([
             {"ep_mem_offset": rng.choice((0, 4000, 4090, 0xFFFF_FFF0, 47))},
             {"composite_off": rng.choice((0, 4090, 0xFFFF_FFF8, 12))},
             {"ep_count": rng.choice((0, 2, 0xFFFF_FFFF))},

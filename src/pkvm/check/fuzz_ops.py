@@ -168,11 +168,11 @@ class World:
         self.m.hvc = hvc  # type: ignore[method-assign]
         inner_smc = self.m.smc
 
-        def smc(cpu: int, func: Any, *args: int, imm: int = 0) -> Any:
+        def logged_smc(cpu: int, func: Any, *args: int, imm: int = 0) -> Any:
             self.log.append(("smc", cpu, func, tuple(a & U64 for a in args), imm))
             return inner_smc(cpu, func, *args, imm=imm)
 
-        self.m.smc = smc  # type: ignore[method-assign]
+        self.m.smc = logged_smc  # type: ignore[method-assign]
         if self.m.checker is not None and self.m.checker.ghost is not None:
             # A racing store changed the call's host-shared inputs: the ghost's prediction from
             # the pre-state does not apply (counted in `ghost.guest.raced`).

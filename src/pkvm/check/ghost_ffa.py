@@ -407,7 +407,7 @@ class FfaGhost:
         """The secure world holds exactly the ranges EL2 forwarded, per handle; every RAM page
         of them is host SHARED_OWNED and not the hyp's."""
         spmc = self.m.firmware.spmc
-        held = {h: sorted((a >> 12, n) for a, n in t.ranges() if n)
+        held = {h: sorted((a >> 12, n) for a, n in sent_ranges(bytes(t.received)) if n)
                 for h, t in (spmc.transactions.items() if spmc is not None else ())}
         mine = {h: sorted(r) for h, r in self.transactions.items()}
         if held != mine:
@@ -422,6 +422,21 @@ class FfaGhost:
                                   ("SHARED_OWNED", "NOPAGE"), st)
 
 
+def sent_ranges(desc: bytes) -> list[tuple[int, int]]:
+    """Every constituent (address, pages) the secure world was sent for one transaction: the
+    16-byte entries after the composite header to the end of what it received, all fragments
+    included (whatever the composite's range count claims)."""
+    if len(desc) < F.FFA_MEM_REGION_SZ:
+        return []
+    ep_off, = struct.unpack_from("<I", desc, F.FFA_EP_MEM_OFFSET_OFF)
+    if ep_off + 8 > len(desc):
+        return []
+    comp, = struct.unpack_from("<I", desc, ep_off + 4)
+    first = comp + F.FFA_COMPOSITE_SZ
+    return [struct.unpack_from("<QI", desc, o)
+            for o in range(first, len(desc) - F.FFA_RANGE_SZ + 1, F.FFA_RANGE_SZ)]
+
+
 def check_owner_full(ins: Any, firmware: Any, excused: Ranges | None = None) -> None:
     """Every host SHARED_OWNED RAM page that neither the hyp nor a guest borrows is held by the
     secure world (or is one of the kernel's `excused` leftovers), and every RAM page the secure
@@ -433,7 +448,7 @@ def check_owner_full(ins: Any, firmware: Any, excused: Ranges | None = None) -> 
     base = ins.ram_range()[0] >> 12
     n = len(host)
     held = bytearray(n)
-    for rngs in ([(a >> 12, k) for a, k in t.ranges()] for t in
+    for rngs in ([(a >> 12, k) for a, k in sent_ranges(bytes(t.received))] for t in
                  (spmc.transactions.values() if spmc is not None else ())):
         for pfn, k in rngs:
             lo, hi = max(pfn - base, 0), min(pfn + k - base, n)

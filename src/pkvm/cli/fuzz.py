@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         console.print("[green]clean[/]")
 
 
-def _smc_calls(calls: Counter) -> int:
+def _smc_calls(calls: Counter[tuple[str, str]]) -> int:
     return sum(n for (name, _), n in calls.items() if str(name).startswith("smc:"))
 
 
