@@ -236,3 +236,42 @@ def test_cli_fuzz_smc() -> None:
     assert r.exit_code == 0, r.output
     text = " ".join(r.output.split())
     assert "of them host SMCs" in text and text.endswith("clean")
+
+
+def test_scenario_ffa_key_and_explore_imm_are_checked(tmp_path) -> None:
+    from pkvm import scenario
+    from pkvm.check.explore import from_file
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[machine]\nffa = 1\n\n[[step]]\nsmc = "FFA_VERSION"\n')
+    with pytest.raises(scenario.ScenarioError, match="ffa .* must be true or false"):
+        scenario.load(str(bad))
+    bad.write_text('[[step]]\nsmc = "FFA_NOPE"\n')
+    with pytest.raises(scenario.ScenarioError, match="unknown SMC"):
+        scenario.load(str(bad))
+    bad.write_text('[[step]]\nsmc = "FFA_VERSION"\nimm = 3\n')
+    assert scenario.load(str(bad)).run().ok  # `pkvm run` issues `smc #3`
+    with pytest.raises(scenario.ScenarioError, match="immediate 0"):
+        from_file(str(bad))
+
+
+def test_unshare_hyp_of_an_ffa_page_warns_in_6_12() -> None:
+    """Found by `pkvm fuzz --smc` (6.12): `__pkvm_host_unshare_hyp` of a page the host shared
+    with FF-A passes 6.12's checks (the hyp side is not checked for host-initiated transitions
+    without CONFIG_NVHE_EL2_DEBUG) and WARNs in `do_unshare` when the hyp unmap finds nothing;
+    before, the model returned -EFAULT. A kernel WARN the host reaches: counted, not a finding.
+    7.2 checks the hyp state (SHARED_BORROWED) and refuses with -EPERM."""
+    from pkvm.check.oracles import NoWarn, excused_warns
+
+    for abi in ABIS:
+        m, f = _ready(abi)
+        page = m.host.alloc_pages(1)
+        assert f.share([(page, 1)]).regs[0] == FFA_SUCCESS
+        if abi == "latest":
+            assert m.hvc(0, "__pkvm_host_unshare_hyp", page >> 12).x1 == -1  # -EPERM
+            continue
+        with pytest.raises(pkvm.HypPanic) as e:
+            m.hvc(0, "__pkvm_host_unshare_hyp", page >> 12)
+        assert e.value.warn and "__pkvm_host_unshare_hyp" in e.value.reason
+        assert excused_warns(m.inspect) == {"unshare-hyp-ffa-page": 1}
+        assert NoWarn.violations(m.inspect) == []

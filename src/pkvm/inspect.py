@@ -210,11 +210,6 @@ class Inspector:
         return (get_host_state(h, pa).name, get_hyp_state(h, pa).name, h.vmemmap.refcount[i],
                 h.vmemmap.host_share_guest_count[i])
 
-    def host_state(self, pa: int) -> str:
-        """The host's state of the page at any address `pa` (RAM or not), as the hyp reads it
-        (`get_host_state`: 6.12 the host stage-2 entry, 7.2 the vmemmap; NOPAGE outside it)."""
-        return get_host_state(self._h, pa).name
-
     def host_ia_bits(self) -> int:
         """The host stage-2's input-address size (`pfn_range_is_valid`'s limit)."""
         return self._h.host_mmu.pgt.ia_bits  # type: ignore[union-attr]

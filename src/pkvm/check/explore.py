@@ -370,6 +370,9 @@ def from_file(path: str, bugs: tuple[str, ...] = ()
             raise sc.ScenarioError(path, st.line, f"`pkvm explore` cannot interleave a "
                                    f"{st.action!r} step: only hvc, smc and host_write run "
                                    "concurrently")
+        if st.action == "smc" and st.fields.get("imm"):
+            raise sc.ScenarioError(path, st.line, "`pkvm explore` issues smc steps with "
+                                   "immediate 0 (`imm` is for `pkvm run`)")
 
     def make() -> Any:
         return scen.new_machine(trace=False, check=False, bugs=bugs)

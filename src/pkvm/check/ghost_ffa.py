@@ -88,7 +88,6 @@ class FfaGhost:
         self.fail = fail
         self.transactions: dict[int, Ranges] = {}  # handle -> ranges EL2 shared for it
         self.orphans: Ranges = []  # pages the kernel leaves SHARED_OWNED (see the module doc)
-        self.nonram_shared: Ranges = []  # 6.12: non-RAM pages the host shared with FF-A
         self.plan: Plan | None = None
         self.predicted = 0
         hyp = next(r for r in machine.memory_map() if r.kind == "hyp")
@@ -232,49 +231,37 @@ class FfaGhost:
         of them cannot be shared (the call is DENIED and the earlier ones are rolled back)."""
         out: Ranges = []
         taken: set[int] = set()
-        taken_out: Ranges = []
         for i in range(n):
             addr, cnt = struct.unpack_from("<QI", buf, off + F.FFA_RANGE_SZ * i)
             if self.prof.ffa_strict_descriptors and addr & (PAGE - 1):
                 return None
             pfn = addr >> 12
-            if not self._shareable(pfn, cnt, taken, taken_out):
+            if not self._shareable(pfn, cnt, taken):
                 return None
             if cnt:
                 out.append((pfn, cnt))
-                taken.update(self._ram_pfns(pfn, cnt))
-                taken_out += self._outside_ram([(pfn, cnt)])
+                taken.update(range(pfn, pfn + cnt))
         return out
 
-    def _shareable(self, pfn: int, n: int, taken: set[int], taken_out: Ranges) -> bool:
-        """`__pkvm_host_share_ffa(pfn, n)` would succeed (pages `taken` by earlier ranges of
-        the same call are SHARED_OWNED by now)."""
+    def _shareable(self, pfn: int, n: int, taken: set[int]) -> bool:
+        """`__pkvm_host_share_ffa(pfn, n)` would succeed: every page host-owned memory (pages
+        `taken` by earlier ranges of the same call are SHARED_OWNED by now). 7.2 first checks
+        the range against the host's IPA space (`pfn_range_is_valid`) and then finds its
+        region (`check_range_allowed_memory`); 6.12 reads each page's state from the host
+        stage-2, where a page that is not memory is NOPAGE (`host_get_page_state`)."""
         lo, hi = (a >> 12 for a in self.ins.ram_range())
         limit = 1 << (self.ins.host_ia_bits() - 12)
-        if self.prof.page_state_in_vmemmap:
-            if not (pfn < limit and n <= limit - pfn):
-                return False  # pfn_range_is_valid
-            if not n:
-                return True
-            if not (lo <= pfn and pfn + n <= hi):
-                return False  # check_range_allowed_memory: one region, and memory
-        else:
-            if not n:
-                return True
-            if pfn + n > limit:
-                return False  # the host stage-2 walk: -ERANGE
-            if any(self._overlaps(self.nonram_shared + taken_out, p, k)
-                   for p, k in self._outside_ram([(pfn, n)])):
-                return False  # a non-RAM page already SHARED_OWNED
-        for q in self._ram_pfns(pfn, n):
+        if self.prof.page_state_in_vmemmap and not (pfn < limit and n <= limit - pfn):
+            return False
+        if not n:
+            return True
+        if not (lo <= pfn and pfn + n <= hi):
+            return False
+        for q in range(pfn, pfn + n):
             st = self.ins.page_quick(q)
             if q in taken or st is None or st[0] != "OWNED":
                 return False
         return True
-
-    @staticmethod
-    def _overlaps(ranges: Ranges, pfn: int, n: int) -> bool:
-        return any(a < pfn + n and pfn < a + k for a, k in ranges)
 
     # -- after the call ------------------------------------------------------------------
     def after_call(self, rec: Any, changed: set[int]) -> None:
@@ -348,7 +335,6 @@ class FfaGhost:
             handle = plan.handle
         if ok:
             self.transactions.setdefault(handle, []).extend(plan.ranges)
-            self.nonram_shared += self._outside_ram(plan.ranges)
         elif plan.kind == "frag" and handle in self.transactions:
             spmc = self.m.firmware.spmc
             if spmc is None or handle not in spmc.transactions:  # the secure world dropped it
@@ -362,20 +348,7 @@ class FfaGhost:
             self.fail(f"FF-A {what}: a reclaim succeeded", "a handle EL2 forwarded",
                       hex(plan.handle))
         del self.transactions[plan.handle]
-        gone = self._outside_ram(plan.ranges)
-        self.nonram_shared = [r for r in self.nonram_shared if r not in gone]
         return True
-
-    def _outside_ram(self, ranges: Ranges) -> Ranges:
-        """The parts of `ranges` outside RAM (6.12 shares those too; 7.2 refuses them)."""
-        lo, hi = (a >> 12 for a in self.ins.ram_range())
-        out: Ranges = []
-        for pfn, n in ranges:
-            if pfn < lo:
-                out.append((pfn, min(pfn + n, lo) - pfn))
-            if pfn + n > hi:
-                out.append((max(pfn, hi), pfn + n - max(pfn, hi)))
-        return out
 
     def _version(self, what: str, plan: Plan, res0: int) -> None:
         p = self.ins.ffa_proxy() or {"negotiated": False, "version": 0}

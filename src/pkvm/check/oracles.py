@@ -31,6 +31,13 @@ KNOWN_KERNEL_WARNS: dict[str, tuple[str, str, str]] = {
         "nvhe/ffa.c do_ffa_mem_frag_tx: when sharing the fragment's ranges fails, the proxy "
         "reclaims the transaction by the host's handle and WARNs if that fails; a host that "
         "passes a bogus handle with bad ranges reaches it (both kernels)"),
+    "unshare-hyp-ffa-page": (
+        "__pkvm_host_unshare_hyp", "_warn(h, unmapped != PAGE_SIZE)",
+        "6.12 nvhe/mem_protect.c do_unshare returns WARN_ON(__do_unshare()): host-initiated "
+        "transitions skip the hyp-side state check (__hyp_ack_skip_pgtable_check without "
+        "CONFIG_NVHE_EL2_DEBUG), so __pkvm_host_unshare_hyp of a page the host shared with "
+        "FF-A (host SHARED_OWNED, nothing mapped at EL2) passes, gives the page back to the "
+        "host and WARNs when hyp_complete_unshare unmaps nothing (found by pkvm fuzz --smc)"),
 }
 
 
