@@ -131,7 +131,8 @@ def test_612_hcr_is_the_hosts():
 def test_declare_reg_u32_truncation():
     """`DECLARE_REG(unsigned int, vcpu_idx, host_ctxt, 2)` of `__pkvm_vcpu_load` and
     `DECLARE_REG(u32, npages, ctxt, 3)` of FF-A RXTX_MAP keep the low 32 bits."""
-    from pkvm.check.ffa_ops import FFA_SUCCESS, FfaHost
+    from pkvm.abi.ffa import FFA_SUCCESS
+    from pkvm.check.ffa_ops import FfaHost
 
     m = pkvm.Machine(memory="256M", cpus=2)
     vm = m.host.create_vm(vcpus=1, memory="8M")

@@ -5,10 +5,8 @@ import random
 import pytest
 
 import pkvm
+from pkvm.abi.ffa import FFA_ERROR, FFA_MEM_FRAG_RX, FFA_SUCCESS
 from pkvm.check.ffa_ops import (
-    FFA_ERROR,
-    FFA_MEM_FRAG_RX,
-    FFA_SUCCESS,
     FfaHost,
     attach_ffa_owner_check,
     check_ffa_owner,

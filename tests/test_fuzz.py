@@ -64,7 +64,8 @@ FOUND = [
 def test_catalog_is_hunted() -> None:
     """Every seeded bug is found by the fuzzer or the explorer in these tests, and names the
     upstream fix (or kernel rule) it is modelled on."""
-    hunted = {f[0] for f in FOUND} | {e[1] for e in EXPLORED} | {"donate-nomap"}
+    hunted = {f[0] for f in FOUND} | {e[1] for e in EXPLORED} | {"donate-nomap"} | {
+        f[0] for f in SMC_FOUND}
     missed = set(BUGS) - hunted
     print("seeded bugs no search finds yet:", NOT_FOUND_BY_SEARCH)
     assert missed == set(NOT_FOUND_BY_SEARCH)
@@ -82,6 +83,23 @@ def test_fuzzer_finds_seeded_bug(bug: str, abi: str, seed: int, budget: int, sig
     found = execute(steps, MEM, CPUS, abi, (bug,))
     assert found.failure is not None and found.failure.signature == signature, found.failure
     clean = execute(steps[: found.failure.step_index + 1], MEM, CPUS, abi)
+    assert clean.failure is None, str(clean.failure)
+
+
+# Found by `pkvm fuzz --smc` (host SMCs mixed in: hostile FF-A and PSCI calls), same form.
+SMC_FOUND = [
+    ("ffa-unaligned-range", "latest", 0, 400, "invariant:ghost"),
+]
+
+
+@pytest.mark.parametrize("bug,abi,seed,budget,signature", SMC_FOUND)
+def test_fuzzer_with_smc_finds_seeded_bug(bug: str, abi: str, seed: int, budget: int,
+                                          signature: str) -> None:
+    prof = pkvm.Machine(memory=MEM, cpus=CPUS, abi=abi, trace=False).profile
+    steps = generate(random.Random(seed), prof, CPUS, budget, smc=True)
+    found = execute(steps, MEM, CPUS, abi, (bug,), smc=True)
+    assert found.failure is not None and found.failure.signature == signature, found.failure
+    clean = execute(steps[: found.failure.step_index + 1], MEM, CPUS, abi, smc=True)
     assert clean.failure is None, str(clean.failure)
 
 

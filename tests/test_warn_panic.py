@@ -8,7 +8,8 @@ import random
 import pytest
 
 import pkvm
-from pkvm.check.ffa_ops import FFA_SUCCESS, FfaHost, hostile_ffa_op
+from pkvm.abi.ffa import FFA_SUCCESS
+from pkvm.check.ffa_ops import FfaHost, hostile_ffa_op
 from pkvm.check.fuzz import Failure, _warn_failure
 from pkvm.check.oracles import NoWarn, excused_warns
 from pkvm.conform.diff import compare_step
@@ -101,7 +102,7 @@ def test_the_fuzzer_counts_known_warn_panics(monkeypatch: pytest.MonkeyPatch):
     assert "WARN_ON in __pkvm_host_share_guest" in found.failure.message
     assert not found.known_warns
     monkeypatch.setitem(oracles.KNOWN_KERNEL_WARNS, "test-site", (
-        "__pkvm_host_share_guest",
+        ("__pkvm_host_share_guest",),
         '_warn(h, h.bug("share-guest-warn"))  # seeded: WARN on a host-reachable refusal', "test"))
     steps = steps[: found.failure.step_index + 1]
     known = execute(steps, "64M", 2, "latest", ("share-guest-warn",))

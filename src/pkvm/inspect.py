@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 STATE_NAMES = {s: s.name for s in PageState}
+PAGE_STATE_VALUES = {s.name: int(s) for s in PageState}  # the values `page_states` returns
 
 
 @dataclass(frozen=True)
@@ -240,6 +241,20 @@ class Inspector:
         i = h.vmemmap.idx(pa)
         return (get_host_state(h, pa).name, get_hyp_state(h, pa).name, h.vmemmap.refcount[i],
                 h.vmemmap.host_share_guest_count[i])
+
+    def host_ia_bits(self) -> int:
+        """The host stage-2's input-address size (`pfn_range_is_valid`'s limit)."""
+        return self._h.host_mmu.pgt.ia_bits  # type: ignore[union-attr]
+
+    def ffa_proxy(self) -> dict[str, Any] | None:
+        """EL2's FF-A proxy (`nvhe/ffa.c`): whether it was set up at init, the negotiated
+        version, the host's pinned mailbox PAs (0: none) and the descriptor buffer's size;
+        None before the proxy's state exists."""
+        p = self._h.ffa
+        if p is None:
+            return None
+        return {"set_up": bool(p.hyp_tx), "negotiated": p.negotiated, "version": p.version,
+                "host_tx": p.host_tx, "host_rx": p.host_rx, "desc_len": p.desc_len}
 
     def vm(self, handle: int) -> dict[str, Any] | None:
         """The hyp VM in the slot of `handle` (None if free or reserved): protected, dying,

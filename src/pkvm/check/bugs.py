@@ -152,6 +152,14 @@ BUGS: dict[str, SeededBug] = {b.name: b for b in [
               "page)",
               "rule: nvhe/mem_protect.c __pkvm_host_reclaim_page_guest (hyp_poison_page "
               "before the host owns the page again)"),
+    # -- the FF-A proxy (found by `pkvm fuzz --smc`) -------------------------------------------
+    SeededBug("ffa-unaligned-range", "hyp/ffa_mem.py: _share_ranges (__ffa_host_share_ranges)",
+              "7.2's proxy checks only a constituent's size for page alignment, not its "
+              "address (6.12's check): a descriptor naming an unaligned address shares the page "
+              "that contains it with the secure world instead of being DENIED",
+              "the ghost's FF-A prediction (FFA_ERROR DENIED expected, the pages unchanged)",
+              "rule: nvhe/ffa.c __ffa_host_share_ranges (7.2 tests PAGE_ALIGNED(sz | "
+              "range->address); 6.12 tests the size alone)"),
 ]}
 
 

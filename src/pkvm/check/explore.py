@@ -31,7 +31,7 @@ from pkvm.errors import HostDataAbort, HypPanic
 from pkvm.host.kvm import host_va
 from pkvm.machine.memory import PAGE_SHIFT
 
-Op = tuple[Any, ...]  # ("hvc", name, *args) | ("store", pa, bytes)
+Op = tuple[Any, ...]  # ("hvc", name, *args) | ("smc", func, *args) | ("store", pa, bytes)
 Setup = Callable[[Any], dict[int, list[Op]]]
 
 
@@ -148,9 +148,9 @@ class BatonScheduler:
                     self.ex.results[cpu].append(host_store(self.m, cpu, op[1], op[2]))
                 else:
                     self.in_call[cpu] = True
-                    r = self.m.hvc(cpu, op[1], *op[2:])
+                    res = call(self.m, cpu, op)
                     self.in_call[cpu] = False
-                    self.ex.results[cpu].append((r.x0, r.x1))
+                    self.ex.results[cpu].append(res)
             self._quiescent_check()
         except HypPanic as e:
             self.ex.errors[cpu] = f"HypPanic: {e}"
@@ -208,6 +208,15 @@ def host_store(m: Any, cpu: int, pa: int, data: bytes) -> tuple[int, int]:
         return (-1, 0)
 
 
+def call(m: Any, cpu: int, op: tuple[Any, ...]) -> tuple[int, int]:
+    """A program's hypercall (x0, x1) or host SMC (x0, x2: FF-A's status and error code)."""
+    if op[0] == "smc":
+        s = m.smc(cpu, op[1], *op[2:])
+        return (s.x0, s.x2)
+    r = m.hvc(cpu, op[1], *op[2:])
+    return (r.x0, r.x1)
+
+
 def _fresh(make: Callable[[], Any], setup: Setup) -> tuple[Any, dict[int, list[Op]]]:
     m = make()
     return m, setup(m)
@@ -230,8 +239,7 @@ def serial_outcomes(make: Callable[[], Any], setup: Setup) -> set[tuple[Any, ...
                 ex.results[c].append(host_store(m, c, op[1], op[2]))
             else:
                 try:
-                    r = m.hvc(c, op[1], *op[2:])
-                    ex.results[c].append((r.x0, r.x1))
+                    ex.results[c].append(call(m, c, op))
                 except HypPanic:
                     ex.results[c].append((-1, -1))
         out.add(_outcome(m, ex))
@@ -344,14 +352,18 @@ def from_file(path: str, bugs: tuple[str, ...] = ()
     """(make, setup, machine table) exploring a scenario file (`docs/scenarios.md`).
 
     Its `alloc`, `create_vm`, `map` and `host_read` steps are the set-up, played in file order
-    on a fresh machine; its `hvc` and `host_write` steps are the concurrent part: each goes to
+    on a fresh machine; its `hvc`, `smc` and `host_write` steps are the concurrent part: each goes to
     the program of the CPU its `cpu` key names (0 by default), in file order. Symbols
     (`page:`, `vm:`, `vcpu:`, `gfn:`) are resolved after the set-up."""
     scen = sc.load(path)
     for st in scen.steps:
-        if st.action not in SETUP_ACTIONS + ("hvc", "host_write"):
+        if st.action not in SETUP_ACTIONS + ("hvc", "smc", "host_write"):
             raise sc.ScenarioError(path, st.line, f"`pkvm explore` cannot interleave a "
-                                   f"{st.action!r} step: only hvc and host_write run concurrently")
+                                   f"{st.action!r} step: only hvc, smc and host_write run "
+                                   "concurrently")
+        if st.action == "smc" and st.fields.get("imm"):
+            raise sc.ScenarioError(path, st.line, "`pkvm explore` issues smc steps with "
+                                   "immediate 0 (`imm` is for `pkvm run`)")
 
     def make() -> Any:
         return scen.new_machine(trace=False, check=False, bugs=bugs)
@@ -365,9 +377,9 @@ def from_file(path: str, bugs: tuple[str, ...] = ()
                 if res.outcome in ("abort", "panic", "errno"):
                     raise sc.ScenarioError(path, st.line, f"set-up step failed: {res.detail}")
         for st in scen.steps:
-            if st.action == "hvc":
+            if st.action in ("hvc", "smc"):
                 args = [runner.resolve(v, st) for v in st.fields.get("args", [])]
-                programs.setdefault(st.cpu, []).append(("hvc", st.target, *args))
+                programs.setdefault(st.cpu, []).append((st.action, st.target, *args))
             elif st.action == "host_write":
                 pa = runner.resolve(st.target, st, address=True)
                 programs.setdefault(st.cpu, []).append(

@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import random
 import struct
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-FFA_ERROR, FFA_SUCCESS = 0x8400_0060, 0x8400_0061
-FFA_MEM_FRAG_RX = 0x8400_007A
+from pkvm.abi import psci
+from pkvm.abi.ffa import FFA_ERROR, FFA_MEM_FRAG_RX, FFA_SUCCESS
+from pkvm.abi.ffa import ffa_emad_size as emad_size
+from pkvm.machine.firmware import board_mpidr
+
 SP_ID = 0x8001
-
-
-def emad_size(version: int) -> int:
-    return 32 if version >= 0x1_0002 else 16
 
 
 def mem_descriptor(version: int, ranges: list[tuple[int, int]], *, receiver: int = SP_ID,
@@ -57,33 +58,39 @@ def mem_descriptor(version: int, ranges: list[tuple[int, int]], *, receiver: int
 
 @dataclass
 class FfaHost:
-    """The host's FF-A driver over `machine.smc` (cpu 0)."""
+    """The host's FF-A driver over `machine.smc` (on `cpu`): the mailbox, the handles of
+    complete transactions and of fragmented ones still open (`pending`)."""
 
     m: Any
     version: int = 0
     tx: int = 0
     rx: int = 0
     handles: list[int] = field(default_factory=list)
+    pending: list[int] = field(default_factory=list)
+    cpu: int = 0
+    pool: list[int] = field(default_factory=list)  # host pages the hostile calls name
 
     def negotiate(self, version: int = 0x1_0001) -> int:
-        r = self.m.smc(0, "FFA_VERSION", version)
+        r = self.m.smc(self.cpu, "FFA_VERSION", version)
         if r.x0 > 0:
             self.version = r.regs[0]
-        return r.x0
+        return int(r.x0)
 
     def map_mailbox(self) -> Any:
         self.tx = self.m.host.alloc_pages(1)
         self.rx = self.m.host.alloc_pages(1)
-        return self.m.smc(0, "FFA_RXTX_MAP", self.tx, self.rx, 1)
+        return self.m.smc(self.cpu, "FFA_RXTX_MAP", self.tx, self.rx, 1)
 
     def send(self, fid: str, desc: bytes, length: int | None = None,
              fraglen: int | None = None) -> Any:
         self.m.host.write(self.tx, desc[:4096])
         n = len(desc) if length is None else length
         f = min(len(desc), 4096) if fraglen is None else fraglen
-        r = self.m.smc(0, fid, n, f, 0, 0)
+        r = self.m.smc(self.cpu, fid, n, f, 0, 0)
         if r.regs[0] == FFA_SUCCESS:
             self.handles.append(r.regs[2] | r.regs[3] << 32)
+        elif r.regs[0] == FFA_MEM_FRAG_RX:
+            self.pending.append(r.regs[1] & 0xFFFF_FFFF | (r.regs[2] & 0xFFFF_FFFF) << 32)
         return r
 
     def share(self, ranges: list[tuple[int, int]], lend: bool = False, **kw: Any) -> Any:
@@ -93,75 +100,114 @@ class FfaHost:
     def frag_tx(self, handle: int, data: bytes, fraglen: int | None = None) -> Any:
         self.m.host.write(self.tx, data[:4096])
         f = len(data) if fraglen is None else fraglen
-        r = self.m.smc(0, "FFA_MEM_FRAG_TX", handle & 0xFFFF_FFFF, handle >> 32, f, 0)
+        r = self.m.smc(self.cpu, "FFA_MEM_FRAG_TX", handle & 0xFFFF_FFFF, handle >> 32, f, 0)
         if r.regs[0] == FFA_SUCCESS:
             self.handles.append(handle)
+        if r.regs[0] != FFA_MEM_FRAG_RX and handle in self.pending:
+            self.pending.remove(handle)
         return r
 
     def reclaim(self, handle: int, flags: int = 0) -> Any:
-        r = self.m.smc(0, "FFA_MEM_RECLAIM", handle & 0xFFFF_FFFF, handle >> 32, flags)
+        r = self.m.smc(self.cpu, "FFA_MEM_RECLAIM", handle & 0xFFFF_FFFF, handle >> 32, flags)
         if r.regs[0] == FFA_SUCCESS and handle in self.handles:
             self.handles.remove(handle)
         return r
 
+    def page(self, rng: random.Random) -> int:
+        """A host page from a small pool (new ones now and then; the pool is reused so that
+        pages go through every state: shared, lent, reclaimed, shared again)."""
+        if len(self.pool) < 4 or (len(self.pool) < 24 and rng.random() < 0.25):
+            self.pool.append(self.m.host.alloc_pages(1))
+        return rng.choice(self.pool)
+
 
 # -- hostile operations ------------------------------------------------------------------------
-def _page_in_some_state(m: Any, rng: random.Random) -> int:
-    """A page address: host-owned, hyp-owned (carve-out), shared with the hyp, outside RAM,
-    the mailbox itself, unaligned."""
+def _page_in_some_state(m: Any, rng: random.Random, host: FfaHost | None = None) -> int:
+    """A page address: host-owned (fresh or from the host's pool: maybe shared or lent with the
+    secure world already), hyp-owned (carve-out), outside RAM, below RAM, unaligned, any RAM
+    page, or the mailbox itself (shared with the hyp and pinned)."""
     ram = next(r for r in m.memory_map() if r.kind == "ram")
     hyp = next(r for r in m.memory_map() if r.kind == "hyp")
-    choice = rng.randrange(6)
+    choice = rng.randrange(8 if host is not None else 6)
     if choice == 0:
-        return m.host.alloc_pages(1)
+        return host.page(rng) if host is not None else int(m.host.alloc_pages(1))
     if choice == 1:
-        return hyp.start + rng.randrange(hyp.size >> 12) * 4096
+        return int(hyp.start) + rng.randrange(hyp.size >> 12) * 4096
     if choice == 2:
-        return ram.end + 4096 * rng.randrange(16)
+        return int(ram.end) + 4096 * rng.randrange(16)
     if choice == 3:
         return rng.randrange(ram.start >> 12) << 12
     if choice == 4:
-        return m.host.alloc_pages(1) + rng.choice((1, 8, 0x800))
-    return ram.start + rng.randrange(ram.size >> 12) * 4096
+        page = host.page(rng) if host is not None else m.host.alloc_pages(1)
+        return page + rng.choice((1, 8, 0x800))
+    if choice == 5:
+        return int(ram.start) + rng.randrange(ram.size >> 12) * 4096
+    if choice == 6 and host is not None:
+        return host.page(rng)
+    return rng.choice((host.tx, host.rx)) if host is not None and host.tx else ram.start
+
+
+def _ranges(m: Any, host: FfaHost, rng: random.Random) -> list[tuple[int, int]]:
+    """1-3 constituents: mostly one page of the host's pool (which may be shared already),
+    else pages in every state, of 0, 1, 2 or 2^32-1 pages; sometimes one named twice
+    (overlapping ranges)."""
+    ranges = [(host.page(rng), 1) if rng.random() < 0.6 else
+              (_page_in_some_state(m, rng, host), rng.choice((1, 1, 1, 2, 0, 0xFFFF_FFFF)))
+              for _ in range(rng.randrange(1, 4))]
+    if rng.random() < 0.2:
+        ranges.append(ranges[0])
+    return ranges
 
 
 def hostile_ffa_op(m: Any, host: FfaHost, rng: random.Random) -> Any:
     """One FF-A call with hostile contents; returns the SMC's result."""
     v = host.version or 0x1_0001
-    op = rng.randrange(8)
+    op = rng.choices(range(10), (6, 3, 2, 2, 1, 1, 2, 1, 1, 2))[0]
     if op == 0:  # ranges in every state, sometimes overlapping
-        ranges = [(_page_in_some_state(m, rng), rng.choice((1, 1, 2, 0, 0xFFFF_FFFF)))
-                  for _ in range(rng.randrange(1, 4))]
-        if rng.random() < 0.3 and ranges:
-            ranges.append(ranges[0])
-        return host.share(ranges, lend=rng.random() < 0.5)
+        return host.share(_ranges(m, host, rng), lend=rng.random() < 0.5)
     if op == 1:  # hostile offsets and counts in a well-placed descriptor
-        page = m.host.alloc_pages(1)
-        kw = rng.choice([
+        page = host.page(rng)
+        kw: dict[str, Any] = rng.choice([
             {"ep_mem_offset": rng.choice((0, 4000, 4090, 0xFFFF_FFF0, 47))},
             {"composite_off": rng.choice((0, 4090, 0xFFFF_FFF8, 12))},
             {"ep_count": rng.choice((0, 2, 0xFFFF_FFFF))},
             {"sender": rng.choice((1, 0x8001))},
             {"range_count": rng.choice((0, 300, 0xFFFF_FFFF))},
+            {"total_pages": rng.choice((0, 2, 0xFFFF_FFFF))},
+            {"receiver": rng.choice((0, 0x8002, 0xFFFF))},
         ])
         return host.share([(page, 1)], **kw)
     if op == 2:  # fragment lengths against the announced length
-        desc = mem_descriptor(v, [(m.host.alloc_pages(1), 1)])
+        desc = mem_descriptor(v, [(host.page(rng), 1)])
         return host.send("FFA_MEM_SHARE", desc, length=rng.choice((len(desc) - 16, len(desc) + 16,
                                                                    0xFFFF_FFFF)),
                          fraglen=rng.choice((len(desc), 63, 4097, len(desc) + 1)))
-    if op == 3 and host.handles:  # reclaim (maybe twice)
-        return host.reclaim(rng.choice(host.handles))
-    if op == 4:  # reclaim of a made-up handle
-        return host.reclaim(rng.getrandbits(64))
-    if op == 5:  # FRAG_TX without a transaction, or with garbage
-        data = struct.pack("<QII", _page_in_some_state(m, rng), 1, 0)
+    if op == 3:  # a fragmented transaction: the first fragment, the rest announced
+        ranges = _ranges(m, host, rng)
+        desc = mem_descriptor(v, ranges)
+        more = 16 * rng.choice((1, 1, 2))
+        return host.send(rng.choice(("FFA_MEM_SHARE", "FFA_MEM_LEND")), desc,
+                         length=len(desc) + more, fraglen=len(desc))
+    if op == 4 and host.pending:  # the next fragment of an open transaction, maybe hostile
+        data = b"".join(struct.pack("<QII", a, n, 0) for a, n in _ranges(m, host, rng)[:2])
+        return host.frag_tx(rng.choice(host.pending), data,
+                            fraglen=rng.choice((len(data), len(data), 16, 15, 4112)))
+    if op in (3, 4, 5) and host.handles:  # reclaim (maybe twice)
+        return host.reclaim(rng.choice(host.handles), flags=rng.choice((0, 0, 1, 0xFFFF_FFFF)))
+    if op == 6:  # reclaim of a made-up handle
+        return host.reclaim(rng.choice((rng.getrandbits(64), rng.randrange(64))))
+    if op == 7:  # FRAG_TX without a transaction, or with garbage
+        data = struct.pack("<QII", _page_in_some_state(m, rng, host), 1, 0)
         return host.frag_tx(rng.getrandbits(64), data, fraglen=rng.choice((16, 15, 4112)))
-    if op == 6:  # mailbox games
-        a, b = _page_in_some_state(m, rng), _page_in_some_state(m, rng)
-        return m.smc(0, rng.choice(("FFA_RXTX_MAP", "FFA_RXTX_UNMAP")), a, b, rng.choice((1, 0, 2)))
-    return m.smc(0, rng.choice((0x8400_0068, 0x8400_0064, 0x8400_0065, 0x8400_0063)),
-                 *(rng.getrandbits(32) for _ in range(5)))
+    if op == 8:  # mailbox games
+        a, b = _page_in_some_state(m, rng, host), _page_in_some_state(m, rng, host)
+        return m.smc(host.cpu, rng.choice(("FFA_RXTX_MAP", "FFA_RXTX_UNMAP")), a, b,
+                     rng.choice((1, 0, 2)))
+    return m.smc(host.cpu, rng.choice((0x8400_0068, 0x8400_0064, 0x8400_0065, 0x8400_0063,
+                                       0x8400_0069, 0x8400_0066, 0xC400_0074, 0x8400_007A,
+                                       0x8400_0060 + rng.randrange(0xA0))),
+                 *(rng.choice((0, 1, rng.getrandbits(32), 0x8400_0073, 0x1_0000, 0x1_0002))
+                   for _ in range(5)))
 
 
 # -- the FF-A owner ----------------------------------------------------------------------------
@@ -208,24 +254,64 @@ def attach_ffa_owner_check(m: Any) -> None:
     m.listeners.append(after)
 
 
-# -- for the fuzzer and the explorer (registered by the lead) -----------------------------------
-# A step is ("ffa", seed): replayable, since what `hostile_ffa_op` allocates and sends depends
-# only on the seed and the machine's history. Registration in `pkvm.check.fuzz`:
-#     generate():  ops.append(("ffa", 3, lambda: gen_ffa_args(r)))
-#     _apply():    elif op == "ffa": ffa_step(w.m, *a)
-# With `Machine(ffa=True)` the steps reach the proxy's memory paths; without, its refusals.
-_HOSTS: "dict[int, FfaHost]" = {}
+# -- for the fuzzer (`pkvm fuzz --smc`) -------------------------------------------------------
+# A step is ("smc_ffa", seed) or ("smc_psci", seed), drawn by `smc_ops`: replayable, since what
+# it allocates and sends depends only on the seed and the machine's history. The fuzzer's
+# machine has a secure world (`Machine(ffa=True)`), so the steps reach the proxy's memory paths.
+_HOSTS: "weakref.WeakKeyDictionary[Any, FfaHost]" = weakref.WeakKeyDictionary()
+# Host PSCI calls the fuzzer makes: all but those that end a CPU or the machine (CPU_OFF,
+# SYSTEM_OFF/RESET/RESET2/OFF2, SYSTEM_SUSPEND), which leave nothing for later steps to do.
+PSCI_FUZZ_CALLS = (
+    psci.PSCI_0_2_FN_PSCI_VERSION, psci.PSCI_1_0_FN_PSCI_FEATURES, psci.PSCI_0_2_FN_CPU_ON,
+    psci.PSCI_0_2_FN64_CPU_ON, psci.PSCI_0_2_FN_CPU_SUSPEND, psci.PSCI_0_2_FN64_CPU_SUSPEND,
+    psci.PSCI_0_2_FN_AFFINITY_INFO, psci.PSCI_0_2_FN64_AFFINITY_INFO, psci.PSCI_0_2_FN64_MIGRATE,
+    psci.PSCI_0_2_FN_MIGRATE_INFO_TYPE, psci.PSCI_0_2_FN64_MIGRATE_INFO_UP_CPU,
+    psci.PSCI_1_0_FN_SET_SUSPEND_MODE, 0x8000_0000, 0x8000_0001, 0x8000_7FFF)
 
 
-def gen_ffa_args(r: random.Random) -> tuple[int]:
-    return (r.getrandbits(32),)
+def smc_result_label(rec: Any) -> str:
+    """A host SMC's result for the coverage table: FF-A's status (and error code), or x0."""
+    x0 = rec.x0 & 0xFFFF_FFFF_FFFF_FFFF
+    if x0 == FFA_ERROR:
+        code = rec.x2 & 0xFFFF_FFFF
+        return f"FFA_ERROR {code - (1 << 32) if code >> 31 else code}"
+    names = {FFA_SUCCESS: "FFA_SUCCESS", FFA_MEM_FRAG_RX: "FFA_MEM_FRAG_RX"}
+    return names.get(x0, f"x0={rec.x0}")
 
 
-def ffa_step(m: Any, seed: int) -> Any:
-    """One fuzzer step: negotiate and map a mailbox on first use, then a hostile FF-A call."""
-    host = _HOSTS.get(id(m))
-    if host is None or host.m is not m:
-        host = _HOSTS[id(m)] = FfaHost(m)
+def smc_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple[int]]]]:
+    """The fuzzer's SMC operations and their weights (`pkvm.check.fuzz_gen.generate`)."""
+    return [("smc_ffa", 20, lambda: (r.getrandbits(32),)),
+            ("smc_psci", 2, lambda: (r.getrandbits(32),))]
+
+
+def run_smc_step(m: Any, cpu: int, op: str, a: tuple[int, ...]) -> Any:
+    """Perform one fuzzer SMC step on `cpu` (`pkvm.check.fuzz_ops.run_step`)."""
+    if op == "smc_psci":
+        return psci_step(m, cpu, a[0])
+    return ffa_step(m, a[0], cpu)
+
+
+def ffa_step(m: Any, seed: int, cpu: int = 0) -> Any:
+    """One hostile FF-A call: negotiate and map a mailbox on first use, then `hostile_ffa_op`."""
+    host = _HOSTS.get(m)
+    if host is None:
+        host = _HOSTS[m] = FfaHost(m)
         if host.negotiate(m.profile.ffa_hyp_version) > 0:
             host.map_mailbox()
+    host.cpu = cpu
     return hostile_ffa_op(m, host, random.Random(seed))
+
+
+def psci_step(m: Any, cpu: int, seed: int) -> Any:
+    """One host PSCI call with hostile arguments: MPIDRs of CPUs that exist or not, entry
+    points and context IDs anywhere (RAM, the carve-out, MMIO, unaligned), any power state."""
+    rng = random.Random(seed)
+    hyp = next(r for r in m.memory_map() if r.kind == "hyp")
+
+    def arg() -> int:
+        return rng.choice((board_mpidr(rng.randrange(m.nr_cpus)), board_mpidr(m.nr_cpus + 3),
+                           m.host.alloc_pages(1) + rng.choice((0, 2)), hyp.start, 0, 1,
+                           rng.getrandbits(32), rng.getrandbits(64)))
+
+    return m.smc(cpu, rng.choice(PSCI_FUZZ_CALLS), arg(), arg(), arg())

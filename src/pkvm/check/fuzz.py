@@ -79,10 +79,12 @@ def _from_driver(tb: Any) -> bool:
 
 
 def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str, ...] = (),
-            progress: Callable[[int], None] | None = None, stop_on_panic: bool = False) -> RunResult:
-    """Run `steps` on fresh checked machines; the first failure ends the run."""
+            progress: Callable[[int], None] | None = None, stop_on_panic: bool = False,
+            smc: bool = False) -> RunResult:
+    """Run `steps` on fresh checked machines (with a secure world when `smc`); the first
+    failure ends the run."""
     res = RunResult()
-    w = World(memory, cpus, abi, bugs)
+    w = World(memory, cpus, abi, bugs, smc=smc)
     warnings.simplefilter("ignore")
     for i, s in enumerate(steps):
         res.steps_run = i + 1
@@ -100,7 +102,7 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
                                           f"sequence the host driver issues ({s})", i)
                     break
                 _absorb(res, w)
-                w = World(memory, cpus, abi, bugs)
+                w = World(memory, cpus, abi, bugs, smc=smc)
         except HypPanic as e:
             warn = _warn_failure(e, w.m, i)
             if warn is not None:
@@ -117,7 +119,7 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
                 res.failure = Failure("panic", "HypPanic", str(e), i)
                 break
             _absorb(res, w)
-            w = World(memory, cpus, abi, bugs)
+            w = World(memory, cpus, abi, bugs, smc=smc)
         except InvariantViolation as v:
             res.failure = Failure("invariant", f"invariant:{v.invariant}", str(v), i)
             break
@@ -177,8 +179,8 @@ def _absorb(res: RunResult, w: World) -> None:
 
 # --- shrinking -----------------------------------------------------------------------------------
 def shrink(steps: list[Step], failure: Failure, memory: str, cpus: int, abi: str,
-           bugs: tuple[str, ...] = (), max_runs: int = 400, max_seconds: float = 120.0
-           ) -> tuple[list[Step], RunResult]:
+           bugs: tuple[str, ...] = (), max_runs: int = 400, max_seconds: float = 120.0,
+           smc: bool = False) -> tuple[list[Step], RunResult]:
     """ddmin: the smallest step list (1-minimal within the budget) failing with the same signature."""
     t0 = time.monotonic()
     runs = 0
@@ -186,7 +188,7 @@ def shrink(steps: list[Step], failure: Failure, memory: str, cpus: int, abi: str
     def fails(cand: list[Step]) -> RunResult | None:
         nonlocal runs
         runs += 1
-        r = execute(cand, memory, cpus, abi, bugs)
+        r = execute(cand, memory, cpus, abi, bugs, smc=smc)
         if r.failure is not None and r.failure.signature == failure.signature:
             return r
         return None
@@ -194,7 +196,7 @@ def shrink(steps: list[Step], failure: Failure, memory: str, cpus: int, abi: str
     cur = steps[: failure.step_index + 1]
     best = fails(cur)
     if best is None:  # not reproducible from a fresh machine (should not happen: all seeded)
-        return cur, execute(cur, memory, cpus, abi, bugs)
+        return cur, execute(cur, memory, cpus, abi, bugs, smc=smc)
     assert best.failure is not None  # `fails` returns only failed runs
     cur = cur[: best.failure.step_index + 1]
     n = 2
@@ -236,6 +238,12 @@ def log_to_steps(log: list[Any]) -> list[dict[str, Any]]:
                 st["note"] = (RACE_NOTE + f" at={race[0][2]} "
                               + " ".join(f"{pa:#x}={d.hex()}" for pa, d, _ in race))
             out.append(st)
+        elif ev[0] == "smc":
+            _, cpu, func, args, imm = ev
+            st = {"smc": func, "cpu": cpu, "args": list(args)}
+            if imm:
+                st["imm"] = imm
+            out.append(st)
         elif ev[0] == "write":
             _, cpu, pa, data = ev
             out.append({"host_write": pa, "cpu": cpu, "data": data.hex()})
@@ -258,7 +266,7 @@ def dump_toml(cfg: dict[str, Any], steps: list[dict[str, Any]], path: str,
 def replay(cfg: dict[str, Any], steps: list[dict[str, Any]], bugs: tuple[str, ...] = ()) -> Failure | None:
     """Run raw scenario steps on a fresh checked machine; the failure they cause, if any."""
     m = Machine(memory=cfg["memory"], cpus=cfg["cpus"], abi=cfg["abi"], check=True,
-                     trace=False, bugs=bugs)
+                trace=False, bugs=bugs, ffa=cfg.get("ffa", False))
     racer = Racer(m, m.host.port)
     for i, st in enumerate(steps):
         cpu = st.get("cpu", 0)
@@ -278,6 +286,8 @@ def replay(cfg: dict[str, Any], steps: list[dict[str, Any]], bugs: tuple[str, ..
                     m.hvc(cpu, st["hvc"], *st.get("args", []))
             elif "host_write" in st:
                 m.host.port.write(cpu, st["host_write"], bytes.fromhex(st["data"]))
+            elif "smc" in st:
+                m.smc(cpu, st["smc"], *st.get("args", []), imm=st.get("imm", 0))
         except (HostDataAbort, HypPanic) as e:
             if isinstance(e, HypPanic) and (warn := _warn_failure(e, m, i)) is not None:
                 return warn
@@ -301,22 +311,27 @@ class Campaign:
     memory: str = "64M"
     bugs: tuple[str, ...] = ()
     out: str | None = None  # where to write the reproducer TOML
+    smc: bool = False  # host SMCs too: hostile FF-A (a secure world at EL3) and PSCI calls
 
     def run(self, progress: Callable[[int], None] | None = None) -> CampaignResult:
         prof = Machine(memory=self.memory, cpus=self.cpus, abi=self.abi, trace=False).profile
-        steps = generate(random.Random(self.seed), prof, self.cpus, self.steps)
+        steps = generate(random.Random(self.seed), prof, self.cpus, self.steps, smc=self.smc)
         t0 = time.perf_counter()
-        res = execute(steps, self.memory, self.cpus, self.abi, self.bugs, progress)
+        res = execute(steps, self.memory, self.cpus, self.abi, self.bugs, progress, smc=self.smc)
         elapsed = time.perf_counter() - t0
         out = CampaignResult(self, res, elapsed)
         if res.failure is not None:
-            small, sres = shrink(steps, res.failure, self.memory, self.cpus, self.abi, self.bugs)
+            small, sres = shrink(steps, res.failure, self.memory, self.cpus, self.abi, self.bugs,
+                                 smc=self.smc)
             out.minimal = small
             out.minimal_failure = sres.failure
             out.raw_steps = log_to_steps(sres.log)
             if self.out:
-                cfg = {"memory": self.memory, "cpus": self.cpus, "abi": self.abi}
+                cfg: dict[str, Any] = {"memory": self.memory, "cpus": self.cpus, "abi": self.abi}
+                if self.smc:
+                    cfg["ffa"] = True
                 comment = (f"pkvm fuzz --seed {self.seed} --steps {self.steps} --abi {self.abi}"
+                           + (" --smc" if self.smc else "")
                            + "".join(f" --bug {b}" for b in self.bugs)
                            + ("\nseeded bugs are not part of [machine]: replay with "
                               "pkvm.check.fuzz.replay(machine, steps, bugs=...)" if self.bugs else "")

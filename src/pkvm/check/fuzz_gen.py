@@ -99,8 +99,10 @@ def _guest_ops(r: random.Random) -> list[tuple[str, int, Callable[[], tuple[Any,
     ]
 
 
-def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
-    """n hostile steps for profile `prof`."""
+def generate(r: random.Random, prof: Any, cpus: int, n: int, smc: bool = False) -> list[Step]:
+    """n hostile steps for profile `prof`; with `smc`, host SMCs too (hostile FF-A calls and
+    PSCI calls, `pkvm.check.ffa_ops.smc_ops`), drawn after the others so that runs without them
+    stay what they were."""
     ptr_handlers = _ptr_handlers(prof)
     ops: list[tuple[str, int, Callable[[], tuple[Any, ...]]]] = [
         ("alloc", 3, lambda: ()),
@@ -156,6 +158,10 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int) -> list[Step]:
                                      _pfn_spec(r), r.choice([0, 1, 2, 3, 5, 64, U64]),
                                      r.choice([8, 0x800, 0xFFF]), r.randrange(64))),
         ]
+    if smc:
+        from pkvm.check.ffa_ops import smc_ops
+
+        ops += smc_ops(r)
     raceable = [o for o in ops if o[0] in ("init_vcpu", "init_vm", "session", "load",
                                            "scribble_init", "map", "ptr_call")]
     names = [o[0] for o in ops]

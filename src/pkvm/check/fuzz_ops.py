@@ -24,6 +24,7 @@ from typing import Any
 from pkvm.abi.host_structs import KVM, KVM_VCPU
 from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.board import Machine
+from pkvm.check.ffa_ops import run_smc_step
 from pkvm.check.invariants import Checker
 from pkvm.errors import HostDataAbort, HostError, errno_name
 from pkvm.host.kvm import host_va
@@ -118,10 +119,13 @@ class Racer:
 class World:
     """A machine plus what the fuzzer remembers about it (its operand pools)."""
 
-    def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True):
-        self.cfg = {"memory": memory, "cpus": cpus, "abi": abi}
+    def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True,
+                 smc: bool = False):
+        self.cfg: dict[str, Any] = {"memory": memory, "cpus": cpus, "abi": abi}
+        if smc:  # a secure world at EL3 for the FF-A steps
+            self.cfg["ffa"] = True
         self.log: list[Any] = []
-        self.m = Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs)
+        self.m = Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs, ffa=smc)
         if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
             self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)
             self.m.listeners.append(self.m.checker.after_call)
@@ -129,6 +133,7 @@ class World:
         self.m.host_port.observe_stores(self._on_store)
         self.racer = Racer(self.m, self.m.new_host_port())
         self.m.interpose_hvc(self._log_call)
+        self.m.interpose_smc(self._log_smc)
         if self.m.checker is not None and self.m.checker.ghost is not None:
             # A racing store changed the call's host-shared inputs: the ghost's prediction from
             # the pre-state does not apply (counted in `ghost.guest.raced`).
@@ -175,8 +180,18 @@ class World:
             ev[4] = tuple(self.racer.log)
             self.racer.log = []
 
+    def _log_smc(self, proceed: Any, cpu: int, func: Any, args: tuple[int, ...],
+                 imm: int) -> Any:
+        """Log each host SMC as it is issued (`--smc`)."""
+        self.log.append(("smc", cpu, func, tuple(a & U64 for a in args), imm))
+        return proceed(cpu, func, args, imm)
+
     def _on_call(self, rec: Any) -> None:
-        if rec.panic is None:
+        if rec.panic is None and rec.name.startswith("smc:"):
+            from pkvm.check.ffa_ops import smc_result_label
+
+            self.results[(rec.name, smc_result_label(rec))] += 1
+        elif rec.panic is None:
             self.results[(rec.name, _result_label(rec.x0, rec.x1))] += 1
 
     # -- operand resolution ----------------------------------------------------------------
@@ -309,6 +324,8 @@ def run_step(w: World, s: Step) -> None:
         guest_call(w, cpu, op, a)
     elif op in STEP_OPS:
         STEP_OPS[op](w, cpu, a)
+    elif op.startswith("smc_"):  # `--smc`: hostile FF-A and PSCI calls through machine.smc
+        run_smc_step(w.m, cpu, op, a)
     else:
         raise ValueError(f"unknown fuzzer op {op!r}")
 

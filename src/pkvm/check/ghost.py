@@ -71,6 +71,10 @@ class Ghost:
         self.table = self.abstract_table()
         self.guest = GuestGhost(self.checker.machine.inspect,
                                 lambda what, want, found: self._fail(None, what, want, found))
+        from pkvm.check.ghost_ffa import FfaGhost  # the FF-A proxy's SMCs
+
+        self.ffa = FfaGhost(self.checker.machine,
+                            lambda what, want, found: self._fail(None, what, want, found))
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
@@ -109,6 +113,7 @@ class Ghost:
             self.guest.before(cpu, name, args, self.checker.h.profile.handle)
 
     def after_call(self, rec: TraceRecord, changed: set[int], full: bool = False) -> None:
+        self.ffa.after_call(rec, changed)
         if rec.x0 == 0:
             self.guest.after(rec)
         if rec.x0 != 0 or rec.name not in VM_TABLE_CALLS:

@@ -8,7 +8,7 @@ spanning many pages; it builds on the per-page checks of `PageInvariants`.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
 from pkvm.check.page_invariants import NOPAGE, OWNED, SB, SO, PageInvariants
@@ -16,11 +16,16 @@ from pkvm.check.violations import InvariantViolation
 from pkvm.inspect import RESERVED_ENTRY, PkvmHypVm, hyp_pa, hyp_state_of_pte, hyp_va
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
+if TYPE_CHECKING:
+    from pkvm.inspect import Inspector
+
 
 class GlobalInvariants(PageInvariants):
-    """Checks over the hyp's global structures; the `Checker` supplies `carveout`."""
+    """Checks over the hyp's global structures; the `Checker` supplies `carveout` and `inspect`
+    (the machine's read-only view, for the FF-A proxy's mailbox)."""
 
     carveout: tuple[int, int]
+    inspect: Inspector
     _globals_pfns: set[int]
 
     def expected_pins(self) -> Counter[int]:
@@ -36,6 +41,9 @@ class GlobalInvariants(PageInvariants):
             for vcpu in vm.vcpus:
                 if vcpu is not None:
                     add(vcpu.host_vcpu, self.h.profile.sizeof_kvm_vcpu)
+        ffa = self.inspect.ffa_proxy()  # the host's FF-A mailbox, pinned by RXTX_MAP
+        for pa in (ffa["host_tx"], ffa["host_rx"]) if ffa and ffa["host_tx"] else ():
+            pins[pa >> PAGE_SHIFT] += 1
         return pins
 
     def check_globals(self, all_shared: bool = False) -> None:

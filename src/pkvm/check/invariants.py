@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
 from pkvm.check.ghost import Ghost
+from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
 from pkvm.check.oracles import run_all
 from pkvm.check.page_invariants import NOPAGE, OWNED, SB
@@ -60,6 +61,7 @@ class Checker(GlobalInvariants):
                  initial_check: bool = True):
         self.machine = machine
         self.carveout = machine.carveout
+        self.inspect = machine.inspect
         self.h: HypView = machine.inspect.hyp_view()
         self.full_every = full_every
         self.calls = 0
@@ -263,3 +265,5 @@ class Checker(GlobalInvariants):
         self.check_tables()
         self.check_pools()
         self.check_hyp_accounting()
+        check_owner_full(self.machine.inspect, self.machine.firmware,  # the FF-A owner
+                         self.ghost.ffa.orphans if self.ghost is not None else None)

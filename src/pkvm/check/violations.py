@@ -44,6 +44,9 @@ INVARIANTS: dict[str, Invariant] = {i.name: i for i in [
     Invariant("no-warn", "no hyp WARN_ON fires on a path the host can reach (a WARN the host can "
               "provoke is a kernel bug: the host gets an errno instead)"),
     Invariant("no-exception", "nothing a host passes makes the hyp raise anything but HypPanic"),
+    Invariant("ffa-owner", "every RAM page the secure world holds is host SHARED_OWNED and not "
+              "the hyp's; every host SHARED_OWNED page no hyp or guest borrows is held by the "
+              "secure world (pkvm.check.ghost_ffa)"),
 ]}
 
 

@@ -72,6 +72,9 @@ def register(app: typer.Typer) -> None:
                                                 "cluster address ('local': a private one)")]
         = None,
         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+        smc: Annotated[bool, typer.Option("--smc", "--ffa", help="mix host SMCs into the hostile "
+                                          "stream: FF-A calls with hostile descriptors (a secure "
+                                          "world at EL3) and PSCI calls")] = False,
     ) -> None:
         """Hostile host against a checked machine: shrink and save any failure; exit 1 if found."""
         from pkvm.check.bugs import BUGS
@@ -87,7 +90,7 @@ def register(app: typer.Typer) -> None:
             if b not in BUGS:
                 fail(f"--bug {b}: unknown seeded bug; known: {', '.join(BUGS)}")
         camp = Campaign(seed=seed, steps=steps, cpus=cpus, abi=abi, memory=memory, bugs=bugs,
-                        out=out)
+                        out=out, smc=smc)
         if jobs > 1 or ray:
             _scale_out(console, camp, max(jobs, 1), ray, coverage)
             return
@@ -97,7 +100,8 @@ def register(app: typer.Typer) -> None:
         ncalls = sum(r.calls.values())
         console.print(f"{r.steps_run} steps, {ncalls} hypercalls in {res.seconds:.1f}s "
                       f"({ncalls / max(res.seconds, 1e-9):.0f} checked calls/s), seed {seed}, "
-                      f"abi {abi}" + (f", bugs {','.join(bugs)}" if bugs else ""))
+                      f"abi {abi}" + (f", bugs {','.join(bugs)}" if bugs else "")
+                      + (f", {_smc_calls(r.calls)} of them host SMCs" if smc else ""))
         for p in r.panics:
             console.print(f"[yellow]availability finding (hyp panic):[/] {escape(str(p))}")
         if r.known_warns:
@@ -119,6 +123,10 @@ def register(app: typer.Typer) -> None:
                 console.print(escape(f"reproducer: {out} ({len(res.raw_steps or [])} raw steps)"))
             raise typer.Exit(1)
         console.print("[green]clean[/]")
+
+
+def _smc_calls(calls: Counter[tuple[str, str]]) -> int:
+    return sum(n for (name, _), n in calls.items() if str(name).startswith("smc:"))
 
 
 def _scale_out(console: Console, camp: Campaign, jobs: int, ray: str | None, coverage: bool) -> None:

@@ -11,18 +11,19 @@ from __future__ import annotations
 
 import struct
 
-from pkvm.hyp.ffa import (
-    COMPOSITE_SZ,
-    EP_MEM_OFFSET_OFF,
-    FFA_1_0_PARTITON_INFO_SZ,
+from pkvm.abi.ffa import (
+    FFA_COMPOSITE_SZ,
+    FFA_EP_MEM_OFFSET_OFF,
     FFA_FN64_MEM_RETRIEVE_REQ,
     FFA_FN64_RXTX_MAP,
     FFA_MEM_FRAG_RX,
     FFA_MEM_FRAG_TX,
     FFA_MEM_RECLAIM,
+    FFA_MEM_REGION_SZ,
     FFA_MEM_RETRIEVE_RESP,
     FFA_PAGE_SIZE,
     FFA_PARTITION_INFO_GET,
+    FFA_RANGE_SZ,
     FFA_RET_ABORTED,
     FFA_RET_BUSY,
     FFA_RET_DENIED,
@@ -33,12 +34,13 @@ from pkvm.hyp.ffa import (
     FFA_RXTX_UNMAP,
     FFA_SUCCESS,
     FFA_VERSION_1_0,
+    ffa_emad_size,
+)
+from pkvm.hyp.ffa import (
+    FFA_1_0_PARTITON_INFO_SZ,
     HOST_FFA_ID,
     MBOX_BYTES,
-    MEM_REGION_SZ,
-    RANGE_SZ,
     constituents_offset,
-    emad_size,
     ffa_res,
     host_share_ffa,
     mem_region_sz,
@@ -125,14 +127,15 @@ def do_ffa_rxtx_unmap(h: HypState, regs: list[int]) -> list[int]:
 
 # -- constituent ranges ------------------------------------------------------------------------
 def _ranges(buf: bytes, off: int, n: int) -> list[tuple[int, int]]:
-    return [struct.unpack_from("<QI", buf, off + RANGE_SZ * i) for i in range(n)]
+    return [struct.unpack_from("<QI", buf, off + FFA_RANGE_SZ * i) for i in range(n)]
 
 
 def _share_ranges(h: HypState, ranges: list[tuple[int, int]], share: bool) -> int:
     """`__ffa_host_share_ranges` / `__ffa_host_unshare_ranges`: how many ranges went through."""
     for i, (addr, pg_cnt) in enumerate(ranges):
         sz = pg_cnt * FFA_PAGE_SIZE
-        aligned = sz | addr if h.profile.ffa_strict_descriptors else sz
+        strict = h.profile.ffa_strict_descriptors and not h.bug("ffa-unaligned-range")  # seeded
+        aligned = sz | addr if strict else sz
         if aligned & (PAGE_SIZE - 1):
             return i
         if host_share_ffa(h, addr >> PAGE_SHIFT, sz // PAGE_SIZE, share):
@@ -161,10 +164,10 @@ def _copy_from_host_tx(h: HypState, n: int) -> bytes:
 def _emad_off(h: HypState, buf: bytes) -> int:
     version = h.ffa.version
     if not h.profile.ffa_strict_descriptors:
-        return EP_MEM_OFFSET_OFF if version <= FFA_VERSION_1_0 else MEM_REGION_SZ
+        return FFA_EP_MEM_OFFSET_OFF if version <= FFA_VERSION_1_0 else FFA_MEM_REGION_SZ
     if version <= FFA_VERSION_1_0:
-        return EP_MEM_OFFSET_OFF
-    off: int = struct.unpack_from("<I", buf, EP_MEM_OFFSET_OFF)[0]
+        return FFA_EP_MEM_OFFSET_OFF
+    off: int = struct.unpack_from("<I", buf, FFA_EP_MEM_OFFSET_OFF)[0]
     return off
 
 
@@ -175,7 +178,7 @@ def do_ffa_mem_xfer(h: HypState, fid: int, regs: list[int]) -> list[int]:
     if addr_mbz or npages_mbz or fraglen > length or fraglen > MBOX_BYTES:
         return ffa_res(FFA_RET_INVALID_PARAMETERS)
     strict = h.profile.ffa_strict_descriptors
-    min_len = mem_region_sz(version) + emad_size(version) if strict else MEM_REGION_SZ + 16
+    min_len = mem_region_sz(version) + ffa_emad_size(version) if strict else FFA_MEM_REGION_SZ + 16
     if fraglen < min_len:
         return ffa_res(FFA_RET_INVALID_PARAMETERS)
     if not p.host_tx:
@@ -184,7 +187,7 @@ def do_ffa_mem_xfer(h: HypState, fid: int, regs: list[int]) -> list[int]:
         return ffa_res(FFA_RET_NO_MEMORY)
     buf = _copy_from_host_tx(h, fraglen)
     em_off = _emad_off(h, buf)
-    esize = emad_size(version) if strict else 16
+    esize = ffa_emad_size(version) if strict else 16
     if strict and em_off + esize > fraglen:
         return ffa_res(FFA_RET_INVALID_PARAMETERS)
     if em_off + 8 > len(buf):  # 6.12 reads past the fragment: EL2's copy holds what was there
@@ -194,13 +197,13 @@ def do_ffa_mem_xfer(h: HypState, fid: int, regs: list[int]) -> list[int]:
     offset, = struct.unpack_from("<I", buf, em_off + 4)  # composite_off
     if not offset or ep_count != 1 or sender_id != HOST_FFA_ID:
         return ffa_res(FFA_RET_INVALID_PARAMETERS)
-    checked = offset + COMPOSITE_SZ
+    checked = offset + FFA_COMPOSITE_SZ
     if checked > U32 or fraglen < checked:
         return ffa_res(FFA_RET_INVALID_PARAMETERS)
     tail = fraglen - checked
-    if tail % RANGE_SZ:
+    if tail % FFA_RANGE_SZ:
         return ffa_res(FFA_RET_INVALID_PARAMETERS)
-    ranges = _ranges(buf, checked, tail // RANGE_SZ)
+    ranges = _ranges(buf, checked, tail // FFA_RANGE_SZ)
     ret = ffa_host_share_ranges(h, ranges)
     if ret:
         return ffa_res(ret)
@@ -217,10 +220,10 @@ def do_ffa_mem_xfer(h: HypState, fid: int, regs: list[int]) -> list[int]:
 def do_ffa_mem_frag_tx(h: HypState, regs: list[int]) -> list[int]:
     p = h.ffa
     handle_lo, handle_hi, fraglen, endpoint = (_u32(regs[i]) for i in (1, 2, 3, 4))
-    if fraglen > MBOX_BYTES or fraglen % RANGE_SZ or not p.host_tx:
+    if fraglen > MBOX_BYTES or fraglen % FFA_RANGE_SZ or not p.host_tx:
         return ffa_res(FFA_RET_INVALID_PARAMETERS)
     buf = _copy_from_host_tx(h, fraglen)
-    ranges = _ranges(buf, 0, fraglen // RANGE_SZ)
+    ranges = _ranges(buf, 0, fraglen // FFA_RANGE_SZ)
     ret = ffa_host_share_ranges(h, ranges)
     if ret:
         res = smc12(h, FFA_MEM_RECLAIM, handle_lo, handle_hi, 0)
@@ -238,17 +241,17 @@ def _retrieve_descriptor(h: HypState, handle_lo: int, handle_hi: int) -> tuple[i
     """RETRIEVE_REQ (+ FRAG_RX) into the descriptor buffer: (ret, descriptor, SPMC reply)."""
     p = h.ffa
     version = p.version
-    req = bytearray(MEM_REGION_SZ)
+    req = bytearray(FFA_MEM_REGION_SZ)
     struct.pack_into("<HHIQ", req, 0, HOST_FFA_ID, 0, 0, handle_lo | handle_hi << 32)
     el2_write(h, hyp_va(p.hyp_tx), bytes(req))
-    res = smc12(h, FFA_FN64_MEM_RETRIEVE_REQ, MEM_REGION_SZ, MEM_REGION_SZ)
+    res = smc12(h, FFA_FN64_MEM_RETRIEVE_REQ, FFA_MEM_REGION_SZ, FFA_MEM_REGION_SZ)
     if res[0] != FFA_MEM_RETRIEVE_RESP:
         return 0, None, res
     length, fraglen = _u32(res[1]), _u32(res[2])
     rx = el2_read(h, hyp_va(p.hyp_rx), MBOX_BYTES)
     strict = h.profile.ffa_strict_descriptors
     em_off = _emad_off(h, rx)
-    if strict and em_off + emad_size(version) > fraglen:
+    if strict and em_off + ffa_emad_size(version) > fraglen:
         return FFA_RET_INVALID_PARAMETERS, None, smc12(h, FFA_RX_RELEASE)
     offset, = struct.unpack_from("<I", rx, em_off + 4) if em_off + 8 <= len(rx) else (0,)
     bad = (offset + constituents_offset(0) > length) if strict else (offset > length)
@@ -270,7 +273,7 @@ def _retrieve_descriptor(h: HypState, handle_lo: int, handle_hi: int) -> tuple[i
         smc12(h, FFA_RX_RELEASE)
         fragoff += fraglen
     el2_write(h, hyp_va(p.desc_buf), bytes(desc[: p.desc_len]))
-    return 0, bytes(desc) + bytes(max(0, offset + COMPOSITE_SZ - len(desc))), [offset, length]
+    return 0, bytes(desc) + bytes(max(0, offset + FFA_COMPOSITE_SZ - len(desc))), [offset, length]
 
 
 def do_ffa_mem_reclaim(h: HypState, regs: list[int]) -> list[int]:
@@ -288,8 +291,8 @@ def do_ffa_mem_reclaim(h: HypState, regs: list[int]) -> list[int]:
     res = smc12(h, FFA_MEM_RECLAIM, handle_lo, handle_hi, flags)
     if res[0] != FFA_SUCCESS:
         return res
-    start = offset + COMPOSITE_SZ
-    n = min(cnt, max(0, (len(desc) - start) // RANGE_SZ))
+    start = offset + FFA_COMPOSITE_SZ
+    n = min(cnt, max(0, (len(desc) - start) // FFA_RANGE_SZ))
     _warn(h, ffa_host_share_ranges(h, _ranges(desc, start, n), share=False))
     return res
 

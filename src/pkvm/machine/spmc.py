@@ -16,21 +16,39 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from pkvm.abi.ffa import (
+    FFA_ERROR,
+    FFA_FEATURES,
+    FFA_FN64_MEM_LEND,
+    FFA_FN64_MEM_RETRIEVE_REQ,
+    FFA_FN64_MEM_SHARE,
+    FFA_FN64_RXTX_MAP,
+    FFA_ID_GET,
+    FFA_MEM_FRAG_RX,
+    FFA_MEM_FRAG_TX,
+    FFA_MEM_LEND,
+    FFA_MEM_RECLAIM,
+    FFA_MEM_RETRIEVE_REQ,
+    FFA_MEM_RETRIEVE_RESP,
+    FFA_MEM_SHARE,
+    FFA_PAGE_SIZE,
+    FFA_PARTITION_INFO_GET,
+    FFA_RET_BUSY,
+    FFA_RET_DENIED,
+    FFA_RET_INVALID_PARAMETERS,
+    FFA_RET_NOT_SUPPORTED,
+    FFA_RX_RELEASE,
+    FFA_RXTX_MAP,
+    FFA_RXTX_UNMAP,
+    FFA_SUCCESS,
+    FFA_VERSION,
+    FFA_VERSION_1_2,
+)
+
 if TYPE_CHECKING:
     from pkvm.machine.memory import PhysMemory
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
-FFA_ERROR, FFA_SUCCESS, FFA_VERSION, FFA_FEATURES = 0x8400_0060, 0x8400_0061, 0x8400_0063, 0x8400_0064
-FFA_RX_RELEASE, FFA_RXTX_MAP, FFA_FN64_RXTX_MAP = 0x8400_0065, 0x8400_0066, 0xC400_0066
-FFA_RXTX_UNMAP, FFA_PARTITION_INFO_GET, FFA_ID_GET = 0x8400_0067, 0x8400_0068, 0x8400_0069
-FFA_MEM_LEND, FFA_FN64_MEM_LEND, FFA_MEM_SHARE, FFA_FN64_MEM_SHARE = (
-    0x8400_0072, 0xC400_0072, 0x8400_0073, 0xC400_0073)
-FFA_MEM_RETRIEVE_REQ, FFA_FN64_MEM_RETRIEVE_REQ, FFA_MEM_RETRIEVE_RESP = (
-    0x8400_0074, 0xC400_0074, 0x8400_0075)
-FFA_MEM_RECLAIM, FFA_MEM_FRAG_RX, FFA_MEM_FRAG_TX = 0x8400_0077, 0x8400_007A, 0x8400_007B
-NOT_SUPPORTED, INVALID_PARAMETERS, NO_MEMORY, BUSY, DENIED = -1, -2, -3, -4, -6
-VERSION_1_2 = 0x1_0002
-PAGE = 4096
 PARTITION_INFO_SZ = 24  # v1.1+ partition descriptor
 
 
@@ -112,9 +130,9 @@ class Spmc:
     def _call(self, fid: int, r: list[int]) -> list[int]:
         if fid == FFA_VERSION:
             if (r[1] >> 16) & 0x7FFF != 1:
-                return [NOT_SUPPORTED & U64]
-            self.version = min(r[1] & 0xFFFF_FFFF, VERSION_1_2)
-            return [VERSION_1_2]
+                return [FFA_RET_NOT_SUPPORTED & U64]
+            self.version = min(r[1] & 0xFFFF_FFFF, FFA_VERSION_1_2)
+            return [FFA_VERSION_1_2]
         if fid == FFA_ID_GET:
             return self._ok(0, 0)
         if fid == FFA_FEATURES:
@@ -123,22 +141,22 @@ class Spmc:
                      FFA_MEM_LEND, FFA_FN64_MEM_LEND, FFA_ID_GET, FFA_VERSION,
                      FFA_PARTITION_INFO_GET, FFA_MEM_RECLAIM, FFA_FN64_MEM_RETRIEVE_REQ):
                 return self._ok(0, 0)  # RXTX_MAP: 4K minimum buffer
-            return self._err(NOT_SUPPORTED)
+            return self._err(FFA_RET_NOT_SUPPORTED)
         if fid in (FFA_FN64_RXTX_MAP, FFA_RXTX_MAP):
             if self.mailbox is not None:
-                return self._err(DENIED)
-            if r[3] & 0xFFFF_FFFF != 1 or (r[1] | r[2]) & (PAGE - 1):
-                return self._err(INVALID_PARAMETERS)
+                return self._err(FFA_RET_DENIED)
+            if r[3] & 0xFFFF_FFFF != 1 or (r[1] | r[2]) & (FFA_PAGE_SIZE - 1):
+                return self._err(FFA_RET_INVALID_PARAMETERS)
             self.mailbox = (r[1], r[2])
             return self._ok()
         if fid == FFA_RXTX_UNMAP:
             if self.mailbox is None:
-                return self._err(INVALID_PARAMETERS)
+                return self._err(FFA_RET_INVALID_PARAMETERS)
             self.mailbox = None
             return self._ok()
         if fid == FFA_RX_RELEASE:
             if not self.rx_busy:
-                return self._err(DENIED)
+                return self._err(FFA_RET_DENIED)
             self.rx_busy = False
             return self._ok()
         if fid == FFA_PARTITION_INFO_GET:
@@ -156,12 +174,12 @@ class Spmc:
             handle = r[1] & 0xFFFF_FFFF | (r[2] & 0xFFFF_FFFF) << 32
             t = self.transactions.get(handle)
             if t is None or not t.complete:
-                return self._err(INVALID_PARAMETERS)
+                return self._err(FFA_RET_INVALID_PARAMETERS)
             if t.retrieved:
-                return self._err(DENIED)
+                return self._err(FFA_RET_DENIED)
             del self.transactions[handle]
             return self._ok()
-        return self._err(NOT_SUPPORTED)
+        return self._err(FFA_RET_NOT_SUPPORTED)
 
     def _tx(self, n: int) -> bytes:
         assert self.mailbox is not None
@@ -170,7 +188,7 @@ class Spmc:
     def _put_rx(self, data: bytes) -> bool:
         if self.mailbox is None or self.rx_busy:
             return False
-        self.mem.write(self.mailbox[1], data[:PAGE])
+        self.mem.write(self.mailbox[1], data[:FFA_PAGE_SIZE])
         self.rx_busy = True
         return True
 
@@ -179,31 +197,31 @@ class Spmc:
             return self._ok(0, len(self.partitions), PARTITION_INFO_SZ)
         data = b"".join(struct.pack("<HHI16s", pid, 1, 0x3, bytes(16)) for pid in self.partitions)
         if not self._put_rx(data):
-            return self._err(BUSY)
+            return self._err(FFA_RET_BUSY)
         return self._ok(0, len(self.partitions), PARTITION_INFO_SZ)
 
     def _mem_xfer(self, kind: str, length: int, fraglen: int) -> list[int]:
-        if self.mailbox is None or fraglen > PAGE or fraglen > length or fraglen < 48 + 16:
-            return self._err(INVALID_PARAMETERS)
+        if self.mailbox is None or fraglen > FFA_PAGE_SIZE or fraglen > length or fraglen < 48 + 16:
+            return self._err(FFA_RET_INVALID_PARAMETERS)
         frag = self._tx(fraglen)
         sender, = struct.unpack_from("<H", frag, 0)
         ep_off, ep_count = struct.unpack_from("<I", frag, 32)[0], struct.unpack_from("<I", frag, 28)[0]
         if ep_count != 1 or ep_off + 16 > fraglen:
-            return self._err(INVALID_PARAMETERS)
+            return self._err(FFA_RET_INVALID_PARAMETERS)
         receiver, = struct.unpack_from("<H", frag, ep_off)
         if receiver not in self.partitions:
-            return self._err(INVALID_PARAMETERS)
+            return self._err(FFA_RET_INVALID_PARAMETERS)
         handle = self._next_handle
         self._next_handle += 1
         t = Transaction(handle, kind, sender, receiver, length, bytearray(frag))
         if self._overlaps(t, final=fraglen == length):
-            return self._err(DENIED)
+            return self._err(FFA_RET_DENIED)
         self.transactions[handle] = t
         if fraglen < length:
             return [FFA_MEM_FRAG_RX, handle & 0xFFFF_FFFF, handle >> 32, fraglen]
         if not self._well_formed(t):
             del self.transactions[handle]
-            return self._err(INVALID_PARAMETERS)
+            return self._err(FFA_RET_INVALID_PARAMETERS)
         t.complete = True
         return self._ok(0, handle & 0xFFFF_FFFF, handle >> 32)
 
@@ -222,7 +240,7 @@ class Spmc:
             return False
         ranges = t.ranges()
         return len(ranges) == cnt and total == sum(n for _, n in ranges) and all(
-            n and not a & (PAGE - 1) for a, n in ranges)
+            n and not a & (FFA_PAGE_SIZE - 1) for a, n in ranges)
 
     def _overlaps(self, t: Transaction, final: bool) -> bool:
         """The same page in two transactions (or twice in one) is refused."""
@@ -240,43 +258,43 @@ class Spmc:
 
     def _frag_tx(self, handle: int, fraglen: int) -> list[int]:
         t = self.transactions.get(handle)
-        if t is None or t.complete or self.mailbox is None or fraglen > PAGE:
-            return self._err(INVALID_PARAMETERS)
+        if t is None or t.complete or self.mailbox is None or fraglen > FFA_PAGE_SIZE:
+            return self._err(FFA_RET_INVALID_PARAMETERS)
         before = bytes(t.received)
         t.received += self._tx(fraglen)
         if len(t.received) > t.length or self._overlaps(t, final=False):
             t.received = bytearray(before)
-            return self._err(INVALID_PARAMETERS)
+            return self._err(FFA_RET_INVALID_PARAMETERS)
         if len(t.received) < t.length:
             return [FFA_MEM_FRAG_RX, handle & 0xFFFF_FFFF, handle >> 32, len(t.received)]
         if not self._well_formed(t):
             del self.transactions[handle]
-            return self._err(INVALID_PARAMETERS)
+            return self._err(FFA_RET_INVALID_PARAMETERS)
         t.complete = True
         return self._ok(0, handle & 0xFFFF_FFFF, handle >> 32)
 
     def _retrieve_req(self, length: int) -> list[int]:
         if self.mailbox is None or length < 48:
-            return self._err(INVALID_PARAMETERS)
+            return self._err(FFA_RET_INVALID_PARAMETERS)
         req = self._tx(length)
         handle, = struct.unpack_from("<Q", req, 8)
         t = self.transactions.get(handle)
         if t is None or not t.complete:
-            return self._err(INVALID_PARAMETERS)
+            return self._err(FFA_RET_INVALID_PARAMETERS)
         desc = bytes(t.received)
-        first = desc[:PAGE]
+        first = desc[:FFA_PAGE_SIZE]
         if not self._put_rx(first):
-            return self._err(BUSY)
+            return self._err(FFA_RET_BUSY)
         self._retrieve = desc
         return [FFA_MEM_RETRIEVE_RESP, len(desc), len(first)]
 
     def _frag_rx(self, fragoff: int) -> list[int]:
         desc = self._retrieve
         if desc is None or fragoff >= len(desc):
-            return self._err(INVALID_PARAMETERS)
-        chunk = desc[fragoff : fragoff + PAGE]
+            return self._err(FFA_RET_INVALID_PARAMETERS)
+        chunk = desc[fragoff : fragoff + FFA_PAGE_SIZE]
         if not self._put_rx(chunk):
-            return self._err(BUSY)
+            return self._err(FFA_RET_BUSY)
         return [FFA_MEM_FRAG_TX, 0, 0, len(chunk)]
 
     # -- the secure partitions' side -----------------------------------------------------------

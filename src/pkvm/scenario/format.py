@@ -12,6 +12,7 @@ import tomli_w
 
 from pkvm.abi.profiles import ALL_HCALL_NAMES, PROFILES
 from pkvm.errors import Errno
+from pkvm.machine.firmware import SMC_NAMES
 from pkvm.machine.memory import PAGE_SIZE, parse_size
 from pkvm.scenario.run import Scenario
 from pkvm.scenario.steps import (
@@ -26,6 +27,8 @@ from pkvm.scenario.steps import (
     MACHINE_KEYS,
     MAX_CPUS,
     MAX_HVC_ARGS,
+    MAX_SMC_ARGS,
+    MAX_SMC_IMM,
     MIN_MEMORY,
     SYMBOL,
     ScenarioError,
@@ -61,6 +64,8 @@ def machine_value_error(key: str, value: Any) -> str | None:
             return f"cpus must be between 1 and {MAX_CPUS}, not {value}"
     elif key == "check" and not isinstance(value, bool):
         return f"check must be true or false, not {value!r}"
+    elif key == "ffa" and not isinstance(value, bool):
+        return f"ffa (a secure world at EL3) must be true or false, not {value!r}"
     return None
 
 
@@ -182,6 +187,23 @@ def _check_hvc(action: str, target: Any, fields: dict[str, Any], err: Err) -> An
     return target
 
 
+def _check_smc(action: str, target: Any, fields: dict[str, Any], err: Err) -> Any:
+    if not isinstance(target, (str, int)) or isinstance(target, bool):
+        raise err(action, "smc takes a PSCI / SMCCC / FF-A call name or a function ID (int)")
+    if isinstance(target, str) and target not in SMC_NAMES:
+        raise err(action, f"unknown SMC {target!r}: expected one of {', '.join(SMC_NAMES)} "
+                  "or a function ID")
+    args = fields.get("args", [])
+    if not isinstance(args, list) or len(args) > MAX_SMC_ARGS:
+        raise err("args", f"args must be a list of at most {MAX_SMC_ARGS} values (x1..x17)")
+    for a in args:
+        _check_value(a, err, "args")
+    imm = fields.get("imm", 0)
+    if not isinstance(imm, int) or isinstance(imm, bool) or not 0 <= imm <= MAX_SMC_IMM:
+        raise err("imm", "imm (the SMC's immediate) must be an integer in 0..0xffff")
+    return target
+
+
 def _check_host_access(action: str, target: Any, fields: dict[str, Any], err: Err) -> Any:
     """host_read / host_write; a host_write target may be a table { addr = ..., data = ... }."""
     if action == "host_write" and isinstance(target, dict):
@@ -255,6 +277,7 @@ _CHECK_ACTION: dict[str, Callable[[str, Any, dict[str, Any], Err], Any]] = {
     "topup": _check_vcpu_op,
     "map": _check_map,
     "destroy": _check_destroy,
+    "smc": _check_smc,
 }
 
 

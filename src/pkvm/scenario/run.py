@@ -147,6 +147,14 @@ class _Runner:
                 res.pages = [m.inspect.page(p) for p in dict.fromkeys(named)]
         return res
 
+    def _do_smc(self, step: Step, named: list[int]) -> tuple[str, str, Any]:
+        """A host SMC (to EL2's PSCI relay and FF-A proxy, then EL3)."""
+        args = [self.resolve(v, step) for v in step.fields.get("args", [])]
+        named += [x >> PAGE_SHIFT for x in args if self.m.mem.is_ram(x % (1 << 64))]
+        r = self.m.smc(step.cpu, step.target, *args, imm=step.fields.get("imm", 0))
+        return "ok", (f"x0={r.regs[0]:#x} x1={r.regs[1]:#x} x2={r.regs[2]:#x} "
+                      f"x3={r.regs[3]:#x} ({r.path})"), r
+
     def _do(self, step: Step, named: list[int]) -> tuple[str, str, Any]:
         m = self.m
         a, f = step.action, step.fields
@@ -169,6 +177,8 @@ class _Runner:
             regs = f"x0={r.x0} x1={r.x1} ({_x1_text(r.x1)})" if r.x0 == 0 else f"x0={r.x0}"
             return ("ok" if r.ok else "refused" if r.x0 else "errno" if r.x1 < 0 else "value",
                     regs, r)
+        if a == "smc":
+            return self._do_smc(step, named)
         if a == "alloc":
             if step.target in self.pages:
                 raise ScenarioError(self.path, step.line, f"page {step.target!r} is already "
@@ -255,7 +265,7 @@ def _check(expect: dict[str, Any], res: StepResult) -> tuple[bool, str]:
                 ok &= res.outcome == "errno" and isinstance(r, HostError) and r.errno == want
         elif k.startswith("x"):
             parts.append(f"{k}={v}")
-            ok &= res.step.action == "hvc" and res.outcome not in ("abort", "panic") \
+            ok &= res.step.action in ("hvc", "smc") and res.outcome not in ("abort", "panic") \
                 and getattr(r, k) == v
         elif k == "data":
             parts.append(f"data={v}")

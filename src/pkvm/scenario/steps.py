@@ -10,7 +10,7 @@ from pkvm.host.kvm import GUEST_RAM_IPA
 from pkvm.machine.memory import PAGE_SHIFT
 
 ACTIONS = ("hvc", "host_read", "host_write", "alloc", "create_vm", "map", "run", "topup",
-           "destroy")
+           "destroy", "smc")
 # Keys each action accepts besides itself and the common ones.
 ACTION_KEYS: dict[str, set[str]] = {
     "hvc": {"args"},
@@ -22,13 +22,16 @@ ACTION_KEYS: dict[str, set[str]] = {
     "run": {"vcpu"},
     "topup": {"vcpu", "pages"},
     "destroy": set(),
+    "smc": {"args", "imm"},
 }
 COMMON_KEYS = {"cpu", "expect", "note"}
 EXPECT_KEYS = {"x0", "x1", "x2", "x3", "errno", "ok", "abort", "panic", "data"}
-MACHINE_KEYS = {"memory", "cpus", "abi", "check"}
+MACHINE_KEYS = {"memory", "cpus", "abi", "check", "ffa"}
 MACHINE_DEFAULTS: dict[str, Any] = {"memory": "256M", "cpus": 2, "abi": "latest"}
 MIN_MEMORY = 64 << 20
 MAX_HVC_ARGS = 6  # x1..x6
+MAX_SMC_ARGS = 17  # x1..x17 (SMCCC 1.2)
+MAX_SMC_IMM = 0xFFFF  # the SMC instruction's 16-bit immediate
 DEFAULT_WRITE_DATA = "a5" * 8  # host_write without data
 DEFAULT_VM_MEMORY = "16M"  # create_vm without memory
 DEFAULT_GFN = GUEST_RAM_IPA >> PAGE_SHIFT  # map without gfn: the first page of guest RAM
@@ -73,7 +76,7 @@ class Step:
         return t
 
     def describe(self) -> str:
-        if self.action == "hvc":
+        if self.action in ("hvc", "smc"):
             args = ", ".join(_fmt_arg(a) for a in self.fields.get("args", []))
             return f"cpu{self.cpu}: {_fmt_arg(self.target)}({args})"
         extra = " ".join(f"{k}={_fmt_arg(v)}" for k, v in self.fields.items())
