@@ -244,7 +244,7 @@ class Inspector:
 
     def host_ia_bits(self) -> int:
         """The host stage-2's input-address size (`pfn_range_is_valid`'s limit)."""
-        return self._h.host_mmu.pgt.ia_bits  # type: ignore[union-attr]
+        return self._h.host_mmu.pgt.ia_bits
 
     def ffa_proxy(self) -> dict[str, Any] | None:
         """EL2's FF-A proxy (`nvhe/ffa.c`): whether it was set up at init, the negotiated

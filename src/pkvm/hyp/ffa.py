@@ -75,8 +75,9 @@ from pkvm.abi.ffa import (
     FFA_VERSION,
     FFA_VERSION_1_0,
 )
+from pkvm.abi.sizes import hyp_ffa_proxy_pages
+from pkvm.errors import EINVAL
 from pkvm.hyp.mem_protect import (
-    PageState,
     _warn,
     host_check_page_state_range,
     host_hyp_locked,
@@ -84,6 +85,7 @@ from pkvm.hyp.mem_protect import (
     hyp_pfn_to_phys,
     pfn_range_is_valid,
 )
+from pkvm.hyp.memory import PageState
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SIZE
 
@@ -177,8 +179,6 @@ def hyp_ffa_init(h: HypState) -> int:
     base = h.carve.ffa_proxy
     p.hyp_tx, p.hyp_rx = base, base + MBOX_BYTES
     p.desc_buf = base + 2 * MBOX_BYTES
-    from pkvm.abi.sizes import hyp_ffa_proxy_pages
-
     p.desc_len = PAGE_SIZE * (hyp_ffa_proxy_pages() - 2 * KVM_FFA_MBOX_NR_PAGES)
     return 0
 
@@ -188,14 +188,14 @@ def hyp_ffa_post_init(h: HypState) -> int:
     if res[0] != FFA_SUCCESS:
         return -EOPNOTSUPP
     if res[2] != HOST_FFA_ID:
-        return -22  # -EINVAL
+        return -EINVAL
     res = smc12(h, FFA_FEATURES, FFA_FN64_RXTX_MAP)
     if res[0] != FFA_SUCCESS:
         return -EOPNOTSUPP
     gran = res[2] & FFA_FEAT_RXTX_MIN_SZ_MASK if h.profile.ffa_rxtx_min_sz_masked else res[2]
     sizes = {0: 4096, 1: 64 * 1024, 2: 16 * 1024}
     if gran not in sizes:
-        return -22  # -EINVAL
+        return -EINVAL
     return -EOPNOTSUPP if sizes[gran] > PAGE_SIZE else 0
 
 
@@ -294,7 +294,7 @@ def host_share_ffa(h: HypState, pfn: int, nr_pages: int, share: bool) -> int:
     phys = hyp_pfn_to_phys(pfn)
     size = (PAGE_SIZE * nr_pages) & U64
     if h.profile.ffa_share_checks_pfn_range and not pfn_range_is_valid(h, pfn, nr_pages):
-        return -22  # -EINVAL
+        return -EINVAL
     if not size:
         return 0
     frm, to = (PageState.OWNED, PageState.SHARED_OWNED) if share else (
