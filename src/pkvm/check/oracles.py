@@ -32,7 +32,7 @@ KNOWN_KERNEL_WARNS: dict[str, tuple[tuple[str, ...], str, str]] = {
         "reclaims the transaction by the host's handle and WARNs if that fails; a host that "
         "passes a bogus handle with bad ranges reaches it (both kernels)"),
     "unshare-hyp-ffa-page": (
-        ("__pkvm_host_unshare_hyp", "do_unshare"), "_warn(h, __do_unshare(h, share))",
+        ("host_unshare_hyp", "do_unshare"), "_warn(h, __do_unshare(h, share))",
         "6.12 nvhe/mem_protect.c do_unshare returns WARN_ON(__do_unshare()): host-initiated "
         "transitions skip the hyp-side state check (__hyp_ack_skip_pgtable_check without "
         "CONFIG_NVHE_EL2_DEBUG), so __pkvm_host_unshare_hyp of a page the host shared with "
