@@ -191,6 +191,18 @@ class Profile:
     # `__get_fault_info` sets HPFAR_EL2.NS to mark the fault IPA it reports valid and the host's
     # `kvm_vcpu_get_fault_ipa` refuses a fault without it (7.2); 6.12 ignores the bit.
     fault_hpfar_ns_valid: bool = False
+    # Host <-> hyp transitions check the hyp's side of the page too (7.2: `__pkvm_host_share_hyp`
+    # wants hyp NOPAGE, unshare hyp SHARED_BORROWED); 6.12 skips it for host-initiated
+    # transitions (`__hyp_ack_skip_pgtable_check` without CONFIG_NVHE_EL2_DEBUG).
+    host_transitions_check_hyp_state: bool = False
+    # `__pkvm_host_share_hyp` / unshare refuse a page outside the memory regions by
+    # `check_range_allowed_memory` (7.2); 6.12 refuses an address past 48 bits with -ERANGE and
+    # a page that is not memory with -EPERM (its state reads NOPAGE).
+    share_hyp_checks_allowed_memory: bool = False
+    # The hyp maps a page the host shares with it only while it is pinned (7.2), so a share or
+    # unshare touches no page but the one it names; 6.12 maps it at EL2 when shared (tables
+    # come and go with it).
+    hyp_maps_shared_only_while_pinned: bool = False
 
     @property
     def nr_hcalls(self) -> int:
@@ -292,6 +304,9 @@ PROFILE_7_2 = Profile(
     ffa_share_checks_pfn_range=True,
     host_stage2_fwb=True,
     fault_hpfar_ns_valid=True,
+    host_transitions_check_hyp_state=True,
+    share_hyp_checks_allowed_memory=True,
+    hyp_maps_shared_only_while_pinned=True,
 )
 
 # Every name a user may give for a kernel's ABI -> the profile's own name. The one alias table:

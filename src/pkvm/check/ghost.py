@@ -136,7 +136,7 @@ class Ghost:
         """The errno of the range/memory checks for one page at `phys`, or 0."""
         h = self.checker.h
         lo, hi = h.mem.base, h.mem.end
-        if h.profile.page_state_in_vmemmap:
+        if h.profile.share_hyp_checks_allowed_memory:
             return range_errno(lo, hi, phys, PAGE_SIZE)
         if phys + PAGE_SIZE > 1 << 48:
             return -ERANGE
@@ -149,7 +149,7 @@ class Ghost:
         assert pre is not None
         if pre.host != OWNED:
             return -EPERM, pre
-        if self.checker.h.profile.page_state_in_vmemmap and pre.hyp != NOPAGE:
+        if self.checker.h.profile.host_transitions_check_hyp_state and pre.hyp != NOPAGE:
             return -EPERM, pre
         return 0, replace(pre, host=SO, hyp=SB)
 
@@ -160,7 +160,7 @@ class Ghost:
         assert pre is not None
         if pre.host != SO:
             return -EPERM, pre
-        if self.checker.h.profile.page_state_in_vmemmap and pre.hyp != SB:
+        if self.checker.h.profile.host_transitions_check_hyp_state and pre.hyp != SB:
             return -EPERM, pre
         if pre.pins:
             return -EBUSY, pre
@@ -178,7 +178,7 @@ class Ghost:
         if post != want_post:
             self._fail(rec, f"{rec.name}(pfn {rec.args[0]:#x}) post-state of the page",
                        want_post, post)
-        if self.checker.h.profile.page_state_in_vmemmap:
+        if self.checker.h.profile.hyp_maps_shared_only_while_pinned:
             others = changed - {phys >> PAGE_SHIFT}
             if others:
                 self._fail(rec, f"{rec.name} changed pages it does not name",

@@ -166,7 +166,7 @@ class FfaGhost:
         q = self.ins.page_quick(pfn)
         if q is None or q[0] != "OWNED":
             return False
-        return not self.prof.page_state_in_vmemmap or q[1] == "NOPAGE"
+        return not self.prof.host_transitions_check_hyp_state or q[1] == "NOPAGE"
 
     def _map(self, p: dict[str, Any], r: list[int]) -> Plan:
         tx, rx, npages = r[1], r[2], r[3] & U32
@@ -251,7 +251,7 @@ class FfaGhost:
         stage-2, where a page that is not memory is NOPAGE (`host_get_page_state`)."""
         lo, hi = (a >> 12 for a in self.ins.ram_range())
         limit = 1 << (self.ins.host_ia_bits() - 12)
-        if self.prof.page_state_in_vmemmap and not (pfn < limit and n <= limit - pfn):
+        if self.prof.ffa_share_checks_pfn_range and not (pfn < limit and n <= limit - pfn):
             return False
         if not n:
             return True

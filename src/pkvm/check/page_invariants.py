@@ -141,8 +141,8 @@ class PageInvariants:
             raise InvariantViolation("state-pair", "(host, hyp) is not a pair of memory.md §4.1",
                                      pfn, "one of " + ", ".join(f"{a.name}/{b.name}" for a, b in allowed),
                                      f"{host.name}/{hyp.name}")
-        # guests
-        if self._in_vmemmap:
+        # guests (the hyp keeps their stage-2s and the host shares pages with them: 7.2)
+        if self.h.profile.hyp_owned_guest_stage2:
             gstates = [s for _, s in guests]
             owners = [g for g, s in guests if s in (OWNED, SO)]
             borrowed = gstates.count(SB)
