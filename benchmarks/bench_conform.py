@@ -66,7 +66,15 @@ def figures(kernel: str, n: int, seed: int, jobs: int) -> None:
         model = run_sequences_on_model(kernel, chunk)
         t_model += time.monotonic() - t1
         t_real += t1 - t0
-        results += [D.compare(kernel, q, mo, r) for q, mo, r in zip(chunk, model, real)]
+        done = [D.compare(kernel, q, mo, r) for q, mo, r in zip(chunk, model, real)]
+        for si, diffs in enumerate(done, start=i):
+            _print_divergences(si, diffs)
+        results += done
+        s = D.summarize(results)
+        ok, total = S.succeeded(S.coverage(kernel, results))
+        print(f"{kernel}: after {len(results)} sequences: {s.agree}/{s.executed} agree, "
+              f"{s.differ} differ, {s.not_run} not run, {ok}/{total} hypercalls reached "
+              f"success ({(t_real + t_model) / 60:.1f} min)", flush=True)
     s = D.summarize(results)
     ok, total = S.succeeded(S.coverage(kernel, results))
     print(f"{kernel}: {n} deep random sequences (seed {seed}): {s.agree}/{s.executed} executed "
@@ -75,12 +83,14 @@ def figures(kernel: str, n: int, seed: int, jobs: int) -> None:
     print(f"{kernel}: host hypercalls reaching success on Linux: {ok}/{total}")
     print(f"{kernel}: {n / (t_real + t_model) * 60:.0f} sequences/min both sides (real "
           f"{n / t_real * 60:.0f}/min with jobs={jobs}, model {n / t_model * 60:.0f}/min)")
-    for si, diffs in enumerate(results):
-        for d in diffs:
-            if d.status == "differ":
-                print(f"  differs: seq {si} step {d.index} {d.step.call}{d.step.args}: model "
-                      f"{d.model.x0}/{d.model.x1} {d.model.kind} vs kernel {d.real.x0}/"
-                      f"{d.real.x1} {d.real.kind} {d.real.note[:80]}")
+
+
+def _print_divergences(si: int, diffs: list) -> None:
+    for d in diffs:
+        if d.status == "differ":
+            print(f"  differs: seq {si} step {d.index} {d.step.call}{d.step.args}: model "
+                  f"{d.model.x0}/{d.model.x1} {d.model.kind} vs kernel {d.real.x0}/"
+                  f"{d.real.x1} {d.real.kind} {d.real.note[:80]}", flush=True)
 
 
 def mutation_score(kernels: list[str]) -> None:
