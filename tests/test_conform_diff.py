@@ -347,4 +347,25 @@ def test_topup_fills_the_vcpu_memcache_as_the_helper_does():
     out = run_sequence_on_model("7.2", [vm_create("vm:a"), vm_topup("vm:a", 0, 4),
                                         vm_topup("vm:a", 0, 2), vm_topup("vm:a", 3, 1),
                                         vm_destroy("vm:a"), vm_topup("vm:a", 0, 1)])
-    assert [(o.x0, o.x1) for o in out[1:]] == [(0, 4), (0, 4), (-22, 0), (0, 0), (-2, 0)]
+    # the destroy reads the guest RAM back: the guest's code (two 64-bit words) is still there
+    assert [(o.x0, o.x1) for o in out[1:]] == [(0, 4), (0, 4), (-22, 0), (0, 2), (-2, 0)]
+
+
+@pytest.mark.parametrize("protected, words", [(False, 2), (True, 0)])
+def test_destroy_reads_the_guest_ram_back(protected, words):
+    """A protected guest's pages come back wiped; a normal guest's were only shared."""
+    out = run_sequence_on_model("7.2", [vm_create("vm:a", 1, protected), vm_destroy("vm:a")])
+    assert (out[1].x0, out[1].x1, out[1].x2) == (0, words, 0)
+
+
+def test_host_read_probe_faults_on_a_page_the_host_gave_away():
+    from pkvm.conform.real import host_read, vm_topup
+
+    load = RawStep("__pkvm_vcpu_load", ("vm:a", 0, S.HCR_GUEST))
+    seq = [host_read("page:p"), vm_create("vm:a", 1, True), vm_topup("vm:a", 0, 4), load,
+           RawStep("__pkvm_host_donate_guest", ("page:p", S.GUEST_GFN + 3)),
+           RawStep("__pkvm_vcpu_put", ()), host_read("page:p"), host_read("page:q")]
+    out = run_sequence_on_model("7.2", seq)
+    assert out[4].x1 == 0  # donated
+    assert [(o.x0, o.x1) for o in (out[0], out[6], out[7])] == [(0, 0), (-14, 0), (0, 0)]
+    assert all(S.probes(seq)[i].call == "host:read" for i in (0, 3))

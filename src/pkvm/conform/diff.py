@@ -13,12 +13,13 @@ explains; each entry counts the steps it excused.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pkvm.conform.model import run_sequences_on_model
-from pkvm.conform.real import RawStep, RealResult
+from pkvm.conform.real import HOST_READ, RawStep, RealResult
 
 AGREE, DIFFER, KNOWN, NOT_RUN = "agree", "differ", "known", "not run"
 
@@ -85,7 +86,7 @@ def _reg_agrees(st: RawStep, n: int, mo: RealResult, re_: RealResult,
                 handles: tuple[dict[str, int], dict[str, int]]) -> bool:
     mv, rv = getattr(mo, f"x{n}") & (2**64 - 1), getattr(re_, f"x{n}") & (2**64 - 1)
     arg = st.args[n - 1] if n - 1 < len(st.args) else None
-    is_vmm = isinstance(st.call, str) and st.call.startswith("vmm:")
+    is_vmm = isinstance(st.call, str) and st.call.startswith(("vmm:", "host:"))
     if arg is None or is_vmm or isinstance(arg, int):
         return mv == rv
     m_sym = mv == (_resolution(arg, mo, handles[0]) or 0) & (2**64 - 1)
@@ -255,6 +256,9 @@ def scenario_tables(seq: list[RawStep], real: list[RealResult] | None = None) ->
             else:
                 out.append({"destroy": name})
             continue
+        if st.call == HOST_READ:
+            out.append({"host_read": st.args[0], "size": PAGE_SIZE, **cpu})
+            continue
         t = {"hvc": st.call, "args": list(st.args), **cpu}
         r = real[i] if real is not None else None
         if r is not None and not r.not_run:
@@ -281,7 +285,7 @@ def write_scenario(kernel: str, seq: list[RawStep], path: str,
 def from_scenario(sc) -> list[RawStep]:
     """The `RawStep`s of a loaded scenario (the inverse of `scenario_tables`). A `create_vm`
     with guest `code` and the `run` of its vCPU 0 right after it are one `vmm:create`."""
-    from pkvm.conform.real import vm_create, vm_destroy, vm_run, vm_topup
+    from pkvm.conform.real import host_read, vm_create, vm_destroy, vm_run, vm_topup
 
     out: list[RawStep] = []
     steps = list(sc.steps)
@@ -306,8 +310,21 @@ def from_scenario(sc) -> list[RawStep]:
                                 st.fields.get("pages", 4)))
         elif st.action == "destroy":
             out.append(vm_destroy(f"vm:{st.target}"))
+        elif st.action == "host_read" and _page_symbol(st.target):
+            out.append(host_read(_page_symbol(st.target), st.cpu))
         else:
             raise ValueError(f"step {i} ({st.action}): the real side replays only hvc, "
-                             "create_vm, run, topup and destroy steps")
+                             "create_vm, run, topup and destroy steps, and host_read of a "
+                             "whole page by name")
         i += 1
     return out
+
+
+PAGE_SIZE = 4096
+
+
+def _page_symbol(target: object) -> str | None:
+    """A host_read target naming a whole page ("page:NAME" or "pa:NAME"): as "page:NAME"."""
+    if isinstance(target, str) and re.fullmatch(r"(page|pa):[A-Za-z0-9_-]{1,20}", target):
+        return "page:" + target.split(":", 1)[1]
+    return None

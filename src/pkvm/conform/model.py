@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pkvm
-from pkvm.conform.real import RawStep, RealResult
+from pkvm.conform.real import HOST_READ, RawStep, RealResult, page_names
 from pkvm.host.kvm import GUEST_RAM_IPA, host_va
 
 MACHINE = {"memory": "1G", "cpus": 2}
@@ -28,7 +28,8 @@ GUEST_CODE = (0xD2A12001, 0xB9000020, 0x11000400, 0x17FFFFFE)
 GUEST_MEMORY = 0x10000  # the helper's 64 KiB memslot
 # struct kvm_run exit reasons (include/uapi/linux/kvm.h) of what the model's KVM_RUN returns
 EXIT_REASONS = {"mmio": 6, "system_event": 24, "fail": 9}
-ENOENT, EINVAL = 2, 22
+ENOENT, EINVAL, EFAULT = 2, 22, 14
+PAGE_SIZE = 4096
 # The real helper is pinned to CPU 0 (`taskset 1` in the boot's init): every KVM ioctl of a VMM
 # step, KVM_RUN included, enters the hyp there, so a hypercall step's vCPU loaded by hand on
 # CPU 1 never meets it by the scheduler's chance.
@@ -98,6 +99,8 @@ def run_sequence_on_model(kernel: str, steps: list[RawStep], machine=None,
     if m.dead:
         return [run.result(0, 0, 0, 0, panic=True, note="not run: machine dead", not_run=True)
                 for _ in steps]
+    for name in page_names(steps):  # as the module does, before the first step
+        run.resolve(f"page:{name}")
     dead = ""
     for st in steps:
         if dead:
@@ -151,9 +154,30 @@ def _step(run: ModelRun, st: RawStep) -> RealResult:
     m = run.machine
     if isinstance(st.call, str) and st.call.startswith("vmm:"):
         return _vmm_step(run, st)
+    if st.call == HOST_READ:
+        nonzero, faulted = _read_back(m, [run.resolve(st.args[0]) << 12], st.cpu)
+        return run.result(-EFAULT if faulted else 0, nonzero, 0, 0)
     args = [run.resolve(a) for a in st.args]
     r = m.hvc(st.cpu, st.call, *args)
     return run.result(r.x0, r.x1, r.x2, r.x3)
+
+
+def _read_back(m: Any, pages: list[int], cpu: int) -> tuple[int, int]:
+    """(non-zero 64-bit words, pages whose read the host stage-2 refused) of a host read of
+    each page at `pages`, as kernel code reads with a fault-tolerant accessor: 7.2's hyp
+    injects the abort back and the accessor's fixup answers -EFAULT; 6.12's hyp panics (the
+    `HostDataAbort` is fatal and ends the sequence)."""
+    nonzero = faulted = 0
+    for pa in pages:
+        try:
+            data = m.host.read(pa, PAGE_SIZE, cpu=cpu)
+        except pkvm.HostDataAbort as e:
+            if e.fatal:
+                raise
+            faulted += 1
+            continue
+        nonzero += sum(1 for i in range(0, PAGE_SIZE, 8) if data[i : i + 8] != bytes(8))
+    return nonzero, faulted
 
 
 class _HostSError(Exception):
@@ -217,6 +241,8 @@ def _vmm_step(run: ModelRun, st: RawStep) -> RealResult:
                               0, 0)
         reason, addr = _exit(vm.vcpus[vcpu].run(cpu=HELPER_CPU))
         return run.result(0, reason, addr, 0)
+    slots = dict(vm.memslot)  # the VMM's memory: the pages outlive the VM
     vm.destroy()
     del run.vms[name]
-    return run.result(0, 0, 0, 0)
+    nonzero, faulted = _read_back(m, list(slots.values()), HELPER_CPU)
+    return run.result(0, nonzero, faulted, 0)

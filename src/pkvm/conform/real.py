@@ -43,7 +43,9 @@ __all__ = [
     "RealResult",
     "SetupError",
     "ensure_setup",
+    "host_read",
     "hypercall_ids",
+    "page_names",
     "prepare_snapshot",
     "run_sequences",
     "smccc_id",
@@ -56,6 +58,7 @@ __all__ = [
 MASK64 = (1 << 64) - 1
 _SYMBOL = re.compile(r"(page|pa|va|vm):[A-Za-z0-9_-]{1,20}")
 VMM_CALLS = ("vmm:create", "vmm:run", "vmm:destroy", "vmm:topup")
+HOST_READ = "host:read"  # the host kernel reads a page of ours (the module, linear map)
 SMCCC_HOST_BASE = 0xC600_0000  # fast call, SMC64, owner "vendor hypervisor"
 PKVM_UP = "Protected hVHE mode initialized successfully"
 MARK = "@@PKVMC"
@@ -91,6 +94,11 @@ class RawStep:
                     f"symbolic argument {a!r}: use 'page:NAME', 'pa:NAME', 'va:NAME' or "
                     "'vm:NAME' (NAME: up to 20 letters, digits, '_', '-')"
                 )
+        if self.call == HOST_READ and not (
+            len(self.args) == 1 and isinstance(self.args[0], str)
+            and self.args[0].startswith("page:")
+        ):
+            raise ValueError(f"{HOST_READ} takes one 'page:NAME' argument")
         if isinstance(self.call, str) and self.call.startswith("vmm:"):
             if self.call not in VMM_CALLS:
                 raise ValueError(f"{self.call!r}: VMM steps are {', '.join(VMM_CALLS)}")
@@ -122,8 +130,16 @@ def vm_topup(vm: str, vcpu: int = 0, pages: int = 4) -> RawStep:
 
 
 def vm_destroy(vm: str) -> RawStep:
-    """A VMM step: close the VM's fds (the host tears it down); x0 = 0 or -errno."""
+    """A VMM step: close the VM's fds (the host tears it down), then read its guest RAM back;
+    x0 = 0 or -errno, x1 = non-zero 64-bit words read, x2 = pages whose read faulted."""
     return RawStep("vmm:destroy", (vm,))
+
+
+def host_read(page: str, cpu: int = 0) -> RawStep:
+    """The host kernel reads page ``page`` ("page:NAME") through its linear map on ``cpu``, with
+    a fault-tolerant accessor; x0 = 0 or -EFAULT (the host stage-2 refused it), x1 = non-zero
+    64-bit words of the page."""
+    return RawStep(HOST_READ, (page,), cpu)
 
 
 @dataclass
@@ -407,7 +423,9 @@ SEQ_STEP = -1  # owner codes of the commands that answer no step
 PAGE_STEP = -2
 
 
-def _page_names(steps: list[RawStep]) -> list[str]:
+def page_names(steps: list[RawStep]) -> list[str]:
+    """The page names a sequence's hypercalls pass, in order of first use: the module
+    allocates them all before the sequence's first step."""
     names: dict[str, None] = {}
     for st in steps:
         if isinstance(st.call, str) and st.call.startswith("vmm:"):
@@ -430,7 +448,7 @@ def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[i
     for b, pend in enumerate(batch):
         cmds.append(f"seq {pend.seq}")
         owners.append((b, SEQ_STEP))
-        for name in _page_names(pend.steps):
+        for name in page_names(pend.steps):
             cmds.append(f"page {name}")
             owners.append((b, PAGE_STEP))
         for j, st in enumerate(pend.steps):
@@ -438,6 +456,10 @@ def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[i
                 if k.helper is None:
                     raise RealError("this set-up has no VMM helper: VMM steps cannot run")
                 cmds.append(_vmm_command(st, pend.seq))
+                owners.append((b, j))
+                continue
+            if st.call == HOST_READ:
+                cmds.append(f"read {int(st.cpu)} {str(st.args[0])[5:]}")
                 owners.append((b, j))
                 continue
             func = _encode_call(k, st.call)

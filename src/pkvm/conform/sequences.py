@@ -11,9 +11,11 @@ of every page it named:
    random), pfns (the sequence's own pages in every state it put them in, the UART's MMIO page,
    past RAM, random), gfns, `nr_pages` > 1, protections, x4..x6; on 7.2 blocks that load a vCPU
    on a CPU, make guest-memory calls on that CPU and put it again; on either CPU; guest runs;
-3. probes: for each page named, `__pkvm_host_share_hyp` then `__pkvm_host_unshare_hyp`: both
-   succeed only on a page the host owns alone, so the two answers compare the page's state
-   without changing it.
+3. probes: for each page named, a host read from the module (`host:read`: refused by the host
+   stage-2 or not, and how many words are not zero), then `__pkvm_host_share_hyp` and
+   `__pkvm_host_unshare_hyp`: both succeed only on a page the host owns alone, so the answers
+   compare the page's state without changing it. A `vmm:destroy` reads the guest's RAM back
+   after the teardown: pages given back must read as zeros.
 
 Only memory both sides control is ever passed as a pointer (`va:`/`pa:` of the sequence's own
 pages). Calls that dereference a host pointer to a structure the hyp trusts end the sequence
@@ -26,7 +28,7 @@ import random
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
-from pkvm.conform.real import RawStep, vm_create, vm_destroy, vm_run, vm_topup
+from pkvm.conform.real import RawStep, host_read, vm_create, vm_destroy, vm_run, vm_topup
 
 if TYPE_CHECKING:
     from pkvm.conform.diff import StepDiff
@@ -203,12 +205,43 @@ class _Gen:
                 if self.protected[vm]:
                     st = RawStep("__pkvm_host_donate_guest", (page, gfn), cpu)
                 else:
-                    st = RawStep("__pkvm_host_share_guest", (page, gfn, 1, 7), cpu)
-                out.append(self.spoil(st) if rng.random() < 0.3 else st)
+                    prot = self.good("prot")
+                    st = RawStep("__pkvm_host_share_guest", (page, gfn, 1, prot), cpu)
+                # its refusal boundary first: the call with one argument redrawn from its
+                # kind's hostile values while the others stay valid (a refused call changes
+                # nothing), then the call itself
+                if rng.random() < 0.6:
+                    out.append(self.spoil(st))
+                out.append(st)
+                if not self.protected[vm] and rng.random() < 0.5:
+                    out.append(self.follow_up(vm, gfn, cpu))
             else:
                 out.append(self.call(rng.choice(VCPU_CALLS), cpu))
         out.append(RawStep("__pkvm_vcpu_put", (), cpu))
         return out
+
+    def follow_up(self, vm: str, gfn: int, cpu: int) -> RawStep:
+        """A guest-memory call on the gfn a transfer just mapped (well-formed or spoiled)."""
+        rng = self.rng
+        name = rng.choice(["__pkvm_host_relax_perms_guest", "__pkvm_host_mkyoung_guest",
+                           "__pkvm_host_wrprotect_guest", "__pkvm_host_test_clear_young_guest",
+                           "__pkvm_host_unshare_guest"])
+        args = {"handle": vm, "gfn": gfn, "nr": 1}
+        st = RawStep(name, tuple(args.get(k, self.good(k)) for k in SIGS[name]), cpu)
+        return self.spoil(st) if rng.random() < 0.3 else st
+
+    def teardown(self, cpu: int) -> list[RawStep]:
+        """7.2: a VM's teardown calls (start, reclaim a page, finalize) on one handle, drawn
+        with repeats and out of order."""
+        rng = self.rng
+        vm = rng.choice(self.vms) if self.vms else self.arg("handle")
+        calls = [RawStep("__pkvm_start_teardown_vm", (vm,), cpu)]
+        for _ in range(rng.randrange(1, 4)):
+            name = rng.choice(["__pkvm_start_teardown_vm", "__pkvm_finalize_teardown_vm",
+                               "__pkvm_reclaim_dying_guest_page"])
+            args = (vm, self.good("gfn")) if name.endswith("page") else (vm,)
+            calls.append(RawStep(name, args, rng.randrange(2)))
+        return calls
 
     def sequence(self, length: int, index: int) -> list[RawStep]:
         rng = self.rng
@@ -226,6 +259,8 @@ class _Gen:
                     seq.append(vm_run(rng.choice(live), rng.choice([0, 0, 1])))
             elif r < 0.42 and "vm:a" in self.vms:
                 seq.append(vm_destroy("vm:a"))
+            elif self.v72 and r < 0.45:
+                seq += self.teardown(cpu)
             elif r < 0.47:
                 seq.append(RawStep(rng.choice(self.names[1 : self.prof.min_pkvm]), (), cpu))
             elif r < 0.5:
@@ -242,13 +277,15 @@ class _Gen:
 
 
 def probes(seq: list[RawStep]) -> list[RawStep]:
-    """Share then unshare every page the sequence named: both answer 0 only for a page the host
-    owns alone; a page in any other state is refused and left as it is."""
+    """For every page the sequence named: a host read (refused or not, and how much of the page
+    is not zero), then share and unshare it with the hyp (both answer 0 only for a page the host
+    owns alone; a page in any other state is refused and left as it is)."""
     names = dict.fromkeys(a.split(":", 1)[1] for st in seq for a in st.args
                           if isinstance(a, str) and a.split(":", 1)[0] in ("page", "pa", "va"))
     out = []
     for n in names:
-        out += [RawStep("__pkvm_host_share_hyp", (f"page:{n}",)),
+        out += [host_read(f"page:{n}"),
+                RawStep("__pkvm_host_share_hyp", (f"page:{n}",)),
                 RawStep("__pkvm_host_unshare_hyp", (f"page:{n}",))]
     return out
 
@@ -294,5 +331,5 @@ def coverage(kernel: str, results: list[list[StepDiff]]) -> dict[str, dict[str, 
 
 def succeeded(cov: dict[str, dict[str, Counter]]) -> tuple[int, int]:
     """(host hypercalls that reached success on the real side at least once, all of them)."""
-    calls = [c for c in cov if not c.startswith("vmm:")]
+    calls = [c for c in cov if not c.startswith(("vmm:", "host:"))]
     return sum(1 for c in calls if cov[c]["real"]["ok"]), len(calls)
