@@ -20,7 +20,7 @@ import pytest
 import conform_mutants as CM
 from pkvm.conform import diff as D
 from pkvm.conform import sequences as S
-from pkvm.conform.model import run_sequence_on_model
+from pkvm.conform.model import model_abi, run_sequence_on_model
 from pkvm.conform.real import RawStep, RealResult, vm_create, vm_destroy, vm_run
 from test_conform_real import ROWS, setup_or_skip
 
@@ -244,7 +244,7 @@ def test_generator_reaches_every_hypercall_and_live_state(kernel):
     seqs = S.random_sequences(kernel, RANDOM_BUDGET, RANDOM_SEED)
     steps = [st for q in seqs for st in q]
     calls = {st.call for st in steps}
-    names = set(get_profile(D.KERNEL_ABI[kernel]).hcalls[1:])
+    names = set(get_profile(model_abi(kernel)).hcalls[1:])
     # every host hypercall but the pointer-following ones (one per sequence at most, 4 %)
     assert names - calls <= S.DEREF | {"__kvm_vcpu_run"}, sorted(names - calls)
     assert {"vmm:create", "vmm:run", "vmm:destroy"} <= calls

@@ -18,8 +18,20 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pkvm.conform.model import run_sequences_on_model
-from pkvm.conform.real import HOST_READ, RawStep, RealResult
+from pkvm import scenario
+from pkvm.conform.model import GUEST_CODE, GUEST_MEMORY, model_abi, run_sequences_on_model
+from pkvm.conform.real import (
+    HOST_READ,
+    BootLog,
+    RawStep,
+    RealResult,
+    host_read,
+    run_sequences,
+    vm_create,
+    vm_destroy,
+    vm_run,
+    vm_topup,
+)
 
 AGREE, DIFFER, KNOWN, NOT_RUN = "agree", "differ", "known", "not run"
 
@@ -139,7 +151,6 @@ def run_both(kernel: str, seqs: list[list[RawStep]], progress: bool = False,
     its QEMU snapshot), so no state carries over between sequences; with `per_boot` > 1 the
     real harness shares boots and the model mirrors the grouping it reports. `real`: results
     of an earlier real run of the same sequences (one fresh machine each) to compare again."""
-    from pkvm.conform.real import BootLog, run_sequences
 
     if real is None:
         logs: list[BootLog] = []
@@ -206,9 +217,6 @@ def summarize(results: list[list[StepDiff]]) -> Summary:
     return s
 
 
-KERNEL_ABI = {"7.2": "latest", "latest": "latest", "6.12": "6.12"}
-
-
 def shrink(kernel: str, seq: list[RawStep],
            still_diverges: Callable[[list[RawStep]], bool]) -> list[RawStep]:
     """Delta-debugging: the shortest sub-sequence (by removing chunks) that still diverges."""
@@ -235,8 +243,6 @@ def shrink(kernel: str, seq: list[RawStep],
 def scenario_tables(seq: list[RawStep], real: list[RealResult] | None = None) -> list[dict]:
     """The scenario steps (`pkvm.scenario` tables) of a sequence; `real`: the kernel's answers,
     written as each hvc step's expectation (x0, and x1 unless a symbol was passed in x1)."""
-    from pkvm.conform.model import GUEST_CODE, GUEST_MEMORY
-
     out: list[dict] = []
     for i, st in enumerate(seq):
         cpu = {"cpu": st.cpu} if st.cpu else {}
@@ -276,17 +282,13 @@ def write_scenario(kernel: str, seq: list[RawStep], path: str,
                    real: list[RealResult] | None = None) -> None:
     """Write `seq` as a scenario file (`pkvm run PATH` replays it on the model, with the
     kernel's answers as expectations; `pkvm conform PATH` on both)."""
-    from pkvm import scenario
-
     scenario.dump(scenario_tables(seq, real), path,
-                  machine={"memory": "1G", "cpus": 2, "abi": KERNEL_ABI.get(kernel, kernel)})
+                  machine={"memory": "1G", "cpus": 2, "abi": model_abi(kernel)})
 
 
 def from_scenario(sc) -> list[RawStep]:
     """The `RawStep`s of a loaded scenario (the inverse of `scenario_tables`). A `create_vm`
     with guest `code` and the `run` of its vCPU 0 right after it are one `vmm:create`."""
-    from pkvm.conform.real import host_read, vm_create, vm_destroy, vm_run, vm_topup
-
     out: list[RawStep] = []
     steps = list(sc.steps)
     i = 0

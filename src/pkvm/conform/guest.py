@@ -29,10 +29,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from itertools import zip_longest
 from pathlib import Path
 
+from rich.table import Table
+
+import pkvm
 from pkvm import guests
+from pkvm.conform import real
+from pkvm.conform.model import MACHINE, model_abi
+from pkvm.conform.setup import load_kernel
+from pkvm.host.vmm import Vmm
 
 __all__ = ["KNOWN_GUEST_DIFFERENCES", "GuestRun", "GuestSpec", "compare", "diverges",
            "guest_spec", "known_counts", "run_model", "run_real", "run_real_many"]
@@ -62,7 +70,6 @@ class GuestSpec:
 
 def probe_image() -> bytes:
     """``probe`` (``helper/probe.S``): asks the hypervisor what a guest can ask, prints it."""
-    from importlib import resources
 
     return resources.files("pkvm.conform").joinpath("helper", "probe.bin").read_bytes()
 
@@ -124,12 +131,9 @@ def device_read(addr: int) -> int:
 def run_model(kernel: str, guest: str | GuestSpec, protected: bool = False,
               max_exits: int = MAX_EXITS) -> GuestRun:
     """Run ``guest`` on a fresh model machine of ``kernel`` (as ``pkvm conform`` builds it)."""
-    import pkvm
-    from pkvm.conform.model import KERNELS, MACHINE
-    from pkvm.host.vmm import Vmm
 
     spec = guest if isinstance(guest, GuestSpec) else guest_spec(guest)
-    m = pkvm.Machine(abi=KERNELS[kernel], trace=False,
+    m = pkvm.Machine(abi=model_abi(kernel), trace=False,
                      timeslice=200_000 if spec.vcpus > 1 else None, **MACHINE)
     run = GuestRun()
     try:
@@ -223,8 +227,6 @@ def run_real_many(kernel: str, runs: list[tuple[str | GuestSpec, bool]],
 
 def _run_real_machine(kernel: str, runs: list[tuple[str | GuestSpec, bool]], max_exits: int,
                       timeout_ms: int | None) -> list[GuestRun]:
-    from pkvm.conform import real
-    from pkvm.conform.setup import load_kernel
 
     k = load_kernel(kernel, progress=False)
     if k.helper is None:
@@ -390,7 +392,6 @@ def known_counts(rows: list[Row]) -> dict[str, int]:
 
 def show(guest: str, kernel: str, protected: bool, console) -> int:
     """Run ``guest`` on both sides and print the streams side by side: 0 agree, 1 diverge."""
-    from rich.table import Table
 
     spec = guest_spec(guest)
     real = run_real(kernel, spec, protected)

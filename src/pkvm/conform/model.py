@@ -21,7 +21,8 @@ from pkvm.conform.real import HOST_READ, RawStep, RealResult, page_names
 from pkvm.host.kvm import GUEST_RAM_IPA, host_va
 
 MACHINE = {"memory": "1G", "cpus": 2}
-KERNELS = {"6.12": "6.12", "7.2": "latest", "latest": "latest"}
+# The model's ABI profile (`pkvm.abi.profiles`) of each real kernel: conform/'s one table.
+MODEL_ABI = {"6.12": "6.12", "7.2": "latest", "latest": "latest"}
 # The helper's guest (helper/pkvm_vmm.c): movz x1, #0x0900, lsl #16; 1: str w0, [x1];
 # add w0, w0, #1; b 1b
 GUEST_CODE = (0xD2A12001, 0xB9000020, 0x11000400, 0x17FFFFFE)
@@ -62,8 +63,13 @@ class ModelRun:
         return RealResult(x0, x1, x2, x3, pages=dict(self.pages), vas=self.vas, **kw)
 
 
+def model_abi(kernel: str) -> str:
+    """The model's ABI profile name for a real kernel ("7.2" -> "latest")."""
+    return MODEL_ABI.get(kernel, kernel)
+
+
 def new_machine(kernel: str):
-    return pkvm.Machine(abi=KERNELS[kernel], trace=False, **MACHINE)
+    return pkvm.Machine(abi=model_abi(kernel), trace=False, **MACHINE)
 
 
 def run_sequences_on_model(kernel: str, seqs: list[list[RawStep]],

@@ -28,12 +28,14 @@ import random
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
+from pkvm.abi.profiles import get_profile
+from pkvm.conform.model import model_abi
 from pkvm.conform.real import RawStep, host_read, vm_create, vm_destroy, vm_run, vm_topup
+from pkvm.errors import errno_name
 
 if TYPE_CHECKING:
     from pkvm.conform.diff import StepDiff
 
-KERNEL_ABI = {"7.2": "latest", "latest": "latest", "6.12": "6.12"}
 U64 = (1 << 64) - 1
 HCR_GUEST = 0x8800_6000  # a plausible HCR_EL2 for __pkvm_vcpu_load's third argument
 RAM_END_PFN = 0x80000  # 1 GiB at 0x4000_0000
@@ -80,13 +82,15 @@ VCPU_CALLS = ("__pkvm_host_donate_guest", "__pkvm_host_share_guest",
 
 class _Gen:
     def __init__(self, kernel: str, rng: random.Random):
-        from pkvm.abi.profiles import get_profile
-
-        self.prof = get_profile(KERNEL_ABI.get(kernel, kernel))
+        self.prof = get_profile(model_abi(kernel))
         self.rng = rng
         self.names = list(self.prof.hcalls)
-        self.v72 = self.prof.name != "6.12"
-        deref = DEREF | ({"__kvm_vcpu_run"} if not self.v72 else set())  # 6.12: a vCPU pointer
+        prof = self.prof
+        self.protected_vms = prof.protected_vms  # a VM may be made protected
+        self.guest_memory_calls = prof.hyp_owned_guest_stage2  # VCPU_CALLS on a loaded vCPU
+        self.two_phase_teardown = prof.two_phase_teardown
+        # without an explicit vCPU load, __kvm_vcpu_run runs the host vCPU its pointer names
+        deref = DEREF | ({"__kvm_vcpu_run"} if not prof.explicit_vcpu_load else set())
         self.pkvm_calls = [c for c in self.names[self.prof.min_pkvm:] if c not in deref]
         self.deref = sorted(deref & set(self.names))
         self.robin = [c for c in self.names[1:] if c not in deref]
@@ -174,12 +178,12 @@ class _Gen:
     def setup(self) -> list[RawStep]:
         rng, out = self.rng, []
         if rng.random() < 0.85:
-            prot = self.v72 and rng.random() < 0.3
+            prot = self.protected_vms and rng.random() < 0.3
             out.append(vm_create("vm:a", rng.choice([1, 1, 2]), prot))
             self.vms.append("vm:a")
             self.protected["vm:a"] = prot
         if rng.random() < 0.35:
-            prot = self.v72 and rng.random() < 0.5
+            prot = self.protected_vms and rng.random() < 0.5
             out.append(vm_create("vm:b", 1, prot))
             self.vms.append("vm:b")
             self.protected["vm:b"] = prot
@@ -190,7 +194,7 @@ class _Gen:
         return out
 
     def block(self, cpu: int) -> list[RawStep]:
-        """7.2: load a vCPU on `cpu`, make guest-memory calls there, put it."""
+        """Load a vCPU on `cpu`, make guest-memory calls there, put it."""
         rng = self.rng
         vm = rng.choice(self.vms) if self.vms else 0
         idx = rng.choice([0, 0, 1])
@@ -231,8 +235,8 @@ class _Gen:
         return self.spoil(st) if rng.random() < 0.3 else st
 
     def teardown(self, cpu: int) -> list[RawStep]:
-        """7.2: a VM's teardown calls (start, reclaim a page, finalize) on one handle, drawn
-        with repeats and out of order."""
+        """A VM's two-phase teardown calls (start, reclaim a page, finalize) on one handle,
+        drawn with repeats and out of order."""
         rng = self.rng
         vm = rng.choice(self.vms) if self.vms else self.arg("handle")
         calls = [RawStep("__pkvm_start_teardown_vm", (vm,), cpu)]
@@ -251,7 +255,7 @@ class _Gen:
         seq.append(self.call(self.robin[index % len(self.robin)], rng.randrange(2)))
         while len(seq) < length:
             cpu, r = rng.randrange(2), rng.random()
-            if self.v72 and r < 0.3:
+            if self.guest_memory_calls and r < 0.3:
                 seq += self.block(cpu)
             elif r < 0.38 and self.vms:
                 live = [v for v in self.vms if v != "vm:c"]
@@ -259,7 +263,7 @@ class _Gen:
                     seq.append(vm_run(rng.choice(live), rng.choice([0, 0, 1])))
             elif r < 0.42 and "vm:a" in self.vms:
                 seq.append(vm_destroy("vm:a"))
-            elif self.v72 and r < 0.45:
+            elif self.two_phase_teardown and r < 0.45:
                 seq += self.teardown(cpu)
             elif r < 0.47:
                 seq.append(RawStep(rng.choice(self.names[1 : self.prof.min_pkvm]), (), cpu))
@@ -299,8 +303,6 @@ def random_sequences(kernel: str, n: int, seed: int, length: int = 12) -> list[l
 # -- coverage --------------------------------------------------------------------------------
 def outcome(r) -> str:
     """A step's outcome for the coverage table: "ok", an errno name, "unsupported", a panic."""
-    from pkvm.errors import errno_name
-
     if r.not_run:
         return "not run"
     if r.panic:
@@ -312,9 +314,7 @@ def outcome(r) -> str:
 
 def coverage(kernel: str, results: list[list[StepDiff]]) -> dict[str, dict[str, Counter]]:
     """For every host hypercall of `kernel`: outcome -> count, per side ("model", "real")."""
-    from pkvm.abi.profiles import get_profile
-
-    names = list(get_profile(KERNEL_ABI.get(kernel, kernel)).hcalls)[1:]
+    names = list(get_profile(model_abi(kernel)).hcalls)[1:]
     cov: dict[str, dict[str, Counter]] = {n: {"model": Counter(), "real": Counter()}
                                           for n in names}
     extra: dict[str, dict[str, Counter]] = defaultdict(lambda: {"model": Counter(),
