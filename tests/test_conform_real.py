@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from pkvm.conform.boot import cpio
 from pkvm.conform.real import (
     BootLog,
     RawStep,
     RealResult,
     _commands,
-    _cpio,
     _not_issued,
     _Pending,
     run_sequences,
@@ -374,7 +374,7 @@ def test_commands_scope_names_and_skip_absent_calls(tmp_path: Path) -> None:
 
 
 def test_cpio_is_newc() -> None:
-    blob = _cpio([("init", b"#!/bin/sh\n", 0o100755)])
+    blob = cpio([("init", b"#!/bin/sh\n", 0o100755)])
     assert blob.startswith(b"070701")
     assert blob.endswith(b"TRAILER!!!\0\0\0\0") or b"TRAILER!!!" in blob
     assert len(blob) % 4 == 0

@@ -37,8 +37,9 @@ from rich.table import Table
 
 import pkvm
 from pkvm import guests
-from pkvm.conform import real
+from pkvm.conform import boot
 from pkvm.conform.model import MACHINE, model_abi
+from pkvm.conform.real import RealError, parse_answer, signed
 from pkvm.conform.setup import load_kernel
 from pkvm.host.vmm import Vmm
 
@@ -230,7 +231,7 @@ def _run_real_machine(kernel: str, runs: list[tuple[str | GuestSpec, bool]], max
 
     k = load_kernel(kernel, progress=False)
     if k.helper is None:
-        raise real.RealError("this set-up has no VMM helper")
+        raise RealError("this set-up has no VMM helper")
     cmds: list[str] = []
     owner: list[int] = []  # the run each command belongs to
     for i, (guest, protected) in enumerate(runs):
@@ -239,25 +240,25 @@ def _run_real_machine(kernel: str, runs: list[tuple[str | GuestSpec, bool]], max
         cmds.append(f"vmm guest {spec.vcpus} {int(protected)} {spec.memory // 1024} "
                     f"{max_exits} {timeout_ms or spec.timeout_ms}")
         owner += [i] * (len(cmds) - len(owner))
-    console, _ = real._run_machine(k, cmds, True)
-    answers = re.findall(rf"^{real.MARK} (.*)$", console, re.MULTILINE)
+    console, _ = boot.run_machine(k, cmds, True)
+    answers = re.findall(rf"^{boot.MARK} (.*)$", console, re.MULTILINE)
     out = [GuestRun(stop="not run", note="not run: machine dead after panic") for _ in runs]
     for line, cmd, i in zip(answers, cmds, owner, strict=False):
-        ans = real._answer(line, console)
-        x0 = real._signed(int(ans["x0"], 16))
+        ans = parse_answer(line, console)
+        x0 = signed(int(ans["x0"], 16))
         if cmd.startswith("vmm img") and x0:
-            raise real.RealError(f"the helper refused the image ({x0}): {line}")
+            raise RealError(f"the helper refused the image ({x0}): {line}")
         if cmd.startswith("vmm guest"):
             out[i] = GuestRun(x0, ans["at"], ans["stop"], [list(v) for v in ans["vcpus"]])
     if len(answers) < len(cmds):
         i = owner[len(answers)]
-        m = real._PANIC_RE.search(console)
+        m = boot.PANIC_RE.search(console)
         if m:
             out[i] = GuestRun(stop="panic", note=console[m.start() :].splitlines()[0])
-        elif f"{real.MARK}-HANG" in console:  # the harness gave up on a silent machine
+        elif f"{boot.MARK}-HANG" in console:  # the harness gave up on a silent machine
             out[i] = GuestRun(stop="hang", note="no answer: the machine hung")
         else:
-            raise real.RealError(f"the machine answered {len(answers)} of {len(cmds)} "
+            raise RealError(f"the machine answered {len(answers)} of {len(cmds)} "
                                  f"commands:\n{console[-3000:]}")
     return out
 

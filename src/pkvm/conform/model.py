@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pkvm
-from pkvm.conform.real import HOST_READ, RawStep, RealResult, page_names
+from pkvm.conform.steps import HOST_READ, RawStep, RealResult, page_names
 from pkvm.host.kvm import GUEST_RAM_IPA, host_va
 
 MACHINE = {"memory": "1G", "cpus": 2}

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from pkvm.abi.profiles import get_profile
 from pkvm.conform.model import model_abi
-from pkvm.conform.real import RawStep, host_read, vm_create, vm_destroy, vm_run, vm_topup
+from pkvm.conform.steps import RawStep, host_read, vm_create, vm_destroy, vm_run, vm_topup
 from pkvm.errors import errno_name
 
 if TYPE_CHECKING:
