@@ -175,6 +175,17 @@ class _Gen:
         args[i] = self.arg(sig[i])
         return RawStep(st.call, tuple(args), st.cpu)
 
+    def spoil_each(self, st: RawStep) -> list[RawStep]:
+        """One spoiled copy of a well-formed call per argument (a copy equal to it left out)."""
+        sig = SIGS[str(st.call)]
+        out = []
+        for i in range(len(st.args)):
+            args = list(st.args)
+            args[i] = self.arg(sig[i])
+            if args[i] != st.args[i]:
+                out.append(RawStep(st.call, tuple(args), st.cpu))
+        return out
+
     def setup(self) -> list[RawStep]:
         rng, out = self.rng, []
         if rng.random() < 0.85:
@@ -196,11 +207,15 @@ class _Gen:
     def block(self, cpu: int) -> list[RawStep]:
         """Load a vCPU on `cpu`, make guest-memory calls there, put it."""
         rng = self.rng
-        vm = rng.choice(self.vms) if self.vms else 0
-        idx = rng.choice([0, 0, 1])
+        live = list(self.protected)  # made at set-up (perhaps destroyed since)
+        if live and rng.random() < 0.85:  # mostly what KVM would load: a vCPU of a live VM
+            vm: int | str = rng.choice(live)
+        else:
+            vm = rng.choice(self.vms) if self.vms else 0
+        idx = 0 if rng.random() < 0.7 else rng.choice([1, 1, 2, 8])  # vCPU 0 has run: it exists
         out = []
-        if vm and rng.random() < 0.6:  # KVM tops the memcache up before such calls
-            out.append(vm_topup(str(vm), idx, rng.choice([1, 2, 4, 8])))
+        if vm and rng.random() < 0.85:  # KVM tops the memcache up before such calls
+            out.append(vm_topup(str(vm), idx, rng.choice([1, 2, 4, 8, 8])))
         out.append(RawStep("__pkvm_vcpu_load", (vm, idx, HCR_GUEST), cpu))
         for _ in range(rng.randrange(1, 5)):
             if rng.random() < 0.4 and vm in self.protected:  # a well-formed transfer
@@ -211,11 +226,11 @@ class _Gen:
                 else:
                     prot = self.good("prot")
                     st = RawStep("__pkvm_host_share_guest", (page, gfn, 1, prot), cpu)
-                # its refusal boundary first: the call with one argument redrawn from its
-                # kind's hostile values while the others stay valid (a refused call changes
-                # nothing), then the call itself
+                # its refusal boundary first: the call with each argument in turn redrawn
+                # from its kind's hostile values while the others stay valid (a refused call
+                # changes nothing), then the call itself
                 if rng.random() < 0.6:
-                    out.append(self.spoil(st))
+                    out += self.spoil_each(st)
                 out.append(st)
                 if not self.protected[vm] and rng.random() < 0.5:
                     out.append(self.follow_up(vm, gfn, cpu))
