@@ -17,16 +17,16 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pkvm import scenario
 from pkvm.conform.model import GUEST_CODE, GUEST_MEMORY, model_abi, run_sequences_on_model
-from pkvm.conform.real import (
+from pkvm.conform.real import BootLog, run_sequences
+from pkvm.conform.steps import (
     HOST_READ,
-    BootLog,
     RawStep,
     RealResult,
     host_read,
-    run_sequences,
     vm_create,
     vm_destroy,
     vm_run,
@@ -44,7 +44,7 @@ class Known:
     name: str
     reason: str
     matches: Callable[[str, RawStep, RealResult, RealResult], bool]
-    excused: Counter = field(default_factory=Counter)  # kernel -> steps
+    excused: Counter[str] = field(default_factory=Counter)  # kernel -> steps
 
 
 # Each entry matches only the exact state its reason explains. Empty since the real side runs on
@@ -71,8 +71,8 @@ class StepDiff:
     def executed(self) -> bool:
         return self.status != NOT_RUN
 
-    def as_dict(self) -> dict:
-        def regs(r: RealResult) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        def regs(r: RealResult) -> dict[str, Any]:
             return {"x0": r.x0, "x1": r.x1, "x2": r.x2, "x3": r.x3, "panic": r.panic,
                     "kind": r.kind, "not_run": r.not_run, "note": r.note}
 
@@ -96,14 +96,14 @@ def _resolution(arg: int | str, r: RealResult, handles: dict[str, int]) -> int |
 
 def _reg_agrees(st: RawStep, n: int, mo: RealResult, re_: RealResult,
                 handles: tuple[dict[str, int], dict[str, int]]) -> bool:
-    mv, rv = getattr(mo, f"x{n}") & (2**64 - 1), getattr(re_, f"x{n}") & (2**64 - 1)
+    mv, rv = int(getattr(mo, f"x{n}")) & (2**64 - 1), int(getattr(re_, f"x{n}")) & (2**64 - 1)
     arg = st.args[n - 1] if n - 1 < len(st.args) else None
     is_vmm = isinstance(st.call, str) and st.call.startswith(("vmm:", "host:"))
     if arg is None or is_vmm or isinstance(arg, int):
         return mv == rv
     m_sym = mv == (_resolution(arg, mo, handles[0]) or 0) & (2**64 - 1)
     r_sym = rv == (_resolution(arg, re_, handles[1]) or 0) & (2**64 - 1)
-    return m_sym == r_sym and (m_sym or mv == rv)
+    return m_sym == r_sym and (m_sym or bool(mv == rv))
 
 
 def compare_step(kernel: str, i: int, st: RawStep, mo: RealResult, re_: RealResult,
@@ -189,7 +189,7 @@ class Summary:
     steps: int = 0
     agree: int = 0
     differ: int = 0
-    known: Counter = field(default_factory=Counter)  # known-difference name -> steps
+    known: Counter[str] = field(default_factory=Counter)  # known-difference name -> steps
     not_run: int = 0
 
     @property
@@ -211,7 +211,7 @@ def summarize(results: list[list[StepDiff]]) -> Summary:
             elif d.status == DIFFER:
                 s.differ += 1
             elif d.status == KNOWN:
-                s.known[d.known] += 1
+                s.known[d.known or ""] += 1
             else:
                 s.not_run += 1
     return s
@@ -240,10 +240,11 @@ def shrink(kernel: str, seq: list[RawStep],
 
 
 # -- reproducers -----------------------------------------------------------------------------
-def scenario_tables(seq: list[RawStep], real: list[RealResult] | None = None) -> list[dict]:
+def scenario_tables(seq: list[RawStep],
+                    real: list[RealResult] | None = None) -> list[dict[str, Any]]:
     """The scenario steps (`pkvm.scenario` tables) of a sequence; `real`: the kernel's answers,
     written as each hvc step's expectation (x0, and x1 unless a symbol was passed in x1)."""
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     for i, st in enumerate(seq):
         cpu = {"cpu": st.cpu} if st.cpu else {}
         if isinstance(st.call, str) and st.call.startswith("vmm:"):
@@ -265,15 +266,13 @@ def scenario_tables(seq: list[RawStep], real: list[RealResult] | None = None) ->
         if st.call == HOST_READ:
             out.append({"host_read": st.args[0], "size": PAGE_SIZE, **cpu})
             continue
-        t = {"hvc": st.call, "args": list(st.args), **cpu}
+        t: dict[str, Any] = {"hvc": st.call, "args": list(st.args), **cpu}
         r = real[i] if real is not None else None
         if r is not None and not r.not_run:
-            if r.panic:
-                t["expect"] = {"panic": r.kind == "hyp panic"}
-            else:
-                t["expect"] = {"x0": r.x0}
-                if not (st.args and isinstance(st.args[0], str)):
-                    t["expect"]["x1"] = r.x1
+            expect: dict[str, Any] = {"panic": r.kind == "hyp panic"} if r.panic else {"x0": r.x0}
+            if not r.panic and not (st.args and isinstance(st.args[0], str)):
+                expect["x1"] = r.x1
+            t["expect"] = expect
         out.append(t)
     return out
 
@@ -286,7 +285,7 @@ def write_scenario(kernel: str, seq: list[RawStep], path: str,
                   machine={"memory": "1G", "cpus": 2, "abi": model_abi(kernel)})
 
 
-def from_scenario(sc) -> list[RawStep]:
+def from_scenario(sc: scenario.Scenario) -> list[RawStep]:
     """The `RawStep`s of a loaded scenario (the inverse of `scenario_tables`). A `create_vm`
     with guest `code` and the `run` of its vCPU 0 right after it are one `vmm:create`."""
     out: list[RawStep] = []
@@ -312,8 +311,8 @@ def from_scenario(sc) -> list[RawStep]:
                                 st.fields.get("pages", 4)))
         elif st.action == "destroy":
             out.append(vm_destroy(f"vm:{st.target}"))
-        elif st.action == "host_read" and _page_symbol(st.target):
-            out.append(host_read(_page_symbol(st.target), st.cpu))
+        elif st.action == "host_read" and (page := _page_symbol(st.target)):
+            out.append(host_read(page, st.cpu))
         else:
             raise ValueError(f"step {i} ({st.action}): the real side replays only hvc, "
                              "create_vm, run, topup and destroy steps, and host_read of a "

@@ -33,6 +33,7 @@ from importlib import resources
 from itertools import zip_longest
 from pathlib import Path
 
+from rich.console import Console
 from rich.table import Table
 
 import pkvm
@@ -141,7 +142,7 @@ def run_model(kernel: str, guest: str | GuestSpec, protected: bool = False,
         vmm = Vmm(m.host, spec.image, memory=spec.memory, vcpus=spec.vcpus,
                   protected=protected)
     except pkvm.HostError as e:
-        run.x0, run.at = -e.errno, e.call
+        run.x0, run.at = -(e.errno or 0), e.call
         return run
     try:
         _model_loop(vmm, run, max_exits)
@@ -150,7 +151,7 @@ def run_model(kernel: str, guest: str | GuestSpec, protected: bool = False,
     return run
 
 
-def _model_loop(vmm, run: GuestRun, max_exits: int) -> None:
+def _model_loop(vmm: Vmm, run: GuestRun, max_exits: int) -> None:
     vcpus = vmm.vm.vcpus
     run.exits = [[] for _ in vcpus]
     count = internal = 0
@@ -284,7 +285,8 @@ class Row:
 def _lines(stream: list[str]) -> list[str]:
     """For each exit of a vCPU's stream, the UART line it is part of (or the last one printed
     before it, for other exits)."""
-    out, text, start = [], bytearray(), 0
+    out: list[str] = []
+    text, start = bytearray(), 0
     for i, e in enumerate(stream):
         f = e.split()
         if f[0] == "mw" and int(f[1], 16) == UART_BASE:
@@ -391,7 +393,7 @@ def known_counts(rows: list[Row]) -> dict[str, int]:
 # --- `pkvm conform --guest` ---------------------------------------------------------------------
 
 
-def show(guest: str, kernel: str, protected: bool, console) -> int:
+def show(guest: str, kernel: str, protected: bool, console: Console) -> int:
     """Run ``guest`` on both sides and print the streams side by side: 0 agree, 1 diverge."""
 
     spec = guest_spec(guest)

@@ -20,7 +20,7 @@ import pkvm
 from pkvm.conform.steps import HOST_READ, RawStep, RealResult, page_names
 from pkvm.host.kvm import GUEST_RAM_IPA, host_va
 
-MACHINE = {"memory": "1G", "cpus": 2}
+MACHINE: dict[str, Any] = {"memory": "1G", "cpus": 2}
 # The model's ABI profile (`pkvm.abi.profiles`) of each real kernel: conform/'s one table.
 MODEL_ABI = {"6.12": "6.12", "7.2": "latest", "latest": "latest"}
 # The helper's guest (helper/pkvm_vmm.c): movz x1, #0x0900, lsl #16; 1: str w0, [x1];
@@ -68,7 +68,7 @@ def model_abi(kernel: str) -> str:
     return MODEL_ABI.get(kernel, kernel)
 
 
-def new_machine(kernel: str):
+def new_machine(kernel: str) -> pkvm.Machine:
     return pkvm.Machine(abi=model_abi(kernel), trace=False, **MACHINE)
 
 
@@ -92,7 +92,8 @@ def run_sequences_on_model(kernel: str, seqs: list[list[RawStep]],
     return out
 
 
-def run_sequence_on_model(kernel: str, steps: list[RawStep], machine=None,
+def run_sequence_on_model(kernel: str, steps: list[RawStep],
+                          machine: pkvm.Machine | None = None,
                           fresh: bool = False) -> list[RealResult]:
     """Each step's x0..x3 (or how the machine died), on `machine` or a fresh model.
 

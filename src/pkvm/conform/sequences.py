@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from pkvm.abi.profiles import get_profile
 from pkvm.conform.model import model_abi
-from pkvm.conform.steps import RawStep, host_read, vm_create, vm_destroy, vm_run, vm_topup
+from pkvm.conform.steps import RawStep, RealResult, host_read, vm_create, vm_destroy, vm_run, vm_topup
 from pkvm.errors import errno_name
 
 if TYPE_CHECKING:
@@ -141,7 +141,7 @@ class _Gen:
     def good(self, kind: str) -> int | str:
         """A value a well-behaved host would pass for an argument of this kind."""
         rng = self.rng
-        live = [v for v in self.vms if v != "vm:c"]
+        live: list[int | str] = [v for v in self.vms if v != "vm:c"]
         table: dict[str, list[int | str]] = {
             "pfn": ["page:p0", "page:p1", "page:g"], "handle": live or [0x1000],
             "gfn": [GUEST_GFN, GUEST_GFN + 1, GUEST_GFN + 2], "nr": [1], "prot": [7, 3, 1, 5],
@@ -245,8 +245,8 @@ class _Gen:
         name = rng.choice(["__pkvm_host_relax_perms_guest", "__pkvm_host_mkyoung_guest",
                            "__pkvm_host_wrprotect_guest", "__pkvm_host_test_clear_young_guest",
                            "__pkvm_host_unshare_guest"])
-        args = {"handle": vm, "gfn": gfn, "nr": 1}
-        st = RawStep(name, tuple(args.get(k, self.good(k)) for k in SIGS[name]), cpu)
+        given: dict[str, int | str] = {"handle": vm, "gfn": gfn, "nr": 1}
+        st = RawStep(name, tuple(given.get(k, self.good(k)) for k in SIGS[name]), cpu)
         return self.spoil(st) if rng.random() < 0.3 else st
 
     def teardown(self, cpu: int) -> list[RawStep]:
@@ -316,23 +316,23 @@ def random_sequences(kernel: str, n: int, seed: int, length: int = 12) -> list[l
 
 
 # -- coverage --------------------------------------------------------------------------------
-def outcome(r) -> str:
+def outcome(r: RealResult) -> str:
     """A step's outcome for the coverage table: "ok", an errno name, "unsupported", a panic."""
     if r.not_run:
         return "not run"
     if r.panic:
         return r.kind
     if r.x0 != 0:
-        return errno_name(-r.x0) if -4096 < r.x0 < -1 else "unsupported"
-    return errno_name(-r.x1) if -4096 < r.x1 < 0 else "ok"
+        return str(errno_name(-r.x0)) if -4096 < r.x0 < -1 else "unsupported"
+    return str(errno_name(-r.x1)) if -4096 < r.x1 < 0 else "ok"
 
 
-def coverage(kernel: str, results: list[list[StepDiff]]) -> dict[str, dict[str, Counter]]:
+def coverage(kernel: str, results: list[list[StepDiff]]) -> dict[str, dict[str, Counter[str]]]:
     """For every host hypercall of `kernel`: outcome -> count, per side ("model", "real")."""
     names = list(get_profile(model_abi(kernel)).hcalls)[1:]
-    cov: dict[str, dict[str, Counter]] = {n: {"model": Counter(), "real": Counter()}
+    cov: dict[str, dict[str, Counter[str]]] = {n: {"model": Counter(), "real": Counter()}
                                           for n in names}
-    extra: dict[str, dict[str, Counter]] = defaultdict(lambda: {"model": Counter(),
+    extra: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: {"model": Counter(),
                                                                 "real": Counter()})
     for diffs in results:
         for d in diffs:
@@ -344,7 +344,7 @@ def coverage(kernel: str, results: list[list[StepDiff]]) -> dict[str, dict[str, 
     return {**cov, **dict(extra)}
 
 
-def succeeded(cov: dict[str, dict[str, Counter]]) -> tuple[int, int]:
+def succeeded(cov: dict[str, dict[str, Counter[str]]]) -> tuple[int, int]:
     """(host hypercalls that reached success on the real side at least once, all of them)."""
     calls = [c for c in cov if not c.startswith(("vmm:", "host:"))]
     return sum(1 for c in calls if cov[c]["real"]["ok"]), len(calls)

@@ -245,7 +245,8 @@ def _diff(c: SmcCall, real: tuple[int, ...] | str, model: tuple[int, ...] | str)
     return f"{c.label} ({c.command()}): " + "; ".join(regs)
 
 
-def compare(kernel: str, calls: list[SmcCall], real: list | None = None) -> SmcReport:
+def compare(kernel: str, calls: list[SmcCall],
+            real: list[tuple[int, ...] | str] | None = None) -> SmcReport:
     """Run `calls` on both sides (the real side's answers may be passed in) and compare."""
     real = real if real is not None else run_real(kernel, calls)
     model = run_model(kernel, calls)
