@@ -31,6 +31,9 @@ GUEST_MEMORY = 0x10000  # the helper's 64 KiB memslot
 EXIT_REASONS = {"mmio": 6, "system_event": 24, "fail": 9}
 ENOENT, EINVAL, EFAULT = 2, 22, 14
 PAGE_SIZE = 4096
+# A named page is the first of this many pages (the module's PKVMC_ORDER): a structure read or
+# pinned from its VA on stays in memory both sides control.
+NAMED_BLOCK_PAGES = 4
 # The real helper is pinned to CPU 0 (`taskset 1` in the boot's init): every KVM ioctl of a VMM
 # step, KVM_RUN included, enters the hyp there, so a hypercall step's vCPU loaded by hand on
 # CPU 1 never meets it by the scheduler's chance.
@@ -50,8 +53,8 @@ class ModelRun:
         kind, name = a.split(":", 1)
         if kind == "vm":
             return self.handles.get(name, 0)
-        if name not in self.pages:
-            self.pages[name] = self.machine.host.alloc_pages(1) >> 12
+        if name not in self.pages:  # the first of a block of ours, as the module allocates
+            self.pages[name] = self.machine.host.alloc_pages(NAMED_BLOCK_PAGES) >> 12
         pfn = self.pages[name]
         return {"page": pfn, "pa": pfn << 12, "va": host_va(pfn << 12)}[kind]
 

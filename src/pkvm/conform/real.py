@@ -13,7 +13,8 @@ starts on a fresh boot.
     (0, 0)
 
 Arguments are ints (reduced modulo 2^64) or symbolic strings the module resolves on the real
-machine: ``"page:NAME"`` (pfn of a zeroed page the module allocates for the sequence),
+machine: ``"page:NAME"`` (pfn of a zeroed page the module allocates for the sequence, the first of
+four of ours),
 ``"pa:NAME"`` (its physical address), ``"va:NAME"`` (its kernel virtual address),
 ``"vm:NAME"`` (the hyp handle of a VM made by a :func:`vm_create` step of the sequence).
 docs/conform.md has the whole story, timings included.

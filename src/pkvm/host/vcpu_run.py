@@ -159,8 +159,10 @@ class VcpuRunner:
         cpu = self.vcpu.idx % vm.host.nr_cpus if cpu is None else cpu
         vm.ensure_hyp_vcpu(self.vcpu)
         explicit = vm.profile.explicit_vcpu_load
-        if explicit:
+        vgic = self.vcpu.va + KVM_VCPU.offset("arch.vgic_v3.vgic_hcr")
+        if explicit:  # kvm_arch_vcpu_load
             vm._hvc("__pkvm_vcpu_load", vm.handle, self.vcpu.idx, 0x8800_6000, cpu=cpu)
+            vm.host.hvc("__vgic_v3_restore_vmcr_aprs", vgic, cpu=cpu)
         try:
             for _ in range(RUN_REENTRY_LIMIT):
                 r = vm.host.hvc("__kvm_vcpu_run", self.vcpu.va, cpu=cpu)
@@ -176,7 +178,8 @@ class VcpuRunner:
             return VcpuExit("hung", detail=f"KVM_RUN re-entered the guest {RUN_REENTRY_LIMIT} "
                                            "times without an exit to userspace")
         finally:
-            if explicit:
+            if explicit:  # kvm_arch_vcpu_put
+                vm.host.hvc("__vgic_v3_save_aprs", vgic, cpu=cpu)
                 vm._hvc("__pkvm_vcpu_put", cpu=cpu)
 
     def _count(self, kind: str) -> None:

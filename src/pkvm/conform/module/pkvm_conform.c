@@ -52,6 +52,12 @@
 #define PKVMC_MAX_PAGES		64
 #define PKVMC_NAME_LEN		32
 #define PKVMC_OUT_LEN		4096
+/*
+ * Each named page is the first of a block of 1 << PKVMC_ORDER pages of ours: a structure the
+ * hyp reads or pins from its VA on (a struct kvm or kvm_vcpu passes 4 KiB) lands in memory of
+ * ours, never in a neighbour Linux owns.
+ */
+#define PKVMC_ORDER		2
 #define PKVMC_IN_LEN		512
 
 struct pkvmc_hcall_name {
@@ -140,7 +146,7 @@ static struct page *pkvmc_named_page(const char *name)
 			return pkvmc_pages[i].page;
 	if (pkvmc_npages == PKVMC_MAX_PAGES)
 		return NULL;
-	page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	page = alloc_pages(GFP_KERNEL | __GFP_ZERO, PKVMC_ORDER);
 	if (!page)
 		return NULL;
 	strscpy(pkvmc_pages[pkvmc_npages].name, name, PKVMC_NAME_LEN);
