@@ -316,6 +316,17 @@ def test_run_after_the_hyp_vm_is_gone_panics_the_host(kernel):
     assert out[3].not_run
 
 
+def test_run_after_a_finalized_teardown_is_a_hyp_panic():
+    """7.2's kvm_arch_vcpu_load hands the hyp the host vCPU's vGIC state; once the hyp VM is
+    gone the hyp no longer maps that vCPU and the access panics it (Linux, measured)."""
+    out = run_sequence_on_model("7.2", [vm_create("vm:a", 2),
+                                        RawStep("__pkvm_start_teardown_vm", ("vm:a",)),
+                                        RawStep("__pkvm_finalize_teardown_vm", ("vm:a",)),
+                                        vm_run("vm:a")])
+    assert [o.x1 for o in out[1:3]] == [0, 0]
+    assert out[3].kind == "hyp panic" and "EL2 data abort" in out[3].note
+
+
 def test_docs_comparison_snippet_runs():
     """docs/conform.md's offline example (the others need QEMU: the `conform` tests run them)."""
     import re
