@@ -104,10 +104,15 @@ def mutation_score(kernels: list[str]) -> None:
     from test_conform_diff import RANDOM_BUDGET, RANDOM_SEED  # noqa: E402
 
     real = {}
+    base = {}  # the unmutated model's verdict per step: a mutant counts only where it agreed
     for k in kernels:
         ensure_setup(k, progress=True)
         seqs = S.random_sequences(k, RANDOM_BUDGET, RANDOM_SEED)
         real[k] = (seqs, run_sequences(k, seqs, per_boot=1))
+        res = D.run_both(k, seqs, real=real[k][1])
+        base[k] = [[d.status for d in r] for r in res]
+        s = D.summarize(res)
+        print(f"unmutated model {k:5}: {s.agree}/{s.executed} executed steps agree")
     detected = total = 0
     for m in CM.MUTANTS:
         for k in m.kernels:
@@ -116,7 +121,8 @@ def mutation_score(kernels: list[str]) -> None:
             seqs, answers = real[k]
             with CM.applied(m):
                 res = D.run_both(k, seqs, real=answers)
-            hit = [d for r in res for d in r if d.status == "differ"]
+            hit = [d for r, b in zip(res, base[k]) for d, was in zip(r, b)
+                   if d.status == "differ" and was == "agree"]
             total += 1
             detected += bool(hit)
             where = f"first at {hit[0].step.call}" if hit else "NOT detected"
