@@ -25,7 +25,8 @@ import argparse
 import time
 
 from pkvm.conform.real import BootLog, RawStep, run_sequences
-from pkvm.conform.setup import KERNELS, ensure_setup
+from pkvm.conform.setup import KERNELS as REAL_KERNELS
+from pkvm.conform.setup import ensure_setup, profile_of
 
 
 def plain_sequence(i: int) -> list[RawStep]:
@@ -137,13 +138,13 @@ def main() -> None:
     ap.add_argument("--mutants", action="store_true")
     ap.add_argument("--random", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--kernels", nargs="*", default=list(KERNELS))
+    ap.add_argument("--kernels", nargs="*", default=list(REAL_KERNELS))
     ap.add_argument("--sequences", type=int, default=256)
     ap.add_argument("--panics", type=int, default=4)
     ap.add_argument("--jobs", type=int, nargs="*", default=[1, 2])
     a = ap.parse_args()
     if a.figures or a.mutants:
-        kernels = ["7.2" if k == "latest" else k for k in a.kernels]
+        kernels = [profile_of(k).name for k in a.kernels]  # "latest" -> "7.2"
         for k in kernels if a.figures else []:
             figures(k, a.random, a.seed, max(a.jobs))
         if a.mutants:

@@ -24,7 +24,7 @@ from pkvm.conform.model import model_abi, run_sequence_on_model
 from pkvm.conform.real import RawStep, RealResult, vm_create, vm_destroy, vm_run
 from test_conform_real import ROWS, setup_or_skip
 
-KERNELS = ["6.12", "7.2"]
+REAL_KERNELS = ["6.12", "7.2"]
 RANDOM_BUDGET, RANDOM_SEED = 60, 7  # the default random budget of CI (per kernel)
 _REAL: dict[str, tuple[list, list]] = {}
 # The fixed set breaks VMs on purpose (teardown with a vCPU loaded, a forged handle): the model's
@@ -60,7 +60,7 @@ def _random_run(kernel: str) -> tuple[list, list]:
 
 
 @pytest.mark.conform
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_fixed_set_agrees(kernel):
     setup_or_skip(kernel)
     seqs = [list(r.steps) for r in ROWS if kernel in r.kernels]
@@ -79,7 +79,7 @@ def test_fixed_set_agrees(kernel):
 
 
 @pytest.mark.conform
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_deep_random_sequences_agree(kernel):
     seqs, real = _random_run(kernel)
     results = D.run_both(kernel, seqs, real=real)
@@ -237,7 +237,7 @@ def test_kvm_run_with_another_vcpu_loaded_by_hand_locks_up():
 
 
 # -- offline: the generator and reproducers --------------------------------------------------------
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_generator_reaches_every_hypercall_and_live_state(kernel):
     from pkvm.abi.profiles import get_profile
 
@@ -261,7 +261,7 @@ def test_generator_reaches_every_hypercall_and_live_state(kernel):
 
 
 def test_only_our_own_memory_is_passed_as_a_pointer():
-    for kernel in KERNELS:
+    for kernel in REAL_KERNELS:
         for q in S.random_sequences(kernel, 200, 3):
             for st in q:
                 for kind, a in zip(S.SIGS.get(str(st.call), ()), st.args, strict=False):
@@ -269,7 +269,7 @@ def test_only_our_own_memory_is_passed_as_a_pointer():
                         assert isinstance(a, str) and a.startswith("va:"), st
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_reproducers_round_trip_every_step_kind(kernel, tmp_path):
     from pkvm import scenario as sc
 
@@ -305,7 +305,7 @@ def test_mutants_apply_and_restore():
         assert mem_protect.__pkvm_host_share_hyp is not orig
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_run_after_the_hyp_vm_is_gone_panics_the_host(kernel):
     """handle_exit_early: a negative __kvm_vcpu_run return reads as a pending SError, fatal."""
     teardown = "__pkvm_teardown_vm" if kernel == "6.12" else "__pkvm_start_teardown_vm"
