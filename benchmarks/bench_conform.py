@@ -25,7 +25,8 @@ import argparse
 import time
 
 from pkvm.conform.real import BootLog, RawStep, run_sequences
-from pkvm.conform.setup import KERNELS, ensure_setup
+from pkvm.conform.setup import KERNELS as REAL_KERNELS
+from pkvm.conform.setup import ensure_setup, profile_of
 
 
 def plain_sequence(i: int) -> list[RawStep]:
@@ -66,7 +67,15 @@ def figures(kernel: str, n: int, seed: int, jobs: int) -> None:
         model = run_sequences_on_model(kernel, chunk)
         t_model += time.monotonic() - t1
         t_real += t1 - t0
-        results += [D.compare(kernel, q, mo, r) for q, mo, r in zip(chunk, model, real)]
+        done = [D.compare(kernel, q, mo, r) for q, mo, r in zip(chunk, model, real)]
+        for si, diffs in enumerate(done, start=i):
+            _print_divergences(si, diffs)
+        results += done
+        s = D.summarize(results)
+        ok, total = S.succeeded(S.coverage(kernel, results))
+        print(f"{kernel}: after {len(results)} sequences: {s.agree}/{s.executed} agree, "
+              f"{s.differ} differ, {s.not_run} not run, {ok}/{total} hypercalls reached "
+              f"success ({(t_real + t_model) / 60:.1f} min)", flush=True)
     s = D.summarize(results)
     ok, total = S.succeeded(S.coverage(kernel, results))
     print(f"{kernel}: {n} deep random sequences (seed {seed}): {s.agree}/{s.executed} executed "
@@ -75,12 +84,14 @@ def figures(kernel: str, n: int, seed: int, jobs: int) -> None:
     print(f"{kernel}: host hypercalls reaching success on Linux: {ok}/{total}")
     print(f"{kernel}: {n / (t_real + t_model) * 60:.0f} sequences/min both sides (real "
           f"{n / t_real * 60:.0f}/min with jobs={jobs}, model {n / t_model * 60:.0f}/min)")
-    for si, diffs in enumerate(results):
-        for d in diffs:
-            if d.status == "differ":
-                print(f"  differs: seq {si} step {d.index} {d.step.call}{d.step.args}: model "
-                      f"{d.model.x0}/{d.model.x1} {d.model.kind} vs kernel {d.real.x0}/"
-                      f"{d.real.x1} {d.real.kind} {d.real.note[:80]}")
+
+
+def _print_divergences(si: int, diffs: list) -> None:
+    for d in diffs:
+        if d.status == "differ":
+            print(f"  differs: seq {si} step {d.index} {d.step.call}{d.step.args}: model "
+                  f"{d.model.x0}/{d.model.x1} {d.model.kind} vs kernel {d.real.x0}/"
+                  f"{d.real.x1} {d.real.kind} {d.real.note[:80]}", flush=True)
 
 
 def mutation_score(kernels: list[str]) -> None:
@@ -94,10 +105,15 @@ def mutation_score(kernels: list[str]) -> None:
     from test_conform_diff import RANDOM_BUDGET, RANDOM_SEED  # noqa: E402
 
     real = {}
+    base = {}  # the unmutated model's verdict per step: a mutant counts only where it agreed
     for k in kernels:
         ensure_setup(k, progress=True)
         seqs = S.random_sequences(k, RANDOM_BUDGET, RANDOM_SEED)
         real[k] = (seqs, run_sequences(k, seqs, per_boot=1))
+        res = D.run_both(k, seqs, real=real[k][1])
+        base[k] = [[d.status for d in r] for r in res]
+        s = D.summarize(res)
+        print(f"unmutated model {k:5}: {s.agree}/{s.executed} executed steps agree")
     detected = total = 0
     for m in CM.MUTANTS:
         for k in m.kernels:
@@ -106,7 +122,8 @@ def mutation_score(kernels: list[str]) -> None:
             seqs, answers = real[k]
             with CM.applied(m):
                 res = D.run_both(k, seqs, real=answers)
-            hit = [d for r in res for d in r if d.status == "differ"]
+            hit = [d for r, b in zip(res, base[k]) for d, was in zip(r, b)
+                   if d.status == "differ" and was == "agree"]
             total += 1
             detected += bool(hit)
             where = f"first at {hit[0].step.call}" if hit else "NOT detected"
@@ -121,13 +138,13 @@ def main() -> None:
     ap.add_argument("--mutants", action="store_true")
     ap.add_argument("--random", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--kernels", nargs="*", default=list(KERNELS))
+    ap.add_argument("--kernels", nargs="*", default=list(REAL_KERNELS))
     ap.add_argument("--sequences", type=int, default=256)
     ap.add_argument("--panics", type=int, default=4)
     ap.add_argument("--jobs", type=int, nargs="*", default=[1, 2])
     a = ap.parse_args()
     if a.figures or a.mutants:
-        kernels = ["7.2" if k == "latest" else k for k in a.kernels]
+        kernels = [profile_of(k).name for k in a.kernels]  # "latest" -> "7.2"
         for k in kernels if a.figures else []:
             figures(k, a.random, a.seed, max(a.jobs))
         if a.mutants:

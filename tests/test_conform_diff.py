@@ -20,11 +20,11 @@ import pytest
 import conform_mutants as CM
 from pkvm.conform import diff as D
 from pkvm.conform import sequences as S
-from pkvm.conform.model import run_sequence_on_model
+from pkvm.conform.model import model_abi, run_sequence_on_model
 from pkvm.conform.real import RawStep, RealResult, vm_create, vm_destroy, vm_run
 from test_conform_real import ROWS, setup_or_skip
 
-KERNELS = ["6.12", "7.2"]
+REAL_KERNELS = ["6.12", "7.2"]
 RANDOM_BUDGET, RANDOM_SEED = 60, 7  # the default random budget of CI (per kernel)
 _REAL: dict[str, tuple[list, list]] = {}
 # The fixed set breaks VMs on purpose (teardown with a vCPU loaded, a forged handle): the model's
@@ -60,7 +60,7 @@ def _random_run(kernel: str) -> tuple[list, list]:
 
 
 @pytest.mark.conform
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_fixed_set_agrees(kernel):
     setup_or_skip(kernel)
     seqs = [list(r.steps) for r in ROWS if kernel in r.kernels]
@@ -79,7 +79,7 @@ def test_fixed_set_agrees(kernel):
 
 
 @pytest.mark.conform
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_deep_random_sequences_agree(kernel):
     seqs, real = _random_run(kernel)
     results = D.run_both(kernel, seqs, real=real)
@@ -237,14 +237,14 @@ def test_kvm_run_with_another_vcpu_loaded_by_hand_locks_up():
 
 
 # -- offline: the generator and reproducers --------------------------------------------------------
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_generator_reaches_every_hypercall_and_live_state(kernel):
     from pkvm.abi.profiles import get_profile
 
     seqs = S.random_sequences(kernel, RANDOM_BUDGET, RANDOM_SEED)
     steps = [st for q in seqs for st in q]
     calls = {st.call for st in steps}
-    names = set(get_profile(D.KERNEL_ABI[kernel]).hcalls[1:])
+    names = set(get_profile(model_abi(kernel)).hcalls[1:])
     # every host hypercall but the pointer-following ones (one per sequence at most, 4 %)
     assert names - calls <= S.DEREF | {"__kvm_vcpu_run"}, sorted(names - calls)
     assert {"vmm:create", "vmm:run", "vmm:destroy"} <= calls
@@ -261,7 +261,7 @@ def test_generator_reaches_every_hypercall_and_live_state(kernel):
 
 
 def test_only_our_own_memory_is_passed_as_a_pointer():
-    for kernel in KERNELS:
+    for kernel in REAL_KERNELS:
         for q in S.random_sequences(kernel, 200, 3):
             for st in q:
                 for kind, a in zip(S.SIGS.get(str(st.call), ()), st.args, strict=False):
@@ -269,7 +269,7 @@ def test_only_our_own_memory_is_passed_as_a_pointer():
                         assert isinstance(a, str) and a.startswith("va:"), st
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_reproducers_round_trip_every_step_kind(kernel, tmp_path):
     from pkvm import scenario as sc
 
@@ -305,7 +305,7 @@ def test_mutants_apply_and_restore():
         assert mem_protect.host_share_hyp is not orig
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", REAL_KERNELS)
 def test_run_after_the_hyp_vm_is_gone_panics_the_host(kernel):
     """handle_exit_early: a negative __kvm_vcpu_run return reads as a pending SError, fatal."""
     teardown = "__pkvm_teardown_vm" if kernel == "6.12" else "__pkvm_start_teardown_vm"
@@ -314,6 +314,17 @@ def test_run_after_the_hyp_vm_is_gone_panics_the_host(kernel):
     assert out[1].x1 == 0
     assert out[2].kind == "host oops" and "__kvm_vcpu_run = -22" in out[2].note
     assert out[3].not_run
+
+
+def test_run_after_a_finalized_teardown_is_a_hyp_panic():
+    """7.2's kvm_arch_vcpu_load hands the hyp the host vCPU's vGIC state; once the hyp VM is
+    gone the hyp no longer maps that vCPU and the access panics it (Linux, measured)."""
+    out = run_sequence_on_model("7.2", [vm_create("vm:a", 2),
+                                        RawStep("__pkvm_start_teardown_vm", ("vm:a",)),
+                                        RawStep("__pkvm_finalize_teardown_vm", ("vm:a",)),
+                                        vm_run("vm:a")])
+    assert [o.x1 for o in out[1:3]] == [0, 0]
+    assert out[3].kind == "hyp panic" and "EL2 data abort" in out[3].note
 
 
 def test_docs_comparison_snippet_runs():
@@ -347,4 +358,25 @@ def test_topup_fills_the_vcpu_memcache_as_the_helper_does():
     out = run_sequence_on_model("7.2", [vm_create("vm:a"), vm_topup("vm:a", 0, 4),
                                         vm_topup("vm:a", 0, 2), vm_topup("vm:a", 3, 1),
                                         vm_destroy("vm:a"), vm_topup("vm:a", 0, 1)])
-    assert [(o.x0, o.x1) for o in out[1:]] == [(0, 4), (0, 4), (-22, 0), (0, 0), (-2, 0)]
+    # the destroy reads the guest RAM back: the guest's code (two 64-bit words) is still there
+    assert [(o.x0, o.x1) for o in out[1:]] == [(0, 4), (0, 4), (-22, 0), (0, 2), (-2, 0)]
+
+
+@pytest.mark.parametrize("protected, words", [(False, 2), (True, 0)])
+def test_destroy_reads_the_guest_ram_back(protected, words):
+    """A protected guest's pages come back wiped; a normal guest's were only shared."""
+    out = run_sequence_on_model("7.2", [vm_create("vm:a", 1, protected), vm_destroy("vm:a")])
+    assert (out[1].x0, out[1].x1, out[1].x2) == (0, words, 0)
+
+
+def test_host_read_probe_faults_on_a_page_the_host_gave_away():
+    from pkvm.conform.real import host_read, vm_topup
+
+    load = RawStep("__pkvm_vcpu_load", ("vm:a", 0, S.HCR_GUEST))
+    seq = [host_read("page:p"), vm_create("vm:a", 1, True), vm_topup("vm:a", 0, 4), load,
+           RawStep("__pkvm_host_donate_guest", ("page:p", S.GUEST_GFN + 3)),
+           RawStep("__pkvm_vcpu_put", ()), host_read("page:p"), host_read("page:q")]
+    out = run_sequence_on_model("7.2", seq)
+    assert out[4].x1 == 0  # donated
+    assert [(o.x0, o.x1) for o in (out[0], out[6], out[7])] == [(0, 0), (-14, 0), (0, 0)]
+    assert all(S.probes(seq)[i].call == "host:read" for i in (0, 3))

@@ -13,12 +13,25 @@ explains; each entry counts the steps it excused.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from pkvm.conform.model import run_sequences_on_model
-from pkvm.conform.real import RawStep, RealResult
+from pkvm import scenario
+from pkvm.conform.model import GUEST_CODE, GUEST_MEMORY, model_abi, run_sequences_on_model
+from pkvm.conform.real import BootLog, run_sequences
+from pkvm.conform.steps import (
+    HOST_READ,
+    RawStep,
+    RealResult,
+    host_read,
+    vm_create,
+    vm_destroy,
+    vm_run,
+    vm_topup,
+)
 
 AGREE, DIFFER, KNOWN, NOT_RUN = "agree", "differ", "known", "not run"
 
@@ -31,7 +44,7 @@ class Known:
     name: str
     reason: str
     matches: Callable[[str, RawStep, RealResult, RealResult], bool]
-    excused: Counter = field(default_factory=Counter)  # kernel -> steps
+    excused: Counter[str] = field(default_factory=Counter)  # kernel -> steps
 
 
 # Each entry matches only the exact state its reason explains. Empty since the real side runs on
@@ -58,8 +71,8 @@ class StepDiff:
     def executed(self) -> bool:
         return self.status != NOT_RUN
 
-    def as_dict(self) -> dict:
-        def regs(r: RealResult) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        def regs(r: RealResult) -> dict[str, Any]:
             return {"x0": r.x0, "x1": r.x1, "x2": r.x2, "x3": r.x3, "panic": r.panic,
                     "kind": r.kind, "not_run": r.not_run, "note": r.note}
 
@@ -83,14 +96,14 @@ def _resolution(arg: int | str, r: RealResult, handles: dict[str, int]) -> int |
 
 def _reg_agrees(st: RawStep, n: int, mo: RealResult, re_: RealResult,
                 handles: tuple[dict[str, int], dict[str, int]]) -> bool:
-    mv, rv = getattr(mo, f"x{n}") & (2**64 - 1), getattr(re_, f"x{n}") & (2**64 - 1)
+    mv, rv = int(getattr(mo, f"x{n}")) & (2**64 - 1), int(getattr(re_, f"x{n}")) & (2**64 - 1)
     arg = st.args[n - 1] if n - 1 < len(st.args) else None
-    is_vmm = isinstance(st.call, str) and st.call.startswith("vmm:")
+    is_vmm = isinstance(st.call, str) and st.call.startswith(("vmm:", "host:"))
     if arg is None or is_vmm or isinstance(arg, int):
         return mv == rv
     m_sym = mv == (_resolution(arg, mo, handles[0]) or 0) & (2**64 - 1)
     r_sym = rv == (_resolution(arg, re_, handles[1]) or 0) & (2**64 - 1)
-    return m_sym == r_sym and (m_sym or mv == rv)
+    return m_sym == r_sym and (m_sym or bool(mv == rv))
 
 
 def compare_step(kernel: str, i: int, st: RawStep, mo: RealResult, re_: RealResult,
@@ -138,7 +151,6 @@ def run_both(kernel: str, seqs: list[list[RawStep]], progress: bool = False,
     its QEMU snapshot), so no state carries over between sequences; with `per_boot` > 1 the
     real harness shares boots and the model mirrors the grouping it reports. `real`: results
     of an earlier real run of the same sequences (one fresh machine each) to compare again."""
-    from pkvm.conform.real import BootLog, run_sequences
 
     if real is None:
         logs: list[BootLog] = []
@@ -177,7 +189,7 @@ class Summary:
     steps: int = 0
     agree: int = 0
     differ: int = 0
-    known: Counter = field(default_factory=Counter)  # known-difference name -> steps
+    known: Counter[str] = field(default_factory=Counter)  # known-difference name -> steps
     not_run: int = 0
 
     @property
@@ -199,13 +211,10 @@ def summarize(results: list[list[StepDiff]]) -> Summary:
             elif d.status == DIFFER:
                 s.differ += 1
             elif d.status == KNOWN:
-                s.known[d.known] += 1
+                s.known[d.known or ""] += 1
             else:
                 s.not_run += 1
     return s
-
-
-KERNEL_ABI = {"7.2": "latest", "latest": "latest", "6.12": "6.12"}
 
 
 def shrink(kernel: str, seq: list[RawStep],
@@ -231,12 +240,11 @@ def shrink(kernel: str, seq: list[RawStep],
 
 
 # -- reproducers -----------------------------------------------------------------------------
-def scenario_tables(seq: list[RawStep], real: list[RealResult] | None = None) -> list[dict]:
+def scenario_tables(seq: list[RawStep],
+                    real: list[RealResult] | None = None) -> list[dict[str, Any]]:
     """The scenario steps (`pkvm.scenario` tables) of a sequence; `real`: the kernel's answers,
     written as each hvc step's expectation (x0, and x1 unless a symbol was passed in x1)."""
-    from pkvm.conform.model import GUEST_CODE, GUEST_MEMORY
-
-    out: list[dict] = []
+    out: list[dict[str, Any]] = []
     for i, st in enumerate(seq):
         cpu = {"cpu": st.cpu} if st.cpu else {}
         if isinstance(st.call, str) and st.call.startswith("vmm:"):
@@ -255,15 +263,16 @@ def scenario_tables(seq: list[RawStep], real: list[RealResult] | None = None) ->
             else:
                 out.append({"destroy": name})
             continue
-        t = {"hvc": st.call, "args": list(st.args), **cpu}
+        if st.call == HOST_READ:
+            out.append({"host_read": st.args[0], "size": PAGE_SIZE, **cpu})
+            continue
+        t: dict[str, Any] = {"hvc": st.call, "args": list(st.args), **cpu}
         r = real[i] if real is not None else None
         if r is not None and not r.not_run:
-            if r.panic:
-                t["expect"] = {"panic": r.kind == "hyp panic"}
-            else:
-                t["expect"] = {"x0": r.x0}
-                if not (st.args and isinstance(st.args[0], str)):
-                    t["expect"]["x1"] = r.x1
+            expect: dict[str, Any] = {"panic": r.kind == "hyp panic"} if r.panic else {"x0": r.x0}
+            if not r.panic and not (st.args and isinstance(st.args[0], str)):
+                expect["x1"] = r.x1
+            t["expect"] = expect
         out.append(t)
     return out
 
@@ -272,17 +281,13 @@ def write_scenario(kernel: str, seq: list[RawStep], path: str,
                    real: list[RealResult] | None = None) -> None:
     """Write `seq` as a scenario file (`pkvm run PATH` replays it on the model, with the
     kernel's answers as expectations; `pkvm conform PATH` on both)."""
-    from pkvm import scenario
-
     scenario.dump(scenario_tables(seq, real), path,
-                  machine={"memory": "1G", "cpus": 2, "abi": KERNEL_ABI.get(kernel, kernel)})
+                  machine={"memory": "1G", "cpus": 2, "abi": model_abi(kernel)})
 
 
-def from_scenario(sc) -> list[RawStep]:
+def from_scenario(sc: scenario.Scenario) -> list[RawStep]:
     """The `RawStep`s of a loaded scenario (the inverse of `scenario_tables`). A `create_vm`
     with guest `code` and the `run` of its vCPU 0 right after it are one `vmm:create`."""
-    from pkvm.conform.real import vm_create, vm_destroy, vm_run, vm_topup
-
     out: list[RawStep] = []
     steps = list(sc.steps)
     i = 0
@@ -306,8 +311,21 @@ def from_scenario(sc) -> list[RawStep]:
                                 st.fields.get("pages", 4)))
         elif st.action == "destroy":
             out.append(vm_destroy(f"vm:{st.target}"))
+        elif st.action == "host_read" and (page := _page_symbol(st.target)):
+            out.append(host_read(page, st.cpu))
         else:
             raise ValueError(f"step {i} ({st.action}): the real side replays only hvc, "
-                             "create_vm, run, topup and destroy steps")
+                             "create_vm, run, topup and destroy steps, and host_read of a "
+                             "whole page by name")
         i += 1
     return out
+
+
+PAGE_SIZE = 4096
+
+
+def _page_symbol(target: object) -> str | None:
+    """A host_read target naming a whole page ("page:NAME" or "pa:NAME"): as "page:NAME"."""
+    if isinstance(target, str) and re.fullmatch(r"(page|pa):[A-Za-z0-9_-]{1,20}", target):
+        return "page:" + target.split(":", 1)[1]
+    return None

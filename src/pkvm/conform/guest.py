@@ -29,10 +29,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from itertools import zip_longest
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
+import pkvm
 from pkvm import guests
+from pkvm.conform import boot
+from pkvm.conform.model import MACHINE, model_abi
+from pkvm.conform.real import RealError, parse_answer, signed
+from pkvm.conform.setup import load_kernel
+from pkvm.host.vmm import Vmm
 
 __all__ = ["KNOWN_GUEST_DIFFERENCES", "GuestRun", "GuestSpec", "compare", "diverges",
            "guest_spec", "known_counts", "run_model", "run_real", "run_real_many"]
@@ -62,7 +72,6 @@ class GuestSpec:
 
 def probe_image() -> bytes:
     """``probe`` (``helper/probe.S``): asks the hypervisor what a guest can ask, prints it."""
-    from importlib import resources
 
     return resources.files("pkvm.conform").joinpath("helper", "probe.bin").read_bytes()
 
@@ -124,19 +133,16 @@ def device_read(addr: int) -> int:
 def run_model(kernel: str, guest: str | GuestSpec, protected: bool = False,
               max_exits: int = MAX_EXITS) -> GuestRun:
     """Run ``guest`` on a fresh model machine of ``kernel`` (as ``pkvm conform`` builds it)."""
-    import pkvm
-    from pkvm.conform.model import KERNELS, MACHINE
-    from pkvm.host.vmm import Vmm
 
     spec = guest if isinstance(guest, GuestSpec) else guest_spec(guest)
-    m = pkvm.Machine(abi=KERNELS[kernel], trace=False,
+    m = pkvm.Machine(abi=model_abi(kernel), trace=False,
                      timeslice=200_000 if spec.vcpus > 1 else None, **MACHINE)
     run = GuestRun()
     try:
         vmm = Vmm(m.host, spec.image, memory=spec.memory, vcpus=spec.vcpus,
                   protected=protected)
     except pkvm.HostError as e:
-        run.x0, run.at = -e.errno, e.call
+        run.x0, run.at = -(e.errno or 0), e.call
         return run
     try:
         _model_loop(vmm, run, max_exits)
@@ -145,7 +151,7 @@ def run_model(kernel: str, guest: str | GuestSpec, protected: bool = False,
     return run
 
 
-def _model_loop(vmm, run: GuestRun, max_exits: int) -> None:
+def _model_loop(vmm: Vmm, run: GuestRun, max_exits: int) -> None:
     vcpus = vmm.vm.vcpus
     run.exits = [[] for _ in vcpus]
     count = internal = 0
@@ -223,12 +229,10 @@ def run_real_many(kernel: str, runs: list[tuple[str | GuestSpec, bool]],
 
 def _run_real_machine(kernel: str, runs: list[tuple[str | GuestSpec, bool]], max_exits: int,
                       timeout_ms: int | None) -> list[GuestRun]:
-    from pkvm.conform import real
-    from pkvm.conform.setup import load_kernel
 
     k = load_kernel(kernel, progress=False)
     if k.helper is None:
-        raise real.RealError("this set-up has no VMM helper")
+        raise RealError("this set-up has no VMM helper")
     cmds: list[str] = []
     owner: list[int] = []  # the run each command belongs to
     for i, (guest, protected) in enumerate(runs):
@@ -237,25 +241,25 @@ def _run_real_machine(kernel: str, runs: list[tuple[str | GuestSpec, bool]], max
         cmds.append(f"vmm guest {spec.vcpus} {int(protected)} {spec.memory // 1024} "
                     f"{max_exits} {timeout_ms or spec.timeout_ms}")
         owner += [i] * (len(cmds) - len(owner))
-    console, _ = real._run_machine(k, cmds, True)
-    answers = re.findall(rf"^{real.MARK} (.*)$", console, re.MULTILINE)
+    console, _ = boot.run_machine(k, cmds, True)
+    answers = re.findall(rf"^{boot.MARK} (.*)$", console, re.MULTILINE)
     out = [GuestRun(stop="not run", note="not run: machine dead after panic") for _ in runs]
     for line, cmd, i in zip(answers, cmds, owner, strict=False):
-        ans = real._answer(line, console)
-        x0 = real._signed(int(ans["x0"], 16))
+        ans = parse_answer(line, console)
+        x0 = signed(int(ans["x0"], 16))
         if cmd.startswith("vmm img") and x0:
-            raise real.RealError(f"the helper refused the image ({x0}): {line}")
+            raise RealError(f"the helper refused the image ({x0}): {line}")
         if cmd.startswith("vmm guest"):
             out[i] = GuestRun(x0, ans["at"], ans["stop"], [list(v) for v in ans["vcpus"]])
     if len(answers) < len(cmds):
         i = owner[len(answers)]
-        m = real._PANIC_RE.search(console)
+        m = boot.PANIC_RE.search(console)
         if m:
             out[i] = GuestRun(stop="panic", note=console[m.start() :].splitlines()[0])
-        elif f"{real.MARK}-HANG" in console:  # the harness gave up on a silent machine
+        elif f"{boot.MARK}-HANG" in console:  # the harness gave up on a silent machine
             out[i] = GuestRun(stop="hang", note="no answer: the machine hung")
         else:
-            raise real.RealError(f"the machine answered {len(answers)} of {len(cmds)} "
+            raise RealError(f"the machine answered {len(answers)} of {len(cmds)} "
                                  f"commands:\n{console[-3000:]}")
     return out
 
@@ -281,7 +285,8 @@ class Row:
 def _lines(stream: list[str]) -> list[str]:
     """For each exit of a vCPU's stream, the UART line it is part of (or the last one printed
     before it, for other exits)."""
-    out, text, start = [], bytearray(), 0
+    out: list[str] = []
+    text, start = bytearray(), 0
     for i, e in enumerate(stream):
         f = e.split()
         if f[0] == "mw" and int(f[1], 16) == UART_BASE:
@@ -388,9 +393,8 @@ def known_counts(rows: list[Row]) -> dict[str, int]:
 # --- `pkvm conform --guest` ---------------------------------------------------------------------
 
 
-def show(guest: str, kernel: str, protected: bool, console) -> int:
+def show(guest: str, kernel: str, protected: bool, console: Console) -> int:
     """Run ``guest`` on both sides and print the streams side by side: 0 agree, 1 diverge."""
-    from rich.table import Table
 
     spec = guest_spec(guest)
     real = run_real(kernel, spec, protected)

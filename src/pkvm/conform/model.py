@@ -17,18 +17,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pkvm
-from pkvm.conform.real import RawStep, RealResult
+from pkvm.conform.steps import HOST_READ, RawStep, RealResult, page_names
 from pkvm.host.kvm import GUEST_RAM_IPA, host_va
 
-MACHINE = {"memory": "1G", "cpus": 2}
-KERNELS = {"6.12": "6.12", "7.2": "latest", "latest": "latest"}
+MACHINE: dict[str, Any] = {"memory": "1G", "cpus": 2}
+# The model's ABI profile (`pkvm.abi.profiles`) of each real kernel: conform/'s one table.
+MODEL_ABI = {"6.12": "6.12", "7.2": "latest", "latest": "latest"}
 # The helper's guest (helper/pkvm_vmm.c): movz x1, #0x0900, lsl #16; 1: str w0, [x1];
 # add w0, w0, #1; b 1b
 GUEST_CODE = (0xD2A12001, 0xB9000020, 0x11000400, 0x17FFFFFE)
 GUEST_MEMORY = 0x10000  # the helper's 64 KiB memslot
 # struct kvm_run exit reasons (include/uapi/linux/kvm.h) of what the model's KVM_RUN returns
 EXIT_REASONS = {"mmio": 6, "system_event": 24, "fail": 9}
-ENOENT, EINVAL = 2, 22
+ENOENT, EINVAL, EFAULT = 2, 22, 14
+PAGE_SIZE = 4096
+# A named page is the first of this many pages (the module's PKVMC_ORDER): a structure read or
+# pinned from its VA on stays in memory both sides control.
+NAMED_BLOCK_PAGES = 4
 # The real helper is pinned to CPU 0 (`taskset 1` in the boot's init): every KVM ioctl of a VMM
 # step, KVM_RUN included, enters the hyp there, so a hypercall step's vCPU loaded by hand on
 # CPU 1 never meets it by the scheduler's chance.
@@ -48,8 +53,8 @@ class ModelRun:
         kind, name = a.split(":", 1)
         if kind == "vm":
             return self.handles.get(name, 0)
-        if name not in self.pages:
-            self.pages[name] = self.machine.host.alloc_pages(1) >> 12
+        if name not in self.pages:  # the first of a block of ours, as the module allocates
+            self.pages[name] = self.machine.host.alloc_pages(NAMED_BLOCK_PAGES) >> 12
         pfn = self.pages[name]
         return {"page": pfn, "pa": pfn << 12, "va": host_va(pfn << 12)}[kind]
 
@@ -61,8 +66,13 @@ class ModelRun:
         return RealResult(x0, x1, x2, x3, pages=dict(self.pages), vas=self.vas, **kw)
 
 
-def new_machine(kernel: str):
-    return pkvm.Machine(abi=KERNELS[kernel], trace=False, **MACHINE)
+def model_abi(kernel: str) -> str:
+    """The model's ABI profile name for a real kernel ("7.2" -> "latest")."""
+    return MODEL_ABI.get(kernel, kernel)
+
+
+def new_machine(kernel: str) -> pkvm.Machine:
+    return pkvm.Machine(abi=model_abi(kernel), trace=False, **MACHINE)
 
 
 def run_sequences_on_model(kernel: str, seqs: list[list[RawStep]],
@@ -85,7 +95,8 @@ def run_sequences_on_model(kernel: str, seqs: list[list[RawStep]],
     return out
 
 
-def run_sequence_on_model(kernel: str, steps: list[RawStep], machine=None,
+def run_sequence_on_model(kernel: str, steps: list[RawStep],
+                          machine: pkvm.Machine | None = None,
                           fresh: bool = False) -> list[RealResult]:
     """Each step's x0..x3 (or how the machine died), on `machine` or a fresh model.
 
@@ -98,6 +109,8 @@ def run_sequence_on_model(kernel: str, steps: list[RawStep], machine=None,
     if m.dead:
         return [run.result(0, 0, 0, 0, panic=True, note="not run: machine dead", not_run=True)
                 for _ in steps]
+    for name in page_names(steps):  # as the module does, before the first step
+        run.resolve(f"page:{name}")
     dead = ""
     for st in steps:
         if dead:
@@ -151,9 +164,30 @@ def _step(run: ModelRun, st: RawStep) -> RealResult:
     m = run.machine
     if isinstance(st.call, str) and st.call.startswith("vmm:"):
         return _vmm_step(run, st)
+    if st.call == HOST_READ:
+        nonzero, faulted = _read_back(m, [run.resolve(st.args[0]) << 12], st.cpu)
+        return run.result(-EFAULT if faulted else 0, nonzero, 0, 0)
     args = [run.resolve(a) for a in st.args]
     r = m.hvc(st.cpu, st.call, *args)
     return run.result(r.x0, r.x1, r.x2, r.x3)
+
+
+def _read_back(m: Any, pages: list[int], cpu: int) -> tuple[int, int]:
+    """(non-zero 64-bit words, pages whose read the host stage-2 refused) of a host read of
+    each page at `pages`, as kernel code reads with a fault-tolerant accessor: 7.2's hyp
+    injects the abort back and the accessor's fixup answers -EFAULT; 6.12's hyp panics (the
+    `HostDataAbort` is fatal and ends the sequence)."""
+    nonzero = faulted = 0
+    for pa in pages:
+        try:
+            data = m.host.read(pa, PAGE_SIZE, cpu=cpu)
+        except pkvm.HostDataAbort as e:
+            if e.fatal:
+                raise
+            faulted += 1
+            continue
+        nonzero += sum(1 for i in range(0, PAGE_SIZE, 8) if data[i : i + 8] != bytes(8))
+    return nonzero, faulted
 
 
 class _HostSError(Exception):
@@ -217,6 +251,8 @@ def _vmm_step(run: ModelRun, st: RawStep) -> RealResult:
                               0, 0)
         reason, addr = _exit(vm.vcpus[vcpu].run(cpu=HELPER_CPU))
         return run.result(0, reason, addr, 0)
+    slots = dict(vm.memslot)  # the VMM's memory: the pages outlive the VM
     vm.destroy()
     del run.vms[name]
-    return run.result(0, 0, 0, 0)
+    nonzero, faulted = _read_back(m, list(slots.values()), HELPER_CPU)
+    return run.result(0, nonzero, faulted, 0)

@@ -13,7 +13,8 @@ starts on a fresh boot.
     (0, 0)
 
 Arguments are ints (reduced modulo 2^64) or symbolic strings the module resolves on the real
-machine: ``"page:NAME"`` (pfn of a zeroed page the module allocates for the sequence),
+machine: ``"page:NAME"`` (pfn of a zeroed page the module allocates for the sequence, the first of
+four of ours),
 ``"pa:NAME"`` (its physical address), ``"va:NAME"`` (its kernel virtual address),
 ``"vm:NAME"`` (the hyp handle of a VM made by a :func:`vm_create` step of the sequence).
 docs/conform.md has the whole story, timings included.
@@ -24,18 +25,32 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import tempfile
-import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-from pkvm.conform import snapshot as _snapshot
+from pkvm.conform.boot import (
+    HYP_PANIC_RE,
+    MARK,
+    PANIC_RE,
+    BootLog,
+    RealError,
+    prepare_snapshot,
+    run_machine,
+)
 from pkvm.conform.setup import Kernel, SetupError, ensure_setup, load_kernel
-from pkvm.cpio import CpioEntry, newc
+from pkvm.conform.steps import (
+    HOST_READ,
+    MASK64,
+    RawStep,
+    RealResult,
+    host_read,
+    page_names,
+    vm_create,
+    vm_destroy,
+    vm_run,
+    vm_topup,
+)
 
 __all__ = [
     "BootLog",
@@ -44,7 +59,9 @@ __all__ = [
     "RealResult",
     "SetupError",
     "ensure_setup",
+    "host_read",
     "hypercall_ids",
+    "page_names",
     "prepare_snapshot",
     "run_sequences",
     "smccc_id",
@@ -54,123 +71,10 @@ __all__ = [
     "vm_topup",
 ]
 
-MASK64 = (1 << 64) - 1
-_SYMBOL = re.compile(r"(page|pa|va|vm):[A-Za-z0-9_-]{1,20}")
-VMM_CALLS = ("vmm:create", "vmm:run", "vmm:destroy", "vmm:topup")
 SMCCC_HOST_BASE = 0xC600_0000  # fast call, SMC64, owner "vendor hypervisor"
-PKVM_UP = "Protected hVHE mode initialized successfully"
-MARK = "@@PKVMC"
-CPUS = 2  # -smp 2, as measured in the spec
-BOOT_TIMEOUT = 240.0  # seconds, a whole batch at most; TCG on 2 cores boots in a few seconds
-STEP_TIMEOUT = 1.0  # seconds per command added to a batch's allowance
 
 
-class RealError(RuntimeError):
-    """The harness itself failed (not the hypervisor): the message has the console's tail."""
-
-
-@dataclass(frozen=True)
-class RawStep:
-    """One host hypercall: ``call`` a name of the kernel's enum or an int (the whole x0)."""
-
-    call: str | int
-    args: tuple[int | str, ...] = ()
-    cpu: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.args, (str, int)):  # one argument given bare
-            object.__setattr__(self, "args", (self.args,))
-        elif not isinstance(self.args, tuple):
-            object.__setattr__(self, "args", tuple(self.args))
-        if not 0 <= self.cpu < CPUS:
-            raise ValueError(f"cpu {self.cpu}: the QEMU machine has CPUs 0..{CPUS - 1}")
-        if len(self.args) > 6:
-            raise TypeError(f"at most 6 hypercall arguments (x1..x6), got {len(self.args)}")
-        for a in self.args:
-            if isinstance(a, str) and not _SYMBOL.fullmatch(a):
-                raise ValueError(
-                    f"symbolic argument {a!r}: use 'page:NAME', 'pa:NAME', 'va:NAME' or "
-                    "'vm:NAME' (NAME: up to 20 letters, digits, '_', '-')"
-                )
-        if isinstance(self.call, str) and self.call.startswith("vmm:"):
-            if self.call not in VMM_CALLS:
-                raise ValueError(f"{self.call!r}: VMM steps are {', '.join(VMM_CALLS)}")
-            if not self.args or not (
-                isinstance(self.args[0], str) and self.args[0].startswith("vm:")
-            ):
-                raise ValueError(f"{self.call} takes a 'vm:NAME' first argument")
-
-
-def vm_create(vm: str, vcpus: int = 1, protected: bool = False) -> RawStep:
-    """A VMM step: create VM ``vm`` ("vm:NAME") with ``vcpus`` vCPUs, run vCPU 0 once.
-
-    Its result: x0 = 0 or -errno (of the failing ioctl), x1 = the hyp handle (later steps may
-    pass ``vm``: the module substitutes it), x2 = the first exit's reason, x3 = vcpus.
-    """
-    return RawStep("vmm:create", (vm, vcpus, int(protected)))
-
-
-def vm_run(vm: str, vcpu: int = 0) -> RawStep:
-    """A VMM step: one KVM_RUN; x0 = 0 or -errno, x1 = exit reason, x2 = MMIO address."""
-    return RawStep("vmm:run", (vm, vcpu))
-
-
-def vm_topup(vm: str, vcpu: int = 0, pages: int = 4) -> RawStep:
-    """A VMM step: fill vCPU ``vcpu``'s pKVM memcache up to ``pages`` fresh pages (what KVM's
-    ``topup_hyp_memcache`` does before a guest-memory call); x0 = 0 or -errno, x1 = pages held.
-    7.2 only (6.12's vCPUs have no such memcache)."""
-    return RawStep("vmm:topup", (vm, vcpu, pages))
-
-
-def vm_destroy(vm: str) -> RawStep:
-    """A VMM step: close the VM's fds (the host tears it down); x0 = 0 or -errno."""
-    return RawStep("vmm:destroy", (vm,))
-
-
-@dataclass
-class RealResult:
-    """What the real machine answered; x0/x1 signed, x2/x3 unsigned (as the model).
-
-    ``panic``: the machine died at this step (``note`` says whether the hyp panicked, "hyp
-    panic: ...", the host kernel did, "host kernel panic (EL1): ...", or a CPU locked up,
-    "lockup: ..."); the steps after it in the sequence are not run (``not_run``, and ``panic``
-    too). ``pages`` maps the sequence's page names to the pfns the module gave them and
-    ``vas`` to their kernel VAs (the same dicts on every step of a sequence).
-    """
-
-    x0: int
-    x1: int
-    x2: int
-    x3: int
-    panic: bool = False
-    note: str = ""
-    pages: dict[str, int] = field(default_factory=dict, repr=False)  # the sequence's name -> pfn
-    not_run: bool = False  # the machine died at an earlier step: this one never ran
-    vas: dict[str, int] = field(default_factory=dict, repr=False)  # name -> kernel VA
-
-    @property
-    def kind(self) -> str:
-        """How the machine died at this step: "hyp panic", "host oops", "lockup", "model
-        error" (a Python exception in the model: never agrees), or "" (it did not)."""
-        if not self.panic or self.not_run:
-            return ""
-        for k in ("hyp panic", "lockup", "model error"):
-            if self.note.startswith(k):
-                return k
-        return "host oops"
-
-
-@dataclass
-class BootLog:
-    """Timing and console of one boot (for benchmarks and debugging)."""
-
-    kernel: str
-    seconds: float
-    sequences: int
-    console: str = field(repr=False)
-
-
-def _signed(v: int) -> int:
+def signed(v: int) -> int:
     v &= MASK64
     return v - (1 << 64) if v >> 63 else v
 
@@ -205,183 +109,6 @@ def _vmm_command(st: RawStep, seq: int) -> str:
     return " ".join(["vmm", op, name, *rest])
 
 
-# --- initramfs ----------------------------------------------------------------------------------
-
-
-_PRELUDE = f"""#!/bin/busybox sh
-/bin/busybox mkdir -p /proc /sys /dev /tmp
-/bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t sysfs sys /sys
-/bin/busybox mount -t devtmpfs dev /dev
-/bin/busybox --install -s /bin
-export PATH=/bin
-if dmesg | grep -q "{PKVM_UP}"; then echo "{MARK}-PKVM-UP"; fi
-insmod /pkvm_conform.ko || echo "{MARK}-INSMOD-FAILED"
-echo "{MARK}-BEGIN"
-echo ids > /proc/pkvm_conform && echo "{MARK}-IDS $(cat /proc/pkvm_conform)"
-if [ -x /helper ]; then
-  mkfifo /tmp/vmm.in /tmp/vmm.out
-  taskset 1 /helper < /tmp/vmm.in > /tmp/vmm.out &
-  exec 3> /tmp/vmm.in 4< /tmp/vmm.out
-fi
-"""
-_STEP = f"""  ans=""
-  case "$l" in
-    "vmm "*) echo "${{l#vmm }}" >&3; read -r ans <&4 ;;
-    *) echo "$l" > /proc/pkvm_conform; read -r ans < /proc/pkvm_conform ;;
-  esac
-  echo "{MARK} $ans"
-"""
-# A boot: the commands are in the initramfs.
-INIT = f"""{_PRELUDE}while IFS= read -r l; do
-{_STEP}done < /cmds
-echo "{MARK}-END"
-poweroff -f
-"""
-# A snapshot: QEMU saves the machine at READY; each restored copy reads its commands from the
-# serial console (echo off) up to an END line.
-SNAPSHOT_INIT = f"""{_PRELUDE}stty -echo
-echo "{MARK}-READY"
-while IFS= read -r l; do
-  [ "$l" = "{MARK}-END" ] && break
-{_STEP}done
-echo "{MARK}-END"
-poweroff -f
-"""
-
-
-def _initramfs(k: Kernel, cmds: list[str] | None) -> bytes:
-    """The boot's initramfs; ``cmds`` None: the snapshot's (commands come by the console)."""
-    files = [
-        CpioEntry("bin", 0o040755),
-        CpioEntry("bin/busybox", 0o100755, k.busybox.read_bytes()),
-        CpioEntry("init", 0o100755, (INIT if cmds is not None else SNAPSHOT_INIT).encode()),
-        CpioEntry("pkvm_conform.ko", 0o100644, k.module.read_bytes()),
-    ]
-    if cmds is not None:
-        files.append(CpioEntry("cmds", 0o100644, "".join(c + "\n" for c in cmds).encode()))
-    if k.helper is not None:
-        files.append(CpioEntry("helper", 0o100755, k.helper.read_bytes()))
-    return newc(files)
-
-
-# --- one boot -----------------------------------------------------------------------------------
-
-
-def qemu_command(k: Kernel, initrd: Path) -> list[str]:
-    cmdline = "console=ttyAMA0 kvm-arm.mode=protected panic=-1 loglevel=4 rdinit=/init"
-    return [
-        *k.qemu,  # pkvm.conform.qemu: Debian trixie's QEMU 10 by default
-        "-M", "virt,virtualization=on,gic-version=3",
-        # pauth-impdef: QEMU's cheap pointer-auth algorithm (boots ~3x faster under TCG than
-        # the architected QARMA; nothing a hypercall observes depends on it).
-        "-cpu", "max,lpa2=off,pauth-impdef=on",
-        "-smp", str(CPUS),
-        "-m", "1G",
-        "-display", "none", "-serial", "stdio", "-monitor", "none",
-        "-no-reboot", "-nic", "none",
-        "-kernel", str(k.image),
-        "-initrd", str(initrd),
-        "-append", cmdline,
-    ]  # fmt: skip
-
-
-def _batch_timeout(cmds: list[str], boot: bool) -> float:
-    """How long a machine may take for ``cmds`` before it counts as hung (a CPU locked up in
-    the hyp answers nothing: that is a result, "lockup", not a harness failure)."""
-    return min(BOOT_TIMEOUT, (90.0 if boot else 60.0) + STEP_TIMEOUT * len(cmds))
-
-
-def _hang_note(timeout: float) -> str:
-    return f"\n{MARK}-HANG harness timeout: no answer within {timeout:.0f} s\n"
-
-
-def _boot(k: Kernel, cmds: list[str]) -> tuple[str, float]:
-    timeout = _batch_timeout(cmds, boot=True)
-    with tempfile.TemporaryDirectory(prefix="pkvm-conform-") as tmp:
-        initrd = Path(tmp) / "initrd.cpio"
-        initrd.write_bytes(_initramfs(k, cmds))
-        t0 = time.monotonic()
-        try:
-            p = subprocess.run(
-                qemu_command(k, initrd),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as e:
-            out = (e.stdout or b"").decode(errors="replace").replace("\r", "")
-            if f"{MARK} " not in out and f"{MARK}-BEGIN" not in out:
-                raise RealError(f"QEMU timed out after {timeout} s:\n{out[-3000:]}") from e
-            return out + _hang_note(timeout), time.monotonic() - t0
-        console = (p.stdout + p.stderr).decode(errors="replace").replace("\r", "")
-        return console, time.monotonic() - t0
-
-
-def _check_boot(k: Kernel, console: str) -> None:
-    """The boot reached our commands with pKVM up and the module loaded, with the same table."""
-    if f"{MARK}-PKVM-UP" not in console:
-        raise RealError(f"pKVM did not come up on {k.release} (no {PKVM_UP!r}):\n{console[-3000:]}")
-    if f"{MARK}-INSMOD-FAILED" in console:
-        raise RealError(f"insmod pkvm_conform.ko failed on {k.release}:\n{console[-3000:]}")
-    _check_ids(k, console)
-
-
-_NO_SNAPSHOT: set[str] = set()  # profiles whose snapshot cannot be made in this process
-_RESTORE_FAILURES: dict[str, int] = {}
-MAX_RESTORE_FAILURES = 3  # then boot for the rest of the process
-
-
-def _run_machine(k: Kernel, cmds: list[str], use_snapshot: bool) -> tuple[str, float]:
-    """Run ``cmds`` on a fresh machine: a restored snapshot if possible, else a boot."""
-    if use_snapshot and k.profile not in _NO_SNAPSHOT:
-        try:
-            d = prepare_snapshot(k.profile)
-        except (_snapshot.SnapshotError, RealError) as e:
-            warnings.warn(f"pkvm conform: no {k.profile} snapshot, booting: {e}", stacklevel=2)
-            _NO_SNAPSHOT.add(k.profile)
-        else:
-            try:
-                t0 = time.monotonic()
-                feed = "".join(c + "\n" for c in cmds) + f"{MARK}-END\n"
-                timeout = _batch_timeout(cmds, boot=False)
-                try:
-                    console = _snapshot.restore_run(
-                        d, qemu_command(k, d / "initrd"), feed, timeout
-                    )
-                except _snapshot.SnapshotTimeout as e:  # restored and running, then hung
-                    return e.console + _hang_note(timeout), time.monotonic() - t0
-                if f"{MARK} " in console or _PANIC_RE.search(console):
-                    return console, time.monotonic() - t0
-                raise _snapshot.SnapshotError(
-                    f"restored machine answered nothing:\n{console[-2000:]}"
-                )
-            except _snapshot.SnapshotError as e:
-                n = _RESTORE_FAILURES[k.profile] = _RESTORE_FAILURES.get(k.profile, 0) + 1
-                if n >= MAX_RESTORE_FAILURES:
-                    _NO_SNAPSHOT.add(k.profile)
-                warnings.warn(
-                    f"pkvm conform: {k.profile} restore failed, booting: {e}", stacklevel=2
-                )
-    console, secs = _boot(k, cmds)
-    _check_boot(k, console)
-    return console, secs
-
-
-_PANIC_RE = re.compile(r"(HYP panic|hyp panic|Kernel panic - not syncing.*)")
-_HYP_PANIC_RE = re.compile(r"(HYP panic|nVHE hyp panic|hVHE hyp panic)")
-
-
-def _check_ids(k: Kernel, console: str) -> None:
-    m = re.search(rf"^{MARK}-IDS (.*)$", console, re.MULTILINE)
-    if not m:
-        return
-    ids = json.loads(m.group(1))["ids"]
-    if ids != k.ids:
-        raise RealError(f"module's hypercall table differs from the set-up's for {k.release}")
-
-
 @dataclass
 class _Pending:
     seq: int  # index into the caller's list
@@ -390,17 +117,6 @@ class _Pending:
 
 SEQ_STEP = -1  # owner codes of the commands that answer no step
 PAGE_STEP = -2
-
-
-def _page_names(steps: list[RawStep]) -> list[str]:
-    names: dict[str, None] = {}
-    for st in steps:
-        if isinstance(st.call, str) and st.call.startswith("vmm:"):
-            continue
-        for a in st.args:
-            if isinstance(a, str) and a.split(":", 1)[0] in ("page", "pa", "va"):
-                names[a.split(":", 1)[1]] = None
-    return list(names)
 
 
 def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[int, int]]]:
@@ -415,7 +131,7 @@ def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[i
     for b, pend in enumerate(batch):
         cmds.append(f"seq {pend.seq}")
         owners.append((b, SEQ_STEP))
-        for name in _page_names(pend.steps):
+        for name in page_names(pend.steps):
             cmds.append(f"page {name}")
             owners.append((b, PAGE_STEP))
         for j, st in enumerate(pend.steps):
@@ -423,6 +139,10 @@ def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[i
                 if k.helper is None:
                     raise RealError("this set-up has no VMM helper: VMM steps cannot run")
                 cmds.append(_vmm_command(st, pend.seq))
+                owners.append((b, j))
+                continue
+            if st.call == HOST_READ:
+                cmds.append(f"read {int(st.cpu)} {str(st.args[0])[5:]}")
                 owners.append((b, j))
                 continue
             func = _encode_call(k, st.call)
@@ -434,7 +154,7 @@ def _commands(k: Kernel, batch: list[_Pending]) -> tuple[list[str], list[tuple[i
     return cmds, owners
 
 
-def _answer(line: str, console: str) -> dict[str, Any]:
+def parse_answer(line: str, console: str) -> dict[str, Any]:
     """One answer line; a kernel message printed into its middle is cut out."""
     if not line.strip():
         return {}
@@ -447,8 +167,8 @@ def _answer(line: str, console: str) -> dict[str, Any]:
 
 def _regs(msg: dict[str, str], pages: dict[str, int], vas: dict[str, int]) -> RealResult:
     return RealResult(
-        _signed(int(msg["x0"], 16)),
-        _signed(int(msg["x1"], 16)),
+        signed(int(msg["x0"], 16)),
+        signed(int(msg["x1"], 16)),
         int(msg["x2"], 16) & MASK64,
         int(msg["x3"], 16) & MASK64,
         pages=pages,
@@ -464,7 +184,7 @@ def _not_issued(k: Kernel, st: RawStep, pages: dict[str, int],
             for a in (*st.args, 0, 0, 0)][:3]
     return RealResult(
         -1,
-        _signed(regs[0]),
+        signed(regs[0]),
         regs[1] & MASK64,
         regs[2] & MASK64,
         note=f"{st.call} is not a host hypercall of {k.release}: not issued",
@@ -478,7 +198,7 @@ def _run_batch(
 ) -> tuple[dict[int, list[RealResult]], list[_Pending]]:
     """One fresh machine for ``batch``: results by sequence index, and the sequences left."""
     cmds, owners = _commands(k, batch)
-    console, secs = _run_machine(k, cmds, use_snapshot)
+    console, secs = run_machine(k, cmds, use_snapshot)
     logs.append(BootLog(k.profile, secs, len(batch), console))
     answers = [m.group(1) for m in re.finditer(rf"^{MARK} (.*)$", console, re.MULTILINE)]
     finished = f"{MARK}-END" in console
@@ -489,7 +209,7 @@ def _run_batch(
     for (b, j), ans in zip(owners, answers, strict=False):
         if j == SEQ_STEP:
             continue
-        msg = _answer(ans, console)
+        msg = parse_answer(ans, console)
         if "error" in msg:
             raise RealError(f"module refused step {j} of sequence {batch[b].seq}: {msg['error']}")
         if not msg:
@@ -540,7 +260,7 @@ def _death(k: Kernel, batch: list[_Pending], owners: list[tuple[int, int]], answ
     dead_at = owners[len(answers)]
     if dead_at[1] < 0:
         raise RealError(f"boot died outside any step:\n{console[-3000:]}")
-    panic = _PANIC_RE.search(console)
+    panic = PANIC_RE.search(console)
     lockup = _LOCKUP_RE.search(console)
     if not panic and not lockup:
         raise RealError(
@@ -548,8 +268,8 @@ def _death(k: Kernel, batch: list[_Pending], owners: list[tuple[int, int]], answ
             f"step {dead_at[1]}:\n{console[-3000:]}"
         )
     if panic:
-        lines = [ln.strip() for ln in console.splitlines() if _PANIC_RE.search(ln)]
-        who = "hyp panic" if _HYP_PANIC_RE.search(console) else "host kernel panic (EL1)"
+        lines = [ln.strip() for ln in console.splitlines() if PANIC_RE.search(ln)]
+        who = "hyp panic" if HYP_PANIC_RE.search(console) else "host kernel panic (EL1)"
     else:
         lines = [ln.strip() for ln in console.splitlines() if _LOCKUP_RE.search(ln)]
         who = "lockup"
@@ -630,18 +350,6 @@ def run_sequences(
     return [out[i] for i in range(len(seqs))]
 
 
-def prepare_snapshot(kernel: str, progress: bool = False) -> Path:
-    """Make (or check) ``kernel``'s QEMU snapshot now rather than at the first run."""
-    k = load_kernel(kernel, progress)
-    return _snapshot.ensure_snapshot(
-        k,
-        lambda: _initramfs(k, None),
-        lambda initrd: qemu_command(k, initrd),
-        f"{MARK}-READY",
-        lambda console: _check_boot(k, console),
-    )
-
-
 def hypercall_ids(kernel: str) -> dict[str, int]:
     """Host hypercall name -> index, from ``kernel``'s own ``enum __kvm_host_smccc_func``."""
     return dict(load_kernel(kernel, progress=False).ids)
@@ -660,6 +368,6 @@ def run_module_commands(kernel: str, cmds: list[str], snapshot: bool = True) -> 
     console."""
     k = load_kernel(kernel, progress=False)
     use = snapshot and os.environ.get("PKVM_CONFORM_SNAPSHOT", "1") != "0"
-    console, _ = _run_machine(k, cmds, use)
+    console, _ = run_machine(k, cmds, use)
     answers = [m.group(1) for m in re.finditer(rf"^{MARK} (.*)$", console, re.MULTILINE)]
     return answers, console

@@ -11,9 +11,11 @@ of every page it named:
    random), pfns (the sequence's own pages in every state it put them in, the UART's MMIO page,
    past RAM, random), gfns, `nr_pages` > 1, protections, x4..x6; on 7.2 blocks that load a vCPU
    on a CPU, make guest-memory calls on that CPU and put it again; on either CPU; guest runs;
-3. probes: for each page named, `__pkvm_host_share_hyp` then `__pkvm_host_unshare_hyp`: both
-   succeed only on a page the host owns alone, so the two answers compare the page's state
-   without changing it.
+3. probes: for each page named, a host read from the module (`host:read`: refused by the host
+   stage-2 or not, and how many words are not zero), then `__pkvm_host_share_hyp` and
+   `__pkvm_host_unshare_hyp`: both succeed only on a page the host owns alone, so the answers
+   compare the page's state without changing it. A `vmm:destroy` reads the guest's RAM back
+   after the teardown: pages given back must read as zeros.
 
 Only memory both sides control is ever passed as a pointer (`va:`/`pa:` of the sequence's own
 pages). Calls that dereference a host pointer to a structure the hyp trusts end the sequence
@@ -26,12 +28,14 @@ import random
 from collections import Counter, defaultdict
 from typing import TYPE_CHECKING
 
-from pkvm.conform.real import RawStep, vm_create, vm_destroy, vm_run, vm_topup
+from pkvm.abi.profiles import get_profile
+from pkvm.conform.model import model_abi
+from pkvm.conform.steps import RawStep, RealResult, host_read, vm_create, vm_destroy, vm_run, vm_topup
+from pkvm.errors import errno_name
 
 if TYPE_CHECKING:
     from pkvm.conform.diff import StepDiff
 
-KERNEL_ABI = {"7.2": "latest", "latest": "latest", "6.12": "6.12"}
 U64 = (1 << 64) - 1
 HCR_GUEST = 0x8800_6000  # a plausible HCR_EL2 for __pkvm_vcpu_load's third argument
 RAM_END_PFN = 0x80000  # 1 GiB at 0x4000_0000
@@ -78,13 +82,15 @@ VCPU_CALLS = ("__pkvm_host_donate_guest", "__pkvm_host_share_guest",
 
 class _Gen:
     def __init__(self, kernel: str, rng: random.Random):
-        from pkvm.abi.profiles import get_profile
-
-        self.prof = get_profile(KERNEL_ABI.get(kernel, kernel))
+        self.prof = get_profile(model_abi(kernel))
         self.rng = rng
         self.names = list(self.prof.hcalls)
-        self.v72 = self.prof.name != "6.12"
-        deref = DEREF | ({"__kvm_vcpu_run"} if not self.v72 else set())  # 6.12: a vCPU pointer
+        prof = self.prof
+        self.protected_vms = prof.protected_vms  # a VM may be made protected
+        self.guest_memory_calls = prof.hyp_owned_guest_stage2  # VCPU_CALLS on a loaded vCPU
+        self.two_phase_teardown = prof.two_phase_teardown
+        # without an explicit vCPU load, __kvm_vcpu_run runs the host vCPU its pointer names
+        deref = DEREF | ({"__kvm_vcpu_run"} if not prof.explicit_vcpu_load else set())
         self.pkvm_calls = [c for c in self.names[self.prof.min_pkvm:] if c not in deref]
         self.deref = sorted(deref & set(self.names))
         self.robin = [c for c in self.names[1:] if c not in deref]
@@ -135,7 +141,7 @@ class _Gen:
     def good(self, kind: str) -> int | str:
         """A value a well-behaved host would pass for an argument of this kind."""
         rng = self.rng
-        live = [v for v in self.vms if v != "vm:c"]
+        live: list[int | str] = [v for v in self.vms if v != "vm:c"]
         table: dict[str, list[int | str]] = {
             "pfn": ["page:p0", "page:p1", "page:g"], "handle": live or [0x1000],
             "gfn": [GUEST_GFN, GUEST_GFN + 1, GUEST_GFN + 2], "nr": [1], "prot": [7, 3, 1, 5],
@@ -169,15 +175,26 @@ class _Gen:
         args[i] = self.arg(sig[i])
         return RawStep(st.call, tuple(args), st.cpu)
 
+    def spoil_each(self, st: RawStep) -> list[RawStep]:
+        """One spoiled copy of a well-formed call per argument (a copy equal to it left out)."""
+        sig = SIGS[str(st.call)]
+        out = []
+        for i in range(len(st.args)):
+            args = list(st.args)
+            args[i] = self.arg(sig[i])
+            if args[i] != st.args[i]:
+                out.append(RawStep(st.call, tuple(args), st.cpu))
+        return out
+
     def setup(self) -> list[RawStep]:
         rng, out = self.rng, []
         if rng.random() < 0.85:
-            prot = self.v72 and rng.random() < 0.3
+            prot = self.protected_vms and rng.random() < 0.3
             out.append(vm_create("vm:a", rng.choice([1, 1, 2]), prot))
             self.vms.append("vm:a")
             self.protected["vm:a"] = prot
         if rng.random() < 0.35:
-            prot = self.v72 and rng.random() < 0.5
+            prot = self.protected_vms and rng.random() < 0.5
             out.append(vm_create("vm:b", 1, prot))
             self.vms.append("vm:b")
             self.protected["vm:b"] = prot
@@ -188,13 +205,17 @@ class _Gen:
         return out
 
     def block(self, cpu: int) -> list[RawStep]:
-        """7.2: load a vCPU on `cpu`, make guest-memory calls there, put it."""
+        """Load a vCPU on `cpu`, make guest-memory calls there, put it."""
         rng = self.rng
-        vm = rng.choice(self.vms) if self.vms else 0
-        idx = rng.choice([0, 0, 1])
+        live = list(self.protected)  # made at set-up (perhaps destroyed since)
+        if live and rng.random() < 0.85:  # mostly what KVM would load: a vCPU of a live VM
+            vm: int | str = rng.choice(live)
+        else:
+            vm = rng.choice(self.vms) if self.vms else 0
+        idx = 0 if rng.random() < 0.7 else rng.choice([1, 1, 2, 8])  # vCPU 0 has run: it exists
         out = []
-        if vm and rng.random() < 0.6:  # KVM tops the memcache up before such calls
-            out.append(vm_topup(str(vm), idx, rng.choice([1, 2, 4, 8])))
+        if vm and rng.random() < 0.85:  # KVM tops the memcache up before such calls
+            out.append(vm_topup(str(vm), idx, rng.choice([1, 2, 4, 8, 8])))
         out.append(RawStep("__pkvm_vcpu_load", (vm, idx, HCR_GUEST), cpu))
         for _ in range(rng.randrange(1, 5)):
             if rng.random() < 0.4 and vm in self.protected:  # a well-formed transfer
@@ -203,12 +224,43 @@ class _Gen:
                 if self.protected[vm]:
                     st = RawStep("__pkvm_host_donate_guest", (page, gfn), cpu)
                 else:
-                    st = RawStep("__pkvm_host_share_guest", (page, gfn, 1, 7), cpu)
-                out.append(self.spoil(st) if rng.random() < 0.3 else st)
+                    prot = self.good("prot")
+                    st = RawStep("__pkvm_host_share_guest", (page, gfn, 1, prot), cpu)
+                # its refusal boundary first: the call with each argument in turn redrawn
+                # from its kind's hostile values while the others stay valid (a refused call
+                # changes nothing), then the call itself
+                if rng.random() < 0.6:
+                    out += self.spoil_each(st)
+                out.append(st)
+                if not self.protected[vm] and rng.random() < 0.5:
+                    out.append(self.follow_up(vm, gfn, cpu))
             else:
                 out.append(self.call(rng.choice(VCPU_CALLS), cpu))
         out.append(RawStep("__pkvm_vcpu_put", (), cpu))
         return out
+
+    def follow_up(self, vm: str, gfn: int, cpu: int) -> RawStep:
+        """A guest-memory call on the gfn a transfer just mapped (well-formed or spoiled)."""
+        rng = self.rng
+        name = rng.choice(["__pkvm_host_relax_perms_guest", "__pkvm_host_mkyoung_guest",
+                           "__pkvm_host_wrprotect_guest", "__pkvm_host_test_clear_young_guest",
+                           "__pkvm_host_unshare_guest"])
+        given: dict[str, int | str] = {"handle": vm, "gfn": gfn, "nr": 1}
+        st = RawStep(name, tuple(given.get(k, self.good(k)) for k in SIGS[name]), cpu)
+        return self.spoil(st) if rng.random() < 0.3 else st
+
+    def teardown(self, cpu: int) -> list[RawStep]:
+        """A VM's two-phase teardown calls (start, reclaim a page, finalize) on one handle,
+        drawn with repeats and out of order."""
+        rng = self.rng
+        vm = rng.choice(self.vms) if self.vms else self.arg("handle")
+        calls = [RawStep("__pkvm_start_teardown_vm", (vm,), cpu)]
+        for _ in range(rng.randrange(1, 4)):
+            name = rng.choice(["__pkvm_start_teardown_vm", "__pkvm_finalize_teardown_vm",
+                               "__pkvm_reclaim_dying_guest_page"])
+            args = (vm, self.good("gfn")) if name.endswith("page") else (vm,)
+            calls.append(RawStep(name, args, rng.randrange(2)))
+        return calls
 
     def sequence(self, length: int, index: int) -> list[RawStep]:
         rng = self.rng
@@ -218,7 +270,7 @@ class _Gen:
         seq.append(self.call(self.robin[index % len(self.robin)], rng.randrange(2)))
         while len(seq) < length:
             cpu, r = rng.randrange(2), rng.random()
-            if self.v72 and r < 0.3:
+            if self.guest_memory_calls and r < 0.3:
                 seq += self.block(cpu)
             elif r < 0.38 and self.vms:
                 live = [v for v in self.vms if v != "vm:c"]
@@ -226,6 +278,8 @@ class _Gen:
                     seq.append(vm_run(rng.choice(live), rng.choice([0, 0, 1])))
             elif r < 0.42 and "vm:a" in self.vms:
                 seq.append(vm_destroy("vm:a"))
+            elif self.two_phase_teardown and r < 0.45:
+                seq += self.teardown(cpu)
             elif r < 0.47:
                 seq.append(RawStep(rng.choice(self.names[1 : self.prof.min_pkvm]), (), cpu))
             elif r < 0.5:
@@ -242,13 +296,15 @@ class _Gen:
 
 
 def probes(seq: list[RawStep]) -> list[RawStep]:
-    """Share then unshare every page the sequence named: both answer 0 only for a page the host
-    owns alone; a page in any other state is refused and left as it is."""
+    """For every page the sequence named: a host read (refused or not, and how much of the page
+    is not zero), then share and unshare it with the hyp (both answer 0 only for a page the host
+    owns alone; a page in any other state is refused and left as it is)."""
     names = dict.fromkeys(a.split(":", 1)[1] for st in seq for a in st.args
                           if isinstance(a, str) and a.split(":", 1)[0] in ("page", "pa", "va"))
     out = []
     for n in names:
-        out += [RawStep("__pkvm_host_share_hyp", (f"page:{n}",)),
+        out += [host_read(f"page:{n}"),
+                RawStep("__pkvm_host_share_hyp", (f"page:{n}",)),
                 RawStep("__pkvm_host_unshare_hyp", (f"page:{n}",))]
     return out
 
@@ -260,27 +316,23 @@ def random_sequences(kernel: str, n: int, seed: int, length: int = 12) -> list[l
 
 
 # -- coverage --------------------------------------------------------------------------------
-def outcome(r) -> str:
+def outcome(r: RealResult) -> str:
     """A step's outcome for the coverage table: "ok", an errno name, "unsupported", a panic."""
-    from pkvm.errors import errno_name
-
     if r.not_run:
         return "not run"
     if r.panic:
         return r.kind
     if r.x0 != 0:
-        return errno_name(-r.x0) if -4096 < r.x0 < -1 else "unsupported"
-    return errno_name(-r.x1) if -4096 < r.x1 < 0 else "ok"
+        return str(errno_name(-r.x0)) if -4096 < r.x0 < -1 else "unsupported"
+    return str(errno_name(-r.x1)) if -4096 < r.x1 < 0 else "ok"
 
 
-def coverage(kernel: str, results: list[list[StepDiff]]) -> dict[str, dict[str, Counter]]:
+def coverage(kernel: str, results: list[list[StepDiff]]) -> dict[str, dict[str, Counter[str]]]:
     """For every host hypercall of `kernel`: outcome -> count, per side ("model", "real")."""
-    from pkvm.abi.profiles import get_profile
-
-    names = list(get_profile(KERNEL_ABI.get(kernel, kernel)).hcalls)[1:]
-    cov: dict[str, dict[str, Counter]] = {n: {"model": Counter(), "real": Counter()}
+    names = list(get_profile(model_abi(kernel)).hcalls)[1:]
+    cov: dict[str, dict[str, Counter[str]]] = {n: {"model": Counter(), "real": Counter()}
                                           for n in names}
-    extra: dict[str, dict[str, Counter]] = defaultdict(lambda: {"model": Counter(),
+    extra: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: {"model": Counter(),
                                                                 "real": Counter()})
     for diffs in results:
         for d in diffs:
@@ -292,7 +344,7 @@ def coverage(kernel: str, results: list[list[StepDiff]]) -> dict[str, dict[str, 
     return {**cov, **dict(extra)}
 
 
-def succeeded(cov: dict[str, dict[str, Counter]]) -> tuple[int, int]:
+def succeeded(cov: dict[str, dict[str, Counter[str]]]) -> tuple[int, int]:
     """(host hypercalls that reached success on the real side at least once, all of them)."""
-    calls = [c for c in cov if not c.startswith("vmm:")]
+    calls = [c for c in cov if not c.startswith(("vmm:", "host:"))]
     return sum(1 for c in calls if cov[c]["real"]["ok"]), len(calls)

@@ -21,7 +21,10 @@ import json
 import random
 from dataclasses import dataclass, field
 
+import pkvm
 from pkvm.abi import ffa, psci
+from pkvm.conform.model import MACHINE, model_abi
+from pkvm.conform.real import RealError, run_module_commands
 
 U64 = (1 << 64) - 1
 NREGS = 18
@@ -184,10 +187,8 @@ def random_calls(seed: int, n: int) -> list[SmcCall]:
 # -- the two sides -----------------------------------------------------------------------------
 def run_model(kernel: str, calls: list[SmcCall]) -> list[tuple[int, ...] | str]:
     """Each call's x0..x17 on one model machine (a hyp panic: its reason, and the rest not run)."""
-    import pkvm
-    from pkvm.conform.model import KERNELS, MACHINE
 
-    m = pkvm.Machine(abi=KERNELS[kernel], trace=False, **MACHINE)  # no FF-A firmware
+    m = pkvm.Machine(abi=model_abi(kernel), trace=False, **MACHINE)  # no FF-A firmware
     out: list[tuple[int, ...] | str] = []
     for c in calls:
         if m.dead:
@@ -203,7 +204,6 @@ def run_model(kernel: str, calls: list[SmcCall]) -> list[tuple[int, ...] | str]:
 def run_real(kernel: str, calls: list[SmcCall]) -> list[tuple[int, ...] | str]:
     """Each call's x0..x17 on one fresh real machine (a call the machine died at, and those
     after it, carry the console's last line)."""
-    from pkvm.conform.real import RealError, run_module_commands
 
     answers, console = run_module_commands(kernel, [c.command() for c in calls])
     out: list[tuple[int, ...] | str] = []
@@ -248,7 +248,8 @@ def _diff(c: SmcCall, real: tuple[int, ...] | str, model: tuple[int, ...] | str)
     return f"{c.label} ({c.command()}): " + "; ".join(regs)
 
 
-def compare(kernel: str, calls: list[SmcCall], real: list | None = None) -> SmcReport:
+def compare(kernel: str, calls: list[SmcCall],
+            real: list[tuple[int, ...] | str] | None = None) -> SmcReport:
     """Run `calls` on both sides (the real side's answers may be passed in) and compare."""
     real = real if real is not None else run_real(kernel, calls)
     model = run_model(kernel, calls)

@@ -14,12 +14,18 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING, Protocol
 
-from pkvm.abi.host_structs import HYP_MEMCACHE_ACCOUNT_STAGE2, KVM_ARCH_FLAG_ID_REGS_INITIALIZED
+from pkvm.abi.host_structs import (
+    HYP_MEMCACHE_ACCOUNT_STAGE2,
+    KVM_ARCH_FLAG_ID_REGS_INITIALIZED,
+    KVM_VCPU,
+)
 from pkvm.errors import HostError
 
 if TYPE_CHECKING:
     from pkvm.host.kvm import HostVcpu, HostVm
 
+
+VGIC_V3_OFF = KVM_VCPU.offset("arch.vgic_v3.vgic_hcr")  # &vcpu->arch.vgic_cpu.vgic_v3
 
 class HostVmLife(Protocol):
     def init_kvm(self, vm: HostVm) -> None:
@@ -43,6 +49,13 @@ class HostVmLife(Protocol):
         ...
 
     def vcpu_put(self, vm: HostVm, cpu: int) -> None:
+        ...
+
+    def vgic_load(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
+        """The vGIC state EL2 restores when `kvm_arch_vcpu_load` runs before `KVM_RUN`."""
+        ...
+
+    def vgic_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
         ...
 
     def destroy(self, vm: HostVm) -> None:
@@ -74,6 +87,12 @@ class OnePhase:
         pass  # each `__kvm_vcpu_run` names its vCPU
 
     def vcpu_put(self, vm: HostVm, cpu: int) -> None:
+        pass
+
+    def vgic_load(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
+        pass  # 6.12's host saves and restores the vGIC state itself
+
+    def vgic_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
         pass
 
     def destroy(self, vm: HostVm) -> None:
@@ -113,6 +132,15 @@ class TwoPhase:
 
     def vcpu_put(self, vm: HostVm, cpu: int) -> None:
         vm.hvc("__pkvm_vcpu_put", cpu=cpu)
+
+    def vgic_load(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
+        # arm.c kvm_arch_vcpu_load, after the hyp vCPU's load: EL2 restores its vGIC VMCR and
+        # APRs (reading the loaded hyp vCPU: after a raw teardown the hyp panics, as Linux's).
+        vm.host.hvc("__vgic_v3_restore_vmcr_aprs", vcpu.va + VGIC_V3_OFF, cpu=cpu)
+
+    def vgic_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
+        # kvm_arch_vcpu_put, before the hyp vCPU's put: EL2 saves the APRs.
+        vm.host.hvc("__vgic_v3_save_aprs", vcpu.va + VGIC_V3_OFF, cpu=cpu)
 
     def destroy(self, vm: HostVm) -> None:
         if not vm.is_created:

@@ -157,6 +157,7 @@ class VcpuRunner:
         cpu = self.vcpu.idx % vm.host.nr_cpus if cpu is None else cpu
         vm.ensure_hyp_vcpu(self.vcpu)
         vm.life.vcpu_load(vm, self.vcpu, HCR_HOST_VCPU, cpu)
+        vm.life.vgic_load(vm, self.vcpu, cpu)
         try:
             for _ in range(RUN_REENTRY_LIMIT):
                 r = vm.host.hvc("__kvm_vcpu_run", self.vcpu.va, cpu=cpu)
@@ -172,6 +173,7 @@ class VcpuRunner:
             return VcpuExit("hung", detail=f"KVM_RUN re-entered the guest {RUN_REENTRY_LIMIT} "
                                            "times without an exit to userspace")
         finally:
+            vm.life.vgic_put(vm, self.vcpu, cpu)
             vm.life.vcpu_put(vm, cpu)
 
     def _count(self, kind: str) -> None:

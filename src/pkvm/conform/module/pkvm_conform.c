@@ -18,6 +18,11 @@
  *   topup FD N                    (from the VMM helper) push fresh zeroed pages on the pKVM
  *                                 memcache of the KVM vCPU whose fd is FD in the writing process
  *                                 until it holds N (at most 64); x1 = pages it holds (7.2 on)
+ *   read CPU NAME                 read page NAME through the kernel's linear map on CPU, the
+ *                                 way any host kernel code would, with an exception-table-backed
+ *                                 accessor: a read the host stage-2 refuses (an abort injected
+ *                                 back by the hyp) is caught. x0 = 0 or -EFAULT, x1 = how many
+ *                                 of its 512 64-bit words are not zero
  *   page NAME                     allocate page NAME now; answers as "pages" does
  *   pages                         the current sequence's name -> pfn map (and -> kernel VA)
  *   ids                           every host hypercall name with its index in the enum
@@ -47,6 +52,12 @@
 #define PKVMC_MAX_PAGES		64
 #define PKVMC_NAME_LEN		32
 #define PKVMC_OUT_LEN		4096
+/*
+ * Each named page is the first of a block of 1 << PKVMC_ORDER pages of ours: a structure the
+ * hyp reads or pins from its VA on (a struct kvm or kvm_vcpu passes 4 KiB) lands in memory of
+ * ours, never in a neighbour Linux owns.
+ */
+#define PKVMC_ORDER		2
 #define PKVMC_IN_LEN		512
 
 struct pkvmc_hcall_name {
@@ -135,7 +146,7 @@ static struct page *pkvmc_named_page(const char *name)
 			return pkvmc_pages[i].page;
 	if (pkvmc_npages == PKVMC_MAX_PAGES)
 		return NULL;
-	page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	page = alloc_pages(GFP_KERNEL | __GFP_ZERO, PKVMC_ORDER);
 	if (!page)
 		return NULL;
 	strscpy(pkvmc_pages[pkvmc_npages].name, name, PKVMC_NAME_LEN);
@@ -224,6 +235,43 @@ static void pkvmc_cmd_hvc(char *rest)
 		return pkvmc_error("cpu call failed", "");
 	pkvmc_printf("{\"x0\": \"0x%llx\", \"x1\": \"0x%llx\", \"x2\": \"0x%llx\", \"x3\": \"0x%llx\"}\n",
 		     r.x[0], r.x[1], r.x[2], r.x[3]);
+}
+
+struct pkvmc_read {
+	void *src;
+	long ret;
+};
+
+static u64 pkvmc_read_buf[PAGE_SIZE / sizeof(u64)];
+
+static void pkvmc_do_read(void *data)
+{
+	struct pkvmc_read *r = data;
+
+	r->ret = copy_from_kernel_nofault(pkvmc_read_buf, r->src, PAGE_SIZE);
+}
+
+static void pkvmc_cmd_read(char *rest)
+{
+	struct pkvmc_read r = {};
+	struct page *page;
+	unsigned int cpu;
+	char *tok = strsep(&rest, " ");
+	int i, nonzero = 0;
+
+	if (!tok || kstrtouint(tok, 0, &cpu) || cpu >= nr_cpu_ids || !cpu_online(cpu))
+		return pkvmc_error("bad cpu", tok);
+	page = rest && *rest ? pkvmc_named_page(rest) : NULL;
+	if (!page)
+		return pkvmc_error("bad page", rest);
+	r.src = page_address(page);
+	if (smp_call_function_single(cpu, pkvmc_do_read, &r, 1))
+		return pkvmc_error("cpu call failed", "");
+	if (!r.ret)
+		for (i = 0; i < ARRAY_SIZE(pkvmc_read_buf); i++)
+			nonzero += pkvmc_read_buf[i] != 0;
+	pkvmc_printf("{\"x0\": \"0x%llx\", \"x1\": \"0x%x\", \"x2\": \"0x0\", \"x3\": \"0x0\"}\n",
+		     (u64)(r.ret ? -EFAULT : 0), nonzero);
 }
 
 /* The helper names a VM by its fd in the helper's own process (we run in that process). */
@@ -430,6 +478,8 @@ static ssize_t pkvmc_write(struct file *file, const char __user *ubuf, size_t le
 			pkvmc_error("bad sequence number", rest);
 		/* Pages stay allocated (the hyp may still hold them); names start afresh. */
 		pkvmc_npages = 0;
+	} else if (!strcmp(cmd, "read")) {
+		pkvmc_cmd_read(rest);
 	} else if (!strcmp(cmd, "vm")) {
 		pkvmc_cmd_vm(rest);
 	} else if (!strcmp(cmd, "topup")) {
