@@ -33,9 +33,10 @@ from typing import Any
 from pkvm import scenario
 from pkvm.board import Machine
 from pkvm.check.fuzz_gen import generate
-from pkvm.check.fuzz_ops import DRIVER_OPS, FULL_EVERY, Racer, Step, World, run_step
+from pkvm.check.fuzz_ops import DRIVER_OPS, FULL_EVERY, Step, World, run_step
 from pkvm.check.invariants import InvariantViolation
 from pkvm.check.oracles import NoWarn, excused_warns
+from pkvm.check.racer import Racer
 from pkvm.errors import HostDataAbort, HostError, HypPanic
 
 __all__ = ["FULL_EVERY", "Campaign", "CampaignResult", "Failure", "RunResult", "Step", "World",

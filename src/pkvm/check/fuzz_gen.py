@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from pkvm.check.ffa_ops import smc_ops
 from pkvm.check.fuzz_ops import GFN0, INTERESTING_U64, U64, Step
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
@@ -159,8 +160,6 @@ def generate(r: random.Random, prof: Any, cpus: int, n: int, smc: bool = False) 
                                      r.choice([8, 0x800, 0xFFF]), r.randrange(64))),
         ]
     if smc:
-        from pkvm.check.ffa_ops import smc_ops
-
         ops += smc_ops(r)
     raceable = [o for o in ops if o[0] in ("init_vcpu", "init_vm", "session", "load",
                                            "scribble_init", "map", "ptr_call")]

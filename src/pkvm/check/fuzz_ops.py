@@ -24,8 +24,9 @@ from typing import Any
 from pkvm.abi.host_structs import KVM, KVM_VCPU
 from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.board import Machine
-from pkvm.check.ffa_ops import run_smc_step
+from pkvm.check.ffa_ops import run_smc_step, smc_result_label
 from pkvm.check.invariants import Checker
+from pkvm.check.racer import Racer
 from pkvm.errors import HostDataAbort, HostError, errno_name
 from pkvm.host.kvm import host_va
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
@@ -51,69 +52,6 @@ class Step:
 
     def __str__(self) -> str:
         return f"{self.op}@cpu{self.cpu}{self.a}"
-
-
-class RaceBlocked(Exception):
-    """The racing host CPU's store would need a lock the interrupted CPU holds."""
-
-
-class Racer:
-    """A `Scheduler` (`pkvm.machine.preempt`) playing a second host CPU: at the `fire_at`-th EL2
-    read of host-shared memory during a hypercall it stores, through the host stage-2 on its own
-    CPU, as a real host CPU can at any time: either planned (pa, bytes) stores (a replay), or a
-    `value` written over the very bytes EL2 is about to read (an int, or ("rel", d): what is
-    there now plus d)."""
-
-    def __init__(self, m: Any, port: Any):
-        self.m = m
-        self.store_port = port
-        self.plan: list[tuple[int, bytes]] = []
-        self.value: Any = None
-        self.fire_at = 0
-        self.seen = 0
-        self.log: list[tuple[int, bytes, int]] = []  # (pa, data, at which host read)
-
-    def arm(self, plan: list[tuple[int, bytes]], fire_at: int = 0, value: Any = None) -> None:
-        self.plan, self.value, self.fire_at, self.seen = plan, value, fire_at, 0
-
-    def _stores(self, detail: str) -> list[tuple[int, bytes]]:
-        if self.value is None:
-            return self.plan
-        n, at, pa_s = detail.partition("@")
-        if not at:  # a read EL2 names but does not place (a whole struct): nothing to overwrite
-            return []
-        pa, size = int(pa_s, 0), min(int(n), 8)
-        v = self.value
-        if isinstance(v, tuple):
-            v = int.from_bytes(self.store_port.read(0, pa, size), "little") + v[1]
-        return [(pa, (v & ((1 << (8 * size)) - 1)).to_bytes(size, "little"))]
-
-    def preempt(self, cpu: int, event: str, detail: str) -> None:
-        if event != "host-read" or not (self.plan or self.value is not None):
-            return
-        self.seen += 1
-        if self.seen <= self.fire_at:
-            return
-        pts = self.m.preemption
-        racer_cpu = (cpu + 1) % self.m.nr_cpus
-        try:
-            stores = self._stores(detail)
-        except HostDataAbort:
-            stores = []
-        finally:
-            pts.switch_to(cpu)
-        self.plan, self.value = [], None
-        for pa, data in stores:
-            try:
-                self.store_port.write(racer_cpu, pa, data)
-            except (HostDataAbort, RaceBlocked):
-                continue  # the store did not happen (refused, or would deadlock here)
-            finally:
-                pts.switch_to(cpu)
-            self.log.append((pa, data, self.seen - 1))
-
-    def wait_lock(self, cpu: int, lock: Any) -> None:
-        raise RaceBlocked(lock)
 
 
 class World:
@@ -188,8 +126,6 @@ class World:
 
     def _on_call(self, rec: Any) -> None:
         if rec.panic is None and rec.name.startswith("smc:"):
-            from pkvm.check.ffa_ops import smc_result_label
-
             self.results[(rec.name, smc_result_label(rec))] += 1
         elif rec.panic is None:
             self.results[(rec.name, _result_label(rec.x0, rec.x1))] += 1

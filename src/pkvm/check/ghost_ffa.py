@@ -37,6 +37,9 @@ from typing import Any
 
 from pkvm.abi import ffa as F
 from pkvm.abi.profiles import ARM_SMCCC_CALL_HINTS
+from pkvm.check.violations import InvariantViolation
+from pkvm.inspect import PAGE_STATE_VALUES as V
+from pkvm.machine.firmware import smc_func_id
 
 U32, U64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
 PAGE = 4096
@@ -102,8 +105,6 @@ class FfaGhost:
 
     # -- entry ----------------------------------------------------------------------------
     def before_call(self, cpu: int, func: Any, args: tuple[int, ...], imm: int) -> None:
-        from pkvm.machine.firmware import smc_func_id
-
         self.plan = None
         try:
             x0 = smc_func_id(func) if isinstance(func, str) else func & U64
@@ -414,8 +415,6 @@ def check_owner_full(ins: Any, firmware: Any, excused: Ranges | None = None) -> 
     """Every host SHARED_OWNED RAM page that neither the hyp nor a guest borrows is held by the
     secure world (or is one of the kernel's `excused` leftovers), and every RAM page the secure
     world holds is host SHARED_OWNED and not the hyp's."""
-    from pkvm.check.invariants import InvariantViolation
-
     spmc = firmware.spmc
     host, hyp, guests = ins.page_states()
     base = ins.ram_range()[0] >> 12
@@ -431,8 +430,6 @@ def check_owner_full(ins: Any, firmware: Any, excused: Ranges | None = None) -> 
         lo, hi = max(pfn - base, 0), min(pfn + k - base, n)
         if lo < hi:
             held[lo:hi] = b"\2" * (hi - lo)
-    from pkvm.inspect import PAGE_STATE_VALUES as V
-
     so, sb, nopage = V["SHARED_OWNED"], V["SHARED_BORROWED"], V["NOPAGE"]
     for i in range(n):
         if held[i] == 1 and (host[i] != so or hyp[i] != nopage):
