@@ -17,12 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pkvm
+from pkvm.abi.profiles import abi_name
 from pkvm.conform.steps import HOST_READ, RawStep, RealResult, page_names
 from pkvm.host.kvm import GUEST_RAM_IPA, host_va
 
 MACHINE: dict[str, Any] = {"memory": "1G", "cpus": 2}
-# The model's ABI profile (`pkvm.abi.profiles`) of each real kernel: conform/'s one table.
-MODEL_ABI = {"6.12": "6.12", "7.2": "latest", "latest": "latest"}
 # The helper's guest (helper/pkvm_vmm.c): movz x1, #0x0900, lsl #16; 1: str w0, [x1];
 # add w0, w0, #1; b 1b
 GUEST_CODE = (0xD2A12001, 0xB9000020, 0x11000400, 0x17FFFFFE)
@@ -67,8 +66,9 @@ class ModelRun:
 
 
 def model_abi(kernel: str) -> str:
-    """The model's ABI profile name for a real kernel ("7.2" -> "latest")."""
-    return MODEL_ABI.get(kernel, kernel)
+    """The model's ABI profile name for a real kernel ("7.2" -> "latest"), by the one alias
+    table (`pkvm.abi.profiles.ABI_ALIASES`)."""
+    return abi_name(kernel)
 
 
 def new_machine(kernel: str) -> pkvm.Machine:

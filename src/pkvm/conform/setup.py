@@ -38,6 +38,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from pkvm.abi.profiles import ABI_ALIASES
 from pkvm.conform.cache import SetupError, cache_root, private_apt
 from pkvm.conform.qemu import SUITE, ensure_qemu, load_qemu, qemu_choice
 from pkvm.debian import (
@@ -56,7 +57,9 @@ _HERE = Path(__file__).resolve().parent
 __all__ = ["KERNELS", "Kernel", "SetupError", "cache_root", "ensure_setup", "kernel_dir"]
 
 
-ALIASES = {"latest": "7.2"}
+# A profile name that is not itself a kernel's ("latest") -> that kernel ("7.2"): the one alias
+# table of `pkvm.abi.profiles`, read backwards.
+ALIASES = {abi: kernel for kernel, abi in ABI_ALIASES.items() if abi != kernel}
 KERNELS = tuple(KERNEL_PACKAGES)
 BUSYBOX_SUITE = "trixie"
 
