@@ -45,6 +45,7 @@ NOT_RUN = {  # what a command starts with -> why it is not run here
     "PKVM_MYPYC=1 .venv/bin/pip": "the compiled install (`.ci/run-compiled` builds and tests it)",
     ".venv/bin/lint-imports": "runs the test suite itself",
     ".venv/bin/ruff": "runs the test suite itself",
+    ".venv/bin/mypy": "runs the test suite itself",
     ".venv/bin/python -m pytest": "runs the test suite itself",
     "apt-get": "installs system packages (needs root and the network)",
 }
