@@ -54,13 +54,13 @@ from pkvm.debian import (
 
 _HERE = Path(__file__).resolve().parent
 
-__all__ = ["KERNELS", "Kernel", "SetupError", "cache_root", "ensure_setup", "kernel_dir"]
+__all__ = ["REAL_KERNELS", "Kernel", "SetupError", "cache_root", "ensure_setup", "kernel_dir"]
 
 
 # A profile name that is not itself a kernel's ("latest") -> that kernel ("7.2"): the one alias
 # table of `pkvm.abi.profiles`, read backwards.
 ALIASES = {abi: kernel for kernel, abi in ABI_ALIASES.items() if abi != kernel}
-KERNELS = tuple(KERNEL_PACKAGES)
+REAL_KERNELS = tuple(KERNEL_PACKAGES)  # the real kernels the harness boots ("6.12", "7.2")
 BUSYBOX_SUITE = "trixie"
 
 # Debian packages this machine needs, by the command that shows each is present.
@@ -119,7 +119,7 @@ def kernel_name(kernel: str) -> str:
     """``"6.12"`` or ``"7.2"`` for a kernel name or alias; ValueError for anything else."""
     name = ALIASES.get(kernel, kernel)
     if name not in KERNEL_PACKAGES:
-        raise ValueError(f"unknown kernel {kernel!r}: use one of {', '.join(KERNELS)} or 'latest'")
+        raise ValueError(f"unknown kernel {kernel!r}: use one of {', '.join(REAL_KERNELS)} or 'latest'")
     return name
 
 
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-snapshot", action="store_true", help="do not boot once to save the QEMU snapshot"
     )
     args = ap.parse_args(argv)
-    wanted = list(KERNELS) if "all" in args.kernels else args.kernels
+    wanted = list(REAL_KERNELS) if "all" in args.kernels else args.kernels
     try:
         for k in wanted:
             t0 = time.monotonic()
