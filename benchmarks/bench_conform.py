@@ -25,8 +25,7 @@ import argparse
 import time
 
 from pkvm.conform.real import BootLog, RawStep, run_sequences
-from pkvm.conform.setup import REAL_KERNELS
-from pkvm.conform.setup import ensure_setup, profile_of
+from pkvm.conform.setup import REAL_KERNELS, ensure_setup, profile_of
 
 
 def plain_sequence(i: int) -> list[RawStep]:
