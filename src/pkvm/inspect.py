@@ -12,6 +12,7 @@ it is all `pkvm.check` may use of the hyp: an import contract (pyproject.toml) f
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -340,11 +341,18 @@ class Inspector:
         return host, hyp, guests
 
 
+# The views recording each vmemmap's stores (`VmemmapView.record_dirty`): a drain hands what it
+# takes to the other recorders of the same vmemmap, so two checkers never steal from each other.
+_RECORDERS: weakref.WeakKeyDictionary[Any, weakref.WeakSet[VmemmapView]] = (
+    weakref.WeakKeyDictionary())
+
+
 class VmemmapView:
-    """`hyp_vmemmap`, read-only: each per-page array as a read-only memoryview."""
+    """`hyp_vmemmap`, read-only: each per-page array as a read-only memoryview, and the pages
+    whose entries the hyp stored to since the last look (`record_dirty`, `drain_dirty`)."""
 
     __slots__ = ("base_pfn", "nr", "refcount", "host_state", "hyp_state",
-                 "host_share_guest_count", "_v")
+                 "host_share_guest_count", "_v", "_backlog", "__weakref__")
 
     def __init__(self, h: HypState):
         v = h.vmemmap
@@ -355,6 +363,32 @@ class VmemmapView:
         self.host_state = memoryview(v.host_state).toreadonly()
         self.hyp_state = memoryview(v.hyp_state).toreadonly()
         self.host_share_guest_count = memoryview(v.host_share_guest_count).toreadonly()
+        self._backlog: set[int] | None = None  # entries drained by another recorder, for this one
+
+    def record_dirty(self) -> None:
+        """From now on, note every page whose refcount, states or share count the hyp stores to
+        (`HypVmemmap.touch`), for `drain_dirty`."""
+        if self._backlog is not None:
+            return
+        self._backlog = set()
+        if self._v.dirty is None:
+            self._v.dirty = set()
+        _RECORDERS.setdefault(self._v, weakref.WeakSet()).add(self)
+
+    def drain_dirty(self) -> set[int]:
+        """The pfns whose entries the hyp stored to since the last drain (a superset of those
+        whose values changed), forgotten here; empty unless `record_dirty` was called."""
+        if self._backlog is None:
+            return set()
+        v = self._v
+        new = v.dirty or set()
+        v.dirty = set()
+        for other in _RECORDERS.get(v, ()):
+            if other is not self and other._backlog is not None:
+                other._backlog |= new
+        taken, self._backlog = self._backlog | new, set()
+        base = self.base_pfn
+        return {base + i for i in taken}
 
     def idx(self, pa: int) -> int:
         return self._v.idx(pa)

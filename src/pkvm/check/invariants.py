@@ -5,11 +5,16 @@ lists them by name with the sentence a violation quotes. The `Checker` reads hyp
 and is incremental: after each call it finds the pages whose `hyp_vmemmap` entry changed (7.2
 keeps page states there) plus the pages the call's arguments name, checks those pages against
 every table, and re-checks the cheap global facts (VM table, loaded vCPUs, pins, VM refcounts).
-Every `full_every` calls, and on `check_all()`, it checks every page and every table.
+The changed pages come from the hyp's own stores: every writer of an entry notes it
+(`VmemmapView.drain_dirty`), and the checker compares just those entries with its copy.
+Every `full_every` calls, and on `check_all()`, it checks every page and every table; the
+periodic full check also compares the whole vmemmap with the copy, so a store no writer noted is
+still seen (the finding `noted-stores`).
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -79,7 +84,9 @@ class Checker(GlobalInvariants):
         self.globals_skipped = 0
         vm = self.h.vmemmap
         self._in_vmemmap = self.h.profile.page_state_in_vmemmap
-        self._prev = [a.tobytes() for a in self._arrays()]
+        vm.record_dirty()
+        self._prev = [array(a.format, a.tobytes()) for a in self._arrays()]
+        self.unrecorded = 0  # changed entries only the whole-vmemmap comparison found
         self._ram_lo = vm.base_pfn
         self._ram_hi = vm.base_pfn + vm.nr
         self.ghost = None
@@ -142,6 +149,7 @@ class Checker(GlobalInvariants):
             self._oracles()
             if self._full_due():
                 self.check_all()
+                self._full_sweep()
             else:
                 touched = changed | pending | self._arg_pages(rec.args)
                 self.check_pages(touched, rec.name)
@@ -165,6 +173,7 @@ class Checker(GlobalInvariants):
         self._gmap = None
         self.check_pages(self._changed_pages())
         self.check_globals()
+        self._full_sweep()
 
     def _oracles(self) -> None:
         """The registered per-call oracles of `pkvm.check.oracles` (WARNs, hardware)."""
@@ -201,25 +210,55 @@ class Checker(GlobalInvariants):
         return out
 
     def _changed_pages(self) -> set[int]:
-        """pfns whose vmemmap entry (states, refcount, share count) changed since last call."""
+        """pfns whose vmemmap entry (states, refcount, share count) changed since last call:
+        of those the hyp's writers noted, the ones that differ from the copy (then updated)."""
         out: set[int] = set()
         base = self._ram_lo
-        cur_all = [a.tobytes() for a in self._arrays()]
-        for k, (cur, prev) in enumerate(zip(cur_all, self._prev)):
-            if cur == prev:
-                continue
-            _diff(cur, prev, 0, len(cur), self._arrays()[k].itemsize, base, out)
-        if out:
-            if self._in_vmemmap:
-                ph, py = self._prev[0], self._prev[1]
-                vm = self.h.vmemmap
-                for pfn in out:
-                    i = pfn - base
-                    a, b = (ph[i], py[i]), (vm.host_state[i], vm.hyp_state[i])
-                    if a != b:
-                        self.transitions[(tuple(map(_name, a)), tuple(map(_name, b)))] += 1
-            self._prev = cur_all
+        pairs = list(zip(self._arrays(), self._prev))
+        for pfn in self.h.vmemmap.drain_dirty():
+            i = pfn - base
+            for cur, prev in pairs:
+                if cur[i] != prev[i]:
+                    out.add(pfn)
+                    break
+        self._note(out)
         return out
+
+    def _sweep(self) -> set[int]:
+        """The whole-vmemmap comparison: pfns whose entry differs from the copy although no
+        writer noted it (after `_changed_pages`), counted in `unrecorded`; the copy made whole."""
+        out: set[int] = set()
+        for cur, prev in zip(self._arrays(), self._prev):
+            c, p = cur.tobytes(), prev.tobytes()
+            if c != p:
+                _diff(c, p, 0, len(c), cur.itemsize, self._ram_lo, out)
+        self.unrecorded += len(out)
+        self._note(out)
+        return out
+
+    def _full_sweep(self) -> None:
+        """`_sweep` at a full check: an entry no writer noted is a finding (`noted-stores`)."""
+        missed = self._sweep()
+        if missed:
+            first = min(missed)
+            raise InvariantViolation("noted-stores", f"{len(missed)} vmemmap entries changed "
+                                     "since the last full check with no writer noting them",
+                                     first, "noted", "not noted")
+
+    def _note(self, pfns: set[int]) -> None:
+        """Count the page-state transitions of `pfns` and bring the copy up to date."""
+        base = self._ram_lo
+        arrays = self._arrays()
+        if self._in_vmemmap:
+            (ch, cy), (ph, py) = arrays[:2], self._prev[:2]
+            for pfn in pfns:
+                i = pfn - base
+                a, b = (ph[i], py[i]), (ch[i], cy[i])
+                if a != b:
+                    self.transitions[(tuple(map(_name, a)), tuple(map(_name, b)))] += 1
+        for cur, prev in zip(arrays, self._prev):
+            for pfn in pfns:
+                prev[pfn - base] = cur[pfn - base]
 
     # -- everything --------------------------------------------------------------------------
     def check_all(self) -> None:

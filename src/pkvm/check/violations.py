@@ -43,6 +43,9 @@ INVARIANTS: dict[str, Invariant] = {i.name: i for i in [
               "specification's (pkvm.check.ghost)"),
     Invariant("no-warn", "no hyp WARN_ON fires on a path the host can reach (a WARN the host can "
               "provoke is a kernel bug: the host gets an errno instead)"),
+    Invariant("noted-stores", "every store the hyp makes to a hyp_vmemmap entry is noted for "
+              "the incremental check (HypVmemmap.touch); an unnoted one escapes the per-call "
+              "checks until the next full check (a model fault, not a kernel rule)"),
     Invariant("no-exception", "nothing a host passes makes the hyp raise anything but HypPanic"),
     Invariant("ffa-owner", "every RAM page the secure world holds is host SHARED_OWNED and not "
               "the hyp's; every host SHARED_OWNED page no hyp or guest borrows is held by the "

@@ -345,6 +345,7 @@ def set_host_state_range(h: HypState, addr: int, size: int, state: PageState) ->
     """7.2 `__host_update_page_state`."""
     vm = h.vmemmap
     i = vm.idx(addr)
+    vm.touch_range(i, size >> PAGE_SHIFT)
     for k in range(i, i + (size >> PAGE_SHIFT)):
         vm.host_state[k] = state
 
@@ -353,6 +354,7 @@ def set_hyp_state_range(h: HypState, addr: int, size: int, state: PageState) -> 
     """7.2 `__hyp_set_page_state_range`."""
     vm = h.vmemmap
     i = vm.idx(addr)
+    vm.touch_range(i, size >> PAGE_SHIFT)
     for k in range(i, i + (size >> PAGE_SHIFT)):
         vm.hyp_state[k] = state
 
@@ -564,6 +566,7 @@ def hyp_pin_shared_mem(h: HypState, start_va: int, end_va: int) -> int:
             i = vm.idx(hyp_pa(va))
             if vm.refcount[i] == HYP_PAGE_REFCOUNT_MAX:
                 raise HypBug("hyp_page_ref_inc: refcount overflow")
+            vm.touch(i)
             vm.refcount[i] += 1
             if vm.refcount[i] == 1:
                 store.pin_first(h, va)
@@ -582,6 +585,7 @@ def hyp_unpin_shared_mem(h: HypState, start_va: int, end_va: int) -> None:
                 store.unpin_last(h, va)
             if vm.refcount[i] == 0:
                 raise HypBug("hyp_page_ref_dec: refcount underflow on unpin")
+            vm.touch(i)
             vm.refcount[i] -= 1
 
 

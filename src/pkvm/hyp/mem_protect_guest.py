@@ -211,6 +211,7 @@ def __pkvm_host_share_guest(h: HypState, pfn: int, gfn: int, nr_pages: int,
             return ret
         for pa in range(phys, phys + size, PAGE_SIZE):
             i = vmm.idx(pa)
+            vmm.touch(i)
             vmm.host_state[i] = PageState.SHARED_OWNED
             vmm.host_share_guest_count[i] += 1
         _warn(h, _guest_map(h, vm, vcpu, ipa, size, phys,
@@ -261,6 +262,7 @@ def __pkvm_host_unshare_guest(h: HypState, gfn: int, nr_pages: int, vm: "PkvmHyp
             return ret
         for pa in range(phys, phys + size, PAGE_SIZE):
             i = vmm.idx(pa)
+            vmm.touch(i)
             vmm.host_share_guest_count[i] -= 1
             if not vmm.host_share_guest_count[i] or h.bug("unshare-guest-count"):
                 vmm.host_state[i] = PageState.OWNED  # (seeded: even while still shared)

@@ -6,6 +6,11 @@ states and the non-protected-guest share count. Its pages are reserved in the hy
 the field values are kept in typed arrays beside them for speed (a model choice: nothing but
 EL2 can reach either).
 
+`HypVmemmap.dirty` is model bookkeeping with no kernel counterpart: when a checker records
+(`pkvm.inspect.VmemmapView.record_dirty`), every store to an entry's refcount, states or share
+count notes the entry (`touch`), so the checker learns which pages a call changed without
+comparing the whole vmemmap.
+
 `PageStates` is where a kernel keeps each page's host and hyp states: 7.2 in these fields
 (`pkvm.hyp.mem_protect.VmemmapPageStates`), 6.12 in the software bits of the host stage-2 and
 hyp stage-1 leaves (`pkvm.hyp.mem_protect_6_12.PtePageStates`); `page_states(h)` is the one of
@@ -60,6 +65,21 @@ class HypVmemmap:
         self.host_state = array("B", bytes(n))
         self.hyp_state = array("B", [PageState.NOPAGE]) * n
         self.host_share_guest_count = array("I", bytes(4 * n))
+        # Entries (indices) whose refcount, states or share count were stored to since a checker
+        # last drained them; None while nothing records.
+        self.dirty: set[int] | None = None
+
+    def touch(self, i: int) -> None:
+        """Note that entry `i`'s refcount, states or share count was stored to (see `dirty`)."""
+        d = self.dirty
+        if d is not None:
+            d.add(i)
+
+    def touch_range(self, i: int, n: int) -> None:
+        """`touch` of entries [i, i + n)."""
+        d = self.dirty
+        if d is not None:
+            d.update(range(i, i + n))
 
     def idx(self, pa: int) -> int:
         """`hyp_phys_to_page`: the entry of `pa`. Outside RAM the kernel's pointer lands outside
@@ -78,6 +98,7 @@ class HypVmemmap:
     def clear(self, pa: int) -> None:
         """`memset(hyp_page, 0, ...)` (6.12 drains): every field back to zero."""
         i = self.idx(pa)
+        self.touch(i)
         self.refcount[i] = 0
         self.order[i] = 0
         self.host_state[i] = PageState.OWNED

@@ -50,6 +50,7 @@ class HypPool:
         self.range_start = pfn << PAGE_SHIFT
         self.range_end = self.range_start + (nr_pages << PAGE_SHIFT)
         base = vm.idx(self.range_start)
+        vm.touch_range(base, nr_pages)
         for i in range(nr_pages):
             vm.refcount[base + i] = 1
             vm.order[base + i] = 0
@@ -114,6 +115,7 @@ class HypPool:
         i = vm.idx(pa)
         if vm.refcount[i] == 0:
             raise HypBug(f"{self.name}: refcount underflow on {pa:#x}")
+        vm.touch(i)
         vm.refcount[i] -= 1
         if vm.refcount[i] == 0:
             self._attach(pa)
@@ -141,6 +143,7 @@ class HypPool:
             vm.order[idx] = order
             if vm.refcount[idx] != 0:
                 raise HypBug(f"{self.name}: allocated page {pa:#x} has refcount")
+            vm.touch(idx)
             vm.refcount[idx] = 1
             return pa
 
@@ -153,6 +156,7 @@ class HypPool:
             i = vm.idx(pa & ~(PAGE_SIZE - 1))
             if vm.refcount[i] == 0xFFFF:
                 raise HypBug(f"{self.name}: refcount overflow on {pa:#x}")
+            vm.touch(i)
             vm.refcount[i] += 1
 
     def put_page(self, pa: int) -> None:
@@ -168,6 +172,7 @@ class HypPool:
         i = vm.idx(pa)
         order = vm.order[i]
         vm.order[i] = 0
+        vm.touch_range(i + 1, (1 << order) - 1)
         for k in range(1, 1 << order):
             vm.order[i + k] = 0
             vm.refcount[i + k] = 1

@@ -110,6 +110,7 @@ class GuestMmOps:
         vmm = self.h.vmemmap
         if self.h.profile.teardown_clears_whole_hyp_page:
             vmm.clear(pa)
+        vmm.touch(vmm.idx(pa))
         vmm.refcount[vmm.idx(pa)] = 1
         return pa
 
@@ -186,6 +187,7 @@ def vm_ref_dec(h: HypState, vm: PkvmHypVm) -> None:
     i = h.vmemmap.idx(vm_page(vm))
     if h.vmemmap.refcount[i] == 0:
         raise HypBug("hyp_page_ref_dec: VM refcount underflow")
+    h.vmemmap.touch(i)
     h.vmemmap.refcount[i] -= 1
 
 
@@ -353,7 +355,9 @@ def _refetch_vcpu_idx(h: HypState, host_vcpu: int) -> int:
 # -- load / put (the parts both kernels share) --------------------------------------------------
 def vm_ref_inc(h: HypState, vm: PkvmHypVm) -> None:
     """`hyp_page_ref_inc` of the hyp VM's first page (under `vm_table_lock`)."""
-    h.vmemmap.refcount[h.vmemmap.idx(vm_page(vm))] += 1
+    i = h.vmemmap.idx(vm_page(vm))
+    h.vmemmap.touch(i)
+    h.vmemmap.refcount[i] += 1
 
 
 def pkvm_get_loaded_hyp_vcpu(h: HypState) -> PkvmHypVcpu | None:
@@ -380,6 +384,7 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
         if prof.teardown_clears_whole_hyp_page:
             h.vmemmap.clear(pa)
         else:
+            h.vmemmap.touch(h.vmemmap.idx(pa))
             h.vmemmap.refcount[h.vmemmap.idx(pa)] = 0
         host_mc_push(h, host_kvm, s2mc, pa)
         _warn(h, __pkvm_hyp_donate_host(h, pa >> PAGE_SHIFT, 1))
