@@ -1,19 +1,20 @@
 """Optional compiled build: `PKVM_MYPYC=1 pip install --no-build-isolation .` compiles
-the leaf modules below with mypyc (needs mypy, from the `dev` extra, and a C compiler). Without
+the typed core below with mypyc (needs mypy, from the `dev` extra, and a C compiler). Without
 PKVM_MYPYC the package is pure Python, the default: the Python source is the one truth either way
 and every module is importable uncompiled."""
 
 import os
+from pathlib import Path
 
 from setuptools import setup
 
-COMPILED = [
-    "src/pkvm/arch/pte.py",
-    "src/pkvm/arch/pgtable.py",
-    "src/pkvm/arch/pgtable_hyp.py",
-    "src/pkvm/arch/pgtable_stage2.py",
-    "src/pkvm/machine/memory.py",
-]
+# The typed core: every module of these packages is compiled but those in PURE.
+CORE = ["machine", "machine/decode", "arch", "abi", "hyp"]
+PURE = {"hyp/pgtable.py", "hyp/spinlock.py", "machine/context.py"}
+
+SRC = Path("src/pkvm")
+COMPILED = sorted(str(p) for d in CORE for p in (SRC / d).glob("*.py")
+                  if p.name != "__init__.py" and str(p.relative_to(SRC)) not in PURE)
 
 ext_modules = []
 if os.environ.get("PKVM_MYPYC") == "1":

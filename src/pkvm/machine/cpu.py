@@ -182,7 +182,7 @@ class Core(CpuExceptions):
         except UcError:
             if self._exit is None:
                 raise
-        ex = self._exit
+        ex: Exit | None = self._exit  # set by the hooks during emu_start
         if ex is None:
             return Exit(ExitKind.BUDGET)
         self._exit = None
@@ -190,7 +190,7 @@ class Core(CpuExceptions):
         if trap_pc is not None:  # a trapped MRS: unicorn skipped it, the exit is on it
             self._sys_trap_pc = None
             self._wr(A.UC_ARM64_REG_PC, trap_pc)
-        real_pc = self._mem_fault
+        real_pc: int | None = self._mem_fault
         if real_pc is not None:
             # unicorn's PC inside the memory hook (and after emu_start) is sometimes stale,
             # the start of the translation block rather than the access (seen with Linux);
