@@ -82,17 +82,6 @@ UNDETECTED = {
 }
 
 
-def hyp_is_compiled() -> bool:
-    """True on the optional mypyc build: a compiled hyp function has no Python source to
-    rewrite, and compiled modules call each other natively, past any swapped module attribute."""
-    from pkvm.hyp import mem_protect
-
-    return not mem_protect.__file__.endswith(".py")
-
-
-NEEDS_PURE_HYP = "mutants and patched hyp functions need the pure-Python hyp (not the mypyc build)"
-
-
 def _replace_everywhere(orig, new) -> list[tuple[object, str]]:
     swapped = []
     for mod in list(sys.modules.values()):
@@ -110,8 +99,6 @@ def applied(m: Mutant) -> Iterator[None]:
     """The model with mutant `m` in place, for the duration of the block."""
     import importlib
 
-    if hyp_is_compiled():
-        raise RuntimeError(NEEDS_PURE_HYP)
     mod = importlib.import_module(m.module)
     orig = getattr(mod, m.function)
     src = textwrap.dedent(inspect.getsource(orig))

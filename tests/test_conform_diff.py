@@ -101,7 +101,6 @@ def _mutant_cases() -> list:
         pytest.param(m, id=m.name) for m in CM.MUTANTS]
 
 
-@pytest.mark.skipif(CM.hyp_is_compiled(), reason=CM.NEEDS_PURE_HYP)
 @pytest.mark.conform
 @pytest.mark.parametrize("mutant", _mutant_cases())
 def test_mutant_is_detected(mutant):
@@ -198,7 +197,6 @@ def test_model_marks_a_fault_on_a_page_it_unmapped_earlier():
     assert fresh[0].kind == "hyp panic" and "[mapped" not in fresh[0].note
 
 
-@pytest.mark.skipif(CM.hyp_is_compiled(), reason=CM.NEEDS_PURE_HYP)
 def test_a_model_exception_is_a_result_and_the_run_goes_on(monkeypatch):
     from pkvm.hyp import mem_protect
 
@@ -295,7 +293,6 @@ def test_reproducer_carries_the_kernels_answers(tmp_path):
     assert s.steps[1].expect == {"panic": True}
 
 
-@pytest.mark.skipif(CM.hyp_is_compiled(), reason=CM.NEEDS_PURE_HYP)
 def test_mutants_apply_and_restore():
     from pkvm.hyp import mem_protect
 
