@@ -10,13 +10,14 @@ from setuptools import setup
 
 # The typed core: every module of these packages is compiled but those in PURE. Pure because
 # mypyc cannot take them as they are: machine/context (its ctypes structure makes mypyc emit C
-# that does not compile) and machine/preempt (hyp/spinlock's HypLocks, interpreted, subclasses
-# its PreemptionPoints). pkvm.hyp stays pure: compiled, the package segfaulted on import (in
+# that does not compile), machine/preempt (hyp/spinlock's HypLocks, interpreted, subclasses
+# its PreemptionPoints) and machine/stage2_view (its _Window is weakly referenced, which a
+# compiled class does not allow). pkvm.hyp stays pure: compiled, the package segfaulted on import (in
 # hyp/state's module init, not diagnosed yet), hyp/pgtable is a star re-export, spinlock's
 # LockOrderError subclasses AssertionError, and the conformance mutants
 # (tests/conform_mutants.py) rewrite hyp functions' source and swap them in by module attribute.
 CORE = ["machine", "machine/decode", "arch", "abi"]
-PURE = {"machine/context.py", "machine/preempt.py"}
+PURE = {"machine/context.py", "machine/preempt.py", "machine/stage2_view.py"}
 
 SRC = Path("src/pkvm")
 COMPILED = sorted(str(p) for d in CORE for p in (SRC / d).glob("*.py")

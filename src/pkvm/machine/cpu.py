@@ -171,10 +171,13 @@ class Core(CpuExceptions):
         return self._view.read_ipa(ipa, size)
 
     # ---- running ------------------------------------------------------------------------
-    def run(self, max_insns: int | None = None) -> Exit:
-        """Run from the current PC until an exception EL2 would take (or the budget ends)."""
+    def _clear_exit(self) -> None:
         self._exit = None
         self._mem_fault = None
+
+    def run(self, max_insns: int | None = None) -> Exit:
+        """Run from the current PC until an exception EL2 would take (or the budget ends)."""
+        self._clear_exit()  # a call, not assignments: the hooks set both during emu_start
         self._ran = True
         pc = self._rd(A.UC_ARM64_REG_PC)
         try:
@@ -182,7 +185,7 @@ class Core(CpuExceptions):
         except UcError:
             if self._exit is None:
                 raise
-        ex: Exit | None = self._exit  # set by the hooks during emu_start
+        ex = self._exit
         if ex is None:
             return Exit(ExitKind.BUDGET)
         self._exit = None
@@ -190,7 +193,7 @@ class Core(CpuExceptions):
         if trap_pc is not None:  # a trapped MRS: unicorn skipped it, the exit is on it
             self._sys_trap_pc = None
             self._wr(A.UC_ARM64_REG_PC, trap_pc)
-        real_pc: int | None = self._mem_fault
+        real_pc = self._mem_fault
         if real_pc is not None:
             # unicorn's PC inside the memory hook (and after emu_start) is sometimes stale,
             # the start of the translation block rather than the access (seen with Linux);
