@@ -596,5 +596,6 @@ def _warn(h: HypState, cond: object) -> None:
     if cond:
         h.warnings.append("".join(traceback.format_stack(limit=3)[:-1]))
         caller = sys._getframe(1)
-        where = f"{caller.f_code.co_filename.split('/src/')[-1]}:{caller.f_lineno}"
+        # the path inside the package, as a checkout or an installed (or compiled) copy has it
+        where = f"pkvm/{caller.f_code.co_filename.rsplit('/pkvm/', 1)[-1]}:{caller.f_lineno}"
         raise HypWarn(caller.f_code.co_name, where)

@@ -171,10 +171,13 @@ class Core(CpuExceptions):
         return self._view.read_ipa(ipa, size)
 
     # ---- running ------------------------------------------------------------------------
-    def run(self, max_insns: int | None = None) -> Exit:
-        """Run from the current PC until an exception EL2 would take (or the budget ends)."""
+    def _clear_exit(self) -> None:
         self._exit = None
         self._mem_fault = None
+
+    def run(self, max_insns: int | None = None) -> Exit:
+        """Run from the current PC until an exception EL2 would take (or the budget ends)."""
+        self._clear_exit()  # a call, not assignments: the hooks set both during emu_start
         self._ran = True
         pc = self._rd(A.UC_ARM64_REG_PC)
         try:
