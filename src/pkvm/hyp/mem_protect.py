@@ -595,7 +595,6 @@ def _warn(h: HypState, cond: object) -> None:
     kernel's hyp does (a WARN at EL2 is a `BRK` that `nvhe_hyp_panic_handler` treats as fatal)."""
     if cond:
         h.warnings.append("".join(traceback.format_stack(limit=3)[:-1]))
-        caller = sys._getframe(1)
-        # the path inside the package, as a checkout or an installed (or compiled) copy has it
+        caller = sys._getframe(1)  # its site: a path inside the package, installed or not
         where = f"pkvm/{caller.f_code.co_filename.rsplit('/pkvm/', 1)[-1]}:{caller.f_lineno}"
         raise HypWarn(caller.f_code.co_name, where)
