@@ -62,20 +62,19 @@ HCR_TWI = 1 << 13
 HCR_TWE = 1 << 14
 HCR_VSE = 1 << 8
 HCR_VI = 1 << 7  # the host's virtual IRQ line (its emulated GIC's output)
-HCR_IMO, HCR_FMO = 1 << 4, 1 << 3  # virtual IRQ/FIQ routing (KVM's guest flags)
 _FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 
 
 # -- the per-vCPU trap configuration (7.2 `nvhe/pkvm.c: pkvm_vcpu_init_traps`) ----------------
-HCR_VM, HCR_SWIO, HCR_PTW, HCR_FMO_, HCR_IMO_, HCR_AMO = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5
+HCR_VM, HCR_SWIO, HCR_PTW, HCR_FMO, HCR_IMO, HCR_AMO = 1 << 0, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5
 HCR_FB, HCR_BSU_IS, HCR_TID1, HCR_TID2, HCR_TID3 = 1 << 9, 1 << 10, 1 << 16, 1 << 17, 1 << 18
 HCR_TSC, HCR_TIDCP, HCR_TACR, HCR_TSW, HCR_RW = 1 << 19, 1 << 20, 1 << 21, 1 << 22, 1 << 31
 HCR_E2H, HCR_TLOR, HCR_TERR, HCR_TEA, HCR_APK, HCR_API = 1 << 34, 1 << 35, 1 << 36, 1 << 37, 1 << 40, 1 << 41
 HCR_FWB, HCR_FIEN, HCR_TID4, HCR_AMVOFFEN = 1 << 46, 1 << 47, 1 << 49, 1 << 51
 HCR_ATA, HCR_DCT, HCR_TID5 = 1 << 56, 1 << 57, 1 << 58
 HCR_GUEST_FLAGS = (HCR_TSC | HCR_TSW | HCR_TWE | HCR_TWI | HCR_VM | HCR_BSU_IS | HCR_FB | HCR_TACR
-                   | HCR_AMO | HCR_SWIO | HCR_TIDCP | HCR_RW | HCR_TLOR | HCR_FMO_ | HCR_IMO_
+                   | HCR_AMO | HCR_SWIO | HCR_TIDCP | HCR_RW | HCR_TLOR | HCR_FMO | HCR_IMO
                    | HCR_PTW | HCR_TID3 | HCR_TID1)
 MDCR_HPMN_MASK, MDCR_TPMCR, MDCR_TPM, MDCR_HPME = 0x1F, 1 << 5, 1 << 6, 1 << 7
 MDCR_TDA, MDCR_TDOSA, MDCR_TDRA, MDCR_E2PB_MASK = 1 << 9, 1 << 10, 1 << 11, 3 << 12
