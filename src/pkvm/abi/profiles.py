@@ -118,7 +118,7 @@ class Profile:
     hyp_page_size: int
     hyp_no_order: int
     # Where host and hyp page states live: host S2 / hyp S1 software bits (6.12) or vmemmap;
-    # it picks the hyp's page-state store (`pkvm.hyp.memory.page_states`).
+    # it picks the hyp's page-state store (`HypState.page_states`, `pkvm.hyp.memory.select_page_states`).
     page_state_in_vmemmap: bool
     # `kvm_pgtable_walk_continue` on a visitor's -EAGAIN: 7.2 stops unless the walk has
     # KVM_PGTABLE_WALK_IGNORE_EAGAIN; 6.12 goes on (unless it handles a fault).

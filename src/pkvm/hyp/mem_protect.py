@@ -2,7 +2,7 @@
 
 Every transition is written as *check everything, then change everything*, under the host lock
 then the hyp lock (then a guest's), so a refusal changes nothing. Where a page's state lives is
-the kernel's page-state store (`pkvm.hyp.memory.page_states`, chosen once per kernel): 7.2's
+the kernel's page-state store (`HypState.page_states`, chosen once per kernel): 7.2's
 vmemmap (`VmemmapPageStates`, here, with 7.2's transitions) or 6.12's page-table software bits
 (`pkvm.hyp.mem_protect_6_12`, with 6.12's `do_share` / `do_unshare` / `do_donate`). Callers use
 the kernel's names (`get_host_state`, `__pkvm_host_share_hyp`, ...), which ask the store.
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from pkvm.errors import EAGAIN, EBUSY, EINVAL, ENOMEM, EPERM
-from pkvm.hyp.memory import ComponentId, HostHypTransitions, PageState, PageStates, page_states
+from pkvm.hyp.memory import ComponentId, HostHypTransitions, PageState, PageStates
 from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.panic import HypBug, HypWarn
 from pkvm.hyp.pgtable import (
@@ -157,46 +157,46 @@ def hyp_state_of_pte(pte: int) -> PageState:
     return pkvm_getstate(hyp_pte_prot(pte))
 
 
-# -- the kernel's page-state store (`pkvm.hyp.memory.page_states`) -------------------------
+# -- the kernel's page-state store (`HypState.page_states`) -------------------------
 def get_host_state(h: HypState, pa: int) -> PageState:
     """The host's state of the page at `pa`, wherever this kernel keeps it."""
-    return page_states(h).get_host_state(h, pa)
+    return h.page_states.get_host_state(h, pa)
 
 
 def get_hyp_state(h: HypState, pa: int) -> PageState:
-    return page_states(h).get_hyp_state(h, pa)
+    return h.page_states.get_hyp_state(h, pa)
 
 
 def host_check_page_state_range(h: HypState, addr: int, size: int, want: PageState) -> int:
-    return page_states(h).host_check_page_state_range(h, addr, size, want)
+    return h.page_states.host_check_page_state_range(h, addr, size, want)
 
 
 def hyp_check_page_state_range(h: HypState, addr: int, size: int, want: PageState) -> int:
-    return page_states(h).hyp_check_page_state_range(h, addr, size, want)
+    return h.page_states.hyp_check_page_state_range(h, addr, size, want)
 
 
 def host_set_page_state_range(h: HypState, addr: int, size: int, state: PageState) -> int:
-    return page_states(h).host_set_page_state_range(h, addr, size, state)
+    return h.page_states.host_set_page_state_range(h, addr, size, state)
 
 
 def host_stage2_set_owner_locked(h: HypState, addr: int, size: int, owner: int) -> int:
-    return page_states(h).host_stage2_set_owner_locked(h, addr, size, owner)
+    return h.page_states.host_stage2_set_owner_locked(h, addr, size, owner)
 
 
 def __pkvm_host_share_hyp(h: HypState, pfn: int) -> int:
-    return page_states(h).transitions.host_share_hyp(h, pfn)
+    return h.page_states.transitions.host_share_hyp(h, pfn)
 
 
 def __pkvm_host_unshare_hyp(h: HypState, pfn: int) -> int:
-    return page_states(h).transitions.host_unshare_hyp(h, pfn)
+    return h.page_states.transitions.host_unshare_hyp(h, pfn)
 
 
 def __pkvm_host_donate_hyp(h: HypState, pfn: int, nr_pages: int) -> int:
-    return page_states(h).transitions.host_donate_hyp(h, pfn, nr_pages)
+    return h.page_states.transitions.host_donate_hyp(h, pfn, nr_pages)
 
 
 def __pkvm_hyp_donate_host(h: HypState, pfn: int, nr_pages: int) -> int:
-    return page_states(h).transitions.hyp_donate_host(h, pfn, nr_pages)
+    return h.page_states.transitions.hyp_donate_host(h, pfn, nr_pages)
 
 
 # -- the host stage-2 ----------------------------------------------------------------------
@@ -553,7 +553,7 @@ def hyp_pin_shared_mem(h: HypState, start_va: int, end_va: int) -> int:
     end = (end_va + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
     phys = hyp_pa(start)
     size = (end - start) & U64
-    store = page_states(h)
+    store = h.page_states
     with host_hyp_locked(h):
         ret = store.host_check_page_state_range(h, phys, size, PageState.SHARED_OWNED)
         if ret:
@@ -576,7 +576,7 @@ def hyp_pin_shared_mem(h: HypState, start_va: int, end_va: int) -> int:
 def hyp_unpin_shared_mem(h: HypState, start_va: int, end_va: int) -> None:
     start = start_va & ~(PAGE_SIZE - 1)
     end = (end_va + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-    store = page_states(h)
+    store = h.page_states
     with host_hyp_locked(h):
         vm = h.vmemmap
         for va in range(start, end, PAGE_SIZE):

@@ -13,8 +13,8 @@ comparing the whole vmemmap.
 
 `PageStates` is where a kernel keeps each page's host and hyp states: 7.2 in these fields
 (`pkvm.hyp.mem_protect.VmemmapPageStates`), 6.12 in the software bits of the host stage-2 and
-hyp stage-1 leaves (`pkvm.hyp.mem_protect_6_12.PtePageStates`); `page_states(h)` is the one of
-the kernel `h` runs, chosen by `Profile.page_state_in_vmemmap`.
+hyp stage-1 leaves (`pkvm.hyp.mem_protect_6_12.PtePageStates`); `HypState.page_states` is the
+one of the kernel `h` runs, chosen by `Profile.page_state_in_vmemmap`.
 """
 
 from __future__ import annotations
@@ -183,8 +183,3 @@ def select_page_states(profile: Profile) -> PageStates:
 
         _STORES.update({True: VmemmapPageStates(), False: PtePageStates()})
     return _STORES[profile.page_state_in_vmemmap]
-
-
-def page_states(h: HypState) -> PageStates:
-    """The page-state store of the kernel `h` runs (chosen when `h` was made)."""
-    return h.page_states

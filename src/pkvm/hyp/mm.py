@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from pkvm.hyp.memory import PageState, page_states
+from pkvm.hyp.memory import PageState
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pgtable import (
     KVM_PTE_ADDR_MASK,
@@ -119,7 +119,7 @@ def check_store(h: HypState, pa: int, fixmap: bool = False) -> None:
     store: a page no one but a guest owns, being wiped on its way out)."""
     if not h.mem.is_ram(pa):
         return
-    store = page_states(h)
+    store = h.page_states
     if store.hyp_may_write(h, pa):
         return
     if fixmap and store.get_host_state(h, pa) == PageState.NOPAGE:
@@ -147,7 +147,7 @@ def el2_read(h: HypState, va: int, n: int) -> bytes:
 def _host_read_point(h: HypState, pa: int, n: int) -> None:
     """A preemption point before EL2 reads memory the host shares with it (another host CPU
     may write it at any time)."""
-    if page_states(h).get_hyp_state(h, pa & ~(PAGE_SIZE - 1)) == PageState.SHARED_BORROWED:
+    if h.page_states.get_hyp_state(h, pa & ~(PAGE_SIZE - 1)) == PageState.SHARED_BORROWED:
         h.locks.preempt("host-read", f"{n}@{pa:#x}")
 
 
