@@ -663,7 +663,7 @@ class TestGuestMemory:
 
     def share(self, m, pfn, gfn, n=1, prot=0xF, cpu=0):
         """As the driver does: top up the vCPU memcache, then share (refill moves it to EL2)."""
-        for vm in m.host.vms.values():
+        for vm in list(m.host.vms):
             if vm.handle and vm.vcpus[0].hyp_created and cpu == 0:
                 vm.topup_memcache(vm.vcpus[0])
         return m.hvc(cpu, "__pkvm_host_share_guest", pfn, gfn, n, prot).x1

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any, NamedTuple
 
+from pkvm import snapshot
 from pkvm.abi import sizes
 from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile, get_profile
 from pkvm.check import Checker
@@ -487,6 +488,22 @@ class Machine:
         raise HostDataAbort(pa, write, fatal)
 
     # -- the physical map ----------------------------------------------------------------
+    def has_observers(self) -> bool:
+        """Is anything interposed on the doors, observing the host's stores or scheduling the
+        hyp's preemption points?"""
+        return bool(self._interposers or self._smc_interposers or self.host_port.observed()
+                    or self.preemption.scheduler is not None)
+
+    def snapshot(self) -> bytes:
+        """This machine saved as bytes, between two calls (`pkvm.snapshot`: what it holds and
+        what it leaves out); `Machine.restore` loads it as a new, independent machine."""
+        return snapshot.save(self)
+
+    @staticmethod
+    def restore(data: bytes) -> Machine:
+        """A machine from `snapshot()`'s bytes; it continues as the saved one would have."""
+        return snapshot.load(data)
+
     def new_host_port(self) -> HostPort:
         """A new door to the machine for a tool that plays another host CPU (its stores go
         through the host stage-2 like the host's own; it has observers of its own)."""

@@ -35,6 +35,9 @@ class HostPort:
     def observe_stores(self, fn: StoreObserver) -> None:
         self._observers.append(fn)
 
+    def observed(self) -> bool:
+        return bool(self._observers)
+
     def _stored(self, cpu: int, pa: int, data: bytes | int) -> None:
         for fn in self._observers:
             fn(cpu, pa, data)

@@ -25,6 +25,7 @@ from typing import Any
 
 from pkvm import scenario as sc
 from pkvm.abi import sizes
+from pkvm.board import Machine
 from pkvm.check.invariants import Checker, InvariantViolation
 from pkvm.check.oracles import NoWarn
 from pkvm.errors import HostDataAbort, HypPanic
@@ -217,19 +218,40 @@ def call(m: Any, cpu: int, op: tuple[Any, ...]) -> tuple[int, int]:
     return (r.x0, r.x1)
 
 
-def _fresh(make: Callable[[], Any], setup: Setup) -> tuple[Any, dict[int, list[Op]]]:
-    m = make()
-    return m, setup(m)
+class _Fresh:
+    """Fresh, set-up machines for one exploration: the first is made and set up, every later
+    one is loaded from its snapshot (`Machine.snapshot`), which is the same machine at a
+    fraction of the cost. A set-up a snapshot cannot hold (one that ran guest code) is made
+    and set up afresh every time."""
+
+    def __init__(self, make: Callable[[], Any], setup: Setup):
+        self._make, self._setup = make, setup
+        self._saved: tuple[bytes, dict[int, list[Op]]] | None = None
+        self._snapshots = True
+
+    def __call__(self) -> tuple[Any, dict[int, list[Op]]]:
+        if self._saved is not None:
+            data, programs = self._saved
+            return Machine.restore(data), {c: list(p) for c, p in programs.items()}
+        m = self._make()
+        programs = self._setup(m)
+        if self._snapshots:
+            try:
+                self._saved = (m.snapshot(), {c: list(p) for c, p in programs.items()})
+            except ValueError:
+                self._snapshots = False
+        return m, programs
 
 
 def serial_outcomes(make: Callable[[], Any], setup: Setup) -> set[tuple[Any, ...]]:
     """Outcomes of every interleaving at step granularity (each step runs alone)."""
-    m, programs = _fresh(make, setup)
+    fresh = _Fresh(make, setup)
+    m, programs = fresh()
     cpus = sorted(programs)
     seq = [c for c in cpus for _ in programs[c]]
     out = set()
     for order in set(itertools.permutations(seq)):
-        m, programs = _fresh(make, setup)
+        m, programs = fresh()
         pos = {c: 0 for c in cpus}
         ex = Execution(results={c: [] for c in cpus})
         for c in order:
@@ -258,12 +280,13 @@ def explore(make: Callable[[], Any], setup: Setup, bound: int = 2, max_runs: int
             progress: Callable[[int], None] | None = None) -> ExploreResult:
     """`progress(runs)` is called after each execution (a display's live count)."""
     serial = serial_outcomes(make, setup)
+    fresh = _Fresh(make, setup)
     findings: list[Execution] = []
     prefix: list[int] = []
     runs = 0
     exhausted = False
     while runs < max_runs:
-        m, programs = _fresh(make, setup)
+        m, programs = fresh()
         ex = BatonScheduler(m, programs, prefix, bound).run()
         runs += 1
         if progress is not None:

@@ -81,7 +81,7 @@ class Host:
         cb, cs = carveout[0] >> PAGE_SHIFT, carveout[1] >> PAGE_SHIFT
         self.pages = PageAllocator(base_pfn, end_pfn - base_pfn,
                                    [(base_pfn, RESERVED_LOW_PAGES), (cb, cs)])
-        self.vms: dict[int, "HostVm"] = {}
+        self.vms: list["HostVm"] = []  # live VMs, oldest first
         self.cpu = 0  # the CPU host code runs on unless told otherwise
         self._shared: dict[int, int] = {}  # pfn -> users (kvm_share_hyp refcounts)
         self.vmids = 0  # 6.12: the host allocates VMIDs for the stage-2s it manages

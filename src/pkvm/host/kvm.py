@@ -206,7 +206,7 @@ class HostVm:
         except BaseException:
             vm._undo_create()
             raise
-        host.vms[id(vm)] = vm
+        host.vms.append(vm)
         return vm
 
     def _create(self) -> None:
@@ -407,7 +407,8 @@ class HostVm:
         self.life.destroy(self)
         self._release_host_side()
         self.destroyed = True
-        self.host.vms.pop(id(self), None)
+        if self in self.host.vms:
+            self.host.vms.remove(self)
 
     def free_teardown_mc(self, name: str) -> None:
         """`free_hyp_memcache`: pop every page the hyp pushed and free it."""

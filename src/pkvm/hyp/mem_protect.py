@@ -10,6 +10,7 @@ the kernel's names (`get_host_state`, `__pkvm_host_share_hyp`, ...), which ask t
 
 from __future__ import annotations
 
+import functools
 import sys
 import traceback
 from collections.abc import Callable
@@ -201,12 +202,14 @@ def __pkvm_hyp_donate_host(h: HypState, pfn: int, nr_pages: int) -> int:
 
 # -- the host stage-2 ----------------------------------------------------------------------
 def host_stage2_force_pte_cb(h: HypState) -> Callable[[int, int, int], bool]:
-    def cb(addr: int, end: int, prot: int) -> bool:
-        if range_is_memory(h, addr, end):
-            return prot != PKVM_HOST_MEM_PROT
-        return prot != PKVM_HOST_MMIO_PROT
+    """The host stage-2's `force_pte_cb` (a partial, so a machine snapshot can pickle it)."""
+    return functools.partial(_host_stage2_force_pte, h)
 
-    return cb
+
+def _host_stage2_force_pte(h: HypState, addr: int, end: int, prot: int) -> bool:
+    if range_is_memory(h, addr, end):
+        return prot != PKVM_HOST_MEM_PROT
+    return prot != PKVM_HOST_MMIO_PROT
 
 
 def host_stage2_unmap_dev_all(h: HypState) -> int:

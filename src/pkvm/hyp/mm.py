@@ -7,6 +7,7 @@ hyp panic. This is how a host pointer the hyp has not pinned (or NULL) brings th
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Protocol
 
@@ -103,15 +104,15 @@ def _recheck(h: HypState, va: int, e: list[int], write: bool) -> None:
 
 
 def hyp_stage1_tlbi(h: HypState) -> Callable[[int, int], None]:
-    """EL2's `tlbi vale2is` as the hyp stage-1 walker issues it (`kvm_pgtable_hyp_unmap`)."""
-    tlb = h.el2_tlb
+    """EL2's `tlbi vale2is` as the hyp stage-1 walker issues it (`kvm_pgtable_hyp_unmap`); a
+    partial of a module-level function, so a machine snapshot can pickle it."""
+    return functools.partial(_hyp_stage1_tlbi, h)
 
-    def tlbi(start: int, size: int) -> None:
-        if h.bug("hyp-unmap-no-tlbi"):  # seeded: the unmap leaves EL2's TLB as it was
-            return
-        tlb.flush_range(start, size)
 
-    return tlbi
+def _hyp_stage1_tlbi(h: HypState, start: int, size: int) -> None:
+    if h.bug("hyp-unmap-no-tlbi"):  # seeded: the unmap leaves EL2's TLB as it was
+        return
+    h.el2_tlb.flush_range(start, size)
 
 
 def check_store(h: HypState, pa: int, fixmap: bool = False) -> None:

@@ -26,6 +26,7 @@ GIC_DIST_BASE = 0x0800_0000
 GIC_REDIST_BASE = 0x080A_0000
 
 ZERO_PAGE = bytes(PAGE_SIZE)
+_LOW_BIT = bytes(i & 1 for i in range(256))  # mincore: bit 0 of each byte, the page resident
 
 _mincore: Any
 try:
@@ -130,3 +131,33 @@ class PhysMemory:
             return None
         return vec
 
+
+    # -- snapshots ---------------------------------------------------------------------
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the size and the pages that hold anything but zeros (a machine snapshot):
+        the unpickled RAM is a fresh sparse mapping with those pages written back."""
+        return (_restore_ram, (self.size, self.nonzero_pages()))
+
+    def nonzero_pages(self) -> list[tuple[int, bytes]]:
+        """(offset, contents) of every page that is not all zeros, lowest first."""
+        ram = self._map
+        n = self.nr_pages
+        resident = self._resident(0, n)
+        flags = bytes(resident).translate(_LOW_BIT) if resident is not None else b"\x01" * n
+        out = []
+        k = flags.find(1)
+        while k >= 0:
+            off = k << PAGE_SHIFT
+            page = ram[off : off + PAGE_SIZE]
+            if page != ZERO_PAGE:
+                out.append((off, page))
+            k = flags.find(1, k + 1)
+        return out
+
+
+def _restore_ram(size: int, pages: list[tuple[int, bytes]]) -> PhysMemory:
+    mem = PhysMemory(size)
+    ram = mem._map
+    for off, page in pages:
+        ram[off : off + PAGE_SIZE] = page
+    return mem
