@@ -241,3 +241,15 @@ def test_oracle_registry_is_one_line(monkeypatch) -> None:
     with pytest.raises(InvariantViolation) as e:
         m.hvc(0, "__pkvm_host_share_hyp", pfn + 1)
     assert e.value.invariant == "example" and seen[0] is m.inspect
+
+
+def test_a_store_into_hyp_memory_through_a_raw_host_pointer_is_counted_apart():
+    """Linux 6.12's `__pkvm_vcpu_init_traps` writes through `kern_hyp_va()` of the host's
+    pointer: given one into a hyp VM's donated struct, it corrupts the hyp's own memory. The
+    fuzzer counts that as the kernel's finding (and reboots), not as the model's failure; the
+    run stays clean, and the counted call is exactly that handler."""
+    m = pkvm.Machine(memory="64M", cpus=2, abi="6.12", trace=False)
+    steps = generate(random.Random(7), m.profile, 2, 3814)
+    res = execute(steps, "64M", 2, "6.12")
+    assert res.failure is None
+    assert dict(res.host_pointer_stores) == {"__pkvm_vcpu_init_traps": 1}

@@ -88,3 +88,4 @@ def test_fuzzer_reboots_from_a_snapshot_as_from_a_boot(abi, monkeypatch):
     for f in ("failure", "panics", "known_warns", "steps_run", "calls", "transitions",
               "driver_errors", "raced"):
         assert getattr(fast, f) == getattr(slow, f), f
+

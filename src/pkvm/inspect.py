@@ -28,7 +28,7 @@ from pkvm.hyp.mem_protect import (
 )
 from pkvm.hyp.mem_protect_guest import guest_state_of_pte
 from pkvm.hyp.memory import ComponentId, PageState
-from pkvm.hyp.mm import hyp_pa, hyp_va
+from pkvm.hyp.mm import hyp_pa, hyp_va, kern_hyp_va_to_pa
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pkvm import RESERVED_ENTRY, handle_to_idx, live_vms, vm_page, vm_snapshot
 from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
@@ -242,6 +242,11 @@ class Inspector:
         i = h.vmemmap.idx(pa)
         return (get_host_state(h, pa).name, get_hyp_state(h, pa).name, h.vmemmap.refcount[i],
                 h.vmemmap.host_share_guest_count[i])
+
+    def host_pointer_pa(self, va: int) -> int:
+        """Where EL2 lands when it dereferences host kernel pointer `va` (`kern_hyp_va`, then
+        the hyp's linear map)."""
+        return kern_hyp_va_to_pa(self._h, va & 0xFFFF_FFFF_FFFF_FFFF)
 
     def host_ia_bits(self) -> int:
         """The host stage-2's input-address size (`pfn_range_is_valid`'s limit)."""

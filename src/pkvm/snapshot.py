@@ -77,7 +77,7 @@ def save(m: Machine) -> bytes:
     out = io.BytesIO()
     try:
         _Saver(out, _module_globals()).dump(m)
-    except (TypeError, ValueError, pickle.PicklingError) as e:  # what pickle raises on ctypes, emulator handles
+    except (TypeError, ValueError, pickle.PicklingError) as e:  # pickle on ctypes and handles
         raise ValueError(f"cannot snapshot this machine: {e} (a CPU that has run guest code "
                          "keeps emulator state a snapshot does not hold)") from e
     return out.getvalue()

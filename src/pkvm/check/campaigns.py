@@ -44,6 +44,10 @@ class Merged:
     transitions: Counter[Any] = field(default_factory=Counter)
     steps_run: int = 0
     raced: int = 0
+    panics: int = 0  # availability findings
+    known_warns: Counter[Any] = field(default_factory=Counter)
+    host_pointer_stores: Counter[Any] = field(default_factory=Counter)
+    driver_errors: Counter[Any] = field(default_factory=Counter)
     seconds: float = 0.0  # summed over workers
 
     @property
@@ -58,6 +62,10 @@ def merge(results: list[CampaignResult]) -> Merged:
         m.transitions.update(r.run.transitions)
         m.steps_run += r.run.steps_run
         m.raced += r.run.raced
+        m.panics += len(r.run.panics)
+        m.known_warns.update(r.run.known_warns)
+        m.host_pointer_stores.update(r.run.host_pointer_stores)
+        m.driver_errors.update(r.run.driver_errors)
         m.seconds += r.seconds
     return m
 

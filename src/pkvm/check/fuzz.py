@@ -34,6 +34,7 @@ from pkvm import scenario
 from pkvm.board import Machine
 from pkvm.check.fuzz_gen import generate
 from pkvm.check.fuzz_ops import DRIVER_OPS, FULL_EVERY, Step, World, run_step
+from pkvm.check.host_pointers import HostPointerStore
 from pkvm.check.invariants import InvariantViolation
 from pkvm.check.oracles import NoWarn, excused_warns
 from pkvm.check.racer import Racer
@@ -66,6 +67,8 @@ class RunResult:
     driver_errors: Counter[Any] = field(default_factory=Counter)
     driver_tracebacks: dict[str, str] = field(default_factory=dict)
     raced: int = 0  # ghost predictions skipped: a racing host store changed the call's inputs
+    # stores into hyp memory through a raw host pointer (`pkvm.check.host_pointers`), by call
+    host_pointer_stores: Counter[Any] = field(default_factory=Counter)
     log: list[tuple[Any, ...]] = field(default_factory=list)
 
 
@@ -102,25 +105,19 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
                     res.failure = Failure("panic", f"panic@{s.op}", "fatal host abort in a call "
                                           f"sequence the host driver issues ({s})", i)
                     break
-                _absorb(res, w)
-                w = World(memory, cpus, abi, bugs, smc=smc)
+                w = _reboot(res, w)
         except HypPanic as e:
-            warn = _warn_failure(e, w.m, i)
-            if warn is not None:
-                res.failure = warn
+            res.failure = _panic_failure(res, e, w, i, s, stop_on_panic)
+            if res.failure is not None:
                 break
-            if e.warn:
-                res.known_warns.update(excused_warns(w.m.inspect))
-            res.panics.append(f"step {i}: {e} ({s})")
+            w = _reboot(res, w)
+        except HostPointerStore as e:
+            res.host_pointer_stores[e.call] += 1
             if not w.hostile:
-                res.failure = Failure("panic", f"panic@{s.op}", f"hyp panic in a call sequence "
-                                      f"the host driver issues ({s}): {e}", i)
+                res.failure = Failure("invariant", "host-pointer-store", f"{e} in a call "
+                                      f"sequence the host driver issues ({s})", i)
                 break
-            if stop_on_panic:
-                res.failure = Failure("panic", "HypPanic", str(e), i)
-                break
-            _absorb(res, w)
-            w = World(memory, cpus, abi, bugs, smc=smc)
+            w = _reboot(res, w)
         except InvariantViolation as v:
             res.failure = Failure("invariant", f"invariant:{v.invariant}", str(v), i)
             break
@@ -153,6 +150,30 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
     _absorb(res, w)
     res.log = w.log
     return res
+
+
+def _reboot(res: RunResult, w: World) -> World:
+    """The machine is dead (or its hyp state corrupt): keep what it counted, boot a new one."""
+    _absorb(res, w)
+    return World(w.cfg["memory"], w.cfg["cpus"], w.cfg["abi"], w.bugs, smc=w.smc)
+
+
+def _panic_failure(res: RunResult, e: HypPanic, w: World, i: int, s: Step,
+                   stop_on_panic: bool) -> Failure | None:
+    """A hyp panic: a failure (a WARN the host reached, or a panic on the host driver's own
+    call sequence), else an availability finding, counted."""
+    warn = _warn_failure(e, w.m, i)
+    if warn is not None:
+        return warn
+    if e.warn:
+        res.known_warns.update(excused_warns(w.m.inspect))
+    res.panics.append(f"step {i}: {e} ({s})")
+    if not w.hostile:
+        return Failure("panic", f"panic@{s.op}", f"hyp panic in a call sequence the host "
+                       f"driver issues ({s}): {e}", i)
+    if stop_on_panic:
+        return Failure("panic", "HypPanic", str(e), i)
+    return None
 
 
 def _warn_failure(e: HypPanic, m: Any, i: int) -> Failure | None:

@@ -80,6 +80,7 @@ class World:
         if smc:  # a secure world at EL3 for the FF-A steps
             self.cfg["ffa"] = True
         self.log: list[Any] = []
+        self.bugs, self.smc = bugs, smc
         self.m = booted_machine(memory, cpus, abi, bugs, smc)
         if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
             self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)

@@ -23,6 +23,7 @@ from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
 from pkvm.check.ghost import Ghost
 from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
+from pkvm.check.host_pointers import HostPointerWatch
 from pkvm.check.oracles import run_all
 from pkvm.check.page_invariants import NOPAGE, OWNED, SB
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
@@ -92,6 +93,7 @@ class Checker(GlobalInvariants):
         self.ghost = None
         if ghost:
             self.ghost = Ghost(self)
+        self.host_pointers = HostPointerWatch(machine.inspect)
         if initial_check:
             self.check_all()
         self._install_entry_hook()
@@ -123,10 +125,12 @@ class Checker(GlobalInvariants):
             self._pending |= self._changed_pages()
         if self.ghost is not None:
             self.ghost.before_call(cpu, func, args)
+        self.host_pointers.before(func, args)
 
     def after_call(self, rec: TraceRecord) -> None:
         if rec.panic is not None:
             return
+        self.host_pointers.after()  # the kernel's own finding, before the state it corrupted
         self.calls += 1
         where = f"call #{rec.seq} {rec.name}{tuple(hex(a) for a in rec.args)} on cpu {rec.cpu}"
         try:

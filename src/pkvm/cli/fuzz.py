@@ -104,14 +104,8 @@ def register(app: typer.Typer) -> None:
                       + (f", {_smc_calls(r.calls)} of them host SMCs" if smc else ""))
         for p in r.panics:
             console.print(f"[yellow]availability finding (hyp panic):[/] {escape(str(p))}")
-        if r.known_warns:
-            console.print(escape(f"of which WARN panics the kernel also lets a host reach "
-                                 f"(KNOWN_KERNEL_WARNS): {dict(r.known_warns)}"))
-        console.print(f"ghost predictions skipped (a racing host store changed the call's "
-                      f"inputs): {r.raced}")
-        if r.driver_errors:
-            console.print(escape(f"host driver refusals under hostile state: "
-                                 f"{dict(r.driver_errors)}"))
+        _print_counted(console, len(r.panics), r.known_warns, r.host_pointer_stores, r.raced,
+                       r.driver_errors)
         if coverage:
             for t in coverage_tables(r.calls, r.transitions):
                 console.print(t)
@@ -123,6 +117,22 @@ def register(app: typer.Typer) -> None:
                 console.print(escape(f"reproducer: {out} ({len(res.raw_steps or [])} raw steps)"))
             raise typer.Exit(1)
         console.print("[green]clean[/]")
+
+
+def _print_counted(console: Console, panics: int, known_warns: Counter[Any],
+                   pointer_stores: Counter[Any], raced: int, driver_errors: Counter[Any]) -> None:
+    """What a campaign saw and did not count as a failure, each kind counted."""
+    console.print(f"availability findings (hyp panics after hostile steps): {panics}")
+    if known_warns:
+        console.print(escape(f"of which WARN panics the kernel also lets a host reach "
+                             f"(KNOWN_KERNEL_WARNS): {dict(known_warns)}"))
+    if pointer_stores:
+        console.print(escape(f"stores into hyp memory through a raw host pointer (both kernels' "
+                             f"raw-pointer handlers; machine rebooted): {dict(pointer_stores)}"))
+    console.print(f"ghost predictions skipped (a racing host store changed the call's "
+                  f"inputs): {raced}")
+    if driver_errors:
+        console.print(escape(f"host driver refusals under hostile state: {dict(driver_errors)}"))
 
 
 def _smc_calls(calls: Counter[tuple[str, str]]) -> int:
@@ -143,8 +153,8 @@ def _scale_out(console: Console, camp: Campaign, jobs: int, ray: str | None, cov
     console.print(f"{merged.steps_run} steps, {ncalls} hypercalls in {wall:.1f}s wall "
                   f"({ncalls / max(wall, 1e-9):.0f} checked calls/s over {len(parts)} campaigns, "
                   f"seeds {parts[0].seed}..{parts[-1].seed})")
-    console.print(f"ghost predictions skipped (a racing host store changed the call's "
-                  f"inputs): {merged.raced}")
+    _print_counted(console, merged.panics, merged.known_warns, merged.host_pointer_stores,
+                   merged.raced, merged.driver_errors)
     if coverage:
         for t in coverage_tables(merged.calls, merged.transitions):
             console.print(t)
