@@ -164,14 +164,17 @@ class GlobalInvariants(PageInvariants):
         if self._in_vmemmap:
             ys = h.vmemmap.hyp_state
             out = {lo + i for i in range(h.vmemmap.nr) if ys[i] == OWNED}
-        else:
-            va = hyp_va(lo << PAGE_SHIFT)
-            size = (self._ram_hi - lo) << PAGE_SHIFT
+        else:  # walk the hyp stage-1 on either side of the carve-out (most of what it maps)
             out = set()
-            for a, level, pte in h.hyp_pgt.leaves(va, size, True):
-                if hyp_state_of_pte(pte) == OWNED:
-                    first = hyp_pa(a) >> PAGE_SHIFT
-                    out.update(range(first, first + (1 << (9 * (3 - level)))))
+            for first_pfn, end_pfn in ((lo, c_lo), (c_hi, self._ram_hi)):
+                if first_pfn >= end_pfn:
+                    continue
+                va = hyp_va(first_pfn << PAGE_SHIFT)
+                for a, level, pte in h.hyp_pgt.leaves(va, (end_pfn - first_pfn) << PAGE_SHIFT,
+                                                      True):
+                    if hyp_state_of_pte(pte) == OWNED:
+                        first = hyp_pa(a) >> PAGE_SHIFT
+                        out.update(range(first, first + (1 << (9 * (3 - level)))))
         return {p for p in out if not c_lo <= p < c_hi}
 
     def vm_owned_pages(self) -> dict[int, str]:
