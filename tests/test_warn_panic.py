@@ -136,3 +136,25 @@ def test_the_explorer_reports_a_warn_panic(bugs):
         assert not r.findings, r.findings[0].finding
     else:
         assert r.findings and (r.findings[0].finding or "").startswith("no-warn: hyp WARN_ON")
+
+
+def test_force_reclaim_of_a_page_whose_handle_was_reused_warns_as_linux_72_does():
+    """7.2's `__pkvm_finalize_teardown_vm` leaves the dying guest's data pages annotated with
+    (handle, gfn). A host that finalizes without reclaiming them, lets a new VM take the same
+    handle and map another page at that gfn, then force-reclaims an old page reaches
+    `WARN_ON(pa != phys)` in `__pkvm_host_force_reclaim_page_guest`: a WARN the kernel itself lets
+    a host reach, excused at that one site (`force-reclaim-reused-handle`) and counted."""
+    m = pkvm.Machine(memory="128M", cpus=2, trace=False)
+    old = m.host.create_vm(vcpus=1, protected=True, memory="1M")
+    old.map(0x40000, 1)
+    page = old.mapped[0x40000]
+    assert m.hvc(0, "__pkvm_start_teardown_vm", old.handle).ok
+    assert m.hvc(0, "__pkvm_finalize_teardown_vm", old.handle).ok  # no reclaim first
+    new = m.host.create_vm(vcpus=1, protected=True, memory="1M")
+    new.map(0x40000, 1)
+    assert new.handle == old.handle and new.mapped[0x40000] != page
+    with pytest.raises(pkvm.HypPanic) as e:
+        m.hvc(0, "__pkvm_force_reclaim_guest_page", page)
+    assert e.value.warn and "__pkvm_host_force_reclaim_page_guest" in str(e.value)
+    assert excused_warns(m.inspect) == {"force-reclaim-reused-handle": 1}
+    assert NoWarn.violations(m.inspect) == []

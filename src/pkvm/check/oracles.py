@@ -38,6 +38,14 @@ KNOWN_KERNEL_WARNS: dict[str, tuple[tuple[str, ...], str, str]] = {
         "CONFIG_NVHE_EL2_DEBUG), so __pkvm_host_unshare_hyp of a page the host shared with "
         "FF-A (host SHARED_OWNED, nothing mapped at EL2) passes, gives the page back to the "
         "host and WARNs when hyp_complete_unshare unmaps nothing (found by pkvm fuzz --smc)"),
+    "force-reclaim-reused-handle": (
+        ("__pkvm_host_force_reclaim_page_guest",), "_warn(h, pa != phys)",
+        "7.2 nvhe/mem_protect.c __pkvm_host_force_reclaim_page_guest: WARN_ON(pa != phys). "
+        "__pkvm_finalize_teardown_vm does not reclaim the dying guest's data pages, whose host "
+        "stage-2 annotations keep naming (handle, gfn); a host that finalizes without "
+        "reclaiming them, creates a VM that gets the same handle and maps another page at that "
+        "gfn, then force-reclaims an old page, reaches the WARN (found by pkvm fuzz; the real "
+        "host driver reclaims every page before it finalizes)"),
 }
 
 
