@@ -193,3 +193,61 @@ def test_a_wrong_guest_hvc_answer_is_caught():
     assert bad is not None and "x0..x3" in bad[0]
     assert pvm.compare(want, {"regs": [0x1D, 0, 0, 0], "pc": 0x4000_0004, "handled": True,
                               "fault": (0, 0)}) is None
+
+
+# Mutants of the guest-HVC path, each applied to a scratch copy of the package and run in a
+# subprocess (the model under test is never patched in this process): the guest above must
+# trip the ghost on each, and not on the unmutated copy.
+PVM_MUTANTS = {
+    "clean": ("hyp/pvm_exits.py", "", ""),
+    "refused-share-succeeds": (
+        "hyp/pvm_exits.py",
+        "            if not err:\n                ret[0] = SMCCC_RET_SUCCESS",
+        "            if err != 1:\n                ret[0] = SMCCC_RET_SUCCESS"),
+    "share-leaves-host-nopage": (
+        "hyp/mem_protect_guest.py",
+        "host_set_page_state_range(h, phys, PAGE_SIZE, PageState.SHARED_BORROWED)",
+        "host_set_page_state_range(h, phys, PAGE_SIZE, PageState.NOPAGE)"),
+    "fault-in-no-replay": ("hyp/pvm_exits.py", "    core.pc = core.pc - 4\n", ""),
+}
+
+_RUN = """
+import io, sys, pkvm
+from pkvm.host.vmm import Vmm
+from pkvm.check.invariants import InvariantViolation
+assert pkvm.__file__.startswith(sys.argv[2]), pkvm.__file__
+m = pkvm.Machine(memory="256M", cpus=2, check=True)
+vmm = Vmm(m.host, bytes.fromhex(sys.argv[1]), memory="1M", vcpus=1, protected=True,
+          out=io.StringIO())
+try:
+    vmm.run()
+except InvariantViolation as e:
+    print("FOUND", e.invariant, e.detail)
+else:
+    print("CLEAN")
+"""
+
+
+@pytest.mark.parametrize("mutant", sorted(PVM_MUTANTS))
+def test_a_mutant_of_the_guest_hvc_path_is_caught(tmp_path, mutant):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(pkvm.__file__).parent
+    shutil.copytree(src, tmp_path / "pkvm",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "conform"))
+    rel, old, new = PVM_MUTANTS[mutant]
+    f = tmp_path / "pkvm" / rel
+    text = f.read_text()
+    assert old in text
+    f.write_text(text.replace(old, new, 1))
+    out = subprocess.run([sys.executable, "-c", _RUN, _pvm_guest().hex(), str(tmp_path)],
+                         capture_output=True, text=True, env={"PYTHONPATH": str(tmp_path)},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if mutant == "clean":
+        assert out.stdout.strip() == "CLEAN"
+    else:
+        assert out.stdout.startswith("FOUND ghost guest MEM_"), out.stdout
