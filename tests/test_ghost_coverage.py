@@ -276,3 +276,16 @@ def test_checking_md_lists_every_oracle_with_its_kernel_rule():
     assert not bare, f"no row naming a kernel rule for {bare}"
     for name, why in LEFT_TO_INVARIANTS.items():
         assert f"| `{name}` | {why} |" in doc, name
+
+
+@pytest.mark.parametrize("abi", ["6.12", "latest"])
+def test_a_non_protected_guest_s_pkvm_calls_go_to_the_host(abi):
+    """6.12 answers no guest HVC at EL2 (no protected guests; `pvm_exit_handlers` has no HVC
+    entry), 7.2 only a protected guest's: the guest-HVC ghost sees none of these."""
+    m = pkvm.Machine(memory="256M", cpus=2, abi=abi, check=True)
+    vmm = Vmm(m.host, _pvm_guest(), memory="1M", vcpus=1, protected=False, out=io.StringIO())
+    assert vmm.run().reason == "shutdown"
+    assert vmm.vm.vcpus[0].regs.x[19] == 3  # the host's vendor-hyp bitmap, not EL2's 0x1D
+    assert not [k for k in m.checker.ghost.judged if k.startswith("guest ")]
+    assert m.checker.ghost.judged["__kvm_vcpu_run"] >= 1
+    vmm.destroy()

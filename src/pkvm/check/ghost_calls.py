@@ -133,7 +133,7 @@ class CallsGhost:
         name, ok = self.name_of(func_id)
         a = [x & U64 for x in args] + [0] * 6
         pre: dict[str, Any] = {"name": name, "ok": ok, "cpu": cpu, "a": a, "fid": func_id,
-                               "frame": self.frame_of()}
+                               "frame": self.frame_of() if not ok or name in RULES else None}
         if ok and name == "__kvm_adjust_pc":
             pa = self.i.host_ptr_pa(a[0])
             pre["vcpu_pa"] = pa
