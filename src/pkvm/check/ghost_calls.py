@@ -80,10 +80,10 @@ RULES.update({
                             "PC += 4 and INCREMENT_PC cleared if it was set"),
     "__pkvm_prot_finalize": Rule(-EPERM, True, "__pkvm_prot_finalize: HCR_EL2.VM already set"),
     "__pkvm_vcpu_in_poison_fault": Rule(
-        lambda g, pre, rec: g.poison_fault(pre), True,
+        lambda g, pre, rec: pre["want"], True,
         "handle___pkvm_vcpu_in_poison_fault / __pkvm_vcpu_in_poison_fault"),
     "__kvm_vcpu_run": Rule(
-        lambda g, pre, rec: g.vcpu_run(pre, rec), False,
+        lambda g, pre, rec: pre["want"], False,
         "handle___kvm_vcpu_run (7.2: the loaded vCPU, else -EINVAL; 6.12: "
         "pkvm_load_hyp_vcpu of the host vCPU's handle and index, else -EINVAL)"),
     "__vgic_v5_save_apr": Rule("panic", True, "a GICv5 instruction on a GICv3 CPU: undefined"),
@@ -131,6 +131,7 @@ class CallsGhost:
     # -- pre-state -------------------------------------------------------------------------
     def before(self, cpu: int, func_id: int, args: tuple[int, ...]) -> None:
         name, ok = self.name_of(func_id)
+        self.guest_pages = None
         a = [x & U64 for x in args] + [0] * 6
         pre: dict[str, Any] = {"name": name, "ok": ok, "cpu": cpu, "a": a, "fid": func_id,
                                "frame": self.frame_of() if not ok or name in RULES else None}
@@ -143,6 +144,9 @@ class CallsGhost:
             pre["fault"] = self.i.vcpu_fault(cpu)
             if name == "__kvm_vcpu_run" and not self.prof.explicit_vcpu_load:
                 pre["lookup"] = self._run_lookup(a[0])
+            # predicted from the pre-state alone
+            pre["want"] = self.poison_fault(pre) if name == "__pkvm_vcpu_in_poison_fault" \
+                else self.vcpu_run(pre)
         self.pre = pre
 
     def _u64(self, pa: int) -> int | None:
@@ -278,7 +282,7 @@ class CallsGhost:
             return -EINVAL
         return 1 if leaf.state == "POISON" else 0
 
-    def vcpu_run(self, pre: dict[str, Any], rec: Any) -> Any:
+    def vcpu_run(self, pre: dict[str, Any]) -> Any:
         """The result of a run: -EINVAL with no vCPU to run, else an exit code."""
         if self.prof.explicit_vcpu_load:
             runs = pre["vcpu"] is not None
