@@ -297,6 +297,30 @@ class Inspector:
         ret, pte, level = slot.pgt.get_leaf(ipa)
         return ret, level, pte
 
+    def host_ptr_pa(self, host_va: int) -> int:
+        """The PA EL2 resolves a host kernel pointer to (`__hyp_pa(kern_hyp_va(va))`)."""
+        return kern_hyp_va_to_pa(self._h, host_va)
+
+    def finalised(self) -> bool:
+        """Has `__pkvm_prot_finalize` run (`is_protected_kvm_enabled` past init)?"""
+        return self._h.protected_mode_initialized
+
+    def cntvoff(self, cpu: int) -> int:
+        """CNTVOFF_EL2 of `cpu` as EL2 last set it."""
+        return self._h.el2[cpu].cntvoff_el2
+
+    def vcpu_fault(self, cpu: int) -> tuple[int, int] | None:
+        """(ESR_EL2, HPFAR_EL2) of the last exit of the hyp vCPU loaded on `cpu`, or None."""
+        lv = self._h.loaded_hyp_vcpu
+        v = lv[cpu] if 0 <= cpu < len(lv) else None
+        return None if v is None else (v.fault_esr, v.fault_hpfar)
+
+    def watch_guest_hvcs(self, fn: Any) -> None:
+        """Call `fn(phase, info)` around every guest HVC EL2 handles itself
+        (`kvm_handle_pvm_hvc64`): phase "entry" with the guest's x0..x3, then "exit" with
+        x0..x3, whether EL2 handled it, and the vCPU's fault ESR/HPFAR (read-only copies)."""
+        self._h.guest_hvc_watchers.append(fn)
+
     def carve(self) -> Any:
         return copy.copy(self._h.carve)
 

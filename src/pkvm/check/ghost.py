@@ -1,7 +1,7 @@
 """The ghost: a small abstract specification checked against the model after each hypercall.
 
-It is written from the spec alone (`memory.md` §4.3–§4.4 for host↔hyp sharing, `vm-state.md` for
-the VM table), not from the hyp code. Two parts:
+It is written from the kernel's rules (`nvhe/mem_protect.c` for host↔hyp sharing, `nvhe/pkvm.c`
+for the VM table), not from the model's hyp code. Its parts:
 
 * **Pages** — for `__pkvm_host_share_hyp` / `__pkvm_host_unshare_hyp` the ghost abstracts the
   concrete pre-state of the page the call names (host state, hyp state, pins) at hypercall entry,
@@ -12,6 +12,12 @@ the VM table), not from the hyp code. Two parts:
   calls are predicted (result and post-state); every call's concrete table must then equal the
   ghost's. Choices the spec leaves to the implementation (which vCPU index `init_vcpu` filled)
   are read back from the concrete state once checked to be allowed.
+* **Every other host hypercall** — `pkvm.check.ghost_calls` (the gate, x0/x2/x3 of every call,
+  the flush/register/refusal calls and their frame), `pkvm.check.ghost_guest` (the 7.2
+  guest-memory calls), `pkvm.check.ghost_pvm` (the guest's own HVCs EL2 answers during a run),
+  `pkvm.check.ghost_ffa` (host SMCs to the FF-A proxy).
+
+`judged` counts the calls each prediction compared, by name (the coverage test reads it).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
+from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
 from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
@@ -69,8 +76,16 @@ class Ghost:
 
     def __post_init__(self) -> None:
         self.table = self.abstract_table()
-        self.guest = GuestGhost(self.checker.machine.inspect,
-                                lambda what, want, found: self._fail(None, what, want, found))
+        fail = lambda what, want, found: self._fail(None, what, want, found)  # noqa: E731
+        inspect = self.checker.machine.inspect
+        self.guest = GuestGhost(inspect, fail)
+        self.calls = CallsGhost(inspect, self.checker.h.profile, fail, self._generations,
+                                lambda: bool(self.guest.raced_now()))
+        self.judged = self.calls.judged
+        self.guest.judged = self.judged
+        from pkvm.check.ghost_pvm import PvmGhost  # the guest's own HVCs answered at EL2
+
+        self.pvm = PvmGhost(inspect, self.calls, fail)
         from pkvm.check.ghost_ffa import FfaGhost  # the FF-A proxy's SMCs
 
         self.ffa = FfaGhost(self.checker.machine,
@@ -102,9 +117,23 @@ class Ghost:
         host, hyp = self.checker.page_states(phys >> PAGE_SHIFT)
         return GhostPage(host, hyp, h.vmemmap.page_count(phys))
 
+    def _generations(self) -> tuple[int, ...]:
+        """The descriptor-write generations of the host stage-2, the hyp stage-1 and every
+        live guest stage-2 (a frame: equal before and after a call that writes none)."""
+        h = self.checker.h
+        guests = tuple(s.pgt.gen for s in h.vm_table
+                       if isinstance(s, PkvmHypVm) and s.pgt is not None)
+        return (h.host_pgt.gen, h.hyp_pgt.gen) + guests
+
     # -- hooks ------------------------------------------------------------------------------
     def before_call(self, cpu: int, func: Any, args: tuple[int, ...]) -> None:
         self.pre_page = None
+        prof = self.checker.h.profile
+        fid = func if isinstance(func, int) else prof.func_id(func)
+        if fid is not None:
+            self.calls.before(cpu, fid, args)
+            n = prof.decode(fid)
+            func = prof.hcalls[n] if n is not None else func
         name = func if isinstance(func, str) else None
         if name in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp") and args:
             phys = (args[0] << PAGE_SHIFT) & U64
@@ -114,6 +143,9 @@ class Ghost:
 
     def after_call(self, rec: TraceRecord, changed: set[int], full: bool = False) -> None:
         self.ffa.after_call(rec, changed)
+        self.pvm.after_call(rec)
+        if self.calls.after(rec, changed, lambda: self._compare_table(rec, self.table)):
+            return
         if rec.x0 == 0:
             self.guest.after(rec)
         if rec.x0 != 0 or rec.name not in VM_TABLE_CALLS:
@@ -170,6 +202,7 @@ class Ghost:
         assert self.pre_page is not None
         phys, pre = self.pre_page
         fn = self.expect_share if rec.name == "__pkvm_host_share_hyp" else self.expect_unshare
+        self.judged[rec.name] += 1
         want_x1, want_post = fn(phys, pre)
         if rec.x1 != want_x1:
             self._fail(rec, f"{rec.name}(pfn {rec.args[0]:#x}) result, pre-state {pre}",
@@ -192,6 +225,7 @@ class Ghost:
     def _table_call(self, rec: TraceRecord) -> None:
         """Predict a VM-table call's result and post-table (`TABLE_CALLS`), then compare."""
         c = TableCall(self, rec)
+        self.judged[rec.name] += 1
         TABLE_CALLS[rec.name](c)
         self._compare_table(rec, c.t, c.conc)
         self.table = c.t

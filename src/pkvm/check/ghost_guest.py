@@ -25,6 +25,7 @@ and compares. What it compares, per call:
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +107,7 @@ class GuestGhost:
         self.pre: dict[str, Any] | None = None
         self.raced_now: Any = lambda: False  # set by a fuzzer whose racing CPU may store
         self.raced = 0  # calls not judged: a racing host CPU changed their inputs
+        self.judged: Counter[str] = Counter()  # calls judged, by name (shared with the ghost)
 
     # -- abstraction ------------------------------------------------------------------------
     def _pages(self, pfn: int, n: int) -> list[tuple[str, str, int, int] | None]:
@@ -199,6 +201,7 @@ class GuestGhost:
             self.raced += 1
             return
         fn = getattr(self, "_" + rec.name.removeprefix("__pkvm_"))
+        self.judged[rec.name] += 1
         fn(rec, pre, pre["a"])
 
     # -- comparisons ---------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class Checker(GlobalInvariants):
         self._live = None
         if func == "__pkvm_finalize_teardown_vm" and args and self._in_vmemmap:
             self._about_to_orphan = self._guest_pages_of(args[0])
-        if self.ghost is not None and func in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp"):
+        if self.ghost is not None:  # what changed before the call is not the call's doing
             self._pending |= self._changed_pages()
         if self.ghost is not None:
             self.ghost.before_call(cpu, func, args)
@@ -129,6 +129,8 @@ class Checker(GlobalInvariants):
 
     def after_call(self, rec: TraceRecord) -> None:
         if rec.panic is not None:
+            if self.ghost is not None:
+                self.ghost.calls.panicked(rec)
             return
         self.host_pointers.after()  # the kernel's own finding, before the state it corrupted
         self.calls += 1

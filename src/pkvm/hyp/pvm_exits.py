@@ -33,7 +33,23 @@ HPFAR_NS = 1 << 63
 
 
 def handle_pvm_hvc64(h: HypState, vcpu: PkvmHypVcpu, core: Core) -> bool:
-    """Answer FEATURES / HYP_MEMINFO / MEM_SHARE / MEM_UNSHARE at EL2; anything else exits."""
+    """Answer FEATURES / HYP_MEMINFO / MEM_SHARE / MEM_UNSHARE at EL2; anything else exits.
+    Observers (`h.guest_hvc_watchers`, model bookkeeping) see copies of the registers."""
+    if not h.guest_hvc_watchers:
+        return _handle_pvm_hvc64(h, vcpu, core)
+    entry = {"cpu": h.cpu, "handle": vcpu.vm.handle, "vcpu_idx": vcpu.vcpu_idx,
+             "regs": [core.x(i) for i in range(4)], "pc": core.pc}
+    for fn in h.guest_hvc_watchers:
+        fn("entry", entry)
+    handled = _handle_pvm_hvc64(h, vcpu, core)
+    out = {"cpu": h.cpu, "regs": [core.x(i) for i in range(4)], "pc": core.pc,
+           "handled": handled, "fault": (vcpu.fault_esr, vcpu.fault_hpfar)}
+    for fn in h.guest_hvc_watchers:
+        fn("exit", out)
+    return handled
+
+
+def _handle_pvm_hvc64(h: HypState, vcpu: PkvmHypVcpu, core: Core) -> bool:
     fid = core.x(0) & 0xFFFF_FFFF
     a1, a2, a3 = core.x(1), core.x(2), core.x(3)
     ret = [SMCCC_RET_INVALID_PARAMETER, 0, 0, 0]

@@ -137,6 +137,8 @@ class HypState:
     bad_stores: list[str] = field(default_factory=list)
     wiped_returns: list[int] = field(default_factory=list)
     store_ok: list[Any] = field(default_factory=lambda: [-1, set()])  # [gen, pages] (6.12 memo)
+    # Read-only observers of the guest HVCs EL2 answers itself (`Inspector.watch_guest_hvcs`).
+    guest_hvc_watchers: list[Callable[[str, dict[str, Any]], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.page_states = select_page_states(self.profile)
