@@ -195,8 +195,9 @@ def _absorb(res: RunResult, w: World) -> None:
         res.transitions.update(w.m.checker.transitions)
         w.m.checker.transitions = Counter()
         if w.m.checker.ghost is not None:
-            res.raced += w.m.checker.ghost.guest.raced
-            w.m.checker.ghost.guest.raced = 0
+            ghost = w.m.checker.ghost
+            res.raced += ghost.guest.raced + ghost.calls.skipped
+            ghost.guest.raced = ghost.calls.skipped = 0
 
 
 # --- shrinking -----------------------------------------------------------------------------------
