@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
+from pkvm.abi.host_structs import KVM
 from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
 from pkvm.check.violations import InvariantViolation
@@ -73,6 +74,7 @@ class Ghost:
     checker: Checker
     table: list[Any] = field(default_factory=list)  # None | RESERVED | GhostVm
     pre_page: tuple[int, GhostPage | None] | None = None
+    pre_init_vm: int | None = None  # 7.2 init_vm: the errno of its first checks, or 0
 
     def __post_init__(self) -> None:
         self.table = self.abstract_table()
@@ -135,6 +137,9 @@ class Ghost:
             n = prof.decode(fid)
             func = prof.hcalls[n] if n is not None else func
         name = func if isinstance(func, str) else None
+        self.pre_init_vm = None
+        if name == "__pkvm_init_vm" and prof.reserve_vm and prof.share_hyp_checks_allowed_memory:
+            self.pre_init_vm = self._init_vm_checks(args[0] if args else 0)
         if name in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp") and args:
             phys = (args[0] << PAGE_SHIFT) & U64
             self.pre_page = (phys, self.abstract_page(phys))
@@ -159,6 +164,34 @@ class Ghost:
             self._page_call(rec, changed)
         if rec.name in VM_TABLE_CALLS:
             self._table_call(rec)
+
+    def _init_vm_checks(self, host_kvm: int) -> int:
+        """7.2 `__pkvm_init_vm`'s first checks, on the pre-state: `hyp_pin_shared_mem` of the
+        host's struct kvm (the range in one memory region, every page host SHARED_OWNED and hyp
+        SHARED_BORROWED, else -EPERM), `created_vcpus` (as unsigned) at least 1 and the handle
+        the host reserved at least `HANDLE_OFFSET`, else -EINVAL; 0 when all pass."""
+        i = self.checker.machine.inspect
+        prof = self.checker.h.profile
+        pa = i.host_ptr_pa(host_kvm)
+        start = pa & ~(PAGE_SIZE - 1)
+        end = (pa + prof.sizeof_kvm + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        lo, hi = i.ram_range()
+        err = range_errno(lo, hi, start, end - start)
+        if err:
+            return err
+        pages = [i.page_quick(pfn) for pfn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT)]
+        if any(p is None or p[0] != "SHARED_OWNED" for p in pages):
+            return -EPERM
+        if any(p is None or p[1] != "SHARED_BORROWED" for p in pages):
+            return -EPERM
+
+        def field(name: str) -> int:
+            off = pa + KVM.offset(name)
+            return int.from_bytes(i.read(off, 4), "little") if lo <= off <= hi - 4 else 0
+
+        if not field("created_vcpus"):
+            return -EINVAL
+        return -EINVAL if prof.handle(field("arch.pkvm.handle")) < sizes.HANDLE_OFFSET else 0
 
     def _fail(self, rec: TraceRecord | None, what: str, expected: Any, found: Any) -> None:
         raise InvariantViolation("ghost", what, None, expected, found)
@@ -297,6 +330,10 @@ def _unreserve_vm(c: TableCall) -> None:
 def _init_vm(c: TableCall) -> None:
     t, conc, x1 = c.t, c.conc, c.x1
     if c.prof.reserve_vm:  # init_vm fills a slot the host reserved first
+        first = c.ghost.pre_init_vm
+        if first and x1 != first and not c.ghost.guest.raced_now():
+            c.fail("init_vm result (hyp_pin_shared_mem of struct kvm, created_vcpus, handle)",
+                   first, x1)
         diff = [i for i in range(len(t)) if t[i] != conc[i]]
         if x1 == 0:
             if len(diff) != 1 or t[diff[0]] != RESERVED or not isinstance(conc[diff[0]], GhostVm):

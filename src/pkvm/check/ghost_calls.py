@@ -97,8 +97,10 @@ RULES.update({
 # docs/checking.md. Every other part of every host hypercall's result and abstract post-state
 # (page states, guest leaves, VM table, memcache bookkeeping) is predicted.
 LEFT_TO_INVARIANTS: dict[str, str] = {
-    "__pkvm_init_vm": "the errno of a refusal (checks in the kernel's order over three host "
-                      "pointers); the VM table is compared, and the pages by the invariants",
+    "__pkvm_init_vm": "the errno of a refusal past its first checks (7.2 predicts the pin of "
+                      "struct kvm, created_vcpus and the handle; 6.12 none): the donations "
+                      "and the stage-2 set-up; the VM table is compared, the pages by the "
+                      "invariants",
     "__pkvm_init_vcpu": "the errno of a refusal on a live VM (host struct checks); the VM "
                         "table is compared, and the pages by the invariants",
     "__pkvm_vcpu_init_traps": "(6.12) the trap values it computes into the host's struct "
