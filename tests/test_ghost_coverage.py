@@ -106,6 +106,8 @@ def _forge(m: pkvm.Machine, name: str, args: tuple[int, ...], **change: int) -> 
     ("latest", "__kvm_vcpu_run", (0,), {"x1": 2}),                      # no vCPU: -EINVAL
     ("latest", "__pkvm_vcpu_in_poison_fault", (), {"x1": 0}),           # no vCPU: -EINVAL
     ("latest", "__kvm_timer_set_cntvoff", (5,), {"x3": 1}),             # x3 untouched
+    ("latest", "__pkvm_init_vm", (0, 0, 0), {"x1": -22}),               # pin refused: -EPERM
+    ("latest", "__pkvm_init_vcpu", (0x1000, 0, 0), {"x1": -12}),        # donated; no VM: -ENOENT
 ])
 def test_the_ghost_rejects_a_forged_result(abi, name, args, change):
     m = pkvm.Machine(memory="64M", cpus=2, abi=abi, check=True, trace=True)

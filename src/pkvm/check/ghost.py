@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
+from pkvm.abi.host_structs import KVM, KVM_VCPU
 from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
 from pkvm.check.violations import InvariantViolation
@@ -73,6 +74,8 @@ class Ghost:
     checker: Checker
     table: list[Any] = field(default_factory=list)  # None | RESERVED | GhostVm
     pre_page: tuple[int, GhostPage | None] | None = None
+    pre_init_vm: int | None = None  # 7.2 init_vm: the errno of its first checks, or 0
+    pre_init_vcpu: frozenset[int] | None = None  # 7.2 init_vcpu: the results it may give
 
     def __post_init__(self) -> None:
         self.table = self.abstract_table()
@@ -135,6 +138,13 @@ class Ghost:
             n = prof.decode(fid)
             func = prof.hcalls[n] if n is not None else func
         name = func if isinstance(func, str) else None
+        self.pre_init_vm = self.pre_init_vcpu = None
+        if prof.reserve_vm and prof.share_hyp_checks_allowed_memory:  # 7.2's init checks
+            a = list(args) + [0] * 3
+            if name == "__pkvm_init_vm":
+                self.pre_init_vm = self._init_vm_checks(a[0])
+            elif name == "__pkvm_init_vcpu":
+                self.pre_init_vcpu = self._init_vcpu_checks(prof.handle(a[0]), a[1], a[2])
         if name in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp") and args:
             phys = (args[0] << PAGE_SHIFT) & U64
             self.pre_page = (phys, self.abstract_page(phys))
@@ -159,6 +169,73 @@ class Ghost:
             self._page_call(rec, changed)
         if rec.name in VM_TABLE_CALLS:
             self._table_call(rec)
+
+    def _pin_errno(self, pa: int, size: int) -> int:
+        """`hyp_pin_shared_mem` over [pa, pa + size): the range in one memory region, every
+        page host SHARED_OWNED and hyp SHARED_BORROWED (else -EPERM); 0 if it would pin."""
+        i = self.checker.machine.inspect
+        start = pa & ~(PAGE_SIZE - 1)
+        end = (pa + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        lo, hi = i.ram_range()
+        err = range_errno(lo, hi, start, end - start)
+        if err:
+            return err
+        pages = [i.page_quick(pfn) for pfn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT)]
+        if any(p is None or p[0] != "SHARED_OWNED" for p in pages):
+            return -EPERM
+        if any(p is None or p[1] != "SHARED_BORROWED" for p in pages):
+            return -EPERM
+        return 0
+
+    def _host_u32(self, pa: int) -> int:
+        lo, hi = self.checker.machine.inspect.ram_range()
+        if not lo <= pa <= hi - 4:
+            return 0
+        return int.from_bytes(self.checker.machine.inspect.read(pa, 4), "little")
+
+    def _init_vcpu_checks(self, handle: int, host_vcpu: int, vcpu_hva: int) -> frozenset[int]:
+        """7.2 `__pkvm_init_vcpu` on the pre-state: the donation of the hyp vCPU's pages
+        (`map_donated_memory`: page-aligned, in one memory region, host OWNED and hyp NOPAGE,
+        else -ENOMEM), the VM (`get_vm_by_handle`, else -ENOENT), the pin of the host's struct
+        kvm_vcpu (else -EBUSY), then `register_hyp_vcpu`'s index (below `created_vcpus`, slot
+        free, else -EINVAL); with a good index `pkvm_vcpu_init_sysregs` may still refuse a
+        non-protected VM whose host never initialised its ID registers (-EINVAL)."""
+        i = self.checker.machine.inspect
+        prof = self.checker.h.profile
+        pa = i.host_ptr_pa(vcpu_hva)
+        n = (sizes.PKVM_HYP_VCPU_SIZE + PAGE_SIZE - 1) >> PAGE_SHIFT
+        lo, hi = i.ram_range()
+        if pa & (PAGE_SIZE - 1) or range_errno(lo, hi, pa, n << PAGE_SHIFT):
+            return frozenset({-ENOMEM})
+        pages = [i.page_quick((pa >> PAGE_SHIFT) + k) for k in range(n)]
+        if any(p is None or p[:2] != ("OWNED", "NOPAGE") for p in pages):
+            return frozenset({-ENOMEM})
+        idx = self._slot(handle)
+        vm = self.table[idx] if idx is not None else None
+        if not isinstance(vm, GhostVm):
+            return frozenset({-ENOENT})
+        hv = i.host_ptr_pa(host_vcpu)
+        if self._pin_errno(hv, prof.sizeof_kvm_vcpu):
+            return frozenset({-EBUSY})
+        v = self._host_u32(hv + KVM_VCPU.offset("vcpu_idx"))
+        if v >= vm.created or v in vm.vcpus:
+            return frozenset({-EINVAL})
+        return frozenset({0, -EINVAL})
+
+    def _init_vm_checks(self, host_kvm: int) -> int:
+        """7.2 `__pkvm_init_vm`'s first checks, on the pre-state: `hyp_pin_shared_mem` of the
+        host's struct kvm (the range in one memory region, every page host SHARED_OWNED and hyp
+        SHARED_BORROWED, else -EPERM), `created_vcpus` (as unsigned) at least 1 and the handle
+        the host reserved at least `HANDLE_OFFSET`, else -EINVAL; 0 when all pass."""
+        prof = self.checker.h.profile
+        pa = self.checker.machine.inspect.host_ptr_pa(host_kvm)
+        err = self._pin_errno(pa, prof.sizeof_kvm)
+        if err:
+            return err
+        if not self._host_u32(pa + KVM.offset("created_vcpus")):
+            return -EINVAL
+        handle = prof.handle(self._host_u32(pa + KVM.offset("arch.pkvm.handle")))
+        return -EINVAL if handle < sizes.HANDLE_OFFSET else 0
 
     def _fail(self, rec: TraceRecord | None, what: str, expected: Any, found: Any) -> None:
         raise InvariantViolation("ghost", what, None, expected, found)
@@ -297,6 +374,10 @@ def _unreserve_vm(c: TableCall) -> None:
 def _init_vm(c: TableCall) -> None:
     t, conc, x1 = c.t, c.conc, c.x1
     if c.prof.reserve_vm:  # init_vm fills a slot the host reserved first
+        first = c.ghost.pre_init_vm
+        if first and x1 != first and not c.ghost.guest.raced_now():
+            c.fail("init_vm result (hyp_pin_shared_mem of struct kvm, created_vcpus, handle)",
+                   first, x1)
         diff = [i for i in range(len(t)) if t[i] != conc[i]]
         if x1 == 0:
             if len(diff) != 1 or t[diff[0]] != RESERVED or not isinstance(conc[diff[0]], GhostVm):
@@ -319,6 +400,10 @@ def _init_vm(c: TableCall) -> None:
 
 def _init_vcpu(c: TableCall) -> None:
     vm, idx = c.vm, c.idx
+    may = c.ghost.pre_init_vcpu
+    if may is not None and c.x1 not in may and not c.ghost.guest.raced_now():
+        c.fail("init_vcpu result (donation, handle, pin of struct kvm_vcpu, vCPU index)",
+               sorted(may), c.x1)
     if vm is None:
         if c.x1 not in (-ENOMEM, -ENOENT):
             c.fail(f"init_vcpu on handle {c.handle:#x}, not a live VM", "-ENOMEM or -ENOENT", c.x1)

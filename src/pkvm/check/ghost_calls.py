@@ -97,10 +97,13 @@ RULES.update({
 # docs/checking.md. Every other part of every host hypercall's result and abstract post-state
 # (page states, guest leaves, VM table, memcache bookkeeping) is predicted.
 LEFT_TO_INVARIANTS: dict[str, str] = {
-    "__pkvm_init_vm": "the errno of a refusal (checks in the kernel's order over three host "
-                      "pointers); the VM table is compared, and the pages by the invariants",
-    "__pkvm_init_vcpu": "the errno of a refusal on a live VM (host struct checks); the VM "
-                        "table is compared, and the pages by the invariants",
+    "__pkvm_init_vm": "the errno of a refusal past its first checks (7.2 predicts the pin of "
+                      "struct kvm, created_vcpus and the handle; 6.12 none): the donations "
+                      "and the stage-2 set-up; the VM table is compared, the pages by the "
+                      "invariants",
+    "__pkvm_init_vcpu": "6.12: the errno of a refusal on a live VM; 7.2: whether a good "
+                        "index is refused because the host never set up the VM's ID registers "
+                        "(either 0 or -EINVAL is accepted there); the VM table is compared",
     "__pkvm_vcpu_init_traps": "(6.12) the trap values it computes into the host's struct "
                               "kvm_vcpu from the ID registers; x1 and the frame are compared",
     "__vgic_v3_save_vmcr_aprs": "the APRs it stores into the host's vgic_v3_cpu_if (the "
