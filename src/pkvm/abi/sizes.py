@@ -13,13 +13,13 @@ HOST_S2_PGD_CONCAT_PAGES = 16  # bounds the host stage-2's concatenated root tab
 SZ_1G = 1 << 30
 SZ_2M = 2 << 20
 
-# Model choices (spec vm-state.md §2.1): sizes that make donations span several pages.
+# Model choices: sizes that make donations span several pages.
 PKVM_HYP_VM_SIZE = 7680
 PKVM_HYP_VCPU_SIZE = 6144
 # The model's 48-bit, 4-level stage-2: one root page, 3 table pages per new mapping at most.
 KVM_PGTABLE_STAGE2_PGD_SIZE = PAGE_SIZE
 KVM_MMU_CACHE_MIN_PAGES = 3
-KVM_FFA_PROXY_PAGES = 11  # mailboxes + descriptor buffer (spec memory.md §1.2, inferred)
+KVM_FFA_PROXY_PAGES = 11  # mailboxes + descriptor buffer (the model's choice)
 
 
 def page_align(size: int) -> int:
@@ -70,7 +70,7 @@ def hyp_ffa_proxy_pages() -> int:
 
 
 def pkvm_selftest_pages() -> int:
-    return 0  # CONFIG_NVHE_EL2_DEBUG=n in both profiles (spec README, model decisions)
+    return 0  # CONFIG_NVHE_EL2_DEBUG=n in both profiles (the Debian builds of both kernels)
 
 
 def kvm_hyp_reserve_pages(regions: list[tuple[int, int]], struct_hyp_page_size: int) -> int:

@@ -10,7 +10,7 @@ for the VM table), not from the model's hyp code. Its parts:
 * **VM table** — the ghost keeps its own abstract table (free / reserved / live VM with its dying
   flag, created vCPU count, initialised and loaded vCPUs) and each CPU's loaded vCPU. VM-table
   calls are predicted (result and post-state); every call's concrete table must then equal the
-  ghost's. Choices the spec leaves to the implementation (which vCPU index `init_vcpu` filled)
+  ghost's. Choices the kernel leaves to the implementation (which vCPU index `init_vcpu` filled)
   are read back from the concrete state once checked to be allowed.
 * **Every other host hypercall** — `pkvm.check.ghost_calls` (the gate, x0/x2/x3 of every call,
   the flush/register/refusal calls and their frame), `pkvm.check.ghost_guest` (the 7.2
@@ -240,7 +240,7 @@ class Ghost:
     def _fail(self, rec: TraceRecord | None, what: str, expected: Any, found: Any) -> None:
         raise InvariantViolation("ghost", what, None, expected, found)
 
-    # -- host <-> hyp sharing (memory.md §4.3, §4.4) ------------------------------------------
+    # -- host <-> hyp sharing (nvhe/mem_protect.c) ---------------------------------------------
     def _range_errno(self, phys: int) -> int:
         """The errno of the range/memory checks for one page at `phys`, or 0."""
         h = self.checker.h
@@ -294,7 +294,7 @@ class Ghost:
                 self._fail(rec, f"{rec.name} changed pages it does not name",
                            "no other page changed", sorted(hex(p) for p in others)[:8])
 
-    # -- the VM table (vm-state.md) ----------------------------------------------------------
+    # -- the VM table (nvhe/pkvm.c) ----------------------------------------------------------
     def _slot(self, handle: int) -> int | None:
         idx = (handle - sizes.HANDLE_OFFSET) & 0xFFFF_FFFF
         return idx if idx < len(self.table) else None

@@ -163,7 +163,7 @@ class FfaGhost:
 
     # -- RXTX_MAP -------------------------------------------------------------------------
     def _share_hyp_ok(self, pfn: int) -> bool:
-        """`__pkvm_host_share_hyp` of one page would succeed (memory.md's host->hyp share)."""
+        """`__pkvm_host_share_hyp` of one page would succeed (`__pkvm_host_share_hyp`'s checks)."""
         q = self.ins.page_quick(pfn)
         if q is None or q[0] != "OWNED":
             return False

@@ -1,6 +1,6 @@
 """Named invariants over the hyp state, checked after every hypercall (`Machine(check=True)`).
 
-Each invariant is a promise pKVM makes (spec `memory.md` §6, `run-and-check.md` §5.2); `INVARIANTS`
+Each invariant is a promise pKVM makes (docs/checking.md names the kernel rule); `INVARIANTS`
 lists them by name with the sentence a violation quotes. The `Checker` reads hyp state read-only
 and is incremental: after each call it finds the pages whose `hyp_vmemmap` entry changed (7.2
 keeps page states there) plus the pages the call's arguments name, checks those pages against
@@ -75,7 +75,8 @@ class Checker(GlobalInvariants):
         self._gmap: dict[int, list[tuple[int, PageState]]] | None = None
         self._live: list[tuple[int, PkvmHypVm]] | None = None
         # Pages a 7.2 guest still had when its VM was finalised: finalize does not reclaim
-        # them (vm-state.md §4.5), so they keep their state with no guest mapping left.
+        # them (`__pkvm_finalize_teardown_vm`), so they keep their state with no guest
+        # mapping left.
         self.orphan_owned: set[int] = set()
         self.orphan_borrowed: Counter[Any] = Counter()
         self._about_to_orphan: list[tuple[int, PageState]] | None = None

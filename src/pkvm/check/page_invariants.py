@@ -27,7 +27,8 @@ from pkvm.machine.memory import PAGE_SHIFT
 OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
                          PageState.NOPAGE)
 
-# memory.md §4.1: (host, hyp, guest states) a RAM page may be in; "*" = N >= 1 guests.
+# (host, hyp, guest states) a RAM page may be in after any of nvhe/mem_protect.c's
+# transitions; "*" = N >= 1 guests.
 ALLOWED_PAIRS_7_2: dict[tuple[PageState, PageState], str] = {
     (OWNED, NOPAGE): "ordinary host memory",
     (SO, SB): "shared with the hyp",
@@ -138,7 +139,7 @@ class PageInvariants:
         allowed = ALLOWED_PAIRS_7_2 if self._in_vmemmap else ALLOWED_PAIRS_6_12
         pair = (host, hyp)
         if pair not in allowed:
-            raise InvariantViolation("state-pair", "(host, hyp) is not a pair of memory.md §4.1",
+            raise InvariantViolation("state-pair", "(host, hyp) is not a pair any transition leaves",
                                      pfn, "one of " + ", ".join(f"{a.name}/{b.name}" for a, b in allowed),
                                      f"{host.name}/{hyp.name}")
         # guests (the hyp keeps their stage-2s and the host shares pages with them: 7.2)

@@ -15,8 +15,8 @@ class Invariant:
 
 
 INVARIANTS: dict[str, Invariant] = {i.name: i for i in [
-    Invariant("state-pair", "each RAM page's (host, hyp, guest) states are a pair of memory.md "
-              "§4.1, so it has exactly one owner"),
+    Invariant("state-pair", "each RAM page's (host, hyp, guest) states are a combination the "
+              "kernel's transitions produce (nvhe/mem_protect.c), so it has exactly one owner"),
     Invariant("guest-consistent", "a guest stage-2 mapping agrees with the host and hyp states: "
               "guest OWNED needs host/hyp NOPAGE, guest SHARED_BORROWED needs host SHARED_OWNED "
               "and host_share_guest_count = number of such mappings; one guest owner at most"),

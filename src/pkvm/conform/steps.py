@@ -18,7 +18,7 @@ MASK64 = (1 << 64) - 1
 _SYMBOL = re.compile(r"(page|pa|va|vm):[A-Za-z0-9_-]{1,20}")
 VMM_CALLS = ("vmm:create", "vmm:run", "vmm:destroy", "vmm:topup")
 HOST_READ = "host:read"  # the host kernel reads a page of ours (the module, linear map)
-CPUS = 2  # -smp 2, as measured in the spec
+CPUS = 2  # -smp 2, as the harness boots both kernels
 
 
 @dataclass(frozen=True)

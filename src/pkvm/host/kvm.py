@@ -3,7 +3,7 @@
     vm = machine.host.create_vm(vcpus=2, protected=True, memory="64M")
     vm.map(0x40000, 16); vm.destroy()
 
-What each step issues, per profile (spec vm-state.md §5):
+What each step issues, per profile (arch/arm64/kvm/pkvm.c):
 * create: allocate and share the host `struct kvm` and each `struct kvm_vcpu`. 7.2 reserves the
   handle (`__pkvm_reserve_vm`); the hyp VM and each hyp vCPU are made at the first run of that
   vCPU or the first `map()`. 6.12 (no protected VMs) makes the hyp VM and all vCPUs at once, as
@@ -40,7 +40,7 @@ KVM_PGTABLE_PROT_RWX = 0xF
 
 
 def host_va(pa: int) -> int:
-    """The host kernel's linear-map VA of a PA (the model's choice, spec vm-state.md §0)."""
+    """The host kernel's linear-map VA of a PA (the model's choice)."""
     return LINEAR_MAP_BASE + (pa - RAM_BASE)
 
 

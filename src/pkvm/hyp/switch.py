@@ -1,7 +1,7 @@
 """The vCPU run path (`hyp-main.c: handle___kvm_vcpu_run`, `nvhe/switch.c`).
 
 flush (host vCPU -> hyp vCPU), world switch (run the guest until an exit EL2 takes), sync
-(hyp vCPU -> host vCPU). What is copied in each direction follows `run-and-check.md` §1.2/§1.4:
+(hyp vCPU -> host vCPU). What is copied in each direction follows `flush_hyp_vcpu` / `sync_hyp_vcpu`:
 the whole `arch.ctxt`, HCR (7.2: only TWI/TWE/VSE from the host), MDCR, `iflags`, and the fault
 registers on the way out. The guest runs on a CPU emulator core (`pkvm.machine.cpu.Core`), one
 per VM, until an exit EL2 takes or the physical timer (`HypState.guest_timeslice`) fires.
