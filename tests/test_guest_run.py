@@ -149,3 +149,16 @@ def test_6_12_guest_runs_on_the_host_managed_stage2_and_stays_host_owned():
     assert m.inspect.page(pa >> 12).owner == "host"
     vmm.destroy()
     assert m.inspect.page_counts() == before
+
+
+def test_a_host_managed_stage2_table_pointing_outside_ram_is_no_translation():
+    """6.12 runs a guest on the stage-2 the host builds in its own memory, so a hostile host can
+    point a table descriptor anywhere. The walk of a table outside RAM translates nothing (the
+    MMU's walk would abort): the guest runs on, and no Python exception leaves the hyp."""
+    m = pkvm.Machine(memory="256M", cpus=2, abi="6.12")
+    vmm = Vmm(m.host, guests.image("hello"), memory="16M", protected=False, out=io.StringIO())
+    s2 = vmm.vm.s2
+    idx = 4  # a top-level entry far above the guest's RAM at 1 GiB
+    m.host.write_u64(s2.pgd + idx * 8, (1 << 40) | 0b11)  # a table at 1 TiB: no RAM there
+    s = vmm.run()
+    assert s.reason == "shutdown" and s.console == "Hello from a pKVM guest!\n"

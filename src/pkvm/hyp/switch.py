@@ -51,6 +51,7 @@ from pkvm.machine.cpu import (
     ExitKind,
 )
 from pkvm.machine.cpu_id import CTR_EL0
+from pkvm.machine.memory import PhysMemory
 from pkvm.machine.preempt import run_for
 
 ARM_EXCEPTION_IRQ = 0
@@ -316,6 +317,22 @@ class _ReadOnlyTables:
         return 1
 
 
+class _WalkedByHardware:
+    """RAM as the MMU's stage-2 walker reads a table the host manages (6.12): the host may point
+    a table descriptor anywhere, and a descriptor fetched from outside RAM is no translation (on
+    the hardware the walk takes an external abort; either way the guest access faults to EL2
+    and nothing is mapped there)."""
+
+    def __init__(self, mem: PhysMemory):
+        self._mem = mem
+
+    def read_u64(self, pa: int) -> int:
+        return self._mem.read_u64(pa) if self._mem.range_is_ram(pa, 8) else 0
+
+    def write_u64(self, pa: int, value: int) -> None:
+        raise AssertionError("EL2 never writes the host-managed stage-2")
+
+
 def _guest_s2(h: HypState, vcpu: PkvmHypVcpu) -> KvmPgtable:
     """The stage-2 the guest runs on: 7.2 the hyp VM's own, 6.12 the host's (`hw_mmu`)."""
     if h.profile.hyp_owned_guest_stage2:
@@ -324,7 +341,8 @@ def _guest_s2(h: HypState, vcpu: PkvmHypVcpu) -> KvmPgtable:
     eng = _engine_of(vcpu)
     cached = eng.host_s2
     if cached is None or cached.pgd != pgd:
-        cached = KvmPgtable(h.mem, _ReadOnlyTables(), stage=2, name="host-managed guest stage-2")
+        cached = KvmPgtable(_WalkedByHardware(h.mem), _ReadOnlyTables(), stage=2,
+                            name="host-managed guest stage-2")
         cached.pgd = pgd if h.mem.is_ram(pgd) else 0
         eng.host_s2 = cached
     return cached
