@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from mypy_extensions import mypyc_attr
+
 from pkvm.machine.preempt import PreemptionPoints, Scheduler
 
 RANK_VM_TABLE = 10
@@ -21,6 +23,7 @@ RANK_GUEST = 40
 RANK_POOL = 50
 
 
+@mypyc_attr(native_class=False)  # a compiled class cannot subclass AssertionError
 class LockOrderError(AssertionError):
     """The hyp took its locks in an order Linux forbids (an inversion is a deadlock waiting)."""
 
