@@ -304,7 +304,7 @@ def test_mutants_apply_and_restore():
         r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             f"{__file__}::test_mutants_apply_and_restore"],
                            env={**os.environ, "PKVM_PURE": "1"}, capture_output=True, text=True)
-        assert r.returncode == 0 and " 1 passed" in r.stdout, r.stdout[-3000:]
+        assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-3000:]
         with pytest.raises(RuntimeError, match="is compiled"), CM.applied(CM.MUTANTS[0]):
             pass
         return

@@ -24,6 +24,8 @@ from abc import ABC, abstractmethod
 from array import array
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
+from mypy_extensions import mypyc_attr
+
 from pkvm.hyp.panic import HypBug
 from pkvm.machine.memory import PAGE_SHIFT, PhysMemory
 
@@ -50,6 +52,7 @@ class ComponentId(enum.IntEnum):
     GUEST = 2
 
 
+@mypyc_attr(serializable=True)  # pickles by its attributes (compiled: no __init__ call)
 class HypVmemmap:
     """`struct hyp_page hyp_vmemmap[]` over all of RAM, indexed by physical address."""
 

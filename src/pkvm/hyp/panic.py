@@ -44,7 +44,9 @@ class HypWarn(HypBug):
                 return ("?", "?", "")  # not raised yet, or caught inside `_warn`
             caller = frames[-1]
             where = f"pkvm/{caller.filename.rsplit('/pkvm/', 1)[-1]}:{caller.lineno}"
-            self._site = (caller.name, where, "".join(traceback.format_list(frames[-2:])))
+            stack = "".join(f'  File "{f.filename}", line {f.lineno}, in {f.name}\n    {f.line}\n'
+                            for f in frames[-2:])  # as tracebacks print them, without carets
+            self._site = (caller.name, where, stack)
         return self._site
 
     @property

@@ -31,6 +31,7 @@ class LockOrderError(AssertionError):
 __all__ = ["HypLocks", "HypSpinLock", "LockOrderError", "Scheduler"]
 
 
+@mypyc_attr(serializable=True)  # pickles by its attributes (compiled: no __init__ call)
 class HypLocks(PreemptionPoints):
     """Per-machine lock bookkeeping: which CPU runs EL2 code and what each CPU holds; the
     machine's preemption points (`pkvm.machine.preempt`)."""
@@ -41,6 +42,7 @@ class HypLocks(PreemptionPoints):
         self.on_event: Callable[[int, str, str], None] | None = None
 
 
+@mypyc_attr(serializable=True)  # pickles by its attributes (compiled: no __init__ call)
 class HypSpinLock:
     def __init__(self, locks: HypLocks, name: str, rank: int):
         self.locks = locks

@@ -41,6 +41,9 @@ class MemblockRegion:
     def end(self) -> int:
         return self.base + self.size
 
+    def __reduce__(self) -> tuple[Any, ...]:  # compiled: a frozen field cannot be set back
+        return (MemblockRegion, (self.base, self.size, self.nomap))
+
 
 @dataclass
 class CarveOut:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mypy_extensions import mypyc_attr
+
 from pkvm.machine.memory import PhysMemory
 
 HCR_VM = 1 << 0
@@ -63,6 +65,7 @@ def s2_translate(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int
     raise AssertionError("unreachable")
 
 
+@mypyc_attr(serializable=True)  # pickles by its attributes (compiled: no __init__ call)
 class Tlb:
     """Translations an MMU cached for one translation regime, held until a TLBI drops them.
 
