@@ -23,7 +23,10 @@ from setuptools.command.build_ext import build_ext
 # The typed core: every module of these packages is compiled but those in PURE. Pure because
 # mypyc cannot take them as they are: machine/context (its ctypes structure makes mypyc emit C
 # that does not compile), machine/stage2_view (its _Window is weakly referenced, which a
-# compiled class does not allow), hyp/pgtable (a star re-export of arch/pgtable).
+# compiled class does not allow), hyp/pgtable (a star re-export of arch/pgtable). The host
+# driver (host/), board.py and port.py stay pure for now: the checkers replace a Machine's doors
+# on the instance (`m.smc = ...`, which a compiled class refuses), and a conformance test swaps
+# host/psci's CPU_ON by module attribute, which compiled callers would not see.
 CORE = ["machine", "machine/decode", "arch", "abi", "hyp"]
 PURE = {"machine/context.py", "machine/stage2_view.py", "hyp/pgtable.py"}
 

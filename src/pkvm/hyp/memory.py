@@ -24,8 +24,6 @@ from abc import ABC, abstractmethod
 from array import array
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from mypy_extensions import mypyc_attr
-
 from pkvm.hyp.panic import HypBug
 from pkvm.machine.memory import PAGE_SHIFT, PhysMemory
 
@@ -52,7 +50,6 @@ class ComponentId(enum.IntEnum):
     GUEST = 2
 
 
-@mypyc_attr(serializable=True)  # pickles by its attributes (compiled: no __init__ call)
 class HypVmemmap:
     """`struct hyp_page hyp_vmemmap[]` over all of RAM, indexed by physical address."""
 

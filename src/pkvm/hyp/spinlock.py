@@ -11,6 +11,7 @@ scheduler (`HypLocks.scheduler`), it is called there and may switch to another C
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from mypy_extensions import mypyc_attr
 
@@ -31,7 +32,6 @@ class LockOrderError(AssertionError):
 __all__ = ["HypLocks", "HypSpinLock", "LockOrderError", "Scheduler"]
 
 
-@mypyc_attr(serializable=True)  # pickles by its attributes (compiled: no __init__ call)
 class HypLocks(PreemptionPoints):
     """Per-machine lock bookkeeping: which CPU runs EL2 code and what each CPU holds; the
     machine's preemption points (`pkvm.machine.preempt`)."""
@@ -41,14 +41,19 @@ class HypLocks(PreemptionPoints):
         self.held: list[list[HypSpinLock]] = [[] for _ in range(nr_cpus)]
         self.on_event: Callable[[int, str, str], None] | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (HypLocks, (len(self.held),), self.__getstate__())
 
-@mypyc_attr(serializable=True)  # pickles by its attributes (compiled: no __init__ call)
+
 class HypSpinLock:
     def __init__(self, locks: HypLocks, name: str, rank: int):
         self.locks = locks
         self.name = name
         self.rank = rank
         self.owner: int | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (HypSpinLock, (self.locks, self.name, self.rank), self.__getstate__())
 
     def __repr__(self) -> str:
         return f"<lock {self.name} held by {self.owner}>"

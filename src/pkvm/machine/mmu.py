@@ -8,8 +8,7 @@ the hyp actually wrote, not against the hyp's bookkeeping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from mypy_extensions import mypyc_attr
+from typing import Any
 
 from pkvm.machine.memory import PhysMemory
 
@@ -65,7 +64,6 @@ def s2_translate(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int
     raise AssertionError("unreachable")
 
 
-@mypyc_attr(serializable=True)  # pickles by its attributes (compiled: no __init__ call)
 class Tlb:
     """Translations an MMU cached for one translation regime, held until a TLBI drops them.
 
@@ -85,6 +83,11 @@ class Tlb:
         self.entries: dict[int, list[int]] = {}  # key -> [pa page | -1, writable, level, gen]
         self.stale_uses: list[str] = []
         self._max_log = max_log
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Made again, then its attributes set back (compiled, a class whose `__init__` takes
+        arguments does not unpickle by its attributes alone)."""
+        return (Tlb, (self.name, self._max_log), self.__getstate__())
 
     def flush_all(self) -> None:
         self.entries.clear()
