@@ -1,35 +1,110 @@
-"""Optional compiled build: `PKVM_MYPYC=1 pip install --no-build-isolation .` compiles
-the typed core below with mypyc (needs mypy, from the `dev` extra, and a C compiler). Without
-PKVM_MYPYC the package is pure Python, the default: the Python source is the one truth either way
-and every module is importable uncompiled."""
+"""The build: the typed core compiled with mypyc, or pure Python where it cannot be.
+
+`pip install -e .` (and `pip install .`) compiles the modules of CORE with mypyc (the `mypy`
+of `[build-system] requires`) into C extensions, in place beside their sources for an editable
+install. It installs pure Python instead, and says why (pip shows it with `-v`; `pkvm --version`
+and the test report say how the model runs), when `PKVM_PURE=1` is set, when no C compiler is
+found, or when mypyc or the C build fails. The Python source is the one truth either way: every
+module is importable uncompiled, and `PKVM_PURE=1` at run time loads the source of every module
+even where extensions are installed (`pkvm/_compiled.py`; an extension older than its source in
+a checkout is not used either).
+"""
 
 import os
+import shlex
+import shutil
+import sys
+import sysconfig
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 # The typed core: every module of these packages is compiled but those in PURE. Pure because
 # mypyc cannot take them as they are: machine/context (its ctypes structure makes mypyc emit C
-# that does not compile), machine/preempt (hyp/spinlock's HypLocks, interpreted, subclasses
-# its PreemptionPoints) and machine/stage2_view (its _Window is weakly referenced, which a
-# compiled class does not allow). pkvm.hyp stays pure: compiled, the package segfaulted on import (in
-# hyp/state's module init, not diagnosed yet), hyp/pgtable is a star re-export, spinlock's
-# LockOrderError subclasses AssertionError, and the conformance mutants
-# (tests/conform_mutants.py) rewrite hyp functions' source and swap them in by module attribute.
-CORE = ["machine", "machine/decode", "arch", "abi"]
-PURE = {"machine/context.py", "machine/preempt.py", "machine/stage2_view.py"}
+# that does not compile), machine/stage2_view (its _Window is weakly referenced, which a
+# compiled class does not allow), hyp/pgtable (a star re-export of arch/pgtable). The host
+# driver (host/), board.py and port.py stay pure for now: the checkers replace a Machine's doors
+# on the instance (`m.smc = ...`, which a compiled class refuses), and a conformance test swaps
+# host/psci's CPU_ON by module attribute, which compiled callers would not see.
+CORE = ["machine", "machine/decode", "arch", "abi", "hyp"]
+PURE = {"machine/context.py", "machine/stage2_view.py", "hyp/pgtable.py"}
 
-SRC = Path("src/pkvm")
+ROOT = Path(__file__).resolve().parent
+SRC = ROOT / "src/pkvm"
+# Absolute paths: a compiled function's traceback entries name its source file by the path
+# given here, and the hyp's WARN sites are read from tracebacks (`pkvm.hyp.panic.HypWarn`).
 COMPILED = sorted(str(p) for d in CORE for p in (SRC / d).glob("*.py")
                   if p.name != "__init__.py" and str(p.relative_to(SRC)) not in PURE)
 
-ext_modules = []
-if os.environ.get("PKVM_MYPYC") == "1":
-    from mypyc.build import mypycify
 
-    # Only the listed modules are compiled and must type-check; the rest of the package is
-    # imported as plain Python.
-    ext_modules = mypycify(["--follow-imports=silent", "--ignore-missing-imports", *COMPILED],
-                           opt_level="3", separate=True)
+def say(msg: str) -> None:
+    print(f"pkvm setup: {msg}", file=sys.stderr, flush=True)
 
-setup(ext_modules=ext_modules)
+
+def remove_inplace_extensions() -> None:
+    """Extensions of an earlier in-place build would be imported before the sources."""
+    for suffix in (".so", ".pyd"):
+        for p in SRC.rglob(f"*{suffix}"):
+            p.unlink()
+
+
+def pure_reason() -> str:
+    """Why this build is pure Python ("" to compile)."""
+    if os.environ.get("PKVM_PURE") == "1":
+        return "PKVM_PURE=1"
+    cc = shlex.split(os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        return f"no C compiler ({' '.join(cc) or 'CC unset'} not found)"
+    try:
+        import mypyc.build  # noqa: F401
+    except ImportError as e:
+        return f"mypyc is not installed ({e})"
+    return ""
+
+
+class BuildExt(build_ext):
+    """Builds the extensions; a failure falls back to pure Python instead of failing the install."""
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except Exception as e:  # noqa: BLE001 - any C build failure: install pure
+            say(f"the C build failed ({type(e).__name__}: {e}): installing pure Python")
+            self.extensions = []
+            remove_inplace_extensions()
+            return
+        # Mark each in-place extension as built now: setuptools copies an unchanged one with the
+        # old time, which would look older than a source edited without changing its C code.
+        for ext in self.extensions:
+            out = Path(self.get_ext_fullpath(ext.name))
+            if self.inplace and out.exists():
+                out.touch()
+
+    def get_outputs(self) -> list[str]:
+        return super().get_outputs() if self.extensions else []
+
+
+def ext_modules() -> list:
+    reason = pure_reason()
+    if not reason:
+        try:
+            from mypyc.build import mypycify
+
+            # Only the listed modules are compiled and must type-check; the rest of the
+            # package (and the dependencies, absent from an isolated build) are seen as Any.
+            exts = mypycify(["--follow-imports=silent", "--ignore-missing-imports", *COMPILED],
+                            opt_level="3", separate=True)
+            say(f"compiling {len(COMPILED)} modules with mypyc")
+            return exts
+        except (Exception, SystemExit) as e:  # noqa: BLE001 - mypyc refused: install pure
+            reason = f"mypyc failed ({type(e).__name__}: {e})"
+    say(f"installing pure Python: {reason}")
+    remove_inplace_extensions()
+    return []
+
+
+# Only a build compiles (pip also runs this file to read the metadata: nothing to build then).
+BUILDING = bool({"build", "build_ext", "bdist_wheel", "editable_wheel", "install", "develop"}
+                & set(sys.argv[1:]))
+setup(ext_modules=ext_modules() if BUILDING else [], cmdclass={"build_ext": BuildExt})

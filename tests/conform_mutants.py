@@ -78,6 +78,13 @@ MUTANTS = [
 UNDETECTED: dict[str, str] = {}
 
 
+def model_is_compiled() -> bool:
+    """Whether this process runs the hyp compiled (`pkvm._compiled`): the mutants cannot apply."""
+    import pkvm.hyp.mem_protect as mp
+
+    return not inspect.isfunction(mp.host_share_hyp)
+
+
 def _replace_everywhere(orig, new) -> list[tuple[object, str]]:
     swapped = []
     for mod in list(sys.modules.values()):
@@ -97,6 +104,9 @@ def applied(m: Mutant) -> Iterator[None]:
 
     mod = importlib.import_module(m.module)
     orig = getattr(mod, m.function)
+    if not inspect.isfunction(orig):
+        raise RuntimeError(f"mutant {m.name}: {m.module} is compiled; a mutant rewrites the "
+                           "Python source, so it runs on the pure model (PKVM_PURE=1)")
     src = textwrap.dedent(inspect.getsource(orig))
     if m.old not in src:
         raise ValueError(f"mutant {m.name}: {m.old!r} is not in {m.module}.{m.function}")

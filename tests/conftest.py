@@ -1,6 +1,11 @@
 import pytest
 
 import pkvm
+from pkvm import _compiled
+
+
+def pytest_report_header(config):
+    return f"pkvm: {_compiled.describe()}"  # compiled, or pure and why
 
 
 @pytest.fixture(params=["latest", "6.12"])

@@ -42,7 +42,8 @@ SYNOPSIS = re.compile(r"\[--|\.\.\.\]?$|(?<![\w.])(?:NAME|FILE|SCENARIO|IMAGE|N|
 NOT_RUN = {  # what a command starts with -> why it is not run here
     "python3 -m venv": "the install: this test runs inside that install",
     ".venv/bin/pip": "the install: this test runs inside that install",
-    "PKVM_MYPYC=1 .venv/bin/pip": "the compiled install (`.ci/run-compiled` builds and tests it)",
+    "PKVM_PURE=1 .venv/bin/pip": "the install: this test runs inside that install",
+    "PKVM_PURE=1 .venv/bin/python -m pytest": "runs the test suite itself",
     ".venv/bin/lint-imports": "runs the test suite itself",
     ".venv/bin/ruff": "runs the test suite itself",
     ".venv/bin/mypy": "runs the test suite itself",

@@ -246,5 +246,8 @@ def test_known_kernel_warn_is_excused_narrowly_and_counted():
     assert m.dead and m.dead.startswith("WARN_ON in do_ffa_mem_frag_tx")
     assert excused_warns(m.inspect) == {"ffa-frag-tx-reclaim": 1}
     assert NoWarn.violations(m.inspect) == []
-    m._hyp.warnings.append("  File \"x.py\", line 1, in other\n    _warn(h, 1)\n")
+    from pkvm.hyp.panic import HypWarn
+
+    m._hyp.warnings.append(HypWarn(("other", "x.py:1", "  File \"x.py\", line 1, in other\n"
+                                                      "    _warn(h, 1)\n")))
     assert NoWarn.violations(m.inspect)

@@ -76,11 +76,20 @@ def test_non_protected_guest_reads_the_cpu():
     ((3, 0, 10, 4, 0), False, ("undef", 0)),  # LORSA_EL1: restricted
 ])
 def test_trap_table(enc, write, want):
-    from types import SimpleNamespace
-
+    from pkvm.hyp.pkvm_structs import PkvmHypVm
     from pkvm.hyp.sys_regs import kvm_init_pvm_id_regs, pvm_sysreg_access
 
-    vm = SimpleNamespace(vcpu_features=0, id_regs=(), id_regs_initialized=False)
-    vm.set_id_regs = lambda regs: vars(vm).update(id_regs=regs, id_regs_initialized=True)
+    class LooseVm(PkvmHypVm):  # a hyp VM without its pages (the typed hyp takes a PkvmHypVm)
+        vcpu_features = 0
+        id_regs: tuple[int, ...] = ()
+        id_regs_initialized = False
+
+        def __init__(self) -> None:
+            pass
+
+        def set_id_regs(self, regs):
+            self.id_regs, self.id_regs_initialized = regs, True
+
+    vm = LooseVm()
     kvm_init_pvm_id_regs(vm, dict(CPU_ID_REGS))
     assert pvm_sysreg_access(vm, enc, write, 5) == want

@@ -201,7 +201,8 @@ class Inspector:
         return {"pages": pool.nr_pages, "free": pool.free_pages(), "start": pool.range_start}
 
     def warnings(self) -> list[str]:
-        return list(self._h.warnings)
+        """Each fired WARN's site: its function's frame and the one above, as tracebacks print."""
+        return [w.stack for w in self._h.warnings]
 
     # -- what the hardware saw (for `pkvm.check.hw_oracles`) ---------------------------------
     def tlb_stale_uses(self) -> list[str]:
@@ -372,8 +373,9 @@ class Inspector:
 
 # The views recording each vmemmap's stores (`VmemmapView.record_dirty`): a drain hands what it
 # takes to the other recorders of the same vmemmap, so two checkers never steal from each other.
-_RECORDERS: weakref.WeakKeyDictionary[Any, weakref.WeakSet[VmemmapView]] = (
-    weakref.WeakKeyDictionary())
+# Keyed by the vmemmap's id (compiled with mypyc, a HypVmemmap takes no weak reference): a live
+# view holds its vmemmap, so the id of an entry with a live view is never reused.
+_RECORDERS: dict[int, weakref.WeakSet[VmemmapView]] = {}
 
 
 class VmemmapView:
@@ -402,7 +404,9 @@ class VmemmapView:
         self._backlog = set()
         if self._v.dirty is None:
             self._v.dirty = set()
-        _RECORDERS.setdefault(self._v, weakref.WeakSet()).add(self)
+        for key in [k for k, views in _RECORDERS.items() if not views]:
+            del _RECORDERS[key]
+        _RECORDERS.setdefault(id(self._v), weakref.WeakSet()).add(self)
 
     def drain_dirty(self) -> set[int]:
         """The pfns whose entries the hyp stored to since the last drain (a superset of those
@@ -412,7 +416,7 @@ class VmemmapView:
         v = self._v
         new = v.dirty or set()
         v.dirty = set()
-        for other in _RECORDERS.get(v, ()):
+        for other in _RECORDERS.get(id(v), ()):
             if other is not self and other._backlog is not None:
                 other._backlog |= new
         taken, self._backlog = self._backlog | new, set()

@@ -9,7 +9,7 @@ the hyp code asks `profile.<feature>` instead of comparing version strings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 # `enum __kvm_host_smccc_func` of Linux 6.12.117 (arch/arm64/include/asm/kvm_asm.h).
 HCALLS_6_12: tuple[str, ...] = (
@@ -203,6 +203,11 @@ class Profile:
     # unshare touches no page but the one it names; 6.12 maps it at EL2 when shared (tables
     # come and go with it).
     hyp_maps_shared_only_while_pinned: bool = False
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled by name: the profile of that kernel (compiled, a frozen dataclass's fields
+        cannot be set back one by one)."""
+        return (profile_for, (self.name,))
 
     @property
     def nr_hcalls(self) -> int:

@@ -43,7 +43,9 @@ SKIPPED: dict[str, str] = {}
 
 def _version(value: bool) -> None:
     if value:
-        print(f"pkvm {pkvm.__version__}")
+        from pkvm import _compiled  # imported here: only --version asks how the model runs
+
+        print(f"pkvm {pkvm.__version__}, {_compiled.describe()}")
         raise typer.Exit(0)
 
 

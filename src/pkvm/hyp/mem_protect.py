@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import traceback
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -597,7 +596,6 @@ def _warn(h: HypState, cond: object) -> None:
     """A `WARN_ON`: when it fires, record the site (for `inspect.warnings()`) and panic, as the
     kernel's hyp does (a WARN at EL2 is a `BRK` that `nvhe_hyp_panic_handler` treats as fatal)."""
     if cond:
-        h.warnings.append("".join(traceback.format_stack(limit=3)[:-1]))
-        caller = sys._getframe(1)  # its site: a path inside the package, installed or not
-        where = f"pkvm/{caller.f_code.co_filename.rsplit('/pkvm/', 1)[-1]}:{caller.f_lineno}"
-        raise HypWarn(caller.f_code.co_name, where)
+        warn = HypWarn()  # it finds its site in its traceback (see there)
+        h.warnings.append(warn)
+        raise warn

@@ -29,6 +29,8 @@ import struct
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, TypedDict, overload
 
+from mypy_extensions import mypyc_attr
+
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM, KVM_ARCH_FLAG_ID_REGS_INITIALIZED, KVM_VCPU
 from pkvm.hyp.mm import check_store, el2_store_in_page, el2_translate, el2_write, hyp_pa, hyp_va
@@ -72,6 +74,9 @@ CTXT_LEN = CTXT_END - CTXT_START
 ID_REGS = KVM.field("arch.id_regs")
 
 
+# The descriptors are Python classes too (methods compiled): mypyc's native classes give
+# `__get__` its slot but not `__set__`.
+@mypyc_attr(native_class=False)
 class Field:
     """A scalar kept in the struct's bytes: read from the page, written by an EL2 store.
 
@@ -111,6 +116,7 @@ class Field:
             mem[off : off + self.size] = data
 
 
+@mypyc_attr(native_class=False)
 class BoolField(Field):
     """A C `bool` kept in the struct's bytes."""
 
@@ -126,6 +132,41 @@ class BoolField(Field):
         return bool(self.unpack_from(obj._h.mem.bytes, obj._off + self.off)[0])
 
 
+@mypyc_attr(native_class=False)
+class CtxtField:
+    """`vcpu.arch.ctxt` as the hyp keeps it between flush and sync (a descriptor, as `Field`:
+    a Python class compiled with mypyc takes no property setter)."""
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> CtxtField: ...
+    @overload
+    def __get__(self, obj: HypStruct, owner: type) -> bytes: ...
+    def __get__(self, obj: HypStruct | None, owner: type) -> CtxtField | bytes:
+        return self if obj is None else obj.load(CTXT_OFF, CTXT_LEN)
+
+    def __set__(self, obj: HypStruct, raw: bytes) -> None:
+        obj.store(CTXT_OFF, raw[:CTXT_LEN])
+
+
+@mypyc_attr(native_class=False)
+class LoadedOnField:
+    """`loaded_hyp_vcpu`: the per-CPU slot holding the vCPU (the model's per-CPU slots sit in
+    the hyp image, 8 bytes each), read back as the CPU it is loaded on."""
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> LoadedOnField: ...
+    @overload
+    def __get__(self, obj: PkvmHypVcpu, owner: type) -> int | None: ...
+    def __get__(self, obj: PkvmHypVcpu | None, owner: type) -> LoadedOnField | int | None:
+        if obj is None:
+            return self
+        ptr = obj._loaded
+        return None if not ptr else (ptr - loaded_slot(obj._h, 0)) >> 3
+
+    def __set__(self, obj: PkvmHypVcpu, cpu: int | None) -> None:
+        obj._loaded = 0 if cpu is None else loaded_slot(obj._h, cpu)
+
+
 class VcpuExitData(TypedDict, total=False):
     """What the run path keeps beside a hyp vCPU between runs (switch.py)."""
 
@@ -134,6 +175,9 @@ class VcpuExitData(TypedDict, total=False):
     hcr_vi: int  # the HCR_EL2.VI last written into the core
 
 
+# A struct's fields are descriptors (`Field`) on its class, which a mypyc native class would take
+# for instance attributes' defaults: the structs stay Python classes (their methods compiled).
+@mypyc_attr(native_class=False)
 class HypStruct:
     """A hyp structure at hyp VA `va` (donated memory mapped in the hyp stage-1)."""
 
@@ -183,6 +227,7 @@ def vcpus_slot(idx: int) -> int:
     return HYP_VM_VCPUS + 8 * idx
 
 
+@mypyc_attr(native_class=False)
 class PkvmHypVcpu(HypStruct):
     """`struct pkvm_hyp_vcpu`, in the pages donated for it (`pkvm_structs`)."""
 
@@ -199,6 +244,8 @@ class PkvmHypVcpu(HypStruct):
     fault_hpfar = Field(HYP_VCPU, "vcpu.arch.fault.hpfar_el2")
     _kvm = Field(HYP_VCPU, "vcpu.kvm")
     _loaded = Field(HYP_VCPU, "loaded_hyp_vcpu")
+    ctxt = CtxtField()
+    loaded_on = LoadedOnField()
 
     def __init__(self, vm: "PkvmHypVm", host_vcpu: int, vcpu_idx: int, vcpu_id: int,
                  mem_va: int, cflags: int = 0):
@@ -214,31 +261,13 @@ class PkvmHypVcpu(HypStruct):
         self.vcpu_id = vcpu_id
         self.cflags = cflags
 
-    @property
-    def ctxt(self) -> bytes:
-        """`vcpu.arch.ctxt` as the hyp keeps it between flush and sync."""
-        return self.load(CTXT_OFF, CTXT_LEN)
-
-    @ctxt.setter
-    def ctxt(self, raw: bytes) -> None:
-        self.store(CTXT_OFF, raw[:CTXT_LEN])
-
-    @property
-    def loaded_on(self) -> int | None:
-        """`loaded_hyp_vcpu`: the per-CPU slot holding it (the model's per-CPU slots sit in
-        the hyp image, 8 bytes each), read back as the CPU it is loaded on."""
-        ptr = self._loaded
-        return None if not ptr else (ptr - loaded_slot(self._h, 0)) >> 3
-
-    @loaded_on.setter
-    def loaded_on(self, cpu: int | None) -> None:
-        self._loaded = 0 if cpu is None else loaded_slot(self._h, cpu)
 
 
 def loaded_slot(h: HypState, cpu: int) -> int:
     return hyp_va(h.carve.image) + 8 * cpu
 
 
+@mypyc_attr(native_class=False)
 class PkvmHypVm(HypStruct):
     """`struct pkvm_hyp_vm`, in the pages donated for it (`pkvm_structs`)."""
 
@@ -261,7 +290,7 @@ class PkvmHypVm(HypStruct):
     # Set by `__pkvm_init_vm` before the VM enters the table (`set_pool`, `set_pgt`).
     pool: HypPool
     pgt: KvmPgtable
-    mm_ops: GuestMmOps
+    mm_ops: "GuestMmOps"  # quoted: compiled, a class-body annotation loads its class at import
 
     def __init__(self, h: HypState, handle: int, host_kvm: int, created_vcpus: int,
                  is_protected: bool, vm_va: int, vm_size: int, pgd_pa: int, pgd_size: int,

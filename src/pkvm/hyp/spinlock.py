@@ -11,6 +11,9 @@ scheduler (`HypLocks.scheduler`), it is called there and may switch to another C
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
+
+from mypy_extensions import mypyc_attr
 
 from pkvm.machine.preempt import PreemptionPoints, Scheduler
 
@@ -21,6 +24,7 @@ RANK_GUEST = 40
 RANK_POOL = 50
 
 
+@mypyc_attr(native_class=False)  # a compiled class cannot subclass AssertionError
 class LockOrderError(AssertionError):
     """The hyp took its locks in an order Linux forbids (an inversion is a deadlock waiting)."""
 
@@ -37,6 +41,9 @@ class HypLocks(PreemptionPoints):
         self.held: list[list[HypSpinLock]] = [[] for _ in range(nr_cpus)]
         self.on_event: Callable[[int, str, str], None] | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (HypLocks, (len(self.held),), self.__getstate__())
+
 
 class HypSpinLock:
     def __init__(self, locks: HypLocks, name: str, rank: int):
@@ -44,6 +51,9 @@ class HypSpinLock:
         self.name = name
         self.rank = rank
         self.owner: int | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (HypSpinLock, (self.locks, self.name, self.rank), self.__getstate__())
 
     def __repr__(self) -> str:
         return f"<lock {self.name} held by {self.owner}>"

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from pkvm.abi.profiles import Profile
 from pkvm.hyp.memory import HypVmemmap, PageStates, select_page_states
 from pkvm.hyp.page_alloc import HypPool
+from pkvm.hyp.panic import HypWarn
 from pkvm.hyp.pgtable import KvmPgtable
 from pkvm.hyp.spinlock import RANK_HOST, RANK_HYP, RANK_VM_TABLE, HypLocks, HypSpinLock
 from pkvm.machine.cpu_id import CPU_ID_REGS
@@ -39,6 +40,9 @@ class MemblockRegion:
     @property
     def end(self) -> int:
         return self.base + self.size
+
+    def __reduce__(self) -> tuple[Any, ...]:  # compiled: a frozen field cannot be set back
+        return (MemblockRegion, (self.base, self.size, self.nomap))
 
 
 @dataclass
@@ -70,8 +74,31 @@ class HostMmu:
 SmcToEl3 = Callable[[int, list[int]], None]
 
 
+class HypStateLate:
+    """The fields of `HypState` that are set after it is made (see there).
+
+    Declared on this plain base class rather than as dataclass fields: compiled with mypyc, a
+    dataclass field's annotation loads its class when this module is imported, and the modules
+    defining these classes (psci_relay, ffa, pkvm) import this one.
+    """
+
+    # -- wired before `__pkvm_init` -------------------------------------------------------
+    # The `smc #0` EL2 issues to the firmware (the board) and the PSCI relay's config.
+    smc_to_el3: SmcToEl3
+    psci: HostPsciConfig
+    # -- built by `__pkvm_init` (setup.py) --------------------------------------------------
+    pkvm_pgtable: KvmPgtable
+    hpool: HypPool
+    host_s2_pool: HypPool
+    host_mmu: HostMmu
+    ffa: FfaProxy
+    # What differs in shape between the kernels' VM life cycles (nvhe/pkvm.c), chosen from
+    # `profile.vm_lifecycle`: `pkvm_one_phase` (6.12) or `pkvm_two_phase` (7.2).
+    life: VmLife
+
+
 @dataclass(repr=False, eq=False)
-class HypState:
+class HypState(HypStateLate):
     """EL2's globals, in two phases.
 
     At reset (`new_hyp_state`) the hyp has what the machine gives it: RAM, its CPUs' EL2
@@ -99,19 +126,6 @@ class HypState:
     # Where this kernel keeps page states (7.2: the vmemmap; 6.12: PTE software bits), chosen
     # from the profile when the state is made.
     page_states: PageStates = field(init=False)
-    # -- wired before `__pkvm_init` -------------------------------------------------------
-    # The `smc #0` EL2 issues to the firmware (the board) and the PSCI relay's config.
-    smc_to_el3: SmcToEl3 = field(init=False)
-    psci: HostPsciConfig = field(init=False)
-    # -- built by `__pkvm_init` (setup.py) --------------------------------------------------
-    pkvm_pgtable: KvmPgtable = field(init=False)
-    hpool: HypPool = field(init=False)
-    host_s2_pool: HypPool = field(init=False)
-    host_mmu: HostMmu = field(init=False)
-    ffa: FfaProxy = field(init=False)
-    # What differs in shape between the kernels' VM life cycles (nvhe/pkvm.c), chosen from
-    # `profile.vm_lifecycle`: `pkvm_one_phase` (6.12) or `pkvm_two_phase` (7.2).
-    life: VmLife = field(init=False)
     # `vm_table`: empty (the kernel's NULL) until `__pkvm_init` allocates it.
     vm_table: list[object | None] = field(default_factory=list)
     loaded_hyp_vcpu: list[PkvmHypVcpu | None] = field(default_factory=list)
@@ -119,7 +133,7 @@ class HypState:
     dead: str | None = None
     hyp_vms: dict[int, PkvmHypVm] = field(default_factory=dict)  # hyp VA of hyp_vm -> object
     seeded_bugs: frozenset[str] = frozenset()
-    warnings: list[str] = field(default_factory=list)
+    warnings: list[HypWarn] = field(default_factory=list)  # every WARN_ON fired
     # The physical timer that interrupts a guest (ARM_EXCEPTION_IRQ): after this many
     # instructions (int) or seconds of wall clock (float); None lets a guest run until it exits.
     guest_timeslice: int | float | None = None

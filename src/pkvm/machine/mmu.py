@@ -8,6 +8,7 @@ the hyp actually wrote, not against the hyp's bookkeeping.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from pkvm.machine.memory import PhysMemory
 
@@ -82,6 +83,11 @@ class Tlb:
         self.entries: dict[int, list[int]] = {}  # key -> [pa page | -1, writable, level, gen]
         self.stale_uses: list[str] = []
         self._max_log = max_log
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Made again, then its attributes set back (compiled, a class whose `__init__` takes
+        arguments does not unpickle by its attributes alone)."""
+        return (Tlb, (self.name, self._max_log), self.__getstate__())
 
     def flush_all(self) -> None:
         self.entries.clear()
