@@ -77,7 +77,7 @@ def test_vmemmap_index_outside_ram_is_a_hyp_fault(pa):
     from pkvm.hyp.panic import HypBug
     from pkvm.machine.memory import PhysMemory
 
-    vmemmap = HypVmemmap(PhysMemory(64 << 20), 0xFF)
+    vmemmap = HypVmemmap.over(PhysMemory(64 << 20), 0xFF)
     assert vmemmap.idx(0x4000_0000) == 0
     with pytest.raises(HypBug):
         vmemmap.idx(pa)

@@ -130,7 +130,7 @@ class _S1:
         from pkvm.machine.memory import PhysMemory
 
         self.mem = PhysMemory(MEM)
-        self.vmm = HypVmemmap(self.mem, 0xFF)
+        self.vmm = HypVmemmap.over(self.mem, 0xFF)
         self.pool = HypPool("pt", self.mem, self.vmm, HypLocks(1), False)
         self.pool.init(self.POOL_BASE >> 12, self.POOL_PAGES, 0)
         self.pgt = pt.KvmPgtable(self.mem, self.pool, stage=1, name="t")

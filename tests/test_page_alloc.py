@@ -15,7 +15,7 @@ BASE = 0x4000_0000 + (1 << 20)  # 1 MiB into RAM: aligned for every order used h
 
 def make_pool(nr, reserved=0, base=BASE, keeps_order=False, mem_size=64 << 20):
     mem = PhysMemory(mem_size)
-    vmm = HypVmemmap(mem, 0xFF if not keeps_order else 0xFFFF)
+    vmm = HypVmemmap.over(mem, 0xFF if not keeps_order else 0xFFFF)
     pool = HypPool("test", mem, vmm, HypLocks(1), keeps_order)
     assert pool.init(base >> 12, nr, reserved) == 0
     return pool

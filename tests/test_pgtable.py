@@ -21,7 +21,7 @@ POOL_PAGES = 256
 class Env:
     def __init__(self, stage=2, eagain_stops=True, force_pte_cb=None):
         self.mem = PhysMemory(64 << 20)
-        self.vmm = HypVmemmap(self.mem, 0xFF)
+        self.vmm = HypVmemmap.over(self.mem, 0xFF)
         self.pool = HypPool("pt", self.mem, self.vmm, HypLocks(1), False)
         self.pool.init(POOL_BASE >> 12, POOL_PAGES, 0)
         self.pgt = pt.KvmPgtable(self.mem, self.pool, stage=stage, name="t",

@@ -242,6 +242,9 @@ class KvmPgtable:
         # where Linux's pgtable.c invalidates (a valid entry broken or cleared); None: no TLB.
         self.tlbi: Callable[[int, int], None] | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (KvmPgtable, (self.mem, self.mm_ops, self.stage, self.name), self.__getstate__())
+
     # -- set-up ----------------------------------------------------------------------
     def init(self, pgd: int | None = None) -> int:
         """Install a root: the given zeroed page, or one from `mm_ops`."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from array import array
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from pkvm.hyp.panic import HypBug
 from pkvm.machine.memory import PAGE_SHIFT, PhysMemory
@@ -53,9 +53,9 @@ class ComponentId(enum.IntEnum):
 class HypVmemmap:
     """`struct hyp_page hyp_vmemmap[]` over all of RAM, indexed by physical address."""
 
-    def __init__(self, mem: PhysMemory, hyp_no_order: int):
-        n = mem.nr_pages
-        self.base_pfn = mem.base_pfn
+    def __init__(self, base_pfn: int, nr: int, hyp_no_order: int):
+        n = nr
+        self.base_pfn = base_pfn
         self.nr = n
         self.hyp_no_order = hyp_no_order
         self.refcount = array("H", bytes(2 * n))
@@ -68,6 +68,21 @@ class HypVmemmap:
         # Entries (indices) whose refcount, states or share count were stored to since a checker
         # last drained them; None while nothing records.
         self.dirty: set[int] | None = None
+
+    @classmethod
+    def over(cls, mem: PhysMemory, hyp_no_order: int) -> HypVmemmap:
+        """The vmemmap of all of `mem`'s RAM."""
+        return cls(mem.base_pfn, mem.nr_pages, hyp_no_order)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (a machine snapshot) as its extent and its arrays."""
+        return (HypVmemmap, (self.base_pfn, self.nr, self.hyp_no_order),
+                (self.refcount, self.order, self.host_state, self.hyp_state,
+                 self.host_share_guest_count, self.dirty))
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        (self.refcount, self.order, self.host_state, self.hyp_state,
+         self.host_share_guest_count, self.dirty) = state
 
     def touch(self, i: int) -> None:
         """Note that entry `i`'s refcount, states or share count was stored to (see `dirty`)."""

@@ -9,6 +9,8 @@ a VM pool) are zeroed and listed without merging.
 
 from __future__ import annotations
 
+from typing import Any
+
 from pkvm.hyp.memory import HypVmemmap
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.spinlock import RANK_POOL, HypLocks, HypSpinLock
@@ -40,6 +42,10 @@ class HypPool:
         self.range_end = 0
         self.max_order = 0
         self.keeps_order = attach_foreign_keeps_order
+
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (HypPool, (self.name, self.mem, self.vmemmap, self.lock.locks, self.keeps_order),
+                self.__getstate__())
 
     # -- init --------------------------------------------------------------------
     def init(self, pfn: int, nr_pages: int, reserved: int) -> int:

@@ -97,6 +97,9 @@ class GuestMmOps:
         self.vm = vm
         self.vcpu: PkvmHypVcpu | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (GuestMmOps, (self.h, self.vm), self.__getstate__())
+
     def zalloc_page(self) -> int | None:
         pa = self.vm.pool.alloc_pages(0)
         if pa is not None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, TypedDict, overload
+from typing import TYPE_CHECKING, Any, TypedDict, overload
 
 from mypy_extensions import mypyc_attr
 
@@ -208,6 +208,9 @@ class Memcache:
 
     def __init__(self, s: HypStruct):
         self._s = s
+
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (Memcache, (self._s,), self.__getstate__())
 
     def __getitem__(self, i: int) -> int:
         return int.from_bytes(self._s.load(self._NR if i else self._HEAD, 8), "little")

@@ -168,7 +168,7 @@ class HypState(HypStateLate):
 
 def new_hyp_state(mem: PhysMemory, profile: Profile, el2: list[El2Regs]) -> HypState:
     locks = HypLocks(len(el2))
-    vmemmap = HypVmemmap(mem, profile.hyp_no_order)
+    vmemmap = HypVmemmap.over(mem, profile.hyp_no_order)
     return HypState(
         mem=mem,
         profile=profile,

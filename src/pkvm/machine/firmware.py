@@ -73,6 +73,9 @@ class Firmware:
         self.on_cpu_start: Callable[[int, int, int], None] | None = None
         self.on_cpu_off: Callable[[int], None] | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (Firmware, (self.nr_cpus, self.mem, self.spmc), self.__getstate__())
+
     @property
     def smccc_version(self) -> int | None:
         """SMCCC_VERSION's answer, or None when the firmware lacks the call (QEMU)."""
