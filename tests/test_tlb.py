@@ -124,20 +124,20 @@ def test_a_clean_fuzz_run_never_trips_the_hardware_oracles(abi, monkeypatch):
     makes (one more after each hyp panic) is watched after every hypercall."""
     import random
 
-    import pkvm.board
     from pkvm.abi.profiles import get_profile
-    from pkvm.check import fuzz
+    from pkvm.check import fuzz, fuzz_ops
 
     found: list[str] = []
     machines: list[pkvm.Machine] = []
-    init = pkvm.board.Machine.__init__
+    booted = fuzz_ops.booted_machine
 
-    def watched(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        machines.append(self)
-        self.listeners.append(lambda rec: found.extend(hw_oracles.violations(self.inspect)))
+    def watched(*args, **kwargs):
+        m = booted(*args, **kwargs)
+        machines.append(m)
+        m.listeners.append(lambda rec: found.extend(hw_oracles.violations(m.inspect)))
+        return m
 
-    monkeypatch.setattr(pkvm.board.Machine, "__init__", watched)
+    monkeypatch.setattr(fuzz_ops, "booted_machine", watched)
     steps = fuzz.generate(random.Random(12), get_profile(abi), 2, 600)
     res = fuzz.execute(steps, "256M", 2, abi)
     assert res.failure is None and res.steps_run == 600

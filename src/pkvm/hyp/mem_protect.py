@@ -206,9 +206,7 @@ def host_stage2_force_pte_cb(h: HypState) -> Callable[[int, int, int], bool]:
 
 
 def _host_stage2_force_pte(h: HypState, addr: int, end: int, prot: int) -> bool:
-    if range_is_memory(h, addr, end):
-        return prot != PKVM_HOST_MEM_PROT
-    return prot != PKVM_HOST_MMIO_PROT
+    return prot != (PKVM_HOST_MEM_PROT if range_is_memory(h, addr, end) else PKVM_HOST_MMIO_PROT)
 
 
 def host_stage2_unmap_dev_all(h: HypState) -> int:
