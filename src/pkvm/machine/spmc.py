@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pkvm.abi.ffa import (
     FFA_ERROR,
@@ -99,6 +99,9 @@ class Spmc:
         self.transactions: dict[int, Transaction] = {}
         self._next_handle = 0x1000
         self._retrieve: bytes | None = None  # a retrieved descriptor being handed out
+
+    def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
+        return (Spmc, (self.mem,), self.__getstate__())
 
     @staticmethod
     def claims(fid: int) -> bool:
