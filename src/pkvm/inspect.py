@@ -244,11 +244,6 @@ class Inspector:
         return (get_host_state(h, pa).name, get_hyp_state(h, pa).name, h.vmemmap.refcount[i],
                 h.vmemmap.host_share_guest_count[i])
 
-    def host_pointer_pa(self, va: int) -> int:
-        """Where EL2 lands when it dereferences host kernel pointer `va` (`kern_hyp_va`, then
-        the hyp's linear map)."""
-        return kern_hyp_va_to_pa(self._h, va & 0xFFFF_FFFF_FFFF_FFFF)
-
     def host_ia_bits(self) -> int:
         """The host stage-2's input-address size (`pfn_range_is_valid`'s limit)."""
         return self._h.host_mmu.pgt.ia_bits

@@ -60,7 +60,7 @@ class HostPointerWatch:
         if func not in self._calls or not args:
             return
         span = self._span[self._calls[func]]
-        pa = self._ins.host_pointer_pa(args[0])
+        pa = self._ins.host_ptr_pa(args[0])
         kept = {}
         for pfn in range(pa >> PAGE_SHIFT, ((pa + span - 1) >> PAGE_SHIFT) + 1):
             q = self._ins.page_quick(pfn)
