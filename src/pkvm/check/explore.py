@@ -243,9 +243,11 @@ class _Fresh:
         return m, programs
 
 
-def serial_outcomes(make: Callable[[], Any], setup: Setup) -> set[tuple[Any, ...]]:
-    """Outcomes of every interleaving at step granularity (each step runs alone)."""
-    fresh = _Fresh(make, setup)
+def serial_outcomes(make: Callable[[], Any], setup: Setup,
+                    fresh: _Fresh | None = None) -> set[tuple[Any, ...]]:
+    """Outcomes of every interleaving at step granularity (each step runs alone); `fresh`: the
+    exploration's own machines, so its set-up runs once."""
+    fresh = fresh or _Fresh(make, setup)
     m, programs = fresh()
     cpus = sorted(programs)
     seq = [c for c in cpus for _ in programs[c]]
@@ -279,8 +281,8 @@ def explore(make: Callable[[], Any], setup: Setup, bound: int = 2, max_runs: int
             stop_at_first: bool = True,
             progress: Callable[[int], None] | None = None) -> ExploreResult:
     """`progress(runs)` is called after each execution (a display's live count)."""
-    serial = serial_outcomes(make, setup)
     fresh = _Fresh(make, setup)
+    serial = serial_outcomes(make, setup, fresh)
     findings: list[Execution] = []
     prefix: list[int] = []
     runs = 0
