@@ -409,11 +409,18 @@ class VmemmapView:
         if self._backlog is None:
             return set()
         v = self._v
-        new = v.dirty or set()
-        v.dirty = set()
-        for other in _RECORDERS.get(id(v), ()):
-            if other is not self and other._backlog is not None:
-                other._backlog |= new
+        new = v.dirty
+        if not new:
+            if new is None:
+                v.dirty = set()
+            if not self._backlog:
+                return set()  # no store since the last drain (most calls before their entry)
+            new = set()
+        else:
+            v.dirty = set()
+            for other in _RECORDERS.get(id(v), ()):
+                if other is not self and other._backlog is not None:
+                    other._backlog |= new
         taken, self._backlog = self._backlog | new, set()
         base = self.base_pfn
         return {base + i for i in taken}

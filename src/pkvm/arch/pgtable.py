@@ -446,10 +446,13 @@ class KvmPgtable:
         if not self.pgd:
             return
         read = self.mem.read_u64
+        # a table page in one read where the memory offers it (the host's: one translation)
+        read_table = getattr(self.mem, "read_table", None)
 
         def free_tree(table: int, level: int) -> None:
-            for i in range(PTRS_PER_PTE):
-                pte = read(table + i * 8)
+            ptes: list[int] = read_table(table) if read_table is not None else [
+                read(table + i * 8) for i in range(PTRS_PER_PTE)]
+            for pte in ptes:
                 if pte_table(pte, level):
                     free_tree(pte & KVM_PTE_ADDR_MASK, level + 1)
                 if self.counted(pte):

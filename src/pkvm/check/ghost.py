@@ -96,21 +96,21 @@ class Ghost:
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
-        h = self.checker.h
-        out: list[Any] = []
-        for slot in h.vm_table:
+        table = self.checker.h.vm_table
+        out: list[Any] = [None] * len(table)  # the free slots (most of them) as they are
+        for i, slot in enumerate(table):
             if slot is None:
-                out.append(None)
-            elif slot is RESERVED_ENTRY:
-                out.append(RESERVED)
+                continue
+            if slot is RESERVED_ENTRY:
+                out[i] = RESERVED
             elif not hasattr(slot, "vcpus"):
-                out.append(f"not a hyp VM: {slot!r}")
+                out[i] = f"not a hyp VM: {slot!r}"
             else:
                 assert isinstance(slot, PkvmHypVm)
                 vcpus = frozenset(v.vcpu_idx for v in slot.vcpus if v is not None)
                 loaded = tuple(sorted((v.vcpu_idx, v.loaded_on) for v in slot.vcpus
                                       if v is not None and v.loaded_on is not None))
-                out.append(GhostVm(slot.is_dying, slot.created_vcpus, vcpus, loaded))
+                out[i] = GhostVm(slot.is_dying, slot.created_vcpus, vcpus, loaded)
         return out
 
     def abstract_page(self, phys: int) -> GhostPage | None:

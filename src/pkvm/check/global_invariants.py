@@ -16,6 +16,8 @@ from pkvm.check.violations import InvariantViolation
 from pkvm.inspect import RESERVED_ENTRY, PkvmHypVm, hyp_pa, hyp_state_of_pte, hyp_va
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
+OWNED_BYTE = bytes([OWNED])  # a hyp_vmemmap state byte (one per page) that reads OWNED
+
 if TYPE_CHECKING:
     from pkvm.inspect import Inspector
 
@@ -161,9 +163,18 @@ class GlobalInvariants(PageInvariants):
         cb, cs = self.carveout
         c_lo, c_hi = cb >> PAGE_SHIFT, (cb + cs) >> PAGE_SHIFT
         lo = self._ram_lo
-        if self._in_vmemmap:
+        if self._in_vmemmap:  # every OWNED (0) byte of hyp_state outside the carve-out
             ys = h.vmemmap.hyp_state
-            out = {lo + i for i in range(h.vmemmap.nr) if ys[i] == OWNED}
+            out = set()
+            for first_pfn, end_pfn in ((lo, min(c_lo, self._ram_hi)),
+                                       (max(c_hi, lo), self._ram_hi)):
+                if first_pfn >= end_pfn:
+                    continue
+                part = ys[first_pfn - lo:end_pfn - lo].tobytes()
+                i = part.find(OWNED_BYTE)
+                while i >= 0:
+                    out.add(first_pfn + i)
+                    i = part.find(OWNED_BYTE, i + 1)
         else:  # walk the hyp stage-1 on either side of the carve-out (most of what it maps)
             out = set()
             for first_pfn, end_pfn in ((lo, c_lo), (c_hi, self._ram_hi)):

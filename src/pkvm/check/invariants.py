@@ -195,13 +195,19 @@ class Checker(GlobalInvariants):
         `check_globals` re-runs when this changes or a call touches one of the pages it read
         (`_globals_pfns`: pinned pages and hyp VM pages)."""
         table = self.h.vm_table
-        if table.count(None) == len(table):
-            return (), tuple(map(id, self.h.loaded_hyp_vcpu))
-        vms = tuple((id(s), getattr(s, "is_dying", None), getattr(s, "created_vcpus", None),
-                     tuple((id(v), v.loaded_on) for v in s.vcpus if v is not None)
-                     if hasattr(s, "vcpus") else ())
-                    for s in table if s is not None)
-        return vms, tuple(map(id, self.h.loaded_hyp_vcpu))
+        vms: list[Any] = []
+        if table.count(None) != len(table):
+            for s in table:
+                if s is None:
+                    continue
+                vms.append(id(s))
+                if isinstance(s, PkvmHypVm):
+                    vms += (s.is_dying, s.created_vcpus)
+                    for v in s.vcpus:
+                        if v is not None:
+                            vms += (id(v), v.loaded_on)
+                vms.append(None)  # the end of one slot's part
+        return tuple(vms), tuple(map(id, self.h.loaded_hyp_vcpu))
 
     def _full_due(self) -> bool:
         return bool(self.full_every) and self.calls % self.full_every == 0

@@ -20,6 +20,7 @@ from pkvm.inspect import (
     PkvmHypVm,
     decode_host_annotation,
     guest_state_of_pte,
+    hyp_state_of_pte,
     hyp_va,
 )
 from pkvm.machine.memory import PAGE_SHIFT
@@ -122,12 +123,16 @@ class PageInvariants:
             gmap = self.guest_map() if h.profile.hyp_owned_guest_stage2 else {}
         host_pgt = h.host_pgt
         hyp_pgt = h.hyp_pgt
+        in_vmemmap = self._in_vmemmap
         for pfn in pfns:
             pa = pfn << PAGE_SHIFT
             _, hpte, _ = host_pgt.get_leaf(pa)
             ret, ypte, _ = hyp_pgt.get_leaf(hyp_va(pa))
-            self._check_page(pfn, self.page_states(pfn), hpte, 0 if ret else ypte,
-                             gmap.get(pfn, []))
+            ypte = 0 if ret else ypte
+            # 6.12 keeps the states in these same two leaves: read from them, not walked again
+            states = self.page_states(pfn) if in_vmemmap else (
+                h.host_state_of_pte(hpte, pa), hyp_state_of_pte(ypte))
+            self._check_page(pfn, states, hpte, ypte, gmap.get(pfn, []))
 
     def _check_page(self, pfn: int, states: tuple[PageState, PageState], hpte: int, ypte: int,
                     guests: list[tuple[int, PageState]]) -> None:

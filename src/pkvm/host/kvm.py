@@ -18,6 +18,7 @@ What each step issues, per profile (arch/arm64/kvm/pkvm.c):
 
 from __future__ import annotations
 
+import struct
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -55,6 +56,13 @@ class _HostMem:
 
     def write_u64(self, pa: int, value: int) -> None:
         self.host.write_u64(pa, value)
+
+    def read_table(self, pa: int) -> list[int]:
+        """The 512 entries of the table page at `pa`, read at once (one access of the page)."""
+        return list(_TABLE.unpack(self.host.read(pa, PAGE_SIZE)))
+
+
+_TABLE = struct.Struct("<512Q")
 
 
 class _HostTablePages:

@@ -1,0 +1,142 @@
+"""The checker's fast paths agree with the generic reading they stand for.
+
+Over hostile fuzzer runs (both kernels, seeds drawn by Hypothesis) every world's checker is
+watched after every call: the hyp-owned pages found by scanning the state bytes against the
+per-entry scan, the 6.12 page states read from the leaves `check_pages` fetched against the
+walks of `page_states`, the ghost's VM table built slot by slot against the generic
+abstraction, and the globals' fingerprint changing whenever the generic one does. A second
+test runs a 6.12 plan with and without the host reading a table page at once
+(`_HostMem.read_table`, used by `KvmPgtable.destroy`) and requires the same run.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+import pkvm
+import pkvm.check.fuzz as fuzz
+from pkvm.check.fuzz import execute, generate
+from pkvm.check.fuzz_ops import World
+from pkvm.check.ghost import RESERVED, GhostVm
+from pkvm.check.page_invariants import OWNED
+from pkvm.host import kvm as host_kvm
+from pkvm.inspect import RESERVED_ENTRY, PkvmHypVm, hyp_state_of_pte, hyp_va
+from pkvm.machine.memory import PAGE_SHIFT
+
+MEM, CPUS = "64M", 2
+
+
+def generic_hyp_owned(c: Any) -> set[int]:
+    """Every OWNED hyp state outside the carve-out, one entry at a time (7.2)."""
+    ys, lo = c.h.vmemmap.hyp_state, c._ram_lo
+    cb, cs = c.carveout
+    c_lo, c_hi = cb >> PAGE_SHIFT, (cb + cs) >> PAGE_SHIFT
+    return {lo + i for i in range(c.h.vmemmap.nr) if ys[i] == OWNED and
+            not c_lo <= lo + i < c_hi}
+
+
+def generic_table(c: Any) -> list[Any]:
+    out: list[Any] = []
+    for slot in c.h.vm_table:
+        if slot is None:
+            out.append(None)
+        elif slot is RESERVED_ENTRY:
+            out.append(RESERVED)
+        elif not hasattr(slot, "vcpus"):
+            out.append(f"not a hyp VM: {slot!r}")
+        else:
+            vcpus = frozenset(v.vcpu_idx for v in slot.vcpus if v is not None)
+            loaded = tuple(sorted((v.vcpu_idx, v.loaded_on) for v in slot.vcpus
+                                  if v is not None and v.loaded_on is not None))
+            out.append(GhostVm(slot.is_dying, slot.created_vcpus, vcpus, loaded))
+    return out
+
+
+def generic_fingerprint(c: Any) -> Any:
+    table = c.h.vm_table
+    vms = tuple((id(s), getattr(s, "is_dying", None), getattr(s, "created_vcpus", None),
+                 tuple((id(v), v.loaded_on) for v in s.vcpus if v is not None)
+                 if isinstance(s, PkvmHypVm) else ()) for s in table if s is not None)
+    return vms, tuple(map(id, c.h.loaded_hyp_vcpu))
+
+
+class Watch:
+    """After every call of one world: each fast path against its generic reading."""
+
+    def __init__(self, w: World):
+        self.c = w.m.checker
+        self.fp = (self.c._fingerprint(), generic_fingerprint(self.c))
+        self.compared = 0
+        w.m.listeners.append(self.look)
+
+    def look(self, rec: Any = None) -> None:
+        c = self.c
+        if c.machine.dead:
+            return
+        if c._in_vmemmap:
+            assert c.hyp_owned_pages() == generic_hyp_owned(c)
+        else:
+            pfns = sorted(c._arg_pages(rec.args if rec is not None else ()))[:4]
+            for pfn in pfns:
+                pa = pfn << PAGE_SHIFT
+                _, hpte, _ = c.h.host_pgt.get_leaf(pa)
+                ret, ypte, _ = c.h.hyp_pgt.get_leaf(hyp_va(pa))
+                fast = (c.h.host_state_of_pte(hpte, pa), hyp_state_of_pte(0 if ret else ypte))
+                assert fast == c.page_states(pfn), hex(pfn)
+        assert c.ghost.abstract_table() == generic_table(c)
+        fp = (c._fingerprint(), generic_fingerprint(c))
+        if fp[1] != self.fp[1]:
+            assert fp[0] != self.fp[0]  # the fast fingerprint sees every change the generic does
+        self.fp = fp
+        self.compared += 1
+
+
+def _watched_run(mp: pytest.MonkeyPatch, abi: str, seed: int, n: int) -> list[Watch]:
+    watches: list[Watch] = []
+
+    class Watched(World):
+        def __init__(self, *a: Any, **kw: Any):
+            super().__init__(*a, **kw)
+            watches.append(Watch(self))
+
+    mp.setattr(fuzz, "World", Watched)
+    prof = pkvm.Machine(memory=MEM, cpus=CPUS, abi=abi, trace=False).profile
+    r = execute(generate(random.Random(seed), prof, CPUS, n), MEM, CPUS, abi)
+    assert r.failure is None, str(r.failure)
+    return watches
+
+
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+@settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_fast_paths_agree_with_the_generic_readings(abi: str, seed: int) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        watches = _watched_run(mp, abi, seed, 300)
+    assert sum(w.compared for w in watches) > 300
+
+
+@settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_host_table_page_read_at_once_agrees(seed: int) -> None:
+    """6.12: the host frees its guest stage-2s (`KvmPgtable.destroy`) reading each table page at
+    once; the run (every result, every page transition) is the one of reading entry by entry."""
+    prof = pkvm.Machine(memory=MEM, cpus=CPUS, abi="6.12", trace=False).profile
+    plan = generate(random.Random(seed), prof, CPUS, 300)
+    pages = []
+    read_table = host_kvm._HostMem.read_table
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(host_kvm._HostMem, "read_table",
+                   lambda self, pa: pages.append(pa) or read_table(self, pa))
+        fast = execute(plan, MEM, CPUS, "6.12")
+    assert pages  # the run destroyed host-managed stage-2s
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delattr(host_kvm._HostMem, "read_table")
+        slow = execute(plan, MEM, CPUS, "6.12")
+    assert fast.failure is None and slow.failure is None
+    assert fast.calls == slow.calls and fast.transitions == slow.transitions
+    assert fast.steps_run == slow.steps_run and fast.panics == slow.panics
