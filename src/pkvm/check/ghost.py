@@ -22,8 +22,10 @@ for the VM table), not from the model's hyp code. Its parts:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import compress, repeat
+from operator import is_not
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
@@ -55,6 +57,12 @@ class GhostVm:
 
 
 RESERVED = "reserved"
+
+
+def used_slots(table: Sequence[Any]) -> Iterator[int]:
+    """The indices of a VM table's slots that are not None (free), found without a Python loop
+    over the free ones."""
+    return compress(range(len(table)), map(is_not, table, repeat(None)))
 VM_TABLE_CALLS = frozenset({
     "__pkvm_reserve_vm", "__pkvm_unreserve_vm", "__pkvm_init_vm", "__pkvm_init_vcpu",
     "__pkvm_vcpu_load", "__pkvm_vcpu_put", "__pkvm_start_teardown_vm",
@@ -98,9 +106,8 @@ class Ghost:
     def abstract_table(self) -> list[Any]:
         table = self.checker.h.vm_table
         out: list[Any] = [None] * len(table)  # the free slots (most of them) as they are
-        for i, slot in enumerate(table):
-            if slot is None:
-                continue
+        for i in used_slots(table):
+            slot = table[i]
             if slot is RESERVED_ENTRY:
                 out[i] = RESERVED
             elif not hasattr(slot, "vcpus"):
@@ -124,7 +131,8 @@ class Ghost:
         """The descriptor-write generations of the host stage-2, the hyp stage-1 and every
         live guest stage-2 (a frame: equal before and after a call that writes none)."""
         h = self.checker.h
-        guests = tuple(s.pgt.gen for s in h.vm_table
+        table = h.vm_table
+        guests = tuple(s.pgt.gen for s in (table[i] for i in used_slots(table))
                        if isinstance(s, PkvmHypVm) and s.pgt is not None)
         return (h.host_pgt.gen, h.hyp_pgt.gen) + guests
 
@@ -346,7 +354,8 @@ class TableCall:
 
     def loaded_on(self, cpu: int) -> tuple[int, int] | None:
         """(slot, vCPU index) of the vCPU the ghost has loaded on `cpu`, or None."""
-        for i, s in enumerate(self.t):
+        for i in used_slots(self.t):
+            s = self.t[i]
             if isinstance(s, GhostVm):
                 for v, lc in s.loaded:
                     if lc == cpu:

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
-from pkvm.check.ghost import Ghost
+from pkvm.check.ghost import Ghost, used_slots
 from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
 from pkvm.check.host_pointers import HostPointerWatch
@@ -135,7 +135,6 @@ class Checker(GlobalInvariants):
             return
         self.host_pointers.after()  # the kernel's own finding, before the state it corrupted
         self.calls += 1
-        where = f"call #{rec.seq} {rec.name}{tuple(hex(a) for a in rec.args)} on cpu {rec.cpu}"
         try:
             changed = self._changed_pages()
             pending, self._pending = self._pending, set()
@@ -169,7 +168,8 @@ class Checker(GlobalInvariants):
                 if rec.name in ("__pkvm_finalize_teardown_vm", "__pkvm_teardown_vm") and rec.x1 == 0:
                     self.check_hyp_accounting()
         except InvariantViolation as v:
-            v.call = where
+            v.call = (f"call #{rec.seq} {rec.name}{tuple(hex(a) for a in rec.args)} "
+                      f"on cpu {rec.cpu}")
             v.args = (v._render(),)
             raise
 
@@ -190,23 +190,21 @@ class Checker(GlobalInvariants):
             raise InvariantViolation(name, msg)
 
     def _fingerprint(self) -> tuple[Any, ...]:
-        """What the global facts depend on besides page entries: the VM table's slots, each
+        """What the global facts depend on besides page entries: the VM table's used slots, each
         live VM's dying flag, vCPUs and where they are loaded, and the per-CPU loaded vCPUs.
         `check_globals` re-runs when this changes or a call touches one of the pages it read
         (`_globals_pfns`: pinned pages and hyp VM pages)."""
         table = self.h.vm_table
         vms: list[Any] = []
-        if table.count(None) != len(table):
-            for s in table:
-                if s is None:
-                    continue
-                vms.append(id(s))
-                if isinstance(s, PkvmHypVm):
-                    vms += (s.is_dying, s.created_vcpus)
-                    for v in s.vcpus:
-                        if v is not None:
-                            vms += (id(v), v.loaded_on)
-                vms.append(None)  # the end of one slot's part
+        for i in used_slots(table):
+            s = table[i]
+            vms += (i, id(s))
+            if isinstance(s, PkvmHypVm):
+                vms += (s.is_dying, s.created_vcpus)
+                for v in s.vcpus:
+                    if v is not None:
+                        vms += (id(v), v.loaded_on)
+            vms.append(None)  # the end of one slot's part
         return tuple(vms), tuple(map(id, self.h.loaded_hyp_vcpu))
 
     def _full_due(self) -> bool:
@@ -226,9 +224,12 @@ class Checker(GlobalInvariants):
         """pfns whose vmemmap entry (states, refcount, share count) changed since last call:
         of those the hyp's writers noted, the ones that differ from the copy (then updated)."""
         out: set[int] = set()
+        dirty = self.h.vmemmap.drain_dirty()
+        if not dirty:
+            return out
         base = self._ram_lo
         pairs = list(zip(self._arrays(), self._prev))
-        for pfn in self.h.vmemmap.drain_dirty():
+        for pfn in dirty:
             i = pfn - base
             for cur, prev in pairs:
                 if cur[i] != prev[i]:
