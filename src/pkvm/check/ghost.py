@@ -22,16 +22,15 @@ for the VM table), not from the model's hyp code. Its parts:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from itertools import compress, repeat
-from operator import is_not
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_VCPU
 from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
+from pkvm.check.page_invariants import used_slots
 from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
 from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm
@@ -58,11 +57,6 @@ class GhostVm:
 
 RESERVED = "reserved"
 
-
-def used_slots(table: Sequence[Any]) -> Iterator[int]:
-    """The indices of a VM table's slots that are not None (free), found without a Python loop
-    over the free ones."""
-    return compress(range(len(table)), map(is_not, table, repeat(None)))
 VM_TABLE_CALLS = frozenset({
     "__pkvm_reserve_vm", "__pkvm_unreserve_vm", "__pkvm_init_vm", "__pkvm_init_vcpu",
     "__pkvm_vcpu_load", "__pkvm_vcpu_put", "__pkvm_start_teardown_vm",

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
-from pkvm.check.page_invariants import NOPAGE, OWNED, SB, SO, PageInvariants
+from pkvm.check.page_invariants import NOPAGE, OWNED, SB, SO, PageInvariants, used_slots
 from pkvm.check.violations import InvariantViolation
 from pkvm.inspect import RESERVED_ENTRY, PkvmHypVm, hyp_pa, hyp_state_of_pte, hyp_va
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
@@ -54,8 +54,9 @@ class GlobalInvariants(PageInvariants):
         vmm = h.vmemmap
         table = h.vm_table
         live: list[PkvmHypVm] = []
-        for idx, slot in enumerate(table if table.count(None) != len(table) else ()):
-            if slot is None or slot is RESERVED_ENTRY:
+        for idx in used_slots(table):
+            slot = table[idx]
+            if slot is RESERVED_ENTRY:
                 continue
             if not isinstance(slot, PkvmHypVm):
                 raise InvariantViolation("vm-table", f"slot {idx} holds {slot!r}")

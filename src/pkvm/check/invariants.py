@@ -20,12 +20,12 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
-from pkvm.check.ghost import Ghost, used_slots
+from pkvm.check.ghost import Ghost
 from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
 from pkvm.check.host_pointers import HostPointerWatch
 from pkvm.check.oracles import run_all
-from pkvm.check.page_invariants import NOPAGE, OWNED, SB
+from pkvm.check.page_invariants import NOPAGE, OWNED, SB, used_slots
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
 from pkvm.inspect import HypView, PageState, PkvmHypVm, hyp_pa, hyp_state_of_pte, hyp_va
 from pkvm.machine.memory import PAGE_SHIFT
