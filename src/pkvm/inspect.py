@@ -241,8 +241,8 @@ class Inspector:
         if not 0 <= pa < 1 << 64 or not h.mem.is_ram(pa):
             return None
         i = h.vmemmap.idx(pa)
-        return (get_host_state(h, pa).name, get_hyp_state(h, pa).name, h.vmemmap.refcount[i],
-                h.vmemmap.host_share_guest_count[i])
+        return (STATE_NAMES[get_host_state(h, pa)], STATE_NAMES[get_hyp_state(h, pa)],
+                h.vmemmap.refcount[i], h.vmemmap.host_share_guest_count[i])
 
     def host_ia_bits(self) -> int:
         """The host stage-2's input-address size (`pfn_range_is_valid`'s limit)."""

@@ -39,7 +39,7 @@ from pkvm.arch.pgtable import (
     stage2_pte_prot,
 )
 from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
-from pkvm.inspect import guest_state_of_pte
+from pkvm.inspect import STATE_NAMES, guest_state_of_pte
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -93,7 +93,7 @@ class Leaf:
             return None
         ret, level, pte = found
         valid = pte_valid(pte)
-        return Leaf(ret, guest_state_of_pte(pte).name, level,
+        return Leaf(ret, STATE_NAMES[guest_state_of_pte(pte)], level,
                     pte & KVM_PTE_ADDR_MASK if valid else None,
                     stage2_pte_prot(pte) & RWX if valid else 0, bool(valid and pte & AF))
 
