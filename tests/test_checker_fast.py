@@ -117,7 +117,7 @@ def _watched_run(mp: pytest.MonkeyPatch, abi: str, seed: int, n: int) -> list[Wa
 def test_fast_paths_agree_with_the_generic_readings(abi: str, seed: int) -> None:
     with pytest.MonkeyPatch.context() as mp:
         watches = _watched_run(mp, abi, seed, 300)
-    assert sum(w.compared for w in watches) > 300
+    assert sum(w.compared for w in watches) > 100  # calls compared (panicked ones are not)
 
 
 @settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
