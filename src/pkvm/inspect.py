@@ -14,8 +14,11 @@ from __future__ import annotations
 import copy
 import weakref
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from itertools import compress, repeat
+from operator import is_not
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.arch.pgtable import KvmPgtable, pte_valid, stage2_pte_prot
@@ -46,6 +49,20 @@ __all__ = [
 ]
 
 STATE_NAMES = {s: s.name for s in PageState}
+
+
+_T = TypeVar("_T")
+
+
+def used_slots(table: Sequence[Any]) -> Iterator[int]:
+    """The indices of a table's slots that are not None (the VM table's used slots, a VM's
+    initialised vCPUs), found without a Python loop over the free ones."""
+    return compress(range(len(table)), map(is_not, table, repeat(None)))
+
+
+def used(table: Sequence[_T | None]) -> list[_T]:
+    """The slots of `table` that are not None, in order (as `used_slots`)."""
+    return cast("list[_T]", list(compress(table, map(is_not, table, repeat(None)))))
 PAGE_STATE_VALUES = {s.name: int(s) for s in PageState}  # the values `page_states` returns
 
 
@@ -268,7 +285,7 @@ class Inspector:
             return None
         return {"handle": slot.handle, "protected": slot.is_protected, "dying": slot.is_dying,
                 "created": slot.created_vcpus,
-                "vcpus": {v.vcpu_idx: v.loaded_on for v in slot.vcpus if v is not None}}
+                "vcpus": {v.vcpu_idx: v.loaded_on for v in used(slot.vcpus)}}
 
     def loaded_vcpu(self, cpu: int) -> dict[str, Any] | None:
         """The hyp vCPU loaded on `cpu` (7.2): its VM's handle, protected/dying, its index, the

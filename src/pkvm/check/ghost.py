@@ -30,10 +30,9 @@ from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_VCPU
 from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
-from pkvm.check.page_invariants import used_slots
 from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
-from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm
+from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, used, used_slots
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -108,9 +107,10 @@ class Ghost:
                 out[i] = f"not a hyp VM: {slot!r}"
             else:
                 assert isinstance(slot, PkvmHypVm)
-                vcpus = frozenset(v.vcpu_idx for v in slot.vcpus if v is not None)
-                loaded = tuple(sorted((v.vcpu_idx, v.loaded_on) for v in slot.vcpus
-                                      if v is not None and v.loaded_on is not None))
+                made = used(slot.vcpus)
+                vcpus = frozenset(v.vcpu_idx for v in made)
+                loaded = tuple(sorted((v.vcpu_idx, v.loaded_on) for v in made
+                                      if v.loaded_on is not None))
                 out[i] = GhostVm(slot.is_dying, slot.created_vcpus, vcpus, loaded)
         return out
 

@@ -11,9 +11,17 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi import sizes
-from pkvm.check.page_invariants import NOPAGE, OWNED, SB, SO, PageInvariants, used_slots
+from pkvm.check.page_invariants import NOPAGE, OWNED, SB, SO, PageInvariants
 from pkvm.check.violations import InvariantViolation
-from pkvm.inspect import RESERVED_ENTRY, PkvmHypVm, hyp_pa, hyp_state_of_pte, hyp_va
+from pkvm.inspect import (
+    RESERVED_ENTRY,
+    PkvmHypVm,
+    hyp_pa,
+    hyp_state_of_pte,
+    hyp_va,
+    used,
+    used_slots,
+)
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 OWNED_BYTE = bytes([OWNED])  # a hyp_vmemmap state byte (one per page) that reads OWNED
@@ -40,9 +48,8 @@ class GlobalInvariants(PageInvariants):
 
         for _handle, vm in self.live_vms():
             add(vm.host_kvm, self.h.profile.sizeof_kvm)
-            for vcpu in vm.vcpus:
-                if vcpu is not None:
-                    add(vcpu.host_vcpu, self.h.profile.sizeof_kvm_vcpu)
+            for vcpu in used(vm.vcpus):
+                add(vcpu.host_vcpu, self.h.profile.sizeof_kvm_vcpu)
         ffa = self.inspect.ffa_proxy()  # the host's FF-A mailbox, pinned by RXTX_MAP
         for pa in (ffa["host_tx"], ffa["host_rx"]) if ffa and ffa["host_tx"] else ():
             pins[pa >> PAGE_SHIFT] += 1
@@ -64,9 +71,7 @@ class GlobalInvariants(PageInvariants):
                 raise InvariantViolation("vm-table", f"slot {idx} holds a VM with another handle",
                                          None, hex(idx + sizes.HANDLE_OFFSET), hex(slot.handle))
             live.append(slot)
-            for k, vcpu in enumerate(slot.vcpus):
-                if vcpu is None:
-                    continue
+            for k, vcpu in zip(used_slots(slot.vcpus), used(slot.vcpus)):
                 if vcpu.vm is not slot or vcpu.vcpu_idx != k:
                     raise InvariantViolation("vm-table", f"VM {slot.handle:#x} vcpus[{k}] is "
                                              f"vCPU {vcpu.vcpu_idx} of another VM")
@@ -74,16 +79,17 @@ class GlobalInvariants(PageInvariants):
                     raise InvariantViolation("vm-table", f"vCPU {k} of VM {slot.handle:#x} says "
                                              f"loaded on cpu {vcpu.loaded_on}, that CPU disagrees")
         live_ids = {id(v) for v in live}
-        for cpu, vcpu in enumerate(h.loaded_hyp_vcpu):
-            if vcpu is None:
+        for cpu, loaded_vcpu in enumerate(h.loaded_hyp_vcpu):
+            if loaded_vcpu is None:
                 continue
+            vcpu = loaded_vcpu
             if id(vcpu.vm) not in live_ids or vcpu.loaded_on != cpu:
                 raise InvariantViolation("vm-table", f"cpu {cpu} has a loaded vCPU of a VM not in "
                                          "the table or loaded elsewhere", None,
                                          f"vCPU of a live VM loaded on {cpu}",
                                          f"VM {vcpu.vm.handle:#x}, loaded_on {vcpu.loaded_on}")
         for vm in live:
-            loaded = sum(1 for v in vm.vcpus if v is not None and v.loaded_on is not None)
+            loaded = sum(1 for v in used(vm.vcpus) if v.loaded_on is not None)
             if not h.profile.explicit_vcpu_load:
                 loaded = 0
             pfn = vm_page(vm) >> PAGE_SHIFT
@@ -206,9 +212,7 @@ class GlobalInvariants(PageInvariants):
                     add(t, PAGE_SIZE, f"VM {hd:#x} stage-2 table")
             for pa, order in vm.pool.free_blocks():
                 add(pa, PAGE_SIZE << order, f"VM {hd:#x} pool (free)")
-            for vcpu in vm.vcpus:
-                if vcpu is None:
-                    continue
+            for vcpu in used(vm.vcpus):
                 add(hyp_pa(vcpu.mem_va), sizes.PKVM_HYP_VCPU_SIZE, f"VM {hd:#x} vCPU {vcpu.vcpu_idx}")
                 pa, n = vcpu.memcache[0], vcpu.memcache[1]
                 while n > 0 and h.mem.is_ram(pa):

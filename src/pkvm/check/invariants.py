@@ -25,9 +25,18 @@ from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
 from pkvm.check.host_pointers import HostPointerWatch
 from pkvm.check.oracles import run_all
-from pkvm.check.page_invariants import NOPAGE, OWNED, SB, used_slots
+from pkvm.check.page_invariants import NOPAGE, OWNED, SB
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
-from pkvm.inspect import HypView, PageState, PkvmHypVm, hyp_pa, hyp_state_of_pte, hyp_va
+from pkvm.inspect import (
+    HypView,
+    PageState,
+    PkvmHypVm,
+    hyp_pa,
+    hyp_state_of_pte,
+    hyp_va,
+    used,
+    used_slots,
+)
 from pkvm.machine.memory import PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -201,9 +210,8 @@ class Checker(GlobalInvariants):
             vms += (i, id(s))
             if isinstance(s, PkvmHypVm):
                 vms += (s.is_dying, s.created_vcpus)
-                for v in s.vcpus:
-                    if v is not None:
-                        vms += (id(v), v.loaded_on)
+                for v in used(s.vcpus):
+                    vms += (id(v), v.loaded_on)
             vms.append(None)  # the end of one slot's part
         return tuple(vms), tuple(map(id, self.h.loaded_hyp_vcpu))
 

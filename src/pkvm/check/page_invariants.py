@@ -8,9 +8,7 @@ a time: its (host, hyp) state pair, the guest stage-2 mappings of it, the host s
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from itertools import compress, repeat
-from operator import is_not
+from collections.abc import Iterable
 from typing import Any
 
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
@@ -47,12 +45,6 @@ ALLOWED_PAIRS_6_12: dict[tuple[PageState, PageState], str] = {
     (SB, SO): "kvm_vgic_global_state page",
     (SO, NOPAGE): "shared with FF-A",
 }
-
-
-def used_slots(table: Sequence[Any]) -> Iterator[int]:
-    """The indices of a VM table's slots that are not None (free), found without a Python loop
-    over the free ones."""
-    return compress(range(len(table)), map(is_not, table, repeat(None)))
 
 
 def _valid_leaves(mem: Any, pgd: int, start_level: int) -> list[tuple[int, int]]:
