@@ -65,8 +65,13 @@ _GUEST_S2_STILL = frozenset({
 })
 
 
+_NAMES = {int(s): s.name for s in PageState}
+
+
 def _name(s: Any) -> str:
-    return PageState(s).name if isinstance(s, int) else str(s)
+    if isinstance(s, int):
+        return _NAMES[s] if s in _NAMES else PageState(s).name
+    return str(s)
 
 
 class Checker(GlobalInvariants):
