@@ -3,9 +3,11 @@
 Over hostile fuzzer runs (both kernels, seeds drawn by Hypothesis) every world's checker is
 watched after every call: the hyp-owned pages found by scanning the state bytes against the
 per-entry scan, the 6.12 page states read from the leaves `check_pages` fetched against the
-walks of `page_states`, the ghost's VM table built slot by slot against the generic
-abstraction, and the globals' fingerprint changing whenever the generic one does. A second
-test runs a 6.12 plan with and without the host reading a table page at once
+walks of `page_states`, the used VM-table slots (`HypView.vm_slots`, reused while the table
+holds the same objects) against a walk of every slot, the ghost's VM table built from them
+against the generic abstraction, the pinned pages' 7.2 states read from the vmemmap bytes
+against `page_states`, and the globals' fingerprint changing whenever the generic one does. A
+second test runs a 6.12 plan with and without the host reading a table page at once
 (`_HostMem.read_table`, used by `KvmPgtable.destroy`) and requires the same run.
 """
 
@@ -80,6 +82,10 @@ class Watch:
             return
         if c._in_vmemmap:
             assert c.hyp_owned_pages() == generic_hyp_owned(c)
+            vmm = c.h.vmemmap
+            for pfn in c._globals_pfns:  # the pins' states as check_globals reads them
+                i = pfn - c._ram_lo
+                assert (vmm.host_state[i], vmm.hyp_state[i]) == c.page_states(pfn)
         else:
             pfns = sorted(c._arg_pages(rec.args if rec is not None else ()))[:4]
             for pfn in pfns:
@@ -88,6 +94,9 @@ class Watch:
                 ret, ypte, _ = c.h.hyp_pgt.get_leaf(hyp_va(pa))
                 fast = (c.h.host_state_of_pte(hpte, pa), hyp_state_of_pte(0 if ret else ypte))
                 assert fast == c.page_states(pfn), hex(pfn)
+        table = c.h.vm_table
+        assert [(i, id(s)) for i, s in c.h.vm_slots()] == [
+            (i, id(s)) for i, s in enumerate(table) if s is not None]  # reused or found again
         assert c.ghost.abstract_table() == generic_table(c)
         fp = (c._fingerprint(), generic_fingerprint(c))
         if fp[1] != self.fp[1]:

@@ -486,11 +486,24 @@ class HypView:
         self.profile: Profile = h.profile
         self.vmemmap = VmemmapView(h)
         self.mem = RamView(h)
+        self._slots: tuple[int, list[tuple[int, object]]] = (-1, [])  # (table length, answer)
 
     @property
     def vm_table(self) -> tuple[object | None, ...]:
         """The VM table's slots: None (free), `RESERVED_ENTRY` or a `PkvmHypVm`."""
         return tuple(self._h.vm_table or ())
+
+    def vm_slots(self) -> list[tuple[int, object]]:
+        """(index, slot) of every used slot of the VM table, in order; do not modify the list.
+        The last answer is reused when it still holds: each slot it named holds the same object
+        (identity) and every other slot is free (the table counts that many None)."""
+        table = self._h.vm_table or []
+        n, found = self._slots
+        if n != len(table) or table.count(None) != n - len(found) or any(
+                table[i] is not slot for i, slot in found):
+            found = [(i, table[i]) for i in used_slots(table)]
+            self._slots = (len(table), found)
+        return found
 
     @property
     def loaded_hyp_vcpu(self) -> tuple[PkvmHypVcpu | None, ...]:

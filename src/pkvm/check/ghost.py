@@ -97,10 +97,9 @@ class Ghost:
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
-        table = self.checker.h.vm_table
-        out: list[Any] = [None] * len(table)  # the free slots (most of them) as they are
-        for i in used_slots(table):
-            slot = table[i]
+        h = self.checker.h
+        out: list[Any] = [None] * len(h.vm_table)  # the free slots (most of them) as they are
+        for i, slot in h.vm_slots():
             if slot is RESERVED_ENTRY:
                 out[i] = RESERVED
             elif not hasattr(slot, "vcpus"):
@@ -125,8 +124,7 @@ class Ghost:
         """The descriptor-write generations of the host stage-2, the hyp stage-1 and every
         live guest stage-2 (a frame: equal before and after a call that writes none)."""
         h = self.checker.h
-        table = h.vm_table
-        guests = tuple(s.pgt.gen for s in (table[i] for i in used_slots(table))
+        guests = tuple(s.pgt.gen for _, s in h.vm_slots()
                        if isinstance(s, PkvmHypVm) and s.pgt is not None)
         return (h.host_pgt.gen, h.hyp_pgt.gen) + guests
 

@@ -59,10 +59,8 @@ class GlobalInvariants(PageInvariants):
         h = self.h
         vm_page = h.vm_page
         vmm = h.vmemmap
-        table = h.vm_table
         live: list[PkvmHypVm] = []
-        for idx in used_slots(table):
-            slot = table[idx]
+        for idx, slot in h.vm_slots():
             if slot is RESERVED_ENTRY:
                 continue
             if not isinstance(slot, PkvmHypVm):
@@ -102,13 +100,16 @@ class GlobalInvariants(PageInvariants):
         self._globals_pfns = pfns | {vm_page(v) >> PAGE_SHIFT for v in live}
         if all_shared:
             pfns |= self._shared_pages()
+        hs, ys = vmm.host_state, vmm.hyp_state
         for pfn in pfns:
             i = pfn - self._ram_lo
             if not 0 <= i < vmm.nr:
                 raise InvariantViolation("pin-refcount", "a pinned host struct lies outside RAM",
                                          pfn)
-            states = self.page_states(pfn)
+            # 7.2: the states straight from the vmemmap bytes (what `page_states` reads there)
+            states = (hs[i], ys[i]) if self._in_vmemmap else self.page_states(pfn)
             if pfn in pins and states != (SO, SB):
+                states = self.page_states(pfn)
                 raise InvariantViolation("pin-refcount", "a pinned page is not shared with the hyp",
                                          pfn, "SHARED_OWNED/SHARED_BORROWED",
                                          f"{states[0].name}/{states[1].name}")

@@ -35,7 +35,6 @@ from pkvm.inspect import (
     hyp_state_of_pte,
     hyp_va,
     used,
-    used_slots,
 )
 from pkvm.machine.memory import PAGE_SHIFT
 
@@ -208,10 +207,8 @@ class Checker(GlobalInvariants):
         live VM's dying flag, vCPUs and where they are loaded, and the per-CPU loaded vCPUs.
         `check_globals` re-runs when this changes or a call touches one of the pages it read
         (`_globals_pfns`: pinned pages and hyp VM pages)."""
-        table = self.h.vm_table
         vms: list[Any] = []
-        for i in used_slots(table):
-            s = table[i]
+        for i, s in self.h.vm_slots():
             vms += (i, id(s))
             if isinstance(s, PkvmHypVm):
                 vms += (s.is_dying, s.created_vcpus)
