@@ -21,7 +21,6 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import pkvm
-import pkvm.check.fuzz as fuzz
 from pkvm.check.fuzz import execute, generate
 from pkvm.check.fuzz_ops import World
 from pkvm.check.ghost import RESERVED, GhostVm
@@ -29,6 +28,7 @@ from pkvm.check.page_invariants import OWNED
 from pkvm.host import kvm as host_kvm
 from pkvm.inspect import RESERVED_ENTRY, PkvmHypVm, hyp_state_of_pte, hyp_va
 from pkvm.machine.memory import PAGE_SHIFT
+from test_dirty_pages import watched_run
 
 MEM, CPUS = "64M", 2
 
@@ -105,27 +105,14 @@ class Watch:
         self.compared += 1
 
 
-def _watched_run(mp: pytest.MonkeyPatch, abi: str, seed: int, n: int) -> list[Watch]:
-    watches: list[Watch] = []
-
-    class Watched(World):
-        def __init__(self, *a: Any, **kw: Any):
-            super().__init__(*a, **kw)
-            watches.append(Watch(self))
-
-    mp.setattr(fuzz, "World", Watched)
-    prof = pkvm.Machine(memory=MEM, cpus=CPUS, abi=abi, trace=False).profile
-    r = execute(generate(random.Random(seed), prof, CPUS, n), MEM, CPUS, abi)
-    assert r.failure is None, str(r.failure)
-    return watches
-
-
 @pytest.mark.parametrize("abi", ["latest", "6.12"])
 @settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 @given(seed=st.integers(0, 2**32 - 1))
 def test_fast_paths_agree_with_the_generic_readings(abi: str, seed: int) -> None:
+    watches: list[Watch] = []
     with pytest.MonkeyPatch.context() as mp:
-        watches = _watched_run(mp, abi, seed, 300)
+        r = watched_run(mp, abi, seed, 300, lambda w: watches.append(Watch(w)))
+    assert r.failure is None, str(r.failure)
     assert sum(w.compared for w in watches) > 100  # calls compared (panicked ones are not)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 import pkvm
 import pkvm.check.fuzz as fuzz
 from pkvm.check import InvariantViolation
-from pkvm.check.fuzz import execute, generate
+from pkvm.check.fuzz import RunResult, execute, generate
 from pkvm.check.fuzz_ops import World
 
 MEM, CPUS = "64M", 2
@@ -50,19 +51,25 @@ class Observer:
             self.prev[k] = cur
 
 
-def _observed_run(monkeypatch: pytest.MonkeyPatch, abi: str, seed: int,
-                  n: int) -> list[Observer]:
-    """Run the fuzzer's `n` steps from `seed`, every world it makes watched by an Observer."""
-    observers: list[Observer] = []
+def watched_run(monkeypatch: pytest.MonkeyPatch, abi: str, seed: int, n: int,
+                watch: Callable[[World], Any]) -> RunResult:
+    """Run the fuzzer's `n` steps from `seed`, `watch` called on every world it makes."""
 
     class Watched(World):
         def __init__(self, *a: Any, **kw: Any):
             super().__init__(*a, **kw)
-            observers.append(Observer(self.m))
+            watch(self)
 
     monkeypatch.setattr(fuzz, "World", Watched)
     prof = pkvm.Machine(memory=MEM, cpus=CPUS, abi=abi, trace=False).profile
-    execute(generate(random.Random(seed), prof, CPUS, n), MEM, CPUS, abi)
+    return execute(generate(random.Random(seed), prof, CPUS, n), MEM, CPUS, abi)
+
+
+def _observed_run(monkeypatch: pytest.MonkeyPatch, abi: str, seed: int,
+                  n: int) -> list[Observer]:
+    """Run the fuzzer's `n` steps from `seed`, every world it makes watched by an Observer."""
+    observers: list[Observer] = []
+    watched_run(monkeypatch, abi, seed, n, lambda w: observers.append(Observer(w.m)))
     for o in observers:  # what changed after the last call
         o.look()
     return observers
