@@ -28,6 +28,15 @@ def test_clean_model_survives(abi: str, seed: int) -> None:
     assert sum(r.calls.values()) > 600
 
 
+def test_a_page_an_orphaned_guest_borrowed_is_no_ffa_owner_finding() -> None:
+    """A 7.2 VM finalised while its guest still borrowed a host page leaves the page host
+    SHARED_OWNED with no borrower (`__pkvm_finalize_teardown_vm` does not reclaim it): the full
+    check's FF-A owner excuses it as the guest-consistent check does. Seed 429 found the false
+    finding at the end-of-run full check."""
+    r = execute(_steps("latest", 429, 300), MEM, CPUS, "latest")
+    assert r.failure is None, str(r.failure)
+
+
 # (bug, abi, seed, steps, failure signature): each found by the fuzzer alone from a fixed seed
 # within its step budget (`pkvm fuzz --seed S --steps N --bug B` finds it, well within 60 s).
 FOUND = [
