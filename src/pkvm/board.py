@@ -307,7 +307,8 @@ class Machine:
 
     def _hvc(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
         self._check_cpu(cpu)
-        if len(args) > 6:
+        n = len(args)
+        if n > 6:
             raise TypeError("at most 6 arguments (x1..x6)")
         for a in args:
             if not isinstance(a, int):
@@ -318,26 +319,26 @@ class Machine:
         x0 = self.func_id(func)
         regs = self.el2[cpu].host_regs
         regs[0] = x0
-        n = len(args)
-        regs[1 : n + 1] = [a & U64 for a in args]
+        masked = [a & U64 for a in args]
+        regs[1 : n + 1] = masked
         regs[n + 1 : 7] = _ZEROS[n:]
         h.locks.cpu = cpu
         h.wiped_returns.clear()
-        t0 = time.perf_counter_ns() if self.tracing else 0
-        name: str | None = None
+        tracing = self.tracing
+        t0 = time.perf_counter_ns() if tracing else 0
         try:
             name = handle_host_hcall(h, regs)
         except HypBug as bug:
             nr = self.profile.decode(x0)
             cname = self.profile.hcalls[nr] if nr is not None else hex(x0)
             h.dead = str(bug)
-            rec = self._record(cpu, cname, x0, args, regs, t0, str(bug))
-            self._notify(rec)
+            self._notify(self._record(cpu, cname, x0, masked, regs, t0, str(bug)))
             raise HypPanic(str(bug), cpu, cname) from None
-        result = HvcResult(_s64(regs[0]), _s64(regs[1]), regs[2], regs[3])
-        if self.tracing or self.listeners:
-            rec = self._record(cpu, name or hex(x0), x0, args, regs, t0, None)
-            self._notify(rec)
+        r0, r1 = regs[0], regs[1]
+        result = HvcResult(r0 - (1 << 64) if r0 >> 63 else r0, r1 - (1 << 64) if r1 >> 63 else r1,
+                           regs[2], regs[3])
+        if tracing or self.listeners:
+            self._notify(self._record(cpu, name or hex(x0), x0, masked, regs, t0, None))
         return result
 
     def _check_cpu(self, cpu: int) -> None:
@@ -389,23 +390,27 @@ class Machine:
             path = handle_host_smc(h, regs, imm)
         except HypBug as bug:
             h.dead = str(bug)
-            self._notify(self._record(cpu, f"smc {x0:#x}", x0, args, regs, t0, str(bug)))
+            self._notify(self._record(cpu, f"smc {x0:#x}", x0, [a & U64 for a in args], regs, t0,
+                                      str(bug)))
             raise HypPanic(str(bug), cpu, f"smc {x0:#x}") from None
         host = self.el2[cpu].host_regs
         for i in range(18):
             host[i] = regs[i]
         off = self.firmware.power[cpu] == OFF
         if self.tracing or self.listeners:
-            self._notify(self._record(cpu, f"smc:{path}:{x0:#x}", x0, args, regs, t0, None))
+            self._notify(self._record(cpu, f"smc:{path}:{x0:#x}", x0, [a & U64 for a in args],
+                                      regs, t0, None))
         return SmcResult(tuple(regs), path, off)
 
-    def _record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
+    def _record(self, cpu: int, name: str, x0: int, args: list[int], regs: list[int],
                 t0: int, panic: str | None) -> TraceRecord:
+        """The call's trace record (`args` already 64-bit), kept when tracing."""
         self._seq += 1
-        rec = TraceRecord(self._seq, cpu, name, x0, tuple([a & U64 for a in args]),
-                          _s64(regs[0]), _s64(regs[1]), regs[2], regs[3], t0,
-                          time.perf_counter_ns() - t0 if self.tracing else 0, panic)
-        if self.tracing:
+        tracing = self.tracing
+        rec = TraceRecord(self._seq, cpu, name, x0, tuple(args), _s64(regs[0]), _s64(regs[1]),
+                          regs[2], regs[3], t0, time.perf_counter_ns() - t0 if tracing else 0,
+                          panic)
+        if tracing:
             self.trace.append(rec)
         return rec
 
