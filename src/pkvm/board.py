@@ -14,7 +14,9 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, NamedTuple
+from typing import IO, Any, Final, NamedTuple
+
+from mypy_extensions import mypyc_attr
 
 from pkvm import snapshot
 from pkvm.abi import sizes
@@ -46,11 +48,11 @@ from pkvm.machine.preempt import PreemptionPoints
 from pkvm.machine.spmc import Spmc
 from pkvm.port import HostPort
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-_ZEROS = [0] * 6
-MIN_MEMORY = 64 << 20
-HOST_SECONDARY_ENTRY = 0x4000_0000 + 0x80  # the host kernel's secondary_entry (model address)
-CARVEOUT_GAP_BELOW_END = 6 << 20
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+_ZEROS: Final = [0] * 6
+MIN_MEMORY: Final = 64 << 20
+HOST_SECONDARY_ENTRY: Final = 0x4000_0000 + 0x80  # the host kernel's secondary_entry (model address)
+CARVEOUT_GAP_BELOW_END: Final = 6 << 20
 
 
 def _s64(v: int) -> int:
@@ -72,6 +74,9 @@ class HvcResult(NamedTuple):
         return self.x0 == 0 and self.x1 == 0
 
 
+# Frozen records are Python classes (methods compiled): a snapshot unpickles them by setting
+# their fields, which a compiled frozen dataclass refuses.
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True)
 class SmcResult:
     """The host's x0..x17 after an SMC (`regs`, raw 64-bit), the path EL2 sent it down
@@ -98,6 +103,7 @@ class SmcResult:
         return _s64(self.regs[3])
 
 
+@mypyc_attr(native_class=False)
 @dataclass(frozen=True)
 class HostAbortRecord:
     """A host stage-2 fault the hyp handled (`handle_host_mem_abort`): `verdict` is "mapped"
@@ -543,4 +549,4 @@ def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",
                    timeslice=timeslice)
 
 
-LINUX_SLICE = 0.005  # seconds a vCPU of a Linux guest runs before the host's timer preempts it
+LINUX_SLICE: Final = 0.005  # seconds a vCPU of a Linux guest runs before the host's timer preempts it
