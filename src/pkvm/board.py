@@ -10,6 +10,7 @@ stage-2 and, on a fault, hands to the hyp's abort handler.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -49,7 +50,6 @@ from pkvm.machine.spmc import Spmc
 from pkvm.port import HostPort
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
-_ZEROS: Final = [0] * 6
 MIN_MEMORY: Final = 64 << 20
 HOST_SECONDARY_ENTRY: Final = 0x4000_0000 + 0x80  # the host kernel's secondary_entry (model address)
 CARVEOUT_GAP_BELOW_END: Final = 6 << 20
@@ -72,6 +72,12 @@ class HvcResult(NamedTuple):
     @property
     def ok(self) -> bool:
         return self.x0 == 0 and self.x1 == 0
+
+
+# An HvcResult made straight from its tuple (the named tuple's own `__new__` is interpreted Python,
+# a frame per hypercall).
+_hvc_result: Final = functools.partial(tuple.__new__, HvcResult)
+_now: Final = time.perf_counter_ns
 
 
 # Frozen records are Python classes (methods compiled): a snapshot unpickles them by setting
@@ -325,13 +331,14 @@ class Machine:
         x0 = self.func_id(func)
         regs = self.el2[cpu].host_regs
         regs[0] = x0
-        masked = [a & U64 for a in args]
-        regs[1 : n + 1] = masked
-        regs[n + 1 : 7] = _ZEROS[n:]
+        masked = tuple([a & U64 for a in args])
+        for i in range(6):
+            regs[i + 1] = masked[i] if i < n else 0
         h.locks.cpu = cpu
-        h.wiped_returns.clear()
+        if h.wiped_returns:
+            h.wiped_returns.clear()
         tracing = self.tracing
-        t0 = time.perf_counter_ns() if tracing else 0
+        t0 = _now() if tracing else 0
         try:
             name = handle_host_hcall(h, regs)
         except HypBug as bug:
@@ -341,8 +348,8 @@ class Machine:
             self._notify(self._record(cpu, cname, x0, masked, regs, t0, str(bug)))
             raise HypPanic(str(bug), cpu, cname) from None
         r0, r1 = regs[0], regs[1]
-        result = HvcResult(r0 - (1 << 64) if r0 >> 63 else r0, r1 - (1 << 64) if r1 >> 63 else r1,
-                           regs[2], regs[3])
+        result = _hvc_result((r0 - (1 << 64) if r0 >> 63 else r0,
+                              r1 - (1 << 64) if r1 >> 63 else r1, regs[2], regs[3]))
         if tracing or self.listeners:
             self._notify(self._record(cpu, name or hex(x0), x0, masked, regs, t0, None))
         return result
@@ -391,31 +398,30 @@ class Machine:
         x0 = smc_func_id(func) if isinstance(func, str) else func & U64
         regs = [x0] + [a & U64 for a in args] + [0] * (17 - len(args))
         h.locks.cpu = cpu
-        t0 = time.perf_counter_ns()
+        t0 = _now()
         try:
             path = handle_host_smc(h, regs, imm)
         except HypBug as bug:
             h.dead = str(bug)
-            self._notify(self._record(cpu, f"smc {x0:#x}", x0, [a & U64 for a in args], regs, t0,
-                                      str(bug)))
+            self._notify(self._record(cpu, f"smc {x0:#x}", x0, tuple([a & U64 for a in args]),
+                                      regs, t0, str(bug)))
             raise HypPanic(str(bug), cpu, f"smc {x0:#x}") from None
         host = self.el2[cpu].host_regs
         for i in range(18):
             host[i] = regs[i]
         off = self.firmware.power[cpu] == OFF
         if self.tracing or self.listeners:
-            self._notify(self._record(cpu, f"smc:{path}:{x0:#x}", x0, [a & U64 for a in args],
-                                      regs, t0, None))
+            self._notify(self._record(cpu, f"smc:{path}:{x0:#x}", x0,
+                                      tuple([a & U64 for a in args]), regs, t0, None))
         return SmcResult(tuple(regs), path, off)
 
-    def _record(self, cpu: int, name: str, x0: int, args: list[int], regs: list[int],
+    def _record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                 t0: int, panic: str | None) -> TraceRecord:
         """The call's trace record (`args` already 64-bit), kept when tracing."""
         self._seq += 1
         tracing = self.tracing
-        rec = TraceRecord(self._seq, cpu, name, x0, tuple(args), _s64(regs[0]), _s64(regs[1]),
-                          regs[2], regs[3], t0, time.perf_counter_ns() - t0 if tracing else 0,
-                          panic)
+        rec = TraceRecord(self._seq, cpu, name, x0, args, _s64(regs[0]), _s64(regs[1]),
+                          regs[2], regs[3], t0, _now() - t0 if tracing else 0, panic)
         if tracing:
             self.trace.append(rec)
         return rec

@@ -49,6 +49,12 @@ def kvm_pgtable_hyp_map(pgt: KvmPgtable, addr: int, size: int, phys: int, prot: 
                 return -EINVAL
             pgt.set_pte(ptep, old, new)
             return 0
+    return hyp_map_walk(pgt, addr, size, base, attr)
+
+
+def hyp_map_walk(pgt: KvmPgtable, addr: int, size: int, base: int, attr: int) -> int:
+    """`kvm_pgtable_hyp_map` through the generic walker (any range; a function of its own, so
+    the page-sized path makes no closure)."""
 
     def visit(ctx: VisitCtx, _v: int) -> int:
         level = ctx.level

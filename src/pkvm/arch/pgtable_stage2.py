@@ -75,6 +75,13 @@ def kvm_pgtable_stage2_map(
         ret = _stage2_map_page(pgt, addr, new, flags)
         if ret is not None:
             return ret
+    return _stage2_map_walk(pgt, addr, size, phys, annotation, flags, attr, base, force_pte)
+
+
+def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, annotation: int,
+                     flags: int, attr: int, base: int, force_pte: bool) -> int:
+    """`kvm_pgtable_stage2_map` through the generic walker (a function of its own, so the
+    page-sized path makes no closure)."""
 
     def leaf_allowed(ctx: VisitCtx) -> bool:
         if force_pte and ctx.level < 3:
