@@ -123,10 +123,11 @@ class HostAbortRecord:
     ts_ns: int
 
 
-@dataclass(slots=True)
+@dataclass(init=False)
 class TraceRecord:
     """One hypercall as the trace keeps it; `start_ns`/`duration_ns` are 0 when tracing is off
-    (the record then only goes to the listeners)."""
+    (the record then only goes to the listeners). Its `__init__` is written out so that the
+    compiled board builds a record natively (the dataclass-generated one is interpreted)."""
 
     seq: int
     cpu: int
@@ -139,7 +140,14 @@ class TraceRecord:
     x3: int
     start_ns: int
     duration_ns: int
-    panic: str | None = None
+    panic: str | None
+
+    def __init__(self, seq: int, cpu: int, name: str, func_id: int, args: tuple[int, ...],
+                 x0: int, x1: int, x2: int, x3: int, start_ns: int, duration_ns: int,
+                 panic: str | None = None) -> None:
+        self.seq, self.cpu, self.name, self.func_id, self.args = seq, cpu, name, func_id, args
+        self.x0, self.x1, self.x2, self.x3 = x0, x1, x2, x3
+        self.start_ns, self.duration_ns, self.panic = start_ns, duration_ns, panic
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -166,18 +166,18 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
     then free every table it leaves empty, bottom up. False where the walk must decide."""
     if addr >> pgt.ia_bits or not pgt.pgd:
         return False
-    read = pgt.mem.read_u64
+    mem = pgt.mem  # a direct (compiled) call, not a bound method
     path = []  # (ptep of the table entry, child table) from the top
     table = pgt.pgd
     for level in range(pgt.start_level, 3):
         ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-        pte = read(ptep)
+        pte = mem.read_u64(ptep)
         if not pte_table(pte, level):
             return False
         table = pte & KVM_PTE_ADDR_MASK
         path.append((ptep, table))
     ptep = table + ((addr >> PAGE_SHIFT) & PTE_INDEX_MASK) * 8
-    old = read(ptep)
+    old = mem.read_u64(ptep)
     if old:
         pgt.set_pte(ptep, old, 0)
         if pte_valid(old):
@@ -186,7 +186,7 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
         tptep, child = path[depth]
         if pgt.mm_ops.page_count(child) != 1:
             break
-        pgt.set_pte(tptep, read(tptep), 0)
+        pgt.set_pte(tptep, mem.read_u64(tptep), 0)
         pgt.invalidate(addr, pgt.start_level + depth)
         pgt.mm_ops.put_page(child)
     return True
