@@ -123,11 +123,14 @@ class HostAbortRecord:
     ts_ns: int
 
 
+# Built natively when compiled (its `__init__` written out: the dataclass-generated one is
+# interpreted Python), outside the cycle collector (it holds only numbers and strings), pickled
+# through `__reduce__` (a snapshot's trace).
+@mypyc_attr(acyclic=True)
 @dataclass(init=False)
 class TraceRecord:
     """One hypercall as the trace keeps it; `start_ns`/`duration_ns` are 0 when tracing is off
-    (the record then only goes to the listeners). Its `__init__` is written out so that the
-    compiled board builds a record natively (the dataclass-generated one is interpreted)."""
+    (the record then only goes to the listeners)."""
 
     seq: int
     cpu: int
@@ -148,6 +151,11 @@ class TraceRecord:
         self.seq, self.cpu, self.name, self.func_id, self.args = seq, cpu, name, func_id, args
         self.x0, self.x1, self.x2, self.x3 = x0, x1, x2, x3
         self.start_ns, self.duration_ns, self.panic = start_ns, duration_ns, panic
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TraceRecord, (self.seq, self.cpu, self.name, self.func_id, self.args, self.x0,
+                              self.x1, self.x2, self.x3, self.start_ns, self.duration_ns,
+                              self.panic))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -175,6 +183,11 @@ Proceed = Callable[[int, str | int, tuple[int, ...]], HvcResult]
 Interposer = Callable[[Proceed, int, str | int, tuple[int, ...]], HvcResult]
 SmcProceed = Callable[[int, str | int, tuple[int, ...], int], SmcResult]
 SmcInterposer = Callable[[SmcProceed, int, str | int, tuple[int, ...], int], SmcResult]
+
+
+# A Python class with compiled methods: tools hold machines in weak maps, snapshots pickle them
+# without calling `__init__`, and tests wrap its `__init__`.
+@mypyc_attr(native_class=False)
 class Machine:
     """A booted, finalised pKVM machine: `Machine(memory="2G", cpus=4, abi="latest")`.
 
