@@ -335,8 +335,7 @@ class Machine:
     def _interposed(self, k: int, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
         if k < 0:
             return self._hvc(cpu, func, args)
-        return self._interposers[k](
-            lambda c, f, a: self._interposed(k - 1, c, f, a), cpu, func, args)
+        return self._interposers[k](functools.partial(self._interposed, k - 1), cpu, func, args)
 
     def _hvc(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
         self._check_cpu(cpu)
@@ -401,8 +400,8 @@ class Machine:
                         imm: int) -> SmcResult:
         if k < 0:
             return self._smc(cpu, func, args, imm)
-        return self._smc_interposers[k](
-            lambda c, f, a, i: self._smc_interposed(k - 1, c, f, a, i), cpu, func, args, imm)
+        return self._smc_interposers[k](functools.partial(self._smc_interposed, k - 1), cpu, func,
+                                        args, imm)
 
     def _smc(self, cpu: int, func: str | int, args: tuple[int, ...], imm: int) -> SmcResult:
         self._check_cpu(cpu)
