@@ -15,17 +15,20 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, Final, NamedTuple
+from typing import IO, Final
 
 from mypy_extensions import mypyc_attr
 
 from pkvm import snapshot
 from pkvm.abi import sizes
-from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile, get_profile
+from pkvm.abi.profiles import Profile, get_profile
 from pkvm.check import Checker
+from pkvm.door import HvcDoor, _s64
+from pkvm.door import HvcResult as HvcResult  # re-exported (users import them from here)
+from pkvm.door import TraceRecord as TraceRecord
 from pkvm.errors import EPERM, HostDataAbort, HypPanic
 from pkvm.host import Host
-from pkvm.hyp.hyp_main import handle_host_hcall, handle_host_smc
+from pkvm.hyp.hyp_main import handle_host_smc
 from pkvm.hyp.mem_protect import handle_host_mem_abort
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.psci_relay import init_psci_relay, kvm_hyp_cpu_start
@@ -53,31 +56,6 @@ U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 MIN_MEMORY: Final = 64 << 20
 HOST_SECONDARY_ENTRY: Final = 0x4000_0000 + 0x80  # the host kernel's secondary_entry (model address)
 CARVEOUT_GAP_BELOW_END: Final = 6 << 20
-
-
-def _s64(v: int) -> int:
-    v &= U64
-    return v - (1 << 64) if v >> 63 else v
-
-
-class HvcResult(NamedTuple):
-    """The registers the host sees after an HVC: x0 (SMCCC status) and x1 signed, x2/x3 raw.
-    (A named tuple: immutable and cheap to make, one per hypercall.)"""
-
-    x0: int
-    x1: int
-    x2: int
-    x3: int
-
-    @property
-    def ok(self) -> bool:
-        return self.x0 == 0 and self.x1 == 0
-
-
-# An HvcResult made straight from its tuple (the named tuple's own `__new__` is interpreted Python,
-# a frame per hypercall).
-_hvc_result: Final = functools.partial(tuple.__new__, HvcResult)
-_now: Final = time.perf_counter_ns
 
 
 # Frozen records are Python classes (methods compiled): a snapshot unpickles them by setting
@@ -121,48 +99,6 @@ class HostAbortRecord:
     verdict: str
     ret: int
     ts_ns: int
-
-
-# Built natively when compiled (its `__init__` written out: the dataclass-generated one is
-# interpreted Python), outside the cycle collector (it holds only numbers and strings), pickled
-# through `__reduce__` (a snapshot's trace).
-@mypyc_attr(acyclic=True)
-@dataclass(init=False)
-class TraceRecord:
-    """One hypercall as the trace keeps it; `start_ns`/`duration_ns` are 0 when tracing is off
-    (the record then only goes to the listeners)."""
-
-    seq: int
-    cpu: int
-    name: str
-    func_id: int
-    args: tuple[int, ...]
-    x0: int
-    x1: int
-    x2: int
-    x3: int
-    start_ns: int
-    duration_ns: int
-    panic: str | None
-
-    def __init__(self, seq: int, cpu: int, name: str, func_id: int, args: tuple[int, ...],
-                 x0: int, x1: int, x2: int, x3: int, start_ns: int, duration_ns: int,
-                 panic: str | None = None) -> None:
-        self.seq, self.cpu, self.name, self.func_id, self.args = seq, cpu, name, func_id, args
-        self.x0, self.x1, self.x2, self.x3 = x0, x1, x2, x3
-        self.start_ns, self.duration_ns, self.panic = start_ns, duration_ns, panic
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (TraceRecord, (self.seq, self.cpu, self.name, self.func_id, self.args, self.x0,
-                              self.x1, self.x2, self.x3, self.start_ns, self.duration_ns,
-                              self.panic))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq, "cpu": self.cpu, "call": self.name, "func_id": self.func_id,
-            "args": list(self.args), "x0": self.x0, "x1": self.x1, "x2": self.x2, "x3": self.x3,
-            "start_ns": self.start_ns, "duration_ns": self.duration_ns, "panic": self.panic,
-        }
 
 
 def carveout_layout(mem_size: int, profile: Profile, nr_cpus: int) -> tuple[int, int]:
@@ -225,8 +161,10 @@ class Machine:
         if ffa:
             spmc = Spmc(self.mem)
         self.firmware = Firmware(cpus, self.mem, ffa=spmc)
-        self.firmware.on_cpu_start = self._cpu_start
-        self.firmware.on_cpu_off = self._cpu_off
+        # Module functions bound to this machine (a snapshot pickles them by name; a compiled
+        # method of this Python class has no name to pickle by).
+        self.firmware.on_cpu_start = functools.partial(_cpu_start, self)
+        self.firmware.on_cpu_off = functools.partial(_cpu_off, self)
         self.host_entry: dict[int, tuple[int, int]] = {}  # where each CPU entered the host
         self._hyp.smc_to_el3 = self.firmware.smc
         # The physical timer: a guest is interrupted (ARM_EXCEPTION_IRQ) after this many
@@ -235,13 +173,12 @@ class Machine:
         self.carveout = carveout_layout(size, self.profile, cpus)
         if self.carveout[0] < RAM_BASE + (4 << 20):
             raise ValueError(f"memory={memory!r} leaves no room for the hyp carve-out")
-        self._func_ids = {name: self.profile.func_id(name) for name in self.profile.hcalls}
         maxlen = None if trace is True else (int(trace) or None)
-        self.tracing = bool(trace)
         self.trace: collections.deque[TraceRecord] = collections.deque(maxlen=maxlen)
         self.host_aborts: collections.deque[HostAbortRecord] = collections.deque(maxlen=maxlen)
-        self._seq = 0
         self.listeners: list[Callable[[TraceRecord], None]] = []  # after each call (checkers, UIs)
+        self._door = HvcDoor(self._hyp, self.el2, self.firmware, self.profile, cpus, self.trace,
+                             self.listeners, bool(trace))
         self._interposers: list[Interposer] = []
         self._smc_interposers: list[SmcInterposer] = []
         self.host_port = HostPort(self)  # the host kernel's (`m.host.port`)
@@ -291,31 +228,18 @@ class Machine:
         if r.x0 or r.x1:
             raise RuntimeError(f"__pkvm_prot_finalize failed on cpu {cpu}: {r}")
 
-    # -- CPUs powered on and off by the firmware -----------------------------------------
-    def _cpu_start(self, cpu: int, pc: int, ctx: int) -> None:
-        """The firmware started `cpu` at `pc`: EL2's entry (through the relay) or the host's."""
-        self.el2[cpu].hcr_el2 = self.el2[cpu].vttbr_el2 = self.el2[cpu].vtcr_el2 = 0
-        entered = kvm_hyp_cpu_start(self._hyp, cpu, pc, ctx)
-        self.host_entry[cpu] = entered if entered is not None else (pc, ctx)
-
-    def _cpu_off(self, cpu: int) -> None:
-        """A powered-down CPU loses its EL2 state; it comes back only through CPU_ON."""
-        el2 = self.el2[cpu]
-        el2.hcr_el2 = el2.vttbr_el2 = el2.vtcr_el2 = 0
-        self.host_entry.pop(cpu, None)
-
     # -- the HVC instruction ---------------------------------------------------------
+    @property
+    def tracing(self) -> bool:
+        """Does the trace keep each call (with its timestamps)?"""
+        return self._door.tracing
+
+    @tracing.setter
+    def tracing(self, on: bool) -> None:
+        self._door.tracing = on
+
     def func_id(self, func: str | int) -> int:
-        if isinstance(func, str):
-            n = self._func_ids.get(func)
-            if n is not None:
-                return n
-            if func not in ALL_HCALL_NAMES:
-                raise ValueError(f"{func!r} is not a host hypercall of Linux 6.12 or 7.2")
-            return 0xC600_0000 + 0xFFFF  # named in the other profile only: unknown here
-        if not isinstance(func, int):
-            raise TypeError("func must be a hypercall name or a function ID")
-        return func & U64
+        return self._door.func_id(func)
 
     def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
         """Issue `hvc #0` on `cpu` with x0 = func and x1.. = args (each a 64-bit register).
@@ -338,47 +262,10 @@ class Machine:
         return self._interposers[k](functools.partial(self._interposed, k - 1), cpu, func, args)
 
     def _hvc(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
-        self._check_cpu(cpu)
-        n = len(args)
-        if n > 6:
-            raise TypeError("at most 6 arguments (x1..x6)")
-        for a in args:
-            if not isinstance(a, int):
-                raise TypeError(f"hypercall arguments are integers, not {type(a).__name__}")
-        h = self._hyp
-        if h.dead:
-            raise HypPanic(h.dead, cpu, None)
-        x0 = self.func_id(func)
-        regs = self.el2[cpu].host_regs
-        regs[0] = x0
-        masked = tuple([a & U64 for a in args])
-        for i in range(6):
-            regs[i + 1] = masked[i] if i < n else 0
-        h.locks.cpu = cpu
-        if h.wiped_returns:
-            h.wiped_returns.clear()
-        tracing = self.tracing
-        t0 = _now() if tracing else 0
-        try:
-            name = handle_host_hcall(h, regs)
-        except HypBug as bug:
-            nr = self.profile.decode(x0)
-            cname = self.profile.hcalls[nr] if nr is not None else hex(x0)
-            h.dead = str(bug)
-            self._notify(self._record(cpu, cname, x0, masked, regs, t0, str(bug)))
-            raise HypPanic(str(bug), cpu, cname) from None
-        r0, r1 = regs[0], regs[1]
-        result = _hvc_result((r0 - (1 << 64) if r0 >> 63 else r0,
-                              r1 - (1 << 64) if r1 >> 63 else r1, regs[2], regs[3]))
-        if tracing or self.listeners:
-            self._notify(self._record(cpu, name or hex(x0), x0, masked, regs, t0, None))
-        return result
+        return self._door.call(cpu, func, args)
 
     def _check_cpu(self, cpu: int) -> None:
-        if not isinstance(cpu, int) or not 0 <= cpu < self.nr_cpus:
-            raise ValueError(f"cpu must be in 0..{self.nr_cpus - 1}")
-        if self.firmware.power[cpu] == OFF:
-            raise ValueError(f"cpu {cpu} is powered off (bring it up with PSCI CPU_ON)")
+        self._door.check_cpu(cpu)
 
     # -- the SMC instruction ------------------------------------------------------------
     def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
@@ -418,7 +305,7 @@ class Machine:
         x0 = smc_func_id(func) if isinstance(func, str) else func & U64
         regs = [x0] + [a & U64 for a in args] + [0] * (17 - len(args))
         h.locks.cpu = cpu
-        t0 = _now()
+        t0 = time.perf_counter_ns()
         try:
             path = handle_host_smc(h, regs, imm)
         except HypBug as bug:
@@ -437,18 +324,10 @@ class Machine:
 
     def _record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                 t0: int, panic: str | None) -> TraceRecord:
-        """The call's trace record (`args` already 64-bit), kept when tracing."""
-        self._seq += 1
-        tracing = self.tracing
-        rec = TraceRecord(self._seq, cpu, name, x0, args, _s64(regs[0]), _s64(regs[1]),
-                          regs[2], regs[3], t0, _now() - t0 if tracing else 0, panic)
-        if tracing:
-            self.trace.append(rec)
-        return rec
+        return self._door.record(cpu, name, x0, args, regs, t0, panic)
 
     def _notify(self, rec: TraceRecord) -> None:
-        for fn in self.listeners:
-            fn(rec)
+        self._door.notify(rec)
 
     def write_trace(self, out: IO[str] | str) -> None:
         """Write the hypercall trace as JSON Lines."""
@@ -557,6 +436,21 @@ class Machine:
     @property
     def dead(self) -> str | None:
         return self._hyp.dead
+
+
+# -- CPUs powered on and off by the firmware ---------------------------------------------------
+def _cpu_start(m: Machine, cpu: int, pc: int, ctx: int) -> None:
+    """The firmware started `cpu` at `pc`: EL2's entry (through the relay) or the host's."""
+    m.el2[cpu].hcr_el2 = m.el2[cpu].vttbr_el2 = m.el2[cpu].vtcr_el2 = 0
+    entered = kvm_hyp_cpu_start(m._hyp, cpu, pc, ctx)
+    m.host_entry[cpu] = entered if entered is not None else (pc, ctx)
+
+
+def _cpu_off(m: Machine, cpu: int) -> None:
+    """A powered-down CPU loses its EL2 state; it comes back only through CPU_ON."""
+    el2 = m.el2[cpu]
+    el2.hcr_el2 = el2.vttbr_el2 = el2.vtcr_el2 = 0
+    m.host_entry.pop(cpu, None)
 
 
 def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",
