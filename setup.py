@@ -24,13 +24,14 @@ from setuptools.command.build_ext import build_ext
 # mypyc cannot take them as they are: machine/context (its ctypes structure makes mypyc emit C
 # that does not compile), machine/stage2_view (its _Window is weakly referenced, which a
 # compiled class does not allow), hyp/pgtable (a star re-export of arch/pgtable). Of the
-# package's top level, board.py (the Machine, a Python class with compiled methods) and door.py
-# (the HVC door's per-call path) are compiled: nothing replaces a Machine's doors on the instance
-# (checkers use the declared seams, `interpose_hvc`, `interpose_smc` and `listeners`). The host driver (host/) and port.py stay pure for now: a
-# conformance test swaps host/psci's CPU_ON by module attribute, which compiled callers would
-# not see.
+# package's top level, door.py (the HVC door's per-call path) is compiled: nothing replaces a
+# Machine's doors on the instance (checkers use the declared seams, `interpose_hvc`,
+# `interpose_smc` and `listeners`); board.py (the Machine) stays a Python class that passes its
+# calls to the door (tools hold machines weakly and set their `tracing`). The host driver
+# (host/) and port.py stay pure for now: a conformance test swaps host/psci's CPU_ON by module
+# attribute, which compiled callers would not see.
 CORE = ["machine", "machine/decode", "arch", "abi", "hyp"]
-CORE_FILES = ["board.py", "door.py"]
+CORE_FILES = ["door.py"]
 PURE = {"machine/context.py", "machine/stage2_view.py", "hyp/pgtable.py"}
 
 ROOT = Path(__file__).resolve().parent

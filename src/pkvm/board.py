@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Final
 
-from mypy_extensions import mypyc_attr
-
 from pkvm import snapshot
 from pkvm.abi import sizes
 from pkvm.abi.profiles import Profile, get_profile
@@ -58,9 +56,6 @@ HOST_SECONDARY_ENTRY: Final = 0x4000_0000 + 0x80  # the host kernel's secondary_
 CARVEOUT_GAP_BELOW_END: Final = 6 << 20
 
 
-# Frozen records are Python classes (methods compiled): a snapshot unpickles them by setting
-# their fields, which a compiled frozen dataclass refuses.
-@mypyc_attr(native_class=False)
 @dataclass(frozen=True)
 class SmcResult:
     """The host's x0..x17 after an SMC (`regs`, raw 64-bit), the path EL2 sent it down
@@ -87,7 +82,6 @@ class SmcResult:
         return _s64(self.regs[3])
 
 
-@mypyc_attr(native_class=False)
 @dataclass(frozen=True)
 class HostAbortRecord:
     """A host stage-2 fault the hyp handled (`handle_host_mem_abort`): `verdict` is "mapped"
@@ -121,9 +115,6 @@ SmcProceed = Callable[[int, str | int, tuple[int, ...], int], SmcResult]
 SmcInterposer = Callable[[SmcProceed, int, str | int, tuple[int, ...], int], SmcResult]
 
 
-# A Python class with compiled methods: tools hold machines in weak maps, snapshots pickle them
-# without calling `__init__`, and tests wrap its `__init__`.
-@mypyc_attr(native_class=False)
 class Machine:
     """A booted, finalised pKVM machine: `Machine(memory="2G", cpus=4, abi="latest")`.
 
