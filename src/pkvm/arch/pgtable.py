@@ -445,11 +445,11 @@ class KvmPgtable:
         """`kvm_pgtable_stage2_destroy` / `hyp_destroy`: free every table page, the root last."""
         if not self.pgd:
             return
-        mem = self.mem  # a direct (compiled) call, not a bound method
+        read = self.mem.read_u64
 
         def free_tree(table: int, level: int) -> None:
             for i in range(PTRS_PER_PTE):
-                pte = mem.read_u64(table + i * 8)
+                pte = read(table + i * 8)
                 if pte_table(pte, level):
                     free_tree(pte & KVM_PTE_ADDR_MASK, level + 1)
                 if self.counted(pte):
