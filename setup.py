@@ -23,19 +23,24 @@ from setuptools.command.build_ext import build_ext
 # The typed core: every module of these packages is compiled but those in PURE. Pure because
 # mypyc cannot take them as they are: machine/context (its ctypes structure makes mypyc emit C
 # that does not compile), machine/stage2_view (its _Window is weakly referenced, which a
-# compiled class does not allow), hyp/pgtable (a star re-export of arch/pgtable). The host
-# driver (host/), board.py and port.py stay pure for now: the checkers replace a Machine's doors
-# on the instance (`m.smc = ...`, which a compiled class refuses), and a conformance test swaps
-# host/psci's CPU_ON by module attribute, which compiled callers would not see.
+# compiled class does not allow), hyp/pgtable (a star re-export of arch/pgtable). Of the
+# package's top level, door.py (the HVC door's per-call path) is compiled: nothing replaces a
+# Machine's doors on the instance (checkers use the declared seams, `interpose_hvc`,
+# `interpose_smc` and `listeners`); board.py (the Machine) stays a Python class that passes its
+# calls to the door (tools hold machines weakly and set their `tracing`). The host driver
+# (host/) and port.py stay pure for now: a conformance test swaps host/psci's CPU_ON by module
+# attribute, which compiled callers would not see.
 CORE = ["machine", "machine/decode", "arch", "abi", "hyp"]
+CORE_FILES = ["door.py"]
 PURE = {"machine/context.py", "machine/stage2_view.py", "hyp/pgtable.py"}
 
 ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src/pkvm"
 # Absolute paths: a compiled function's traceback entries name its source file by the path
 # given here, and the hyp's WARN sites are read from tracebacks (`pkvm.hyp.panic.HypWarn`).
-COMPILED = sorted(str(p) for d in CORE for p in (SRC / d).glob("*.py")
-                  if p.name != "__init__.py" and str(p.relative_to(SRC)) not in PURE)
+COMPILED = sorted([str(p) for d in CORE for p in (SRC / d).glob("*.py")
+                   if p.name != "__init__.py" and str(p.relative_to(SRC)) not in PURE]
+                  + [str(SRC / f) for f in CORE_FILES])
 
 
 def say(msg: str) -> None:

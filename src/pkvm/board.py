@@ -10,19 +10,23 @@ stage-2 and, on a fault, hands to the hyp's abort handler.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, NamedTuple
+from typing import IO, Final
 
 from pkvm import snapshot
 from pkvm.abi import sizes
-from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile, get_profile
+from pkvm.abi.profiles import Profile, get_profile
 from pkvm.check import Checker
+from pkvm.door import HvcDoor, _s64
+from pkvm.door import HvcResult as HvcResult  # re-exported (users import them from here)
+from pkvm.door import TraceRecord as TraceRecord
 from pkvm.errors import EPERM, HostDataAbort, HypPanic
 from pkvm.host import Host
-from pkvm.hyp.hyp_main import handle_host_hcall, handle_host_smc
+from pkvm.hyp.hyp_main import handle_host_smc
 from pkvm.hyp.mem_protect import handle_host_mem_abort
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.psci_relay import init_psci_relay, kvm_hyp_cpu_start
@@ -46,30 +50,10 @@ from pkvm.machine.preempt import PreemptionPoints
 from pkvm.machine.spmc import Spmc
 from pkvm.port import HostPort
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-_ZEROS = [0] * 6
-MIN_MEMORY = 64 << 20
-HOST_SECONDARY_ENTRY = 0x4000_0000 + 0x80  # the host kernel's secondary_entry (model address)
-CARVEOUT_GAP_BELOW_END = 6 << 20
-
-
-def _s64(v: int) -> int:
-    v &= U64
-    return v - (1 << 64) if v >> 63 else v
-
-
-class HvcResult(NamedTuple):
-    """The registers the host sees after an HVC: x0 (SMCCC status) and x1 signed, x2/x3 raw.
-    (A named tuple: immutable and cheap to make, one per hypercall.)"""
-
-    x0: int
-    x1: int
-    x2: int
-    x3: int
-
-    @property
-    def ok(self) -> bool:
-        return self.x0 == 0 and self.x1 == 0
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+MIN_MEMORY: Final = 64 << 20
+HOST_SECONDARY_ENTRY: Final = 0x4000_0000 + 0x80  # the host kernel's secondary_entry (model address)
+CARVEOUT_GAP_BELOW_END: Final = 6 << 20
 
 
 @dataclass(frozen=True)
@@ -111,32 +95,6 @@ class HostAbortRecord:
     ts_ns: int
 
 
-@dataclass(slots=True)
-class TraceRecord:
-    """One hypercall as the trace keeps it; `start_ns`/`duration_ns` are 0 when tracing is off
-    (the record then only goes to the listeners)."""
-
-    seq: int
-    cpu: int
-    name: str
-    func_id: int
-    args: tuple[int, ...]
-    x0: int
-    x1: int
-    x2: int
-    x3: int
-    start_ns: int
-    duration_ns: int
-    panic: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq, "cpu": self.cpu, "call": self.name, "func_id": self.func_id,
-            "args": list(self.args), "x0": self.x0, "x1": self.x1, "x2": self.x2, "x3": self.x3,
-            "start_ns": self.start_ns, "duration_ns": self.duration_ns, "panic": self.panic,
-        }
-
-
 def carveout_layout(mem_size: int, profile: Profile, nr_cpus: int) -> tuple[int, int]:
     """(base, size) of the hyp carve-out the host reserves (`kvm_hyp_reserve`, model placement).
 
@@ -155,6 +113,8 @@ Proceed = Callable[[int, str | int, tuple[int, ...]], HvcResult]
 Interposer = Callable[[Proceed, int, str | int, tuple[int, ...]], HvcResult]
 SmcProceed = Callable[[int, str | int, tuple[int, ...], int], SmcResult]
 SmcInterposer = Callable[[SmcProceed, int, str | int, tuple[int, ...], int], SmcResult]
+
+
 class Machine:
     """A booted, finalised pKVM machine: `Machine(memory="2G", cpus=4, abi="latest")`.
 
@@ -192,8 +152,10 @@ class Machine:
         if ffa:
             spmc = Spmc(self.mem)
         self.firmware = Firmware(cpus, self.mem, ffa=spmc)
-        self.firmware.on_cpu_start = self._cpu_start
-        self.firmware.on_cpu_off = self._cpu_off
+        # Module functions bound to this machine (a snapshot pickles them by name; a compiled
+        # method of this Python class has no name to pickle by).
+        self.firmware.on_cpu_start = functools.partial(_cpu_start, self)
+        self.firmware.on_cpu_off = functools.partial(_cpu_off, self)
         self.host_entry: dict[int, tuple[int, int]] = {}  # where each CPU entered the host
         self._hyp.smc_to_el3 = self.firmware.smc
         # The physical timer: a guest is interrupted (ARM_EXCEPTION_IRQ) after this many
@@ -202,13 +164,12 @@ class Machine:
         self.carveout = carveout_layout(size, self.profile, cpus)
         if self.carveout[0] < RAM_BASE + (4 << 20):
             raise ValueError(f"memory={memory!r} leaves no room for the hyp carve-out")
-        self._func_ids = {name: self.profile.func_id(name) for name in self.profile.hcalls}
         maxlen = None if trace is True else (int(trace) or None)
-        self.tracing = bool(trace)
         self.trace: collections.deque[TraceRecord] = collections.deque(maxlen=maxlen)
         self.host_aborts: collections.deque[HostAbortRecord] = collections.deque(maxlen=maxlen)
-        self._seq = 0
         self.listeners: list[Callable[[TraceRecord], None]] = []  # after each call (checkers, UIs)
+        self._door = HvcDoor(self._hyp, self.el2, self.firmware, self.profile, cpus, self.trace,
+                             self.listeners, bool(trace))
         self._interposers: list[Interposer] = []
         self._smc_interposers: list[SmcInterposer] = []
         self.host_port = HostPort(self)  # the host kernel's (`m.host.port`)
@@ -258,31 +219,18 @@ class Machine:
         if r.x0 or r.x1:
             raise RuntimeError(f"__pkvm_prot_finalize failed on cpu {cpu}: {r}")
 
-    # -- CPUs powered on and off by the firmware -----------------------------------------
-    def _cpu_start(self, cpu: int, pc: int, ctx: int) -> None:
-        """The firmware started `cpu` at `pc`: EL2's entry (through the relay) or the host's."""
-        self.el2[cpu].hcr_el2 = self.el2[cpu].vttbr_el2 = self.el2[cpu].vtcr_el2 = 0
-        entered = kvm_hyp_cpu_start(self._hyp, cpu, pc, ctx)
-        self.host_entry[cpu] = entered if entered is not None else (pc, ctx)
-
-    def _cpu_off(self, cpu: int) -> None:
-        """A powered-down CPU loses its EL2 state; it comes back only through CPU_ON."""
-        el2 = self.el2[cpu]
-        el2.hcr_el2 = el2.vttbr_el2 = el2.vtcr_el2 = 0
-        self.host_entry.pop(cpu, None)
-
     # -- the HVC instruction ---------------------------------------------------------
+    @property
+    def tracing(self) -> bool:
+        """Does the trace keep each call (with its timestamps)?"""
+        return self._door.tracing
+
+    @tracing.setter
+    def tracing(self, on: bool) -> None:
+        self._door.tracing = on
+
     def func_id(self, func: str | int) -> int:
-        if isinstance(func, str):
-            n = self._func_ids.get(func)
-            if n is not None:
-                return n
-            if func not in ALL_HCALL_NAMES:
-                raise ValueError(f"{func!r} is not a host hypercall of Linux 6.12 or 7.2")
-            return 0xC600_0000 + 0xFFFF  # named in the other profile only: unknown here
-        if not isinstance(func, int):
-            raise TypeError("func must be a hypercall name or a function ID")
-        return func & U64
+        return self._door.func_id(func)
 
     def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
         """Issue `hvc #0` on `cpu` with x0 = func and x1.. = args (each a 64-bit register).
@@ -302,49 +250,13 @@ class Machine:
     def _interposed(self, k: int, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
         if k < 0:
             return self._hvc(cpu, func, args)
-        return self._interposers[k](
-            lambda c, f, a: self._interposed(k - 1, c, f, a), cpu, func, args)
+        return self._interposers[k](functools.partial(self._interposed, k - 1), cpu, func, args)
 
     def _hvc(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
-        self._check_cpu(cpu)
-        if len(args) > 6:
-            raise TypeError("at most 6 arguments (x1..x6)")
-        for a in args:
-            if not isinstance(a, int):
-                raise TypeError(f"hypercall arguments are integers, not {type(a).__name__}")
-        h = self._hyp
-        if h.dead:
-            raise HypPanic(h.dead, cpu, None)
-        x0 = self.func_id(func)
-        regs = self.el2[cpu].host_regs
-        regs[0] = x0
-        n = len(args)
-        regs[1 : n + 1] = [a & U64 for a in args]
-        regs[n + 1 : 7] = _ZEROS[n:]
-        h.locks.cpu = cpu
-        h.wiped_returns.clear()
-        t0 = time.perf_counter_ns() if self.tracing else 0
-        name: str | None = None
-        try:
-            name = handle_host_hcall(h, regs)
-        except HypBug as bug:
-            nr = self.profile.decode(x0)
-            cname = self.profile.hcalls[nr] if nr is not None else hex(x0)
-            h.dead = str(bug)
-            rec = self._record(cpu, cname, x0, args, regs, t0, str(bug))
-            self._notify(rec)
-            raise HypPanic(str(bug), cpu, cname) from None
-        result = HvcResult(_s64(regs[0]), _s64(regs[1]), regs[2], regs[3])
-        if self.tracing or self.listeners:
-            rec = self._record(cpu, name or hex(x0), x0, args, regs, t0, None)
-            self._notify(rec)
-        return result
+        return self._door.call(cpu, func, args)
 
     def _check_cpu(self, cpu: int) -> None:
-        if not isinstance(cpu, int) or not 0 <= cpu < self.nr_cpus:
-            raise ValueError(f"cpu must be in 0..{self.nr_cpus - 1}")
-        if self.firmware.power[cpu] == OFF:
-            raise ValueError(f"cpu {cpu} is powered off (bring it up with PSCI CPU_ON)")
+        self._door.check_cpu(cpu)
 
     # -- the SMC instruction ------------------------------------------------------------
     def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
@@ -366,8 +278,8 @@ class Machine:
                         imm: int) -> SmcResult:
         if k < 0:
             return self._smc(cpu, func, args, imm)
-        return self._smc_interposers[k](
-            lambda c, f, a, i: self._smc_interposed(k - 1, c, f, a, i), cpu, func, args, imm)
+        return self._smc_interposers[k](functools.partial(self._smc_interposed, k - 1), cpu, func,
+                                        args, imm)
 
     def _smc(self, cpu: int, func: str | int, args: tuple[int, ...], imm: int) -> SmcResult:
         self._check_cpu(cpu)
@@ -389,29 +301,24 @@ class Machine:
             path = handle_host_smc(h, regs, imm)
         except HypBug as bug:
             h.dead = str(bug)
-            self._notify(self._record(cpu, f"smc {x0:#x}", x0, args, regs, t0, str(bug)))
+            self._notify(self._record(cpu, f"smc {x0:#x}", x0, tuple([a & U64 for a in args]),
+                                      regs, t0, str(bug)))
             raise HypPanic(str(bug), cpu, f"smc {x0:#x}") from None
         host = self.el2[cpu].host_regs
         for i in range(18):
             host[i] = regs[i]
         off = self.firmware.power[cpu] == OFF
         if self.tracing or self.listeners:
-            self._notify(self._record(cpu, f"smc:{path}:{x0:#x}", x0, args, regs, t0, None))
+            self._notify(self._record(cpu, f"smc:{path}:{x0:#x}", x0,
+                                      tuple([a & U64 for a in args]), regs, t0, None))
         return SmcResult(tuple(regs), path, off)
 
     def _record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                 t0: int, panic: str | None) -> TraceRecord:
-        self._seq += 1
-        rec = TraceRecord(self._seq, cpu, name, x0, tuple([a & U64 for a in args]),
-                          _s64(regs[0]), _s64(regs[1]), regs[2], regs[3], t0,
-                          time.perf_counter_ns() - t0 if self.tracing else 0, panic)
-        if self.tracing:
-            self.trace.append(rec)
-        return rec
+        return self._door.record(cpu, name, x0, args, regs, t0, panic)
 
     def _notify(self, rec: TraceRecord) -> None:
-        for fn in self.listeners:
-            fn(rec)
+        self._door.notify(rec)
 
     def write_trace(self, out: IO[str] | str) -> None:
         """Write the hypercall trace as JSON Lines."""
@@ -522,6 +429,21 @@ class Machine:
         return self._hyp.dead
 
 
+# -- CPUs powered on and off by the firmware ---------------------------------------------------
+def _cpu_start(m: Machine, cpu: int, pc: int, ctx: int) -> None:
+    """The firmware started `cpu` at `pc`: EL2's entry (through the relay) or the host's."""
+    m.el2[cpu].hcr_el2 = m.el2[cpu].vttbr_el2 = m.el2[cpu].vtcr_el2 = 0
+    entered = kvm_hyp_cpu_start(m._hyp, cpu, pc, ctx)
+    m.host_entry[cpu] = entered if entered is not None else (pc, ctx)
+
+
+def _cpu_off(m: Machine, cpu: int) -> None:
+    """A powered-down CPU loses its EL2 state; it comes back only through CPU_ON."""
+    el2 = m.el2[cpu]
+    el2.hcr_el2 = el2.vttbr_el2 = el2.vtcr_el2 = 0
+    m.host_entry.pop(cpu, None)
+
+
 def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",
                 timeslice: int | float | None = None) -> Machine:
     """A machine sized for a Linux guest of `guest_memory` bytes and `vcpus` vCPUs.
@@ -538,4 +460,4 @@ def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",
                    timeslice=timeslice)
 
 
-LINUX_SLICE = 0.005  # seconds a vCPU of a Linux guest runs before the host's timer preempts it
+LINUX_SLICE: Final = 0.005  # seconds a vCPU of a Linux guest runs before the host's timer preempts it

@@ -329,9 +329,9 @@ class KvmPgtable:
         if not self.pgd:
             return -EINVAL, 0, 0
         table = self.pgd
-        read = self.mem.read_u64
+        mem = self.mem  # a direct (compiled) call, not a bound method
         for level in range(self.start_level, 4):
-            pte = read(table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8)
+            pte = mem.read_u64(table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8)
             if not pte_table(pte, level):
                 return 0, pte, level
             table = pte & KVM_PTE_ADDR_MASK
@@ -406,9 +406,9 @@ class KvmPgtable:
 
     def free_unlinked(self, table: int, level: int) -> None:
         """Free a detached subtree: drop every counted entry, then the table itself."""
-        read = self.mem.read_u64
+        mem = self.mem  # a direct (compiled) call, not a bound method
         for i in range(PTRS_PER_PTE):
-            pte = read(table + i * 8)
+            pte = mem.read_u64(table + i * 8)
             if pte_table(pte, level):
                 self.free_unlinked(pte & KVM_PTE_ADDR_MASK, level + 1)
             if self.counted(pte):
@@ -424,11 +424,11 @@ class KvmPgtable:
         the generic walker would end in exactly the level-3 entry this returns otherwise."""
         if addr >> self.ia_bits or not self.pgd:
             return None
-        read = self.mem.read_u64
+        mem = self.mem  # a direct (compiled) call, not a bound method
         table = self.pgd
         for level in range(self.start_level, 3):
             ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-            pte = read(ptep)
+            pte = mem.read_u64(ptep)
             if pte_table(pte, level):
                 table = pte & KVM_PTE_ADDR_MASK
                 continue

@@ -49,6 +49,12 @@ def kvm_pgtable_hyp_map(pgt: KvmPgtable, addr: int, size: int, phys: int, prot: 
                 return -EINVAL
             pgt.set_pte(ptep, old, new)
             return 0
+    return hyp_map_walk(pgt, addr, size, base, attr)
+
+
+def hyp_map_walk(pgt: KvmPgtable, addr: int, size: int, base: int, attr: int) -> int:
+    """`kvm_pgtable_hyp_map` through the generic walker (any range; a function of its own, so
+    the page-sized path makes no closure)."""
 
     def visit(ctx: VisitCtx, _v: int) -> int:
         level = ctx.level
@@ -87,12 +93,12 @@ def kvm_pgtable_hyp_unmap(pgt: KvmPgtable, addr: int, size: int) -> int:
 def hyp_unmap_page(pgt: KvmPgtable, addr: int) -> int:
     """`hyp_unmap` of one aligned page without the generic walker: the same descriptor
     writes in the same order (the leaf, then each table left empty, bottom up)."""
-    read = pgt.mem.read_u64
+    mem = pgt.mem  # a direct (compiled) call, not a bound method
     tables: list[tuple[int, int, int]] = []
     table = pgt.pgd
     for level in range(pgt.start_level, 4):
         ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-        old = read(ptep)
+        old = mem.read_u64(ptep)
         if pte_table(old, level):
             tables.append((ptep, old, level))
             table = old & KVM_PTE_ADDR_MASK

@@ -75,6 +75,13 @@ def kvm_pgtable_stage2_map(
         ret = _stage2_map_page(pgt, addr, new, flags)
         if ret is not None:
             return ret
+    return _stage2_map_walk(pgt, addr, size, phys, annotation, flags, attr, base, force_pte)
+
+
+def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, annotation: int,
+                     flags: int, attr: int, base: int, force_pte: bool) -> int:
+    """`kvm_pgtable_stage2_map` through the generic walker (a function of its own, so the
+    page-sized path makes no closure)."""
 
     def leaf_allowed(ctx: VisitCtx) -> bool:
         if force_pte and ctx.level < 3:
@@ -159,18 +166,18 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
     then free every table it leaves empty, bottom up. False where the walk must decide."""
     if addr >> pgt.ia_bits or not pgt.pgd:
         return False
-    read = pgt.mem.read_u64
+    mem = pgt.mem  # a direct (compiled) call, not a bound method
     path = []  # (ptep of the table entry, child table) from the top
     table = pgt.pgd
     for level in range(pgt.start_level, 3):
         ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-        pte = read(ptep)
+        pte = mem.read_u64(ptep)
         if not pte_table(pte, level):
             return False
         table = pte & KVM_PTE_ADDR_MASK
         path.append((ptep, table))
     ptep = table + ((addr >> PAGE_SHIFT) & PTE_INDEX_MASK) * 8
-    old = read(ptep)
+    old = mem.read_u64(ptep)
     if old:
         pgt.set_pte(ptep, old, 0)
         if pte_valid(old):
@@ -179,7 +186,7 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
         tptep, child = path[depth]
         if pgt.mm_ops.page_count(child) != 1:
             break
-        pgt.set_pte(tptep, read(tptep), 0)
+        pgt.set_pte(tptep, mem.read_u64(tptep), 0)
         pgt.invalidate(addr, pgt.start_level + depth)
         pgt.mm_ops.put_page(child)
     return True

@@ -10,74 +10,78 @@ encoding never crosses the ABI.
 
 from __future__ import annotations
 
+from typing import Final
+
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 # -- descriptor bits (arch/arm64/include/asm/kvm_pgtable.h) -------------------------------
-KVM_PTE_VALID = 1 << 0
-KVM_PTE_TYPE = 1 << 1  # 1: table (level < 3) or page (level 3); 0: block
-KVM_PTE_TABLE_BITS = KVM_PTE_VALID | KVM_PTE_TYPE
-KVM_PTE_ADDR_MASK = ((1 << 48) - 1) & ~(PAGE_SIZE - 1)
+KVM_PTE_VALID: Final = 1 << 0
+KVM_PTE_TYPE: Final = 1 << 1  # 1: table (level < 3) or page (level 3); 0: block
+KVM_PTE_TABLE_BITS: Final = KVM_PTE_VALID | KVM_PTE_TYPE
+KVM_PTE_ADDR_MASK: Final = ((1 << 48) - 1) & ~(PAGE_SIZE - 1)
 
-KVM_PTE_LEAF_ATTR_LO_S1_ATTRIDX_SHIFT = 2
-KVM_PTE_LEAF_ATTR_LO_S1_AP_SHIFT = 6
-KVM_PTE_LEAF_ATTR_LO_S1_AP_RW = 1
-KVM_PTE_LEAF_ATTR_LO_S1_AP_RO = 3
-KVM_PTE_LEAF_ATTR_LO_S1_SH_IS = 3 << 8
-KVM_PTE_LEAF_ATTR_LO_S1_AF = 1 << 10
-KVM_PTE_LEAF_ATTR_HI_S1_XN = 1 << 54
-MT_NORMAL = 0
-MT_DEVICE_NGNRE = 4
-MT_S2_NORMAL, MT_S2_DEVICE_nGnRE, MT_S2_NORMAL_NC = 0xF, 0x1, 0x5  # stage-2 MemAttr
+KVM_PTE_LEAF_ATTR_LO_S1_ATTRIDX_SHIFT: Final = 2
+KVM_PTE_LEAF_ATTR_LO_S1_AP_SHIFT: Final = 6
+KVM_PTE_LEAF_ATTR_LO_S1_AP_RW: Final = 1
+KVM_PTE_LEAF_ATTR_LO_S1_AP_RO: Final = 3
+KVM_PTE_LEAF_ATTR_LO_S1_SH_IS: Final = 3 << 8
+KVM_PTE_LEAF_ATTR_LO_S1_AF: Final = 1 << 10
+KVM_PTE_LEAF_ATTR_HI_S1_XN: Final = 1 << 54
+MT_NORMAL: Final = 0
+MT_DEVICE_NGNRE: Final = 4
+MT_S2_NORMAL: Final = 0xF  # stage-2 MemAttr
+MT_S2_DEVICE_nGnRE: Final = 0x1
+MT_S2_NORMAL_NC: Final = 0x5
 
-KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR_SHIFT = 2
-KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R = 1 << 6
-KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W = 1 << 7
-KVM_PTE_LEAF_ATTR_LO_S2_SH_IS = 3 << 8
-KVM_PTE_LEAF_ATTR_LO_S2_AF = 1 << 10
-KVM_PTE_LEAF_ATTR_HI_S2_XN_SHIFT = 53
-KVM_PTE_LEAF_ATTR_HI_S2_XN = 3 << 53
-KVM_PTE_LEAF_ATTR_S2_PERMS = (
+KVM_PTE_LEAF_ATTR_LO_S2_MEMATTR_SHIFT: Final = 2
+KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R: Final = 1 << 6
+KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W: Final = 1 << 7
+KVM_PTE_LEAF_ATTR_LO_S2_SH_IS: Final = 3 << 8
+KVM_PTE_LEAF_ATTR_LO_S2_AF: Final = 1 << 10
+KVM_PTE_LEAF_ATTR_HI_S2_XN_SHIFT: Final = 53
+KVM_PTE_LEAF_ATTR_HI_S2_XN: Final = 3 << 53
+KVM_PTE_LEAF_ATTR_S2_PERMS: Final = (
     KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R | KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W | KVM_PTE_LEAF_ATTR_HI_S2_XN
 )
-KVM_PTE_LEAF_ATTR_HI_SW = 0xF << 55
+KVM_PTE_LEAF_ATTR_HI_SW: Final = 0xF << 55
 
 # -- kvm_pgtable_prot (7.2 encoding) -------------------------------------------------------
-KVM_PGTABLE_PROT_PX = 1 << 0
-KVM_PGTABLE_PROT_UX = 1 << 1
-KVM_PGTABLE_PROT_X = KVM_PGTABLE_PROT_PX | KVM_PGTABLE_PROT_UX
-KVM_PGTABLE_PROT_W = 1 << 2
-KVM_PGTABLE_PROT_R = 1 << 3
-KVM_PGTABLE_PROT_DEVICE = 1 << 4
-KVM_PGTABLE_PROT_NORMAL_NC = 1 << 5
-KVM_PGTABLE_PROT_SW0 = 1 << 55
-KVM_PGTABLE_PROT_SW1 = 1 << 56
-KVM_PGTABLE_PROT_SW2 = 1 << 57
-KVM_PGTABLE_PROT_SW3 = 1 << 58
-KVM_PGTABLE_PROT_RW = KVM_PGTABLE_PROT_R | KVM_PGTABLE_PROT_W
-KVM_PGTABLE_PROT_RWX = KVM_PGTABLE_PROT_RW | KVM_PGTABLE_PROT_X
+KVM_PGTABLE_PROT_PX: Final = 1 << 0
+KVM_PGTABLE_PROT_UX: Final = 1 << 1
+KVM_PGTABLE_PROT_X: Final = KVM_PGTABLE_PROT_PX | KVM_PGTABLE_PROT_UX
+KVM_PGTABLE_PROT_W: Final = 1 << 2
+KVM_PGTABLE_PROT_R: Final = 1 << 3
+KVM_PGTABLE_PROT_DEVICE: Final = 1 << 4
+KVM_PGTABLE_PROT_NORMAL_NC: Final = 1 << 5
+KVM_PGTABLE_PROT_SW0: Final = 1 << 55
+KVM_PGTABLE_PROT_SW1: Final = 1 << 56
+KVM_PGTABLE_PROT_SW2: Final = 1 << 57
+KVM_PGTABLE_PROT_SW3: Final = 1 << 58
+KVM_PGTABLE_PROT_RW: Final = KVM_PGTABLE_PROT_R | KVM_PGTABLE_PROT_W
+KVM_PGTABLE_PROT_RWX: Final = KVM_PGTABLE_PROT_RW | KVM_PGTABLE_PROT_X
 
-PAGE_HYP = KVM_PGTABLE_PROT_RW
-PAGE_HYP_EXEC = KVM_PGTABLE_PROT_R | KVM_PGTABLE_PROT_X
-PAGE_HYP_RO = KVM_PGTABLE_PROT_R
-PAGE_HYP_DEVICE = PAGE_HYP | KVM_PGTABLE_PROT_DEVICE
+PAGE_HYP: Final = KVM_PGTABLE_PROT_RW
+PAGE_HYP_EXEC: Final = KVM_PGTABLE_PROT_R | KVM_PGTABLE_PROT_X
+PAGE_HYP_RO: Final = KVM_PGTABLE_PROT_R
+PAGE_HYP_DEVICE: Final = PAGE_HYP | KVM_PGTABLE_PROT_DEVICE
 
 # -- walker flags ------------------------------------------------------------------------
-KVM_PGTABLE_WALK_LEAF = 1 << 0
-KVM_PGTABLE_WALK_TABLE_PRE = 1 << 1
-KVM_PGTABLE_WALK_TABLE_POST = 1 << 2
-KVM_PGTABLE_WALK_SHARED = 1 << 3
-KVM_PGTABLE_WALK_IGNORE_EAGAIN = 1 << 4  # 6.12 calls this bit HANDLE_FAULT, with the opposite sense
+KVM_PGTABLE_WALK_LEAF: Final = 1 << 0
+KVM_PGTABLE_WALK_TABLE_PRE: Final = 1 << 1
+KVM_PGTABLE_WALK_TABLE_POST: Final = 1 << 2
+KVM_PGTABLE_WALK_SHARED: Final = 1 << 3
+KVM_PGTABLE_WALK_IGNORE_EAGAIN: Final = 1 << 4  # 6.12 calls this bit HANDLE_FAULT, with the opposite sense
 
 # The model's CPU has FEAT_XNX (as QEMU's `-cpu max` that the conformance runs use): stage-2
 # execute permission can differ between EL0 (UX) and EL1 (PX).
-CPU_HAS_XNX = True
+CPU_HAS_XNX: Final = True
 
-KVM_PGTABLE_MIN_BLOCK_LEVEL = 1
-KVM_PGTABLE_LAST_LEVEL = 3
-PTRS_PER_PTE = 512
-PTE_INDEX_MASK = PTRS_PER_PTE - 1
+KVM_PGTABLE_MIN_BLOCK_LEVEL: Final = 1
+KVM_PGTABLE_LAST_LEVEL: Final = 3
+PTRS_PER_PTE: Final = 512
+PTE_INDEX_MASK: Final = PTRS_PER_PTE - 1
 
 
 def granule_shift(level: int) -> int:
@@ -165,8 +169,9 @@ def stage2_set_prot_attr(
     px, ux = bool(x & KVM_PGTABLE_PROT_PX), bool(x & KVM_PGTABLE_PROT_UX)
     if px != ux and not CPU_HAS_XNX:
         return None
-    xn = {(True, True): 0b00, (False, True): 0b01, (False, False): 0b10, (True, False): 0b11}
-    attr |= xn[(px, ux)] << KVM_PTE_LEAF_ATTR_HI_S2_XN_SHIFT
+    # XN[1:0]: 0b00 both may execute, 0b01 EL1 may not, 0b10 neither, 0b11 EL0 may not
+    xn = (0b00 if ux else 0b11) if px else (0b01 if ux else 0b10)
+    attr |= xn << KVM_PTE_LEAF_ATTR_HI_S2_XN_SHIFT
     if prot & KVM_PGTABLE_PROT_R:
         attr |= KVM_PTE_LEAF_ATTR_LO_S2_S2AP_R
     if prot & KVM_PGTABLE_PROT_W:
@@ -174,6 +179,10 @@ def stage2_set_prot_attr(
     attr |= KVM_PTE_LEAF_ATTR_LO_S2_SH_IS | KVM_PTE_LEAF_ATTR_LO_S2_AF
     attr |= prot & KVM_PTE_LEAF_ATTR_HI_SW
     return attr
+
+
+# The execute permissions each stage-2 XN[1:0] value grants (0b10: none).
+_XN_PROT: Final = (KVM_PGTABLE_PROT_X, KVM_PGTABLE_PROT_UX, 0, KVM_PGTABLE_PROT_PX)
 
 
 def stage2_pte_prot(pte: int) -> int:
@@ -185,5 +194,5 @@ def stage2_pte_prot(pte: int) -> int:
     if pte & KVM_PTE_LEAF_ATTR_LO_S2_S2AP_W:
         prot |= KVM_PGTABLE_PROT_W
     xn = (pte >> KVM_PTE_LEAF_ATTR_HI_S2_XN_SHIFT) & 3
-    prot |= {0b00: KVM_PGTABLE_PROT_X, 0b01: KVM_PGTABLE_PROT_UX, 0b11: KVM_PGTABLE_PROT_PX}.get(xn, 0)
+    prot |= _XN_PROT[xn]
     return prot

@@ -81,8 +81,9 @@ class Plan:
 
 
 class FfaGhost:
-    """Installed on a machine by the ghost (`pkvm.check.ghost`): wraps `machine.smc` to see
-    each SMC's pre-state; `after_call` is called with every trace record."""
+    """Installed on a machine by the ghost (`pkvm.check.ghost`): interposed on the SMC door
+    (`Machine.interpose_smc`) to see each SMC's pre-state; `after_call` is called with every
+    trace record."""
 
     def __init__(self, machine: Any, fail: Callable[[str, Any, Any], None]):
         self.m = machine
@@ -95,13 +96,12 @@ class FfaGhost:
         self.predicted = 0
         hyp = next(r for r in machine.memory_map() if r.kind == "hyp")
         self._carve = (hyp.start >> 12, hyp.end >> 12)
-        inner = machine.smc
+        machine.interpose_smc(self._interpose)
 
-        def smc(cpu: int, func: Any, *args: int, imm: int = 0) -> Any:
-            self.before_call(cpu, func, args, imm)
-            return inner(cpu, func, *args, imm=imm)
-
-        machine.smc = smc
+    def _interpose(self, proceed: Callable[..., Any], cpu: int, func: Any,
+                   args: tuple[int, ...], imm: int) -> Any:
+        self.before_call(cpu, func, args, imm)
+        return proceed(cpu, func, args, imm)
 
     # -- entry ----------------------------------------------------------------------------
     def before_call(self, cpu: int, func: Any, args: tuple[int, ...], imm: int) -> None:

@@ -11,6 +11,7 @@ host registers and writes its result in one place (`HostCtxt.ret`), as Linux's `
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from pkvm.abi.host_structs import IFLAG_INCREMENT_PC, KVM_VCPU
 from pkvm.abi.profiles import ARM_SMCCC_CALL_HINTS, Profile
@@ -27,9 +28,9 @@ from pkvm.hyp.setup import pkvm_init, pkvm_prot_finalize
 from pkvm.hyp.state import HypState
 from pkvm.hyp.switch import HCR_TWE, HCR_TWI
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-SMCCC_RET_SUCCESS = 0
-SMCCC_RET_NOT_SUPPORTED = U64  # -1
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+SMCCC_RET_SUCCESS: Final = 0
+SMCCC_RET_NOT_SUPPORTED: Final = U64  # -1
 
 
 class HostCtxt:

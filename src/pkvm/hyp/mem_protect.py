@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from pkvm.errors import EAGAIN, EBUSY, EINVAL, ENOMEM, EPERM
 from pkvm.hyp.memory import ComponentId, HostHypTransitions, PageState, PageStates
@@ -34,37 +34,37 @@ from pkvm.hyp.pgtable import (
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-ULONG_MAX = U64
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+ULONG_MAX: Final = U64
 
-PKVM_HOST_MEM_PROT = KVM_PGTABLE_PROT_RWX
-PKVM_HOST_MMIO_PROT = KVM_PGTABLE_PROT_RW
-PKVM_PAGE_STATE_PROT_MASK = KVM_PGTABLE_PROT_SW0 | KVM_PGTABLE_PROT_SW1
+PKVM_HOST_MEM_PROT: Final = KVM_PGTABLE_PROT_RWX
+PKVM_HOST_MMIO_PROT: Final = KVM_PGTABLE_PROT_RW
+PKVM_PAGE_STATE_PROT_MASK: Final = KVM_PGTABLE_PROT_SW0 | KVM_PGTABLE_PROT_SW1
 
 # 6.12 invalid-PTE owner annotation (bits 9:2) and 7.2 typed annotations (bits 63:60).
-KVM_INVALID_PTE_OWNER_SHIFT = 2
-KVM_INVALID_PTE_OWNER_MASK = 0xFF
-KVM_INVALID_PTE_TYPE_SHIFT = 60
-KVM_INVALID_PTE_TYPE_LOCKED = 1
-KVM_HOST_INVALID_PTE_TYPE_DONATION = 2
-KVM_GUEST_INVALID_PTE_TYPE_POISONED = 3
-KVM_HOST_DONATION_PTE_OWNER_SHIFT = 1
-KVM_HOST_DONATION_PTE_OWNER_MASK = 0x7 << 1
-KVM_HOST_DONATION_PTE_MAX_OWNER = KVM_HOST_DONATION_PTE_OWNER_MASK >> KVM_HOST_DONATION_PTE_OWNER_SHIFT
-KVM_HOST_DONATION_PTE_EXTRA_SHIFT = 4
-KVM_HOST_DONATION_PTE_EXTRA_BITS = 56
-KVM_HOST_DONATION_PTE_EXTRA_MASK = ((1 << KVM_HOST_DONATION_PTE_EXTRA_BITS) - 1) << 4
-HYP_PAGE_REFCOUNT_MAX = 0xFFFF  # `struct hyp_page`'s refcount is a u16
+KVM_INVALID_PTE_OWNER_SHIFT: Final = 2
+KVM_INVALID_PTE_OWNER_MASK: Final = 0xFF
+KVM_INVALID_PTE_TYPE_SHIFT: Final = 60
+KVM_INVALID_PTE_TYPE_LOCKED: Final = 1
+KVM_HOST_INVALID_PTE_TYPE_DONATION: Final = 2
+KVM_GUEST_INVALID_PTE_TYPE_POISONED: Final = 3
+KVM_HOST_DONATION_PTE_OWNER_SHIFT: Final = 1
+KVM_HOST_DONATION_PTE_OWNER_MASK: Final = 0x7 << 1
+KVM_HOST_DONATION_PTE_MAX_OWNER: Final = KVM_HOST_DONATION_PTE_OWNER_MASK >> KVM_HOST_DONATION_PTE_OWNER_SHIFT
+KVM_HOST_DONATION_PTE_EXTRA_SHIFT: Final = 4
+KVM_HOST_DONATION_PTE_EXTRA_BITS: Final = 56
+KVM_HOST_DONATION_PTE_EXTRA_MASK: Final = ((1 << KVM_HOST_DONATION_PTE_EXTRA_BITS) - 1) << 4
+HYP_PAGE_REFCOUNT_MAX: Final = 0xFFFF  # `struct hyp_page`'s refcount is a u16
 
 
-# Page states as plain ints for the per-call paths (an enum member lookup costs 4x a global).
-OWNED, SHARED_OWNED, SHARED_BORROWED, NOPAGE = (int(PageState.OWNED), int(PageState.SHARED_OWNED),
-                                                int(PageState.SHARED_BORROWED), int(PageState.NOPAGE))
+# A page state as a plain int for the per-call paths (an enum member lookup costs 4x a global).
+NOPAGE: Final = int(PageState.NOPAGE)
 
 
-_PAGE_STATES = tuple(sorted(PageState))  # values 0..4: the member by tuple index
+_PAGE_STATES: Final = tuple(sorted(PageState))  # values 0..4: the member by tuple index
 assert [int(p) for p in _PAGE_STATES] == list(range(len(_PAGE_STATES)))
-_HYP_MAY_WRITE = frozenset({PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED})
+_HYP_MAY_WRITE: Final = frozenset({PageState.OWNED, PageState.SHARED_OWNED,
+                                   PageState.SHARED_BORROWED})
 
 
 def _state(value: int) -> PageState:
@@ -133,7 +133,7 @@ def pkvm_getstate(prot: int) -> PageState:
     return PageState.NOPAGE  # __PKVM_PAGE_RESERVED: never used for a live page
 
 
-_STATE_PROT_BITS = {PageState.OWNED: 0, PageState.SHARED_OWNED: KVM_PGTABLE_PROT_SW0,
+_STATE_PROT_BITS: Final = {PageState.OWNED: 0, PageState.SHARED_OWNED: KVM_PGTABLE_PROT_SW0,
                     PageState.SHARED_BORROWED: KVM_PGTABLE_PROT_SW1}
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from pkvm.errors import EBUSY, EFAULT, EINVAL, EPERM
 from pkvm.hyp.mem_protect import (
@@ -37,9 +37,9 @@ from pkvm.hyp.pgtable import KVM_PGTABLE_WALK_LEAF, PAGE_HYP, KvmPgtable, VisitC
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-CONFIG_NVHE_EL2_DEBUG = False
-KVM_MAX_OWNER_ID = ComponentId.HYP  # 6.12's owner ids: the host and the hyp
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+CONFIG_NVHE_EL2_DEBUG: Final = False
+KVM_MAX_OWNER_ID: Final = ComponentId.HYP  # 6.12's owner ids: the host and the hyp
 
 
 @dataclass(slots=True)

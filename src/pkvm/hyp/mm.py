@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Protocol
+from typing import Final, Protocol
 
 from pkvm.hyp.memory import PageState
 from pkvm.hyp.panic import HypBug
@@ -23,10 +23,10 @@ from pkvm.hyp.pgtable import (
 from pkvm.hyp.state import HYP_LINEAR_OFFSET, HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, RAM_BASE
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-PAGE_OFFSET_MASK = PAGE_SIZE - 1
-S1_AP_MASK = 3  # AP[2:1]
-MAX_BAD_STORES = 64  # EL2 stores outside the hyp's pages kept for the report
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+PAGE_OFFSET_MASK: Final = PAGE_SIZE - 1
+S1_AP_MASK: Final = 3  # AP[2:1]
+MAX_BAD_STORES: Final = 64  # EL2 stores outside the hyp's pages kept for the report
 
 
 def hyp_va(pa: int) -> int:

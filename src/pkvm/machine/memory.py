@@ -12,21 +12,21 @@ from __future__ import annotations
 import ctypes
 import mmap
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
-PAGE_MASK = ~(PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF
+PAGE_SHIFT: Final = 12
+PAGE_SIZE: Final = 1 << PAGE_SHIFT
+PAGE_MASK: Final = ~(PAGE_SIZE - 1) & 0xFFFF_FFFF_FFFF_FFFF
 
-RAM_BASE = 0x4000_0000
-MMIO_BASE = 0x0
-MMIO_END = 0x4000_0000
-UART_BASE = 0x0900_0000
-GIC_DIST_BASE = 0x0800_0000
-GIC_REDIST_BASE = 0x080A_0000
+RAM_BASE: Final = 0x4000_0000
+MMIO_BASE: Final = 0x0
+MMIO_END: Final = 0x4000_0000
+UART_BASE: Final = 0x0900_0000
+GIC_DIST_BASE: Final = 0x0800_0000
+GIC_REDIST_BASE: Final = 0x080A_0000
 
-ZERO_PAGE = bytes(PAGE_SIZE)
-_LOW_BIT = bytes(i & 1 for i in range(256))  # mincore: bit 0 of each byte, the page resident
+ZERO_PAGE: Final = bytes(PAGE_SIZE)
+_LOW_BIT: Final = bytes(i & 1 for i in range(256))  # mincore: bit 0 of each byte, the page resident
 
 _mincore: Any
 try:
@@ -75,6 +75,10 @@ class PhysMemory:
         self.u64 = self.bytes.cast("Q")
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         self._vec1 = (ctypes.c_ubyte * 1)()
+        # 1 for each page `zero` found resident: it stays backed (a page once written keeps its
+        # memory; were it swapped out, comparing it reads it back), so it is compared without
+        # asking mincore again.
+        self._backed = bytearray(self.nr_pages)
 
     # -- physical map ------------------------------------------------------------------
     def is_ram(self, pa: int) -> bool:
@@ -112,10 +116,17 @@ class PhysMemory:
         off = pa - self.base
         ram = self._map  # slices of the mmap are bytes: comparing them is ~15x a memoryview's
         n = size >> PAGE_SHIFT
+        backed = self._backed
+        first = off >> PAGE_SHIFT
+        if n == 1 and backed[first]:  # the common case: a hyp page zeroed before
+            if ram[off : off + PAGE_SIZE] != ZERO_PAGE:
+                ram[off : off + PAGE_SIZE] = ZERO_PAGE
+            return
         resident = self._resident(off, n)
         for k in range(n):
             if resident is not None and not resident[k]:
                 continue
+            backed[first + k] = 1
             page = off + (k << PAGE_SHIFT)
             if ram[page : page + PAGE_SIZE] != ZERO_PAGE:
                 ram[page : page + PAGE_SIZE] = ZERO_PAGE

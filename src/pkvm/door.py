@@ -1,0 +1,184 @@
+"""The HVC door: the `hvc #0` instruction from the host to EL2, as the board wires it.
+
+`HvcDoor` does the per-call work of `Machine.hvc` (compiled with the typed core): it checks the
+calling CPU and the arguments, loads the host's x0..x6, enters the hyp's `handle_host_hcall`, and
+keeps the call's `TraceRecord` (when tracing) and hands it to the listeners. `Machine` (a Python
+class, so that tools may hold it weakly and snapshots pickle it) owns one and passes its calls
+through, after the interposers.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, NamedTuple
+
+from mypy_extensions import mypyc_attr
+
+from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile
+from pkvm.errors import HypPanic
+from pkvm.hyp.hyp_main import handle_host_hcall
+from pkvm.hyp.panic import HypBug
+from pkvm.hyp.state import HypState
+from pkvm.machine.firmware import OFF, Firmware
+from pkvm.machine.mmu import El2Regs
+
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def _s64(v: int) -> int:
+    v &= U64
+    return v - (1 << 64) if v >> 63 else v
+
+
+class HvcResult(NamedTuple):
+    """The registers the host sees after an HVC: x0 (SMCCC status) and x1 signed, x2/x3 raw.
+    (A named tuple: immutable and cheap to make, one per hypercall.)"""
+
+    x0: int
+    x1: int
+    x2: int
+    x3: int
+
+    @property
+    def ok(self) -> bool:
+        return self.x0 == 0 and self.x1 == 0
+
+
+# An HvcResult made straight from its tuple (the named tuple's own `__new__` is interpreted Python,
+# a frame per hypercall).
+_hvc_result: Final = functools.partial(tuple.__new__, HvcResult)
+_now: Final = time.perf_counter_ns
+
+
+# Built natively when compiled (its `__init__` written out: the dataclass-generated one is
+# interpreted Python), outside the cycle collector (it holds only numbers and strings), pickled
+# through `__reduce__` (a snapshot's trace).
+@mypyc_attr(acyclic=True)
+@dataclass(init=False)
+class TraceRecord:
+    """One hypercall as the trace keeps it; `start_ns`/`duration_ns` are 0 when tracing is off
+    (the record then only goes to the listeners)."""
+
+    seq: int
+    cpu: int
+    name: str
+    func_id: int
+    args: tuple[int, ...]
+    x0: int
+    x1: int
+    x2: int
+    x3: int
+    start_ns: int
+    duration_ns: int
+    panic: str | None
+
+    def __init__(self, seq: int, cpu: int, name: str, func_id: int, args: tuple[int, ...],
+                 x0: int, x1: int, x2: int, x3: int, start_ns: int, duration_ns: int,
+                 panic: str | None = None) -> None:
+        self.seq, self.cpu, self.name, self.func_id, self.args = seq, cpu, name, func_id, args
+        self.x0, self.x1, self.x2, self.x3 = x0, x1, x2, x3
+        self.start_ns, self.duration_ns, self.panic = start_ns, duration_ns, panic
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TraceRecord, (self.seq, self.cpu, self.name, self.func_id, self.args, self.x0,
+                              self.x1, self.x2, self.x3, self.start_ns, self.duration_ns,
+                              self.panic))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seq": self.seq, "cpu": self.cpu, "call": self.name, "func_id": self.func_id,
+            "args": list(self.args), "x0": self.x0, "x1": self.x1, "x2": self.x2, "x3": self.x3,
+            "start_ns": self.start_ns, "duration_ns": self.duration_ns, "panic": self.panic,
+        }
+
+
+class HvcDoor:
+    """The per-call path of the HVC instruction (and the trace both doors keep)."""
+
+    def __init__(self, hyp: HypState, el2: list[El2Regs], firmware: Firmware, profile: Profile,
+                 nr_cpus: int, trace: collections.deque[TraceRecord],
+                 listeners: list[Callable[[TraceRecord], None]], tracing: bool, seq: int = 0):
+        self.hyp, self.el2, self.firmware, self.profile = hyp, el2, firmware, profile
+        self.nr_cpus, self.trace, self.listeners = nr_cpus, trace, listeners
+        self.tracing, self.seq = tracing, seq
+        self.func_ids = {name: profile.func_id(name) for name in profile.hcalls}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (a machine snapshot) as its parts; the same objects as the machine's."""
+        return (HvcDoor, (self.hyp, self.el2, self.firmware, self.profile, self.nr_cpus,
+                          self.trace, self.listeners, self.tracing, self.seq))
+
+    def func_id(self, func: str | int) -> int:
+        if isinstance(func, str):
+            n = self.func_ids.get(func)
+            if n is not None:
+                return n
+            if func not in ALL_HCALL_NAMES:
+                raise ValueError(f"{func!r} is not a host hypercall of Linux 6.12 or 7.2")
+            return 0xC600_0000 + 0xFFFF  # named in the other profile only: unknown here
+        if not isinstance(func, int):
+            raise TypeError("func must be a hypercall name or a function ID")
+        return func & U64
+
+    def check_cpu(self, cpu: int) -> None:
+        if not isinstance(cpu, int) or not 0 <= cpu < self.nr_cpus:
+            raise ValueError(f"cpu must be in 0..{self.nr_cpus - 1}")
+        if self.firmware.power[cpu] == OFF:
+            raise ValueError(f"cpu {cpu} is powered off (bring it up with PSCI CPU_ON)")
+
+    def call(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
+        """`hvc #0` on `cpu`: x0 = func, x1.. = args."""
+        self.check_cpu(cpu)
+        n = len(args)
+        if n > 6:
+            raise TypeError("at most 6 arguments (x1..x6)")
+        for a in args:
+            if not isinstance(a, int):
+                raise TypeError(f"hypercall arguments are integers, not {type(a).__name__}")
+        h = self.hyp
+        if h.dead:
+            raise HypPanic(h.dead, cpu, None)
+        x0 = self.func_id(func)
+        regs = self.el2[cpu].host_regs
+        regs[0] = x0
+        masked = tuple([a & U64 for a in args])
+        for i in range(6):
+            regs[i + 1] = masked[i] if i < n else 0
+        h.locks.cpu = cpu
+        if h.wiped_returns:
+            h.wiped_returns.clear()
+        tracing = self.tracing
+        t0 = _now() if tracing else 0
+        try:
+            name = handle_host_hcall(h, regs)
+        except HypBug as bug:
+            nr = self.profile.decode(x0)
+            cname = self.profile.hcalls[nr] if nr is not None else hex(x0)
+            h.dead = str(bug)
+            self.notify(self.record(cpu, cname, x0, masked, regs, t0, str(bug)))
+            raise HypPanic(str(bug), cpu, cname) from None
+        r0, r1 = regs[0], regs[1]
+        result = _hvc_result((r0 - (1 << 64) if r0 >> 63 else r0,
+                              r1 - (1 << 64) if r1 >> 63 else r1, regs[2], regs[3]))
+        if tracing or self.listeners:
+            self.notify(self.record(cpu, name or hex(x0), x0, masked, regs, t0, None))
+        return result
+
+    def record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
+               t0: int, panic: str | None) -> TraceRecord:
+        """The call's trace record (`args` already 64-bit), kept when tracing."""
+        self.seq += 1
+        tracing = self.tracing
+        rec = TraceRecord(self.seq, cpu, name, x0, args, _s64(regs[0]), _s64(regs[1]),
+                          regs[2], regs[3], t0, _now() - t0 if tracing else 0, panic)
+        if tracing:
+            self.trace.append(rec)
+        return rec
+
+    def notify(self, rec: TraceRecord) -> None:
+        for fn in self.listeners:
+            fn(rec)
