@@ -137,3 +137,15 @@ def test_zero_agrees_with_bytes_and_keeps_untouched_pages_unbacked(steps):
     zero = bytes(PAGE_SIZE)
     assert all(want[k * PAGE_SIZE : (k + 1) * PAGE_SIZE] == zero
                for k in range(ZMEM // PAGE_SIZE) if k not in written)
+
+
+def test_pages_zero_dropped_from_backing_read_zero_and_take_no_memory():
+    """A page zero() finds not resident (never touched, or swapped out) is dropped from the
+    mapping: it reads as zeros whatever it held, and is no longer resident."""
+    mem = PhysMemory(ZMEM)
+    mem.write(RAM_BASE + PAGE_SIZE, b"\xaa" * (2 * PAGE_SIZE))
+    mem._remove(PAGE_SIZE, 2)  # what zero() does with a run it finds not resident
+    resident = mem._resident(0, 4)
+    if resident is not None:
+        assert not any(resident[k] & 1 for k in range(4))
+    assert mem.read(RAM_BASE, 4 * PAGE_SIZE) == bytes(4 * PAGE_SIZE)

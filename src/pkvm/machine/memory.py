@@ -26,6 +26,7 @@ GIC_DIST_BASE: Final = 0x0800_0000
 GIC_REDIST_BASE: Final = 0x080A_0000
 
 ZERO_PAGE: Final = bytes(PAGE_SIZE)
+_MADV_REMOVE: Final = getattr(mmap, "MADV_REMOVE", 9)  # Linux: free a shared mapping's backing
 _LOW_BIT: Final = bytes(i & 1 for i in range(256))  # mincore: bit 0 of each byte, the page resident
 
 _mincore: Any
@@ -111,8 +112,8 @@ class PhysMemory:
         return self._map[off : off + PAGE_SIZE] == ZERO_PAGE
 
     def zero(self, pa: int, size: int) -> None:
-        """Zero whole pages. Pages the process never touched are zero already and are left
-        alone (asking the kernel with mincore), so zeroing keeps RAM sparse."""
+        """Zero whole pages. Pages that are not resident (asking the kernel with mincore) are
+        dropped from the mapping instead of written, so zeroing keeps RAM sparse."""
         off = pa - self.base
         ram = self._map  # slices of the mmap are bytes: comparing them is ~15x a memoryview's
         n = size >> PAGE_SHIFT
@@ -123,13 +124,31 @@ class PhysMemory:
                 ram[off : off + PAGE_SIZE] = ZERO_PAGE
             return
         resident = self._resident(off, n)
+        gone = -1  # the first page of a run of pages that are not resident
         for k in range(n):
-            if resident is not None and not resident[k]:
-                continue
-            backed[first + k] = 1
             page = off + (k << PAGE_SHIFT)
+            if resident is not None and not resident[k]:
+                if gone < 0:
+                    gone = k
+                continue
+            if gone >= 0:
+                self._remove(off + (gone << PAGE_SHIFT), k - gone)
+                gone = -1
+            backed[first + k] = 1
             if ram[page : page + PAGE_SIZE] != ZERO_PAGE:
                 ram[page : page + PAGE_SIZE] = ZERO_PAGE
+        if gone >= 0:
+            self._remove(off + (gone << PAGE_SHIFT), n - gone)
+
+    def _remove(self, off: int, n: int) -> None:
+        """Zero n pages that are not resident: never touched, or swapped out. Dropping them from
+        the shared anonymous mapping's backing makes them read as zeros either way (swap
+        included) without taking memory; where the kernel refuses, zeros are written."""
+        size = n << PAGE_SHIFT
+        try:
+            self._map.madvise(_MADV_REMOVE, off, size)
+        except (OSError, ValueError):
+            self._map[off : off + size] = bytes(size)
 
     def _resident(self, off: int, n: int) -> ctypes.Array[ctypes.c_ubyte] | None:
         if _mincore is None:
