@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import (
@@ -51,7 +51,7 @@ from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 RESERVED_ENTRY = object()  # `RESERVED_ENTRY` (0xa110ca7ed): occupied, invisible to lookup
 # MAIR index of normal memory in a guest stage-2 the hyp builds (`KVM_S2_MEMATTR(NORMAL)`).
-GUEST_S2_MEMATTR = 0x6
+GUEST_S2_MEMATTR: Final = 0x6
 
 
 class VmLife(Protocol):
@@ -439,9 +439,9 @@ def get_np_pkvm_hyp_vm(h: HypState, handle: int) -> PkvmHypVm | None:
 
 
 # -- 7.2 memcache refill ---------------------------------------------------------------------
-_HOST_MC = KVM_VCPU.offset("arch.pkvm_memcache.head")
+_HOST_MC: Final = KVM_VCPU.offset("arch.pkvm_memcache.head")
 assert KVM_VCPU.offset("arch.pkvm_memcache.nr_pages") == _HOST_MC + 8
-_HEAD_NR = struct.Struct("<QQ")  # the head and nr_pages of a `struct kvm_hyp_memcache`
+_HEAD_NR: Final = struct.Struct("<QQ")  # the head and nr_pages of a `struct kvm_hyp_memcache`
 
 
 def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:

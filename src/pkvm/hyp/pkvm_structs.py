@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TypedDict, overload
+from typing import TYPE_CHECKING, Any, Final, TypedDict, overload
 
 from mypy_extensions import mypyc_attr
 
@@ -71,7 +71,7 @@ assert _VCPU_USED <= HYP_VCPU["host_vcpu"][0], "the model's kvm_vcpu copy overla
 assert HYP_VM["nr_vcpus"][0] + 4 <= HYP_VM_VCPUS
 CTXT_OFF = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
 CTXT_LEN = CTXT_END - CTXT_START
-_U64 = struct.Struct("<Q")
+_U64: Final = struct.Struct("<Q")
 ID_REGS = KVM.field("arch.id_regs")
 
 
