@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 from pkvm.host.kvm import HostVm
@@ -74,6 +75,9 @@ class Host:
     def __init__(self, port: "HostPort", profile: "Profile", nr_cpus: int, ram_base: int,
                  ram_size: int, carveout: tuple[int, int]):
         self.port = port
+        # The port's optional 8-byte accessors, looked up once.
+        self._read_u64: Callable[[int, int], int] | None = getattr(port, "read_u64", None)
+        self._write_u64: Callable[[int, int, int], None] | None = getattr(port, "write_u64", None)
         self.profile = profile
         self.nr_cpus = nr_cpus
         base_pfn = ram_base >> PAGE_SHIFT
@@ -94,14 +98,14 @@ class Host:
         self.port.write(self.cpu if cpu is None else cpu, pa, bytes(data))
 
     def read_u64(self, pa: int) -> int:
-        fast = getattr(self.port, "read_u64", None)  # optional in a port (one translation)
+        fast = self._read_u64  # optional in a port (one translation)
         if fast is None:
             return int.from_bytes(self.read(pa, 8), "little")
         value: int = fast(self.cpu, pa)
         return value
 
     def write_u64(self, pa: int, value: int) -> None:
-        fast = getattr(self.port, "write_u64", None)
+        fast = self._write_u64
         if fast is None:
             self.write(pa, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
         else:

@@ -38,6 +38,10 @@ if TYPE_CHECKING:
 LINEAR_MAP_BASE = 0xFFFF_0000_0000_0000
 GUEST_RAM_IPA = 0x4000_0000
 KVM_PGTABLE_PROT_RWX = 0xF
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+_MC_HEAD = KVM_VCPU.offset("arch.pkvm_memcache.head")  # head, then nr_pages
+assert KVM_VCPU.offset("arch.pkvm_memcache.nr_pages") == _MC_HEAD + 8
+_HEAD_NR = struct.Struct("<QQ")
 
 
 def host_va(pa: int) -> int:
@@ -176,7 +180,7 @@ class HostVm:
 
     # -- helpers -------------------------------------------------------------------
     def hvc(self, name: str, *args: int, cpu: int = 0) -> int:
-        r = self.host.hvc(name, *args, cpu=cpu)
+        r = self.host.port.hvc(cpu, name, *args)  # `Host.hvc` on a given CPU
         if r.x0:
             raise HostError(EINVAL, name, r.x0, "the hyp does not offer this call")
         return r.x1
@@ -349,21 +353,21 @@ class HostVm:
 
     def topup_memcache(self, vcpu: HostVcpu, min_pages: int = sizes.KVM_MMU_CACHE_MIN_PAGES) -> None:
         """`topup_hyp_memcache`: push host pages on the vCPU's memcache (a list through page
-        first words, head and count in the host struct kvm_vcpu)."""
-        head_pa = vcpu.field_pa("arch.pkvm_memcache.head")
-        nr_pa = vcpu.field_pa("arch.pkvm_memcache.nr_pages")
-        nr = self.host.read_u64(nr_pa)
+        first words, head and count in the host struct kvm_vcpu). As `push_hyp_memcache`, each
+        page pushed takes one store (its link); the head and count are read and written once."""
+        host = self.host
+        head_pa = vcpu.pa + _MC_HEAD
+        nr = host.read_u64(head_pa + 8)
         if nr >= min_pages:  # full enough: nothing to push, nothing written
             return
-        head = self.host.read_u64(head_pa)
+        head = host.read_u64(head_pa)
         while nr < min_pages:
-            page = self.host.alloc_pages(1)
+            page = host.alloc_pages(1)
             vcpu.memcache_pages.append(page)
-            self.host.write_u64(page, head)
+            host.write_u64(page, head)
             head = page
             nr += 1
-        self.host.write_u64(head_pa, head)
-        self.host.write_u64(nr_pa, nr)
+        host.write(head_pa, _HEAD_NR.pack(head & U64, nr))
 
     def map(self, gfn: int, n: int = 1, cpu: int = 0) -> None:
         """Map guest frames [gfn, gfn+n) as a guest fault would (donate or share)."""

@@ -7,10 +7,13 @@ a guest-owned page is a donation annotation naming (handle, gfn).
 
 from __future__ import annotations
 
+from typing import Final
+
 from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
 from pkvm.hyp.mem_protect import (
     KVM_GUEST_INVALID_PTE_TYPE_POISONED,
     KVM_INVALID_PTE_TYPE_SHIFT,
+    PKVM_PAGE_STATE_PROT_MASK,
     _warn,
     addr_is_memory,
     check_range_allowed_memory,
@@ -41,7 +44,6 @@ from pkvm.hyp.pgtable import (
     granule_size,
     pte_to_phys,
     pte_valid,
-    stage2_pte_prot,
     stage2_set_prot_attr,
 )
 from pkvm.hyp.pkvm import get_vm_by_handle
@@ -50,17 +52,22 @@ from pkvm.hyp.state import HypState
 from pkvm.machine.esr import EC, FSC, esr_ec
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-U32_MAX = 0xFFFF_FFFF
-KVM_PGTABLE_LAST_LEVEL = 3
-ESR_ELx_FSC_TYPE = 0x3C  # the fault status code without its level
-HPFAR_EL2_NS = 1 << 63
-HPFAR_MASK = ((1 << 64) - 1) & ~HPFAR_EL2_NS & ~0xF  # HPFAR_EL2.FIPA: the IPA's page, from bit 4
-HPFAR_IPA_SHIFT = 8
-GFN_META_HANDLE_MASK = 0xFFFF  # GENMASK(15, 0) of the host PTE's owner annotation
-POISONED_PTE = KVM_GUEST_INVALID_PTE_TYPE_POISONED << KVM_INVALID_PTE_TYPE_SHIFT
-KVM_MMU_CACHE_MIN_PAGES = 3
-GFN_META_SHIFT = 16
-GFN_META_BITS = 40  # GENMASK(55, 16) of the host PTE's owner annotation
+U32_MAX: Final = 0xFFFF_FFFF
+KVM_PGTABLE_LAST_LEVEL: Final = 3
+ESR_ELx_FSC_TYPE: Final = 0x3C  # the fault status code without its level
+HPFAR_EL2_NS: Final = 1 << 63
+HPFAR_MASK: Final = ((1 << 64) - 1) & ~HPFAR_EL2_NS & ~0xF  # HPFAR_EL2.FIPA: the IPA's page, from bit 4
+HPFAR_IPA_SHIFT: Final = 8
+GFN_META_HANDLE_MASK: Final = 0xFFFF  # GENMASK(15, 0) of the host PTE's owner annotation
+POISONED_PTE: Final = KVM_GUEST_INVALID_PTE_TYPE_POISONED << KVM_INVALID_PTE_TYPE_SHIFT
+KVM_MMU_CACHE_MIN_PAGES: Final = 3
+GFN_META_SHIFT: Final = 16
+GFN_META_BITS: Final = 40  # GENMASK(55, 16) of the host PTE's owner annotation
+# A valid leaf's state is in its software bits SW0/SW1, which `stage2_pte_prot` copies into the
+# prot unchanged: the state by those two bits (tests/test_fast_paths.py checks it agrees).
+_SW_SHIFT: Final = 55
+_STATE_OF_SW: Final = tuple(pkvm_getstate(sw << _SW_SHIFT) for sw in range(4))
+assert PKVM_PAGE_STATE_PROT_MASK == 3 << _SW_SHIFT
 
 
 def guest_pte_is_poisoned(pte: int) -> bool:
@@ -68,11 +75,12 @@ def guest_pte_is_poisoned(pte: int) -> bool:
 
 
 def guest_state_of_pte(pte: int) -> PageState:
-    if guest_pte_is_poisoned(pte):
-        return PageState.POISON
-    if not pte_valid(pte):
+    """`guest_get_page_state` of a guest stage-2 leaf."""
+    if not pte & 1:  # not pte_valid(pte)
+        if pte >> KVM_INVALID_PTE_TYPE_SHIFT == KVM_GUEST_INVALID_PTE_TYPE_POISONED:
+            return PageState.POISON
         return PageState.NOPAGE
-    return pkvm_getstate(stage2_pte_prot(pte))
+    return _STATE_OF_SW[(pte >> _SW_SHIFT) & 3]  # pkvm_getstate(stage2_pte_prot(pte))
 
 
 class _HostGuest:
@@ -96,6 +104,12 @@ def guest_check_page_state_range(vm: "PkvmHypVm", addr: int, size: int, want: Pa
         if ret:
             return ret
         return 0 if guest_state_of_pte(pte) == want else -EPERM
+    return _guest_check_walk(vm, addr, size, want)
+
+
+def _guest_check_walk(vm: "PkvmHypVm", addr: int, size: int, want: PageState) -> int:
+    """The generic check: every leaf of the range walked (a function of its own, so that the
+    one-page path above makes no closure)."""
 
     def visit(ctx: VisitCtx, _v: int) -> int:
         return 0 if guest_state_of_pte(ctx.old) == want else -EPERM

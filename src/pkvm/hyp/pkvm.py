@@ -13,8 +13,9 @@ each loaded vCPU (7.2) or for the length of a run (6.12), and teardown refuses w
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import (
@@ -32,6 +33,7 @@ from pkvm.hyp.mem_protect import (
 from pkvm.hyp.mm import (
     el2_read,
     el2_read_u64,
+    el2_write,
     el2_write_u64,
     el2_zero,
     hyp_pa,
@@ -49,7 +51,7 @@ from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 RESERVED_ENTRY = object()  # `RESERVED_ENTRY` (0xa110ca7ed): occupied, invisible to lookup
 # MAIR index of normal memory in a guest stage-2 the hyp builds (`KVM_S2_MEMATTR(NORMAL)`).
-GUEST_S2_MEMATTR = 0x6
+GUEST_S2_MEMATTR: Final = 0x6
 
 
 class VmLife(Protocol):
@@ -437,13 +439,16 @@ def get_np_pkvm_hyp_vm(h: HypState, handle: int) -> PkvmHypVm | None:
 
 
 # -- 7.2 memcache refill ---------------------------------------------------------------------
+_HOST_MC: Final = KVM_VCPU.offset("arch.pkvm_memcache.head")
+assert KVM_VCPU.offset("arch.pkvm_memcache.nr_pages") == _HOST_MC + 8
+_HEAD_NR: Final = struct.Struct("<QQ")  # the head and nr_pages of a `struct kvm_hyp_memcache`
+
+
 def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
-    """Move pages from the host vCPU's memcache to the hyp vCPU's until it holds as many."""
-    hv = vcpu.host_vcpu
-    head_va = hv + KVM_VCPU.offset("arch.pkvm_memcache.head")
-    nr_va = hv + KVM_VCPU.offset("arch.pkvm_memcache.nr_pages")
-    host_head = el2_read_u64(h, head_va)
-    host_nr = el2_read_u64(h, nr_va)
+    """Move pages from the host vCPU's memcache to the hyp vCPU's until it holds as many
+    (`refill_memcache`: the host's struct is copied in, topped up from, and copied back)."""
+    mc_va = vcpu.host_vcpu + _HOST_MC
+    host_head, host_nr = _HEAD_NR.unpack(el2_read(h, mc_va, 16))  # tmp = *host_mc
     target = host_nr
     ret = 0
     while vcpu.memcache[1] < target:
@@ -459,6 +464,9 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
         memcache_push(h, vcpu.memcache, pa)
     if ret and h.bug("refill-no-writeback"):  # seeded: the host keeps listing taken pages
         return ret
-    el2_write_u64(h, head_va, host_head)
-    el2_write_u64(h, nr_va, host_nr)
+    # *host_mc = tmp. When no page moved this stores the bytes just read, with no preemption
+    # point since the read (no other CPU can have stored between): elided, as `Field` elides a
+    # store of the value already there.
+    if host_nr != target:
+        el2_write(h, mc_va, _HEAD_NR.pack(host_head, host_nr))
     return ret

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TypedDict, overload
+from typing import TYPE_CHECKING, Any, Final, TypedDict, overload
 
 from mypy_extensions import mypyc_attr
 
@@ -71,6 +71,7 @@ assert _VCPU_USED <= HYP_VCPU["host_vcpu"][0], "the model's kvm_vcpu copy overla
 assert HYP_VM["nr_vcpus"][0] + 4 <= HYP_VM_VCPUS
 CTXT_OFF = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
 CTXT_LEN = CTXT_END - CTXT_START
+_U64: Final = struct.Struct("<Q")
 ID_REGS = KVM.field("arch.id_regs")
 
 
@@ -213,7 +214,9 @@ class Memcache:
         return (Memcache, (self._s,), self.__getstate__())
 
     def __getitem__(self, i: int) -> int:
-        return int.from_bytes(self._s.load(self._NR if i else self._HEAD, 8), "little")
+        s = self._s
+        value: int = _U64.unpack_from(s._h.mem.bytes, s._off + (self._NR if i else self._HEAD))[0]
+        return value
 
     def __setitem__(self, i: int, value: int) -> None:
         self._s.store(self._NR if i else self._HEAD, (value & (2**64 - 1)).to_bytes(8, "little"))
