@@ -464,9 +464,5 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
         memcache_push(h, vcpu.memcache, pa)
     if ret and h.bug("refill-no-writeback"):  # seeded: the host keeps listing taken pages
         return ret
-    # *host_mc = tmp. When no page moved this stores the bytes just read, with no preemption
-    # point since the read (no other CPU can have stored between): elided, as `Field` elides a
-    # store of the value already there.
-    if host_nr != target:
-        el2_write(h, mc_va, _HEAD_NR.pack(host_head, host_nr))
+    el2_write(h, mc_va, _HEAD_NR.pack(host_head, host_nr))  # *host_mc = tmp
     return ret
