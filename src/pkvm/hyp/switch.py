@@ -15,15 +15,15 @@ from typing import Any
 
 from pkvm.abi.host_structs import (
     CTXT_END,
+    CTXT_REGS_SIZE,
     CTXT_START,
     IFLAG_INCREMENT_PC,
     IFLAG_PENDING_EXCEPTION,
     KVM,
     KVM_ARCH_FLAG_MTE_ENABLED,
     KVM_VCPU,
-    ctxt_pack_words,
-    ctxt_unpack,
-    ctxt_words,
+    ctxt_pack_raw,
+    ctxt_sys_values,
 )
 from pkvm.errors import EINVAL
 from pkvm.hyp.mm import el2_read, el2_read_u64, el2_write, el2_write_u64, kern_hyp_va
@@ -64,6 +64,8 @@ HCR_TWE = 1 << 14
 HCR_VSE = 1 << 8
 HCR_VI = 1 << 7  # the host's virtual IRQ line (its emulated GIC's output)
 _FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
+_XREGS = struct.Struct("<31Q")  # arch.ctxt.regs
+_SP_EL0, _PC, _PSTATE = 8 * 31, 8 * 32, 8 * 33  # offsets in arch.ctxt
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 
 
@@ -298,7 +300,7 @@ def _switch_to(vcpu: PkvmHypVcpu, core: Core) -> None:
             core.update_cpu_state(ctx)
     core.restore_cpu_state(eng.saved.get(vcpu.vcpu_idx, eng.fresh))
     core.flush_tlb()
-    vcpu.exit_data.pop("synced_words", None)  # load the whole context
+    vcpu.exit_data.pop("synced", None)  # load the whole context
     eng.owner = vcpu
 
 
@@ -418,23 +420,33 @@ def _load_context(vcpu: PkvmHypVcpu, core: Core) -> None:
 
     The core still holds what the last sync copied out; when the host changed only general
     registers or the PC since (an MMIO completion), only those are written."""
-    words = ctxt_words(vcpu.ctxt)
-    synced = vcpu.exit_data.get("synced_words")
-    pc = words[32]
+    ctxt = vcpu.ctxt
+    synced = vcpu.exit_data.get("synced")
+    pc = int.from_bytes(ctxt[_PC:_PSTATE], "little")
     if vcpu.iflags & IFLAG_INCREMENT_PC:
         pc = (pc + 4) & 0xFFFF_FFFF_FFFF_FFFF
         vcpu.iflags &= ~IFLAG_INCREMENT_PC
-    if synced is not None:
-        if words[33:] == synced[33:] and words[31] == synced[31]:
-            changed = [i for i in range(31) if words[i] != synced[i]]
-            for i in changed:
-                core.set_x(i, words[i])
-            if pc != synced[32]:
-                core.pc = pc
-            return
-    ctx = ctxt_unpack(vcpu.ctxt)
-    ctx.pc = pc
-    core.load_context(ctx)
+    if synced is not None and ctxt[_PSTATE:CTXT_REGS_SIZE] == synced[_PSTATE:CTXT_REGS_SIZE] and (
+            ctxt[_SP_EL0:_PC] == synced[_SP_EL0:_PC]):
+        if ctxt[:_SP_EL0] != synced[:_SP_EL0]:
+            new, old = _XREGS.unpack_from(ctxt), _XREGS.unpack_from(synced)
+            for i in range(31):
+                if new[i] != old[i]:
+                    core.set_x(i, new[i])
+        if pc != int.from_bytes(synced[_PC:_PSTATE], "little"):
+            core.pc = pc
+        return
+    core.load_raw(ctxt[:_PC] + pc.to_bytes(8, "little") + ctxt[_PSTATE:],
+                  ctxt_sys_values(ctxt, core.sys_names))
+
+
+def _sync_context(vcpu: PkvmHypVcpu, core: Core) -> None:
+    """Copy the CPU's context out into the hyp vCPU (`__sysreg_save_state` and friends),
+    remembering what was copied for the next `_load_context`."""
+    raw, sysvals = core.save_raw()
+    ctxt = ctxt_pack_raw(raw, core.sys_names, sysvals, vcpu.ctxt)
+    vcpu.ctxt = ctxt
+    vcpu.exit_data["synced"] = ctxt
 
 
 def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
@@ -476,7 +488,5 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         break
     if vi:  # an IRQ the CPU took wrote SPSR_EL1 behind the core's back
         core.invalidate_sys_shadow()
-    words, vhalves, sysvals = core.save_words()
-    vcpu.ctxt, vcpu.exit_data["synced_words"] = ctxt_pack_words(
-        words, vhalves, core.sys_names, sysvals, vcpu.ctxt)
+    _sync_context(vcpu, core)
     return code

@@ -1,0 +1,93 @@
+"""Fast paths of the vCPU run path agree with the generic code they short-cut (issue 17).
+
+The context moves between the CPU and `arch.ctxt` as bytes (`Core.save_raw` / `load_raw`,
+`ctxt_pack_raw`); the MMIO exit path translates with the shadow of SCTLR_EL1 while the core
+knows it unchanged. Hypothesis draws the states and each fast answer must equal the
+per-register or walked one.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pkvm.abi.host_structs import (
+    CTXT_END,
+    CTXT_START,
+    ctxt_pack,
+    ctxt_pack_raw,
+    ctxt_sys_values,
+    ctxt_unpack,
+)
+from pkvm.machine.context import SYS_REGS, SCTLR_EL1_RESET
+from pkvm.machine.cpu import Core, CpuContext
+from pkvm.machine.stage1 import walk_stage1
+
+SETTINGS = settings(max_examples=60, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+u64 = st.integers(0, 2**64 - 1)
+SCTLR = SYS_REGS["SCTLR_EL1"]
+
+
+@pytest.fixture(scope="module")
+def core() -> Core:
+    c = Core()
+    c.map(0x4000_0000, 1 << 20, _host_pages(), writable=True, executable=True)
+    return c
+
+
+_KEEP: list[object] = []
+
+
+def _host_pages() -> int:
+    import ctypes
+    import mmap
+
+    mem = mmap.mmap(-1, 1 << 20)
+    _KEEP.append(mem)
+    return ctypes.addressof(ctypes.c_char.from_buffer(mem))
+
+
+@SETTINGS
+@given(ctxt=st.binary(min_size=CTXT_END - CTXT_START, max_size=CTXT_END - CTXT_START),
+       el1h=st.booleans(), base=st.binary(min_size=CTXT_END - CTXT_START,
+                                          max_size=CTXT_END - CTXT_START))
+def test_load_raw_then_save_raw_is_the_per_register_round_trip(core, ctxt, el1h, base):
+    """Any `arch.ctxt` loaded as bytes and saved as bytes gives what loading and saving it
+    register by register gives."""
+    ctx = ctxt_unpack(ctxt)
+    ctx.pstate = 0x3C5 if el1h else 0x3C4  # EL1h or EL1t: the banked SP differs
+    ctx.sys_regs["SCTLR_EL1"] = SCTLR_EL1_RESET  # the MMU off: the CPU stays sane
+    fixed = ctxt_pack(ctx, ctxt)
+    core.load_context(ctx)
+    want = ctxt_pack(core.save_context(), base)
+    core.load_context(CpuContext.reset(pc=0))
+    core.load_raw(fixed, ctxt_sys_values(fixed, core.sys_names))
+    raw, sysvals = core.save_raw()
+    assert ctxt_pack_raw(raw, core.sys_names, sysvals, base) == want
+    assert ctxt_pack(core.save_context(), base) == want
+
+
+def _u64(core: Core, ipa: int) -> int | None:
+    b = core.read_ipa(ipa, 8)
+    return None if b is None else int.from_bytes(b, "little")
+
+
+@SETTINGS
+@given(va=st.one_of(u64, st.integers(0x4000_0000, 0x4010_0000)), mmu=st.booleans(),
+       msr_since=st.booleans(), tcr=u64, ttbr0=st.integers(0x4000_0000, 0x400F_F000))
+def test_translate_with_the_shadow_sctlr_is_the_walk_of_the_cpu_registers(
+        core, va, mmu, msr_since, tcr, ttbr0):
+    """`translate` with SCTLR_EL1 from the core's shadow equals the stage-1 walk from the
+    registers the CPU holds, the MMU on or off, whether the shadow is trusted or not."""
+    ctx = CpuContext.reset(pc=0x4000_0000)
+    ctx.sys_regs.update(SCTLR_EL1=SCTLR_EL1_RESET | mmu, TCR_EL1=tcr, TTBR0_EL1=ttbr0 & ~0xFFF)
+    core.load_context(ctx)
+    if msr_since:  # as after a guest MSR: the shadow is not trusted
+        core.write_sysreg(SCTLR, core.read_sysreg(SCTLR))
+    else:
+        core.save_raw()  # the shadow is current
+    want = walk_stage1(va, sctlr=core.read_sysreg(SCTLR), pstate=core.pstate, el=1,
+                       read_sysreg=core.sys_reg, read_u64=lambda ipa: _u64(core, ipa))
+    assert core.translate(va) == want
