@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from pkvm.abi.host_structs import (
     CTXT_END,
+    CTXT_RAW_SIZE,
     CTXT_START,
     ctxt_pack,
     ctxt_pack_raw,
@@ -91,3 +92,17 @@ def test_translate_with_the_shadow_sctlr_is_the_walk_of_the_cpu_registers(
     want = walk_stage1(va, sctlr=core.read_sysreg(SCTLR), pstate=core.pstate, el=1,
                        read_sysreg=core.sys_reg, read_u64=lambda ipa: _u64(core, ipa))
     assert core.translate(va) == want
+
+
+@SETTINGS
+@given(raw0=st.binary(min_size=CTXT_RAW_SIZE, max_size=CTXT_RAW_SIZE),
+       raw=st.binary(min_size=CTXT_RAW_SIZE, max_size=CTXT_RAW_SIZE),
+       sysvals=st.lists(u64, min_size=len(SYS_REGS), max_size=len(SYS_REGS)),
+       base=st.binary(min_size=CTXT_END - CTXT_START, max_size=CTXT_END - CTXT_START))
+def test_repacking_the_same_system_registers_keeps_the_packed_ones(raw0, raw, sysvals, base):
+    """What the run path's sync skips when the system registers are those it packed last time
+    (`switch._sync_context`): packing them again over that context changes nothing there."""
+    names = list(SYS_REGS)
+    packed = ctxt_pack_raw(raw0, names, sysvals, base)
+    assert ctxt_pack_raw(raw, names, sysvals, packed) == raw + packed[CTXT_RAW_SIZE:]
+    assert ctxt_sys_values(packed, names) == sysvals

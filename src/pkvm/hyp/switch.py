@@ -15,6 +15,7 @@ from typing import Any
 
 from pkvm.abi.host_structs import (
     CTXT_END,
+    CTXT_RAW_SIZE,
     CTXT_REGS_SIZE,
     CTXT_START,
     IFLAG_INCREMENT_PC,
@@ -235,6 +236,7 @@ class _Engine:
         self.owner: PkvmHypVcpu | None = None  # whose registers the core holds
         self.saved: dict[int, CpuState] = {}  # vcpu_idx -> its emulated CPU's other state
         self.fresh = core.save_cpu_state()  # the state a vCPU's first entry starts from
+        self.synced_sys: dict[int, list[int]] = {}  # vcpu_idx -> system registers last synced
 
 
 def configure_guest_core(core: Core) -> None:
@@ -444,7 +446,16 @@ def _sync_context(vcpu: PkvmHypVcpu, core: Core) -> None:
     """Copy the CPU's context out into the hyp vCPU (`__sysreg_save_state` and friends),
     remembering what was copied for the next `_load_context`."""
     raw, sysvals = core.save_raw()
-    ctxt = ctxt_pack_raw(raw, core.sys_names, sysvals, vcpu.ctxt)
+    base = vcpu.ctxt
+    synced = vcpu.exit_data.get("synced")
+    eng = _engine_of(vcpu)
+    if synced is not None and sysvals == eng.synced_sys.get(vcpu.vcpu_idx) and (
+            base[CTXT_RAW_SIZE:CTXT_REGS_SIZE] == synced[CTXT_RAW_SIZE:CTXT_REGS_SIZE]):
+        # the system registers as the last sync packed them: only the rest is new
+        ctxt = raw + base[CTXT_RAW_SIZE:]
+    else:
+        ctxt = ctxt_pack_raw(raw, core.sys_names, sysvals, base)
+        eng.synced_sys[vcpu.vcpu_idx] = sysvals
     vcpu.ctxt = ctxt
     vcpu.exit_data["synced"] = ctxt
 
