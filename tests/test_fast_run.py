@@ -21,7 +21,7 @@ from pkvm.abi.host_structs import (
     ctxt_sys_values,
     ctxt_unpack,
 )
-from pkvm.machine.context import SYS_REGS, SCTLR_EL1_RESET
+from pkvm.machine.context import SCTLR_EL1_RESET, SYS_REGS
 from pkvm.machine.cpu import Core, CpuContext
 from pkvm.machine.stage1 import walk_stage1
 
