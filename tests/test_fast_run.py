@@ -106,3 +106,43 @@ def test_repacking_the_same_system_registers_keeps_the_packed_ones(raw0, raw, sy
     packed = ctxt_pack_raw(raw0, names, sysvals, base)
     assert ctxt_pack_raw(raw, names, sysvals, packed) == raw + packed[CTXT_RAW_SIZE:]
     assert ctxt_sys_values(packed, names) == sysvals
+
+
+# -- the first sync of a stage-2 view: every valid leaf, tables read page by page ------------------
+TABLES = 6  # table pages at RAM_BASE + k * 4K
+
+
+def _descriptor(kind: int, k: int, low: int) -> int:
+    """A descriptor pointing at table page k (kind 0), outside RAM (1), or a block/page (2)."""
+    from pkvm.machine.memory import RAM_BASE
+
+    if kind == 0:
+        return RAM_BASE + k * 4096 | 3
+    if kind == 1:
+        return 0x1000_0000 + k * 4096 | 3
+    return (k << 30) | low
+
+
+@settings(max_examples=80, deadline=None)
+@given(entries=st.lists(st.tuples(st.integers(0, TABLES - 1), st.integers(0, 511),
+                                  st.integers(0, 2), st.integers(0, TABLES - 1),
+                                  st.integers(0, 0xFFF)), max_size=40),
+       ia_bits=st.sampled_from([48, 40, 39]))
+def test_valid_leaves_is_the_walkers_leaves(entries, ia_bits):
+    """`switch._valid_leaves` (the first sync of a core's stage-2 view) finds the leaves
+    `KvmPgtable.leaves(valid_only=True)` finds, on any table contents a host could write:
+    tables pointing at tables (again), outside RAM, blocks, pages, invalid and odd low bits."""
+    from pkvm.hyp.pgtable import KvmPgtable
+    from pkvm.hyp.switch import _ReadOnlyTables, _valid_leaves, _WalkedByHardware
+    from pkvm.machine.memory import RAM_BASE, PhysMemory
+
+    mem = PhysMemory(TABLES * 4096)
+    for table, idx, kind, k, low in entries:
+        mem.write_u64(RAM_BASE + table * 4096 + idx * 8, _descriptor(kind, k, low))
+    pgt = KvmPgtable(_WalkedByHardware(mem), _ReadOnlyTables(), stage=2, name="t",
+                     ia_bits=ia_bits)
+    pgt.pgd = RAM_BASE
+    want = [(a, 1 << (12 + 9 * (3 - lvl))) for a, lvl, _ in pgt.leaves(valid_only=True)]
+    got: list[tuple[int, int]] = []
+    _valid_leaves(mem, pgt.pgd, pgt.start_level, 0, 1 << ia_bits, got)
+    assert got == want

@@ -28,7 +28,7 @@ from pkvm.abi.host_structs import (
 )
 from pkvm.errors import EINVAL
 from pkvm.hyp.mm import el2_read, el2_read_u64, el2_write, el2_write_u64, kern_hyp_va
-from pkvm.hyp.pgtable import KvmPgtable
+from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, KVM_PTE_VALID, KvmPgtable, pte_table
 from pkvm.hyp.pkvm import kvm_field, vcpu_field
 from pkvm.hyp.pkvm_structs import PkvmHypVcpu
 from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
@@ -52,7 +52,7 @@ from pkvm.machine.cpu import (
     ExitKind,
 )
 from pkvm.machine.cpu_id import CTR_EL0
-from pkvm.machine.memory import PhysMemory
+from pkvm.machine.memory import PAGE_SIZE, PhysMemory
 from pkvm.machine.preempt import run_for
 
 ARM_EXCEPTION_IRQ = 0
@@ -66,6 +66,7 @@ HCR_VSE = 1 << 8
 HCR_VI = 1 << 7  # the host's virtual IRQ line (its emulated GIC's output)
 _FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
 _XREGS = struct.Struct("<31Q")  # arch.ctxt.regs
+_TABLE = struct.Struct(f"<{PAGE_SIZE // 8}Q")  # one page-table page
 _SP_EL0, _PC, _PSTATE = 8 * 31, 8 * 32, 8 * 33  # offsets in arch.ctxt
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 
@@ -361,7 +362,8 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core: Core, full: bool = False) -
     touched = pgt.touched
     assert touched is not None
     if full:
-        ranges = [(ipa, 1 << (12 + 9 * (3 - level))) for ipa, level, _ in pgt.leaves(valid_only=True)]
+        ranges: list[tuple[int, int]] = []
+        _valid_leaves(h.mem, pgt.pgd, pgt.start_level, 0, 1 << pgt.ia_bits, ranges)
     else:
         ranges = touched[_engine_of(vcpu).view_cursor :]
     _engine_of(vcpu).view_cursor = len(touched)
@@ -399,6 +401,28 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core: Core, full: bool = False) -
             core.unmap(base, size)
         else:
             core.map(base, size, host, writable=writable, executable=executable)
+
+
+def _valid_leaves(mem: PhysMemory, table: int, level: int, base: int, end: int,
+                  out: list[tuple[int, int]]) -> None:
+    """Append (IPA, size) of each valid leaf under `table` (a table of `level` mapping from
+    `base`) below `end`, ascending: what `KvmPgtable.leaves(valid_only=True)` finds, with each
+    table page read whole rather than entry by entry (the first sync of a view reads a VM's
+    whole stage-2). A table outside RAM reads as zeros, as the MMU's walker of a host-managed
+    table sees it (`_WalkedByHardware`)."""
+    if not mem.range_is_ram(table, PAGE_SIZE):
+        return
+    shift = 12 + 9 * (3 - level)
+    for idx, pte in enumerate(_TABLE.unpack(mem.read(table, PAGE_SIZE))):
+        addr = base + (idx << shift)
+        if addr >= end:
+            break
+        if not pte & KVM_PTE_VALID:
+            continue
+        if pte_table(pte, level):
+            _valid_leaves(mem, pte & KVM_PTE_ADDR_MASK, level + 1, addr, end, out)
+        else:
+            out.append((addr, 1 << shift))
 
 
 def _refault(h: HypState, vcpu: PkvmHypVcpu, core: Core, ipa: int) -> bool:
