@@ -244,21 +244,41 @@ def ctxt_pack(ctx: CpuContext, base: bytes) -> bytes:
     return bytes(raw)
 
 
+# The CPU's part of `arch.ctxt` as bytes (`pkvm.machine.context.RAW_SIZE`: regs, the scalars,
+# vregs) and the `sys_regs[]` array after it.
+CTXT_RAW_SIZE = 8 * 39 + 16 * 32
+CTXT_REGS_SIZE = _CTXT_FMT.size  # up to the end of sys_regs[]
+_SYS_FMT = struct.Struct(f"<{NR_SYS_REGS}Q")
+assert _ctxt_off("arch.ctxt.vregs") + 16 * 32 == CTXT_RAW_SIZE == 8 * 103
+assert CTXT_RAW_SIZE + _SYS_FMT.size == CTXT_REGS_SIZE
 _SYS_SLOTS: dict[tuple[str, ...], tuple[tuple[int, int], ...]] = {}
 
 
-def ctxt_pack_words(words: list[int], vhalves: list[int], sys_names: list[str],
-                    sysvals: list[int], base: bytes) -> tuple[bytes, tuple[int, ...]]:
-    """`ctxt_pack` from a CPU's saved u64 words (`Core.save_words`), with no `CpuContext` in
-    between: (the new `arch.ctxt` bytes, its words as `ctxt_words` gives them)."""
+def _sys_slots(sys_names: list[str]) -> tuple[tuple[int, int], ...]:
+    """(position in `sys_names`, index in sys_regs[]) of each name the ABI numbers."""
     key = tuple(sys_names)
     slots = _SYS_SLOTS.get(key)
     if slots is None:
-        slots = _SYS_SLOTS[key] = tuple((k, 103 + SYS_REG_INDEX[n]) for k, n in enumerate(key)
+        slots = _SYS_SLOTS[key] = tuple((k, SYS_REG_INDEX[n]) for k, n in enumerate(key)
                                         if n in SYS_REG_INDEX)
-    q = list(_CTXT_FMT.unpack_from(base, 0))
-    q[:39] = words
-    q[39:103] = vhalves
-    for k, slot in slots:
-        q[slot] = sysvals[k]
-    return _CTXT_FMT.pack(*q) + base[_CTXT_FMT.size :], tuple(q)
+    return slots
+
+
+def ctxt_pack_raw(raw: bytes, sys_names: list[str], sysvals: list[int], base: bytes) -> bytes:
+    """`ctxt_pack` from a CPU's context as bytes (`Core.save_raw`), with no `CpuContext` in
+    between: `raw` over the regs, scalars and vregs of `base`, `sysvals` (the values of
+    `sys_names`) over its sys_regs[]; the registers the CPU lacks are kept."""
+    q = list(_SYS_FMT.unpack_from(base, CTXT_RAW_SIZE))
+    for k, i in _sys_slots(sys_names):
+        q[i] = sysvals[k]
+    return raw[:CTXT_RAW_SIZE] + _SYS_FMT.pack(*q) + base[CTXT_REGS_SIZE:]
+
+
+def ctxt_sys_values(raw: bytes, sys_names: list[str]) -> list[int]:
+    """The values of `sys_names` in `arch.ctxt` bytes `raw` (0 for a name the ABI lacks), as
+    `Core.load_raw` takes them."""
+    q = _SYS_FMT.unpack_from(raw, CTXT_RAW_SIZE)
+    out = [0] * len(sys_names)
+    for k, i in _sys_slots(sys_names):
+        out[k] = q[i]
+    return out

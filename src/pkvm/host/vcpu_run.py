@@ -68,6 +68,8 @@ SMCCC_RET_NOT_SUPPORTED = -1
 SCTLR_EL1_RESET = 0x30D0_0800
 _REGS_OFF = KVM_VCPU.offset("arch.ctxt.regs")
 _FAULT_OFF = KVM_VCPU.offset("arch.fault.esr_el2")
+_IFLAGS_OFF = KVM_VCPU.offset("arch.iflags")
+assert KVM_VCPU.field("arch.iflags").size == 8
 assert KVM_VCPU.offset("arch.fault.hpfar_el2") == _FAULT_OFF + 16
 
 
@@ -129,13 +131,14 @@ class VcpuRunner:
 
     def _xreg(self, n: int) -> int:
         """One general-purpose register from the host's saved context."""
-        return int.from_bytes(self.vm.host.read(self.vcpu.pa + _REGS_OFF + 8 * n, 8), "little")
+        return self.vm.host.read_u64(self.vcpu.pa + _REGS_OFF + 8 * n)
 
     def _set_xreg(self, n: int, value: int) -> None:
-        self.vm.host.write(self.vcpu.pa + _REGS_OFF + 8 * n, (value & U64).to_bytes(8, "little"))
+        self.vm.host.write_u64(self.vcpu.pa + _REGS_OFF + 8 * n, value)
 
     def _set_iflag(self, flag: int) -> None:
-        self._set_field("arch.iflags", self._field("arch.iflags") | flag)
+        host, pa = self.vm.host, self.vcpu.pa + _IFLAGS_OFF
+        host.write_u64(pa, host.read_u64(pa) | flag)
 
     def reset(self, pc: int, x0: int) -> None:
         self.set_regs(reset_context(pc, x0, self.vcpu.idx))

@@ -172,7 +172,7 @@ class VcpuExitData(TypedDict, total=False):
     """What the run path keeps beside a hyp vCPU between runs (switch.py)."""
 
     s2_pgd: int  # 6.12: the pgd of the host-managed stage-2, read at each flush
-    synced_words: tuple[int, ...]  # the context words the last sync copied out of the core
+    synced: bytes  # the context the last sync copied out of the core (arch.ctxt bytes)
     hcr_vi: int  # the HCR_EL2.VI last written into the core
 
 

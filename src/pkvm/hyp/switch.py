@@ -15,19 +15,20 @@ from typing import Any
 
 from pkvm.abi.host_structs import (
     CTXT_END,
+    CTXT_RAW_SIZE,
+    CTXT_REGS_SIZE,
     CTXT_START,
     IFLAG_INCREMENT_PC,
     IFLAG_PENDING_EXCEPTION,
     KVM,
     KVM_ARCH_FLAG_MTE_ENABLED,
     KVM_VCPU,
-    ctxt_pack_words,
-    ctxt_unpack,
-    ctxt_words,
+    ctxt_pack_raw,
+    ctxt_sys_values,
 )
 from pkvm.errors import EINVAL
 from pkvm.hyp.mm import el2_read, el2_read_u64, el2_write, el2_write_u64, kern_hyp_va
-from pkvm.hyp.pgtable import KvmPgtable
+from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, KVM_PTE_VALID, KvmPgtable, pte_table
 from pkvm.hyp.pkvm import kvm_field, vcpu_field
 from pkvm.hyp.pkvm_structs import PkvmHypVcpu
 from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
@@ -51,7 +52,7 @@ from pkvm.machine.cpu import (
     ExitKind,
 )
 from pkvm.machine.cpu_id import CTR_EL0
-from pkvm.machine.memory import PhysMemory
+from pkvm.machine.memory import PAGE_SIZE, PhysMemory
 from pkvm.machine.preempt import run_for
 
 ARM_EXCEPTION_IRQ = 0
@@ -64,6 +65,9 @@ HCR_TWE = 1 << 14
 HCR_VSE = 1 << 8
 HCR_VI = 1 << 7  # the host's virtual IRQ line (its emulated GIC's output)
 _FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
+_XREGS = struct.Struct("<31Q")  # arch.ctxt.regs
+_TABLE = struct.Struct(f"<{PAGE_SIZE // 8}Q")  # one page-table page
+_SP_EL0, _PC, _PSTATE = 8 * 31, 8 * 32, 8 * 33  # offsets in arch.ctxt
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 
 
@@ -233,6 +237,7 @@ class _Engine:
         self.owner: PkvmHypVcpu | None = None  # whose registers the core holds
         self.saved: dict[int, CpuState] = {}  # vcpu_idx -> its emulated CPU's other state
         self.fresh = core.save_cpu_state()  # the state a vCPU's first entry starts from
+        self.synced_sys: dict[int, list[int]] = {}  # vcpu_idx -> system registers last synced
 
 
 def configure_guest_core(core: Core) -> None:
@@ -298,7 +303,7 @@ def _switch_to(vcpu: PkvmHypVcpu, core: Core) -> None:
             core.update_cpu_state(ctx)
     core.restore_cpu_state(eng.saved.get(vcpu.vcpu_idx, eng.fresh))
     core.flush_tlb()
-    vcpu.exit_data.pop("synced_words", None)  # load the whole context
+    vcpu.exit_data.pop("synced", None)  # load the whole context
     eng.owner = vcpu
 
 
@@ -357,7 +362,8 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core: Core, full: bool = False) -
     touched = pgt.touched
     assert touched is not None
     if full:
-        ranges = [(ipa, 1 << (12 + 9 * (3 - level))) for ipa, level, _ in pgt.leaves(valid_only=True)]
+        ranges: list[tuple[int, int]] = []
+        _valid_leaves(h.mem, pgt.pgd, pgt.start_level, 0, 1 << pgt.ia_bits, ranges)
     else:
         ranges = touched[_engine_of(vcpu).view_cursor :]
     _engine_of(vcpu).view_cursor = len(touched)
@@ -397,6 +403,28 @@ def _sync_view(h: HypState, vcpu: PkvmHypVcpu, core: Core, full: bool = False) -
             core.map(base, size, host, writable=writable, executable=executable)
 
 
+def _valid_leaves(mem: PhysMemory, table: int, level: int, base: int, end: int,
+                  out: list[tuple[int, int]]) -> None:
+    """Append (IPA, size) of each valid leaf under `table` (a table of `level` mapping from
+    `base`) below `end`, ascending: what `KvmPgtable.leaves(valid_only=True)` finds, with each
+    table page read whole rather than entry by entry (the first sync of a view reads a VM's
+    whole stage-2). A table outside RAM reads as zeros, as the MMU's walker of a host-managed
+    table sees it (`_WalkedByHardware`)."""
+    if not mem.range_is_ram(table, PAGE_SIZE):
+        return
+    shift = 12 + 9 * (3 - level)
+    for idx, pte in enumerate(_TABLE.unpack(mem.read(table, PAGE_SIZE))):
+        addr = base + (idx << shift)
+        if addr >= end:
+            break
+        if not pte & KVM_PTE_VALID:
+            continue
+        if pte_table(pte, level):
+            _valid_leaves(mem, pte & KVM_PTE_ADDR_MASK, level + 1, addr, end, out)
+        else:
+            out.append((addr, 1 << shift))
+
+
 def _refault(h: HypState, vcpu: PkvmHypVcpu, core: Core, ipa: int) -> bool:
     """6.12: the host changes its guest stage-2 without telling EL2, so a fault is checked
     against the table itself (a TLB never holds an invalid entry) before it exits."""
@@ -418,23 +446,42 @@ def _load_context(vcpu: PkvmHypVcpu, core: Core) -> None:
 
     The core still holds what the last sync copied out; when the host changed only general
     registers or the PC since (an MMIO completion), only those are written."""
-    words = ctxt_words(vcpu.ctxt)
-    synced = vcpu.exit_data.get("synced_words")
-    pc = words[32]
+    ctxt = vcpu.ctxt
+    synced = vcpu.exit_data.get("synced")
+    pc = int.from_bytes(ctxt[_PC:_PSTATE], "little")
     if vcpu.iflags & IFLAG_INCREMENT_PC:
         pc = (pc + 4) & 0xFFFF_FFFF_FFFF_FFFF
         vcpu.iflags &= ~IFLAG_INCREMENT_PC
-    if synced is not None:
-        if words[33:] == synced[33:] and words[31] == synced[31]:
-            changed = [i for i in range(31) if words[i] != synced[i]]
-            for i in changed:
-                core.set_x(i, words[i])
-            if pc != synced[32]:
-                core.pc = pc
-            return
-    ctx = ctxt_unpack(vcpu.ctxt)
-    ctx.pc = pc
-    core.load_context(ctx)
+    if synced is not None and ctxt[_PSTATE:CTXT_REGS_SIZE] == synced[_PSTATE:CTXT_REGS_SIZE] and (
+            ctxt[_SP_EL0:_PC] == synced[_SP_EL0:_PC]):
+        if ctxt[:_SP_EL0] != synced[:_SP_EL0]:
+            new, old = _XREGS.unpack_from(ctxt), _XREGS.unpack_from(synced)
+            for i in range(31):
+                if new[i] != old[i]:
+                    core.set_x(i, new[i])
+        if pc != int.from_bytes(synced[_PC:_PSTATE], "little"):
+            core.pc = pc
+        return
+    core.load_raw(ctxt[:_PC] + pc.to_bytes(8, "little") + ctxt[_PSTATE:],
+                  ctxt_sys_values(ctxt, core.sys_names))
+
+
+def _sync_context(vcpu: PkvmHypVcpu, core: Core) -> None:
+    """Copy the CPU's context out into the hyp vCPU (`__sysreg_save_state` and friends),
+    remembering what was copied for the next `_load_context`."""
+    raw, sysvals = core.save_raw()
+    base = vcpu.ctxt
+    synced = vcpu.exit_data.get("synced")
+    eng = _engine_of(vcpu)
+    if synced is not None and sysvals == eng.synced_sys.get(vcpu.vcpu_idx) and (
+            base[CTXT_RAW_SIZE:CTXT_REGS_SIZE] == synced[CTXT_RAW_SIZE:CTXT_REGS_SIZE]):
+        # the system registers as the last sync packed them: only the rest is new
+        ctxt = raw + base[CTXT_RAW_SIZE:]
+    else:
+        ctxt = ctxt_pack_raw(raw, core.sys_names, sysvals, base)
+        eng.synced_sys[vcpu.vcpu_idx] = sysvals
+    vcpu.ctxt = ctxt
+    vcpu.exit_data["synced"] = ctxt
 
 
 def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
@@ -476,7 +523,5 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         break
     if vi:  # an IRQ the CPU took wrote SPSR_EL1 behind the core's back
         core.invalidate_sys_shadow()
-    words, vhalves, sysvals = core.save_words()
-    vcpu.ctxt, vcpu.exit_data["synced_words"] = ctxt_pack_words(
-        words, vhalves, core.sys_names, sysvals, vcpu.ctxt)
+    _sync_context(vcpu, core)
     return code

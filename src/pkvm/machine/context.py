@@ -2,7 +2,7 @@
 
 A vCPU's registers move between a `CpuContext` (what `struct kvm_cpu_context` holds) and the
 emulated CPU as KVM moves them on the run path: `load_context()` (flush), `save_context()` /
-`save_words()` (sync). EL2 software reaches the rest of the CPU through `read_sysreg` /
+`save_raw()` (sync). EL2 software reaches the rest of the CPU through `read_sysreg` /
 `write_sysreg` by encoding, and keeps a vCPU's whole emulated state across a switch with
 `save_cpu_state` / `restore_cpu_state`.
 
@@ -17,6 +17,8 @@ What unicorn 2.1.4 does here (measured; the reasons for the code below):
   exception entry done by the core, and PAR_EL1 by AT: `save_context` rereads them only then.
 * Register access through the Python binding costs ~2 us each; contexts move through
   preallocated `uc_reg_read_batch` / `uc_reg_write_batch` arrays instead.
+* PSTATE, FPCR and FPSR read as 32-bit values: a read fills only the low half of its u64
+  slot, so the slot is cleared first.
 * The live stack pointer is unicorn's SP; its SP_EL0/SP_EL1 register of the bank PSTATE selects
   is stale (QEMU banks only on its own mode changes, ERET included, not on register writes):
   contexts and exception entry bank SP by hand.
@@ -130,6 +132,24 @@ _CORE_IDS = GPR_IDS + [
 _I_SP, _I_SP_EL0, _I_SP_EL1, _I_PC, _I_PSTATE, _I_ELR, _I_FPCR, _I_FPSR = range(31, 39)
 _Q_IDS = [A.UC_ARM64_REG_Q0 + i for i in range(32)]
 
+# The context as bytes (`save_raw` / `load_raw`): `struct kvm_cpu_context` from `regs` on, u64
+# words x0..x30, sp_el0, pc, pstate, sp_el1, elr_el1, spsr_el1, fpsr, fpcr, then V0..V31 as 16
+# little-endian bytes each (low half first). Each register moves straight to or from its slot
+# of one buffer in one batch; three scratch slots after the context take the live SP and the
+# two banked ones, which the slots sp_el0/sp_el1 get from by PSTATE.
+RAW_WORDS = 31 + 8 + 64
+RAW_SIZE = 8 * RAW_WORDS
+_W_SP_EL0, _W_PC, _W_PSTATE, _W_SP_EL1, _W_ELR, _W_SPSR, _W_FPSR, _W_FPCR = range(31, 39)
+_W_V = 39
+_W_LIVE_SP, _W_BANK_SP_EL0, _W_BANK_SP_EL1 = RAW_WORDS, RAW_WORDS + 1, RAW_WORDS + 2
+# Register -> word slot, in the order `load_context` writes them (SP before its banks, PSTATE
+# after them, as the per-register path does).
+_RAW_SLOTS = [*zip(GPR_IDS, range(31)), (A.UC_ARM64_REG_SP, _W_LIVE_SP),
+              (A.UC_ARM64_REG_SP_EL0, _W_BANK_SP_EL0), (A.UC_ARM64_REG_SP_EL1, _W_BANK_SP_EL1),
+              (A.UC_ARM64_REG_PC, _W_PC), (A.UC_ARM64_REG_PSTATE, _W_PSTATE),
+              (A.UC_ARM64_REG_ELR_EL1, _W_ELR), (A.UC_ARM64_REG_FPCR, _W_FPCR),
+              (A.UC_ARM64_REG_FPSR, _W_FPSR), *((q, _W_V + 2 * i) for i, q in enumerate(_Q_IDS))]
+
 
 @dataclass
 class CpuContext:
@@ -219,11 +239,6 @@ class _Batch:
             return [raw[2 * i] | raw[2 * i + 1] << 64 for i in range(self.n)]
         return raw
 
-    def read_u64s(self) -> list[int]:
-        """The registers as u64 words (a 128-bit register as its low then high half)."""
-        _check(uclib.uc_reg_read_batch(self.uch, self.ids, self.ptrs, self.n))
-        return list(self.vals)
-
     def write(self, values: list[int]) -> None:
         if self.cps is not None:
             for c, v in zip(self.cps, values):
@@ -243,6 +258,32 @@ def _check(status: int) -> None:
         raise UcError(status)
 
 
+class _RawBatch:
+    """One buffer holding the context as bytes (`RAW_SIZE`) and the scratch slots, with the
+    preallocated arrays of a batch that moves every context register to or from its slot; a
+    read also reads PAR_EL1 (which AT changes without an MSR) into `par`."""
+
+    def __init__(self, uch: Any) -> None:
+        self.uch = uch
+        self.buf = (ctypes.c_uint64 * (RAW_WORDS + 3))()
+        self.addr = ctypes.addressof(self.buf)
+        self.par = _CpReg()
+        p = SYS_REGS["PAR_EL1"]
+        self.par.op0, self.par.op1, self.par.crn, self.par.crm, self.par.op2 = p
+        ids = [rid for rid, _ in _RAW_SLOTS]
+        ptrs = [self.addr + 8 * slot for _, slot in _RAW_SLOTS]
+        n = len(ids)
+        self.n_write = n
+        self.ids = (ctypes.c_int * (n + 1))(*ids, A.UC_ARM64_REG_CP_REG)
+        self.ptrs = (ctypes.c_void_p * (n + 1))(*ptrs, ctypes.addressof(self.par))
+
+    def read(self) -> None:
+        _check(uclib.uc_reg_read_batch(self.uch, self.ids, self.ptrs, self.n_write + 1))
+
+    def write(self) -> None:
+        _check(uclib.uc_reg_write_batch(self.uch, self.ids, self.ptrs, self.n_write))
+
+
 class CpuRegisters:
     """The registers of one emulated CPU (`uc`): general, vector, EL1 system registers (with
     a shadow of the last values moved, so that an unchanged context moves cheaply) and the
@@ -257,6 +298,7 @@ class CpuRegisters:
         self._cpp = ctypes.byref(self._cp)
         self._core = _Batch(self._uch, _CORE_IDS)
         self._q = _Batch(self._uch, _Q_IDS, width=16)
+        self._raw = _RawBatch(self._uch)
         names = list(SYS_REGS)
         self._sys_names = names
         self._sys = _Batch(
@@ -399,7 +441,10 @@ class CpuRegisters:
         )
         self._q.write(list(ctx.v))
         regs = ctx.sys_regs
-        sysvals = [regs.get(n, 0) for n in self._sys_names] + [ctx.spsr_el1]
+        self._load_sys([regs.get(n, 0) for n in self._sys_names] + [ctx.spsr_el1])
+
+    def _load_sys(self, sysvals: list[int]) -> None:
+        """The EL1 system registers (`sys_names`, then SPSR_EL1) of a context being loaded."""
         if self._sys_dirty or sysvals != self._shadow_sys:
             self._sys.write(sysvals)
             self._shadow_sys = sysvals
@@ -410,45 +455,70 @@ class CpuRegisters:
         self._rebuild_flags()
 
     def save_context(self) -> CpuContext:
-        """The CPU's state (sync)."""
-        w, vhalves, sysvals = self.save_words()
-        return CpuContext(
-            x=w[:31],
-            sp_el0=w[31],
-            pc=w[32],
-            pstate=w[33],
-            sp_el1=w[34],
-            elr_el1=w[35],
-            spsr_el1=w[36],
-            fpsr=w[37],
-            fpcr=w[38],
-            v=[vhalves[2 * i] | vhalves[2 * i + 1] << 64 for i in range(32)],
-            sys_regs=dict(zip(self._sys_names, sysvals)),
-        )
-
-    def save_words(self) -> tuple[list[int], list[int], list[int]]:
-        """The CPU's state (sync) as u64 words, with no per-register objects: x0..x30, sp_el0,
-        pc, pstate, sp_el1, elr_el1, spsr_el1, fpsr, fpcr (`struct kvm_cpu_context` order);
-        V0..V31 as 64 halves (low first); the values of `sys_names` in that order."""
+        """The CPU's state (sync), register by register."""
+        vals = self._core.vals  # 32-bit registers fill only the low half of their word
+        vals[_I_PSTATE] = vals[_I_FPCR] = vals[_I_FPSR] = 0
         r = self._core.read()
         pstate = r[_I_PSTATE]
         el1h = pstate & PSR_MODE_MASK == PSR_MODE_EL1h
-        sp_el1 = r[_I_SP] if el1h else r[_I_SP_EL1]
-        sp_el0 = r[_I_SP_EL0] if el1h else r[_I_SP]
+        if self._sys_dirty:
+            self._shadow_sys = self._sys.read()
+            self._sys_dirty = False
+        elif self._ran:
+            self._shadow_sys[self._par_index] = self._cpr(SYS_REGS["PAR_EL1"])
+        self._ran = False
+        sysvals = self._shadow_sys
+        return CpuContext(
+            x=r[:31],
+            sp_el0=r[_I_SP_EL0] if el1h else r[_I_SP],
+            pc=r[_I_PC],
+            pstate=pstate,
+            sp_el1=r[_I_SP] if el1h else r[_I_SP_EL1],
+            elr_el1=r[_I_ELR],
+            spsr_el1=sysvals[-1],
+            fpsr=r[_I_FPSR],
+            fpcr=r[_I_FPCR],
+            v=self._q.read(),
+            sys_regs=dict(zip(self._sys_names, sysvals)),
+        )
+
+    def save_raw(self) -> tuple[bytes, list[int]]:
+        """The CPU's state (sync) as bytes, with no per-register objects: the context in the
+        `struct kvm_cpu_context` layout of `RAW_SIZE` bytes (see `RAW_WORDS`), and the values
+        of `sys_names` in that order. The same state `save_context` gives (tested)."""
+        raw = self._raw
+        buf = raw.buf
+        buf[_W_PSTATE] = buf[_W_FPSR] = buf[_W_FPCR] = 0  # unicorn writes their low half only
+        raw.read()
+        if buf[_W_PSTATE] & PSR_MODE_MASK == PSR_MODE_EL1h:
+            buf[_W_SP_EL0], buf[_W_SP_EL1] = buf[_W_BANK_SP_EL0], buf[_W_LIVE_SP]
+        else:
+            buf[_W_SP_EL0], buf[_W_SP_EL1] = buf[_W_LIVE_SP], buf[_W_BANK_SP_EL1]
         if self._sys_dirty:
             self._shadow_sys = self._sys.read()
             self._sys_dirty = False
         elif self._ran:  # only AT (a SYS instruction, not hooked) changes PAR_EL1 silently
-            self._shadow_sys[self._par_index] = self._cpr(SYS_REGS["PAR_EL1"])
+            self._shadow_sys[self._par_index] = raw.par.val
         self._ran = False
         sysvals = self._shadow_sys
-        words = r[:31]
-        words += (sp_el0, r[_I_PC], pstate, sp_el1, r[_I_ELR], sysvals[-1], r[_I_FPSR], r[_I_FPCR])
-        return words, self._q.read_u64s(), sysvals[:-1]
+        buf[_W_SPSR] = sysvals[-1]
+        return ctypes.string_at(raw.addr, RAW_SIZE), sysvals[:-1]
+
+    def load_raw(self, data: bytes, sysvals: list[int]) -> None:
+        """Make the context `save_raw` returns the CPU's state (flush): `data` in its layout,
+        `sysvals` the values of `sys_names`. The same as `load_context` (tested)."""
+        raw = self._raw
+        buf = raw.buf
+        ctypes.memmove(raw.addr, data, RAW_SIZE)
+        el1h = buf[_W_PSTATE] & PSR_MODE_MASK == PSR_MODE_EL1h
+        buf[_W_LIVE_SP] = buf[_W_SP_EL1] if el1h else buf[_W_SP_EL0]
+        buf[_W_BANK_SP_EL0], buf[_W_BANK_SP_EL1] = buf[_W_SP_EL0], buf[_W_SP_EL1]
+        raw.write()
+        self._load_sys([*sysvals, buf[_W_SPSR]])
 
     @property
     def sys_names(self) -> list[str]:
-        """The system registers `save_words` returns, in its order."""
+        """The system registers `save_raw` returns, in its order."""
         return self._sys_names
 
     def _on_msr(self, uc: Uc, reg: int, cp_reg: object, _data: object) -> int:

@@ -1,7 +1,8 @@
 """A guest CPU core: AArch64 EL1/EL0 on unicorn, stopping where EL2 would take an exception.
 
 The run path drives it as KVM drives hardware: `load_context()` (flush), `run()` until an
-exception to EL2, `save_context()` (sync). The core knows nothing of the hyp or the host: its
+exception to EL2, `save_context()` (sync); `save_raw()` / `load_raw()` move the same context as
+bytes in `struct kvm_cpu_context`'s layout, with no per-register objects (the hyp's run path). The core knows nothing of the hyp or the host: its
 stage-2 view is a list of IPA ranges, each backed directly by host memory (`map`), and an exit
 is reported as the architecture reports it to EL2 (`Exit.esr`, `.far`, `.hpfar`).
 
@@ -56,7 +57,7 @@ from typing import Any
 
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import UC_ARCH_ARM64, UC_MODE_ARM
-from unicorn.unicorn_py3.unicorn import Uc, UcError
+from unicorn.unicorn_py3.unicorn import Uc, UcError, uclib
 
 from pkvm.machine.context import (
     CNTHCTL_EL1PCEN,
@@ -180,12 +181,15 @@ class Core(CpuExceptions):
         self._clear_exit()  # a call, not assignments: the hooks set both during emu_start
         self._ran = True
         pc = self._rd(A.UC_ARM64_REG_PC)
-        try:
-            self.uc.emu_start(pc, _UNTIL, 0, max_insns or 0)
-        except UcError:
-            if self._exit is None:
-                raise
+        # `Uc.emu_start` without its wrapper: a hook's exception is kept on the instance
+        uc = self.uc
+        uc._hook_exception = None
+        status = uclib.uc_emu_start(self._uch, pc, _UNTIL, 0, max_insns or 0)
+        if uc._hook_exception is not None:
+            raise uc._hook_exception
         ex = self._exit
+        if status and ex is None:  # a stage-2 fault stops with an error, and an exit
+            raise UcError(status)
         if ex is None:
             return Exit(ExitKind.BUDGET)
         self._exit = None

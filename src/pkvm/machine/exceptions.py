@@ -65,6 +65,7 @@ from pkvm.machine.context import (
     PSR_MODE_EL1h,
     PSR_MODE_EL1t,
     SCTLR_EL1_nTWI,
+    SCTLR_ELx_M,
     pstate_el,
 )
 from pkvm.machine.esr import (
@@ -91,6 +92,7 @@ XZR = 31  # register number 31 as a data register
 _GPR_OF = {rid: n for n, rid in enumerate(GPR_IDS)}  # unicorn register id -> Xn
 _DECODE_CACHE_MAX = 65536  # decoded instruction words kept before the cache starts afresh
 _BLOCK_SCAN_INSNS = 64  # how far a stale PC is searched for the faulting access
+SCTLR = SYS_REGS["SCTLR_EL1"]
 
 # __kvm_vcpu_run exit codes (asm/kvm_asm.h).
 ARM_EXCEPTION_IRQ = 0
@@ -167,6 +169,15 @@ class Exit:
         )
 
 
+_WRITES = frozenset({UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT})
+_UNMAPPED = frozenset({UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED})
+
+
+def _abort_fsc(access: int) -> int:
+    """The level-3 FSC of a stage-2 fault unicorn reports as `access`."""
+    return (FSC.FAULT if access in _UNMAPPED else FSC.PERM) + 3
+
+
 def _far(va: int, ipa: int) -> int:
     """The faulting VA of an access starting at `va` that faulted at `ipa`: the page offset
     is the IPA's, in the page of `va` or the next one (an access crossing a page)."""
@@ -182,11 +193,13 @@ class CpuExceptions(CpuRegisters):
         super().__init__(uc)
         self._view = view
         self._decoded: dict[int, decode.MemAccess | None] = {}
+        self._esrs: dict[int, int] = {}  # (insn << 5 | unicorn access kind) -> ESR_EL2
         self._exit: Exit | None = None
         # The PC of the access a stage-2 data abort came from (unicorn's may be stale).
         self._mem_fault: int | None = None
         self._sys_trap_pc: int | None = None  # a trapped MRS: the exit is on it
         self._id_trap_on = False
+        self._sctlr_index = self._sys_names.index("SCTLR_EL1")
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         uc.hook_add(UC_HOOK_MEM_INVALID, self._on_mem)
 
@@ -203,7 +216,12 @@ class CpuExceptions(CpuRegisters):
         self, va: int, *, write: bool = False, fetch: bool = False, el: int | None = None
     ) -> Walk:
         """Translate VA with the guest's stage-1 (EL1&0 regime) as the MMU would."""
-        sctlr = self._cpr(SYS_REGS["SCTLR_EL1"])
+        # SCTLR_EL1 is the shadow's while the core knows it unchanged (no MSR since the last
+        # load or save); with the MMU off the walk needs nothing else, PSTATE included.
+        sctlr = self._cpr(SCTLR) if self._sys_dirty else self._shadow_sys[self._sctlr_index]
+        if not sctlr & SCTLR_ELx_M:
+            return walk_stage1(va, sctlr=sctlr, pstate=0, el=1, read_sysreg=self.sys_reg,
+                               read_u64=self._view.read_u64)
         pstate = self.pstate
         return walk_stage1(
             va,
@@ -253,53 +271,59 @@ class CpuExceptions(CpuRegisters):
     ) -> bool:
         """A stage-2 fault: `address` is the IPA (unicorn's physical address)."""
         pc = self._rd(A.UC_ARM64_REG_PC)
-        unmapped = access in (UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED)
-        fsc = (FSC.FAULT if unmapped else FSC.PERM) + 3
         if access in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
+            fsc = (FSC.FAULT if access == UC_MEM_FETCH_UNMAPPED else FSC.PERM) + 3
             self._exit = Exit(ExitKind.IABT, esr(EC.IABT_LOW, fsc), pc, hpfar_from_ipa(address))
             return False
-        write = access in (UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT)
         insn = self._fetch(pc)
         acc = self._decode_mem(insn) if insn is not None else None
-        if acc is None or not self._targets(acc, pc, address):  # a stale PC
+        va = self._target_va(acc, pc, address) if acc is not None else None
+        if va is None:  # a stale PC, or no access there
             found = self._access_pc(pc, address)
             if found is not None:
                 pc = found
                 insn = self._fetch(pc)
                 acc = self._decode_mem(insn) if insn is not None else None
-        if acc is not None:
-            self._mem_fault = pc  # the access's PC, restored after emu_start
-        if acc is None:
-            iss = abort_iss(fsc, write=write, fnv=True)
+        if acc is None or insn is None:
+            iss = abort_iss(_abort_fsc(access), write=access in _WRITES, fnv=True)
             self._exit = Exit(ExitKind.DABT, esr(EC.DABT_LOW, iss), 0, hpfar_from_ipa(address))
             return False
-        far = _far(acc.address(pc, self._x_or_sp), address)
-        if acc.iss_valid:
-            iss = abort_iss(
-                fsc,
-                write=write,
-                size=acc.size,
-                srt=acc.rt,
-                sign=acc.sign,
-                sf=acc.sf,
-                acqrel=acc.acqrel,
-            )
-        else:
-            iss = abort_iss(fsc, write=write)
-        self._exit = Exit(
-            ExitKind.DABT, esr(EC.DABT_LOW, iss), far & MASK64, hpfar_from_ipa(address)
-        )
+        self._mem_fault = pc  # the access's PC, restored after emu_start
+        if va is None:
+            va = acc.address(pc, self._x_or_sp)
+        self._exit = Exit(ExitKind.DABT, self._dabt_esr(insn, acc, access),
+                          _far(va, address) & MASK64, hpfar_from_ipa(address))
         return False
 
-    def _targets(self, acc: decode.MemAccess, pc: int, address: int) -> bool:
-        """Whether the access decoded at `pc` can have touched IPA `address` (page offset)."""
+    def _dabt_esr(self, insn: int, acc: decode.MemAccess, access: int) -> int:
+        """ESR_EL2 of a stage-2 data abort by the access `acc` decoded from `insn` (memoised:
+        a function of the instruction word and the kind of fault alone)."""
+        key = insn << 5 | access
+        try:
+            return self._esrs[key]
+        except KeyError:
+            pass
+        write, fsc = access in _WRITES, _abort_fsc(access)
+        if acc.iss_valid:
+            iss = abort_iss(fsc, write=write, size=acc.size, srt=acc.rt, sign=acc.sign,
+                            sf=acc.sf, acqrel=acc.acqrel)
+        else:
+            iss = abort_iss(fsc, write=write)
+        if len(self._esrs) > _DECODE_CACHE_MAX:
+            self._esrs.clear()
+        value = self._esrs[key] = esr(EC.DABT_LOW, iss)
+        return value
+
+    def _target_va(self, acc: decode.MemAccess, pc: int, address: int) -> int | None:
+        """The VA of the access decoded at `pc` if it can have touched IPA `address` (page
+        offset), else None."""
         va = acc.address(pc, self._x_or_sp) & MASK64
         far = _far(va, address)
         if far >= va + max(acc.total, 1):
-            return False
+            return None
         w = self.translate(far, write=acc.store)
         ipa = w.ipa if w.ipa is not None else w.s2_ipa
-        return ipa is not None and ipa >> PAGE_SHIFT == address >> PAGE_SHIFT
+        return va if ipa is not None and ipa >> PAGE_SHIFT == address >> PAGE_SHIFT else None
 
     def _access_pc(self, pc: int, address: int) -> int | None:
         """The load/store at or after `pc` (same translation block, straight line) that
@@ -310,7 +334,7 @@ class CpuExceptions(CpuRegisters):
             if insn is None:
                 return None
             acc = self._decode_mem(insn)
-            if acc is not None and self._targets(acc, p, address):
+            if acc is not None and self._target_va(acc, p, address) is not None:
                 return p
         return None
 
