@@ -152,10 +152,8 @@ class Machine:
         if ffa:
             spmc = Spmc(self.mem)
         self.firmware = Firmware(cpus, self.mem, ffa=spmc)
-        # Module functions bound to this machine (a snapshot pickles them by name; a compiled
-        # method of this Python class has no name to pickle by).
-        self.firmware.on_cpu_start = functools.partial(_cpu_start, self)
-        self.firmware.on_cpu_off = functools.partial(_cpu_off, self)
+        self.firmware.on_cpu_start = self._cpu_start
+        self.firmware.on_cpu_off = self._cpu_off
         self.host_entry: dict[int, tuple[int, int]] = {}  # where each CPU entered the host
         self._hyp.smc_to_el3 = self.firmware.smc
         # The physical timer: a guest is interrupted (ARM_EXCEPTION_IRQ) after this many
@@ -218,6 +216,19 @@ class Machine:
         r = self.hvc(cpu, "__pkvm_prot_finalize")
         if r.x0 or r.x1:
             raise RuntimeError(f"__pkvm_prot_finalize failed on cpu {cpu}: {r}")
+
+    # -- CPUs powered on and off by the firmware -----------------------------------------
+    def _cpu_start(self, cpu: int, pc: int, ctx: int) -> None:
+        """The firmware started `cpu` at `pc`: EL2's entry (through the relay) or the host's."""
+        self.el2[cpu].hcr_el2 = self.el2[cpu].vttbr_el2 = self.el2[cpu].vtcr_el2 = 0
+        entered = kvm_hyp_cpu_start(self._hyp, cpu, pc, ctx)
+        self.host_entry[cpu] = entered if entered is not None else (pc, ctx)
+
+    def _cpu_off(self, cpu: int) -> None:
+        """A powered-down CPU loses its EL2 state; it comes back only through CPU_ON."""
+        el2 = self.el2[cpu]
+        el2.hcr_el2 = el2.vttbr_el2 = el2.vtcr_el2 = 0
+        self.host_entry.pop(cpu, None)
 
     # -- the HVC instruction ---------------------------------------------------------
     @property
@@ -294,23 +305,22 @@ class Machine:
         if h.dead:
             raise HypPanic(h.dead, cpu, None)
         x0 = smc_func_id(func) if isinstance(func, str) else func & U64
-        regs = [x0] + [a & U64 for a in args] + [0] * (17 - len(args))
+        masked = tuple([a & U64 for a in args])
+        regs = [x0, *masked] + [0] * (17 - len(args))
         h.locks.cpu = cpu
         t0 = time.perf_counter_ns()
         try:
             path = handle_host_smc(h, regs, imm)
         except HypBug as bug:
             h.dead = str(bug)
-            self._notify(self._record(cpu, f"smc {x0:#x}", x0, tuple([a & U64 for a in args]),
-                                      regs, t0, str(bug)))
+            self._notify(self._record(cpu, f"smc {x0:#x}", x0, masked, regs, t0, str(bug)))
             raise HypPanic(str(bug), cpu, f"smc {x0:#x}") from None
         host = self.el2[cpu].host_regs
         for i in range(18):
             host[i] = regs[i]
         off = self.firmware.power[cpu] == OFF
         if self.tracing or self.listeners:
-            self._notify(self._record(cpu, f"smc:{path}:{x0:#x}", x0,
-                                      tuple([a & U64 for a in args]), regs, t0, None))
+            self._notify(self._record(cpu, f"smc:{path}:{x0:#x}", x0, masked, regs, t0, None))
         return SmcResult(tuple(regs), path, off)
 
     def _record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
@@ -427,21 +437,6 @@ class Machine:
     @property
     def dead(self) -> str | None:
         return self._hyp.dead
-
-
-# -- CPUs powered on and off by the firmware ---------------------------------------------------
-def _cpu_start(m: Machine, cpu: int, pc: int, ctx: int) -> None:
-    """The firmware started `cpu` at `pc`: EL2's entry (through the relay) or the host's."""
-    m.el2[cpu].hcr_el2 = m.el2[cpu].vttbr_el2 = m.el2[cpu].vtcr_el2 = 0
-    entered = kvm_hyp_cpu_start(m._hyp, cpu, pc, ctx)
-    m.host_entry[cpu] = entered if entered is not None else (pc, ctx)
-
-
-def _cpu_off(m: Machine, cpu: int) -> None:
-    """A powered-down CPU loses its EL2 state; it comes back only through CPU_ON."""
-    el2 = m.el2[cpu]
-    el2.hcr_el2 = el2.vttbr_el2 = el2.vtcr_el2 = 0
-    m.host_entry.pop(cpu, None)
 
 
 def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",

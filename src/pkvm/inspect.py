@@ -48,7 +48,7 @@ __all__ = [
     "hyp_state_of_pte", "hyp_pa", "hyp_va",
 ]
 
-STATE_NAMES = {s: s.name for s in PageState}
+STATE_NAMES: dict[int, str] = {s: s.name for s in PageState}  # a state (or its int) -> name
 
 
 _T = TypeVar("_T")
@@ -63,6 +63,8 @@ def used_slots(table: Sequence[Any]) -> Iterator[int]:
 def used(table: Sequence[_T | None]) -> list[_T]:
     """The slots of `table` that are not None, in order (as `used_slots`)."""
     return cast("list[_T]", list(compress(table, map(is_not, table, repeat(None)))))
+
+
 PAGE_STATE_VALUES = {s.name: int(s) for s in PageState}  # the values `page_states` returns
 
 

@@ -406,9 +406,7 @@ class KvmPgtable:
 
     def free_unlinked(self, table: int, level: int) -> None:
         """Free a detached subtree: drop every counted entry, then the table itself."""
-        mem = self.mem  # a direct (compiled) call, not a bound method
-        for i in range(PTRS_PER_PTE):
-            pte = mem.read_u64(table + i * 8)
+        for pte in self._entries(table):
             if pte_table(pte, level):
                 self.free_unlinked(pte & KVM_PTE_ADDR_MASK, level + 1)
             if self.counted(pte):
@@ -441,25 +439,21 @@ class KvmPgtable:
             table = child
         return table + ((addr >> PAGE_SHIFT) & PTE_INDEX_MASK) * 8
 
+    def _entries(self, table: int) -> list[int]:
+        """The entries of a table page, in one read where the memory offers it (the host's
+        memory: one translation for the page)."""
+        read_table = getattr(self.mem, "read_table", None)
+        if read_table is not None:
+            entries: list[int] = read_table(table)
+            return entries
+        mem = self.mem  # a direct (compiled) call, not a bound method
+        return [mem.read_u64(table + i * 8) for i in range(PTRS_PER_PTE)]
+
     def destroy(self) -> None:
         """`kvm_pgtable_stage2_destroy` / `hyp_destroy`: free every table page, the root last."""
         if not self.pgd:
             return
-        read = self.mem.read_u64
-        # a table page in one read where the memory offers it (the host's: one translation)
-        read_table = getattr(self.mem, "read_table", None)
-
-        def free_tree(table: int, level: int) -> None:
-            ptes: list[int] = read_table(table) if read_table is not None else [
-                read(table + i * 8) for i in range(PTRS_PER_PTE)]
-            for pte in ptes:
-                if pte_table(pte, level):
-                    free_tree(pte & KVM_PTE_ADDR_MASK, level + 1)
-                if self.counted(pte):
-                    self.mm_ops.put_page(table)
-            self.mm_ops.put_page(table)
-
-        free_tree(self.pgd, self.start_level)
+        self.free_unlinked(self.pgd, self.start_level)
         self.pgd = 0
 
     # -- the operations (`pgtable_hyp`, `pgtable_stage2`) ---------------------------------

@@ -28,6 +28,7 @@ from pkvm.check.oracles import run_all
 from pkvm.check.page_invariants import NOPAGE, OWNED, SB
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
 from pkvm.inspect import (
+    STATE_NAMES,
     HypView,
     PageState,
     PkvmHypVm,
@@ -64,12 +65,9 @@ _GUEST_S2_STILL = frozenset({
 })
 
 
-_NAMES = {int(s): s.name for s in PageState}
-
-
 def _name(s: Any) -> str:
     if isinstance(s, int):
-        return _NAMES[s] if s in _NAMES else PageState(s).name
+        return STATE_NAMES[s] if s in STATE_NAMES else PageState(s).name
     return str(s)
 
 

@@ -42,6 +42,7 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 _MC_HEAD = KVM_VCPU.offset("arch.pkvm_memcache.head")  # head, then nr_pages
 assert KVM_VCPU.offset("arch.pkvm_memcache.nr_pages") == _MC_HEAD + 8
 _HEAD_NR = struct.Struct("<QQ")
+_TABLE = struct.Struct(f"<{PAGE_SIZE // 8}Q")  # one page-table page
 
 
 def host_va(pa: int) -> int:
@@ -64,9 +65,6 @@ class _HostMem:
     def read_table(self, pa: int) -> list[int]:
         """The 512 entries of the table page at `pa`, read at once (one access of the page)."""
         return list(_TABLE.unpack(self.host.read(pa, PAGE_SIZE)))
-
-
-_TABLE = struct.Struct("<512Q")
 
 
 class _HostTablePages:

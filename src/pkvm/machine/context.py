@@ -461,13 +461,7 @@ class CpuRegisters:
         r = self._core.read()
         pstate = r[_I_PSTATE]
         el1h = pstate & PSR_MODE_MASK == PSR_MODE_EL1h
-        if self._sys_dirty:
-            self._shadow_sys = self._sys.read()
-            self._sys_dirty = False
-        elif self._ran:
-            self._shadow_sys[self._par_index] = self._cpr(SYS_REGS["PAR_EL1"])
-        self._ran = False
-        sysvals = self._shadow_sys
+        sysvals = self._saved_sys(None)
         return CpuContext(
             x=r[:31],
             sp_el0=r[_I_SP_EL0] if el1h else r[_I_SP],
@@ -494,15 +488,23 @@ class CpuRegisters:
             buf[_W_SP_EL0], buf[_W_SP_EL1] = buf[_W_BANK_SP_EL0], buf[_W_LIVE_SP]
         else:
             buf[_W_SP_EL0], buf[_W_SP_EL1] = buf[_W_LIVE_SP], buf[_W_BANK_SP_EL1]
+        sysvals = self._saved_sys(raw.par.val)
+        buf[_W_SPSR] = sysvals[-1]
+        return ctypes.string_at(raw.addr, RAW_SIZE), sysvals[:-1]
+
+    def _saved_sys(self, par: int | None) -> list[int]:
+        """The EL1 system registers at a save (`sys_names`, then SPSR_EL1): read again when an
+        MSR ran since the last move, else the shadow, with PAR_EL1 updated when the CPU ran
+        (only AT, a SYS instruction that is not hooked, changes it silently): `par` if the
+        caller read it already, else read now."""
         if self._sys_dirty:
             self._shadow_sys = self._sys.read()
             self._sys_dirty = False
-        elif self._ran:  # only AT (a SYS instruction, not hooked) changes PAR_EL1 silently
-            self._shadow_sys[self._par_index] = raw.par.val
+        elif self._ran:
+            self._shadow_sys[self._par_index] = (
+                self._cpr(SYS_REGS["PAR_EL1"]) if par is None else par)
         self._ran = False
-        sysvals = self._shadow_sys
-        buf[_W_SPSR] = sysvals[-1]
-        return ctypes.string_at(raw.addr, RAW_SIZE), sysvals[:-1]
+        return self._shadow_sys
 
     def load_raw(self, data: bytes, sysvals: list[int]) -> None:
         """Make the context `save_raw` returns the CPU's state (flush): `data` in its layout,

@@ -2,9 +2,10 @@
 
 The run path drives it as KVM drives hardware: `load_context()` (flush), `run()` until an
 exception to EL2, `save_context()` (sync); `save_raw()` / `load_raw()` move the same context as
-bytes in `struct kvm_cpu_context`'s layout, with no per-register objects (the hyp's run path). The core knows nothing of the hyp or the host: its
-stage-2 view is a list of IPA ranges, each backed directly by host memory (`map`), and an exit
-is reported as the architecture reports it to EL2 (`Exit.esr`, `.far`, `.hpfar`).
+bytes in `struct kvm_cpu_context`'s layout, with no per-register objects (the hyp's run path).
+The core knows nothing of the hyp or the host: its stage-2 view is a list of IPA ranges, each
+backed directly by host memory (`map`), and an exit is reported as the architecture reports it
+to EL2 (`Exit.esr`, `.far`, `.hpfar`).
 
     core = Core()
     core.map(0x4000_0000, size, host_address, writable=True, executable=True)

@@ -272,8 +272,8 @@ class CpuExceptions(CpuRegisters):
         """A stage-2 fault: `address` is the IPA (unicorn's physical address)."""
         pc = self._rd(A.UC_ARM64_REG_PC)
         if access in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
-            fsc = (FSC.FAULT if access == UC_MEM_FETCH_UNMAPPED else FSC.PERM) + 3
-            self._exit = Exit(ExitKind.IABT, esr(EC.IABT_LOW, fsc), pc, hpfar_from_ipa(address))
+            self._exit = Exit(ExitKind.IABT, esr(EC.IABT_LOW, _abort_fsc(access)), pc,
+                              hpfar_from_ipa(address))
             return False
         insn = self._fetch(pc)
         acc = self._decode_mem(insn) if insn is not None else None

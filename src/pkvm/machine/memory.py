@@ -161,7 +161,6 @@ class PhysMemory:
             return None
         return vec
 
-
     # -- snapshots ---------------------------------------------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickle as the size and the pages that hold anything but zeros (a machine snapshot):
