@@ -157,13 +157,15 @@ class VcpuRunner:
         vm = self.vm
         if self.power_off:
             return VcpuExit("cpu_off")
-        cpu = self.vcpu.idx % vm.host.nr_cpus if cpu is None else cpu
-        vm.ensure_hyp_vcpu(self.vcpu)
-        vm.life.vcpu_load(vm, self.vcpu, HCR_HOST_VCPU, cpu)
-        vm.life.vgic_load(vm, self.vcpu, cpu)
+        vcpu, life = self.vcpu, vm.life
+        cpu = vcpu.idx % vm.host.nr_cpus if cpu is None else cpu
+        vm.ensure_hyp_vcpu(vcpu)
+        life.vcpu_load(vm, vcpu, HCR_HOST_VCPU, cpu)
+        life.vgic_load(vm, vcpu, cpu)
+        hvc, va = vm.host.port.hvc, vcpu.va  # `Host.hvc` on this CPU, without its wrapper
         try:
             for _ in range(RUN_REENTRY_LIMIT):
-                r = vm.host.hvc("__kvm_vcpu_run", self.vcpu.va, cpu=cpu)
+                r = hvc(cpu, "__kvm_vcpu_run", va)
                 if r.x0:
                     return VcpuExit("fail", detail="__kvm_vcpu_run is not offered")
                 if r.x1 < 0:
@@ -176,8 +178,8 @@ class VcpuRunner:
             return VcpuExit("hung", detail=f"KVM_RUN re-entered the guest {RUN_REENTRY_LIMIT} "
                                            "times without an exit to userspace")
         finally:
-            vm.life.vgic_put(vm, self.vcpu, cpu)
-            vm.life.vcpu_put(vm, cpu)
+            life.vgic_put(vm, vcpu, cpu)
+            life.vcpu_put(vm, cpu)
 
     def _count(self, kind: str) -> None:
         self.exits[kind] = self.exits.get(kind, 0) + 1

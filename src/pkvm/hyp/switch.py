@@ -30,7 +30,7 @@ from pkvm.errors import EINVAL
 from pkvm.hyp.mm import el2_read, el2_read_u64, el2_write, el2_write_u64, kern_hyp_va
 from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, KVM_PTE_VALID, KvmPgtable, pte_table
 from pkvm.hyp.pkvm import kvm_field, vcpu_field
-from pkvm.hyp.pkvm_structs import PkvmHypVcpu
+from pkvm.hyp.pkvm_structs import HYP_VCPU, PkvmHypVcpu
 from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
 from pkvm.hyp.state import HypState
 from pkvm.hyp.sys_regs import (
@@ -64,11 +64,19 @@ HCR_TWI = 1 << 13
 HCR_TWE = 1 << 14
 HCR_VSE = 1 << 8
 HCR_VI = 1 << 7  # the host's virtual IRQ line (its emulated GIC's output)
+U64 = 0xFFFF_FFFF_FFFF_FFFF
 _FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
 _XREGS = struct.Struct("<31Q")  # arch.ctxt.regs
 _TABLE = struct.Struct(f"<{PAGE_SIZE // 8}Q")  # one page-table page
 _SP_EL0, _PC, _PSTATE = 8 * 31, 8 * 32, 8 * 33  # offsets in arch.ctxt
 RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
+# arch.{hcr_el2, hcrx_el2, mdcr_el2, iflags}: contiguous in kvm_vcpu (hcrx_el2 is skipped)
+_TRAP_REGS = struct.Struct("<Q8xQQ")
+_HCR_OFF = KVM_VCPU.offset("arch.hcr_el2")
+assert KVM_VCPU.offset("arch.mdcr_el2") == _HCR_OFF + 16
+assert KVM_VCPU.offset("arch.iflags") == _HCR_OFF + 24
+_HYP_FAULT_OFF = HYP_VCPU["vcpu.arch.fault.esr_el2"][0]  # arch.fault in the hyp vCPU
+assert HYP_VCPU["vcpu.arch.fault.hpfar_el2"][0] == _HYP_FAULT_OFF + 16
 
 
 # -- the per-vCPU trap configuration (7.2 `nvhe/pkvm.c: pkvm_vcpu_init_traps`) ----------------
@@ -182,23 +190,51 @@ def pkvm_vcpu_init_traps(h: HypState, vcpu: PkvmHypVcpu) -> int:
 HCRX_EL2_SMPME = 1 << 5
 
 
+def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
+    """`hcr_el2`, `mdcr_el2` and `iflags` of the host vCPU at `hv`, read as flush reads them.
+
+    They are three words of one 32-byte span of `kvm_vcpu.arch` (`hcrx_el2` between): with no
+    scheduler installed (no preemption point between the reads, so no other CPU can write in
+    between) and the span in one page (one translation: the same fault, at the same address,
+    as the first of the three reads), one read of the span gives what the three reads give."""
+    va = hv + _HCR_OFF
+    if h.locks.scheduler is None and (va & 0xFFF) <= PAGE_SIZE - _TRAP_REGS.size:
+        hcr, mdcr, iflags = _TRAP_REGS.unpack(el2_read(h, va, _TRAP_REGS.size))
+        return hcr, mdcr, iflags
+    return (vcpu_field(h, hv, "arch.hcr_el2"), vcpu_field(h, hv, "arch.mdcr_el2"),
+            vcpu_field(h, hv, "arch.iflags"))
+
+
 def flush_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     hv = vcpu.host_vcpu
-    ctxt = bytearray(el2_read(h, hv + CTXT_START, CTXT_END - CTXT_START))
+    ctxt = el2_read(h, hv + CTXT_START, CTXT_END - CTXT_START)
     h.locks.preempt("host-read", "arch.ctxt")
-    ctxt[RUNNING_VCPU_OFF : RUNNING_VCPU_OFF + 8] = bytes(8)
-    vcpu.ctxt = bytes(ctxt)
-    host_hcr = vcpu_field(h, hv, "arch.hcr_el2")
+    vcpu.ctxt = ctxt[:RUNNING_VCPU_OFF] + bytes(8) + ctxt[RUNNING_VCPU_OFF + 8 :]
+    if not h.profile.hyp_owned_guest_stage2:
+        # 6.12 reads its fields one by one, the stage-2's pgd (`hw_mmu`) among them
+        _flush_6_12(h, vcpu, hv)
+        return
+    host_hcr, mdcr, iflags = _host_trap_regs(h, hv)
     if h.profile.hyp_vcpu_init_traps:  # the hyp set the vCPU's traps up itself
         mask = HCR_TWI | HCR_TWE | HCR_VSE | HCR_VI  # VI: the host's emulated GIC
         vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (host_hcr & mask)
     else:
         vcpu.hcr_el2 = host_hcr
-    if not h.profile.hyp_owned_guest_stage2:
-        # 6.12 runs the guest on the stage-2 the host manages: its `hw_mmu`, read every run.
-        mmu = kern_hyp_va(h, vcpu_field(h, hv, "arch.hw_mmu"))
-        pgd_off = KVM.offset("arch.mmu.pgd_phys") - KVM.offset("arch.mmu.vmid")
-        vcpu.exit_data["s2_pgd"] = el2_read_u64(h, mmu + pgd_off) & ~0xFFF
+    vcpu.mdcr_el2 = mdcr
+    vcpu.iflags = iflags
+
+
+def _flush_6_12(h: HypState, vcpu: PkvmHypVcpu, hv: int) -> None:
+    host_hcr = vcpu_field(h, hv, "arch.hcr_el2")
+    if h.profile.hyp_vcpu_init_traps:
+        mask = HCR_TWI | HCR_TWE | HCR_VSE | HCR_VI
+        vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (host_hcr & mask)
+    else:
+        vcpu.hcr_el2 = host_hcr
+    # 6.12 runs the guest on the stage-2 the host manages: its `hw_mmu`, read every run.
+    mmu = kern_hyp_va(h, vcpu_field(h, hv, "arch.hw_mmu"))
+    pgd_off = KVM.offset("arch.mmu.pgd_phys") - KVM.offset("arch.mmu.vmid")
+    vcpu.exit_data["s2_pgd"] = el2_read_u64(h, mmu + pgd_off) & ~0xFFF
     vcpu.mdcr_el2 = vcpu_field(h, hv, "arch.mdcr_el2")
     vcpu.iflags = vcpu_field(h, hv, "arch.iflags")
 
@@ -208,8 +244,7 @@ def sync_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     el2_write(h, hv + CTXT_START, vcpu.ctxt)
     el2_write_u64(h, hv + KVM_VCPU.offset("arch.hcr_el2"), vcpu.hcr_el2)
     el2_write_u64(h, hv + KVM_VCPU.offset("arch.iflags"), vcpu.iflags)
-    el2_write(h, hv + KVM_VCPU.offset("arch.fault.esr_el2"),
-              _FAULT.pack(vcpu.fault_esr, vcpu.fault_far, vcpu.fault_hpfar))
+    el2_write(h, hv + KVM_VCPU.offset("arch.fault.esr_el2"), vcpu.load(_HYP_FAULT_OFF, _FAULT.size))
 
 
 HPFAR_NS = 1 << 63
@@ -510,12 +545,15 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         if ex.kind is ExitKind.BUDGET:
             code = ARM_EXCEPTION_IRQ
             break
-        vcpu.fault_esr = ex.esr
         if ex.kind in (ExitKind.DABT, ExitKind.IABT):
             if not h.profile.hyp_owned_guest_stage2 and _refault(h, vcpu, core, ex.ipa):
+                vcpu.fault_esr = ex.esr
                 continue  # the host mapped it meanwhile: the walk now succeeds
-            vcpu.fault_far = ex.far
-            vcpu.fault_hpfar = ex.hpfar | (HPFAR_NS if h.profile.fault_hpfar_ns_valid else 0)
+            # arch.fault.{esr,far,hpfar}_el2: three words in a row, stored at once
+            hpfar = ex.hpfar | (HPFAR_NS if h.profile.fault_hpfar_ns_valid else 0)
+            vcpu.store(_HYP_FAULT_OFF, _FAULT.pack(ex.esr, ex.far & U64, hpfar & U64))
+        else:
+            vcpu.fault_esr = ex.esr
         if protected and ex.kind is ExitKind.HVC and handle_pvm_hvc64(h, vcpu, core):
             continue
         if protected and ex.kind is ExitKind.SYSREG and handle_pvm_sysreg(h, vcpu, core, ex.esr):

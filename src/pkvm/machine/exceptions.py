@@ -83,7 +83,7 @@ from pkvm.machine.esr import (
     sys64_iss,
 )
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
-from pkvm.machine.stage1 import Walk, walk_stage1
+from pkvm.machine.stage1 import OA_MASK, Walk, walk_stage1
 from pkvm.machine.stage2_view import Stage2View
 
 PAGE_OFFSET_MASK = PAGE_SIZE - 1
@@ -234,12 +234,20 @@ class CpuExceptions(CpuRegisters):
             fetch=fetch,
         )
 
+    def _mmu_off(self) -> bool:
+        """SCTLR_EL1.M is clear, as the shadow knows it (no MSR since the last move): the
+        stage-1 is the identity on [0, OA_MASK] and faults above (`walk_stage1`)."""
+        return not self._sys_dirty and not self._shadow_sys[self._sctlr_index] & SCTLR_ELx_M
+
     def _fetch(self, va: int) -> int | None:
         """The instruction word at VA (through the guest's stage-1), None if unreachable."""
-        w = self.translate(va, fetch=True)
-        if w.ipa is None:
+        if self._mmu_off():  # the walk's answer with the MMU off, without a `Walk`
+            ipa: int | None = va if va <= OA_MASK else None
+        else:
+            ipa = self.translate(va, fetch=True).ipa
+        if ipa is None:
             return None
-        host = self._view.host_of(w.ipa)
+        host = self._view.host_of(ipa)
         return None if host is None else ctypes.c_uint32.from_address(host).value
 
     def trap_id_regs(self) -> None:
@@ -321,8 +329,11 @@ class CpuExceptions(CpuRegisters):
         far = _far(va, address)
         if far >= va + max(acc.total, 1):
             return None
-        w = self.translate(far, write=acc.store)
-        ipa = w.ipa if w.ipa is not None else w.s2_ipa
+        if self._mmu_off():  # the walk's answer with the MMU off (no S1PTW without tables)
+            ipa: int | None = far if far <= OA_MASK else None
+        else:
+            w = self.translate(far, write=acc.store)
+            ipa = w.ipa if w.ipa is not None else w.s2_ipa
         return va if ipa is not None and ipa >> PAGE_SHIFT == address >> PAGE_SHIFT else None
 
     def _access_pc(self, pc: int, address: int) -> int | None:
