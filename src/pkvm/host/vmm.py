@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
 from pkvm.host.kvm import GUEST_RAM_IPA, HostVcpu, HostVm
-from pkvm.host.vcpu_run import VcpuExit
+from pkvm.host.vcpu_run import VcpuExit, VcpuRunner
 
 if TYPE_CHECKING:
     from pkvm.host.host import Host
@@ -82,7 +82,7 @@ class Vmm:
         self.uart = Pl011(out)
         self.summary = RunSummary("running")
 
-    def _mmio(self, vcpu: HostVcpu, ex: VcpuExit) -> None:
+    def _mmio(self, vcpu: HostVcpu | VcpuRunner, ex: VcpuExit) -> None:
         s = self.summary
         if UART_BASE <= ex.addr < UART_BASE + UART_SIZE:
             off = ex.addr - UART_BASE
@@ -105,28 +105,31 @@ class Vmm:
         t0 = time.perf_counter()
         exits = 0
         vcpus = self.vm.vcpus
+        counts = s.exits
         try:
             while True:
-                runnable = [v for v in vcpus if not v.powered_off]
+                # each vCPU's KVM_RUN (`HostVcpu.run` is its runner's `run`)
+                runnable = [v.runner for v in vcpus if not v.runner.power_off]
                 if not runnable:
                     s.reason = "all vCPUs off"
                     break
                 stop = None
-                for vcpu in runnable:
-                    ex = vcpu.run()
+                for runner in runnable:
+                    ex = runner.run()
                     exits += 1
                     if progress is not None and not exits & 0xFF:
                         progress(exits)
-                    s.exits[ex.kind] = s.exits.get(ex.kind, 0) + 1
-                    if ex.kind == "mmio":
-                        self._mmio(vcpu, ex)
-                    elif ex.kind == "system_event":
+                    kind = ex.kind
+                    counts[kind] = counts.get(kind, 0) + 1
+                    if kind == "mmio":
+                        self._mmio(runner, ex)
+                    elif kind == "system_event":
                         stop = ex.event
-                    elif ex.kind == "sysreg":
-                        vcpu.runner.inject_undef()
-                    elif ex.kind == "hung":
+                    elif kind == "sysreg":
+                        runner.inject_undef()
+                    elif kind == "hung":
                         stop = f"hung: {ex.detail}"
-                    elif ex.kind == "fail":
+                    elif kind == "fail":
                         stop = f"fail: {ex.detail} (esr {ex.esr:#x}, addr {ex.addr:#x})"
                     if stop:
                         break

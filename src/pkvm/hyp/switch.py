@@ -476,17 +476,19 @@ def _refault(h: HypState, vcpu: PkvmHypVcpu, core: Core, ipa: int) -> bool:
     return bool(core.mappings() != before)
 
 
-def _load_context(vcpu: PkvmHypVcpu, core: Core) -> None:
-    """Put the flushed context on the CPU, applying `__kvm_adjust_pc`'s PC increment.
+def _load_context(vcpu: PkvmHypVcpu, core: Core, ctxt: bytes) -> int | None:
+    """Put the flushed context `ctxt` on the CPU, applying `__kvm_adjust_pc`'s PC increment.
 
     The core still holds what the last sync copied out; when the host changed only general
-    registers or the PC since (an MMIO completion), only those are written."""
-    ctxt = vcpu.ctxt
+    registers or the PC since (an MMIO completion), only those are written. Returns the PC
+    the guest resumes at when it is left for the run to write (emu_start writes PC), else
+    None (the CPU holds it)."""
     synced = vcpu.exit_data.get("synced")
     pc = int.from_bytes(ctxt[_PC:_PSTATE], "little")
-    if vcpu.iflags & IFLAG_INCREMENT_PC:
+    iflags = vcpu.iflags
+    if iflags & IFLAG_INCREMENT_PC:
         pc = (pc + 4) & 0xFFFF_FFFF_FFFF_FFFF
-        vcpu.iflags &= ~IFLAG_INCREMENT_PC
+        vcpu.iflags = iflags & ~IFLAG_INCREMENT_PC
     if synced is not None and ctxt[_PSTATE:CTXT_REGS_SIZE] == synced[_PSTATE:CTXT_REGS_SIZE] and (
             ctxt[_SP_EL0:_PC] == synced[_SP_EL0:_PC]):
         if ctxt[:_SP_EL0] != synced[:_SP_EL0]:
@@ -494,18 +496,17 @@ def _load_context(vcpu: PkvmHypVcpu, core: Core) -> None:
             for i in range(31):
                 if new[i] != old[i]:
                     core.set_x(i, new[i])
-        if pc != int.from_bytes(synced[_PC:_PSTATE], "little"):
-            core.pc = pc
-        return
+        return pc
     core.load_raw(ctxt[:_PC] + pc.to_bytes(8, "little") + ctxt[_PSTATE:],
                   ctxt_sys_values(ctxt, core.sys_names))
+    return None
 
 
-def _sync_context(vcpu: PkvmHypVcpu, core: Core) -> None:
-    """Copy the CPU's context out into the hyp vCPU (`__sysreg_save_state` and friends),
-    remembering what was copied for the next `_load_context`."""
+def _sync_context(vcpu: PkvmHypVcpu, core: Core, base: bytes) -> None:
+    """Copy the CPU's context out into the hyp vCPU (`__sysreg_save_state` and friends) over
+    `base`, the hyp vCPU's context as the run began (only the run path writes it), remembering
+    what was copied for the next `_load_context`."""
     raw, sysvals = core.save_raw()
-    base = vcpu.ctxt
     synced = vcpu.exit_data.get("synced")
     eng = _engine_of(vcpu)
     if synced is not None and sysvals == eng.synced_sys.get(vcpu.vcpu_idx) and (
@@ -523,10 +524,15 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     """`__kvm_vcpu_run`: enter the guest, return the exit code."""
     core = _core_for(h, vcpu)
     _switch_to(vcpu, core)  # the VM's vCPUs share one engine
-    _load_context(vcpu, core)
-    if vcpu.iflags & IFLAG_PENDING_EXCEPTION:
+    ctxt = vcpu.ctxt
+    start = _load_context(vcpu, core, ctxt)
+    iflags = vcpu.iflags
+    if iflags & IFLAG_PENDING_EXCEPTION:
+        if start is not None:
+            core.pc = start
+            start = None
         core.inject_undef()
-        vcpu.iflags &= ~IFLAG_PENDING_EXCEPTION
+        vcpu.iflags = iflags & ~IFLAG_PENDING_EXCEPTION
     # HCR_EL2.VI, the virtual IRQ the host's GIC asserts, goes into the CPU's HCR_EL2
     # (IMO is set): the CPU takes it itself, exactly when the guest unmasks PSTATE.I.
     vi = vcpu.hcr_el2 & HCR_VI
@@ -539,9 +545,12 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     while True:
         _sync_view(h, vcpu, core)
         if isinstance(budget, float):  # a wall-clock slice (seconds)
+            if start is not None:
+                core.pc = start
             ex = run_for(core, budget)
         else:
-            ex = core.run(budget)
+            ex = core.run(budget, start)
+        start = None
         if ex.kind is ExitKind.BUDGET:
             code = ARM_EXCEPTION_IRQ
             break
@@ -561,5 +570,5 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
         break
     if vi:  # an IRQ the CPU took wrote SPSR_EL1 behind the core's back
         core.invalidate_sys_shadow()
-    _sync_context(vcpu, core)
+    _sync_context(vcpu, core, ctxt)
     return code

@@ -267,6 +267,9 @@ class _RawBatch:
         self.uch = uch
         self.buf = (ctypes.c_uint64 * (RAW_WORDS + 3))()
         self.addr = ctypes.addressof(self.buf)
+        # the context's bytes of the buffer, as a view (`bytes(view)` copies them out without
+        # a foreign call, which `ctypes.string_at` makes)
+        self.view = memoryview(self.buf).cast("B")[:RAW_SIZE]
         self.par = _CpReg()
         p = SYS_REGS["PAR_EL1"]
         self.par.op0, self.par.op1, self.par.crn, self.par.crm, self.par.op2 = p
@@ -490,7 +493,7 @@ class CpuRegisters:
             buf[_W_SP_EL0], buf[_W_SP_EL1] = buf[_W_LIVE_SP], buf[_W_BANK_SP_EL1]
         sysvals = self._saved_sys(raw.par.val)
         buf[_W_SPSR] = sysvals[-1]
-        return ctypes.string_at(raw.addr, RAW_SIZE), sysvals[:-1]
+        return bytes(raw.view), sysvals[:-1]
 
     def _saved_sys(self, par: int | None) -> list[int]:
         """The EL1 system registers at a save (`sys_names`, then SPSR_EL1): read again when an
@@ -511,7 +514,7 @@ class CpuRegisters:
         `sysvals` the values of `sys_names`. The same as `load_context` (tested)."""
         raw = self._raw
         buf = raw.buf
-        ctypes.memmove(raw.addr, data, RAW_SIZE)
+        raw.view[:] = data[:RAW_SIZE]
         el1h = buf[_W_PSTATE] & PSR_MODE_MASK == PSR_MODE_EL1h
         buf[_W_LIVE_SP] = buf[_W_SP_EL1] if el1h else buf[_W_SP_EL0]
         buf[_W_BANK_SP_EL0], buf[_W_BANK_SP_EL1] = buf[_W_SP_EL0], buf[_W_SP_EL1]

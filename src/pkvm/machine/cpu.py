@@ -177,11 +177,13 @@ class Core(CpuExceptions):
         self._exit = None
         self._mem_fault = None
 
-    def run(self, max_insns: int | None = None) -> Exit:
-        """Run from the current PC until an exception EL2 would take (or the budget ends)."""
+    def run(self, max_insns: int | None = None, pc: int | None = None) -> Exit:
+        """Run from the current PC until an exception EL2 would take (or the budget ends).
+        `pc`, if given, is where to start: emu_start writes it to PC (as `self.pc = pc` would)."""
         self._clear_exit()  # a call, not assignments: the hooks set both during emu_start
         self._ran = True
-        pc = self._rd(A.UC_ARM64_REG_PC)
+        if pc is None:
+            pc = self._rd(A.UC_ARM64_REG_PC)
         # `Uc.emu_start` without its wrapper: a hook's exception is kept on the instance
         uc = self.uc
         uc._hook_exception = None

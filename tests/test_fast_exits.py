@@ -1,0 +1,212 @@
+"""Fast paths of the MMIO exit round trip agree with the generic code they short-cut (issue 17).
+
+Each is a model speed-up, not kernel behaviour: flush's one read of `hcr_el2 .. iflags`
+(`switch._host_trap_regs`), the MMU-off answers of the exit's instruction fetch and access check
+(`CpuExceptions._fetch`, `_target_va`), a run started at a given PC (`Core.run(pc=...)`), and the
+whole round trip with the fast paths on against the same guest with them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import mmap
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import pkvm
+from pkvm import guests
+from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM_VCPU
+from pkvm.errors import HypPanic
+from pkvm.hyp.mm import kern_hyp_va
+from pkvm.hyp.panic import HypBug
+from pkvm.hyp.pkvm import vcpu_field
+from pkvm.hyp.switch import _host_trap_regs
+from pkvm.machine.cpu import Core, CpuContext, ExitKind
+from pkvm.machine.decode import decode_mem
+from pkvm.machine.exceptions import _far
+from pkvm.machine.stage1 import OA_MASK
+
+SETTINGS = settings(max_examples=80, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+u64 = st.integers(0, 2**64 - 1)
+RAM = guests.RAM_BASE
+HCR_OFF = KVM_VCPU.offset("arch.hcr_el2")
+
+
+# -- flush: hcr_el2, mdcr_el2, iflags in one read -------------------------------------------
+@pytest.fixture(scope="module")
+def machine_vcpu():
+    m = pkvm.Machine(memory="64M", cpus=2, trace=False)
+    vm = m.host.create_vm(vcpus=1, protected=True, memory=1 << 20)
+    vm.map(RAM >> 12, 1)  # the hyp VM and vCPU exist: the host vCPU is shared with EL2
+    return m, vm.vcpus[0]
+
+
+def _outcome(fn):
+    try:
+        return fn()
+    except HypBug as bug:  # the same fault, at the same address, is the same message
+        return ("fault", str(bug))
+
+
+@SETTINGS
+@given(off=st.integers(0, 511).map(lambda k: 8 * k), words=st.lists(u64, min_size=4, max_size=4))
+def test_one_read_of_the_trap_registers_is_the_three_field_reads(machine_vcpu, off, words):
+    """Anywhere in the host vCPU's page (the span crossing into the next page included, where
+    the next page may not be mapped at EL2), with any values there, `_host_trap_regs` gives the
+    three `vcpu_field` reads' values, or the same fault."""
+    m, vcpu = machine_vcpu
+    h = m._hyp
+    page_pa = vcpu.pa & ~0xFFF
+    data = b"".join(w.to_bytes(8, "little") for w in words)
+    room = 4096 - off
+    m.host.write(page_pa + off, data[:room])
+    hv = kern_hyp_va(h, page_pa + off) - HCR_OFF  # a host vCPU whose hcr_el2 is at `off`
+    fast = _outcome(lambda: _host_trap_regs(h, hv))
+    generic = _outcome(lambda: tuple(vcpu_field(h, hv, f) for f in
+                                     ("arch.hcr_el2", "arch.mdcr_el2", "arch.iflags")))
+    assert fast == generic
+    if off <= 4096 - 32:
+        assert fast == (words[0], words[2], words[3])
+
+
+# -- the exit's instruction fetch and access check with the MMU off --------------------------
+@pytest.fixture(scope="module")
+def core() -> Core:
+    c = Core()
+    mem = mmap.mmap(-1, 1 << 20)
+    _KEEP.append(mem)
+    c.map(RAM, 1 << 20, ctypes.addressof(ctypes.c_char.from_buffer(mem)))
+    return c
+
+
+_KEEP: list[object] = []
+# Loads and stores of each addressing form (register, immediate, pair, literal, SIMD).
+INSNS = [0xB9400001, 0xB9000001, 0xF8616800, 0xA9400401, 0x58000041, 0x3DC00020, 0x38401420,
+         0xB8008401, 0x78C02020, 0x29410402]
+
+
+@SETTINGS
+@given(va=st.one_of(u64, st.integers(RAM - 0x2000, RAM + (1 << 20) + 0x2000)),
+       word=st.sampled_from(INSNS), regs=st.lists(u64, min_size=3, max_size=3),
+       address=st.one_of(u64.map(lambda a: a & OA_MASK), st.integers(RAM, RAM + (1 << 20))),
+       msr_since=st.booleans())
+def test_mmu_off_fetch_and_target_check_are_the_walks(core, va, word, regs, address, msr_since):
+    """With the MMU off (as the shadow knows, or not trusted after an MSR), `_fetch` and
+    `_target_va` answer as the stage-1 walk (`translate`) makes them answer."""
+    ctx = CpuContext.reset(pc=RAM)
+    ctx.x[0], ctx.x[1], ctx.x[2] = regs
+    core.load_context(ctx)
+    if msr_since:
+        core.write_sysreg((3, 0, 1, 0, 0), core.read_sysreg((3, 0, 1, 0, 0)))
+    else:
+        core.save_raw()  # the shadow is current
+    w = core.translate(va, fetch=True)
+    host = None if w.ipa is None else core._view.host_of(w.ipa)
+    want = None if host is None else ctypes.c_uint32.from_address(host).value
+    assert core._fetch(va) == want
+
+    acc = decode_mem(word)
+    assert acc is not None
+    pc = RAM + 0x100
+    start = acc.address(pc, core._x_or_sp) & (2**64 - 1)
+    far = _far(start, address)
+    if far >= start + max(acc.total, 1):
+        want_va = None
+    else:
+        wt = core.translate(far, write=acc.store)
+        ipa = wt.ipa if wt.ipa is not None else wt.s2_ipa
+        want_va = start if ipa is not None and ipa >> 12 == address >> 12 else None
+    assert core._target_va(acc, pc, address) == want_va
+
+
+# -- a run started at a given PC ------------------------------------------------------------
+LDR_W1_X0 = 0xB9400001  # ldr w1, [x0]
+STR_W1_X0 = 0xB9000001  # str w1, [x0]
+
+
+@SETTINGS
+@given(first=st.sampled_from([LDR_W1_X0, STR_W1_X0]), at=st.integers(0, 63),
+       target=st.sampled_from([0x0A00_0000, 0x0900_0018, RAM - 8]))
+def test_a_run_from_a_given_pc_is_writing_pc_then_running(core, first, at, target):
+    """`Core.run(pc=p)` stops where `core.pc = p; core.run()` stops, with the same exit and
+    the same registers after."""
+    code = RAM + 0x4000
+    _poke(core, code + 4 * at, first)
+    for k in range(at):
+        _poke(core, code + 4 * k, 0xD503201F)  # nop
+    results = []
+    for given_pc in (False, True):
+        ctx = CpuContext.reset(pc=0)
+        ctx.x[0] = target
+        core.load_context(ctx)
+        if given_pc:
+            ex = core.run(1000, code)
+        else:
+            core.pc = code
+            ex = core.run(1000)
+        results.append((ex, core.pc, core.save_raw()))
+    assert results[0] == results[1]
+    assert results[0][0].kind is ExitKind.DABT
+
+
+def _poke(core: Core, ipa: int, word: int) -> None:
+    host = core._view.host_of(ipa)
+    assert host is not None
+    ctypes.c_uint32.from_address(host).value = word
+    core.flush_code()
+
+
+# -- the whole round trip: fast paths on, and off ---------------------------------------------
+class _NeverPreempts:
+    """A scheduler that lets the running CPU go on: installed, it turns the run path's
+    no-preemption fast paths off and changes nothing else."""
+
+    def preempt(self, cpu: int, event: str, detail: str) -> None:
+        pass
+
+    def wait_lock(self, cpu: int, lock: object) -> None:
+        pass
+
+
+def _round_trips(fast: bool, n: int) -> list[tuple[object, ...]]:
+    from pkvm.host.vmm import Vmm
+
+    m = pkvm.Machine(memory="256M", cpus=2, trace=False)
+    vmm = Vmm(m.host, guests.patch(guests.image("mmio"), n), memory="16M", protected=True,
+              out=io.StringIO())
+    runner = vmm.vm.vcpus[0].runner
+    seen = []
+    try:
+        with m.preemption.scheduled(_NeverPreempts()) if not fast else _nothing():
+            while not runner.power_off:
+                ex = runner.run()
+                host_ctxt = m.host.read(runner.vcpu.pa + CTXT_START, CTXT_END - CTXT_START)
+                seen.append((ex.kind, ex.addr, ex.write, ex.data, ex.esr, host_ctxt))
+                if ex.kind == "mmio" and not ex.write:
+                    runner.complete_mmio(0x41 + len(seen))
+    except HypPanic as e:  # pragma: no cover - reported as a difference below
+        seen.append(("panic", str(e)))
+    vmm.destroy()
+    return seen
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: object) -> None:
+        return None
+
+
+@settings(max_examples=4, deadline=None)
+@given(n=st.integers(1, 12))
+def test_the_round_trip_with_fast_paths_is_the_generic_one(n):
+    """The `mmio` guest's exits, and the host's copy of its registers after each, are the same
+    with the no-preemption fast paths and with them off (a scheduler installed)."""
+    fast, generic = _round_trips(True, n), _round_trips(False, n)
+    assert len(fast) == 2 * n + 1  # a load and a store an iteration, then the power-off
+    assert fast == generic
