@@ -8,6 +8,7 @@ the PC increment / MMIO completion of the previous exit. Returns a `VcpuExit`.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,7 @@ _FAULT_OFF = KVM_VCPU.offset("arch.fault.esr_el2")
 _IFLAGS_OFF = KVM_VCPU.offset("arch.iflags")
 assert KVM_VCPU.field("arch.iflags").size == 8
 assert KVM_VCPU.offset("arch.fault.hpfar_el2") == _FAULT_OFF + 16
+_FAULT = struct.Struct("<3Q")  # arch.fault.{esr,far,hpfar}_el2
 
 
 @dataclass
@@ -159,7 +161,8 @@ class VcpuRunner:
             return VcpuExit("cpu_off")
         vcpu, life = self.vcpu, vm.life
         cpu = vcpu.idx % vm.host.nr_cpus if cpu is None else cpu
-        vm.ensure_hyp_vcpu(vcpu)
+        if not (vcpu.hyp_created and vm.is_created):
+            vm.ensure_hyp_vcpu(vcpu)
         life.vcpu_load(vm, vcpu, HCR_HOST_VCPU, cpu)
         life.vgic_load(vm, vcpu, cpu)
         hvc, va = vm.host.port.hvc, vcpu.va  # `Host.hvc` on this CPU, without its wrapper
@@ -189,10 +192,7 @@ class VcpuRunner:
             return VcpuExit("preempted")
         if code != ARM_EXCEPTION_TRAP:
             return VcpuExit("fail", detail=f"exit code {code}")
-        raw = self.vm.host.read(self.vcpu.pa + _FAULT_OFF, 24)
-        esr = int.from_bytes(raw[0:8], "little")
-        self._far = int.from_bytes(raw[8:16], "little")
-        self._hpfar = int.from_bytes(raw[16:24], "little")
+        esr, self._far, self._hpfar = _FAULT.unpack(self.vm.host.read(self.vcpu.pa + _FAULT_OFF, 24))
         ec = esr >> 26
         if ec in (EC_DABT_LOW, EC_IABT_LOW):
             return self._abort(esr, cpu)

@@ -27,7 +27,7 @@ from pkvm.abi.host_structs import (
     ctxt_sys_values,
 )
 from pkvm.errors import EINVAL
-from pkvm.hyp.mm import el2_read, el2_read_u64, el2_write, el2_write_u64, kern_hyp_va
+from pkvm.hyp.mm import el2_read, el2_read_u64, el2_store_in_page, el2_write, kern_hyp_va
 from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, KVM_PTE_VALID, KvmPgtable, pte_table
 from pkvm.hyp.pkvm import kvm_field, vcpu_field
 from pkvm.hyp.pkvm_structs import HYP_VCPU, PkvmHypVcpu
@@ -73,6 +73,9 @@ RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 # arch.{hcr_el2, hcrx_el2, mdcr_el2, iflags}: contiguous in kvm_vcpu (hcrx_el2 is skipped)
 _TRAP_REGS = struct.Struct("<Q8xQQ")
 _HCR_OFF = KVM_VCPU.offset("arch.hcr_el2")
+_IFLAGS_OFF = KVM_VCPU.offset("arch.iflags")
+_FAULT_OFF = KVM_VCPU.offset("arch.fault.esr_el2")
+_U64 = struct.Struct("<Q")
 assert KVM_VCPU.offset("arch.mdcr_el2") == _HCR_OFF + 16
 assert KVM_VCPU.offset("arch.iflags") == _HCR_OFF + 24
 _HYP_FAULT_OFF = HYP_VCPU["vcpu.arch.fault.esr_el2"][0]  # arch.fault in the hyp vCPU
@@ -239,12 +242,21 @@ def _flush_6_12(h: HypState, vcpu: PkvmHypVcpu, hv: int) -> None:
     vcpu.iflags = vcpu_field(h, hv, "arch.iflags")
 
 
+def _el2_store(h: HypState, va: int, data: bytes) -> None:
+    """`el2_write`, with its one-page form for data within a page (the same translation, the
+    same store check, the same bytes)."""
+    if (va & 0xFFF) + len(data) <= PAGE_SIZE:
+        el2_store_in_page(h, va, data)
+    else:
+        el2_write(h, va, data)
+
+
 def sync_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     hv = vcpu.host_vcpu
-    el2_write(h, hv + CTXT_START, vcpu.ctxt)
-    el2_write_u64(h, hv + KVM_VCPU.offset("arch.hcr_el2"), vcpu.hcr_el2)
-    el2_write_u64(h, hv + KVM_VCPU.offset("arch.iflags"), vcpu.iflags)
-    el2_write(h, hv + KVM_VCPU.offset("arch.fault.esr_el2"), vcpu.load(_HYP_FAULT_OFF, _FAULT.size))
+    _el2_store(h, hv + CTXT_START, vcpu.ctxt)
+    _el2_store(h, hv + _HCR_OFF, _U64.pack(vcpu.hcr_el2))
+    _el2_store(h, hv + _IFLAGS_OFF, _U64.pack(vcpu.iflags))
+    _el2_store(h, hv + _FAULT_OFF, vcpu.load(_HYP_FAULT_OFF, _FAULT.size))
 
 
 HPFAR_NS = 1 << 63

@@ -45,7 +45,8 @@ from unicorn.unicorn_const import (
     UC_MEM_WRITE_PROT,
     UC_MEM_WRITE_UNMAPPED,
 )
-from unicorn.unicorn_py3.unicorn import Uc
+from unicorn.unicorn_py3.arch.types import uc_hook_h
+from unicorn.unicorn_py3.unicorn import HOOK_MEM_INVALID_CFUNC, Uc, UcError, uclib
 
 from pkvm.machine import decode
 from pkvm.machine.context import (
@@ -201,7 +202,15 @@ class CpuExceptions(CpuRegisters):
         self._id_trap_on = False
         self._sctlr_index = self._sys_names.index("SCTLR_EL1")
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
-        uc.hook_add(UC_HOOK_MEM_INVALID, self._on_mem)
+        # The stage-2 fault hook is unicorn's C callback straight into `_mem_hook` (no binding
+        # wrapper frames: it runs on every MMIO exit); the callback object is kept alive here.
+        self._mem_cb = HOOK_MEM_INVALID_CFUNC(self._mem_hook)
+        handle = uc_hook_h()
+        status = uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_MEM_INVALID,
+                                   self._mem_cb, ctypes.c_void_p(0), ctypes.c_uint64(1),
+                                   ctypes.c_uint64(0))
+        if status:
+            raise UcError(status)
 
     def _decode_mem(self, insn: int) -> decode.MemAccess | None:
         try:
@@ -273,6 +282,19 @@ class CpuExceptions(CpuRegisters):
     def _stop(self, ex: Exit) -> None:
         self._exit = ex
         self.uc.emu_stop()
+
+    def _mem_hook(self, _uch: object, access: int, address: int, size: int, value: int,
+                  _key: object) -> bool:
+        """unicorn's callback: `_on_mem`, an exception kept as the binding's wrapper keeps it
+        (on the `Uc`, for `Core.run` to raise) and the emulation stopped."""
+        try:
+            return self._on_mem(self.uc, access, address, size, value, None)
+        except BaseException as e:  # noqa: BLE001 - raised again by Core.run
+            uc = self.uc
+            if uc._hook_exception is None:
+                uc._hook_exception = e
+            uc.emu_stop()
+            return False
 
     def _on_mem(
         self, uc: Uc, access: int, address: int, size: int, value: int, _data: object
