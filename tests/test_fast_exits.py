@@ -210,3 +210,35 @@ def test_the_round_trip_with_fast_paths_is_the_generic_one(n):
     fast, generic = _round_trips(True, n), _round_trips(False, n)
     assert len(fast) == 2 * n + 1  # a load and a store an iteration, then the power-off
     assert fast == generic
+
+
+# -- the stage-2 fault hook, called by unicorn without the binding's wrapper ----------------------
+def test_an_exception_in_the_fault_hook_stops_the_run_and_is_raised_by_it():
+    """As with the binding's own hook wrapper: the exception `_on_mem` raised is the one
+    `Core.run` raises, and the core runs normally afterwards."""
+    from pkvm.machine.stage2_view import Stage2View
+
+    class Broken(Exception):
+        pass
+
+    c = Core()
+    mem = mmap.mmap(-1, 1 << 16)
+    _KEEP.append(mem)
+    c.map(RAM, 1 << 16, ctypes.addressof(ctypes.c_char.from_buffer(mem)))
+    _poke(c, RAM, LDR_W1_X0)
+    view = c._view
+    good_host_of = view.host_of
+
+    def broken_host_of(ipa: int) -> int | None:
+        raise Broken(hex(ipa))
+
+    ctx = CpuContext.reset(pc=RAM)
+    ctx.x[0] = 0x0A00_0000
+    c.load_context(ctx)
+    view.host_of = broken_host_of  # the fetch of the faulting instruction raises
+    with pytest.raises(Broken):
+        c.run(100)
+    view.host_of = good_host_of
+    assert isinstance(view, Stage2View)
+    ex = c.run(100, RAM)
+    assert ex.kind is ExitKind.DABT and ex.ipa == 0x0A00_0000
