@@ -23,7 +23,8 @@ from pkvm.errors import HypPanic
 from pkvm.hyp.mm import kern_hyp_va
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pkvm import vcpu_field
-from pkvm.hyp.switch import _host_trap_regs
+from pkvm.hyp.mm import el2_read
+from pkvm.hyp.switch import _el2_load, _host_trap_regs
 from pkvm.machine.cpu import Core, CpuContext, ExitKind
 from pkvm.machine.decode import decode_mem
 from pkvm.machine.exceptions import _far
@@ -71,6 +72,17 @@ def test_one_read_of_the_trap_registers_is_the_three_field_reads(machine_vcpu, o
     assert fast == generic
     if off <= 4096 - 32:
         assert fast == (words[0], words[2], words[3])
+
+
+@SETTINGS
+@given(off=st.integers(0, 4095), n=st.integers(1, 2048), page=st.sampled_from([0, 1, -1]))
+def test_a_one_page_el2_load_is_el2_read(machine_vcpu, off, n, page):
+    """`_el2_load` reads what `el2_read` reads, or faults as it does (in the host vCPU's page,
+    reads running into the next page, and in pages around it)."""
+    m, vcpu = machine_vcpu
+    h = m._hyp
+    va = kern_hyp_va(h, (vcpu.pa & ~0xFFF) + page * 4096) + off
+    assert _outcome(lambda: _el2_load(h, va, n)) == _outcome(lambda: el2_read(h, va, n))
 
 
 # -- the exit's instruction fetch and access check with the MMU off --------------------------

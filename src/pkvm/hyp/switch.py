@@ -27,7 +27,14 @@ from pkvm.abi.host_structs import (
     ctxt_sys_values,
 )
 from pkvm.errors import EINVAL
-from pkvm.hyp.mm import el2_read, el2_read_u64, el2_store_in_page, el2_write, kern_hyp_va
+from pkvm.hyp.mm import (
+    el2_read,
+    el2_read_u64,
+    el2_store_in_page,
+    el2_translate,
+    el2_write,
+    kern_hyp_va,
+)
 from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, KVM_PTE_VALID, KvmPgtable, pte_table
 from pkvm.hyp.pkvm import kvm_field, vcpu_field
 from pkvm.hyp.pkvm_structs import HYP_VCPU, PkvmHypVcpu
@@ -76,6 +83,7 @@ _HCR_OFF = KVM_VCPU.offset("arch.hcr_el2")
 _IFLAGS_OFF = KVM_VCPU.offset("arch.iflags")
 _FAULT_OFF = KVM_VCPU.offset("arch.fault.esr_el2")
 _U64 = struct.Struct("<Q")
+_NULL_PTR = bytes(8)
 assert KVM_VCPU.offset("arch.mdcr_el2") == _HCR_OFF + 16
 assert KVM_VCPU.offset("arch.iflags") == _HCR_OFF + 24
 _HYP_FAULT_OFF = HYP_VCPU["vcpu.arch.fault.esr_el2"][0]  # arch.fault in the hyp vCPU
@@ -193,6 +201,14 @@ def pkvm_vcpu_init_traps(h: HypState, vcpu: PkvmHypVcpu) -> int:
 HCRX_EL2_SMPME = 1 << 5
 
 
+def _el2_load(h: HypState, va: int, n: int) -> bytes:
+    """`el2_read`, in its one-page form when no scheduler is installed (the read then has no
+    preemption point: one translation and the bytes)."""
+    if h.locks.scheduler is None and (va & 0xFFF) + n <= PAGE_SIZE:
+        return h.mem.read(el2_translate(h, va), n)
+    return el2_read(h, va, n)
+
+
 def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
     """`hcr_el2`, `mdcr_el2` and `iflags` of the host vCPU at `hv`, read as flush reads them.
 
@@ -202,7 +218,7 @@ def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
     as the first of the three reads), one read of the span gives what the three reads give."""
     va = hv + _HCR_OFF
     if h.locks.scheduler is None and (va & 0xFFF) <= PAGE_SIZE - _TRAP_REGS.size:
-        hcr, mdcr, iflags = _TRAP_REGS.unpack(el2_read(h, va, _TRAP_REGS.size))
+        hcr, mdcr, iflags = _TRAP_REGS.unpack(_el2_load(h, va, _TRAP_REGS.size))
         return hcr, mdcr, iflags
     return (vcpu_field(h, hv, "arch.hcr_el2"), vcpu_field(h, hv, "arch.mdcr_el2"),
             vcpu_field(h, hv, "arch.iflags"))
@@ -210,9 +226,9 @@ def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
 
 def flush_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     hv = vcpu.host_vcpu
-    ctxt = el2_read(h, hv + CTXT_START, CTXT_END - CTXT_START)
+    ctxt = _el2_load(h, hv + CTXT_START, CTXT_END - CTXT_START)
     h.locks.preempt("host-read", "arch.ctxt")
-    vcpu.ctxt = ctxt[:RUNNING_VCPU_OFF] + bytes(8) + ctxt[RUNNING_VCPU_OFF + 8 :]
+    vcpu.ctxt = ctxt[:RUNNING_VCPU_OFF] + _NULL_PTR + ctxt[RUNNING_VCPU_OFF + 8 :]
     if not h.profile.hyp_owned_guest_stage2:
         # 6.12 reads its fields one by one, the stage-2's pgd (`hw_mmu`) among them
         _flush_6_12(h, vcpu, hv)
