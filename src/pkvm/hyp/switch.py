@@ -27,14 +27,7 @@ from pkvm.abi.host_structs import (
     ctxt_sys_values,
 )
 from pkvm.errors import EINVAL
-from pkvm.hyp.mm import (
-    el2_read,
-    el2_read_u64,
-    el2_store_in_page,
-    el2_translate,
-    el2_write,
-    kern_hyp_va,
-)
+from pkvm.hyp.mm import el2_read, el2_read_u64, el2_store_in_page, el2_translate, el2_write, kern_hyp_va
 from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, KVM_PTE_VALID, KvmPgtable, pte_table
 from pkvm.hyp.pkvm import kvm_field, vcpu_field
 from pkvm.hyp.pkvm_structs import HYP_VCPU, PkvmHypVcpu
@@ -234,22 +227,21 @@ def flush_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
         _flush_6_12(h, vcpu, hv)
         return
     host_hcr, mdcr, iflags = _host_trap_regs(h, hv)
+    _flush_hcr(h, vcpu, host_hcr)
+    vcpu.mdcr_el2 = mdcr
+    vcpu.iflags = iflags
+
+
+def _flush_hcr(h: HypState, vcpu: PkvmHypVcpu, host_hcr: int) -> None:
     if h.profile.hyp_vcpu_init_traps:  # the hyp set the vCPU's traps up itself
         mask = HCR_TWI | HCR_TWE | HCR_VSE | HCR_VI  # VI: the host's emulated GIC
         vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (host_hcr & mask)
     else:
         vcpu.hcr_el2 = host_hcr
-    vcpu.mdcr_el2 = mdcr
-    vcpu.iflags = iflags
 
 
 def _flush_6_12(h: HypState, vcpu: PkvmHypVcpu, hv: int) -> None:
-    host_hcr = vcpu_field(h, hv, "arch.hcr_el2")
-    if h.profile.hyp_vcpu_init_traps:
-        mask = HCR_TWI | HCR_TWE | HCR_VSE | HCR_VI
-        vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (host_hcr & mask)
-    else:
-        vcpu.hcr_el2 = host_hcr
+    _flush_hcr(h, vcpu, vcpu_field(h, hv, "arch.hcr_el2"))
     # 6.12 runs the guest on the stage-2 the host manages: its `hw_mmu`, read every run.
     mmu = kern_hyp_va(h, vcpu_field(h, hv, "arch.hw_mmu"))
     pgd_off = KVM.offset("arch.mmu.pgd_phys") - KVM.offset("arch.mmu.vmid")
