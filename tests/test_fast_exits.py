@@ -20,10 +20,9 @@ import pkvm
 from pkvm import guests
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM_VCPU
 from pkvm.errors import HypPanic
-from pkvm.hyp.mm import kern_hyp_va
+from pkvm.hyp.mm import el2_read, kern_hyp_va
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pkvm import vcpu_field
-from pkvm.hyp.mm import el2_read
 from pkvm.hyp.switch import _el2_load, _host_trap_regs
 from pkvm.machine.cpu import Core, CpuContext, ExitKind
 from pkvm.machine.decode import decode_mem
