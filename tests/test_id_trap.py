@@ -13,10 +13,10 @@ import functools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_cpu import CODE, MOV_X9_SP, RAM, VBAR, Platform, hvc
 
 from pkvm.machine.cpu import Core, ExitKind
 from pkvm.machine.esr import EC, esr, sys64_iss
+from test_cpu import CODE, MOV_X9_SP, RAM, VBAR, Platform, hvc
 
 ID_GROUP = [(3, 0, 0, crm, op2) for crm in range(1, 8) for op2 in range(8)]
 # Readable at EL1 and steady between two cores, next to the group or like it.
