@@ -111,7 +111,7 @@ SYS_CNTHCTL_EL2 = (3, 4, 14, 1, 0)
 SCR_EL3_NS, SCR_EL3_RES1, SCR_EL3_HCE, SCR_EL3_RW = 1 << 0, 0b11 << 4, 1 << 8, 1 << 10
 SCR_EL3_APK, SCR_EL3_API = 1 << 16, 1 << 17
 CPTR_EL3_EZ = 1 << 8
-HCR_FMO, HCR_IMO, HCR_VI = 1 << 3, 1 << 4, 1 << 7
+HCR_FMO, HCR_IMO, HCR_VI, HCR_TID3 = 1 << 3, 1 << 4, 1 << 7, 1 << 18
 HCR_TWI, HCR_TWE, HCR_TSC, HCR_RW = 1 << 13, 1 << 14, 1 << 19, 1 << 31
 HCR_APK, HCR_API = 1 << 40, 1 << 41
 CPTR_EL2_RES1 = 0x32FF  # nVHE layout, RES1 bits, TZ = TFP = 0

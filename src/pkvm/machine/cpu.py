@@ -196,10 +196,6 @@ class Core(CpuExceptions):
         if ex is None:
             return Exit(ExitKind.BUDGET)
         self._exit = None
-        trap_pc = self._sys_trap_pc
-        if trap_pc is not None:  # a trapped MRS: unicorn skipped it, the exit is on it
-            self._sys_trap_pc = None
-            self._wr(A.UC_ARM64_REG_PC, trap_pc)
         real_pc = self._mem_fault
         if real_pc is not None:
             # unicorn's PC inside the memory hook (and after emu_start) is sometimes stale,

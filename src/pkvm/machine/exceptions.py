@@ -36,7 +36,6 @@ from typing import Any
 
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import (
-    UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_MEM_INVALID,
     UC_MEM_FETCH_PROT,
@@ -50,7 +49,7 @@ from unicorn.unicorn_py3.unicorn import HOOK_MEM_INVALID_CFUNC, Uc, UcError, ucl
 
 from pkvm.machine import decode
 from pkvm.machine.context import (
-    GPR_IDS,
+    HCR_TID3,
     MASK64,
     PSR_DAIF,
     PSR_IL_BIT,
@@ -60,6 +59,7 @@ from pkvm.machine.context import (
     PSR_SSBS_BIT,
     SCTLR_EL1_DSSBS,
     SCTLR_EL1_SPAN,
+    SYS_HCR_EL2,
     SYS_REGS,
     SYS_SPSR_EL1,
     CpuRegisters,
@@ -89,8 +89,6 @@ from pkvm.machine.stage2_view import Stage2View
 
 PAGE_OFFSET_MASK = PAGE_SIZE - 1
 CPACR_EL1_ZEN_SHIFT, CPACR_EL1_FPEN_SHIFT = 16, 20  # 0b01: EL0 traps, 0b11: nothing traps
-XZR = 31  # register number 31 as a data register
-_GPR_OF = {rid: n for n, rid in enumerate(GPR_IDS)}  # unicorn register id -> Xn
 _DECODE_CACHE_MAX = 65536  # decoded instruction words kept before the cache starts afresh
 _BLOCK_SCAN_INSNS = 64  # how far a stale PC is searched for the faulting access
 SCTLR = SYS_REGS["SCTLR_EL1"]
@@ -198,8 +196,6 @@ class CpuExceptions(CpuRegisters):
         self._exit: Exit | None = None
         # The PC of the access a stage-2 data abort came from (unicorn's may be stale).
         self._mem_fault: int | None = None
-        self._sys_trap_pc: int | None = None  # a trapped MRS: the exit is on it
-        self._id_trap_on = False
         self._sctlr_index = self._sys_names.index("SCTLR_EL1")
         uc.hook_add(UC_HOOK_INTR, self._on_intr)
         # The stage-2 fault hook is unicorn's C callback straight into `_mem_hook` (no binding
@@ -261,23 +257,11 @@ class CpuExceptions(CpuRegisters):
 
     def trap_id_regs(self) -> None:
         """HCR_EL2.TID3: EL1 reads of the ID registers (op0 3, op1 0, CRn 0, CRm 1-7) exit
-        with EC 0x18 (SYSREG, PC on the MRS) instead of reading the CPU's values. Off by
-        default: unicorn calls back on every MRS once this is on."""
-        if self._id_trap_on:
-            return
-        self._id_trap_on = True
-        self.uc.hook_add(UC_HOOK_INSN, self._on_mrs, None, 1, 0, A.UC_ARM64_INS_MRS)
-
-    def _on_mrs(self, uc: Uc, reg: int, cp: Any, _data: object) -> int:
-        if cp.op0 != 3 or cp.op1 or cp.crn or not 1 <= cp.crm <= 7:
-            return 0
-        if pstate_el(self._rd(A.UC_ARM64_REG_PSTATE)) != 1:
-            return 0  # EL0 reads are the guest kernel's business (it traps or emulates them)
-        rt = _GPR_OF.get(reg, XZR)
-        iss = sys64_iss(cp.op0, cp.op1, cp.crn, cp.crm, cp.op2, rt, True)
-        self._sys_trap_pc = self._rd(A.UC_ARM64_REG_PC)
-        self._stop(Exit(ExitKind.SYSREG, esr(EC.SYS64, iss)))
-        return 1
+        with EC 0x18 (SYSREG, PC on the MRS) instead of reading the CPU's values. The core's
+        own HCR_EL2.TID3 does it: unicorn's QEMU checks it on each such read and raises a
+        trap to EL2 (intno 1, PC on the MRS) that `_undefined` turns into the exit; no other
+        MRS is slowed down."""
+        self._cpw(SYS_HCR_EL2, self._cpr(SYS_HCR_EL2) | HCR_TID3)
 
     def _stop(self, ex: Exit) -> None:
         self._exit = ex

@@ -340,12 +340,12 @@ class LinuxVmm:
         reason = "running"
         gic = self.gic
         try:
+            self._update_lines()  # then after every exit (`_turn`) and every sleep
             while reason == "running":
                 on = [i for i in range(n) if not vcpus[i].runner.power_off]
                 if not on:
                     reason = "all vCPUs off"
                     break
-                self._update_lines()
                 ran = False
                 for i in on:
                     if parked[i]:
@@ -360,6 +360,7 @@ class LinuxVmm:
                     break
                 if not ran:
                     self._sleep(on)
+                    self._update_lines()
                 if until is not None and until(self):
                     reason = "until"
                 elif timeout is not None and time.perf_counter() - self._t0 > timeout:
