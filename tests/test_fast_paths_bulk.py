@@ -82,8 +82,9 @@ def test_hyp_table_in_ram_agrees_with_table_behind_an_object(ops, unmaps):
 
 @settings(max_examples=25, deadline=None)
 @given(before=st.lists(st.tuples(st.integers(1, 4), st.booleans(), st.booleans()), max_size=8),
-       n=st.integers(1, 40))
-def test_alloc_pages_bulk_is_n_single_allocations(before, n):
+       n=st.integers(1, 40), back=st.lists(st.integers(0, 39), max_size=40))
+def test_alloc_pages_bulk_is_n_single_allocations(before, n, back):
+    """... and `free_pages_bulk` of some of them frees as `free_pages` of each would."""
     sides = []
     for bulk in (True, False):
         m = pkvm.Machine(memory="64M", cpus=1, trace=False)
@@ -96,5 +97,36 @@ def test_alloc_pages_bulk_is_n_single_allocations(before, n):
                 host.free_pages(pa, k)
         pages = host.alloc_pages_bulk(n) if bulk else [host.alloc_pages(1) for _ in range(n)]
         assert all(host.read(pa, PAGE_SIZE) == bytes(PAGE_SIZE) for pa in pages)
-        sides.append((pages, bytes(host.pages.used), host.pages.hint))
+        state = (pages, bytes(host.pages.used), host.pages.hint)
+        freed = list(dict.fromkeys(pages[k] for k in back if k < n))
+        if bulk:
+            host.free_pages_bulk(freed)
+        else:
+            for pa in freed:
+                host.free_pages(pa)
+        sides.append((state, bytes(host.pages.used), host.pages.hint))
+    assert sides[0] == sides[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(marks=st.lists(st.sampled_from([0, 0, 1, 2]), min_size=1, max_size=24),
+       hint=st.integers(0, 24), n=st.integers(1, 30))
+def test_alloc_each_is_n_single_allocs_of_a_small_allocator(marks, hint, n):
+    """Runs, reserved pages, the hint's wrap to the start and too few free pages included."""
+    from pkvm.host.host import PageAllocator
+
+    sides = []
+    for each in (True, False):
+        a = PageAllocator(0x100, len(marks), [])
+        a.used[:] = bytes(marks)
+        a.hint = min(hint, len(marks))
+        if each:
+            got = a.alloc_each(n)
+        else:
+            singles = [a.alloc(1) for _ in range(n)]
+            got = None if None in singles else singles
+            for pfn in singles:  # as alloc_pages_bulk's caller sees a failure: nothing taken
+                if got is None and pfn is not None:
+                    a.release(pfn, 1)
+        sides.append((got, bytes(a.used), a.hint if got is not None else None))
     assert sides[0] == sides[1]

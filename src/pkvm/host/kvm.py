@@ -497,10 +497,10 @@ class HostVm:
             if pa not in leaked:
                 self.host.free_pages(pa, n)
                 self._allocs.remove((pa, n))
-        for gfn, pa in list(self.memslot.items()):
-            if gfn not in self.mapped:
-                self.host.free_pages(pa)
-                del self.memslot[gfn]
+        back = [gfn for gfn in self.memslot if gfn not in self.mapped]
+        self.host.free_pages_bulk([self.memslot[gfn] for gfn in back])
+        for gfn in back:
+            del self.memslot[gfn]
         if leaked:
             warnings.warn(f"VM {self.handle:#x}: {len(leaked)} donated allocations never came "
                           "back", stacklevel=2)
