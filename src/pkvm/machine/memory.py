@@ -10,11 +10,12 @@ The CPU emulator maps the same bytes directly (`host_address`).
 from __future__ import annotations
 
 import ctypes
-import io
 import mmap
 import os
 from dataclasses import dataclass
 from typing import Any, Final
+
+from mypy_extensions import mypyc_attr
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
@@ -64,9 +65,9 @@ class PhysMemory:
         self.base_pfn = RAM_BASE >> PAGE_SHIFT
         self.nr_pages = size >> PAGE_SHIFT
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0)
-        self._file: io.FileIO | None = _ram_file(size)
+        self._file: _RamFile | None = _ram_file(size)
         if self._file is not None:
-            self._map = mmap.mmap(self._file.fileno(), size, flags=flags)
+            self._map = mmap.mmap(self._file.fd, size, flags=flags)
         else:  # no memory files (not Linux): an anonymous mapping, every page compared
             self._map = mmap.mmap(-1, size, flags=flags | mmap.MAP_ANONYMOUS)
         self.bytes = memoryview(self._map)
@@ -137,7 +138,7 @@ class PhysMemory:
         if f is None:
             return off
         try:
-            return os.lseek(f.fileno(), off, _SEEK_DATA)
+            return os.lseek(f.fd, off, _SEEK_DATA)
         except OSError:  # SEEK_DATA unsupported here: assume data
             return off
 
@@ -162,10 +163,24 @@ class PhysMemory:
         return out
 
 
-def _ram_file(size: int) -> io.FileIO | None:
+@mypyc_attr(native_class=False)  # a Python class: `__del__` closes the descriptor
+class _RamFile:
+    """The RAM file's descriptor, closed when the memory holding it goes."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except (OSError, TypeError):  # already closed, or the interpreter is shutting down
+            pass
+
+
+def _ram_file(size: int) -> _RamFile | None:
     """A sparse memory file of `size` bytes of RAM and one page past it that holds data (so
     that `SEEK_DATA` from any RAM offset finds data, never the end of the file); None where
-    the system has no memory files. The file object closes its descriptor when dropped."""
+    the system has no memory files."""
     create = getattr(os, "memfd_create", None)
     if create is None:
         return None
@@ -173,7 +188,7 @@ def _ram_file(size: int) -> io.FileIO | None:
         fd = create("pkvm-ram", getattr(os, "MFD_CLOEXEC", 1))
     except OSError:
         return None
-    f = io.FileIO(fd, "r+b", closefd=True)
+    f = _RamFile(fd)
     os.ftruncate(fd, size + PAGE_SIZE)
     os.pwrite(fd, b"\x01", size)
     return f
