@@ -13,9 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pkvm
-from pkvm.hyp.pgtable import KVM_PGTABLE_PROT_RWX, PAGE_HYP, KvmPgtable
+from pkvm.hyp.pgtable import KVM_PGTABLE_PROT_RWX, KvmPgtable
 from pkvm.machine.memory import PAGE_SIZE, RAM_BASE, PhysMemory
 from test_fast_paths import _S1, VA, maps, va_pages
+from test_fast_paths_map import _mapped
 
 
 class _Indirect:
@@ -69,10 +70,8 @@ def test_stage2_table_in_ram_agrees_with_table_behind_an_object(ops):
 @given(ops=maps, unmaps=st.lists(va_pages, max_size=6))
 def test_hyp_table_in_ram_agrees_with_table_behind_an_object(ops, unmaps):
     a, b = _pair(1)
-    for env in (a, b):
-        for va, n in ops:
-            base = va & ~(n * PAGE_SIZE - 1) if n == 512 else va
-            env.pgt.hyp_map(base, n * PAGE_SIZE, base - VA + RAM_BASE, PAGE_HYP)
+    _mapped(a, ops)
+    _mapped(b, ops)
     assert a.state() == b.state()
     for va in unmaps:
         assert a.pgt.hyp_unmap(va, PAGE_SIZE) == b.pgt.hyp_unmap(va, PAGE_SIZE)

@@ -62,7 +62,8 @@ class PageAllocator:
         """`n` single pages, exactly as `n` calls of `alloc(1)` take them (the free pages from the
         hint on, then from the start), a run of free pages at a time; None (nothing taken)
         when fewer than `n` are free."""
-        used, out = self.used, []
+        used = self.used
+        out: list[int] = []
         while len(out) < n:
             i = used.find(0, self.hint)
             if i < 0:
