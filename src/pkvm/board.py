@@ -45,7 +45,14 @@ from pkvm.machine.memory import (
     Region,
     parse_size,
 )
-from pkvm.machine.mmu import FAULT_PERMISSION, HCR_VM, El2Regs, s2_translate
+from pkvm.machine.mmu import (
+    FAULT_PERMISSION,
+    HCR_VM,
+    S2_WALK_FAULT,
+    El2Regs,
+    s2_translate,
+    tlb_s2_translate,
+)
 from pkvm.machine.preempt import PreemptionPoints
 from pkvm.machine.spmc import Spmc
 from pkvm.port import HostPort
@@ -249,7 +256,7 @@ class Machine:
         The call passes through the installed interposers (`interpose_hvc`), outermost first."""
         if self._interposers:
             return self._interposed(len(self._interposers) - 1, cpu, func, args)
-        return self._hvc(cpu, func, args)
+        return self._door.call(cpu, func, args)  # `_hvc`, one frame less
 
     def interpose_hvc(self, fn: Interposer) -> None:
         """Wrap every later hypercall in `fn(proceed, cpu, func, args)`, which must return
@@ -354,22 +361,15 @@ class Machine:
             return pa if self.mem.is_ram(pa) else None
         # The host's TLB (the hyp's `host_s2_tlb`): an entry stays until the TLBI the hyp
         # issues; a hit on a table changed since is checked against a fresh walk.
-        tlb = h.host_s2_tlb
-        key = (pa >> 12) << 1 | write
-        hit = tlb.entries.get(key)
         mmu = h.host_mmu
         assert mmu is not None  # set by __pkvm_init, before HCR_EL2.VM is
-        if hit is not None:
-            gen = mmu.pgt.gen
-            if hit[2] != gen:
-                self._recheck_host_tlb(el2.vttbr_el2, pa, write, hit, gen)
-            return hit[0] + (pa & 0xFFF) if hit[0] >= 0 else None
+        tlb, mem, root = h.host_s2_tlb, self.mem, el2.vttbr_el2
         for _attempt in range(4):
-            out, fault = s2_translate(self.mem, el2.vttbr_el2, pa, write)
-            if fault is None:
-                ram = self.mem.is_ram(out)
-                tlb.entries[key] = [(out & ~0xFFF) if ram else -1, write, mmu.pgt.gen]
-                break
+            out = tlb_s2_translate(tlb, mem, root, pa, write, mmu.pgt.gen)
+            if out != S2_WALK_FAULT:
+                return out if out >= 0 else None
+            fault = s2_translate(mem, root, pa, write)[1]  # the fault, for its kind
+            assert fault is not None
             h.locks.cpu = cpu
             try:
                 ret = handle_host_mem_abort(h, pa & ~(PAGE_SIZE - 1))
@@ -383,20 +383,7 @@ class Machine:
                                                         time.perf_counter_ns()))
             if refused:
                 self._host_abort(pa, write)
-        else:
-            raise HypPanic("host stage-2 fault does not resolve", cpu, "host abort")
-        return out if self.mem.is_ram(out) else None
-
-    def _recheck_host_tlb(self, root: int, pa: int, write: bool, hit: list[int], gen: int) -> None:
-        out, fault = s2_translate(self.mem, root, pa, write)
-        fresh = -1 if fault else ((out & ~0xFFF) if self.mem.is_ram(out) else -1)
-        if fault is None and fresh == hit[0]:
-            hit[2] = gen
-            return
-        now = f"a {fault.kind} fault" if fault else f"PA {fresh:#x}"
-        self._hyp.host_s2_tlb.record_stale(
-            f"host {'write' if write else 'read'} of IPA {pa:#x} used the cached PA {hit[0]:#x}; "
-            f"the host stage-2 gives {now}")
+        raise HypPanic("host stage-2 fault does not resolve", cpu, "host abort")
 
     def _host_abort(self, pa: int, write: bool) -> None:
         fatal = self.profile.host_abort_fatal

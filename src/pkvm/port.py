@@ -101,10 +101,19 @@ class HostPort:
             self._stored(cpu, pa, raw)
 
     def zero(self, cpu: int, pa: int, n: int) -> None:
-        """memset(0) of whole host pages (pages already zero are left untouched)."""
+        """memset(0) of whole host pages (pages already zero are left untouched). Every page is
+        translated first; RAM that comes out adjacent is zeroed in one go."""
+        mem = self._m.mem
+        start, size = 0, 0  # the run of adjacent RAM being gathered
         for out, k in self._translate(cpu, pa, n, True):
-            if out is not None:
-                self._m.mem.zero(out, k)
+            if out is not None and size and out == start + size:
+                size += k
+                continue
+            if size:
+                mem.zero(start, size)
+            start, size = (out, k) if out is not None else (0, 0)
+        if size:
+            mem.zero(start, size)
         if self._observers:
             self._stored(cpu, pa, n)
 

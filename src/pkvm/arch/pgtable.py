@@ -93,7 +93,7 @@ from pkvm.arch.pte import (  # every descriptor name, as `kvm_pgtable.h` gives t
     stage2_set_prot_attr,
 )
 from pkvm.errors import EAGAIN, EINVAL, ENOMEM, ERANGE
-from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, PhysMemory
 
 __all__ = [
     "CPU_HAS_XNX",
@@ -223,6 +223,9 @@ class KvmPgtable:
         normal_memattr: int = MT_S2_NORMAL,
     ):
         self.mem = mem
+        # The same object when the table lives in RAM itself (every hyp-owned table): typed as
+        # the compiled class, its accesses are direct calls rather than method lookups.
+        self.ram: PhysMemory | None = mem if isinstance(mem, PhysMemory) else None
         self.mm_ops = mm_ops
         self.stage = stage
         self.name = name
@@ -256,6 +259,22 @@ class KvmPgtable:
         return 0
 
     # -- the walker ----------------------------------------------------------------
+    def read_pte(self, ptep: int) -> int:
+        """The descriptor at `ptep` (a load from the table's memory)."""
+        ram = self.ram
+        if ram is not None:
+            return ram.read_u64(ptep)
+        return self.mem.read_u64(ptep)
+
+    def write_pte(self, ptep: int, value: int) -> None:
+        """A store of descriptor `value` at `ptep` (no reference count or generation: see
+        `set_pte`)."""
+        ram = self.ram
+        if ram is not None:
+            ram.write_u64(ptep, value)
+        else:
+            self.mem.write_u64(ptep, value)
+
     def walk(self, addr: int, size: int, cb: Visitor, flags: int, arg: Any = None) -> int:
         """`kvm_pgtable_walk`: visit entries covering [addr, addr+size) depth-first."""
         start = addr & ~(PAGE_SIZE - 1) & U64
@@ -281,13 +300,12 @@ class KvmPgtable:
         self, state: list[int], end: int, table: int, level: int, cb: Visitor, flags: int,
         ctx: VisitCtx,
     ) -> int:
-        mem = self.mem
         shift = granule_shift(level)
         gsize = 1 << shift
         idx = (state[0] >> shift) & (PTRS_PER_PTE - 1)
         while idx < PTRS_PER_PTE and state[0] < end:
             ptep = table + idx * 8
-            old = mem.read_u64(ptep)
+            old = self.read_pte(ptep)
             is_table = pte_table(old, level)
             ret = 0
             reload = False
@@ -300,7 +318,7 @@ class KvmPgtable:
                 ret = cb(ctx, KVM_PGTABLE_WALK_LEAF)
                 reload = True
             if reload:
-                old = mem.read_u64(ptep)
+                old = self.read_pte(ptep)
                 is_table = pte_table(old, level)
             if not self.walk_continues(ret, flags):
                 return ret
@@ -329,9 +347,8 @@ class KvmPgtable:
         if not self.pgd:
             return -EINVAL, 0, 0
         table = self.pgd
-        mem = self.mem  # a direct (compiled) call, not a bound method
         for level in range(self.start_level, 4):
-            pte = mem.read_u64(table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8)
+            pte = self.read_pte(table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8)
             if not pte_table(pte, level):
                 return 0, pte, level
             table = pte & KVM_PTE_ADDR_MASK
@@ -372,8 +389,7 @@ class KvmPgtable:
 
     def set_pte(self, ptep: int, old: int, new: int) -> None:
         """Replace an entry, keeping the table page's reference count in step."""
-        mem = self.mem
-        mem.write_u64(ptep, new)
+        self.write_pte(ptep, new)
         self.gen += 1
         was, now = self.counted(old), self.counted(new)
         if now and not was:
@@ -422,11 +438,10 @@ class KvmPgtable:
         the generic walker would end in exactly the level-3 entry this returns otherwise."""
         if addr >> self.ia_bits or not self.pgd:
             return None
-        mem = self.mem  # a direct (compiled) call, not a bound method
         table = self.pgd
         for level in range(self.start_level, 3):
             ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-            pte = mem.read_u64(ptep)
+            pte = self.read_pte(ptep)
             if pte_table(pte, level):
                 table = pte & KVM_PTE_ADDR_MASK
                 continue
@@ -446,8 +461,7 @@ class KvmPgtable:
         if read_table is not None:
             entries: list[int] = read_table(table)
             return entries
-        mem = self.mem  # a direct (compiled) call, not a bound method
-        return [mem.read_u64(table + i * 8) for i in range(PTRS_PER_PTE)]
+        return [self.read_pte(table + i * 8) for i in range(PTRS_PER_PTE)]
 
     def destroy(self) -> None:
         """`kvm_pgtable_stage2_destroy` / `hyp_destroy`: free every table page, the root last."""

@@ -41,7 +41,7 @@ def kvm_pgtable_hyp_map(pgt: KvmPgtable, addr: int, size: int, phys: int, prot: 
     if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
         ptep = pgt.l3_ptep(addr)
         if ptep is not None:
-            old = pgt.mem.read_u64(ptep)
+            old = pgt.read_pte(ptep)
             new = init_valid_leaf_pte(base, attr, 3)
             if old == new:
                 return 0
@@ -93,12 +93,11 @@ def kvm_pgtable_hyp_unmap(pgt: KvmPgtable, addr: int, size: int) -> int:
 def hyp_unmap_page(pgt: KvmPgtable, addr: int) -> int:
     """`hyp_unmap` of one aligned page without the generic walker: the same descriptor
     writes in the same order (the leaf, then each table left empty, bottom up)."""
-    mem = pgt.mem  # a direct (compiled) call, not a bound method
     tables: list[tuple[int, int, int]] = []
     table = pgt.pgd
     for level in range(pgt.start_level, 4):
         ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-        old = mem.read_u64(ptep)
+        old = pgt.read_pte(ptep)
         if pte_table(old, level):
             tables.append((ptep, old, level))
             table = old & KVM_PTE_ADDR_MASK

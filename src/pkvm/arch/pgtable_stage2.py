@@ -41,7 +41,7 @@ def _stage2_map_page(pgt: KvmPgtable, addr: int, new: int, flags: int) -> int | 
     ptep = pgt.l3_ptep(addr)
     if ptep is None:
         return None
-    old = pgt.mem.read_u64(ptep)
+    old = pgt.read_pte(ptep)
     if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
         ret = -EAGAIN
         return 0 if pgt.walk_continues(ret, flags | KVM_PGTABLE_WALK_LEAF) else ret
@@ -115,7 +115,7 @@ def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, an
                 return 0
             child = ctx.old & KVM_PTE_ADDR_MASK
             # Detach the subtree, then install the block/annotation in its place.
-            pgt.mem.write_u64(ctx.ptep, 0)
+            pgt.write_pte(ctx.ptep, 0)
             pgt.gen += 1
             pgt.invalidate(ctx.addr, ctx.level)
             pgt.mm_ops.put_page(ctx.ptep & ~(PAGE_SIZE - 1))
@@ -166,18 +166,17 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
     then free every table it leaves empty, bottom up. False where the walk must decide."""
     if addr >> pgt.ia_bits or not pgt.pgd:
         return False
-    mem = pgt.mem  # a direct (compiled) call, not a bound method
     path = []  # (ptep of the table entry, child table) from the top
     table = pgt.pgd
     for level in range(pgt.start_level, 3):
         ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-        pte = mem.read_u64(ptep)
+        pte = pgt.read_pte(ptep)
         if not pte_table(pte, level):
             return False
         table = pte & KVM_PTE_ADDR_MASK
         path.append((ptep, table))
     ptep = table + ((addr >> PAGE_SHIFT) & PTE_INDEX_MASK) * 8
-    old = mem.read_u64(ptep)
+    old = pgt.read_pte(ptep)
     if old:
         pgt.set_pte(ptep, old, 0)
         if pte_valid(old):
@@ -186,7 +185,7 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
         tptep, child = path[depth]
         if pgt.mm_ops.page_count(child) != 1:
             break
-        pgt.set_pte(tptep, mem.read_u64(tptep), 0)
+        pgt.set_pte(tptep, pgt.read_pte(tptep), 0)
         pgt.invalidate(addr, pgt.start_level + depth)
         pgt.mm_ops.put_page(child)
     return True
@@ -207,7 +206,7 @@ def stage2_update_leaf_attrs(pgt: KvmPgtable, addr: int, size: int, set_bits: in
         acc[0] |= ctx.old
         new = (ctx.old & ~clr_bits) | set_bits
         if new != ctx.old:
-            pgt.mem.write_u64(ctx.ptep, new)
+            pgt.write_pte(ctx.ptep, new)
             pgt.gen += 1
         return 0
 

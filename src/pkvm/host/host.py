@@ -58,6 +58,28 @@ class PageAllocator:
         self.hint = i + n
         return self.base_pfn + i
 
+    def alloc_each(self, n: int) -> list[int] | None:
+        """`n` single pages, exactly as `n` calls of `alloc(1)` take them (the free pages from the
+        hint on, then from the start), a run of free pages at a time; None (nothing taken)
+        when fewer than `n` are free."""
+        used = self.used
+        out: list[int] = []
+        while len(out) < n:
+            i = used.find(0, self.hint)
+            if i < 0:
+                i = used.find(0)
+                if i < 0:
+                    for pfn in out:
+                        self.release(pfn, 1)
+                    return None
+            want = n - len(out)
+            ends = [j for j in (used.find(1, i, i + want), used.find(2, i, i + want)) if j >= 0]
+            k = min(ends) - i if ends else min(want, len(used) - i)
+            used[i : i + k] = b"\x01" * k
+            out.extend(range(self.base_pfn + i, self.base_pfn + i + k))
+            self.hint = i + k
+        return out
+
     def release(self, pfn: int, n: int) -> None:
         i = pfn - self.base_pfn
         if i < 0 or i + n > len(self.used) or self.used[i : i + n] != b"\x01" * n:
@@ -122,8 +144,46 @@ class Host:
         self.port.zero(self.cpu, pfn << PAGE_SHIFT, n * PAGE_SIZE)
         return pfn << PAGE_SHIFT
 
+    def alloc_pages_bulk(self, n: int) -> list[int]:
+        """Physical addresses of `n` single zeroed host-owned pages (Linux's `alloc_pages_bulk`:
+        as many `alloc_pages(1)`, the same pages in the same order), zeroed a run of adjacent
+        pages at a time. Where zeroing is refused (a page the host no longer owns) every page
+        of the call goes back to the allocator and the abort is raised."""
+        pfns = self.pages.alloc_each(n)
+        if pfns is None:
+            raise MemoryError(f"the host has no {n} free pages")
+        try:
+            k = 0
+            while k < n:  # one zero per run of adjacent pages
+                run = 1
+                while k + run < n and pfns[k + run] == pfns[k] + run:
+                    run += 1
+                self.port.zero(self.cpu, pfns[k] << PAGE_SHIFT, run * PAGE_SIZE)
+                k += run
+        except BaseException:
+            for p in pfns:
+                self.pages.release(p, 1)
+            raise
+        return [pfn << PAGE_SHIFT for pfn in pfns]
+
     def free_pages(self, pa: int, n: int = 1) -> None:
         self.pages.release(pa >> PAGE_SHIFT, n)
+
+    def free_pages_bulk(self, pas: list[int]) -> None:
+        """`free_pages` of each single page of `pas`, in order (a run of adjacent pages freed at
+        once where each of its pages was handed out; otherwise page by page, so that a page
+        that was not stops the loop exactly there)."""
+        k = 0
+        while k < len(pas):
+            run = 1
+            while k + run < len(pas) and pas[k + run] == pas[k] + run * PAGE_SIZE:
+                run += 1
+            try:
+                self.pages.release(pas[k] >> PAGE_SHIFT, run)
+            except ValueError:
+                for pa in pas[k : k + run]:
+                    self.free_pages(pa)
+            k += run
 
     # -- the hypercalls the host kernel itself makes -------------------------------------
     def hvc(self, func: str | int, *args: int, cpu: int | None = None) -> HvcAnswer:

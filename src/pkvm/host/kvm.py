@@ -329,6 +329,18 @@ class HostVm:
             self.memslot[gfn] = pa
         return pa
 
+    def _populate(self, gfn: int, n: int) -> None:
+        """`backing` of every frame of [gfn, gfn+n) (the pages allocated together, in order)."""
+        slot = self.memslot
+        missing = [g for g in range(gfn, gfn + n) if g not in slot]
+        if not missing:
+            return
+        if not self.in_memslot(missing[0]) or not self.in_memslot(missing[-1]):
+            bad = next(g for g in missing if not self.in_memslot(g))
+            raise HostError(EFAULT, "memslot", None, f"gfn {bad:#x} is outside guest RAM")
+        for g, pa in zip(missing, self.host.alloc_pages_bulk(len(missing)), strict=True):
+            slot[g] = pa
+
     def write(self, ipa: int, data: bytes) -> None:
         """The VMM writes guest memory through the memslot (before the guest owns the pages)."""
         pos = 0
@@ -371,8 +383,7 @@ class HostVm:
         """Map guest frames [gfn, gfn+n) as a guest fault would (donate or share)."""
         if self.destroyed:
             raise HostError(EINVAL, "map", None, "the VM was destroyed")
-        for g in range(gfn, gfn + n):
-            self.backing(g)
+        self._populate(gfn, n)
         if not self.profile.hyp_owned_guest_stage2:
             for g in range(gfn, gfn + n):
                 self.map_one(self.vcpus[0], g, cpu)
@@ -486,10 +497,10 @@ class HostVm:
             if pa not in leaked:
                 self.host.free_pages(pa, n)
                 self._allocs.remove((pa, n))
-        for gfn, pa in list(self.memslot.items()):
-            if gfn not in self.mapped:
-                self.host.free_pages(pa)
-                del self.memslot[gfn]
+        back = [gfn for gfn in self.memslot if gfn not in self.mapped]
+        self.host.free_pages_bulk([self.memslot[gfn] for gfn in back])
+        for gfn in back:
+            del self.memslot[gfn]
         if leaked:
             warnings.warn(f"VM {self.handle:#x}: {len(leaked)} donated allocations never came "
                           "back", stacklevel=2)

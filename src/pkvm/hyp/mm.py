@@ -152,6 +152,15 @@ def _host_read_point(h: HypState, pa: int, n: int) -> None:
         h.locks.preempt("host-read", f"{n}@{pa:#x}")
 
 
+def el2_load_in_page(h: HypState, va: int, n: int) -> bytes:
+    """`el2_read` of `n` bytes that do not cross a page (one translation, one copy)."""
+    pa = el2_translate(h, va)
+    if h.locks.scheduler is not None:
+        _host_read_point(h, pa, n)
+    off = pa - h.mem.base
+    return bytes(h.mem.bytes[off : off + n])
+
+
 def el2_write(h: HypState, va: int, data: bytes) -> None:
     pos = 0
     pas = []

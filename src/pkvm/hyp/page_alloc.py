@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pkvm.arch.pgtable import MmOps
 from pkvm.hyp.memory import HypVmemmap
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.spinlock import RANK_POOL, HypLocks, HypSpinLock
@@ -26,8 +27,9 @@ def get_order(size: int) -> int:
     return order
 
 
-class HypPool:
-    """`struct hyp_pool`."""
+class HypPool(MmOps):
+    """`struct hyp_pool` (a table's `MmOps` named as its base: compiled, the table's calls
+    into it are direct)."""
 
     def __init__(
         self, name: str, mem: PhysMemory, vmemmap: HypVmemmap, locks: HypLocks,

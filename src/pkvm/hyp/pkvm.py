@@ -22,6 +22,7 @@ from pkvm.abi.host_structs import (
     KVM,
     KVM_VCPU,
 )
+from pkvm.arch.pgtable import MmOps
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM
 from pkvm.hyp.mem_protect import (
     __pkvm_host_donate_hyp,
@@ -31,8 +32,10 @@ from pkvm.hyp.mem_protect import (
     hyp_unpin_shared_mem,
 )
 from pkvm.hyp.mm import (
+    el2_load_in_page,
     el2_read,
     el2_read_u64,
+    el2_store_in_page,
     el2_write,
     el2_write_u64,
     el2_zero,
@@ -91,7 +94,7 @@ class VmLife(Protocol):
         ...
 
 
-class GuestMmOps:
+class GuestMmOps(MmOps):
     """Where a guest stage-2 gets table pages: the VM pool first, then the vCPU's memcache."""
 
     def __init__(self, h: HypState, vm: "PkvmHypVm"):
@@ -448,7 +451,9 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
     """Move pages from the host vCPU's memcache to the hyp vCPU's until it holds as many
     (`refill_memcache`: the host's struct is copied in, topped up from, and copied back)."""
     mc_va = vcpu.host_vcpu + _HOST_MC
-    host_head, host_nr = _HEAD_NR.unpack(el2_read(h, mc_va, 16))  # tmp = *host_mc
+    in_page = (mc_va & (PAGE_SIZE - 1)) <= PAGE_SIZE - 16  # the struct within one page
+    raw = el2_load_in_page(h, mc_va, 16) if in_page else el2_read(h, mc_va, 16)
+    host_head, host_nr = _HEAD_NR.unpack(raw)  # tmp = *host_mc
     target = host_nr
     ret = 0
     while vcpu.memcache[1] < target:
@@ -464,5 +469,9 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
         memcache_push(h, vcpu.memcache, pa)
     if ret and h.bug("refill-no-writeback"):  # seeded: the host keeps listing taken pages
         return ret
-    el2_write(h, mc_va, _HEAD_NR.pack(host_head, host_nr))  # *host_mc = tmp
+    raw = _HEAD_NR.pack(host_head, host_nr)  # *host_mc = tmp
+    if in_page:
+        el2_store_in_page(h, mc_va, raw)
+    else:
+        el2_write(h, mc_va, raw)
     return ret

@@ -1,8 +1,8 @@
 """Physical memory of the simulated board (QEMU-virt-like).
 
-RAM is one anonymous, shared, sparse mapping (shared so that the CPU emulator can alias
-scattered pages into one region): a page costs resident memory only once something writes
-it, so a 16 GiB machine starts instantly.  Everything that lives in RAM in the real system lives
+RAM is one sparse, shared memory file (`memfd_create`; shared so that the CPU emulator can alias
+scattered pages into one region): a page costs resident memory only once something writes it,
+so a 16 GiB machine starts instantly. Everything that lives in RAM in the real system lives
 here as bytes: page tables (as 64-bit descriptors), the host's `struct kvm`, guest memory.
 The CPU emulator maps the same bytes directly (`host_address`).
 """
@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 from dataclasses import dataclass
 from typing import Any, Final
+
+from mypy_extensions import mypyc_attr
 
 PAGE_SHIFT: Final = 12
 PAGE_SIZE: Final = 1 << PAGE_SHIFT
@@ -26,16 +29,7 @@ GIC_DIST_BASE: Final = 0x0800_0000
 GIC_REDIST_BASE: Final = 0x080A_0000
 
 ZERO_PAGE: Final = bytes(PAGE_SIZE)
-_MADV_REMOVE: Final = getattr(mmap, "MADV_REMOVE", 9)  # Linux: free a shared mapping's backing
-_LOW_BIT: Final = bytes(i & 1 for i in range(256))  # mincore: bit 0 of each byte, the page resident
-
-_mincore: Any
-try:
-    _mincore = ctypes.CDLL(None, use_errno=True).mincore
-    _mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-    _mincore.restype = ctypes.c_int
-except (OSError, AttributeError):  # not Linux: compare every page
-    _mincore = None
+_SEEK_DATA: Final = getattr(os, "SEEK_DATA", 3)
 
 
 @dataclass(frozen=True)
@@ -70,15 +64,17 @@ class PhysMemory:
         self.end = RAM_BASE + size
         self.base_pfn = RAM_BASE >> PAGE_SHIFT
         self.nr_pages = size >> PAGE_SHIFT
-        flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-        self._map = mmap.mmap(-1, size, flags=flags)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0)
+        self._file: _RamFile | None = _ram_file(size)
+        if self._file is not None:
+            self._map = mmap.mmap(self._file.fd, size, flags=flags)
+        else:  # no memory files (not Linux): an anonymous mapping, every page compared
+            self._map = mmap.mmap(-1, size, flags=flags | mmap.MAP_ANONYMOUS)
         self.bytes = memoryview(self._map)
         self.u64 = self.bytes.cast("Q")
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        self._vec1 = (ctypes.c_ubyte * 1)()
-        # 1 for each page `zero` found resident: it stays backed (a page once written keeps its
-        # memory; were it swapped out, comparing it reads it back), so it is compared without
-        # asking mincore again.
+        # 1 for each page `zero` found holding data: it holds data for good (nothing punches
+        # holes in RAM), so it is compared without asking the file again.
         self._backed = bytearray(self.nr_pages)
 
     # -- physical map ------------------------------------------------------------------
@@ -112,54 +108,39 @@ class PhysMemory:
         return self._map[off : off + PAGE_SIZE] == ZERO_PAGE
 
     def zero(self, pa: int, size: int) -> None:
-        """Zero whole pages. Pages that are not resident (asking the kernel with mincore) are
-        dropped from the mapping instead of written, so zeroing keeps RAM sparse."""
+        """Zero whole pages. A page that holds no data in the RAM file (a hole: never written)
+        already reads as zeros and is left as it is, so zeroing keeps RAM sparse; a page that
+        holds data (resident or swapped out) is compared and, unless all zeros, overwritten."""
         off = pa - self.base
         ram = self._map  # slices of the mmap are bytes: comparing them is ~15x a memoryview's
         n = size >> PAGE_SHIFT
         backed = self._backed
         first = off >> PAGE_SHIFT
-        if n == 1 and backed[first]:  # the common case: a hyp page zeroed before
-            if ram[off : off + PAGE_SIZE] != ZERO_PAGE:
-                ram[off : off + PAGE_SIZE] = ZERO_PAGE
-            return
-        resident = self._resident(off, n)
-        gone = -1  # the first page of a run of pages that are not resident
-        for k in range(n):
+        k = 0
+        while k < n:
             page = off + (k << PAGE_SHIFT)
-            if resident is not None and not resident[k]:
-                if gone < 0:
-                    gone = k
-                continue
-            if gone >= 0:
-                self._remove(off + (gone << PAGE_SHIFT), k - gone)
-                gone = -1
-            backed[first + k] = 1
+            if not backed[first + k]:
+                data = self.next_data(page)
+                if data > page:  # [page, data) are holes
+                    k += (data - page + PAGE_SIZE - 1) >> PAGE_SHIFT
+                    continue
+                backed[first + k] = 1
             if ram[page : page + PAGE_SIZE] != ZERO_PAGE:
                 ram[page : page + PAGE_SIZE] = ZERO_PAGE
-        if gone >= 0:
-            self._remove(off + (gone << PAGE_SHIFT), n - gone)
+            k += 1
 
-    def _remove(self, off: int, n: int) -> None:
-        """Zero n pages that are not resident: never touched, or swapped out. Dropping them from
-        the shared anonymous mapping's backing makes them read as zeros either way (swap
-        included) without taking memory; where the kernel refuses, zeros are written."""
-        size = n << PAGE_SHIFT
+    def next_data(self, off: int) -> int:
+        """The offset in RAM of the first byte at or after `off` that lies in a page holding
+        data (`lseek(SEEK_DATA)`; pages before it are holes and read as zeros); `off` itself
+        where the RAM file cannot tell (every page then counts as holding data). A page past
+        the end of RAM holds data, so the search always ends."""
+        f = self._file
+        if f is None:
+            return off
         try:
-            self._map.madvise(_MADV_REMOVE, off, size)
-        except (OSError, ValueError):
-            self._map[off : off + size] = bytes(size)
-
-    def _resident(self, off: int, n: int) -> ctypes.Array[ctypes.c_ubyte] | None:
-        if _mincore is None:
-            return None
-        if n == 1:  # the common case: one page, one preallocated byte
-            vec = self._vec1
-        else:
-            vec = (ctypes.c_ubyte * n)()
-        if _mincore(self._address + off, n << PAGE_SHIFT, vec):
-            return None
-        return vec
+            return os.lseek(f.fd, off, _SEEK_DATA)
+        except OSError:  # SEEK_DATA unsupported here: assume data
+            return off
 
     # -- snapshots ---------------------------------------------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
@@ -168,20 +149,49 @@ class PhysMemory:
         return (_restore_ram, (self.size, self.nonzero_pages()))
 
     def nonzero_pages(self) -> list[tuple[int, bytes]]:
-        """(offset, contents) of every page that is not all zeros, lowest first."""
+        """(offset, contents) of every page that is not all zeros, lowest first (only the pages
+        holding data in the RAM file are read)."""
         ram = self._map
-        n = self.nr_pages
-        resident = self._resident(0, n)
-        flags = bytes(resident).translate(_LOW_BIT) if resident is not None else b"\x01" * n
         out = []
-        k = flags.find(1)
-        while k >= 0:
-            off = k << PAGE_SHIFT
+        off = self.next_data(0)
+        while off < self.size:
+            off &= ~(PAGE_SIZE - 1)
             page = ram[off : off + PAGE_SIZE]
             if page != ZERO_PAGE:
                 out.append((off, page))
-            k = flags.find(1, k + 1)
+            off = self.next_data(off + PAGE_SIZE)
         return out
+
+
+@mypyc_attr(native_class=False)  # a Python class: `__del__` closes the descriptor
+class _RamFile:
+    """The RAM file's descriptor, closed when the memory holding it goes."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except (OSError, TypeError):  # already closed, or the interpreter is shutting down
+            pass
+
+
+def _ram_file(size: int) -> _RamFile | None:
+    """A sparse memory file of `size` bytes of RAM and one page past it that holds data (so
+    that `SEEK_DATA` from any RAM offset finds data, never the end of the file); None where
+    the system has no memory files."""
+    create = getattr(os, "memfd_create", None)
+    if create is None:
+        return None
+    try:
+        fd = create("pkvm-ram", getattr(os, "MFD_CLOEXEC", 1))
+    except OSError:
+        return None
+    f = _RamFile(fd)
+    os.ftruncate(fd, size + PAGE_SIZE)
+    os.pwrite(fd, b"\x01", size)
+    return f
 
 
 def _restore_ram(size: int, pages: list[tuple[int, bytes]]) -> PhysMemory:

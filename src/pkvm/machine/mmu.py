@@ -111,3 +111,35 @@ class Tlb:
     def record_stale(self, what: str) -> None:
         if len(self.stale_uses) < self._max_log:
             self.stale_uses.append(f"{self.name}: {what}")
+
+
+S2_WALK_FAULT = -2  # `tlb_s2_translate`: nothing cached and the walk faults
+
+
+def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool,
+                     gen: int) -> int:
+    """An access to `ipa` through a stage-2 TLB (the host's): the PA it reaches, -1 where that
+    is not RAM, or `S2_WALK_FAULT` where nothing is cached and the walk from `root` faults (the
+    caller takes the fault and asks again). A miss that walks fills the TLB at generation `gen`
+    (the table's); a hit filled at an older generation is walked again: a fresh walk that
+    disagrees is recorded as a stale use and the cached output still used, as hardware would."""
+    key = (ipa >> 12) << 1 | write
+    entries = tlb.entries
+    hit = entries.get(key)
+    if hit is None:
+        out, fault = s2_translate(mem, root, ipa, write)
+        if fault is not None:
+            return S2_WALK_FAULT
+        page = (out & ~0xFFF) if mem.is_ram(out) else -1
+        entries[key] = [page, write, gen]
+        return out if page >= 0 else -1
+    if hit[2] != gen:
+        out, fault = s2_translate(mem, root, ipa, write)
+        fresh = -1 if fault is not None else ((out & ~0xFFF) if mem.is_ram(out) else -1)
+        if fault is None and fresh == hit[0]:
+            hit[2] = gen
+        else:
+            now = f"a {fault.kind} fault" if fault is not None else f"PA {fresh:#x}"
+            tlb.record_stale(f"host {'write' if write else 'read'} of IPA {ipa:#x} used the "
+                             f"cached PA {hit[0]:#x}; the host stage-2 gives {now}")
+    return hit[0] + (ipa & 0xFFF) if hit[0] >= 0 else -1
