@@ -20,6 +20,8 @@ import pkvm
 from pkvm import guests
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM_VCPU
 from pkvm.errors import HypPanic
+from pkvm.host.kvm import HostVcpu, HostVm
+from pkvm.host.kvm_life import HostVmLife
 from pkvm.hyp.mm import el2_read, kern_hyp_va
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pkvm import vcpu_field
@@ -253,3 +255,52 @@ def test_an_exception_in_the_fault_hook_stops_the_run_and_is_raised_by_it():
     assert isinstance(view, Stage2View)
     ex = c.run(100, RAM)
     assert ex.kind is ExitKind.DABT and ex.ipa == 0x0A00_0000
+
+
+# -- the host driver's side: kvm_arch_vcpu_load / put in one call, the port past `Machine.hvc` ------
+class _GenericLife:
+    """The life cycle's `arch_vcpu_load` / `arch_vcpu_put` as their four generic steps."""
+
+    def __init__(self, life: HostVmLife):
+        self.life = life
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.life, name)
+
+    def arch_vcpu_load(self, vm: HostVm, vcpu: HostVcpu, hcr: int, cpu: int) -> None:
+        self.life.vcpu_load(vm, vcpu, hcr, cpu)
+        self.life.vgic_load(vm, vcpu, cpu)
+
+    def arch_vcpu_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
+        self.life.vgic_put(vm, vcpu, cpu)
+        self.life.vcpu_put(vm, cpu)
+
+
+def _hypercalls(generic: bool, abi: str, n: int) -> tuple[list[tuple[object, ...]], str, int]:
+    from pkvm.host.vmm import Vmm
+
+    m = pkvm.Machine(memory="256M", cpus=2, abi=abi, trace=False)
+    seen: list[tuple[object, ...]] = []
+    m.listeners.append(lambda r: seen.append((r.cpu, r.name, r.args, r.x0, r.x1, r.x2, r.x3)))
+    vmm = Vmm(m.host, guests.patch(guests.image("mmio"), n), memory="16M",
+              protected=m.profile.protected_vms, out=io.StringIO())
+    if generic:  # the generic steps, and every call through `Machine.hvc` and an interposer
+        vmm.vm.life = _GenericLife(vmm.vm.life)  # type: ignore[assignment]
+        m.interpose_hvc(lambda proceed, cpu, func, args: proceed(cpu, func, args))
+    s = vmm.run()
+    vmm.destroy()
+    return seen, s.reason, s.mmio_reads + s.mmio_writes
+
+
+@settings(max_examples=4, deadline=None)
+@given(n=st.integers(1, 12), abi=st.sampled_from(["6.12", "latest"]))
+def test_the_host_drivers_fast_calls_are_the_generic_ones(n, abi):
+    """A whole `mmio` guest's run makes the same hypercalls, on the same CPUs with the same
+    arguments and answers, with `arch_vcpu_load` / `arch_vcpu_put` and the port's direct call to
+    the door as with the four generic life-cycle steps through `Machine.hvc` and an interposer."""
+    fast, generic = _hypercalls(False, abi, n), _hypercalls(True, abi, n)
+    assert fast[1:] == ("shutdown", 2 * n)
+    names = {c[1] for c in fast[0]}
+    if abi == "latest":
+        assert {"__pkvm_vcpu_load", "__vgic_v3_save_aprs", "__pkvm_vcpu_put"} <= names
+    assert fast == generic

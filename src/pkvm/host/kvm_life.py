@@ -19,7 +19,7 @@ from pkvm.abi.host_structs import (
     KVM_ARCH_FLAG_ID_REGS_INITIALIZED,
     KVM_VCPU,
 )
-from pkvm.errors import HostError
+from pkvm.errors import EINVAL, HostError
 
 if TYPE_CHECKING:
     from pkvm.host.kvm import HostVcpu, HostVm
@@ -58,6 +58,14 @@ class HostVmLife(Protocol):
     def vgic_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
         ...
 
+    def arch_vcpu_load(self, vm: HostVm, vcpu: HostVcpu, hcr: int, cpu: int) -> None:
+        """`kvm_arch_vcpu_load` as `KVM_RUN` calls it: `vcpu_load`, then `vgic_load`."""
+        ...
+
+    def arch_vcpu_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
+        """`kvm_arch_vcpu_put`: `vgic_put`, then `vcpu_put`."""
+        ...
+
     def destroy(self, vm: HostVm) -> None:
         """`pkvm_destroy_hyp_vm`: tear the hyp VM down, collect what came back."""
         ...
@@ -93,6 +101,12 @@ class OnePhase:
         pass  # 6.12's host saves and restores the vGIC state itself
 
     def vgic_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
+        pass
+
+    def arch_vcpu_load(self, vm: HostVm, vcpu: HostVcpu, hcr: int, cpu: int) -> None:
+        pass
+
+    def arch_vcpu_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
         pass
 
     def destroy(self, vm: HostVm) -> None:
@@ -141,6 +155,22 @@ class TwoPhase:
     def vgic_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
         # kvm_arch_vcpu_put, before the hyp vCPU's put: EL2 saves the APRs.
         vm.host.hvc("__vgic_v3_save_aprs", vcpu.va + VGIC_V3_OFF, cpu=cpu)
+
+    # The two pairs above as one call each, straight to the host's HVC port: the run loop's
+    # path (`tests/test_fast_exits.py` checks they issue the same hypercalls).
+    def arch_vcpu_load(self, vm: HostVm, vcpu: HostVcpu, hcr: int, cpu: int) -> None:
+        hvc = vm.host.port.hvc
+        r = hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, hcr)
+        if r.x0:
+            raise HostError(EINVAL, "__pkvm_vcpu_load", r.x0, "the hyp does not offer this call")
+        hvc(cpu, "__vgic_v3_restore_vmcr_aprs", vcpu.va + VGIC_V3_OFF)
+
+    def arch_vcpu_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
+        hvc = vm.host.port.hvc
+        hvc(cpu, "__vgic_v3_save_aprs", vcpu.va + VGIC_V3_OFF)
+        r = hvc(cpu, "__pkvm_vcpu_put")
+        if r.x0:
+            raise HostError(EINVAL, "__pkvm_vcpu_put", r.x0, "the hyp does not offer this call")
 
     def destroy(self, vm: HostVm) -> None:
         if not vm.is_created:

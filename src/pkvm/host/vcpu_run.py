@@ -131,16 +131,22 @@ class VcpuRunner:
         f = KVM_VCPU.field(name)
         self.vm.host.write(self.vcpu.pa + f.offset, (value & U64).to_bytes(f.size, "little"))
 
+    # The exit path's loads and stores go to the host's port on the host's CPU, as
+    # `Host.read_u64` / `write_u64` do, without their frame.
     def _xreg(self, n: int) -> int:
         """One general-purpose register from the host's saved context."""
-        return self.vm.host.read_u64(self.vcpu.pa + _REGS_OFF + 8 * n)
+        host = self.vm.host
+        return host.port.read_u64(host.cpu, self.vcpu.pa + _REGS_OFF + 8 * n)
 
     def _set_xreg(self, n: int, value: int) -> None:
-        self.vm.host.write_u64(self.vcpu.pa + _REGS_OFF + 8 * n, value)
+        host = self.vm.host
+        host.port.write_u64(host.cpu, self.vcpu.pa + _REGS_OFF + 8 * n, value)
 
     def _set_iflag(self, flag: int) -> None:
-        host, pa = self.vm.host, self.vcpu.pa + _IFLAGS_OFF
-        host.write_u64(pa, host.read_u64(pa) | flag)
+        """`vcpu_set_flag`: a load and a store of `arch.iflags`."""
+        host = self.vm.host
+        port, cpu, pa = host.port, host.cpu, self.vcpu.pa + _IFLAGS_OFF
+        port.write_u64(cpu, pa, port.read_u64(cpu, pa) | flag)
 
     def reset(self, pc: int, x0: int) -> None:
         self.set_regs(reset_context(pc, x0, self.vcpu.idx))
@@ -163,8 +169,7 @@ class VcpuRunner:
         cpu = vcpu.idx % vm.host.nr_cpus if cpu is None else cpu
         if not (vcpu.hyp_created and vm.is_created):
             vm.ensure_hyp_vcpu(vcpu)
-        life.vcpu_load(vm, vcpu, HCR_HOST_VCPU, cpu)
-        life.vgic_load(vm, vcpu, cpu)
+        life.arch_vcpu_load(vm, vcpu, HCR_HOST_VCPU, cpu)
         hvc, va = vm.host.port.hvc, vcpu.va  # `Host.hvc` on this CPU, without its wrapper
         try:
             for _ in range(RUN_REENTRY_LIMIT):
@@ -181,8 +186,7 @@ class VcpuRunner:
             return VcpuExit("hung", detail=f"KVM_RUN re-entered the guest {RUN_REENTRY_LIMIT} "
                                            "times without an exit to userspace")
         finally:
-            life.vgic_put(vm, vcpu, cpu)
-            life.vcpu_put(vm, cpu)
+            life.arch_vcpu_put(vm, vcpu, cpu)
 
     def _count(self, kind: str) -> None:
         self.exits[kind] = self.exits.get(kind, 0) + 1
@@ -192,7 +196,9 @@ class VcpuRunner:
             return VcpuExit("preempted")
         if code != ARM_EXCEPTION_TRAP:
             return VcpuExit("fail", detail=f"exit code {code}")
-        esr, self._far, self._hpfar = _FAULT.unpack(self.vm.host.read(self.vcpu.pa + _FAULT_OFF, 24))
+        host = self.vm.host
+        esr, self._far, self._hpfar = _FAULT.unpack(
+            host.port.read(host.cpu, self.vcpu.pa + _FAULT_OFF, 24))
         ec = esr >> 26
         if ec in (EC_DABT_LOW, EC_IABT_LOW):
             return self._abort(esr, cpu)
