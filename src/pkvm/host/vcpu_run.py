@@ -131,22 +131,16 @@ class VcpuRunner:
         f = KVM_VCPU.field(name)
         self.vm.host.write(self.vcpu.pa + f.offset, (value & U64).to_bytes(f.size, "little"))
 
-    # The exit path's loads and stores go to the host's port on the host's CPU, as
-    # `Host.read_u64` / `write_u64` do, without their frame.
     def _xreg(self, n: int) -> int:
         """One general-purpose register from the host's saved context."""
-        host = self.vm.host
-        return host.port.read_u64(host.cpu, self.vcpu.pa + _REGS_OFF + 8 * n)
+        return self.vm.host.read_u64(self.vcpu.pa + _REGS_OFF + 8 * n)
 
     def _set_xreg(self, n: int, value: int) -> None:
-        host = self.vm.host
-        host.port.write_u64(host.cpu, self.vcpu.pa + _REGS_OFF + 8 * n, value)
+        self.vm.host.write_u64(self.vcpu.pa + _REGS_OFF + 8 * n, value)
 
     def _set_iflag(self, flag: int) -> None:
-        """`vcpu_set_flag`: a load and a store of `arch.iflags`."""
-        host = self.vm.host
-        port, cpu, pa = host.port, host.cpu, self.vcpu.pa + _IFLAGS_OFF
-        port.write_u64(cpu, pa, port.read_u64(cpu, pa) | flag)
+        host, pa = self.vm.host, self.vcpu.pa + _IFLAGS_OFF
+        host.write_u64(pa, host.read_u64(pa) | flag)
 
     def reset(self, pc: int, x0: int) -> None:
         self.set_regs(reset_context(pc, x0, self.vcpu.idx))
