@@ -437,9 +437,11 @@ class VmemmapView:
             new = set()
         else:
             v.dirty = set()
-            for other in _RECORDERS.get(id(v), ()):
-                if other is not self and other._backlog is not None:
-                    other._backlog |= new
+            peers = _RECORDERS.get(id(v))
+            if peers is not None and len(peers) > 1:  # (this view alone: nobody to hand to)
+                for other in peers:
+                    if other is not self and other._backlog is not None:
+                        other._backlog |= new
         taken, self._backlog = self._backlog | new, set()
         base = self.base_pfn
         return {base + i for i in taken}
@@ -494,6 +496,10 @@ class HypView:
     def vm_table(self) -> tuple[object | None, ...]:
         """The VM table's slots: None (free), `RESERVED_ENTRY` or a `PkvmHypVm`."""
         return tuple(self._h.vm_table or ())
+
+    def vm_table_size(self) -> int:
+        """How many slots the VM table has (used or free)."""
+        return len(self._h.vm_table or ())
 
     def vm_slots(self) -> list[tuple[int, object]]:
         """(index, slot) of every used slot of the VM table, in order; do not modify the list.

@@ -25,7 +25,7 @@ from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
 from pkvm.check.host_pointers import HostPointerWatch
 from pkvm.check.oracles import run_all
-from pkvm.check.page_invariants import NOPAGE, OWNED, SB
+from pkvm.check.page_invariants import SB, GuestLeaves, plain_host_page
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
 from pkvm.inspect import (
     STATE_NAMES,
@@ -65,6 +65,10 @@ _GUEST_S2_STILL = frozenset({
 })
 
 
+# ((host, hyp) before, (host, hyp) after) as state values -> the same as names (`_note`)
+_TRANSITION_NAMES: dict[tuple[int, int, int, int], tuple[tuple[str, str], tuple[str, str]]] = {}
+
+
 def _name(s: Any) -> str:
     if isinstance(s, int):
         return STATE_NAMES[s] if s in STATE_NAMES else PageState(s).name
@@ -84,6 +88,7 @@ class Checker(GlobalInvariants):
         self.calls = 0
         self._pending: set[int] = set()
         self._gmap: dict[int, list[tuple[int, PageState]]] | None = None
+        self._leaf_cache: dict[tuple[int, int, int], GuestLeaves] = {}
         self._live: list[tuple[int, PkvmHypVm]] | None = None
         # Pages a 7.2 guest still had when its VM was finalised: finalize does not reclaim
         # them (`__pkvm_finalize_teardown_vm`), so they keep their state with no guest
@@ -275,9 +280,13 @@ class Checker(GlobalInvariants):
             (ch, cy), (ph, py) = arrays[:2], self._prev[:2]
             for pfn in pfns:
                 i = pfn - base
-                a, b = (ph[i], py[i]), (ch[i], cy[i])
-                if a != b:
-                    self.transitions[(tuple(map(_name, a)), tuple(map(_name, b)))] += 1
+                key = (ph[i], py[i], ch[i], cy[i])
+                if key[:2] != key[2:]:
+                    names = _TRANSITION_NAMES.get(key)
+                    if names is None:
+                        names = _TRANSITION_NAMES[key] = (
+                            (_name(key[0]), _name(key[1])), (_name(key[2]), _name(key[3])))
+                    self.transitions[names] += 1
         for cur, prev in zip(arrays, self._prev):
             for pfn in pfns:
                 prev[pfn - base] = cur[pfn - base]
@@ -311,12 +320,10 @@ class Checker(GlobalInvariants):
             hs, ys, sc = vmm.host_state, vmm.hyp_state, vmm.host_share_guest_count
             for i in range(vmm.nr):
                 pfn = lo + i
-                hp = host_leaf.get(pfn, 0)
-                if (hs[i] == OWNED and ys[i] == NOPAGE and not sc[i] and (hp == 0 or hp & 1)
-                        and pfn not in gmap and pfn not in hyp_leaf):
+                hp, yp, guests = host_leaf.get(pfn, 0), hyp_leaf.get(pfn, 0), gmap.get(pfn, [])
+                if plain_host_page(hs[i], ys[i], sc[i], hp, yp, guests):
                     continue  # ordinary host memory, nothing maps it elsewhere: the fast path
-                self._check_page(pfn, self.page_states(pfn), hp, hyp_leaf.get(pfn, 0),
-                                 gmap.get(pfn, []))
+                self._check_page(pfn, self.page_states(pfn), hp, yp, guests)
         else:
             for pfn in range(lo, self._ram_hi):
                 hp, yp = host_leaf.get(pfn, 0), hyp_leaf.get(pfn, 0)
