@@ -24,11 +24,12 @@ import pkvm
 from pkvm.check.fuzz import execute, generate
 from pkvm.check.fuzz_ops import World
 from pkvm.check.ghost import RESERVED, GhostVm
-from pkvm.check.page_invariants import OWNED
+from pkvm.check.page_invariants import OWNED, guest_leaves, plain_host_page
 from pkvm.host import kvm as host_kvm
-from pkvm.inspect import RESERVED_ENTRY, PkvmHypVm, hyp_state_of_pte, hyp_va
+from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, hyp_state_of_pte, hyp_va
 from pkvm.machine.memory import PAGE_SHIFT
 from test_dirty_pages import watched_run
+from test_fuzz import FOUND
 
 MEM, CPUS = "64M", 2
 
@@ -74,6 +75,7 @@ class Watch:
         self.c = w.m.checker
         self.fp = (self.c._fingerprint(), generic_fingerprint(self.c))
         self.compared = 0
+        self.leaves_reused = 0
         w.m.listeners.append(self.look)
 
     def look(self, rec: Any = None) -> None:
@@ -97,6 +99,21 @@ class Watch:
         table = c.h.vm_table
         assert [(i, id(s)) for i, s in c.h.vm_slots()] == [
             (i, id(s)) for i, s in enumerate(table) if s is not None]  # reused or found again
+        # the ghost's slot kinds (`Ghost._quick_compare`) as counted over every slot
+        found = c.h.vm_slots()
+        assert (c.h.vm_table_size() - len(found), sum(1 for _, s in found if s is
+                                                      RESERVED_ENTRY)) == (
+            table.count(None), table.count(RESERVED_ENTRY))
+        assert c.ghost._kinds() == (c.ghost.table.count(None), c.ghost.table.count(RESERVED))
+        if c.h.profile.hyp_owned_guest_stage2:  # each guest's leaves: kept ones = a fresh walk
+            for handle, vm in c.h.live_vms():
+                if vm.pgt is None or not vm.pgt.pgd:
+                    continue
+                key = (handle, vm.pgt.pgd, vm.pgt.start_level)
+                last = c._leaf_cache.get(key)
+                got = guest_leaves(c.h.mem, key[1], key[2], handle, last)
+                assert got[1] == guest_leaves(c.h.mem, key[1], key[2], handle, None)[1]
+                self.leaves_reused += got is last
         assert c.ghost.abstract_table() == generic_table(c)
         fp = (c._fingerprint(), generic_fingerprint(c))
         if fp[1] != self.fp[1]:
@@ -114,6 +131,52 @@ def test_fast_paths_agree_with_the_generic_readings(abi: str, seed: int) -> None
         r = watched_run(mp, abi, seed, 300, lambda w: watches.append(Watch(w)))
     assert r.failure is None, str(r.failure)
     assert sum(w.compared for w in watches) > 100  # calls compared (panicked ones are not)
+    if abi == "latest":
+        assert sum(w.leaves_reused for w in watches)  # the kept leaves were compared too
+
+
+@pytest.mark.parametrize("bug,abi,seed,budget,signature", [
+    f for f in FOUND if f[3] <= 300 and f[0] not in ("handle-range",)])
+def test_fast_paths_agree_on_runs_with_seeded_bugs(bug: str, abi: str, seed: int, budget: int,
+                                                   signature: str) -> None:
+    """The same comparisons on runs with a seeded bug switched on, up to the failure the bug
+    causes (which is the one the seeded-bug table expects)."""
+    watches: list[Watch] = []
+    with pytest.MonkeyPatch.context() as mp:
+        r = watched_run(mp, abi, seed, budget, lambda w: watches.append(Watch(w)), (bug,))
+    assert r.failure is not None and r.failure.signature == signature, r.failure
+    assert sum(w.compared for w in watches)
+
+
+@settings(max_examples=300, deadline=None)
+@given(host=st.integers(0, 4), hyp=st.integers(0, 4), pfn=st.integers(0, 0x3FFF),
+       hpte=st.sampled_from([0, 1, 3, 0x403, 0x2, 0x4, 1 << 55, (1 << 55) | 3, 0x1C]),
+       ypte=st.sampled_from([0, 1, 3, 0x2, 0x4, 0x703]),
+       guests=st.lists(st.tuples(st.sampled_from([0x1000, 0x1001]), st.integers(0, 4)),
+                       max_size=2))
+def test_plain_host_page_passes_every_page_check(host: int, hyp: int, pfn: int, hpte: int,
+                                                 ypte: int, guests: list[Any]) -> None:
+    """`plain_host_page` (the 7.2 page checks' fast path) holds only where `_check_page`
+    finds nothing: the fast path skips no page the checks would report."""
+    c = _checker()
+    pfn += c._ram_lo
+    i = pfn - c._ram_lo
+    pa = pfn << PAGE_SHIFT
+    hpte |= pa if hpte & 1 else 0
+    ypte |= pa if ypte & 1 else 0
+    gs = [(g, PageState(s)) for g, s in guests]
+    sc = c.h.vmemmap.host_share_guest_count[i]
+    if plain_host_page(host, hyp, sc, hpte, ypte, gs):
+        c._check_page(pfn, (PageState(host), PageState(hyp)), hpte, ypte, gs)
+
+
+_CHECKER: list[Any] = []
+
+
+def _checker() -> Any:
+    if not _CHECKER:
+        _CHECKER.append(pkvm.Machine(memory=MEM, cpus=CPUS, abi="latest", check=True).checker)
+    return _CHECKER[0]
 
 
 @settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
