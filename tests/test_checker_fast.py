@@ -21,12 +21,20 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import pkvm
+from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK
 from pkvm.check.fuzz import execute, generate
 from pkvm.check.fuzz_ops import World
 from pkvm.check.ghost import RESERVED, GhostVm
-from pkvm.check.page_invariants import OWNED, guest_leaves, plain_host_page
+from pkvm.check.page_invariants import OWNED, _valid_leaves, guest_leaves, plain_host_page
 from pkvm.host import kvm as host_kvm
-from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, hyp_state_of_pte, hyp_va
+from pkvm.inspect import (
+    RESERVED_ENTRY,
+    PageState,
+    PkvmHypVm,
+    guest_state_of_pte,
+    hyp_state_of_pte,
+    hyp_va,
+)
 from pkvm.machine.memory import PAGE_SHIFT
 from test_dirty_pages import watched_run
 from test_fuzz import FOUND
@@ -57,6 +65,19 @@ def generic_table(c: Any) -> list[Any]:
             loaded = tuple(sorted((v.vcpu_idx, v.loaded_on) for v in slot.vcpus
                                   if v is not None and v.loaded_on is not None))
             out.append(GhostVm(slot.is_dying, slot.created_vcpus, vcpus, loaded))
+    return out
+
+
+def generic_guest_map(c: Any) -> dict[int, list[Any]]:
+    """pfn -> [(handle, state)] of every valid leaf of every guest stage-2, walked afresh."""
+    out: dict[int, list[Any]] = {}
+    for handle, vm in c.h.live_vms():
+        if vm.pgt is None or not vm.pgt.pgd:
+            continue
+        for level, pte in _valid_leaves(c.h.mem, vm.pgt.pgd, vm.pgt.start_level):
+            pfn = (pte & KVM_PTE_ADDR_MASK) >> PAGE_SHIFT
+            for k in range(1 << (9 * (3 - level))):
+                out.setdefault(pfn + k, []).append((handle, guest_state_of_pte(pte)))
     return out
 
 
@@ -114,6 +135,10 @@ class Watch:
                 got = guest_leaves(c.h.mem, key[1], key[2], handle, last)
                 assert got[1] == guest_leaves(c.h.mem, key[1], key[2], handle, None)[1]
                 self.leaves_reused += got is last
+            saved = (c._gmap, c._leaf_cache, c._gmap_built)
+            c._gmap = None  # the whole map as the checker builds it now, against a fresh walk
+            assert c.guest_map() == generic_guest_map(c)
+            c._gmap, c._leaf_cache, c._gmap_built = saved  # (the checker's state untouched)
         assert c.ghost.abstract_table() == generic_table(c)
         fp = (c._fingerprint(), generic_fingerprint(c))
         if fp[1] != self.fp[1]:

@@ -89,6 +89,7 @@ class Checker(GlobalInvariants):
         self._pending: set[int] = set()
         self._gmap: dict[int, list[tuple[int, PageState]]] | None = None
         self._leaf_cache: dict[tuple[int, int, int], GuestLeaves] = {}
+        self._gmap_built: dict[int, list[tuple[int, PageState]]] | None = None
         self._live: list[tuple[int, PkvmHypVm]] | None = None
         # Pages a 7.2 guest still had when its VM was finalised: finalize does not reclaim
         # them (`__pkvm_finalize_teardown_vm`), so they keep their state with no guest

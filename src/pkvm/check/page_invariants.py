@@ -111,6 +111,7 @@ class PageInvariants:
     _live: list[tuple[int, PkvmHypVm]] | None
     _gmap: dict[int, list[tuple[int, PageState]]] | None
     _leaf_cache: dict[tuple[int, int, int], GuestLeaves]  # (handle, pgd, start level) -> leaves
+    _gmap_built: dict[int, list[tuple[int, PageState]]] | None  # the map built from them
     orphan_owned: set[int]
     orphan_borrowed: Counter[int]
 
@@ -134,17 +135,22 @@ class PageInvariants:
         (`guest_leaves`)."""
         if self._gmap is not None:
             return self._gmap
-        out: dict[int, list[tuple[int, PageState]]] = {}
-        last, self._leaf_cache = self._leaf_cache, {}
+        last, cache = self._leaf_cache, {}
         for handle, vm in self.live_vms():
             if vm.pgt is None or not vm.pgt.pgd:
                 continue
             key = (handle, vm.pgt.pgd, vm.pgt.start_level)
-            got = self._leaf_cache[key] = guest_leaves(self.h.mem, key[1], key[2], handle,
-                                                       last.get(key))
-            for pfn, st in got[1]:
+            cache[key] = guest_leaves(self.h.mem, key[1], key[2], handle, last.get(key))
+        self._leaf_cache = cache
+        if self._gmap_built is not None and list(cache) == list(last) and all(
+                a is b for a, b in zip(cache.values(), last.values())):
+            self._gmap = self._gmap_built  # every guest's leaves as the last map had them
+            return self._gmap
+        out: dict[int, list[tuple[int, PageState]]] = {}
+        for (handle, _, _), (_, pages) in self._leaf_cache.items():
+            for pfn, st in pages:
                 out.setdefault(pfn, []).append((handle, st))
-        self._gmap = out
+        self._gmap = self._gmap_built = out
         return out
 
     def _guest_pages_of(self, raw_handle: int) -> list[tuple[int, PageState]]:
