@@ -14,6 +14,7 @@ still seen (the finding `noted-stores`).
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections import Counter
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
 from pkvm.check.host_pointers import HostPointerWatch
 from pkvm.check.oracles import run_all
-from pkvm.check.page_invariants import SB, GuestLeaves, plain_host_page
+from pkvm.check.page_invariants import SB, GuestLeaves, plain_page
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
 from pkvm.inspect import (
     STATE_NAMES,
@@ -64,6 +65,10 @@ _GUEST_S2_STILL = frozenset({
     "__pkvm_start_teardown_vm", "__pkvm_tlb_flush_vmid", "__kvm_flush_vm_context",
 })
 
+
+_NOT_OWNED = re.compile(b"[^" + re.escape(bytes([PageState.OWNED])) + b"]")
+_NOT_NOPAGE = re.compile(b"[^" + re.escape(bytes([PageState.NOPAGE])) + b"]")
+_NONZERO = re.compile(b"[^\x00]")
 
 # ((host, hyp) before, (host, hyp) after) as state values -> the same as names (`_note`)
 _TRANSITION_NAMES: dict[tuple[int, int, int, int], tuple[tuple[str, str], tuple[str, str]]] = {}
@@ -293,37 +298,40 @@ class Checker(GlobalInvariants):
                 prev[pfn - base] = cur[pfn - base]
 
     # -- everything --------------------------------------------------------------------------
+    def _unplain(self, host_leaf: dict[int, int], hyp_leaf: dict[int, int],
+                 gmap: dict[int, Any]) -> list[int]:
+        """7.2: the vmemmap indices, ascending, of every page that is not host OWNED, hyp
+        NOPAGE, shared with no guest, with a host leaf empty or valid, no valid hyp leaf and no
+        guest mapping (`plain_page`'s first case: the pages the checks skip), found by byte
+        searches of the state arrays rather than a loop over every page."""
+        vmm = self.h.vmemmap
+        lo, nr = self._ram_lo, vmm.nr
+        found = {m.start() for m in _NOT_OWNED.finditer(vmm.host_state.tobytes())}
+        found.update(m.start() for m in _NOT_NOPAGE.finditer(vmm.hyp_state.tobytes()))
+        w = vmm.host_share_guest_count.itemsize
+        found.update(m.start() // w for m in _NONZERO.finditer(
+            vmm.host_share_guest_count.tobytes()))
+        found.update(pfn - lo for pfn, pte in host_leaf.items() if pte and not pte & 1)
+        found.update(pfn - lo for pfn, pte in hyp_leaf.items() if pte & 1)
+        found.update(pfn - lo for pfn in gmap)
+        return sorted(i for i in found if 0 <= i < nr)
+
     def check_all(self) -> None:
         """Every invariant over every page and table (slow: tens of ms)."""
         h = self.h
         self._gmap = None
         self._live = None
         gmap = self.guest_map() if h.profile.hyp_owned_guest_stage2 else {}
-        host_leaf: dict[int, int] = {}
-        for addr, level, pte in h.host_pgt.leaves():
-            if pte_valid(pte) and (pte & KVM_PTE_ADDR_MASK) != addr:
-                raise InvariantViolation("no-host-access", "host stage-2 is not an identity map",
-                                         addr >> PAGE_SHIFT, hex(addr), hex(pte & KVM_PTE_ADDR_MASK))
-            first = addr >> PAGE_SHIFT
-            for k in range(1 << (9 * (3 - level))):
-                if self._ram_lo <= first + k < self._ram_hi:
-                    host_leaf[first + k] = pte
-        hyp_leaf: dict[int, int] = {}
-        lo = hyp_va(self._ram_lo << PAGE_SHIFT)
-        size = (self._ram_hi - self._ram_lo) << PAGE_SHIFT
-        for addr, level, pte in h.hyp_pgt.leaves(lo, size):
-            first = hyp_pa(addr) >> PAGE_SHIFT
-            for k in range(1 << (9 * (3 - level))):
-                hyp_leaf[first + k] = pte
+        host_leaf, hyp_leaf = self._leaf_maps()
         vmm = h.vmemmap
         lo = self._ram_lo
         if self._in_vmemmap:
             hs, ys, sc = vmm.host_state, vmm.hyp_state, vmm.host_share_guest_count
-            for i in range(vmm.nr):
+            for i in self._unplain(host_leaf, hyp_leaf, gmap):
                 pfn = lo + i
                 hp, yp, guests = host_leaf.get(pfn, 0), hyp_leaf.get(pfn, 0), gmap.get(pfn, [])
-                if plain_host_page(hs[i], ys[i], sc[i], hp, yp, guests):
-                    continue  # ordinary host memory, nothing maps it elsewhere: the fast path
+                if plain_page(hs[i], ys[i], sc[i], hp, yp, pfn << PAGE_SHIFT, guests):
+                    continue  # host memory or the hyp's own, nothing else maps it: the fast path
                 self._check_page(pfn, self.page_states(pfn), hp, yp, guests)
         else:
             for pfn in range(lo, self._ram_hi):
@@ -341,3 +349,25 @@ class Checker(GlobalInvariants):
         if self.ghost is not None:
             excused += self.ghost.ffa.orphans
         check_owner_full(self.machine.inspect, self.machine.firmware, excused)
+
+    def _leaf_maps(self) -> tuple[dict[int, int], dict[int, int]]:
+        """pfn -> the host stage-2 leaf and the hyp stage-1 leaf (non-zero) of each RAM page;
+        a valid host leaf that is not the identity map is the finding `no-host-access`."""
+        h = self.h
+        host_leaf: dict[int, int] = {}
+        for addr, level, pte in h.host_pgt.leaves():
+            if pte_valid(pte) and (pte & KVM_PTE_ADDR_MASK) != addr:
+                raise InvariantViolation("no-host-access", "host stage-2 is not an identity map",
+                                         addr >> PAGE_SHIFT, hex(addr), hex(pte & KVM_PTE_ADDR_MASK))
+            first = addr >> PAGE_SHIFT
+            for k in range(1 << (9 * (3 - level))):
+                if self._ram_lo <= first + k < self._ram_hi:
+                    host_leaf[first + k] = pte
+        hyp_leaf: dict[int, int] = {}
+        lo = hyp_va(self._ram_lo << PAGE_SHIFT)
+        size = (self._ram_hi - self._ram_lo) << PAGE_SHIFT
+        for addr, level, pte in h.hyp_pgt.leaves(lo, size):
+            first = hyp_pa(addr) >> PAGE_SHIFT
+            for k in range(1 << (9 * (3 - level))):
+                hyp_leaf[first + k] = pte
+        return host_leaf, hyp_leaf

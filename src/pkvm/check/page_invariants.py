@@ -92,13 +92,22 @@ def guest_leaves(mem: Any, pgd: int, start_level: int, handle: int,
     return tables, pages
 
 
-def plain_host_page(host: int, hyp: int, share_count: int, hpte: int, ypte: int,
-                    guests: list[tuple[int, PageState]]) -> bool:
-    """7.2 (states in `hyp_vmemmap`): ordinary host memory nothing else maps (host OWNED, hyp
-    NOPAGE, no guest shares or mappings, host leaf empty or valid, no hyp leaf), for which
-    every check of `PageInvariants._check_page` holds: the checks' fast path."""
-    return (host == OWNED and hyp == NOPAGE and not share_count and (hpte == 0 or hpte & 1 == 1)
-            and not ypte & 1 and not guests)
+def plain_page(host: int, hyp: int, share_count: int, hpte: int, ypte: int, pa: int,
+               guests: list[tuple[int, PageState]]) -> bool:
+    """7.2 (states in `hyp_vmemmap`): a page for which every check of
+    `PageInvariants._check_page` holds, of the two kinds most pages are: ordinary host memory
+    nothing else maps (host OWNED, hyp NOPAGE, host leaf empty or valid, no valid hyp leaf),
+    or a page the hyp owns (host NOPAGE with a host annotation naming the hyp, hyp OWNED and
+    mapped at EL2 at its own address); in both, no guest shares or maps it. The checks' fast
+    path."""
+    if share_count or guests:
+        return False
+    if host == OWNED and hyp == NOPAGE:
+        return (hpte == 0 or hpte & 1 == 1) and not ypte & 1
+    if host == NOPAGE and hyp == OWNED and ypte & 1 and (ypte & KVM_PTE_ADDR_MASK) == pa:
+        ann = decode_host_annotation(hpte)
+        return ann is not None and ann[0] == ComponentId.HYP
+    return False
 
 
 class PageInvariants:
@@ -179,7 +188,7 @@ class PageInvariants:
             guests = gmap.get(pfn, [])
             if in_vmemmap:
                 i = pfn - lo
-                if plain_host_page(hs[i], ys[i], sc[i], hpte, ypte, guests):
+                if plain_page(hs[i], ys[i], sc[i], hpte, ypte, pa, guests):
                     continue  # every check of `_check_page` holds (test_checker_fast.py)
                 states = self.page_states(pfn)
             else:  # 6.12 keeps the states in these same two leaves: read from them
