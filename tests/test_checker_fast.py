@@ -121,6 +121,9 @@ class Watch:
         table = c.h.vm_table
         assert [(i, id(s)) for i, s in c.h.vm_slots()] == [
             (i, id(s)) for i, s in enumerate(table) if s is not None]  # reused or found again
+        if c._pins_key is not None and c._pins_key == c._pin_key():  # pins kept: still right
+            assert set(c.expected_pins()) == c._pins_pfns
+            c.check_globals()  # (the pin checks, not skipped, pass too; same state after)
         # the ghost's slot kinds (`Ghost._quick_compare`) as counted over every slot
         found = c.h.vm_slots()
         assert (c.h.vm_table_size() - len(found), sum(1 for _, s in found if s is

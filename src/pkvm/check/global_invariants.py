@@ -37,6 +37,8 @@ class GlobalInvariants(PageInvariants):
     carveout: tuple[int, int]
     inspect: Inspector
     _globals_pfns: set[int]
+    _pins_key: tuple[Any, ...] | None = None  # `_pin_key` at the last pin check that passed
+    _pins_pfns: set[int] = set()  # (never changed in place) the pages it pinned
 
     def expected_pins(self) -> Counter[int]:
         pins: Counter[Any] = Counter()
@@ -55,7 +57,18 @@ class GlobalInvariants(PageInvariants):
             pins[pa >> PAGE_SHIFT] += 1
         return pins
 
-    def check_globals(self, all_shared: bool = False) -> None:
+    def _pin_key(self) -> tuple[Any, ...]:
+        """Everything `expected_pins` reads: each live VM (identity, its host struct kvm) and
+        each of its vCPUs (identity, its host struct kvm_vcpu), and the FF-A mailbox."""
+        ffa = self.inspect.ffa_proxy()
+        return tuple((id(vm), vm.host_kvm, tuple((id(v), v.host_vcpu) for v in used(vm.vcpus)))
+                     for _, vm in self.live_vms()), ffa and (ffa["host_tx"], ffa["host_rx"])
+
+    def check_globals(self, all_shared: bool = False, touched: set[int] | None = None) -> None:
+        """The VM table, loaded vCPUs, VM refcounts and pins. With `touched` (the pages whose
+        entries changed since the last check, 7.2), the pins are checked again only when what
+        they are computed from (`_pin_key`) changed or one of their pages was touched: else
+        the answer is the last one's, which passed."""
         h = self.h
         vm_page = h.vm_page
         vmm = h.vmemmap
@@ -95,9 +108,16 @@ class GlobalInvariants(PageInvariants):
             if rc != loaded:
                 raise InvariantViolation("vm-refcount", f"hyp VM {vm.handle:#x}", pfn,
                                          f"refcount {loaded} (loaded vCPUs)", f"refcount {rc}")
+        key = self._pin_key() if self._in_vmemmap and not all_shared else None
+        vm_pfns = {vm_page(v) >> PAGE_SHIFT for v in live}
+        if touched is not None and key is not None and key == self._pins_key and \
+                not touched & self._pins_pfns:
+            self._globals_pfns = self._pins_pfns | vm_pfns
+            return
         pins = self.expected_pins()
         pfns = set(pins)
-        self._globals_pfns = pfns | {vm_page(v) >> PAGE_SHIFT for v in live}
+        self._globals_pfns = pfns | vm_pfns
+        self._pins_key = None
         if all_shared:
             pfns |= self._shared_pages()
         hs, ys = vmm.host_state, vmm.hyp_state
@@ -116,6 +136,7 @@ class GlobalInvariants(PageInvariants):
             if states == (SO, SB) and vmm.refcount[i] != pins.get(pfn, 0):
                 raise InvariantViolation("pin-refcount", "pins do not match users", pfn,
                                          f"refcount {pins.get(pfn, 0)}", f"refcount {vmm.refcount[i]}")
+        self._pins_key, self._pins_pfns = key, set(pins)
 
     def _shared_pages(self) -> set[int]:
         h = self.h

@@ -183,7 +183,7 @@ class Checker(GlobalInvariants):
                 self.check_pages(touched, rec.name)
                 fp = self._fingerprint()
                 if fp != self._globals_fp or touched & self._globals_pfns:
-                    self.check_globals()
+                    self.check_globals(touched=touched)
                     self._globals_fp = fp
                 else:
                     self.globals_skipped += 1
