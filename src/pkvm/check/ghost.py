@@ -32,7 +32,7 @@ from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
 from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
-from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, used, used_slots
+from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, used_slots
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -106,10 +106,10 @@ class Ghost:
                 out[i] = f"not a hyp VM: {slot!r}"
             else:
                 assert isinstance(slot, PkvmHypVm)
-                made = used(slot.vcpus)
-                vcpus = frozenset(v.vcpu_idx for v in made)
-                loaded = tuple(sorted((v.vcpu_idx, v.loaded_on) for v in made
-                                      if v.loaded_on is not None))
+                made = [v for v in slot.vcpus if v is not None]
+                vcpus = frozenset([v.vcpu_idx for v in made])
+                loaded = tuple(sorted([(v.vcpu_idx, v.loaded_on) for v in made
+                                       if v.loaded_on is not None]))
                 out[i] = GhostVm(slot.is_dying, slot.created_vcpus, vcpus, loaded)
         return out
 
@@ -357,7 +357,7 @@ class TableCall:
         """(slot, vCPU index) of the vCPU the ghost has loaded on `cpu`, or None."""
         for i in used_slots(self.t):
             s = self.t[i]
-            if isinstance(s, GhostVm):
+            if isinstance(s, GhostVm) and s.loaded:
                 for v, lc in s.loaded:
                     if lc == cpu:
                         return i, v

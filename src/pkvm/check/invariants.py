@@ -36,7 +36,6 @@ from pkvm.inspect import (
     hyp_pa,
     hyp_state_of_pte,
     hyp_va,
-    used,
 )
 from pkvm.machine.memory import PAGE_SHIFT
 
@@ -216,15 +215,11 @@ class Checker(GlobalInvariants):
         live VM's dying flag, vCPUs and where they are loaded, and the per-CPU loaded vCPUs.
         `check_globals` re-runs when this changes or a call touches one of the pages it read
         (`_globals_pfns`: pinned pages and hyp VM pages)."""
-        vms: list[Any] = []
-        for i, s in self.h.vm_slots():
-            vms += (i, id(s))
-            if isinstance(s, PkvmHypVm):
-                vms += (s.is_dying, s.created_vcpus)
-                for v in used(s.vcpus):
-                    vms += (id(v), v.loaded_on)
-            vms.append(None)  # the end of one slot's part
-        return tuple(vms), tuple(map(id, self.h.loaded_hyp_vcpu))
+        vms = tuple([(i, id(s), s.is_dying, s.created_vcpus,
+                      tuple([(id(v), v.loaded_on) for v in s.vcpus if v is not None]))
+                     if isinstance(s, PkvmHypVm) else (i, id(s))
+                     for i, s in self.h.vm_slots()])
+        return vms, tuple(map(id, self.h.loaded_hyp_vcpu))
 
     def _full_due(self) -> bool:
         return bool(self.full_every) and self.calls % self.full_every == 0
