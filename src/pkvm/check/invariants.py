@@ -109,6 +109,7 @@ class Checker(GlobalInvariants):
         self._in_vmemmap = self.h.profile.page_state_in_vmemmap
         vm.record_dirty()
         self._prev = [array(a.format, a.tobytes()) for a in self._arrays()]
+        self._pairs = list(zip(self._arrays(), self._prev))  # (the view's arrays are fixed)
         self.unrecorded = 0  # changed entries only the whole-vmemmap comparison found
         self._ram_lo = vm.base_pfn
         self._ram_hi = vm.base_pfn + vm.nr
@@ -242,7 +243,7 @@ class Checker(GlobalInvariants):
         if not dirty:
             return out
         base = self._ram_lo
-        pairs = list(zip(self._arrays(), self._prev))
+        pairs = self._pairs
         for pfn in dirty:
             i = pfn - base
             for cur, prev in pairs:
@@ -276,11 +277,10 @@ class Checker(GlobalInvariants):
     def _note(self, pfns: set[int]) -> None:
         """Count the page-state transitions of `pfns` and bring the copy up to date."""
         base = self._ram_lo
-        arrays = self._arrays()
+        idx = [pfn - base for pfn in pfns]
         if self._in_vmemmap:
-            (ch, cy), (ph, py) = arrays[:2], self._prev[:2]
-            for pfn in pfns:
-                i = pfn - base
+            (ch, ph), (cy, py) = self._pairs[:2]
+            for i in idx:
                 key = (ph[i], py[i], ch[i], cy[i])
                 if key[:2] != key[2:]:
                     names = _TRANSITION_NAMES.get(key)
@@ -288,9 +288,9 @@ class Checker(GlobalInvariants):
                         names = _TRANSITION_NAMES[key] = (
                             (_name(key[0]), _name(key[1])), (_name(key[2]), _name(key[3])))
                     self.transitions[names] += 1
-        for cur, prev in zip(arrays, self._prev):
-            for pfn in pfns:
-                prev[pfn - base] = cur[pfn - base]
+        for cur, prev in self._pairs:
+            for i in idx:
+                prev[i] = cur[i]
 
     # -- everything --------------------------------------------------------------------------
     def _unplain(self, host_leaf: dict[int, int], hyp_leaf: dict[int, int],
