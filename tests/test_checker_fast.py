@@ -25,7 +25,13 @@ from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK
 from pkvm.check.fuzz import execute, generate
 from pkvm.check.fuzz_ops import World
 from pkvm.check.ghost import RESERVED, GhostVm
-from pkvm.check.page_invariants import OWNED, _valid_leaves, guest_leaves, plain_page
+from pkvm.check.page_invariants import (
+    OWNED,
+    _valid_leaves,
+    guest_leaves,
+    plain_page,
+    plain_page_6_12,
+)
 from pkvm.host import kvm as host_kvm
 from pkvm.inspect import (
     RESERVED_ENTRY,
@@ -211,6 +217,32 @@ def test_plain_page_passes_every_page_check(host: int, hyp: int, pfn: int, data:
     sc = c.h.vmemmap.host_share_guest_count[i]
     if plain_page(host, hyp, sc, hpte, ypte, pa, gs):
         c._check_page(pfn, (PageState(host), PageState(hyp)), hpte, ypte, gs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pfn=st.integers(0, 0x3FFF), data=st.data(),
+       hpte=st.sampled_from([0, 1, 3, 0x403, 0x2, 0x4, 1 << 55, (1 << 55) | 3, 0x1C]),
+       ypte=st.sampled_from([0, 1, 3, 0x2, 0x4, 0x703, 0x1003, 0x1703]))
+def test_plain_page_6_12_passes_every_page_check(pfn: int, data: Any, hpte: int,
+                                                 ypte: int) -> None:
+    """6.12: `plain_page_6_12` holds only where `_check_page` finds nothing, for every pair of
+    leaves (software bits drawn for both: the states come from them)."""
+    c = _checker_6_12()
+    pfn += c._ram_lo
+    pa = pfn << PAGE_SHIFT
+    hpte |= (pa if hpte & 1 else 0) | data.draw(st.sampled_from([0, 1, 2, 3])) << 55
+    ypte = (ypte + (pa & ~0xFFF) if ypte & 1 else ypte) | data.draw(
+        st.sampled_from([0, 1, 2, 3])) << 55
+    states = (c.h.host_state_of_pte(hpte, pa), hyp_state_of_pte(ypte))
+    if plain_page_6_12(*states):
+        c._check_page(pfn, states, hpte, ypte, [])
+
+
+def _checker_6_12() -> Any:
+    if len(_CHECKER) < 2:
+        _checker()
+        _CHECKER.append(pkvm.Machine(memory=MEM, cpus=CPUS, abi="6.12", check=True).checker)
+    return _CHECKER[1]
 
 
 _CHECKER: list[Any] = []

@@ -26,7 +26,7 @@ from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
 from pkvm.check.host_pointers import HostPointerWatch
 from pkvm.check.oracles import run_all
-from pkvm.check.page_invariants import SB, GuestLeaves, plain_page
+from pkvm.check.page_invariants import SB, GuestLeaves, plain_page, plain_page_6_12
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
 from pkvm.inspect import (
     STATE_NAMES,
@@ -329,9 +329,12 @@ class Checker(GlobalInvariants):
                     continue  # host memory or the hyp's own, nothing else maps it: the fast path
                 self._check_page(pfn, self.page_states(pfn), hp, yp, guests)
         else:
+            state_of = h.host_state_of_pte
             for pfn in range(lo, self._ram_hi):
                 hp, yp = host_leaf.get(pfn, 0), hyp_leaf.get(pfn, 0)
-                states = (h.host_state_of_pte(hp, pfn << PAGE_SHIFT), hyp_state_of_pte(yp))
+                states = (state_of(hp, pfn << PAGE_SHIFT), hyp_state_of_pte(yp))
+                if plain_page_6_12(*states):
+                    continue  # ordinary host memory: the fast path
                 self._check_page(pfn, states, hp, yp, [])
         self.check_globals(all_shared=True)
         self.check_tables()
