@@ -22,9 +22,11 @@ from hypothesis import strategies as st
 
 import pkvm
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK
+from pkvm.check import ghost_guest
 from pkvm.check.fuzz import execute, generate
 from pkvm.check.fuzz_ops import World
 from pkvm.check.ghost import RESERVED, GhostVm
+from pkvm.check.ghost_guest import Leaf
 from pkvm.check.page_invariants import (
     OWNED,
     _valid_leaves,
@@ -279,3 +281,13 @@ def test_host_table_page_read_at_once_agrees(seed: int) -> None:
     assert fast.failure is None and slow.failure is None
     assert fast.calls == slow.calls and fast.transitions == slow.transitions
     assert fast.steps_run == slow.steps_run and fast.panics == slow.panics
+
+
+@settings(max_examples=200, deadline=None)
+@given(found=st.lists(st.tuples(st.sampled_from([0, -34]), st.integers(0, 3),
+                                st.integers(0, 2**64 - 1)), min_size=1, max_size=8))
+def test_leaf_kept_is_the_leaf_built(found: list[tuple[int, int, int]]) -> None:
+    """`Leaf.of` keeps its answers: a kept one equals one built afresh from the same leaf."""
+    kept = [Leaf.of(f) for f in found + found]
+    ghost_guest._LEAVES.clear()
+    assert kept == [Leaf.of(f) for f in found] * 2

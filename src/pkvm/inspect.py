@@ -490,7 +490,9 @@ class HypView:
         self.profile: Profile = h.profile
         self.vmemmap = VmemmapView(h)
         self.mem = RamView(h)
-        self._slots: tuple[int, list[tuple[int, object]]] = (-1, [])  # (table length, answer)
+        # (table length, answer, its indices, its slots): see vm_slots
+        self._slots: tuple[int, list[tuple[int, object]], list[int], list[object]] = (
+            -1, [], [], [])
 
     @property
     def vm_table(self) -> tuple[object | None, ...]:
@@ -506,11 +508,13 @@ class HypView:
         The last answer is reused when it still holds: each slot it named holds the same object
         (identity) and every other slot is free (the table counts that many None)."""
         table = self._h.vm_table or []
-        n, found = self._slots
+        n, found, idxs, objs = self._slots
         if n != len(table) or table.count(None) != n - len(found) or any(
-                table[i] is not slot for i, slot in found):
-            found = [(i, table[i]) for i in used_slots(table)]
-            self._slots = (len(table), found)
+                map(is_not, map(table.__getitem__, idxs), objs)):
+            idxs = list(used_slots(table))
+            objs = [table[i] for i in idxs]
+            found = list(zip(idxs, objs))
+            self._slots = (len(table), found, idxs, objs)
         return found
 
     @property
