@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import compress
+from operator import ne
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pkvm.abi import sizes
@@ -327,10 +329,14 @@ class Ghost:
         if conc is None:
             conc = self.abstract_table()
         if conc != t:
-            diff = [i for i in range(len(t)) if t[i] != conc[i]]
-            i = diff[0]
+            i = _differing(t, conc)[0]
             self._fail(rec, f"VM table slot {i + sizes.HANDLE_OFFSET:#x} after {rec.name}",
                        t[i], conc[i])
+
+
+def _differing(t: list[Any], conc: list[Any]) -> list[int]:
+    """The slots where two tables (of one length) differ, in order."""
+    return list(compress(range(len(t)), map(ne, t, conc)))
 
 
 class TableCall:
@@ -364,7 +370,7 @@ class TableCall:
         return None
 
     def first_free(self) -> int | None:
-        return next((i for i, s in enumerate(self.t) if s is None), None)
+        return self.t.index(None) if None in self.t else None
 
 
 def _reserve_vm(c: TableCall) -> None:
@@ -388,7 +394,7 @@ def _init_vm(c: TableCall) -> None:
         if first and x1 != first and not c.ghost.guest.raced_now():
             c.fail("init_vm result (hyp_pin_shared_mem of struct kvm, created_vcpus, handle)",
                    first, x1)
-        diff = [i for i in range(len(t)) if t[i] != conc[i]]
+        diff = _differing(t, conc)
         if x1 == 0:
             if len(diff) != 1 or t[diff[0]] != RESERVED or not isinstance(conc[diff[0]], GhostVm):
                 c.fail("init_vm success turns one reserved slot into a VM",
