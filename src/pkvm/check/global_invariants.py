@@ -118,6 +118,11 @@ class GlobalInvariants(PageInvariants):
             if rc != loaded:
                 raise InvariantViolation("vm-refcount", f"hyp VM {vm.handle:#x}", pfn,
                                          f"refcount {loaded} (loaded vCPUs)", f"refcount {rc}")
+        self._check_pins(vm_pfns, all_shared, touched)
+
+    def _check_pins(self, vm_pfns: set[int], all_shared: bool, touched: set[int] | None) -> None:
+        """`pin-refcount` (see `check_globals`); notes the pages the globals read."""
+        vmm = self.h.vmemmap
         key = self._pin_key() if self._in_vmemmap and not all_shared else None
         if touched is not None and key is not None and key == self._pins_key and \
                 not touched & self._pins_pfns:
