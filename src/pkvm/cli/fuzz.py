@@ -132,8 +132,8 @@ def _print_counted(console: Console, panics: int, known_warns: Counter[Any],
                              f"raw-pointer handlers; machine rebooted): {dict(pointer_stores)}"))
     console.print(f"ghost predictions skipped (a racing host store changed the call's "
                   f"inputs): {raced}")
-    console.print(f"pages a 7.2 guest still borrowed when its VM was finalised, excused as left "
-                  f"SHARED_OWNED with no borrower (guest-consistent, FF-A owner): {orphan_borrowed}")
+    console.print(f"pages a 7.2 guest still borrowed at its VM's finalise (excused by "
+                  f"guest-consistent and the FF-A owner): {orphan_borrowed}")
     if driver_errors:
         console.print(escape(f"host driver refusals under hostile state: {dict(driver_errors)}"))
 
