@@ -21,14 +21,31 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import pkvm
+from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK
+from pkvm.check import ghost_guest
 from pkvm.check.fuzz import execute, generate
 from pkvm.check.fuzz_ops import World
 from pkvm.check.ghost import RESERVED, GhostVm
-from pkvm.check.page_invariants import OWNED
+from pkvm.check.ghost_guest import Leaf
+from pkvm.check.page_invariants import (
+    OWNED,
+    _valid_leaves,
+    guest_leaves,
+    plain_page,
+    plain_page_6_12,
+)
 from pkvm.host import kvm as host_kvm
-from pkvm.inspect import RESERVED_ENTRY, PkvmHypVm, hyp_state_of_pte, hyp_va
+from pkvm.inspect import (
+    RESERVED_ENTRY,
+    PageState,
+    PkvmHypVm,
+    guest_state_of_pte,
+    hyp_state_of_pte,
+    hyp_va,
+)
 from pkvm.machine.memory import PAGE_SHIFT
 from test_dirty_pages import watched_run
+from test_fuzz import FOUND
 
 MEM, CPUS = "64M", 2
 
@@ -59,6 +76,19 @@ def generic_table(c: Any) -> list[Any]:
     return out
 
 
+def generic_guest_map(c: Any) -> dict[int, list[Any]]:
+    """pfn -> [(handle, state)] of every valid leaf of every guest stage-2, walked afresh."""
+    out: dict[int, list[Any]] = {}
+    for handle, vm in c.h.live_vms():
+        if vm.pgt is None or not vm.pgt.pgd:
+            continue
+        for level, pte in _valid_leaves(c.h.mem, vm.pgt.pgd, vm.pgt.start_level):
+            pfn = (pte & KVM_PTE_ADDR_MASK) >> PAGE_SHIFT
+            for k in range(1 << (9 * (3 - level))):
+                out.setdefault(pfn + k, []).append((handle, guest_state_of_pte(pte)))
+    return out
+
+
 def generic_fingerprint(c: Any) -> Any:
     table = c.h.vm_table
     vms = tuple((id(s), getattr(s, "is_dying", None), getattr(s, "created_vcpus", None),
@@ -74,6 +104,8 @@ class Watch:
         self.c = w.m.checker
         self.fp = (self.c._fingerprint(), generic_fingerprint(self.c))
         self.compared = 0
+        self.leaves_reused = 0
+        self.unplain_compared = 0
         w.m.listeners.append(self.look)
 
     def look(self, rec: Any = None) -> None:
@@ -97,6 +129,39 @@ class Watch:
         table = c.h.vm_table
         assert [(i, id(s)) for i, s in c.h.vm_slots()] == [
             (i, id(s)) for i, s in enumerate(table) if s is not None]  # reused or found again
+        if c._pins_key is not None and c._pins_key == c._pin_key():  # pins kept: still right
+            assert set(c.expected_pins()) == c._pins_pfns
+            c.check_globals()  # (the pin checks, not skipped, pass too; same state after)
+        # the ghost's slot kinds (`Ghost._quick_compare`) as counted over every slot
+        found = c.h.vm_slots()
+        assert (c.h.vm_table_size() - len(found), sum(1 for _, s in found if s is
+                                                      RESERVED_ENTRY)) == (
+            table.count(None), table.count(RESERVED_ENTRY))
+        assert c.ghost._kinds() == (c.ghost.table.count(None), c.ghost.table.count(RESERVED))
+        if c.h.profile.hyp_owned_guest_stage2:  # each guest's leaves: kept ones = a fresh walk
+            for handle, vm in c.h.live_vms():
+                if vm.pgt is None or not vm.pgt.pgd:
+                    continue
+                key = (handle, vm.pgt.pgd, vm.pgt.start_level)
+                last = c._leaf_cache.get(key)
+                got = guest_leaves(c.h.mem, key[1], key[2], handle, last)
+                assert got[1] == guest_leaves(c.h.mem, key[1], key[2], handle, None)[1]
+                self.leaves_reused += got is last
+            if self.compared % 37 == 0:  # check_all's byte search skips only plain pages
+                host_leaf, hyp_leaf = c._leaf_maps()
+                gmap, vmm = generic_guest_map(c), c.h.vmemmap
+                skipped = set(range(vmm.nr)) - set(c._unplain(host_leaf, hyp_leaf, gmap))
+                for i in skipped:
+                    pfn = c._ram_lo + i
+                    assert plain_page(vmm.host_state[i], vmm.hyp_state[i],
+                                      vmm.host_share_guest_count[i], host_leaf.get(pfn, 0),
+                                      hyp_leaf.get(pfn, 0), pfn << PAGE_SHIFT,
+                                      gmap.get(pfn, [])), hex(pfn)
+                self.unplain_compared += 1
+            saved = (c._gmap, c._leaf_cache, c._gmap_built)
+            c._gmap = None  # the whole map as the checker builds it now, against a fresh walk
+            assert c.guest_map() == generic_guest_map(c)
+            c._gmap, c._leaf_cache, c._gmap_built = saved  # (the checker's state untouched)
         assert c.ghost.abstract_table() == generic_table(c)
         fp = (c._fingerprint(), generic_fingerprint(c))
         if fp[1] != self.fp[1]:
@@ -114,6 +179,86 @@ def test_fast_paths_agree_with_the_generic_readings(abi: str, seed: int) -> None
         r = watched_run(mp, abi, seed, 300, lambda w: watches.append(Watch(w)))
     assert r.failure is None, str(r.failure)
     assert sum(w.compared for w in watches) > 100  # calls compared (panicked ones are not)
+    if abi == "latest":
+        assert sum(w.leaves_reused for w in watches)  # the kept leaves were compared too
+        assert sum(w.unplain_compared for w in watches)
+
+
+@pytest.mark.parametrize("bug,abi,seed,budget,signature", [
+    f for f in FOUND if f[3] <= 300 and f[0] not in ("handle-range",)])
+def test_fast_paths_agree_on_runs_with_seeded_bugs(bug: str, abi: str, seed: int, budget: int,
+                                                   signature: str) -> None:
+    """The same comparisons on runs with a seeded bug switched on, up to the failure the bug
+    causes (which is the one the seeded-bug table expects)."""
+    watches: list[Watch] = []
+    with pytest.MonkeyPatch.context() as mp:
+        r = watched_run(mp, abi, seed, budget, lambda w: watches.append(Watch(w)), (bug,))
+    assert r.failure is not None and r.failure.signature == signature, r.failure
+    assert sum(w.compared for w in watches)
+
+
+@settings(max_examples=400, deadline=None)
+@given(host=st.integers(0, 4), hyp=st.integers(0, 4), pfn=st.integers(0, 0x3FFF),
+       data=st.data(), ypte=st.sampled_from([0, 1, 3, 0x2, 0x4, 0x703, 0x1003, 0x1703]),
+       guests=st.lists(st.tuples(st.sampled_from([0x1000, 0x1001]), st.integers(0, 4)),
+                       max_size=2))
+def test_plain_page_passes_every_page_check(host: int, hyp: int, pfn: int, data: Any,
+                                            ypte: int, guests: list[Any]) -> None:
+    """`plain_page` (the 7.2 page checks' fast path) holds only where `_check_page` finds
+    nothing: the fast path skips no page the checks would report. Host leaves: empty, valid,
+    and every annotation a machine with a guest has (the hyp's, the guest's)."""
+    c, annotations = _checker()
+    hpte = data.draw(st.sampled_from([0, 1, 3, 0x403, 0x2, 0x4, 1 << 55, (1 << 55) | 3]
+                                     + annotations))
+    pfn += c._ram_lo
+    i = pfn - c._ram_lo
+    pa = pfn << PAGE_SHIFT
+    hpte |= pa if hpte & 1 else 0
+    ypte = ypte + (pa & ~0xFFF) if ypte & 1 else ypte  # 0x1003: a valid leaf for the next page
+    gs = [(g, PageState(s)) for g, s in guests]
+    sc = c.h.vmemmap.host_share_guest_count[i]
+    if plain_page(host, hyp, sc, hpte, ypte, pa, gs):
+        c._check_page(pfn, (PageState(host), PageState(hyp)), hpte, ypte, gs)
+
+
+@settings(max_examples=300, deadline=None)
+@given(pfn=st.integers(0, 0x3FFF), data=st.data(),
+       hpte=st.sampled_from([0, 1, 3, 0x403, 0x2, 0x4, 1 << 55, (1 << 55) | 3, 0x1C]),
+       ypte=st.sampled_from([0, 1, 3, 0x2, 0x4, 0x703, 0x1003, 0x1703]))
+def test_plain_page_6_12_passes_every_page_check(pfn: int, data: Any, hpte: int,
+                                                 ypte: int) -> None:
+    """6.12: `plain_page_6_12` holds only where `_check_page` finds nothing, for every pair of
+    leaves (software bits drawn for both: the states come from them)."""
+    c = _checker_6_12()
+    pfn += c._ram_lo
+    pa = pfn << PAGE_SHIFT
+    hpte |= (pa if hpte & 1 else 0) | data.draw(st.sampled_from([0, 1, 2, 3])) << 55
+    ypte = (ypte + (pa & ~0xFFF) if ypte & 1 else ypte) | data.draw(
+        st.sampled_from([0, 1, 2, 3])) << 55
+    states = (c.h.host_state_of_pte(hpte, pa), hyp_state_of_pte(ypte))
+    if plain_page_6_12(*states):
+        c._check_page(pfn, states, hpte, ypte, [])
+
+
+def _checker_6_12() -> Any:
+    if len(_CHECKER) < 2:
+        _checker()
+        _CHECKER.append(pkvm.Machine(memory=MEM, cpus=CPUS, abi="6.12", check=True).checker)
+    return _CHECKER[1]
+
+
+_CHECKER: list[Any] = []
+
+
+def _checker() -> tuple[Any, list[int]]:
+    """A checked 7.2 machine with a protected guest, and its host stage-2 annotations."""
+    if not _CHECKER:
+        m = pkvm.Machine(memory=MEM, cpus=CPUS, abi="latest", check=True)
+        m.host.create_vm(vcpus=1, protected=True, memory="256K").map(0x40000, 2)
+        ann = sorted({pte for _, _, pte in m.checker.h.host_pgt.leaves() if not pte & 1})
+        assert len(ann) >= 2  # the hyp's and the guest's
+        _CHECKER.append((m.checker, ann))
+    return _CHECKER[0]
 
 
 @settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -136,3 +281,13 @@ def test_host_table_page_read_at_once_agrees(seed: int) -> None:
     assert fast.failure is None and slow.failure is None
     assert fast.calls == slow.calls and fast.transitions == slow.transitions
     assert fast.steps_run == slow.steps_run and fast.panics == slow.panics
+
+
+@settings(max_examples=200, deadline=None)
+@given(found=st.lists(st.tuples(st.sampled_from([0, -34]), st.integers(0, 3),
+                                st.integers(0, 2**64 - 1)), min_size=1, max_size=8))
+def test_leaf_kept_is_the_leaf_built(found: list[tuple[int, int, int]]) -> None:
+    """`Leaf.of` keeps its answers: a kept one equals one built afresh from the same leaf."""
+    kept = [Leaf.of(f) for f in found + found]
+    ghost_guest._LEAVES.clear()
+    assert kept == [Leaf.of(f) for f in found] * 2

@@ -52,7 +52,7 @@ class Observer:
 
 
 def watched_run(monkeypatch: pytest.MonkeyPatch, abi: str, seed: int, n: int,
-                watch: Callable[[World], Any]) -> RunResult:
+                watch: Callable[[World], Any], bugs: tuple[str, ...] = ()) -> RunResult:
     """Run the fuzzer's `n` steps from `seed`, `watch` called on every world it makes."""
 
     class Watched(World):
@@ -62,7 +62,7 @@ def watched_run(monkeypatch: pytest.MonkeyPatch, abi: str, seed: int, n: int,
 
     monkeypatch.setattr(fuzz, "World", Watched)
     prof = pkvm.Machine(memory=MEM, cpus=CPUS, abi=abi, trace=False).profile
-    return execute(generate(random.Random(seed), prof, CPUS, n), MEM, CPUS, abi)
+    return execute(generate(random.Random(seed), prof, CPUS, n), MEM, CPUS, abi, bugs)
 
 
 def _observed_run(monkeypatch: pytest.MonkeyPatch, abi: str, seed: int,

@@ -437,9 +437,11 @@ class VmemmapView:
             new = set()
         else:
             v.dirty = set()
-            for other in _RECORDERS.get(id(v), ()):
-                if other is not self and other._backlog is not None:
-                    other._backlog |= new
+            peers = _RECORDERS.get(id(v))
+            if peers is not None and len(peers) > 1:  # (this view alone: nobody to hand to)
+                for other in peers:
+                    if other is not self and other._backlog is not None:
+                        other._backlog |= new
         taken, self._backlog = self._backlog | new, set()
         base = self.base_pfn
         return {base + i for i in taken}
@@ -488,23 +490,31 @@ class HypView:
         self.profile: Profile = h.profile
         self.vmemmap = VmemmapView(h)
         self.mem = RamView(h)
-        self._slots: tuple[int, list[tuple[int, object]]] = (-1, [])  # (table length, answer)
+        # (table length, answer, its indices, its slots): see vm_slots
+        self._slots: tuple[int, list[tuple[int, object]], list[int], list[object]] = (
+            -1, [], [], [])
 
     @property
     def vm_table(self) -> tuple[object | None, ...]:
         """The VM table's slots: None (free), `RESERVED_ENTRY` or a `PkvmHypVm`."""
         return tuple(self._h.vm_table or ())
 
+    def vm_table_size(self) -> int:
+        """How many slots the VM table has (used or free)."""
+        return len(self._h.vm_table or ())
+
     def vm_slots(self) -> list[tuple[int, object]]:
         """(index, slot) of every used slot of the VM table, in order; do not modify the list.
         The last answer is reused when it still holds: each slot it named holds the same object
         (identity) and every other slot is free (the table counts that many None)."""
         table = self._h.vm_table or []
-        n, found = self._slots
+        n, found, idxs, objs = self._slots
         if n != len(table) or table.count(None) != n - len(found) or any(
-                table[i] is not slot for i, slot in found):
-            found = [(i, table[i]) for i in used_slots(table)]
-            self._slots = (len(table), found)
+                map(is_not, map(table.__getitem__, idxs), objs)):
+            idxs = list(used_slots(table))
+            objs = [table[i] for i in idxs]
+            found = list(zip(idxs, objs))
+            self._slots = (len(table), found, idxs, objs)
         return found
 
     @property

@@ -44,6 +44,7 @@ class Merged:
     transitions: Counter[Any] = field(default_factory=Counter)
     steps_run: int = 0
     raced: int = 0
+    orphan_borrowed: int = 0  # as `RunResult.orphan_borrowed`
     panics: int = 0  # availability findings
     known_warns: Counter[Any] = field(default_factory=Counter)
     host_pointer_stores: Counter[Any] = field(default_factory=Counter)
@@ -62,6 +63,7 @@ def merge(results: list[CampaignResult]) -> Merged:
         m.transitions.update(r.run.transitions)
         m.steps_run += r.run.steps_run
         m.raced += r.run.raced
+        m.orphan_borrowed += r.run.orphan_borrowed
         m.panics += len(r.run.panics)
         m.known_warns.update(r.run.known_warns)
         m.host_pointer_stores.update(r.run.host_pointer_stores)

@@ -67,6 +67,9 @@ class RunResult:
     driver_errors: Counter[Any] = field(default_factory=Counter)
     driver_tracebacks: dict[str, str] = field(default_factory=dict)
     raced: int = 0  # ghost predictions skipped: a racing host store changed the call's inputs
+    # pages a 7.2 guest still borrowed when `__pkvm_finalize_teardown_vm` freed its VM (left
+    # SHARED_OWNED with no borrower): excused by guest-consistent and the FF-A owner rule
+    orphan_borrowed: int = 0
     # stores into hyp memory through a raw host pointer (`pkvm.check.host_pointers`), by call
     host_pointer_stores: Counter[Any] = field(default_factory=Counter)
     log: list[tuple[Any, ...]] = field(default_factory=list)
@@ -198,6 +201,7 @@ def _absorb(res: RunResult, w: World) -> None:
             ghost = w.m.checker.ghost
             res.raced += ghost.guest.raced + ghost.calls.skipped
             ghost.guest.raced = ghost.calls.skipped = 0
+        res.orphan_borrowed += sum(w.m.checker.orphan_borrowed.values())  # (once per machine)
 
 
 # --- shrinking -----------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ stage-2 (`HostPort`), like the host's own.
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,7 +69,15 @@ def booted_machine(memory: str, cpus: int, abi: str, bugs: tuple[str, ...],
     if data is None:
         m = Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs, ffa=smc)
         data = _BOOTED[key] = m.snapshot()
-    return Machine.restore(data)
+    # The collector paused while the snapshot's thousands of objects are built (a pass it
+    # would start midway finds nothing to free among them), resumed as it was.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return Machine.restore(data)
+    finally:
+        if paused:
+            gc.enable()
 
 
 class World:

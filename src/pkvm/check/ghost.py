@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from itertools import compress
+from operator import ne
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_VCPU
@@ -32,7 +34,7 @@ from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
 from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
-from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, used, used_slots
+from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, used_slots
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -46,8 +48,7 @@ OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHAR
                          PageState.NOPAGE)
 
 
-@dataclass(frozen=True)
-class GhostVm:
+class GhostVm(NamedTuple):  # (a named tuple: built for every live VM after most calls)
     dying: bool
     created: int
     vcpus: frozenset[int]
@@ -77,6 +78,7 @@ class Ghost:
     pre_page: tuple[int, GhostPage | None] | None = None
     pre_init_vm: int | None = None  # 7.2 init_vm: the errno of its first checks, or 0
     pre_init_vcpu: frozenset[int] | None = None  # 7.2 init_vcpu: the results it may give
+    _kinds_of: tuple[Any, tuple[int, int]] = (None, (0, 0))  # see _kinds
 
     def __post_init__(self) -> None:
         self.table = self.abstract_table()
@@ -98,7 +100,7 @@ class Ghost:
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
         h = self.checker.h
-        out: list[Any] = [None] * len(h.vm_table)  # the free slots (most of them) as they are
+        out: list[Any] = [None] * h.vm_table_size()  # the free slots (most of them) as they are
         for i, slot in h.vm_slots():
             if slot is RESERVED_ENTRY:
                 out[i] = RESERVED
@@ -106,10 +108,10 @@ class Ghost:
                 out[i] = f"not a hyp VM: {slot!r}"
             else:
                 assert isinstance(slot, PkvmHypVm)
-                made = used(slot.vcpus)
-                vcpus = frozenset(v.vcpu_idx for v in made)
-                loaded = tuple(sorted((v.vcpu_idx, v.loaded_on) for v in made
-                                      if v.loaded_on is not None))
+                made = [v for v in slot.vcpus if v is not None]
+                vcpus = frozenset([v.vcpu_idx for v in made])
+                loaded = tuple(sorted([(v.vcpu_idx, v.loaded_on) for v in made
+                                       if v.loaded_on is not None]))
                 out[i] = GhostVm(slot.is_dying, slot.created_vcpus, vcpus, loaded)
         return out
 
@@ -309,19 +311,32 @@ class Ghost:
 
     def _quick_compare(self, rec: TraceRecord) -> None:
         """Cheap frame check for calls outside the VM table: slot kinds still counted alike."""
-        table = self.checker.h.vm_table
-        if (table.count(None), table.count(RESERVED_ENTRY)) != (
-                self.table.count(None), self.table.count(RESERVED)):
+        h = self.checker.h
+        found = h.vm_slots()  # the used slots: the others are free
+        reserved = sum(1 for _, s in found if s is RESERVED_ENTRY)
+        if (h.vm_table_size() - len(found), reserved) != self._kinds():
             self._compare_table(rec, self.table)
+
+    def _kinds(self) -> tuple[int, int]:
+        """(free, reserved) slots of the ghost's table, counted once per table (the table is
+        replaced, never changed in place: `_table_call`)."""
+        t = self.table
+        if self._kinds_of[0] is not t:
+            self._kinds_of = (t, (t.count(None), t.count(RESERVED)))
+        return self._kinds_of[1]
 
     def _compare_table(self, rec: TraceRecord, t: list[Any], conc: list[Any] | None = None) -> None:
         if conc is None:
             conc = self.abstract_table()
         if conc != t:
-            diff = [i for i in range(len(t)) if t[i] != conc[i]]
-            i = diff[0]
+            i = _differing(t, conc)[0]
             self._fail(rec, f"VM table slot {i + sizes.HANDLE_OFFSET:#x} after {rec.name}",
                        t[i], conc[i])
+
+
+def _differing(t: list[Any], conc: list[Any]) -> list[int]:
+    """The slots where two tables (of one length) differ, in order."""
+    return list(compress(range(len(t)), map(ne, t, conc)))
 
 
 class TableCall:
@@ -348,14 +363,14 @@ class TableCall:
         """(slot, vCPU index) of the vCPU the ghost has loaded on `cpu`, or None."""
         for i in used_slots(self.t):
             s = self.t[i]
-            if isinstance(s, GhostVm):
+            if isinstance(s, GhostVm) and s.loaded:
                 for v, lc in s.loaded:
                     if lc == cpu:
                         return i, v
         return None
 
     def first_free(self) -> int | None:
-        return next((i for i, s in enumerate(self.t) if s is None), None)
+        return self.t.index(None) if None in self.t else None
 
 
 def _reserve_vm(c: TableCall) -> None:
@@ -379,7 +394,7 @@ def _init_vm(c: TableCall) -> None:
         if first and x1 != first and not c.ghost.guest.raced_now():
             c.fail("init_vm result (hyp_pin_shared_mem of struct kvm, created_vcpus, handle)",
                    first, x1)
-        diff = [i for i in range(len(t)) if t[i] != conc[i]]
+        diff = _differing(t, conc)
         if x1 == 0:
             if len(diff) != 1 or t[diff[0]] != RESERVED or not isinstance(conc[diff[0]], GhostVm):
                 c.fail("init_vm success turns one reserved slot into a VM",
@@ -423,7 +438,7 @@ def _init_vcpu(c: TableCall) -> None:
                f"0..{vm.created - 1}", v)
     if c.prof.vcpu_init_in_order and v != len(vm.vcpus):
         c.fail("hyp vCPUs are initialised in order", len(vm.vcpus), v)
-    c.t[idx] = replace(vm, vcpus=vm.vcpus | {v})
+    c.t[idx] = vm._replace(vcpus=vm.vcpus | {v})
 
 
 def _vcpu_load(c: TableCall) -> None:
@@ -434,7 +449,7 @@ def _vcpu_load(c: TableCall) -> None:
           and v in vm.vcpus and all(lv != v for lv, _ in vm.loaded))
     if ok:
         assert vm is not None and c.idx is not None
-        c.t[c.idx] = replace(vm, loaded=tuple(sorted(vm.loaded + ((v, c.cpu),))))
+        c.t[c.idx] = vm._replace(loaded=tuple(sorted(vm.loaded + ((v, c.cpu),))))
 
 
 def _vcpu_put(c: TableCall) -> None:
@@ -444,7 +459,7 @@ def _vcpu_put(c: TableCall) -> None:
     if cur is not None:
         i, v = cur
         g = c.t[i]
-        c.t[i] = replace(g, loaded=tuple(x for x in g.loaded if x != (v, c.cpu)))
+        c.t[i] = g._replace(loaded=tuple(x for x in g.loaded if x != (v, c.cpu)))
 
 
 def _start_teardown_vm(c: TableCall) -> None:
@@ -455,7 +470,7 @@ def _start_teardown_vm(c: TableCall) -> None:
                c.x1)
     if ok:
         assert vm is not None and c.idx is not None
-        c.t[c.idx] = replace(vm, dying=True)
+        c.t[c.idx] = vm._replace(dying=True)
 
 
 def _finalize_teardown_vm(c: TableCall) -> None:

@@ -91,11 +91,20 @@ class Leaf:
     def of(found: tuple[int, int, int] | None) -> Leaf | None:
         if found is None:
             return None
-        ret, level, pte = found
-        valid = pte_valid(pte)
-        return Leaf(ret, STATE_NAMES[guest_state_of_pte(pte)], level,
-                    pte & KVM_PTE_ADDR_MASK if valid else None,
-                    stage2_pte_prot(pte) & RWX if valid else 0, bool(valid and pte & AF))
+        leaf = _LEAVES.get(found)  # (a function of `found` alone: kept for the next lookup)
+        if leaf is None:
+            if len(_LEAVES) >= 4096:
+                _LEAVES.clear()
+            ret, level, pte = found
+            valid = pte_valid(pte)
+            leaf = _LEAVES[found] = Leaf(
+                ret, STATE_NAMES[guest_state_of_pte(pte)], level,
+                pte & KVM_PTE_ADDR_MASK if valid else None,
+                stage2_pte_prot(pte) & RWX if valid else 0, bool(valid and pte & AF))
+        return leaf
+
+
+_LEAVES: dict[tuple[int, int, int], Leaf] = {}  # Leaf.of's answers (immutable), by its argument
 
 
 class GuestGhost:

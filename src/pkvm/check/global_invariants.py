@@ -20,7 +20,6 @@ from pkvm.inspect import (
     hyp_state_of_pte,
     hyp_va,
     used,
-    used_slots,
 )
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
@@ -37,6 +36,8 @@ class GlobalInvariants(PageInvariants):
     carveout: tuple[int, int]
     inspect: Inspector
     _globals_pfns: set[int]
+    _pins_key: tuple[Any, ...] | None = None  # `_pin_key` at the last pin check that passed
+    _pins_pfns: set[int] = set()  # (never changed in place) the pages it pinned
 
     def expected_pins(self) -> Counter[int]:
         pins: Counter[Any] = Counter()
@@ -55,11 +56,25 @@ class GlobalInvariants(PageInvariants):
             pins[pa >> PAGE_SHIFT] += 1
         return pins
 
-    def check_globals(self, all_shared: bool = False) -> None:
+    def _pin_key(self) -> tuple[Any, ...]:
+        """Everything `expected_pins` reads: each live VM (identity, its host struct kvm) and
+        each of its vCPUs (identity, its host struct kvm_vcpu), and the FF-A mailbox."""
+        ffa = self.inspect.ffa_proxy()
+        return tuple([(id(vm), vm.host_kvm, tuple([(id(v), v.host_vcpu) for v in vm.vcpus
+                                                   if v is not None]))
+                      for _, vm in self.live_vms()]), ffa and (ffa["host_tx"], ffa["host_rx"])
+
+    def check_globals(self, all_shared: bool = False, touched: set[int] | None = None) -> None:
+        """The VM table, loaded vCPUs, VM refcounts and pins. With `touched` (the pages whose
+        entries changed since the last check, 7.2), the pins are checked again only when what
+        they are computed from (`_pin_key`) changed or one of their pages was touched: else
+        the answer is the last one's, which passed."""
         h = self.h
         vm_page = h.vm_page
         vmm = h.vmemmap
         live: list[PkvmHypVm] = []
+        loaded_per_vm: list[int] = []  # vCPUs of each live VM that say they are loaded
+        on_cpu = h.loaded_hyp_vcpu
         for idx, slot in h.vm_slots():
             if slot is RESERVED_ENTRY:
                 continue
@@ -69,15 +84,22 @@ class GlobalInvariants(PageInvariants):
                 raise InvariantViolation("vm-table", f"slot {idx} holds a VM with another handle",
                                          None, hex(idx + sizes.HANDLE_OFFSET), hex(slot.handle))
             live.append(slot)
-            for k, vcpu in zip(used_slots(slot.vcpus), used(slot.vcpus)):
+            loaded = 0
+            for k, vcpu in enumerate(slot.vcpus):
+                if vcpu is None:
+                    continue
                 if vcpu.vm is not slot or vcpu.vcpu_idx != k:
                     raise InvariantViolation("vm-table", f"VM {slot.handle:#x} vcpus[{k}] is "
                                              f"vCPU {vcpu.vcpu_idx} of another VM")
-                if vcpu.loaded_on is not None and h.loaded_hyp_vcpu[vcpu.loaded_on] is not vcpu:
-                    raise InvariantViolation("vm-table", f"vCPU {k} of VM {slot.handle:#x} says "
-                                             f"loaded on cpu {vcpu.loaded_on}, that CPU disagrees")
+                if vcpu.loaded_on is not None:
+                    if on_cpu[vcpu.loaded_on] is not vcpu:
+                        raise InvariantViolation(
+                            "vm-table", f"vCPU {k} of VM {slot.handle:#x} says loaded on cpu "
+                            f"{vcpu.loaded_on}, that CPU disagrees")
+                    loaded += 1
+            loaded_per_vm.append(loaded)
         live_ids = {id(v) for v in live}
-        for cpu, loaded_vcpu in enumerate(h.loaded_hyp_vcpu):
+        for cpu, loaded_vcpu in enumerate(on_cpu):
             if loaded_vcpu is None:
                 continue
             vcpu = loaded_vcpu
@@ -86,18 +108,30 @@ class GlobalInvariants(PageInvariants):
                                          "the table or loaded elsewhere", None,
                                          f"vCPU of a live VM loaded on {cpu}",
                                          f"VM {vcpu.vm.handle:#x}, loaded_on {vcpu.loaded_on}")
-        for vm in live:
-            loaded = sum(1 for v in used(vm.vcpus) if v.loaded_on is not None)
+        vm_pfns: set[int] = set()
+        for vm, loaded in zip(live, loaded_per_vm):
             if not h.profile.explicit_vcpu_load:
                 loaded = 0
             pfn = vm_page(vm) >> PAGE_SHIFT
+            vm_pfns.add(pfn)
             rc = vmm.refcount[pfn - self._ram_lo]
             if rc != loaded:
                 raise InvariantViolation("vm-refcount", f"hyp VM {vm.handle:#x}", pfn,
                                          f"refcount {loaded} (loaded vCPUs)", f"refcount {rc}")
+        self._check_pins(vm_pfns, all_shared, touched)
+
+    def _check_pins(self, vm_pfns: set[int], all_shared: bool, touched: set[int] | None) -> None:
+        """`pin-refcount` (see `check_globals`); notes the pages the globals read."""
+        vmm = self.h.vmemmap
+        key = self._pin_key() if self._in_vmemmap and not all_shared else None
+        if touched is not None and key is not None and key == self._pins_key and \
+                not touched & self._pins_pfns:
+            self._globals_pfns = self._pins_pfns | vm_pfns
+            return
         pins = self.expected_pins()
         pfns = set(pins)
-        self._globals_pfns = pfns | {vm_page(v) >> PAGE_SHIFT for v in live}
+        self._globals_pfns = pfns | vm_pfns
+        self._pins_key = None
         if all_shared:
             pfns |= self._shared_pages()
         hs, ys = vmm.host_state, vmm.hyp_state
@@ -116,6 +150,7 @@ class GlobalInvariants(PageInvariants):
             if states == (SO, SB) and vmm.refcount[i] != pins.get(pfn, 0):
                 raise InvariantViolation("pin-refcount", "pins do not match users", pfn,
                                          f"refcount {pins.get(pfn, 0)}", f"refcount {vmm.refcount[i]}")
+        self._pins_key, self._pins_pfns = key, set(pins)
 
     def _shared_pages(self) -> set[int]:
         h = self.h

@@ -14,6 +14,7 @@ still seen (the finding `noted-stores`).
 
 from __future__ import annotations
 
+import re
 from array import array
 from collections import Counter
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
 from pkvm.check.host_pointers import HostPointerWatch
 from pkvm.check.oracles import run_all
-from pkvm.check.page_invariants import NOPAGE, OWNED, SB
+from pkvm.check.page_invariants import SB, GuestLeaves, plain_page, plain_page_6_12
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
 from pkvm.inspect import (
     STATE_NAMES,
@@ -35,7 +36,6 @@ from pkvm.inspect import (
     hyp_pa,
     hyp_state_of_pte,
     hyp_va,
-    used,
 )
 from pkvm.machine.memory import PAGE_SHIFT
 
@@ -65,6 +65,14 @@ _GUEST_S2_STILL = frozenset({
 })
 
 
+_NOT_OWNED = re.compile(b"[^" + re.escape(bytes([PageState.OWNED])) + b"]")
+_NOT_NOPAGE = re.compile(b"[^" + re.escape(bytes([PageState.NOPAGE])) + b"]")
+_NONZERO = re.compile(b"[^\x00]")
+
+# ((host, hyp) before, (host, hyp) after) as state values -> the same as names (`_note`)
+_TRANSITION_NAMES: dict[tuple[int, int, int, int], tuple[tuple[str, str], tuple[str, str]]] = {}
+
+
 def _name(s: Any) -> str:
     if isinstance(s, int):
         return STATE_NAMES[s] if s in STATE_NAMES else PageState(s).name
@@ -84,6 +92,8 @@ class Checker(GlobalInvariants):
         self.calls = 0
         self._pending: set[int] = set()
         self._gmap: dict[int, list[tuple[int, PageState]]] | None = None
+        self._leaf_cache: dict[tuple[int, int, int], GuestLeaves] = {}
+        self._gmap_built: dict[int, list[tuple[int, PageState]]] | None = None
         self._live: list[tuple[int, PkvmHypVm]] | None = None
         # Pages a 7.2 guest still had when its VM was finalised: finalize does not reclaim
         # them (`__pkvm_finalize_teardown_vm`), so they keep their state with no guest
@@ -99,6 +109,7 @@ class Checker(GlobalInvariants):
         self._in_vmemmap = self.h.profile.page_state_in_vmemmap
         vm.record_dirty()
         self._prev = [array(a.format, a.tobytes()) for a in self._arrays()]
+        self._pairs = list(zip(self._arrays(), self._prev))  # (the view's arrays are fixed)
         self.unrecorded = 0  # changed entries only the whole-vmemmap comparison found
         self._ram_lo = vm.base_pfn
         self._ram_hi = vm.base_pfn + vm.nr
@@ -172,7 +183,7 @@ class Checker(GlobalInvariants):
                 self.check_pages(touched, rec.name)
                 fp = self._fingerprint()
                 if fp != self._globals_fp or touched & self._globals_pfns:
-                    self.check_globals()
+                    self.check_globals(touched=touched)
                     self._globals_fp = fp
                 else:
                     self.globals_skipped += 1
@@ -205,15 +216,11 @@ class Checker(GlobalInvariants):
         live VM's dying flag, vCPUs and where they are loaded, and the per-CPU loaded vCPUs.
         `check_globals` re-runs when this changes or a call touches one of the pages it read
         (`_globals_pfns`: pinned pages and hyp VM pages)."""
-        vms: list[Any] = []
-        for i, s in self.h.vm_slots():
-            vms += (i, id(s))
-            if isinstance(s, PkvmHypVm):
-                vms += (s.is_dying, s.created_vcpus)
-                for v in used(s.vcpus):
-                    vms += (id(v), v.loaded_on)
-            vms.append(None)  # the end of one slot's part
-        return tuple(vms), tuple(map(id, self.h.loaded_hyp_vcpu))
+        vms = tuple([(i, id(s), s.is_dying, s.created_vcpus,
+                      tuple([(id(v), v.loaded_on) for v in s.vcpus if v is not None]))
+                     if isinstance(s, PkvmHypVm) else (i, id(s))
+                     for i, s in self.h.vm_slots()])
+        return vms, tuple(map(id, self.h.loaded_hyp_vcpu))
 
     def _full_due(self) -> bool:
         return bool(self.full_every) and self.calls % self.full_every == 0
@@ -236,7 +243,7 @@ class Checker(GlobalInvariants):
         if not dirty:
             return out
         base = self._ram_lo
-        pairs = list(zip(self._arrays(), self._prev))
+        pairs = self._pairs
         for pfn in dirty:
             i = pfn - base
             for cur, prev in pairs:
@@ -270,25 +277,81 @@ class Checker(GlobalInvariants):
     def _note(self, pfns: set[int]) -> None:
         """Count the page-state transitions of `pfns` and bring the copy up to date."""
         base = self._ram_lo
-        arrays = self._arrays()
+        idx = [pfn - base for pfn in pfns]
         if self._in_vmemmap:
-            (ch, cy), (ph, py) = arrays[:2], self._prev[:2]
-            for pfn in pfns:
-                i = pfn - base
-                a, b = (ph[i], py[i]), (ch[i], cy[i])
-                if a != b:
-                    self.transitions[(tuple(map(_name, a)), tuple(map(_name, b)))] += 1
-        for cur, prev in zip(arrays, self._prev):
-            for pfn in pfns:
-                prev[pfn - base] = cur[pfn - base]
+            (ch, ph), (cy, py) = self._pairs[:2]
+            for i in idx:
+                key = (ph[i], py[i], ch[i], cy[i])
+                if key[:2] != key[2:]:
+                    names = _TRANSITION_NAMES.get(key)
+                    if names is None:
+                        names = _TRANSITION_NAMES[key] = (
+                            (_name(key[0]), _name(key[1])), (_name(key[2]), _name(key[3])))
+                    self.transitions[names] += 1
+        for cur, prev in self._pairs:
+            for i in idx:
+                prev[i] = cur[i]
 
     # -- everything --------------------------------------------------------------------------
+    def _unplain(self, host_leaf: dict[int, int], hyp_leaf: dict[int, int],
+                 gmap: dict[int, Any]) -> list[int]:
+        """7.2: the vmemmap indices, ascending, of every page that is not host OWNED, hyp
+        NOPAGE, shared with no guest, with a host leaf empty or valid, no valid hyp leaf and no
+        guest mapping (`plain_page`'s first case: the pages the checks skip), found by byte
+        searches of the state arrays rather than a loop over every page."""
+        vmm = self.h.vmemmap
+        lo, nr = self._ram_lo, vmm.nr
+        found = {m.start() for m in _NOT_OWNED.finditer(vmm.host_state.tobytes())}
+        found.update(m.start() for m in _NOT_NOPAGE.finditer(vmm.hyp_state.tobytes()))
+        w = vmm.host_share_guest_count.itemsize
+        found.update(m.start() // w for m in _NONZERO.finditer(
+            vmm.host_share_guest_count.tobytes()))
+        found.update(pfn - lo for pfn, pte in host_leaf.items() if pte and not pte & 1)
+        found.update(pfn - lo for pfn, pte in hyp_leaf.items() if pte & 1)
+        found.update(pfn - lo for pfn in gmap)
+        return sorted(i for i in found if 0 <= i < nr)
+
     def check_all(self) -> None:
         """Every invariant over every page and table (slow: tens of ms)."""
         h = self.h
         self._gmap = None
         self._live = None
         gmap = self.guest_map() if h.profile.hyp_owned_guest_stage2 else {}
+        host_leaf, hyp_leaf = self._leaf_maps()
+        vmm = h.vmemmap
+        lo = self._ram_lo
+        if self._in_vmemmap:
+            hs, ys, sc = vmm.host_state, vmm.hyp_state, vmm.host_share_guest_count
+            for i in self._unplain(host_leaf, hyp_leaf, gmap):
+                pfn = lo + i
+                hp, yp, guests = host_leaf.get(pfn, 0), hyp_leaf.get(pfn, 0), gmap.get(pfn, [])
+                if plain_page(hs[i], ys[i], sc[i], hp, yp, pfn << PAGE_SHIFT, guests):
+                    continue  # host memory or the hyp's own, nothing else maps it: the fast path
+                self._check_page(pfn, self.page_states(pfn), hp, yp, guests)
+        else:
+            state_of = h.host_state_of_pte
+            for pfn in range(lo, self._ram_hi):
+                hp, yp = host_leaf.get(pfn, 0), hyp_leaf.get(pfn, 0)
+                states = (state_of(hp, pfn << PAGE_SHIFT), hyp_state_of_pte(yp))
+                if plain_page_6_12(*states):
+                    continue  # ordinary host memory: the fast path
+                self._check_page(pfn, states, hp, yp, [])
+        self.check_globals(all_shared=True)
+        self.check_tables()
+        self.check_pools()
+        self.check_hyp_accounting()
+        # The FF-A owner. Pages the kernel leaves SHARED_OWNED with no borrower it could name
+        # are excused: FF-A's orphans, and the pages a 7.2 guest still borrowed when its VM was
+        # finalised (`orphan_borrowed`, as the guest-consistent check above counts them).
+        excused = [(pfn, 1) for pfn, n in self.orphan_borrowed.items() if n]
+        if self.ghost is not None:
+            excused += self.ghost.ffa.orphans
+        check_owner_full(self.machine.inspect, self.machine.firmware, excused)
+
+    def _leaf_maps(self) -> tuple[dict[int, int], dict[int, int]]:
+        """pfn -> the host stage-2 leaf and the hyp stage-1 leaf (non-zero) of each RAM page;
+        a valid host leaf that is not the identity map is the finding `no-host-access`."""
+        h = self.h
         host_leaf: dict[int, int] = {}
         for addr, level, pte in h.host_pgt.leaves():
             if pte_valid(pte) and (pte & KVM_PTE_ADDR_MASK) != addr:
@@ -305,31 +368,4 @@ class Checker(GlobalInvariants):
             first = hyp_pa(addr) >> PAGE_SHIFT
             for k in range(1 << (9 * (3 - level))):
                 hyp_leaf[first + k] = pte
-        vmm = h.vmemmap
-        lo = self._ram_lo
-        if self._in_vmemmap:
-            hs, ys, sc = vmm.host_state, vmm.hyp_state, vmm.host_share_guest_count
-            for i in range(vmm.nr):
-                pfn = lo + i
-                hp = host_leaf.get(pfn, 0)
-                if (hs[i] == OWNED and ys[i] == NOPAGE and not sc[i] and (hp == 0 or hp & 1)
-                        and pfn not in gmap and pfn not in hyp_leaf):
-                    continue  # ordinary host memory, nothing maps it elsewhere: the fast path
-                self._check_page(pfn, self.page_states(pfn), hp, hyp_leaf.get(pfn, 0),
-                                 gmap.get(pfn, []))
-        else:
-            for pfn in range(lo, self._ram_hi):
-                hp, yp = host_leaf.get(pfn, 0), hyp_leaf.get(pfn, 0)
-                states = (h.host_state_of_pte(hp, pfn << PAGE_SHIFT), hyp_state_of_pte(yp))
-                self._check_page(pfn, states, hp, yp, [])
-        self.check_globals(all_shared=True)
-        self.check_tables()
-        self.check_pools()
-        self.check_hyp_accounting()
-        # The FF-A owner. Pages the kernel leaves SHARED_OWNED with no borrower it could name
-        # are excused: FF-A's orphans, and the pages a 7.2 guest still borrowed when its VM was
-        # finalised (`orphan_borrowed`, as the guest-consistent check above counts them).
-        excused = [(pfn, 1) for pfn, n in self.orphan_borrowed.items() if n]
-        if self.ghost is not None:
-            excused += self.ghost.ffa.orphans
-        check_owner_full(self.machine.inspect, self.machine.firmware, excused)
+        return host_leaf, hyp_leaf

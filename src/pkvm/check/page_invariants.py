@@ -47,15 +47,20 @@ ALLOWED_PAIRS_6_12: dict[tuple[PageState, PageState], str] = {
 }
 
 
-def _valid_leaves(mem: Any, pgd: int, start_level: int) -> list[tuple[int, int]]:
-    """(level, pte) of every valid leaf under `pgd`: whole tables read at once (fast)."""
+def _valid_leaves(mem: Any, pgd: int, start_level: int,
+                  tables: list[tuple[int, bytes]] | None = None) -> list[tuple[int, int]]:
+    """(level, pte) of every valid leaf under `pgd`: whole tables read at once (fast). With
+    `tables`, each table page read is appended to it as (word offset, its bytes)."""
     out: list[tuple[int, int]] = []
     u64, base = mem.u64, mem.base
     stack = [(pgd, start_level)]
     while stack:
         table, level = stack.pop()
         off = (table - base) >> 3
-        for pte in u64[off:off + 512].tolist():
+        words = u64[off:off + 512]
+        if tables is not None:
+            tables.append((off, words.tobytes()))
+        for pte in words.tolist():
             if not pte & 1:
                 continue
             if level < 3 and pte & 2:
@@ -63,6 +68,53 @@ def _valid_leaves(mem: Any, pgd: int, start_level: int) -> list[tuple[int, int]]
             else:
                 out.append((level, pte))
     return out
+
+
+# A guest stage-2's leaves as `guest_map` lists them, and the table pages they were read from.
+GuestLeaves = tuple[list[tuple[int, bytes]], list[tuple[int, PageState]]]
+
+
+def guest_leaves(mem: Any, pgd: int, start_level: int, handle: int,
+                 last: GuestLeaves | None) -> GuestLeaves:
+    """[(pfn, state)] of every page a guest stage-2's valid leaves map, with the table pages
+    read. `last` (an earlier answer for the same root) is reused when every table page it read
+    holds the same bytes now: the walk would read the same tables and find the same leaves."""
+    if last is not None:
+        u64 = mem.u64
+        if all(u64[off:off + 512].tobytes() == raw for off, raw in last[0]):
+            return last
+    tables: list[tuple[int, bytes]] = []
+    pages: list[tuple[int, PageState]] = []
+    for level, pte in _valid_leaves(mem, pgd, start_level, tables):
+        pfn = (pte & KVM_PTE_ADDR_MASK) >> PAGE_SHIFT
+        st = guest_state_of_pte(pte)
+        pages += [(pfn + k, st) for k in range(1 << (9 * (3 - level)))]
+    return tables, pages
+
+
+def plain_page(host: int, hyp: int, share_count: int, hpte: int, ypte: int, pa: int,
+               guests: list[tuple[int, PageState]]) -> bool:
+    """7.2 (states in `hyp_vmemmap`): a page for which every check of
+    `PageInvariants._check_page` holds, of the two kinds most pages are: ordinary host memory
+    nothing else maps (host OWNED, hyp NOPAGE, host leaf empty or valid, no valid hyp leaf),
+    or a page the hyp owns (host NOPAGE with a host annotation naming the hyp, hyp OWNED and
+    mapped at EL2 at its own address); in both, no guest shares or maps it. The checks' fast
+    path."""
+    if share_count or guests:
+        return False
+    if host == OWNED and hyp == NOPAGE:
+        return (hpte == 0 or hpte & 1 == 1) and not ypte & 1
+    if host == NOPAGE and hyp == OWNED and ypte & 1 and (ypte & KVM_PTE_ADDR_MASK) == pa:
+        ann = decode_host_annotation(hpte)
+        return ann is not None and ann[0] == ComponentId.HYP
+    return False
+
+
+def plain_page_6_12(host: int, hyp: int) -> bool:
+    """6.12 (states in the page tables, no guest stage-2 at EL2): host OWNED and hyp NOPAGE,
+    for which every check of `PageInvariants._check_page` holds whatever the leaves: the
+    checks' fast path."""
+    return host == OWNED and hyp == NOPAGE
 
 
 class PageInvariants:
@@ -74,6 +126,8 @@ class PageInvariants:
     _in_vmemmap: bool
     _live: list[tuple[int, PkvmHypVm]] | None
     _gmap: dict[int, list[tuple[int, PageState]]] | None
+    _leaf_cache: dict[tuple[int, int, int], GuestLeaves]  # (handle, pgd, start level) -> leaves
+    _gmap_built: dict[int, list[tuple[int, PageState]]] | None  # the map built from them
     orphan_owned: set[int]
     orphan_borrowed: Counter[int]
 
@@ -85,27 +139,34 @@ class PageInvariants:
         """(handle, VM) of every hyp VM in the table (cached for the duration of one check)."""
         if self._live is not None:
             return self._live
-        table = self.h.vm_table
-        out = [] if table.count(None) == len(table) else self.h.live_vms()
+        out = self.h.live_vms() if self.h.vm_slots() else []
         self._live = out
         return out
 
     def guest_map(self) -> dict[int, list[tuple[int, PageState]]]:
         """pfn -> [(handle, guest state)] over every valid leaf of every hyp-owned guest stage-2.
 
-        Cached between calls that cannot change a guest stage-2 (`_GUEST_S2_STILL`)."""
+        Cached between calls that cannot change a guest stage-2 (`_GUEST_S2_STILL`); each
+        stage-2's leaves are read again only when one of its table pages changed
+        (`guest_leaves`)."""
         if self._gmap is not None:
             return self._gmap
-        out: dict[int, list[tuple[int, PageState]]] = {}
+        last, cache = self._leaf_cache, {}
         for handle, vm in self.live_vms():
             if vm.pgt is None or not vm.pgt.pgd:
                 continue
-            for level, pte in _valid_leaves(self.h.mem, vm.pgt.pgd, vm.pgt.start_level):
-                pfn = (pte & KVM_PTE_ADDR_MASK) >> PAGE_SHIFT
-                st = guest_state_of_pte(pte)
-                for k in range(1 << (9 * (3 - level))):
-                    out.setdefault(pfn + k, []).append((handle, st))
-        self._gmap = out
+            key = (handle, vm.pgt.pgd, vm.pgt.start_level)
+            cache[key] = guest_leaves(self.h.mem, key[1], key[2], handle, last.get(key))
+        self._leaf_cache = cache
+        if self._gmap_built is not None and list(cache) == list(last) and all(
+                a is b for a, b in zip(cache.values(), last.values())):
+            self._gmap = self._gmap_built  # every guest's leaves as the last map had them
+            return self._gmap
+        out: dict[int, list[tuple[int, PageState]]] = {}
+        for (handle, _, _), (_, pages) in self._leaf_cache.items():
+            for pfn, st in pages:
+                out.setdefault(pfn, []).append((handle, st))
+        self._gmap = self._gmap_built = out
         return out
 
     def _guest_pages_of(self, raw_handle: int) -> list[tuple[int, PageState]]:
@@ -124,15 +185,24 @@ class PageInvariants:
         host_pgt = h.host_pgt
         hyp_pgt = h.hyp_pgt
         in_vmemmap = self._in_vmemmap
+        vmm = h.vmemmap
+        hs, ys, sc, lo = vmm.host_state, vmm.hyp_state, vmm.host_share_guest_count, self._ram_lo
         for pfn in pfns:
             pa = pfn << PAGE_SHIFT
             _, hpte, _ = host_pgt.get_leaf(pa)
             ret, ypte, _ = hyp_pgt.get_leaf(hyp_va(pa))
             ypte = 0 if ret else ypte
-            # 6.12 keeps the states in these same two leaves: read from them, not walked again
-            states = self.page_states(pfn) if in_vmemmap else (
-                h.host_state_of_pte(hpte, pa), hyp_state_of_pte(ypte))
-            self._check_page(pfn, states, hpte, ypte, gmap.get(pfn, []))
+            guests = gmap.get(pfn, [])
+            if in_vmemmap:
+                i = pfn - lo
+                if plain_page(hs[i], ys[i], sc[i], hpte, ypte, pa, guests):
+                    continue  # every check of `_check_page` holds (test_checker_fast.py)
+                states = self.page_states(pfn)
+            else:  # 6.12 keeps the states in these same two leaves: read from them
+                states = (h.host_state_of_pte(hpte, pa), hyp_state_of_pte(ypte))
+                if plain_page_6_12(*states):
+                    continue
+            self._check_page(pfn, states, hpte, ypte, guests)
 
     def _check_page(self, pfn: int, states: tuple[PageState, PageState], hpte: int, ypte: int,
                     guests: list[tuple[int, PageState]]) -> None:

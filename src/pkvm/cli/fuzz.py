@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
         for p in r.panics:
             console.print(f"[yellow]availability finding (hyp panic):[/] {escape(str(p))}")
         _print_counted(console, len(r.panics), r.known_warns, r.host_pointer_stores, r.raced,
-                       r.driver_errors)
+                       r.driver_errors, r.orphan_borrowed)
         if coverage:
             for t in coverage_tables(r.calls, r.transitions):
                 console.print(t)
@@ -120,7 +120,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _print_counted(console: Console, panics: int, known_warns: Counter[Any],
-                   pointer_stores: Counter[Any], raced: int, driver_errors: Counter[Any]) -> None:
+                   pointer_stores: Counter[Any], raced: int, driver_errors: Counter[Any],
+                   orphan_borrowed: int) -> None:
     """What a campaign saw and did not count as a failure, each kind counted."""
     console.print(f"availability findings (hyp panics after hostile steps): {panics}")
     if known_warns:
@@ -131,6 +132,8 @@ def _print_counted(console: Console, panics: int, known_warns: Counter[Any],
                              f"raw-pointer handlers; machine rebooted): {dict(pointer_stores)}"))
     console.print(f"ghost predictions skipped (a racing host store changed the call's "
                   f"inputs): {raced}")
+    console.print(f"pages a 7.2 guest still borrowed at its VM's finalise (excused by "
+                  f"guest-consistent and the FF-A owner): {orphan_borrowed}")
     if driver_errors:
         console.print(escape(f"host driver refusals under hostile state: {dict(driver_errors)}"))
 
@@ -154,7 +157,7 @@ def _scale_out(console: Console, camp: Campaign, jobs: int, ray: str | None, cov
                   f"({ncalls / max(wall, 1e-9):.0f} checked calls/s over {len(parts)} campaigns, "
                   f"seeds {parts[0].seed}..{parts[-1].seed})")
     _print_counted(console, merged.panics, merged.known_warns, merged.host_pointer_stores,
-                   merged.raced, merged.driver_errors)
+                   merged.raced, merged.driver_errors, merged.orphan_borrowed)
     if coverage:
         for t in coverage_tables(merged.calls, merged.transitions):
             console.print(t)
