@@ -22,10 +22,10 @@ from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM_VCPU
 from pkvm.errors import HypPanic
 from pkvm.host.kvm import HostVcpu, HostVm
 from pkvm.host.kvm_life import HostVmLife
-from pkvm.hyp.mm import el2_read, kern_hyp_va
+from pkvm.hyp.mm import check_store, el2_read, el2_translate, el2_write, kern_hyp_va
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pkvm import vcpu_field
-from pkvm.hyp.switch import _el2_load, _host_trap_regs
+from pkvm.hyp.switch import _host_trap_regs
 from pkvm.machine.cpu import Core, CpuContext, ExitKind
 from pkvm.machine.decode import decode_mem
 from pkvm.machine.exceptions import _far
@@ -75,15 +75,45 @@ def test_one_read_of_the_trap_registers_is_the_three_field_reads(machine_vcpu, o
         assert fast == (words[0], words[2], words[3])
 
 
+def _read_page_by_page(h, va, n):
+    """EL2's read as a loop over the pages it touches (a translation each)."""
+    out = b""
+    while n:
+        chunk = min(n, 4096 - (va & 0xFFF))
+        out += h.mem.read(el2_translate(h, va), chunk)
+        va, n = va + chunk, n - chunk
+    return out
+
+
+def _write_page_by_page(h, va, data):
+    """EL2's write as a loop: every page translated first, then each checked and stored."""
+    pas, pos = [], 0
+    while pos < len(data):
+        chunk = min(len(data) - pos, 4096 - ((va + pos) & 0xFFF))
+        pas.append((el2_translate(h, va + pos, write=True), pos, chunk))
+        pos += chunk
+    for pa, off, chunk in pas:
+        check_store(h, pa)
+        h.mem.write(pa, data[off : off + chunk])
+
+
 @SETTINGS
 @given(off=st.integers(0, 4095), n=st.integers(1, 2048), page=st.sampled_from([0, 1, -1]))
-def test_a_one_page_el2_load_is_el2_read(machine_vcpu, off, n, page):
-    """`_el2_load` reads what `el2_read` reads, or faults as it does (in the host vCPU's page,
-    reads running into the next page, and in pages around it)."""
+def test_el2_reads_and_writes_within_a_page_are_the_page_loop(machine_vcpu, off, n, page):
+    """`el2_read` / `el2_write` of a span within one page (their one-translation form) read
+    and store what the page-by-page loop does, or fault as it does (in the host vCPU's page,
+    spans running into the next page, and in pages around it)."""
     m, vcpu = machine_vcpu
     h = m._hyp
     va = kern_hyp_va(h, (vcpu.pa & ~0xFFF) + page * 4096) + off
-    assert _outcome(lambda: _el2_load(h, va, n)) == _outcome(lambda: el2_read(h, va, n))
+    assert _outcome(lambda: el2_read(h, va, n)) == _outcome(lambda: _read_page_by_page(h, va, n))
+    before = _outcome(lambda: el2_read(h, va, n))
+    data = bytes((off + i) & 0xFF for i in range(n))
+    assert _outcome(lambda: el2_write(h, va, data)) == _outcome(
+        lambda: _write_page_by_page(h, va, data))
+    if not isinstance(before, tuple):
+        assert el2_read(h, va, n) == data
+        el2_write(h, va, before)  # the host vCPU as it was
 
 
 # -- the exit's instruction fetch and access check with the MMU off --------------------------

@@ -133,6 +133,12 @@ def check_store(h: HypState, pa: int, fixmap: bool = False) -> None:
 
 
 def el2_read(h: HypState, va: int, n: int) -> bytes:
+    if 0 < n <= PAGE_SIZE - (va & (PAGE_SIZE - 1)):  # within one page: one translation
+        pa = el2_translate(h, va)
+        if h.locks.scheduler is not None:
+            _host_read_point(h, pa, n)
+        off = pa - h.mem.base
+        return bytes(h.mem.bytes[off : off + n])
     out = bytearray()
     while n:
         chunk = min(n, PAGE_SIZE - (va & (PAGE_SIZE - 1)))
@@ -152,16 +158,14 @@ def _host_read_point(h: HypState, pa: int, n: int) -> None:
         h.locks.preempt("host-read", f"{n}@{pa:#x}")
 
 
-def el2_load_in_page(h: HypState, va: int, n: int) -> bytes:
-    """`el2_read` of `n` bytes that do not cross a page (one translation, one copy)."""
-    pa = el2_translate(h, va)
-    if h.locks.scheduler is not None:
-        _host_read_point(h, pa, n)
-    off = pa - h.mem.base
-    return bytes(h.mem.bytes[off : off + n])
-
-
 def el2_write(h: HypState, va: int, data: bytes) -> None:
+    n = len(data)
+    if 0 < n <= PAGE_SIZE - (va & (PAGE_SIZE - 1)):  # within one page: one translation
+        pa = el2_translate(h, va, write=True)
+        check_store(h, pa)
+        off = pa - h.mem.base
+        h.mem.bytes[off : off + n] = data
+        return
     pos = 0
     pas = []
     while pos < len(data):  # translate every page first: a fault changes nothing
@@ -171,14 +175,6 @@ def el2_write(h: HypState, va: int, data: bytes) -> None:
     for pa, off, chunk in pas:
         check_store(h, pa)
         h.mem.write(pa, data[off : off + chunk])
-
-
-def el2_store_in_page(h: HypState, va: int, data: bytes) -> None:
-    """`el2_write` of bytes that do not cross a page."""
-    pa = el2_translate(h, va, write=True)
-    check_store(h, pa)
-    off = pa - h.mem.base
-    h.mem.bytes[off : off + len(data)] = data
 
 
 def el2_zero(h: HypState, va: int, size: int) -> None:

@@ -32,10 +32,8 @@ from pkvm.hyp.mem_protect import (
     hyp_unpin_shared_mem,
 )
 from pkvm.hyp.mm import (
-    el2_load_in_page,
     el2_read,
     el2_read_u64,
-    el2_store_in_page,
     el2_write,
     el2_write_u64,
     el2_zero,
@@ -451,9 +449,7 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
     """Move pages from the host vCPU's memcache to the hyp vCPU's until it holds as many
     (`refill_memcache`: the host's struct is copied in, topped up from, and copied back)."""
     mc_va = vcpu.host_vcpu + _HOST_MC
-    in_page = (mc_va & (PAGE_SIZE - 1)) <= PAGE_SIZE - 16  # the struct within one page
-    raw = el2_load_in_page(h, mc_va, 16) if in_page else el2_read(h, mc_va, 16)
-    host_head, host_nr = _HEAD_NR.unpack(raw)  # tmp = *host_mc
+    host_head, host_nr = _HEAD_NR.unpack(el2_read(h, mc_va, 16))  # tmp = *host_mc
     target = host_nr
     ret = 0
     while vcpu.memcache[1] < target:
@@ -469,9 +465,5 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
         memcache_push(h, vcpu.memcache, pa)
     if ret and h.bug("refill-no-writeback"):  # seeded: the host keeps listing taken pages
         return ret
-    raw = _HEAD_NR.pack(host_head, host_nr)  # *host_mc = tmp
-    if in_page:
-        el2_store_in_page(h, mc_va, raw)
-    else:
-        el2_write(h, mc_va, raw)
+    el2_write(h, mc_va, _HEAD_NR.pack(host_head, host_nr))  # *host_mc = tmp
     return ret

@@ -33,7 +33,7 @@ from mypy_extensions import mypyc_attr
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM, KVM_ARCH_FLAG_ID_REGS_INITIALIZED, KVM_VCPU
-from pkvm.hyp.mm import check_store, el2_store_in_page, el2_translate, el2_write, hyp_pa, hyp_va
+from pkvm.hyp.mm import check_store, el2_translate, el2_write, hyp_pa, hyp_va
 
 if TYPE_CHECKING:
     from pkvm.hyp.page_alloc import HypPool
@@ -188,12 +188,8 @@ class HypStruct:
         self._off = hyp_pa(va) - h.mem.base
 
     def store(self, off: int, data: bytes) -> None:
-        """An EL2 store through the hyp stage-1 (`pkvm.hyp.mm.el2_write`, one page at once)."""
-        va = self.va + off
-        if (va & 0xFFF) + len(data) <= 0x1000:
-            el2_store_in_page(self._h, va, data)
-        else:
-            el2_write(self._h, va, data)
+        """An EL2 store through the hyp stage-1 (`pkvm.hyp.mm.el2_write`)."""
+        el2_write(self._h, self.va + off, data)
 
     def load(self, off: int, n: int) -> bytes:
         start = self._off + off

@@ -27,7 +27,7 @@ from pkvm.abi.host_structs import (
     ctxt_sys_values,
 )
 from pkvm.errors import EINVAL
-from pkvm.hyp.mm import el2_read, el2_read_u64, el2_store_in_page, el2_translate, el2_write, kern_hyp_va
+from pkvm.hyp.mm import el2_read, el2_read_u64, el2_write, kern_hyp_va
 from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, KVM_PTE_VALID, KvmPgtable, pte_table
 from pkvm.hyp.pkvm import kvm_field, vcpu_field
 from pkvm.hyp.pkvm_structs import HYP_VCPU, PkvmHypVcpu
@@ -194,14 +194,6 @@ def pkvm_vcpu_init_traps(h: HypState, vcpu: PkvmHypVcpu) -> int:
 HCRX_EL2_SMPME = 1 << 5
 
 
-def _el2_load(h: HypState, va: int, n: int) -> bytes:
-    """`el2_read`, in its one-page form when no scheduler is installed (the read then has no
-    preemption point: one translation and the bytes)."""
-    if h.locks.scheduler is None and (va & 0xFFF) + n <= PAGE_SIZE:
-        return h.mem.read(el2_translate(h, va), n)
-    return el2_read(h, va, n)
-
-
 def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
     """`hcr_el2`, `mdcr_el2` and `iflags` of the host vCPU at `hv`, read as flush reads them.
 
@@ -211,7 +203,7 @@ def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
     as the first of the three reads), one read of the span gives what the three reads give."""
     va = hv + _HCR_OFF
     if h.locks.scheduler is None and (va & 0xFFF) <= PAGE_SIZE - _TRAP_REGS.size:
-        hcr, mdcr, iflags = _TRAP_REGS.unpack(_el2_load(h, va, _TRAP_REGS.size))
+        hcr, mdcr, iflags = _TRAP_REGS.unpack(el2_read(h, va, _TRAP_REGS.size))
         return hcr, mdcr, iflags
     return (vcpu_field(h, hv, "arch.hcr_el2"), vcpu_field(h, hv, "arch.mdcr_el2"),
             vcpu_field(h, hv, "arch.iflags"))
@@ -219,7 +211,7 @@ def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
 
 def flush_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     hv = vcpu.host_vcpu
-    ctxt = _el2_load(h, hv + CTXT_START, CTXT_END - CTXT_START)
+    ctxt = el2_read(h, hv + CTXT_START, CTXT_END - CTXT_START)
     h.locks.preempt("host-read", "arch.ctxt")
     vcpu.ctxt = ctxt[:RUNNING_VCPU_OFF] + _NULL_PTR + ctxt[RUNNING_VCPU_OFF + 8 :]
     if not h.profile.hyp_owned_guest_stage2:
@@ -250,21 +242,12 @@ def _flush_6_12(h: HypState, vcpu: PkvmHypVcpu, hv: int) -> None:
     vcpu.iflags = vcpu_field(h, hv, "arch.iflags")
 
 
-def _el2_store(h: HypState, va: int, data: bytes) -> None:
-    """`el2_write`, with its one-page form for data within a page (the same translation, the
-    same store check, the same bytes)."""
-    if (va & 0xFFF) + len(data) <= PAGE_SIZE:
-        el2_store_in_page(h, va, data)
-    else:
-        el2_write(h, va, data)
-
-
 def sync_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     hv = vcpu.host_vcpu
-    _el2_store(h, hv + CTXT_START, vcpu.ctxt)
-    _el2_store(h, hv + _HCR_OFF, _U64.pack(vcpu.hcr_el2))
-    _el2_store(h, hv + _IFLAGS_OFF, _U64.pack(vcpu.iflags))
-    _el2_store(h, hv + _FAULT_OFF, vcpu.load(_HYP_FAULT_OFF, _FAULT.size))
+    el2_write(h, hv + CTXT_START, vcpu.ctxt)
+    el2_write(h, hv + _HCR_OFF, _U64.pack(vcpu.hcr_el2))
+    el2_write(h, hv + _IFLAGS_OFF, _U64.pack(vcpu.iflags))
+    el2_write(h, hv + _FAULT_OFF, vcpu.load(_HYP_FAULT_OFF, _FAULT.size))
 
 
 HPFAR_NS = 1 << 63
