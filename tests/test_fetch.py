@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pkvm import debian
-from pkvm.cpio import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG, CpioEntry, newc
+from pkvm.cpio import S_IFCHR, S_IFDIR, S_IFLNK, S_IFREG, TRAILER, CpioEntry, newc
 from pkvm.debian import KERNEL_PACKAGES, DebianError, PrivateApt, newest_release
 from pkvm.linux_fetch import APPLETS, INIT_SCRIPT, build_initramfs
 
@@ -41,7 +41,8 @@ def read_newc(blob: bytes) -> list[dict[str, object]]:
                     "rdev": (rmaj, rmin)})
 
 
-names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=40)
+names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1,
+                max_size=40).filter(lambda n: n != TRAILER)
 
 
 @given(st.lists(st.tuples(names, st.binary(max_size=70), st.sampled_from([S_IFREG | 0o644,
@@ -53,6 +54,13 @@ def test_newc_round_trips(files: list[tuple[str, bytes, int]]) -> None:
     back = read_newc(blob)
     assert [(e["name"], e["data"], e["mode"]) for e in back] == files
     assert [e["ino"] for e in back] == list(range(1, len(files) + 1))
+
+
+def test_newc_refuses_an_entry_named_like_the_trailer() -> None:
+    """The kernel's unpacker stops at a name equal to the trailer's: such an entry would end
+    the archive early, so the writer refuses it."""
+    with pytest.raises(ValueError, match="TRAILER"):
+        newc([CpioEntry("a", S_IFREG | 0o644), CpioEntry(TRAILER, S_IFREG | 0o644)])
 
 
 def test_linux_initramfs_has_init_console_and_applets(tmp_path: Path) -> None:

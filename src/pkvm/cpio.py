@@ -44,6 +44,12 @@ def _entry(e: CpioEntry, ino: int) -> bytes:
 
 
 def newc(entries: Iterable[CpioEntry]) -> bytes:
-    """The archive of ``entries`` (in order), with its trailer."""
-    out = b"".join(_entry(e, ino) for ino, e in enumerate(entries, start=1))
-    return out + _entry(CpioEntry(TRAILER, 0), 0)
+    """The archive of ``entries`` (in order), with its trailer. An entry named like the trailer
+    is refused (ValueError): the kernel's unpacker (``init/initramfs.c``, ``do_name``) would end
+    the archive there and drop what follows."""
+    out = []
+    for ino, e in enumerate(entries, start=1):
+        if e.name == TRAILER:
+            raise ValueError(f"entry {ino} is named {TRAILER}, which ends a newc archive")
+        out.append(_entry(e, ino))
+    return b"".join(out) + _entry(CpioEntry(TRAILER, 0), 0)
