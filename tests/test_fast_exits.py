@@ -287,7 +287,7 @@ def test_an_exception_in_the_fault_hook_stops_the_run_and_is_raised_by_it():
     assert ex.kind is ExitKind.DABT and ex.ipa == 0x0A00_0000
 
 
-# -- the host driver's side: kvm_arch_vcpu_load / put in one call, the port past `Machine.hvc` ------
+# -- the host driver's side: kvm_arch_vcpu_load / put, each one life-cycle call --------------------
 class _GenericLife:
     """The life cycle's `arch_vcpu_load` / `arch_vcpu_put` as their four generic steps."""
 
@@ -314,7 +314,7 @@ def _hypercalls(generic: bool, abi: str, n: int) -> tuple[list[tuple[object, ...
     m.listeners.append(lambda r: seen.append((r.cpu, r.name, r.args, r.x0, r.x1, r.x2, r.x3)))
     vmm = Vmm(m.host, guests.patch(guests.image("mmio"), n), memory="16M",
               protected=m.profile.protected_vms, out=io.StringIO())
-    if generic:  # the generic steps, and every call through `Machine.hvc` and an interposer
+    if generic:  # the four generic steps, and every call through an interposer
         vmm.vm.life = _GenericLife(vmm.vm.life)  # type: ignore[assignment]
         m.interpose_hvc(lambda proceed, cpu, func, args: proceed(cpu, func, args))
     s = vmm.run()
@@ -326,8 +326,8 @@ def _hypercalls(generic: bool, abi: str, n: int) -> tuple[list[tuple[object, ...
 @given(n=st.integers(1, 12), abi=st.sampled_from(["6.12", "latest"]))
 def test_the_host_drivers_fast_calls_are_the_generic_ones(n, abi):
     """A whole `mmio` guest's run makes the same hypercalls, on the same CPUs with the same
-    arguments and answers, with `arch_vcpu_load` / `arch_vcpu_put` and the port's direct call to
-    the door as with the four generic life-cycle steps through `Machine.hvc` and an interposer."""
+    arguments and answers, with `arch_vcpu_load` / `arch_vcpu_put` as with the four generic
+    life-cycle steps in `arm.c`'s order, every call through an interposer."""
     fast, generic = _hypercalls(False, abi, n), _hypercalls(True, abi, n)
     assert fast[1:] == ("shutdown", 2 * n)
     names = {c[1] for c in fast[0]}

@@ -43,12 +43,7 @@ class HostPort:
             fn(cpu, pa, data)
 
     def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
-        """`Machine.hvc`: through the installed interposers when there are any, else straight
-        to the machine's HVC door (the same call, one Python frame less)."""
-        m = self._m
-        if m._interposers:
-            return m.hvc(cpu, func, *args)
-        return m._door.call(cpu, func, args)
+        return self._m.hvc(cpu, func, *args)
 
     def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
         return self._m.smc(cpu, func, *args, imm=imm)

@@ -19,7 +19,7 @@ from pkvm.abi.host_structs import (
     KVM_ARCH_FLAG_ID_REGS_INITIALIZED,
     KVM_VCPU,
 )
-from pkvm.errors import EINVAL, HostError
+from pkvm.errors import HostError
 
 if TYPE_CHECKING:
     from pkvm.host.kvm import HostVcpu, HostVm
@@ -150,27 +150,19 @@ class TwoPhase:
     def vgic_load(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
         # arm.c kvm_arch_vcpu_load, after the hyp vCPU's load: EL2 restores its vGIC VMCR and
         # APRs (reading the loaded hyp vCPU: after a raw teardown the hyp panics, as Linux's).
-        vm.host.hvc("__vgic_v3_restore_vmcr_aprs", vcpu.va + VGIC_V3_OFF, cpu=cpu)
+        vm.host.port.hvc(cpu, "__vgic_v3_restore_vmcr_aprs", vcpu.va + VGIC_V3_OFF)
 
     def vgic_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
         # kvm_arch_vcpu_put, before the hyp vCPU's put: EL2 saves the APRs.
-        vm.host.hvc("__vgic_v3_save_aprs", vcpu.va + VGIC_V3_OFF, cpu=cpu)
+        vm.host.port.hvc(cpu, "__vgic_v3_save_aprs", vcpu.va + VGIC_V3_OFF)
 
-    # The two pairs above as one call each, straight to the host's HVC port: the run loop's
-    # path (`tests/test_fast_exits.py` checks they issue the same hypercalls).
     def arch_vcpu_load(self, vm: HostVm, vcpu: HostVcpu, hcr: int, cpu: int) -> None:
-        hvc = vm.host.port.hvc
-        r = hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, hcr)
-        if r.x0:
-            raise HostError(EINVAL, "__pkvm_vcpu_load", r.x0, "the hyp does not offer this call")
-        hvc(cpu, "__vgic_v3_restore_vmcr_aprs", vcpu.va + VGIC_V3_OFF)
+        self.vcpu_load(vm, vcpu, hcr, cpu)
+        self.vgic_load(vm, vcpu, cpu)
 
     def arch_vcpu_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
-        hvc = vm.host.port.hvc
-        hvc(cpu, "__vgic_v3_save_aprs", vcpu.va + VGIC_V3_OFF)
-        r = hvc(cpu, "__pkvm_vcpu_put")
-        if r.x0:
-            raise HostError(EINVAL, "__pkvm_vcpu_put", r.x0, "the hyp does not offer this call")
+        self.vgic_put(vm, vcpu, cpu)
+        self.vcpu_put(vm, cpu)
 
     def destroy(self, vm: HostVm) -> None:
         if not vm.is_created:
