@@ -66,15 +66,17 @@ def kvm_pgtable_stage2_map(
         base = phys & ~(PAGE_SIZE - 1)
     else:
         attr, base = 0, 0
-    if phys is None:
-        force_pte = True
-    else:
-        force_pte = pgt.force_pte_cb(addr, addr + size, prot) if pgt.force_pte_cb else False
     if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
+        # One page to a level-3 entry: no block is possible, so the force-PTE answer (a pure
+        # function of the range and prot) is asked only where the walk must decide.
         new = annotation if phys is None else init_valid_leaf_pte(base, attr, 3)
         ret = _stage2_map_page(pgt, addr, new, flags)
         if ret is not None:
             return ret
+    if phys is None:
+        force_pte = True
+    else:
+        force_pte = pgt.force_pte_cb(addr, addr + size, prot) if pgt.force_pte_cb else False
     return _stage2_map_walk(pgt, addr, size, phys, annotation, flags, attr, base, force_pte)
 
 
