@@ -352,8 +352,10 @@ class KvmPgtable:
         if not self.pgd:
             return -EINVAL, 0, 0
         table = self.pgd
+        ram = self.ram
         for level in range(self.start_level, 4):
-            pte = self.read_pte(table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8)
+            ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
+            pte = ram.read_u64(ptep) if ram is not None else self.mem.read_u64(ptep)  # read_pte
             if not pte_table(pte, level):
                 return 0, pte, level
             table = pte & KVM_PTE_ADDR_MASK
@@ -400,7 +402,10 @@ class KvmPgtable:
         self.gen += 1
         if old & KVM_PTE_VALID and self.changed is not None:
             self.note_change(addr, level)
-        was, now = self.counted(old), self.counted(new)
+        if self.stage == 1:  # `counted` of both, written out (one test per store)
+            was, now = old & KVM_PTE_VALID, new & KVM_PTE_VALID
+        else:
+            was, now = old, new
         if now and not was:
             self.mm_ops.get_page(ptep & ~(PAGE_SIZE - 1))
         elif was and not now:
@@ -459,9 +464,10 @@ class KvmPgtable:
         if addr >> self.ia_bits or not self.pgd:
             return None
         table = self.pgd
+        ram = self.ram
         for level in range(self.start_level, 3):
             ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-            pte = self.read_pte(ptep)
+            pte = ram.read_u64(ptep) if ram is not None else self.mem.read_u64(ptep)  # read_pte
             if pte_table(pte, level):
                 table = pte & KVM_PTE_ADDR_MASK
                 continue
