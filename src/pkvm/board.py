@@ -360,12 +360,10 @@ class Machine:
         if not el2.hcr_el2 & HCR_VM:
             return pa if self.mem.is_ram(pa) else None
         # The host's TLB (the hyp's `host_s2_tlb`): an entry stays until the TLBI the hyp
-        # issues; a hit on a table changed since is checked against a fresh walk.
-        mmu = h.host_mmu
-        assert mmu is not None  # set by __pkvm_init, before HCR_EL2.VM is
+        # issues; a hit on an entry whose walk the table changed since is checked again.
         tlb, mem, root = h.host_s2_tlb, self.mem, el2.vttbr_el2
         for _attempt in range(4):
-            out = tlb_s2_translate(tlb, mem, root, pa, write, mmu.pgt.gen)
+            out = tlb_s2_translate(tlb, mem, root, pa, write)
             if out != S2_WALK_FAULT:
                 return out if out >= 0 else None
             fault = s2_translate(mem, root, pa, write)[1]  # the fault, for its kind

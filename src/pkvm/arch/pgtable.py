@@ -244,6 +244,11 @@ class KvmPgtable:
         # The TLB invalidation of this table's translation regime, `tlbi(start, size)`, called
         # where Linux's pgtable.c invalidates (a valid entry broken or cleared); None: no TLB.
         self.tlbi: Callable[[int, int], None] | None = None
+        # Told of every store that replaces a valid descriptor, with the input range that
+        # descriptor translated (`changed(start, size)`), whether or not the kernel invalidates
+        # there: the cached translations under it are walked again when next used, to tell a
+        # stale one (the host stage-2's TLB); None: nobody asks.
+        self.changed: Callable[[int, int], None] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
         return (KvmPgtable, (self.mem, self.mm_ops, self.stage, self.name), self.__getstate__())
@@ -347,8 +352,10 @@ class KvmPgtable:
         if not self.pgd:
             return -EINVAL, 0, 0
         table = self.pgd
+        ram = self.ram
         for level in range(self.start_level, 4):
-            pte = self.read_pte(table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8)
+            ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
+            pte = ram.read_u64(ptep) if ram is not None else self.mem.read_u64(ptep)  # read_pte
             if not pte_table(pte, level):
                 return 0, pte, level
             table = pte & KVM_PTE_ADDR_MASK
@@ -387,15 +394,33 @@ class KvmPgtable:
     def counted(self, pte: int) -> bool:
         return bool(pte & KVM_PTE_VALID) if self.stage == 1 else pte != 0
 
-    def set_pte(self, ptep: int, old: int, new: int) -> None:
-        """Replace an entry, keeping the table page's reference count in step."""
+    def set_pte(self, ptep: int, old: int, new: int, addr: int = -1, level: int = 0) -> None:
+        """Replace an entry, keeping the table page's reference count in step. `addr` and
+        `level` place the entry (any address it translates; -1: unknown, then a valid `old`
+        counts as covering the whole input range)."""
         self.write_pte(ptep, new)
         self.gen += 1
-        was, now = self.counted(old), self.counted(new)
+        if old & KVM_PTE_VALID and self.changed is not None:
+            self.note_change(addr, level)
+        if self.stage == 1:  # `counted` of both, written out (one test per store)
+            was, now = old & KVM_PTE_VALID, new & KVM_PTE_VALID
+        else:
+            was, now = old, new
         if now and not was:
             self.mm_ops.get_page(ptep & ~(PAGE_SIZE - 1))
         elif was and not now:
             self.mm_ops.put_page(ptep & ~(PAGE_SIZE - 1))
+
+    def note_change(self, addr: int, level: int) -> None:
+        """A valid entry at `level` translating `addr` was replaced: tell `changed` the input
+        range it covered (the whole range where `addr` is -1)."""
+        changed = self.changed
+        if changed is not None:
+            if addr < 0:
+                changed(0, 1 << self.ia_bits)
+            else:
+                g = granule_size(level)
+                changed(addr & ~(g - 1), g)
 
     def invalidate(self, addr: int, level: int) -> None:
         """Invalidate what an entry at `level` translated (a leaf's block, a table's span)."""
@@ -403,11 +428,11 @@ class KvmPgtable:
             g = granule_size(level)
             self.tlbi(addr & ~(g - 1), g)
 
-    def new_table(self, ptep: int, old: int) -> int:
+    def new_table(self, ptep: int, old: int, addr: int = -1, level: int = 0) -> int:
         child = self.mm_ops.zalloc_page()
         if child is None:
             return -ENOMEM
-        self.set_pte(ptep, old, init_table_pte(child))
+        self.set_pte(ptep, old, init_table_pte(child), addr, level)
         return 0
 
     def free_empty_table(self, ctx: VisitCtx) -> None:
@@ -416,7 +441,7 @@ class KvmPgtable:
         child = ctx.old & KVM_PTE_ADDR_MASK
         if self.mm_ops.page_count(child) != 1:
             return
-        self.set_pte(ctx.ptep, ctx.old, 0)
+        self.set_pte(ctx.ptep, ctx.old, 0, ctx.addr, ctx.level)
         self.invalidate(ctx.addr, ctx.level)
         self.mm_ops.put_page(child)
 
@@ -439,9 +464,10 @@ class KvmPgtable:
         if addr >> self.ia_bits or not self.pgd:
             return None
         table = self.pgd
+        ram = self.ram
         for level in range(self.start_level, 3):
             ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-            pte = self.read_pte(ptep)
+            pte = ram.read_u64(ptep) if ram is not None else self.mem.read_u64(ptep)  # read_pte
             if pte_table(pte, level):
                 table = pte & KVM_PTE_ADDR_MASK
                 continue

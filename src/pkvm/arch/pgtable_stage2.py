@@ -45,7 +45,7 @@ def _stage2_map_page(pgt: KvmPgtable, addr: int, new: int, flags: int) -> int | 
     if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
         ret = -EAGAIN
         return 0 if pgt.walk_continues(ret, flags | KVM_PGTABLE_WALK_LEAF) else ret
-    pgt.set_pte(ptep, old, new)
+    pgt.set_pte(ptep, old, new, addr, KVM_PGTABLE_LAST_LEVEL)
     if pte_valid(old):
         pgt.invalidate(addr, KVM_PGTABLE_LAST_LEVEL)
     return 0
@@ -66,15 +66,17 @@ def kvm_pgtable_stage2_map(
         base = phys & ~(PAGE_SIZE - 1)
     else:
         attr, base = 0, 0
-    if phys is None:
-        force_pte = True
-    else:
-        force_pte = pgt.force_pte_cb(addr, addr + size, prot) if pgt.force_pte_cb else False
     if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1):
+        # One page to a level-3 entry: no block is possible, so the force-PTE answer (a pure
+        # function of the range and prot) is asked only where the walk must decide.
         new = annotation if phys is None else init_valid_leaf_pte(base, attr, 3)
         ret = _stage2_map_page(pgt, addr, new, flags)
         if ret is not None:
             return ret
+    if phys is None:
+        force_pte = True
+    else:
+        force_pte = pgt.force_pte_cb(addr, addr + size, prot) if pgt.force_pte_cb else False
     return _stage2_map_walk(pgt, addr, size, phys, annotation, flags, attr, base, force_pte)
 
 
@@ -104,7 +106,7 @@ def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, an
         old = ctx.old
         if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
             return -EAGAIN  # the same mapping, or only its permissions: nothing to update
-        pgt.set_pte(ctx.ptep, old, new)
+        pgt.set_pte(ctx.ptep, old, new, ctx.addr, ctx.level)
         if pte_valid(old):
             pgt.invalidate(ctx.addr, ctx.level)
         return 0
@@ -117,6 +119,7 @@ def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, an
             # Detach the subtree, then install the block/annotation in its place.
             pgt.write_pte(ctx.ptep, 0)
             pgt.gen += 1
+            pgt.note_change(ctx.addr, ctx.level)
             pgt.invalidate(ctx.addr, ctx.level)
             pgt.mm_ops.put_page(ctx.ptep & ~(PAGE_SIZE - 1))
             pgt.free_unlinked(child, ctx.level + 1)
@@ -131,7 +134,7 @@ def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, an
         new_table = pgt.mm_ops.zalloc_page()
         if new_table is None:
             return -ENOMEM
-        pgt.set_pte(ctx.ptep, ctx.old, init_table_pte(new_table))
+        pgt.set_pte(ctx.ptep, ctx.old, init_table_pte(new_table), ctx.addr, ctx.level)
         if pte_valid(ctx.old):
             pgt.invalidate(ctx.addr, ctx.level)
         return 0
@@ -149,12 +152,12 @@ def kvm_pgtable_stage2_unmap(pgt: KvmPgtable, addr: int, size: int) -> int:
     def visit(ctx: VisitCtx, v: int) -> int:
         if not pte_valid(ctx.old):
             if ctx.old:
-                pgt.set_pte(ctx.ptep, ctx.old, 0)
+                pgt.set_pte(ctx.ptep, ctx.old, 0, ctx.addr, ctx.level)
             return 0
         if pte_table(ctx.old, ctx.level):
             pgt.free_empty_table(ctx)
             return 0
-        pgt.set_pte(ctx.ptep, ctx.old, 0)
+        pgt.set_pte(ctx.ptep, ctx.old, 0, ctx.addr, ctx.level)
         pgt.invalidate(ctx.addr, ctx.level)
         return 0
 
@@ -178,14 +181,14 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
     ptep = table + ((addr >> PAGE_SHIFT) & PTE_INDEX_MASK) * 8
     old = pgt.read_pte(ptep)
     if old:
-        pgt.set_pte(ptep, old, 0)
+        pgt.set_pte(ptep, old, 0, addr, KVM_PGTABLE_LAST_LEVEL)
         if pte_valid(old):
             pgt.invalidate(addr, 3)
     for depth in range(len(path) - 1, -1, -1):
         tptep, child = path[depth]
         if pgt.mm_ops.page_count(child) != 1:
             break
-        pgt.set_pte(tptep, pgt.read_pte(tptep), 0)
+        pgt.set_pte(tptep, pgt.read_pte(tptep), 0, addr, pgt.start_level + depth)
         pgt.invalidate(addr, pgt.start_level + depth)
         pgt.mm_ops.put_page(child)
     return True
@@ -208,6 +211,7 @@ def stage2_update_leaf_attrs(pgt: KvmPgtable, addr: int, size: int, set_bits: in
         if new != ctx.old:
             pgt.write_pte(ctx.ptep, new)
             pgt.gen += 1
+            pgt.note_change(ctx.addr, ctx.level)
         return 0
 
     ret = pgt.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | flags)

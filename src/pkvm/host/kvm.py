@@ -365,11 +365,14 @@ class HostVm:
         """`topup_hyp_memcache`: push host pages on the vCPU's memcache (a list through page
         first words, head and count in the host struct kvm_vcpu). As `push_hyp_memcache`, each
         page pushed takes one store (its link); the head and count are read and written once."""
+        nr = self.host.read_u64(vcpu.pa + _MC_HEAD + 8)
+        if nr < min_pages:  # full enough: nothing to push, nothing written
+            self._push_memcache(vcpu, nr, min_pages)
+
+    def _push_memcache(self, vcpu: HostVcpu, nr: int, min_pages: int) -> None:
+        """The pushes of `topup_memcache`, the count `nr` already read."""
         host = self.host
         head_pa = vcpu.pa + _MC_HEAD
-        nr = host.read_u64(head_pa + 8)
-        if nr >= min_pages:  # full enough: nothing to push, nothing written
-            return
         head = host.read_u64(head_pa)
         while nr < min_pages:
             page = host.alloc_pages(1)
@@ -384,41 +387,52 @@ class HostVm:
         if self.destroyed:
             raise HostError(EINVAL, "map", None, "the VM was destroyed")
         self._populate(gfn, n)
-        if not self.profile.hyp_owned_guest_stage2:
-            for g in range(gfn, gfn + n):
-                self.map_one(self.vcpus[0], g, cpu)
-            return
         vcpu = self.vcpus[0]
+        if not self.profile.hyp_owned_guest_stage2:
+            self._map_pages(vcpu, gfn, n, cpu)
+            return
         self.ensure_hyp_vcpu(vcpu)
         self.life.vcpu_load(self, vcpu, HCR_HOST_VCPU, cpu)
         try:
-            for g in range(gfn, gfn + n):
-                self.map_one(vcpu, g, cpu)
+            self._map_pages(vcpu, gfn, n, cpu)
         finally:
             self.life.vcpu_put(self, cpu)
 
     def map_one(self, vcpu: HostVcpu, gfn: int, cpu: int) -> None:
         """Map one page with `vcpu` loaded on `cpu` (the stage-2 fault path)."""
-        if gfn in self.mapped:
-            return
-        pa = self.backing(gfn)
+        self._map_pages(vcpu, gfn, 1, cpu)
+
+    def _map_pages(self, vcpu: HostVcpu, gfn: int, n: int, cpu: int) -> None:
+        """Map each frame of [gfn, gfn+n) not mapped yet, in order, with `vcpu` loaded on
+        `cpu`: 6.12 in the host's own table; 7.2 a memcache top-up (its count read, pages
+        pushed when short) and one donate or share per page (the loop's lookups made once)."""
+        mapped, backing = self.mapped, self.backing
         if self.s2 is not None:  # 6.12: the host maps the page in its own table
-            ret = self.s2.stage2_map(gfn << PAGE_SHIFT, PAGE_SIZE, pa, KVM_PGTABLE_PROT_RWX)
-            if ret:
-                raise HostError(-ret, "kvm_pgtable_stage2_map", ret)
-            self.mapped[gfn] = pa
+            for g in range(gfn, gfn + n):
+                if g not in mapped:
+                    pa = backing(g)
+                    ret = self.s2.stage2_map(g << PAGE_SHIFT, PAGE_SIZE, pa, KVM_PGTABLE_PROT_RWX)
+                    if ret:
+                        raise HostError(-ret, "kvm_pgtable_stage2_map", ret)
+                    mapped[g] = pa
             return
-        self.topup_memcache(vcpu)
-        if self.protected:
-            ret = self.hvc("__pkvm_host_donate_guest", pa >> PAGE_SHIFT, gfn, cpu=cpu)
-            name = "__pkvm_host_donate_guest"
-        else:
-            ret = self.hvc("__pkvm_host_share_guest", pa >> PAGE_SHIFT, gfn, 1,
-                            KVM_PGTABLE_PROT_RWX, cpu=cpu)
-            name = "__pkvm_host_share_guest"
-        if ret:
-            raise HostError(-ret, name, ret)
-        self.mapped[gfn] = pa
+        name = "__pkvm_host_donate_guest" if self.protected else "__pkvm_host_share_guest"
+        extra = () if self.protected else (1, KVM_PGTABLE_PROT_RWX)  # nr_pages, prot
+        hvc, read_u64 = self.host.port.hvc, self.host.read_u64
+        nr_pa, min_pages = vcpu.pa + _MC_HEAD + 8, sizes.KVM_MMU_CACHE_MIN_PAGES
+        for g in range(gfn, gfn + n):
+            if g in mapped:
+                continue
+            pa = backing(g)
+            nr = read_u64(nr_pa)  # `topup_hyp_memcache`
+            if nr < min_pages:
+                self._push_memcache(vcpu, nr, min_pages)
+            r = hvc(cpu, name, pa >> PAGE_SHIFT, g, *extra)
+            if r.x0:  # as `hvc`
+                raise HostError(EINVAL, name, r.x0, "the hyp does not offer this call")
+            if r.x1:
+                raise HostError(-r.x1, name, r.x1)
+            mapped[g] = pa
 
     # -- destroy -------------------------------------------------------------------
     def destroy(self) -> None:

@@ -16,6 +16,14 @@ from collections.abc import Callable
 from typing import ClassVar, Final
 
 from pkvm.errors import EAGAIN, EBUSY, EINVAL, ENOMEM, EPERM
+from pkvm.hyp.memblock import (  # re-exported: the kernel has them in mem_protect.c
+    addr_is_allowed_memory as addr_is_allowed_memory,
+)
+from pkvm.hyp.memblock import addr_is_memory as addr_is_memory
+from pkvm.hyp.memblock import check_range_allowed_memory as check_range_allowed_memory
+from pkvm.hyp.memblock import find_mem_range as find_mem_range
+from pkvm.hyp.memblock import pfn_range_is_valid as pfn_range_is_valid
+from pkvm.hyp.memblock import range_is_memory as range_is_memory
 from pkvm.hyp.memory import ComponentId, HostHypTransitions, PageState, PageStates
 from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.panic import HypBug, HypWarn
@@ -74,51 +82,6 @@ def _state(value: int) -> PageState:
 
 def hyp_pfn_to_phys(pfn: int) -> int:
     return (pfn << PAGE_SHIFT) & U64
-
-
-# -- the memblock map ----------------------------------------------------------------------
-def find_mem_range(h: HypState, addr: int) -> tuple[bool, int, int]:
-    """(is memory, start, end) of the region or gap around `addr` (`find_mem_range`)."""
-    start = 0
-    for reg in h.hyp_memory:
-        if addr < reg.base:
-            return False, start, reg.base
-        if addr < reg.end:
-            return True, reg.base, reg.end
-        start = reg.end
-    return False, start, ULONG_MAX
-
-
-def addr_is_memory(h: HypState, addr: int) -> bool:
-    return find_mem_range(h, addr)[0]
-
-
-def addr_is_allowed_memory(h: HypState, addr: int) -> bool:
-    for reg in h.hyp_memory:
-        if reg.base <= addr < reg.end:
-            return not reg.nomap
-    return False
-
-
-def range_is_memory(h: HypState, start: int, end: int) -> bool:
-    hit, rs, re_ = find_mem_range(h, start)
-    return hit and rs <= ((end - 1) & U64) < re_
-
-
-def check_range_allowed_memory(h: HypState, start: int, end: int) -> int:
-    """7.2: the range lies in one region or gap (-EINVAL) and is allowed memory (-EPERM)."""
-    hit, rs, re_ = find_mem_range(h, start)
-    last = (end - 1) & U64
-    if not rs <= last < re_:
-        return -EINVAL
-    if not hit or not addr_is_allowed_memory(h, start):
-        return -EPERM
-    return 0
-
-
-def pfn_range_is_valid(h: HypState, pfn: int, nr_pages: int) -> bool:
-    limit = 1 << (h.host_mmu.pgt.ia_bits - PAGE_SHIFT)
-    return pfn < limit and nr_pages <= limit - pfn
 
 
 # -- page states in page-table software bits (include/nvhe/mem_protect.h) -------------------
@@ -231,11 +194,23 @@ def host_stage2_try(h: HypState, fn: Callable[[], int]) -> int:
     return ret
 
 
-def host_stage2_idmap_locked(h: HypState, addr: int, size: int, prot: int) -> int:
+def host_stage2_try_map(h: HypState, addr: int, size: int, phys: int | None, prot: int,
+                        annotation: int = 0, flags: int = 0) -> int:
+    """`host_stage2_try(kvm_pgtable_stage2_map, ...)` with its arguments spelled out (no
+    closure on the per-page paths): the map, then once more after unmapping every MMIO
+    range where it ran out of table pages."""
     pgt = h.host_mmu.pgt
-    return host_stage2_try(
-        h, lambda: pgt.stage2_map(addr, size, addr, prot, flags=KVM_PGTABLE_WALK_IGNORE_EAGAIN)
-    )
+    ret = pgt.stage2_map(addr, size, phys, prot, annotation, flags)
+    if ret == -ENOMEM:
+        ret = host_stage2_unmap_dev_all(h)
+        if ret:
+            return ret
+        ret = pgt.stage2_map(addr, size, phys, prot, annotation, flags)
+    return ret
+
+
+def host_stage2_idmap_locked(h: HypState, addr: int, size: int, prot: int) -> int:
+    return host_stage2_try_map(h, addr, size, addr, prot, 0, KVM_PGTABLE_WALK_IGNORE_EAGAIN)
 
 
 def host_donation_annotation(owner: int, meta: int) -> int:
@@ -265,9 +240,7 @@ def host_stage2_set_owner_metadata_locked(h: HypState, addr: int, size: int, own
         return -EPERM
     if owner > KVM_HOST_DONATION_PTE_MAX_OWNER or meta >> KVM_HOST_DONATION_PTE_EXTRA_BITS:
         return -EINVAL
-    pgt = h.host_mmu.pgt
-    ann = host_donation_annotation(owner, meta)
-    ret = host_stage2_try(h, lambda: pgt.stage2_map(addr, size, None, 0, annotation=ann))
+    ret = host_stage2_try_map(h, addr, size, None, 0, host_donation_annotation(owner, meta))
     if ret:
         return ret
     set_host_state_range(h, addr, size, PageState.NOPAGE)

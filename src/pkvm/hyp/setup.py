@@ -181,6 +181,7 @@ def kvm_host_prepare_stage2(h: HypState) -> int:
     if ret:
         return ret
     pgt.tlbi = h.host_s2_tlb.flush_range  # the stage-2 walker's `__kvm_tlb_flush_vmid_ipa`
+    pgt.changed = h.host_s2_tlb.mark_range  # the host's TLB entries to walk again at next use
     h.host_mmu = HostMmu(pgt=pgt, lock=h.host_mmu_lock)
     return 0
 

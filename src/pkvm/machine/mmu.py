@@ -68,19 +68,22 @@ class Tlb:
     """Translations an MMU cached for one translation regime, held until a TLBI drops them.
 
     An entry is keyed by input page and holds whatever the walk that filled it produced
-    (`pa` page or -1 for a non-RAM output, writable, the level of the leaf) and the table
-    generation at which it was last known to agree with the table. A hit whose table moved
-    since is walked again: if the fresh walk disagrees, the entry is stale and is still used
-    (as hardware would use it), and the use is recorded in `stale_uses`. An unchanged table
-    costs nothing on a hit. Invalidation follows the TLBI forms the kernel issues: by address
-    and leaf level (`vale2is`, `ipas2e1is`), by address with an unknown level (a table
-    removed: every entry under it), and all (`vmalls12e1`, `vmalle2`)."""
+    (`pa` page or -1 for a non-RAM output, writable) and a check mark: the EL2 stage-1's TLB
+    keeps the table generation at which the entry was last known to agree with the table; the
+    host stage-2's keeps 0 while nothing the entry's walk read has changed since, 1 once a
+    descriptor covering it was replaced (`mark_range`, told by the table of every such
+    store). A hit on a changed entry is walked again: if the fresh walk disagrees, the entry
+    is stale and is still used (as hardware would use it), and the use is recorded in
+    `stale_uses`. An unchanged entry costs nothing on a hit. Invalidation follows the TLBI
+    forms the kernel issues: by address and leaf level (`vale2is`, `ipas2e1is`), by address
+    with an unknown level (a table removed: every entry under it), and all (`vmalls12e1`,
+    `vmalle2`)."""
 
     __slots__ = ("name", "entries", "stale_uses", "_max_log")
 
     def __init__(self, name: str, max_log: int = 64):
         self.name = name
-        self.entries: dict[int, list[int]] = {}  # key -> [pa page | -1, writable, level, gen]
+        self.entries: dict[int, list[int]] = {}  # key -> [pa page | -1, writable, mark]
         self.stale_uses: list[str] = []
         self._max_log = max_log
 
@@ -108,6 +111,22 @@ class Tlb:
             entries.pop(page << 1, None)
             entries.pop(page << 1 | 1, None)
 
+    def mark_range(self, start: int, size: int) -> None:
+        """A descriptor translating [start, start + size) was replaced: each entry of that range
+        is walked again at its next use (mark 1)."""
+        entries = self.entries
+        first, n = start >> 12, max(1, size >> 12)
+        if n * 2 > len(entries):  # cheaper to look at every entry
+            for key, e in entries.items():
+                if first <= (key >> 1) < first + n:
+                    e[2] = 1
+            return
+        for page in range(first, first + n):
+            for key in (page << 1, page << 1 | 1):  # its read and its write translation
+                hit = entries.get(key)
+                if hit is not None:
+                    hit[2] = 1
+
     def record_stale(self, what: str) -> None:
         if len(self.stale_uses) < self._max_log:
             self.stale_uses.append(f"{self.name}: {what}")
@@ -116,13 +135,13 @@ class Tlb:
 S2_WALK_FAULT = -2  # `tlb_s2_translate`: nothing cached and the walk faults
 
 
-def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool,
-                     gen: int) -> int:
+def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool) -> int:
     """An access to `ipa` through a stage-2 TLB (the host's): the PA it reaches, -1 where that
     is not RAM, or `S2_WALK_FAULT` where nothing is cached and the walk from `root` faults (the
-    caller takes the fault and asks again). A miss that walks fills the TLB at generation `gen`
-    (the table's); a hit filled at an older generation is walked again: a fresh walk that
-    disagrees is recorded as a stale use and the cached output still used, as hardware would."""
+    caller takes the fault and asks again). A miss that walks fills the TLB (mark 0); a hit on
+    an entry marked changed (`Tlb.mark_range`) is walked again: a fresh walk that agrees clears
+    the mark, one that disagrees is recorded as a stale use and the cached output still used,
+    as hardware would."""
     key = (ipa >> 12) << 1 | write
     entries = tlb.entries
     hit = entries.get(key)
@@ -131,13 +150,13 @@ def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool
         if fault is not None:
             return S2_WALK_FAULT
         page = (out & ~0xFFF) if mem.is_ram(out) else -1
-        entries[key] = [page, write, gen]
+        entries[key] = [page, write, 0]
         return out if page >= 0 else -1
-    if hit[2] != gen:
+    if hit[2]:
         out, fault = s2_translate(mem, root, ipa, write)
         fresh = -1 if fault is not None else ((out & ~0xFFF) if mem.is_ram(out) else -1)
         if fault is None and fresh == hit[0]:
-            hit[2] = gen
+            hit[2] = 0
         else:
             now = f"a {fault.kind} fault" if fault is not None else f"PA {fresh:#x}"
             tlb.record_stale(f"host {'write' if write else 'read'} of IPA {ipa:#x} used the "
