@@ -365,14 +365,11 @@ class HostVm:
         """`topup_hyp_memcache`: push host pages on the vCPU's memcache (a list through page
         first words, head and count in the host struct kvm_vcpu). As `push_hyp_memcache`, each
         page pushed takes one store (its link); the head and count are read and written once."""
-        nr = self.host.read_u64(vcpu.pa + _MC_HEAD + 8)
-        if nr < min_pages:  # full enough: nothing to push, nothing written
-            self._push_memcache(vcpu, nr, min_pages)
-
-    def _push_memcache(self, vcpu: HostVcpu, nr: int, min_pages: int) -> None:
-        """The pushes of `topup_memcache`, the count `nr` already read."""
         host = self.host
         head_pa = vcpu.pa + _MC_HEAD
+        nr = host.read_u64(head_pa + 8)
+        if nr >= min_pages:  # full enough: nothing to push, nothing written
+            return
         head = host.read_u64(head_pa)
         while nr < min_pages:
             page = host.alloc_pages(1)
@@ -418,20 +415,14 @@ class HostVm:
             return
         name = "__pkvm_host_donate_guest" if self.protected else "__pkvm_host_share_guest"
         extra = () if self.protected else (1, KVM_PGTABLE_PROT_RWX)  # nr_pages, prot
-        hvc, read_u64 = self.host.port.hvc, self.host.read_u64
-        nr_pa, min_pages = vcpu.pa + _MC_HEAD + 8, sizes.KVM_MMU_CACHE_MIN_PAGES
         for g in range(gfn, gfn + n):
             if g in mapped:
                 continue
             pa = backing(g)
-            nr = read_u64(nr_pa)  # `topup_hyp_memcache`
-            if nr < min_pages:
-                self._push_memcache(vcpu, nr, min_pages)
-            r = hvc(cpu, name, pa >> PAGE_SHIFT, g, *extra)
-            if r.x0:  # as `hvc`
-                raise HostError(EINVAL, name, r.x0, "the hyp does not offer this call")
-            if r.x1:
-                raise HostError(-r.x1, name, r.x1)
+            self.topup_memcache(vcpu)
+            ret = self.hvc(name, pa >> PAGE_SHIFT, g, *extra, cpu=cpu)
+            if ret:
+                raise HostError(-ret, name, ret)
             mapped[g] = pa
 
     # -- destroy -------------------------------------------------------------------
