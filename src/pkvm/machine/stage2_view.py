@@ -55,6 +55,7 @@ _mmap.argtypes = [
 _munmap = _libc.munmap
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+_U64 = ctypes.c_uint64
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, PROT_NONE = 0x02, 0x20, 0x4000, 0
 
 
@@ -131,6 +132,9 @@ class Stage2View:
         self._window = _Window() if alias_window else None
         self._maps: list[Mapping] = []
         self._starts: list[int] = []
+        # The region the last `host_of` found, as (start, end, host - start); every map or
+        # unmap (`_update`) drops it. A stage-1 walk reads its descriptors from few regions.
+        self._hit = (0, 0, 0)
 
     def mappings(self) -> list[Mapping]:
         """The stage-2 ranges as mapped in unicorn (merged), sorted by IPA."""
@@ -217,6 +221,7 @@ class Stage2View:
         # QEMU's tracking of which pages hold translated code does not follow it, so guest
         # writes to code (Linux's ftrace/alternatives patching) would miss stale TBs: flush.
         replaced = bool(touched)
+        self._hit = (0, 0, 0)
         for m in touched:
             self.uc.mem_unmap(m.start, m.end - m.start)
             i = self._maps.index(m)
@@ -256,10 +261,14 @@ class Stage2View:
         return b
 
     def host_of(self, ipa: int) -> int | None:
+        start, end, delta = self._hit
+        if start <= ipa < end:
+            return ipa + delta
         i = bisect.bisect_right(self._starts, ipa) - 1
         if i >= 0:
             m = self._maps[i]
             if ipa < m.end:
+                self._hit = (m.start, m.end, m.host - m.start)
                 return m.host + ipa - m.start
         return None
 
@@ -271,5 +280,9 @@ class Stage2View:
         return ctypes.string_at(host, size)
 
     def read_u64(self, ipa: int) -> int | None:
+        """The u64 at `ipa` (8-aligned: it never straddles two regions), None if unmapped."""
+        start, end, delta = self._hit
+        if start <= ipa < end:
+            return _U64.from_address(ipa + delta).value
         host = self.host_of(ipa)
-        return None if host is None else ctypes.c_uint64.from_address(host).value
+        return None if host is None else _U64.from_address(host).value
