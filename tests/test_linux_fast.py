@@ -7,6 +7,7 @@ Model speed-ups, not kernel behaviour: the GIC's cached highest-priority pending
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -141,3 +142,87 @@ def test_stage2_view_lookups_agree_with_a_search_of_its_mappings(seq, window):
             got = view.read_u64(ipa)
             assert got == (None if want is None else ctypes.c_uint64.from_address(want).value)
     del view
+
+
+# -- a merge of stage-2 regions drops only the merged regions' translated code ----------------
+MOVZ_X0 = 0xD2800000  # movz x0, #imm16 (imm at bit 5)
+HVC_0, STR_W2_X3, LDR_W1_X3 = 0xD4000002, 0xB9000062, 0xB9400061
+
+
+@pytest.mark.parametrize("mmu", [True, False])
+def test_code_patched_after_a_merge_runs_patched(mmu):
+    """Code runs from a region, a map merges that region with its buddy, the guest rewrites
+    the code (as Linux patches alternatives and ftrace sites) and runs it again: the new
+    instruction runs. With the MMU on (VA != IPA), unicorn looks a removed region up as a
+    virtual address; the view turns stage 1 off while it unmaps."""
+    import ctypes
+    import mmap
+    import struct
+
+    from pkvm.machine.cpu import Core, CpuContext, ExitKind
+
+    mem = mmap.mmap(-1, 8 * 4096)
+    host = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    va0 = 0 if mmu else IPA0  # stage 1: one 1 GiB block, VA 0 -> IPA 0x4000_0000
+    struct.pack_into("<II", mem, 0, MOVZ_X0 | 1 << 5, HVC_0)  # page 0: x0 = 1
+    struct.pack_into("<II", mem, 0x2000, STR_W2_X3, HVC_0)  # page 2: the patcher
+    struct.pack_into("<Q", mem, 0x4000, IPA0 | 0b01 | 1 << 10)  # page 4: the L1 table
+    core = Core()
+    # No two of them buddies: three regions. Page 0's is made last, so the region that
+    # replaces it reuses its place in QEMU's RAM (and its translated code, if not dropped).
+    for page in (2, 4, 0):
+        core.map(IPA0 + page * 4096, 4096, host + page * 4096)
+    ctx = CpuContext.reset(pc=va0)
+    if mmu:
+        ctx.sys_regs.update(TTBR0_EL1=IPA0 + 0x4000, TCR_EL1=25 | 1 << 23 | 0b101 << 32,
+                            MAIR_EL1=0xFF, SCTLR_EL1=0x00C50078 | 1)
+    core.load_context(ctx)
+    assert core.run().kind is ExitKind.HVC and core.x(0) == 1  # page 0 translated
+    core.map(IPA0 + 4096, 4096, host + 4096)  # its buddy: pages 0-1 become one region
+    assert len(core.mappings()) == 3
+    ctx = core.save_context()
+    ctx.pc, ctx.x[2], ctx.x[3] = va0 + 0x2000, MOVZ_X0 | 2 << 5, va0
+    core.load_context(ctx)
+    assert core.run().kind is ExitKind.HVC  # the guest wrote x0 = 2 over page 0's code
+    ctx = core.save_context()
+    ctx.pc = va0
+    core.load_context(ctx)
+    assert core.run().kind is ExitKind.HVC and core.x(0) == 2
+
+
+@pytest.mark.parametrize("mmu", [True, False])
+def test_code_of_an_unmapped_region_never_runs_again(mmu):
+    """A region that ran code is unmapped while the guest is stopped at EL1 (a stage-2 fault,
+    as every Linux exit but HVC); other pages, written from outside the guest, are mapped at
+    the same IPA (QEMU gives the new region the old one's place in its RAM): the new code
+    runs, not what was translated from the old."""
+    import ctypes
+    import mmap
+    import struct
+
+    from pkvm.machine.cpu import Core, CpuContext, ExitKind
+
+    mem = mmap.mmap(-1, 8 * 4096)
+    host = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    va0 = 0 if mmu else IPA0
+    struct.pack_into("<II", mem, 0, MOVZ_X0 | 1 << 5, LDR_W1_X3)  # x0 = 1, then a fault
+    struct.pack_into("<Q", mem, 0x4000, IPA0 | 0b01 | 1 << 10)
+    core = Core()
+    core.map(IPA0 + 0x4000, 4096, host + 0x4000)
+    core.map(IPA0 + 0x6000, 4096, host + 0x6000)  # once a region was removed, QEMU places
+    core.unmap(IPA0 + 0x6000, 4096)  # new ones in the first gap: the next two take one place
+    core.map(IPA0, 4096, host)
+    ctx = CpuContext.reset(pc=va0)
+    ctx.x[3] = va0 + 0x3000  # IPA 0x4000_3000: not mapped at stage 2
+    if mmu:
+        ctx.sys_regs.update(TTBR0_EL1=IPA0 + 0x4000, TCR_EL1=25 | 1 << 23 | 0b101 << 32,
+                            MAIR_EL1=0xFF, SCTLR_EL1=0x00C50078 | 1)
+    core.load_context(ctx)
+    assert core.run().kind is ExitKind.DABT and core.x(0) == 1
+    core.unmap(IPA0, 4096)
+    struct.pack_into("<II", mem, 0x2000, MOVZ_X0 | 3 << 5, LDR_W1_X3)  # new code elsewhere
+    core.map(IPA0, 4096, host + 0x2000)
+    ctx = core.save_context()
+    ctx.pc = va0
+    core.load_context(ctx)
+    assert core.run().kind is ExitKind.DABT and core.x(0) == 3

@@ -15,8 +15,14 @@ What unicorn 2.1.4 does here (measured; the reasons for the code below):
   ~50-70 us per map or unmap, whatever the order (vs ~4 ms growing one region, ~2.4 ms with
   one region per page at 4096 pages).
 * Code translated from guest memory is cached by address: memory written from outside the guest
-  (loading an image into a page that ran) needs `flush_code()`; `map` over an existing mapping
-  flushes by itself.
+  (loading an image into a page that ran) needs `flush_code()`.
+* `mem_unmap` drops the code translated from the region it removes, but finds the region's
+  RAM by looking its IPA up as a virtual address through the CPU's current stage 1: with the
+  guest's MMU on that misses (or hits other memory), the stale code survives and runs again
+  when a later region takes the same place in QEMU's RAM (tests/test_linux_fast.py shows it).
+  Regions are therefore unmapped with stage 1 off (`_unmap_regions`), which makes that drop
+  exact, instead of forgetting all translated code at every merge (~55 times while Linux
+  boots, each followed by retranslating the kernel's hot code).
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from unicorn.unicorn_const import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
+from unicorn.arm64_const import UC_ARM64_REG_CP_REG
+from unicorn.unicorn_const import (
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+)
 
 from pkvm.machine.context import MASK64
 from pkvm.machine.memory import PAGE_SIZE
@@ -56,6 +69,8 @@ _munmap = _libc.munmap
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
 _U64 = ctypes.c_uint64
+_SCTLR_EL1 = (1, 0, 3, 0, 0)  # (CRn, CRm, op0, op1, op2), as unicorn's CP_REG takes it
+_SCTLR_M = 1
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, PROT_NONE = 0x02, 0x20, 0x4000, 0
 
 
@@ -217,13 +232,12 @@ class Stage2View:
                 lo, hi = (cur, buddy) if cur.start < buddy.start else (buddy, cur)
                 cur = Mapping(lo.start, hi.end, lo.host, lo.writable, lo.executable)
             merged.append(cur)
-        # Any region that leaves unicorn and comes back (merged) is a new RAM block;
-        # QEMU's tracking of which pages hold translated code does not follow it, so guest
-        # writes to code (Linux's ftrace/alternatives patching) would miss stale TBs: flush.
-        replaced = bool(touched)
+        # A region that leaves unicorn takes the code translated from it along
+        # (`_unmap_regions`); one mapped comes back as a new RAM block without any.
         self._hit = (0, 0, 0)
+        if touched:
+            self._unmap_regions(touched)
         for m in touched:
-            self.uc.mem_unmap(m.start, m.end - m.start)
             i = self._maps.index(m)
             del self._maps[i]
             del self._starts[i]
@@ -232,8 +246,24 @@ class Stage2View:
             i = bisect.bisect_left(self._starts, m.start)
             self._maps.insert(i, m)
             self._starts.insert(i, m.start)
-        if replaced:  # code translated from the old contents must not run again
-            self.flush_code()
+
+    def _unmap_regions(self, regions: list[Mapping]) -> None:
+        """Unmap whole regions, each dropping the code translated from it: unicorn looks a
+        region's RAM up by translating its IPA through the current stage 1, so SCTLR_EL1.M is
+        clear meanwhile (the guest's TLB entries emptied before, the flat ones after; a raw
+        SCTLR write flushes nothing itself). Above EL1 stage 1 is already off."""
+        uc = self.uc
+        sctlr = uc.reg_read(UC_ARM64_REG_CP_REG, _SCTLR_EL1)
+        if sctlr & _SCTLR_M:
+            uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            uc.reg_write(UC_ARM64_REG_CP_REG, (*_SCTLR_EL1, sctlr & ~_SCTLR_M))
+        try:
+            for m in regions:
+                uc.mem_unmap(m.start, m.end - m.start)
+        finally:
+            if sctlr & _SCTLR_M:
+                uc.reg_write(UC_ARM64_REG_CP_REG, (*_SCTLR_EL1, sctlr))
+                uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def flush_code(self) -> None:
         """Forget all translated code (as IC IALLU): call after writing guest memory that
