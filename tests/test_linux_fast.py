@@ -128,14 +128,29 @@ def test_stage2_view_lookups_agree_with_a_search_of_its_mappings(seq, window):
         struct.pack_into("<Q", mem, 8 * i, i)
     host = ctypes.addressof(ctypes.c_char.from_buffer(mem))
     view = Stage2View(Uc(UC_ARCH_ARM64, UC_MODE_ARM), alias_window=window)
+    model: dict[int, tuple[int, bool]] = {}  # page -> (offset of its backing page, writable)
     for kind, page, n, at, flag in seq:
         n = min(n, PAGES - page)
         if kind == "map":
             view.map(IPA0 + page * 4096, n * 4096, host + at * 4096, writable=flag)
+            model.update({page + k: ((at + k) * 4096, flag) for k in range(n)})
         elif kind == "unmap":
             view.unmap(IPA0 + page * 4096, n * 4096)
+            for k in range(n):
+                model.pop(page + k, None)
         elif kind == "protect":
             view.protect(IPA0 + page * 4096, n * 4096, writable=flag, executable=True)
+            model.update({p: (model[p][0], flag) for p in range(page, page + n) if p in model})
+        regions = view.mappings()
+        for m in regions:  # every region an aligned power-of-two block: it can merge
+            size = m.end - m.start
+            assert size & (size - 1) == 0 and m.start % size == 0
+        pages = {(m.start - IPA0) // 4096 + k: m for m in regions
+                 for k in range((m.end - m.start) // 4096)}
+        assert set(pages) == set(model)  # the same pages mapped, to the same bytes
+        for p, m in pages.items():
+            got = ctypes.c_uint64.from_address(view.host_of(IPA0 + p * 4096)).value
+            assert (got, m.writable) == (model[p][0] // 8, model[p][1])
         for ipa in (IPA0 + 8 * page, IPA0 + (page + n) * 4096 - 8, IPA0 + 8 * at):
             want = _fresh_host_of(view, ipa)
             assert view.host_of(ipa) == want
