@@ -15,8 +15,14 @@ What unicorn 2.1.4 does here (measured; the reasons for the code below):
   ~50-70 us per map or unmap, whatever the order (vs ~4 ms growing one region, ~2.4 ms with
   one region per page at 4096 pages).
 * Code translated from guest memory is cached by address: memory written from outside the guest
-  (loading an image into a page that ran) needs `flush_code()`; `map` over an existing mapping
-  flushes by itself.
+  (loading an image into a page that ran) needs `flush_code()`.
+* `mem_unmap` drops the code translated from the region it removes, but finds the region's
+  RAM by looking its IPA up as a virtual address through the CPU's current stage 1: with the
+  guest's MMU on that misses (or hits other memory), the stale code survives and runs again
+  when a later region takes the same place in QEMU's RAM (tests/test_linux_fast.py shows it).
+  Regions are therefore unmapped with stage 1 off (`_unmap_regions`), which makes that drop
+  exact, instead of forgetting all translated code at every merge (~55 times while Linux
+  boots, each followed by retranslating the kernel's hot code).
 """
 
 from __future__ import annotations
@@ -27,7 +33,14 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from unicorn.unicorn_const import UC_PROT_EXEC, UC_PROT_READ, UC_PROT_WRITE
+from unicorn.arm64_const import UC_ARM64_REG_CP_REG
+from unicorn.unicorn_const import (
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+)
 
 from pkvm.machine.context import MASK64
 from pkvm.machine.memory import PAGE_SIZE
@@ -55,6 +68,9 @@ _mmap.argtypes = [
 _munmap = _libc.munmap
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
+_U64 = ctypes.c_uint64
+_SCTLR_EL1 = (1, 0, 3, 0, 0)  # (CRn, CRm, op0, op1, op2), as unicorn's CP_REG takes it
+_SCTLR_M = 1
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, PROT_NONE = 0x02, 0x20, 0x4000, 0
 
 
@@ -131,6 +147,9 @@ class Stage2View:
         self._window = _Window() if alias_window else None
         self._maps: list[Mapping] = []
         self._starts: list[int] = []
+        # The region the last `host_of` found, as (start, end, host - start); every map or
+        # unmap (`_update`) drops it. A stage-1 walk reads its descriptors from few regions.
+        self._hit = (0, 0, 0)
 
     def mappings(self) -> list[Mapping]:
         """The stage-2 ranges as mapped in unicorn (merged), sorted by IPA."""
@@ -152,7 +171,16 @@ class Stage2View:
             raise ValueError(f"host address {host_address:#x} is not page-aligned")
         if self._window is not None:
             host_address = self._window.alias(ipa, size, host_address)
-        self._update(ipa, ipa + size, Mapping(ipa, ipa + size, host_address, writable, executable))
+        self._place(Mapping(ipa, ipa + size, host_address, writable, executable))
+
+    def _place(self, m: Mapping) -> None:
+        """Map `m` as naturally aligned power-of-two blocks, each merged with its buddies:
+        a range that is not such a block would never merge with anything (a stage-2 fault
+        whose fault-around maps the faulting page first and the rest of its block after left
+        three regions behind; Linux's boot ended with 372 regions, and unicorn looks a host
+        address up by a linear scan of its regions on every translation-cache miss)."""
+        for block in _blocks(m, m.start, m.end):
+            self._update(block.start, block.end, block)
 
     def unmap(self, ipa: int, size: int) -> None:
         self._check_range(ipa, size)
@@ -167,7 +195,7 @@ class Stage2View:
             lo, hi = max(m.start, start), min(m.end, end)
             pieces.append(Mapping(lo, hi, m.host + lo - m.start, writable, executable))
         for p in pieces:
-            self._update(p.start, p.end, p)
+            self._place(p)
 
     @staticmethod
     def _check_range(ipa: int, size: int) -> None:
@@ -213,12 +241,12 @@ class Stage2View:
                 lo, hi = (cur, buddy) if cur.start < buddy.start else (buddy, cur)
                 cur = Mapping(lo.start, hi.end, lo.host, lo.writable, lo.executable)
             merged.append(cur)
-        # Any region that leaves unicorn and comes back (merged) is a new RAM block;
-        # QEMU's tracking of which pages hold translated code does not follow it, so guest
-        # writes to code (Linux's ftrace/alternatives patching) would miss stale TBs: flush.
-        replaced = bool(touched)
+        # A region that leaves unicorn takes the code translated from it along
+        # (`_unmap_regions`); one mapped comes back as a new RAM block without any.
+        self._hit = (0, 0, 0)
+        if touched:
+            self._unmap_regions(touched)
         for m in touched:
-            self.uc.mem_unmap(m.start, m.end - m.start)
             i = self._maps.index(m)
             del self._maps[i]
             del self._starts[i]
@@ -227,8 +255,24 @@ class Stage2View:
             i = bisect.bisect_left(self._starts, m.start)
             self._maps.insert(i, m)
             self._starts.insert(i, m.start)
-        if replaced:  # code translated from the old contents must not run again
-            self.flush_code()
+
+    def _unmap_regions(self, regions: list[Mapping]) -> None:
+        """Unmap whole regions, each dropping the code translated from it: unicorn looks a
+        region's RAM up by translating its IPA through the current stage 1, so SCTLR_EL1.M is
+        clear meanwhile (the guest's TLB entries emptied before, the flat ones after; a raw
+        SCTLR write flushes nothing itself). Above EL1 stage 1 is already off."""
+        uc = self.uc
+        sctlr = uc.reg_read(UC_ARM64_REG_CP_REG, _SCTLR_EL1)
+        if sctlr & _SCTLR_M:
+            uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            uc.reg_write(UC_ARM64_REG_CP_REG, (*_SCTLR_EL1, sctlr & ~_SCTLR_M))
+        try:
+            for m in regions:
+                uc.mem_unmap(m.start, m.end - m.start)
+        finally:
+            if sctlr & _SCTLR_M:
+                uc.reg_write(UC_ARM64_REG_CP_REG, (*_SCTLR_EL1, sctlr))
+                uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
 
     def flush_code(self) -> None:
         """Forget all translated code (as IC IALLU): call after writing guest memory that
@@ -256,10 +300,14 @@ class Stage2View:
         return b
 
     def host_of(self, ipa: int) -> int | None:
+        start, end, delta = self._hit
+        if start <= ipa < end:
+            return ipa + delta
         i = bisect.bisect_right(self._starts, ipa) - 1
         if i >= 0:
             m = self._maps[i]
             if ipa < m.end:
+                self._hit = (m.start, m.end, m.host - m.start)
                 return m.host + ipa - m.start
         return None
 
@@ -271,5 +319,9 @@ class Stage2View:
         return ctypes.string_at(host, size)
 
     def read_u64(self, ipa: int) -> int | None:
+        """The u64 at `ipa` (8-aligned: it never straddles two regions), None if unmapped."""
+        start, end, delta = self._hit
+        if start <= ipa < end:
+            return _U64.from_address(ipa + delta).value
         host = self.host_of(ipa)
-        return None if host is None else ctypes.c_uint64.from_address(host).value
+        return None if host is None else _U64.from_address(host).value

@@ -9,6 +9,12 @@ Modelled: SGIs (0-15, via ICC_SGI1R_EL1), PPIs (16-31) banked per vCPU, SPIs (32
 pending, active, priority with the running priority and PMR, level and edge triggers, affinity
 routing (IROUTER, 1-of-N as "the first vCPU"), a single security state, group 1 only (group 0
 reads as spurious), EOImode 0 and 1, no LPIs/ITS.
+
+The VMM asks `irq_pending` after every exit (~46,000 times while Linux boots) and the answer
+changes rarely, so the highest-priority pending interrupt of each vCPU is cached: every method
+that changes an interrupt or a CPU interface (`set_level` when the line moves, `sysreg_write`,
+an `ICC_IAR1_EL1` read, `mmio_write`) bumps `version`, which drops the cache. The Irq and
+CpuIf objects are changed only through those methods.
 """
 
 from __future__ import annotations
@@ -105,6 +111,8 @@ class Gic:
         self.cpus = [CpuIf() for _ in range(nr_cpus)]
         self.ctlr = 0
         self.stats: dict[str, int] = {}
+        self.version = 0  # bumped by every change that can move an interrupt's delivery
+        self._cached: list[tuple[int, Irq | None]] = [(-1, None)] * nr_cpus  # (version, best)
 
     # -- lines from devices --------------------------------------------------------------
     def irq(self, cpu: int, intid: int) -> Irq:
@@ -112,14 +120,25 @@ class Gic:
 
     def set_level(self, intid: int, level: bool, cpu: int = 0) -> None:
         irq = self.irq(cpu, intid)
-        if irq.edge and level and not irq.line:
+        if irq.line == level:
+            return  # no edge, no level change: nothing to deliver differently
+        if irq.edge and level:
             irq.latch = True
         irq.line = level
+        self.version += 1
 
     def _target(self, irq: Irq, cpu: int) -> bool:
         return irq.intid < NR_PRIVATE or irq.route == cpu
 
     def _best(self, cpu: int) -> Irq | None:
+        """The highest-priority pending interrupt `cpu` could take (cached per `version`)."""
+        version, best = self._cached[cpu]
+        if version != self.version:
+            best = self._find_best(cpu)
+            self._cached[cpu] = (self.version, best)
+        return best
+
+    def _find_best(self, cpu: int) -> Irq | None:
         c = self.cpus[cpu]
         if not c.igrpen1 or not self.ctlr & 0x2:  # EnableGrp1NS
             return None
@@ -151,7 +170,9 @@ class Gic:
     def sysreg_read(self, cpu: int, enc: tuple[int, int, int, int, int]) -> int:
         c = self.cpus[cpu]
         if enc == ICC_IAR1_EL1:
-            return self._acknowledge(cpu)
+            intid = self._acknowledge(cpu)
+            self.version += 1  # after: the acknowledgement itself looked the cache up
+            return intid
         if enc == ICC_HPPIR1_EL1:
             best = self._best(cpu)
             return INTID_SPURIOUS if best is None else best.intid
@@ -176,6 +197,7 @@ class Gic:
 
     def sysreg_write(self, cpu: int, enc: tuple[int, int, int, int, int], value: int) -> None:
         c = self.cpus[cpu]
+        self.version += 1
         if enc == ICC_EOIR1_EL1:
             self._eoi(cpu, value & 0xFFFFFF)
         elif enc == ICC_DIR_EL1:
@@ -256,6 +278,7 @@ class Gic:
         return 0
 
     def mmio_write(self, addr: int, size: int, value: int) -> None:
+        self.version += 1
         if addr < GICD_BASE + GICD_SIZE:
             self._dist_write(addr - GICD_BASE, size, value)
             return
