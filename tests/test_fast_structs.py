@@ -24,13 +24,16 @@ from pkvm.hyp.pkvm_structs import (
     HCR_OFF,
     HOST_VCPU_OFF,
     IFLAGS_OFF,
+    IS_DYING_OFF,
     IS_PROTECTED_OFF,
     LOADED_OFF,
     MDCR_OFF,
     Field,
     HypStruct,
     hyp_vcpu_ctxt,
+    hyp_vcpu_loaded_on,
     set_hyp_vcpu_ctxt,
+    set_hyp_vcpu_loaded_on,
     set_struct_u64,
     struct_bool,
     struct_u64,
@@ -68,7 +71,7 @@ def test_direct_field_access_is_the_descriptor(machine_vcpu, name, a, b):
         setattr(vcpu, name, old)
 
 
-def test_direct_bool_and_context_are_the_descriptors(machine_vcpu):
+def test_direct_bools_loaded_cpu_and_context_are_the_descriptors(machine_vcpu):
     _m, _vm, vcpu = machine_vcpu
     hyp_vm = vcpu.vm
     assert struct_bool(hyp_vm, IS_PROTECTED_OFF) is hyp_vm.is_protected is True
@@ -77,6 +80,13 @@ def test_direct_bool_and_context_are_the_descriptors(machine_vcpu):
         assert struct_bool(hyp_vm, IS_PROTECTED_OFF) is False
     finally:
         hyp_vm.is_protected = True
+    assert struct_bool(hyp_vm, IS_DYING_OFF) is hyp_vm.is_dying is False
+    assert hyp_vcpu_loaded_on(vcpu) is vcpu.loaded_on is None  # `vm.map` put it back
+    for cpu in (1, 0, None):
+        set_hyp_vcpu_loaded_on(vcpu, cpu)
+        assert vcpu.loaded_on == cpu
+        vcpu.loaded_on = cpu
+        assert hyp_vcpu_loaded_on(vcpu) == cpu
     old = vcpu.ctxt
     try:
         raw = bytes(range(256)) * (CTXT_LEN // 256) + bytes(CTXT_LEN % 256)

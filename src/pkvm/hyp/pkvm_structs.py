@@ -78,7 +78,8 @@ MDCR_OFF: Final = HYP_VCPU["vcpu.arch.mdcr_el2"][0]
 IFLAGS_OFF: Final = HYP_VCPU["vcpu.arch.iflags"][0]
 FAULT_ESR_OFF: Final = HYP_VCPU["vcpu.arch.fault.esr_el2"][0]
 IS_PROTECTED_OFF: Final = HYP_VM["kvm.arch.pkvm.is_protected"][0]
-assert HYP_VM["kvm.arch.pkvm.is_protected"][1] in ("?", "B")
+IS_DYING_OFF: Final = HYP_VM["kvm.arch.pkvm.is_dying"][0]
+assert HYP_VM["kvm.arch.pkvm.is_protected"][1] == HYP_VM["kvm.arch.pkvm.is_dying"][1] == "B"
 assert all(HYP_VCPU[n][1] == "Q" for n in ("host_vcpu", "loaded_hyp_vcpu", "vcpu.arch.hcr_el2",
                                            "vcpu.arch.mdcr_el2", "vcpu.arch.iflags"))
 CTXT_LEN = CTXT_END - CTXT_START
@@ -164,11 +165,10 @@ class LoadedOnField:
     def __get__(self, obj: PkvmHypVcpu | None, owner: type) -> LoadedOnField | int | None:
         if obj is None:
             return self
-        ptr = struct_u64(obj, LOADED_OFF)
-        return None if not ptr else (ptr - loaded_slot(obj._h, 0)) >> 3
+        return hyp_vcpu_loaded_on(obj)
 
     def __set__(self, obj: PkvmHypVcpu, cpu: int | None) -> None:
-        set_struct_u64(obj, LOADED_OFF, 0 if cpu is None else loaded_slot(obj._h, cpu))
+        set_hyp_vcpu_loaded_on(obj, cpu)
 
 
 # The same reads and stores as direct calls, for the compiled run path (`switch.py`): a call of
@@ -202,6 +202,17 @@ def store_scalar(s: HypStruct, off: int, data: bytes) -> None:
         check_store(h, pa)
         pos = pa - h.mem.base
         mem[pos : pos + n] = data
+
+
+def hyp_vcpu_loaded_on(s: HypStruct) -> int | None:
+    """`PkvmHypVcpu.loaded_on`: the CPU whose per-CPU slot `loaded_hyp_vcpu` points at."""
+    ptr = struct_u64(s, LOADED_OFF)
+    return None if not ptr else (ptr - loaded_slot(s._h, 0)) >> 3
+
+
+def set_hyp_vcpu_loaded_on(s: HypStruct, cpu: int | None) -> None:
+    """`PkvmHypVcpu.loaded_on = cpu`."""
+    set_struct_u64(s, LOADED_OFF, 0 if cpu is None else loaded_slot(s._h, cpu))
 
 
 def struct_load(s: HypStruct, off: int, n: int) -> bytes:
