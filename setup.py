@@ -4,7 +4,11 @@
 of `[build-system] requires`) into C extensions, in place beside their sources for an editable
 install. It installs pure Python instead, and says why (pip shows it with `-v`; `pkvm --version`
 and the test report say how the model runs), when `PKVM_PURE=1` is set, when no C compiler is
-found, or when mypyc or the C build fails. The Python source is the one truth either way: every
+found, or when mypyc or the C build fails; a failure is also written to `src/pkvm/_build_failed`,
+which makes every import of a checkout warn until a build succeeds. Each build gives mypyc a
+fresh directory for its C (`build/mypyc`): C left by an earlier run, whose tables of exported
+functions no longer fit the modules, never mixes with the new, so installing again after an edit
+always compiles (a full rebuild, a few minutes). The Python source is the one truth either way: every
 module is importable uncompiled, and `PKVM_PURE=1` at run time loads the source of every module
 even where extensions are installed (`pkvm/_compiled.py`; an extension older than its source in
 a checkout is not used either).
@@ -36,6 +40,9 @@ PURE = {"machine/context.py", "machine/stage2_view.py", "hyp/pgtable.py"}
 
 ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src/pkvm"
+# mypyc's C sources, removed before each build (relative: setuptools wants relative sources).
+MYPYC_DIR = "build/mypyc"
+FAILED = SRC / "_build_failed"  # the reason the last build fell back to pure Python
 # Absolute paths: a compiled function's traceback entries name its source file by the path
 # given here, and the hyp's WARN sites are read from tracebacks (`pkvm.hyp.panic.HypWarn`).
 COMPILED = sorted([str(p) for d in CORE for p in (SRC / d).glob("*.py")
@@ -52,6 +59,12 @@ def remove_inplace_extensions() -> None:
     for suffix in (".so", ".pyd"):
         for p in SRC.rglob(f"*{suffix}"):
             p.unlink()
+
+
+def fell_back(reason: str) -> None:
+    """A build that was meant to compile installs pure: say so, and leave the reason for import."""
+    say(f"WARNING: installing pure Python: {reason}")
+    FAILED.write_text(reason + "\n")
 
 
 def pure_reason() -> str:
@@ -75,7 +88,7 @@ class BuildExt(build_ext):
         try:
             super().run()
         except Exception as e:  # noqa: BLE001 - any C build failure: install pure
-            say(f"the C build failed ({type(e).__name__}: {e}): installing pure Python")
+            fell_back(f"the C build failed ({type(e).__name__}: {e})")
             self.extensions = []
             remove_inplace_extensions()
             return
@@ -92,18 +105,22 @@ class BuildExt(build_ext):
 
 def ext_modules() -> list:
     reason = pure_reason()
+    FAILED.unlink(missing_ok=True)
     if not reason:
         try:
             from mypyc.build import mypycify
 
+            shutil.rmtree(ROOT / MYPYC_DIR, ignore_errors=True)
             # Only the listed modules are compiled and must type-check; the rest of the
             # package (and the dependencies, absent from an isolated build) are seen as Any.
             exts = mypycify(["--follow-imports=silent", "--ignore-missing-imports", *COMPILED],
-                            opt_level="3", separate=True)
+                            opt_level="3", separate=True, target_dir=MYPYC_DIR)
             say(f"compiling {len(COMPILED)} modules with mypyc")
             return exts
         except (Exception, SystemExit) as e:  # noqa: BLE001 - mypyc refused: install pure
-            reason = f"mypyc failed ({type(e).__name__}: {e})"
+            fell_back(f"mypyc failed ({type(e).__name__}: {e})")
+            remove_inplace_extensions()
+            return []
     say(f"installing pure Python: {reason}")
     remove_inplace_extensions()
     return []

@@ -57,6 +57,25 @@ def test_an_extension_older_than_its_source_is_stale(tmp_path: Path):
     assert _compiled.stale({"pkg.mm": so}) == []
 
 
+def test_a_build_that_fell_back_warns_at_import(tmp_path: Path, monkeypatch):
+    """setup.py leaves `_build_failed` when mypyc or the C build failed (pip hides its message
+    without -v): a checkout without extensions then warns with the reason, and runs pure."""
+    (tmp_path / "setup.py").write_text("")
+    pkg = tmp_path / "src/pkvm"
+    pkg.mkdir(parents=True)
+    monkeypatch.setattr(_compiled, "PKG", pkg)
+    monkeypatch.setattr(_compiled, "pure_reason", "")
+    monkeypatch.setattr(sys, "meta_path", list(sys.meta_path))  # choose() adds its finder
+    monkeypatch.delenv("PKVM_PURE", raising=False)
+    _compiled.choose()
+    assert _compiled.pure_reason == ""  # a clean checkout: no warning
+    (pkg / "_build_failed").write_text("the C build failed (CompileError: gcc exit 1)\n")
+    with pytest.warns(UserWarning, match="the last build fell back: the C build failed"):
+        _compiled.choose()
+    assert _compiled.pure_reason.startswith("the last build fell back")
+    assert any(isinstance(f, _compiled._SourceFirst) for f in sys.meta_path)
+
+
 class _SharedRam(pickle.Pickler):
     """Pickles a hyp object with the machine's RAM by reference (the RAM has its own reduce)."""
 

@@ -29,6 +29,7 @@ from pkvm.hyp.switch import _host_trap_regs
 from pkvm.machine.cpu import Core, CpuContext, ExitKind
 from pkvm.machine.decode import decode_mem
 from pkvm.machine.exceptions import _far
+from pkvm.machine.mmu import S2_WALK_FAULT
 from pkvm.machine.stage1 import OA_MASK
 
 SETTINGS = settings(max_examples=80, deadline=None,
@@ -334,3 +335,65 @@ def test_the_host_drivers_fast_calls_are_the_generic_ones(n, abi):
     if abi == "latest":
         assert {"__pkvm_vcpu_load", "__vgic_v3_save_aprs", "__pkvm_vcpu_put"} <= names
     assert fast == generic
+
+
+# -- the host's loads and stores: `Machine.host_translate`'s compiled TLB hit ------------------
+class _NoHit:
+    """A machine's HVC door whose `host_hit` always sends the access down the generic path."""
+
+    def __init__(self, door: object) -> None:
+        self.door = door
+
+    def host_hit(self, cpu: int, pa: int, write: bool) -> int:
+        return S2_WALK_FAULT
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.door, name)
+
+
+def _host_machine(abi: str, generic: bool) -> tuple[pkvm.Machine, dict[str, int]]:
+    m = pkvm.Machine(memory="64M", cpus=2, abi=abi, trace=False)
+    vm = m.host.create_vm(vcpus=1, protected=abi != "6.12", memory=1 << 20)
+    vm.map(RAM >> 12, 1)
+    if generic:
+        m._door = _NoHit(m._door)  # type: ignore[assignment]
+    bases = {"host": m.host.alloc_pages(4), "hyp": m.carveout[0], "mmio": 0x0900_0000,
+             "guest": vm.mapped[RAM >> 12],  # donated to the guest (shared, unprotected)
+             "far": 1 << 48}
+    return m, bases
+
+
+_ACCESS = st.tuples(st.sampled_from(["host", "hyp", "mmio", "guest", "far"]),
+                    st.integers(0, 4 * 4096 - 1), st.booleans(), st.sampled_from([0, 1, 2, -1]))
+
+
+@settings(max_examples=12, deadline=None)
+@given(accesses=st.lists(_ACCESS, min_size=1, max_size=12))
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+def test_the_host_translations_tlb_hit_is_the_generic_walk(abi, accesses):
+    """The same accesses on two machines, one with `HvcDoor.host_hit` and one without: the same
+    answers (PA, MMIO, HostDataAbort, HypPanic, ValueError), TLB, host aborts and hyp state."""
+    sides = [_host_machine(abi, generic) for generic in (False, True)]
+    for region, off, write, cpu in accesses:
+        outs = []
+        for m, bases in sides:
+            pa = bases[region] + off
+            try:
+                outs.append(m.host_translate(cpu, pa, write))
+            except (pkvm.HostDataAbort, HypPanic, ValueError, IndexError) as e:
+                outs.append((type(e).__name__, str(e)))
+        assert outs[0] == outs[1], (region, hex(off), write, cpu)
+    (fast, _), (gen, _) = sides
+    assert fast._hyp.host_s2_tlb.entries == gen._hyp.host_s2_tlb.entries
+    assert [(a.cpu, a.pa, a.write, a.verdict) for a in fast.host_aborts] == \
+        [(a.cpu, a.pa, a.write, a.verdict) for a in gen.host_aborts]
+    assert fast._hyp.dead == gen._hyp.dead
+
+
+def test_a_host_access_to_its_mapped_ram_takes_the_compiled_hit():
+    m, bases = _host_machine("latest", False)
+    pa = bases["host"]
+    m.host_translate(0, pa, True)  # mapped (and cached) by the first access
+    assert m._door.host_hit(0, pa, True) == pa
+    assert m._door.host_hit(0, 0x0900_0000, False) in (-1, S2_WALK_FAULT)
+    assert m._door.host_hit(5, pa, True) == S2_WALK_FAULT  # a bad CPU: the generic path says why

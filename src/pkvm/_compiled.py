@@ -11,6 +11,9 @@ modules call each other directly, so the package never runs half compiled):
 - in a source checkout, a source file newer than its extension (edited after the last build):
   a warning names it and says how to rebuild, so an old build never runs in place of an edit.
 
+A checkout whose last build was meant to compile but fell back to pure Python (mypyc or the C
+build failed; `setup.py` leaves the reason in `_build_failed`) also warns, at every import.
+
 This module is never compiled itself: `pkvm/__init__.py` calls `choose()` before any other.
 """
 
@@ -76,6 +79,11 @@ def choose() -> None:
     if os.environ.get("PKVM_PURE") == "1":
         pure_reason = "PKVM_PURE=1"
     elif (PKG.parent.parent / "setup.py").exists():  # a source checkout (editable install)
+        failed = PKG / "_build_failed"
+        if failed.exists() and not extensions():
+            pure_reason = f"the last build fell back: {failed.read_text().strip()}"
+            warnings.warn(f"pkvm runs pure Python: {pure_reason}; `pip install -v -e .` shows "
+                          "the whole error", stacklevel=3)
         old = stale(extensions())
         if old:
             pure_reason = f"sources newer than their compiled modules: {', '.join(old[:3])}" + (

@@ -351,6 +351,9 @@ class Machine:
         """PA the host reaches at `pa` (its IPA), faulting into the hyp as needed.
 
         Returns None for MMIO (no device answers), raises HostDataAbort where the hyp refuses."""
+        out = self._door.host_hit(cpu, pa, write)  # the TLB's hit or a walk, compiled
+        if out != S2_WALK_FAULT:
+            return out if out >= 0 else None
         h = self._hyp
         if h.dead:
             raise HypPanic(h.dead, cpu, None)

@@ -24,7 +24,7 @@ from pkvm.hyp.hyp_main import handle_host_hcall
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.state import HypState
 from pkvm.machine.firmware import OFF, Firmware
-from pkvm.machine.mmu import El2Regs
+from pkvm.machine.mmu import HCR_VM, S2_WALK_FAULT, El2Regs, tlb_s2_translate
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -167,6 +167,19 @@ class HvcDoor:
         if tracing or self.listeners:
             self.notify(self.record(cpu, name or hex(x0), x0, masked, regs, t0, None))
         return result
+
+    def host_hit(self, cpu: int, pa: int, write: bool) -> int:
+        """A host access at `pa` (its IPA) that needs no step into the hyp, as
+        `Machine.host_translate` takes it (compiled, for the host's loads and stores): the PA,
+        -1 where no RAM answers (MMIO), or `S2_WALK_FAULT` where `host_translate` must take the
+        access itself (a stage-2 fault, stage-2 off, a dead hyp, a bad CPU or address)."""
+        h = self.hyp
+        if h.dead or not 0 <= cpu < self.nr_cpus or not 0 <= pa < 1 << 48:
+            return S2_WALK_FAULT
+        el2 = self.el2[cpu]
+        if not el2.hcr_el2 & HCR_VM:
+            return S2_WALK_FAULT
+        return tlb_s2_translate(h.host_s2_tlb, h.mem, el2.vttbr_el2, pa, write)
 
     def record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                t0: int, panic: str | None) -> TraceRecord:

@@ -70,6 +70,18 @@ _VCPU_USED = max(f.offset + f.size for f in KVM_VCPU.fields.values())
 assert _VCPU_USED <= HYP_VCPU["host_vcpu"][0], "the model's kvm_vcpu copy overlaps host_vcpu"
 assert HYP_VM["nr_vcpus"][0] + 4 <= HYP_VM_VCPUS
 CTXT_OFF = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
+# Offsets of the hyp vCPU's fields the run path reads and stores by direct calls (`struct_u64`)
+HOST_VCPU_OFF: Final = HYP_VCPU["host_vcpu"][0]
+LOADED_OFF: Final = HYP_VCPU["loaded_hyp_vcpu"][0]
+HCR_OFF: Final = HYP_VCPU["vcpu.arch.hcr_el2"][0]
+MDCR_OFF: Final = HYP_VCPU["vcpu.arch.mdcr_el2"][0]
+IFLAGS_OFF: Final = HYP_VCPU["vcpu.arch.iflags"][0]
+FAULT_ESR_OFF: Final = HYP_VCPU["vcpu.arch.fault.esr_el2"][0]
+IS_PROTECTED_OFF: Final = HYP_VM["kvm.arch.pkvm.is_protected"][0]
+IS_DYING_OFF: Final = HYP_VM["kvm.arch.pkvm.is_dying"][0]
+assert HYP_VM["kvm.arch.pkvm.is_protected"][1] == HYP_VM["kvm.arch.pkvm.is_dying"][1] == "B"
+assert all(HYP_VCPU[n][1] == "Q" for n in ("host_vcpu", "loaded_hyp_vcpu", "vcpu.arch.hcr_el2",
+                                           "vcpu.arch.mdcr_el2", "vcpu.arch.iflags"))
 CTXT_LEN = CTXT_END - CTXT_START
 _U64: Final = struct.Struct("<Q")
 ID_REGS = KVM.field("arch.id_regs")
@@ -106,15 +118,7 @@ class Field:
         return value
 
     def __set__(self, obj: HypStruct, value: int) -> None:
-        data = self.pack(int(value))
-        h = obj._h
-        mem = h.mem.bytes
-        start = obj._off + self.off
-        if mem[start : start + self.size] != data:
-            pa = el2_translate(h, obj.va + self.off, True)
-            check_store(h, pa)
-            off = pa - h.mem.base
-            mem[off : off + self.size] = data
+        store_scalar(obj, self.off, self.pack(int(value)))
 
 
 @mypyc_attr(native_class=False)
@@ -143,10 +147,10 @@ class CtxtField:
     @overload
     def __get__(self, obj: HypStruct, owner: type) -> bytes: ...
     def __get__(self, obj: HypStruct | None, owner: type) -> CtxtField | bytes:
-        return self if obj is None else obj.load(CTXT_OFF, CTXT_LEN)
+        return self if obj is None else hyp_vcpu_ctxt(obj)
 
     def __set__(self, obj: HypStruct, raw: bytes) -> None:
-        obj.store(CTXT_OFF, raw[:CTXT_LEN])
+        set_hyp_vcpu_ctxt(obj, raw)
 
 
 @mypyc_attr(native_class=False)
@@ -161,11 +165,70 @@ class LoadedOnField:
     def __get__(self, obj: PkvmHypVcpu | None, owner: type) -> LoadedOnField | int | None:
         if obj is None:
             return self
-        ptr = obj._loaded
-        return None if not ptr else (ptr - loaded_slot(obj._h, 0)) >> 3
+        return hyp_vcpu_loaded_on(obj)
 
     def __set__(self, obj: PkvmHypVcpu, cpu: int | None) -> None:
-        obj._loaded = 0 if cpu is None else loaded_slot(obj._h, cpu)
+        set_hyp_vcpu_loaded_on(obj, cpu)
+
+
+# The same reads and stores as direct calls, for the compiled run path (`switch.py`): a call of
+# a module function from compiled code skips the descriptor protocol (a type lookup and an
+# argument parse per access), and does exactly what the field's descriptor does.
+def struct_u64(s: HypStruct, off: int) -> int:
+    """The 8-byte field at `off` of `s`, read from its page as `Field.__get__` reads it."""
+    value: int = _U64.unpack_from(s._h.mem.bytes, s._off + off)[0]
+    return value
+
+
+def struct_bool(s: HypStruct, off: int) -> bool:
+    """The C `bool` at `off` of `s` (`BoolField.__get__`)."""
+    return s._h.mem.bytes[s._off + off] != 0
+
+
+def set_struct_u64(s: HypStruct, off: int, value: int) -> None:
+    """`Field.__set__` of an 8-byte field."""
+    store_scalar(s, off, _U64.pack(value))
+
+
+def store_scalar(s: HypStruct, off: int, data: bytes) -> None:
+    """A scalar's EL2 store through the hyp stage-1 (a scalar is naturally aligned: one page,
+    one translation), elided when the bytes there are `data` already."""
+    h = s._h
+    mem = h.mem.bytes
+    start = s._off + off
+    n = len(data)
+    if mem[start : start + n] != data:
+        pa = el2_translate(h, s.va + off, True)
+        check_store(h, pa)
+        pos = pa - h.mem.base
+        mem[pos : pos + n] = data
+
+
+def hyp_vcpu_loaded_on(s: HypStruct) -> int | None:
+    """`PkvmHypVcpu.loaded_on`: the CPU whose per-CPU slot `loaded_hyp_vcpu` points at."""
+    ptr = struct_u64(s, LOADED_OFF)
+    return None if not ptr else (ptr - loaded_slot(s._h, 0)) >> 3
+
+
+def set_hyp_vcpu_loaded_on(s: HypStruct, cpu: int | None) -> None:
+    """`PkvmHypVcpu.loaded_on = cpu`."""
+    set_struct_u64(s, LOADED_OFF, 0 if cpu is None else loaded_slot(s._h, cpu))
+
+
+def struct_load(s: HypStruct, off: int, n: int) -> bytes:
+    """`s.load(off, n)`: `n` bytes of the struct from its page."""
+    start = s._off + off
+    return bytes(s._h.mem.bytes[start : start + n])
+
+
+def hyp_vcpu_ctxt(s: HypStruct) -> bytes:
+    """`vcpu.arch.ctxt` of a hyp vCPU (`PkvmHypVcpu.ctxt`)."""
+    return struct_load(s, CTXT_OFF, CTXT_LEN)
+
+
+def set_hyp_vcpu_ctxt(s: HypStruct, raw: bytes) -> None:
+    """`PkvmHypVcpu.ctxt = raw`: one EL2 store of the context's bytes."""
+    el2_write(s._h, s.va + CTXT_OFF, raw[:CTXT_LEN])
 
 
 class VcpuExitData(TypedDict, total=False):
@@ -192,8 +255,7 @@ class HypStruct:
         el2_write(self._h, self.va + off, data)
 
     def load(self, off: int, n: int) -> bytes:
-        start = self._off + off
-        return bytes(self._h.mem.bytes[start : start + n])
+        return struct_load(self, off, n)
 
 
 class Memcache:
