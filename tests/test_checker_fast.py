@@ -146,7 +146,7 @@ class Watch:
                 last = c._leaf_cache.get(key)
                 got = guest_leaves(c.h.mem, key[1], key[2], handle, last)
                 assert got[1] == guest_leaves(c.h.mem, key[1], key[2], handle, None)[1]
-                self.leaves_reused += got is last
+                self.leaves_reused += last is not None and got[0] is last[0]
             if self.compared % 37 == 0:  # check_all's byte search skips only plain pages
                 host_leaf, hyp_leaf = c._leaf_maps()
                 gmap, vmm = generic_guest_map(c), c.h.vmemmap
