@@ -172,10 +172,11 @@ class Checker(GlobalInvariants):
                             self.orphan_owned.add(pfn)
                         changed.add(pfn)
                 self._about_to_orphan = None
+            full = self._full_due()
             if self.ghost is not None:
-                self.ghost.after_call(rec, changed, full=self._full_due())
+                self.ghost.after_call(rec, changed, full=full)
             self._oracles()
-            if self._full_due():
+            if full:
                 self.check_all()
                 self._full_sweep()
             else:
