@@ -501,6 +501,17 @@ class HypView:
         # (table length, answer, its indices, its slots): see vm_slots
         self._slots: tuple[int, list[tuple[int, object]], list[int], list[object]] = (
             -1, [], [], [])
+        self.held = False  # see hold
+
+    def hold(self, on: bool) -> None:
+        """Hold (`on`) or release the reading of the VM table: while held, `vm_slots` answers
+        its last reading, taken here, without checking it again. For a caller that reads one
+        state several times with no hypercall in between (the checker, before and after each
+        call: its interposer refuses a hypercall while the view is held)."""
+        if on:
+            self.held = False
+            self.vm_slots()
+        self.held = on
 
     @property
     def vm_table(self) -> tuple[object | None, ...]:
@@ -515,6 +526,8 @@ class HypView:
         """(index, slot) of every used slot of the VM table, in order; do not modify the list.
         The last answer is reused when it still holds: each slot it named holds the same object
         (identity) and every other slot is free (the table counts that many None)."""
+        if self.held:
+            return self._slots[1]
         table = self._h.vm_table or []
         n, found, idxs, objs = self._slots
         if n != len(table) or table.count(None) != n - len(found) or any(
