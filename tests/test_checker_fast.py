@@ -293,17 +293,17 @@ def test_leaf_kept_is_the_leaf_built(found: list[tuple[int, int, int]]) -> None:
     assert kept == [Leaf.of(f) for f in found] * 2
 
 
-def test_a_held_vm_table_reading_is_the_one_taken_at_hold() -> None:
-    """`HypView.hold`: while held, `vm_slots` answers the reading taken when the hold began
-    (the checker holds its view only between hypercalls, so that reading is the state's);
-    released, it reads the table again. A hypercall while the checker's view is held is
-    refused before it reaches the door."""
+def test_a_held_vm_table_reading_is_the_first_one_in_the_hold() -> None:
+    """`HypView.hold`: while held, `vm_slots` answers the reading its first call in the hold
+    took (the checker holds its view only between hypercalls, so that reading is the
+    state's); released, it reads the table again. A hypercall while the checker's view is
+    held is refused before it reaches the door."""
     m = pkvm.Machine(memory="256M", check=True)
     view = m.inspect.hyp_view()  # a second view: the checker's own stays free
-    before = list(view.vm_slots())
     view.hold(True)
+    before = list(view.vm_slots())
     vm = m.host.create_vm(vcpus=1, protected=False, memory="16M")
-    assert view.vm_slots() == before  # held: the reading taken at hold
+    assert view.vm_slots() == before  # held: the reading its first call took
     view.hold(False)
     now = [(i, id(s)) for i, s in view.vm_slots()]
     assert now == [(i, id(s)) for i, s in enumerate(view.vm_table) if s is not None] != [

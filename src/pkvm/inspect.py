@@ -502,16 +502,16 @@ class HypView:
         self._slots: tuple[int, list[tuple[int, object]], list[int], list[object]] = (
             -1, [], [], [])
         self.held = False  # see hold
+        self._read_in_hold = False  # vm_slots has read the table since the hold began
 
     def hold(self, on: bool) -> None:
-        """Hold (`on`) or release the reading of the VM table: while held, `vm_slots` answers
-        its last reading, taken here, without checking it again. For a caller that reads one
-        state several times with no hypercall in between (the checker, before and after each
-        call: its interposer refuses a hypercall while the view is held)."""
-        if on:
-            self.held = False
-            self.vm_slots()
+        """Hold (`on`) or release the reading of the VM table: while held, `vm_slots` reads
+        the table once (at its first call) and answers that reading until the release. For a
+        caller that reads one state several times with no hypercall in between (the checker,
+        before and after each call: its interposer refuses a hypercall while the view is
+        held)."""
         self.held = on
+        self._read_in_hold = False
 
     @property
     def vm_table(self) -> tuple[object | None, ...]:
@@ -526,8 +526,9 @@ class HypView:
         """(index, slot) of every used slot of the VM table, in order; do not modify the list.
         The last answer is reused when it still holds: each slot it named holds the same object
         (identity) and every other slot is free (the table counts that many None)."""
-        if self.held:
+        if self._read_in_hold:
             return self._slots[1]
+        self._read_in_hold = self.held
         table = self._h.vm_table or []
         n, found, idxs, objs = self._slots
         if n != len(table) or table.count(None) != n - len(found) or any(
