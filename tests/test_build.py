@@ -39,7 +39,8 @@ def test_this_process_runs_as_built():
     """Compiled where the install built extensions (and nothing asked for pure), else pure."""
     loaded = _compiled.loaded()
     if _compiled.extensions() and not _compiled.pure_reason:
-        assert {"pkvm.hyp.mem_protect", "pkvm.hyp.state", "pkvm.arch.pgtable"} <= set(loaded)
+        assert {"pkvm.hyp.mem_protect", "pkvm.hyp.state", "pkvm.arch.pgtable", "pkvm.inspect",
+                "pkvm.check.invariants", "pkvm.check.ghost"} <= set(loaded)
         assert "pkvm.hyp.pgtable" not in loaded  # setup.py's PURE: a star re-export
         assert _compiled.describe().startswith("compiled with mypyc")
     else:

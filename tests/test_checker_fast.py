@@ -146,7 +146,7 @@ class Watch:
                 last = c._leaf_cache.get(key)
                 got = guest_leaves(c.h.mem, key[1], key[2], handle, last)
                 assert got[1] == guest_leaves(c.h.mem, key[1], key[2], handle, None)[1]
-                self.leaves_reused += got is last
+                self.leaves_reused += last is not None and got[0] is last[0]
             if self.compared % 37 == 0:  # check_all's byte search skips only plain pages
                 host_leaf, hyp_leaf = c._leaf_maps()
                 gmap, vmm = generic_guest_map(c), c.h.vmemmap
@@ -291,3 +291,25 @@ def test_leaf_kept_is_the_leaf_built(found: list[tuple[int, int, int]]) -> None:
     kept = [Leaf.of(f) for f in found + found]
     ghost_guest._LEAVES.clear()
     assert kept == [Leaf.of(f) for f in found] * 2
+
+
+def test_a_held_vm_table_reading_is_the_first_one_in_the_hold() -> None:
+    """`HypView.hold`: while held, `vm_slots` answers the reading its first call in the hold
+    took (the checker holds its view only between hypercalls, so that reading is the
+    state's); released, it reads the table again. A hypercall while the checker's view is
+    held is refused before it reaches the door."""
+    m = pkvm.Machine(memory="256M", check=True)
+    view = m.inspect.hyp_view()  # a second view: the checker's own stays free
+    view.hold(True)
+    before = list(view.vm_slots())
+    vm = m.host.create_vm(vcpus=1, protected=False, memory="16M")
+    assert view.vm_slots() == before  # held: the reading its first call took
+    view.hold(False)
+    now = [(i, id(s)) for i, s in view.vm_slots()]
+    assert now == [(i, id(s)) for i, s in enumerate(view.vm_table) if s is not None] != [
+        (i, id(s)) for i, s in before]
+    m.checker.h.hold(True)
+    with pytest.raises(RuntimeError, match="while the checker reads"):
+        m.hvc(0, "__pkvm_host_share_hyp", 0)
+    m.checker.h.hold(False)
+    vm.destroy()

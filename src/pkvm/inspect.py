@@ -20,6 +20,8 @@ from itertools import compress, repeat
 from operator import is_not
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+from mypy_extensions import mypyc_attr
+
 from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.arch.pgtable import KvmPgtable, pte_valid, stage2_pte_prot
 from pkvm.hyp.mem_protect import (
@@ -98,6 +100,11 @@ class Inspector:
         self._h = hyp
         self._m = machine
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (a machine snapshot) as its constructor's arguments (compiled with mypyc, a
+        class is not rebuilt from its attributes alone)."""
+        return (Inspector, (self._h, self._m))
+
     # -- VMs ---------------------------------------------------------------------------
     def vms(self) -> list[dict[str, Any]]:
         h = self._h
@@ -149,12 +156,12 @@ class Inspector:
                 pa = mem.base + (i << PAGE_SHIFT)
                 s = get_host_state(h, pa)
                 if s != PageState.NOPAGE:
-                    counts[("host", s.name)] += 1
+                    counts[("host", PageState(s).name)] += 1
             for _va, level, pte in _hyp_pgt(h).leaves(valid_only=True):
-                counts[("hyp", hyp_state_of_pte(pte).name)] += 1 << (9 * (3 - level))
+                counts[("hyp", PageState(hyp_state_of_pte(pte)).name)] += 1 << (9 * (3 - level))
         for handle, states in self.guest_states().items():
             for s in states.values():
-                counts[(("guest", handle), s.name)] += 1
+                counts[(("guest", handle), PageState(s).name)] += 1
         return {k: v for k, v in counts.items() if v}
 
     def page(self, pfn: int) -> PageInfo:
@@ -164,7 +171,7 @@ class Inspector:
             return PageInfo(pfn, None, "NOPAGE", "NOPAGE", {}, 0, 0)
         host = get_host_state(h, pa)
         hyp = get_hyp_state(h, pa)
-        guests = {hd: st[pa].name for hd, st in self.guest_states().items() if pa in st}
+        guests = {hd: PageState(st[pa]).name for hd, st in self.guest_states().items() if pa in st}
         owner: Any = None
         if host in (PageState.OWNED, PageState.SHARED_OWNED):
             owner = "host"
@@ -392,6 +399,7 @@ class Inspector:
 _RECORDERS: dict[int, weakref.WeakSet[VmemmapView]] = {}
 
 
+@mypyc_attr(native_class=False)  # weakly referenced (_RECORDERS): a native class takes no weakref
 class VmemmapView:
     """`hyp_vmemmap`, read-only: each per-page array as a read-only memoryview, and the pages
     whose entries the hyp stored to since the last look (`record_dirty`, `drain_dirty`)."""
@@ -493,6 +501,17 @@ class HypView:
         # (table length, answer, its indices, its slots): see vm_slots
         self._slots: tuple[int, list[tuple[int, object]], list[int], list[object]] = (
             -1, [], [], [])
+        self.held = False  # see hold
+        self._read_in_hold = False  # vm_slots has read the table since the hold began
+
+    def hold(self, on: bool) -> None:
+        """Hold (`on`) or release the reading of the VM table: while held, `vm_slots` reads
+        the table once (at its first call) and answers that reading until the release. For a
+        caller that reads one state several times with no hypercall in between (the checker,
+        before and after each call: its interposer refuses a hypercall while the view is
+        held)."""
+        self.held = on
+        self._read_in_hold = False
 
     @property
     def vm_table(self) -> tuple[object | None, ...]:
@@ -507,6 +526,9 @@ class HypView:
         """(index, slot) of every used slot of the VM table, in order; do not modify the list.
         The last answer is reused when it still holds: each slot it named holds the same object
         (identity) and every other slot is free (the table counts that many None)."""
+        if self._read_in_hold:
+            return self._slots[1]
+        self._read_in_hold = self.held
         table = self._h.vm_table or []
         n, found, idxs, objs = self._slots
         if n != len(table) or table.count(None) != n - len(found) or any(

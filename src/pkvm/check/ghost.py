@@ -39,7 +39,6 @@ from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
     from pkvm.board import TraceRecord
-    from pkvm.check.invariants import Checker
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -73,7 +72,9 @@ class GhostPage:
 
 @dataclass
 class Ghost:
-    checker: Checker
+    # Any, not Checker: compiled with mypyc, a dataclass's field types are read when its module
+    # starts, and pkvm.check.invariants (which imports this module) has no Checker yet then
+    checker: Any
     table: list[Any] = field(default_factory=list)  # None | RESERVED | GhostVm
     pre_page: tuple[int, GhostPage | None] | None = None
     pre_init_vm: int | None = None  # 7.2 init_vm: the errno of its first checks, or 0

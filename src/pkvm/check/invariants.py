@@ -128,7 +128,13 @@ class Checker(GlobalInvariants):
 
     def _before(self, proceed: Proceed, cpu: int, func: str | int,
                 args: tuple[int, ...]) -> HvcResult:
-        self.before_call(cpu, func, args)
+        if self.h.held:  # the checker's readings of one state must not span a hypercall
+            raise RuntimeError(f"hypercall {func!r} issued while the checker reads hyp state")
+        self.h.hold(True)
+        try:
+            self.before_call(cpu, func, args)
+        finally:
+            self.h.hold(False)
         return proceed(cpu, func, args)
 
     def _arrays(self) -> list[Any]:
@@ -157,6 +163,7 @@ class Checker(GlobalInvariants):
             return
         self.host_pointers.after()  # the kernel's own finding, before the state it corrupted
         self.calls += 1
+        self.h.hold(True)  # one reading of the VM table for every check of this post-state
         try:
             changed = self._changed_pages()
             pending, self._pending = self._pending, set()
@@ -172,10 +179,11 @@ class Checker(GlobalInvariants):
                             self.orphan_owned.add(pfn)
                         changed.add(pfn)
                 self._about_to_orphan = None
+            full = self._full_due()
             if self.ghost is not None:
-                self.ghost.after_call(rec, changed, full=self._full_due())
+                self.ghost.after_call(rec, changed, full=full)
             self._oracles()
-            if self._full_due():
+            if full:
                 self.check_all()
                 self._full_sweep()
             else:
@@ -194,6 +202,8 @@ class Checker(GlobalInvariants):
                       f"on cpu {rec.cpu}")
             v.args = (v._render(),)
             raise
+        finally:
+            self.h.hold(False)
 
     def check_changed(self) -> None:
         """The pages changed since the last check and the global facts, with no call to blame

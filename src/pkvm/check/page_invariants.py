@@ -159,7 +159,7 @@ class PageInvariants:
             cache[key] = guest_leaves(self.h.mem, key[1], key[2], handle, last.get(key))
         self._leaf_cache = cache
         if self._gmap_built is not None and list(cache) == list(last) and all(
-                a is b for a, b in zip(cache.values(), last.values())):
+                a[1] is b[1] for a, b in zip(cache.values(), last.values())):
             self._gmap = self._gmap_built  # every guest's leaves as the last map had them
             return self._gmap
         out: dict[int, list[tuple[int, PageState]]] = {}
