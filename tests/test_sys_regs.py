@@ -75,21 +75,22 @@ def test_non_protected_guest_reads_the_cpu():
     ((3, 0, 9, 14, 1), False, ("undef", 0)),  # PMINTENSET_EL1: restricted
     ((3, 0, 10, 4, 0), False, ("undef", 0)),  # LORSA_EL1: restricted
 ])
-def test_trap_table(enc, write, want):
-    from pkvm.hyp.pkvm_structs import PkvmHypVm
-    from pkvm.hyp.sys_regs import kvm_init_pvm_id_regs, pvm_sysreg_access
+def test_trap_table(trap_vm, enc, write, want):
+    from pkvm.hyp.sys_regs import pvm_sysreg_access
 
-    class LooseVm(PkvmHypVm):  # a hyp VM without its pages (the typed hyp takes a PkvmHypVm)
-        vcpu_features = 0
-        id_regs: tuple[int, ...] = ()
-        id_regs_initialized = False
+    assert pvm_sysreg_access(trap_vm, enc, write, 5) == want
 
-        def __init__(self) -> None:
-            pass
 
-        def set_id_regs(self, regs):
-            self.id_regs, self.id_regs_initialized = regs, True
+@pytest.fixture(scope="module")
+def trap_vm():
+    """A protected hyp VM without vCPU features, its ID registers made again from the CPU's."""
+    from pkvm.abi.host_structs import KVM_ARCH_FLAG_ID_REGS_INITIALIZED
+    from pkvm.hyp.sys_regs import kvm_init_pvm_id_regs
 
-    vm = LooseVm()
+    m = pkvm.Machine(memory="64M", cpus=1, trace=False)
+    m.host.create_vm(vcpus=1, protected=True, memory=1 << 20).map(guests.RAM_BASE >> 12, 1)
+    vm = m._hyp.vm_table[0]
+    vm.vcpu_features = 0
+    vm.flags = vm.flags & ~KVM_ARCH_FLAG_ID_REGS_INITIALIZED
     kvm_init_pvm_id_regs(vm, dict(CPU_ID_REGS))
-    assert pvm_sysreg_access(vm, enc, write, 5) == want
+    return vm

@@ -22,15 +22,7 @@ from pkvm.hyp.ffa import hyp_ffa_init, kvm_host_ffa_handler
 from pkvm.hyp.mem_protect import __pkvm_host_share_hyp, __pkvm_host_unshare_hyp
 from pkvm.hyp.mm import el2_read, el2_write_u64, kern_hyp_va
 from pkvm.hyp.panic import HypBug
-from pkvm.hyp.pkvm_structs import (
-    HCR_OFF,
-    IS_PROTECTED_OFF,
-    PkvmHypVcpu,
-    PkvmHypVm,
-    set_struct_u64,
-    struct_bool,
-    struct_u64,
-)
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
 from pkvm.hyp.psci_relay import kvm_host_psci_handler
 from pkvm.hyp.setup import pkvm_init, pkvm_prot_finalize
 from pkvm.hyp.state import HypState
@@ -308,9 +300,9 @@ def handle___pkvm_vcpu_load(h: HypState, c: HostCtxt) -> None:
     if vcpu is None:
         return
     hcr = c.u64(3)
-    if struct_bool(vcpu.vm, IS_PROTECTED_OFF):  # vcpu.vm.is_protected, a direct call
+    if vcpu.vm.is_protected:
         mask = HCR_TWI | HCR_TWE
-        set_struct_u64(vcpu, HCR_OFF, (struct_u64(vcpu, HCR_OFF) & ~mask) | (hcr & mask))
+        vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (hcr & mask)
 
 
 @host_hcall("__pkvm_vcpu_put")

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Final, TypedDict, overload
+from typing import TYPE_CHECKING, Any, Final, TypedDict
 
 from mypy_extensions import mypyc_attr
 
@@ -70,7 +70,7 @@ _VCPU_USED = max(f.offset + f.size for f in KVM_VCPU.fields.values())
 assert _VCPU_USED <= HYP_VCPU["host_vcpu"][0], "the model's kvm_vcpu copy overlaps host_vcpu"
 assert HYP_VM["nr_vcpus"][0] + 4 <= HYP_VM_VCPUS
 CTXT_OFF = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
-# Offsets of the hyp vCPU's fields the run path reads and stores by direct calls (`struct_u64`)
+# Offsets of the 8-byte fields and bools the run path uses (their properties: `struct_u64`, ...)
 HOST_VCPU_OFF: Final = HYP_VCPU["host_vcpu"][0]
 LOADED_OFF: Final = HYP_VCPU["loaded_hyp_vcpu"][0]
 HCR_OFF: Final = HYP_VCPU["vcpu.arch.hcr_el2"][0]
@@ -87,112 +87,38 @@ _U64: Final = struct.Struct("<Q")
 ID_REGS = KVM.field("arch.id_regs")
 
 
-# The descriptors are Python classes too (methods compiled): mypyc's native classes give
-# `__get__` its slot but not `__set__`.
-@mypyc_attr(native_class=False)
-class Field:
-    """A scalar kept in the struct's bytes: read from the page, written by an EL2 store.
-
-    A scalar is naturally aligned and the structs start on a page, so it never crosses a page:
-    its store is one translation through the hyp stage-1. Storing the value already there is
-    elided (it changes nothing a reader can see)."""
-
-    __slots__ = ("off", "size", "unpack_from", "pack")
-
-    def __init__(self, layout: dict[str, tuple[int, str]], name: str):
-        off, fmt = layout[name]
-        st = struct.Struct("<" + fmt)
-        self.off = off
-        self.size = st.size
-        self.unpack_from = st.unpack_from
-        self.pack = st.pack
-
-    @overload
-    def __get__(self, obj: None, owner: type) -> Field: ...
-    @overload
-    def __get__(self, obj: HypStruct, owner: type) -> int: ...
-    def __get__(self, obj: HypStruct | None, owner: type) -> Field | int:
-        if obj is None:
-            return self
-        value: int = self.unpack_from(obj._h.mem.bytes, obj._off + self.off)[0]
-        return value
-
-    def __set__(self, obj: HypStruct, value: int) -> None:
-        store_scalar(obj, self.off, self.pack(int(value)))
+def scalar(layout: dict[str, tuple[int, str]], name: str) -> tuple[int, struct.Struct]:
+    """A scalar field of a layout: its offset and its C width's packer."""
+    off, fmt = layout[name]
+    return off, struct.Struct("<" + fmt)
 
 
-@mypyc_attr(native_class=False)
-class BoolField(Field):
-    """A C `bool` kept in the struct's bytes."""
-
-    __slots__ = ()
-
-    @overload
-    def __get__(self, obj: None, owner: type) -> BoolField: ...
-    @overload
-    def __get__(self, obj: HypStruct, owner: type) -> bool: ...
-    def __get__(self, obj: HypStruct | None, owner: type) -> BoolField | bool:
-        if obj is None:
-            return self
-        return bool(self.unpack_from(obj._h.mem.bytes, obj._off + self.off)[0])
+def struct_get(s: HypStruct, f: tuple[int, struct.Struct]) -> int:
+    """A scalar field of `s`, read from its page."""
+    value: int = f[1].unpack_from(s._h.mem.bytes, s._off + f[0])[0]
+    return value
 
 
-@mypyc_attr(native_class=False)
-class CtxtField:
-    """`vcpu.arch.ctxt` as the hyp keeps it between flush and sync (a descriptor, as `Field`:
-    a Python class compiled with mypyc takes no property setter)."""
-
-    @overload
-    def __get__(self, obj: None, owner: type) -> CtxtField: ...
-    @overload
-    def __get__(self, obj: HypStruct, owner: type) -> bytes: ...
-    def __get__(self, obj: HypStruct | None, owner: type) -> CtxtField | bytes:
-        return self if obj is None else hyp_vcpu_ctxt(obj)
-
-    def __set__(self, obj: HypStruct, raw: bytes) -> None:
-        set_hyp_vcpu_ctxt(obj, raw)
+def struct_set(s: HypStruct, f: tuple[int, struct.Struct], value: int) -> None:
+    """A scalar field's store (`store_scalar`)."""
+    store_scalar(s, f[0], f[1].pack(int(value)))
 
 
-@mypyc_attr(native_class=False)
-class LoadedOnField:
-    """`loaded_hyp_vcpu`: the per-CPU slot holding the vCPU (the model's per-CPU slots sit in
-    the hyp image, 8 bytes each), read back as the CPU it is loaded on."""
-
-    @overload
-    def __get__(self, obj: None, owner: type) -> LoadedOnField: ...
-    @overload
-    def __get__(self, obj: PkvmHypVcpu, owner: type) -> int | None: ...
-    def __get__(self, obj: PkvmHypVcpu | None, owner: type) -> LoadedOnField | int | None:
-        if obj is None:
-            return self
-        return hyp_vcpu_loaded_on(obj)
-
-    def __set__(self, obj: PkvmHypVcpu, cpu: int | None) -> None:
-        set_hyp_vcpu_loaded_on(obj, cpu)
-
-
-# The same reads and stores as direct calls, for the compiled run path (`switch.py`): a call of
-# a module function from compiled code skips the descriptor protocol (a type lookup and an
-# argument parse per access), and does exactly what the field's descriptor does.
 def struct_u64(s: HypStruct, off: int) -> int:
-    """The 8-byte field at `off` of `s`, read from its page as `Field.__get__` reads it."""
+    """The 8-byte field at `off` of `s`, read from its page."""
     value: int = _U64.unpack_from(s._h.mem.bytes, s._off + off)[0]
     return value
 
 
-def struct_bool(s: HypStruct, off: int) -> bool:
-    """The C `bool` at `off` of `s` (`BoolField.__get__`)."""
-    return s._h.mem.bytes[s._off + off] != 0
-
-
 def set_struct_u64(s: HypStruct, off: int, value: int) -> None:
-    """`Field.__set__` of an 8-byte field."""
+    """The store of an 8-byte field (`store_scalar`)."""
     store_scalar(s, off, _U64.pack(value))
 
 
 def store_scalar(s: HypStruct, off: int, data: bytes) -> None:
-    """A scalar's EL2 store through the hyp stage-1 (a scalar is naturally aligned: one page,
-    one translation), elided when the bytes there are `data` already."""
+    """A scalar's EL2 store through the hyp stage-1 (a scalar is naturally aligned and the
+    structs start on a page, so it never crosses a page: one translation), elided when the bytes
+    there are `data` already (it changes nothing a reader can see)."""
     h = s._h
     mem = h.mem.bytes
     start = s._off + off
@@ -204,31 +130,10 @@ def store_scalar(s: HypStruct, off: int, data: bytes) -> None:
         mem[pos : pos + n] = data
 
 
-def hyp_vcpu_loaded_on(s: HypStruct) -> int | None:
-    """`PkvmHypVcpu.loaded_on`: the CPU whose per-CPU slot `loaded_hyp_vcpu` points at."""
-    ptr = struct_u64(s, LOADED_OFF)
-    return None if not ptr else (ptr - loaded_slot(s._h, 0)) >> 3
-
-
-def set_hyp_vcpu_loaded_on(s: HypStruct, cpu: int | None) -> None:
-    """`PkvmHypVcpu.loaded_on = cpu`."""
-    set_struct_u64(s, LOADED_OFF, 0 if cpu is None else loaded_slot(s._h, cpu))
-
-
 def struct_load(s: HypStruct, off: int, n: int) -> bytes:
     """`s.load(off, n)`: `n` bytes of the struct from its page."""
     start = s._off + off
     return bytes(s._h.mem.bytes[start : start + n])
-
-
-def hyp_vcpu_ctxt(s: HypStruct) -> bytes:
-    """`vcpu.arch.ctxt` of a hyp vCPU (`PkvmHypVcpu.ctxt`)."""
-    return struct_load(s, CTXT_OFF, CTXT_LEN)
-
-
-def set_hyp_vcpu_ctxt(s: HypStruct, raw: bytes) -> None:
-    """`PkvmHypVcpu.ctxt = raw`: one EL2 store of the context's bytes."""
-    el2_write(s._h, s.va + CTXT_OFF, raw[:CTXT_LEN])
 
 
 class VcpuExitData(TypedDict, total=False):
@@ -239,9 +144,11 @@ class VcpuExitData(TypedDict, total=False):
     hcr_vi: int  # the HCR_EL2.VI last written into the core
 
 
-# A struct's fields are descriptors (`Field`) on its class, which a mypyc native class would take
-# for instance attributes' defaults: the structs stay Python classes (their methods compiled).
-@mypyc_attr(native_class=False)
+# The structs are native classes whose fields are properties: compiled, `vcpu.hcr_el2` is a
+# direct call of the getter (a descriptor's `__get__` on a Python class is a type lookup and an
+# argument parse per access). Serializable: a snapshot (`pkvm.snapshot`) pickles them by their
+# attributes, made again without `__init__` (whose stores would write the pages).
+@mypyc_attr(serializable=True)
 class HypStruct:
     """A hyp structure at hyp VA `va` (donated memory mapped in the hyp stage-1)."""
 
@@ -291,27 +198,20 @@ def vcpus_slot(idx: int) -> int:
     return HYP_VM_VCPUS + 8 * idx
 
 
-@mypyc_attr(native_class=False)
+_VCPU_IDX: Final = scalar(HYP_VCPU, "vcpu.vcpu_idx")
+_VCPU_ID: Final = scalar(HYP_VCPU, "vcpu.vcpu_id")
+_HCRX_EL2: Final = scalar(HYP_VCPU, "vcpu.arch.hcrx_el2")
+_CFLAGS: Final = scalar(HYP_VCPU, "vcpu.arch.cflags")
+_FAULT_FAR: Final = scalar(HYP_VCPU, "vcpu.arch.fault.far_el2")
+_FAULT_HPFAR: Final = scalar(HYP_VCPU, "vcpu.arch.fault.hpfar_el2")
+_KVM: Final = scalar(HYP_VCPU, "vcpu.kvm")
+
+
+@mypyc_attr(serializable=True)
 class PkvmHypVcpu(HypStruct):
     """`struct pkvm_hyp_vcpu`, in the pages donated for it (`pkvm_structs`)."""
 
-    host_vcpu = Field(HYP_VCPU, "host_vcpu")  # hyp VA of the host's struct kvm_vcpu (pinned)
-    vcpu_idx = Field(HYP_VCPU, "vcpu.vcpu_idx")
-    vcpu_id = Field(HYP_VCPU, "vcpu.vcpu_id")
-    hcr_el2 = Field(HYP_VCPU, "vcpu.arch.hcr_el2")
-    mdcr_el2 = Field(HYP_VCPU, "vcpu.arch.mdcr_el2")
-    hcrx_el2 = Field(HYP_VCPU, "vcpu.arch.hcrx_el2")
-    cflags = Field(HYP_VCPU, "vcpu.arch.cflags")
-    iflags = Field(HYP_VCPU, "vcpu.arch.iflags")
-    fault_esr = Field(HYP_VCPU, "vcpu.arch.fault.esr_el2")
-    fault_far = Field(HYP_VCPU, "vcpu.arch.fault.far_el2")
-    fault_hpfar = Field(HYP_VCPU, "vcpu.arch.fault.hpfar_el2")
-    _kvm = Field(HYP_VCPU, "vcpu.kvm")
-    _loaded = Field(HYP_VCPU, "loaded_hyp_vcpu")
-    ctxt = CtxtField()
-    loaded_on = LoadedOnField()
-
-    def __init__(self, vm: "PkvmHypVm", host_vcpu: int, vcpu_idx: int, vcpu_id: int,
+    def __init__(self, vm: PkvmHypVm, host_vcpu: int, vcpu_idx: int, vcpu_id: int,
                  mem_va: int, cflags: int = 0):
         super().__init__(vm._h, mem_va)
         self.vm = vm
@@ -319,42 +219,149 @@ class PkvmHypVcpu(HypStruct):
         self.engine: Core | None = None  # the CPU the guest runs on (switch.py)
         self.exit_data: VcpuExitData = {}
         self.memcache = Memcache(self)  # arch.pkvm_memcache: head, nr_pages
-        self._kvm = vm.va
+        struct_set(self, _KVM, vm.va)  # vcpu.kvm
         self.host_vcpu = host_vcpu
         self.vcpu_idx = vcpu_idx
         self.vcpu_id = vcpu_id
         self.cflags = cflags
 
+    @property
+    def host_vcpu(self) -> int: # hyp VA of the host's struct kvm_vcpu (pinned)
+        return struct_u64(self, HOST_VCPU_OFF)
+
+    @host_vcpu.setter
+    def host_vcpu(self, value: int) -> None:
+        set_struct_u64(self, HOST_VCPU_OFF, value)
+
+    @property
+    def hcr_el2(self) -> int:
+        return struct_u64(self, HCR_OFF)
+
+    @hcr_el2.setter
+    def hcr_el2(self, value: int) -> None:
+        set_struct_u64(self, HCR_OFF, value)
+
+    @property
+    def mdcr_el2(self) -> int:
+        return struct_u64(self, MDCR_OFF)
+
+    @mdcr_el2.setter
+    def mdcr_el2(self, value: int) -> None:
+        set_struct_u64(self, MDCR_OFF, value)
+
+    @property
+    def iflags(self) -> int:
+        return struct_u64(self, IFLAGS_OFF)
+
+    @iflags.setter
+    def iflags(self, value: int) -> None:
+        set_struct_u64(self, IFLAGS_OFF, value)
+
+    @property
+    def fault_esr(self) -> int:
+        return struct_u64(self, FAULT_ESR_OFF)
+
+    @fault_esr.setter
+    def fault_esr(self, value: int) -> None:
+        set_struct_u64(self, FAULT_ESR_OFF, value)
+
+    @property
+    def vcpu_idx(self) -> int:
+        return struct_get(self, _VCPU_IDX)
+
+    @vcpu_idx.setter
+    def vcpu_idx(self, value: int) -> None:
+        struct_set(self, _VCPU_IDX, value)
+
+    @property
+    def vcpu_id(self) -> int:
+        return struct_get(self, _VCPU_ID)
+
+    @vcpu_id.setter
+    def vcpu_id(self, value: int) -> None:
+        struct_set(self, _VCPU_ID, value)
+
+    @property
+    def hcrx_el2(self) -> int:
+        return struct_get(self, _HCRX_EL2)
+
+    @hcrx_el2.setter
+    def hcrx_el2(self, value: int) -> None:
+        struct_set(self, _HCRX_EL2, value)
+
+    @property
+    def cflags(self) -> int:
+        return struct_get(self, _CFLAGS)
+
+    @cflags.setter
+    def cflags(self, value: int) -> None:
+        struct_set(self, _CFLAGS, value)
+
+    @property
+    def fault_far(self) -> int:
+        return struct_get(self, _FAULT_FAR)
+
+    @fault_far.setter
+    def fault_far(self, value: int) -> None:
+        struct_set(self, _FAULT_FAR, value)
+
+    @property
+    def fault_hpfar(self) -> int:
+        return struct_get(self, _FAULT_HPFAR)
+
+    @fault_hpfar.setter
+    def fault_hpfar(self, value: int) -> None:
+        struct_set(self, _FAULT_HPFAR, value)
+
+    @property
+    def ctxt(self) -> bytes:
+        """`vcpu.arch.ctxt` as the hyp keeps it between flush and sync."""
+        return struct_load(self, CTXT_OFF, CTXT_LEN)
+
+    @ctxt.setter
+    def ctxt(self, value: bytes) -> None:
+        el2_write(self._h, self.va + CTXT_OFF, value[:CTXT_LEN])  # one EL2 store
+
+    @property
+    def loaded_on(self) -> int | None:
+        """`loaded_hyp_vcpu`: the per-CPU slot holding the vCPU (the model's per-CPU slots sit
+        in the hyp image, 8 bytes each), read back as the CPU it is loaded on."""
+        ptr = struct_u64(self, LOADED_OFF)
+        return None if not ptr else (ptr - loaded_slot(self._h, 0)) >> 3
+
+    @loaded_on.setter
+    def loaded_on(self, cpu: int | None) -> None:
+        set_struct_u64(self, LOADED_OFF, 0 if cpu is None else loaded_slot(self._h, cpu))
 
 
 def loaded_slot(h: HypState, cpu: int) -> int:
     return hyp_va(h.carve.image) + 8 * cpu
 
 
-@mypyc_attr(native_class=False)
+_VM_HANDLE: Final = scalar(HYP_VM, "kvm.arch.pkvm.handle")
+_VM_CREATED_VCPUS: Final = scalar(HYP_VM, "kvm.created_vcpus")
+_VM_FLAGS: Final = scalar(HYP_VM, "kvm.arch.flags")
+_VM_VCPU_FEATURES: Final = scalar(HYP_VM, "kvm.arch.vcpu_features")
+_VM_PGD_PA: Final = scalar(HYP_VM, "kvm.arch.mmu.pgd_phys")
+_VM_HOST_KVM: Final = scalar(HYP_VM, "host_kvm")
+_VM_NR_VCPUS: Final = scalar(HYP_VM, "nr_vcpus")
+_VM_VMID: Final = scalar(HYP_VM, "kvm.arch.mmu.vmid")
+_VM_PGT_PGD: Final = scalar(HYP_VM, "pgt.pgd")
+_VM_PGT_IA_BITS: Final = scalar(HYP_VM, "pgt.ia_bits")
+_VM_PGT_START_LEVEL: Final = scalar(HYP_VM, "pgt.start_level")
+_VM_PGT_MMU: Final = scalar(HYP_VM, "pgt.mmu")
+_VM_POOL_START: Final = scalar(HYP_VM, "pool.range_start")
+_VM_POOL_END: Final = scalar(HYP_VM, "pool.range_end")
+
+
+@mypyc_attr(serializable=True)
 class PkvmHypVm(HypStruct):
     """`struct pkvm_hyp_vm`, in the pages donated for it (`pkvm_structs`)."""
 
-    handle = Field(HYP_VM, "kvm.arch.pkvm.handle")
-    created_vcpus = Field(HYP_VM, "kvm.created_vcpus")
-    is_protected = BoolField(HYP_VM, "kvm.arch.pkvm.is_protected")
-    is_dying = BoolField(HYP_VM, "kvm.arch.pkvm.is_dying")
-    flags = Field(HYP_VM, "kvm.arch.flags")
-    vcpu_features = Field(HYP_VM, "kvm.arch.vcpu_features")
-    pgd_pa = Field(HYP_VM, "kvm.arch.mmu.pgd_phys")
-    host_kvm = Field(HYP_VM, "host_kvm")  # hyp VA of the host's struct kvm (pinned)
-    nr_vcpus = Field(HYP_VM, "nr_vcpus")  # 6.12
-    _vmid = Field(HYP_VM, "kvm.arch.mmu.vmid")
-    _pgt_pgd = Field(HYP_VM, "pgt.pgd")
-    _pgt_ia_bits = Field(HYP_VM, "pgt.ia_bits")
-    _pgt_start_level = Field(HYP_VM, "pgt.start_level")
-    _pgt_mmu = Field(HYP_VM, "pgt.mmu")
-    _pool_start = Field(HYP_VM, "pool.range_start")
-    _pool_end = Field(HYP_VM, "pool.range_end")
     # Set by `__pkvm_init_vm` before the VM enters the table (`set_pool`, `set_pgt`).
     pool: HypPool
     pgt: KvmPgtable
-    mm_ops: "GuestMmOps"  # quoted: compiled, a class-body annotation loads its class at import
+    mm_ops: GuestMmOps
 
     def __init__(self, h: HypState, handle: int, host_kvm: int, created_vcpus: int,
                  is_protected: bool, vm_va: int, vm_size: int, pgd_pa: int, pgd_size: int,
@@ -373,7 +380,79 @@ class PkvmHypVm(HypStruct):
         self.pgd_pa = pgd_pa
         self.flags = flags
         self.vcpu_features = vcpu_features
-        self._vmid = self.vmid
+        struct_set(self, _VM_VMID, self.vmid)
+
+    @property
+    def handle(self) -> int:
+        return struct_get(self, _VM_HANDLE)
+
+    @handle.setter
+    def handle(self, value: int) -> None:
+        struct_set(self, _VM_HANDLE, value)
+
+    @property
+    def created_vcpus(self) -> int:
+        return struct_get(self, _VM_CREATED_VCPUS)
+
+    @created_vcpus.setter
+    def created_vcpus(self, value: int) -> None:
+        struct_set(self, _VM_CREATED_VCPUS, value)
+
+    @property
+    def flags(self) -> int:
+        return struct_get(self, _VM_FLAGS)
+
+    @flags.setter
+    def flags(self, value: int) -> None:
+        struct_set(self, _VM_FLAGS, value)
+
+    @property
+    def vcpu_features(self) -> int:
+        return struct_get(self, _VM_VCPU_FEATURES)
+
+    @vcpu_features.setter
+    def vcpu_features(self, value: int) -> None:
+        struct_set(self, _VM_VCPU_FEATURES, value)
+
+    @property
+    def pgd_pa(self) -> int:
+        return struct_get(self, _VM_PGD_PA)
+
+    @pgd_pa.setter
+    def pgd_pa(self, value: int) -> None:
+        struct_set(self, _VM_PGD_PA, value)
+
+    @property
+    def host_kvm(self) -> int:  # hyp VA of the host's struct kvm (pinned)
+        return struct_get(self, _VM_HOST_KVM)
+
+    @host_kvm.setter
+    def host_kvm(self, value: int) -> None:
+        struct_set(self, _VM_HOST_KVM, value)
+
+    @property
+    def nr_vcpus(self) -> int:  # 6.12
+        return struct_get(self, _VM_NR_VCPUS)
+
+    @nr_vcpus.setter
+    def nr_vcpus(self, value: int) -> None:
+        struct_set(self, _VM_NR_VCPUS, value)
+
+    @property
+    def is_protected(self) -> bool:
+        return self._h.mem.bytes[self._off + IS_PROTECTED_OFF] != 0
+
+    @is_protected.setter
+    def is_protected(self, value: bool) -> None:
+        store_scalar(self, IS_PROTECTED_OFF, b"\x01" if value else b"\x00")
+
+    @property
+    def is_dying(self) -> bool:
+        return self._h.mem.bytes[self._off + IS_DYING_OFF] != 0
+
+    @is_dying.setter
+    def is_dying(self, value: bool) -> None:
+        store_scalar(self, IS_DYING_OFF, b"\x01" if value else b"\x00")
 
     @property
     def vmid(self) -> int:
@@ -385,16 +464,16 @@ class PkvmHypVm(HypStruct):
 
     def set_pool(self, pool: HypPool) -> None:
         self.pool = pool
-        self._pool_start = pool.range_start
-        self._pool_end = pool.range_end
+        struct_set(self, _VM_POOL_START, pool.range_start)
+        struct_set(self, _VM_POOL_END, pool.range_end)
 
     def set_pgt(self, pgt: KvmPgtable) -> None:
         """The guest stage-2 (`hyp_vm->pgt`, whose `mmu` is `&hyp_vm->kvm.arch.mmu`)."""
         self.pgt = pgt
-        self._pgt_pgd = hyp_va(pgt.pgd) if pgt.pgd else 0
-        self._pgt_ia_bits = pgt.ia_bits
-        self._pgt_start_level = pgt.start_level
-        self._pgt_mmu = self.va + HYP_VM["kvm.arch.mmu.vmid"][0]
+        struct_set(self, _VM_PGT_PGD, hyp_va(pgt.pgd) if pgt.pgd else 0)
+        struct_set(self, _VM_PGT_IA_BITS, pgt.ia_bits)
+        struct_set(self, _VM_PGT_START_LEVEL, pgt.start_level)
+        struct_set(self, _VM_PGT_MMU, self.va + _VM_VMID[0])
 
     @property
     def id_regs_initialized(self) -> bool:

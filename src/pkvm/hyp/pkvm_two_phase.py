@@ -30,14 +30,7 @@ from pkvm.hyp.pkvm import (
     vm_ref_inc,
     vm_refcount,
 )
-from pkvm.hyp.pkvm_structs import (
-    IS_DYING_OFF,
-    PkvmHypVcpu,
-    PkvmHypVm,
-    hyp_vcpu_loaded_on,
-    set_hyp_vcpu_loaded_on,
-    struct_bool,
-)
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
 from pkvm.hyp.state import HypState
 from pkvm.hyp.switch import flush_hyp_vcpu, kvm_vcpu_run, sync_hyp_vcpu
 from pkvm.hyp.sys_regs import kvm_init_pvm_id_regs
@@ -144,14 +137,12 @@ def pkvm_load_hyp_vcpu(h: HypState, handle: int, vcpu_idx: int) -> PkvmHypVcpu |
         vm = get_vm_by_handle(h, handle)
         if vm is None:
             return None
-        # vm.is_dying, vcpu.loaded_on: the fields by direct calls (`pkvm_structs`)
-        if (struct_bool(vm, IS_DYING_OFF) and not h.bug("load-dying")) or (
-                vcpu_idx >= vm.created_vcpus):
+        if (vm.is_dying and not h.bug("load-dying")) or vcpu_idx >= vm.created_vcpus:
             return None
         vcpu = vm.vcpus[vcpu_idx]
-        if vcpu is None or hyp_vcpu_loaded_on(vcpu) is not None:
+        if vcpu is None or vcpu.loaded_on is not None:
             return None
-        set_hyp_vcpu_loaded_on(vcpu, cpu)
+        vcpu.loaded_on = cpu
         if not h.bug("load-no-pin"):
             vm_ref_inc(h, vm)
     h.loaded_hyp_vcpu[cpu] = vcpu
@@ -160,7 +151,7 @@ def pkvm_load_hyp_vcpu(h: HypState, handle: int, vcpu_idx: int) -> PkvmHypVcpu |
 
 def pkvm_put_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     with h.vm_table_lock:
-        set_hyp_vcpu_loaded_on(vcpu, None)  # vcpu.loaded_on = None
+        vcpu.loaded_on = None
         h.loaded_hyp_vcpu[h.cpu] = None
         if not h.bug("load-no-pin"):
             vm_ref_dec(h, vcpu.vm)

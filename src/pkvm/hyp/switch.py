@@ -30,22 +30,7 @@ from pkvm.errors import EINVAL
 from pkvm.hyp.mm import el2_read, el2_read_u64, el2_write, kern_hyp_va
 from pkvm.hyp.pgtable import KVM_PTE_ADDR_MASK, KVM_PTE_VALID, KvmPgtable, pte_table
 from pkvm.hyp.pkvm import kvm_field, vcpu_field
-from pkvm.hyp.pkvm_structs import (
-    FAULT_ESR_OFF,
-    HCR_OFF,
-    HOST_VCPU_OFF,
-    HYP_VCPU,
-    IFLAGS_OFF,
-    IS_PROTECTED_OFF,
-    MDCR_OFF,
-    PkvmHypVcpu,
-    hyp_vcpu_ctxt,
-    set_hyp_vcpu_ctxt,
-    set_struct_u64,
-    struct_bool,
-    struct_load,
-    struct_u64,
-)
+from pkvm.hyp.pkvm_structs import HYP_VCPU, PkvmHypVcpu
 from pkvm.hyp.pvm_exits import handle_pvm_hvc64, handle_pvm_sysreg
 from pkvm.hyp.state import HypState
 from pkvm.hyp.sys_regs import (
@@ -225,28 +210,26 @@ def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
 
 
 def flush_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
-    # The hyp vCPU's fields by direct calls (`struct_u64`, ...: what `vcpu.host_vcpu`,
-    # `vcpu.ctxt = ...` do, without the descriptor protocol), here and in the rest of the run.
-    hv = struct_u64(vcpu, HOST_VCPU_OFF)
+    hv = vcpu.host_vcpu
     ctxt = el2_read(h, hv + CTXT_START, CTXT_END - CTXT_START)
     h.locks.preempt("host-read", "arch.ctxt")
-    set_hyp_vcpu_ctxt(vcpu, ctxt[:RUNNING_VCPU_OFF] + _NULL_PTR + ctxt[RUNNING_VCPU_OFF + 8 :])
+    vcpu.ctxt = ctxt[:RUNNING_VCPU_OFF] + _NULL_PTR + ctxt[RUNNING_VCPU_OFF + 8 :]
     if not h.profile.hyp_owned_guest_stage2:
         # 6.12 reads its fields one by one, the stage-2's pgd (`hw_mmu`) among them
         _flush_6_12(h, vcpu, hv)
         return
     host_hcr, mdcr, iflags = _host_trap_regs(h, hv)
     _flush_hcr(h, vcpu, host_hcr)
-    set_struct_u64(vcpu, MDCR_OFF, mdcr)
-    set_struct_u64(vcpu, IFLAGS_OFF, iflags)
+    vcpu.mdcr_el2 = mdcr
+    vcpu.iflags = iflags
 
 
 def _flush_hcr(h: HypState, vcpu: PkvmHypVcpu, host_hcr: int) -> None:
     if h.profile.hyp_vcpu_init_traps:  # the hyp set the vCPU's traps up itself
         mask = HCR_TWI | HCR_TWE | HCR_VSE | HCR_VI  # VI: the host's emulated GIC
-        set_struct_u64(vcpu, HCR_OFF, (struct_u64(vcpu, HCR_OFF) & ~mask) | (host_hcr & mask))
+        vcpu.hcr_el2 = (vcpu.hcr_el2 & ~mask) | (host_hcr & mask)
     else:
-        set_struct_u64(vcpu, HCR_OFF, host_hcr)
+        vcpu.hcr_el2 = host_hcr
 
 
 def _flush_6_12(h: HypState, vcpu: PkvmHypVcpu, hv: int) -> None:
@@ -260,11 +243,11 @@ def _flush_6_12(h: HypState, vcpu: PkvmHypVcpu, hv: int) -> None:
 
 
 def sync_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
-    hv = struct_u64(vcpu, HOST_VCPU_OFF)
-    el2_write(h, hv + CTXT_START, hyp_vcpu_ctxt(vcpu))
-    el2_write(h, hv + _HCR_OFF, _U64.pack(struct_u64(vcpu, HCR_OFF)))
-    el2_write(h, hv + _IFLAGS_OFF, _U64.pack(struct_u64(vcpu, IFLAGS_OFF)))
-    el2_write(h, hv + _FAULT_OFF, struct_load(vcpu, _HYP_FAULT_OFF, _FAULT.size))
+    hv = vcpu.host_vcpu
+    el2_write(h, hv + CTXT_START, vcpu.ctxt)
+    el2_write(h, hv + _HCR_OFF, _U64.pack(vcpu.hcr_el2))
+    el2_write(h, hv + _IFLAGS_OFF, _U64.pack(vcpu.iflags))
+    el2_write(h, hv + _FAULT_OFF, vcpu.load(_HYP_FAULT_OFF, _FAULT.size))
 
 
 HPFAR_NS = 1 << 63
@@ -505,10 +488,10 @@ def _load_context(vcpu: PkvmHypVcpu, core: Core, ctxt: bytes) -> int | None:
     None (the CPU holds it)."""
     synced = vcpu.exit_data.get("synced")
     pc = int.from_bytes(ctxt[_PC:_PSTATE], "little")
-    iflags = struct_u64(vcpu, IFLAGS_OFF)
+    iflags = vcpu.iflags
     if iflags & IFLAG_INCREMENT_PC:
         pc = (pc + 4) & 0xFFFF_FFFF_FFFF_FFFF
-        set_struct_u64(vcpu, IFLAGS_OFF, iflags & ~IFLAG_INCREMENT_PC)
+        vcpu.iflags = iflags & ~IFLAG_INCREMENT_PC
     if synced is not None and ctxt[_PSTATE:CTXT_REGS_SIZE] == synced[_PSTATE:CTXT_REGS_SIZE] and (
             ctxt[_SP_EL0:_PC] == synced[_SP_EL0:_PC]):
         if ctxt[:_SP_EL0] != synced[:_SP_EL0]:
@@ -536,7 +519,7 @@ def _sync_context(vcpu: PkvmHypVcpu, core: Core, base: bytes) -> None:
     else:
         ctxt = ctxt_pack_raw(raw, core.sys_names, sysvals, base)
         eng.synced_sys[vcpu.vcpu_idx] = sysvals
-    set_hyp_vcpu_ctxt(vcpu, ctxt)
+    vcpu.ctxt = ctxt
     vcpu.exit_data["synced"] = ctxt
 
 
@@ -544,22 +527,22 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
     """`__kvm_vcpu_run`: enter the guest, return the exit code."""
     core = _core_for(h, vcpu)
     _switch_to(vcpu, core)  # the VM's vCPUs share one engine
-    ctxt = hyp_vcpu_ctxt(vcpu)
+    ctxt = vcpu.ctxt
     start = _load_context(vcpu, core, ctxt)
-    iflags = struct_u64(vcpu, IFLAGS_OFF)
+    iflags = vcpu.iflags
     if iflags & IFLAG_PENDING_EXCEPTION:
         if start is not None:
             core.pc = start
             start = None
         core.inject_undef()
-        set_struct_u64(vcpu, IFLAGS_OFF, iflags & ~IFLAG_PENDING_EXCEPTION)
+        vcpu.iflags = iflags & ~IFLAG_PENDING_EXCEPTION
     # HCR_EL2.VI, the virtual IRQ the host's GIC asserts, goes into the CPU's HCR_EL2
     # (IMO is set): the CPU takes it itself, exactly when the guest unmasks PSTATE.I.
-    vi = struct_u64(vcpu, HCR_OFF) & HCR_VI
+    vi = vcpu.hcr_el2 & HCR_VI
     if vi != vcpu.exit_data.get("hcr_vi", 0):
         core.write_sysreg(SYS_HCR_EL2, core.read_sysreg(SYS_HCR_EL2) & ~HCR_VI | vi)
         vcpu.exit_data["hcr_vi"] = vi
-    protected = struct_bool(vcpu.vm, IS_PROTECTED_OFF)
+    protected = vcpu.vm.is_protected
     budget = h.guest_timeslice
     code = ARM_EXCEPTION_TRAP
     while True:
@@ -576,13 +559,13 @@ def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
             break
         if ex.kind in (ExitKind.DABT, ExitKind.IABT):
             if not h.profile.hyp_owned_guest_stage2 and _refault(h, vcpu, core, ex.ipa):
-                set_struct_u64(vcpu, FAULT_ESR_OFF, ex.esr)
+                vcpu.fault_esr = ex.esr
                 continue  # the host mapped it meanwhile: the walk now succeeds
             # arch.fault.{esr,far,hpfar}_el2: three words in a row, stored at once
             hpfar = ex.hpfar | (HPFAR_NS if h.profile.fault_hpfar_ns_valid else 0)
-            el2_write(h, vcpu.va + _HYP_FAULT_OFF, _FAULT.pack(ex.esr, ex.far & U64, hpfar & U64))
+            vcpu.store(_HYP_FAULT_OFF, _FAULT.pack(ex.esr, ex.far & U64, hpfar & U64))
         else:
-            set_struct_u64(vcpu, FAULT_ESR_OFF, ex.esr)
+            vcpu.fault_esr = ex.esr
         if protected and ex.kind is ExitKind.HVC and handle_pvm_hvc64(h, vcpu, core):
             continue
         if protected and ex.kind is ExitKind.SYSREG and handle_pvm_sysreg(h, vcpu, core, ex.esr):
