@@ -6,7 +6,9 @@ per-entry scan, the 6.12 page states read from the leaves `check_pages` fetched 
 walks of `page_states`, the used VM-table slots (`HypView.vm_slots`, reused while the table
 holds the same objects) against a walk of every slot, the ghost's VM table built from them
 against the generic abstraction, the pinned pages' 7.2 states read from the vmemmap bytes
-against `page_states`, and the globals' fingerprint changing whenever the generic one does. A
+against `page_states`, the globals' fingerprint changing whenever the generic one does, and
+`HypView.struct_gen` whenever any field the checker reads of the VM table and the hyp's VMs and
+vCPUs does (the fingerprint and the ghost's table kept while it stands equal to fresh ones). A
 second test runs a 6.12 plan with and without the host reading a table page at once
 (`_HostMem.read_table`, used by `KvmPgtable.destroy`) and requires the same run.
 """
@@ -97,12 +99,27 @@ def generic_fingerprint(c: Any) -> Any:
     return vms, tuple(map(id, c.h.loaded_hyp_vcpu))
 
 
+def generic_structs(c: Any) -> Any:
+    """Every field of the VM table, the hyp VMs and vCPUs the checker reads (the globals, the
+    fingerprint, the ghost's table, the pins), through the structs' own properties."""
+    vms = tuple((i, id(s)) + ((s.is_dying, s.created_vcpus, s.handle, s.host_kvm,
+                               s.is_protected, tuple(
+                                   (k, id(v), id(v.vm), v.vcpu_idx, v.vcpu_id, v.loaded_on,
+                                    v.host_vcpu) for k, v in enumerate(s.vcpus)
+                                   if v is not None))
+                              if isinstance(s, PkvmHypVm) else ())
+                for i, s in enumerate(c.h.vm_table) if s is not None)
+    return vms, tuple(map(id, c.h.loaded_hyp_vcpu))
+
+
 class Watch:
     """After every call of one world: each fast path against its generic reading."""
 
     def __init__(self, w: World):
         self.c = w.m.checker
         self.fp = (self.c._fingerprint(), generic_fingerprint(self.c))
+        self.structs = (self.c.h.struct_gen(), generic_structs(self.c))
+        self.gen_kept = 0
         self.compared = 0
         self.leaves_reused = 0
         self.unplain_compared = 0
@@ -162,7 +179,15 @@ class Watch:
             c._gmap = None  # the whole map as the checker builds it now, against a fresh walk
             assert c.guest_map() == generic_guest_map(c)
             c._gmap, c._leaf_cache, c._gmap_built = saved  # (the checker's state untouched)
-        assert c.ghost.abstract_table() == generic_table(c)
+        # struct_gen: it changes whenever any field the checker reads does; while it stands,
+        # the kept fingerprint and the ghost's kept table are the ones read afresh
+        structs = (c.h.struct_gen(), generic_structs(c))
+        if structs[1] != self.structs[1]:
+            assert structs[0] != self.structs[0]
+        self.gen_kept += structs[0] == self.structs[0]
+        self.structs = structs
+        assert c._fingerprint_now() == c._fingerprint()
+        assert c.ghost.abstract_table() == generic_table(c) == c.ghost._abstract_table()
         fp = (c._fingerprint(), generic_fingerprint(c))
         if fp[1] != self.fp[1]:
             assert fp[0] != self.fp[0]  # the fast fingerprint sees every change the generic does
@@ -179,6 +204,7 @@ def test_fast_paths_agree_with_the_generic_readings(abi: str, seed: int) -> None
         r = watched_run(mp, abi, seed, 300, lambda w: watches.append(Watch(w)))
     assert r.failure is None, str(r.failure)
     assert sum(w.compared for w in watches) > 100  # calls compared (panicked ones are not)
+    assert sum(w.gen_kept for w in watches)  # struct_gen stood still: the kept readings compared
     if abi == "latest":
         assert sum(w.leaves_reused for w in watches)  # the kept leaves were compared too
         assert sum(w.unplain_compared for w in watches)

@@ -12,12 +12,13 @@ it is all `pkvm.check` may use of the hyp: an import contract (pyproject.toml) f
 from __future__ import annotations
 
 import copy
+import functools
 import weakref
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import is_not
+from operator import is_not, itemgetter
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from mypy_extensions import mypyc_attr
@@ -36,7 +37,7 @@ from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mm import hyp_pa, hyp_va, kern_hyp_va_to_pa
 from pkvm.hyp.page_alloc import HypPool
 from pkvm.hyp.pkvm import RESERVED_ENTRY, handle_to_idx, live_vms, vm_page, vm_snapshot
-from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
+from pkvm.hyp.pkvm_structs import HYP_VCPU, HYP_VM, PkvmHypVcpu, PkvmHypVm
 from pkvm.machine.memory import PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -392,11 +393,22 @@ class Inspector:
         return host, hyp, guests
 
 
-# The views recording each vmemmap's stores (`VmemmapView.record_dirty`): a drain hands what it
-# takes to the other recorders of the same vmemmap, so two checkers never steal from each other.
-# Keyed by the vmemmap's id (compiled with mypyc, a HypVmemmap takes no weak reference): a live
-# view holds its vmemmap, so the id of an entry with a live view is never reused.
-_RECORDERS: dict[int, weakref.WeakSet[VmemmapView]] = {}
+# The views recording each vmemmap's stores (`VmemmapView.record_dirty`), as weak references: a
+# drain hands what it takes to the other recorders of the same vmemmap, so two checkers never
+# steal from each other. Keyed by the vmemmap's id (compiled with mypyc, a HypVmemmap takes no
+# weak reference): a live view holds its vmemmap, so the id of an entry with a live view is never
+# reused. A view's death removes its reference, and the entry with its last one (`_forget`), so
+# registering costs the same however many machines a fuzzer has booted and dropped.
+_RECORDERS: dict[int, list[weakref.ref[VmemmapView]]] = {}
+
+
+def _forget(key: int, peers: list[weakref.ref[VmemmapView]],
+            ref: weakref.ref[VmemmapView]) -> None:
+    """A recording view died: drop its reference, and its vmemmap's entry with the last one."""
+    if ref in peers:
+        peers.remove(ref)
+    if not peers and _RECORDERS.get(key) is peers:
+        del _RECORDERS[key]
 
 
 @mypyc_attr(native_class=False)  # weakly referenced (_RECORDERS): a native class takes no weakref
@@ -426,9 +438,9 @@ class VmemmapView:
         self._backlog = set()
         if self._v.dirty is None:
             self._v.dirty = set()
-        for key in [k for k, views in _RECORDERS.items() if not views]:
-            del _RECORDERS[key]
-        _RECORDERS.setdefault(id(self._v), weakref.WeakSet()).add(self)
+        key = id(self._v)
+        peers = _RECORDERS.setdefault(key, [])
+        peers.append(weakref.ref(self, functools.partial(_forget, key, peers)))
 
     def drain_dirty(self) -> set[int]:
         """The pfns whose entries the hyp stored to since the last drain (a superset of those
@@ -447,8 +459,9 @@ class VmemmapView:
             v.dirty = set()
             peers = _RECORDERS.get(id(v))
             if peers is not None and len(peers) > 1:  # (this view alone: nobody to hand to)
-                for other in peers:
-                    if other is not self and other._backlog is not None:
+                for ref in peers:
+                    other = ref()
+                    if other is not None and other is not self and other._backlog is not None:
                         other._backlog |= new
         taken, self._backlog = self._backlog | new, set()
         base = self.base_pfn
@@ -490,6 +503,18 @@ class RamView:
         return self._mem.page_is_zero(pa)
 
 
+# The byte spans of a hyp VM and a hyp vCPU that `HypView.struct_gen` reads (offsets in the
+# struct): struct kvm's created_vcpus, arch.pkvm.handle, is_protected, is_created, is_dying and
+# the VM's host_kvm; struct kvm_vcpu's kvm, vcpu_id, vcpu_idx and the vCPU's host_vcpu and
+# loaded_hyp_vcpu (`pkvm.hyp.pkvm_structs`).
+VM_SPANS: tuple[tuple[int, int], ...] = (
+    (HYP_VM["kvm.created_vcpus"][0], HYP_VM["kvm.arch.pkvm.is_dying"][0] + 1),
+    (HYP_VM["host_kvm"][0], HYP_VM["host_kvm"][0] + 8))
+VCPU_SPANS: tuple[tuple[int, int], ...] = (
+    (HYP_VCPU["vcpu.kvm"][0], HYP_VCPU["vcpu.vcpu_idx"][0] + 4),
+    (HYP_VCPU["host_vcpu"][0], HYP_VCPU["loaded_hyp_vcpu"][0] + 8))
+
+
 class HypView:
     """The hyp's state for oracles, read-only (see the module docstring)."""
 
@@ -503,6 +528,11 @@ class HypView:
             -1, [], [], [])
         self.held = False  # see hold
         self._read_in_hold = False  # vm_slots has read the table since the hold began
+        # struct_gen's last reading: (used slots, their hyp VMs, each VM's vCPU array (a copy),
+        # each CPU's loaded vCPU (a copy), the field bytes' spans, those bytes)
+        self._skey: tuple[Any, list[PkvmHypVm], list[list[Any]], list[Any], Any, bytes] = (
+            None, [], [], [], None, b"")
+        self._sgen = 0
 
     def hold(self, on: bool) -> None:
         """Hold (`on`) or release the reading of the VM table: while held, `vm_slots` reads
@@ -538,6 +568,39 @@ class HypView:
             found = list(zip(idxs, objs))
             self._slots = (len(table), found, idxs, objs)
         return found
+
+    def struct_gen(self) -> int:
+        """A number that changes whenever anything the checker reads of the VM table, the hyp
+        VMs and their vCPUs may have changed (and stays while none did): the used slots
+        (`vm_slots`: each the same object), each CPU's loaded vCPU, each live VM's vCPU array
+        (the same objects), and the bytes of the fields read from the structs' pages in RAM
+        (`STRUCT_SPANS`: created_vcpus, handle, is_protected/is_created/is_dying, host_kvm;
+        each vCPU's kvm, vcpu_id, vcpu_idx, host_vcpu, loaded_hyp_vcpu). The bytes are read back
+        rather than noted by their writers, so a store by any path (a stray EL2 store, a bug
+        that skips a setter) changes the number as the field's own setter would."""
+        found = self.vm_slots()
+        h = self._h
+        k = self._skey
+        if found is k[0]:
+            vms = k[1]
+        else:
+            vms = [s for _, s in found if isinstance(s, PkvmHypVm)]
+        lists = [vm.vcpus for vm in vms]
+        if found is k[0] and lists == k[2] and h.loaded_hyp_vcpu == k[3]:
+            raw = b"".join(k[4](h.mem.bytes))
+            if raw == k[5]:
+                return self._sgen
+            self._skey = (found, vms, k[2], k[3], k[4], raw)
+            self._sgen += 1
+            return self._sgen
+        spans = [slice(vm._off + a, vm._off + b) for vm in vms for a, b in VM_SPANS]
+        spans += [slice(v._off + a, v._off + b) for vm in vms for v in vm.vcpus
+                  if v is not None for a, b in VCPU_SPANS]
+        get = itemgetter(*spans, slice(0, 0))  # (the empty span: always a tuple)
+        self._skey = (found, vms, [list(x) for x in lists], list(h.loaded_hyp_vcpu), get,
+                      b"".join(get(h.mem.bytes)))
+        self._sgen += 1
+        return self._sgen
 
     @property
     def loaded_hyp_vcpu(self) -> tuple[PkvmHypVcpu | None, ...]:

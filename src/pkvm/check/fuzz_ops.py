@@ -84,7 +84,7 @@ class World:
     """A machine plus what the fuzzer remembers about it (its operand pools)."""
 
     def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True,
-                 smc: bool = False):
+                 smc: bool = False, recycle: Checker | None = None):
         self.cfg: dict[str, Any] = {"memory": memory, "cpus": cpus, "abi": abi}
         if smc:  # a secure world at EL3 for the FF-A steps
             self.cfg["ffa"] = True
@@ -92,7 +92,9 @@ class World:
         self.bugs, self.smc = bugs, smc
         self.m = booted_machine(memory, cpus, abi, bugs, smc)
         if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
-            self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False)
+            # (`recycle`: the checker of a machine that died, whose copy memory is reused)
+            self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False,
+                                     recycle=recycle)
             self.m.listeners.append(self.m.checker.after_call)
         self.m.listeners.insert(0, self._on_call)
         self.m.host_port.observe_stores(self._on_store)

@@ -23,7 +23,7 @@ for the VM table), not from the model's hyp code. Its parts:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import compress
 from operator import ne
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -80,9 +80,13 @@ class Ghost:
     pre_init_vm: int | None = None  # 7.2 init_vm: the errno of its first checks, or 0
     pre_init_vcpu: frozenset[int] | None = None  # 7.2 init_vcpu: the results it may give
     _kinds_of: tuple[Any, tuple[int, int]] = (None, (0, 0))  # see _kinds
+    _abs: list[Any] | None = None  # abstract_table's last answer, at struct_gen _abs_gen
+    _abs_gen: int = -1
+    # a call's name -> (its function ID, its name as the profile's table has it)
+    _ids: dict[Any, tuple[int | None, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.table = self.abstract_table()
+        self.table = list(self.abstract_table())
         fail = lambda what, want, found: self._fail(None, what, want, found)  # noqa: E731
         inspect = self.checker.machine.inspect
         self.guest = GuestGhost(inspect, fail)
@@ -100,6 +104,16 @@ class Ghost:
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
+        """The concrete VM table, abstracted (do not modify the list): read again only when
+        `HypView.struct_gen` says something it reads may have changed."""
+        gen = self.checker.h.struct_gen()
+        if gen != self._abs_gen or self._abs is None:
+            self._abs = self._abstract_table()
+            self._abs_gen = gen
+        return self._abs
+
+    def _abstract_table(self) -> list[Any]:
+        """The concrete VM table, abstracted (the generic reading)."""
         h = self.checker.h
         out: list[Any] = [None] * h.vm_table_size()  # the free slots (most of them) as they are
         for i, slot in h.vm_slots():
@@ -135,11 +149,16 @@ class Ghost:
     def before_call(self, cpu: int, func: Any, args: tuple[int, ...]) -> None:
         self.pre_page = None
         prof = self.checker.h.profile
-        fid = func if isinstance(func, int) else prof.func_id(func)
+        known = self._ids.get(func) if isinstance(func, str) else None
+        if known is None:
+            fid = func if isinstance(func, int) else prof.func_id(func)
+            n = prof.decode(fid) if fid is not None else None
+            known = (fid, prof.hcalls[n] if n is not None else func)
+            if isinstance(func, str):  # (names only: a hostile host draws any number)
+                self._ids[func] = known
+        fid, func = known
         if fid is not None:
             self.calls.before(cpu, fid, args)
-            n = prof.decode(fid)
-            func = prof.hcalls[n] if n is not None else func
         name = func if isinstance(func, str) else None
         self.pre_init_vm = self.pre_init_vcpu = None
         if prof.reserve_vm and prof.share_hyp_checks_allowed_memory:  # 7.2's init checks
@@ -263,7 +282,7 @@ class Ghost:
             return -EPERM, pre
         if self.checker.h.profile.host_transitions_check_hyp_state and pre.hyp != NOPAGE:
             return -EPERM, pre
-        return 0, replace(pre, host=SO, hyp=SB)
+        return 0, GhostPage(SO, SB, pre.pins)
 
     def expect_unshare(self, phys: int, pre: GhostPage | None) -> tuple[int, GhostPage | None]:
         err = self._range_errno(phys)
@@ -276,7 +295,7 @@ class Ghost:
             return -EPERM, pre
         if pre.pins:
             return -EBUSY, pre
-        return 0, replace(pre, host=OWNED, hyp=NOPAGE)
+        return 0, GhostPage(OWNED, NOPAGE, pre.pins)
 
     def _page_call(self, rec: TraceRecord, changed: set[int]) -> None:
         assert self.pre_page is not None
