@@ -533,6 +533,7 @@ class HypView:
         self._skey: tuple[Any, list[PkvmHypVm], list[list[Any]], list[Any], Any, bytes] = (
             None, [], [], [], None, b"")
         self._sgen = 0
+        self._gen_in_hold = False  # struct_gen has read the structs since the hold began
 
     def hold(self, on: bool) -> None:
         """Hold (`on`) or release the reading of the VM table: while held, `vm_slots` reads
@@ -542,6 +543,7 @@ class HypView:
         held)."""
         self.held = on
         self._read_in_hold = False
+        self._gen_in_hold = False
 
     @property
     def vm_table(self) -> tuple[object | None, ...]:
@@ -577,7 +579,11 @@ class HypView:
         (`STRUCT_SPANS`: created_vcpus, handle, is_protected/is_created/is_dying, host_kvm;
         each vCPU's kvm, vcpu_id, vcpu_idx, host_vcpu, loaded_hyp_vcpu). The bytes are read back
         rather than noted by their writers, so a store by any path (a stray EL2 store, a bug
-        that skips a setter) changes the number as the field's own setter would."""
+        that skips a setter) changes the number as the field's own setter would. Held
+        (`hold`), the structs are read once, at the first call in the hold."""
+        if self._gen_in_hold:
+            return self._sgen
+        self._gen_in_hold = self.held
         found = self.vm_slots()
         h = self._h
         k = self._skey
@@ -587,7 +593,7 @@ class HypView:
             vms = [s for _, s in found if isinstance(s, PkvmHypVm)]
         lists = [vm.vcpus for vm in vms]
         if found is k[0] and lists == k[2] and h.loaded_hyp_vcpu == k[3]:
-            raw = b"".join(k[4](h.mem.bytes))
+            raw = b"".join(k[4](h.mem._map))
             if raw == k[5]:
                 return self._sgen
             self._skey = (found, vms, k[2], k[3], k[4], raw)
@@ -598,7 +604,7 @@ class HypView:
                   if v is not None for a, b in VCPU_SPANS]
         get = itemgetter(*spans, slice(0, 0))  # (the empty span: always a tuple)
         self._skey = (found, vms, [list(x) for x in lists], list(h.loaded_hyp_vcpu), get,
-                      b"".join(get(h.mem.bytes)))
+                      b"".join(get(h.mem._map)))
         self._sgen += 1
         return self._sgen
 

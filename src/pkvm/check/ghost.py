@@ -80,6 +80,7 @@ class Ghost:
     pre_init_vm: int | None = None  # 7.2 init_vm: the errno of its first checks, or 0
     pre_init_vcpu: frozenset[int] | None = None  # 7.2 init_vcpu: the results it may give
     _kinds_of: tuple[Any, tuple[int, int]] = (None, (0, 0))  # see _kinds
+    _found_of: tuple[Any, int] = (None, 0)  # (vm_slots' answer, its reserved slots)
     _abs: list[Any] | None = None  # abstract_table's last answer, at struct_gen _abs_gen
     _abs_gen: int = -1
     # a call's name -> (its function ID, its name as the profile's table has it)
@@ -161,11 +162,12 @@ class Ghost:
             self.calls.before(cpu, fid, args)
         name = func if isinstance(func, str) else None
         self.pre_init_vm = self.pre_init_vcpu = None
-        if prof.reserve_vm and prof.share_hyp_checks_allowed_memory:  # 7.2's init checks
+        if name in ("__pkvm_init_vm", "__pkvm_init_vcpu") and prof.reserve_vm and \
+                prof.share_hyp_checks_allowed_memory:  # 7.2's init checks
             a = list(args) + [0] * 3
             if name == "__pkvm_init_vm":
                 self.pre_init_vm = self._init_vm_checks(a[0])
-            elif name == "__pkvm_init_vcpu":
+            else:
                 self.pre_init_vcpu = self._init_vcpu_checks(prof.handle(a[0]), a[1], a[2])
         if name in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp") and args:
             phys = (args[0] << PAGE_SHIFT) & U64
@@ -332,9 +334,10 @@ class Ghost:
     def _quick_compare(self, rec: TraceRecord) -> None:
         """Cheap frame check for calls outside the VM table: slot kinds still counted alike."""
         h = self.checker.h
-        found = h.vm_slots()  # the used slots: the others are free
-        reserved = sum(1 for _, s in found if s is RESERVED_ENTRY)
-        if (h.vm_table_size() - len(found), reserved) != self._kinds():
+        found = h.vm_slots()  # the used slots: the others are free (the same list: the same)
+        if self._found_of[0] is not found:
+            self._found_of = (found, sum(1 for _, s in found if s is RESERVED_ENTRY))
+        if (h.vm_table_size() - len(found), self._found_of[1]) != self._kinds():
             self._compare_table(rec, self.table)
 
     def _kinds(self) -> tuple[int, int]:
