@@ -155,6 +155,8 @@ class Watch:
                                                       RESERVED_ENTRY)) == (
             table.count(None), table.count(RESERVED_ENTRY))
         assert c.ghost._kinds() == (c.ghost.table.count(None), c.ghost.table.count(RESERVED))
+        assert c.ghost._kinds_and_used()[1] == [
+            i for i, s in enumerate(c.ghost.table) if s is not None]  # (TableCall.loaded_on)
         if c.h.profile.hyp_owned_guest_stage2:  # each guest's leaves: kept ones = a fresh walk
             for handle, vm in c.h.live_vms():
                 if vm.pgt is None or not vm.pgt.pgd:

@@ -245,6 +245,13 @@ class Inspector:
         """PAs of pages the latest hypercall handed back to the host after a kernel wipe."""
         return list(self._h.wiped_returns)
 
+    def hw_event_count(self) -> int:
+        """How many stale-TLB uses, stray EL2 stores and wiped returns there are now, the three
+        lists above (cheap: a per-call oracle asks for the lists only when this is not 0)."""
+        h = self._h
+        return (len(h.el2_tlb.stale_uses) + len(h.host_s2_tlb.stale_uses) + len(h.bad_stores)
+                + len(h.wiped_returns))
+
     def warning_count(self) -> int:
         """How many hyp WARN_ONs have fired so far (cheap: for per-call oracles)."""
         return len(self._h.warnings)

@@ -79,7 +79,7 @@ class Ghost:
     pre_page: tuple[int, GhostPage | None] | None = None
     pre_init_vm: int | None = None  # 7.2 init_vm: the errno of its first checks, or 0
     pre_init_vcpu: frozenset[int] | None = None  # 7.2 init_vcpu: the results it may give
-    _kinds_of: tuple[Any, tuple[int, int]] = (None, (0, 0))  # see _kinds
+    _kinds_of: tuple[Any, tuple[int, int], list[int]] = (None, (0, 0), [])  # see _kinds
     _found_of: tuple[Any, int] = (None, 0)  # (vm_slots' answer, its reserved slots)
     _abs: list[Any] | None = None  # abstract_table's last answer, at struct_gen _abs_gen
     _abs_gen: int = -1
@@ -329,7 +329,8 @@ class Ghost:
         self.judged[rec.name] += 1
         TABLE_CALLS[rec.name](c)
         self._compare_table(rec, c.t, c.conc)
-        self.table = c.t
+        if c.t != self.table:  # (an unchanged table stays the same object: `_kinds`)
+            self.table = c.t
 
     def _quick_compare(self, rec: TraceRecord) -> None:
         """Cheap frame check for calls outside the VM table: slot kinds still counted alike."""
@@ -343,10 +344,16 @@ class Ghost:
     def _kinds(self) -> tuple[int, int]:
         """(free, reserved) slots of the ghost's table, counted once per table (the table is
         replaced, never changed in place: `_table_call`)."""
+        return self._kinds_and_used()[0]
+
+    def _kinds_and_used(self) -> tuple[tuple[int, int], list[int]]:
+        """`_kinds` and the indices of the ghost table's used slots, found once per table."""
         t = self.table
         if self._kinds_of[0] is not t:
-            self._kinds_of = (t, (t.count(None), t.count(RESERVED)))
-        return self._kinds_of[1]
+            idx = list(used_slots(t))
+            reserved = [t[i] for i in idx].count(RESERVED)  # (a used slot: a name or a VM)
+            self._kinds_of = (t, (len(t) - len(idx), reserved), idx)
+        return self._kinds_of[1], self._kinds_of[2]
 
     def _compare_table(self, rec: TraceRecord, t: list[Any], conc: list[Any] | None = None) -> None:
         if conc is None:
@@ -383,8 +390,9 @@ class TableCall:
         self.ghost._fail(self.rec, what, expected, found)
 
     def loaded_on(self, cpu: int) -> tuple[int, int] | None:
-        """(slot, vCPU index) of the vCPU the ghost has loaded on `cpu`, or None."""
-        for i in used_slots(self.t):
+        """(slot, vCPU index) of the vCPU the ghost has loaded on `cpu`, or None (asked before
+        the prediction changes `t`: the used slots are the ghost table's)."""
+        for i in self.ghost._kinds_and_used()[1]:
             s = self.t[i]
             if isinstance(s, GhostVm) and s.loaded:
                 for v, lc in s.loaded:

@@ -69,6 +69,9 @@ def _copies(arrays: list[Any], spare: list[array[Any]]) -> list[array[Any]]:
     return [array(a.format, a.tobytes()) for a in arrays]
 
 
+_PFN_MASK = (1 << 52) - 1
+
+
 # Calls that cannot change any guest stage-2: the cached guest map survives them.
 _GUEST_S2_STILL = frozenset({
     "__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp", "__pkvm_reserve_vm",
@@ -261,12 +264,13 @@ class Checker(GlobalInvariants):
         return bool(self.full_every) and self.calls % self.full_every == 0
 
     def _arg_pages(self, args: Iterable[int]) -> set[int]:
+        """The RAM pages an argument names as a pfn, a PA or a hyp VA (52-bit pfns)."""
         out = set()
+        lo, hi = self._ram_lo, self._ram_hi
         for a in args:
-            for pfn in (a & 0xFFFF_FFFF_FFFF_FFFF, (a >> PAGE_SHIFT),
-                        (hyp_pa(a) >> PAGE_SHIFT) & 0xFFFF_FFFF_FFFF_FFFF):
-                pfn &= (1 << 52) - 1
-                if self._ram_lo <= pfn < self._ram_hi:
+            for pfn in (a & _PFN_MASK, (a >> PAGE_SHIFT) & _PFN_MASK,
+                        (hyp_pa(a) >> PAGE_SHIFT) & _PFN_MASK):
+                if lo <= pfn < hi:
                     out.add(pfn)
         return out
 
