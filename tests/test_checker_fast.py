@@ -27,7 +27,7 @@ from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK
 from pkvm.check import ghost_guest
 from pkvm.check.fuzz import execute, generate
 from pkvm.check.fuzz_ops import World
-from pkvm.check.ghost import RESERVED, GhostVm
+from pkvm.check.ghost import RESERVED, GhostPage, GhostVm
 from pkvm.check.ghost_guest import Leaf
 from pkvm.check.page_invariants import (
     OWNED,
@@ -143,6 +143,12 @@ class Watch:
                 ret, ypte, _ = c.h.hyp_pgt.get_leaf(hyp_va(pa))
                 fast = (c.h.host_state_of_pte(hpte, pa), hyp_state_of_pte(0 if ret else ypte))
                 assert fast == c.page_states(pfn), hex(pfn)
+        for pfn in sorted(c._arg_pages(rec.args if rec is not None else ()))[:4]:
+            pa = pfn << PAGE_SHIFT  # the 7.2 states read from the bytes, as the hyp reads them
+            fast, slow = c.page_states(pfn), (c.h.host_state(pa), c.h.hyp_state(pa))
+            assert fast[0] is slow[0] and fast[1] is slow[1]  # (the same enum members)
+            assert c.ghost.abstract_page(pa) == GhostPage(
+                c.h.host_state(pa), c.h.hyp_state(pa), c.h.vmemmap.page_count(pa))
         table = c.h.vm_table
         assert [(i, id(s)) for i, s in c.h.vm_slots()] == [
             (i, id(s)) for i, s in enumerate(table) if s is not None]  # reused or found again

@@ -132,11 +132,13 @@ class Ghost:
         return out
 
     def abstract_page(self, phys: int) -> GhostPage | None:
-        h = self.checker.h
+        c = self.checker
+        h = c.h
         if not h.mem.is_ram(phys):
             return None
-        host, hyp = self.checker.page_states(phys >> PAGE_SHIFT)
-        return GhostPage(host, hyp, h.vmemmap.page_count(phys))
+        pfn = phys >> PAGE_SHIFT
+        host, hyp = c.page_states(pfn)
+        return GhostPage(host, hyp, h.vmemmap.refcount[pfn - c._ram_lo])  # (`page_count`)
 
     def _generations(self) -> tuple[int, ...]:
         """The descriptor-write generations of the host stage-2, the hyp stage-1 and every

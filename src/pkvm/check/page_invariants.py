@@ -27,6 +27,7 @@ from pkvm.machine.memory import PAGE_SHIFT
 
 OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
                          PageState.NOPAGE)
+_STATE_OF: dict[int, PageState] = {int(s): s for s in PageState}  # a state byte's member
 
 # (host, hyp, guest states) a RAM page may be in after any of nvhe/mem_protect.c's
 # transitions; "*" = N >= 1 guests.
@@ -132,6 +133,14 @@ class PageInvariants:
     orphan_borrowed: Counter[int]
 
     def page_states(self, pfn: int) -> tuple[PageState, PageState]:
+        """(host, hyp) states of RAM page `pfn`, as `host_state` / `hyp_state` read them; in
+        7.2 straight from the vmemmap's state bytes (tests/test_checker_fast.py compares)."""
+        if self._in_vmemmap and self._ram_lo <= pfn < self._ram_hi:
+            vmm = self.h.vmemmap
+            i = pfn - self._ram_lo
+            host, hyp = _STATE_OF.get(vmm.host_state[i]), _STATE_OF.get(vmm.hyp_state[i])
+            if host is not None and hyp is not None:
+                return host, hyp
         pa = pfn << PAGE_SHIFT
         return self.h.host_state(pa), self.h.hyp_state(pa)
 
