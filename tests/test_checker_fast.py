@@ -15,7 +15,9 @@ second test runs a 6.12 plan with and without the host reading a table page at o
 
 from __future__ import annotations
 
+import gc
 import random
+from array import array
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import pkvm
+import pkvm.inspect as inspect_module
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK
 from pkvm.check import ghost_guest
 from pkvm.check.fuzz import execute, generate
@@ -347,3 +350,41 @@ def test_a_held_vm_table_reading_is_the_first_one_in_the_hold() -> None:
         m.hvc(0, "__pkvm_host_share_hyp", 0)
     m.checker.h.hold(False)
     vm.destroy()
+
+
+def test_a_reboots_checker_copies_the_vmemmap_as_a_fresh_one() -> None:
+    """`Checker(recycle=...)`: the copy of the vmemmap written into a dead checker's arrays
+    equals a fresh copy (and a checker of another size is not reused: copied afresh)."""
+    w = World(MEM, CPUS, "latest", ())
+    for _ in range(3):  # the old checker's copy drifts from the boot state
+        pa = w.m.host.alloc_pages(1)
+        assert w.m.hvc(0, "__pkvm_host_share_hyp", pa >> PAGE_SHIFT).ok
+    old = w.m.checker
+    w2 = World(MEM, CPUS, "latest", (), recycle=old)
+    c = w2.m.checker
+    assert c._prev is old._prev
+    assert c._prev == [array(a.format, a.tobytes()) for a in c._arrays()]
+    other = World("128M", CPUS, "latest", (), recycle=c)
+    assert other.m.checker._prev is not c._prev
+    assert other.m.checker._prev == [array(a.format, a.tobytes())
+                                     for a in other.m.checker._arrays()]
+
+
+def test_a_dead_recorder_leaves_the_registry() -> None:
+    """The recorders of one vmemmap hand each other what they drain; a view that dies drops
+    out of the registry, and the vmemmap's entry goes with its last view."""
+    m = pkvm.Machine(memory=MEM, cpus=CPUS, trace=False)
+    a, b = m.inspect.hyp_view().vmemmap, m.inspect.hyp_view().vmemmap
+    a.record_dirty()
+    b.record_dirty()
+    key = id(a._v)
+    assert len(inspect_module._RECORDERS[key]) == 2
+    pa = m.host.alloc_pages(1)
+    assert m.hvc(0, "__pkvm_host_share_hyp", pa >> PAGE_SHIFT).ok
+    assert pa >> PAGE_SHIFT in a.drain_dirty() and pa >> PAGE_SHIFT in b.drain_dirty()
+    del b
+    gc.collect()
+    assert len(inspect_module._RECORDERS[key]) == 1
+    del a
+    gc.collect()
+    assert key not in inspect_module._RECORDERS
