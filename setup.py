@@ -34,15 +34,16 @@ from setuptools.command.build_ext import build_ext
 # calls to the door (tools hold machines weakly and set their `tracing`). The host driver
 # (host/) and port.py stay pure for now: a conformance test swaps host/psci's CPU_ON by module
 # attribute, which compiled callers would not see. The checker's per-call readings are compiled
-# too: inspect.py (the read-only view) and the check/ modules a checked call runs through (the
-# invariants, the ghost and the oracles); check/violations stays pure (InvariantViolation subclasses
+# too: inspect.py (the read-only view; HypView in inspect_hyp.py) and the check/ modules a checked
+# call runs through (the invariants, the ghost and the oracles); check/violations stays pure (InvariantViolation subclasses
 # AssertionError), and the fuzzer and explorer (which import board.py: board imports pkvm.check)
 # stay pure. In a compiled import cycle no dataclass field may be typed with a class of a module
 # that imports this one: mypyc reads the field types when the module starts, before the other
 # module has the class (ghost.Ghost.checker is Any for this; typed Checker, the import
 # segfaulted).
 CORE = ["machine", "machine/decode", "arch", "abi", "hyp"]
-CORE_FILES = ["door.py", "inspect.py", "check/invariants.py", "check/page_invariants.py",
+CORE_FILES = ["door.py", "inspect.py", "inspect_hyp.py", "check/invariants.py",
+              "check/page_invariants.py",
               "check/global_invariants.py", "check/ghost.py", "check/ghost_guest.py",
               "check/ghost_calls.py", "check/ghost_pvm.py", "check/ghost_ffa.py",
               "check/oracles.py", "check/hw_oracles.py"]

@@ -25,7 +25,7 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import pkvm
-import pkvm.inspect as inspect_module
+import pkvm.inspect_hyp as inspect_module
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK
 from pkvm.check import ghost_guest
 from pkvm.check.fuzz import execute, generate

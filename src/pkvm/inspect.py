@@ -12,16 +12,9 @@ it is all `pkvm.check` may use of the hyp: an import contract (pyproject.toml) f
 from __future__ import annotations
 
 import copy
-import functools
-import weakref
 from collections import Counter
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from itertools import compress, repeat
-from operator import is_not, itemgetter
-from typing import TYPE_CHECKING, Any, TypeVar, cast
-
-from mypy_extensions import mypyc_attr
+from typing import TYPE_CHECKING, Any
 
 from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.arch.pgtable import KvmPgtable, pte_valid, stage2_pte_prot
@@ -35,9 +28,19 @@ from pkvm.hyp.mem_protect import (
 from pkvm.hyp.mem_protect_guest import guest_state_of_pte
 from pkvm.hyp.memory import ComponentId, PageState
 from pkvm.hyp.mm import hyp_pa, hyp_va, kern_hyp_va_to_pa
-from pkvm.hyp.page_alloc import HypPool
-from pkvm.hyp.pkvm import RESERVED_ENTRY, handle_to_idx, live_vms, vm_page, vm_snapshot
-from pkvm.hyp.pkvm_structs import HYP_VCPU, HYP_VM, PkvmHypVcpu, PkvmHypVm
+from pkvm.hyp.pkvm import RESERVED_ENTRY, handle_to_idx, live_vms, vm_snapshot
+from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
+from pkvm.inspect_hyp import (  # (re-exported: the checkers' view)
+    VCPU_SPANS,
+    VM_SPANS,
+    HypView,
+    RamView,
+    VmemmapView,
+    _host_pgt,
+    _hyp_pgt,
+    used,
+    used_slots,
+)
 from pkvm.machine.memory import PAGE_SHIFT
 
 if TYPE_CHECKING:
@@ -48,24 +51,11 @@ if TYPE_CHECKING:
 __all__ = [
     "RESERVED_ENTRY", "ComponentId", "HypView", "Inspector", "PageInfo", "PageState",
     "PkvmHypVcpu", "PkvmHypVm", "decode_host_annotation", "guest_state_of_pte",
-    "hyp_state_of_pte", "hyp_pa", "hyp_va",
+    "hyp_state_of_pte", "hyp_pa", "hyp_va", "RamView", "VmemmapView", "VM_SPANS", "VCPU_SPANS",
+    "used", "used_slots",
 ]
 
 STATE_NAMES: dict[int, str] = {s: s.name for s in PageState}  # a state (or its int) -> name
-
-
-_T = TypeVar("_T")
-
-
-def used_slots(table: Sequence[Any]) -> Iterator[int]:
-    """The indices of a table's slots that are not None (the VM table's used slots, a VM's
-    initialised vCPUs), found without a Python loop over the free ones."""
-    return compress(range(len(table)), map(is_not, table, repeat(None)))
-
-
-def used(table: Sequence[_T | None]) -> list[_T]:
-    """The slots of `table` that are not None, in order (as `used_slots`)."""
-    return cast("list[_T]", list(compress(table, map(is_not, table, repeat(None)))))
 
 
 PAGE_STATE_VALUES = {s.name: int(s) for s in PageState}  # the values `page_states` returns
@@ -80,20 +70,6 @@ class PageInfo:
     guests: dict[int, str]
     refcount: int
     share_count: int
-
-
-def _host_pgt(h: HypState) -> KvmPgtable:
-    """The host stage-2 (it exists from `__pkvm_init` on, before any view is made)."""
-    mmu = h.host_mmu
-    assert mmu is not None
-    return mmu.pgt
-
-
-def _hyp_pgt(h: HypState) -> KvmPgtable:
-    """The hyp stage-1 (it exists from `__pkvm_init` on)."""
-    pgt = h.pkvm_pgtable
-    assert pgt is not None
-    return pgt
 
 
 class Inspector:
@@ -399,265 +375,3 @@ class Inspector:
                 guests[pa >> PAGE_SHIFT] = (handle, int(s))
         return host, hyp, guests
 
-
-# The views recording each vmemmap's stores (`VmemmapView.record_dirty`), as weak references: a
-# drain hands what it takes to the other recorders of the same vmemmap, so two checkers never
-# steal from each other. Keyed by the vmemmap's id (compiled with mypyc, a HypVmemmap takes no
-# weak reference): a live view holds its vmemmap, so the id of an entry with a live view is never
-# reused. A view's death removes its reference, and the entry with its last one (`_forget`), so
-# registering costs the same however many machines a fuzzer has booted and dropped.
-_RECORDERS: dict[int, list[weakref.ref[VmemmapView]]] = {}
-
-
-def _forget(key: int, peers: list[weakref.ref[VmemmapView]],
-            ref: weakref.ref[VmemmapView]) -> None:
-    """A recording view died: drop its reference, and its vmemmap's entry with the last one."""
-    if ref in peers:
-        peers.remove(ref)
-    if not peers and _RECORDERS.get(key) is peers:
-        del _RECORDERS[key]
-
-
-@mypyc_attr(native_class=False)  # weakly referenced (_RECORDERS): a native class takes no weakref
-class VmemmapView:
-    """`hyp_vmemmap`, read-only: each per-page array as a read-only memoryview, and the pages
-    whose entries the hyp stored to since the last look (`record_dirty`, `drain_dirty`)."""
-
-    __slots__ = ("base_pfn", "nr", "refcount", "host_state", "hyp_state",
-                 "host_share_guest_count", "_v", "_backlog", "__weakref__")
-
-    def __init__(self, h: HypState):
-        v = h.vmemmap
-        self._v = v
-        self.base_pfn: int = v.base_pfn
-        self.nr: int = v.nr
-        self.refcount = memoryview(v.refcount).toreadonly()
-        self.host_state = memoryview(v.host_state).toreadonly()
-        self.hyp_state = memoryview(v.hyp_state).toreadonly()
-        self.host_share_guest_count = memoryview(v.host_share_guest_count).toreadonly()
-        self._backlog: set[int] | None = None  # entries drained by another recorder, for this one
-
-    def record_dirty(self) -> None:
-        """From now on, note every page whose refcount, states or share count the hyp stores to
-        (`HypVmemmap.touch`), for `drain_dirty`."""
-        if self._backlog is not None:
-            return
-        self._backlog = set()
-        if self._v.dirty is None:
-            self._v.dirty = set()
-        key = id(self._v)
-        peers = _RECORDERS.setdefault(key, [])
-        peers.append(weakref.ref(self, functools.partial(_forget, key, peers)))
-
-    def drain_dirty(self) -> set[int]:
-        """The pfns whose entries the hyp stored to since the last drain (a superset of those
-        whose values changed), forgotten here; empty unless `record_dirty` was called."""
-        if self._backlog is None:
-            return set()
-        v = self._v
-        new = v.dirty
-        if not new:
-            if new is None:
-                v.dirty = set()
-            if not self._backlog:
-                return set()  # no store since the last drain (most calls before their entry)
-            new = set()
-        else:
-            v.dirty = set()
-            peers = _RECORDERS.get(id(v))
-            if peers is not None and len(peers) > 1:  # (this view alone: nobody to hand to)
-                for ref in peers:
-                    other = ref()
-                    if other is not None and other is not self and other._backlog is not None:
-                        other._backlog |= new
-        taken, self._backlog = self._backlog | new, set()
-        base = self.base_pfn
-        return {base + i for i in taken}
-
-    def idx(self, pa: int) -> int:
-        return self._v.idx(pa)
-
-    def covers(self, pa: int) -> bool:
-        return self._v.covers(pa)
-
-    def page_count(self, pa: int) -> int:
-        return int(self.refcount[self._v.idx(pa)])
-
-
-class RamView:
-    """RAM as an observer with every page mapped sees it: reads only."""
-
-    __slots__ = ("base", "end", "nr_pages", "u64", "_mem")
-
-    def __init__(self, h: HypState):
-        mem = h.mem
-        self._mem = mem
-        self.base: int = mem.base
-        self.end: int = mem.end
-        self.nr_pages: int = mem.nr_pages
-        self.u64 = mem.u64.toreadonly()
-
-    def is_ram(self, pa: int) -> bool:
-        return self._mem.is_ram(pa)
-
-    def read(self, pa: int, n: int) -> bytes:
-        return self._mem.read(pa, n)
-
-    def read_u64(self, pa: int) -> int:
-        return self._mem.read_u64(pa)
-
-    def page_is_zero(self, pa: int) -> bool:
-        return self._mem.page_is_zero(pa)
-
-
-# The byte spans of a hyp VM and a hyp vCPU that `HypView.struct_gen` reads (offsets in the
-# struct): struct kvm's created_vcpus, arch.pkvm.handle, is_protected, is_created, is_dying and
-# the VM's host_kvm; struct kvm_vcpu's kvm, vcpu_id, vcpu_idx and the vCPU's host_vcpu and
-# loaded_hyp_vcpu (`pkvm.hyp.pkvm_structs`).
-VM_SPANS: tuple[tuple[int, int], ...] = (
-    (HYP_VM["kvm.created_vcpus"][0], HYP_VM["kvm.arch.pkvm.is_dying"][0] + 1),
-    (HYP_VM["host_kvm"][0], HYP_VM["host_kvm"][0] + 8))
-VCPU_SPANS: tuple[tuple[int, int], ...] = (
-    (HYP_VCPU["vcpu.kvm"][0], HYP_VCPU["vcpu.vcpu_idx"][0] + 4),
-    (HYP_VCPU["host_vcpu"][0], HYP_VCPU["loaded_hyp_vcpu"][0] + 8))
-
-
-class HypView:
-    """The hyp's state for oracles, read-only (see the module docstring)."""
-
-    def __init__(self, h: HypState):
-        self._h = h
-        self.profile: Profile = h.profile
-        self.vmemmap = VmemmapView(h)
-        self.mem = RamView(h)
-        # (table length, answer, its indices, its slots): see vm_slots
-        self._slots: tuple[int, list[tuple[int, object]], list[int], list[object]] = (
-            -1, [], [], [])
-        self.held = False  # see hold
-        self._read_in_hold = False  # vm_slots has read the table since the hold began
-        # struct_gen's last reading: (used slots, their hyp VMs, each VM's vCPU array (a copy),
-        # each CPU's loaded vCPU (a copy), the field bytes' spans, those bytes)
-        self._skey: tuple[Any, list[PkvmHypVm], list[list[Any]], list[Any], Any, bytes] = (
-            None, [], [], [], None, b"")
-        self._sgen = 0
-        self._gen_in_hold = False  # struct_gen has read the structs since the hold began
-
-    def hold(self, on: bool) -> None:
-        """Hold (`on`) or release the reading of the VM table: while held, `vm_slots` reads
-        the table once (at its first call) and answers that reading until the release. For a
-        caller that reads one state several times with no hypercall in between (the checker,
-        before and after each call: its interposer refuses a hypercall while the view is
-        held)."""
-        self.held = on
-        self._read_in_hold = False
-        self._gen_in_hold = False
-
-    @property
-    def vm_table(self) -> tuple[object | None, ...]:
-        """The VM table's slots: None (free), `RESERVED_ENTRY` or a `PkvmHypVm`."""
-        return tuple(self._h.vm_table or ())
-
-    def vm_table_size(self) -> int:
-        """How many slots the VM table has (used or free)."""
-        return len(self._h.vm_table or ())
-
-    def vm_slots(self) -> list[tuple[int, object]]:
-        """(index, slot) of every used slot of the VM table, in order; do not modify the list.
-        The last answer is reused when it still holds: each slot it named holds the same object
-        (identity) and every other slot is free (the table counts that many None)."""
-        if self._read_in_hold:
-            return self._slots[1]
-        self._read_in_hold = self.held
-        table = self._h.vm_table or []
-        n, found, idxs, objs = self._slots
-        if n != len(table) or table.count(None) != n - len(found) or any(
-                map(is_not, map(table.__getitem__, idxs), objs)):
-            idxs = list(used_slots(table))
-            objs = [table[i] for i in idxs]
-            found = list(zip(idxs, objs))
-            self._slots = (len(table), found, idxs, objs)
-        return found
-
-    def struct_gen(self) -> int:
-        """A number that changes whenever anything the checker reads of the VM table, the hyp
-        VMs and their vCPUs may have changed (and stays while none did): the used slots
-        (`vm_slots`: each the same object), each CPU's loaded vCPU, each live VM's vCPU array
-        (the same objects), and the bytes of the fields read from the structs' pages in RAM
-        (`STRUCT_SPANS`: created_vcpus, handle, is_protected/is_created/is_dying, host_kvm;
-        each vCPU's kvm, vcpu_id, vcpu_idx, host_vcpu, loaded_hyp_vcpu). The bytes are read back
-        rather than noted by their writers, so a store by any path (a stray EL2 store, a bug
-        that skips a setter) changes the number as the field's own setter would. Held
-        (`hold`), the structs are read once, at the first call in the hold."""
-        if self._gen_in_hold:
-            return self._sgen
-        self._gen_in_hold = self.held
-        found = self.vm_slots()
-        h = self._h
-        k = self._skey
-        if found is k[0]:
-            vms = k[1]
-        else:
-            vms = [s for _, s in found if isinstance(s, PkvmHypVm)]
-        lists = [vm.vcpus for vm in vms]
-        if found is k[0] and lists == k[2] and h.loaded_hyp_vcpu == k[3]:
-            raw = b"".join(k[4](h.mem._map))
-            if raw == k[5]:
-                return self._sgen
-            self._skey = (found, vms, k[2], k[3], k[4], raw)
-            self._sgen += 1
-            return self._sgen
-        spans = [slice(vm._off + a, vm._off + b) for vm in vms for a, b in VM_SPANS]
-        spans += [slice(v._off + a, v._off + b) for vm in vms for v in vm.vcpus
-                  if v is not None for a, b in VCPU_SPANS]
-        get = itemgetter(*spans, slice(0, 0))  # (the empty span: always a tuple)
-        self._skey = (found, vms, [list(x) for x in lists], list(h.loaded_hyp_vcpu), get,
-                      b"".join(get(h.mem._map)))
-        self._sgen += 1
-        return self._sgen
-
-    @property
-    def loaded_hyp_vcpu(self) -> tuple[PkvmHypVcpu | None, ...]:
-        return tuple(self._h.loaded_hyp_vcpu)
-
-    @property
-    def host_pgt(self) -> KvmPgtable:
-        return _host_pgt(self._h)
-
-    @property
-    def hyp_pgt(self) -> KvmPgtable:
-        return _hyp_pgt(self._h)
-
-    def pools(self) -> list[tuple[str, HypPool]]:
-        """The hyp's global page pools (each VM's own pool is `vm.pool`)."""
-        h = self._h
-        out = [("hpool", h.hpool), ("host_s2_pool", h.host_s2_pool)]
-        return [(name, pool) for name, pool in out if pool is not None]
-
-    def live_vms(self) -> list[tuple[int, PkvmHypVm]]:
-        """(handle, VM) of every hyp VM in the table."""
-        return live_vms(self._h)
-
-    def host_state(self, pa: int) -> PageState:
-        return get_host_state(self._h, pa)
-
-    def hyp_state(self, pa: int) -> PageState:
-        return get_hyp_state(self._h, pa)
-
-    def host_state_of_pte(self, pte: int, addr: int) -> PageState:
-        """6.12: the host's state of `addr` from its host stage-2 leaf `pte`."""
-        return host_state_of_pte(self._h, pte, addr)
-
-    @staticmethod
-    def vm_page(vm: PkvmHypVm) -> int:
-        """PA of the page holding hyp VM `vm`'s struct."""
-        return vm_page(vm)
-
-    @staticmethod
-    def counted_entries(pgt: KvmPgtable, table: int, mem: RamView) -> int:
-        """Entries of table page `table` that hold a reference on it (its refcount - 1): in a
-        stage-1 table the valid ones, in a stage-2 table every non-zero one (an invalid entry
-        carrying an ownership annotation holds its reference too)."""
-        ptes = mem.u64[(table - mem.base) >> 3:((table - mem.base) >> 3) + 512].tolist()
-        if pgt.stage == 1:
-            return sum(pte & 1 for pte in ptes)
-        return sum(1 for pte in ptes if pte)
