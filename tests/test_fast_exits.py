@@ -397,3 +397,42 @@ def test_a_host_access_to_its_mapped_ram_takes_the_compiled_hit():
     assert m._door.host_hit(0, pa, True) == pa
     assert m._door.host_hit(0, 0x0900_0000, False) in (-1, S2_WALK_FAULT)
     assert m._door.host_hit(5, pa, True) == S2_WALK_FAULT  # a bad CPU: the generic path says why
+
+
+_PORT_OP = st.tuples(st.sampled_from(["read", "read_u64", "write_u64", "write"]),
+                     st.sampled_from(["host", "hyp", "mmio", "guest", "far"]),
+                     st.integers(0, 4 * 4096 - 1), st.integers(1, 24), u64,
+                     st.sampled_from([0, 1, 2, -1]))
+
+
+@settings(max_examples=12, deadline=None)
+@given(ops=st.lists(_PORT_OP, min_size=1, max_size=12))
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+def test_the_host_ports_loads_and_stores_take_the_hit_as_host_translate(abi, ops):
+    """`HostPort.read`, `read_u64` and `write_u64` ask the door's `host_hit` themselves before
+    `Machine.host_translate`: the same loads, stores, faults, RAM, TLB and host aborts as a
+    machine whose door never hits (every access down `host_translate`'s generic path)."""
+    sides = [_host_machine(abi, generic) for generic in (False, True)]
+    for op, region, off, n, value, cpu in ops:
+        outs = []
+        for m, bases in sides:
+            port, pa = m.host.port, bases[region] + off
+            try:
+                if op == "read":
+                    outs.append(port.read(cpu, pa, n))
+                elif op == "read_u64":
+                    outs.append(port.read_u64(cpu, pa))
+                elif op == "write_u64":
+                    outs.append(port.write_u64(cpu, pa, value))
+                else:
+                    outs.append(port.write(cpu, pa, value.to_bytes(8, "little")[: n % 8 + 1]))
+            except (pkvm.HostDataAbort, HypPanic, ValueError, IndexError) as e:
+                outs.append((type(e).__name__, str(e)))
+        assert outs[0] == outs[1], (op, region, hex(off), cpu)
+    (fast, fb), (gen, gb) = sides
+    for region in ("host", "hyp", "guest"):
+        assert fast.mem.read(fb[region], 4 * 4096) == gen.mem.read(gb[region], 4 * 4096), region
+    assert fast._hyp.host_s2_tlb.entries == gen._hyp.host_s2_tlb.entries
+    assert [(a.cpu, a.pa, a.write, a.verdict) for a in fast.host_aborts] == \
+        [(a.cpu, a.pa, a.write, a.verdict) for a in gen.host_aborts]
+    assert fast._hyp.dead == gen._hyp.dead

@@ -75,7 +75,7 @@ assert KVM_VCPU.offset("arch.fault.hpfar_el2") == _FAULT_OFF + 16
 _FAULT = struct.Struct("<3Q")  # arch.fault.{esr,far,hpfar}_el2
 
 
-@dataclass
+@dataclass(slots=True)
 class VcpuExit:
     """What `KVM_RUN` returns to userspace (`struct kvm_run`), plus the raw fault registers."""
 
@@ -111,6 +111,7 @@ class VcpuRunner:
         self.power_off = vcpu.idx != 0
         self.pending_mmio: tuple[int, int] | None = None  # (esr, srt) of a read to complete
         self.exits: dict[str, int] = {}
+        self._fault_pa = vcpu.pa + _FAULT_OFF  # &vcpu->arch.fault
 
     # -- the host struct kvm_vcpu ------------------------------------------------------
     def _ctxt_raw(self) -> bytes:
@@ -191,8 +192,7 @@ class VcpuRunner:
         if code != ARM_EXCEPTION_TRAP:
             return VcpuExit("fail", detail=f"exit code {code}")
         host = self.vm.host
-        esr, self._far, self._hpfar = _FAULT.unpack(
-            host.port.read(host.cpu, self.vcpu.pa + _FAULT_OFF, 24))
+        esr, self._far, self._hpfar = _FAULT.unpack(host.port.read(host.cpu, self._fault_pa, 24))
         ec = esr >> 26
         if ec in (EC_DABT_LOW, EC_IABT_LOW):
             return self._abort(esr, cpu)
