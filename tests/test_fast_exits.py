@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import io
 import mmap
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from unicorn import arm64_const as A
 
 import pkvm
 from pkvm import guests
@@ -25,7 +27,7 @@ from pkvm.host.kvm_life import HostVmLife
 from pkvm.hyp.mm import check_store, el2_read, el2_translate, el2_write, kern_hyp_va
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pkvm import vcpu_field
-from pkvm.hyp.switch import _host_trap_regs
+from pkvm.hyp.switch import _host_trap_regs, _load_changed_xregs
 from pkvm.machine.cpu import Core, CpuContext, ExitKind
 from pkvm.machine.decode import decode_mem
 from pkvm.machine.exceptions import _far
@@ -436,3 +438,75 @@ def test_the_host_ports_loads_and_stores_take_the_hit_as_host_translate(abi, ops
     assert [(a.cpu, a.pa, a.write, a.verdict) for a in fast.host_aborts] == \
         [(a.cpu, a.pa, a.write, a.verdict) for a in gen.host_aborts]
     assert fast._hyp.dead == gen._hyp.dead
+
+
+# -- unicorn's run-path entry points without the binding's argument conversion -----------------
+REG_IDS = [*range(A.UC_ARM64_REG_X0, A.UC_ARM64_REG_X0 + 29), A.UC_ARM64_REG_X29,
+           A.UC_ARM64_REG_X30, A.UC_ARM64_REG_SP, A.UC_ARM64_REG_PC]
+
+
+@SETTINGS
+@given(writes=st.lists(st.tuples(st.sampled_from(REG_IDS), u64, st.booleans()), min_size=1,
+                       max_size=8))
+def test_direct_register_calls_are_the_bindings(core, writes):
+    """`_rd` / `_wr` (`uc_reg_read_direct` / `uc_reg_write_direct`) and the binding's
+    `reg_read` / `reg_write` see and make the same register values, 64 bits wide."""
+    for reg, value, direct in writes:
+        if direct:
+            core._wr(reg, value)
+        else:
+            core.uc.reg_write(reg, value)
+        assert core._rd(reg) == core.uc.reg_read(reg) == value
+
+
+ADD_X0_1 = 0x91000400  # add x0, x0, #1
+
+
+@SETTINGS
+@given(count=st.integers(0, 40), at=st.integers(0, 31), x0=u64)
+def test_a_direct_emu_start_is_the_bindings(core, count, at, x0):
+    """`Core.run(count, pc)` (`uc_emu_start_direct`, 64-bit arguments as C values) runs what
+    the binding's `emu_start(pc, until, 0, count)` runs: the same registers after."""
+    code = RAM + 0x8000
+    for k in range(32):
+        _poke(core, code + 4 * k, ADD_X0_1)
+    _poke(core, code + 4 * 32, 0xD4000002)  # hvc #0: the run ends there without a budget
+    results = []
+    for direct in (True, False):
+        ctx = CpuContext.reset(pc=0)
+        ctx.x[0] = x0
+        core.load_context(ctx)
+        if direct:
+            core.run(count or None, code + 4 * at)
+        else:
+            core._clear_exit()
+            core.uc.emu_start(code + 4 * at, 2**64 - 1, 0, count)
+        results.append((core._rd(A.UC_ARM64_REG_X0), core._rd(A.UC_ARM64_REG_PC)))
+    assert results[0] == results[1]
+    assert results[0][0] == (x0 + min(count or 32, 32 - at)) % 2**64
+
+
+# -- the run's reload of the general registers the host changed --------------------------------
+class _SetXLog:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def set_x(self, n: int, value: int) -> None:
+        self.calls.append((n, value))
+
+
+@SETTINGS
+@given(old=st.lists(u64, min_size=31, max_size=31),
+       changes=st.dictionaries(st.integers(0, 30), u64, max_size=31),
+       tail=st.binary(min_size=0, max_size=64))
+def test_the_changed_registers_are_the_register_by_register_compare(old, changes, tail):
+    """`_load_changed_xregs` writes exactly the registers x0..x30 whose bytes differ, in
+    ascending order, with their new values: what comparing the 31 registers one by one does."""
+    new = list(old)
+    for i, v in changes.items():
+        new[i] = v
+    pack = struct.Struct("<31Q").pack
+    ctxt, synced = pack(*new) + tail, pack(*old) + tail
+    log = _SetXLog()
+    _load_changed_xregs(log, ctxt, synced)  # type: ignore[arg-type]
+    assert log.calls == [(i, new[i]) for i in range(31) if new[i] != old[i]]

@@ -111,6 +111,8 @@ class VcpuRunner:
         self.power_off = vcpu.idx != 0
         self.pending_mmio: tuple[int, int] | None = None  # (esr, srt) of a read to complete
         self.exits: dict[str, int] = {}
+        self._host = vcpu.vm.host
+        self._pa, self._va = vcpu.pa, vcpu.va  # the host's struct kvm_vcpu (fixed)
         self._fault_pa = vcpu.pa + _FAULT_OFF  # &vcpu->arch.fault
 
     # -- the host struct kvm_vcpu ------------------------------------------------------
@@ -134,13 +136,13 @@ class VcpuRunner:
 
     def _xreg(self, n: int) -> int:
         """One general-purpose register from the host's saved context."""
-        return self.vm.host.read_u64(self.vcpu.pa + _REGS_OFF + 8 * n)
+        return self._host.read_u64(self._pa + _REGS_OFF + 8 * n)
 
     def _set_xreg(self, n: int, value: int) -> None:
-        self.vm.host.write_u64(self.vcpu.pa + _REGS_OFF + 8 * n, value)
+        self._host.write_u64(self._pa + _REGS_OFF + 8 * n, value)
 
     def _set_iflag(self, flag: int) -> None:
-        host, pa = self.vm.host, self.vcpu.pa + _IFLAGS_OFF
+        host, pa = self._host, self._pa + _IFLAGS_OFF
         host.write_u64(pa, host.read_u64(pa) | flag)
 
     def reset(self, pc: int, x0: int) -> None:
@@ -165,7 +167,7 @@ class VcpuRunner:
         if not (vcpu.hyp_created and vm.is_created):
             vm.ensure_hyp_vcpu(vcpu)
         life.arch_vcpu_load(vm, vcpu, HCR_HOST_VCPU, cpu)
-        hvc, va = vm.host.port.hvc, vcpu.va  # `Host.hvc` on this CPU, without its wrapper
+        hvc, va = vm.host.port.hvc, self._va  # `Host.hvc` on this CPU, without its wrapper
         try:
             for _ in range(RUN_REENTRY_LIMIT):
                 r = hvc(cpu, "__kvm_vcpu_run", va)
@@ -191,7 +193,7 @@ class VcpuRunner:
             return VcpuExit("preempted")
         if code != ARM_EXCEPTION_TRAP:
             return VcpuExit("fail", detail=f"exit code {code}")
-        host = self.vm.host
+        host = self._host
         esr, self._far, self._hpfar = _FAULT.unpack(host.port.read(host.cpu, self._fault_pa, 24))
         ec = esr >> 26
         if ec in (EC_DABT_LOW, EC_IABT_LOW):

@@ -320,7 +320,8 @@ class PkvmHypVcpu(HypStruct):
 
     @ctxt.setter
     def ctxt(self, value: bytes) -> None:
-        el2_write(self._h, self.va + CTXT_OFF, value[:CTXT_LEN])  # one EL2 store
+        data = value if len(value) == CTXT_LEN else value[:CTXT_LEN]
+        el2_write(self._h, self.va + CTXT_OFF, data)  # one EL2 store
 
     @property
     def loaded_on(self) -> int | None:

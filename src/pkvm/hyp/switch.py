@@ -494,15 +494,22 @@ def _load_context(vcpu: PkvmHypVcpu, core: Core, ctxt: bytes) -> int | None:
         vcpu.iflags = iflags & ~IFLAG_INCREMENT_PC
     if synced is not None and ctxt[_PSTATE:CTXT_REGS_SIZE] == synced[_PSTATE:CTXT_REGS_SIZE] and (
             ctxt[_SP_EL0:_PC] == synced[_SP_EL0:_PC]):
-        if ctxt[:_SP_EL0] != synced[:_SP_EL0]:
-            new, old = _XREGS.unpack_from(ctxt), _XREGS.unpack_from(synced)
-            for i in range(31):
-                if new[i] != old[i]:
-                    core.set_x(i, new[i])
+        _load_changed_xregs(core, ctxt, synced)
         return pc
     core.load_raw(ctxt[:_PC] + pc.to_bytes(8, "little") + ctxt[_PSTATE:],
                   ctxt_sys_values(ctxt, core.sys_names))
     return None
+
+
+def _load_changed_xregs(core: Core, ctxt: bytes, synced: bytes) -> None:
+    """Write to the CPU each of x0..x30 that differs between `ctxt` and `synced`, in
+    ascending order: the two register arrays as integers (little-endian: x0 in the low 64 bits)
+    XORed, and only the 64-bit lanes with a bit set visited (an MMIO completion changes one)."""
+    diff = int.from_bytes(ctxt[:_SP_EL0], "little") ^ int.from_bytes(synced[:_SP_EL0], "little")
+    while diff:
+        i = ((diff & -diff).bit_length() - 1) >> 6
+        core.set_x(i, int.from_bytes(ctxt[8 * i : 8 * i + 8], "little"))
+        diff &= ~(U64 << (64 * i))
 
 
 def _sync_context(vcpu: PkvmHypVcpu, core: Core, base: bytes) -> None:

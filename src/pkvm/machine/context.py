@@ -518,7 +518,8 @@ class CpuRegisters:
         raw = self._raw
         buf = raw.buf
         buf[_W_PSTATE] = buf[_W_FPSR] = buf[_W_FPCR] = 0  # unicorn writes their low half only
-        raw.read()
+        if status := uc_reg_read_batch_direct(raw.uch, raw.ids, raw.ptrs, raw.n_write + 1):
+            raise UcError(status)  # `raw.read()`, one frame less
         if buf[_W_PSTATE] & PSR_MODE_MASK == PSR_MODE_EL1h:
             buf[_W_SP_EL0], buf[_W_SP_EL1] = buf[_W_BANK_SP_EL0], buf[_W_LIVE_SP]
         else:
