@@ -503,13 +503,20 @@ def _load_context(vcpu: PkvmHypVcpu, core: Core, ctxt: bytes) -> int | None:
 
 def _load_changed_xregs(core: Core, ctxt: bytes, synced: bytes) -> None:
     """Write to the CPU each of x0..x30 that differs between `ctxt` and `synced`, in
-    ascending order: the two register arrays as integers (little-endian: x0 in the low 64 bits)
-    XORed, and only the 64-bit lanes with a bit set visited (an MMIO completion changes one)."""
+    ascending order. The two register arrays as integers (little-endian: x0 in the low 64 bits)
+    XORed give the differing bits; when they all lie in one register (an MMIO completion
+    changes one) that register alone is written, else each register is compared."""
     diff = int.from_bytes(ctxt[:_SP_EL0], "little") ^ int.from_bytes(synced[:_SP_EL0], "little")
-    while diff:
-        i = ((diff & -diff).bit_length() - 1) >> 6
-        core.set_x(i, int.from_bytes(ctxt[8 * i : 8 * i + 8], "little"))
-        diff &= ~(U64 << (64 * i))
+    if not diff:
+        return
+    lo = ((diff & -diff).bit_length() - 1) >> 6
+    if (diff.bit_length() - 1) >> 6 == lo:
+        core.set_x(lo, int.from_bytes(ctxt[8 * lo : 8 * lo + 8], "little"))
+        return
+    new, old = _XREGS.unpack_from(ctxt), _XREGS.unpack_from(synced)
+    for i in range(lo, 31):
+        if new[i] != old[i]:
+            core.set_x(i, new[i])
 
 
 def _sync_context(vcpu: PkvmHypVcpu, core: Core, base: bytes) -> None:
