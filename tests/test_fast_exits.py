@@ -186,9 +186,7 @@ def test_a_run_from_a_given_pc_is_writing_pc_then_running(core, first, at, targe
         _poke(core, code + 4 * k, 0xD503201F)  # nop
     results = []
     for given_pc in (False, True):
-        ctx = CpuContext.reset(pc=0)
-        ctx.x[0] = target
-        core.load_context(ctx)
+        _reset_with_x0(core, target)
         if given_pc:
             ex = core.run(1000, code)
         else:
@@ -197,6 +195,13 @@ def test_a_run_from_a_given_pc_is_writing_pc_then_running(core, first, at, targe
         results.append((ex, core.pc, core.save_raw()))
     assert results[0] == results[1]
     assert results[0][0].kind is ExitKind.DABT
+
+
+def _reset_with_x0(core: Core, x0: int) -> None:
+    """A reset context (PC 0, EL1h) with `x0`, loaded on the core."""
+    ctx = CpuContext.reset(pc=0)
+    ctx.x[0] = x0
+    core.load_context(ctx)
 
 
 def _poke(core: Core, ipa: int, word: int) -> None:
@@ -473,9 +478,7 @@ def test_a_direct_emu_start_is_the_bindings(core, count, at, x0):
     _poke(core, code + 4 * 32, 0xD4000002)  # hvc #0: the run ends there without a budget
     results = []
     for direct in (True, False):
-        ctx = CpuContext.reset(pc=0)
-        ctx.x[0] = x0
-        core.load_context(ctx)
+        _reset_with_x0(core, x0)
         if direct:
             core.run(count or None, code + 4 * at)
         else:
