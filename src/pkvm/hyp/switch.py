@@ -275,7 +275,6 @@ class _Engine:
         self.owner: PkvmHypVcpu | None = None  # whose registers the core holds
         self.saved: dict[int, CpuState] = {}  # vcpu_idx -> its emulated CPU's other state
         self.fresh = core.save_cpu_state()  # the state a vCPU's first entry starts from
-        self.synced_sys: dict[int, list[int]] = {}  # vcpu_idx -> system registers last synced
 
 
 def configure_guest_core(core: Core) -> None:
@@ -524,17 +523,17 @@ def _sync_context(vcpu: PkvmHypVcpu, core: Core, base: bytes) -> None:
     `base`, the hyp vCPU's context as the run began (only the run path writes it), remembering
     what was copied for the next `_load_context`."""
     raw, sysvals = core.save_raw()
-    synced = vcpu.exit_data.get("synced")
-    eng = _engine_of(vcpu)
-    if synced is not None and sysvals == eng.synced_sys.get(vcpu.vcpu_idx) and (
+    data = vcpu.exit_data
+    synced = data.get("synced")
+    if synced is not None and sysvals == data.get("synced_sys") and (
             base[CTXT_RAW_SIZE:CTXT_REGS_SIZE] == synced[CTXT_RAW_SIZE:CTXT_REGS_SIZE]):
         # the system registers as the last sync packed them: only the rest is new
         ctxt = raw + base[CTXT_RAW_SIZE:]
     else:
         ctxt = ctxt_pack_raw(raw, core.sys_names, sysvals, base)
-        eng.synced_sys[vcpu.vcpu_idx] = sysvals
+        data["synced_sys"] = sysvals
     vcpu.ctxt = ctxt
-    vcpu.exit_data["synced"] = ctxt
+    data["synced"] = ctxt
 
 
 def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:
