@@ -11,10 +11,12 @@ from __future__ import annotations
 import ctypes
 import io
 import mmap
+import struct
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from unicorn import arm64_const as A
 
 import pkvm
 from pkvm import guests
@@ -25,7 +27,7 @@ from pkvm.host.kvm_life import HostVmLife
 from pkvm.hyp.mm import check_store, el2_read, el2_translate, el2_write, kern_hyp_va
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pkvm import vcpu_field
-from pkvm.hyp.switch import _host_trap_regs
+from pkvm.hyp.switch import _host_trap_regs, _load_changed_xregs
 from pkvm.machine.cpu import Core, CpuContext, ExitKind
 from pkvm.machine.decode import decode_mem
 from pkvm.machine.exceptions import _far
@@ -184,9 +186,7 @@ def test_a_run_from_a_given_pc_is_writing_pc_then_running(core, first, at, targe
         _poke(core, code + 4 * k, 0xD503201F)  # nop
     results = []
     for given_pc in (False, True):
-        ctx = CpuContext.reset(pc=0)
-        ctx.x[0] = target
-        core.load_context(ctx)
+        _reset_with_x0(core, target)
         if given_pc:
             ex = core.run(1000, code)
         else:
@@ -195,6 +195,13 @@ def test_a_run_from_a_given_pc_is_writing_pc_then_running(core, first, at, targe
         results.append((ex, core.pc, core.save_raw()))
     assert results[0] == results[1]
     assert results[0][0].kind is ExitKind.DABT
+
+
+def _reset_with_x0(core: Core, x0: int) -> None:
+    """A reset context (PC 0, EL1h) with `x0`, loaded on the core."""
+    ctx = CpuContext.reset(pc=0)
+    ctx.x[0] = x0
+    core.load_context(ctx)
 
 
 def _poke(core: Core, ipa: int, word: int) -> None:
@@ -307,7 +314,8 @@ class _GenericLife:
         self.life.vcpu_put(vm, cpu)
 
 
-def _hypercalls(generic: bool, abi: str, n: int) -> tuple[list[tuple[object, ...]], str, int]:
+def _hypercalls(generic: bool, abi: str,
+                n: int) -> tuple[list[tuple[object, ...]], str, int, str]:
     from pkvm.host.vmm import Vmm
 
     m = pkvm.Machine(memory="256M", cpus=2, abi=abi, trace=False)
@@ -318,9 +326,11 @@ def _hypercalls(generic: bool, abi: str, n: int) -> tuple[list[tuple[object, ...
     if generic:  # the four generic steps, and every call through an interposer
         vmm.vm.life = _GenericLife(vmm.vm.life)  # type: ignore[assignment]
         m.interpose_hvc(lambda proceed, cpu, func, args: proceed(cpu, func, args))
+        # the runner's 8-byte loads and stores of `struct kvm_vcpu` as `Host.read` / `write`
+        m.host._read_u64 = m.host._write_u64 = None
     s = vmm.run()
     vmm.destroy()
-    return seen, s.reason, s.mmio_reads + s.mmio_writes
+    return seen, s.reason, s.mmio_reads + s.mmio_writes, s.console
 
 
 @settings(max_examples=4, deadline=None)
@@ -328,9 +338,10 @@ def _hypercalls(generic: bool, abi: str, n: int) -> tuple[list[tuple[object, ...
 def test_the_host_drivers_fast_calls_are_the_generic_ones(n, abi):
     """A whole `mmio` guest's run makes the same hypercalls, on the same CPUs with the same
     arguments and answers, with `arch_vcpu_load` / `arch_vcpu_put` as with the four generic
-    life-cycle steps in `arm.c`'s order, every call through an interposer."""
+    life-cycle steps in `arm.c`'s order, every call through an interposer, and the runner's
+    accesses to its `struct kvm_vcpu` through `Host.read` / `write` (the same UART output)."""
     fast, generic = _hypercalls(False, abi, n), _hypercalls(True, abi, n)
-    assert fast[1:] == ("shutdown", 2 * n)
+    assert fast[1:3] == ("shutdown", 2 * n)
     names = {c[1] for c in fast[0]}
     if abi == "latest":
         assert {"__pkvm_vcpu_load", "__vgic_v3_save_aprs", "__pkvm_vcpu_put"} <= names
@@ -397,3 +408,107 @@ def test_a_host_access_to_its_mapped_ram_takes_the_compiled_hit():
     assert m._door.host_hit(0, pa, True) == pa
     assert m._door.host_hit(0, 0x0900_0000, False) in (-1, S2_WALK_FAULT)
     assert m._door.host_hit(5, pa, True) == S2_WALK_FAULT  # a bad CPU: the generic path says why
+
+
+_PORT_OP = st.tuples(st.sampled_from(["read", "read_u64", "write_u64", "write"]),
+                     st.sampled_from(["host", "hyp", "mmio", "guest", "far"]),
+                     st.integers(0, 4 * 4096 - 1), st.integers(1, 24), u64,
+                     st.sampled_from([0, 1, 2, -1]))
+
+
+@settings(max_examples=12, deadline=None)
+@given(ops=st.lists(_PORT_OP, min_size=1, max_size=12))
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+def test_the_host_ports_loads_and_stores_take_the_hit_as_host_translate(abi, ops):
+    """`HostPort.read`, `read_u64` and `write_u64` ask the door's `host_hit` themselves before
+    `Machine.host_translate`: the same loads, stores, faults, RAM, TLB and host aborts as a
+    machine whose door never hits (every access down `host_translate`'s generic path)."""
+    sides = [_host_machine(abi, generic) for generic in (False, True)]
+    for op, region, off, n, value, cpu in ops:
+        outs = []
+        for m, bases in sides:
+            port, pa = m.host.port, bases[region] + off
+            try:
+                if op == "read":
+                    outs.append(port.read(cpu, pa, n))
+                elif op == "read_u64":
+                    outs.append(port.read_u64(cpu, pa))
+                elif op == "write_u64":
+                    outs.append(port.write_u64(cpu, pa, value))
+                else:
+                    outs.append(port.write(cpu, pa, value.to_bytes(8, "little")[: n % 8 + 1]))
+            except (pkvm.HostDataAbort, HypPanic, ValueError, IndexError) as e:
+                outs.append((type(e).__name__, str(e)))
+        assert outs[0] == outs[1], (op, region, hex(off), cpu)
+    (fast, fb), (gen, gb) = sides
+    for region in ("host", "hyp", "guest"):
+        assert fast.mem.read(fb[region], 4 * 4096) == gen.mem.read(gb[region], 4 * 4096), region
+    assert fast._hyp.host_s2_tlb.entries == gen._hyp.host_s2_tlb.entries
+    assert [(a.cpu, a.pa, a.write, a.verdict) for a in fast.host_aborts] == \
+        [(a.cpu, a.pa, a.write, a.verdict) for a in gen.host_aborts]
+    assert fast._hyp.dead == gen._hyp.dead
+
+
+# -- unicorn's run-path entry points without the binding's argument conversion -----------------
+REG_IDS = [*range(A.UC_ARM64_REG_X0, A.UC_ARM64_REG_X0 + 29), A.UC_ARM64_REG_X29,
+           A.UC_ARM64_REG_X30, A.UC_ARM64_REG_SP, A.UC_ARM64_REG_PC]
+
+
+@SETTINGS
+@given(writes=st.lists(st.tuples(st.sampled_from(REG_IDS), u64, st.booleans()), min_size=1,
+                       max_size=8))
+def test_direct_register_calls_are_the_bindings(core, writes):
+    """`_rd` / `_wr` (`uc_reg_read_direct` / `uc_reg_write_direct`) and the binding's
+    `reg_read` / `reg_write` see and make the same register values, 64 bits wide."""
+    for reg, value, direct in writes:
+        if direct:
+            core._wr(reg, value)
+        else:
+            core.uc.reg_write(reg, value)
+        assert core._rd(reg) == core.uc.reg_read(reg) == value
+
+
+ADD_X0_1 = 0x91000400  # add x0, x0, #1
+
+
+@SETTINGS
+@given(count=st.integers(0, 40), at=st.integers(0, 31), x0=u64)
+def test_a_direct_emu_start_is_the_bindings(core, count, at, x0):
+    """`Core.run(count, pc)` (`uc_emu_start_direct`, 64-bit arguments as C values) runs what
+    the binding's `emu_start(pc, until, 0, count)` runs: the same registers after."""
+    code = RAM + 0x8000
+    for k in range(32):
+        _poke(core, code + 4 * k, ADD_X0_1)
+    _poke(core, code + 4 * 32, 0xD4000002)  # hvc #0: the run ends there without a budget
+    results = []
+    for direct in (True, False):
+        _reset_with_x0(core, x0)
+        if direct:
+            core.run(count or None, code + 4 * at)
+        else:
+            core._clear_exit()
+            core.uc.emu_start(code + 4 * at, 2**64 - 1, 0, count)
+        results.append((core._rd(A.UC_ARM64_REG_X0), core._rd(A.UC_ARM64_REG_PC)))
+    assert results[0] == results[1]
+    assert results[0][0] == (x0 + min(count or 32, 32 - at)) % 2**64
+
+
+# -- the run's reload of the general registers the host changed --------------------------------
+@SETTINGS
+@given(old=st.lists(u64, min_size=31, max_size=31),
+       changes=st.dictionaries(st.integers(0, 30), u64, max_size=31),
+       live=st.lists(u64, min_size=31, max_size=31), tail=st.binary(min_size=0, max_size=64))
+def test_the_changed_registers_are_the_register_by_register_compare(core, old, changes, live,
+                                                                     tail):
+    """`_load_changed_xregs` writes exactly the registers x0..x30 whose bytes differ, with
+    their new values, and leaves the others as the CPU holds them (`live`): what comparing the
+    31 registers one by one and writing each that differs does."""
+    new = list(old)
+    for i, v in changes.items():
+        new[i] = v
+    pack = struct.Struct("<31Q").pack
+    for i, v in enumerate(live):
+        core.set_x(i, v)
+    _load_changed_xregs(core, pack(*new) + tail, pack(*old) + tail)
+    assert [core.x(i) for i in range(31)] == [new[i] if new[i] != old[i] else live[i]
+                                               for i in range(31)]

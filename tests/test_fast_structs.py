@@ -137,14 +137,20 @@ def _store_outcome(h, vcpu, va, store):
 
 
 @SETTINGS
-@given(page=st.sampled_from([-2, -1, 0, 1, 2, 64]), slot=st.integers(0, 511), value=u64)
-def test_a_field_store_is_the_generic_el2_store(machine_vcpu, page, slot, value):
+@given(page=st.sampled_from([-2, -1, 0, 1, 2, 64]), slot=st.integers(0, 511), value=u64,
+       same=st.booleans())
+def test_a_field_store_is_the_generic_el2_store(machine_vcpu, page, slot, value, same):
     """In the host vCPU's page (shared with EL2), the pages around it (some neither mapped at
     EL2 nor the hyp's) and further away: the property's store and `el2_write` fault alike, or
-    store the same bytes with the same ownership records (an equal store elided)."""
+    store the same bytes with the same ownership records (an equal store elided: `same` stores
+    the word already there)."""
     m, vm, vcpu = machine_vcpu
     h = m._hyp
     va = kern_hyp_va(h, (vm.vcpus[0].pa & ~0xFFF) + page * 4096) + 8 * slot
+    if same:
+        pos = hyp_pa(va) - h.mem.base
+        if 0 <= pos <= len(h.mem.bytes) - 8:
+            value = int.from_bytes(h.mem.bytes[pos : pos + 8], "little")
 
     def field(s):
         s.hcr_el2 = value

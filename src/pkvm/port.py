@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pkvm.machine.memory import PAGE_SIZE
+from pkvm.machine.mmu import S2_WALK_FAULT
 
 if TYPE_CHECKING:
     from pkvm.board import HvcResult, Machine, SmcResult
@@ -24,13 +25,19 @@ class HostPort:
 
     `observe_stores(fn)` calls `fn(cpu, pa, data)` after every store through this port that
     the host stage-2 let through: `data` is the bytes stored, or, for `zero`, the number of
-    bytes zeroed. A refused store raises `HostDataAbort` and is not observed."""
+    bytes zeroed. A refused store raises `HostDataAbort` and is not observed.
 
-    __slots__ = ("_m", "_observers")
+    `hvc(cpu, func, *args)` is the machine's own `Machine.hvc` (interposers and all), bound
+    here rather than wrapped: the run path issues five hypercalls per exit. The 8-byte loads
+    and stores ask the machine's door for the host TLB's hit first, as `Machine.host_translate`
+    does, and go to `host_translate` for everything else (a fault, stage-2 off, a dead hyp)."""
+
+    __slots__ = ("_m", "_observers", "hvc")
 
     def __init__(self, machine: "Machine"):
         self._m = machine
         self._observers: list[StoreObserver] = []
+        self.hvc: Callable[..., HvcResult] = machine.hvc
 
     def observe_stores(self, fn: StoreObserver) -> None:
         self._observers.append(fn)
@@ -42,17 +49,15 @@ class HostPort:
         for fn in self._observers:
             fn(cpu, pa, data)
 
-    def hvc(self, cpu: int, func: str | int, *args: int) -> HvcResult:
-        return self._m.hvc(cpu, func, *args)
-
     def smc(self, cpu: int, func: str | int, *args: int, imm: int = 0) -> SmcResult:
         return self._m.smc(cpu, func, *args, imm=imm)
 
     def read(self, cpu: int, pa: int, n: int) -> bytes:
         m = self._m
         if 0 < n <= PAGE_SIZE - (pa & 0xFFF):  # within one page: one translation
-            out = m.host_translate(cpu, pa, False)
-            return m.mem.read(out, n) if out is not None else bytes(n)
+            hit = self._m._door.host_hit(cpu, pa, False)
+            out = hit if hit != S2_WALK_FAULT else m.host_translate(cpu, pa, False)
+            return m.mem.read(out, n) if out is not None and out >= 0 else bytes(n)
         spans = self._translate(cpu, pa, n, False)
         return b"".join(m.mem.read(out, k) if out is not None else bytes(k) for out, k in spans)
 
@@ -79,8 +84,9 @@ class HostPort:
         """An 8-byte load: one translation (the TLB's, on a hit) and one read of RAM."""
         if pa & 0xFFF > PAGE_SIZE - 8:  # straddles two pages
             return int.from_bytes(self.read(cpu, pa, 8), "little")
-        out = self._m.host_translate(cpu, pa, False)
-        if out is None:
+        hit = self._m._door.host_hit(cpu, pa, False)  # `host_translate`'s first step
+        out = hit if hit != S2_WALK_FAULT else self._m.host_translate(cpu, pa, False)
+        if out is None or out < 0:
             return 0
         mem = self._m.mem
         return mem.read_u64(out) if not out & 7 else int.from_bytes(mem.read(out, 8), "little")
@@ -90,8 +96,9 @@ class HostPort:
         if pa & 0xFFF > PAGE_SIZE - 8:
             self.write(cpu, pa, raw)
             return
-        out = self._m.host_translate(cpu, pa, True)
-        if out is not None:
+        hit = self._m._door.host_hit(cpu, pa, True)
+        out = hit if hit != S2_WALK_FAULT else self._m.host_translate(cpu, pa, True)
+        if out is not None and out >= 0:
             mem = self._m.mem
             if out & 7:
                 mem.write(out, raw)

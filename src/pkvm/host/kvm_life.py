@@ -19,7 +19,7 @@ from pkvm.abi.host_structs import (
     KVM_ARCH_FLAG_ID_REGS_INITIALIZED,
     KVM_VCPU,
 )
-from pkvm.errors import HostError
+from pkvm.errors import EINVAL, HostError
 
 if TYPE_CHECKING:
     from pkvm.host.kvm import HostVcpu, HostVm
@@ -156,13 +156,22 @@ class TwoPhase:
         # kvm_arch_vcpu_put, before the hyp vCPU's put: EL2 saves the APRs.
         vm.host.port.hvc(cpu, "__vgic_v3_save_aprs", vcpu.va + VGIC_V3_OFF)
 
+    # `KVM_RUN` calls these two on every entry: `vcpu_load` + `vgic_load` and `vgic_put` +
+    # `vcpu_put` above, the same four hypercalls, without their frames (`HostVm.hvc`'s check
+    # that the call is offered is kept).
     def arch_vcpu_load(self, vm: HostVm, vcpu: HostVcpu, hcr: int, cpu: int) -> None:
-        self.vcpu_load(vm, vcpu, hcr, cpu)
-        self.vgic_load(vm, vcpu, cpu)
+        hvc = vm.host.port.hvc
+        x0 = hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, hcr).x0
+        if x0:
+            raise HostError(EINVAL, "__pkvm_vcpu_load", x0, "the hyp does not offer this call")
+        hvc(cpu, "__vgic_v3_restore_vmcr_aprs", vcpu.va + VGIC_V3_OFF)
 
     def arch_vcpu_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
-        self.vgic_put(vm, vcpu, cpu)
-        self.vcpu_put(vm, cpu)
+        hvc = vm.host.port.hvc
+        hvc(cpu, "__vgic_v3_save_aprs", vcpu.va + VGIC_V3_OFF)
+        x0 = hvc(cpu, "__pkvm_vcpu_put").x0
+        if x0:
+            raise HostError(EINVAL, "__pkvm_vcpu_put", x0, "the hyp does not offer this call")
 
     def destroy(self, vm: HostVm) -> None:
         if not vm.is_created:

@@ -75,7 +75,7 @@ assert KVM_VCPU.offset("arch.fault.hpfar_el2") == _FAULT_OFF + 16
 _FAULT = struct.Struct("<3Q")  # arch.fault.{esr,far,hpfar}_el2
 
 
-@dataclass
+@dataclass(slots=True)
 class VcpuExit:
     """What `KVM_RUN` returns to userspace (`struct kvm_run`), plus the raw fault registers."""
 
@@ -111,6 +111,9 @@ class VcpuRunner:
         self.power_off = vcpu.idx != 0
         self.pending_mmio: tuple[int, int] | None = None  # (esr, srt) of a read to complete
         self.exits: dict[str, int] = {}
+        self._host = vcpu.vm.host
+        self._pa, self._va = vcpu.pa, vcpu.va  # the host's struct kvm_vcpu (fixed)
+        self._fault_pa = vcpu.pa + _FAULT_OFF  # &vcpu->arch.fault
 
     # -- the host struct kvm_vcpu ------------------------------------------------------
     def _ctxt_raw(self) -> bytes:
@@ -131,16 +134,33 @@ class VcpuRunner:
         f = KVM_VCPU.field(name)
         self.vm.host.write(self.vcpu.pa + f.offset, (value & U64).to_bytes(f.size, "little"))
 
+    # The three accessors below are `Host.read_u64` / `write_u64` with the port's 8-byte
+    # accessors called directly when it has them (one frame less each; `host.cpu` read at
+    # each access, as `Host` reads it).
     def _xreg(self, n: int) -> int:
         """One general-purpose register from the host's saved context."""
-        return self.vm.host.read_u64(self.vcpu.pa + _REGS_OFF + 8 * n)
+        host = self._host
+        rd = host._read_u64
+        pa = self._pa + _REGS_OFF + 8 * n
+        return host.read_u64(pa) if rd is None else rd(host.cpu, pa)
 
     def _set_xreg(self, n: int, value: int) -> None:
-        self.vm.host.write_u64(self.vcpu.pa + _REGS_OFF + 8 * n, value)
+        host = self._host
+        wr = host._write_u64
+        pa = self._pa + _REGS_OFF + 8 * n
+        if wr is None:
+            host.write_u64(pa, value)
+        else:
+            wr(host.cpu, pa, value)
 
     def _set_iflag(self, flag: int) -> None:
-        host, pa = self.vm.host, self.vcpu.pa + _IFLAGS_OFF
-        host.write_u64(pa, host.read_u64(pa) | flag)
+        host, pa = self._host, self._pa + _IFLAGS_OFF
+        rd, wr = host._read_u64, host._write_u64
+        if rd is None or wr is None:
+            host.write_u64(pa, host.read_u64(pa) | flag)
+        else:
+            cpu = host.cpu
+            wr(cpu, pa, rd(cpu, pa) | flag)
 
     def reset(self, pc: int, x0: int) -> None:
         self.set_regs(reset_context(pc, x0, self.vcpu.idx))
@@ -164,7 +184,7 @@ class VcpuRunner:
         if not (vcpu.hyp_created and vm.is_created):
             vm.ensure_hyp_vcpu(vcpu)
         life.arch_vcpu_load(vm, vcpu, HCR_HOST_VCPU, cpu)
-        hvc, va = vm.host.port.hvc, vcpu.va  # `Host.hvc` on this CPU, without its wrapper
+        hvc, va = vm.host.port.hvc, self._va  # `Host.hvc` on this CPU, without its wrapper
         try:
             for _ in range(RUN_REENTRY_LIMIT):
                 r = hvc(cpu, "__kvm_vcpu_run", va)
@@ -190,9 +210,8 @@ class VcpuRunner:
             return VcpuExit("preempted")
         if code != ARM_EXCEPTION_TRAP:
             return VcpuExit("fail", detail=f"exit code {code}")
-        host = self.vm.host
-        esr, self._far, self._hpfar = _FAULT.unpack(
-            host.port.read(host.cpu, self.vcpu.pa + _FAULT_OFF, 24))
+        host = self._host
+        esr, self._far, self._hpfar = _FAULT.unpack(host.port.read(host.cpu, self._fault_pa, 24))
         ec = esr >> 26
         if ec in (EC_DABT_LOW, EC_IABT_LOW):
             return self._abort(esr, cpu)

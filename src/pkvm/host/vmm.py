@@ -105,11 +105,12 @@ class Vmm:
         t0 = time.perf_counter()
         exits = 0
         vcpus = self.vm.vcpus
+        runners = [v.runner for v in vcpus]
         counts = s.exits
         try:
             while True:
                 # each vCPU's KVM_RUN (`HostVcpu.run` is its runner's `run`)
-                runnable = [v.runner for v in vcpus if not v.runner.power_off]
+                runnable = [r for r in runners if not r.power_off]
                 if not runnable:
                     s.reason = "all vCPUs off"
                     break

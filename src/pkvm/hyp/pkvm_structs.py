@@ -111,23 +111,28 @@ def struct_u64(s: HypStruct, off: int) -> int:
 
 
 def set_struct_u64(s: HypStruct, off: int, value: int) -> None:
-    """The store of an 8-byte field (`store_scalar`)."""
-    store_scalar(s, off, _U64.pack(value))
+    """The store of an 8-byte field (`store_scalar`), its elision decided on the word read as
+    an integer (no packed bytes or slice made for a store that is elided)."""
+    if _U64.unpack_from(s._h.mem.bytes, s._off + off)[0] != value:
+        _store_scalar_bytes(s, off, _U64.pack(value))
 
 
 def store_scalar(s: HypStruct, off: int, data: bytes) -> None:
     """A scalar's EL2 store through the hyp stage-1 (a scalar is naturally aligned and the
     structs start on a page, so it never crosses a page: one translation), elided when the bytes
     there are `data` already (it changes nothing a reader can see)."""
-    h = s._h
-    mem = h.mem.bytes
     start = s._off + off
-    n = len(data)
-    if mem[start : start + n] != data:
-        pa = el2_translate(h, s.va + off, True)
-        check_store(h, pa)
-        pos = pa - h.mem.base
-        mem[pos : pos + n] = data
+    if s._h.mem.bytes[start : start + len(data)] != data:
+        _store_scalar_bytes(s, off, data)
+
+
+def _store_scalar_bytes(s: HypStruct, off: int, data: bytes) -> None:
+    """`store_scalar` once it is known to change the bytes there."""
+    h = s._h
+    pa = el2_translate(h, s.va + off, True)
+    check_store(h, pa)
+    pos = pa - h.mem.base
+    h.mem.bytes[pos : pos + len(data)] = data
 
 
 def struct_load(s: HypStruct, off: int, n: int) -> bytes:
@@ -141,6 +146,7 @@ class VcpuExitData(TypedDict, total=False):
 
     s2_pgd: int  # 6.12: the pgd of the host-managed stage-2, read at each flush
     synced: bytes  # the context the last sync copied out of the core (arch.ctxt bytes)
+    synced_sys: list[int]  # the system registers packed into `synced` (set with it)
     hcr_vi: int  # the HCR_EL2.VI last written into the core
 
 
@@ -320,7 +326,8 @@ class PkvmHypVcpu(HypStruct):
 
     @ctxt.setter
     def ctxt(self, value: bytes) -> None:
-        el2_write(self._h, self.va + CTXT_OFF, value[:CTXT_LEN])  # one EL2 store
+        data = value if len(value) == CTXT_LEN else value[:CTXT_LEN]
+        el2_write(self._h, self.va + CTXT_OFF, data)  # one EL2 store
 
     @property
     def loaded_on(self) -> int | None:

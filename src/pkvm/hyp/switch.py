@@ -275,7 +275,6 @@ class _Engine:
         self.owner: PkvmHypVcpu | None = None  # whose registers the core holds
         self.saved: dict[int, CpuState] = {}  # vcpu_idx -> its emulated CPU's other state
         self.fresh = core.save_cpu_state()  # the state a vCPU's first entry starts from
-        self.synced_sys: dict[int, list[int]] = {}  # vcpu_idx -> system registers last synced
 
 
 def configure_guest_core(core: Core) -> None:
@@ -494,15 +493,29 @@ def _load_context(vcpu: PkvmHypVcpu, core: Core, ctxt: bytes) -> int | None:
         vcpu.iflags = iflags & ~IFLAG_INCREMENT_PC
     if synced is not None and ctxt[_PSTATE:CTXT_REGS_SIZE] == synced[_PSTATE:CTXT_REGS_SIZE] and (
             ctxt[_SP_EL0:_PC] == synced[_SP_EL0:_PC]):
-        if ctxt[:_SP_EL0] != synced[:_SP_EL0]:
-            new, old = _XREGS.unpack_from(ctxt), _XREGS.unpack_from(synced)
-            for i in range(31):
-                if new[i] != old[i]:
-                    core.set_x(i, new[i])
+        _load_changed_xregs(core, ctxt, synced)
         return pc
     core.load_raw(ctxt[:_PC] + pc.to_bytes(8, "little") + ctxt[_PSTATE:],
                   ctxt_sys_values(ctxt, core.sys_names))
     return None
+
+
+def _load_changed_xregs(core: Core, ctxt: bytes, synced: bytes) -> None:
+    """Write to the CPU each of x0..x30 that differs between `ctxt` and `synced`, in
+    ascending order. The two register arrays as integers (little-endian: x0 in the low 64 bits)
+    XORed give the differing bits; when they all lie in one register (an MMIO completion
+    changes one) that register alone is written, else each register is compared."""
+    diff = int.from_bytes(ctxt[:_SP_EL0], "little") ^ int.from_bytes(synced[:_SP_EL0], "little")
+    if not diff:
+        return
+    lo = ((diff & -diff).bit_length() - 1) >> 6
+    if (diff.bit_length() - 1) >> 6 == lo:
+        core.set_x(lo, int.from_bytes(ctxt[8 * lo : 8 * lo + 8], "little"))
+        return
+    new, old = _XREGS.unpack_from(ctxt), _XREGS.unpack_from(synced)
+    for i in range(lo, 31):
+        if new[i] != old[i]:
+            core.set_x(i, new[i])
 
 
 def _sync_context(vcpu: PkvmHypVcpu, core: Core, base: bytes) -> None:
@@ -510,17 +523,17 @@ def _sync_context(vcpu: PkvmHypVcpu, core: Core, base: bytes) -> None:
     `base`, the hyp vCPU's context as the run began (only the run path writes it), remembering
     what was copied for the next `_load_context`."""
     raw, sysvals = core.save_raw()
-    synced = vcpu.exit_data.get("synced")
-    eng = _engine_of(vcpu)
-    if synced is not None and sysvals == eng.synced_sys.get(vcpu.vcpu_idx) and (
+    data = vcpu.exit_data
+    synced = data.get("synced")
+    if synced is not None and sysvals == data.get("synced_sys") and (
             base[CTXT_RAW_SIZE:CTXT_REGS_SIZE] == synced[CTXT_RAW_SIZE:CTXT_REGS_SIZE]):
         # the system registers as the last sync packed them: only the rest is new
         ctxt = raw + base[CTXT_RAW_SIZE:]
     else:
         ctxt = ctxt_pack_raw(raw, core.sys_names, sysvals, base)
-        eng.synced_sys[vcpu.vcpu_idx] = sysvals
+        data["synced_sys"] = sysvals
     vcpu.ctxt = ctxt
-    vcpu.exit_data["synced"] = ctxt
+    data["synced"] = ctxt
 
 
 def kvm_vcpu_run(h: HypState, vcpu: PkvmHypVcpu) -> int:

@@ -35,6 +35,19 @@ from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INS
 from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import UcContext, UcError, uclib
 
+# unicorn's entry points of the run path, called without the binding's argument conversion:
+# `uclib`'s functions carry `argtypes`, which ctypes checks and converts on every call (~0.7 us
+# for `uc_reg_read`); these are the same functions of the same loaded library (one `dlopen`
+# handle) with none, so each argument must already be what C takes: a ctypes object, a
+# pointer (`byref`, an array) or an int that fits a C int (a register ID, a count); 64-bit
+# values go in as `ctypes.c_uint64` (~0.25 us a call). Each returns the `uc_err` (C int).
+_uc_direct = ctypes.CDLL(uclib._name)
+uc_reg_read_direct = _uc_direct.uc_reg_read
+uc_reg_write_direct = _uc_direct.uc_reg_write
+uc_reg_read_batch_direct = _uc_direct.uc_reg_read_batch
+uc_reg_write_batch_direct = _uc_direct.uc_reg_write_batch
+uc_emu_start_direct = _uc_direct.uc_emu_start
+
 # uc_cb_insn_sys_t: (uc, reg, const uc_arm64_cp_reg *, user_data) -> skip the instruction
 _HOOK_INSN_SYS_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int,
                                         ctypes.c_void_p, ctypes.c_void_p)
@@ -236,7 +249,7 @@ class _Batch:
             self.ptrs = (ctypes.c_void_p * n)(*[base + width * i for i in range(n)])
 
     def read(self) -> list[int]:
-        _check(uclib.uc_reg_read_batch(self.uch, self.ids, self.ptrs, self.n))
+        _check(uc_reg_read_batch_direct(self.uch, self.ids, self.ptrs, self.n))
         if self.cps is not None:
             return [c.val for c in self.cps]
         raw = list(self.vals)
@@ -255,7 +268,7 @@ class _Batch:
             self.vals[:] = flat
         else:
             self.vals[:] = [v & MASK64 for v in values]
-        _check(uclib.uc_reg_write_batch(self.uch, self.ids, self.ptrs, self.n))
+        _check(uc_reg_write_batch_direct(self.uch, self.ids, self.ptrs, self.n))
 
 
 def _check(status: int) -> None:
@@ -286,10 +299,12 @@ class _RawBatch:
         self.ptrs = (ctypes.c_void_p * (n + 1))(*ptrs, ctypes.addressof(self.par))
 
     def read(self) -> None:
-        _check(uclib.uc_reg_read_batch(self.uch, self.ids, self.ptrs, self.n_write + 1))
+        if status := uc_reg_read_batch_direct(self.uch, self.ids, self.ptrs, self.n_write + 1):
+            raise UcError(status)
 
     def write(self) -> None:
-        _check(uclib.uc_reg_write_batch(self.uch, self.ids, self.ptrs, self.n_write))
+        if status := uc_reg_write_batch_direct(self.uch, self.ids, self.ptrs, self.n_write):
+            raise UcError(status)
 
 
 class CpuRegisters:
@@ -338,23 +353,27 @@ class CpuRegisters:
     # ---- system registers -------------------------------------------------------------
     # Registers move through preallocated ctypes buffers: the binding's reg_read costs ~2 us.
     def _rd(self, regid: int) -> int:
-        _check(uclib.uc_reg_read(self._uch, regid, self._r64p))
+        if status := uc_reg_read_direct(self._uch, regid, self._r64p):
+            raise UcError(status)
         return self._r64.value
 
     def _wr(self, regid: int, value: int) -> None:
         self._r64.value = value & MASK64
-        _check(uclib.uc_reg_write(self._uch, regid, self._r64p))
+        if status := uc_reg_write_direct(self._uch, regid, self._r64p):
+            raise UcError(status)
 
     def _cpw(self, enc: tuple[int, int, int, int, int], value: int) -> None:
         c = self._cp
         c.op0, c.op1, c.crn, c.crm, c.op2 = enc
         c.val = value & MASK64
-        _check(uclib.uc_reg_write(self._uch, A.UC_ARM64_REG_CP_REG, self._cpp))
+        if status := uc_reg_write_direct(self._uch, A.UC_ARM64_REG_CP_REG, self._cpp):
+            raise UcError(status)
 
     def _cpr(self, enc: tuple[int, int, int, int, int]) -> int:
         c = self._cp
         c.op0, c.op1, c.crn, c.crm, c.op2 = enc
-        _check(uclib.uc_reg_read(self._uch, A.UC_ARM64_REG_CP_REG, self._cpp))
+        if status := uc_reg_read_direct(self._uch, A.UC_ARM64_REG_CP_REG, self._cpp):
+            raise UcError(status)
         return int(c.val)
 
     # ---- EL2 control: what EL2 software does to the CPU it runs a guest on ------------------
@@ -499,7 +518,8 @@ class CpuRegisters:
         raw = self._raw
         buf = raw.buf
         buf[_W_PSTATE] = buf[_W_FPSR] = buf[_W_FPCR] = 0  # unicorn writes their low half only
-        raw.read()
+        if status := uc_reg_read_batch_direct(raw.uch, raw.ids, raw.ptrs, raw.n_write + 1):
+            raise UcError(status)  # `raw.read()`, one frame less
         if buf[_W_PSTATE] & PSR_MODE_MASK == PSR_MODE_EL1h:
             buf[_W_SP_EL0], buf[_W_SP_EL1] = buf[_W_BANK_SP_EL0], buf[_W_LIVE_SP]
         else:

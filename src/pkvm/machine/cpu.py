@@ -54,11 +54,12 @@ timeout slices at arbitrary points (device accesses replayed) and is not used.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import UC_ARCH_ARM64, UC_MODE_ARM
-from unicorn.unicorn_py3.unicorn import Uc, UcError, uclib
+from unicorn.unicorn_py3.unicorn import Uc, UcError
 
 from pkvm.machine.context import (
     CNTHCTL_EL1PCEN,
@@ -80,6 +81,7 @@ from pkvm.machine.context import (
     CpuContext,
     CpuState,
     SysRegEnc,
+    uc_emu_start_direct,
 )
 from pkvm.machine.esr import (
     ESR_ELx_ISV,
@@ -131,6 +133,9 @@ __all__ = [
 ]
 
 _UNTIL = MASK64  # an odd address: PC never reaches it
+# uc_emu_start's 64-bit arguments as C values (`uc_emu_start_direct` converts nothing)
+_UNTIL_C = ctypes.c_uint64(_UNTIL)
+_ZERO_C = ctypes.c_uint64(0)
 XZR = 31
 INSN_SIZE = 4
 
@@ -187,7 +192,9 @@ class Core(CpuExceptions):
         # `Uc.emu_start` without its wrapper: a hook's exception is kept on the instance
         uc = self.uc
         uc._hook_exception = None
-        status = uclib.uc_emu_start(self._uch, pc, _UNTIL, 0, max_insns or 0)
+        count = ctypes.c_uint64(max_insns) if max_insns else _ZERO_C  # size_t
+        status = uc_emu_start_direct(self._uch, ctypes.c_uint64(pc & MASK64), _UNTIL_C, _ZERO_C,
+                                     count)
         if uc._hook_exception is not None:
             raise uc._hook_exception
         ex = self._exit
