@@ -44,3 +44,57 @@ def test_the_generic_check_is_reached(m72, _):
     h = m72._hyp
     reg = h.hyp_memory[-1]
     assert memblock.check_range_allowed_memory(h, reg.end - PAGE_SIZE, reg.end + PAGE_SIZE) == -22
+
+
+# -- the host driver's per-page loops (round 4) ------------------------------------------------
+def _calls(m: pkvm.Machine, since: int) -> list[tuple]:
+    return [(r.name, r.cpu, r.args, r.x0, r.x1) for r in list(m.trace)[since:]]
+
+
+def _generic_map(vm, gfn: int, n: int, cpu: int) -> None:
+    """`HostVm.map` spelled with the driver's generic steps: per page a `topup_memcache` (its
+    count read, pages pushed when short) and one `HostVm.hvc`."""
+    from pkvm.host.kvm import KVM_PGTABLE_PROT_RWX
+    from pkvm.host.vcpu_run import HCR_HOST_VCPU
+
+    vm._populate(gfn, n)
+    vcpu = vm.vcpus[0]
+    vm.ensure_hyp_vcpu(vcpu)
+    vm.life.vcpu_load(vm, vcpu, HCR_HOST_VCPU, cpu)
+    name = "__pkvm_host_donate_guest" if vm.protected else "__pkvm_host_share_guest"
+    extra = () if vm.protected else (1, KVM_PGTABLE_PROT_RWX)  # nr_pages, prot
+    for g in range(gfn, gfn + n):
+        if g not in vm.mapped:
+            pa = vm.backing(g)
+            vm.topup_memcache(vcpu)
+            assert vm.hvc(name, pa >> 12, g, *extra, cpu=cpu) == 0
+            vm.mapped[g] = pa
+    vm.life.vcpu_put(vm, cpu)
+
+
+@settings(max_examples=12, deadline=None)
+@given(protected=st.booleans(), runs=st.lists(st.tuples(st.integers(0, 471), st.integers(1, 40)),
+                                              min_size=1, max_size=3),
+       cpu=st.integers(0, 1))
+def test_the_drivers_map_and_teardown_loops_make_the_generic_calls(protected, runs, cpu):
+    """`HostVm.map`'s loop (the memcache count loaded in place, `topup_memcache` only when
+    short, the port's HVC straight) issues the hypercalls the generic steps issue, in order,
+    with the same results; the teardown reclaims (or unshares) each mapped page once, in the
+    order they were mapped, and leaves nothing mapped."""
+    fast = pkvm.Machine(memory="64M", cpus=2, trace=True)
+    slow = pkvm.Machine(memory="64M", cpus=2, trace=True)
+    vms = [m.host.create_vm(vcpus=1, protected=protected, memory=2 << 20) for m in (fast, slow)]
+    since = [len(fast.trace), len(slow.trace)]
+    assert _calls(fast, 0) == _calls(slow, 0)
+    for gfn, n in runs:
+        vms[0].map(0x40000 + gfn, n, cpu=cpu)
+        _generic_map(vms[1], 0x40000 + gfn, n, cpu)
+    assert _calls(fast, since[0]) == _calls(slow, since[1])
+    assert vms[0].mapped == vms[1].mapped
+    order = list(vms[0].mapped)
+    start = len(fast.trace)
+    vms[0].destroy()
+    assert not vms[0].mapped
+    page_calls = [c for c in _calls(fast, start) if c[0] in (
+        "__pkvm_reclaim_dying_guest_page", "__pkvm_host_unshare_guest")]
+    assert [c[2][1] for c in page_calls] == order and all(c[4] == 0 for c in page_calls)

@@ -72,6 +72,19 @@ S2_PROTS = [KVM_PGTABLE_PROT_RWX, KVM_PGTABLE_PROT_RWX | KVM_PGTABLE_PROT_SW0,
             KVM_PGTABLE_PROT_RW, KVM_PGTABLE_PROT_R]
 
 
+def _s2_mapped(before: list[tuple[int, int, int | None]]) -> _S2:
+    """A stage-2 with `before` mapped: (ipa, pages: 1 or a 512-page block, prot or None for
+    an annotation, an owner id in bits 9:2)."""
+    env = _S2()
+    for ipa, n, prot in before:
+        base = ipa & ~(n * PAGE_SIZE - 1)
+        if prot is None:
+            env.pgt.stage2_map(base, n * PAGE_SIZE, None, 0, annotation=1 << 2)
+        else:
+            env.pgt.stage2_map(base, n * PAGE_SIZE, base, prot)
+    return env
+
+
 @settings(max_examples=150, deadline=None)
 @given(before=st.lists(st.tuples(ipa_pages, st.sampled_from([1, 1, 512]),
                                  st.sampled_from([None, *S2_PROTS])), max_size=10),
@@ -79,14 +92,7 @@ S2_PROTS = [KVM_PGTABLE_PROT_RWX, KVM_PGTABLE_PROT_RWX | KVM_PGTABLE_PROT_SW0,
                                 st.sampled_from([0, KVM_PGTABLE_WALK_IGNORE_EAGAIN])),
                       min_size=1, max_size=6))
 def test_stage2_map_one_page_agrees_with_walker(before, pages):
-    a, b = _S2(), _S2()
-    for env in (a, b):
-        for ipa, n, prot in before:
-            base = ipa & ~(n * PAGE_SIZE - 1)
-            if prot is None:  # an annotation: an owner id in bits 9:2
-                env.pgt.stage2_map(base, n * PAGE_SIZE, None, 0, annotation=1 << 2)
-            else:
-                env.pgt.stage2_map(base, n * PAGE_SIZE, base, prot)
+    a, b = _s2_mapped(before), _s2_mapped(before)
     assert a.state() == b.state()
     for ipa, prot, flags in pages:
         if prot is None:
@@ -114,15 +120,9 @@ def test_stage2_unmap_one_page_agrees_with_walker(before, unmaps):
     """The one-page unmap (`_stage2_unmap_page`: the level-3 entry cleared, then the tables it
     emptied freed bottom up) against the generic walk: the same descriptors, table-page
     references, freed pages, errno, and the same TLB invalidations and change notes."""
-    a, b = _S2(), _S2()
+    a, b = _s2_mapped(before), _s2_mapped(before)
     told: dict[str, list[tuple[str, int, int]]] = {"a": [], "b": []}
     for key, env in (("a", a), ("b", b)):
-        for ipa, n, prot in before:
-            base = ipa & ~(n * PAGE_SIZE - 1)
-            if prot is None:  # an annotation: an owner id in bits 9:2
-                env.pgt.stage2_map(base, n * PAGE_SIZE, None, 0, annotation=1 << 2)
-            else:
-                env.pgt.stage2_map(base, n * PAGE_SIZE, base, prot)
         log = told[key]
         env.pgt.tlbi = lambda s, n, log=log: log.append(("tlbi", s, n))
         env.pgt.changed = lambda s, n, log=log: log.append(("changed", s, n))
