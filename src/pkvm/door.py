@@ -24,6 +24,7 @@ from pkvm.hyp.hyp_main import handle_host_hcall
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.state import HypState
 from pkvm.machine.firmware import OFF, Firmware
+from pkvm.machine.memory import PAGE_SIZE
 from pkvm.machine.mmu import HCR_VM, S2_WALK_FAULT, El2Regs, tlb_s2_translate
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -180,6 +181,21 @@ class HvcDoor:
         if not el2.hcr_el2 & HCR_VM:
             return S2_WALK_FAULT
         return tlb_s2_translate(h.host_s2_tlb, h.mem, el2.vttbr_el2, pa, write)
+
+    def host_spans(self, cpu: int, pa: int, n: int, write: bool,
+                   spans: list[tuple[int | None, int]]) -> tuple[int, int]:
+        """`host_hit` of each page of [pa, pa + n) in order, each appended to `spans` as (PA or
+        None where no RAM answers, bytes of that page in the range), up to the first page that
+        `Machine.host_translate` must take itself: returns the (pa, n) left from there."""
+        while n > 0:
+            k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
+            out = self.host_hit(cpu, pa, write)
+            if out == S2_WALK_FAULT:
+                break
+            spans.append((out if out >= 0 else None, k))
+            pa += k
+            n -= k
+        return pa, n
 
     def record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                t0: int, panic: str | None) -> TraceRecord:
