@@ -421,18 +421,18 @@ class HostVm:
         for g in range(gfn, gfn + n):
             if g in mapped:
                 continue
-            pa = slot.get(g)
-            if pa is None:
-                pa = backing(g)
+            page = slot.get(g)
+            if page is None:
+                page = backing(g)
             # `topup_hyp_memcache`: its count loaded; the pages pushed only when it is short.
             if host.read_u64(nr_pa) < sizes.KVM_MMU_CACHE_MIN_PAGES:
                 self.topup_memcache(vcpu)
-            r = port.hvc(cpu, name, pa >> PAGE_SHIFT, g, *extra)  # `HostVm.hvc`, one frame less
+            r = port.hvc(cpu, name, page >> PAGE_SHIFT, g, *extra)  # `HostVm.hvc`, a frame less
             if r.x0:
                 raise HostError(EINVAL, name, r.x0, "the hyp does not offer this call")
             if r.x1:
                 raise HostError(-r.x1, name, r.x1)
-            mapped[g] = pa
+            mapped[g] = page
 
     # -- destroy -------------------------------------------------------------------
     def destroy(self) -> None:
