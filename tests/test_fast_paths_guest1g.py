@@ -102,13 +102,11 @@ def test_the_drivers_map_and_teardown_loops_make_the_generic_calls(protected, ru
 
 def _page_by_page(m: pkvm.Machine, cpu: int, pa: int, n: int, write: bool) -> list:
     """The generic translation of a range: `host_translate` of one page after another."""
-    spans = []
-    while n > 0:
-        k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
-        spans.append((m.host_translate(cpu, pa, write), k))
-        pa += k
-        n -= k
-    return spans
+    if n <= 0:
+        return []
+    starts = [pa, *range((pa & ~(PAGE_SIZE - 1)) + PAGE_SIZE, pa + n, PAGE_SIZE)]
+    return [(m.host_translate(cpu, start, write), end - start)
+            for start, end in zip(starts, [*starts[1:], pa + n], strict=True)]
 
 
 def _outcome(fn):
