@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import pkvm
 from pkvm.hyp import memblock
+from pkvm.hyp.memory import ComponentId
 from pkvm.machine.memory import PAGE_SIZE
 from test_fast_paths import MEM, SETTINGS, addresses, memblocks
 
@@ -142,3 +143,24 @@ def test_host_translate_range_agrees_with_page_by_page(abi, where, off, n, write
     assert aborts[0] == aborts[1]
     assert a.table("host").leaves() == b.table("host").leaves()
     assert ms[0]._hyp.dead == ms[1]._hyp.dead
+
+
+@settings(max_examples=60, deadline=None)
+@given(args=st.lists(st.one_of(st.integers(0, 2**64 - 1), st.integers(-(2**70), 2**70),
+                               st.booleans(), st.sampled_from(list(ComponentId))), max_size=6),
+       cpu=st.integers(0, 1))
+def test_the_door_hands_each_argument_over_as_a_64_bit_register(m72, args, cpu):
+    """`HvcDoor.call` keeps the caller's argument tuple when every argument is already a
+    plain 64-bit int (no copy) and masks them otherwise (negative, wider, a bool, an IntEnum):
+    either way x1..x6 and the trace record hold `a & (2**64 - 1)` of each as a plain int, and
+    0 in the registers past them."""
+    unknown = 0xC600_0000 + 0xFFFF  # no such hypercall: the hyp answers without a handler
+    m72.tracing = True
+    try:
+        m72.hvc(cpu, unknown, *args)
+    finally:
+        m72.tracing = False
+    want = tuple(a & (2**64 - 1) for a in args)
+    rec = m72.trace[-1]
+    assert rec.args == want and all(type(a) is int for a in rec.args)
+    assert m72.el2[cpu].host_regs[1:7] == [*want, *[0] * (6 - len(args))]

@@ -137,16 +137,24 @@ class HvcDoor:
         n = len(args)
         if n > 6:
             raise TypeError("at most 6 arguments (x1..x6)")
+        wide = False  # an argument that is not already a 64-bit register value
         for a in args:
             if not isinstance(a, int):
                 raise TypeError(f"hypercall arguments are integers, not {type(a).__name__}")
+            if a >> 64:  # negative (>> 64 is -1) or wider than a register
+                wide = True
+        if not wide:
+            objs: tuple[object, ...] = args  # as the caller passed them (compiled: not unboxed)
+            for o in objs:
+                if type(o) is not int:  # a bool or an IntEnum: recorded as its plain int
+                    wide = True
         h = self.hyp
         if h.dead:
             raise HypPanic(h.dead, cpu, None)
         x0 = self.func_id(func)
         regs = self.el2[cpu].host_regs
         regs[0] = x0
-        masked = tuple([a & U64 for a in args])
+        masked = tuple([a & U64 for a in args]) if wide else args  # (no copy when all fit)
         for i in range(6):
             regs[i + 1] = masked[i] if i < n else 0
         h.locks.cpu = cpu
