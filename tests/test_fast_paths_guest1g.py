@@ -164,3 +164,12 @@ def test_the_door_hands_each_argument_over_as_a_64_bit_register(m72, args, cpu):
     rec = m72.trace[-1]
     assert rec.args == want and all(type(a) is int for a in rec.args)
     assert m72.el2[cpu].host_regs[1:7] == [*want, *[0] * (6 - len(args))]
+
+
+@settings(max_examples=100, deadline=None)
+@given(regs=st.lists(st.integers(-(2**70), 2**70), min_size=7, max_size=7), n=st.integers(0, 6))
+def test_declare_reg_u64_is_the_register_masked(m72, regs, n):
+    """`HostCtxt.u64` (the register itself when it already holds 64 bits) is `x & (2**64-1)`."""
+    from pkvm.hyp.hyp_main import HostCtxt
+
+    assert HostCtxt(m72._hyp, regs).u64(n) == regs[n] & (2**64 - 1)
