@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import pkvm
 from pkvm.hyp import memblock
+from pkvm.hyp.memory import ComponentId
 from pkvm.machine.memory import PAGE_SIZE
 from test_fast_paths import MEM, SETTINGS, addresses, memblocks
 
@@ -44,3 +45,131 @@ def test_the_generic_check_is_reached(m72, _):
     h = m72._hyp
     reg = h.hyp_memory[-1]
     assert memblock.check_range_allowed_memory(h, reg.end - PAGE_SIZE, reg.end + PAGE_SIZE) == -22
+
+
+# -- the host driver's per-page loops (round 4) ------------------------------------------------
+def _calls(m: pkvm.Machine, since: int) -> list[tuple]:
+    return [(r.name, r.cpu, r.args, r.x0, r.x1) for r in list(m.trace)[since:]]
+
+
+def _generic_map(vm, gfn: int, n: int, cpu: int) -> None:
+    """`HostVm.map` spelled with the driver's generic steps: per page a `topup_memcache` (its
+    count read, pages pushed when short) and one `HostVm.hvc`."""
+    from pkvm.host.kvm import KVM_PGTABLE_PROT_RWX
+    from pkvm.host.vcpu_run import HCR_HOST_VCPU
+
+    vm._populate(gfn, n)
+    vcpu = vm.vcpus[0]
+    vm.ensure_hyp_vcpu(vcpu)
+    vm.life.vcpu_load(vm, vcpu, HCR_HOST_VCPU, cpu)
+    name = "__pkvm_host_donate_guest" if vm.protected else "__pkvm_host_share_guest"
+    extra = () if vm.protected else (1, KVM_PGTABLE_PROT_RWX)  # nr_pages, prot
+    for g in range(gfn, gfn + n):
+        if g not in vm.mapped:
+            pa = vm.backing(g)
+            vm.topup_memcache(vcpu)
+            assert vm.hvc(name, pa >> 12, g, *extra, cpu=cpu) == 0
+            vm.mapped[g] = pa
+    vm.life.vcpu_put(vm, cpu)
+
+
+@settings(max_examples=12, deadline=None)
+@given(protected=st.booleans(), runs=st.lists(st.tuples(st.integers(0, 471), st.integers(1, 40)),
+                                              min_size=1, max_size=3),
+       cpu=st.integers(0, 1))
+def test_the_drivers_map_and_teardown_loops_make_the_generic_calls(protected, runs, cpu):
+    """`HostVm.map`'s loop (the memcache count loaded in place, `topup_memcache` only when
+    short, the port's HVC straight) issues the hypercalls the generic steps issue, in order,
+    with the same results; the teardown reclaims (or unshares) each mapped page once, in the
+    order they were mapped, and leaves nothing mapped."""
+    fast = pkvm.Machine(memory="64M", cpus=2, trace=True)
+    slow = pkvm.Machine(memory="64M", cpus=2, trace=True)
+    vms = [m.host.create_vm(vcpus=1, protected=protected, memory=2 << 20) for m in (fast, slow)]
+    since = [len(fast.trace), len(slow.trace)]
+    assert _calls(fast, 0) == _calls(slow, 0)
+    for gfn, n in runs:
+        vms[0].map(0x40000 + gfn, n, cpu=cpu)
+        _generic_map(vms[1], 0x40000 + gfn, n, cpu)
+    assert _calls(fast, since[0]) == _calls(slow, since[1])
+    assert vms[0].mapped == vms[1].mapped
+    order = list(vms[0].mapped)
+    start = len(fast.trace)
+    vms[0].destroy()
+    assert not vms[0].mapped
+    page_calls = [c for c in _calls(fast, start) if c[0] in (
+        "__pkvm_reclaim_dying_guest_page", "__pkvm_host_unshare_guest")]
+    assert [c[2][1] for c in page_calls] == order and all(c[4] == 0 for c in page_calls)
+
+
+def _page_by_page(m: pkvm.Machine, cpu: int, pa: int, n: int, write: bool) -> list:
+    """The generic translation of a range: `host_translate` of one page after another."""
+    if n <= 0:
+        return []
+    starts = [pa, *range((pa & ~(PAGE_SIZE - 1)) + PAGE_SIZE, pa + n, PAGE_SIZE)]
+    return [(m.host_translate(cpu, start, write), end - start)
+            for start, end in zip(starts, [*starts[1:], pa + n], strict=True)]
+
+
+def _outcome(fn):
+    try:
+        return ("ok", fn())
+    except Exception as e:  # noqa: BLE001 - the exception is the result compared
+        return (type(e).__name__, str(e))
+
+
+@settings(max_examples=25, deadline=None)
+@given(abi=st.sampled_from(["latest", "6.12"]),
+       where=st.sampled_from(["ram", "carveout", "mmio", "top", "beyond"]),
+       off=st.integers(0, 40 * PAGE_SIZE), n=st.integers(-1, 24 * PAGE_SIZE),
+       write=st.booleans(), warm=st.booleans())
+def test_host_translate_range_agrees_with_page_by_page(abi, where, off, n, write, warm):
+    """`Machine.host_translate_range` (the TLB's hits in compiled code, the rest through
+    `host_translate`) against `host_translate` page by page on an identical machine: the same
+    spans or the same exception, and afterwards the same host TLB, host aborts, host stage-2
+    and hyp liveness."""
+    ms = [pkvm.Machine(memory="64M", cpus=2, abi=abi) for _ in range(2)]
+    base = {"ram": 0x4400_0000, "carveout": ms[0].carveout[0], "mmio": 0x0900_0000,
+            "top": 0x4400_0000 + (48 << 20), "beyond": (1 << 48) - 8 * PAGE_SIZE}[where]
+    pa = base + off
+    if warm:  # some of the range already in the TLB
+        for m in ms:
+            _outcome(lambda m=m: m.host_translate(0, pa, write))
+    fast = _outcome(lambda: ms[0].host_translate_range(0, pa, n, write))
+    slow = _outcome(lambda: _page_by_page(ms[1], 0, pa, n, write))
+    assert fast == slow
+    a, b = ms[0].inspect, ms[1].inspect
+    assert ms[0]._hyp.host_s2_tlb.entries == ms[1]._hyp.host_s2_tlb.entries
+    aborts = [[(r.cpu, r.addr, r.write, r.verdict, r.ret) for r in m.host_aborts] for m in ms]
+    assert aborts[0] == aborts[1]
+    assert a.table("host").leaves() == b.table("host").leaves()
+    assert ms[0]._hyp.dead == ms[1]._hyp.dead
+
+
+@settings(max_examples=60, deadline=None)
+@given(args=st.lists(st.one_of(st.integers(0, 2**64 - 1), st.integers(-(2**70), 2**70),
+                               st.booleans(), st.sampled_from(list(ComponentId))), max_size=6),
+       cpu=st.integers(0, 1))
+def test_the_door_hands_each_argument_over_as_a_64_bit_register(m72, args, cpu):
+    """`HvcDoor.call` keeps the caller's argument tuple when every argument is already a
+    plain 64-bit int (no copy) and masks them otherwise (negative, wider, a bool, an IntEnum):
+    either way x1..x6 and the trace record hold `a & (2**64 - 1)` of each as a plain int, and
+    0 in the registers past them."""
+    unknown = 0xC600_0000 + 0xFFFF  # no such hypercall: the hyp answers without a handler
+    m72.tracing = True
+    try:
+        m72.hvc(cpu, unknown, *args)
+    finally:
+        m72.tracing = False
+    want = tuple(a & (2**64 - 1) for a in args)
+    rec = m72.trace[-1]
+    assert rec.args == want and all(type(a) is int for a in rec.args)
+    assert m72.el2[cpu].host_regs[1:7] == [*want, *[0] * (6 - len(args))]
+
+
+@settings(max_examples=100, deadline=None)
+@given(regs=st.lists(st.integers(-(2**70), 2**70), min_size=7, max_size=7), n=st.integers(0, 6))
+def test_declare_reg_u64_is_the_register_masked(m72, regs, n):
+    """`HostCtxt.u64` (the register itself when it already holds 64 bits) is `x & (2**64-1)`."""
+    from pkvm.hyp.hyp_main import HostCtxt
+
+    assert HostCtxt(m72._hyp, regs).u64(n) == regs[n] & (2**64 - 1)

@@ -1,6 +1,6 @@
 """More single-page fast paths against the generic code they short-cut (issue 17): the hyp
-stage-1 and stage-2 maps of one page against their generic walks, and `PhysMemory.zero` on pages
-it remembers as backed against plain byte comparison.
+stage-1 and stage-2 maps and the stage-2 unmap of one page against their generic walks, and
+`PhysMemory.zero` on pages it remembers as backed against plain byte comparison.
 
 Each fast path is a model speed-up, not kernel behaviour: Hypothesis draws the mappings already
 in place (blocks, tables, pages, annotations) and the page mapped, and both sides must make the
@@ -14,7 +14,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pkvm.arch.pgtable_hyp import hyp_map_walk
-from pkvm.arch.pgtable_stage2 import _stage2_map_walk
+from pkvm.arch.pgtable_stage2 import _stage2_map_walk, _stage2_unmap_walk
 from pkvm.arch.pte import hyp_set_prot_attr, stage2_set_prot_attr
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_PROT_R,
@@ -72,6 +72,19 @@ S2_PROTS = [KVM_PGTABLE_PROT_RWX, KVM_PGTABLE_PROT_RWX | KVM_PGTABLE_PROT_SW0,
             KVM_PGTABLE_PROT_RW, KVM_PGTABLE_PROT_R]
 
 
+def _s2_mapped(before: list[tuple[int, int, int | None]]) -> _S2:
+    """A stage-2 with `before` mapped: (ipa, pages: 1 or a 512-page block, prot or None for
+    an annotation, an owner id in bits 9:2)."""
+    env = _S2()
+    for ipa, n, prot in before:
+        base = ipa & ~(n * PAGE_SIZE - 1)
+        if prot is None:
+            env.pgt.stage2_map(base, n * PAGE_SIZE, None, 0, annotation=1 << 2)
+        else:
+            env.pgt.stage2_map(base, n * PAGE_SIZE, base, prot)
+    return env
+
+
 @settings(max_examples=150, deadline=None)
 @given(before=st.lists(st.tuples(ipa_pages, st.sampled_from([1, 1, 512]),
                                  st.sampled_from([None, *S2_PROTS])), max_size=10),
@@ -79,14 +92,7 @@ S2_PROTS = [KVM_PGTABLE_PROT_RWX, KVM_PGTABLE_PROT_RWX | KVM_PGTABLE_PROT_SW0,
                                 st.sampled_from([0, KVM_PGTABLE_WALK_IGNORE_EAGAIN])),
                       min_size=1, max_size=6))
 def test_stage2_map_one_page_agrees_with_walker(before, pages):
-    a, b = _S2(), _S2()
-    for env in (a, b):
-        for ipa, n, prot in before:
-            base = ipa & ~(n * PAGE_SIZE - 1)
-            if prot is None:  # an annotation: an owner id in bits 9:2
-                env.pgt.stage2_map(base, n * PAGE_SIZE, None, 0, annotation=1 << 2)
-            else:
-                env.pgt.stage2_map(base, n * PAGE_SIZE, base, prot)
+    a, b = _s2_mapped(before), _s2_mapped(before)
     assert a.state() == b.state()
     for ipa, prot, flags in pages:
         if prot is None:
@@ -99,6 +105,35 @@ def test_stage2_map_one_page_agrees_with_walker(before, pages):
             slow = _stage2_map_walk(b.pgt, ipa, PAGE_SIZE, ipa, 0, flags, attr, ipa, False)
         assert fast == slow
         assert a.state() == b.state()
+
+
+@settings(max_examples=150, deadline=None)
+@given(before=st.lists(st.tuples(ipa_pages, st.sampled_from([1, 1, 1, 512]),
+                                 st.sampled_from([None, KVM_PGTABLE_PROT_RWX])), max_size=10),
+       unmaps=st.lists(st.one_of(ipa_pages, st.sampled_from([IPA + 0x800, 2**48 - PAGE_SIZE, 2**48])),
+                       min_size=1, max_size=8))
+@example(before=[(IPA, 1, KVM_PGTABLE_PROT_RWX)], unmaps=[IPA])  # the last page: tables freed
+@example(before=[(IPA, 1, KVM_PGTABLE_PROT_RWX), (IPA + PAGE_SIZE, 1, None)], unmaps=[IPA])
+# The last page of a table: the walk's TABLE_POST visit names the table's range, not the next.
+@example(before=[(IPA + 511 * PAGE_SIZE, 1, None)], unmaps=[IPA + 511 * PAGE_SIZE])
+def test_stage2_unmap_one_page_agrees_with_walker(before, unmaps):
+    """The one-page unmap (`_stage2_unmap_page`: the level-3 entry cleared, then the tables it
+    emptied freed bottom up) against the generic walk: the same descriptors, table-page
+    references, freed pages, errno, and the same TLB invalidations and change notes."""
+    a, b = _s2_mapped(before), _s2_mapped(before)
+    told: dict[str, list[tuple[str, int, int]]] = {"a": [], "b": []}
+    for key, env in (("a", a), ("b", b)):
+        log = told[key]
+        env.pgt.tlbi = lambda s, n, log=log: log.append(("tlbi", s, n))
+        env.pgt.changed = lambda s, n, log=log: log.append(("changed", s, n))
+    assert a.state() == b.state()
+    for ipa in unmaps:
+        fast = a.pgt.stage2_unmap(ipa, PAGE_SIZE)
+        slow = _stage2_unmap_walk(b.pgt, ipa, PAGE_SIZE)
+        assert fast == slow
+        assert a.state() == b.state()
+        assert a.pool.free_blocks() == b.pool.free_blocks()
+        assert told["a"] == told["b"]
 
 
 # -- zero() on pages it knows are backed ------------------------------------------------------

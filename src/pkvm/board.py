@@ -386,6 +386,22 @@ class Machine:
                 self._host_abort(pa, write)
         raise HypPanic("host stage-2 fault does not resolve", cpu, "host abort")
 
+    def host_translate_range(self, cpu: int, pa: int, n: int,
+                             write: bool) -> list[tuple[int | None, int]]:
+        """`host_translate` of each page of [pa, pa + n), in order: (PA or None for MMIO,
+        bytes of that page in the range). The TLB's hits are taken in compiled code
+        (`HvcDoor.host_spans`); a page that needs the hyp (a stage-2 fault, a bad address, a
+        dead hyp) goes through `host_translate` itself, as it would page by page."""
+        spans: list[tuple[int | None, int]] = []
+        while n > 0:
+            pa, n = self._door.host_spans(cpu, pa, n, write, spans)
+            if n > 0:
+                k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
+                spans.append((self.host_translate(cpu, pa, write), k))
+                pa += k
+                n -= k
+        return spans
+
     def _host_abort(self, pa: int, write: bool) -> None:
         fatal = self.profile.host_abort_fatal
         if fatal:

@@ -24,6 +24,7 @@ from pkvm.hyp.hyp_main import handle_host_hcall
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.state import HypState
 from pkvm.machine.firmware import OFF, Firmware
+from pkvm.machine.memory import PAGE_SIZE
 from pkvm.machine.mmu import HCR_VM, S2_WALK_FAULT, El2Regs, tlb_s2_translate
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -136,16 +137,24 @@ class HvcDoor:
         n = len(args)
         if n > 6:
             raise TypeError("at most 6 arguments (x1..x6)")
+        wide = False  # an argument that is not already a 64-bit register value
         for a in args:
             if not isinstance(a, int):
                 raise TypeError(f"hypercall arguments are integers, not {type(a).__name__}")
+            if a >> 64:  # negative (>> 64 is -1) or wider than a register
+                wide = True
+        if not wide:
+            objs: tuple[object, ...] = args  # as the caller passed them (compiled: not unboxed)
+            for o in objs:
+                if type(o) is not int:  # a bool or an IntEnum: recorded as its plain int
+                    wide = True
         h = self.hyp
         if h.dead:
             raise HypPanic(h.dead, cpu, None)
         x0 = self.func_id(func)
         regs = self.el2[cpu].host_regs
         regs[0] = x0
-        masked = tuple([a & U64 for a in args])
+        masked = tuple([a & U64 for a in args]) if wide else args  # (no copy when all fit)
         for i in range(6):
             regs[i + 1] = masked[i] if i < n else 0
         h.locks.cpu = cpu
@@ -180,6 +189,21 @@ class HvcDoor:
         if not el2.hcr_el2 & HCR_VM:
             return S2_WALK_FAULT
         return tlb_s2_translate(h.host_s2_tlb, h.mem, el2.vttbr_el2, pa, write)
+
+    def host_spans(self, cpu: int, pa: int, n: int, write: bool,
+                   spans: list[tuple[int | None, int]]) -> tuple[int, int]:
+        """`host_hit` of each page of [pa, pa + n) in order, each appended to `spans` as (PA or
+        None where no RAM answers, bytes of that page in the range), up to the first page that
+        `Machine.host_translate` must take itself: returns the (pa, n) left from there."""
+        while n > 0:
+            k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
+            out = self.host_hit(cpu, pa, write)
+            if out == S2_WALK_FAULT:
+                break
+            spans.append((out if out >= 0 else None, k))
+            pa += k
+            n -= k
+        return pa, n
 
     def record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                t0: int, panic: str | None) -> TraceRecord:

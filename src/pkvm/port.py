@@ -126,10 +126,4 @@ class HostPort:
 
     def _translate(self, cpu: int, pa: int, n: int, write: bool) -> list[tuple[int | None, int]]:
         """Check every page of [pa, pa+n) first: a refused access changes nothing."""
-        spans = []
-        while n > 0:
-            k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
-            spans.append((self._m.host_translate(cpu, pa, write), k))
-            pa += k
-            n -= k
-        return spans
+        return self._m.host_translate_range(cpu, pa, n, write)

@@ -310,6 +310,7 @@ class KvmPgtable:
         idx = (state[0] >> shift) & (PTRS_PER_PTE - 1)
         while idx < PTRS_PER_PTE and state[0] < end:
             ptep = table + idx * 8
+            addr = state[0]  # the visit's address, as every callback of this entry sees it
             old = self.read_pte(ptep)
             is_table = pte_table(old, level)
             ret = 0
@@ -336,8 +337,8 @@ class KvmPgtable:
             ret = self._walk_table(state, end, old & KVM_PTE_ADDR_MASK, level + 1, cb, flags, ctx)
             if not self.walk_continues(ret, flags):
                 return ret
-            if flags & KVM_PGTABLE_WALK_TABLE_POST:
-                ctx.ptep, ctx.old, ctx.addr, ctx.level = ptep, old, state[0], level
+            if flags & KVM_PGTABLE_WALK_TABLE_POST:  # (not where the children left the walk)
+                ctx.ptep, ctx.old, ctx.addr, ctx.level = ptep, old, addr, level
                 ret = cb(ctx, KVM_PGTABLE_WALK_TABLE_POST)
                 if not self.walk_continues(ret, flags):
                     return ret

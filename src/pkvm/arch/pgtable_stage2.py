@@ -148,6 +148,12 @@ def kvm_pgtable_stage2_unmap(pgt: KvmPgtable, addr: int, size: int) -> int:
         pgt.touched.append((addr, size))
     if size == PAGE_SIZE and not addr & (PAGE_SIZE - 1) and _stage2_unmap_page(pgt, addr):
         return 0
+    return _stage2_unmap_walk(pgt, addr, size)
+
+
+def _stage2_unmap_walk(pgt: KvmPgtable, addr: int, size: int) -> int:
+    """`kvm_pgtable_stage2_unmap` through the generic walker (a function of its own, so the
+    page-sized path makes no closure)."""
 
     def visit(ctx: VisitCtx, v: int) -> int:
         if not pte_valid(ctx.old):
@@ -169,21 +175,33 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
     then free every table it leaves empty, bottom up. False where the walk must decide."""
     if addr >> pgt.ia_bits or not pgt.pgd:
         return False
-    path = []  # (ptep of the table entry, child table) from the top
     table = pgt.pgd
     for level in range(pgt.start_level, 3):
-        ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
-        pte = pgt.read_pte(ptep)
+        pte = pgt.read_pte(table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8)
         if not pte_table(pte, level):
             return False
         table = pte & KVM_PTE_ADDR_MASK
-        path.append((ptep, table))
     ptep = table + ((addr >> PAGE_SHIFT) & PTE_INDEX_MASK) * 8
     old = pgt.read_pte(ptep)
     if old:
         pgt.set_pte(ptep, old, 0, addr, KVM_PGTABLE_LAST_LEVEL)
         if pte_valid(old):
             pgt.invalidate(addr, 3)
+    if pgt.mm_ops.page_count(table) != 1:  # the last-level table still holds other entries
+        return True
+    _free_emptied_tables(pgt, addr)
+    return True
+
+
+def _free_emptied_tables(pgt: KvmPgtable, addr: int) -> None:
+    """The unmap's table walk back up from the page at `addr`: unlink and free each table
+    left with only its own reference, bottom up, stopping at the first one still in use."""
+    path = []  # (ptep of the table entry, child table) from the top
+    table = pgt.pgd
+    for level in range(pgt.start_level, 3):
+        ptep = table + ((addr >> granule_shift(level)) & PTE_INDEX_MASK) * 8
+        table = pgt.read_pte(ptep) & KVM_PTE_ADDR_MASK
+        path.append((ptep, table))
     for depth in range(len(path) - 1, -1, -1):
         tptep, child = path[depth]
         if pgt.mm_ops.page_count(child) != 1:
@@ -191,7 +209,6 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
         pgt.set_pte(tptep, pgt.read_pte(tptep), 0, addr, pgt.start_level + depth)
         pgt.invalidate(addr, pgt.start_level + depth)
         pgt.mm_ops.put_page(child)
-    return True
 
 
 def stage2_update_leaf_attrs(pgt: KvmPgtable, addr: int, size: int, set_bits: int, clr_bits: int,

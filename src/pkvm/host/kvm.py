@@ -415,15 +415,24 @@ class HostVm:
             return
         name = "__pkvm_host_donate_guest" if self.protected else "__pkvm_host_share_guest"
         extra = () if self.protected else (1, KVM_PGTABLE_PROT_RWX)  # nr_pages, prot
+        host, slot = self.host, self.memslot
+        port = host.port
+        nr_pa = vcpu.pa + _MC_HEAD + 8  # the vCPU memcache's nr_pages
         for g in range(gfn, gfn + n):
             if g in mapped:
                 continue
-            pa = backing(g)
-            self.topup_memcache(vcpu)
-            ret = self.hvc(name, pa >> PAGE_SHIFT, g, *extra, cpu=cpu)
-            if ret:
-                raise HostError(-ret, name, ret)
-            mapped[g] = pa
+            page = slot.get(g)
+            if page is None:
+                page = backing(g)
+            # `topup_hyp_memcache`: its count loaded; the pages pushed only when it is short.
+            if host.read_u64(nr_pa) < sizes.KVM_MMU_CACHE_MIN_PAGES:
+                self.topup_memcache(vcpu)
+            r = port.hvc(cpu, name, page >> PAGE_SHIFT, g, *extra)  # `HostVm.hvc`, a frame less
+            if r.x0:
+                raise HostError(EINVAL, name, r.x0, "the hyp does not offer this call")
+            if r.x1:
+                raise HostError(-r.x1, name, r.x1)
+            mapped[g] = page
 
     # -- destroy -------------------------------------------------------------------
     def destroy(self) -> None:

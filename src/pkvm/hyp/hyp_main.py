@@ -43,7 +43,8 @@ class HostCtxt:
         self.regs = regs
 
     def u64(self, n: int) -> int:
-        return self.regs[n] & U64
+        v = self.regs[n]
+        return v & U64 if v >> 64 else v  # (a register the door filled: no new int)
 
     def u32(self, n: int) -> int:
         return self.regs[n] & 0xFFFF_FFFF
