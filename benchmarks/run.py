@@ -296,7 +296,11 @@ def compare(names: list[str], quick: bool, before_src: str, repeat: int) -> int:
                 continue
             med = statistics.median(r[key] for r in ok)
             rep = min(ok, key=lambda r: abs(r[key] - med))
-            cells.append(rep["text"] + ("" if len(ok) == repeat else f" ({repeat - len(ok)} failed)"))
+            # The run shown is the one nearest the median; with an even count the median lies
+            # between two runs, so every run's key value and the median are shown beside it.
+            each = ", ".join(f"{r[key]:.4g}" for r in ok)
+            cells.append(rep["text"] + f" [{key}: {each}; median {med:.4g}]"
+                         + ("" if len(ok) == repeat else f" ({repeat - len(ok)} failed)"))
             meds.append(med)
         ratio = f"{meds[1] / meds[0]:.2f}" if None not in meds and meds[0] else "-"
         print(f"| {f.title} | {f.target} | {cells[0]} | {cells[1]} | {ratio} |", flush=True)
