@@ -271,6 +271,10 @@ def child(name: str, quick: bool, src: str | None = None) -> dict:
     return json.loads(lines[-1])
 
 
+def _num(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 def compare(names: list[str], quick: bool, before_src: str, repeat: int) -> int:
     """Each figure `repeat` times per side, before and after alternating (so that the machine's
     load hits both alike); prints the median of each side and after/before of the key value."""
@@ -298,8 +302,8 @@ def compare(names: list[str], quick: bool, before_src: str, repeat: int) -> int:
             rep = min(ok, key=lambda r: abs(r[key] - med))
             # The run shown is the one nearest the median; with an even count the median lies
             # between two runs, so every run's key value and the median are shown beside it.
-            each = ", ".join(f"{r[key]:.4g}" for r in ok)
-            cells.append(rep["text"] + f" [{key}: {each}; median {med:.4g}]"
+            each = ", ".join(_num(r[key]) for r in ok)
+            cells.append(rep["text"] + f" [{key}: {each}; median {_num(med)}]"
                          + ("" if len(ok) == repeat else f" ({repeat - len(ok)} failed)"))
             meds.append(med)
         ratio = f"{meds[1] / meds[0]:.2f}" if None not in meds and meds[0] else "-"
