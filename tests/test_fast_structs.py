@@ -19,10 +19,11 @@ import pkvm
 from pkvm import guests, snapshot
 from pkvm.hyp.mm import el2_write, hyp_pa, kern_hyp_va
 from pkvm.hyp.panic import HypBug
-from pkvm.hyp.pkvm_structs import CTXT_LEN, CTXT_OFF, HCR_OFF, HYP_VCPU, HYP_VM, loaded_slot
+from pkvm.hyp.pkvm_structs import CTXT_LEN, CTXT_OFF, HYP_VCPU, HYP_VM, loaded_slot
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
+HCR_OFF = HYP_VCPU["vcpu.arch.hcr_el2"][0]  # the field the store test writes
 u64 = st.integers(0, 2**64 - 1)
 # property -> its layout entry
 VCPU_FIELDS = {"host_vcpu": "host_vcpu", "vcpu_idx": "vcpu.vcpu_idx", "vcpu_id": "vcpu.vcpu_id",

@@ -70,18 +70,6 @@ _VCPU_USED = max(f.offset + f.size for f in KVM_VCPU.fields.values())
 assert _VCPU_USED <= HYP_VCPU["host_vcpu"][0], "the model's kvm_vcpu copy overlaps host_vcpu"
 assert HYP_VM["nr_vcpus"][0] + 4 <= HYP_VM_VCPUS
 CTXT_OFF = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
-# Offsets of the 8-byte fields and bools the run path uses (their properties: `struct_u64`, ...)
-HOST_VCPU_OFF: Final = HYP_VCPU["host_vcpu"][0]
-LOADED_OFF: Final = HYP_VCPU["loaded_hyp_vcpu"][0]
-HCR_OFF: Final = HYP_VCPU["vcpu.arch.hcr_el2"][0]
-MDCR_OFF: Final = HYP_VCPU["vcpu.arch.mdcr_el2"][0]
-IFLAGS_OFF: Final = HYP_VCPU["vcpu.arch.iflags"][0]
-FAULT_ESR_OFF: Final = HYP_VCPU["vcpu.arch.fault.esr_el2"][0]
-IS_PROTECTED_OFF: Final = HYP_VM["kvm.arch.pkvm.is_protected"][0]
-IS_DYING_OFF: Final = HYP_VM["kvm.arch.pkvm.is_dying"][0]
-assert HYP_VM["kvm.arch.pkvm.is_protected"][1] == HYP_VM["kvm.arch.pkvm.is_dying"][1] == "B"
-assert all(HYP_VCPU[n][1] == "Q" for n in ("host_vcpu", "loaded_hyp_vcpu", "vcpu.arch.hcr_el2",
-                                           "vcpu.arch.mdcr_el2", "vcpu.arch.iflags"))
 CTXT_LEN = CTXT_END - CTXT_START
 _U64: Final = struct.Struct("<Q")
 ID_REGS = KVM.field("arch.id_regs")
@@ -100,34 +88,18 @@ def struct_get(s: HypStruct, f: tuple[int, struct.Struct]) -> int:
 
 
 def struct_set(s: HypStruct, f: tuple[int, struct.Struct], value: int) -> None:
-    """A scalar field's store (`store_scalar`)."""
-    store_scalar(s, f[0], f[1].pack(int(value)))
-
-
-def struct_u64(s: HypStruct, off: int) -> int:
-    """The 8-byte field at `off` of `s`, read from its page."""
-    value: int = _U64.unpack_from(s._h.mem.bytes, s._off + off)[0]
-    return value
-
-
-def set_struct_u64(s: HypStruct, off: int, value: int) -> None:
-    """The store of an 8-byte field (`store_scalar`), its elision decided on the word read as
-    an integer (no packed bytes or slice made for a store that is elided)."""
-    if _U64.unpack_from(s._h.mem.bytes, s._off + off)[0] != value:
-        _store_scalar_bytes(s, off, _U64.pack(value))
+    """A scalar field's store, elided when the field holds `value` already (it changes nothing
+    a reader can see). The fields' integer formats pack each value to one byte string, so the
+    value read back equal means the bytes are equal: decided on the integer, with no bytes
+    packed or sliced for a store that is elided."""
+    off, st = f
+    if st.unpack_from(s._h.mem.bytes, s._off + off)[0] != value:
+        store_scalar(s, off, st.pack(int(value)))
 
 
 def store_scalar(s: HypStruct, off: int, data: bytes) -> None:
     """A scalar's EL2 store through the hyp stage-1 (a scalar is naturally aligned and the
-    structs start on a page, so it never crosses a page: one translation), elided when the bytes
-    there are `data` already (it changes nothing a reader can see)."""
-    start = s._off + off
-    if s._h.mem.bytes[start : start + len(data)] != data:
-        _store_scalar_bytes(s, off, data)
-
-
-def _store_scalar_bytes(s: HypStruct, off: int, data: bytes) -> None:
-    """`store_scalar` once it is known to change the bytes there."""
+    structs start on a page, so it never crosses a page: one translation)."""
     h = s._h
     pa = el2_translate(h, s.va + off, True)
     check_store(h, pa)
@@ -204,6 +176,12 @@ def vcpus_slot(idx: int) -> int:
     return HYP_VM_VCPUS + 8 * idx
 
 
+_HOST_VCPU: Final = scalar(HYP_VCPU, "host_vcpu")
+_LOADED: Final = scalar(HYP_VCPU, "loaded_hyp_vcpu")
+_HCR_EL2: Final = scalar(HYP_VCPU, "vcpu.arch.hcr_el2")
+_MDCR_EL2: Final = scalar(HYP_VCPU, "vcpu.arch.mdcr_el2")
+_IFLAGS: Final = scalar(HYP_VCPU, "vcpu.arch.iflags")
+_FAULT_ESR: Final = scalar(HYP_VCPU, "vcpu.arch.fault.esr_el2")
 _VCPU_IDX: Final = scalar(HYP_VCPU, "vcpu.vcpu_idx")
 _VCPU_ID: Final = scalar(HYP_VCPU, "vcpu.vcpu_id")
 _HCRX_EL2: Final = scalar(HYP_VCPU, "vcpu.arch.hcrx_el2")
@@ -232,44 +210,44 @@ class PkvmHypVcpu(HypStruct):
         self.cflags = cflags
 
     @property
-    def host_vcpu(self) -> int: # hyp VA of the host's struct kvm_vcpu (pinned)
-        return struct_u64(self, HOST_VCPU_OFF)
+    def host_vcpu(self) -> int:  # hyp VA of the host's struct kvm_vcpu (pinned)
+        return struct_get(self, _HOST_VCPU)
 
     @host_vcpu.setter
     def host_vcpu(self, value: int) -> None:
-        set_struct_u64(self, HOST_VCPU_OFF, value)
+        struct_set(self, _HOST_VCPU, value)
 
     @property
     def hcr_el2(self) -> int:
-        return struct_u64(self, HCR_OFF)
+        return struct_get(self, _HCR_EL2)
 
     @hcr_el2.setter
     def hcr_el2(self, value: int) -> None:
-        set_struct_u64(self, HCR_OFF, value)
+        struct_set(self, _HCR_EL2, value)
 
     @property
     def mdcr_el2(self) -> int:
-        return struct_u64(self, MDCR_OFF)
+        return struct_get(self, _MDCR_EL2)
 
     @mdcr_el2.setter
     def mdcr_el2(self, value: int) -> None:
-        set_struct_u64(self, MDCR_OFF, value)
+        struct_set(self, _MDCR_EL2, value)
 
     @property
     def iflags(self) -> int:
-        return struct_u64(self, IFLAGS_OFF)
+        return struct_get(self, _IFLAGS)
 
     @iflags.setter
     def iflags(self, value: int) -> None:
-        set_struct_u64(self, IFLAGS_OFF, value)
+        struct_set(self, _IFLAGS, value)
 
     @property
     def fault_esr(self) -> int:
-        return struct_u64(self, FAULT_ESR_OFF)
+        return struct_get(self, _FAULT_ESR)
 
     @fault_esr.setter
     def fault_esr(self, value: int) -> None:
-        set_struct_u64(self, FAULT_ESR_OFF, value)
+        struct_set(self, _FAULT_ESR, value)
 
     @property
     def vcpu_idx(self) -> int:
@@ -333,12 +311,12 @@ class PkvmHypVcpu(HypStruct):
     def loaded_on(self) -> int | None:
         """`loaded_hyp_vcpu`: the per-CPU slot holding the vCPU (the model's per-CPU slots sit
         in the hyp image, 8 bytes each), read back as the CPU it is loaded on."""
-        ptr = struct_u64(self, LOADED_OFF)
+        ptr = struct_get(self, _LOADED)
         return None if not ptr else (ptr - loaded_slot(self._h, 0)) >> 3
 
     @loaded_on.setter
     def loaded_on(self, cpu: int | None) -> None:
-        set_struct_u64(self, LOADED_OFF, 0 if cpu is None else loaded_slot(self._h, cpu))
+        struct_set(self, _LOADED, 0 if cpu is None else loaded_slot(self._h, cpu))
 
 
 def loaded_slot(h: HypState, cpu: int) -> int:
@@ -346,6 +324,8 @@ def loaded_slot(h: HypState, cpu: int) -> int:
 
 
 _VM_HANDLE: Final = scalar(HYP_VM, "kvm.arch.pkvm.handle")
+_VM_IS_PROTECTED: Final = scalar(HYP_VM, "kvm.arch.pkvm.is_protected")  # C bools
+_VM_IS_DYING: Final = scalar(HYP_VM, "kvm.arch.pkvm.is_dying")
 _VM_CREATED_VCPUS: Final = scalar(HYP_VM, "kvm.created_vcpus")
 _VM_FLAGS: Final = scalar(HYP_VM, "kvm.arch.flags")
 _VM_VCPU_FEATURES: Final = scalar(HYP_VM, "kvm.arch.vcpu_features")
@@ -447,19 +427,19 @@ class PkvmHypVm(HypStruct):
 
     @property
     def is_protected(self) -> bool:
-        return self._h.mem.bytes[self._off + IS_PROTECTED_OFF] != 0
+        return struct_get(self, _VM_IS_PROTECTED) != 0
 
     @is_protected.setter
     def is_protected(self, value: bool) -> None:
-        store_scalar(self, IS_PROTECTED_OFF, b"\x01" if value else b"\x00")
+        struct_set(self, _VM_IS_PROTECTED, 1 if value else 0)
 
     @property
     def is_dying(self) -> bool:
-        return self._h.mem.bytes[self._off + IS_DYING_OFF] != 0
+        return struct_get(self, _VM_IS_DYING) != 0
 
     @is_dying.setter
     def is_dying(self, value: bool) -> None:
-        store_scalar(self, IS_DYING_OFF, b"\x01" if value else b"\x00")
+        struct_set(self, _VM_IS_DYING, 1 if value else 0)
 
     @property
     def vmid(self) -> int:
