@@ -298,10 +298,7 @@ class _RawBatch:
         self.ids = (ctypes.c_int * (n + 1))(*ids, A.UC_ARM64_REG_CP_REG)
         self.ptrs = (ctypes.c_void_p * (n + 1))(*ptrs, ctypes.addressof(self.par))
 
-    def read(self) -> None:
-        if status := uc_reg_read_batch_direct(self.uch, self.ids, self.ptrs, self.n_write + 1):
-            raise UcError(status)
-
+    # (its read, the registers and PAR_EL1 in one batch, is written out in `save_raw`)
     def write(self) -> None:
         if status := uc_reg_write_batch_direct(self.uch, self.ids, self.ptrs, self.n_write):
             raise UcError(status)
@@ -519,7 +516,7 @@ class CpuRegisters:
         buf = raw.buf
         buf[_W_PSTATE] = buf[_W_FPSR] = buf[_W_FPCR] = 0  # unicorn writes their low half only
         if status := uc_reg_read_batch_direct(raw.uch, raw.ids, raw.ptrs, raw.n_write + 1):
-            raise UcError(status)  # `raw.read()`, one frame less
+            raise UcError(status)  # the raw batch's read: every register and PAR_EL1
         if buf[_W_PSTATE] & PSR_MODE_MASK == PSR_MODE_EL1h:
             buf[_W_SP_EL0], buf[_W_SP_EL1] = buf[_W_BANK_SP_EL0], buf[_W_LIVE_SP]
         else:
