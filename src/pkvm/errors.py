@@ -99,3 +99,8 @@ class HostError(OSError):
         super().__init__(abs(errno), msg)
         self.call = call
         self.result = result
+
+    @classmethod
+    def not_offered(cls, call: str, x0: int) -> HostError:
+        """`call` came back with a nonzero x0: the hyp does not offer that hypercall."""
+        return cls(EINVAL, call, x0, "the hyp does not offer this call")

@@ -180,7 +180,7 @@ class HostVm:
     def hvc(self, name: str, *args: int, cpu: int = 0) -> int:
         r = self.host.port.hvc(cpu, name, *args)  # `Host.hvc` on a given CPU
         if r.x0:
-            raise HostError(EINVAL, name, r.x0, "the hyp does not offer this call")
+            raise HostError.not_offered(name, r.x0)
         return r.x1
 
     def _alloc(self, n: int) -> int:
@@ -415,21 +415,19 @@ class HostVm:
             return
         name = "__pkvm_host_donate_guest" if self.protected else "__pkvm_host_share_guest"
         extra = () if self.protected else (1, KVM_PGTABLE_PROT_RWX)  # nr_pages, prot
-        host, slot = self.host, self.memslot
+        host = self.host
         port = host.port
         nr_pa = vcpu.pa + _MC_HEAD + 8  # the vCPU memcache's nr_pages
         for g in range(gfn, gfn + n):
             if g in mapped:
                 continue
-            page = slot.get(g)
-            if page is None:
-                page = backing(g)
+            page = backing(g)
             # `topup_hyp_memcache`: its count loaded; the pages pushed only when it is short.
             if host.read_u64(nr_pa) < sizes.KVM_MMU_CACHE_MIN_PAGES:
                 self.topup_memcache(vcpu)
             r = port.hvc(cpu, name, page >> PAGE_SHIFT, g, *extra)  # `HostVm.hvc`, a frame less
             if r.x0:
-                raise HostError(EINVAL, name, r.x0, "the hyp does not offer this call")
+                raise HostError.not_offered(name, r.x0)
             if r.x1:
                 raise HostError(-r.x1, name, r.x1)
             mapped[g] = page

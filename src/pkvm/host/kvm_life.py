@@ -19,7 +19,7 @@ from pkvm.abi.host_structs import (
     KVM_ARCH_FLAG_ID_REGS_INITIALIZED,
     KVM_VCPU,
 )
-from pkvm.errors import EINVAL, HostError
+from pkvm.errors import HostError
 
 if TYPE_CHECKING:
     from pkvm.host.kvm import HostVcpu, HostVm
@@ -163,7 +163,7 @@ class TwoPhase:
         hvc = vm.host.port.hvc
         x0 = hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, hcr).x0
         if x0:
-            raise HostError(EINVAL, "__pkvm_vcpu_load", x0, "the hyp does not offer this call")
+            raise HostError.not_offered("__pkvm_vcpu_load", x0)
         hvc(cpu, "__vgic_v3_restore_vmcr_aprs", vcpu.va + VGIC_V3_OFF)
 
     def arch_vcpu_put(self, vm: HostVm, vcpu: HostVcpu, cpu: int) -> None:
@@ -171,7 +171,7 @@ class TwoPhase:
         hvc(cpu, "__vgic_v3_save_aprs", vcpu.va + VGIC_V3_OFF)
         x0 = hvc(cpu, "__pkvm_vcpu_put").x0
         if x0:
-            raise HostError(EINVAL, "__pkvm_vcpu_put", x0, "the hyp does not offer this call")
+            raise HostError.not_offered("__pkvm_vcpu_put", x0)
 
     def destroy(self, vm: HostVm) -> None:
         if not vm.is_created:
@@ -188,7 +188,7 @@ class TwoPhase:
         for gfn in list(mapped):
             res = port.hvc(0, name, handle, gfn, *extra)
             if res.x0:
-                raise HostError(EINVAL, name, res.x0, "the hyp does not offer this call")
+                raise HostError.not_offered(name, res.x0)
             if res.x1:
                 warnings.warn(f"releasing gfn {gfn:#x} failed: {res.x1}", stacklevel=3)
             else:
