@@ -206,15 +206,29 @@ class Watch:
         self.compared += 1
 
 
-@pytest.mark.parametrize("abi", ["latest", "6.12"])
-@settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
-@given(seed=st.integers(0, 2**32 - 1))
-def test_fast_paths_agree_with_the_generic_readings(abi: str, seed: int) -> None:
+def _watched(abi: str, seed: int) -> list[Watch]:
+    """A clean checked run of 300 random steps with every `Watch` comparison after each call."""
     watches: list[Watch] = []
     with pytest.MonkeyPatch.context() as mp:
         r = watched_run(mp, abi, seed, 300, lambda w: watches.append(Watch(w)))
     assert r.failure is None, str(r.failure)
     assert sum(w.compared for w in watches) > 100  # calls compared (panicked ones are not)
+    return watches
+
+
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+@settings(max_examples=3, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(seed=st.integers(0, 2**32 - 1))
+def test_fast_paths_agree_with_the_generic_readings(abi: str, seed: int) -> None:
+    _watched(abi, seed)
+
+
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+def test_a_fixed_run_reaches_every_fast_path(abi: str) -> None:
+    """Whether a random run reaches a kept reading depends on its seed (7.2's seed 6966 never
+    keeps a guest's leaves between two checked calls), so that the comparisons above are known
+    to run is asserted on one fixed run: seed 1 reaches each of them."""
+    watches = _watched(abi, 1)
     assert sum(w.gen_kept for w in watches)  # struct_gen stood still: the kept readings compared
     if abi == "latest":
         assert sum(w.leaves_reused for w in watches)  # the kept leaves were compared too
