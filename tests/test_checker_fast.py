@@ -374,11 +374,11 @@ def test_a_reboots_checker_copies_the_vmemmap_as_a_fresh_one() -> None:
         pa = w.m.host.alloc_pages(1)
         assert w.m.hvc(0, "__pkvm_host_share_hyp", pa >> PAGE_SHIFT).ok
     old = w.m.checker
-    w2 = World(MEM, CPUS, "latest", (), recycle=old)
+    w2 = World(MEM, CPUS, "latest", (), recycle=w)
     c = w2.m.checker
     assert c._prev is old._prev
     assert c._prev == [array(a.format, a.tobytes()) for a in c._arrays()]
-    other = World("128M", CPUS, "latest", (), recycle=c)
+    other = World("128M", CPUS, "latest", (), recycle=w2)
     assert other.m.checker._prev is not c._prev
     assert other.m.checker._prev == [array(a.format, a.tobytes())
                                      for a in other.m.checker._arrays()]

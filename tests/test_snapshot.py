@@ -9,6 +9,7 @@ import pytest
 from pkvm import Machine, guests
 from pkvm.check import fuzz, fuzz_ops
 from pkvm.check.fuzz_gen import generate
+from pkvm.errors import HypPanic
 from pkvm.host.vmm import Vmm
 from pkvm.machine.memory import PAGE_SHIFT
 
@@ -80,7 +81,7 @@ def test_fuzzer_reboots_from_a_snapshot_as_from_a_boot(abi, monkeypatch):
     fast = fuzz.execute(steps, "64M", 2, abi)
     assert len(fast.panics) >= 3  # the run rebooted several times
 
-    def boot(memory, cpus, abi, bugs, smc):
+    def boot(memory, cpus, abi, bugs, smc, recycle=None):
         return Machine(memory=memory, cpus=cpus, abi=abi, trace=False, bugs=bugs, ffa=smc)
 
     monkeypatch.setattr(fuzz_ops, "booted_machine", boot)
@@ -89,3 +90,69 @@ def test_fuzzer_reboots_from_a_snapshot_as_from_a_boot(abi, monkeypatch):
               "driver_errors", "raced"):
         assert getattr(fast, f) == getattr(slow, f), f
 
+
+
+def _dirty_and_panic(m: Machine) -> None:
+    """Stores all over a machine (a guest's run, host pages, a shared page, a VM's pages and
+    vmemmap entries), then a hyp panic: the state a fuzzer's reboot starts from."""
+    vmm = Vmm(m.host, guests.image("hello"), memory="16M")  # guest code stores through unicorn
+    vmm.run()
+    vm = m.host.create_vm(vcpus=2, memory="1M")
+    vm.map(0x40000, 3)
+    for k in range(6):
+        pa = m.host.alloc_pages(2)
+        m.host.port.write(0, pa + 4096 * (k & 1), bytes([k + 1]) * 4096)
+    assert m.hvc(0, "__pkvm_host_share_hyp", m.host.alloc_pages(1) >> PAGE_SHIFT).ok
+    with pytest.raises(HypPanic):
+        m.hvc(0, "__vgic_v3_restore_vmcr_aprs", 0x8000_8000_0000)  # a hyp VA past RAM
+    assert m.dead
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_a_load_that_recycles_a_dead_machine_is_a_fresh_load(abi):
+    """`Machine.restore(data, recycle=dead)` (the fuzzer's reboot after a hyp panic) takes over
+    the dead machine's RAM file and vmemmap arrays, set back to the snapshot's contents: the
+    machine it gives saves to the same bytes as a fresh load (hyp state, RAM, vmemmap, host),
+    holds no page the dead one wrote, and continues alike."""
+    key = ("64M", 2, abi, (), False)
+    data = fuzz_ops._BOOTED.get(key) or fuzz_ops.booted_machine(*key).snapshot()
+    dead = Machine.restore(data)
+    _dirty_and_panic(dead)
+    mem, arrays = dead.mem, dead.spare_arrays()
+    reborn = Machine.restore(data, recycle=dead)
+    assert reborn.mem is mem and {id(a) for a in reborn.spare_arrays()} == set(map(id, arrays))
+    fresh = Machine.restore(data)
+    assert reborn.snapshot() == fresh.snapshot()
+    assert state(reborn) == state(fresh)
+    for mach in (reborn, fresh):  # and both continue alike
+        _dirty_and_panic(mach)
+    assert state(reborn) == state(fresh)
+    other = Machine(memory="128M", cpus=2, abi=abi, trace=False)  # another size: nothing reused
+    again = Machine.restore(data, recycle=other)
+    assert again.mem is not other.mem and again.snapshot() == Machine.restore(data).snapshot()
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_a_reboots_world_and_checker_are_a_fresh_ones(abi):
+    """The fuzzer's reboot (`World(recycle=...)`) after a hyp panic: the new machine and its
+    checker's copy of the vmemmap equal a fresh world's, and the same steps give the same
+    results on both."""
+    w = fuzz_ops.World("64M", 2, abi, ())
+    _dirty_and_panic(w.m)
+    reborn = fuzz._reboot(fuzz.RunResult(), w)
+    fresh = fuzz_ops.World("64M", 2, abi, ())
+    assert reborn.m.mem is w.m.mem and reborn.m.checker._prev is w.m.checker._prev
+    assert state(reborn.m) == state(fresh.m)
+    assert reborn.m.checker._prev == fresh.m.checker._prev
+    steps = generate(random.Random(3), fresh.m.profile, 2, 60)
+    for world in (reborn, fresh):
+        for st in steps:
+            try:
+                fuzz_ops.run_step(world, st)
+            except Exception as e:  # noqa: BLE001 (compared below, whatever it is)
+                world.results[("raised", type(e).__name__)] += 1
+                if world.m.dead:
+                    break
+    assert reborn.results == fresh.results
+    assert reborn.m.checker.transitions == fresh.m.checker.transitions
+    assert state(reborn.m) == state(fresh.m)

@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Final
+from typing import IO, Any, Final
 
 from pkvm import snapshot
 from pkvm.abi import sizes
@@ -421,9 +421,17 @@ class Machine:
         return snapshot.save(self)
 
     @staticmethod
-    def restore(data: bytes) -> Machine:
-        """A machine from `snapshot()`'s bytes; it continues as the saved one would have."""
-        return snapshot.load(data)
+    def restore(data: bytes, recycle: Machine | None = None) -> Machine:
+        """A machine from `snapshot()`'s bytes; it continues as the saved one would have.
+        `recycle`: a machine never to be used again, whose memory the new one reuses
+        (`pkvm.snapshot.load`)."""
+        return snapshot.load(data, recycle)
+
+    def spare_arrays(self) -> list[Any]:
+        """The typed arrays a snapshot load may reuse once this machine is done with (the
+        vmemmap's: `pkvm.snapshot.load`'s `recycle`)."""
+        v = self._hyp.vmemmap
+        return [v.refcount, v.order, v.host_state, v.hyp_state, v.host_share_guest_count]
 
     def new_host_port(self) -> HostPort:
         """A new door to the machine for a tool that plays another host CPU (its stores go

@@ -97,6 +97,18 @@ class TraceRecord:
         }
 
 
+# Each profile's hypercall names -> function IDs, built once per profile (by name) rather than
+# by every door (a snapshot load, each reboot of a fuzzing campaign); never written after.
+_FUNC_IDS: Final[dict[str, dict[str, int | None]]] = {}
+
+
+def _func_ids(profile: Profile) -> dict[str, int | None]:
+    ids = _FUNC_IDS.get(profile.name)
+    if ids is None:
+        ids = _FUNC_IDS[profile.name] = {name: profile.func_id(name) for name in profile.hcalls}
+    return ids
+
+
 class HvcDoor:
     """The per-call path of the HVC instruction (and the trace both doors keep)."""
 
@@ -106,7 +118,7 @@ class HvcDoor:
         self.hyp, self.el2, self.firmware, self.profile = hyp, el2, firmware, profile
         self.nr_cpus, self.trace, self.listeners = nr_cpus, trace, listeners
         self.tracing, self.seq = tracing, seq
-        self.func_ids = {name: profile.func_id(name) for name in profile.hcalls}
+        self.func_ids = _func_ids(profile)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (a machine snapshot) as its parts; the same objects as the machine's."""

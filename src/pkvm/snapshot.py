@@ -16,13 +16,16 @@ loaded as the same objects."""
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import sys
 import types
+from array import _array_reconstructor, array  # type: ignore[attr-defined]
 from typing import TYPE_CHECKING, Any
 
 from pkvm.abi.profiles import Profile, get_profile
+from pkvm.machine.memory import PhysMemory, _restore_ram, reuse_ram
 
 if TYPE_CHECKING:
     from pkvm.board import Machine
@@ -61,12 +64,41 @@ class _Saver(pickle.Pickler):
 
 
 class _Loader(pickle.Unpickler):
+    def __init__(self, data: bytes, recycle: Machine | None = None):
+        super().__init__(io.BytesIO(data))
+        self._ram: PhysMemory | None = None
+        self._spare: dict[tuple[str, int], list[array[Any]]] = {}
+        if recycle is not None:
+            self._ram = recycle.mem
+            for a in recycle.spare_arrays():
+                self._spare.setdefault((a.typecode, len(a)), []).append(a)
+
+    def _recycled(self, obj: Any) -> Any:
+        """`obj`, or what builds the RAM or an array from the recycled machine's instead."""
+        if obj is _restore_ram and self._ram is not None:
+            return functools.partial(reuse_ram, self._ram)
+        if obj is _array_reconstructor and self._spare:
+            return self._array
+        return obj
+
+    def find_class(self, module: str, name: str) -> Any:
+        return self._recycled(super().find_class(module, name))
+
+    def _array(self, cls: type, typecode: str, mformat: int, items: bytes) -> array[Any]:
+        """`array._array_reconstructor`, into a spare array of the same type and length."""
+        spare = self._spare.get((typecode, len(items) // array(typecode).itemsize))
+        if cls is not array or not spare:
+            return _array_reconstructor(cls, typecode, mformat, items)  # type: ignore[no-any-return]
+        out = spare.pop()
+        memoryview(out).cast("B")[:] = items
+        return out
+
     def persistent_load(self, pid: Any) -> Any:
         if pid[0] == "profile":
             return get_profile(pid[1])
         _, modname, name = pid
         mod = sys.modules[modname]
-        return getattr(mod, name) if name else mod
+        return self._recycled(getattr(mod, name)) if name else mod
 
 
 def save(m: Machine) -> bytes:
@@ -83,7 +115,11 @@ def save(m: Machine) -> bytes:
     return out.getvalue()
 
 
-def load(data: bytes) -> Machine:
-    """A new, independent machine from `save`'s bytes."""
-    m: Machine = _Loader(io.BytesIO(data)).load()
+def load(data: bytes, recycle: Machine | None = None) -> Machine:
+    """A new, independent machine from `save`'s bytes. `recycle`: a machine its caller is done
+    with (the fuzzer's, after a hyp panic), never to be used again: the new machine takes over
+    its RAM file and its vmemmap arrays, each set back to the snapshot's contents
+    (`pkvm.machine.memory.reuse_ram`), instead of new ones (new memory costs a page fault per
+    page touched); it is the machine a load without `recycle` gives."""
+    m: Machine = _Loader(data, recycle).load()
     return m

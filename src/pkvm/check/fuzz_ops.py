@@ -59,11 +59,12 @@ _BOOTED: dict[tuple[Any, ...], bytes] = {}  # a snapshot of each configuration, 
 
 
 def booted_machine(memory: str, cpus: int, abi: str, bugs: tuple[str, ...],
-                   smc: bool) -> Machine:
+                   smc: bool, recycle: Machine | None = None) -> Machine:
     """A freshly booted, untraced machine. The first of each configuration is booted and
     snapshotted; every one is loaded from that snapshot (`pkvm.snapshot`), which is ~100x
     faster than `__pkvm_init` and leaves the same machine: a campaign reboots after every hyp
-    panic a hostile step causes, every few dozen steps."""
+    panic a hostile step causes, every few dozen steps. `recycle`: the machine a reboot
+    replaces, whose RAM and vmemmap arrays the new one reuses (`pkvm.snapshot.load`)."""
     key = (memory, cpus, abi, tuple(bugs), smc)
     data = _BOOTED.get(key)
     if data is None:
@@ -74,7 +75,7 @@ def booted_machine(memory: str, cpus: int, abi: str, bugs: tuple[str, ...],
     paused = gc.isenabled()
     gc.disable()
     try:
-        return Machine.restore(data)
+        return Machine.restore(data, recycle)
     finally:
         if paused:
             gc.enable()
@@ -84,17 +85,19 @@ class World:
     """A machine plus what the fuzzer remembers about it (its operand pools)."""
 
     def __init__(self, memory: str, cpus: int, abi: str, bugs: tuple[str, ...], check: bool = True,
-                 smc: bool = False, recycle: Checker | None = None):
+                 smc: bool = False, recycle: World | None = None):
         self.cfg: dict[str, Any] = {"memory": memory, "cpus": cpus, "abi": abi}
         if smc:  # a secure world at EL3 for the FF-A steps
             self.cfg["ffa"] = True
         self.log: list[Any] = []
         self.bugs, self.smc = bugs, smc
-        self.m = booted_machine(memory, cpus, abi, bugs, smc)
+        # `recycle`: the world of a machine that died, never used again: its machine's memory
+        # and its checker's copy of the vmemmap are reused.
+        dead: Machine | None = recycle.m if recycle is not None else None
+        self.m: Machine = booted_machine(memory, cpus, abi, bugs, smc, dead)
         if check:  # wired as Machine(check=True) does, with the fuzzer's pace of full checks
-            # (`recycle`: the checker of a machine that died, whose copy memory is reused)
             self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False,
-                                     recycle=recycle)
+                                     recycle=dead.checker if dead is not None else None)
             self.m.listeners.append(self.m.checker.after_call)
         self.m.listeners.insert(0, self._on_call)
         self.m.host_port.observe_stores(self._on_store)

@@ -200,3 +200,40 @@ def _restore_ram(size: int, pages: list[tuple[int, bytes]]) -> PhysMemory:
     for off, page in pages:
         ram[off : off + PAGE_SIZE] = page
     return mem
+
+
+def reuse_ram(mem: PhysMemory, size: int, pages: list[tuple[int, bytes]]) -> PhysMemory:
+    """`_restore_ram(size, pages)` made of `mem`, a RAM its machine is done with (a fuzzer's
+    reboot after a hyp panic): the same contents as a fresh one. Every page that holds data in
+    the RAM file (whoever wrote it: the hyp, the host, the emulator) is compared with `pages`
+    (the snapshot's; all others are zeros) and written back where it differs. Pages stay
+    resident (a page punched back into a hole would cost a page fault at its next store, ~4
+    us, and the next machine stores to the same pages: it restarts from the same snapshot);
+    a fresh RAM where `mem` has no file (every page would count as holding data) or another
+    size."""
+    if mem._file is None or mem.size != size:
+        return _restore_ram(size, pages)
+    ram = mem._map
+    want = dict(pages)
+    off = mem.next_data(0)
+    while off < size:
+        end = min(_next_hole(mem, off), size)
+        off &= ~(PAGE_SIZE - 1)
+        while off < end:
+            page = want.pop(off, ZERO_PAGE)
+            if ram[off : off + PAGE_SIZE] != page:
+                ram[off : off + PAGE_SIZE] = page
+            off += PAGE_SIZE
+        off = mem.next_data(off)
+    for off, page in want.items():  # the snapshot's pages that are holes here (never written)
+        ram[off : off + PAGE_SIZE] = page
+    return mem
+
+
+def _next_hole(mem: PhysMemory, off: int) -> int:
+    f = mem._file
+    assert f is not None
+    try:
+        return os.lseek(f.fd, off, os.SEEK_HOLE)
+    except OSError:
+        return mem.size
