@@ -202,30 +202,32 @@ def _restore_ram(size: int, pages: list[tuple[int, bytes]]) -> PhysMemory:
     return mem
 
 
+_ZEROS: Final = bytes(1 << 20)  # zeros to write over RAM, up to 1 MiB at a time
+
+
 def reuse_ram(mem: PhysMemory, size: int, pages: list[tuple[int, bytes]]) -> PhysMemory:
     """`_restore_ram(size, pages)` made of `mem`, a RAM its machine is done with (a fuzzer's
     reboot after a hyp panic): the same contents as a fresh one. Every page that holds data in
-    the RAM file (whoever wrote it: the hyp, the host, the emulator) is compared with `pages`
-    (the snapshot's; all others are zeros) and written back where it differs. Pages stay
-    resident (a page punched back into a hole would cost a page fault at its next store, ~4
-    us, and the next machine stores to the same pages: it restarts from the same snapshot);
-    a fresh RAM where `mem` has no file (every page would count as holding data) or another
-    size."""
+    the RAM file (whoever wrote it: the hyp, the host, the emulator; holes read as zeros) is
+    zeroed, then the snapshot's `pages` written: a copy of memory per page, no comparison.
+    Pages stay resident (a page punched back into a hole would cost a page fault at its next
+    store, ~4 us, and the next machine stores to the same pages: it starts from the same
+    snapshot). A fresh RAM where `mem` has no file (every page would count as holding data)
+    or another size."""
     if mem._file is None or mem.size != size:
         return _restore_ram(size, pages)
     ram = mem._map
-    want = dict(pages)
+    zeros = memoryview(_ZEROS)
     off = mem.next_data(0)
     while off < size:
         end = min(_next_hole(mem, off), size)
         off &= ~(PAGE_SIZE - 1)
         while off < end:
-            page = want.pop(off, ZERO_PAGE)
-            if ram[off : off + PAGE_SIZE] != page:
-                ram[off : off + PAGE_SIZE] = page
-            off += PAGE_SIZE
+            n = min(end - off, len(_ZEROS))
+            ram[off : off + n] = zeros[:n]
+            off += n
         off = mem.next_data(off)
-    for off, page in want.items():  # the snapshot's pages that are holes here (never written)
+    for off, page in pages:
         ram[off : off + PAGE_SIZE] = page
     return mem
 
