@@ -21,8 +21,8 @@ import io
 import pickle
 import sys
 import types
-from array import _array_reconstructor, array  # type: ignore[attr-defined]
-from typing import TYPE_CHECKING, Any
+from array import array
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi.profiles import Profile, get_profile
 from pkvm.machine.memory import PhysMemory, _restore_ram, reuse_ram
@@ -47,14 +47,46 @@ def _module_globals() -> dict[int, tuple[str, str]]:
     return index
 
 
+# A typed array of at least this many entries (the vmemmap's: one entry per RAM page) is saved as
+# the value most of its entries hold and the runs of entries that hold another (`_sparse`): a
+# few KiB rather than its whole bytes, which a load would first copy out of the snapshot.
+_SPARSE_MIN: Final = 4096
+
+
+def _sparse(a: array[Any]) -> tuple[int, list[tuple[int, bytes]]]:
+    """(fill, [(first index, the bytes of the entries from there), ...]) of `a`."""
+    fill = max(set(a), key=a.count)
+    runs: list[tuple[int, bytes]] = []
+    i, n = 0, len(a)
+    while i < n:
+        if a[i] == fill:
+            i += 1
+            continue
+        j = i
+        while j < n and a[j] != fill:
+            j += 1
+        runs.append((i, a[i:j].tobytes()))
+        i = j
+    return fill, runs
+
+
+# (typecode, length, fill) -> an array of that many `fill`s, the start of every array loaded so.
+_FILLED: dict[tuple[str, int, int], array[Any]] = {}
+
+
 class _Saver(pickle.Pickler):
     def __init__(self, out: io.BytesIO, index: dict[int, tuple[str, str]]):
         super().__init__(out, protocol=pickle.HIGHEST_PROTOCOL)
         self._index = index
+        self._arrays: dict[int, tuple[int, array[Any]]] = {}  # id -> (serial, the array)
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, Profile):
             return ("profile", obj.name)
+        if type(obj) is array and len(obj) >= _SPARSE_MIN:
+            # (its serial: an array held in two places is loaded as one)
+            serial = self._arrays.setdefault(id(obj), (len(self._arrays), obj))[0]
+            return ("array", serial, obj.typecode, len(obj), *_sparse(obj))
         ref = self._index.get(id(obj))
         if ref is not None:
             return ("global", *ref)
@@ -68,34 +100,49 @@ class _Loader(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._ram: PhysMemory | None = None
         self._spare: dict[tuple[str, int], list[array[Any]]] = {}
+        self._loaded: dict[int, array[Any]] = {}  # serial -> array (`_Saver.persistent_id`)
         if recycle is not None:
             self._ram = recycle.mem
             for a in recycle.spare_arrays():
                 self._spare.setdefault((a.typecode, len(a)), []).append(a)
 
     def _recycled(self, obj: Any) -> Any:
-        """`obj`, or what builds the RAM or an array from the recycled machine's instead."""
+        """`obj`, or what builds the RAM from the recycled machine's instead."""
         if obj is _restore_ram and self._ram is not None:
             return functools.partial(reuse_ram, self._ram)
-        if obj is _array_reconstructor and self._spare:
-            return self._array
         return obj
 
     def find_class(self, module: str, name: str) -> Any:
         return self._recycled(super().find_class(module, name))
 
-    def _array(self, cls: type, typecode: str, mformat: int, items: bytes) -> array[Any]:
-        """`array._array_reconstructor`, into a spare array of the same type and length."""
-        spare = self._spare.get((typecode, len(items) // array(typecode).itemsize))
-        if cls is not array or not spare:
-            return _array_reconstructor(cls, typecode, mformat, items)  # type: ignore[no-any-return]
-        out = spare.pop()
-        memoryview(out).cast("B")[:] = items
+    def _array(self, pid: tuple[Any, ...]) -> array[Any]:
+        """The array `_Saver` saved as `pid`: its fills and runs, written into a spare array
+        of the same type and length where the recycled machine has one."""
+        _, serial, typecode, n, fill, runs = pid
+        out = self._loaded.get(serial)
+        if out is not None:
+            return out
+        filled = _FILLED.get((typecode, n, fill))
+        if filled is None:
+            filled = _FILLED[(typecode, n, fill)] = array(typecode, [fill]) * n
+        spare = self._spare.get((typecode, n))
+        if spare:
+            out = spare.pop()
+            memoryview(out)[:] = filled
+        else:
+            out = array(typecode, filled)
+        raw = memoryview(out).cast("B")
+        size = out.itemsize
+        for first, data in runs:
+            raw[first * size : first * size + len(data)] = data
+        self._loaded[serial] = out
         return out
 
     def persistent_load(self, pid: Any) -> Any:
         if pid[0] == "profile":
             return get_profile(pid[1])
+        if pid[0] == "array":
+            return self._array(pid)
         _, modname, name = pid
         mod = sys.modules[modname]
         return self._recycled(getattr(mod, name)) if name else mod
