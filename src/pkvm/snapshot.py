@@ -22,6 +22,7 @@ import pickle
 import sys
 import types
 from array import array
+from collections import Counter
 from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi.profiles import Profile, get_profile
@@ -55,7 +56,7 @@ _SPARSE_MIN: Final = 4096
 
 def _sparse(a: array[Any]) -> tuple[int, list[tuple[int, bytes]]]:
     """(fill, [(first index, the bytes of the entries from there), ...]) of `a`."""
-    fill = max(set(a), key=a.count)
+    fill = Counter(a).most_common(1)[0][0]
     runs: list[tuple[int, bytes]] = []
     i, n = 0, len(a)
     while i < n:
