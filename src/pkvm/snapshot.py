@@ -84,6 +84,8 @@ class _Saver(pickle.Pickler):
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, Profile):
             return ("profile", obj.name)
+        if obj is _restore_ram:
+            return ("ram",)
         if type(obj) is array and len(obj) >= _SPARSE_MIN:
             # (its serial: an array held in two places is loaded as one)
             serial = self._arrays.setdefault(id(obj), (len(self._arrays), obj))[0]
@@ -106,15 +108,6 @@ class _Loader(pickle.Unpickler):
             self._ram = recycle.mem
             for a in recycle.spare_arrays():
                 self._spare.setdefault((a.typecode, len(a)), []).append(a)
-
-    def _recycled(self, obj: Any) -> Any:
-        """`obj`, or what builds the RAM from the recycled machine's instead."""
-        if obj is _restore_ram and self._ram is not None:
-            return functools.partial(reuse_ram, self._ram)
-        return obj
-
-    def find_class(self, module: str, name: str) -> Any:
-        return self._recycled(super().find_class(module, name))
 
     def _array(self, pid: tuple[Any, ...]) -> array[Any]:
         """The array `_Saver` saved as `pid`: its fills and runs, written into a spare array
@@ -144,9 +137,11 @@ class _Loader(pickle.Unpickler):
             return get_profile(pid[1])
         if pid[0] == "array":
             return self._array(pid)
+        if pid[0] == "ram":  # the RAM's constructor: from the recycled machine's RAM if any
+            return _restore_ram if self._ram is None else functools.partial(reuse_ram, self._ram)
         _, modname, name = pid
         mod = sys.modules[modname]
-        return self._recycled(getattr(mod, name)) if name else mod
+        return getattr(mod, name) if name else mod
 
 
 def save(m: Machine) -> bytes:
