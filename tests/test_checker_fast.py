@@ -152,6 +152,9 @@ class Watch:
             assert fast[0] is slow[0] and fast[1] is slow[1]  # (the same enum members)
             assert c.ghost.abstract_page(pa) == GhostPage(
                 c.h.host_state(pa), c.h.hyp_state(pa), c.h.vmemmap.page_count(pa))
+        # the live VMs from the used slots (kept for one check) = a scan of every slot
+        assert [(hd, id(v)) for hd, v in c.live_vms()] == [
+            (hd, id(v)) for hd, v in c.h.live_vms()]
         table = c.h.vm_table
         assert [(i, id(s)) for i, s in c.h.vm_slots()] == [
             (i, id(s)) for i, s in enumerate(table) if s is not None]  # reused or found again

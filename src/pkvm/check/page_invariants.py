@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
 from pkvm.check.violations import InvariantViolation
 from pkvm.inspect import (
@@ -144,12 +145,19 @@ class PageInvariants:
         pa = pfn << PAGE_SHIFT
         return self.h.host_state(pa), self.h.hyp_state(pa)
 
+    _live_of: object = None  # the `vm_slots` answer `_live` was taken from
+
     def live_vms(self) -> list[tuple[int, PkvmHypVm]]:
-        """(handle, VM) of every hyp VM in the table (cached for the duration of one check)."""
-        if self._live is not None:
+        """(handle, VM) of every hyp VM in the table (do not modify the list; cached for one
+        check): taken from the used slots (`HypView.vm_slots`, one reading per held state)
+        rather than a scan of the table's 255 slots (`HypView.live_vms`, which
+        tests/test_checker_fast.py compares), and only while `vm_slots` answers the same list
+        (it answers a new one when any slot changed)."""
+        slots = self.h.vm_slots()
+        if self._live is not None and slots is self._live_of:
             return self._live
-        out = self.h.live_vms() if self.h.vm_slots() else []
-        self._live = out
+        out = [(i + HANDLE_OFFSET, s) for i, s in slots if isinstance(s, PkvmHypVm)]
+        self._live, self._live_of = out, slots
         return out
 
     def guest_map(self) -> dict[int, list[tuple[int, PageState]]]:
