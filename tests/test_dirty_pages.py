@@ -69,9 +69,16 @@ def _observed_run(monkeypatch: pytest.MonkeyPatch, abi: str, seed: int,
                   n: int) -> list[Observer]:
     """Run the fuzzer's `n` steps from `seed`, every world it makes watched by an Observer."""
     observers: list[Observer] = []
+    reboot = fuzz._reboot
+
+    def last_look(res: RunResult, w: World) -> World:
+        """What changed after a world's last call, before the reboot reuses its memory."""
+        observers[-1].look()
+        return reboot(res, w)
+
+    monkeypatch.setattr(fuzz, "_reboot", last_look)
     watched_run(monkeypatch, abi, seed, n, lambda w: observers.append(Observer(w.m)))
-    for o in observers:  # what changed after the last call
-        o.look()
+    observers[-1].look()  # (the last world's)
     return observers
 
 
