@@ -134,6 +134,8 @@ def test_a_load_that_recycles_a_dead_machine_is_a_fresh_load(abi):
     other = Machine(memory="128M", cpus=2, abi=abi, trace=False)  # another size: nothing reused
     again = Machine.restore(data, recycle=other)
     assert again.mem is not other.mem and again.snapshot() == Machine.restore(data).snapshot()
+    with pytest.raises(HypPanic, match="recycled"):  # (it may not be used again)
+        other.hvc(0, "__pkvm_host_share_hyp", 0)
 
 
 @pytest.mark.parametrize("abi", ABIS)

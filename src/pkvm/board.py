@@ -424,8 +424,12 @@ class Machine:
     def restore(data: bytes, recycle: Machine | None = None) -> Machine:
         """A machine from `snapshot()`'s bytes; it continues as the saved one would have.
         `recycle`: a machine never to be used again, whose memory the new one reuses
-        (`pkvm.snapshot.load`)."""
-        return snapshot.load(data, recycle)
+        (`pkvm.snapshot.load`); its hyp is marked dead, so a hypercall on it raises `HypPanic`
+        rather than reading the new machine's memory."""
+        m = snapshot.load(data, recycle)
+        if recycle is not None:
+            recycle._hyp.dead = recycle._hyp.dead or "machine recycled by a snapshot load"
+        return m
 
     def spare_arrays(self) -> list[Any]:
         """The typed arrays a snapshot load may reuse once this machine is done with (the
