@@ -163,8 +163,7 @@ def el2_write(h: HypState, va: int, data: bytes) -> None:
     if 0 < n <= PAGE_SIZE - (va & (PAGE_SIZE - 1)):  # within one page: one translation
         pa = el2_translate(h, va, write=True)
         check_store(h, pa)
-        off = pa - h.mem.base
-        h.mem.bytes[off : off + n] = data
+        h.mem.write(pa, data)
         return
     pos = 0
     pas = []
