@@ -25,7 +25,13 @@ from pkvm.hyp.panic import HypBug
 from pkvm.hyp.state import HypState
 from pkvm.machine.firmware import OFF, Firmware
 from pkvm.machine.memory import PAGE_SIZE
-from pkvm.machine.mmu import HCR_VM, S2_WALK_FAULT, El2Regs, tlb_s2_translate
+from pkvm.machine.mmu import (
+    HCR_VM,
+    S2_WALK_FAULT,
+    El2Regs,
+    tlb_s2_translate,
+    tlb_s2_translate_in,
+)
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -195,9 +201,16 @@ class HvcDoor:
         """`host_hit` of each page of [pa, pa + n) in order, each appended to `spans` as (PA or
         None where no RAM answers, bytes of that page in the range), up to the first page that
         `Machine.host_translate` must take itself: returns the (pa, n) left from there."""
+        h = self.hyp
+        if h.dead or not 0 <= cpu < self.nr_cpus or not self.el2[cpu].hcr_el2 & HCR_VM:
+            return pa, n  # `host_hit`'s generic cases, the same for every page
+        tlb, mem, root = h.host_s2_tlb, h.mem, self.el2[cpu].vttbr_el2
+        leaf = [0, 0, 0]  # the block the last walk ended at (`tlb_s2_translate_in`)
         while n > 0:
             k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
-            out = self.host_hit(cpu, pa, write)
+            if not 0 <= pa < 1 << 48:
+                break
+            out = tlb_s2_translate_in(tlb, mem, root, pa, write, leaf)
             if out == S2_WALK_FAULT:
                 break
             spans.append((out if out >= 0 else None, k))

@@ -45,22 +45,28 @@ class S2Fault:
 
 def s2_translate(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int, S2Fault | None]:
     """Walk a 4-level, 4 KiB-granule stage-2 from `root`: (pa, None) or (0, fault)."""
+    out, fault, _shift = s2_walk(mem, root, ipa, write)
+    return out, fault
+
+
+def s2_walk(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int, S2Fault | None, int]:
+    """`s2_translate`, and the log2 size of the leaf that translated (0 on a fault)."""
     table = root
     read = mem.read_u64
     for level in range(4):
         shift = 39 - 9 * level
         pte = read(table + ((ipa >> shift) & 511) * 8)
         if not pte & 1:
-            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write)
+            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write), 0
         if level < 3 and pte & 2:
             table = pte & _ADDR
             continue
         if level == 3 and not pte & 2:
-            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write)
+            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write), 0
         if not pte & (S2AP_W if write else S2AP_R):
-            return 0, S2Fault(FAULT_PERMISSION, level, ipa, write)
+            return 0, S2Fault(FAULT_PERMISSION, level, ipa, write), 0
         mask = (1 << shift) - 1
-        return (pte & _ADDR & ~mask) | (ipa & mask), None
+        return (pte & _ADDR & ~mask) | (ipa & mask), None, shift
     raise AssertionError("unreachable")
 
 
@@ -135,6 +141,31 @@ class Tlb:
 S2_WALK_FAULT = -2  # `tlb_s2_translate`: nothing cached and the walk faults
 
 
+def tlb_s2_translate_in(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool,
+                        leaf: list[int]) -> int:
+    """`tlb_s2_translate` of one of a range's consecutive accesses, with nothing stored to
+    memory between them (a host range access, `HvcDoor.host_spans`): `leaf` ([first IPA, end
+    IPA, PA of the first], [0, 0, 0] at the range's start) holds the block the range's last
+    walk ended at. A miss inside it is filled from it: a walk of that page would read the same
+    descriptors and give the same entry (mark 0), so none is made; a hit, or a miss outside
+    it, is `tlb_s2_translate`'s (a miss's walk then records its leaf)."""
+    key = (ipa >> 12) << 1 | write
+    entries = tlb.entries
+    if key in entries:
+        return tlb_s2_translate(tlb, mem, root, ipa, write)
+    if leaf[0] <= ipa < leaf[1]:
+        out = leaf[2] + (ipa - leaf[0])
+    else:
+        out, fault, shift = s2_walk(mem, root, ipa, write)
+        if fault is not None:
+            return S2_WALK_FAULT
+        first = ipa & ~((1 << shift) - 1)
+        leaf[0], leaf[1], leaf[2] = first, first + (1 << shift), out - (ipa - first)
+    page = (out & ~0xFFF) if mem.is_ram(out) else -1
+    entries[key] = [page, write, 0]
+    return out if page >= 0 else -1
+
+
 def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool) -> int:
     """An access to `ipa` through a stage-2 TLB (the host's): the PA it reaches, -1 where that
     is not RAM, or `S2_WALK_FAULT` where nothing is cached and the walk from `root` faults (the
@@ -146,7 +177,7 @@ def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool
     entries = tlb.entries
     hit = entries.get(key)
     if hit is None:
-        out, fault = s2_translate(mem, root, ipa, write)
+        out, fault, _shift = s2_walk(mem, root, ipa, write)
         if fault is not None:
             return S2_WALK_FAULT
         page = (out & ~0xFFF) if mem.is_ram(out) else -1
