@@ -32,11 +32,9 @@ from setuptools.command.build_ext import build_ext
 # Machine's doors on the instance (checkers use the declared seams, `interpose_hvc`,
 # `interpose_smc` and `listeners`); board.py (the Machine) stays a Python class that passes its
 # calls to the door (tools hold machines weakly and set their `tracing`). The host driver
-# (host/) and port.py stay pure: a conformance test swaps host/psci's CPU_ON by module
-# attribute, which compiled callers would not see, and the run path calls pure objects through
-# the generic call path (measured slower compiled); only host/page_loops (the per-page map and
-# reclaim loops, whose callables come in as arguments) is compiled. The checker's per-call
-# readings are compiled too: inspect.py (the read-only view; HypView in inspect_hyp.py) and the check/ modules a checked
+# (host/) and port.py stay pure for now: a conformance test swaps host/psci's CPU_ON by module
+# attribute, which compiled callers would not see. The checker's per-call readings are compiled
+# too: inspect.py (the read-only view; HypView in inspect_hyp.py) and the check/ modules a checked
 # call runs through (the invariants, the ghost and the oracles); check/violations stays pure (InvariantViolation subclasses
 # AssertionError), and the fuzzer and explorer (which import board.py: board imports pkvm.check)
 # stay pure. In a compiled import cycle no dataclass field may be typed with a class of a module
@@ -44,7 +42,7 @@ from setuptools.command.build_ext import build_ext
 # module has the class (ghost.Ghost.checker is Any for this; typed Checker, the import
 # segfaulted).
 CORE = ["machine", "machine/decode", "arch", "abi", "hyp"]
-CORE_FILES = ["door.py", "host/page_loops.py", "inspect.py", "inspect_hyp.py", "check/invariants.py",
+CORE_FILES = ["door.py", "inspect.py", "inspect_hyp.py", "check/invariants.py",
               "check/page_invariants.py",
               "check/global_invariants.py", "check/ghost.py", "check/ghost_guest.py",
               "check/ghost_calls.py", "check/ghost_pvm.py", "check/ghost_ffa.py",

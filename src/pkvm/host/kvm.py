@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import struct
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -29,7 +28,6 @@ from pkvm.abi.host_structs import KVM, KVM_ARM_VCPU_PSCI_0_2, KVM_VCPU, Layout
 from pkvm.arch.pgtable import KvmPgtable
 from pkvm.errors import EFAULT, EINVAL, ENOMEM, HostDataAbort, HostError
 from pkvm.host.kvm_life import HOST_VM_LIFECYCLES
-from pkvm.host.page_loops import map_pages
 from pkvm.host.vcpu_run import HCR_HOST_VCPU, VcpuExit, VcpuRunner
 from pkvm.machine.cpu import CpuContext
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, RAM_BASE, parse_size
@@ -45,11 +43,6 @@ _MC_HEAD = KVM_VCPU.offset("arch.pkvm_memcache.head")  # head, then nr_pages
 assert KVM_VCPU.offset("arch.pkvm_memcache.nr_pages") == _MC_HEAD + 8
 _HEAD_NR = struct.Struct("<QQ")
 _TABLE = struct.Struct(f"<{PAGE_SIZE // 8}Q")  # one page-table page
-
-
-def _load_through(host: "Host") -> Callable[[int, int], int]:
-    """`Host.read_u64` as a port's 8-byte load, for a port that has none of its own."""
-    return lambda _cpu, pa: host.read_u64(pa)
 
 
 def host_va(pa: int) -> int:
@@ -421,16 +414,28 @@ class HostVm:
                     mapped[g] = pa
             return
         name = "__pkvm_host_donate_guest" if self.protected else "__pkvm_host_share_guest"
+        extra = () if self.protected else (1, KVM_PGTABLE_PROT_RWX)  # nr_pages, prot
         host = self.host
-        load = host._read_u64  # `Host.read_u64`'s port accessor, a frame less
-        if load is None:
-            load = _load_through(host)
-        # `page_loops.map_pages` (compiled): per page the memcache count loaded (the pages
-        # pushed only when it is short, `topup_hyp_memcache`), then one donate or share.
-        map_pages(host.port.hvc, load, host.cpu, vcpu.pa + _MC_HEAD + 8,
-                  sizes.KVM_MMU_CACHE_MIN_PAGES, lambda: self.topup_memcache(vcpu), backing,
-                  self.memslot, mapped, cpu, name, gfn, n,
-                  -1 if self.protected else KVM_PGTABLE_PROT_RWX)
+        hvc = host.port.hvc
+        nr_pa = vcpu.pa + _MC_HEAD + 8  # the vCPU memcache's nr_pages
+        load, hcpu = host._read_u64, host.cpu  # `Host.read_u64`'s port accessor, a frame less
+        slot = self.memslot  # `backing`'s lookup (it allocates a page missing there)
+        low = sizes.KVM_MMU_CACHE_MIN_PAGES
+        for g in range(gfn, gfn + n):
+            if g in mapped:
+                continue
+            page = slot.get(g)
+            if page is None:
+                page = backing(g)
+            # `topup_hyp_memcache`: its count loaded; the pages pushed only when it is short.
+            if (load(hcpu, nr_pa) if load is not None else host.read_u64(nr_pa)) < low:
+                self.topup_memcache(vcpu)
+            r = hvc(cpu, name, page >> PAGE_SHIFT, g, *extra)  # `HostVm.hvc`, a frame less
+            if r.x0:
+                raise HostError.not_offered(name, r.x0)
+            if r.x1:
+                raise HostError(-r.x1, name, r.x1)
+            mapped[g] = page
 
     # -- destroy -------------------------------------------------------------------
     def destroy(self) -> None:
