@@ -176,11 +176,16 @@ class HvcDoor:
             h.dead = str(bug)
             self.notify(self.record(cpu, cname, x0, masked, regs, t0, str(bug)))
             raise HypPanic(str(bug), cpu, cname) from None
-        r0, r1 = regs[0], regs[1]
-        result = _hvc_result((r0 - (1 << 64) if r0 >> 63 else r0,
-                              r1 - (1 << 64) if r1 >> 63 else r1, regs[2], regs[3]))
+        r0, r1, r2, r3 = regs[0], regs[1], regs[2], regs[3]
+        if r0 >> 63:
+            r0 -= 1 << 64
+        if r1 >> 63:
+            r1 -= 1 << 64
+        result = _hvc_result((r0, r1, r2, r3))
         if tracing or self.listeners:
-            self.notify(self.record(cpu, name or hex(x0), x0, masked, regs, t0, None))
+            rec = self.keep(cpu, name or hex(x0), x0, masked, r0, r1, r2, r3, t0, None)
+            if self.listeners:
+                self.notify(rec)
         return result
 
     def host_hit(self, cpu: int, pa: int, write: bool) -> int:
@@ -221,10 +226,16 @@ class HvcDoor:
     def record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                t0: int, panic: str | None) -> TraceRecord:
         """The call's trace record (`args` already 64-bit), kept when tracing."""
+        return self.keep(cpu, name, x0, args, _s64(regs[0]), _s64(regs[1]), regs[2], regs[3],
+                         t0, panic)
+
+    def keep(self, cpu: int, name: str, x0: int, args: tuple[int, ...], r0: int, r1: int,
+             r2: int, r3: int, t0: int, panic: str | None) -> TraceRecord:
+        """`record` from the host's x0..x3 after the call as it sees them (x0, x1 signed)."""
         self.seq += 1
         tracing = self.tracing
-        rec = TraceRecord(self.seq, cpu, name, x0, args, _s64(regs[0]), _s64(regs[1]),
-                          regs[2], regs[3], t0, _now() - t0 if tracing else 0, panic)
+        rec = TraceRecord(self.seq, cpu, name, x0, args, r0, r1, r2, r3, t0,
+                          _now() - t0 if tracing else 0, panic)
         if tracing:
             self.trace.append(rec)
         return rec
