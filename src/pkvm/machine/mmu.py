@@ -7,6 +7,7 @@ the hyp actually wrote, not against the hyp's bookkeeping.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,7 +90,10 @@ class Tlb:
 
     def __init__(self, name: str, max_log: int = 64):
         self.name = name
-        self.entries: dict[int, list[int]] = {}  # key -> [pa page | -1, writable, mark]
+        # key -> (pa page | -1, writable, mark): a tuple of ints, which the garbage collector
+        # stops tracking (a host TLB holds an entry per page the host touched: 262,144 lists
+        # for a 1 GiB guest's backing made every full collection walk them all).
+        self.entries: dict[int, Sequence[int]] = {}
         self.stale_uses: list[str] = []
         self._max_log = max_log
 
@@ -123,15 +127,15 @@ class Tlb:
         entries = self.entries
         first, n = start >> 12, max(1, size >> 12)
         if n * 2 > len(entries):  # cheaper to look at every entry
-            for key, e in entries.items():
-                if first <= (key >> 1) < first + n:
-                    e[2] = 1
+            for key in [k for k, e in entries.items() if first <= (k >> 1) < first + n and not e[2]]:
+                e = entries[key]
+                entries[key] = (e[0], e[1], 1)
             return
         for page in range(first, first + n):
             for key in (page << 1, page << 1 | 1):  # its read and its write translation
                 hit = entries.get(key)
-                if hit is not None:
-                    hit[2] = 1
+                if hit is not None and not hit[2]:
+                    entries[key] = (hit[0], hit[1], 1)
 
     def record_stale(self, what: str) -> None:
         if len(self.stale_uses) < self._max_log:
@@ -162,7 +166,7 @@ def tlb_s2_translate_in(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: b
         first = ipa & ~((1 << shift) - 1)
         leaf[0], leaf[1], leaf[2] = first, first + (1 << shift), out - (ipa - first)
     page = (out & ~0xFFF) if mem.is_ram(out) else -1
-    entries[key] = [page, write, 0]
+    entries[key] = (page, write, 0)
     return out if page >= 0 else -1
 
 
@@ -181,13 +185,13 @@ def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool
         if fault is not None:
             return S2_WALK_FAULT
         page = (out & ~0xFFF) if mem.is_ram(out) else -1
-        entries[key] = [page, write, 0]
+        entries[key] = (page, write, 0)
         return out if page >= 0 else -1
     if hit[2]:
         out, fault = s2_translate(mem, root, ipa, write)
         fresh = -1 if fault is not None else ((out & ~0xFFF) if mem.is_ram(out) else -1)
         if fault is None and fresh == hit[0]:
-            hit[2] = 0
+            entries[key] = (hit[0], hit[1], 0)
         else:
             now = f"a {fault.kind} fault" if fault is not None else f"PA {fresh:#x}"
             tlb.record_stale(f"host {'write' if write else 'read'} of IPA {ipa:#x} used the "
