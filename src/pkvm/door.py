@@ -201,6 +201,17 @@ class HvcDoor:
             return S2_WALK_FAULT
         return tlb_s2_translate(h.host_s2_tlb, h.mem, el2.vttbr_el2, pa, write)
 
+    def host_load_u64(self, cpu: int, pa: int) -> int:
+        """The host's 8-byte load at `pa` where `host_hit` answers with RAM and the load is
+        aligned (one compiled call for `HostPort.read_u64`'s common case: a count or a link the
+        host reads once a page); -1 where `HostPort.read_u64` must take it the generic way."""
+        if pa & 7:
+            return -1
+        out = self.host_hit(cpu, pa, False)
+        if out < 0:  # S2_WALK_FAULT or no RAM (MMIO)
+            return -1
+        return self.hyp.mem.read_u64(out)
+
     def host_spans(self, cpu: int, pa: int, n: int, write: bool,
                    spans: list[tuple[int | None, int]]) -> tuple[int, int]:
         """`host_hit` of each page of [pa, pa + n) in order, each appended to `spans` as (PA or
