@@ -176,6 +176,31 @@ def test_the_ports_8_byte_load_agrees_with_the_generic_load(where, off, warm, cp
     assert ms[0]._hyp.dead == ms[1]._hyp.dead
 
 
+@settings(max_examples=40, deadline=None)
+@given(func=st.one_of(st.sampled_from(["__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp",
+                                       "__pkvm_vcpu_put", "__pkvm_init", "no such call"]),
+                      st.integers(-1, 2**64)),
+       args=st.lists(st.one_of(st.integers(-(2**65), 2**65), st.booleans(), st.just("x")),
+                     max_size=7),
+       cpu=st.integers(-1, 2), interposed=st.booleans())
+def test_the_ports_hvc_is_machine_hvc(func, args, cpu, interposed):
+    """The host port's `hvc` (`HvcDoor.hvc`, compiled) against `Machine.hvc` on an identical
+    machine: the same result or exception, the same trace records and the same calls seen by
+    an interposer installed after the port was made."""
+    ms = [pkvm.Machine(memory="64M", cpus=2) for _ in range(2)]
+    seen: list[list[tuple]] = [[], []]
+    for m, log in zip(ms, seen, strict=True):
+        if interposed:
+            m.interpose_hvc(lambda proceed, c, f, a, log=log: log.append((c, f, a)) or
+                            proceed(c, f, a))
+    fast = _outcome(lambda: ms[0].host.port.hvc(cpu, func, *args))
+    assert fast == _outcome(lambda: ms[1].hvc(cpu, func, *args))
+    assert seen[0] == seen[1] and len(seen[0]) == (1 if interposed else 0)
+    recs = [[(r.seq, r.cpu, r.name, r.func_id, r.args, r.x0, r.x1, r.x2, r.x3, r.panic)
+             for r in m.trace] for m in ms]
+    assert recs[0] == recs[1]
+
+
 @settings(max_examples=60, deadline=None)
 @given(args=st.lists(st.one_of(st.integers(0, 2**64 - 1), st.integers(-(2**70), 2**70),
                                st.booleans(), st.sampled_from(list(ComponentId))), max_size=6),

@@ -58,6 +58,8 @@ class HvcResult(NamedTuple):
 # An HvcResult made straight from its tuple (the named tuple's own `__new__` is interpreted Python,
 # a frame per hypercall).
 _hvc_result: Final = functools.partial(tuple.__new__, HvcResult)
+# `Machine`'s way through its interposers: (cpu, func, args) -> the result.
+Interposed = Callable[[int, "str | int", tuple[int, ...]], HvcResult]
 _now: Final = time.perf_counter_ns
 
 
@@ -108,16 +110,28 @@ class HvcDoor:
 
     def __init__(self, hyp: HypState, el2: list[El2Regs], firmware: Firmware, profile: Profile,
                  nr_cpus: int, trace: collections.deque[TraceRecord],
-                 listeners: list[Callable[[TraceRecord], None]], tracing: bool, seq: int = 0):
+                 listeners: list[Callable[[TraceRecord], None]], tracing: bool, seq: int = 0,
+                 interposers: list[Any] | None = None, interposed: Interposed | None = None):
         self.hyp, self.el2, self.firmware, self.profile = hyp, el2, firmware, profile
         self.nr_cpus, self.trace, self.listeners = nr_cpus, trace, listeners
         self.tracing, self.seq = tracing, seq
         self.func_ids = {name: profile.func_id(name) for name in profile.hcalls}
+        # The machine's interposers (the same list) and its way through them (`hvc`).
+        self.interposers: list[Any] = interposers if interposers is not None else []
+        self.interposed = interposed
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (a machine snapshot) as its parts; the same objects as the machine's."""
         return (HvcDoor, (self.hyp, self.el2, self.firmware, self.profile, self.nr_cpus,
-                          self.trace, self.listeners, self.tracing, self.seq))
+                          self.trace, self.listeners, self.tracing, self.seq, self.interposers,
+                          self.interposed))
+
+    def hvc(self, cpu: int, func: str | int, *args: Any) -> HvcResult:
+        """`Machine.hvc` as one compiled call (the host port's `hvc`): through the machine's
+        interposers when it has some, else straight to `call`."""
+        if self.interposers and self.interposed is not None:
+            return self.interposed(cpu, func, args)
+        return self.call(cpu, func, args)
 
     def func_id(self, func: str | int) -> int:
         if isinstance(func, str):

@@ -27,8 +27,8 @@ class HostPort:
     the host stage-2 let through: `data` is the bytes stored, or, for `zero`, the number of
     bytes zeroed. A refused store raises `HostDataAbort` and is not observed.
 
-    `hvc(cpu, func, *args)` is the machine's own `Machine.hvc` (interposers and all), bound
-    here rather than wrapped: the run path issues five hypercalls per exit. The 8-byte loads
+    `hvc(cpu, func, *args)` is `Machine.hvc` (interposers and all) as its door's compiled
+    `HvcDoor.hvc`, bound here rather than wrapped: the run path issues five hypercalls per exit. The 8-byte loads
     and stores ask the machine's door for the host TLB's hit first, as `Machine.host_translate`
     does, and go to `host_translate` for everything else (a fault, stage-2 off, a dead hyp)."""
 
@@ -37,7 +37,7 @@ class HostPort:
     def __init__(self, machine: "Machine"):
         self._m = machine
         self._observers: list[StoreObserver] = []
-        self.hvc: Callable[..., HvcResult] = machine.hvc
+        self.hvc: Callable[..., HvcResult] = machine._door.hvc  # `Machine.hvc`, compiled
 
     def observe_stores(self, fn: StoreObserver) -> None:
         self._observers.append(fn)
