@@ -28,9 +28,10 @@ class HostPort:
     bytes zeroed. A refused store raises `HostDataAbort` and is not observed.
 
     `hvc(cpu, func, *args)` is `Machine.hvc` (interposers and all) as its door's compiled
-    `HvcDoor.hvc`, bound here rather than wrapped: the run path issues five hypercalls per exit. The 8-byte loads
-    and stores ask the machine's door for the host TLB's hit first, as `Machine.host_translate`
-    does, and go to `host_translate` for everything else (a fault, stage-2 off, a dead hyp)."""
+    `HvcDoor.hvc`, bound here rather than wrapped: the run path issues five hypercalls per
+    exit. The 8-byte loads and stores ask the machine's door for the host TLB's hit first, as
+    `Machine.host_translate` does, and go to `host_translate` for everything else (a fault,
+    stage-2 off, a dead hyp)."""
 
     __slots__ = ("_m", "_observers", "hvc")
 
