@@ -430,7 +430,9 @@ class HostVm:
             # `topup_hyp_memcache`: its count loaded; the pages pushed only when it is short.
             if (load(hcpu, nr_pa) if load is not None else host.read_u64(nr_pa)) < low:
                 self.topup_memcache(vcpu)
-            r = hvc(cpu, name, page >> PAGE_SHIFT, g, *extra)  # `HostVm.hvc`, a frame less
+            # `HostVm.hvc`, a frame less (no `*extra` for a protected VM: no tuple unpacked)
+            r = hvc(cpu, name, page >> PAGE_SHIFT, g, *extra) if extra else \
+                hvc(cpu, name, page >> PAGE_SHIFT, g)
             if r.x0:
                 raise HostError.not_offered(name, r.x0)
             if r.x1:
