@@ -133,7 +133,7 @@ def _store_outcome(h, vcpu, va, store):
         vcpu.va, vcpu._off = saved
     records = h.bad_stores[n_bad:]
     del h.bad_stores[n_bad:]
-    h.mem.bytes[pos : pos + 8] = before
+    h.mem.write(h.mem.base + pos, before)
     return out, records
 
 

@@ -173,9 +173,9 @@ class Machine:
         self.trace: collections.deque[TraceRecord] = collections.deque(maxlen=maxlen)
         self.host_aborts: collections.deque[HostAbortRecord] = collections.deque(maxlen=maxlen)
         self.listeners: list[Callable[[TraceRecord], None]] = []  # after each call (checkers, UIs)
-        self._door = HvcDoor(self._hyp, self.el2, self.firmware, self.profile, cpus, self.trace,
-                             self.listeners, bool(trace))
         self._interposers: list[Interposer] = []
+        self._door = HvcDoor(self._hyp, self.el2, self.firmware, self.profile, cpus, self.trace,
+                             self.listeners, bool(trace), 0, self._interposers, self._interpose)
         self._smc_interposers: list[SmcInterposer] = []
         self.host_port = HostPort(self)  # the host kernel's (`m.host.port`)
         self.host = Host(self.host_port, self.profile, self.nr_cpus, self.mem.base, self.mem.size,
@@ -264,6 +264,9 @@ class Machine:
         it): how a checker sees a call's pre-state and a fuzzer logs the calls it issues.
         The last installed runs outermost. The host's own calls go through it too."""
         self._interposers.append(fn)
+
+    def _interpose(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
+        return self._interposed(len(self._interposers) - 1, cpu, func, args)
 
     def _interposed(self, k: int, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
         if k < 0:

@@ -25,7 +25,13 @@ from pkvm.hyp.panic import HypBug
 from pkvm.hyp.state import HypState
 from pkvm.machine.firmware import OFF, Firmware
 from pkvm.machine.memory import PAGE_SIZE
-from pkvm.machine.mmu import HCR_VM, S2_WALK_FAULT, El2Regs, tlb_s2_translate
+from pkvm.machine.mmu import (
+    HCR_VM,
+    S2_WALK_FAULT,
+    El2Regs,
+    tlb_s2_translate,
+    tlb_s2_translate_in,
+)
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
@@ -52,6 +58,8 @@ class HvcResult(NamedTuple):
 # An HvcResult made straight from its tuple (the named tuple's own `__new__` is interpreted Python,
 # a frame per hypercall).
 _hvc_result: Final = functools.partial(tuple.__new__, HvcResult)
+# `Machine`'s way through its interposers: (cpu, func, args) -> the result.
+Interposed = Callable[[int, "str | int", tuple[int, ...]], HvcResult]
 _now: Final = time.perf_counter_ns
 
 
@@ -114,16 +122,28 @@ class HvcDoor:
 
     def __init__(self, hyp: HypState, el2: list[El2Regs], firmware: Firmware, profile: Profile,
                  nr_cpus: int, trace: collections.deque[TraceRecord],
-                 listeners: list[Callable[[TraceRecord], None]], tracing: bool, seq: int = 0):
+                 listeners: list[Callable[[TraceRecord], None]], tracing: bool, seq: int = 0,
+                 interposers: list[Any] | None = None, interposed: Interposed | None = None):
         self.hyp, self.el2, self.firmware, self.profile = hyp, el2, firmware, profile
         self.nr_cpus, self.trace, self.listeners = nr_cpus, trace, listeners
         self.tracing, self.seq = tracing, seq
         self.func_ids = _func_ids(profile)
+        # The machine's interposers (the same list) and its way through them (`hvc`).
+        self.interposers: list[Any] = interposers if interposers is not None else []
+        self.interposed = interposed
 
     def __reduce__(self) -> tuple[Any, ...]:
         """Pickled (a machine snapshot) as its parts; the same objects as the machine's."""
         return (HvcDoor, (self.hyp, self.el2, self.firmware, self.profile, self.nr_cpus,
-                          self.trace, self.listeners, self.tracing, self.seq))
+                          self.trace, self.listeners, self.tracing, self.seq, self.interposers,
+                          self.interposed))
+
+    def hvc(self, cpu: int, func: str | int, *args: Any) -> HvcResult:
+        """`Machine.hvc` as one compiled call (the host port's `hvc`): through the machine's
+        interposers when it has some, else straight to `call`."""
+        if self.interposers and self.interposed is not None:
+            return self.interposed(cpu, func, args)
+        return self.call(cpu, func, args)
 
     def func_id(self, func: str | int) -> int:
         if isinstance(func, str):
@@ -182,11 +202,16 @@ class HvcDoor:
             h.dead = str(bug)
             self.notify(self.record(cpu, cname, x0, masked, regs, t0, str(bug)))
             raise HypPanic(str(bug), cpu, cname) from None
-        r0, r1 = regs[0], regs[1]
-        result = _hvc_result((r0 - (1 << 64) if r0 >> 63 else r0,
-                              r1 - (1 << 64) if r1 >> 63 else r1, regs[2], regs[3]))
+        r0, r1, r2, r3 = regs[0], regs[1], regs[2], regs[3]
+        if r0 >> 63:
+            r0 -= 1 << 64
+        if r1 >> 63:
+            r1 -= 1 << 64
+        result = _hvc_result((r0, r1, r2, r3))
         if tracing or self.listeners:
-            self.notify(self.record(cpu, name or hex(x0), x0, masked, regs, t0, None))
+            rec = self.keep(cpu, name or hex(x0), x0, masked, r0, r1, r2, r3, t0, None)
+            if self.listeners:
+                self.notify(rec)
         return result
 
     def host_hit(self, cpu: int, pa: int, write: bool) -> int:
@@ -202,14 +227,32 @@ class HvcDoor:
             return S2_WALK_FAULT
         return tlb_s2_translate(h.host_s2_tlb, h.mem, el2.vttbr_el2, pa, write)
 
+    def host_load_u64(self, cpu: int, pa: int) -> int:
+        """The host's 8-byte load at `pa` where `host_hit` answers with RAM and the load is
+        aligned (one compiled call for `HostPort.read_u64`'s common case: a count or a link the
+        host reads once a page); -1 where `HostPort.read_u64` must take it the generic way."""
+        if pa & 7:
+            return -1
+        out = self.host_hit(cpu, pa, False)
+        if out < 0:  # S2_WALK_FAULT or no RAM (MMIO)
+            return -1
+        return self.hyp.mem.read_u64(out)
+
     def host_spans(self, cpu: int, pa: int, n: int, write: bool,
                    spans: list[tuple[int | None, int]]) -> tuple[int, int]:
         """`host_hit` of each page of [pa, pa + n) in order, each appended to `spans` as (PA or
         None where no RAM answers, bytes of that page in the range), up to the first page that
         `Machine.host_translate` must take itself: returns the (pa, n) left from there."""
+        h = self.hyp
+        if h.dead or not 0 <= cpu < self.nr_cpus or not self.el2[cpu].hcr_el2 & HCR_VM:
+            return pa, n  # `host_hit`'s generic cases, the same for every page
+        tlb, mem, root = h.host_s2_tlb, h.mem, self.el2[cpu].vttbr_el2
+        leaf = [0, 0, 0]  # the block the last walk ended at (`tlb_s2_translate_in`)
         while n > 0:
             k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
-            out = self.host_hit(cpu, pa, write)
+            if not 0 <= pa < 1 << 48:
+                break
+            out = tlb_s2_translate_in(tlb, mem, root, pa, write, leaf)
             if out == S2_WALK_FAULT:
                 break
             spans.append((out if out >= 0 else None, k))
@@ -220,10 +263,16 @@ class HvcDoor:
     def record(self, cpu: int, name: str, x0: int, args: tuple[int, ...], regs: list[int],
                t0: int, panic: str | None) -> TraceRecord:
         """The call's trace record (`args` already 64-bit), kept when tracing."""
+        return self.keep(cpu, name, x0, args, _s64(regs[0]), _s64(regs[1]), regs[2], regs[3],
+                         t0, panic)
+
+    def keep(self, cpu: int, name: str, x0: int, args: tuple[int, ...], r0: int, r1: int,
+             r2: int, r3: int, t0: int, panic: str | None) -> TraceRecord:
+        """`record` from the host's x0..x3 after the call as it sees them (x0, x1 signed)."""
         self.seq += 1
         tracing = self.tracing
-        rec = TraceRecord(self.seq, cpu, name, x0, args, _s64(regs[0]), _s64(regs[1]),
-                          regs[2], regs[3], t0, _now() - t0 if tracing else 0, panic)
+        rec = TraceRecord(self.seq, cpu, name, x0, args, r0, r1, r2, r3, t0,
+                          _now() - t0 if tracing else 0, panic)
         if tracing:
             self.trace.append(rec)
         return rec

@@ -27,17 +27,18 @@ class HostPort:
     the host stage-2 let through: `data` is the bytes stored, or, for `zero`, the number of
     bytes zeroed. A refused store raises `HostDataAbort` and is not observed.
 
-    `hvc(cpu, func, *args)` is the machine's own `Machine.hvc` (interposers and all), bound
-    here rather than wrapped: the run path issues five hypercalls per exit. The 8-byte loads
-    and stores ask the machine's door for the host TLB's hit first, as `Machine.host_translate`
-    does, and go to `host_translate` for everything else (a fault, stage-2 off, a dead hyp)."""
+    `hvc(cpu, func, *args)` is `Machine.hvc` (interposers and all) as its door's compiled
+    `HvcDoor.hvc`, bound here rather than wrapped: the run path issues five hypercalls per
+    exit. The 8-byte loads and stores ask the machine's door for the host TLB's hit first, as
+    `Machine.host_translate` does, and go to `host_translate` for everything else (a fault,
+    stage-2 off, a dead hyp)."""
 
     __slots__ = ("_m", "_observers", "hvc")
 
     def __init__(self, machine: "Machine"):
         self._m = machine
         self._observers: list[StoreObserver] = []
-        self.hvc: Callable[..., HvcResult] = machine.hvc
+        self.hvc: Callable[..., HvcResult] = machine._door.hvc  # `Machine.hvc`, compiled
 
     def observe_stores(self, fn: StoreObserver) -> None:
         self._observers.append(fn)
@@ -82,6 +83,9 @@ class HostPort:
 
     def read_u64(self, cpu: int, pa: int) -> int:
         """An 8-byte load: one translation (the TLB's, on a hit) and one read of RAM."""
+        v = self._m._door.host_load_u64(cpu, pa)  # an aligned TLB hit on RAM, one call
+        if v >= 0:
+            return v
         if pa & 0xFFF > PAGE_SIZE - 8:  # straddles two pages
             return int.from_bytes(self.read(cpu, pa, 8), "little")
         hit = self._m._door.host_hit(cpu, pa, False)  # `host_translate`'s first step

@@ -416,16 +416,23 @@ class HostVm:
         name = "__pkvm_host_donate_guest" if self.protected else "__pkvm_host_share_guest"
         extra = () if self.protected else (1, KVM_PGTABLE_PROT_RWX)  # nr_pages, prot
         host = self.host
-        port = host.port
+        hvc = host.port.hvc
         nr_pa = vcpu.pa + _MC_HEAD + 8  # the vCPU memcache's nr_pages
+        load, hcpu = host._read_u64, host.cpu  # `Host.read_u64`'s port accessor, a frame less
+        slot = self.memslot  # `backing`'s lookup (it allocates a page missing there)
+        low = sizes.KVM_MMU_CACHE_MIN_PAGES
         for g in range(gfn, gfn + n):
             if g in mapped:
                 continue
-            page = backing(g)
+            page = slot.get(g)
+            if page is None:
+                page = backing(g)
             # `topup_hyp_memcache`: its count loaded; the pages pushed only when it is short.
-            if host.read_u64(nr_pa) < sizes.KVM_MMU_CACHE_MIN_PAGES:
+            if (load(hcpu, nr_pa) if load is not None else host.read_u64(nr_pa)) < low:
                 self.topup_memcache(vcpu)
-            r = port.hvc(cpu, name, page >> PAGE_SHIFT, g, *extra)  # `HostVm.hvc`, a frame less
+            # `HostVm.hvc`, a frame less (no `*extra` for a protected VM: no tuple unpacked)
+            r = hvc(cpu, name, page >> PAGE_SHIFT, g, *extra) if extra else \
+                hvc(cpu, name, page >> PAGE_SHIFT, g)
             if r.x0:
                 raise HostError.not_offered(name, r.x0)
             if r.x1:

@@ -184,9 +184,9 @@ class TwoPhase:
         # One call per page (`HostVm.hvc`'s check written out: one frame less per page).
         name = "__pkvm_reclaim_dying_guest_page" if vm.protected else "__pkvm_host_unshare_guest"
         extra = () if vm.protected else (1,)  # nr_pages
-        port, handle, mapped = vm.host.port, vm.handle, vm.mapped
+        hvc, handle, mapped = vm.host.port.hvc, vm.handle, vm.mapped
         for gfn in list(mapped):
-            res = port.hvc(0, name, handle, gfn, *extra)
+            res = hvc(0, name, handle, gfn, *extra) if extra else hvc(0, name, handle, gfn)
             if res.x0:
                 raise HostError.not_offered(name, res.x0)
             if res.x1:

@@ -8,7 +8,7 @@ hyp panic. This is how a host pointer the hyp has not pinned (or NULL) brings th
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from pkvm.hyp.memory import PageState
@@ -63,10 +63,10 @@ def el2_translate(h: HypState, va: int, write: bool = False) -> int:
     e = entries.get(key)
     if e is not None and (e[1] or not write):
         if e[2] != pgt.gen:
-            _recheck(h, va, e, write)
+            _recheck(h, va, key, e, write)
         return e[0] | (va & PAGE_OFFSET_MASK)
     pa, writable = _walk(h, va, write)
-    entries[key] = [pa & ~PAGE_OFFSET_MASK, writable, pgt.gen]
+    entries[key] = (pa & ~PAGE_OFFSET_MASK, writable, pgt.gen)
     return pa
 
 
@@ -86,7 +86,7 @@ def _s1_writable(pte: int) -> bool:
     return ap != KVM_PTE_LEAF_ATTR_LO_S1_AP_RO
 
 
-def _recheck(h: HypState, va: int, e: list[int], write: bool) -> None:
+def _recheck(h: HypState, va: int, key: int, e: Sequence[int], write: bool) -> None:
     """A hit on an entry filled before the table last changed: does a fresh walk agree?"""
     pgt = h.pkvm_pgtable
     ret, pte, level = pgt.get_leaf(va)
@@ -94,7 +94,7 @@ def _recheck(h: HypState, va: int, e: list[int], write: bool) -> None:
         mask = (1 << granule_shift(level)) - 1
         fresh = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask & ~PAGE_OFFSET_MASK)
         if fresh == e[0] and _s1_writable(pte) == e[1]:
-            e[2] = pgt.gen
+            h.el2_tlb.entries[key] = (e[0], e[1], pgt.gen)
             return
         now = f"maps PA {fresh:#x}"
     else:
@@ -163,8 +163,7 @@ def el2_write(h: HypState, va: int, data: bytes) -> None:
     if 0 < n <= PAGE_SIZE - (va & (PAGE_SIZE - 1)):  # within one page: one translation
         pa = el2_translate(h, va, write=True)
         check_store(h, pa)
-        off = pa - h.mem.base
-        h.mem.bytes[off : off + n] = data
+        h.mem.write(pa, data)
         return
     pos = 0
     pas = []

@@ -103,8 +103,7 @@ def store_scalar(s: HypStruct, off: int, data: bytes) -> None:
     h = s._h
     pa = el2_translate(h, s.va + off, True)
     check_store(h, pa)
-    pos = pa - h.mem.base
-    h.mem.bytes[pos : pos + len(data)] = data
+    h.mem.write(pa, data)
 
 
 def struct_load(s: HypStruct, off: int, n: int) -> bytes:

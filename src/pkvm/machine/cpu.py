@@ -97,7 +97,7 @@ from pkvm.machine.exceptions import (
     Exit,
     ExitKind,
 )
-from pkvm.machine.memory import PAGE_SIZE
+from pkvm.machine.memory import PAGE_SIZE, emulator_enter, emulator_leave
 from pkvm.machine.stage1 import Walk
 from pkvm.machine.stage2_view import Mapping, Stage2View
 
@@ -193,8 +193,12 @@ class Core(CpuExceptions):
         uc = self.uc
         uc._hook_exception = None
         count = ctypes.c_uint64(max_insns) if max_insns else _ZERO_C  # size_t
-        status = uc_emu_start_direct(self._uch, ctypes.c_uint64(pc & MASK64), _UNTIL_C, _ZERO_C,
-                                     count)
+        emulator_enter()  # its stores to RAM are unseen by PhysMemory (its known holes)
+        try:
+            status = uc_emu_start_direct(self._uch, ctypes.c_uint64(pc & MASK64), _UNTIL_C,
+                                         _ZERO_C, count)
+        finally:
+            emulator_leave()
         if uc._hook_exception is not None:
             raise uc._hook_exception
         ex = self._exit

@@ -31,6 +31,23 @@ GIC_REDIST_BASE: Final = 0x080A_0000
 ZERO_PAGE: Final = bytes(PAGE_SIZE)
 _SEEK_DATA: Final = getattr(os, "SEEK_DATA", 3)
 
+# The CPU emulator's runs, over every machine: [CPUs inside a run now, runs begun or ended so
+# far]. A CPU writes RAM through its own mapping of it (`host_address`), which `PhysMemory`
+# does not see; a run therefore drops every memory's known holes (`PhysMemory.zero`), and
+# while a CPU is inside one (the hyp entered from a hook) none are kept.
+_EMULATOR: Final = [0, 0]
+
+
+def emulator_enter() -> None:
+    """A CPU starts running (its writes to RAM are unseen until `emulator_leave`)."""
+    _EMULATOR[0] += 1
+    _EMULATOR[1] += 1
+
+
+def emulator_leave() -> None:
+    _EMULATOR[0] -= 1
+    _EMULATOR[1] += 1
+
 
 @dataclass(frozen=True)
 class Region:
@@ -70,12 +87,23 @@ class PhysMemory:
             self._map = mmap.mmap(self._file.fd, size, flags=flags)
         else:  # no memory files (not Linux): an anonymous mapping, every page compared
             self._map = mmap.mmap(-1, size, flags=flags | mmap.MAP_ANONYMOUS)
-        self.bytes = memoryview(self._map)
-        self.u64 = self.bytes.cast("Q")
+        # Read-only views (a store goes through `write`, `write_u64` or `zero`, which keep the
+        # known holes below true); `_bytes` is the writable one.
+        self._bytes = memoryview(self._map)
+        self._u64 = self._bytes.cast("Q")
+        self.bytes = self._bytes.toreadonly()
+        self.u64 = self._u64.toreadonly()
         self._address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
         # 1 for each page `zero` found holding data: it holds data for good (nothing punches
         # holes in RAM), so it is compared without asking the file again.
         self._backed = bytearray(self.nr_pages)
+        # The last `SEEK_DATA` answer that found holes: offsets [_holes_lo, _holes_hi) held no
+        # data at emulator generation `_holes_gen` (`_EMULATOR[1]`). Holes only turn into data
+        # by a store: `write` and `write_u64` cut the run short at the page they store to, a
+        # CPU run drops it (the generation moves), and `zero` stores only to pages holding data.
+        self._holes_lo = 0
+        self._holes_hi = 0
+        self._holes_gen = -1
 
     # -- physical map ------------------------------------------------------------------
     def is_ram(self, pa: int) -> bool:
@@ -95,13 +123,22 @@ class PhysMemory:
 
     def write(self, pa: int, data: bytes) -> None:
         off = pa - self.base
-        self.bytes[off : off + len(data)] = data
+        if off < self._holes_hi and off + len(data) > self._holes_lo:
+            self._stored_in_holes(off)
+        self._bytes[off : off + len(data)] = data
 
     def read_u64(self, pa: int) -> int:
         return self.u64[(pa - self.base) >> 3]
 
     def write_u64(self, pa: int, value: int) -> None:
-        self.u64[(pa - self.base) >> 3] = value
+        off = pa - self.base
+        if off < self._holes_hi and off + 8 > self._holes_lo:
+            self._stored_in_holes(off)
+        self._u64[off >> 3] = value
+
+    def _stored_in_holes(self, off: int) -> None:
+        """A store from `off` on, into the known holes: those from its page on are no more."""
+        self._holes_hi = max(self._holes_lo, off & ~(PAGE_SIZE - 1))
 
     def page_is_zero(self, pa: int) -> bool:
         off = pa - self.base
@@ -120,7 +157,7 @@ class PhysMemory:
         while k < n:
             page = off + (k << PAGE_SHIFT)
             if not backed[first + k]:
-                data = self.next_data(page)
+                data = self.holes_end(page)
                 if data > page:  # [page, data) are holes
                     k += (data - page + PAGE_SIZE - 1) >> PAGE_SHIFT
                     continue
@@ -128,6 +165,19 @@ class PhysMemory:
             if ram[page : page + PAGE_SIZE] != ZERO_PAGE:
                 ram[page : page + PAGE_SIZE] = ZERO_PAGE
             k += 1
+
+    def holes_end(self, off: int) -> int:
+        """`next_data(off)` for a page-aligned `off`, answered from the last answer that found
+        holes when `off` lies in them and no store or CPU run has touched them since (one
+        `lseek` then covers every page up to the next that holds data: a VM's pages reclaimed
+        one hypercall at a time, each wiped)."""
+        emu = _EMULATOR
+        if self._holes_lo <= off < self._holes_hi and self._holes_gen == emu[1] and not emu[0]:
+            return self._holes_hi
+        data = self.next_data(off)
+        if data > off and not emu[0]:
+            self._holes_lo, self._holes_hi, self._holes_gen = off, data, emu[1]
+        return data
 
     def next_data(self, off: int) -> int:
         """The offset in RAM of the first byte at or after `off` that lies in a page holding
@@ -229,6 +279,7 @@ def reuse_ram(mem: PhysMemory, size: int, pages: list[tuple[int, bytes]]) -> Phy
         off = mem.next_data(off)
     for off, page in pages:
         ram[off : off + PAGE_SIZE] = page
+    mem._holes_hi = mem._holes_lo  # stored behind `write`: the holes it knew may hold data
     return mem
 
 

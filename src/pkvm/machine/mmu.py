@@ -7,6 +7,7 @@ the hyp actually wrote, not against the hyp's bookkeeping.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,22 +46,28 @@ class S2Fault:
 
 def s2_translate(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int, S2Fault | None]:
     """Walk a 4-level, 4 KiB-granule stage-2 from `root`: (pa, None) or (0, fault)."""
+    out, fault, _shift = s2_walk(mem, root, ipa, write)
+    return out, fault
+
+
+def s2_walk(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int, S2Fault | None, int]:
+    """`s2_translate`, and the log2 size of the leaf that translated (0 on a fault)."""
     table = root
     read = mem.read_u64
     for level in range(4):
         shift = 39 - 9 * level
         pte = read(table + ((ipa >> shift) & 511) * 8)
         if not pte & 1:
-            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write)
+            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write), 0
         if level < 3 and pte & 2:
             table = pte & _ADDR
             continue
         if level == 3 and not pte & 2:
-            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write)
+            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write), 0
         if not pte & (S2AP_W if write else S2AP_R):
-            return 0, S2Fault(FAULT_PERMISSION, level, ipa, write)
+            return 0, S2Fault(FAULT_PERMISSION, level, ipa, write), 0
         mask = (1 << shift) - 1
-        return (pte & _ADDR & ~mask) | (ipa & mask), None
+        return (pte & _ADDR & ~mask) | (ipa & mask), None, shift
     raise AssertionError("unreachable")
 
 
@@ -83,7 +90,10 @@ class Tlb:
 
     def __init__(self, name: str, max_log: int = 64):
         self.name = name
-        self.entries: dict[int, list[int]] = {}  # key -> [pa page | -1, writable, mark]
+        # key -> (pa page | -1, writable, mark): a tuple of ints, which the garbage collector
+        # stops tracking (a host TLB holds an entry per page the host touched: 262,144 lists
+        # for a 1 GiB guest's backing made every full collection walk them all).
+        self.entries: dict[int, Sequence[int]] = {}
         self.stale_uses: list[str] = []
         self._max_log = max_log
 
@@ -117,15 +127,15 @@ class Tlb:
         entries = self.entries
         first, n = start >> 12, max(1, size >> 12)
         if n * 2 > len(entries):  # cheaper to look at every entry
-            for key, e in entries.items():
-                if first <= (key >> 1) < first + n:
-                    e[2] = 1
+            for key in [k for k, e in entries.items() if first <= (k >> 1) < first + n and not e[2]]:
+                e = entries[key]
+                entries[key] = (e[0], e[1], 1)
             return
         for page in range(first, first + n):
             for key in (page << 1, page << 1 | 1):  # its read and its write translation
                 hit = entries.get(key)
-                if hit is not None:
-                    hit[2] = 1
+                if hit is not None and not hit[2]:
+                    entries[key] = (hit[0], hit[1], 1)
 
     def record_stale(self, what: str) -> None:
         if len(self.stale_uses) < self._max_log:
@@ -133,6 +143,31 @@ class Tlb:
 
 
 S2_WALK_FAULT = -2  # `tlb_s2_translate`: nothing cached and the walk faults
+
+
+def tlb_s2_translate_in(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool,
+                        leaf: list[int]) -> int:
+    """`tlb_s2_translate` of one of a range's consecutive accesses, with nothing stored to
+    memory between them (a host range access, `HvcDoor.host_spans`): `leaf` ([first IPA, end
+    IPA, PA of the first], [0, 0, 0] at the range's start) holds the block the range's last
+    walk ended at. A miss inside it is filled from it: a walk of that page would read the same
+    descriptors and give the same entry (mark 0), so none is made; a hit, or a miss outside
+    it, is `tlb_s2_translate`'s (a miss's walk then records its leaf)."""
+    key = (ipa >> 12) << 1 | write
+    entries = tlb.entries
+    if key in entries:
+        return tlb_s2_translate(tlb, mem, root, ipa, write)
+    if leaf[0] <= ipa < leaf[1]:
+        out = leaf[2] + (ipa - leaf[0])
+    else:
+        out, fault, shift = s2_walk(mem, root, ipa, write)
+        if fault is not None:
+            return S2_WALK_FAULT
+        first = ipa & ~((1 << shift) - 1)
+        leaf[0], leaf[1], leaf[2] = first, first + (1 << shift), out - (ipa - first)
+    page = (out & ~0xFFF) if mem.is_ram(out) else -1
+    entries[key] = (page, write, 0)
+    return out if page >= 0 else -1
 
 
 def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool) -> int:
@@ -146,17 +181,17 @@ def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool
     entries = tlb.entries
     hit = entries.get(key)
     if hit is None:
-        out, fault = s2_translate(mem, root, ipa, write)
+        out, fault, _shift = s2_walk(mem, root, ipa, write)
         if fault is not None:
             return S2_WALK_FAULT
         page = (out & ~0xFFF) if mem.is_ram(out) else -1
-        entries[key] = [page, write, 0]
+        entries[key] = (page, write, 0)
         return out if page >= 0 else -1
     if hit[2]:
         out, fault = s2_translate(mem, root, ipa, write)
         fresh = -1 if fault is not None else ((out & ~0xFFF) if mem.is_ram(out) else -1)
         if fault is None and fresh == hit[0]:
-            hit[2] = 0
+            entries[key] = (hit[0], hit[1], 0)
         else:
             now = f"a {fault.kind} fault" if fault is not None else f"PA {fresh:#x}"
             tlb.record_stale(f"host {'write' if write else 'read'} of IPA {ipa:#x} used the "
