@@ -352,3 +352,20 @@ def test_a_protected_guests_pages_read_as_zeros_after_teardown():
         if g in holes:  # asked first: reading a hole through the mapping fills it
             assert mem.next_data(pa - mem.base) > pa - mem.base, hex(g)  # still a hole
         assert mem.page_is_zero(pa), hex(g)
+
+
+def test_a_reused_ram_forgets_its_known_holes():
+    """A fuzzer's reboot reuses the dead machine's RAM (`reuse_ram`), storing the snapshot's
+    pages behind `PhysMemory.write`: a page it stores into what the dead machine knew as holes
+    holds data afterwards, and the next wipe zeroes it."""
+    from pkvm.machine.memory import PhysMemory, reuse_ram
+
+    mem = PhysMemory(64 * PAGE_SIZE)
+    mem.write(mem.base, b"\x01")  # page 0 holds data, so the pages after it are holes
+    mem.zero(mem.base + PAGE_SIZE, PAGE_SIZE)  # a hole: the pages after it are known holes
+    assert mem._holes_hi > 5 * PAGE_SIZE
+    page = b"\x07" * PAGE_SIZE
+    assert reuse_ram(mem, mem.size, [(5 * PAGE_SIZE, page)]) is mem  # reused, not fresh
+    assert mem.read(mem.base, 1) == b"\x00" and mem.read(mem.base + 5 * PAGE_SIZE, 8) == page[:8]
+    mem.zero(mem.base + 5 * PAGE_SIZE, PAGE_SIZE)
+    assert mem.page_is_zero(mem.base + 5 * PAGE_SIZE)
