@@ -47,7 +47,7 @@ CORE_FILES = ["door.py", "inspect.py", "inspect_hyp.py", "check/invariants.py",
               "check/global_invariants.py", "check/ghost.py", "check/ghost_guest.py",
               "check/ghost_calls.py", "check/ghost_pvm.py", "check/ghost_ffa.py",
               "check/oracles.py", "check/hw_oracles.py"]
-PURE = {"machine/context.py", "machine/stage2_view.py", "hyp/pgtable.py"}
+PURE = {"machine/uc_cp.py", "hyp/pgtable.py"}
 
 ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src/pkvm"

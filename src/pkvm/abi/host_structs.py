@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from pkvm.machine.context import CpuContext
 
@@ -177,8 +178,8 @@ KVM_VCPU = Layout(
 )
 
 # The run-time context block copied whole between host and hyp on every run (flush/sync).
-CTXT_START = KVM_VCPU.offset("arch.ctxt.regs")
-CTXT_END = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") + 8
+CTXT_START: Final = KVM_VCPU.offset("arch.ctxt.regs")
+CTXT_END: Final = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") + 8
 
 # `arch.flags` bits of struct kvm (arm64 kvm_host.h names).
 KVM_ARCH_FLAG_MTE_ENABLED = 1 << 1
@@ -187,8 +188,8 @@ KVM_ARCH_FLAG_GUEST_HAS_SVE = 1 << 9
 # `vcpu_features` bits.
 KVM_ARM_VCPU_PSCI_0_2 = 1 << 2
 # `iflags` bits (the model's choice of positions).
-IFLAG_INCREMENT_PC = 1 << 1
-IFLAG_PENDING_EXCEPTION = 1 << 0
+IFLAG_INCREMENT_PC: Final = 1 << 1
+IFLAG_PENDING_EXCEPTION: Final = 1 << 0
 HYP_MEMCACHE_ACCOUNT_STAGE2 = 1 << 1
 
 # Index of each EL1 system register in `arch.ctxt.sys_regs[]` (the model's numbering).
@@ -246,8 +247,8 @@ def ctxt_pack(ctx: CpuContext, base: bytes) -> bytes:
 
 # The CPU's part of `arch.ctxt` as bytes (`pkvm.machine.context.RAW_SIZE`: regs, the scalars,
 # vregs) and the `sys_regs[]` array after it.
-CTXT_RAW_SIZE = 8 * 39 + 16 * 32
-CTXT_REGS_SIZE = _CTXT_FMT.size  # up to the end of sys_regs[]
+CTXT_RAW_SIZE: Final = 8 * 39 + 16 * 32
+CTXT_REGS_SIZE: Final = _CTXT_FMT.size  # up to the end of sys_regs[]
 _SYS_FMT = struct.Struct(f"<{NR_SYS_REGS}Q")
 assert _ctxt_off("arch.ctxt.vregs") + 16 * 32 == CTXT_RAW_SIZE == 8 * 103
 assert CTXT_RAW_SIZE + _SYS_FMT.size == CTXT_REGS_SIZE

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INSN
 from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import UcContext, UcError, uclib
+
+from pkvm.machine.uc_cp import CpReg
 
 # unicorn's entry points of the run path, called without the binding's argument conversion:
 # `uclib`'s functions carry `argtypes`, which ctypes checks and converts on every call (~0.7 us
@@ -41,26 +43,28 @@ from unicorn.unicorn_py3.unicorn import UcContext, UcError, uclib
 # handle) with none, so each argument must already be what C takes: a ctypes object, a
 # pointer (`byref`, an array) or an int that fits a C int (a register ID, a count); 64-bit
 # values go in as `ctypes.c_uint64` (~0.25 us a call). Each returns the `uc_err` (C int).
+# The names of this module the run path reads are `Final`: compiled code reads such a name
+# from a C variable (or as a constant), any other by a lookup in the module's dictionary.
 _uc_direct = ctypes.CDLL(uclib._name)
-uc_reg_read_direct = _uc_direct.uc_reg_read
-uc_reg_write_direct = _uc_direct.uc_reg_write
-uc_reg_read_batch_direct = _uc_direct.uc_reg_read_batch
-uc_reg_write_batch_direct = _uc_direct.uc_reg_write_batch
-uc_emu_start_direct = _uc_direct.uc_emu_start
+uc_reg_read_direct: Final = _uc_direct.uc_reg_read
+uc_reg_write_direct: Final = _uc_direct.uc_reg_write
+uc_reg_read_batch_direct: Final = _uc_direct.uc_reg_read_batch
+uc_reg_write_batch_direct: Final = _uc_direct.uc_reg_write_batch
+uc_emu_start_direct: Final = _uc_direct.uc_emu_start
 
 # uc_cb_insn_sys_t: (uc, reg, const uc_arm64_cp_reg *, user_data) -> skip the instruction
 _HOOK_INSN_SYS_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int,
                                         ctypes.c_void_p, ctypes.c_void_p)
 
-MASK64 = (1 << 64) - 1
+MASK64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 # PSTATE bits.
 PSR_MODE_EL0t = 0x0
 PSR_MODE_EL1t = 0x4
-PSR_MODE_EL1h = 0x5
-PSR_MODE_MASK = 0xF
+PSR_MODE_EL1h: Final = 0x5
+PSR_MODE_MASK: Final = 0xF
 PSR_F_BIT = 1 << 6
-PSR_I_BIT = 1 << 7
+PSR_I_BIT: Final = 1 << 7
 PSR_A_BIT = 1 << 8
 PSR_D_BIT = 1 << 9
 PSR_DAIF = PSR_D_BIT | PSR_A_BIT | PSR_I_BIT | PSR_F_BIT
@@ -136,7 +140,7 @@ CPTR_EL2_RES1 = 0x32FF  # nVHE layout, RES1 bits, TZ = TFP = 0
 CNTHCTL_EL1PCTEN, CNTHCTL_EL1PCEN = 1 << 0, 1 << 1
 
 # Context registers moved in one batch, in this order.
-GPR_IDS = [A.UC_ARM64_REG_X0 + i for i in range(29)] + [A.UC_ARM64_REG_X29, A.UC_ARM64_REG_X30]
+GPR_IDS: Final = [A.UC_ARM64_REG_X0 + i for i in range(29)] + [A.UC_ARM64_REG_X29, A.UC_ARM64_REG_X30]
 _CORE_IDS = GPR_IDS + [
     A.UC_ARM64_REG_SP,
     A.UC_ARM64_REG_SP_EL0,
@@ -149,17 +153,31 @@ _CORE_IDS = GPR_IDS + [
 ]
 _I_SP, _I_SP_EL0, _I_SP_EL1, _I_PC, _I_PSTATE, _I_ELR, _I_FPCR, _I_FPSR = range(31, 39)
 _Q_IDS = [A.UC_ARM64_REG_Q0 + i for i in range(32)]
+# unicorn's IDs of the registers the run path moves one by one
+REG_PC: Final = A.UC_ARM64_REG_PC
+REG_SP: Final = A.UC_ARM64_REG_SP
+REG_PSTATE: Final = A.UC_ARM64_REG_PSTATE
+REG_CP_REG: Final = A.UC_ARM64_REG_CP_REG
 
 # The context as bytes (`save_raw` / `load_raw`): `struct kvm_cpu_context` from `regs` on, u64
 # words x0..x30, sp_el0, pc, pstate, sp_el1, elr_el1, spsr_el1, fpsr, fpcr, then V0..V31 as 16
 # little-endian bytes each (low half first). Each register moves straight to or from its slot
 # of one buffer in one batch; three scratch slots after the context take the live SP and the
 # two banked ones, which the slots sp_el0/sp_el1 get from by PSTATE.
-RAW_WORDS = 31 + 8 + 64
-RAW_SIZE = 8 * RAW_WORDS
-_W_SP_EL0, _W_PC, _W_PSTATE, _W_SP_EL1, _W_ELR, _W_SPSR, _W_FPSR, _W_FPCR = range(31, 39)
-_W_V = 39
-_W_LIVE_SP, _W_BANK_SP_EL0, _W_BANK_SP_EL1 = RAW_WORDS, RAW_WORDS + 1, RAW_WORDS + 2
+RAW_WORDS: Final = 31 + 8 + 64
+RAW_SIZE: Final = 8 * RAW_WORDS
+_W_SP_EL0: Final = 31
+_W_PC: Final = 32
+_W_PSTATE: Final = 33
+_W_SP_EL1: Final = 34
+_W_ELR: Final = 35
+_W_SPSR: Final = 36
+_W_FPSR: Final = 37
+_W_FPCR: Final = 38
+_W_V: Final = 39
+_W_LIVE_SP: Final = RAW_WORDS
+_W_BANK_SP_EL0: Final = RAW_WORDS + 1
+_W_BANK_SP_EL1: Final = RAW_WORDS + 2
 # Register -> word slot, in the order `load_context` writes them (SP before its banks, PSTATE
 # after them, as the per-register path does).
 _RAW_SLOTS = [*zip(GPR_IDS, range(31)), (A.UC_ARM64_REG_SP, _W_LIVE_SP),
@@ -210,17 +228,6 @@ class CpuContext:
         )
 
 
-class _CpReg(ctypes.Structure):
-    _fields_ = [
-        ("crn", ctypes.c_uint32),
-        ("crm", ctypes.c_uint32),
-        ("op0", ctypes.c_uint32),
-        ("op1", ctypes.c_uint32),
-        ("op2", ctypes.c_uint32),
-        ("val", ctypes.c_uint64),
-    ]
-
-
 class _Batch:
     """Preallocated arrays for one `uc_reg_{read,write}_batch` call."""
 
@@ -236,10 +243,10 @@ class _Batch:
         self.ids = (ctypes.c_int * n)(*ids)
         self.width = width
         # System registers (`cp` given) move as {encoding, value} structures, others as words.
-        self.cps: ctypes.Array[_CpReg] | None = None
+        self.cps: ctypes.Array[CpReg] | None = None
         self.vals = (ctypes.c_uint64 * (n * width // 8))()
         if cp is not None:
-            cps = self.cps = (_CpReg * n)()
+            cps = self.cps = (CpReg * n)()
             for i, (op0, op1, crn, crm, op2) in enumerate(cp):
                 c = cps[i]
                 c.op0, c.op1, c.crn, c.crm, c.op2 = op0, op1, crn, crm, op2
@@ -288,7 +295,7 @@ class _RawBatch:
         # the context's bytes of the buffer, as a view (`bytes(view)` copies them out without
         # a foreign call, which `ctypes.string_at` makes)
         self.view = memoryview(self.buf).cast("B")[:RAW_SIZE]
-        self.par = _CpReg()
+        self.par = CpReg()
         p = SYS_REGS["PAR_EL1"]
         self.par.op0, self.par.op1, self.par.crn, self.par.crm, self.par.op2 = p
         ids = [rid for rid, _ in _RAW_SLOTS]
@@ -314,7 +321,7 @@ class CpuRegisters:
         self._uch = uc._uch
         self._r64 = ctypes.c_uint64()
         self._r64p = ctypes.byref(self._r64)
-        self._cp = _CpReg()
+        self._cp = CpReg()
         self._cpp = ctypes.byref(self._cp)
         self._core = _Batch(self._uch, _CORE_IDS)
         self._q = _Batch(self._uch, _Q_IDS, width=16)
@@ -363,13 +370,13 @@ class CpuRegisters:
         c = self._cp
         c.op0, c.op1, c.crn, c.crm, c.op2 = enc
         c.val = value & MASK64
-        if status := uc_reg_write_direct(self._uch, A.UC_ARM64_REG_CP_REG, self._cpp):
+        if status := uc_reg_write_direct(self._uch, REG_CP_REG, self._cpp):
             raise UcError(status)
 
     def _cpr(self, enc: tuple[int, int, int, int, int]) -> int:
         c = self._cp
         c.op0, c.op1, c.crn, c.crm, c.op2 = enc
-        if status := uc_reg_read_direct(self._uch, A.UC_ARM64_REG_CP_REG, self._cpp):
+        if status := uc_reg_read_direct(self._uch, REG_CP_REG, self._cpp):
             raise UcError(status)
         return int(c.val)
 
@@ -426,15 +433,15 @@ class CpuRegisters:
     # ---- general registers ------------------------------------------------------------
     @property
     def pc(self) -> int:
-        return self._rd(A.UC_ARM64_REG_PC)
+        return self._rd(REG_PC)
 
     @pc.setter
     def pc(self, value: int) -> None:
-        self._wr(A.UC_ARM64_REG_PC, value)
+        self._wr(REG_PC, value)
 
     @property
     def pstate(self) -> int:
-        return self._rd(A.UC_ARM64_REG_PSTATE)
+        return self._rd(REG_PSTATE)
 
     @property
     def irqs_masked(self) -> bool:
@@ -452,11 +459,11 @@ class CpuRegisters:
             self._wr(GPR_IDS[n], value)
 
     def _x_or_sp(self, n: int) -> int:
-        return self._rd(A.UC_ARM64_REG_SP if n == 31 else GPR_IDS[n])
+        return self._rd(REG_SP if n == 31 else GPR_IDS[n])
 
     def skip(self) -> None:
         """Advance PC past the current instruction (EL2 emulated it)."""
-        self._wr(A.UC_ARM64_REG_PC, self._rd(A.UC_ARM64_REG_PC) + 4)
+        self._wr(REG_PC, self._rd(REG_PC) + 4)
 
     # ---- context ----------------------------------------------------------------------
     def load_context(self, ctx: CpuContext) -> None:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import ctypes
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import (
@@ -57,6 +57,7 @@ from pkvm.machine.context import (
     PSR_NZCV,
     PSR_PAN_BIT,
     PSR_SSBS_BIT,
+    REG_PC,
     SCTLR_EL1_DSSBS,
     SCTLR_EL1_SPAN,
     SYS_HCR_EL2,
@@ -88,6 +89,7 @@ from pkvm.machine.stage1 import OA_MASK, Walk, walk_stage1
 from pkvm.machine.stage2_view import Stage2View
 
 PAGE_OFFSET_MASK = PAGE_SIZE - 1
+_U32_AT: Final = ctypes.c_uint32.from_address  # the u32 at a host address
 CPACR_EL1_ZEN_SHIFT, CPACR_EL1_FPEN_SHIFT = 16, 20  # 0b01: EL0 traps, 0b11: nothing traps
 _DECODE_CACHE_MAX = 65536  # decoded instruction words kept before the cache starts afresh
 _BLOCK_SCAN_INSNS = 64  # how far a stale PC is searched for the faulting access
@@ -253,7 +255,7 @@ class CpuExceptions(CpuRegisters):
         if ipa is None:
             return None
         host = self._view.host_of(ipa)
-        return None if host is None else ctypes.c_uint32.from_address(host).value
+        return None if host is None else _U32_AT(host).value
 
     def trap_id_regs(self) -> None:
         """HCR_EL2.TID3: EL1 reads of the ID registers (op0 3, op1 0, CRn 0, CRm 1-7) exit
@@ -284,7 +286,7 @@ class CpuExceptions(CpuRegisters):
         self, uc: Uc, access: int, address: int, size: int, value: int, _data: object
     ) -> bool:
         """A stage-2 fault: `address` is the IPA (unicorn's physical address)."""
-        pc = self._rd(A.UC_ARM64_REG_PC)
+        pc = self._rd(REG_PC)
         if access in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
             self._exit = Exit(ExitKind.IABT, esr(EC.IABT_LOW, _abort_fsc(access)), pc,
                               hpfar_from_ipa(address))
@@ -356,7 +358,7 @@ class CpuExceptions(CpuRegisters):
         return None
 
     def _on_intr(self, uc: Uc, intno: int, _data: object) -> None:
-        pc = self._rd(A.UC_ARM64_REG_PC)
+        pc = self._rd(REG_PC)
         if intno == EXCP_HVC:
             insn = self._fetch(pc - 4)
             imm = decode.exception_imm16(insn) if insn is not None else 0

@@ -31,8 +31,9 @@ import bisect
 import ctypes
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+from mypy_extensions import mypyc_attr
 from unicorn.arm64_const import UC_ARM64_REG_CP_REG
 from unicorn.unicorn_const import (
     UC_CTL_IO_WRITE,
@@ -68,7 +69,7 @@ _mmap.argtypes = [
 _munmap = _libc.munmap
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-_U64 = ctypes.c_uint64
+_U64: Final = ctypes.c_uint64
 _SCTLR_EL1 = (1, 0, 3, 0, 0)  # (CRn, CRm, op0, op1, op2), as unicorn's CP_REG takes it
 _SCTLR_M = 1
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, PROT_NONE = 0x02, 0x20, 0x4000, 0
@@ -86,6 +87,7 @@ def _blocks(m: Mapping, start: int, end: int) -> list[Mapping]:
     return out
 
 
+@mypyc_attr(native_class=False)  # a Python class: `weakref.finalize` unmaps its range
 class _Window:
     """A reserved address range where host pages are aliased at their IPA offset.
 
