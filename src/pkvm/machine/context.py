@@ -82,7 +82,7 @@ def pstate_el(pstate: int) -> int:
     return (pstate >> PSR_EL_SHIFT) & 3
 
 # SCTLR_EL1 bits used here.
-SCTLR_ELx_M = 1 << 0
+SCTLR_ELx_M: Final = 1 << 0
 SCTLR_ELx_A = 1 << 1
 SCTLR_EL1_SPAN = 1 << 23
 SCTLR_EL1_nTWI = 1 << 16

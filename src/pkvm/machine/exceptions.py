@@ -91,9 +91,9 @@ from pkvm.machine.stage2_view import Stage2View
 PAGE_OFFSET_MASK = PAGE_SIZE - 1
 _U32_AT: Final = ctypes.c_uint32.from_address  # the u32 at a host address
 CPACR_EL1_ZEN_SHIFT, CPACR_EL1_FPEN_SHIFT = 16, 20  # 0b01: EL0 traps, 0b11: nothing traps
-_DECODE_CACHE_MAX = 65536  # decoded instruction words kept before the cache starts afresh
-_BLOCK_SCAN_INSNS = 64  # how far a stale PC is searched for the faulting access
-SCTLR = SYS_REGS["SCTLR_EL1"]
+_DECODE_CACHE_MAX: Final = 65536  # decoded instruction words kept before the cache starts afresh
+_BLOCK_SCAN_INSNS: Final = 64  # how far a stale PC is searched for the faulting access
+SCTLR: Final = SYS_REGS["SCTLR_EL1"]
 
 # __kvm_vcpu_run exit codes (asm/kvm_asm.h).
 ARM_EXCEPTION_IRQ = 0
@@ -170,8 +170,9 @@ class Exit:
         )
 
 
-_WRITES = frozenset({UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT})
-_UNMAPPED = frozenset({UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED})
+_WRITES: Final = frozenset({UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT})
+_FETCH_FAULTS: Final = (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT)
+_UNMAPPED: Final = frozenset({UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED})
 
 
 def _abort_fsc(access: int) -> int:
@@ -287,7 +288,7 @@ class CpuExceptions(CpuRegisters):
     ) -> bool:
         """A stage-2 fault: `address` is the IPA (unicorn's physical address)."""
         pc = self._rd(REG_PC)
-        if access in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
+        if access in _FETCH_FAULTS:
             self._exit = Exit(ExitKind.IABT, esr(EC.IABT_LOW, _abort_fsc(access)), pc,
                               hpfar_from_ipa(address))
             return False

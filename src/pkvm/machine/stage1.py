@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from pkvm.machine.context import PSR_PAN_BIT, SCTLR_ELx_M, SCTLR_ELx_WXN
 from pkvm.machine.esr import FSC
 
-OA_MASK = (1 << 48) - 1  # 48-bit output and intermediate addresses
+OA_MASK: Final = (1 << 48) - 1  # 48-bit output and intermediate addresses
 TTBR_BADDR_MASK = 0x0000_FFFF_FFFF_FFFE  # TTBRn_EL1.BADDR (bit 0 is CnP)
 
 # Descriptor bits (VMSAv8-64).
