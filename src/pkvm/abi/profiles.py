@@ -9,7 +9,7 @@ the hyp code asks `profile.<feature>` instead of comparing version strings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 # `enum __kvm_host_smccc_func` of Linux 6.12.117 (arch/arm64/include/asm/kvm_asm.h).
 HCALLS_6_12: tuple[str, ...] = (
@@ -98,8 +98,8 @@ HCALLS_7_2: tuple[str, ...] = (
 ALL_HCALL_NAMES = frozenset(HCALLS_6_12) | frozenset(HCALLS_7_2)
 
 # SMCCC: fast call, 64-bit, owner "vendor hypervisor" (6), function number 0.
-KVM_HOST_SMCCC_ID_BASE = 0xC600_0000
-ARM_SMCCC_CALL_HINTS = 1 << 16
+KVM_HOST_SMCCC_ID_BASE: Final = 0xC600_0000
+ARM_SMCCC_CALL_HINTS: Final = 1 << 16
 
 
 @dataclass(frozen=True)

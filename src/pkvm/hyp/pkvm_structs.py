@@ -69,8 +69,8 @@ for _name, _f in KVM_VCPU.fields.items():
 _VCPU_USED = max(f.offset + f.size for f in KVM_VCPU.fields.values())
 assert _VCPU_USED <= HYP_VCPU["host_vcpu"][0], "the model's kvm_vcpu copy overlaps host_vcpu"
 assert HYP_VM["nr_vcpus"][0] + 4 <= HYP_VM_VCPUS
-CTXT_OFF = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
-CTXT_LEN = CTXT_END - CTXT_START
+CTXT_OFF: Final = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
+CTXT_LEN: Final = CTXT_END - CTXT_START
 _U64: Final = struct.Struct("<Q")
 ID_REGS = KVM.field("arch.id_regs")
 

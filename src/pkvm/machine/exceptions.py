@@ -88,7 +88,7 @@ from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 from pkvm.machine.stage1 import OA_MASK, Walk, walk_stage1
 from pkvm.machine.stage2_view import Stage2View
 
-PAGE_OFFSET_MASK = PAGE_SIZE - 1
+PAGE_OFFSET_MASK: Final = PAGE_SIZE - 1
 _U32_AT: Final = ctypes.c_uint32.from_address  # the u32 at a host address
 CPACR_EL1_ZEN_SHIFT, CPACR_EL1_FPEN_SHIFT = 16, 20  # 0b01: EL0 traps, 0b11: nothing traps
 _DECODE_CACHE_MAX: Final = 65536  # decoded instruction words kept before the cache starts afresh
