@@ -86,7 +86,7 @@ def host_hcall(name: str) -> Callable[[Handler], Handler]:
 
 # `host_hcall[]`: one profile's handlers indexed by function number, built once per profile
 # (after every handler below has registered) so that a call costs one tuple index.
-_HOST_HCALL: Final[dict[str, tuple[tuple[str, Handler | None], ...]]] = {}
+_HOST_HCALL: dict[str, tuple[tuple[str, Handler | None], ...]] = {}
 
 
 def host_hcall_table(prof: Profile) -> tuple[tuple[str, Handler | None], ...]:
