@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
 from pkvm.check.violations import InvariantViolation
@@ -25,8 +25,10 @@ from pkvm.inspect import (
 )
 from pkvm.machine.memory import PAGE_SHIFT
 
-OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
-                         PageState.NOPAGE)
+OWNED: Final = PageState.OWNED
+SO: Final = PageState.SHARED_OWNED
+SB: Final = PageState.SHARED_BORROWED
+NOPAGE: Final = PageState.NOPAGE
 _STATE_OF: dict[int, PageState] = {int(s): s for s in PageState}  # a state byte's member
 
 # (host, hyp, guest states) a RAM page may be in after any of nvhe/mem_protect.c's

@@ -93,7 +93,7 @@ HCR_TSC, HCR_TIDCP, HCR_TACR, HCR_TSW, HCR_RW = 1 << 19, 1 << 20, 1 << 21, 1 << 
 HCR_E2H, HCR_TLOR, HCR_TERR, HCR_TEA, HCR_APK, HCR_API = 1 << 34, 1 << 35, 1 << 36, 1 << 37, 1 << 40, 1 << 41
 HCR_FWB, HCR_FIEN, HCR_TID4, HCR_AMVOFFEN = 1 << 46, 1 << 47, 1 << 49, 1 << 51
 HCR_ATA, HCR_DCT, HCR_TID5 = 1 << 56, 1 << 57, 1 << 58
-HCR_GUEST_FLAGS = (HCR_TSC | HCR_TSW | HCR_TWE | HCR_TWI | HCR_VM | HCR_BSU_IS | HCR_FB | HCR_TACR
+HCR_GUEST_FLAGS: Final = (HCR_TSC | HCR_TSW | HCR_TWE | HCR_TWI | HCR_VM | HCR_BSU_IS | HCR_FB | HCR_TACR
                    | HCR_AMO | HCR_SWIO | HCR_TIDCP | HCR_RW | HCR_TLOR | HCR_FMO | HCR_IMO
                    | HCR_PTW | HCR_TID3 | HCR_TID1)
 MDCR_HPMN_MASK, MDCR_TPMCR, MDCR_TPM, MDCR_HPME = 0x1F, 1 << 5, 1 << 6, 1 << 7
@@ -194,7 +194,7 @@ def pkvm_vcpu_init_traps(h: HypState, vcpu: PkvmHypVcpu) -> int:
     return 0
 
 
-HCRX_EL2_SMPME = 1 << 5
+HCRX_EL2_SMPME: Final = 1 << 5
 
 
 def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
@@ -254,7 +254,7 @@ def sync_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
 
 
 HPFAR_NS: Final = 1 << 63
-S2_XN_NONE = 0b10
+S2_XN_NONE: Final = 0b10
 
 
 class _Engine:

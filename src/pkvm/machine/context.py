@@ -45,7 +45,7 @@ from pkvm.machine.uc_cp import CpReg
 # values go in as `ctypes.c_uint64` (~0.25 us a call). Each returns the `uc_err` (C int).
 # The names of this module the run path reads are `Final`: compiled code reads such a name
 # from a C variable (or as a constant), any other by a lookup in the module's dictionary.
-_uc_direct = ctypes.CDLL(uclib._name)
+_uc_direct: Final = ctypes.CDLL(uclib._name)
 uc_reg_read_direct: Final = _uc_direct.uc_reg_read
 uc_reg_write_direct: Final = _uc_direct.uc_reg_write
 uc_reg_read_batch_direct: Final = _uc_direct.uc_reg_read_batch
@@ -53,28 +53,28 @@ uc_reg_write_batch_direct: Final = _uc_direct.uc_reg_write_batch
 uc_emu_start_direct: Final = _uc_direct.uc_emu_start
 
 # uc_cb_insn_sys_t: (uc, reg, const uc_arm64_cp_reg *, user_data) -> skip the instruction
-_HOOK_INSN_SYS_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int,
+_HOOK_INSN_SYS_CFUNC: Final = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int,
                                         ctypes.c_void_p, ctypes.c_void_p)
 
 MASK64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 # PSTATE bits.
-PSR_MODE_EL0t = 0x0
-PSR_MODE_EL1t = 0x4
+PSR_MODE_EL0t: Final = 0x0
+PSR_MODE_EL1t: Final = 0x4
 PSR_MODE_EL1h: Final = 0x5
 PSR_MODE_MASK: Final = 0xF
-PSR_F_BIT = 1 << 6
+PSR_F_BIT: Final = 1 << 6
 PSR_I_BIT: Final = 1 << 7
-PSR_A_BIT = 1 << 8
-PSR_D_BIT = 1 << 9
-PSR_DAIF = PSR_D_BIT | PSR_A_BIT | PSR_I_BIT | PSR_F_BIT
-PSR_SSBS_BIT = 1 << 12
-PSR_IL_BIT = 1 << 20
-PSR_PAN_BIT = 1 << 22
-PSR_NZCV = 0xF << 28
-PSTATE_RESET = PSR_DAIF | PSR_MODE_EL1h  # 0x3C5, as kvm_reset_vcpu
-PSR_EL_SHIFT = 2  # PSTATE.EL, bits [3:2]
-MPIDR_RES1 = 1 << 31
+PSR_A_BIT: Final = 1 << 8
+PSR_D_BIT: Final = 1 << 9
+PSR_DAIF: Final = PSR_D_BIT | PSR_A_BIT | PSR_I_BIT | PSR_F_BIT
+PSR_SSBS_BIT: Final = 1 << 12
+PSR_IL_BIT: Final = 1 << 20
+PSR_PAN_BIT: Final = 1 << 22
+PSR_NZCV: Final = 0xF << 28
+PSTATE_RESET: Final = PSR_DAIF | PSR_MODE_EL1h  # 0x3C5, as kvm_reset_vcpu
+PSR_EL_SHIFT: Final = 2  # PSTATE.EL, bits [3:2]
+MPIDR_RES1: Final = 1 << 31
 
 
 def pstate_el(pstate: int) -> int:
@@ -83,12 +83,12 @@ def pstate_el(pstate: int) -> int:
 
 # SCTLR_EL1 bits used here.
 SCTLR_ELx_M: Final = 1 << 0
-SCTLR_ELx_A = 1 << 1
-SCTLR_EL1_SPAN = 1 << 23
-SCTLR_EL1_nTWI = 1 << 16
-SCTLR_ELx_WXN = 1 << 19
-SCTLR_EL1_DSSBS = 1 << 44
-SCTLR_EL1_RESET = 0x00C50078  # KVM's reset value (MMU, caches off; RES1 bits)
+SCTLR_ELx_A: Final = 1 << 1
+SCTLR_EL1_SPAN: Final = 1 << 23
+SCTLR_EL1_nTWI: Final = 1 << 16
+SCTLR_ELx_WXN: Final = 1 << 19
+SCTLR_EL1_DSSBS: Final = 1 << 44
+SCTLR_EL1_RESET: Final = 0x00C50078  # KVM's reset value (MMU, caches off; RES1 bits)
 
 SysRegEnc = tuple[int, int, int, int, int]  # (op0, op1, CRn, CRm, op2)
 CpuState = UcContext  # the emulated CPU's whole state, opaque (`save_cpu_state`)
@@ -120,28 +120,40 @@ SYS_REGS: dict[str, SysRegEnc] = {
     "MDSCR_EL1": (2, 0, 0, 2, 2),
     "MPIDR_EL1": (3, 4, 0, 0, 5),  # VMPIDR_EL2
 }
-SYS_SPSR_EL1 = (3, 0, 4, 0, 0)
-_EL1_ENCS = frozenset([*SYS_REGS.values(), SYS_SPSR_EL1])
+SYS_SPSR_EL1: Final = (3, 0, 4, 0, 0)
+_EL1_ENCS: Final = frozenset([*SYS_REGS.values(), SYS_SPSR_EL1])
 
 # EL2 and EL3 registers the guest never sees, by encoding (`asm/sysreg.h` names), and the bits
 # of them the model sets: what firmware leaves for EL2 software, and what EL2 configures.
-SYS_SCR_EL3 = (3, 6, 1, 1, 0)
-SYS_CPTR_EL3 = (3, 6, 1, 1, 2)
-SYS_HCR_EL2 = (3, 4, 1, 1, 0)
-SYS_CPTR_EL2 = (3, 4, 1, 1, 2)
-SYS_CNTHCTL_EL2 = (3, 4, 14, 1, 0)
-SCR_EL3_NS, SCR_EL3_RES1, SCR_EL3_HCE, SCR_EL3_RW = 1 << 0, 0b11 << 4, 1 << 8, 1 << 10
-SCR_EL3_APK, SCR_EL3_API = 1 << 16, 1 << 17
-CPTR_EL3_EZ = 1 << 8
-HCR_FMO, HCR_IMO, HCR_VI, HCR_TID3 = 1 << 3, 1 << 4, 1 << 7, 1 << 18
-HCR_TWI, HCR_TWE, HCR_TSC, HCR_RW = 1 << 13, 1 << 14, 1 << 19, 1 << 31
-HCR_APK, HCR_API = 1 << 40, 1 << 41
-CPTR_EL2_RES1 = 0x32FF  # nVHE layout, RES1 bits, TZ = TFP = 0
-CNTHCTL_EL1PCTEN, CNTHCTL_EL1PCEN = 1 << 0, 1 << 1
+SYS_SCR_EL3: Final = (3, 6, 1, 1, 0)
+SYS_CPTR_EL3: Final = (3, 6, 1, 1, 2)
+SYS_HCR_EL2: Final = (3, 4, 1, 1, 0)
+SYS_CPTR_EL2: Final = (3, 4, 1, 1, 2)
+SYS_CNTHCTL_EL2: Final = (3, 4, 14, 1, 0)
+SCR_EL3_NS: Final = 1 << 0
+SCR_EL3_RES1: Final = 0b11 << 4
+SCR_EL3_HCE: Final = 1 << 8
+SCR_EL3_RW: Final = 1 << 10
+SCR_EL3_APK: Final = 1 << 16
+SCR_EL3_API: Final = 1 << 17
+CPTR_EL3_EZ: Final = 1 << 8
+HCR_FMO: Final = 1 << 3
+HCR_IMO: Final = 1 << 4
+HCR_VI: Final = 1 << 7
+HCR_TID3: Final = 1 << 18
+HCR_TWI: Final = 1 << 13
+HCR_TWE: Final = 1 << 14
+HCR_TSC: Final = 1 << 19
+HCR_RW: Final = 1 << 31
+HCR_APK: Final = 1 << 40
+HCR_API: Final = 1 << 41
+CPTR_EL2_RES1: Final = 0x32FF  # nVHE layout, RES1 bits, TZ = TFP = 0
+CNTHCTL_EL1PCTEN: Final = 1 << 0
+CNTHCTL_EL1PCEN: Final = 1 << 1
 
 # Context registers moved in one batch, in this order.
 GPR_IDS: Final = [A.UC_ARM64_REG_X0 + i for i in range(29)] + [A.UC_ARM64_REG_X29, A.UC_ARM64_REG_X30]
-_CORE_IDS = GPR_IDS + [
+_CORE_IDS: Final = GPR_IDS + [
     A.UC_ARM64_REG_SP,
     A.UC_ARM64_REG_SP_EL0,
     A.UC_ARM64_REG_SP_EL1,
@@ -151,7 +163,14 @@ _CORE_IDS = GPR_IDS + [
     A.UC_ARM64_REG_FPCR,
     A.UC_ARM64_REG_FPSR,
 ]
-_I_SP, _I_SP_EL0, _I_SP_EL1, _I_PC, _I_PSTATE, _I_ELR, _I_FPCR, _I_FPSR = range(31, 39)
+_I_SP: Final = 31
+_I_SP_EL0: Final = 32
+_I_SP_EL1: Final = 33
+_I_PC: Final = 34
+_I_PSTATE: Final = 35
+_I_ELR: Final = 36
+_I_FPCR: Final = 37
+_I_FPSR: Final = 38
 _Q_IDS = [A.UC_ARM64_REG_Q0 + i for i in range(32)]
 # unicorn's IDs of the registers the run path moves one by one
 REG_PC: Final = A.UC_ARM64_REG_PC

@@ -133,13 +133,13 @@ __all__ = [
     "mmio_read_value",
 ]
 
-_UNTIL = MASK64  # an odd address: PC never reaches it
+_UNTIL: Final = MASK64  # an odd address: PC never reaches it
 # uc_emu_start's 64-bit arguments as C values (`uc_emu_start_direct` converts nothing)
 _UNTIL_C: Final = ctypes.c_uint64(_UNTIL)
 _ZERO_C: Final = ctypes.c_uint64(0)
 _U64: Final = ctypes.c_uint64
-XZR = 31
-INSN_SIZE = 4
+XZR: Final = 31
+INSN_SIZE: Final = 4
 
 
 class Core(CpuExceptions):

@@ -90,27 +90,36 @@ from pkvm.machine.stage2_view import Stage2View
 
 PAGE_OFFSET_MASK: Final = PAGE_SIZE - 1
 _U32_AT: Final = ctypes.c_uint32.from_address  # the u32 at a host address
-CPACR_EL1_ZEN_SHIFT, CPACR_EL1_FPEN_SHIFT = 16, 20  # 0b01: EL0 traps, 0b11: nothing traps
+CPACR_EL1_ZEN_SHIFT: Final = 16  # 0b01: EL0 traps, 0b11: nothing traps
+CPACR_EL1_FPEN_SHIFT: Final = 20
 _DECODE_CACHE_MAX: Final = 65536  # decoded instruction words kept before the cache starts afresh
 _BLOCK_SCAN_INSNS: Final = 64  # how far a stale PC is searched for the faulting access
 SCTLR: Final = SYS_REGS["SCTLR_EL1"]
 
 # __kvm_vcpu_run exit codes (asm/kvm_asm.h).
-ARM_EXCEPTION_IRQ = 0
-ARM_EXCEPTION_TRAP = 2
+ARM_EXCEPTION_IRQ: Final = 0
+ARM_EXCEPTION_TRAP: Final = 2
 
 # ISS CV = 1, COND = 0b1110 (always): what a trapped AArch64 WFx / FP access reports.
-ISS_CV_COND_AL = 1 << 24 | 0xE << 20
+ISS_CV_COND_AL: Final = 1 << 24 | 0xE << 20
 
 # Vector offsets from VBAR_EL1.
-VECTOR_CUR_SP0 = 0x000
-VECTOR_CUR_SPX = 0x200
-VECTOR_LOWER_A64 = 0x400
-VECTOR_SYNC, VECTOR_IRQ, VECTOR_FIQ, VECTOR_SERROR = 0x000, 0x080, 0x100, 0x180
+VECTOR_CUR_SP0: Final = 0x000
+VECTOR_CUR_SPX: Final = 0x200
+VECTOR_LOWER_A64: Final = 0x400
+VECTOR_SYNC: Final = 0x000
+VECTOR_IRQ: Final = 0x080
+VECTOR_FIQ: Final = 0x100
+VECTOR_SERROR: Final = 0x180
 
 # unicorn interrupt numbers (QEMU's EXCP_*).
-EXCP_UDEF, EXCP_SWI, EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT = 1, 2, 3, 4
-EXCP_BKPT, EXCP_HVC, EXCP_HYP_TRAP = 7, 11, 12
+EXCP_UDEF: Final = 1
+EXCP_SWI: Final = 2
+EXCP_PREFETCH_ABORT: Final = 3
+EXCP_DATA_ABORT: Final = 4
+EXCP_BKPT: Final = 7
+EXCP_HVC: Final = 11
+EXCP_HYP_TRAP: Final = 12
 
 
 class ExitKind(enum.Enum):
