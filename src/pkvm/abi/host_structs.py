@@ -200,7 +200,7 @@ SYS_REGS: Final = (
     "AFSR1_EL1", "CNTV_CTL_EL0", "CNTV_CVAL_EL0", "CNTP_CTL_EL0", "CNTP_CVAL_EL0",
     "MDSCR_EL1", "ZCR_EL1", "TFSR_EL1", "ACTLR_EL1",
 )
-SYS_REG_INDEX = {name: i for i, name in enumerate(SYS_REGS)}
+SYS_REG_INDEX: Final = {name: i for i, name in enumerate(SYS_REGS)}
 
 
 # -- arch.ctxt <-> the CPU's register context ------------------------------------------------
@@ -252,7 +252,7 @@ CTXT_REGS_SIZE: Final = _CTXT_FMT.size  # up to the end of sys_regs[]
 _SYS_FMT: Final = struct.Struct(f"<{NR_SYS_REGS}Q")
 assert _ctxt_off("arch.ctxt.vregs") + 16 * 32 == CTXT_RAW_SIZE == 8 * 103
 assert CTXT_RAW_SIZE + _SYS_FMT.size == CTXT_REGS_SIZE
-_SYS_SLOTS: dict[tuple[str, ...], tuple[tuple[int, int], ...]] = {}
+_SYS_SLOTS: Final[dict[tuple[str, ...], tuple[tuple[int, int], ...]]] = {}
 
 
 def _sys_slots(sys_names: list[str]) -> tuple[tuple[int, int], ...]:

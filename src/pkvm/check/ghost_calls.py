@@ -73,7 +73,7 @@ _FLUSH = {
     "__tracing_write_event": "handle___tracing_write_event",
 }
 
-RULES: dict[str, Rule] = {name: Rule(UNCHANGED, True, fn) for name, fn in _FLUSH.items()}
+RULES: Final[dict[str, Rule]] = {name: Rule(UNCHANGED, True, fn) for name, fn in _FLUSH.items()}
 RULES.update({
     name: Rule(-ENODEV, True, f"handle_{name}: the nvhe/trace.h stub without tracing")
     for name in ("__tracing_load", "__tracing_enable", "__tracing_swap_reader",

@@ -104,7 +104,7 @@ class Leaf:
         return leaf
 
 
-_LEAVES: dict[tuple[int, int, int], Leaf] = {}  # Leaf.of's answers (immutable), by its argument
+_LEAVES: Final[dict[tuple[int, int, int], Leaf]] = {}  # Leaf.of's answers (immutable), by its argument
 
 
 class GuestGhost:

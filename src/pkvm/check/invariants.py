@@ -85,7 +85,7 @@ _NOT_NOPAGE: Final = re.compile(b"[^" + re.escape(bytes([PageState.NOPAGE])) + b
 _NONZERO: Final = re.compile(b"[^\x00]")
 
 # ((host, hyp) before, (host, hyp) after) as state values -> the same as names (`_note`)
-_TRANSITION_NAMES: dict[tuple[int, int, int, int], tuple[tuple[str, str], tuple[str, str]]] = {}
+_TRANSITION_NAMES: Final[dict[tuple[int, int, int, int], tuple[tuple[str, str], tuple[str, str]]]] = {}
 
 
 def _name(s: Any) -> str:

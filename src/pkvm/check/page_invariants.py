@@ -29,7 +29,7 @@ OWNED: Final = PageState.OWNED
 SO: Final = PageState.SHARED_OWNED
 SB: Final = PageState.SHARED_BORROWED
 NOPAGE: Final = PageState.NOPAGE
-_STATE_OF: dict[int, PageState] = {int(s): s for s in PageState}  # a state byte's member
+_STATE_OF: Final[dict[int, PageState]] = {int(s): s for s in PageState}  # a state byte's member
 
 # (host, hyp, guest states) a RAM page may be in after any of nvhe/mem_protect.c's
 # transitions; "*" = N >= 1 guests.

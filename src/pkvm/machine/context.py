@@ -95,7 +95,7 @@ CpuState = UcContext  # the emulated CPU's whole state, opaque (`save_cpu_state`
 
 # EL1 system registers of a vCPU context: name -> encoding. MPIDR_EL1 is the virtual one
 # (VMPIDR_EL2), which EL1 reads as MPIDR_EL1.
-SYS_REGS: dict[str, SysRegEnc] = {
+SYS_REGS: Final[dict[str, SysRegEnc]] = {
     "SCTLR_EL1": (3, 0, 1, 0, 0),
     "ACTLR_EL1": (3, 0, 1, 0, 1),
     "CPACR_EL1": (3, 0, 1, 0, 2),
