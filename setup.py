@@ -25,9 +25,12 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 # The typed core: every module of these packages is compiled but those in PURE. Pure because
-# mypyc cannot take them as they are: machine/context (its ctypes structure makes mypyc emit C
-# that does not compile), machine/stage2_view (its _Window is weakly referenced, which a
-# compiled class does not allow), hyp/pgtable (a star re-export of arch/pgtable). Of the
+# mypyc cannot take them as they are: machine/uc_cp (a ctypes.Structure subclass, for which
+# mypyc emits C that does not compile: the register file's one structure lives there, so
+# machine/context is compiled) and hyp/pgtable (a star re-export of arch/pgtable). A class
+# that must stay a Python class inside a compiled module says so with
+# `@mypyc_attr(native_class=False)` (stage2_view's _Window, weakly referenced by its
+# finalizer; memory's _RamFile; the hyp's exceptions). Of the
 # package's top level, door.py (the HVC door's per-call path) is compiled: nothing replaces a
 # Machine's doors on the instance (checkers use the declared seams, `interpose_hvc`,
 # `interpose_smc` and `listeners`); board.py (the Machine) stays a Python class that passes its
@@ -47,7 +50,7 @@ CORE_FILES = ["door.py", "inspect.py", "inspect_hyp.py", "check/invariants.py",
               "check/global_invariants.py", "check/ghost.py", "check/ghost_guest.py",
               "check/ghost_calls.py", "check/ghost_pvm.py", "check/ghost_ffa.py",
               "check/oracles.py", "check/hw_oracles.py"]
-PURE = {"machine/context.py", "machine/stage2_view.py", "hyp/pgtable.py"}
+PURE = {"machine/uc_cp.py", "hyp/pgtable.py"}
 
 ROOT = Path(__file__).resolve().parent
 SRC = ROOT / "src/pkvm"

@@ -40,8 +40,10 @@ def test_this_process_runs_as_built():
     loaded = _compiled.loaded()
     if _compiled.extensions() and not _compiled.pure_reason:
         assert {"pkvm.hyp.mem_protect", "pkvm.hyp.state", "pkvm.arch.pgtable", "pkvm.inspect",
-                "pkvm.check.invariants", "pkvm.check.ghost"} <= set(loaded)
+                "pkvm.check.invariants", "pkvm.check.ghost", "pkvm.machine.context",
+                "pkvm.machine.stage2_view"} <= set(loaded)
         assert "pkvm.hyp.pgtable" not in loaded  # setup.py's PURE: a star re-export
+        assert "pkvm.machine.uc_cp" not in loaded  # and a ctypes structure
         assert _compiled.describe().startswith("compiled with mypyc")
     else:
         assert loaded == [] and _compiled.describe().startswith("pure Python")

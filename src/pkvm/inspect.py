@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.arch.pgtable import KvmPgtable, pte_valid, stage2_pte_prot
@@ -55,7 +55,7 @@ __all__ = [
     "used", "used_slots",
 ]
 
-STATE_NAMES: dict[int, str] = {s: s.name for s in PageState}  # a state (or its int) -> name
+STATE_NAMES: Final[dict[int, str]] = {s: s.name for s in PageState}  # a state (or its int) -> name
 
 
 PAGE_STATE_VALUES = {s.name: int(s) for s in PageState}  # the values `page_states` returns

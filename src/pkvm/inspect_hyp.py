@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from itertools import compress, repeat
 from operator import is_not, itemgetter
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from mypy_extensions import mypyc_attr
 
@@ -59,7 +59,7 @@ def _hyp_pgt(h: HypState) -> KvmPgtable:
 # weak reference): a live view holds its vmemmap, so the id of an entry with a live view is never
 # reused. A view's death removes its reference, and the entry with its last one (`_forget`), so
 # registering costs the same however many machines a fuzzer has booted and dropped.
-_RECORDERS: dict[int, list[weakref.ref[VmemmapView]]] = {}
+_RECORDERS: Final[dict[int, list[weakref.ref[VmemmapView]]]] = {}
 
 
 def _forget(key: int, peers: list[weakref.ref[VmemmapView]],

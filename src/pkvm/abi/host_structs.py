@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from pkvm.machine.context import CpuContext
 
@@ -76,11 +77,11 @@ class Layout:
         return "\n".join(lines)
 
 
-NR_SYS_REGS = 64
-NR_ID_REGS = 56
-NR_LRS = 16
+NR_SYS_REGS: Final = 64
+NR_ID_REGS: Final = 56
+NR_LRS: Final = 16
 
-KVM = Layout(
+KVM: Final = Layout(
     "kvm",
     4120,
     [
@@ -115,7 +116,7 @@ KVM = Layout(
 # `struct kvm_s2_mmu` at the kernel's own offsets (the same in 6.12 and 7.2, arm64 kvm_host.h:
 # `kvm_vmid` is one atomic64, `kvm_mmu_memory_cache` is 40 bytes): a host pointer to one goes to
 # EL2 with every `__kvm_tlb_flush_*` call, and the hyp reads these fields where Linux's does.
-KVM_S2_MMU = Layout(
+KVM_S2_MMU: Final = Layout(
     "kvm_s2_mmu",
     96,
     [
@@ -132,7 +133,7 @@ KVM_S2_MMU = Layout(
 assert all(KVM.offset(f"arch.mmu.{n}") - KVM.offset("arch.mmu.vmid") == f.offset
            for n, f in KVM_S2_MMU.fields.items()), "struct kvm's arch.mmu is a kvm_s2_mmu"
 
-KVM_VCPU = Layout(
+KVM_VCPU: Final = Layout(
     "kvm_vcpu",
     9024,
     [
@@ -177,29 +178,29 @@ KVM_VCPU = Layout(
 )
 
 # The run-time context block copied whole between host and hyp on every run (flush/sync).
-CTXT_START = KVM_VCPU.offset("arch.ctxt.regs")
-CTXT_END = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") + 8
+CTXT_START: Final = KVM_VCPU.offset("arch.ctxt.regs")
+CTXT_END: Final = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") + 8
 
 # `arch.flags` bits of struct kvm (arm64 kvm_host.h names).
-KVM_ARCH_FLAG_MTE_ENABLED = 1 << 1
-KVM_ARCH_FLAG_ID_REGS_INITIALIZED = 1 << 7
-KVM_ARCH_FLAG_GUEST_HAS_SVE = 1 << 9
+KVM_ARCH_FLAG_MTE_ENABLED: Final = 1 << 1
+KVM_ARCH_FLAG_ID_REGS_INITIALIZED: Final = 1 << 7
+KVM_ARCH_FLAG_GUEST_HAS_SVE: Final = 1 << 9
 # `vcpu_features` bits.
-KVM_ARM_VCPU_PSCI_0_2 = 1 << 2
+KVM_ARM_VCPU_PSCI_0_2: Final = 1 << 2
 # `iflags` bits (the model's choice of positions).
-IFLAG_INCREMENT_PC = 1 << 1
-IFLAG_PENDING_EXCEPTION = 1 << 0
-HYP_MEMCACHE_ACCOUNT_STAGE2 = 1 << 1
+IFLAG_INCREMENT_PC: Final = 1 << 1
+IFLAG_PENDING_EXCEPTION: Final = 1 << 0
+HYP_MEMCACHE_ACCOUNT_STAGE2: Final = 1 << 1
 
 # Index of each EL1 system register in `arch.ctxt.sys_regs[]` (the model's numbering).
-SYS_REGS = (
+SYS_REGS: Final = (
     "SCTLR_EL1", "TTBR0_EL1", "TTBR1_EL1", "TCR_EL1", "MAIR_EL1", "AMAIR_EL1", "VBAR_EL1",
     "ESR_EL1", "FAR_EL1", "CONTEXTIDR_EL1", "TPIDR_EL0", "TPIDRRO_EL0", "TPIDR_EL1",
     "CPACR_EL1", "CNTKCTL_EL1", "PAR_EL1", "MPIDR_EL1", "CSSELR_EL1", "AFSR0_EL1",
     "AFSR1_EL1", "CNTV_CTL_EL0", "CNTV_CVAL_EL0", "CNTP_CTL_EL0", "CNTP_CVAL_EL0",
     "MDSCR_EL1", "ZCR_EL1", "TFSR_EL1", "ACTLR_EL1",
 )
-SYS_REG_INDEX = {name: i for i, name in enumerate(SYS_REGS)}
+SYS_REG_INDEX: Final = {name: i for i, name in enumerate(SYS_REGS)}
 
 
 # -- arch.ctxt <-> the CPU's register context ------------------------------------------------
@@ -207,11 +208,11 @@ def _ctxt_off(name: str) -> int:
     return KVM_VCPU.offset(name) - CTXT_START
 
 
-_SCALARS = ("sp_el0", "pc", "pstate", "sp_el1", "elr_el1", "spsr_el1", "fpsr", "fpcr")
+_SCALARS: Final = ("sp_el0", "pc", "pstate", "sp_el1", "elr_el1", "spsr_el1", "fpsr", "fpcr")
 # regs[31], the scalars, vregs (as 64 u64 halves) and sys_regs are contiguous u64s.
-_NQ = 31 + len(_SCALARS) + 64 + NR_SYS_REGS
-_CTXT_FMT = struct.Struct(f"<{_NQ}Q")
-_NSYS = len(SYS_REGS)
+_NQ: Final = 31 + len(_SCALARS) + 64 + NR_SYS_REGS
+_CTXT_FMT: Final = struct.Struct(f"<{_NQ}Q")
+_NSYS: Final = len(SYS_REGS)
 assert _ctxt_off("arch.ctxt.sys_regs") == 8 * (31 + len(_SCALARS) + 64)
 
 
@@ -246,12 +247,12 @@ def ctxt_pack(ctx: CpuContext, base: bytes) -> bytes:
 
 # The CPU's part of `arch.ctxt` as bytes (`pkvm.machine.context.RAW_SIZE`: regs, the scalars,
 # vregs) and the `sys_regs[]` array after it.
-CTXT_RAW_SIZE = 8 * 39 + 16 * 32
-CTXT_REGS_SIZE = _CTXT_FMT.size  # up to the end of sys_regs[]
-_SYS_FMT = struct.Struct(f"<{NR_SYS_REGS}Q")
+CTXT_RAW_SIZE: Final = 8 * 39 + 16 * 32
+CTXT_REGS_SIZE: Final = _CTXT_FMT.size  # up to the end of sys_regs[]
+_SYS_FMT: Final = struct.Struct(f"<{NR_SYS_REGS}Q")
 assert _ctxt_off("arch.ctxt.vregs") + 16 * 32 == CTXT_RAW_SIZE == 8 * 103
 assert CTXT_RAW_SIZE + _SYS_FMT.size == CTXT_REGS_SIZE
-_SYS_SLOTS: dict[tuple[str, ...], tuple[tuple[int, int], ...]] = {}
+_SYS_SLOTS: Final[dict[tuple[str, ...], tuple[tuple[int, int], ...]]] = {}
 
 
 def _sys_slots(sys_names: list[str]) -> tuple[tuple[int, int], ...]:

@@ -9,7 +9,7 @@ the hyp code asks `profile.<feature>` instead of comparing version strings.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 # `enum __kvm_host_smccc_func` of Linux 6.12.117 (arch/arm64/include/asm/kvm_asm.h).
 HCALLS_6_12: tuple[str, ...] = (
@@ -95,11 +95,11 @@ HCALLS_7_2: tuple[str, ...] = (
     "__pkvm_tlb_flush_vmid",
 )
 
-ALL_HCALL_NAMES = frozenset(HCALLS_6_12) | frozenset(HCALLS_7_2)
+ALL_HCALL_NAMES: Final = frozenset(HCALLS_6_12) | frozenset(HCALLS_7_2)
 
 # SMCCC: fast call, 64-bit, owner "vendor hypervisor" (6), function number 0.
-KVM_HOST_SMCCC_ID_BASE = 0xC600_0000
-ARM_SMCCC_CALL_HINTS = 1 << 16
+KVM_HOST_SMCCC_ID_BASE: Final = 0xC600_0000
+ARM_SMCCC_CALL_HINTS: Final = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -240,7 +240,7 @@ class Profile:
         return reg & ((1 << self.handle_bits) - 1)
 
 
-PROFILE_6_12 = Profile(
+PROFILE_6_12: Final = Profile(
     name="6.12",
     kernel="6.12.117",
     hcalls=HCALLS_6_12,
@@ -270,7 +270,7 @@ PROFILE_6_12 = Profile(
     load_stage2_reads_mmu_arch=True,
 )
 
-PROFILE_7_2 = Profile(
+PROFILE_7_2: Final = Profile(
     name="latest",
     kernel="7.2.13",
     hcalls=HCALLS_7_2,

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from pkvm.arch.pte import KVM_PGTABLE_LAST_LEVEL, PTRS_PER_PTE
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-KVM_MAX_PVMS = 255
-HANDLE_OFFSET = 0x1000
-KVM_PGTABLE_FIRST_LEVEL = -1  # the worst case the sizing allows for (LPA2's level -1)
-POINTER_SIZE = 8  # sizeof(void *): the VM table is an array of pointers
-HOST_S2_PGD_CONCAT_PAGES = 16  # bounds the host stage-2's concatenated root tables
-SZ_1G = 1 << 30
-SZ_2M = 2 << 20
+KVM_MAX_PVMS: Final = 255
+HANDLE_OFFSET: Final = 0x1000
+KVM_PGTABLE_FIRST_LEVEL: Final = -1  # the worst case the sizing allows for (LPA2's level -1)
+POINTER_SIZE: Final = 8  # sizeof(void *): the VM table is an array of pointers
+HOST_S2_PGD_CONCAT_PAGES: Final = 16  # bounds the host stage-2's concatenated root tables
+SZ_1G: Final = 1 << 30
+SZ_2M: Final = 2 << 20
 
 # Model choices: sizes that make donations span several pages.
-PKVM_HYP_VM_SIZE = 7680
-PKVM_HYP_VCPU_SIZE = 6144
+PKVM_HYP_VM_SIZE: Final = 7680
+PKVM_HYP_VCPU_SIZE: Final = 6144
 # The model's 48-bit, 4-level stage-2: one root page, 3 table pages per new mapping at most.
-KVM_PGTABLE_STAGE2_PGD_SIZE = PAGE_SIZE
-KVM_MMU_CACHE_MIN_PAGES = 3
-KVM_FFA_PROXY_PAGES = 11  # mailboxes + descriptor buffer (the model's choice)
+KVM_PGTABLE_STAGE2_PGD_SIZE: Final = PAGE_SIZE
+KVM_MMU_CACHE_MIN_PAGES: Final = 3
+KVM_FFA_PROXY_PAGES: Final = 11  # mailboxes + descriptor buffer (the model's choice)
 
 
 def page_align(size: int) -> int:

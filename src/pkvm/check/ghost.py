@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import compress
 from operator import ne
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_VCPU
@@ -40,11 +40,13 @@ from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 if TYPE_CHECKING:
     from pkvm.board import TraceRecord
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 
-OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
-                         PageState.NOPAGE)
+OWNED: Final = PageState.OWNED
+SO: Final = PageState.SHARED_OWNED
+SB: Final = PageState.SHARED_BORROWED
+NOPAGE: Final = PageState.NOPAGE
 
 
 class GhostVm(NamedTuple):  # (a named tuple: built for every live VM after most calls)
@@ -54,9 +56,9 @@ class GhostVm(NamedTuple):  # (a named tuple: built for every live VM after most
     loaded: tuple[tuple[int, int], ...]  # (vcpu idx, cpu), sorted
 
 
-RESERVED = "reserved"
+RESERVED: Final = "reserved"
 
-VM_TABLE_CALLS = frozenset({
+VM_TABLE_CALLS: Final = frozenset({
     "__pkvm_reserve_vm", "__pkvm_unreserve_vm", "__pkvm_init_vm", "__pkvm_init_vcpu",
     "__pkvm_vcpu_load", "__pkvm_vcpu_put", "__pkvm_start_teardown_vm",
     "__pkvm_finalize_teardown_vm", "__pkvm_teardown_vm",

@@ -18,20 +18,22 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pkvm.abi.host_structs import IFLAG_INCREMENT_PC, KVM, KVM_VCPU
 from pkvm.abi.profiles import Profile
 from pkvm.check.ghost_guest import Leaf
 from pkvm.errors import EINVAL, ENODEV, EPERM
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-NOT_SUPPORTED = -1  # SMCCC_RET_NOT_SUPPORTED, as the signed x0 of a record
-UNCHANGED = "unchanged"  # the handler writes no result: x1 is what the host passed
-EXIT_CODES = frozenset({0, 1, 2, 3})  # ARM_EXCEPTION_IRQ, _EL1_SERROR, _TRAP, _IL
-EC_DABT_LOW, EC_IABT_LOW = 0x24, 0x20
-ESR_FSC_TYPE, ESR_FSC_FAULT = 0x3C, 0x04
-HPFAR_FIPA = ((1 << 44) - 1) & ~0xF  # HPFAR_EL2.FIPA, bits [43:4]
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+NOT_SUPPORTED: Final = -1  # SMCCC_RET_NOT_SUPPORTED, as the signed x0 of a record
+UNCHANGED: Final = "unchanged"  # the handler writes no result: x1 is what the host passed
+EXIT_CODES: Final = frozenset({0, 1, 2, 3})  # ARM_EXCEPTION_IRQ, _EL1_SERROR, _TRAP, _IL
+EC_DABT_LOW: Final = 0x24
+EC_IABT_LOW: Final = 0x20
+ESR_FSC_TYPE: Final = 0x3C
+ESR_FSC_FAULT: Final = 0x04
+HPFAR_FIPA: Final = ((1 << 44) - 1) & ~0xF  # HPFAR_EL2.FIPA, bits [43:4]
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ _FLUSH = {
     "__tracing_write_event": "handle___tracing_write_event",
 }
 
-RULES: dict[str, Rule] = {name: Rule(UNCHANGED, True, fn) for name, fn in _FLUSH.items()}
+RULES: Final[dict[str, Rule]] = {name: Rule(UNCHANGED, True, fn) for name, fn in _FLUSH.items()}
 RULES.update({
     name: Rule(-ENODEV, True, f"handle_{name}: the nvhe/trace.h stub without tracing")
     for name in ("__tracing_load", "__tracing_enable", "__tracing_swap_reader",

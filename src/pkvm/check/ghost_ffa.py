@@ -33,7 +33,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from pkvm.abi import ffa as F
 from pkvm.abi.profiles import ARM_SMCCC_CALL_HINTS
@@ -41,19 +41,20 @@ from pkvm.check.violations import InvariantViolation
 from pkvm.inspect import PAGE_STATE_VALUES as V
 from pkvm.machine.firmware import smc_func_id
 
-U32, U64 = 0xFFFF_FFFF, 0xFFFF_FFFF_FFFF_FFFF
-PAGE = 4096
+U32: Final = 0xFFFF_FFFF
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+PAGE: Final = 4096
 Ranges = list[tuple[int, int]]  # (first pfn, pages)
 
-REFUSED = frozenset({
+REFUSED: Final = frozenset({
     F.FFA_FN64_MEM_RETRIEVE_REQ, F.FFA_MEM_RETRIEVE_RESP, F.FFA_MEM_RELINQUISH,
     F.FFA_MEM_OP_PAUSE, F.FFA_MEM_OP_RESUME, F.FFA_MEM_FRAG_RX, F.FFA_FN64_MEM_DONATE,
     F.FFA_MSG_SEND, F.FFA_MSG_POLL, F.FFA_MSG_WAIT, F.FFA_MSG_SEND_DIRECT_RESP, F.FFA_RXTX_MAP,
     F.FFA_MEM_DONATE, F.FFA_MEM_RETRIEVE_REQ})
-REFUSED_1_2 = frozenset({*F.FFA_NOTIFICATION_CALLS, F.FFA_MSG_SEND_DIRECT_REQ2,
+REFUSED_1_2: Final = frozenset({*F.FFA_NOTIFICATION_CALLS, F.FFA_MSG_SEND_DIRECT_REQ2,
                          F.FFA_MSG_SEND_DIRECT_RESP2, F.FFA_CONSOLE_LOG,
                          F.FFA_PARTITION_INFO_GET_REGS})
-XFER = frozenset({F.FFA_MEM_SHARE, F.FFA_FN64_MEM_SHARE, F.FFA_MEM_LEND, F.FFA_FN64_MEM_LEND})
+XFER: Final = frozenset({F.FFA_MEM_SHARE, F.FFA_FN64_MEM_SHARE, F.FFA_MEM_LEND, F.FFA_FN64_MEM_LEND})
 
 
 def is_ffa_call(fid: int) -> bool:

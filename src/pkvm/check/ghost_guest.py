@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from pkvm.abi.host_structs import KVM_VCPU
 from pkvm.arch.pgtable import (
@@ -42,16 +42,16 @@ from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT,
 from pkvm.inspect import STATE_NAMES, guest_state_of_pte
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-U32_MAX = 0xFFFF_FFFF
-RWX = KVM_PGTABLE_PROT_RWX
-AF = 1 << 10
-MC_MIN = 3  # KVM_MMU_CACHE_MIN_PAGES: a guest map may need this many table pages
-BLOCK_PAGES = 512
-HEAD = KVM_VCPU.offset("arch.pkvm_memcache.head")
-NR = KVM_VCPU.offset("arch.pkvm_memcache.nr_pages")
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+U32_MAX: Final = 0xFFFF_FFFF
+RWX: Final = KVM_PGTABLE_PROT_RWX
+AF: Final = 1 << 10
+MC_MIN: Final = 3  # KVM_MMU_CACHE_MIN_PAGES: a guest map may need this many table pages
+BLOCK_PAGES: Final = 512
+HEAD: Final = KVM_VCPU.offset("arch.pkvm_memcache.head")
+NR: Final = KVM_VCPU.offset("arch.pkvm_memcache.nr_pages")
 
-GUEST_CALLS = frozenset({
+GUEST_CALLS: Final = frozenset({
     "__pkvm_host_share_guest", "__pkvm_host_donate_guest", "__pkvm_host_unshare_guest",
     "__pkvm_host_relax_perms_guest", "__pkvm_host_mkyoung_guest", "__pkvm_host_wrprotect_guest",
     "__pkvm_host_test_clear_young_guest", "__pkvm_reclaim_dying_guest_page",
@@ -104,7 +104,7 @@ class Leaf:
         return leaf
 
 
-_LEAVES: dict[tuple[int, int, int], Leaf] = {}  # Leaf.of's answers (immutable), by its argument
+_LEAVES: Final[dict[tuple[int, int, int], Leaf]] = {}  # Leaf.of's answers (immutable), by its argument
 
 
 class GuestGhost:

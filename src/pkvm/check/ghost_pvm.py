@@ -23,7 +23,7 @@ frame (`CallsGhost.guest_pages`): a run may change no other page state.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from pkvm.arch.pgtable import KVM_PGTABLE_PROT_RWX
 from pkvm.check.ghost_calls import CallsGhost
@@ -31,19 +31,19 @@ from pkvm.check.ghost_guest import Leaf
 from pkvm.errors import E2BIG, EHWPOISON, ENOENT, EPERM
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-RET_SUCCESS = 0
-RET_INVALID_PARAMETER = (-3) & U64
-FEATURES_FID = 0x8600_0000  # ARM_SMCCC_VENDOR_HYP_KVM_FEATURES_FUNC_ID
-MEMINFO_FID = 0xC600_0002  # ..._HYP_MEMINFO_FUNC_ID
-MEM_SHARE_FID = 0xC600_0003
-MEM_UNSHARE_FID = 0xC600_0004
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+RET_SUCCESS: Final = 0
+RET_INVALID_PARAMETER: Final = (-3) & U64
+FEATURES_FID: Final = 0x8600_0000  # ARM_SMCCC_VENDOR_HYP_KVM_FEATURES_FUNC_ID
+MEMINFO_FID: Final = 0xC600_0002  # ..._HYP_MEMINFO_FUNC_ID
+MEM_SHARE_FID: Final = 0xC600_0003
+MEM_UNSHARE_FID: Final = 0xC600_0004
 # FEATURES: bits of ARM_SMCCC_KVM_FUNC_FEATURES, _HYP_MEMINFO, _MEM_SHARE, _MEM_UNSHARE
-PVM_FEATURES = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 4)
+PVM_FEATURES: Final = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 4)
 # `__pkvm_memshare_page_req`: DABT_LOW, IL, WnR, translation fault at level 3
-MEMSHARE_FAULT_ESR = (0x24 << 26) | (1 << 25) | (1 << 6) | 0x04 | 3
-HPFAR_NS = 1 << 63
-HPFAR_MASK = U64 & ~0xF
+MEMSHARE_FAULT_ESR: Final = (0x24 << 26) | (1 << 25) | (1 << 6) | 0x04 | 3
+HPFAR_NS: Final = 1 << 63
+HPFAR_MASK: Final = U64 & ~0xF
 
 NAMES = {FEATURES_FID: "FEATURES", MEMINFO_FID: "HYP_MEMINFO", MEM_SHARE_FID: "MEM_SHARE",
          MEM_UNSHARE_FID: "MEM_UNSHARE"}

@@ -8,7 +8,7 @@ spanning many pages; it builds on the per-page checks of `PageInvariants`.
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi import sizes
 from pkvm.check.page_invariants import NOPAGE, OWNED, SB, SO, PageInvariants
@@ -23,7 +23,7 @@ from pkvm.inspect import (
 )
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-OWNED_BYTE = bytes([OWNED])  # a hyp_vmemmap state byte (one per page) that reads OWNED
+OWNED_BYTE: Final = bytes([OWNED])  # a hyp_vmemmap state byte (one per page) that reads OWNED
 
 if TYPE_CHECKING:
     from pkvm.inspect import Inspector

@@ -17,15 +17,15 @@ read-only `pkvm.inspect` view. The rules, each from Linux's pKVM:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pkvm.machine.memory import PAGE_SIZE
 
 if TYPE_CHECKING:
     from pkvm.inspect import Inspector
 
-_LINK = 8  # the memcache link the hyp writes in each page it pushes on a host memcache
-_ZERO = bytes(PAGE_SIZE - _LINK)
+_LINK: Final = 8  # the memcache link the hyp writes in each page it pushes on a host memcache
+_ZERO: Final = bytes(PAGE_SIZE - _LINK)
 
 
 def violations(inspect: Inspector) -> list[str]:

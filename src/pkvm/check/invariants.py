@@ -18,7 +18,7 @@ import re
 from array import array
 from collections import Counter
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
 from pkvm.check.ghost import Ghost
@@ -69,23 +69,23 @@ def _copies(arrays: list[Any], spare: list[array[Any]]) -> list[array[Any]]:
     return [array(a.format, a.tobytes()) for a in arrays]
 
 
-_PFN_MASK = (1 << 52) - 1
+_PFN_MASK: Final = (1 << 52) - 1
 
 
 # Calls that cannot change any guest stage-2: the cached guest map survives them.
-_GUEST_S2_STILL = frozenset({
+_GUEST_S2_STILL: Final = frozenset({
     "__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp", "__pkvm_reserve_vm",
     "__pkvm_unreserve_vm", "__pkvm_vcpu_load", "__pkvm_vcpu_put", "__pkvm_init_vcpu",
     "__pkvm_start_teardown_vm", "__pkvm_tlb_flush_vmid", "__kvm_flush_vm_context",
 })
 
 
-_NOT_OWNED = re.compile(b"[^" + re.escape(bytes([PageState.OWNED])) + b"]")
-_NOT_NOPAGE = re.compile(b"[^" + re.escape(bytes([PageState.NOPAGE])) + b"]")
-_NONZERO = re.compile(b"[^\x00]")
+_NOT_OWNED: Final = re.compile(b"[^" + re.escape(bytes([PageState.OWNED])) + b"]")
+_NOT_NOPAGE: Final = re.compile(b"[^" + re.escape(bytes([PageState.NOPAGE])) + b"]")
+_NONZERO: Final = re.compile(b"[^\x00]")
 
 # ((host, hyp) before, (host, hyp) after) as state values -> the same as names (`_note`)
-_TRANSITION_NAMES: dict[tuple[int, int, int, int], tuple[tuple[str, str], tuple[str, str]]] = {}
+_TRANSITION_NAMES: Final[dict[tuple[int, int, int, int], tuple[tuple[str, str], tuple[str, str]]]] = {}
 
 
 def _name(s: Any) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Final
 
 from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK, pte_valid
@@ -26,9 +26,11 @@ from pkvm.inspect import (
 )
 from pkvm.machine.memory import PAGE_SHIFT
 
-OWNED, SO, SB, NOPAGE = (PageState.OWNED, PageState.SHARED_OWNED, PageState.SHARED_BORROWED,
-                         PageState.NOPAGE)
-_STATE_OF: dict[int, PageState] = {int(s): s for s in PageState}  # a state byte's member
+OWNED: Final = PageState.OWNED
+SO: Final = PageState.SHARED_OWNED
+SB: Final = PageState.SHARED_BORROWED
+NOPAGE: Final = PageState.NOPAGE
+_STATE_OF: Final[dict[int, PageState]] = {int(s): s for s in PageState}  # a state byte's member
 
 # (host, hyp, guest states) a RAM page may be in after any of nvhe/mem_protect.c's
 # transitions; "*" = N >= 1 guests.

@@ -30,6 +30,7 @@ Each reply is written with `ffa_set_retval`: x0..x3 in 6.12, x0..x17 in 7.2
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from pkvm.abi.ffa import (
     FFA_COMPOSITE_SZ,
@@ -89,12 +90,12 @@ from pkvm.hyp.memory import PageState
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SIZE
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-HOST_FFA_ID = 0
-KVM_FFA_MBOX_NR_PAGES = 1
-MBOX_BYTES = KVM_FFA_MBOX_NR_PAGES * PAGE_SIZE
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+HOST_FFA_ID: Final = 0
+KVM_FFA_MBOX_NR_PAGES: Final = 1
+MBOX_BYTES: Final = KVM_FFA_MBOX_NR_PAGES * PAGE_SIZE
 
-FFA_1_0_PARTITON_INFO_SZ = 8
+FFA_1_0_PARTITON_INFO_SZ: Final = 8
 
 
 def major(v: int) -> int:
@@ -156,7 +157,7 @@ def smc12(h: HypState, *args: int) -> list[int]:
     return regs
 
 
-EOPNOTSUPP = 95  # Linux's value (not among `pkvm.errors`, which the hyp's other files use)
+EOPNOTSUPP: Final = 95  # Linux's value (not among `pkvm.errors`, which the hyp's other files use)
 
 
 def _proxy(h: HypState) -> FfaProxy:

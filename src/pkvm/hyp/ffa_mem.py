@@ -10,6 +10,7 @@ copy, as the kernel does after its `memcpy`.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from pkvm.abi.ffa import (
     FFA_COMPOSITE_SZ,
@@ -57,7 +58,7 @@ from pkvm.hyp.mm import el2_read, el2_write, hyp_va
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-U32 = 0xFFFF_FFFF
+U32: Final = 0xFFFF_FFFF
 
 
 def _u32(v: int) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from array import array
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 from pkvm.hyp.panic import HypBug
 from pkvm.machine.memory import PAGE_SHIFT, PhysMemory
@@ -185,7 +185,7 @@ class PageStates(ABC):
         """`hyp_unpin_shared_mem` is about to drop the last reference on the page at `va`."""
 
 
-_STORES: dict[bool, PageStates] = {}
+_STORES: Final[dict[bool, PageStates]] = {}
 
 
 def select_page_states(profile: Profile) -> PageStates:

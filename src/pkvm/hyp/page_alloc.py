@@ -9,7 +9,7 @@ a VM pool) are zeroed and listed without merging.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from pkvm.arch.pgtable import MmOps
 from pkvm.hyp.memory import HypVmemmap
@@ -17,7 +17,7 @@ from pkvm.hyp.panic import HypBug
 from pkvm.hyp.spinlock import RANK_POOL, HypLocks, HypSpinLock
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, PhysMemory
 
-MAX_PAGE_ORDER = 10
+MAX_PAGE_ORDER: Final = 10
 
 
 def get_order(size: int) -> int:

@@ -50,7 +50,7 @@ from pkvm.hyp.spinlock import RANK_GUEST, HypSpinLock
 from pkvm.hyp.state import HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-RESERVED_ENTRY = object()  # `RESERVED_ENTRY` (0xa110ca7ed): occupied, invisible to lookup
+RESERVED_ENTRY: Final = object()  # `RESERVED_ENTRY` (0xa110ca7ed): occupied, invisible to lookup
 # MAIR index of normal memory in a guest stage-2 the hyp builds (`KVM_S2_MEMATTR(NORMAL)`).
 GUEST_S2_MEMATTR: Final = 0x6
 

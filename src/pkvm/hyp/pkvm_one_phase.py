@@ -9,6 +9,7 @@ length of the run and lets go; `__pkvm_teardown_vm` tears the VM down in one cal
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from pkvm.abi import sizes
 from pkvm.errors import EINVAL, ENOENT
@@ -30,7 +31,7 @@ from pkvm.hyp.state import HypState
 from pkvm.hyp.switch import flush_hyp_vcpu, kvm_vcpu_run, sync_hyp_vcpu
 
 # The guest stage-2's table pages go back in the one teardown memcache.
-STAGE2_TEARDOWN_MC = "teardown_mc"
+STAGE2_TEARDOWN_MC: Final = "teardown_mc"
 
 
 # -- init -----------------------------------------------------------------------------------

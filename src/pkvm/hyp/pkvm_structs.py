@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from pkvm.hyp.switch import _Engine
     from pkvm.machine.cpu import Core
 
-_AFTER_KVM = (KVM.size + 7) & ~7
+_AFTER_KVM: Final = (KVM.size + 7) & ~7
 HYP_VM = {
     "host_kvm": (_AFTER_KVM, "Q"),
     "pgt.ia_bits": (_AFTER_KVM + 8, "I"),
@@ -55,7 +55,7 @@ HYP_VM = {
     "pool.range_end": (_AFTER_KVM + 40, "Q"),
     "nr_vcpus": (_AFTER_KVM + 48, "I"),
 }
-HYP_VM_VCPUS = sizes.PKVM_HYP_VM_SIZE  # vcpus[]: the flexible array after the struct
+HYP_VM_VCPUS: Final = sizes.PKVM_HYP_VM_SIZE  # vcpus[]: the flexible array after the struct
 HYP_VCPU = {
     "host_vcpu": (sizes.PKVM_HYP_VCPU_SIZE - 16, "Q"),
     "loaded_hyp_vcpu": (sizes.PKVM_HYP_VCPU_SIZE - 8, "Q"),
@@ -66,13 +66,13 @@ for _name, _f in KVM.fields.items():
 for _name, _f in KVM_VCPU.fields.items():
     if _f.count == 1:
         HYP_VCPU[f"vcpu.{_name}"] = (_f.offset, _f.fmt)
-_VCPU_USED = max(f.offset + f.size for f in KVM_VCPU.fields.values())
+_VCPU_USED: Final = max(f.offset + f.size for f in KVM_VCPU.fields.values())
 assert _VCPU_USED <= HYP_VCPU["host_vcpu"][0], "the model's kvm_vcpu copy overlaps host_vcpu"
 assert HYP_VM["nr_vcpus"][0] + 4 <= HYP_VM_VCPUS
-CTXT_OFF = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
-CTXT_LEN = CTXT_END - CTXT_START
+CTXT_OFF: Final = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
+CTXT_LEN: Final = CTXT_END - CTXT_START
 _U64: Final = struct.Struct("<Q")
-ID_REGS = KVM.field("arch.id_regs")
+ID_REGS: Final = KVM.field("arch.id_regs")
 
 
 def scalar(layout: dict[str, tuple[int, str]], name: str) -> tuple[int, struct.Struct]:

@@ -9,6 +9,7 @@ teardown starts (`is_dying`: guest pages can be reclaimed) and then finalises.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_ARCH_FLAG_ID_REGS_INITIALIZED, KVM_ARM_VCPU_PSCI_0_2
@@ -36,7 +37,7 @@ from pkvm.hyp.switch import flush_hyp_vcpu, kvm_vcpu_run, sync_hyp_vcpu
 from pkvm.hyp.sys_regs import kvm_init_pvm_id_regs
 
 # The guest stage-2's table pages go back in their own memcache (accounted as stage-2).
-STAGE2_TEARDOWN_MC = "stage2_teardown_mc"
+STAGE2_TEARDOWN_MC: Final = "stage2_teardown_mc"
 
 
 # -- the reserved handle -----------------------------------------------------------------------

@@ -6,6 +6,8 @@ A handler returns True to re-enter the guest, False to exit to the host.
 
 from __future__ import annotations
 
+from typing import Final
+
 from pkvm.errors import ENOENT
 from pkvm.hyp.mem_protect import _warn
 from pkvm.hyp.mem_protect_guest import __pkvm_guest_share_host, __pkvm_guest_unshare_host
@@ -15,20 +17,20 @@ from pkvm.hyp.sys_regs import HOST, PVM_SYS_REG_DESCS, UNDEF, pvm_sysreg_access
 from pkvm.machine.cpu import Core
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-SMCCC_RET_SUCCESS = 0
-SMCCC_RET_NOT_SUPPORTED = U64
-SMCCC_RET_INVALID_PARAMETER = (-3) & U64
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+SMCCC_RET_SUCCESS: Final = 0
+SMCCC_RET_NOT_SUPPORTED: Final = U64
+SMCCC_RET_INVALID_PARAMETER: Final = (-3) & U64
 
-ARM_SMCCC_VENDOR_HYP_KVM_FEATURES_FUNC_ID = 0x8600_0000
-ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID = 0xC600_0002
-ARM_SMCCC_VENDOR_HYP_KVM_MEM_SHARE_FUNC_ID = 0xC600_0003
-ARM_SMCCC_VENDOR_HYP_KVM_MEM_UNSHARE_FUNC_ID = 0xC600_0004
-PVM_FEATURES = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 4)
+ARM_SMCCC_VENDOR_HYP_KVM_FEATURES_FUNC_ID: Final = 0x8600_0000
+ARM_SMCCC_VENDOR_HYP_KVM_HYP_MEMINFO_FUNC_ID: Final = 0xC600_0002
+ARM_SMCCC_VENDOR_HYP_KVM_MEM_SHARE_FUNC_ID: Final = 0xC600_0003
+ARM_SMCCC_VENDOR_HYP_KVM_MEM_UNSHARE_FUNC_ID: Final = 0xC600_0004
+PVM_FEATURES: Final = (1 << 0) | (1 << 2) | (1 << 3) | (1 << 4)
 
 # The fake data abort `__pkvm_memshare_page_req` makes the host take for an unmapped IPA.
-FAKE_ABORT_ESR = 0x9200_0047
-HPFAR_NS = 1 << 63
+FAKE_ABORT_ESR: Final = 0x9200_0047
+HPFAR_NS: Final = 1 << 63
 
 
 

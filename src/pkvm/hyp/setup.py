@@ -9,6 +9,8 @@ stage-2 on, CPU by CPU.
 
 from __future__ import annotations
 
+from typing import Final
+
 from pkvm.abi import sizes
 from pkvm.errors import EINVAL, ENOMEM, EPERM
 from pkvm.hyp import pkvm_one_phase, pkvm_two_phase
@@ -38,10 +40,10 @@ from pkvm.machine.mmu import HCR_FWB, HCR_VM
 
 # The hyp image the model places at the end of the carve-out: text, rodata, data, bss, then
 # one per-CPU page and one stack page per CPU.
-HYP_TEXT_PAGES = 4
-HYP_RODATA_PAGES = 1
-HYP_DATA_PAGES = 1
-HYP_BSS_PAGES = 2
+HYP_TEXT_PAGES: Final = 4
+HYP_RODATA_PAGES: Final = 1
+HYP_DATA_PAGES: Final = 1
+HYP_BSS_PAGES: Final = 2
 
 
 # The VM life cycle of each kernel (`Profile.vm_lifecycle`), installed at `__pkvm_init`.

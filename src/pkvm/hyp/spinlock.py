@@ -11,17 +11,17 @@ scheduler (`HypLocks.scheduler`), it is called there and may switch to another C
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from mypy_extensions import mypyc_attr
 
 from pkvm.machine.preempt import PreemptionPoints, Scheduler
 
-RANK_VM_TABLE = 10
-RANK_HOST = 20
-RANK_HYP = 30
-RANK_GUEST = 40
-RANK_POOL = 50
+RANK_VM_TABLE: Final = 10
+RANK_HOST: Final = 20
+RANK_HYP: Final = 30
+RANK_GUEST: Final = 40
+RANK_POOL: Final = 50
 
 
 @mypyc_attr(native_class=False)  # a compiled class cannot subclass AssertionError

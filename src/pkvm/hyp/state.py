@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi.profiles import Profile
 from pkvm.hyp.memory import HypVmemmap, PageStates, select_page_states
@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from pkvm.hyp.psci_relay import HostPsciConfig
 
 # hyp VA of the linear map: __hyp_va(pa) = pa + HYP_LINEAR_OFFSET (any fixed offset will do).
-HYP_LINEAR_OFFSET = 0x0000_8000_0000_0000
-HYP_VA_BITS = 48
+HYP_LINEAR_OFFSET: Final = 0x0000_8000_0000_0000
+HYP_VA_BITS: Final = 48
 
 
 @dataclass(frozen=True)

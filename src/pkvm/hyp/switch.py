@@ -11,7 +11,7 @@ Which hyp vCPU a `__kvm_vcpu_run` runs is the kernel's life cycle (`HypState.lif
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, Final
 
 from pkvm.abi.host_structs import (
     CTXT_END,
@@ -55,31 +55,34 @@ from pkvm.machine.cpu_id import CTR_EL0
 from pkvm.machine.memory import PAGE_SIZE, PhysMemory
 from pkvm.machine.preempt import run_for
 
-ARM_EXCEPTION_IRQ = 0
-ARM_EXCEPTION_EL1_SERROR = 1
-ARM_EXCEPTION_TRAP = 2
-ARM_EXCEPTION_IL = 3
+ARM_EXCEPTION_IRQ: Final = 0
+ARM_EXCEPTION_EL1_SERROR: Final = 1
+ARM_EXCEPTION_TRAP: Final = 2
+ARM_EXCEPTION_IL: Final = 3
 
-HCR_TWI = 1 << 13
-HCR_TWE = 1 << 14
-HCR_VSE = 1 << 8
-HCR_VI = 1 << 7  # the host's virtual IRQ line (its emulated GIC's output)
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-_FAULT = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
-_XREGS = struct.Struct("<31Q")  # arch.ctxt.regs
-_TABLE = struct.Struct(f"<{PAGE_SIZE // 8}Q")  # one page-table page
-_SP_EL0, _PC, _PSTATE = 8 * 31, 8 * 32, 8 * 33  # offsets in arch.ctxt
-RUNNING_VCPU_OFF = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
+HCR_TWI: Final = 1 << 13
+HCR_TWE: Final = 1 << 14
+HCR_VSE: Final = 1 << 8
+HCR_VI: Final = 1 << 7  # the host's virtual IRQ line (its emulated GIC's output)
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+_FAULT: Final = struct.Struct("<3Q")  # esr_el2, far_el2, hpfar_el2: contiguous in arch.fault
+_XREGS: Final = struct.Struct("<31Q")  # arch.ctxt.regs
+_TABLE: Final = struct.Struct(f"<{PAGE_SIZE // 8}Q")  # one page-table page
+# offsets in arch.ctxt (`Final`: compiled code reads them as constants, not from the module)
+_SP_EL0: Final = 8 * 31
+_PC: Final = 8 * 32
+_PSTATE: Final = 8 * 33
+RUNNING_VCPU_OFF: Final = KVM_VCPU.offset("arch.ctxt.__hyp_running_vcpu") - CTXT_START
 # arch.{hcr_el2, hcrx_el2, mdcr_el2, iflags}: contiguous in kvm_vcpu (hcrx_el2 is skipped)
-_TRAP_REGS = struct.Struct("<Q8xQQ")
-_HCR_OFF = KVM_VCPU.offset("arch.hcr_el2")
-_IFLAGS_OFF = KVM_VCPU.offset("arch.iflags")
-_FAULT_OFF = KVM_VCPU.offset("arch.fault.esr_el2")
-_U64 = struct.Struct("<Q")
-_NULL_PTR = bytes(8)
+_TRAP_REGS: Final = struct.Struct("<Q8xQQ")
+_HCR_OFF: Final = KVM_VCPU.offset("arch.hcr_el2")
+_IFLAGS_OFF: Final = KVM_VCPU.offset("arch.iflags")
+_FAULT_OFF: Final = KVM_VCPU.offset("arch.fault.esr_el2")
+_U64: Final = struct.Struct("<Q")
+_NULL_PTR: Final = bytes(8)
 assert KVM_VCPU.offset("arch.mdcr_el2") == _HCR_OFF + 16
 assert KVM_VCPU.offset("arch.iflags") == _HCR_OFF + 24
-_HYP_FAULT_OFF = HYP_VCPU["vcpu.arch.fault.esr_el2"][0]  # arch.fault in the hyp vCPU
+_HYP_FAULT_OFF: Final = HYP_VCPU["vcpu.arch.fault.esr_el2"][0]  # arch.fault in the hyp vCPU
 assert HYP_VCPU["vcpu.arch.fault.hpfar_el2"][0] == _HYP_FAULT_OFF + 16
 
 
@@ -90,7 +93,7 @@ HCR_TSC, HCR_TIDCP, HCR_TACR, HCR_TSW, HCR_RW = 1 << 19, 1 << 20, 1 << 21, 1 << 
 HCR_E2H, HCR_TLOR, HCR_TERR, HCR_TEA, HCR_APK, HCR_API = 1 << 34, 1 << 35, 1 << 36, 1 << 37, 1 << 40, 1 << 41
 HCR_FWB, HCR_FIEN, HCR_TID4, HCR_AMVOFFEN = 1 << 46, 1 << 47, 1 << 49, 1 << 51
 HCR_ATA, HCR_DCT, HCR_TID5 = 1 << 56, 1 << 57, 1 << 58
-HCR_GUEST_FLAGS = (HCR_TSC | HCR_TSW | HCR_TWE | HCR_TWI | HCR_VM | HCR_BSU_IS | HCR_FB | HCR_TACR
+HCR_GUEST_FLAGS: Final = (HCR_TSC | HCR_TSW | HCR_TWE | HCR_TWI | HCR_VM | HCR_BSU_IS | HCR_FB | HCR_TACR
                    | HCR_AMO | HCR_SWIO | HCR_TIDCP | HCR_RW | HCR_TLOR | HCR_FMO | HCR_IMO
                    | HCR_PTW | HCR_TID3 | HCR_TID1)
 MDCR_HPMN_MASK, MDCR_TPMCR, MDCR_TPM, MDCR_HPME = 0x1F, 1 << 5, 1 << 6, 1 << 7
@@ -191,7 +194,7 @@ def pkvm_vcpu_init_traps(h: HypState, vcpu: PkvmHypVcpu) -> int:
     return 0
 
 
-HCRX_EL2_SMPME = 1 << 5
+HCRX_EL2_SMPME: Final = 1 << 5
 
 
 def _host_trap_regs(h: HypState, hv: int) -> tuple[int, int, int]:
@@ -250,8 +253,8 @@ def sync_hyp_vcpu(h: HypState, vcpu: PkvmHypVcpu) -> None:
     el2_write(h, hv + _FAULT_OFF, vcpu.load(_HYP_FAULT_OFF, _FAULT.size))
 
 
-HPFAR_NS = 1 << 63
-S2_XN_NONE = 0b10
+HPFAR_NS: Final = 1 << 63
+S2_XN_NONE: Final = 0b10
 
 
 class _Engine:

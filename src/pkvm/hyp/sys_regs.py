@@ -21,7 +21,7 @@ protected VMs (`Profile.protected_vms`), so only 7.2's tables are reachable here
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pkvm.machine.cpu_id import CPU_ID_REGS, ID_REG_ENC
 
@@ -29,10 +29,10 @@ if TYPE_CHECKING:
     from pkvm.hyp.pkvm_structs import PkvmHypVm
 
 # `enum kvm_vcpu_features` bits in kvm->arch.vcpu_features.
-KVM_ARM_VCPU_EL1_32BIT = 1 << 1
-KVM_ARM_VCPU_SVE = 1 << 4
-KVM_ARM_VCPU_PTRAUTH_ADDRESS = 1 << 5
-KVM_ARM_VCPU_PTRAUTH_GENERIC = 1 << 6
+KVM_ARM_VCPU_EL1_32BIT: Final = 1 << 1
+KVM_ARM_VCPU_SVE: Final = 1 << 4
+KVM_ARM_VCPU_PTRAUTH_ADDRESS: Final = 1 << 5
+KVM_ARM_VCPU_PTRAUTH_GENERIC: Final = 1 << 6
 
 
 @dataclass(frozen=True)
@@ -48,33 +48,33 @@ class FtrBits:
 
 
 F = FtrBits
-PVMID_AA64PFR0 = (
+PVMID_AA64PFR0: Final = (
     F("EL0", 0, 1), F("EL1", 4, 1), F("EL2", 8, 1), F("EL3", 12, 1),
     F("FP", 16, 1, sign=True), F("AdvSIMD", 20, 1, sign=True), F("GIC", 24, 1),
     F("SVE", 32, 1, vm_supported="sve"), F("RAS", 28, 1), F("DIT", 48, 1),
     F("CSV2", 56, 1), F("CSV3", 60, 1),
 )
-PVMID_AA64PFR1 = (F("BT", 0, 1), F("SSBS", 4, 2), F("MTE_frac", 40, 0xF))
-PVMID_AA64PFR2 = (F("GCIE", 12, 0),)
-PVMID_AA64MMFR0 = (
+PVMID_AA64PFR1: Final = (F("BT", 0, 1), F("SSBS", 4, 2), F("MTE_frac", 40, 0xF))
+PVMID_AA64PFR2: Final = (F("GCIE", 12, 0),)
+PVMID_AA64MMFR0: Final = (
     F("PARANGE", 0, 2), F("ASIDBITS", 4, 2), F("BIGEND", 8, 1), F("SNSMEM", 12, 1),
     F("BIGENDEL0", 16, 1), F("EXS", 44, 1),
 )
-PVMID_AA64MMFR1 = (
+PVMID_AA64MMFR1: Final = (
     F("HAFDBS", 0, 2), F("VMIDBits", 4, 2), F("HPDS", 12, 2), F("PAN", 20, 3),
     F("SpecSEI", 24, 1), F("ETS", 36, 1), F("CMOW", 56, 1),
 )
-PVMID_AA64MMFR2 = (
+PVMID_AA64MMFR2: Final = (
     F("CnP", 0, 1), F("UAO", 4, 1), F("IESB", 12, 1), F("AT", 32, 1), F("IDS", 36, 1),
     F("TTL", 48, 1), F("BBM", 52, 2), F("E0PD", 60, 1),
 )
-PVMID_AA64ISAR1 = (
+PVMID_AA64ISAR1: Final = (
     F("DPB", 0, 2), F("APA", 4, 1, vm_supported="ptrauth"), F("API", 8, 1, vm_supported="ptrauth"),
     F("JSCVT", 12, 1), F("FCMA", 16, 1), F("LRCPC", 20, 3), F("GPA", 24, 1), F("GPI", 28, 1),
     F("FRINTTS", 32, 1), F("SB", 36, 1), F("SPECRES", 40, 2), F("BF16", 44, 2), F("DGH", 48, 1),
     F("I8MM", 52, 1),
 )
-PVMID_AA64ISAR2 = (
+PVMID_AA64ISAR2: Final = (
     F("GPA3", 8, 1, vm_supported="ptrauth"), F("APA3", 12, 1, vm_supported="ptrauth"),
     F("ATS1A", 60, 1),
 )
@@ -91,8 +91,8 @@ RESTRICTIONS: dict[str, tuple[FtrBits, ...]] = {
     "ID_AA64MMFR2_EL1": PVMID_AA64MMFR2,
 }
 # The "not implemented" encodings that are not zero: DoubleLock and MTPMU (DFR0), E2H0 (MMFR4).
-ID_AA64DFR0_EL1_NONZERO_NI = (0xF << 36) | (0xF << 48)
-ID_AA64MMFR4_EL1_NONZERO_NI = 0xF << 24
+ID_AA64DFR0_EL1_NONZERO_NI: Final = (0xF << 36) | (0xF << 48)
+ID_AA64MMFR4_EL1_NONZERO_NI: Final = 0xF << 24
 
 
 def sys_reg(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
@@ -184,13 +184,13 @@ def host_sys_vals() -> dict[str, int]:
 
 
 # -- the trapped accesses of a protected guest (`pvm_sys_reg_descs`) ----------------------------
-RAZ_WI = "raz_wi"
-AARCH32 = "aarch32"
-AARCH64 = "aarch64"
-HOST = "host"
-GIC_SRE = "gic_sre"
-IDST = "idst"
-UNDEF = "undef"
+RAZ_WI: Final = "raz_wi"
+AARCH32: Final = "aarch32"
+AARCH64: Final = "aarch64"
+HOST: Final = "host"
+GIC_SRE: Final = "gic_sre"
+IDST: Final = "idst"
+UNDEF: Final = "undef"
 
 
 def _descs() -> dict[tuple[int, int, int, int, int], str]:
@@ -230,8 +230,8 @@ def _descs() -> dict[tuple[int, int, int, int, int], str]:
     return d
 
 
-PVM_SYS_REG_DESCS = _descs()
-ICC_SRE_EL1_VALUE = 0x7  # SRE | DFB | DIB: protected VMs have GICv3 only
+PVM_SYS_REG_DESCS: Final = _descs()
+ICC_SRE_EL1_VALUE: Final = 0x7  # SRE | DFB | DIB: protected VMs have GICv3 only
 
 
 def pvm_sysreg_access(vm: "PkvmHypVm", enc: tuple[int, int, int, int, int], is_write: bool,

@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INSN
 from unicorn.unicorn_py3.arch.types import uc_hook_h
 from unicorn.unicorn_py3.unicorn import UcContext, UcError, uclib
+
+from pkvm.machine.uc_cp import CpReg
 
 # unicorn's entry points of the run path, called without the binding's argument conversion:
 # `uclib`'s functions carry `argtypes`, which ctypes checks and converts on every call (~0.7 us
@@ -41,36 +43,38 @@ from unicorn.unicorn_py3.unicorn import UcContext, UcError, uclib
 # handle) with none, so each argument must already be what C takes: a ctypes object, a
 # pointer (`byref`, an array) or an int that fits a C int (a register ID, a count); 64-bit
 # values go in as `ctypes.c_uint64` (~0.25 us a call). Each returns the `uc_err` (C int).
-_uc_direct = ctypes.CDLL(uclib._name)
-uc_reg_read_direct = _uc_direct.uc_reg_read
-uc_reg_write_direct = _uc_direct.uc_reg_write
-uc_reg_read_batch_direct = _uc_direct.uc_reg_read_batch
-uc_reg_write_batch_direct = _uc_direct.uc_reg_write_batch
-uc_emu_start_direct = _uc_direct.uc_emu_start
+# The names of this module the run path reads are `Final`: compiled code reads such a name
+# from a C variable (or as a constant), any other by a lookup in the module's dictionary.
+_uc_direct: Final = ctypes.CDLL(uclib._name)
+uc_reg_read_direct: Final = _uc_direct.uc_reg_read
+uc_reg_write_direct: Final = _uc_direct.uc_reg_write
+uc_reg_read_batch_direct: Final = _uc_direct.uc_reg_read_batch
+uc_reg_write_batch_direct: Final = _uc_direct.uc_reg_write_batch
+uc_emu_start_direct: Final = _uc_direct.uc_emu_start
 
 # uc_cb_insn_sys_t: (uc, reg, const uc_arm64_cp_reg *, user_data) -> skip the instruction
-_HOOK_INSN_SYS_CFUNC = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int,
+_HOOK_INSN_SYS_CFUNC: Final = ctypes.CFUNCTYPE(ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int,
                                         ctypes.c_void_p, ctypes.c_void_p)
 
-MASK64 = (1 << 64) - 1
+MASK64: Final = 0xFFFF_FFFF_FFFF_FFFF
 
 # PSTATE bits.
-PSR_MODE_EL0t = 0x0
-PSR_MODE_EL1t = 0x4
-PSR_MODE_EL1h = 0x5
-PSR_MODE_MASK = 0xF
-PSR_F_BIT = 1 << 6
-PSR_I_BIT = 1 << 7
-PSR_A_BIT = 1 << 8
-PSR_D_BIT = 1 << 9
-PSR_DAIF = PSR_D_BIT | PSR_A_BIT | PSR_I_BIT | PSR_F_BIT
-PSR_SSBS_BIT = 1 << 12
-PSR_IL_BIT = 1 << 20
-PSR_PAN_BIT = 1 << 22
-PSR_NZCV = 0xF << 28
-PSTATE_RESET = PSR_DAIF | PSR_MODE_EL1h  # 0x3C5, as kvm_reset_vcpu
-PSR_EL_SHIFT = 2  # PSTATE.EL, bits [3:2]
-MPIDR_RES1 = 1 << 31
+PSR_MODE_EL0t: Final = 0x0
+PSR_MODE_EL1t: Final = 0x4
+PSR_MODE_EL1h: Final = 0x5
+PSR_MODE_MASK: Final = 0xF
+PSR_F_BIT: Final = 1 << 6
+PSR_I_BIT: Final = 1 << 7
+PSR_A_BIT: Final = 1 << 8
+PSR_D_BIT: Final = 1 << 9
+PSR_DAIF: Final = PSR_D_BIT | PSR_A_BIT | PSR_I_BIT | PSR_F_BIT
+PSR_SSBS_BIT: Final = 1 << 12
+PSR_IL_BIT: Final = 1 << 20
+PSR_PAN_BIT: Final = 1 << 22
+PSR_NZCV: Final = 0xF << 28
+PSTATE_RESET: Final = PSR_DAIF | PSR_MODE_EL1h  # 0x3C5, as kvm_reset_vcpu
+PSR_EL_SHIFT: Final = 2  # PSTATE.EL, bits [3:2]
+MPIDR_RES1: Final = 1 << 31
 
 
 def pstate_el(pstate: int) -> int:
@@ -78,20 +82,20 @@ def pstate_el(pstate: int) -> int:
     return (pstate >> PSR_EL_SHIFT) & 3
 
 # SCTLR_EL1 bits used here.
-SCTLR_ELx_M = 1 << 0
-SCTLR_ELx_A = 1 << 1
-SCTLR_EL1_SPAN = 1 << 23
-SCTLR_EL1_nTWI = 1 << 16
-SCTLR_ELx_WXN = 1 << 19
-SCTLR_EL1_DSSBS = 1 << 44
-SCTLR_EL1_RESET = 0x00C50078  # KVM's reset value (MMU, caches off; RES1 bits)
+SCTLR_ELx_M: Final = 1 << 0
+SCTLR_ELx_A: Final = 1 << 1
+SCTLR_EL1_SPAN: Final = 1 << 23
+SCTLR_EL1_nTWI: Final = 1 << 16
+SCTLR_ELx_WXN: Final = 1 << 19
+SCTLR_EL1_DSSBS: Final = 1 << 44
+SCTLR_EL1_RESET: Final = 0x00C50078  # KVM's reset value (MMU, caches off; RES1 bits)
 
 SysRegEnc = tuple[int, int, int, int, int]  # (op0, op1, CRn, CRm, op2)
 CpuState = UcContext  # the emulated CPU's whole state, opaque (`save_cpu_state`)
 
 # EL1 system registers of a vCPU context: name -> encoding. MPIDR_EL1 is the virtual one
 # (VMPIDR_EL2), which EL1 reads as MPIDR_EL1.
-SYS_REGS: dict[str, SysRegEnc] = {
+SYS_REGS: Final[dict[str, SysRegEnc]] = {
     "SCTLR_EL1": (3, 0, 1, 0, 0),
     "ACTLR_EL1": (3, 0, 1, 0, 1),
     "CPACR_EL1": (3, 0, 1, 0, 2),
@@ -116,28 +120,40 @@ SYS_REGS: dict[str, SysRegEnc] = {
     "MDSCR_EL1": (2, 0, 0, 2, 2),
     "MPIDR_EL1": (3, 4, 0, 0, 5),  # VMPIDR_EL2
 }
-SYS_SPSR_EL1 = (3, 0, 4, 0, 0)
-_EL1_ENCS = frozenset([*SYS_REGS.values(), SYS_SPSR_EL1])
+SYS_SPSR_EL1: Final = (3, 0, 4, 0, 0)
+_EL1_ENCS: Final = frozenset([*SYS_REGS.values(), SYS_SPSR_EL1])
 
 # EL2 and EL3 registers the guest never sees, by encoding (`asm/sysreg.h` names), and the bits
 # of them the model sets: what firmware leaves for EL2 software, and what EL2 configures.
-SYS_SCR_EL3 = (3, 6, 1, 1, 0)
-SYS_CPTR_EL3 = (3, 6, 1, 1, 2)
-SYS_HCR_EL2 = (3, 4, 1, 1, 0)
-SYS_CPTR_EL2 = (3, 4, 1, 1, 2)
-SYS_CNTHCTL_EL2 = (3, 4, 14, 1, 0)
-SCR_EL3_NS, SCR_EL3_RES1, SCR_EL3_HCE, SCR_EL3_RW = 1 << 0, 0b11 << 4, 1 << 8, 1 << 10
-SCR_EL3_APK, SCR_EL3_API = 1 << 16, 1 << 17
-CPTR_EL3_EZ = 1 << 8
-HCR_FMO, HCR_IMO, HCR_VI, HCR_TID3 = 1 << 3, 1 << 4, 1 << 7, 1 << 18
-HCR_TWI, HCR_TWE, HCR_TSC, HCR_RW = 1 << 13, 1 << 14, 1 << 19, 1 << 31
-HCR_APK, HCR_API = 1 << 40, 1 << 41
-CPTR_EL2_RES1 = 0x32FF  # nVHE layout, RES1 bits, TZ = TFP = 0
-CNTHCTL_EL1PCTEN, CNTHCTL_EL1PCEN = 1 << 0, 1 << 1
+SYS_SCR_EL3: Final = (3, 6, 1, 1, 0)
+SYS_CPTR_EL3: Final = (3, 6, 1, 1, 2)
+SYS_HCR_EL2: Final = (3, 4, 1, 1, 0)
+SYS_CPTR_EL2: Final = (3, 4, 1, 1, 2)
+SYS_CNTHCTL_EL2: Final = (3, 4, 14, 1, 0)
+SCR_EL3_NS: Final = 1 << 0
+SCR_EL3_RES1: Final = 0b11 << 4
+SCR_EL3_HCE: Final = 1 << 8
+SCR_EL3_RW: Final = 1 << 10
+SCR_EL3_APK: Final = 1 << 16
+SCR_EL3_API: Final = 1 << 17
+CPTR_EL3_EZ: Final = 1 << 8
+HCR_FMO: Final = 1 << 3
+HCR_IMO: Final = 1 << 4
+HCR_VI: Final = 1 << 7
+HCR_TID3: Final = 1 << 18
+HCR_TWI: Final = 1 << 13
+HCR_TWE: Final = 1 << 14
+HCR_TSC: Final = 1 << 19
+HCR_RW: Final = 1 << 31
+HCR_APK: Final = 1 << 40
+HCR_API: Final = 1 << 41
+CPTR_EL2_RES1: Final = 0x32FF  # nVHE layout, RES1 bits, TZ = TFP = 0
+CNTHCTL_EL1PCTEN: Final = 1 << 0
+CNTHCTL_EL1PCEN: Final = 1 << 1
 
 # Context registers moved in one batch, in this order.
-GPR_IDS = [A.UC_ARM64_REG_X0 + i for i in range(29)] + [A.UC_ARM64_REG_X29, A.UC_ARM64_REG_X30]
-_CORE_IDS = GPR_IDS + [
+GPR_IDS: Final = [A.UC_ARM64_REG_X0 + i for i in range(29)] + [A.UC_ARM64_REG_X29, A.UC_ARM64_REG_X30]
+_CORE_IDS: Final = GPR_IDS + [
     A.UC_ARM64_REG_SP,
     A.UC_ARM64_REG_SP_EL0,
     A.UC_ARM64_REG_SP_EL1,
@@ -147,19 +163,40 @@ _CORE_IDS = GPR_IDS + [
     A.UC_ARM64_REG_FPCR,
     A.UC_ARM64_REG_FPSR,
 ]
-_I_SP, _I_SP_EL0, _I_SP_EL1, _I_PC, _I_PSTATE, _I_ELR, _I_FPCR, _I_FPSR = range(31, 39)
+_I_SP: Final = 31
+_I_SP_EL0: Final = 32
+_I_SP_EL1: Final = 33
+_I_PC: Final = 34
+_I_PSTATE: Final = 35
+_I_ELR: Final = 36
+_I_FPCR: Final = 37
+_I_FPSR: Final = 38
 _Q_IDS = [A.UC_ARM64_REG_Q0 + i for i in range(32)]
+# unicorn's IDs of the registers the run path moves one by one
+REG_PC: Final = A.UC_ARM64_REG_PC
+REG_SP: Final = A.UC_ARM64_REG_SP
+REG_PSTATE: Final = A.UC_ARM64_REG_PSTATE
+REG_CP_REG: Final = A.UC_ARM64_REG_CP_REG
 
 # The context as bytes (`save_raw` / `load_raw`): `struct kvm_cpu_context` from `regs` on, u64
 # words x0..x30, sp_el0, pc, pstate, sp_el1, elr_el1, spsr_el1, fpsr, fpcr, then V0..V31 as 16
 # little-endian bytes each (low half first). Each register moves straight to or from its slot
 # of one buffer in one batch; three scratch slots after the context take the live SP and the
 # two banked ones, which the slots sp_el0/sp_el1 get from by PSTATE.
-RAW_WORDS = 31 + 8 + 64
-RAW_SIZE = 8 * RAW_WORDS
-_W_SP_EL0, _W_PC, _W_PSTATE, _W_SP_EL1, _W_ELR, _W_SPSR, _W_FPSR, _W_FPCR = range(31, 39)
-_W_V = 39
-_W_LIVE_SP, _W_BANK_SP_EL0, _W_BANK_SP_EL1 = RAW_WORDS, RAW_WORDS + 1, RAW_WORDS + 2
+RAW_WORDS: Final = 31 + 8 + 64
+RAW_SIZE: Final = 8 * RAW_WORDS
+_W_SP_EL0: Final = 31
+_W_PC: Final = 32
+_W_PSTATE: Final = 33
+_W_SP_EL1: Final = 34
+_W_ELR: Final = 35
+_W_SPSR: Final = 36
+_W_FPSR: Final = 37
+_W_FPCR: Final = 38
+_W_V: Final = 39
+_W_LIVE_SP: Final = RAW_WORDS
+_W_BANK_SP_EL0: Final = RAW_WORDS + 1
+_W_BANK_SP_EL1: Final = RAW_WORDS + 2
 # Register -> word slot, in the order `load_context` writes them (SP before its banks, PSTATE
 # after them, as the per-register path does).
 _RAW_SLOTS = [*zip(GPR_IDS, range(31)), (A.UC_ARM64_REG_SP, _W_LIVE_SP),
@@ -210,17 +247,6 @@ class CpuContext:
         )
 
 
-class _CpReg(ctypes.Structure):
-    _fields_ = [
-        ("crn", ctypes.c_uint32),
-        ("crm", ctypes.c_uint32),
-        ("op0", ctypes.c_uint32),
-        ("op1", ctypes.c_uint32),
-        ("op2", ctypes.c_uint32),
-        ("val", ctypes.c_uint64),
-    ]
-
-
 class _Batch:
     """Preallocated arrays for one `uc_reg_{read,write}_batch` call."""
 
@@ -236,10 +262,10 @@ class _Batch:
         self.ids = (ctypes.c_int * n)(*ids)
         self.width = width
         # System registers (`cp` given) move as {encoding, value} structures, others as words.
-        self.cps: ctypes.Array[_CpReg] | None = None
+        self.cps: ctypes.Array[CpReg] | None = None
         self.vals = (ctypes.c_uint64 * (n * width // 8))()
         if cp is not None:
-            cps = self.cps = (_CpReg * n)()
+            cps = self.cps = (CpReg * n)()
             for i, (op0, op1, crn, crm, op2) in enumerate(cp):
                 c = cps[i]
                 c.op0, c.op1, c.crn, c.crm, c.op2 = op0, op1, crn, crm, op2
@@ -288,7 +314,7 @@ class _RawBatch:
         # the context's bytes of the buffer, as a view (`bytes(view)` copies them out without
         # a foreign call, which `ctypes.string_at` makes)
         self.view = memoryview(self.buf).cast("B")[:RAW_SIZE]
-        self.par = _CpReg()
+        self.par = CpReg()
         p = SYS_REGS["PAR_EL1"]
         self.par.op0, self.par.op1, self.par.crn, self.par.crm, self.par.op2 = p
         ids = [rid for rid, _ in _RAW_SLOTS]
@@ -314,7 +340,7 @@ class CpuRegisters:
         self._uch = uc._uch
         self._r64 = ctypes.c_uint64()
         self._r64p = ctypes.byref(self._r64)
-        self._cp = _CpReg()
+        self._cp = CpReg()
         self._cpp = ctypes.byref(self._cp)
         self._core = _Batch(self._uch, _CORE_IDS)
         self._q = _Batch(self._uch, _Q_IDS, width=16)
@@ -363,13 +389,13 @@ class CpuRegisters:
         c = self._cp
         c.op0, c.op1, c.crn, c.crm, c.op2 = enc
         c.val = value & MASK64
-        if status := uc_reg_write_direct(self._uch, A.UC_ARM64_REG_CP_REG, self._cpp):
+        if status := uc_reg_write_direct(self._uch, REG_CP_REG, self._cpp):
             raise UcError(status)
 
     def _cpr(self, enc: tuple[int, int, int, int, int]) -> int:
         c = self._cp
         c.op0, c.op1, c.crn, c.crm, c.op2 = enc
-        if status := uc_reg_read_direct(self._uch, A.UC_ARM64_REG_CP_REG, self._cpp):
+        if status := uc_reg_read_direct(self._uch, REG_CP_REG, self._cpp):
             raise UcError(status)
         return int(c.val)
 
@@ -426,15 +452,15 @@ class CpuRegisters:
     # ---- general registers ------------------------------------------------------------
     @property
     def pc(self) -> int:
-        return self._rd(A.UC_ARM64_REG_PC)
+        return self._rd(REG_PC)
 
     @pc.setter
     def pc(self, value: int) -> None:
-        self._wr(A.UC_ARM64_REG_PC, value)
+        self._wr(REG_PC, value)
 
     @property
     def pstate(self) -> int:
-        return self._rd(A.UC_ARM64_REG_PSTATE)
+        return self._rd(REG_PSTATE)
 
     @property
     def irqs_masked(self) -> bool:
@@ -452,11 +478,11 @@ class CpuRegisters:
             self._wr(GPR_IDS[n], value)
 
     def _x_or_sp(self, n: int) -> int:
-        return self._rd(A.UC_ARM64_REG_SP if n == 31 else GPR_IDS[n])
+        return self._rd(REG_SP if n == 31 else GPR_IDS[n])
 
     def skip(self) -> None:
         """Advance PC past the current instruction (EL2 emulated it)."""
-        self._wr(A.UC_ARM64_REG_PC, self._rd(A.UC_ARM64_REG_PC) + 4)
+        self._wr(REG_PC, self._rd(REG_PC) + 4)
 
     # ---- context ----------------------------------------------------------------------
     def load_context(self, ctx: CpuContext) -> None:

@@ -55,7 +55,7 @@ timeout slices at arbitrary points (device accesses replayed) and is not used.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, Final
 
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import UC_ARCH_ARM64, UC_MODE_ARM
@@ -71,6 +71,7 @@ from pkvm.machine.context import (
     HCR_VI,
     MASK64,
     PSTATE_RESET,
+    REG_PC,
     SCR_EL3_API,
     SCR_EL3_APK,
     SCTLR_EL1_RESET,
@@ -132,12 +133,13 @@ __all__ = [
     "mmio_read_value",
 ]
 
-_UNTIL = MASK64  # an odd address: PC never reaches it
+_UNTIL: Final = MASK64  # an odd address: PC never reaches it
 # uc_emu_start's 64-bit arguments as C values (`uc_emu_start_direct` converts nothing)
-_UNTIL_C = ctypes.c_uint64(_UNTIL)
-_ZERO_C = ctypes.c_uint64(0)
-XZR = 31
-INSN_SIZE = 4
+_UNTIL_C: Final = ctypes.c_uint64(_UNTIL)
+_ZERO_C: Final = ctypes.c_uint64(0)
+_U64: Final = ctypes.c_uint64
+XZR: Final = 31
+INSN_SIZE: Final = 4
 
 
 class Core(CpuExceptions):
@@ -188,15 +190,15 @@ class Core(CpuExceptions):
         self._clear_exit()  # a call, not assignments: the hooks set both during emu_start
         self._ran = True
         if pc is None:
-            pc = self._rd(A.UC_ARM64_REG_PC)
+            pc = self._rd(REG_PC)
         # `Uc.emu_start` without its wrapper: a hook's exception is kept on the instance
         uc = self.uc
         uc._hook_exception = None
-        count = ctypes.c_uint64(max_insns) if max_insns else _ZERO_C  # size_t
+        count = _U64(max_insns) if max_insns else _ZERO_C  # size_t
         emulator_enter()  # its stores to RAM are unseen by PhysMemory (its known holes)
         try:
-            status = uc_emu_start_direct(self._uch, ctypes.c_uint64(pc & MASK64), _UNTIL_C,
-                                         _ZERO_C, count)
+            status = uc_emu_start_direct(self._uch, _U64(pc & MASK64), _UNTIL_C, _ZERO_C,
+                                         count)
         finally:
             emulator_leave()
         if uc._hook_exception is not None:
@@ -213,8 +215,8 @@ class Core(CpuExceptions):
             # the start of the translation block rather than the access (seen with Linux);
             # `_on_mem` found the access itself: make PC point at it.
             self._mem_fault = None
-            if real_pc != self._rd(A.UC_ARM64_REG_PC):
-                self._wr(A.UC_ARM64_REG_PC, real_pc)
+            if real_pc != self._rd(REG_PC):
+                self._wr(REG_PC, real_pc)
         return ex
 
 

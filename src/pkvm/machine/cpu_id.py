@@ -8,6 +8,8 @@ live core so the table cannot drift from the CPU that runs guests.
 
 from __future__ import annotations
 
+from typing import Final
+
 # (op0, op1, CRn, CRm, op2) of each ID register.
 ID_REG_ENC: dict[str, tuple[int, int, int, int, int]] = {
     "ID_AA64PFR0_EL1": (3, 0, 0, 4, 0),
@@ -49,8 +51,8 @@ CPU_ID_REGS: dict[str, int] = {
     "ID_AA64MMFR4_EL1": 0x0,
 }
 
-CTR_EL0 = 0x8444_C004
-MIDR_EL1 = 0x000F_0510
+CTR_EL0: Final = 0x8444_C004
+MIDR_EL1: Final = 0x000F_0510
 
 
 def field(value: int, shift: int, width: int = 4) -> int:

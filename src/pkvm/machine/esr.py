@@ -8,10 +8,11 @@ system-register (EC 0x18) ISS layout. Builders return plain ints; decoders read 
 from __future__ import annotations
 
 import enum
+from typing import Final
 
-ESR_ELx_EC_SHIFT = 26
-ESR_ELx_IL = 1 << 25
-ESR_ELx_ISS_MASK = (1 << 25) - 1
+ESR_ELx_EC_SHIFT: Final = 26
+ESR_ELx_IL: Final = 1 << 25
+ESR_ELx_ISS_MASK: Final = (1 << 25) - 1
 
 
 class EC(enum.IntEnum):
@@ -37,21 +38,21 @@ class EC(enum.IntEnum):
 
 
 # Data abort ISS (ESR_ELx_*).
-ESR_ELx_ISV = 1 << 24
-ESR_ELx_SAS_SHIFT = 22
-ESR_ELx_SSE = 1 << 21
-ESR_ELx_SRT_SHIFT = 16
-ESR_ELx_SF = 1 << 15
-ESR_ELx_AR = 1 << 14
-ESR_ELx_FnV = 1 << 10
-ESR_ELx_EA = 1 << 9
-ESR_ELx_CM = 1 << 8
-ESR_ELx_S1PTW = 1 << 7
-ESR_ELx_WNR = 1 << 6
-ESR_ELx_FSC_MASK = 0x3F
+ESR_ELx_ISV: Final = 1 << 24
+ESR_ELx_SAS_SHIFT: Final = 22
+ESR_ELx_SSE: Final = 1 << 21
+ESR_ELx_SRT_SHIFT: Final = 16
+ESR_ELx_SF: Final = 1 << 15
+ESR_ELx_AR: Final = 1 << 14
+ESR_ELx_FnV: Final = 1 << 10
+ESR_ELx_EA: Final = 1 << 9
+ESR_ELx_CM: Final = 1 << 8
+ESR_ELx_S1PTW: Final = 1 << 7
+ESR_ELx_WNR: Final = 1 << 6
+ESR_ELx_FSC_MASK: Final = 0x3F
 
 # WFx ISS bit 0: 0 WFI, 1 WFE.
-ESR_ELx_WFx_ISS_WFE = 1
+ESR_ELx_WFx_ISS_WFE: Final = 1
 
 
 class FSC(enum.IntEnum):

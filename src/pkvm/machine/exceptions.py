@@ -32,7 +32,7 @@ from __future__ import annotations
 import ctypes
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import (
@@ -57,6 +57,7 @@ from pkvm.machine.context import (
     PSR_NZCV,
     PSR_PAN_BIT,
     PSR_SSBS_BIT,
+    REG_PC,
     SCTLR_EL1_DSSBS,
     SCTLR_EL1_SPAN,
     SYS_HCR_EL2,
@@ -87,28 +88,38 @@ from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 from pkvm.machine.stage1 import OA_MASK, Walk, walk_stage1
 from pkvm.machine.stage2_view import Stage2View
 
-PAGE_OFFSET_MASK = PAGE_SIZE - 1
-CPACR_EL1_ZEN_SHIFT, CPACR_EL1_FPEN_SHIFT = 16, 20  # 0b01: EL0 traps, 0b11: nothing traps
-_DECODE_CACHE_MAX = 65536  # decoded instruction words kept before the cache starts afresh
-_BLOCK_SCAN_INSNS = 64  # how far a stale PC is searched for the faulting access
-SCTLR = SYS_REGS["SCTLR_EL1"]
+PAGE_OFFSET_MASK: Final = PAGE_SIZE - 1
+_U32_AT: Final = ctypes.c_uint32.from_address  # the u32 at a host address
+CPACR_EL1_ZEN_SHIFT: Final = 16  # 0b01: EL0 traps, 0b11: nothing traps
+CPACR_EL1_FPEN_SHIFT: Final = 20
+_DECODE_CACHE_MAX: Final = 65536  # decoded instruction words kept before the cache starts afresh
+_BLOCK_SCAN_INSNS: Final = 64  # how far a stale PC is searched for the faulting access
+SCTLR: Final = SYS_REGS["SCTLR_EL1"]
 
 # __kvm_vcpu_run exit codes (asm/kvm_asm.h).
-ARM_EXCEPTION_IRQ = 0
-ARM_EXCEPTION_TRAP = 2
+ARM_EXCEPTION_IRQ: Final = 0
+ARM_EXCEPTION_TRAP: Final = 2
 
 # ISS CV = 1, COND = 0b1110 (always): what a trapped AArch64 WFx / FP access reports.
-ISS_CV_COND_AL = 1 << 24 | 0xE << 20
+ISS_CV_COND_AL: Final = 1 << 24 | 0xE << 20
 
 # Vector offsets from VBAR_EL1.
-VECTOR_CUR_SP0 = 0x000
-VECTOR_CUR_SPX = 0x200
-VECTOR_LOWER_A64 = 0x400
-VECTOR_SYNC, VECTOR_IRQ, VECTOR_FIQ, VECTOR_SERROR = 0x000, 0x080, 0x100, 0x180
+VECTOR_CUR_SP0: Final = 0x000
+VECTOR_CUR_SPX: Final = 0x200
+VECTOR_LOWER_A64: Final = 0x400
+VECTOR_SYNC: Final = 0x000
+VECTOR_IRQ: Final = 0x080
+VECTOR_FIQ: Final = 0x100
+VECTOR_SERROR: Final = 0x180
 
 # unicorn interrupt numbers (QEMU's EXCP_*).
-EXCP_UDEF, EXCP_SWI, EXCP_PREFETCH_ABORT, EXCP_DATA_ABORT = 1, 2, 3, 4
-EXCP_BKPT, EXCP_HVC, EXCP_HYP_TRAP = 7, 11, 12
+EXCP_UDEF: Final = 1
+EXCP_SWI: Final = 2
+EXCP_PREFETCH_ABORT: Final = 3
+EXCP_DATA_ABORT: Final = 4
+EXCP_BKPT: Final = 7
+EXCP_HVC: Final = 11
+EXCP_HYP_TRAP: Final = 12
 
 
 class ExitKind(enum.Enum):
@@ -168,8 +179,9 @@ class Exit:
         )
 
 
-_WRITES = frozenset({UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT})
-_UNMAPPED = frozenset({UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED})
+_WRITES: Final = frozenset({UC_MEM_WRITE_UNMAPPED, UC_MEM_WRITE_PROT})
+_FETCH_FAULTS: Final = (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT)
+_UNMAPPED: Final = frozenset({UC_MEM_READ_UNMAPPED, UC_MEM_WRITE_UNMAPPED, UC_MEM_FETCH_UNMAPPED})
 
 
 def _abort_fsc(access: int) -> int:
@@ -253,7 +265,7 @@ class CpuExceptions(CpuRegisters):
         if ipa is None:
             return None
         host = self._view.host_of(ipa)
-        return None if host is None else ctypes.c_uint32.from_address(host).value
+        return None if host is None else _U32_AT(host).value
 
     def trap_id_regs(self) -> None:
         """HCR_EL2.TID3: EL1 reads of the ID registers (op0 3, op1 0, CRn 0, CRm 1-7) exit
@@ -284,8 +296,8 @@ class CpuExceptions(CpuRegisters):
         self, uc: Uc, access: int, address: int, size: int, value: int, _data: object
     ) -> bool:
         """A stage-2 fault: `address` is the IPA (unicorn's physical address)."""
-        pc = self._rd(A.UC_ARM64_REG_PC)
-        if access in (UC_MEM_FETCH_UNMAPPED, UC_MEM_FETCH_PROT):
+        pc = self._rd(REG_PC)
+        if access in _FETCH_FAULTS:
             self._exit = Exit(ExitKind.IABT, esr(EC.IABT_LOW, _abort_fsc(access)), pc,
                               hpfar_from_ipa(address))
             return False
@@ -356,7 +368,7 @@ class CpuExceptions(CpuRegisters):
         return None
 
     def _on_intr(self, uc: Uc, intno: int, _data: object) -> None:
-        pc = self._rd(A.UC_ARM64_REG_PC)
+        pc = self._rd(REG_PC)
         if intno == EXCP_HVC:
             insn = self._fetch(pc - 4)
             imm = decode.exception_imm16(insn) if insn is not None else 0

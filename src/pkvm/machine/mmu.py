@@ -9,19 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from pkvm.machine.memory import PhysMemory
 
-HCR_VM = 1 << 0
-HCR_FWB = 1 << 46
+HCR_VM: Final = 1 << 0
+HCR_FWB: Final = 1 << 46
 
-_ADDR = ((1 << 48) - 1) & ~0xFFF
-S2AP_R = 1 << 6
-S2AP_W = 1 << 7
+_ADDR: Final = ((1 << 48) - 1) & ~0xFFF
+S2AP_R: Final = 1 << 6
+S2AP_W: Final = 1 << 7
 
-FAULT_TRANSLATION = "translation"
-FAULT_PERMISSION = "permission"
+FAULT_TRANSLATION: Final = "translation"
+FAULT_PERMISSION: Final = "permission"
 
 
 @dataclass
@@ -142,7 +142,7 @@ class Tlb:
             self.stale_uses.append(f"{self.name}: {what}")
 
 
-S2_WALK_FAULT = -2  # `tlb_s2_translate`: nothing cached and the walk faults
+S2_WALK_FAULT: Final = -2  # `tlb_s2_translate`: nothing cached and the walk faults
 
 
 def tlb_s2_translate_in(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool,

@@ -43,7 +43,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from unicorn import UC_ARCH_ARM64, UC_HOOK_CODE, UC_MODE_ARM
 from unicorn import arm64_const as A
@@ -87,11 +87,11 @@ _serial = 0
 _thread: threading.Thread | None = None
 stats = {"slices": 0, "preempted": 0}
 
-_SCAN = 8192  # bytes of the engine struct searched (emu_count sits ~1.4 KiB in)
-_COUNT = 0x5A5A5A  # a recognisable instruction count for the probe
+_SCAN: Final = 8192  # bytes of the engine struct searched (emu_count sits ~1.4 KiB in)
+_COUNT: Final = 0x5A5A5A  # a recognisable instruction count for the probe
 _offset: int | None | bool = False  # of stop_request; False: not probed yet, None: not found
 # nop; nop; yield; b <the yield>
-_PROBE_CODE = struct.pack("<4I", 0xD503201F, 0xD503201F, 0xD503203F, 0x17FFFFFF)
+_PROBE_CODE: Final = struct.pack("<4I", 0xD503201F, 0xD503201F, 0xD503203F, 0x17FFFFFF)
 
 
 def _engine_addr(uc: Any) -> int:

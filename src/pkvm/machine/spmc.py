@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi.ffa import (
     FFA_ERROR,
@@ -48,8 +48,8 @@ from pkvm.abi.ffa import (
 if TYPE_CHECKING:
     from pkvm.machine.memory import PhysMemory
 
-U64 = 0xFFFF_FFFF_FFFF_FFFF
-PARTITION_INFO_SZ = 24  # v1.1+ partition descriptor
+U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+PARTITION_INFO_SZ: Final = 24  # v1.1+ partition descriptor
 
 
 @dataclass

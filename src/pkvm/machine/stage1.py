@@ -11,21 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Final
 
 from pkvm.machine.context import PSR_PAN_BIT, SCTLR_ELx_M, SCTLR_ELx_WXN
 from pkvm.machine.esr import FSC
 
-OA_MASK = (1 << 48) - 1  # 48-bit output and intermediate addresses
-TTBR_BADDR_MASK = 0x0000_FFFF_FFFF_FFFE  # TTBRn_EL1.BADDR (bit 0 is CnP)
+OA_MASK: Final = (1 << 48) - 1  # 48-bit output and intermediate addresses
+TTBR_BADDR_MASK: Final = 0x0000_FFFF_FFFF_FFFE  # TTBRn_EL1.BADDR (bit 0 is CnP)
 
 # Descriptor bits (VMSAv8-64).
-DESC_VALID = 1 << 0
-DESC_TABLE = 1 << 1  # table (levels 0-2) or page (level 3)
-DESC_AP_SHIFT = 6  # AP[2:1]: bit 0 EL0 access, bit 1 read-only
-DESC_AF = 1 << 10
-DESC_PXN_SHIFT, DESC_UXN_SHIFT = 53, 54
-TABLE_PXN_SHIFT, TABLE_UXN_SHIFT, TABLE_AP_SHIFT = 59, 60, 61
-AP_EL0, AP_RO = 1, 2
+DESC_VALID: Final = 1 << 0
+DESC_TABLE: Final = 1 << 1  # table (levels 0-2) or page (level 3)
+DESC_AP_SHIFT: Final = 6  # AP[2:1]: bit 0 EL0 access, bit 1 read-only
+DESC_AF: Final = 1 << 10
+DESC_PXN_SHIFT: Final = 53
+DESC_UXN_SHIFT: Final = 54
+TABLE_PXN_SHIFT: Final = 59
+TABLE_UXN_SHIFT: Final = 60
+TABLE_AP_SHIFT: Final = 61
+AP_EL0: Final = 1
+AP_RO: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +59,9 @@ class _Half:
     ttbr: str
 
 
-_LOWER = _Half(0, 7, 14, 37, 41, {0: 12, 1: 16, 2: 14}, "TTBR0_EL1")
-_UPPER = _Half(16, 23, 30, 38, 42, {1: 14, 2: 12, 3: 16}, "TTBR1_EL1")
-_TSZ_MIN = 16
+_LOWER: Final = _Half(0, 7, 14, 37, 41, {0: 12, 1: 16, 2: 14}, "TTBR0_EL1")
+_UPPER: Final = _Half(16, 23, 30, 38, 42, {1: 14, 2: 12, 3: 16}, "TTBR1_EL1")
+_TSZ_MIN: Final = 16
 
 
 @dataclass(slots=True)

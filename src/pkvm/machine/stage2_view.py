@@ -31,8 +31,9 @@ import bisect
 import ctypes
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
+from mypy_extensions import mypyc_attr
 from unicorn.arm64_const import UC_ARM64_REG_CP_REG
 from unicorn.unicorn_const import (
     UC_CTL_IO_WRITE,
@@ -45,8 +46,8 @@ from unicorn.unicorn_const import (
 from pkvm.machine.context import MASK64
 from pkvm.machine.memory import PAGE_SIZE
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_mremap = _libc.mremap
+_libc: Final = ctypes.CDLL(None, use_errno=True)
+_mremap: Final = _libc.mremap
 _mremap.restype = ctypes.c_void_p
 _mremap.argtypes = [
     ctypes.c_void_p,
@@ -55,7 +56,7 @@ _mremap.argtypes = [
     ctypes.c_int,
     ctypes.c_void_p,
 ]
-_mmap = _libc.mmap
+_mmap: Final = _libc.mmap
 _mmap.restype = ctypes.c_void_p
 _mmap.argtypes = [
     ctypes.c_void_p,
@@ -65,13 +66,17 @@ _mmap.argtypes = [
     ctypes.c_int,
     ctypes.c_long,
 ]
-_munmap = _libc.munmap
+_munmap: Final = _libc.munmap
 _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-MREMAP_MAYMOVE, MREMAP_FIXED = 1, 2
-_U64 = ctypes.c_uint64
-_SCTLR_EL1 = (1, 0, 3, 0, 0)  # (CRn, CRm, op0, op1, op2), as unicorn's CP_REG takes it
-_SCTLR_M = 1
-MAP_PRIVATE, MAP_ANONYMOUS, MAP_NORESERVE, PROT_NONE = 0x02, 0x20, 0x4000, 0
+MREMAP_MAYMOVE: Final = 1
+MREMAP_FIXED: Final = 2
+_U64: Final = ctypes.c_uint64
+_SCTLR_EL1: Final = (1, 0, 3, 0, 0)  # (CRn, CRm, op0, op1, op2), as unicorn's CP_REG takes it
+_SCTLR_M: Final = 1
+MAP_PRIVATE: Final = 0x02
+MAP_ANONYMOUS: Final = 0x20
+MAP_NORESERVE: Final = 0x4000
+PROT_NONE: Final = 0
 
 
 def _blocks(m: Mapping, start: int, end: int) -> list[Mapping]:
@@ -86,6 +91,7 @@ def _blocks(m: Mapping, start: int, end: int) -> list[Mapping]:
     return out
 
 
+@mypyc_attr(native_class=False)  # a Python class: `weakref.finalize` unmaps its range
 class _Window:
     """A reserved address range where host pages are aliased at their IPA offset.
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from pkvm.machine.decode.loadstore import LDST_BITS, LDST_MASK, LDST_SIMD
 from pkvm.machine.decode.system import decode_sys
 
-SYS_FPCR, SYS_FPSR = (3, 3, 4, 4, 0), (3, 3, 4, 4, 1)
+SYS_FPCR: Final = (3, 3, 4, 4, 0)
+SYS_FPSR: Final = (3, 3, 4, 4, 1)
 
 
 def is_fp_simd(insn: int) -> bool:

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final
 
-MASK64 = (1 << 64) - 1
-DC_ZVA_MASK, DC_ZVA_BITS = 0xFFFFFFE0, 0xD50B7420  # DC ZVA, Xt
-DC_ZVA_BLOCK = 64  # bytes zeroed by DC ZVA on this CPU (DCZID_EL0.BS = 4)
-LDST_MASK, LDST_BITS = 0x0A000000, 0x08000000  # op0 = x1x0: the loads and stores
-LDST_SIMD = 1 << 26  # the V bit: a SIMD&FP register
-EXT_UXTW, EXT_LSL, EXT_SXTW = 0b010, 0b011, 0b110  # register-offset option
+MASK64: Final = (1 << 64) - 1
+DC_ZVA_MASK: Final = 0xFFFFFFE0  # DC ZVA, Xt
+DC_ZVA_BITS: Final = 0xD50B7420
+DC_ZVA_BLOCK: Final = 64  # bytes zeroed by DC ZVA on this CPU (DCZID_EL0.BS = 4)
+LDST_MASK: Final = 0x0A000000  # op0 = x1x0: the loads and stores
+LDST_BITS: Final = 0x08000000
+LDST_SIMD: Final = 1 << 26  # the V bit: a SIMD&FP register
+EXT_UXTW: Final = 0b010  # register-offset option
+EXT_LSL: Final = 0b011
+EXT_SXTW: Final = 0b110
 
 
 def _sext(value: int, bits: int) -> int:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
-SYS_MASK, SYS_BITS = 0xFFC00000, 0xD5000000  # MRS, MSR (register), SYS, SYSL, hints, barriers
+SYS_MASK: Final = 0xFFC00000  # MRS, MSR (register), SYS, SYSL, hints, barriers
+SYS_BITS: Final = 0xD5000000
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +45,15 @@ def decode_sys(insn: int) -> SysInsn | None:
     )
 
 
-HVC_MASK, HVC_BITS = 0xFFE0001F, 0xD4000002
-SMC_BITS = 0xD4000003
-SVC_BITS = 0xD4000001
-BRK_MASK, BRK_BITS = 0xFFE0001F, 0xD4200000
-WFI, WFE = 0xD503207F, 0xD503205F
-ERET = 0xD69F03E0
+HVC_MASK: Final = 0xFFE0001F
+HVC_BITS: Final = 0xD4000002
+SMC_BITS: Final = 0xD4000003
+SVC_BITS: Final = 0xD4000001
+BRK_MASK: Final = 0xFFE0001F
+BRK_BITS: Final = 0xD4200000
+WFI: Final = 0xD503207F
+WFE: Final = 0xD503205F
+ERET: Final = 0xD69F03E0
 
 
 def exception_imm16(insn: int) -> int:
