@@ -746,6 +746,32 @@ def test_translate_agrees_with_at(granule: int, tg0: int, tsz: int) -> None:
                 ), (hex(va), hex(par), w)
 
 
+@pytest.mark.parametrize("tsz", [39, 40, 48, 61, 63])
+def test_an_out_of_range_t0sz_walks_as_the_cpu_does(tsz: int) -> None:
+    """T0SZ above 39 (IMPLEMENTATION DEFINED): the CPU walks as if it held 39, and so does
+    `translate` (a hostile guest's TCR_EL1 once made the walk shift by a negative count).
+    The code runs at VA 0x1000 through a 2 MiB block to RAM, so the CPU's own fetch
+    answers too: with a level-0 fault instead it would not reach its HVC."""
+    p = Platform(ram_size=8 << 20)
+    l2 = RAM + 0x200000  # T0SZ 39, 4K granule: 25-bit VAs, the walk starts at level 2
+    p.put64(l2, RAM | BLOCK | AF)  # VA [0, 2 MiB) -> RAM
+    p.put64(l2 + 8 * 3, (RAM + 0x600000) | BLOCK | AF | RO)  # VA [6, 8) MiB, read-only
+    p.put(RAM + 0x1000, [AT_S1E1R, ISB, MRS_X0_PAR, hvc(0)])
+    tcr = tsz | 1 << 23 | 0b101 << 32
+    for va in (0x1238, 0x60_0010, 0x20_0000, 0x1FF_F000, 0x200_0000, 0x4000_0000):
+        p.start(pc=0x1000, x1=va, TTBR0_EL1=l2, TCR_EL1=tcr, MAIR_EL1=0x00FF,
+                SCTLR_EL1=0x00C50078 | 1, VBAR_EL1=0x10000)  # the vectors, through the block
+        ex = p.core.run()
+        assert ex.kind is ExitKind.HVC, (tsz, hex(va), ex)
+        par = p.core.x(0)
+        w = p.core.translate(va, el=1)
+        if par & 1:
+            assert w.ipa is None and w.fsc == (par >> 1) & 0x3F, (tsz, hex(va), hex(par), w)
+        else:
+            assert w.ipa is not None and w.ipa & ~0xFFF == par & 0xFFFF_FFFF_F000, (
+                tsz, hex(va), hex(par), w)
+
+
 @pytest.mark.parametrize("shared", [True, False])
 def test_scattered_host_pages(shared: bool) -> None:
     """Guest RAM backed by host pages in shuffled order runs the same; over shared memory the

@@ -61,7 +61,11 @@ class _Half:
 
 _LOWER: Final = _Half(0, 7, 14, 37, 41, {0: 12, 1: 16, 2: 14}, "TTBR0_EL1")
 _UPPER: Final = _Half(16, 23, 30, 38, 42, {1: 14, 2: 12, 3: 16}, "TTBR1_EL1")
+# TxSZ out of its architectural range [16, 39] is IMPLEMENTATION DEFINED: a level-0 fault, or
+# the walk as if the field held the nearest bound. The CPU (unicorn 2, QEMU 5.0's
+# `aa64_va_parameters`, without FEAT_LVA or FEAT_TTST) takes the bound, so the walk does too.
 _TSZ_MIN: Final = 16
+_TSZ_MAX: Final = 39
 
 
 @dataclass(slots=True)
@@ -84,7 +88,7 @@ def _regime(va: int, tcr: int, ttbr_of: Callable[[str], int], fetch: bool) -> _R
     epd = tcr >> half.epd_bit & 1
     granule = half.granules.get((tcr >> half.tg_shift) & 3, 12)
     tbi = 0 if fetch else tcr >> half.tbi_bit & 1
-    insize = 64 - max(tsz, _TSZ_MIN)
+    insize = 64 - min(max(tsz, _TSZ_MIN), _TSZ_MAX)
     top = 56 if tbi else 64
     hi = (va & ((1 << top) - 1)) >> insize
     if hi != ((1 << (top - insize)) - 1 if upper else 0) or epd:
