@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 from unicorn import arm64_const as A
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH, UC_HOOK_INSN
@@ -91,7 +91,7 @@ SCTLR_EL1_DSSBS: Final = 1 << 44
 SCTLR_EL1_RESET: Final = 0x00C50078  # KVM's reset value (MMU, caches off; RES1 bits)
 
 SysRegEnc = tuple[int, int, int, int, int]  # (op0, op1, CRn, CRm, op2)
-CpuState = UcContext  # the emulated CPU's whole state, opaque (`save_cpu_state`)
+CpuState: TypeAlias = UcContext  # the emulated CPU's whole state, opaque (`save_cpu_state`)
 
 # EL1 system registers of a vCPU context: name -> encoding. MPIDR_EL1 is the virtual one
 # (VMPIDR_EL2), which EL1 reads as MPIDR_EL1.

@@ -71,6 +71,10 @@ _munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 MREMAP_MAYMOVE: Final = 1
 MREMAP_FIXED: Final = 2
 _U64: Final = ctypes.c_uint64
+# unicorn's protection bits as ints (the build's type check may run without unicorn installed)
+_PROT_READ: Final[int] = UC_PROT_READ
+_PROT_WRITE: Final[int] = UC_PROT_WRITE
+_PROT_EXEC: Final[int] = UC_PROT_EXEC
 _SCTLR_EL1: Final = (1, 0, 3, 0, 0)  # (CRn, CRm, op0, op1, op2), as unicorn's CP_REG takes it
 _SCTLR_M: Final = 1
 MAP_PRIVATE: Final = 0x02
@@ -138,9 +142,9 @@ class Mapping:
     @property
     def perms(self) -> int:
         return (
-            UC_PROT_READ
-            | (UC_PROT_WRITE if self.writable else 0)
-            | (UC_PROT_EXEC if self.executable else 0)
+            _PROT_READ
+            | (_PROT_WRITE if self.writable else 0)
+            | (_PROT_EXEC if self.executable else 0)
         )
 
 
