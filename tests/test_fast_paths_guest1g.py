@@ -235,11 +235,6 @@ def test_declare_reg_u64_is_the_register_masked(m72, regs, n):
 _HOLES_PAGES = 24
 
 
-def _fresh_holes(mem) -> None:
-    """Forget the known holes (the generic path: every page asked of the RAM file)."""
-    mem._holes_lo = mem._holes_hi = 0
-
-
 _mem_ops = st.lists(st.one_of(
     st.tuples(st.just("write"), st.integers(0, _HOLES_PAGES * PAGE_SIZE - 16),
               st.binary(min_size=1, max_size=16)),
@@ -280,7 +275,7 @@ def test_zero_with_known_holes_agrees_with_asking_the_ram_file_each_time(ops):
                     emulator_leave()
             else:
                 if mem is generic:
-                    _fresh_holes(mem)
+                    mem.forget_holes()  # the generic path: every page asked of the file
                 n = min(b, _HOLES_PAGES - a)
                 mem.zero(base + a * PAGE_SIZE, n * PAGE_SIZE)
                 assert mem.read(base + a * PAGE_SIZE, n * PAGE_SIZE) == bytes(n * PAGE_SIZE)

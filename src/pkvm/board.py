@@ -255,7 +255,7 @@ class Machine:
 
         The call passes through the installed interposers (`interpose_hvc`), outermost first."""
         if self._interposers:
-            return self._interposed(len(self._interposers) - 1, cpu, func, args)
+            return self._interpose(cpu, func, args)
         return self._door.call(cpu, func, args)  # `_hvc`, one frame less
 
     def interpose_hvc(self, fn: Interposer) -> None:

@@ -140,6 +140,10 @@ class PhysMemory:
         """A store from `off` on, into the known holes: those from its page on are no more."""
         self._holes_hi = max(self._holes_lo, off & ~(PAGE_SIZE - 1))
 
+    def forget_holes(self) -> None:
+        """Keep no holes: RAM was stored to behind `write` and `write_u64` (`reuse_ram`)."""
+        self._holes_lo = self._holes_hi = 0
+
     def page_is_zero(self, pa: int) -> bool:
         off = pa - self.base
         return self._map[off : off + PAGE_SIZE] == ZERO_PAGE
@@ -191,6 +195,17 @@ class PhysMemory:
             return os.lseek(f.fd, off, _SEEK_DATA)
         except OSError:  # SEEK_DATA unsupported here: assume data
             return off
+
+    def next_hole(self, off: int) -> int:
+        """The offset in RAM of the first page at or after `off` that is a hole
+        (`lseek(SEEK_HOLE)`); the end of RAM where the RAM file cannot tell."""
+        f = self._file
+        if f is None:
+            return self.size
+        try:
+            return os.lseek(f.fd, off, os.SEEK_HOLE)
+        except OSError:
+            return self.size
 
     # -- snapshots ---------------------------------------------------------------------
     def __reduce__(self) -> tuple[Any, ...]:
@@ -270,7 +285,7 @@ def reuse_ram(mem: PhysMemory, size: int, pages: list[tuple[int, bytes]]) -> Phy
     zeros = memoryview(_ZEROS)
     off = mem.next_data(0)
     while off < size:
-        end = min(_next_hole(mem, off), size)
+        end = min(mem.next_hole(off), size)
         off &= ~(PAGE_SIZE - 1)
         while off < end:
             n = min(end - off, len(_ZEROS))
@@ -279,14 +294,5 @@ def reuse_ram(mem: PhysMemory, size: int, pages: list[tuple[int, bytes]]) -> Phy
         off = mem.next_data(off)
     for off, page in pages:
         ram[off : off + PAGE_SIZE] = page
-    mem._holes_hi = mem._holes_lo  # stored behind `write`: the holes it knew may hold data
+    mem.forget_holes()  # stored behind `write`: the holes it knew may hold data
     return mem
-
-
-def _next_hole(mem: PhysMemory, off: int) -> int:
-    f = mem._file
-    assert f is not None
-    try:
-        return os.lseek(f.fd, off, os.SEEK_HOLE)
-    except OSError:
-        return mem.size
