@@ -4,6 +4,8 @@ a host port of one's own, and the read-only hyp view."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pkvm
 from pkvm.board import HvcResult, Interposer, Proceed, SmcProceed, SmcResult
@@ -80,3 +82,64 @@ def test_hyp_view_is_read_only() -> None:
     vm.ensure_hyp_vcpu(vm.vcpus[0])  # the hyp VM exists from the first hyp vCPU on
     assert [hd for hd, _ in view.live_vms()] == [vm.handle]
     assert view.hyp_state(m.carveout[0]).name == "OWNED"
+
+
+def _recording(tag: str, events: list[tuple]) -> Interposer:
+    def fn(proceed: Proceed, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
+        events.append((tag, "before", func, args))
+        r: HvcResult = proceed(cpu, func, args)
+        events.append((tag, "after", r.x0, r.x1))
+        return r
+    return fn
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.lists(st.one_of(st.just("install"), st.tuples(st.integers(0, 1), st.integers(0, 7),
+                                                          st.booleans())), max_size=12))
+def test_the_composed_chain_is_the_generic_way_through_the_interposers(plan: list) -> None:
+    """`interpose_hvc` composes the chain once (`Machine.hvc` and the host port's compiled
+    `hvc` run it); `Machine._interpose` is the generic way, the interposers looked up at each
+    call: installs and calls in any order give the same calls, order, results and state."""
+    fast, generic = _machine(), _machine()
+    seen: dict[int, list[tuple]] = {id(fast): [], id(generic): []}
+    results: dict[int, list[tuple]] = {id(fast): [], id(generic): []}
+    for m in (fast, generic):
+        pfns = [m.host.alloc_pages(1) >> 12 for _ in range(4)]
+        n = 0
+        for item in plan:
+            if item == "install":
+                m.interpose_hvc(_recording(f"i{n}", seen[id(m)]))
+                n += 1
+                continue
+            cpu, k, share = item
+            func = "__pkvm_host_share_hyp" if share else "__pkvm_host_unshare_hyp"
+            if m is generic and n:
+                r = m._interpose(cpu, func, (pfns[k % 4],))
+            elif k & 4:  # the host's own door
+                r = m.host_port.hvc(cpu, func, pfns[k % 4])
+            else:
+                r = m.hvc(cpu, func, pfns[k % 4])
+            results[id(m)].append((r.x0, r.x1, r.x2, r.x3))
+    assert seen[id(fast)] == seen[id(generic)]
+    assert results[id(fast)] == results[id(generic)]
+    assert fast.inspect.page_states() == generic.inspect.page_states()
+
+
+def test_the_composed_smc_chain_is_the_generic_way() -> None:
+    """As above, for `interpose_smc` and `Machine._smc_interposed`."""
+    fast, generic = _machine(), _machine()
+    seen: dict[int, list[tuple]] = {id(fast): [], id(generic): []}
+    for m in (fast, generic):
+        for tag in ("inner", "outer"):
+            def fn(proceed: SmcProceed, cpu: int, func: str | int, args: tuple[int, ...],
+                   imm: int, tag: str = tag, out: list = seen[id(m)]) -> SmcResult:
+                out.append((tag, func, args))
+                r = proceed(cpu, func, args, imm)
+                out.append((tag, r.regs[:4]))
+                return r
+            m.interpose_smc(fn)
+    for func in (0x8400_0000, 0x8400_000A):
+        a = fast.smc(0, func, 0x8000_0000)
+        b = generic._smc_interposed(1, 0, func, (0x8000_0000,), 0)
+        assert a == b
+    assert seen[id(fast)] == seen[id(generic)] and len(seen[id(fast)]) == 8

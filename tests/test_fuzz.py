@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import pickle
 import random
 import tomllib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import pkvm
+from pkvm import snapshot
+from pkvm.check import fuzz_ops
 from pkvm.check.bugs import BUGS
 from pkvm.check.fuzz import Campaign, execute, generate, replay
+from pkvm.errors import errno_name
 
 MEM, CPUS = "64M", 2
 
@@ -263,3 +270,60 @@ def test_a_store_into_hyp_memory_through_a_raw_host_pointer_is_counted_apart():
     res = execute(steps, "64M", 2, "6.12")
     assert res.failure is None
     assert dict(res.host_pointer_stores) == {"__pkvm_vcpu_init_traps": 1}
+
+
+class _NoLabels(dict):
+    """A `fuzz_ops._ERRNO_LABELS` that keeps nothing: each label made by `errno_name` anew."""
+
+    def __contains__(self, key: object) -> bool:
+        return False
+
+    def get(self, key: object, default: object = None) -> object:  # type: ignore[override]
+        return default
+
+    def __setitem__(self, key: object, value: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("abi", ["latest", "6.12"])
+def test_the_fuzzers_fast_paths_give_the_generic_run(abi: str, monkeypatch) -> None:
+    """The fuzzer's fast paths (the interposer chains composed once by `Machine.interpose_hvc`
+    and `interpose_smc`, the fuzzer's calls through the host port's compiled `hvc`, the result
+    labels kept once made, the snapshot load's class lookup) give the run the generic ways
+    give: the same log, calls and their results, panics, coverage and failure."""
+    steps = _steps(abi, 7, 600)
+    fast = execute(steps, MEM, CPUS, abi)
+    assert len(fast.panics) >= 3 and len(fast.log) > 100  # (rebooted several times)
+
+    def interpose_hvc(self, fn):  # the chain left to `_interpose`, looked up at each call
+        self._interposers.append(fn)
+        self._chain = self._door.interposed = self._interpose
+
+    def interpose_smc(self, fn):
+        self._smc_interposers.append(fn)
+        self._smc_chain = functools.partial(self._smc_interposed, len(self._smc_interposers) - 1)
+
+    init = fuzz_ops.World.__init__
+
+    def world(self, *a, **k):
+        init(self, *a, **k)
+        self.hvc = self.m.hvc
+
+    monkeypatch.setattr(pkvm.Machine, "interpose_hvc", interpose_hvc)
+    monkeypatch.setattr(pkvm.Machine, "interpose_smc", interpose_smc)
+    monkeypatch.setattr(fuzz_ops.World, "__init__", world)
+    monkeypatch.setattr(fuzz_ops, "_ERRNO_LABELS", _NoLabels())
+    monkeypatch.setattr(snapshot._Loader, "find_class", pickle.Unpickler.find_class)
+    generic = execute(steps, MEM, CPUS, abi)
+    for f in ("failure", "panics", "known_warns", "steps_run", "calls", "transitions",
+              "driver_errors", "raced", "orphan_borrowed", "host_pointer_stores", "log"):
+        assert getattr(fast, f) == getattr(generic, f), f
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-1, 1), st.one_of(st.integers(-5000, 5000), st.integers(-(1 << 63), 1 << 63)))
+def test_a_result_label_is_made_once_as_errno_name_makes_it(x0: int, x1: int) -> None:
+    """`fuzz_ops._result_label` keeps each errno's label once made: the same as `errno_name`'s."""
+    want = ("x0=-1 (unknown)" if x0 else "0" if x1 == 0 else errno_name(-x1) if -4096 < x1 < 0
+            else "value")
+    assert fuzz_ops._result_label(x0, x1) == want == fuzz_ops._result_label(x0, x1)

@@ -3,6 +3,7 @@ is the saved one, continues as it would have, and shares nothing with it; the fu
 from a snapshot give the same campaign as booting afresh."""
 
 import io
+import pickle
 import random
 from array import array
 
@@ -194,3 +195,27 @@ def test_a_large_array_saves_as_its_runs_and_loads_whole(typecode, n, writes, sp
     x, (y,), small = snapshot._Loader(out.getvalue(), _Dead([old] if spare else [])).load()
     assert x == a and x is y and small == array(typecode, [1, 2])
     assert (x is old) == spare
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_a_load_finds_each_class_as_pickle_does(abi, monkeypatch):
+    """`snapshot._Loader.find_class` (a module's attribute, the module already imported) gives
+    what `pickle.Unpickler.find_class` gives for every global a snapshot names, and a load
+    through pickle's own lookup is the same machine (it saves to the same bytes)."""
+    key = ("64M", 2, abi, (), False)
+    data = fuzz_ops._BOOTED.get(key) or fuzz_ops.booted_machine(*key).snapshot()
+    names: list[tuple[str, str]] = []
+
+    class Recording(snapshot._Loader):
+        def find_class(self, module, name):
+            found = super().find_class(module, name)
+            assert found is pickle.Unpickler.find_class(self, module, name)
+            names.append((module, name))
+            return found
+
+    Recording(data).load()
+    assert ("pkvm.board", "Machine") in names and len(names) >= 10
+    fast = Machine.restore(data)
+    monkeypatch.setattr(snapshot._Loader, "find_class", pickle.Unpickler.find_class)
+    generic = Machine.restore(data)
+    assert fast.snapshot() == generic.snapshot() == data

@@ -176,7 +176,9 @@ class Machine:
         self._interposers: list[Interposer] = []
         self._door = HvcDoor(self._hyp, self.el2, self.firmware, self.profile, cpus, self.trace,
                              self.listeners, bool(trace), 0, self._interposers, self._interpose)
+        self._chain: Proceed = self._door.call  # `interpose_hvc`'s composed chain
         self._smc_interposers: list[SmcInterposer] = []
+        self._smc_chain: SmcProceed = self._smc
         self.host_port = HostPort(self)  # the host kernel's (`m.host.port`)
         self.host = Host(self.host_port, self.profile, self.nr_cpus, self.mem.base, self.mem.size,
                          self.carveout)
@@ -255,7 +257,7 @@ class Machine:
 
         The call passes through the installed interposers (`interpose_hvc`), outermost first."""
         if self._interposers:
-            return self._interpose(cpu, func, args)
+            return self._chain(cpu, func, args)
         return self._door.call(cpu, func, args)  # `_hvc`, one frame less
 
     def interpose_hvc(self, fn: Interposer) -> None:
@@ -264,8 +266,14 @@ class Machine:
         it): how a checker sees a call's pre-state and a fuzzer logs the calls it issues.
         The last installed runs outermost. The host's own calls go through it too."""
         self._interposers.append(fn)
+        # The chain is composed here, the one place the list is written: each interposer
+        # bound once to the `proceed` of the ones inside it (the door's call innermost).
+        self._chain = _compose(self._interposers, self._door.call)
+        self._door.interposed = self._chain  # the host port's `hvc` (`HvcDoor.hvc`) too
 
     def _interpose(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
+        """The installed interposers, outermost first, then the door (the generic way through
+        them, as `interpose_hvc`'s composed chain takes it: tests/test_doors.py)."""
         return self._interposed(len(self._interposers) - 1, cpu, func, args)
 
     def _interposed(self, k: int, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
@@ -287,13 +295,14 @@ class Machine:
 
         The call passes through the installed interposers (`interpose_smc`), outermost first."""
         if self._smc_interposers:
-            return self._smc_interposed(len(self._smc_interposers) - 1, cpu, func, args, imm)
+            return self._smc_chain(cpu, func, args, imm)
         return self._smc(cpu, func, args, imm)
 
     def interpose_smc(self, fn: SmcInterposer) -> None:
         """As `interpose_hvc`, for the SMC instruction: `fn(proceed, cpu, func, args, imm)`
         must return `proceed(cpu, func, args, imm)`."""
         self._smc_interposers.append(fn)
+        self._smc_chain = _compose(self._smc_interposers, self._smc)
 
     def _smc_interposed(self, k: int, cpu: int, func: str | int, args: tuple[int, ...],
                         imm: int) -> SmcResult:
@@ -456,6 +465,14 @@ class Machine:
     @property
     def dead(self) -> str | None:
         return self._hyp.dead
+
+
+def _compose(interposers: list[Any], proceed: Any) -> Any:
+    """`proceed` wrapped in each of `interposers`, the last outermost: a callable that runs
+    the outermost with, as its `proceed`, the next one in, down to `proceed` itself."""
+    for fn in interposers:
+        proceed = functools.partial(fn, proceed)
+    return proceed
 
 
 def machine_for(guest_memory: int, vcpus: int, abi: str = "latest",

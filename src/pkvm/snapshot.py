@@ -132,6 +132,16 @@ class _Loader(pickle.Unpickler):
         self._loaded[serial] = out
         return out
 
+    def find_class(self, module: str, name: str) -> Any:
+        """`pickle.Unpickler.find_class` for a module already imported (every class a
+        snapshot names is in a loaded module): its attribute, without the import machinery
+        the generic lookup goes through for each of a load's classes."""
+        mod = sys.modules.get(module)
+        if mod is None or "." in name:
+            return super().find_class(module, name)
+        sys.audit("pickle.find_class", module, name)
+        return getattr(mod, name)
+
     def persistent_load(self, pid: Any) -> Any:
         if pid[0] == "profile":
             return get_profile(pid[1])

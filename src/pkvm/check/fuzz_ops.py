@@ -104,6 +104,9 @@ class World:
         self.racer = Racer(self.m, self.m.new_host_port())
         self.m.interpose_hvc(self._log_call)
         self.m.interpose_smc(self._log_smc)
+        # The fuzzer's hypercalls: `Machine.hvc` as the host port's compiled `HvcDoor.hvc`
+        # (interposers and all), one Python frame less per call.
+        self.hvc: Callable[..., Any] = self.m.host_port.hvc
         if self.m.checker is not None and self.m.checker.ghost is not None:
             # A racing store changed the call's host-shared inputs: the ghost's prediction from
             # the pre-state does not apply (counted in `ghost.guest.raced`).
@@ -134,21 +137,20 @@ class World:
         ]
 
     def _on_store(self, cpu: int, pa: int, data: bytes | int) -> None:
-        if isinstance(data, int):
-            self.log.append(("zero", cpu, pa, data))
-        else:
-            self.log.append(("write", cpu, pa, data))
+        self.log.append(("zero" if isinstance(data, int) else "write", cpu, pa, data))
 
     def _log_call(self, proceed: Any, cpu: int, func: Any, args: tuple[int, ...]) -> Any:
         """Log each hypercall as it is issued (a call that raises is logged too), with the
         stores a racing host CPU made during it."""
-        ev: list[Any] = ["hvc", cpu, func, tuple(a & U64 for a in args), ()]
+        ev: list[Any] = ["hvc", cpu, func, tuple([a & U64 for a in args]), ()]
         self.log.append(ev)
         try:
             return proceed(cpu, func, args)
         finally:
-            ev[4] = tuple(self.racer.log)
-            self.racer.log = []
+            racer = self.racer
+            if racer.log:
+                ev[4] = tuple(racer.log)
+                racer.log = []
 
     def _log_smc(self, proceed: Any, cpu: int, func: Any, args: tuple[int, ...],
                  imm: int) -> Any:
@@ -157,10 +159,15 @@ class World:
         return proceed(cpu, func, args, imm)
 
     def _on_call(self, rec: Any) -> None:
-        if rec.panic is None and rec.name.startswith("smc:"):
-            self.results[(rec.name, smc_result_label(rec))] += 1
-        elif rec.panic is None:
-            self.results[(rec.name, _result_label(rec.x0, rec.x1))] += 1
+        if rec.panic is not None:
+            return
+        name = rec.name
+        if name.startswith("smc:"):
+            self.results[(name, smc_result_label(rec))] += 1
+        elif rec.x0 == 0 and rec.x1 in _ERRNO_LABELS:  # "0" or an errno met before
+            self.results[(name, _ERRNO_LABELS[rec.x1])] += 1
+        else:
+            self.results[(name, _result_label(rec.x0, rec.x1))] += 1
 
     # -- operand resolution ----------------------------------------------------------------
     def page(self, k: int) -> int:
@@ -266,13 +273,21 @@ INTERESTING_U64 = [0, 1, 2, 3, 0xFF, 0x100, 0x1000, 0x7FFF_FFFF, 0x8000_0000, 0x
                    1 << 32, U64, U64 - 1, 1 << 63]
 
 
+# A hypercall's x1 when x0 is 0 -> its label: 0, and each errno (its `errno_name`) once met.
+_ERRNO_LABELS: dict[int, str] = {0: "0"}
+
+
 def _result_label(x0: int, x1: int) -> str:
+    """A hypercall's result for the coverage table (`World.results`)."""
     if x0 != 0:
         return "x0=-1 (unknown)"
     if x1 == 0:
         return "0"
     if -4096 < x1 < 0:
-        return errno_name(-x1)
+        label = _ERRNO_LABELS.get(x1)
+        if label is None:
+            label = _ERRNO_LABELS[x1] = errno_name(-x1)
+        return label
     return "value"
 
 
@@ -304,14 +319,14 @@ def _alloc(w: World, cpu: int, a: tuple[Any, ...]) -> None:
 
 def _share(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     pfn = w.pfn(a[0])
-    if w.m.hvc(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
+    if w.hvc(cpu, "__pkvm_host_share_hyp", pfn).x1 == 0:
         w.shared.append(pfn)
         w.touched(pfn)
 
 
 def _unshare(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     pfn = w.pfn(a[0])
-    if w.m.hvc(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0:
+    if w.hvc(cpu, "__pkvm_host_unshare_hyp", pfn).x1 == 0:
         if pfn in w.shared:
             w.shared.remove(pfn)
         w.unshared = (w.unshared + [pfn])[-32:]
@@ -341,34 +356,34 @@ def _destroy(w: World, cpu: int, a: tuple[Any, ...]) -> None:
 
 
 def _reserve(w: World, cpu: int, a: tuple[Any, ...]) -> None:
-    r = w.m.hvc(cpu, "__pkvm_reserve_vm")
+    r = w.hvc(cpu, "__pkvm_reserve_vm")
     if r.x0 == 0 and r.x1 > 0:
         w.handles.append(r.x1)
 
 
 def _handle_call(w: World, cpu: int, op: str, a: tuple[Any, ...]) -> None:
     handle = w.handle(a[0])
-    if w.m.hvc(cpu, HANDLE_CALLS[op], handle).x1 == 0:
+    if w.hvc(cpu, HANDLE_CALLS[op], handle).x1 == 0:
         w.touched(*(p >> PAGE_SHIFT for p in w.vm_pages([v for v in w.vms
                                                           if v.handle == handle])))
 
 
 def _init_vm(w: World, cpu: int, a: tuple[Any, ...]) -> None:
-    r = w.m.hvc(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+    r = w.hvc(cpu, "__pkvm_init_vm", w.host_ptr(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
     if r.x0 == 0 and r.x1 > 0:
         w.handles.append(r.x1)
 
 
 def _init_vcpu(w: World, cpu: int, a: tuple[Any, ...]) -> None:
-    w.m.hvc(cpu, "__pkvm_init_vcpu", w.handle(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
+    w.hvc(cpu, "__pkvm_init_vcpu", w.handle(a[0]), w.host_ptr(a[1]), w.host_ptr(a[2]))
 
 
 def _load(w: World, cpu: int, a: tuple[Any, ...]) -> None:
-    w.m.hvc(cpu, "__pkvm_vcpu_load", w.handle(a[0]), a[1], HCR_HOST_VCPU)
+    w.hvc(cpu, "__pkvm_vcpu_load", w.handle(a[0]), a[1], HCR_HOST_VCPU)
 
 
 def _put(w: World, cpu: int, a: tuple[Any, ...]) -> None:
-    w.m.hvc(cpu, "__pkvm_vcpu_put")
+    w.hvc(cpu, "__pkvm_vcpu_put")
 
 
 def _release(w: World, cpu: int, a: tuple[Any, ...]) -> None:
@@ -378,12 +393,12 @@ def _release(w: World, cpu: int, a: tuple[Any, ...]) -> None:
 
 
 def _raw(w: World, cpu: int, a: tuple[Any, ...]) -> None:
-    w.m.hvc(cpu, a[0], *a[1:])
+    w.hvc(cpu, a[0], *a[1:])
 
 
 def _ptr_call(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """A handler taking a host pointer in x1, then plain arguments."""
-    w.m.hvc(cpu, a[0], w.host_ptr(a[1]), *a[2])
+    w.hvc(cpu, a[0], w.host_ptr(a[1]), *a[2])
 
 
 GUEST_OPS = frozenset({"share_guest", "donate_guest", "unshare_guest", "reclaim_dying",
@@ -393,7 +408,7 @@ GUEST_OPS = frozenset({"share_guest", "donate_guest", "unshare_guest", "reclaim_
 
 def guest_call(w: World, cpu: int, op: str, a: tuple[Any, ...]) -> None:
     """One of the 7.2 guest-memory hypercalls with symbolic operands."""
-    hv = w.m.hvc
+    hv = w.hvc
     if op == "share_guest":
         hv(cpu, "__pkvm_host_share_guest", pfn := w.pfn(a[0]), w.gfn(a[1]), a[2], a[3])
         w.touched(pfn)
@@ -435,8 +450,8 @@ def _session(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     if a[2]:
         vm.topup_memcache(vcpu)
     if w.m.inspect.loaded_vcpu(cpu) is not None:
-        w.m.hvc(cpu, "__pkvm_vcpu_put")  # a hostile step left a vCPU loaded here
-    w.m.hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
+        w.hvc(cpu, "__pkvm_vcpu_put")  # a hostile step left a vCPU loaded here
+    w.hvc(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
     w.cur = vm
     try:
         for op, args in a[3]:  # (a finding propagates with the vCPU still loaded, as it was)
@@ -447,7 +462,7 @@ def _session(w: World, cpu: int, a: tuple[Any, ...]) -> None:
                     raise
     finally:
         w.cur = None
-    w.m.hvc(cpu, "__pkvm_vcpu_put")
+    w.hvc(cpu, "__pkvm_vcpu_put")
 
 
 def _lifecycle(w: World, cpu: int, a: tuple[Any, ...]) -> None:
@@ -546,7 +561,7 @@ def _hostile_memcache(w: World, cpu: int, a: tuple[Any, ...]) -> None:
         head = p1
     host.write_u64(vcpu.field_pa("arch.pkvm_memcache.head"), head)
     host.write_u64(vcpu.field_pa("arch.pkvm_memcache.nr_pages"), nr)
-    hv = w.m.hvc
+    hv = w.hvc
     hv(cpu, "__pkvm_vcpu_load", vm.handle, vcpu.idx, HCR_HOST_VCPU)
     if vm.protected:
         hv(cpu, "__pkvm_host_donate_guest", w.page(a[6]) >> PAGE_SHIFT, GFN0 + a[6] % 64)

@@ -75,13 +75,14 @@ class HypVmemmap:
         return cls(mem.base_pfn, mem.nr_pages, hyp_no_order)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickled (a machine snapshot) as its extent and its arrays."""
-        return (HypVmemmap, (self.base_pfn, self.nr, self.hyp_no_order),
-                (self.refcount, self.order, self.host_state, self.hyp_state,
+        """Pickled (a machine snapshot) as its extent and its arrays: a load builds it with no
+        entries (not arrays its state then replaces), then sets its length and arrays."""
+        return (HypVmemmap, (self.base_pfn, 0, self.hyp_no_order),
+                (self.nr, self.refcount, self.order, self.host_state, self.hyp_state,
                  self.host_share_guest_count, self.dirty))
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        (self.refcount, self.order, self.host_state, self.hyp_state,
+        (self.nr, self.refcount, self.order, self.host_state, self.hyp_state,
          self.host_share_guest_count, self.dirty) = state
 
     def touch(self, i: int) -> None:
