@@ -444,10 +444,11 @@ class Machine:
         return m
 
     def spare_arrays(self) -> list[Any]:
-        """The typed arrays a snapshot load may reuse once this machine is done with (the
-        vmemmap's: `pkvm.snapshot.load`'s `recycle`)."""
+        """The typed arrays and bytearrays a snapshot load may reuse once this machine is done
+        with (the vmemmap's, the host allocator's map: `pkvm.snapshot.load`'s `recycle`)."""
         v = self._hyp.vmemmap
-        return [v.refcount, v.order, v.host_state, v.hyp_state, v.host_share_guest_count]
+        return [v.refcount, v.order, v.host_state, v.hyp_state, v.host_share_guest_count,
+                self.host.pages.used]
 
     def new_host_port(self) -> HostPort:
         """A new door to the machine for a tool that plays another host CPU (its stores go

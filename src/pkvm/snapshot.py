@@ -48,13 +48,15 @@ def _module_globals() -> dict[int, tuple[str, str]]:
     return index
 
 
-# A typed array of at least this many entries (the vmemmap's: one entry per RAM page) is saved as
-# the value most of its entries hold and the runs of entries that hold another (`_sparse`): a
-# few KiB rather than its whole bytes, which a load would first copy out of the snapshot.
+# A typed array or a bytearray of at least this many entries (the vmemmap's arrays and the host
+# allocator's map: one entry per RAM page) is saved as the value most of its entries hold and
+# the runs of entries that hold another (`_sparse`): a few KiB rather than its whole bytes,
+# which a load would first copy out of the snapshot.
 _SPARSE_MIN: Final = 4096
+_BYTEARRAY: Final = "bytearray"  # a sparse bytearray's typecode in the snapshot
 
 
-def _sparse(a: array[Any]) -> tuple[int, list[tuple[int, bytes]]]:
+def _sparse(a: array[Any] | bytearray) -> tuple[int, list[tuple[int, bytes]]]:
     """(fill, [(first index, the bytes of the entries from there), ...]) of `a`."""
     fill = Counter(a).most_common(1)[0][0]
     runs: list[tuple[int, bytes]] = []
@@ -66,13 +68,14 @@ def _sparse(a: array[Any]) -> tuple[int, list[tuple[int, bytes]]]:
         j = i
         while j < n and a[j] != fill:
             j += 1
-        runs.append((i, a[i:j].tobytes()))
+        runs.append((i, bytes(memoryview(a)[i:j])))
         i = j
     return fill, runs
 
 
-# (typecode, length, fill) -> an array of that many `fill`s, the start of every array loaded so.
-_FILLED: dict[tuple[str, int, int], array[Any]] = {}
+# (typecode, length, fill) -> an array (bytes for a bytearray) of that many `fill`s, the start of
+# every array loaded so.
+_FILLED: dict[tuple[str, int, int], array[Any] | bytes] = {}
 
 
 class _Saver(pickle.Pickler):
@@ -86,10 +89,11 @@ class _Saver(pickle.Pickler):
             return ("profile", obj.name)
         if obj is _restore_ram:
             return ("ram",)
-        if type(obj) is array and len(obj) >= _SPARSE_MIN:
+        if type(obj) in (array, bytearray) and len(obj) >= _SPARSE_MIN:
             # (its serial: an array held in two places is loaded as one)
             serial = self._arrays.setdefault(id(obj), (len(self._arrays), obj))[0]
-            return ("array", serial, obj.typecode, len(obj), *_sparse(obj))
+            code = obj.typecode if isinstance(obj, array) else _BYTEARRAY
+            return ("array", serial, code, len(obj), *_sparse(obj))
         ref = self._index.get(id(obj))
         if ref is not None:
             return ("global", *ref)
@@ -102,31 +106,34 @@ class _Loader(pickle.Unpickler):
     def __init__(self, data: bytes, recycle: Machine | None = None):
         super().__init__(io.BytesIO(data))
         self._ram: PhysMemory | None = None
-        self._spare: dict[tuple[str, int], list[array[Any]]] = {}
-        self._loaded: dict[int, array[Any]] = {}  # serial -> array (`_Saver.persistent_id`)
+        self._spare: dict[tuple[str, int], list[array[Any] | bytearray]] = {}
+        # serial -> array (`_Saver.persistent_id`)
+        self._loaded: dict[int, array[Any] | bytearray] = {}
         if recycle is not None:
             self._ram = recycle.mem
             for a in recycle.spare_arrays():
-                self._spare.setdefault((a.typecode, len(a)), []).append(a)
+                code = a.typecode if isinstance(a, array) else _BYTEARRAY
+                self._spare.setdefault((code, len(a)), []).append(a)
 
-    def _array(self, pid: tuple[Any, ...]) -> array[Any]:
-        """The array `_Saver` saved as `pid`: its fills and runs, written into a spare array
-        of the same type and length where the recycled machine has one."""
+    def _array(self, pid: tuple[Any, ...]) -> array[Any] | bytearray:
+        """The array (or bytearray) `_Saver` saved as `pid`: its fills and runs, written into a
+        spare one of the same type and length where the recycled machine has one."""
         _, serial, typecode, n, fill, runs = pid
         out = self._loaded.get(serial)
         if out is not None:
             return out
         filled = _FILLED.get((typecode, n, fill))
         if filled is None:
-            filled = _FILLED[(typecode, n, fill)] = array(typecode, [fill]) * n
+            filled = _FILLED[(typecode, n, fill)] = (
+                bytes([fill]) * n if typecode == _BYTEARRAY else array(typecode, [fill]) * n)
         spare = self._spare.get((typecode, n))
         if spare:
             out = spare.pop()
             memoryview(out)[:] = filled
         else:
-            out = array(typecode, filled)
+            out = bytearray(filled) if typecode == _BYTEARRAY else array(typecode, filled)
         raw = memoryview(out).cast("B")
-        size = out.itemsize
+        size = raw.nbytes // n
         for first, data in runs:
             raw[first * size : first * size + len(data)] = data
         self._loaded[serial] = out
