@@ -146,9 +146,11 @@ def test_a_reboots_world_and_checker_are_a_fresh_ones(abi):
     results on both."""
     w = fuzz_ops.World("64M", 2, abi, ())
     _dirty_and_panic(w.m)
+    mem, prev = w.m.mem, w.m.checker._prev
     reborn = fuzz._reboot(fuzz.RunResult(), w)
+    assert not vars(w)  # retired: what it held is dropped (`World.retire`)
     fresh = fuzz_ops.World("64M", 2, abi, ())
-    assert reborn.m.mem is w.m.mem and reborn.m.checker._prev is w.m.checker._prev
+    assert reborn.m.mem is mem and reborn.m.checker._prev is prev
     assert state(reborn.m) == state(fresh.m)
     assert reborn.m.checker._prev == fresh.m.checker._prev
     steps = generate(random.Random(3), fresh.m.profile, 2, 60)

@@ -158,7 +158,9 @@ def execute(steps: list[Step], memory: str, cpus: int, abi: str, bugs: tuple[str
 def _reboot(res: RunResult, w: World) -> World:
     """The machine is dead (or its hyp state corrupt): keep what it counted, boot a new one."""
     _absorb(res, w)
-    return World(w.cfg["memory"], w.cfg["cpus"], w.cfg["abi"], w.bugs, smc=w.smc, recycle=w)
+    new = World(w.cfg["memory"], w.cfg["cpus"], w.cfg["abi"], w.bugs, smc=w.smc, recycle=w)
+    w.retire()
+    return new
 
 
 def _panic_failure(res: RunResult, e: HypPanic, w: World, i: int, s: Step,

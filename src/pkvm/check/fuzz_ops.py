@@ -136,6 +136,15 @@ class World:
             0x8000000000000000,
         ]
 
+    def retire(self) -> None:
+        """A reboot recycled this world's dead machine (`World(recycle=...)`): neither is used
+        again. Drop what the two hold, so that reference counting frees the machine now rather
+        than a full collection of the garbage collector later (its objects hold one another:
+        the doors, ports and inspector their machine, the checker and the fuzzer's hooks their
+        owners; hundreds of them a reboot, walked by each full collection until then)."""
+        vars(self.m).clear()
+        vars(self).clear()
+
     def _on_store(self, cpu: int, pa: int, data: bytes | int) -> None:
         self.log.append(("zero" if isinstance(data, int) else "write", cpu, pa, data))
 
