@@ -104,9 +104,7 @@ class World:
         self.racer = Racer(self.m, self.m.new_host_port())
         self.m.interpose_hvc(self._log_call)
         self.m.interpose_smc(self._log_smc)
-        # The fuzzer's hypercalls: `Machine.hvc` as the host port's compiled `HvcDoor.hvc`
-        # (interposers and all), one Python frame less per call.
-        self.hvc: Callable[..., Any] = self.m.host_port.hvc
+        self.hvc: Callable[..., Any] = self.m.host_port.hvc  # `Machine.hvc`, compiled
         if self.m.checker is not None and self.m.checker.ghost is not None:
             # A racing store changed the call's host-shared inputs: the ghost's prediction from
             # the pre-state does not apply (counted in `ghost.guest.raced`).
@@ -137,11 +135,8 @@ class World:
         ]
 
     def retire(self) -> None:
-        """A reboot recycled this world's dead machine (`World(recycle=...)`): neither is used
-        again. Drop what the two hold, so that reference counting frees the machine now rather
-        than a full collection of the garbage collector later (its objects hold one another:
-        the doors, ports and inspector their machine, the checker and the fuzzer's hooks their
-        owners; hundreds of them a reboot, walked by each full collection until then)."""
+        """A reboot recycled this world's dead machine (`World(recycle=...)`): drop what both
+        hold, so reference counting frees the machine's objects now, not a full collection."""
         vars(self.m).clear()
         vars(self).clear()
 
