@@ -130,7 +130,12 @@ class VmemmapView:
                     other = ref()
                     if other is not None and other is not self and other._backlog is not None:
                         other._backlog |= new
-        taken, self._backlog = self._backlog | new, set()
+        taken = self._backlog
+        if taken:
+            taken |= new
+            self._backlog = set()
+        else:  # (the usual case: nothing handed over by another recorder)
+            taken = new
         base = self.base_pfn
         return {base + i for i in taken}
 
@@ -196,8 +201,8 @@ class HypView:
         self._read_in_hold = False  # vm_slots has read the table since the hold began
         # struct_gen's last reading: (used slots, their hyp VMs, each VM's vCPU array (a copy),
         # each CPU's loaded vCPU (a copy), the field bytes' spans, those bytes)
-        self._skey: tuple[Any, list[PkvmHypVm], list[list[Any]], list[Any], Any, bytes] = (
-            None, [], [], [], None, b"")
+        self._skey: tuple[Any, list[PkvmHypVm], list[list[Any]], list[Any], Any, Any] = (
+            None, [], [], [], None, ())
         self._sgen = 0
         self._gen_in_hold = False  # struct_gen has read the structs since the hold began
 
@@ -264,7 +269,7 @@ class HypView:
             vms = [s for _, s in found if isinstance(s, PkvmHypVm)]
         lists = [vm.vcpus for vm in vms]
         if found is k[0] and lists == k[2] and h.loaded_hyp_vcpu == k[3]:
-            raw = b"".join(k[4](h.mem._map))
+            raw = k[4](h.mem._map)  # (a tuple of the spans' bytes, compared as it is)
             if raw == k[5]:
                 return self._sgen
             self._skey = (found, vms, k[2], k[3], k[4], raw)
@@ -275,7 +280,7 @@ class HypView:
                   if v is not None for a, b in VCPU_SPANS]
         get = itemgetter(*spans, slice(0, 0))  # (the empty span: always a tuple)
         self._skey = (found, vms, [list(x) for x in lists], list(h.loaded_hyp_vcpu), get,
-                      b"".join(get(h.mem._map)))
+                      get(h.mem._map))
         self._sgen += 1
         return self._sgen
 
