@@ -121,7 +121,6 @@ class Checker(GlobalInvariants):
         self._fp: tuple[Any, ...] | None = None  # the last _fingerprint, at struct_gen _fp_gen
         self._fp_gen = -1
         self._globals_pfns: set[int] = set()
-        self._arg_pfns: dict[int, tuple[int, ...]] = {}  # argument -> `_pfns_of_arg`
         self.globals_skipped = 0
         vm = self.h.vmemmap
         self._in_vmemmap = self.h.profile.page_state_in_vmemmap
@@ -266,24 +265,14 @@ class Checker(GlobalInvariants):
 
     def _arg_pages(self, args: Iterable[int]) -> set[int]:
         """The RAM pages an argument names as a pfn, a PA or a hyp VA (52-bit pfns)."""
-        out: set[int] = set()
-        known = self._arg_pfns
-        for a in args:
-            found = known.get(a)
-            if found is None:  # (a function of the argument alone: kept for the next call)
-                if len(known) >= 4096:
-                    known.clear()
-                found = known[a] = self._pfns_of_arg(a)
-            if found:
-                out.update(found)
-        return out
-
-    def _pfns_of_arg(self, a: int) -> tuple[int, ...]:
-        """The RAM pages one argument names as a pfn, a PA or a hyp VA (`_arg_pages`)."""
+        out = set()
         lo, hi = self._ram_lo, self._ram_hi
-        return tuple([pfn for pfn in (a & _PFN_MASK, (a >> PAGE_SHIFT) & _PFN_MASK,
-                                      (hyp_pa(a) >> PAGE_SHIFT) & _PFN_MASK)
-                      if lo <= pfn < hi])
+        for a in args:
+            for pfn in (a & _PFN_MASK, (a >> PAGE_SHIFT) & _PFN_MASK,
+                        (hyp_pa(a) >> PAGE_SHIFT) & _PFN_MASK):
+                if lo <= pfn < hi:
+                    out.add(pfn)
+        return out
 
     def _changed_pages(self) -> set[int]:
         """pfns whose vmemmap entry (states, refcount, share count) changed since last call:
