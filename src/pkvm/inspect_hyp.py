@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Iterator, Sequence
-from itertools import compress, repeat
-from operator import is_not, itemgetter
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from collections.abc import Sequence
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from mypy_extensions import mypyc_attr
 
@@ -28,15 +27,23 @@ if TYPE_CHECKING:
 _T = TypeVar("_T")
 
 
-def used_slots(table: Sequence[Any]) -> Iterator[int]:
+def used_slots(table: Sequence[Any]) -> list[int]:
     """The indices of a table's slots that are not None (the VM table's used slots, a VM's
-    initialised vCPUs), found without a Python loop over the free ones."""
-    return compress(range(len(table)), map(is_not, table, repeat(None)))
+    initialised vCPUs), in order. A plain loop: compiled, it runs at C speed (~0.5 us over the
+    VM table's 255 slots, where the iterator chain `compress(range, map(is_not, ...))` it
+    replaced called `is_not` once per slot, ~5 us)."""
+    out: list[int] = []
+    i = 0
+    for s in table:
+        if s is not None:
+            out.append(i)
+        i += 1
+    return out
 
 
 def used(table: Sequence[_T | None]) -> list[_T]:
     """The slots of `table` that are not None, in order (as `used_slots`)."""
-    return cast("list[_T]", list(compress(table, map(is_not, table, repeat(None)))))
+    return [s for s in table if s is not None]
 
 
 def _host_pgt(h: HypState) -> KvmPgtable:
@@ -123,7 +130,12 @@ class VmemmapView:
                     other = ref()
                     if other is not None and other is not self and other._backlog is not None:
                         other._backlog |= new
-        taken, self._backlog = self._backlog | new, set()
+        taken = self._backlog
+        if taken:
+            taken |= new
+            self._backlog = set()
+        else:  # (the usual case: nothing handed over by another recorder)
+            taken = new
         base = self.base_pfn
         return {base + i for i in taken}
 
@@ -183,15 +195,14 @@ class HypView:
         self.profile: Profile = h.profile
         self.vmemmap = VmemmapView(h)
         self.mem = RamView(h)
-        # (table length, answer, its indices, its slots): see vm_slots
-        self._slots: tuple[int, list[tuple[int, object]], list[int], list[object]] = (
-            -1, [], [], [])
+        # (table length, answer): see vm_slots
+        self._slots: tuple[int, list[tuple[int, object]]] = (-1, [])
         self.held = False  # see hold
         self._read_in_hold = False  # vm_slots has read the table since the hold began
         # struct_gen's last reading: (used slots, their hyp VMs, each VM's vCPU array (a copy),
         # each CPU's loaded vCPU (a copy), the field bytes' spans, those bytes)
-        self._skey: tuple[Any, list[PkvmHypVm], list[list[Any]], list[Any], Any, bytes] = (
-            None, [], [], [], None, b"")
+        self._skey: tuple[Any, list[PkvmHypVm], list[list[Any]], list[Any], Any, Any] = (
+            None, [], [], [], None, ())
         self._sgen = 0
         self._gen_in_hold = False  # struct_gen has read the structs since the hold began
 
@@ -222,13 +233,18 @@ class HypView:
             return self._slots[1]
         self._read_in_hold = self.held
         table = self._h.vm_table or []
-        n, found, idxs, objs = self._slots
-        if n != len(table) or table.count(None) != n - len(found) or any(
-                map(is_not, map(table.__getitem__, idxs), objs)):
-            idxs = list(used_slots(table))
-            objs = [table[i] for i in idxs]
-            found = list(zip(idxs, objs))
-            self._slots = (len(table), found, idxs, objs)
+        n, found = self._slots
+        if n != len(table) or table.count(None) != n - len(found):
+            return self._read_slots(table)
+        for i, s in found:  # (a compiled loop: no iterator chain over the slots)
+            if table[i] is not s:
+                return self._read_slots(table)
+        return found
+
+    def _read_slots(self, table: list[object | None]) -> list[tuple[int, object]]:
+        """`vm_slots`' reading of every slot, kept for the next call."""
+        found = [(i, table[i]) for i in used_slots(table)]
+        self._slots = (len(table), found)
         return found
 
     def struct_gen(self) -> int:
@@ -253,7 +269,7 @@ class HypView:
             vms = [s for _, s in found if isinstance(s, PkvmHypVm)]
         lists = [vm.vcpus for vm in vms]
         if found is k[0] and lists == k[2] and h.loaded_hyp_vcpu == k[3]:
-            raw = b"".join(k[4](h.mem._map))
+            raw = k[4](h.mem._map)  # (a tuple of the spans' bytes, compared as it is)
             if raw == k[5]:
                 return self._sgen
             self._skey = (found, vms, k[2], k[3], k[4], raw)
@@ -264,7 +280,7 @@ class HypView:
                   if v is not None for a, b in VCPU_SPANS]
         get = itemgetter(*spans, slice(0, 0))  # (the empty span: always a tuple)
         self._skey = (found, vms, [list(x) for x in lists], list(h.loaded_hyp_vcpu), get,
-                      b"".join(get(h.mem._map)))
+                      get(h.mem._map))
         self._sgen += 1
         return self._sgen
 

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import ne
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from pkvm.abi import sizes
@@ -354,7 +352,7 @@ class Ghost:
         """`_kinds` and the indices of the ghost table's used slots, found once per table."""
         t = self.table
         if self._kinds_of[0] is not t:
-            idx = list(used_slots(t))
+            idx = used_slots(t)
             reserved = [t[i] for i in idx].count(RESERVED)  # (a used slot: a name or a VM)
             self._kinds_of = (t, (len(t) - len(idx), reserved), idx)
         return self._kinds_of[1], self._kinds_of[2]
@@ -369,8 +367,12 @@ class Ghost:
 
 
 def _differing(t: list[Any], conc: list[Any]) -> list[int]:
-    """The slots where two tables (of one length) differ, in order."""
-    return list(compress(range(len(t)), map(ne, t, conc)))
+    """The slots where two tables (of one length) differ, in order (a compiled loop)."""
+    out: list[int] = []
+    for i in range(len(t)):
+        if t[i] != conc[i]:
+            out.append(i)
+    return out
 
 
 class TableCall:

@@ -107,6 +107,9 @@ class Leaf:
 _LEAVES: Final[dict[tuple[int, int, int], Leaf]] = {}  # Leaf.of's answers (immutable), by its argument
 
 
+_PREDICT: Final[dict[str, Any]] = {}  # a guest-memory call's name -> its GuestGhost method
+
+
 class GuestGhost:
     """Predicts and checks the guest-memory calls; `fail(what, expected, found)` reports."""
 
@@ -209,9 +212,11 @@ class GuestGhost:
         if self.raced_now():
             self.raced += 1
             return
-        fn = getattr(self, "_" + rec.name.removeprefix("__pkvm_"))
+        fn = _PREDICT.get(rec.name)
+        if fn is None:  # (a method per call name, looked up once)
+            fn = _PREDICT[rec.name] = getattr(GuestGhost, "_" + rec.name.removeprefix("__pkvm_"))
         self.judged[rec.name] += 1
-        fn(rec, pre, pre["a"])
+        fn(self, rec, pre, pre["a"])
 
     # -- comparisons ---------------------------------------------------------------------------
     def _result(self, rec: Any, pre: dict[str, Any], want: int) -> None:

@@ -289,7 +289,8 @@ class Checker(GlobalInvariants):
                 if cur[i] != prev[i]:
                     out.add(pfn)
                     break
-        self._note(out)
+        if out:
+            self._note(out)
         return out
 
     def _sweep(self) -> set[int]:
@@ -321,7 +322,7 @@ class Checker(GlobalInvariants):
             (ch, ph), (cy, py) = self._pairs[:2]
             for i in idx:
                 key = (ph[i], py[i], ch[i], cy[i])
-                if key[:2] != key[2:]:
+                if key[0] != key[2] or key[1] != key[3]:
                     names = _TRANSITION_NAMES.get(key)
                     if names is None:
                         names = _TRANSITION_NAMES[key] = (
@@ -329,7 +330,9 @@ class Checker(GlobalInvariants):
                     self.transitions[names] += 1
         for cur, prev in self._pairs:
             for i in idx:
-                prev[i] = cur[i]
+                v = cur[i]
+                if prev[i] != v:  # (a store into the copy costs more than a read)
+                    prev[i] = v
 
     # -- everything --------------------------------------------------------------------------
     def _unplain(self, host_leaf: dict[int, int], hyp_leaf: dict[int, int],

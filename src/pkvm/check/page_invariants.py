@@ -74,25 +74,62 @@ def _valid_leaves(mem: Any, pgd: int, start_level: int,
     return out
 
 
+# One table page of a guest stage-2 as `guest_leaves` read it: (word offset in RAM, its bytes,
+# its level, the pages its own valid leaves map as [(pfn, state)], the next-level tables its
+# valid table entries point to as [(PA, level)]), each list in entry order.
+TablePage = tuple[int, bytes, int, list[tuple[int, PageState]], list[tuple[int, int]]]
 # A guest stage-2's leaves as `guest_map` lists them, and the table pages they were read from.
-GuestLeaves = tuple[list[tuple[int, bytes]], list[tuple[int, PageState]]]
+GuestLeaves = tuple[list[TablePage], list[tuple[int, PageState]]]
+
+
+def _parse_table(words: list[int], level: int) -> tuple[list[tuple[int, PageState]],
+                                                        list[tuple[int, int]]]:
+    """The pages mapped by the valid leaves of one table page at `level` (its 512 entries),
+    and the next-level tables it points to, in entry order (as `_valid_leaves` meets them)."""
+    pages: list[tuple[int, PageState]] = []
+    children: list[tuple[int, int]] = []
+    for pte in filter(None, words):  # (most entries are 0: skipped at C speed)
+        if not pte & 1:
+            continue
+        if level < 3 and pte & 2:
+            children.append((pte & KVM_PTE_ADDR_MASK, level + 1))
+        else:
+            pfn = (pte & KVM_PTE_ADDR_MASK) >> PAGE_SHIFT
+            st = guest_state_of_pte(pte)
+            pages += [(pfn + k, st) for k in range(1 << (9 * (3 - level)))]
+    return pages, children
 
 
 def guest_leaves(mem: Any, pgd: int, start_level: int, handle: int,
                  last: GuestLeaves | None) -> GuestLeaves:
     """[(pfn, state)] of every page a guest stage-2's valid leaves map, with the table pages
     read. `last` (an earlier answer for the same root) is reused when every table page it read
-    holds the same bytes now: the walk would read the same tables and find the same leaves."""
+    holds the same bytes now: the walk would read the same tables and find the same leaves.
+    Else the walk reads every table page again, and parses (`_parse_table`) only those whose
+    bytes differ from what `last` read at the same place and level: a table page's own leaves
+    and next-level pointers are a function of its bytes and level alone."""
+    u64 = mem.u64
+    kept: dict[tuple[int, int], TablePage] = {}
     if last is not None:
-        u64 = mem.u64
-        if all(u64[off:off + 512].tobytes() == raw for off, raw in last[0]):
+        if all(u64[t[0]:t[0] + 512].tobytes() == t[1] for t in last[0]):
             return last
-    tables: list[tuple[int, bytes]] = []
+        kept = {(t[0], t[2]): t for t in last[0]}
+    tables: list[TablePage] = []
     pages: list[tuple[int, PageState]] = []
-    for level, pte in _valid_leaves(mem, pgd, start_level, tables):
-        pfn = (pte & KVM_PTE_ADDR_MASK) >> PAGE_SHIFT
-        st = guest_state_of_pte(pte)
-        pages += [(pfn + k, st) for k in range(1 << (9 * (3 - level)))]
+    base = mem.base
+    stack = [(pgd, start_level)]
+    while stack:  # depth first, as `_valid_leaves` walks
+        table, level = stack.pop()
+        off = (table - base) >> 3
+        words = u64[off:off + 512]
+        raw = words.tobytes()
+        t = kept.get((off, level))
+        if t is None or t[1] != raw:
+            here, children = _parse_table(words.tolist(), level)
+            t = (off, raw, level, here, children)
+        tables.append(t)
+        pages += t[3]
+        stack += t[4]
     return tables, pages
 
 
