@@ -26,11 +26,10 @@ from pkvm.check.ghost_ffa import check_owner_full
 from pkvm.check.global_invariants import GlobalInvariants
 from pkvm.check.host_pointers import HostPointerWatch
 from pkvm.check.oracles import run_all
-from pkvm.check.page_invariants import SB, GuestLeaves, plain_page, plain_page_6_12
+from pkvm.check.page_invariants import SB, plain_page, plain_page_6_12
 from pkvm.check.violations import INVARIANTS, Invariant, InvariantViolation
 from pkvm.inspect import (
     STATE_NAMES,
-    HypView,
     PageState,
     PkvmHypVm,
     hyp_pa,
@@ -99,28 +98,31 @@ class Checker(GlobalInvariants):
 
     def __init__(self, machine: Machine, full_every: int = 512, ghost: bool = True,
                  initial_check: bool = True, recycle: Checker | None = None):
+        # The attributes the base classes declare are assigned here without an annotation:
+        # re-declared, mypyc reports each to the garbage collector twice, and a dropped
+        # machine with its checker is never freed (tests/test_check.py).
         self.machine = machine
         self.carveout = machine.carveout
         self.inspect = machine.inspect
-        self.h: HypView = machine.inspect.hyp_view()
+        self.h = machine.inspect.hyp_view()
         self.full_every = full_every
         self.calls = 0
         self._pending: set[int] = set()
-        self._gmap: dict[int, list[tuple[int, PageState]]] | None = None
-        self._leaf_cache: dict[tuple[int, int, int], GuestLeaves] = {}
-        self._gmap_built: dict[int, list[tuple[int, PageState]]] | None = None
-        self._live: list[tuple[int, PkvmHypVm]] | None = None
+        self._gmap = None
+        self._leaf_cache = {}
+        self._gmap_built = None
+        self._live = None
         # Pages a 7.2 guest still had when its VM was finalised: finalize does not reclaim
         # them (`__pkvm_finalize_teardown_vm`), so they keep their state with no guest
         # mapping left.
-        self.orphan_owned: set[int] = set()
-        self.orphan_borrowed: Counter[Any] = Counter()
+        self.orphan_owned = set()
+        self.orphan_borrowed = Counter()
         self._about_to_orphan: list[tuple[int, PageState]] | None = None
         self.transitions: Counter[Any] = Counter()  # ((host, hyp) before, after) -> pages
         self._globals_fp: tuple[Any, ...] | None = None  # see _fingerprint
         self._fp: tuple[Any, ...] | None = None  # the last _fingerprint, at struct_gen _fp_gen
         self._fp_gen = -1
-        self._globals_pfns: set[int] = set()
+        self._globals_pfns = set()
         self.globals_skipped = 0
         vm = self.h.vmemmap
         self._in_vmemmap = self.h.profile.page_state_in_vmemmap
