@@ -127,6 +127,9 @@ class HvcDoor:
         self.hyp, self.el2, self.firmware, self.profile = hyp, el2, firmware, profile
         self.nr_cpus, self.trace, self.listeners = nr_cpus, trace, listeners
         self.tracing, self.seq = tracing, seq
+        # The trace's `append`, bound once: compiled, `self.trace.append(rec)` looks the method
+        # up by name on every call.
+        self.trace_append: Callable[[TraceRecord], None] = trace.append
         self.func_ids = _func_ids(profile)
         # The machine's interposers (the same list) and its way through them (`hvc`).
         self.interposers: list[Any] = interposers if interposers is not None else []
@@ -274,7 +277,7 @@ class HvcDoor:
         rec = TraceRecord(self.seq, cpu, name, x0, args, r0, r1, r2, r3, t0,
                           _now() - t0 if tracing else 0, panic)
         if tracing:
-            self.trace.append(rec)
+            self.trace_append(rec)
         return rec
 
     def notify(self, rec: TraceRecord) -> None:
