@@ -139,20 +139,24 @@ def _outcome(h, va, access):
 @SETTINGS
 @given(page=st.sampled_from([-2, -1, 0, 1, 2, 64]), off=st.integers(0, 4095),
        lo=st.integers(0, 2**64 - 1), hi=st.integers(-1, 2**64 - 1), mine=st.booleans(),
-       disown=st.booleans())
+       disown=st.booleans(), same=st.booleans())
 def test_the_pair_access_is_the_generic_16_byte_el2_access(machine_vcpu, page, off, lo, hi, mine,
-                                                           disown):
+                                                           disown, same):
     """Around the host vCPU's page (shared with EL2; some pages around it not mapped at EL2)
     and in the hyp vCPU's own page, at every offset (unaligned, across a page): the same
     words or fault as `el2_read` of 16 bytes, and the same bytes, fault and ownership records
     as `el2_write` of them (`disown`: the hyp's state of the pages made NOPAGE meanwhile, so a
-    store is recorded as a bad one)."""
+    store is recorded as a bad one; `same`: the words there already, an elided store)."""
     m, vm = machine_vcpu
     h = m._hyp
     if mine:
         va = (h.vm_table[0].vcpus[0].va & ~0xFFF) + page * PAGE_SIZE + off
     else:
         va = kern_hyp_va(h, (vm.vcpus[0].pa & ~0xFFF) + page * PAGE_SIZE) + off
+    if same:
+        pos = hyp_pa(va) - h.mem.base
+        if 0 <= pos <= len(h.mem.bytes) - 16:
+            lo, hi = _PAIR.unpack(h.mem.bytes[pos : pos + 16])
     data = _PAIR.pack(lo, hi & (2**64 - 1))
     states = h.vmemmap.hyp_state
     first = (hyp_pa(va) >> 12) - h.vmemmap.base_pfn

@@ -10,7 +10,6 @@ through, after the interposers.
 from __future__ import annotations
 
 import collections
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,9 +54,10 @@ class HvcResult(NamedTuple):
         return self.x0 == 0 and self.x1 == 0
 
 
-# An HvcResult made straight from its tuple (the named tuple's own `__new__` is interpreted Python,
-# a frame per hypercall).
-_hvc_result: Final = functools.partial(tuple.__new__, HvcResult)
+# An HvcResult made straight from its tuple by `tuple.__new__` (the named tuple's own `__new__`
+# is interpreted Python, a frame per hypercall; a `functools.partial` of it joined the argument
+# tuples at every call).
+_tuple_new: Final = tuple.__new__
 # `Machine`'s way through its interposers: (cpu, func, args) -> the result.
 Interposed = Callable[[int, "str | int", tuple[int, ...]], HvcResult]
 _now: Final = time.perf_counter_ns
@@ -210,7 +210,7 @@ class HvcDoor:
             r0 -= 1 << 64
         if r1 >> 63:
             r1 -= 1 << 64
-        result = _hvc_result((r0, r1, r2, r3))
+        result: HvcResult = _tuple_new(HvcResult, (r0, r1, r2, r3))
         if tracing or self.listeners:
             rec = self.keep(cpu, name or hex(x0), x0, masked, r0, r1, r2, r3, t0, None)
             if self.listeners:

@@ -215,13 +215,17 @@ def el2_read_u64_pair(h: HypState, va: int) -> tuple[int, int]:
 
 def el2_write_u64_pair(h: HypState, va: int, lo: int, hi: int) -> None:
     """`el2_write` of 16 bytes holding `lo` then `hi`; aligned within one page: one
-    translation, one `check_store` and two word stores."""
+    translation, one `check_store` and two word stores, elided where memory holds the two
+    words already (a struct copied back unchanged: no reader can tell)."""
     if not va & 7 and (va & (PAGE_SIZE - 1)) <= PAGE_SIZE - 16:
         pa = el2_translate(h, va, write=True)
         check_store(h, pa)
         mem = h.mem
-        mem.write_u64(pa, lo & U64)
-        mem.write_u64(pa + 8, hi & U64)
+        lo &= U64
+        hi &= U64
+        if mem.read_u64(pa) != lo or mem.read_u64(pa + 8) != hi:
+            mem.write_u64(pa, lo)
+            mem.write_u64(pa + 8, hi)
         return
     el2_write(h, va, (lo & U64).to_bytes(8, "little") + (hi & U64).to_bytes(8, "little"))
 
