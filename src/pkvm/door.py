@@ -58,6 +58,7 @@ class HvcResult(NamedTuple):
 # is interpreted Python, a frame per hypercall; a `functools.partial` of it joined the argument
 # tuples at every call).
 _tuple_new: Final = tuple.__new__
+_HVC_RESULT: Final = HvcResult  # (a module constant: compiled, read without a dict lookup)
 # `Machine`'s way through its interposers: (cpu, func, args) -> the result.
 Interposed = Callable[[int, "str | int", tuple[int, ...]], HvcResult]
 _now: Final = time.perf_counter_ns
@@ -210,7 +211,7 @@ class HvcDoor:
             r0 -= 1 << 64
         if r1 >> 63:
             r1 -= 1 << 64
-        result: HvcResult = _tuple_new(HvcResult, (r0, r1, r2, r3))
+        result: HvcResult = _tuple_new(_HVC_RESULT, (r0, r1, r2, r3))
         if tracing or self.listeners:
             rec = self.keep(cpu, name or hex(x0), x0, masked, r0, r1, r2, r3, t0, None)
             if self.listeners:
