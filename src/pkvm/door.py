@@ -10,7 +10,6 @@ through, after the interposers.
 from __future__ import annotations
 
 import collections
-import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,9 +54,11 @@ class HvcResult(NamedTuple):
         return self.x0 == 0 and self.x1 == 0
 
 
-# An HvcResult made straight from its tuple (the named tuple's own `__new__` is interpreted Python,
-# a frame per hypercall).
-_hvc_result: Final = functools.partial(tuple.__new__, HvcResult)
+# An HvcResult made straight from its tuple by `tuple.__new__` (the named tuple's own `__new__`
+# is interpreted Python, a frame per hypercall; a `functools.partial` of it joined the argument
+# tuples at every call).
+_tuple_new: Final = tuple.__new__
+_HVC_RESULT: Final = HvcResult  # (a module constant: compiled, read without a dict lookup)
 # `Machine`'s way through its interposers: (cpu, func, args) -> the result.
 Interposed = Callable[[int, "str | int", tuple[int, ...]], HvcResult]
 _now: Final = time.perf_counter_ns
@@ -127,6 +128,9 @@ class HvcDoor:
         self.hyp, self.el2, self.firmware, self.profile = hyp, el2, firmware, profile
         self.nr_cpus, self.trace, self.listeners = nr_cpus, trace, listeners
         self.tracing, self.seq = tracing, seq
+        # The trace's `append`, bound once: compiled, `self.trace.append(rec)` looks the method
+        # up by name on every call.
+        self.trace_append: Callable[[TraceRecord], None] = trace.append
         self.func_ids = _func_ids(profile)
         # The machine's interposers (the same list) and its way through them (`hvc`).
         self.interposers: list[Any] = interposers if interposers is not None else []
@@ -207,7 +211,7 @@ class HvcDoor:
             r0 -= 1 << 64
         if r1 >> 63:
             r1 -= 1 << 64
-        result = _hvc_result((r0, r1, r2, r3))
+        result: HvcResult = _tuple_new(_HVC_RESULT, (r0, r1, r2, r3))
         if tracing or self.listeners:
             rec = self.keep(cpu, name or hex(x0), x0, masked, r0, r1, r2, r3, t0, None)
             if self.listeners:
@@ -274,7 +278,7 @@ class HvcDoor:
         rec = TraceRecord(self.seq, cpu, name, x0, args, r0, r1, r2, r3, t0,
                           _now() - t0 if tracing else 0, panic)
         if tracing:
-            self.trace.append(rec)
+            self.trace_append(rec)
         return rec
 
     def notify(self, rec: TraceRecord) -> None:

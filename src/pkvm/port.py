@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from pkvm.machine.memory import PAGE_SIZE
+from pkvm.machine.memory import PAGE_SIZE, zero_runs
 from pkvm.machine.mmu import S2_WALK_FAULT
 
 if TYPE_CHECKING:
@@ -113,18 +113,8 @@ class HostPort:
 
     def zero(self, cpu: int, pa: int, n: int) -> None:
         """memset(0) of whole host pages (pages already zero are left untouched). Every page is
-        translated first; RAM that comes out adjacent is zeroed in one go."""
-        mem = self._m.mem
-        start, size = 0, 0  # the run of adjacent RAM being gathered
-        for out, k in self._translate(cpu, pa, n, True):
-            if out is not None and size and out == start + size:
-                size += k
-                continue
-            if size:
-                mem.zero(start, size)
-            start, size = (out, k) if out is not None else (0, 0)
-        if size:
-            mem.zero(start, size)
+        translated first; RAM that comes out adjacent is zeroed in one go (`zero_runs`)."""
+        zero_runs(self._m.mem, self._translate(cpu, pa, n, True))
         if self._observers:
             self._stored(cpu, pa, n)
 

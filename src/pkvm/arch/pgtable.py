@@ -395,13 +395,15 @@ class KvmPgtable:
     def counted(self, pte: int) -> bool:
         return bool(pte & KVM_PTE_VALID) if self.stage == 1 else pte != 0
 
-    def set_pte(self, ptep: int, old: int, new: int, addr: int = -1, level: int = 0) -> None:
+    def set_pte(self, ptep: int, old: int, new: int, addr: int = -1, level: int = 0,
+                mark: bool = True) -> None:
         """Replace an entry, keeping the table page's reference count in step. `addr` and
         `level` place the entry (any address it translates; -1: unknown, then a valid `old`
-        counts as covering the whole input range)."""
+        counts as covering the whole input range). `mark` False: `changed` is not told (only
+        `set_pte_invalidate`, whose TLBI follows)."""
         self.write_pte(ptep, new)
         self.gen += 1
-        if old & KVM_PTE_VALID and self.changed is not None:
+        if mark and old & KVM_PTE_VALID and self.changed is not None:
             self.note_change(addr, level)
         if self.stage == 1:  # `counted` of both, written out (one test per store)
             was, now = old & KVM_PTE_VALID, new & KVM_PTE_VALID
@@ -411,6 +413,17 @@ class KvmPgtable:
             self.mm_ops.get_page(ptep & ~(PAGE_SIZE - 1))
         elif was and not now:
             self.mm_ops.put_page(ptep & ~(PAGE_SIZE - 1))
+
+    def set_pte_invalidate(self, ptep: int, old: int, new: int, addr: int, level: int) -> None:
+        """`set_pte`, then `invalidate` of what a valid `old` translated (the TLBI the kernel
+        issues after replacing a valid entry). Where there is a TLBI, the store tells `changed`
+        nothing first: the TLBI drops every entry of the range the mark would have marked, and
+        no access runs between the two (a host stage-2 block broken into a table marked its
+        512 pages' entries, each a new tuple, and then dropped them)."""
+        valid = bool(old & KVM_PTE_VALID)
+        self.set_pte(ptep, old, new, addr, level, not (valid and self.tlbi is not None))
+        if valid:
+            self.invalidate(addr, level)
 
     def note_change(self, addr: int, level: int) -> None:
         """A valid entry at `level` translating `addr` was replaced: tell `changed` the input
@@ -442,8 +455,7 @@ class KvmPgtable:
         child = ctx.old & KVM_PTE_ADDR_MASK
         if self.mm_ops.page_count(child) != 1:
             return
-        self.set_pte(ctx.ptep, ctx.old, 0, ctx.addr, ctx.level)
-        self.invalidate(ctx.addr, ctx.level)
+        self.set_pte_invalidate(ctx.ptep, ctx.old, 0, ctx.addr, ctx.level)
         self.mm_ops.put_page(child)
 
     def free_unlinked(self, table: int, level: int) -> None:

@@ -45,9 +45,7 @@ def _stage2_map_page(pgt: KvmPgtable, addr: int, new: int, flags: int) -> int | 
     if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
         ret = -EAGAIN
         return 0 if pgt.walk_continues(ret, flags | KVM_PGTABLE_WALK_LEAF) else ret
-    pgt.set_pte(ptep, old, new, addr, KVM_PGTABLE_LAST_LEVEL)
-    if pte_valid(old):
-        pgt.invalidate(addr, KVM_PGTABLE_LAST_LEVEL)
+    pgt.set_pte_invalidate(ptep, old, new, addr, KVM_PGTABLE_LAST_LEVEL)
     return 0
 
 
@@ -106,9 +104,7 @@ def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, an
         old = ctx.old
         if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
             return -EAGAIN  # the same mapping, or only its permissions: nothing to update
-        pgt.set_pte(ctx.ptep, old, new, ctx.addr, ctx.level)
-        if pte_valid(old):
-            pgt.invalidate(ctx.addr, ctx.level)
+        pgt.set_pte_invalidate(ctx.ptep, old, new, ctx.addr, ctx.level)
         return 0
 
     def visit(ctx: VisitCtx, v: int) -> int:
@@ -134,9 +130,7 @@ def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, an
         new_table = pgt.mm_ops.zalloc_page()
         if new_table is None:
             return -ENOMEM
-        pgt.set_pte(ctx.ptep, ctx.old, init_table_pte(new_table), ctx.addr, ctx.level)
-        if pte_valid(ctx.old):
-            pgt.invalidate(ctx.addr, ctx.level)
+        pgt.set_pte_invalidate(ctx.ptep, ctx.old, init_table_pte(new_table), ctx.addr, ctx.level)
         return 0
 
     return pgt.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_TABLE_PRE | flags)
@@ -163,8 +157,7 @@ def _stage2_unmap_walk(pgt: KvmPgtable, addr: int, size: int) -> int:
         if pte_table(ctx.old, ctx.level):
             pgt.free_empty_table(ctx)
             return 0
-        pgt.set_pte(ctx.ptep, ctx.old, 0, ctx.addr, ctx.level)
-        pgt.invalidate(ctx.addr, ctx.level)
+        pgt.set_pte_invalidate(ctx.ptep, ctx.old, 0, ctx.addr, ctx.level)
         return 0
 
     return pgt.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_TABLE_POST)
@@ -184,9 +177,7 @@ def _stage2_unmap_page(pgt: KvmPgtable, addr: int) -> bool:
     ptep = table + ((addr >> PAGE_SHIFT) & PTE_INDEX_MASK) * 8
     old = pgt.read_pte(ptep)
     if old:
-        pgt.set_pte(ptep, old, 0, addr, KVM_PGTABLE_LAST_LEVEL)
-        if pte_valid(old):
-            pgt.invalidate(addr, 3)
+        pgt.set_pte_invalidate(ptep, old, 0, addr, KVM_PGTABLE_LAST_LEVEL)
     if pgt.mm_ops.page_count(table) != 1:  # the last-level table still holds other entries
         return True
     _free_emptied_tables(pgt, addr)
@@ -206,8 +197,7 @@ def _free_emptied_tables(pgt: KvmPgtable, addr: int) -> None:
         tptep, child = path[depth]
         if pgt.mm_ops.page_count(child) != 1:
             break
-        pgt.set_pte(tptep, pgt.read_pte(tptep), 0, addr, pgt.start_level + depth)
-        pgt.invalidate(addr, pgt.start_level + depth)
+        pgt.set_pte_invalidate(tptep, pgt.read_pte(tptep), 0, addr, pgt.start_level + depth)
         pgt.mm_ops.put_page(child)
 
 

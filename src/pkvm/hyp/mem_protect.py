@@ -435,7 +435,7 @@ class _HostHyp:
         self.h.host_mmu.lock.acquire()
         self.h.pkvm_pgd_lock.acquire()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, typ: object, value: object, tb: object) -> None:
         self.h.pkvm_pgd_lock.release()
         self.h.host_mmu.lock.release()
 

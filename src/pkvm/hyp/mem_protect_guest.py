@@ -91,7 +91,7 @@ class _HostGuest:
         self.h.host_mmu.lock.acquire()
         self.vm.lock.acquire()
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, typ: object, value: object, tb: object) -> None:
         self.vm.lock.release()
         self.h.host_mmu.lock.release()
 

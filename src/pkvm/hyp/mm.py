@@ -199,6 +199,37 @@ def el2_write_u64(h: HypState, va: int, value: int) -> None:
     el2_write(h, va, (value & U64).to_bytes(8, "little"))
 
 
+def el2_read_u64_pair(h: HypState, va: int) -> tuple[int, int]:
+    """Two consecutive 8-byte words at `va` (`el2_read` of 16 bytes, as two integers: a
+    struct's pair of fields copied in). Aligned within one page: one translation and two word
+    loads, without the bytes and their unpacking."""
+    if not va & 7 and (va & (PAGE_SIZE - 1)) <= PAGE_SIZE - 16:
+        pa = el2_translate(h, va)
+        if h.locks.scheduler is not None:
+            _host_read_point(h, pa, 16)
+        mem = h.mem
+        return mem.read_u64(pa), mem.read_u64(pa + 8)
+    data = el2_read(h, va, 16)
+    return int.from_bytes(data[:8], "little"), int.from_bytes(data[8:], "little")
+
+
+def el2_write_u64_pair(h: HypState, va: int, lo: int, hi: int) -> None:
+    """`el2_write` of 16 bytes holding `lo` then `hi`; aligned within one page: one
+    translation, one `check_store` and two word stores, elided where memory holds the two
+    words already (a struct copied back unchanged: no reader can tell)."""
+    if not va & 7 and (va & (PAGE_SIZE - 1)) <= PAGE_SIZE - 16:
+        pa = el2_translate(h, va, write=True)
+        check_store(h, pa)
+        mem = h.mem
+        lo &= U64
+        hi &= U64
+        if mem.read_u64(pa) != lo or mem.read_u64(pa + 8) != hi:
+            mem.write_u64(pa, lo)
+            mem.write_u64(pa + 8, hi)
+        return
+    el2_write(h, va, (lo & U64).to_bytes(8, "little") + (hi & U64).to_bytes(8, "little"))
+
+
 # -- linear mappings -------------------------------------------------------------------
 def pkvm_create_mappings_locked(h: HypState, start: int, end: int, prot: int) -> int:
     """Map hyp VAs [start, end) onto their linear-map PAs, one page at a time."""

@@ -13,7 +13,6 @@ each loaded vCPU (7.2) or for the length of a run (6.12), and teardown refuses w
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -34,8 +33,9 @@ from pkvm.hyp.mem_protect import (
 from pkvm.hyp.mm import (
     el2_read,
     el2_read_u64,
-    el2_write,
+    el2_read_u64_pair,
     el2_write_u64,
+    el2_write_u64_pair,
     el2_zero,
     hyp_pa,
     hyp_va,
@@ -442,14 +442,13 @@ def get_np_pkvm_hyp_vm(h: HypState, handle: int) -> PkvmHypVm | None:
 # -- 7.2 memcache refill ---------------------------------------------------------------------
 _HOST_MC: Final = KVM_VCPU.offset("arch.pkvm_memcache.head")
 assert KVM_VCPU.offset("arch.pkvm_memcache.nr_pages") == _HOST_MC + 8
-_HEAD_NR: Final = struct.Struct("<QQ")  # the head and nr_pages of a `struct kvm_hyp_memcache`
 
 
 def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
     """Move pages from the host vCPU's memcache to the hyp vCPU's until it holds as many
     (`refill_memcache`: the host's struct is copied in, topped up from, and copied back)."""
     mc_va = vcpu.host_vcpu + _HOST_MC
-    host_head, host_nr = _HEAD_NR.unpack(el2_read(h, mc_va, 16))  # tmp = *host_mc
+    host_head, host_nr = el2_read_u64_pair(h, mc_va)  # tmp = *host_mc
     target = host_nr
     ret = 0
     while vcpu.memcache[1] < target:
@@ -465,5 +464,5 @@ def pkvm_refill_memcache(h: HypState, vcpu: PkvmHypVcpu) -> int:
         memcache_push(h, vcpu.memcache, pa)
     if ret and h.bug("refill-no-writeback"):  # seeded: the host keeps listing taken pages
         return ret
-    el2_write(h, mc_va, _HEAD_NR.pack(host_head, host_nr))  # *host_mc = tmp
+    el2_write_u64_pair(h, mc_va, host_head, host_nr)  # *host_mc = tmp
     return ret

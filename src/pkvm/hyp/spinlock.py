@@ -84,7 +84,11 @@ class HypSpinLock:
         cpu = locks.cpu
         if self.owner != cpu:
             raise LockOrderError(f"cpu {cpu} releases {self.name} it does not hold")
-        locks.held[cpu].remove(self)
+        held = locks.held[cpu]
+        if held[-1] is self:  # the innermost lock, as the kernel's nesting releases them
+            held.pop()
+        else:
+            held.remove(self)
         self.owner = None
         if locks.scheduler is not None:
             locks.scheduler.preempt(cpu, "release", self.name)
@@ -97,5 +101,7 @@ class HypSpinLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    # Three parameters, not `*exc`: compiled, a `with` block calls this directly, and a star
+    # parameter would cost it a tuple of three Nones at every exit.
+    def __exit__(self, typ: object, value: object, tb: object) -> None:
         self.release()

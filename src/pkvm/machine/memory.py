@@ -267,6 +267,22 @@ def _restore_ram(size: int, pages: list[tuple[int, bytes]]) -> PhysMemory:
     return mem
 
 
+def zero_runs(mem: PhysMemory, spans: list[tuple[int | None, int]]) -> None:
+    """`mem.zero` of each run of adjacent RAM among `spans` ((PA, bytes) in order; None where
+    no RAM answers, which ends a run): a host range's zeroing once its pages are translated
+    (`HostPort.zero`), its loop compiled."""
+    start, size = 0, 0  # the run of adjacent RAM being gathered
+    for out, k in spans:
+        if out is not None and size and out == start + size:
+            size += k
+            continue
+        if size:
+            mem.zero(start, size)
+        start, size = (out, k) if out is not None else (0, 0)
+    if size:
+        mem.zero(start, size)
+
+
 _ZEROS: Final = bytes(1 << 20)  # zeros to write over RAM, up to 1 MiB at a time
 
 

@@ -117,9 +117,12 @@ class Tlb:
             for key in [k for k in entries if first <= (k >> 1) < first + n]:
                 del entries[key]
             return
-        for page in range(first, first + n):
-            entries.pop(page << 1, None)
-            entries.pop(page << 1 | 1, None)
+        for page in range(first, first + n):  # (`in` and `del`: compiled, `pop` is a method call)
+            key = page << 1
+            if key in entries:
+                del entries[key]
+            if key | 1 in entries:
+                del entries[key | 1]
 
     def mark_range(self, start: int, size: int) -> None:
         """A descriptor translating [start, start + size) was replaced: each entry of that range
