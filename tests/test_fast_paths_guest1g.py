@@ -128,8 +128,9 @@ def test_host_translate_range_agrees_with_page_by_page(abi, where, off, n, write
     spans or the same exception, and afterwards the same host TLB, host aborts, host stage-2
     and hyp liveness."""
     ms = [pkvm.Machine(memory="64M", cpus=2, abi=abi) for _ in range(2)]
-    base = {"ram": 0x4400_0000, "carveout": ms[0].carveout[0], "mmio": 0x0900_0000,
-            "top": 0x4400_0000 + (48 << 20), "beyond": (1 << 48) - 8 * PAGE_SIZE}[where]
+    # RAM is [0x4000_0000, 0x4400_0000); "top": ranges that run past its end
+    base = {"ram": 0x4040_0000, "carveout": ms[0].carveout[0], "mmio": 0x0900_0000,
+            "top": 0x4400_0000 - 32 * PAGE_SIZE, "beyond": (1 << 48) - 8 * PAGE_SIZE}[where]
     pa = base + off
     if warm:  # some of the range already in the TLB
         for m in ms:
