@@ -167,11 +167,11 @@ class World:
             return
         name = rec.name
         if name.startswith("smc:"):
-            self.results[(name, smc_result_label(rec))] += 1
-        elif rec.x0 == 0 and rec.x1 in _ERRNO_LABELS:  # "0" or an errno met before
-            self.results[(name, _ERRNO_LABELS[rec.x1])] += 1
-        else:
-            self.results[(name, _result_label(rec.x0, rec.x1))] += 1
+            key = (name, smc_result_label(rec))
+        else:  # "0" or an errno met before, else labelled (and kept) now
+            label = _ERRNO_LABELS.get(rec.x1) if rec.x0 == 0 else None
+            key = (name, _result_label(rec.x0, rec.x1) if label is None else label)
+        self.results[key] = self.results.get(key, 0) + 1  # (not the Counter's __missing__)
 
     # -- operand resolution ----------------------------------------------------------------
     def page(self, k: int) -> int:
