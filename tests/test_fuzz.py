@@ -297,7 +297,7 @@ def test_the_fuzzers_fast_paths_give_the_generic_run(abi: str, monkeypatch) -> N
 
     def interpose_hvc(self, fn):  # the chain left to `_interpose`, looked up at each call
         self._interposers.append(fn)
-        self._chain = self._door.interposed = self._interpose
+        self._door.interposed = self._interpose
 
     def interpose_smc(self, fn):
         self._smc_interposers.append(fn)

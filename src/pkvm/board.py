@@ -176,7 +176,6 @@ class Machine:
         self._interposers: list[Interposer] = []
         self._door = HvcDoor(self._hyp, self.el2, self.firmware, self.profile, cpus, self.trace,
                              self.listeners, bool(trace), 0, self._interposers, self._interpose)
-        self._chain: Proceed = self._door.call  # `interpose_hvc`'s composed chain
         self._smc_interposers: list[SmcInterposer] = []
         self._smc_chain: SmcProceed = self._smc
         self.host_port = HostPort(self)  # the host kernel's (`m.host.port`)
@@ -257,7 +256,7 @@ class Machine:
 
         The call passes through the installed interposers (`interpose_hvc`), outermost first."""
         if self._interposers:
-            return self._chain(cpu, func, args)
+            return self._door.interposed(cpu, func, args)
         return self._door.call(cpu, func, args)  # `_hvc`, one frame less
 
     def interpose_hvc(self, fn: Interposer) -> None:
@@ -267,9 +266,9 @@ class Machine:
         The last installed runs outermost. The host's own calls go through it too."""
         self._interposers.append(fn)
         # The chain is composed here, the one place the list is written: each interposer
-        # bound once to the `proceed` of the ones inside it (the door's call innermost).
-        self._chain = _compose(self._interposers, self._door.call)
-        self._door.interposed = self._chain  # the host port's `hvc` (`HvcDoor.hvc`) too
+        # bound once to the `proceed` of the ones inside it (the door's call innermost), kept
+        # by the door, whose `interposed` both `hvc` and the host port's `hvc` take.
+        self._door.interposed = _compose(self._interposers, self._door.call)
 
     def _interpose(self, cpu: int, func: str | int, args: tuple[int, ...]) -> HvcResult:
         """The installed interposers, outermost first, then the door (the generic way through

@@ -123,8 +123,8 @@ class HvcDoor:
 
     def __init__(self, hyp: HypState, el2: list[El2Regs], firmware: Firmware, profile: Profile,
                  nr_cpus: int, trace: collections.deque[TraceRecord],
-                 listeners: list[Callable[[TraceRecord], None]], tracing: bool, seq: int = 0,
-                 interposers: list[Any] | None = None, interposed: Interposed | None = None):
+                 listeners: list[Callable[[TraceRecord], None]], tracing: bool, seq: int,
+                 interposers: list[Any], interposed: Interposed):
         self.hyp, self.el2, self.firmware, self.profile = hyp, el2, firmware, profile
         self.nr_cpus, self.trace, self.listeners = nr_cpus, trace, listeners
         self.tracing, self.seq = tracing, seq
@@ -132,8 +132,10 @@ class HvcDoor:
         # up by name on every call.
         self.trace_append: Callable[[TraceRecord], None] = trace.append
         self.func_ids = _func_ids(profile)
-        # The machine's interposers (the same list) and its way through them (`hvc`).
-        self.interposers: list[Any] = interposers if interposers is not None else []
+        # The machine's interposers (the same list) and its way through them: the chain
+        # `Machine.interpose_hvc` composes (the generic `Machine._interpose` until then), which
+        # `Machine.hvc` and `hvc` take while there are interposers.
+        self.interposers = interposers
         self.interposed = interposed
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -145,7 +147,7 @@ class HvcDoor:
     def hvc(self, cpu: int, func: str | int, *args: Any) -> HvcResult:
         """`Machine.hvc` as one compiled call (the host port's `hvc`): through the machine's
         interposers when it has some, else straight to `call`."""
-        if self.interposers and self.interposed is not None:
+        if self.interposers:
             return self.interposed(cpu, func, args)
         return self.call(cpu, func, args)
 
