@@ -50,8 +50,7 @@ from pkvm.machine.mmu import (
     HCR_VM,
     S2_WALK_FAULT,
     El2Regs,
-    s2_translate,
-    tlb_s2_translate,
+    tlb_s2_translate_fault,
 )
 from pkvm.machine.preempt import PreemptionPoints
 from pkvm.machine.spmc import Spmc
@@ -365,6 +364,11 @@ class Machine:
         out = self._door.host_hit(cpu, pa, write)  # the TLB's hit or a walk, compiled
         if out != S2_WALK_FAULT:
             return out if out >= 0 else None
+        return self.host_translate_slow(cpu, pa, write)
+
+    def host_translate_slow(self, cpu: int, pa: int, write: bool) -> int | None:
+        """`host_translate` where the door's `host_hit` said `S2_WALK_FAULT` (the caller asked
+        it): the whole generic path, which owes `host_hit` nothing (its own TLB access)."""
         h = self._hyp
         if h.dead:
             raise HypPanic(h.dead, cpu, None)
@@ -377,11 +381,9 @@ class Machine:
         # issues; a hit on an entry whose walk the table changed since is checked again.
         tlb, mem, root = h.host_s2_tlb, self.mem, el2.vttbr_el2
         for _attempt in range(4):
-            out = tlb_s2_translate(tlb, mem, root, pa, write)
-            if out != S2_WALK_FAULT:
+            out, fault = tlb_s2_translate_fault(tlb, mem, root, pa, write)  # (one walk)
+            if fault is None:
                 return out if out >= 0 else None
-            fault = s2_translate(mem, root, pa, write)[1]  # the fault, for its kind
-            assert fault is not None
             h.locks.cpu = cpu
             try:
                 ret = handle_host_mem_abort(h, pa & ~(PAGE_SIZE - 1))
@@ -408,7 +410,7 @@ class Machine:
             pa, n = self._door.host_spans(cpu, pa, n, write, spans)
             if n > 0:
                 k = min(n, PAGE_SIZE - (pa & (PAGE_SIZE - 1)))
-                spans.append((self.host_translate(cpu, pa, write), k))
+                spans.append((self.host_translate_slow(cpu, pa, write), k))  # (not a hit)
                 pa += k
                 n -= k
         return spans

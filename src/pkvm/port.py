@@ -25,28 +25,42 @@ class HostPort:
 
     `observe_stores(fn)` calls `fn(cpu, pa, data)` after every store through this port that
     the host stage-2 let through: `data` is the bytes stored, or, for `zero`, the number of
-    bytes zeroed. A refused store raises `HostDataAbort` and is not observed.
+    bytes zeroed. A refused store raises `HostDataAbort` and is not observed. `log_stores(log)`
+    appends `("write", cpu, pa, data)` or `("zero", cpu, pa, n)` to `log` for each, as the
+    observer `lambda cpu, pa, d: log.append(("zero" if isinstance(d, int) else "write", cpu,
+    pa, d))` would, without a call per store (the fuzzer's log), before the observers.
 
     `hvc(cpu, func, *args)` is `Machine.hvc` (interposers and all) as its door's compiled
     `HvcDoor.hvc`, bound here rather than wrapped: the run path issues five hypercalls per
-    exit. The 8-byte loads and stores ask the machine's door for the host TLB's hit first, as
-    `Machine.host_translate` does, and go to `host_translate` for everything else (a fault,
-    stage-2 off, a dead hyp)."""
+    exit. The loads and stores within one page ask the machine's door for the host TLB's hit
+    first, as `Machine.host_translate` does, and go to `host_translate` for everything else (a
+    fault, stage-2 off, a dead hyp)."""
 
-    __slots__ = ("_m", "_observers", "hvc")
+    __slots__ = ("_m", "_observers", "_logs", "_watched", "hvc")
 
     def __init__(self, machine: "Machine"):
         self._m = machine
         self._observers: list[StoreObserver] = []
+        self._logs: list[list[tuple[str, int, int, bytes | int]]] = []
+        self._watched = False  # any observer or log
         self.hvc: Callable[..., HvcResult] = machine._door.hvc  # `Machine.hvc`, compiled
 
     def observe_stores(self, fn: StoreObserver) -> None:
         self._observers.append(fn)
+        self._watched = True
+
+    def log_stores(self, log: list[tuple[str, int, int, bytes | int]]) -> None:
+        self._logs.append(log)
+        self._watched = True
 
     def observed(self) -> bool:
-        return bool(self._observers)
+        return self._watched
 
     def _stored(self, cpu: int, pa: int, data: bytes | int) -> None:
+        if self._logs:
+            entry = ("zero" if isinstance(data, int) else "write", cpu, pa, data)
+            for log in self._logs:
+                log.append(entry)
         for fn in self._observers:
             fn(cpu, pa, data)
 
@@ -57,14 +71,23 @@ class HostPort:
         m = self._m
         if 0 < n <= PAGE_SIZE - (pa & 0xFFF):  # within one page: one translation
             hit = self._m._door.host_hit(cpu, pa, False)
-            out = hit if hit != S2_WALK_FAULT else m.host_translate(cpu, pa, False)
+            out = hit if hit != S2_WALK_FAULT else m.host_translate_slow(cpu, pa, False)
             return m.mem.read(out, n) if out is not None and out >= 0 else bytes(n)
         spans = self._translate(cpu, pa, n, False)
         return b"".join(m.mem.read(out, k) if out is not None else bytes(k) for out, k in spans)
 
     def write(self, cpu: int, pa: int, data: bytes) -> None:
-        self._write(cpu, pa, data)
-        if self._observers:
+        m = self._m
+        if 0 < len(data) <= PAGE_SIZE - (pa & 0xFFF):  # within one page: `_write`, inlined
+            out = m._door.host_hit(cpu, pa, True)
+            if out == S2_WALK_FAULT:
+                hit = m.host_translate_slow(cpu, pa, True)
+                out = -1 if hit is None else hit
+            if out >= 0:
+                m.mem.write(out, data)
+        else:
+            self._write(cpu, pa, data)
+        if self._watched:
             self._stored(cpu, pa, bytes(data))
 
     def _write(self, cpu: int, pa: int, data: bytes) -> None:
@@ -89,7 +112,7 @@ class HostPort:
         if pa & 0xFFF > PAGE_SIZE - 8:  # straddles two pages
             return int.from_bytes(self.read(cpu, pa, 8), "little")
         hit = self._m._door.host_hit(cpu, pa, False)  # `host_translate`'s first step
-        out = hit if hit != S2_WALK_FAULT else self._m.host_translate(cpu, pa, False)
+        out = hit if hit != S2_WALK_FAULT else self._m.host_translate_slow(cpu, pa, False)
         if out is None or out < 0:
             return 0
         mem = self._m.mem
@@ -101,21 +124,30 @@ class HostPort:
             self.write(cpu, pa, raw)
             return
         hit = self._m._door.host_hit(cpu, pa, True)
-        out = hit if hit != S2_WALK_FAULT else self._m.host_translate(cpu, pa, True)
+        out = hit if hit != S2_WALK_FAULT else self._m.host_translate_slow(cpu, pa, True)
         if out is not None and out >= 0:
             mem = self._m.mem
             if out & 7:
                 mem.write(out, raw)
             else:
                 mem.write_u64(out, value & U64)
-        if self._observers:
+        if self._watched:
             self._stored(cpu, pa, raw)
 
     def zero(self, cpu: int, pa: int, n: int) -> None:
         """memset(0) of whole host pages (pages already zero are left untouched). Every page is
         translated first; RAM that comes out adjacent is zeroed in one go (`zero_runs`)."""
-        zero_runs(self._m.mem, self._translate(cpu, pa, n, True))
-        if self._observers:
+        m = self._m
+        if n == PAGE_SIZE and not pa & 0xFFF:  # one page (the host's `alloc_pages(1)`)
+            out = m._door.host_hit(cpu, pa, True)
+            if out == S2_WALK_FAULT:
+                hit = m.host_translate_slow(cpu, pa, True)
+                out = -1 if hit is None else hit
+            if out >= 0:
+                m.mem.zero(out, n)
+        else:
+            zero_runs(m.mem, self._translate(cpu, pa, n, True))
+        if self._watched:
             self._stored(cpu, pa, n)
 
     def _translate(self, cpu: int, pa: int, n: int, write: bool) -> list[tuple[int | None, int]]:

@@ -100,7 +100,7 @@ class World:
                                      recycle=dead.checker if dead is not None else None)
             self.m.listeners.append(self.m.checker.after_call)
         self.m.listeners.insert(0, self._on_call)
-        self.m.host_port.observe_stores(self._on_store)
+        self.m.host_port.log_stores(self.log)  # ("write"/"zero", cpu, pa, data) per store
         self.racer = Racer(self.m, self.m.new_host_port())
         self.m.interpose_hvc(self._log_call)
         self.m.interpose_smc(self._log_smc)
@@ -139,9 +139,6 @@ class World:
         hold, so reference counting frees the machine's objects now, not a full collection."""
         vars(self.m).clear()
         vars(self).clear()
-
-    def _on_store(self, cpu: int, pa: int, data: bytes | int) -> None:
-        self.log.append(("zero" if isinstance(data, int) else "write", cpu, pa, data))
 
     def _log_call(self, proceed: Any, cpu: int, func: Any, args: tuple[int, ...]) -> Any:
         """Log each hypercall as it is issued (a call that raises is logged too), with the
@@ -305,12 +302,13 @@ def run_step(w: World, s: Step) -> None:
     """Perform one step. Refusals (HostError, non-fatal HostDataAbort) are normal outcomes."""
     cpu = s.cpu % w.m.nr_cpus
     op, a = s.op, s.a
-    if op in HANDLE_CALLS:
+    fn = STEP_OPS.get(op)  # (disjoint from `HANDLE_CALLS` and `GUEST_OPS`)
+    if fn is not None:
+        fn(w, cpu, a)
+    elif op in HANDLE_CALLS:
         _handle_call(w, cpu, op, a)
     elif op in GUEST_OPS:
         guest_call(w, cpu, op, a)
-    elif op in STEP_OPS:
-        STEP_OPS[op](w, cpu, a)
     elif op.startswith("smc_"):  # `--smc`: hostile FF-A and PSCI calls through machine.smc
         run_smc_step(w.m, cpu, op, a)
     else:

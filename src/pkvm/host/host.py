@@ -193,14 +193,16 @@ class Host:
         """`kvm_share_hyp`: share every page of [pa, pa+size) once, counting users per pfn."""
         first, last = pa >> PAGE_SHIFT, (pa + size - 1) >> PAGE_SHIFT
         done: list[int] = []
+        shared, hvc = self._shared, self.port.hvc  # (`Host.hvc` on this CPU, a frame less)
         for pfn in range(first, last + 1):
-            if self._shared.get(pfn, 0) == 0:
-                r = self.hvc("__pkvm_host_share_hyp", pfn)
+            users = shared.get(pfn, 0)
+            if users == 0:
+                r = hvc(self.cpu, "__pkvm_host_share_hyp", pfn)
                 if r.x0 or r.x1:
                     for p in done:
                         self.unshare_hyp(p << PAGE_SHIFT, PAGE_SIZE)
                     return r.x1 if r.x0 == 0 else -22
-            self._shared[pfn] = self._shared.get(pfn, 0) + 1
+            shared[pfn] = users + 1
             done.append(pfn)
         return 0
 

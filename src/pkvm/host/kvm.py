@@ -193,7 +193,9 @@ class HostVm:
 
     def _write_field(self, base: int, layout: Layout, name: str, value: int) -> None:
         f = layout.field(name)
-        self.host.write(base + f.offset, (value & ((1 << (8 * f.size)) - 1)).to_bytes(f.size, "little"))
+        host = self.host  # `Host.write` on its CPU, a frame less (`to_bytes` makes new bytes)
+        host.port.write(host.cpu, base + f.offset,
+                        (value & ((1 << (8 * f.size)) - 1)).to_bytes(f.size, "little"))
 
     def write_kvm_field(self, name: str, value: int) -> None:
         """A store to a field of the VM's `struct kvm` (through the host's stage-2)."""

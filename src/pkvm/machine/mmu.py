@@ -52,22 +52,35 @@ def s2_translate(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int
 
 def s2_walk(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int, S2Fault | None, int]:
     """`s2_translate`, and the log2 size of the leaf that translated (0 on a fault)."""
+    out, shift, fault = _walk(mem, root, ipa, write)
+    if not fault:
+        return out, None, shift
+    kind = FAULT_PERMISSION if fault & _FAULT_PERM else FAULT_TRANSLATION
+    return 0, S2Fault(kind, (fault & 7) - 1, ipa, write), 0
+
+
+_FAULT_PERM: Final = 8  # `_walk`'s fault code: 1 + level, | this for a permission fault
+
+
+def _walk(mem: PhysMemory, root: int, ipa: int, write: bool) -> tuple[int, int, int]:
+    """`s2_walk` without a fault object (the TLB's misses only ask whether it faults): (pa,
+    log2 leaf size, 0), or (0, 0, 1 + level of the fault, | `_FAULT_PERM` for a permission
+    fault). Each descriptor read is `PhysMemory.read_u64`'s native call."""
     table = root
-    read = mem.read_u64
     for level in range(4):
         shift = 39 - 9 * level
-        pte = read(table + ((ipa >> shift) & 511) * 8)
+        pte = mem.read_u64(table + ((ipa >> shift) & 511) * 8)
         if not pte & 1:
-            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write), 0
+            return 0, 0, 1 + level
         if level < 3 and pte & 2:
             table = pte & _ADDR
             continue
         if level == 3 and not pte & 2:
-            return 0, S2Fault(FAULT_TRANSLATION, level, ipa, write), 0
+            return 0, 0, 1 + level
         if not pte & (S2AP_W if write else S2AP_R):
-            return 0, S2Fault(FAULT_PERMISSION, level, ipa, write), 0
+            return 0, 0, (1 + level) | _FAULT_PERM
         mask = (1 << shift) - 1
-        return (pte & _ADDR & ~mask) | (ipa & mask), None, shift
+        return (pte & _ADDR & ~mask) | (ipa & mask), shift, 0
     raise AssertionError("unreachable")
 
 
@@ -163,8 +176,8 @@ def tlb_s2_translate_in(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: b
     if leaf[0] <= ipa < leaf[1]:
         out = leaf[2] + (ipa - leaf[0])
     else:
-        out, fault, shift = s2_walk(mem, root, ipa, write)
-        if fault is not None:
+        out, shift, code = _walk(mem, root, ipa, write)
+        if code:
             return S2_WALK_FAULT
         first = ipa & ~((1 << shift) - 1)
         leaf[0], leaf[1], leaf[2] = first, first + (1 << shift), out - (ipa - first)
@@ -184,12 +197,10 @@ def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool
     entries = tlb.entries
     hit = entries.get(key)
     if hit is None:
-        out, fault, _shift = s2_walk(mem, root, ipa, write)
-        if fault is not None:
+        out, _shift, code = _walk(mem, root, ipa, write)
+        if code:
             return S2_WALK_FAULT
-        page = (out & ~0xFFF) if mem.is_ram(out) else -1
-        entries[key] = (page, write, 0)
-        return out if page >= 0 else -1
+        return _fill(tlb, mem, key, out, write)
     if hit[2]:
         out, fault = s2_translate(mem, root, ipa, write)
         fresh = -1 if fault is not None else ((out & ~0xFFF) if mem.is_ram(out) else -1)
@@ -200,3 +211,25 @@ def tlb_s2_translate(tlb: Tlb, mem: PhysMemory, root: int, ipa: int, write: bool
             tlb.record_stale(f"host {'write' if write else 'read'} of IPA {ipa:#x} used the "
                              f"cached PA {hit[0]:#x}; the host stage-2 gives {now}")
     return hit[0] + (ipa & 0xFFF) if hit[0] >= 0 else -1
+
+
+def _fill(tlb: Tlb, mem: PhysMemory, key: int, out: int, write: bool) -> int:
+    """A miss's walk reached `out`: the TLB entry it fills (mark 0), and the access's answer."""
+    page = (out & ~0xFFF) if mem.is_ram(out) else -1
+    tlb.entries[key] = (page, write, 0)
+    return out if page >= 0 else -1
+
+
+def tlb_s2_translate_fault(tlb: Tlb, mem: PhysMemory, root: int, ipa: int,
+                           write: bool) -> tuple[int, S2Fault | None]:
+    """`tlb_s2_translate`, with the fault where it answers `S2_WALK_FAULT` (what
+    `s2_translate` of the same access gives, for its kind), from the same single walk: the host
+    stage-2 abort path (`Machine.host_translate`), which needs the fault to judge the hyp's
+    answer."""
+    key = (ipa >> 12) << 1 | write
+    if key in tlb.entries:  # a hit never faults
+        return tlb_s2_translate(tlb, mem, root, ipa, write), None
+    out, fault, _shift = s2_walk(mem, root, ipa, write)
+    if fault is not None:
+        return S2_WALK_FAULT, fault
+    return _fill(tlb, mem, key, out, write), None
