@@ -91,7 +91,7 @@ def test_the_walks_fault_codes_give_the_fault_objects_of_before(ipa: int, write:
                          max_size=12))
 def test_the_abort_paths_one_walk_is_the_tlbs_answer_and_the_walks_fault(accesses) -> None:
     """`tlb_s2_translate_fault` against `tlb_s2_translate` and, where it faults, `s2_translate`
-    of the same access: the same answers, the same fault, the same TLB (entries and marks)."""
+    of the same access: the same answers, the same fault kind, the same TLB (entries, marks)."""
     mem, root = _tables()
     one, two = Tlb("one"), Tlb("two")
     for ipa, write, mark in accesses:
@@ -101,7 +101,7 @@ def test_the_abort_paths_one_walk_is_the_tlbs_answer_and_the_walks_fault(accesse
         got = tlb_s2_translate_fault(one, mem, root, ipa, write)
         out = tlb_s2_translate(two, mem, root, ipa, write)
         fault = s2_translate(mem, root, ipa, write)[1] if out == S2_WALK_FAULT else None
-        assert got == (out, fault)
+        assert got == (out, None if fault is None else fault.kind)
         assert one.entries == two.entries
 
 

@@ -381,8 +381,8 @@ class Machine:
         # issues; a hit on an entry whose walk the table changed since is checked again.
         tlb, mem, root = h.host_s2_tlb, self.mem, el2.vttbr_el2
         for _attempt in range(4):
-            out, fault = tlb_s2_translate_fault(tlb, mem, root, pa, write)  # (one walk)
-            if fault is None:
+            out, kind = tlb_s2_translate_fault(tlb, mem, root, pa, write)  # (one walk)
+            if kind is None:
                 return out if out >= 0 else None
             h.locks.cpu = cpu
             try:
@@ -390,8 +390,8 @@ class Machine:
             except HypBug as bug:
                 h.dead = str(bug)
                 raise HypPanic(str(bug), cpu, "host abort") from None
-            refused = ret == -EPERM or (ret and fault.kind == FAULT_PERMISSION)
-            if self.tracing:
+            refused = ret == -EPERM or (ret and kind == FAULT_PERMISSION)
+            if self._door.tracing:  # (`self.tracing`)
                 verdict = "refused" if refused else "mapped" if ret == 0 else "retry"
                 self.host_aborts.append(HostAbortRecord(cpu, pa, write, verdict, ret,
                                                         time.perf_counter_ns()))

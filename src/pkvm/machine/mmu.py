@@ -221,15 +221,15 @@ def _fill(tlb: Tlb, mem: PhysMemory, key: int, out: int, write: bool) -> int:
 
 
 def tlb_s2_translate_fault(tlb: Tlb, mem: PhysMemory, root: int, ipa: int,
-                           write: bool) -> tuple[int, S2Fault | None]:
-    """`tlb_s2_translate`, with the fault where it answers `S2_WALK_FAULT` (what
-    `s2_translate` of the same access gives, for its kind), from the same single walk: the host
-    stage-2 abort path (`Machine.host_translate`), which needs the fault to judge the hyp's
-    answer."""
+                           write: bool) -> tuple[int, str | None]:
+    """`tlb_s2_translate`, with the kind of the fault where it answers `S2_WALK_FAULT` (that of
+    `s2_translate` of the same access: `FAULT_TRANSLATION` or `FAULT_PERMISSION`), from the
+    same single walk: the host stage-2 abort path (`Machine.host_translate`), which needs the
+    kind to judge the hyp's answer."""
     key = (ipa >> 12) << 1 | write
     if key in tlb.entries:  # a hit never faults
         return tlb_s2_translate(tlb, mem, root, ipa, write), None
-    out, fault, _shift = s2_walk(mem, root, ipa, write)
-    if fault is not None:
-        return S2_WALK_FAULT, fault
+    out, _shift, code = _walk(mem, root, ipa, write)
+    if code:
+        return S2_WALK_FAULT, FAULT_PERMISSION if code & _FAULT_PERM else FAULT_TRANSLATION
     return _fill(tlb, mem, key, out, write), None
