@@ -404,7 +404,7 @@ class Machine:
         """`host_translate` of each page of [pa, pa + n), in order: (PA or None for MMIO,
         bytes of that page in the range). The TLB's hits are taken in compiled code
         (`HvcDoor.host_spans`); a page that needs the hyp (a stage-2 fault, a bad address, a
-        dead hyp) goes through `host_translate` itself, as it would page by page."""
+        dead hyp) goes through `host_translate_slow`, as it would page by page."""
         spans: list[tuple[int | None, int]] = []
         while n > 0:
             pa, n = self._door.host_spans(cpu, pa, n, write, spans)

@@ -33,8 +33,8 @@ class HostPort:
     `hvc(cpu, func, *args)` is `Machine.hvc` (interposers and all) as its door's compiled
     `HvcDoor.hvc`, bound here rather than wrapped: the run path issues five hypercalls per
     exit. The loads and stores within one page ask the machine's door for the host TLB's hit
-    first, as `Machine.host_translate` does, and go to `host_translate` for everything else (a
-    fault, stage-2 off, a dead hyp)."""
+    first, as `Machine.host_translate` does, and go to `host_translate_slow` for everything
+    else (a fault, stage-2 off, a dead hyp)."""
 
     __slots__ = ("_m", "_observers", "_logs", "_watched", "hvc")
 
