@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_VCPU
 from pkvm.check.ghost_calls import CallsGhost
+from pkvm.check.ghost_ffa import FfaGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
+from pkvm.check.ghost_pvm import PvmGhost
 from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
 from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, used_slots
@@ -95,13 +97,8 @@ class Ghost:
                                 lambda: bool(self.guest.raced_now()))
         self.judged = self.calls.judged
         self.guest.judged = self.judged
-        from pkvm.check.ghost_pvm import PvmGhost  # the guest's own HVCs answered at EL2
-
-        self.pvm = PvmGhost(inspect, self.calls, fail)
-        from pkvm.check.ghost_ffa import FfaGhost  # the FF-A proxy's SMCs
-
-        self.ffa = FfaGhost(self.checker.machine,
-                            lambda what, want, found: self._fail(None, what, want, found))
+        self.pvm = PvmGhost(inspect, self.calls, fail)  # the guest's own HVCs answered at EL2
+        self.ffa = FfaGhost(self.checker.machine, fail)  # the FF-A proxy's SMCs
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
