@@ -1,6 +1,9 @@
 """The fuzzer's reboot after a hyp panic (`fuzz._reboot`: a snapshot load that recycles the dead
 machine, a new checker): each of its shortcuts gives what the generic path it replaces gives."""
 
+import gc
+import weakref
+
 import pytest
 
 from pkvm import Machine
@@ -63,3 +66,22 @@ def test_reboot_after_reboot_checks_as_a_fresh_world(abi):
     assert w.results == fresh.results
     assert w.m.checker.transitions == fresh.m.checker.transitions
     assert dict(w.m.checker.ghost.judged) == dict(fresh.m.checker.ghost.judged)
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_a_retired_world_is_freed_without_a_collection(abi):
+    """`World.retire` (the dead world a reboot replaced) drops the cycles its checker
+    (`Checker.retire`) and machine (`Machine.discard`) make: with the collector off, the dead
+    machine is freed by reference counting, and a collection then finds nothing left of it."""
+    w = fuzz_ops.World("64M", 2, abi, ())
+    gc.collect()
+    gc.disable()
+    try:
+        dead = weakref.ref(w.m)
+        new = fuzz._reboot(fuzz.RunResult(), w)
+        del w
+        assert dead() is None
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+    assert new.m.checker.ghost is not None and not new.m.dead

@@ -65,6 +65,11 @@ VM_TABLE_CALLS: Final = frozenset({
 })
 
 
+def _retired(*args: Any) -> Any:
+    """A retired ghost's callbacks (`Ghost.retire`): its machine is dead, nothing calls them."""
+    raise RuntimeError("a retired checker's ghost was called")
+
+
 @dataclass
 class GhostPage:
     host: PageState
@@ -99,6 +104,17 @@ class Ghost:
         self.guest.judged = self.judged
         self.pvm = PvmGhost(inspect, self.calls, fail)  # the guest's own HVCs answered at EL2
         self.ffa = FfaGhost(self.checker.machine, fail)  # the FF-A proxy's SMCs
+
+    def retire(self) -> None:
+        """Drop what this ghost and its parts hold each other by (their `fail` and frame
+        callbacks, the guest-HVC ghost's view of the machine, the checker): a fuzzer's reboot
+        retires the dead machine's checker, which reference counting then frees at once
+        rather than a collection finding the cycles (`Checker.retire`). Not used again."""
+        self.guest.fail = self.pvm.fail = self.ffa.fail = _retired
+        self.guest.raced_now = _retired
+        self.calls.fail = self.calls.frame_of = self.calls.raced = _retired
+        self.pvm.i = None  # (the hyp's list of guest-HVC watchers holds the PvmGhost)
+        self.checker = None
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:
