@@ -45,7 +45,8 @@ from setuptools.command.build_ext import build_ext
 # module has the class (ghost.Ghost.checker is Any for this; typed Checker, the import
 # segfaulted).
 CORE = ["machine", "machine/decode", "arch", "abi", "hyp"]
-CORE_FILES = ["door.py", "inspect.py", "inspect_hyp.py", "check/invariants.py",
+CORE_FILES = ["door.py", "inspect.py", "inspect_hyp.py", "snapshot_load.py",
+              "check/invariants.py",
               "check/page_invariants.py",
               "check/global_invariants.py", "check/ghost.py", "check/ghost_guest.py",
               "check/ghost_calls.py", "check/ghost_pvm.py", "check/ghost_ffa.py",

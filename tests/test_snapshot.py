@@ -17,6 +17,7 @@ from pkvm.check.fuzz_gen import generate
 from pkvm.errors import HypPanic
 from pkvm.host.vmm import Vmm
 from pkvm.machine.memory import PAGE_SHIFT
+from pkvm.snapshot_load import LoadHooks
 
 ABIS = ["latest", "6.12"]
 
@@ -223,6 +224,13 @@ def test_a_load_finds_each_class_as_pickle_does(abi, monkeypatch):
 
     Recording(data).load()
     assert ("pkvm.board", "Machine") in names and len(names) >= 10
+    # the compiled lookup a load uses (`snapshot_load.LoadHooks`) gives the same, and a load
+    # installs it unless its class has a lookup of its own
+    loader = snapshot._Loader(data)
+    assert loader.find_class.__self__.__class__ is LoadHooks
+    assert "find_class" not in vars(Recording(data))
+    for module, name in names + [("collections", "OrderedDict"), ("os.path", "join")]:
+        assert loader.find_class(module, name) is pickle.Unpickler.find_class(loader, module, name)
     fast = Machine.restore(data)
     monkeypatch.setattr(snapshot._Loader, "find_class", pickle.Unpickler.find_class)
     generic = Machine.restore(data)

@@ -444,6 +444,23 @@ class Machine:
             recycle._hyp.dead = recycle._hyp.dead or "machine recycled by a snapshot load"
         return m
 
+    def discard(self) -> None:
+        """Drop this machine's objects, never to be used again (a fuzzer's dead machine once
+        `restore` recycled it). First the cycles: its checker's (`Checker.retire`), its hyp
+        state's (the hyp stage-1's TLB invalidation and the host stage-2's force-PTE callback,
+        partials of the state; the guest-HVC watchers) and its HVC door's (the interposer
+        chain, down to the door's own `call`), so reference counting frees the machine now
+        rather than a collection. (A guest VM's stage-2 holds the state too: a machine with
+        VMs left is still freed by a collection.)"""
+        if self.checker is not None:
+            self.checker.retire()
+        h = self._hyp
+        h.guest_hvc_watchers.clear()
+        h.pkvm_pgtable.tlbi = None
+        h.host_mmu.pgt.force_pte_cb = None
+        self._door.interposed = _discarded
+        vars(self).clear()
+
     def spare_arrays(self) -> list[Any]:
         """The typed arrays and bytearrays a snapshot load may reuse once this machine is done
         with (the vmemmap's, the host allocator's map: `pkvm.snapshot.load`'s `recycle`)."""
@@ -467,6 +484,11 @@ class Machine:
     @property
     def dead(self) -> str | None:
         return self._hyp.dead
+
+
+def _discarded(cpu: int, func: str | int, args: tuple[int, ...]) -> Any:
+    """A discarded machine's HVC door (`Machine.discard`)."""
+    raise HypPanic("machine discarded", cpu, str(func))
 
 
 def _compose(interposers: list[Any], proceed: Any) -> Any:

@@ -16,7 +16,6 @@ loaded as the same objects."""
 
 from __future__ import annotations
 
-import functools
 import io
 import pickle
 import sys
@@ -25,8 +24,9 @@ from array import array
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Final
 
-from pkvm.abi.profiles import Profile, get_profile
-from pkvm.machine.memory import PhysMemory, _restore_ram, reuse_ram
+from pkvm.abi.profiles import Profile
+from pkvm.machine.memory import _restore_ram
+from pkvm.snapshot_load import BYTEARRAY, LoadHooks
 
 if TYPE_CHECKING:
     from pkvm.board import Machine
@@ -53,7 +53,6 @@ def _module_globals() -> dict[int, tuple[str, str]]:
 # the runs of entries that hold another (`_sparse`): a few KiB rather than its whole bytes,
 # which a load would first copy out of the snapshot.
 _SPARSE_MIN: Final = 4096
-_BYTEARRAY: Final = "bytearray"  # a sparse bytearray's typecode in the snapshot
 
 
 def _sparse(a: array[Any] | bytearray) -> tuple[int, list[tuple[int, bytes]]]:
@@ -73,11 +72,6 @@ def _sparse(a: array[Any] | bytearray) -> tuple[int, list[tuple[int, bytes]]]:
     return fill, runs
 
 
-# (typecode, length, fill) -> an array (bytes for a bytearray) of that many `fill`s, the start of
-# every array loaded so.
-_FILLED: dict[tuple[str, int, int], array[Any] | bytes] = {}
-
-
 class _Saver(pickle.Pickler):
     def __init__(self, out: io.BytesIO, index: dict[int, tuple[str, str]]):
         super().__init__(out, protocol=pickle.HIGHEST_PROTOCOL)
@@ -92,7 +86,7 @@ class _Saver(pickle.Pickler):
         if type(obj) in (array, bytearray) and len(obj) >= _SPARSE_MIN:
             # (its serial: an array held in two places is loaded as one)
             serial = self._arrays.setdefault(id(obj), (len(self._arrays), obj))[0]
-            code = obj.typecode if isinstance(obj, array) else _BYTEARRAY
+            code = obj.typecode if isinstance(obj, array) else BYTEARRAY
             return ("array", serial, code, len(obj), *_sparse(obj))
         ref = self._index.get(id(obj))
         if ref is not None:
@@ -103,62 +97,30 @@ class _Saver(pickle.Pickler):
 
 
 class _Loader(pickle.Unpickler):
+    """The unpickler of a snapshot: its persistent objects and classes found by the compiled
+    `LoadHooks` (`pkvm.snapshot_load`); a subclass's own `find_class` (or one a test sets on
+    this class: pickle's, the generic lookup) is used instead where it has one."""
+
     def __init__(self, data: bytes, recycle: Machine | None = None):
         super().__init__(io.BytesIO(data))
-        self._ram: PhysMemory | None = None
-        self._spare: dict[tuple[str, int], list[array[Any] | bytearray]] = {}
-        # serial -> array (`_Saver.persistent_id`)
-        self._loaded: dict[int, array[Any] | bytearray] = {}
-        if recycle is not None:
-            self._ram = recycle.mem
-            for a in recycle.spare_arrays():
-                code = a.typecode if isinstance(a, array) else _BYTEARRAY
-                self._spare.setdefault((code, len(a)), []).append(a)
-
-    def _array(self, pid: tuple[Any, ...]) -> array[Any] | bytearray:
-        """The array (or bytearray) `_Saver` saved as `pid`: its fills and runs, written into a
-        spare one of the same type and length where the recycled machine has one."""
-        _, serial, typecode, n, fill, runs = pid
-        out = self._loaded.get(serial)
-        if out is not None:
-            return out
-        filled = _FILLED.get((typecode, n, fill))
-        if filled is None:
-            filled = _FILLED[(typecode, n, fill)] = (
-                bytes([fill]) * n if typecode == _BYTEARRAY else array(typecode, [fill]) * n)
-        spare = self._spare.get((typecode, n))
-        if spare:
-            out = spare.pop()
-            memoryview(out)[:] = filled
-        else:
-            out = bytearray(filled) if typecode == _BYTEARRAY else array(typecode, filled)
-        raw = memoryview(out).cast("B")
-        size = raw.nbytes // n
-        for first, data in runs:
-            raw[first * size : first * size + len(data)] = data
-        self._loaded[serial] = out
-        return out
+        hooks = LoadHooks(self, recycle)
+        self.persistent_load = hooks.persistent_load  # type: ignore[method-assign]
+        if type(self).find_class is _FIND_CLASS:
+            self.find_class = hooks.find_class  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
         """`pickle.Unpickler.find_class` for a module already imported (every class a
         snapshot names is in a loaded module): its attribute, without the import machinery
-        the generic lookup goes through for each of a load's classes."""
+        the generic lookup goes through for each of a load's classes (the compiled
+        `LoadHooks.find_class` is this)."""
         mod = sys.modules.get(module)
         if mod is None or "." in name:
             return super().find_class(module, name)
         sys.audit("pickle.find_class", module, name)
         return getattr(mod, name)
 
-    def persistent_load(self, pid: Any) -> Any:
-        if pid[0] == "profile":
-            return get_profile(pid[1])
-        if pid[0] == "array":
-            return self._array(pid)
-        if pid[0] == "ram":  # the RAM's constructor: from the recycled machine's RAM if any
-            return _restore_ram if self._ram is None else functools.partial(reuse_ram, self._ram)
-        _, modname, name = pid
-        mod = sys.modules[modname]
-        return getattr(mod, name) if name else mod
+
+_FIND_CLASS: Final = _Loader.find_class
 
 
 def save(m: Machine) -> bytes:

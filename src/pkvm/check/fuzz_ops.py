@@ -135,9 +135,9 @@ class World:
         ]
 
     def retire(self) -> None:
-        """A reboot recycled this world's dead machine (`World(recycle=...)`): drop what both
-        hold, so reference counting frees the machine's objects now, not a full collection."""
-        vars(self.m).clear()
+        """A reboot recycled this world's dead machine (`World(recycle=...)`): drop it and its
+        cycles (`Machine.discard`), so reference counting frees them now, not a collection."""
+        self.m.discard()
         vars(self).clear()
 
     def _log_call(self, proceed: Any, cpu: int, func: Any, args: tuple[int, ...]) -> Any:

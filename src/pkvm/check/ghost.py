@@ -29,7 +29,9 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_VCPU
 from pkvm.check.ghost_calls import CallsGhost
+from pkvm.check.ghost_ffa import FfaGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
+from pkvm.check.ghost_pvm import PvmGhost
 from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
 from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, used_slots
@@ -61,6 +63,11 @@ VM_TABLE_CALLS: Final = frozenset({
     "__pkvm_vcpu_load", "__pkvm_vcpu_put", "__pkvm_start_teardown_vm",
     "__pkvm_finalize_teardown_vm", "__pkvm_teardown_vm",
 })
+
+
+def _retired(*args: Any) -> Any:
+    """A retired ghost's callbacks (`Ghost.retire`): its machine is dead, nothing calls them."""
+    raise RuntimeError("a retired checker's ghost was called")
 
 
 @dataclass
@@ -95,13 +102,19 @@ class Ghost:
                                 lambda: bool(self.guest.raced_now()))
         self.judged = self.calls.judged
         self.guest.judged = self.judged
-        from pkvm.check.ghost_pvm import PvmGhost  # the guest's own HVCs answered at EL2
+        self.pvm = PvmGhost(inspect, self.calls, fail)  # the guest's own HVCs answered at EL2
+        self.ffa = FfaGhost(self.checker.machine, fail)  # the FF-A proxy's SMCs
 
-        self.pvm = PvmGhost(inspect, self.calls, fail)
-        from pkvm.check.ghost_ffa import FfaGhost  # the FF-A proxy's SMCs
-
-        self.ffa = FfaGhost(self.checker.machine,
-                            lambda what, want, found: self._fail(None, what, want, found))
+    def retire(self) -> None:
+        """Drop what this ghost and its parts hold each other by (their `fail` and frame
+        callbacks, the guest-HVC ghost's view of the machine, the checker): a fuzzer's reboot
+        retires the dead machine's checker, which reference counting then frees at once
+        rather than a collection finding the cycles (`Checker.retire`). Not used again."""
+        self.guest.fail = self.pvm.fail = self.ffa.fail = _retired
+        self.guest.raced_now = _retired
+        self.calls.fail = self.calls.frame_of = self.calls.raced = _retired
+        self.pvm.i = None  # (the hyp's list of guest-HVC watchers holds the PvmGhost)
+        self.checker = None
 
     # -- abstraction functions --------------------------------------------------------------
     def abstract_table(self) -> list[Any]:

@@ -95,8 +95,8 @@ class FfaGhost:
         self.orphans: Ranges = []  # pages the kernel leaves SHARED_OWNED (see the module doc)
         self.plan: Plan | None = None
         self.predicted = 0
-        hyp = next(r for r in machine.memory_map() if r.kind == "hyp")
-        self._carve = (hyp.start >> 12, hyp.end >> 12)
+        base, size = machine.carveout  # (the "hyp" region of `machine.memory_map()`)
+        self._carve = (base >> 12, (base + size) >> 12)
         machine.interpose_smc(self._interpose)
 
     def _interpose(self, proceed: Callable[..., Any], cpu: int, func: Any,

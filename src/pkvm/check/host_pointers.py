@@ -44,14 +44,27 @@ class HostPointerStore(Exception):
                          "trusts kern_hyp_va() of the host's pointer")
 
 
+def _watched(prof: Any) -> tuple[dict[str, int], dict[str, str]]:
+    """How far from the pointer each structure reaches (a vCPU: all of struct kvm_vcpu; struct
+    vgic_v3_cpu_if: less than a page), and the calls of `STORES_THROUGH_HOST_POINTER` that
+    `prof` has."""
+    span = {"vcpu": prof.sizeof_kvm_vcpu, "cpu_if": PAGE_SIZE}
+    return span, {n: k for n, k in STORES_THROUGH_HOST_POINTER.items() if n in prof.hcalls}
+
+
+# id(profile) -> (the profile, `_watched(profile)`): made once per profile (the ABI profiles are
+# immutable), not at every checker a fuzzer's reboot makes; read only.
+_WATCHED: dict[int, tuple[Any, tuple[dict[str, int], dict[str, str]]]] = {}
+
+
 class HostPointerWatch:
     def __init__(self, inspect: Any):
         self._ins = inspect
         prof = inspect.profile
-        # How far from the pointer the structure reaches (a vCPU: all of struct kvm_vcpu;
-        # struct vgic_v3_cpu_if: less than a page).
-        self._span = {"vcpu": prof.sizeof_kvm_vcpu, "cpu_if": PAGE_SIZE}
-        self._calls = {n: k for n, k in STORES_THROUGH_HOST_POINTER.items() if n in prof.hcalls}
+        known = _WATCHED.get(id(prof))
+        if known is None or known[0] is not prof:
+            known = _WATCHED[id(prof)] = (prof, _watched(prof))
+        self._span, self._calls = known[1]
         self._call: str | None = None
         self._kept: dict[int, bytes] = {}
 

@@ -141,6 +141,14 @@ class Checker(GlobalInvariants):
             self.check_all()
         self._install_entry_hook()
 
+    def retire(self) -> None:
+        """This checker's machine is dead and replaced (a fuzzer's reboot): drop the cycles
+        its ghost makes (`Ghost.retire`), so reference counting frees both now. Not used
+        again."""
+        if self.ghost is not None:
+            self.ghost.retire()
+            self.ghost = None
+
     def _install_entry_hook(self) -> None:
         """Let the ghost see the pre-state: an interposer on the machine's hypercalls (the
         host's own go through it too). Hyp state is only read."""
