@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi.profiles import Profile
 from pkvm.machine.memory import _restore_ram
-from pkvm.snapshot_load import BYTEARRAY, LoadHooks
+from pkvm.snapshot_load import BYTEARRAY, LoadHooks, find_class
 
 if TYPE_CHECKING:
     from pkvm.board import Machine
@@ -109,15 +109,9 @@ class _Loader(pickle.Unpickler):
             self.find_class = hooks.find_class  # type: ignore[method-assign]
 
     def find_class(self, module: str, name: str) -> Any:
-        """`pickle.Unpickler.find_class` for a module already imported (every class a
-        snapshot names is in a loaded module): its attribute, without the import machinery
-        the generic lookup goes through for each of a load's classes (the compiled
-        `LoadHooks.find_class` is this)."""
-        mod = sys.modules.get(module)
-        if mod is None or "." in name:
-            return super().find_class(module, name)
-        sys.audit("pickle.find_class", module, name)
-        return getattr(mod, name)
+        """`pkvm.snapshot_load.find_class` (a load installs the compiled `LoadHooks.find_class`,
+        the same, in its place)."""
+        return find_class(self, module, name)
 
 
 _FIND_CLASS: Final = _Loader.find_class

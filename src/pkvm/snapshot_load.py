@@ -86,13 +86,17 @@ class LoadHooks:
         return out
 
     def find_class(self, module: str, name: str) -> Any:
-        """`pickle.Unpickler.find_class` for a module already imported (every class a
-        snapshot names is in a loaded module): its attribute, without the import machinery
-        the generic lookup goes through for each of a load's classes."""
-        mod = sys.modules.get(module)
-        if mod is None or "." in name:
-            loader = self._loader()
-            assert loader is not None
-            return pickle.Unpickler.find_class(loader, module, name)
-        sys.audit("pickle.find_class", module, name)
-        return getattr(mod, name)
+        loader = self._loader()
+        assert loader is not None
+        return find_class(loader, module, name)
+
+
+def find_class(loader: pickle.Unpickler, module: str, name: str) -> Any:
+    """`pickle.Unpickler.find_class` for a module already imported (every class a snapshot
+    names is in a loaded module): its attribute, without the import machinery the generic
+    lookup goes through for each of a load's classes; pickle's own (`loader`'s) for the rest."""
+    mod = sys.modules.get(module)
+    if mod is None or "." in name:
+        return pickle.Unpickler.find_class(loader, module, name)
+    sys.audit("pickle.find_class", module, name)
+    return getattr(mod, name)
