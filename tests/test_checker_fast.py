@@ -53,6 +53,7 @@ from test_dirty_pages import watched_run
 from test_fuzz import FOUND
 
 MEM, CPUS = "64M", 2
+U64 = (1 << 64) - 1
 
 
 def generic_hyp_owned(c: Any) -> set[int]:
@@ -115,6 +116,23 @@ def generic_structs(c: Any) -> Any:
     return vms, tuple(map(id, c.h.loaded_hyp_vcpu))
 
 
+def runs(c: Any, args: Any, tables: bool) -> None:
+    """The readings of runs (`Inspector.pages_quick`, `Inspector.guest_leaves`) from the pages
+    and IPAs the call's arguments name against one page at a time; with `tables`, each page
+    table's table pages read a page at a time against the walker's."""
+    i = c.machine.inspect
+    for a in list(args)[:3]:
+        for pfn, n in ((a & ((1 << 52) - 1), 3), (a & ((1 << 52) - 512), 512)):
+            assert i.pages_quick(pfn, n) == [i.page_quick(pfn + k) for k in range(n)]
+        for handle, _ in c.h.live_vms():
+            for ipa, n in (((a << PAGE_SHIFT) & U64, 3), ((a << PAGE_SHIFT) & ~0x1FFFFF & U64, 512)):
+                assert i.guest_leaves(handle, ipa, n) == [
+                    i.guest_leaf(handle, (ipa + (k << PAGE_SHIFT)) & U64) for k in range(n)]
+    if tables:
+        for _, pgt in c._tables():
+            assert pgt.table_pages() == pgt.table_pages_walk()
+
+
 class Watch:
     """After every call of one world: each fast path against its generic reading."""
 
@@ -152,6 +170,7 @@ class Watch:
             assert fast[0] is slow[0] and fast[1] is slow[1]  # (the same enum members)
             assert c.ghost.abstract_page(pa) == GhostPage(
                 c.h.host_state(pa), c.h.hyp_state(pa), c.h.vmemmap.page_count(pa))
+        runs(c, rec.args if rec is not None else (), self.compared % 37 == 0)
         # the live VMs from the used slots (kept for one check) = a scan of every slot
         assert [(hd, id(v)) for hd, v in c.live_vms()] == [
             (hd, id(v)) for hd, v in c.h.live_vms()]

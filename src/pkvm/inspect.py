@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.arch.pgtable import KvmPgtable, pte_valid, stage2_pte_prot
+from pkvm.arch.pte import KVM_PTE_ADDR_MASK, granule_shift, pte_table
 from pkvm.hyp.mem_protect import (
+    VmemmapPageStates,
     decode_host_annotation,
     get_host_state,
     get_hyp_state,
@@ -56,6 +58,46 @@ __all__ = [
 ]
 
 STATE_NAMES: Final[dict[int, str]] = {s: s.name for s in PageState}  # a state (or its int) -> name
+# A 7.2 vmemmap state byte -> its state's name (`pages_quick`; values 0..4, as `_state` reads)
+_BYTE_NAMES: Final[list[str]] = [STATE_NAMES[s] for s in sorted(PageState)]
+_U64: Final = (1 << 64) - 1
+
+
+def _leaf_run(pgt: KvmPgtable, ipa: int, n: int) -> list[tuple[int, int, int] | None] | None:
+    """`Inspector.guest_leaves` of [ipa, ipa + n pages) in RAM-held table `pgt`, each table page
+    read at once: the leaves of one last-level table page are one slice of it, a block or an
+    invalid entry above the last level answers for every page it covers. None (the caller walks
+    each page) when the run leaves the IPA space or meets a table page outside RAM."""
+    ram = pgt.ram
+    if ram is None or ipa + (n << PAGE_SHIFT) > 1 << pgt.ia_bits:
+        return None
+    u64, base = ram.u64, ram.base
+    words = len(u64)
+    out: list[tuple[int, int, int] | None] = []
+    k = 0
+    while k < n:
+        addr = ipa + (k << PAGE_SHIFT)
+        table, level = pgt.pgd, pgt.start_level
+        while True:
+            off = (table + ((addr >> granule_shift(level)) & 511) * 8 - base) >> 3
+            if not 0 <= off < words:
+                return None
+            pte = u64[off]
+            if not pte_table(pte, level):
+                break
+            table = pte & KVM_PTE_ADDR_MASK
+            level += 1
+        if level == 3:  # this entry and the rest of its table page, as far as the run goes
+            m = min(512 - ((addr >> PAGE_SHIFT) & 511), n - k)
+            if off + m > words:
+                return None
+            out += [(0, 3, p) for p in u64[off:off + m].tolist()]
+        else:  # one entry for the rest of the granule it covers
+            g = granule_shift(level)
+            m = min(((((addr >> g) + 1) << g) - addr) >> PAGE_SHIFT, n - k)
+            out += [(0, level, pte)] * m
+        k += m
+    return out
 
 
 PAGE_STATE_VALUES = {s.name: int(s) for s in PageState}  # the values `page_states` returns
@@ -254,6 +296,22 @@ class Inspector:
         return (STATE_NAMES[get_host_state(h, pa)], STATE_NAMES[get_hyp_state(h, pa)],
                 h.vmemmap.refcount[i], h.vmemmap.host_share_guest_count[i])
 
+    def pages_quick(self, pfn: int, n: int) -> list[tuple[str, str, int, int] | None]:
+        """`page_quick` of pfn .. pfn + n - 1; in 7.2, a run inside RAM is read as slices of
+        the vmemmap's arrays (tests/test_checker_fast.py compares with `page_quick`)."""
+        h = self._h
+        vm = h.vmemmap
+        i = pfn - vm.base_pfn
+        if n > 0 and isinstance(h.page_states, VmemmapPageStates) and 0 <= i and \
+                i + n <= vm.nr and h.mem.is_ram(pfn << PAGE_SHIFT) and \
+                h.mem.is_ram((pfn + n - 1) << PAGE_SHIFT):
+            hs, ys = vm.host_state[i:i + n], vm.hyp_state[i:i + n]
+            names = _BYTE_NAMES
+            if max(hs) < len(names) and max(ys) < len(names):
+                return [(names[a], names[b], r, c) for a, b, r, c in zip(
+                    hs, ys, vm.refcount[i:i + n], vm.host_share_guest_count[i:i + n])]
+        return [self.page_quick(pfn + k) for k in range(n)]
+
     def host_ia_bits(self) -> int:
         """The host stage-2's input-address size (`pfn_range_is_valid`'s limit)."""
         return self._h.host_mmu.pgt.ia_bits
@@ -302,6 +360,18 @@ class Inspector:
             return None
         ret, pte, level = slot.pgt.get_leaf(ipa)
         return ret, level, pte
+
+    def guest_leaves(self, handle: int, ipa: int, n: int) -> list[tuple[int, int, int] | None]:
+        """`guest_leaf` of each of the n pages from `ipa` (wrapping at 2^64), read a table page
+        at a time where it can (`_leaf_run`; tests/test_checker_fast.py compares)."""
+        table = self._h.vm_table or []
+        idx = handle_to_idx(handle)
+        slot = table[idx] if idx < len(table) else None
+        if isinstance(slot, PkvmHypVm) and slot.pgt is not None and slot.pgt.pgd and n > 1:
+            run = _leaf_run(slot.pgt, ipa, n)
+            if run is not None:
+                return run
+        return [self.guest_leaf(handle, (ipa + (k << PAGE_SHIFT)) & _U64) for k in range(n)]
 
     def host_ptr_pa(self, host_va: int) -> int:
         """The PA EL2 resolves a host kernel pointer to (`__hyp_pa(kern_hyp_va(va))`)."""

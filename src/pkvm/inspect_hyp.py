@@ -33,6 +33,12 @@ def used_slots(table: Sequence[Any]) -> list[int]:
     VM table's 255 slots, where the iterator chain `compress(range, map(is_not, ...))` it
     replaced called `is_not` once per slot, ~5 us)."""
     out: list[int] = []
+    if isinstance(table, list):  # (indexed: a compiled loop over a list, no iterator)
+        lst: list[Any] = table
+        for i in range(len(lst)):
+            if lst[i] is not None:
+                out.append(i)
+        return out
     i = 0
     for s in table:
         if s is not None:
@@ -268,11 +274,12 @@ class HypView:
         else:
             vms = [s for _, s in found if isinstance(s, PkvmHypVm)]
         lists = [vm.vcpus for vm in vms]
-        if found is k[0] and lists == k[2] and h.loaded_hyp_vcpu == k[3]:
+        if found is k[0] and lists == k[2]:  # the same structs: the same spans
             raw = k[4](h.mem._map)  # (a tuple of the spans' bytes, compared as it is)
-            if raw == k[5]:
+            loaded = k[3] if h.loaded_hyp_vcpu == k[3] else list(h.loaded_hyp_vcpu)
+            if raw == k[5] and loaded is k[3]:
                 return self._sgen
-            self._skey = (found, vms, k[2], k[3], k[4], raw)
+            self._skey = (found, vms, k[2], loaded, k[4], raw)
             self._sgen += 1
             return self._sgen
         spans = [slice(vm._off + a, vm._off + b) for vm in vms for a, b in VM_SPANS]

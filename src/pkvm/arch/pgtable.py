@@ -379,7 +379,44 @@ class KvmPgtable:
         return out
 
     def table_pages(self) -> list[int]:
-        """Every table page of this tree, the root first."""
+        """Every table page of this tree, the root first, in the order a table-visiting walk
+        meets them (`table_pages_walk`, which tests/test_checker_fast.py compares): read a table
+        page at a time while the tree lies in RAM."""
+        if not self.pgd:
+            return []
+        ram = self.ram
+        if ram is not None:
+            pages = [self.pgd]
+            if self._tables_under(ram.u64, ram.base, self.pgd, self.start_level, 0,
+                                  1 << self.ia_bits, pages):
+                return pages
+        return self.table_pages_walk()
+
+    def _tables_under(self, u64: Any, base: int, table: int, level: int, addr: int, end: int,
+                      pages: list[int]) -> bool:
+        """Append the table pages under `table` (at `level`, translating from `addr`) as the
+        walk visits them: the entries below `end`, depth first. False if a table page lies
+        outside RAM (the caller walks instead)."""
+        off = (table - base) >> 3
+        if table & 7 or not 0 <= off <= len(u64) - PTRS_PER_PTE:
+            return False
+        if level >= KVM_PGTABLE_LAST_LEVEL:
+            return True
+        shift = granule_shift(level)
+        n = min(PTRS_PER_PTE, (end - addr + (1 << shift) - 1) >> shift)
+        words = u64[off:off + n].tolist()
+        for idx in range(n):
+            pte = words[idx]
+            if pte & KVM_PTE_TABLE_BITS == KVM_PTE_TABLE_BITS:
+                child = pte & KVM_PTE_ADDR_MASK
+                pages.append(child)
+                if not self._tables_under(u64, base, child, level + 1, addr + (idx << shift),
+                                          end, pages):
+                    return False
+        return True
+
+    def table_pages_walk(self) -> list[int]:
+        """`table_pages` by the walker (the generic reading)."""
         if not self.pgd:
             return []
         pages = [self.pgd]

@@ -32,12 +32,14 @@ from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_ffa import FfaGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
 from pkvm.check.ghost_pvm import PvmGhost
+from pkvm.check.page_invariants import PageInvariants
 from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
-from pkvm.inspect import RESERVED_ENTRY, PageState, PkvmHypVm, used_slots
+from pkvm.inspect import RESERVED_ENTRY, HypView, PageState, PkvmHypVm, used_slots
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
+    from pkvm.abi.profiles import Profile
     from pkvm.board import TraceRecord
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -70,11 +72,36 @@ def _retired(*args: Any) -> Any:
     raise RuntimeError("a retired checker's ghost was called")
 
 
-@dataclass
+# Each profile's hypercall names -> function IDs, built once per profile (by name, as the door's
+# `_FUNC_IDS`) rather than looked up in its table by each ghost (every reboot of a campaign).
+_FUNC_IDS: Final[dict[str, dict[str, int | None]]] = {}
+
+
+def func_id(prof: Profile, name: str) -> int | None:
+    """`prof.func_id(name)` (tests/test_checker_runs.py compares)."""
+    ids = _FUNC_IDS.get(prof.name)
+    if ids is None:
+        ids = _FUNC_IDS[prof.name] = {n: prof.func_id(n) for n in prof.hcalls}
+    return ids[name] if name in ids else prof.func_id(name)
+
+
 class GhostPage:
-    host: PageState
-    hyp: PageState
-    pins: int
+    """One page as the ghost abstracts it: host state, hyp state, pins (its refcount). A
+    native class with its own `__eq__` (built and compared around every share/unshare_hyp: a
+    dataclass's generated comparison and a named tuple's constructor are interpreted)."""
+
+    def __init__(self, host: PageState, hyp: PageState, pins: int):
+        self.host = host
+        self.hyp = hyp
+        self.pins = pins
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, GhostPage):
+            return False
+        return self.host == other.host and self.hyp == other.hyp and self.pins == other.pins
+
+    def __repr__(self) -> str:
+        return f"GhostPage(host={self.host!r}, hyp={self.hyp!r}, pins={self.pins!r})"
 
 
 @dataclass
@@ -120,7 +147,8 @@ class Ghost:
     def abstract_table(self) -> list[Any]:
         """The concrete VM table, abstracted (do not modify the list): read again only when
         `HypView.struct_gen` says something it reads may have changed."""
-        gen = self.checker.h.struct_gen()
+        h: HypView = self.checker.h  # (typed: native calls)
+        gen = h.struct_gen()
         if gen != self._abs_gen or self._abs is None:
             self._abs = self._abstract_table()
             self._abs_gen = gen
@@ -128,7 +156,7 @@ class Ghost:
 
     def _abstract_table(self) -> list[Any]:
         """The concrete VM table, abstracted (the generic reading)."""
-        h = self.checker.h
+        h: HypView = self.checker.h
         out: list[Any] = [None] * h.vm_table_size()  # the free slots (most of them) as they are
         for i, slot in h.vm_slots():
             if slot is RESERVED_ENTRY:
@@ -145,7 +173,7 @@ class Ghost:
         return out
 
     def abstract_page(self, phys: int) -> GhostPage | None:
-        c = self.checker
+        c: PageInvariants = self.checker  # (typed: native calls)
         h = c.h
         if not h.mem.is_ram(phys):
             return None
@@ -156,7 +184,7 @@ class Ghost:
     def _generations(self) -> tuple[int, ...]:
         """The descriptor-write generations of the host stage-2, the hyp stage-1 and every
         live guest stage-2 (a frame: equal before and after a call that writes none)."""
-        h = self.checker.h
+        h: HypView = self.checker.h
         guests = tuple(s.pgt.gen for _, s in h.vm_slots()
                        if isinstance(s, PkvmHypVm) and s.pgt is not None)
         return (h.host_pgt.gen, h.hyp_pgt.gen) + guests
@@ -164,10 +192,11 @@ class Ghost:
     # -- hooks ------------------------------------------------------------------------------
     def before_call(self, cpu: int, func: Any, args: tuple[int, ...]) -> None:
         self.pre_page = None
-        prof = self.checker.h.profile
+        h: HypView = self.checker.h
+        prof = h.profile
         known = self._ids.get(func) if isinstance(func, str) else None
         if known is None:
-            fid = func if isinstance(func, int) else prof.func_id(func)
+            fid = func if isinstance(func, int) else func_id(prof, func)
             n = prof.decode(fid) if fid is not None else None
             known = (fid, prof.hcalls[n] if n is not None else func)
             if isinstance(func, str):  # (names only: a hostile host draws any number)
@@ -187,8 +216,8 @@ class Ghost:
         if name in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp") and args:
             phys = (args[0] << PAGE_SHIFT) & U64
             self.pre_page = (phys, self.abstract_page(phys))
-        if name is not None and self.checker.h.profile.hyp_owned_guest_stage2:
-            self.guest.before(cpu, name, args, self.checker.h.profile.handle)
+        if name is not None and prof.hyp_owned_guest_stage2:
+            self.guest.before(cpu, name, args, prof.handle)
 
     def after_call(self, rec: TraceRecord, changed: set[int], full: bool = False) -> None:
         self.ffa.after_call(rec, changed)
@@ -282,7 +311,7 @@ class Ghost:
     # -- host <-> hyp sharing (nvhe/mem_protect.c) ---------------------------------------------
     def _range_errno(self, phys: int) -> int:
         """The errno of the range/memory checks for one page at `phys`, or 0."""
-        h = self.checker.h
+        h: HypView = self.checker.h
         lo, hi = h.mem.base, h.mem.end
         if h.profile.share_hyp_checks_allowed_memory:
             return range_errno(lo, hi, phys, PAGE_SIZE)
@@ -317,9 +346,9 @@ class Ghost:
     def _page_call(self, rec: TraceRecord, changed: set[int]) -> None:
         assert self.pre_page is not None
         phys, pre = self.pre_page
-        fn = self.expect_share if rec.name == "__pkvm_host_share_hyp" else self.expect_unshare
         self.judged[rec.name] += 1
-        want_x1, want_post = fn(phys, pre)
+        want_x1, want_post = self.expect_share(phys, pre) if \
+            rec.name == "__pkvm_host_share_hyp" else self.expect_unshare(phys, pre)
         if rec.x1 != want_x1:
             self._fail(rec, f"{rec.name}(pfn {rec.args[0]:#x}) result, pre-state {pre}",
                        want_x1, rec.x1)
@@ -349,7 +378,7 @@ class Ghost:
 
     def _quick_compare(self, rec: TraceRecord) -> None:
         """Cheap frame check for calls outside the VM table: slot kinds still counted alike."""
-        h = self.checker.h
+        h: HypView = self.checker.h
         found = h.vm_slots()  # the used slots: the others are free (the same list: the same)
         if self._found_of[0] is not found:
             self._found_of = (found, sum(1 for _, s in found if s is RESERVED_ENTRY))
@@ -383,7 +412,8 @@ def _differing(t: list[Any], conc: list[Any]) -> list[int]:
     """The slots where two tables (of one length) differ, in order (a compiled loop)."""
     out: list[int] = []
     for i in range(len(t)):
-        if t[i] != conc[i]:
+        a, b = t[i], conc[i]
+        if a is not b and a != b:  # (most slots: both None)
             out.append(i)
     return out
 

@@ -18,12 +18,15 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi.host_structs import IFLAG_INCREMENT_PC, KVM, KVM_VCPU
 from pkvm.abi.profiles import Profile
 from pkvm.check.ghost_guest import Leaf
 from pkvm.errors import EINVAL, ENODEV, EPERM
+
+if TYPE_CHECKING:
+    from pkvm.board import TraceRecord
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 NOT_SUPPORTED: Final = -1  # SMCCC_RET_NOT_SUPPORTED, as the signed x0 of a record
@@ -190,7 +193,7 @@ class CallsGhost:
                 RULES[pre["name"]].x1 == "panic":
             self.judged[pre["name"]] += 1
 
-    def after(self, rec: Any, changed: set[int], table_same: Callable[[], None]) -> bool:
+    def after(self, rec: TraceRecord, changed: set[int], table_same: Callable[[], None]) -> bool:
         """Judge `rec`; True when the call is one the other ghosts do not see (refused by the
         gate, or in `RULES`)."""
         pre, self.pre = self.pre, None

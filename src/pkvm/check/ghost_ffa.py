@@ -33,13 +33,16 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi import ffa as F
 from pkvm.abi.profiles import ARM_SMCCC_CALL_HINTS
 from pkvm.check.violations import InvariantViolation
 from pkvm.inspect import PAGE_STATE_VALUES as V
 from pkvm.machine.firmware import smc_func_id
+
+if TYPE_CHECKING:
+    from pkvm.board import TraceRecord
 
 U32: Final = 0xFFFF_FFFF
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -266,7 +269,7 @@ class FfaGhost:
         return True
 
     # -- after the call ------------------------------------------------------------------
-    def after_call(self, rec: Any, changed: set[int]) -> None:
+    def after_call(self, rec: TraceRecord, changed: set[int]) -> None:
         plan, self.plan = self.plan, None
         if rec.name.startswith("smc:") and plan is not None:
             self._judge(rec, plan, changed)

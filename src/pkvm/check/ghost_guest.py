@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.abi.host_structs import KVM_VCPU
 from pkvm.arch.pgtable import (
@@ -39,8 +39,11 @@ from pkvm.arch.pgtable import (
     stage2_pte_prot,
 )
 from pkvm.errors import E2BIG, EAGAIN, EBUSY, EFAULT, EHWPOISON, EINVAL, ENOENT, ENOMEM, EPERM
-from pkvm.inspect import STATE_NAMES, guest_state_of_pte
+from pkvm.inspect import STATE_NAMES, Inspector, guest_state_of_pte
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from pkvm.board import TraceRecord
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 U32_MAX: Final = 0xFFFF_FFFF
@@ -125,14 +128,18 @@ class GuestGhost:
     def _pages(self, pfn: int, n: int) -> list[tuple[str, str, int, int] | None]:
         """(host, hyp, refcount, share count) of each page; the refcount of a hyp-owned page
         (table pages, the hyp VM: the hyp's own business) abstracts to -1."""
-        out = []
-        for k in range(n):
-            p = self.i.page_quick(pfn + k)
-            out.append(p if p is None or p[1] != "OWNED" else (p[0], p[1], -1, p[3]))
-        return out
+        i: Inspector = self.i  # (typed: native calls)
+        return [p if p is None or p[1] != "OWNED" else (p[0], p[1], -1, p[3])
+                for p in i.pages_quick(pfn, n)]
 
     def _leaf(self, handle: int | None, ipa: int) -> Leaf | None:
-        return None if handle is None else Leaf.of(self.i.guest_leaf(handle, ipa))
+        i: Inspector = self.i
+        return None if handle is None else Leaf.of(i.guest_leaf(handle, ipa))
+
+    def _leaves(self, handle: int, ipa: int, n: int) -> list[Leaf | None]:
+        """`_leaf` of the n pages from `ipa` (wrapping at 2^64), in order."""
+        i: Inspector = self.i
+        return [Leaf.of(f) for f in i.guest_leaves(handle, ipa, n)]
 
     def _u64(self, pa: int) -> int:
         return int.from_bytes(self.i.read(pa, 8), "little")
@@ -179,8 +186,7 @@ class GuestGhost:
                 pfn = ((a[0] << PAGE_SHIFT) & U64) >> PAGE_SHIFT  # hyp_pfn_to_phys wraps
                 pre["pages"] = [("NOPAGE", "OWNED", -1, p[3]) if p and pfn + k in taken else p
                                 for k, p in enumerate(self._pages(pfn, n))]
-                pre["leaves"] = [self._leaf(vcpu["handle"], ((a[1] + k) << PAGE_SHIFT) & U64)
-                                 for k in range(n)]
+                pre["leaves"] = self._leaves(vcpu["handle"], (a[1] << PAGE_SHIFT) & U64, n)
         elif name in ("__pkvm_host_relax_perms_guest", "__pkvm_host_mkyoung_guest"):
             if vcpu is not None:
                 pre["leaf"] = self._leaf(vcpu["handle"], (a[0] << PAGE_SHIFT) & U64)
@@ -205,7 +211,7 @@ class GuestGhost:
                     9 * (3 - pre["leaf"].level)))
         self.pre = pre
 
-    def after(self, rec: Any) -> None:
+    def after(self, rec: TraceRecord) -> None:
         pre, self.pre = self.pre, None
         if pre is None or rec.name != pre["name"]:
             return
@@ -260,8 +266,7 @@ class GuestGhost:
         self._memcache_after(rec, pre)
         n = len(pre["pages"])
         posts = self._pages(phys >> PAGE_SHIFT, n)
-        leaves = [self._leaf(pre["vcpu"]["handle"], (ipa + (k << PAGE_SHIFT)) & U64)
-                  for k in range(n)]
+        leaves = self._leaves(pre["vcpu"]["handle"], ipa, n)
         if want:
             self._same(f"{rec.name} refused: the pages it names", pre["pages"], posts)
             self._same(f"{rec.name} refused: the guest leaves", pre["leaves"], leaves)

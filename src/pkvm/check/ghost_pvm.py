@@ -23,13 +23,16 @@ frame (`CallsGhost.guest_pages`): a run may change no other page state.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pkvm.arch.pgtable import KVM_PGTABLE_PROT_RWX
 from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_guest import Leaf
 from pkvm.errors import E2BIG, EHWPOISON, ENOENT, EPERM
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from pkvm.board import TraceRecord
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
 RET_SUCCESS: Final = 0
@@ -167,7 +170,7 @@ class PvmGhost:
         return None
 
     # -- at the host's run ------------------------------------------------------------------
-    def after_call(self, rec: Any) -> None:
+    def after_call(self, rec: TraceRecord) -> None:
         """At the end of a host hypercall: report a kept mismatch, hand the run its pages."""
         if rec.name != "__kvm_vcpu_run":
             return

@@ -41,16 +41,15 @@ class GlobalInvariants(PageInvariants):
 
     def expected_pins(self) -> Counter[int]:
         pins: Counter[Any] = Counter()
-
-        def add(va: int, size: int) -> None:
-            lo = va & ~(PAGE_SIZE - 1)
-            for p in range(lo, va + size, PAGE_SIZE):
-                pins[hyp_pa(p) >> PAGE_SHIFT] += 1
-
+        prof = self.h.profile
+        spans: list[tuple[int, int]] = []  # (host VA, size) of each pinned struct
         for _handle, vm in self.live_vms():
-            add(vm.host_kvm, self.h.profile.sizeof_kvm)
+            spans.append((vm.host_kvm, prof.sizeof_kvm))
             for vcpu in used(vm.vcpus):
-                add(vcpu.host_vcpu, self.h.profile.sizeof_kvm_vcpu)
+                spans.append((vcpu.host_vcpu, prof.sizeof_kvm_vcpu))
+        for va, size in spans:  # (a loop, not a closure called per struct)
+            for p in range(va & ~(PAGE_SIZE - 1), va + size, PAGE_SIZE):
+                pins[hyp_pa(p) >> PAGE_SHIFT] += 1
         ffa = self.inspect.ffa_proxy()  # the host's FF-A mailbox, pinned by RXTX_MAP
         for pa in (ffa["host_tx"], ffa["host_rx"]) if ffa and ffa["host_tx"] else ():
             pins[pa >> PAGE_SHIFT] += 1

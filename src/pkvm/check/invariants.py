@@ -277,20 +277,61 @@ class Checker(GlobalInvariants):
         """The RAM pages an argument names as a pfn, a PA or a hyp VA (52-bit pfns)."""
         out = set()
         lo, hi = self._ram_lo, self._ram_hi
-        for a in args:
-            for pfn in (a & _PFN_MASK, (a >> PAGE_SHIFT) & _PFN_MASK,
-                        (hyp_pa(a) >> PAGE_SHIFT) & _PFN_MASK):
-                if lo <= pfn < hi:
-                    out.add(pfn)
+        for a in args:  # (three tests rather than a loop over a tuple built per argument)
+            pfn = a & _PFN_MASK
+            if lo <= pfn < hi:
+                out.add(pfn)
+            pfn = (a >> PAGE_SHIFT) & _PFN_MASK
+            if lo <= pfn < hi:
+                out.add(pfn)
+            pfn = (hyp_pa(a) >> PAGE_SHIFT) & _PFN_MASK
+            if lo <= pfn < hi:
+                out.add(pfn)
         return out
 
     def _changed_pages(self) -> set[int]:
         """pfns whose vmemmap entry (states, refcount, share count) changed since last call:
         of those the hyp's writers noted, the ones that differ from the copy (then updated)."""
-        out: set[int] = set()
         dirty = self.h.vmemmap.drain_dirty()
         if not dirty:
-            return out
+            return set()
+        if self._in_vmemmap:
+            return self._changed_of(dirty)
+        return self._changed_generic(dirty)
+
+    def _changed_of(self, dirty: set[int]) -> set[int]:
+        """7.2's `_changed_generic`: each of a page's four entries read once, for the
+        comparison, the transition count and the copy (tests/test_checker_runs.py compares)."""
+        out: set[int] = set()
+        base = self._ram_lo
+        (ch, ph), (cy, py), (cr, pr), (cs, ps) = self._pairs
+        for pfn in dirty:
+            i = pfn - base
+            h0, h1, y0, y1 = ph[i], ch[i], py[i], cy[i]
+            r0, r1, s0, s1 = pr[i], cr[i], ps[i], cs[i]
+            if h0 != h1 or y0 != y1:
+                key = (h0, y0, h1, y1)
+                names = _TRANSITION_NAMES.get(key)
+                if names is None:
+                    names = _TRANSITION_NAMES[key] = (
+                        (_name(h0), _name(y0)), (_name(h1), _name(y1)))
+                self.transitions[names] += 1
+                if h0 != h1:
+                    ph[i] = h1
+                if y0 != y1:
+                    py[i] = y1
+            elif r0 == r1 and s0 == s1:
+                continue
+            out.add(pfn)
+            if r0 != r1:
+                pr[i] = r1
+            if s0 != s1:
+                ps[i] = s1
+        return out
+
+    def _changed_generic(self, dirty: set[int]) -> set[int]:
+        """Of the noted pfns `dirty`, those whose entry differs from the copy (then noted)."""
+        out: set[int] = set()
         base = self._ram_lo
         pairs = self._pairs
         for pfn in dirty:
@@ -328,17 +369,25 @@ class Checker(GlobalInvariants):
         """Count the page-state transitions of `pfns` and bring the copy up to date."""
         base = self._ram_lo
         idx = [pfn - base for pfn in pfns]
-        if self._in_vmemmap:
+        if self._in_vmemmap:  # (each state read once, for the count and the copy)
             (ch, ph), (cy, py) = self._pairs[:2]
             for i in idx:
-                key = (ph[i], py[i], ch[i], cy[i])
-                if key[0] != key[2] or key[1] != key[3]:
+                h0, y0, h1, y1 = ph[i], py[i], ch[i], cy[i]
+                if h0 != h1 or y0 != y1:
+                    key = (h0, y0, h1, y1)
                     names = _TRANSITION_NAMES.get(key)
                     if names is None:
                         names = _TRANSITION_NAMES[key] = (
-                            (_name(key[0]), _name(key[1])), (_name(key[2]), _name(key[3])))
+                            (_name(h0), _name(y0)), (_name(h1), _name(y1)))
                     self.transitions[names] += 1
-        for cur, prev in self._pairs:
+                    if h0 != h1:
+                        ph[i] = h1
+                    if y0 != y1:
+                        py[i] = y1
+            rest = self._pairs[2:]
+        else:
+            rest = self._pairs
+        for cur, prev in rest:
             for i in idx:
                 v = cur[i]
                 if prev[i] != v:  # (a store into the copy costs more than a read)
