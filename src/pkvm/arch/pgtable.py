@@ -308,10 +308,11 @@ class KvmPgtable:
         shift = granule_shift(level)
         gsize = 1 << shift
         idx = (state[0] >> shift) & (PTRS_PER_PTE - 1)
+        ram = self.ram
         while idx < PTRS_PER_PTE and state[0] < end:
             ptep = table + idx * 8
             addr = state[0]  # the visit's address, as every callback of this entry sees it
-            old = self.read_pte(ptep)
+            old = ram.read_u64(ptep) if ram is not None else self.mem.read_u64(ptep)  # read_pte
             is_table = pte_table(old, level)
             ret = 0
             reload = False
@@ -324,7 +325,7 @@ class KvmPgtable:
                 ret = cb(ctx, KVM_PGTABLE_WALK_LEAF)
                 reload = True
             if reload:
-                old = self.read_pte(ptep)
+                old = ram.read_u64(ptep) if ram is not None else self.mem.read_u64(ptep)
                 is_table = pte_table(old, level)
             if not self.walk_continues(ret, flags):
                 return ret
@@ -498,6 +499,8 @@ class KvmPgtable:
     def free_unlinked(self, table: int, level: int) -> None:
         """Free a detached subtree: drop every counted entry, then the table itself."""
         for pte in self._entries(table):
+            if not pte:
+                continue  # neither a table nor counted
             if pte_table(pte, level):
                 self.free_unlinked(pte & KVM_PTE_ADDR_MASK, level + 1)
             if self.counted(pte):
@@ -533,6 +536,9 @@ class KvmPgtable:
     def _entries(self, table: int) -> list[int]:
         """The entries of a table page, in one read where the memory offers it (the host's
         memory: one translation for the page)."""
+        ram = self.ram
+        if ram is not None:
+            return ram.read_table(table)
         read_table = getattr(self.mem, "read_table", None)
         if read_table is not None:
             entries: list[int] = read_table(table)

@@ -191,11 +191,43 @@ def el2_fixmap_zero(h: HypState, pa: int) -> None:
     h.mem.zero(pa, PAGE_SIZE)
 
 
+def el2_read_int(h: HypState, va: int, n: int, signed: bool = False) -> int:
+    """`int.from_bytes(el2_read(h, va, n), "little", signed=signed)`. Up to 8 bytes within
+    one page (every scalar field of a struct, aligned or not) is one `el2_read` of one page: the
+    same translation and preemption point, then the bits of the RAM's word view holding them
+    (one word, or two where they straddle a word boundary), without the bytes copied and
+    converted."""
+    if 0 < n <= 8 and (va & PAGE_OFFSET_MASK) + n <= PAGE_SIZE:
+        pa = el2_translate(h, va)
+        if h.locks.scheduler is not None:
+            _host_read_point(h, pa, n)
+        mem = h.mem
+        pos = pa - mem.base
+        u64 = mem.u64
+        shift = (pos & 7) << 3
+        word: int = u64[pos >> 3]
+        if shift + (n << 3) > 64:  # the next word is in the same page
+            word |= u64[(pos >> 3) + 1] << 64
+        if shift or n != 8:
+            word = (word >> shift) & ((1 << (n << 3)) - 1)
+        if signed and word >> ((n << 3) - 1):
+            word -= 1 << (n << 3)
+        return word
+    return int.from_bytes(el2_read(h, va, n), "little", signed=signed)
+
+
 def el2_read_u64(h: HypState, va: int) -> int:
-    return int.from_bytes(el2_read(h, va, 8), "little")
+    return el2_read_int(h, va, 8)
 
 
 def el2_write_u64(h: HypState, va: int, value: int) -> None:
+    """`el2_write` of the 8 bytes of `value`; aligned (within one page): one translation, one
+    `check_store` and a word store, without the bytes."""
+    if not va & 7:
+        pa = el2_translate(h, va, write=True)
+        check_store(h, pa)
+        h.mem.write_u64(pa, value & U64)
+        return
     el2_write(h, va, (value & U64).to_bytes(8, "little"))
 
 

@@ -20,6 +20,7 @@ from pkvm.abi import sizes
 from pkvm.abi.host_structs import (
     KVM,
     KVM_VCPU,
+    Layout,
 )
 from pkvm.arch.pgtable import MmOps
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM
@@ -31,7 +32,7 @@ from pkvm.hyp.mem_protect import (
     hyp_unpin_shared_mem,
 )
 from pkvm.hyp.mm import (
-    el2_read,
+    el2_read_int,
     el2_read_u64,
     el2_read_u64_pair,
     el2_write_u64,
@@ -85,6 +86,11 @@ class VmLife(Protocol):
 
     def init_vcpu_done(self, vm: PkvmHypVm) -> None:
         """`__pkvm_init_vcpu`: bookkeeping once the vCPU is in its slot."""
+        ...
+
+    def init_vcpu_traps(self, h: HypState, vcpu: PkvmHypVcpu) -> int:
+        """`pkvm_vcpu_init_traps` (switch.py, which imports this module: reached through the
+        kernel's module rather than a late import), where `profile.hyp_vcpu_init_traps`."""
         ...
 
     def handle_vcpu_run(self, h: HypState, host_vcpu: int) -> int:
@@ -222,22 +228,35 @@ def unmap_donated_memory(h: HypState, va: int | None, size: int) -> None:
 
 
 # -- host struct fields, read through EL2's stage-1 ----------------------------------------
+def _field_table(layout: Layout) -> dict[str, tuple[int, int, bool]]:
+    """Each field of a host struct as (offset, size, signed), looked up once per read."""
+    return {name: (f.offset, f.size, f.fmt in "iqhb") for name, f in layout.fields.items()}
+
+
+_KVM_FIELDS: Final = _field_table(KVM)
+_VCPU_FIELDS: Final = _field_table(KVM_VCPU)
+
+
 def kvm_field(h: HypState, host_kvm: int, name: str) -> int:
-    f = KVM.field(name)
-    raw = el2_read(h, host_kvm + f.offset, f.size)
-    return int.from_bytes(raw, "little", signed=f.fmt in "iqhb")
+    off, size, signed = _KVM_FIELDS[name]
+    return el2_read_int(h, host_kvm + off, size, signed)
 
 
 def vcpu_field(h: HypState, host_vcpu: int, name: str) -> int:
-    f = KVM_VCPU.field(name)
-    raw = el2_read(h, host_vcpu + f.offset, f.size)
-    return int.from_bytes(raw, "little", signed=f.fmt in "iqhb")
+    off, size, signed = _VCPU_FIELDS[name]
+    return el2_read_int(h, host_vcpu + off, size, signed)
+
+
+# The teardown memcaches in the host's struct kvm: the offsets of `head` and `nr_pages`.
+_HOST_MCS: Final = {mc: (KVM.offset(f"arch.pkvm.{mc}.head"), KVM.offset(f"arch.pkvm.{mc}.nr_pages"))
+                    for mc in ("teardown_mc", "stage2_teardown_mc")}
 
 
 def host_mc_push(h: HypState, host_kvm: int, mc_name: str, pa: int) -> None:
     """Push a page on a teardown memcache kept in the host's struct kvm."""
-    head_off = host_kvm + KVM.offset(f"arch.pkvm.{mc_name}.head")
-    nr_off = host_kvm + KVM.offset(f"arch.pkvm.{mc_name}.nr_pages")
+    head, nr = _HOST_MCS[mc_name]
+    head_off = host_kvm + head
+    nr_off = host_kvm + nr
     el2_write_u64(h, hyp_va(pa), el2_read_u64(h, head_off))
     el2_write_u64(h, head_off, pa)
     el2_write_u64(h, nr_off, el2_read_u64(h, nr_off) + 1)
@@ -340,10 +359,7 @@ def _init_vcpu_locked(h: HypState, vm: PkvmHypVm, host_vcpu: int, mem_va: int) -
         idx = _refetch_vcpu_idx(h, host_vcpu)
     vcpu = PkvmHypVcpu(vm, host_vcpu, idx, vcpu_id, mem_va, cflags=cflags)
     if h.profile.hyp_vcpu_init_traps:
-        # A deliberate late import: switch.py imports this module (field readers, the VM).
-        from pkvm.hyp.switch import pkvm_vcpu_init_traps
-
-        ret = pkvm_vcpu_init_traps(h, vcpu)
+        ret = h.life.init_vcpu_traps(h, vcpu)
         if ret:
             hyp_unpin_shared_mem(h, host_vcpu, host_vcpu_end)
             return ret

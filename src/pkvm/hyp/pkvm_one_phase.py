@@ -28,7 +28,7 @@ from pkvm.hyp.pkvm import (
 )
 from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
 from pkvm.hyp.state import HypState
-from pkvm.hyp.switch import flush_hyp_vcpu, kvm_vcpu_run, sync_hyp_vcpu
+from pkvm.hyp.switch import flush_hyp_vcpu, kvm_vcpu_run, pkvm_vcpu_init_traps, sync_hyp_vcpu
 
 # The guest stage-2's table pages go back in the one teardown memcache.
 STAGE2_TEARDOWN_MC: Final = "teardown_mc"
@@ -69,6 +69,10 @@ def init_vcpu_slot(h: HypState, vm: PkvmHypVm, host_idx: int) -> int:
 
 def init_vcpu_done(vm: PkvmHypVm) -> None:
     vm.nr_vcpus += 1
+
+
+def init_vcpu_traps(h: HypState, vcpu: PkvmHypVcpu) -> int:
+    return pkvm_vcpu_init_traps(h, vcpu)
 
 
 # -- a run holds its vCPU -------------------------------------------------------------------

@@ -73,6 +73,8 @@ CTXT_OFF: Final = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
 CTXT_LEN: Final = CTXT_END - CTXT_START
 _U64: Final = struct.Struct("<Q")
 ID_REGS: Final = KVM.field("arch.id_regs")
+_ID_REGS_ST: Final = struct.Struct(f"<{ID_REGS.count}Q")
+assert not ID_REGS.offset & 7  # `id_reg` reads a word of the page (the VM starts one)
 
 
 # An unsigned field's width in bits by its format: read as bits of the aligned 64-bit word that
@@ -480,9 +482,18 @@ class PkvmHypVm(HypStruct):
     @property
     def id_regs(self) -> tuple[int, ...]:
         raw = self.load(ID_REGS.offset, ID_REGS.size)
-        return tuple(struct.unpack(f"<{ID_REGS.count}Q", raw))
+        return _ID_REGS_ST.unpack(raw)
+
+    def id_reg(self, i: int) -> int:
+        """`id_regs[i]` (0 past the array): one word of the struct's page."""
+        if not 0 <= i < ID_REGS.count:
+            return 0
+        word: int = self._h.mem.u64[((self._off + ID_REGS.offset) >> 3) + i]
+        return word
 
     def set_id_regs(self, regs: tuple[int, ...]) -> None:
         """Copy the host's ID registers once (`pkvm_init_features_from_host`'s sysregs)."""
-        self.store(ID_REGS.offset, struct.pack(f"<{len(regs)}Q", *regs))
+        data = _ID_REGS_ST.pack(*regs) if len(regs) == ID_REGS.count else struct.pack(
+            f"<{len(regs)}Q", *regs)
+        self.store(ID_REGS.offset, data)
         self.flags = self.flags | KVM_ARCH_FLAG_ID_REGS_INITIALIZED

@@ -107,7 +107,7 @@ def idreg_idx(enc: tuple[int, int, int, int, int]) -> int:
 
 
 def vm_has_feature(vm: "PkvmHypVm", bit: int) -> bool:
-    return bool(getattr(vm, "vcpu_features", 0) & bit)
+    return bool(vm.vcpu_features & bit)
 
 
 def _vm_supported(vm: "PkvmHypVm", what: str, sys_vals: dict[str, int]) -> bool:
@@ -121,12 +121,21 @@ def _vm_supported(vm: "PkvmHypVm", what: str, sys_vals: dict[str, int]) -> bool:
 def get_restricted_features(vm: "PkvmHypVm", sys_reg_val: int, restrictions: tuple[FtrBits, ...],
                             sys_vals: dict[str, int]) -> int:
     """`get_restricted_features`: the guest's value of one ID register."""
+    supported = {what: _vm_supported(vm, what, sys_vals) for what in ("sve", "ptrauth")
+                 if any(r.vm_supported == what for r in restrictions)}
+    return _restricted(sys_reg_val, restrictions, supported)
+
+
+def _restricted(sys_reg_val: int, restrictions: tuple[FtrBits, ...],
+                supported: dict[str, bool]) -> int:
+    """`get_restricted_features` with the VM's gates (`_vm_supported`) decided beforehand:
+    they depend on the VM and `sys_vals` only, not on the register."""
     val = 0
     for r in restrictions:
         min_signed = (1 << r.width) - 1
         sign_bit = 1 << (r.width - 1)
         sys_val = (sys_reg_val >> r.shift) & ((1 << r.width) - 1)
-        if r.vm_supported is not None and not _vm_supported(vm, r.vm_supported, sys_vals):
+        if r.vm_supported is not None and not supported[r.vm_supported]:
             val |= (min_signed if r.sign else 0) << r.shift
         elif r.sign and (sys_val >= sign_bit or r.max_val >= sign_bit):
             val |= max(sys_val, r.max_val) << r.shift
@@ -139,6 +148,11 @@ def pvm_calc_id_reg(vm: "PkvmHypVm", name: str, sys_vals: dict[str, int]) -> int
     """`pvm_calc_id_reg`: the protected guest's value of ID register `name`."""
     if name in RESTRICTIONS:
         return get_restricted_features(vm, sys_vals[name], RESTRICTIONS[name], sys_vals)
+    return _unrestricted_id_reg(name, sys_vals)
+
+
+def _unrestricted_id_reg(name: str, sys_vals: dict[str, int]) -> int:
+    """`pvm_calc_id_reg` of a register without a `pvmid_*` table."""
     if name == "ID_AA64ISAR0_EL1":
         return sys_vals[name]
     if name == "ID_AA64DFR0_EL1":
@@ -148,25 +162,33 @@ def pvm_calc_id_reg(vm: "PkvmHypVm", name: str, sys_vals: dict[str, int]) -> int
     return 0  # unhandled ID register: RAZ
 
 
-_ID_NAMES = {idreg_idx(enc): name for name, enc in ID_REG_ENC.items()}
+_ID_NAMES: Final = {idreg_idx(enc): name for name, enc in ID_REG_ENC.items()}
+_ID_IDX: Final = {name: idreg_idx(enc) for name, enc in ID_REG_ENC.items()}
+# The AArch64 ID registers (CRm 4-7) as (slot, name or None), in slot order.
+_AARCH64_SLOTS: Final = tuple((idx, _ID_NAMES.get(idx)) for idx in range(
+    idreg_idx((3, 0, 0, 4, 0)), idreg_idx((3, 0, 0, 7, 7)) + 1))
 
 
 def kvm_init_pvm_id_regs(vm: "PkvmHypVm", sys_vals: dict[str, int]) -> None:
-    """Once per VM: every AArch64 ID register (CRm 4-7) of the protected guest."""
+    """Once per VM: every AArch64 ID register (CRm 4-7) of the protected guest (each as
+    `pvm_calc_id_reg` computes it, the VM's feature gates decided once for all)."""
     if vm.id_regs_initialized:
         return
+    supported = {"sve": _vm_supported(vm, "sve", sys_vals),
+                 "ptrauth": _vm_supported(vm, "ptrauth", sys_vals)}
     regs = [0] * 56
-    for idx in range(idreg_idx((3, 0, 0, 4, 0)), idreg_idx((3, 0, 0, 7, 7)) + 1):
-        name = _ID_NAMES.get(idx)
-        regs[idx] = pvm_calc_id_reg(vm, name, sys_vals) if name is not None else 0
+    for idx, name in _AARCH64_SLOTS:
+        if name is None:
+            continue
+        table = RESTRICTIONS.get(name)
+        regs[idx] = (_restricted(sys_vals[name], table, supported) if table is not None
+                     else _unrestricted_id_reg(name, sys_vals))
     vm.set_id_regs(tuple(regs))  # stored in the hyp VM's `arch.id_regs`, flag set
 
 
 def read_vm_id_reg(vm: "PkvmHypVm", name: str) -> int:
     """`kvm_read_vm_id_reg` for an AArch64 ID register of the VM (0 before they exist)."""
-    regs = vm.id_regs
-    i = idreg_idx(ID_REG_ENC[name])
-    return regs[i] if i < len(regs) else 0
+    return vm.id_reg(_ID_IDX[name])
 
 
 def kvm_has_feat(vm: "PkvmHypVm", name: str, shift: int, limit: int, signed: bool = False) -> bool:
@@ -256,5 +278,5 @@ def pvm_sysreg_access(vm: "PkvmHypVm", enc: tuple[int, int, int, int, int], is_w
         return "emulated", 0
     if not vm.id_regs_initialized:  # read_id_reg's WARN_ON_ONCE (the caller records it)
         return "warn", 0
-    return "emulated", vm.id_regs[idreg_idx(enc)]
+    return "emulated", vm.id_reg(idreg_idx(enc))
 

@@ -130,6 +130,12 @@ class PhysMemory:
     def read_u64(self, pa: int) -> int:
         return self.u64[(pa - self.base) >> 3]
 
+    def read_table(self, pa: int) -> list[int]:
+        """The 512 descriptors of the page-table page at `pa` (`read_u64` of each, in one)."""
+        i = (pa - self.base) >> 3
+        words: list[int] = self.u64[i : i + PAGE_SIZE // 8].tolist()
+        return words
+
     def write_u64(self, pa: int, value: int) -> None:
         off = pa - self.base
         if off < self._holes_hi and off + 8 > self._holes_lo:
