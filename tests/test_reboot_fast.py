@@ -10,6 +10,7 @@ from pkvm import Machine
 from pkvm.abi.profiles import get_profile
 from pkvm.check import fuzz, fuzz_ops, host_pointers
 from pkvm.check.fuzz_gen import generate
+from test_snapshot import run_alike
 
 ABIS = ["latest", "6.12"]
 
@@ -55,14 +56,7 @@ def test_reboot_after_reboot_checks_as_a_fresh_world(abi):
     fresh = fuzz_ops.World("64M", 2, abi, ())
     assert w.m.checker._prev == fresh.m.checker._prev
     assert w.m.checker.calls == fresh.m.checker.calls == 0
-    for world in (w, fresh):
-        for step in steps:
-            try:
-                fuzz_ops.run_step(world, step)
-            except Exception as e:  # noqa: BLE001 (compared below, whatever it is)
-                world.results[("raised", type(e).__name__)] += 1
-                if world.m.dead:
-                    break
+    run_alike((w, fresh), steps)
     assert w.results == fresh.results
     assert w.m.checker.transitions == fresh.m.checker.transitions
     assert dict(w.m.checker.ghost.judged) == dict(fresh.m.checker.ghost.judged)

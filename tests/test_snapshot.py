@@ -140,6 +140,18 @@ def test_a_load_that_recycles_a_dead_machine_is_a_fresh_load(abi):
         other.hvc(0, "__pkvm_host_share_hyp", 0)
 
 
+def run_alike(worlds, steps) -> None:
+    """Run `steps` on each fuzzer world in turn, counting what any step raises in its results
+    (compared by the caller, whatever it is); a dead machine ends its world's run."""
+    for world in worlds:
+        for step in steps:
+            try:
+                fuzz_ops.run_step(world, step)
+            except Exception as e:  # noqa: BLE001 (compared by the caller)
+                world.results[("raised", type(e).__name__)] += 1
+                if world.m.dead:
+                    break
+
 @pytest.mark.parametrize("abi", ABIS)
 def test_a_reboots_world_and_checker_are_a_fresh_ones(abi):
     """The fuzzer's reboot (`World(recycle=...)`) after a hyp panic: the new machine and its
@@ -155,14 +167,7 @@ def test_a_reboots_world_and_checker_are_a_fresh_ones(abi):
     assert state(reborn.m) == state(fresh.m)
     assert reborn.m.checker._prev == fresh.m.checker._prev
     steps = generate(random.Random(3), fresh.m.profile, 2, 60)
-    for world in (reborn, fresh):
-        for step in steps:
-            try:
-                fuzz_ops.run_step(world, step)
-            except Exception as e:  # noqa: BLE001 (compared below, whatever it is)
-                world.results[("raised", type(e).__name__)] += 1
-                if world.m.dead:
-                    break
+    run_alike((reborn, fresh), steps)
     assert reborn.results == fresh.results
     assert reborn.m.checker.transitions == fresh.m.checker.transitions
     assert state(reborn.m) == state(fresh.m)

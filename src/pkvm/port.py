@@ -79,11 +79,8 @@ class HostPort:
     def write(self, cpu: int, pa: int, data: bytes) -> None:
         m = self._m
         if 0 < len(data) <= PAGE_SIZE - (pa & 0xFFF):  # within one page: `_write`, inlined
-            out = m._door.host_hit(cpu, pa, True)
-            if out == S2_WALK_FAULT:
-                hit = m.host_translate_slow(cpu, pa, True)
-                out = -1 if hit is None else hit
-            if out >= 0:
+            out = m.host_translate(cpu, pa, True)
+            if out is not None:
                 m.mem.write(out, data)
         else:
             self._write(cpu, pa, data)
@@ -139,11 +136,8 @@ class HostPort:
         translated first; RAM that comes out adjacent is zeroed in one go (`zero_runs`)."""
         m = self._m
         if n == PAGE_SIZE and not pa & 0xFFF:  # one page (the host's `alloc_pages(1)`)
-            out = m._door.host_hit(cpu, pa, True)
-            if out == S2_WALK_FAULT:
-                hit = m.host_translate_slow(cpu, pa, True)
-                out = -1 if hit is None else hit
-            if out >= 0:
+            out = m.host_translate(cpu, pa, True)
+            if out is not None:
                 m.mem.zero(out, n)
         else:
             zero_runs(m.mem, self._translate(cpu, pa, n, True))

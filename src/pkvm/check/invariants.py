@@ -310,16 +310,7 @@ class Checker(GlobalInvariants):
             h0, h1, y0, y1 = ph[i], ch[i], py[i], cy[i]
             r0, r1, s0, s1 = pr[i], cr[i], ps[i], cs[i]
             if h0 != h1 or y0 != y1:
-                key = (h0, y0, h1, y1)
-                names = _TRANSITION_NAMES.get(key)
-                if names is None:
-                    names = _TRANSITION_NAMES[key] = (
-                        (_name(h0), _name(y0)), (_name(h1), _name(y1)))
-                self.transitions[names] += 1
-                if h0 != h1:
-                    ph[i] = h1
-                if y0 != y1:
-                    py[i] = y1
+                self._transition(i, h0, y0, h1, y1)
             elif r0 == r1 and s0 == s1:
                 continue
             out.add(pfn)
@@ -328,6 +319,19 @@ class Checker(GlobalInvariants):
             if s0 != s1:
                 ps[i] = s1
         return out
+
+    def _transition(self, i: int, h0: int, y0: int, h1: int, y1: int) -> None:
+        """Count the change of (host, hyp) state of the page at vmemmap index `i` (the names
+        made once per change) and bring the copy's two states up to date (7.2)."""
+        key = (h0, y0, h1, y1)
+        names = _TRANSITION_NAMES.get(key)
+        if names is None:
+            names = _TRANSITION_NAMES[key] = ((_name(h0), _name(y0)), (_name(h1), _name(y1)))
+        self.transitions[names] += 1
+        if h0 != h1:
+            self._pairs[0][1][i] = h1
+        if y0 != y1:
+            self._pairs[1][1][i] = y1
 
     def _changed_generic(self, dirty: set[int]) -> set[int]:
         """Of the noted pfns `dirty`, those whose entry differs from the copy (then noted)."""
@@ -374,16 +378,7 @@ class Checker(GlobalInvariants):
             for i in idx:
                 h0, y0, h1, y1 = ph[i], py[i], ch[i], cy[i]
                 if h0 != h1 or y0 != y1:
-                    key = (h0, y0, h1, y1)
-                    names = _TRANSITION_NAMES.get(key)
-                    if names is None:
-                        names = _TRANSITION_NAMES[key] = (
-                            (_name(h0), _name(y0)), (_name(h1), _name(y1)))
-                    self.transitions[names] += 1
-                    if h0 != h1:
-                        ph[i] = h1
-                    if y0 != y1:
-                        py[i] = y1
+                    self._transition(i, h0, y0, h1, y1)
             rest = self._pairs[2:]
         else:
             rest = self._pairs
