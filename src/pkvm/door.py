@@ -17,7 +17,7 @@ from typing import Any, Final, NamedTuple
 
 from mypy_extensions import mypyc_attr
 
-from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile
+from pkvm.abi.profiles import ALL_HCALL_NAMES, Profile, func_ids
 from pkvm.errors import HypPanic
 from pkvm.hyp.hyp_main import handle_host_hcall
 from pkvm.hyp.panic import HypBug
@@ -106,18 +106,6 @@ class TraceRecord:
         }
 
 
-# Each profile's hypercall names -> function IDs, built once per profile (by name) rather than
-# by every door (a snapshot load, each reboot of a fuzzing campaign); never written after.
-_FUNC_IDS: Final[dict[str, dict[str, int | None]]] = {}
-
-
-def _func_ids(profile: Profile) -> dict[str, int | None]:
-    ids = _FUNC_IDS.get(profile.name)
-    if ids is None:
-        ids = _FUNC_IDS[profile.name] = {name: profile.func_id(name) for name in profile.hcalls}
-    return ids
-
-
 class HvcDoor:
     """The per-call path of the HVC instruction (and the trace both doors keep)."""
 
@@ -131,7 +119,7 @@ class HvcDoor:
         # The trace's `append`, bound once: compiled, `self.trace.append(rec)` looks the method
         # up by name on every call.
         self.trace_append: Callable[[TraceRecord], None] = trace.append
-        self.func_ids = _func_ids(profile)
+        self.func_ids = func_ids(profile)
         # The machine's interposers (the same list) and its way through them: the chain
         # `Machine.interpose_hvc` composes (the generic `Machine._interpose` until then), which
         # `Machine.hvc` and `hvc` take while there are interposers.

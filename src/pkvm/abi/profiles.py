@@ -329,6 +329,20 @@ def abi_name(name: str) -> str:
         raise ValueError(f"unknown abi {name!r}: use '6.12' or 'latest' (7.2)") from None
 
 
+
+# Each profile's hypercall names -> function IDs, built once per profile (by name) rather than
+# by every HVC door or ghost (a snapshot load, each reboot of a fuzzing campaign); never
+# written after.
+_FUNC_IDS: Final[dict[str, dict[str, int | None]]] = {}
+
+
+def func_ids(profile: Profile) -> dict[str, int | None]:
+    """`profile.func_id` of each of its hypercalls (do not modify the dict)."""
+    ids = _FUNC_IDS.get(profile.name)
+    if ids is None:
+        ids = _FUNC_IDS[profile.name] = {name: profile.func_id(name) for name in profile.hcalls}
+    return ids
+
 def profile_for(name: str) -> Profile:
     """The profile of a kernel or ABI name: "6.12", "7.2" or its alias "latest"."""
     return _BY_NAME[abi_name(name)]

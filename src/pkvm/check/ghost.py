@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_VCPU
+from pkvm.abi.profiles import func_ids
 from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_ffa import FfaGhost
 from pkvm.check.ghost_guest import GuestGhost, range_errno
@@ -72,16 +73,10 @@ def _retired(*args: Any) -> Any:
     raise RuntimeError("a retired checker's ghost was called")
 
 
-# Each profile's hypercall names -> function IDs, built once per profile (by name, as the door's
-# `_FUNC_IDS`) rather than looked up in its table by each ghost (every reboot of a campaign).
-_FUNC_IDS: Final[dict[str, dict[str, int | None]]] = {}
-
-
 def func_id(prof: Profile, name: str) -> int | None:
-    """`prof.func_id(name)` (tests/test_checker_runs.py compares)."""
-    ids = _FUNC_IDS.get(prof.name)
-    if ids is None:
-        ids = _FUNC_IDS[prof.name] = {n: prof.func_id(n) for n in prof.hcalls}
+    """`prof.func_id(name)`, from the profile's table (`func_ids`) where it has the name
+    (tests/test_checker_runs.py compares)."""
+    ids = func_ids(prof)
     return ids[name] if name in ids else prof.func_id(name)
 
 
