@@ -104,6 +104,15 @@ class PhysMemory:
         self._holes_lo = 0
         self._holes_hi = 0
         self._holes_gen = -1
+        # What RAM holds, for a reboot that reuses it (`reuse_ram`): the snapshot pages it was
+        # set to (`_base`, or None: not known) at emulator generation `_base_gen`, since when
+        # `write`, `write_u64` and `zero` have stored to the pages marked 1 in `_stored` (the
+        # last page `write_u64` marked: `_stored_last`) and nothing else to any page but a
+        # CPU run (which moves the generation).
+        self._stored = bytearray(self.nr_pages)
+        self._stored_last = -1
+        self._base: list[tuple[int, bytes]] | None = None
+        self._base_gen = -1
 
     # -- physical map ------------------------------------------------------------------
     def is_ram(self, pa: int) -> bool:
@@ -126,6 +135,12 @@ class PhysMemory:
         if off < self._holes_hi and off + len(data) > self._holes_lo:
             self._stored_in_holes(off)
         self._bytes[off : off + len(data)] = data
+        first = off >> PAGE_SHIFT
+        last = (off + len(data) - 1) >> PAGE_SHIFT
+        if last == first:
+            self._stored[first] = 1
+        elif last > first:
+            self._stored[first : last + 1] = b"\x01" * (last + 1 - first)
 
     def read_u64(self, pa: int) -> int:
         return self.u64[(pa - self.base) >> 3]
@@ -141,10 +156,21 @@ class PhysMemory:
         if off < self._holes_hi and off + 8 > self._holes_lo:
             self._stored_in_holes(off)
         self._u64[off >> 3] = value
+        page = off >> PAGE_SHIFT
+        if page != self._stored_last:
+            self._stored[page] = 1
+            self._stored_last = page
 
     def _stored_in_holes(self, off: int) -> None:
         """A store from `off` on, into the known holes: those from its page on are no more."""
         self._holes_hi = max(self._holes_lo, off & ~(PAGE_SIZE - 1))
+
+    def _set_base(self, pages: list[tuple[int, bytes]]) -> None:
+        """RAM holds `pages` and zeros (a snapshot's load): no page stored to since."""
+        self._stored = bytearray(self.nr_pages)
+        self._stored_last = -1
+        self._base = pages
+        self._base_gen = _EMULATOR[1] if not _EMULATOR[0] else -1
 
     def forget_holes(self) -> None:
         """Keep no holes: RAM was stored to behind `write` and `write_u64` (`reuse_ram`)."""
@@ -174,6 +200,7 @@ class PhysMemory:
                 backed[first + k] = 1
             if ram[page : page + PAGE_SIZE] != ZERO_PAGE:
                 ram[page : page + PAGE_SIZE] = ZERO_PAGE
+                self._stored[first + k] = 1
             k += 1
 
     def holes_end(self, off: int) -> int:
@@ -270,6 +297,7 @@ def _restore_ram(size: int, pages: list[tuple[int, bytes]]) -> PhysMemory:
     ram = mem._map
     for off, page in pages:
         ram[off : off + PAGE_SIZE] = page
+    mem._set_base(pages)
     return mem
 
 
@@ -294,15 +322,21 @@ _ZEROS: Final = bytes(1 << 20)  # zeros to write over RAM, up to 1 MiB at a time
 
 def reuse_ram(mem: PhysMemory, size: int, pages: list[tuple[int, bytes]]) -> PhysMemory:
     """`_restore_ram(size, pages)` made of `mem`, a RAM its machine is done with (a fuzzer's
-    reboot after a hyp panic): the same contents as a fresh one. Every page that holds data in
-    the RAM file (whoever wrote it: the hyp, the host, the emulator; holes read as zeros) is
-    zeroed, then the snapshot's `pages` written: a copy of memory per page, no comparison.
-    Pages stay resident (a page punched back into a hole would cost a page fault at its next
-    store, ~4 us, and the next machine stores to the same pages: it starts from the same
-    snapshot). A fresh RAM where `mem` has no file (every page would count as holding data)
-    or another size."""
+    reboot after a hyp panic): the same contents as a fresh one. Where `mem` was itself set
+    to `pages` and no CPU has run since, only the pages stored to since are set back
+    (`_reuse_stored`); else every page that holds data in the RAM file (whoever wrote it: the
+    hyp, the host, the emulator; holes read as zeros) is zeroed, then the snapshot's `pages`
+    written: a copy of memory per page, no comparison. Pages stay resident (a page punched
+    back into a hole would cost a page fault at its next store, ~4 us, and the next machine
+    stores to the same pages: it starts from the same snapshot). A fresh RAM where `mem` has
+    no file (every page would count as holding data) or another size."""
     if mem._file is None or mem.size != size:
         return _restore_ram(size, pages)
+    if (mem._base is not None and mem._base_gen == _EMULATOR[1] and not _EMULATOR[0]
+            and mem._base == pages):
+        _reuse_stored(mem, pages)
+        mem._base = pages
+        return mem
     ram = mem._map
     zeros = memoryview(_ZEROS)
     off = mem.next_data(0)
@@ -317,4 +351,22 @@ def reuse_ram(mem: PhysMemory, size: int, pages: list[tuple[int, bytes]]) -> Phy
     for off, page in pages:
         ram[off : off + PAGE_SIZE] = page
     mem.forget_holes()  # stored behind `write`: the holes it knew may hold data
+    mem._set_base(pages)
     return mem
+
+
+def _reuse_stored(mem: PhysMemory, pages: list[tuple[int, bytes]]) -> None:
+    """`reuse_ram`'s RAM set back to `pages` where it holds them but for the pages stored to
+    since (`PhysMemory._stored`): each of those written again, from `pages` or zeros."""
+    want = dict(pages)
+    ram = mem._map
+    stored = mem._stored
+    k = stored.find(1)
+    while k >= 0:
+        off = k << PAGE_SHIFT
+        page = want.get(off)
+        ram[off : off + PAGE_SIZE] = ZERO_PAGE if page is None else page
+        stored[k] = 0
+        k = stored.find(1, k + 1)
+    mem._stored_last = -1
+    mem.forget_holes()
