@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from pkvm.arch.pgtable_hyp import hyp_unmap_walk, kvm_pgtable_hyp_map, kvm_pgtable_hyp_unmap
 from pkvm.arch.pgtable_stage2 import (
@@ -94,6 +94,8 @@ from pkvm.arch.pte import (  # every descriptor name, as `kvm_pgtable.h` gives t
 )
 from pkvm.errors import EAGAIN, EINVAL, ENOMEM, ERANGE
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, PhysMemory
+
+_SHORT_MAX: Final = 0x3FFF_FFFF_FFFF_FFFF  # (compiled, the largest int kept unboxed)
 
 __all__ = [
     "CPU_HAS_XNX",
@@ -282,8 +284,10 @@ class KvmPgtable:
 
     def walk(self, addr: int, size: int, cb: Visitor, flags: int, arg: Any = None) -> int:
         """`kvm_pgtable_walk`: visit entries covering [addr, addr+size) depth-first."""
-        start = addr & ~(PAGE_SIZE - 1) & U64
-        end = (start + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1) & U64
+        start = addr & ~(PAGE_SIZE - 1)
+        start = start if 0 <= start <= _SHORT_MAX else start & U64  # (`& U64`: a long op)
+        end = (start + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        end = end if 0 <= end <= _SHORT_MAX else end & U64
         limit = 1 << self.ia_bits
         if start > limit or end > limit:
             return -ERANGE
@@ -330,7 +334,8 @@ class KvmPgtable:
             if not self.walk_continues(ret, flags):
                 return ret
             if not is_table:
-                state[0] = ((state[0] & ~(gsize - 1)) + gsize) & U64
+                nxt = (state[0] & ~(gsize - 1)) + gsize
+                state[0] = nxt if 0 <= nxt <= _SHORT_MAX else nxt & U64
                 if state[0] == 0:
                     return 0
                 idx += 1

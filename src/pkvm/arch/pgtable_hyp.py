@@ -47,7 +47,7 @@ def kvm_pgtable_hyp_map(pgt: KvmPgtable, addr: int, size: int, phys: int, prot: 
                 return 0
             if pte_valid(old) and (old ^ new) & ~KVM_PTE_LEAF_ATTR_HI_SW:
                 return -EINVAL
-            pgt.set_pte(ptep, old, new)
+            pgt.set_pte(ptep, old, new, addr, 3)
             return 0
     return hyp_map_walk(pgt, addr, size, base, attr)
 
@@ -67,14 +67,14 @@ def hyp_map_walk(pgt: KvmPgtable, addr: int, size: int, base: int, attr: int) ->
                 return 0
             if pte_valid(ctx.old) and (ctx.old ^ new) & ~KVM_PTE_LEAF_ATTR_HI_SW:
                 return -EINVAL
-            pgt.set_pte(ctx.ptep, ctx.old, new)
+            pgt.set_pte(ctx.ptep, ctx.old, new, ctx.addr, level)
             return 0
         if level == KVM_PGTABLE_LAST_LEVEL:
             return -EINVAL
         # Like Linux, a block in the way is replaced by an empty table (taking a
         # reference for the entry even where the block already held one).
         was_valid = pte_valid(ctx.old)
-        ret = pgt.new_table(ctx.ptep, ctx.old)
+        ret = pgt.new_table(ctx.ptep, ctx.old, ctx.addr, level)
         if not ret and was_valid:
             pgt.mm_ops.get_page(ctx.ptep & ~(PAGE_SIZE - 1))
         return ret
@@ -104,15 +104,13 @@ def hyp_unmap_page(pgt: KvmPgtable, addr: int) -> int:
             continue
         if level < 3 or not old & KVM_PTE_VALID:  # a block, or nothing: -EINVAL, stop
             return 0
-        pgt.set_pte(ptep, old, 0)
-        pgt.invalidate(addr, level)
+        pgt.set_pte_invalidate(ptep, old, 0, addr, level)  # (valid: `set_pte`, `invalidate`)
         break
     mm_ops = pgt.mm_ops
     for ptep, old, level in reversed(tables):  # the TABLE_POST visits
         child = old & KVM_PTE_ADDR_MASK
         if mm_ops.page_count(child) == 1:
-            pgt.set_pte(ptep, old, 0)
-            pgt.invalidate(addr, level)
+            pgt.set_pte_invalidate(ptep, old, 0, addr, level)  # (a table: valid)
             mm_ops.put_page(child)
     return PAGE_SIZE
 
@@ -130,8 +128,7 @@ def hyp_unmap_walk(pgt: KvmPgtable, addr: int, size: int) -> int:
             return 0
         if ctx.end - ctx.addr < g:
             return -EINVAL
-        pgt.set_pte(ctx.ptep, ctx.old, 0)
-        pgt.invalidate(ctx.addr, ctx.level)
+        pgt.set_pte_invalidate(ctx.ptep, ctx.old, 0, ctx.addr, ctx.level)  # (valid)
         unmapped[0] += g
         return 0
 

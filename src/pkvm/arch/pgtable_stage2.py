@@ -72,10 +72,32 @@ def kvm_pgtable_stage2_map(
         if ret is not None:
             return ret
     if phys is None:
+        ret = _stage2_annotate_pages(pgt, addr, size, annotation, flags)
+        if ret is not None:
+            return ret
         force_pte = True
     else:
         force_pte = pgt.force_pte_cb(addr, addr + size, prot) if pgt.force_pte_cb else False
     return _stage2_map_walk(pgt, addr, size, phys, annotation, flags, attr, base, force_pte)
+
+
+def _stage2_annotate_pages(pgt: KvmPgtable, addr: int, size: int, annotation: int,
+                           flags: int) -> int | None:
+    """An annotation of aligned pages inside the input range of a table with a root: the walk
+    of the range, a page at a time. An annotation forces level-3 entries, so the walk makes, for
+    each page in order, exactly the stores a walk of that page alone would (an entry in the way
+    above level 3 becomes a table that the later pages then walk through), and stops at the
+    first error; no page is written before a range check fails. None: the walk must decide."""
+    if (size <= PAGE_SIZE or addr & (PAGE_SIZE - 1) or size & (PAGE_SIZE - 1)
+            or addr + size > 1 << pgt.ia_bits or not pgt.pgd):
+        return None
+    for page in range(addr, addr + size, PAGE_SIZE):
+        ret = _stage2_map_page(pgt, page, annotation, flags)
+        if ret is None:
+            ret = _stage2_map_walk(pgt, page, PAGE_SIZE, None, annotation, flags, 0, 0, True)
+        if ret:
+            return ret
+    return 0
 
 
 def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, annotation: int,

@@ -20,7 +20,7 @@ from pkvm.hyp import mem_protect_guest as mpg
 from pkvm.hyp import pkvm, pkvm_one_phase, pkvm_two_phase, tlb
 from pkvm.hyp.ffa import hyp_ffa_init, kvm_host_ffa_handler
 from pkvm.hyp.mem_protect import __pkvm_host_share_hyp, __pkvm_host_unshare_hyp
-from pkvm.hyp.mm import el2_read, el2_write_u64, kern_hyp_va
+from pkvm.hyp.mm import SHORT_MAX, el2_read, el2_write_u64, kern_hyp_va
 from pkvm.hyp.panic import HypBug
 from pkvm.hyp.pkvm_structs import PkvmHypVcpu, PkvmHypVm
 from pkvm.hyp.psci_relay import kvm_host_psci_handler
@@ -66,7 +66,7 @@ class HostCtxt:
         return kern_hyp_va(self.h, self.regs[n])
 
     def ret(self, value: int) -> None:
-        self.regs[1] = value & U64
+        self.regs[1] = value if 0 <= value <= SHORT_MAX else value & U64  # (no long mask)
 
 
 Handler = Callable[[HypState, HostCtxt], None]

@@ -25,7 +25,7 @@ from pkvm.hyp.memblock import find_mem_range as find_mem_range
 from pkvm.hyp.memblock import pfn_range_is_valid as pfn_range_is_valid
 from pkvm.hyp.memblock import range_is_memory as range_is_memory
 from pkvm.hyp.memory import ComponentId, HostHypTransitions, PageState, PageStates
-from pkvm.hyp.mm import hyp_pa, hyp_va, pkvm_create_mappings_locked
+from pkvm.hyp.mm import SHORT_MAX, hyp_pa, hyp_va, pkvm_create_mappings_locked
 from pkvm.hyp.panic import HypBug, HypWarn
 from pkvm.hyp.pgtable import (
     KVM_PGTABLE_PROT_RW,
@@ -81,7 +81,8 @@ def _state(value: int) -> PageState:
 
 
 def hyp_pfn_to_phys(pfn: int) -> int:
-    return (pfn << PAGE_SHIFT) & U64
+    phys = pfn << PAGE_SHIFT
+    return phys if 0 <= phys <= SHORT_MAX else phys & U64
 
 
 # -- page states in page-table software bits (include/nvhe/mem_protect.h) -------------------

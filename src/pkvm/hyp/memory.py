@@ -95,7 +95,10 @@ class HypVmemmap:
         """`touch` of entries [i, i + n)."""
         d = self.dirty
         if d is not None:
-            d.update(range(i, i + n))
+            if n == 1:  # (a page: `add`, without the range object and the update's iteration)
+                d.add(i)
+            else:
+                d.update(range(i, i + n))
 
     def idx(self, pa: int) -> int:
         """`hyp_phys_to_page`: the entry of `pa`. Outside RAM the kernel's pointer lands outside

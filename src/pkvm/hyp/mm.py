@@ -8,6 +8,7 @@ hyp panic. This is how a host pointer the hyp has not pinned (or NULL) brings th
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
@@ -24,6 +25,9 @@ from pkvm.hyp.state import HYP_LINEAR_OFFSET, HypState
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE, RAM_BASE
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
+# The largest int compiled code keeps unboxed (63-bit tagged): from 0 to it, `x & U64` is `x`,
+# and testing that is two compares where the mask itself is a long-integer operation.
+SHORT_MAX: Final = 0x3FFF_FFFF_FFFF_FFFF
 PAGE_OFFSET_MASK: Final = PAGE_SIZE - 1
 S1_AP_MASK: Final = 3  # AP[2:1]
 MAX_BAD_STORES: Final = 64  # EL2 stores outside the hyp's pages kept for the report
@@ -31,12 +35,14 @@ MAX_BAD_STORES: Final = 64  # EL2 stores outside the hyp's pages kept for the re
 
 def hyp_va(pa: int) -> int:
     """`__hyp_va`."""
-    return (pa + HYP_LINEAR_OFFSET) & U64
+    va = pa + HYP_LINEAR_OFFSET
+    return va if 0 <= va <= SHORT_MAX else va & U64
 
 
 def hyp_pa(va: int) -> int:
     """`__hyp_pa` of a linear-map VA."""
-    return (va - HYP_LINEAR_OFFSET) & U64
+    pa = va - HYP_LINEAR_OFFSET
+    return pa if 0 <= pa <= SHORT_MAX else pa & U64
 
 
 def kern_hyp_va_to_pa(h: HypState, host_va: int) -> int:
@@ -55,18 +61,19 @@ def kern_hyp_va(h: HypState, host_va: int) -> int:
 # -- EL2 memory accesses through the hyp stage-1 -------------------------------------------
 def el2_translate(h: HypState, va: int, write: bool = False) -> int:
     """The PA an EL2 access to `va` reaches: through EL2's TLB, else a walk of the hyp stage-1
-    (an unmapped VA is a data abort, a read-only one a permission fault: a hyp panic)."""
-    pgt = h.pkvm_pgtable
-    assert pgt is not None
+    (an unmapped VA is a data abort, a read-only one a permission fault: a hyp panic). An entry
+    is (PA page, writable, mark): the hyp stage-1 tells the TLB the input range of every valid
+    descriptor it replaces (`KvmPgtable.changed`: `Tlb.mark_range`), and a hit on a marked
+    entry is walked again (`_recheck`); an unmarked one is one whose walk nothing changed."""
     entries = h.el2_tlb.entries
     key = (va >> PAGE_SHIFT) << 1
     e = entries.get(key)
     if e is not None and (e[1] or not write):
-        if e[2] != pgt.gen:
+        if e[2]:
             _recheck(h, va, key, e, write)
         return e[0] | (va & PAGE_OFFSET_MASK)
     pa, writable = _walk(h, va, write)
-    entries[key] = (pa & ~PAGE_OFFSET_MASK, writable, pgt.gen)
+    entries[key] = (pa & ~PAGE_OFFSET_MASK, writable, 0)
     return pa
 
 
@@ -87,14 +94,15 @@ def _s1_writable(pte: int) -> bool:
 
 
 def _recheck(h: HypState, va: int, key: int, e: Sequence[int], write: bool) -> None:
-    """A hit on an entry filled before the table last changed: does a fresh walk agree?"""
+    """A hit on an entry marked changed: does a fresh walk agree? (Agreeing, the mark is
+    cleared; disagreeing, the stale use is recorded and the entry stays marked.)"""
     pgt = h.pkvm_pgtable
     ret, pte, level = pgt.get_leaf(va)
     if not ret and pte_valid(pte):
         mask = (1 << granule_shift(level)) - 1
         fresh = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask & ~PAGE_OFFSET_MASK)
         if fresh == e[0] and _s1_writable(pte) == e[1]:
-            h.el2_tlb.entries[key] = (e[0], e[1], pgt.gen)
+            h.el2_tlb.entries[key] = (e[0], e[1], 0)
             return
         now = f"maps PA {fresh:#x}"
     else:
@@ -111,6 +119,9 @@ def hyp_stage1_tlbi(h: HypState) -> Callable[[int, int], None]:
 
 def _hyp_stage1_tlbi(h: HypState, start: int, size: int) -> None:
     if h.bug("hyp-unmap-no-tlbi"):  # seeded: the unmap leaves EL2's TLB as it was
+        # (The model's bookkeeping, not the kernel's: the store skipped marking the range for
+        # the TLBI that would drop it; its entries, kept, are walked again at their next use.)
+        h.el2_tlb.mark_range(start, size)
         return
     h.el2_tlb.flush_range(start, size)
 
@@ -217,7 +228,31 @@ def el2_read_int(h: HypState, va: int, n: int, signed: bool = False) -> int:
 
 
 def el2_read_u64(h: HypState, va: int) -> int:
+    """`el2_read_int(h, va, 8)`; aligned: one translation, the preemption point, a word load."""
+    if not va & 7:
+        pa = el2_translate(h, va)
+        if h.locks.scheduler is not None:
+            _host_read_point(h, pa, 8)
+        return h.mem.read_u64(pa)
     return el2_read_int(h, va, 8)
+
+
+def el2_read_u64s(h: HypState, va: int, count: int) -> list[int]:
+    """`[el2_read_u64(h, va + 8 * i) for i in range(count)]` (an array of a host struct read
+    one element at a time): where the words lie in one page, no scheduler listens and the first
+    read leaves the page's TLB entry unmarked (every later read of the page is then a plain hit:
+    the same PA, nothing recorded), one translation and one unpacking of the bytes (aligned or
+    not: `el2_read_int`'s words are the little-endian bytes)."""
+    if count > 0 and (va & PAGE_OFFSET_MASK) + 8 * count <= PAGE_SIZE and h.locks.scheduler is None:
+        pa = el2_translate(h, va)
+        mem = h.mem
+        e = h.el2_tlb.entries.get((va >> PAGE_SHIFT) << 1)
+        if e is not None and not e[2]:
+            words: list[int] = list(struct.unpack_from(f"<{count}Q", mem.bytes, pa - mem.base))
+            return words
+        out = [int.from_bytes(mem.read(pa, 8), "little")]  # the first read, translated
+        return out + [el2_read_u64(h, va + 8 * k) for k in range(1, count)]
+    return [el2_read_u64(h, va + 8 * k) for k in range(count)]
 
 
 def el2_write_u64(h: HypState, va: int, value: int) -> None:
@@ -226,7 +261,7 @@ def el2_write_u64(h: HypState, va: int, value: int) -> None:
     if not va & 7:
         pa = el2_translate(h, va, write=True)
         check_store(h, pa)
-        h.mem.write_u64(pa, value & U64)
+        h.mem.write_u64(pa, value if 0 <= value <= SHORT_MAX else value & U64)
         return
     el2_write(h, va, (value & U64).to_bytes(8, "little"))
 

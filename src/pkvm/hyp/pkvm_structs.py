@@ -33,7 +33,7 @@ from mypy_extensions import mypyc_attr
 
 from pkvm.abi import sizes
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, KVM, KVM_ARCH_FLAG_ID_REGS_INITIALIZED, KVM_VCPU
-from pkvm.hyp.mm import check_store, el2_translate, el2_write, hyp_pa, hyp_va
+from pkvm.hyp.mm import U64, check_store, el2_translate, el2_write, el2_write_u64, hyp_pa, hyp_va
 
 if TYPE_CHECKING:
     from pkvm.hyp.page_alloc import HypPool
@@ -71,7 +71,6 @@ assert _VCPU_USED <= HYP_VCPU["host_vcpu"][0], "the model's kvm_vcpu copy overla
 assert HYP_VM["nr_vcpus"][0] + 4 <= HYP_VM_VCPUS
 CTXT_OFF: Final = CTXT_START  # `vcpu.arch.ctxt` inside the hyp vCPU
 CTXT_LEN: Final = CTXT_END - CTXT_START
-_U64: Final = struct.Struct("<Q")
 ID_REGS: Final = KVM.field("arch.id_regs")
 _ID_REGS_ST: Final = struct.Struct(f"<{ID_REGS.count}Q")
 assert not ID_REGS.offset & 7  # `id_reg` reads a word of the page (the VM starts one)
@@ -108,7 +107,16 @@ def struct_set(s: HypStruct, f: Scalar, value: int) -> None:
     value read back equal means the bytes are equal: decided on the integer, with no bytes
     packed or sliced for a store that is elided."""
     if struct_get(s, f) != value:
-        store_scalar(s, f[0], f[1].pack(int(value)))
+        off, st, bits = f
+        if bits == 64 and not (s._off + off) & 7 and 0 <= value <= U64:
+            # An aligned u64 in range (what `pack` accepts): `store_scalar`'s translation and
+            # store check, then a word store of the same 8 bytes, without packing them.
+            h = s._h
+            pa = el2_translate(h, s.va + off, True)
+            check_store(h, pa)
+            h.mem.write_u64(pa, int(value))
+            return
+        store_scalar(s, off, st.pack(int(value)))
 
 
 def store_scalar(s: HypStruct, off: int, data: bytes) -> None:
@@ -170,18 +178,28 @@ class Memcache:
         return (Memcache, (self._s,), self.__getstate__())
 
     def __getitem__(self, i: int) -> int:
+        """A word of the struct's page (both fields are aligned u64s: one load of the RAM's
+        word view, no `unpack_from` and tuple)."""
         s = self._s
-        value: int = _U64.unpack_from(s._h.mem.bytes, s._off + (self._NR if i else self._HEAD))[0]
+        value: int = s._h.mem.u64[(s._off + (self._NR if i else self._HEAD)) >> 3]
         return value
 
     def __setitem__(self, i: int, value: int) -> None:
-        self._s.store(self._NR if i else self._HEAD, (value & (2**64 - 1)).to_bytes(8, "little"))
+        """`store` of the 8 bytes of `value` (aligned: `el2_write_u64`, the same translation,
+        store check and word store, without the bytes)."""
+        s = self._s
+        el2_write_u64(s._h, s.va + (self._NR if i else self._HEAD), value)
 
     def __iter__(self) -> Iterator[int]:
         return iter((self[0], self[1]))
 
     def __repr__(self) -> str:
         return f"[{self[0]:#x}, {self[1]}]"
+
+
+# `Memcache`'s fields are aligned words (the struct starts a page): a word load, a word store.
+assert not KVM_VCPU.offset("arch.pkvm_memcache.head") & 7
+assert not KVM_VCPU.offset("arch.pkvm_memcache.nr_pages") & 7
 
 
 def vcpus_slot(idx: int) -> int:

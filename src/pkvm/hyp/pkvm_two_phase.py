@@ -15,7 +15,7 @@ from pkvm.abi import sizes
 from pkvm.abi.host_structs import KVM, KVM_ARCH_FLAG_ID_REGS_INITIALIZED, KVM_ARM_VCPU_PSCI_0_2
 from pkvm.errors import EINVAL
 from pkvm.hyp.mem_protect_guest import __pkvm_host_reclaim_page_guest
-from pkvm.hyp.mm import el2_read_u64
+from pkvm.hyp.mm import el2_read_u64s
 from pkvm.hyp.pkvm import (
     RESERVED_ENTRY,
     _teardown_hyp_memory,
@@ -38,7 +38,7 @@ from pkvm.hyp.sys_regs import kvm_init_pvm_id_regs
 
 # The guest stage-2's table pages go back in their own memcache (accounted as stage-2).
 STAGE2_TEARDOWN_MC: Final = "stage2_teardown_mc"
-_HOST_ID_REGS: Final = KVM.field("arch.id_regs")  # u64[], read one by one (each a host read)
+_HOST_ID_REGS: Final = KVM.field("arch.id_regs")  # u64[], each element a host read
 
 
 # -- the reserved handle -----------------------------------------------------------------------
@@ -115,7 +115,7 @@ def init_vcpu_slot(h: HypState, vm: PkvmHypVm, host_idx: int) -> int:
             return -EINVAL
         if not vm.id_regs_initialized:
             base = vm.host_kvm + _HOST_ID_REGS.offset
-            vm.set_id_regs(tuple([el2_read_u64(h, base + 8 * i) for i in range(_HOST_ID_REGS.count)]))
+            vm.set_id_regs(tuple(el2_read_u64s(h, base, _HOST_ID_REGS.count)))
     bad_idx = idx < 0 or idx >= vm.created_vcpus
     if h.bug("vcpu-index-range") and idx >= 0:
         bad_idx = idx > len(vm.vcpus)  # seeded: off by one, idx == created_vcpus passes

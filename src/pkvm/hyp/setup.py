@@ -147,6 +147,7 @@ def recreate_hyp_mappings(h: HypState, early: _EarlyAlloc) -> int:
     if ret:
         return ret
     pgt.tlbi = hyp_stage1_tlbi(h)
+    pgt.changed = h.el2_tlb.mark_range  # EL2's TLB entries to walk again at next use
     h.pkvm_pgtable = pgt
     with h.pkvm_pgd_lock:
         for _name, pa, pages, prot in image_sections(h):

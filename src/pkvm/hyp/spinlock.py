@@ -65,14 +65,15 @@ class HypSpinLock:
             locks.scheduler.preempt(cpu, "acquire", self.name)
             cpu = locks.cpu
         held = locks.held[cpu]
-        if self.owner == cpu:
+        owner = self.owner  # (narrowed to an int below: compiled, compared unboxed)
+        if owner is not None and owner == cpu:
             raise LockOrderError(f"cpu {cpu} takes {self.name} twice")
         if held and held[-1].rank >= self.rank:
             raise LockOrderError(
                 f"cpu {cpu} takes {self.name} while holding {held[-1].name}: "
                 f"order is vm_table -> host -> hyp -> guest -> pool"
             )
-        if self.owner is not None:
+        if owner is not None:
             if locks.scheduler is None:
                 raise LockOrderError(f"cpu {cpu} spins on {self.name} held by cpu {self.owner}")
             locks.scheduler.wait_lock(cpu, self)
@@ -82,7 +83,8 @@ class HypSpinLock:
     def release(self) -> None:
         locks = self.locks
         cpu = locks.cpu
-        if self.owner != cpu:
+        owner = self.owner
+        if owner is None or owner != cpu:
             raise LockOrderError(f"cpu {cpu} releases {self.name} it does not hold")
         held = locks.held[cpu]
         if held[-1] is self:  # the innermost lock, as the kernel's nesting releases them
@@ -94,7 +96,8 @@ class HypSpinLock:
             locks.scheduler.preempt(cpu, "release", self.name)
 
     def assert_held(self) -> None:
-        if self.owner != self.locks.cpu:
+        owner = self.owner
+        if owner is None or owner != self.locks.cpu:
             raise LockOrderError(f"{self.name} must be held here")
 
     def __enter__(self) -> "HypSpinLock":
