@@ -143,7 +143,11 @@ class World:
     def _log_call(self, proceed: Any, cpu: int, func: Any, args: tuple[int, ...]) -> Any:
         """Log each hypercall as it is issued (a call that raises is logged too), with the
         stores a racing host CPU made during it."""
-        ev: list[Any] = ["hvc", cpu, func, tuple([a & U64 for a in args]), ()]
+        n = len(args)  # the arguments as 64-bit registers (the usual counts written out)
+        masked = ((args[0] & U64,) if n == 1 else (args[0] & U64, args[1] & U64) if n == 2
+                  else (args[0] & U64, args[1] & U64, args[2] & U64) if n == 3
+                  else tuple([a & U64 for a in args]))
+        ev: list[Any] = ["hvc", cpu, func, masked, ()]
         self.log.append(ev)
         try:
             return proceed(cpu, func, args)
@@ -254,15 +258,11 @@ class World:
             pa = self.m.host.alloc_pages(max(1, k))
             self.pages.append(pa)
             return host_va(pa)
-        pools: dict[str, Any] = {
-            "shared": lambda: self.shared, "unshared": lambda: self.unshared,
-            "recent": lambda: self.recent[::-1][:8],
-            "returned": lambda: [p >> PAGE_SHIFT for p in self.returned_pages()],
-            "vmmem": lambda: [p >> PAGE_SHIFT for p in self.vm_pages()],
-            "guest": lambda: [p >> PAGE_SHIFT for p in self.guest_pages()],
-            "special": lambda: self.specials,
-        }
-        pool = pools[kind]() if kind in pools else []
+        pool = (self.shared if kind == "shared" else self.unshared if kind == "unshared"
+                else self.recent[::-1][:8] if kind == "recent" else self.specials if kind == "special"
+                else [p >> PAGE_SHIFT for p in self.returned_pages()] if kind == "returned"
+                else [p >> PAGE_SHIFT for p in self.vm_pages()] if kind == "vmmem"
+                else [p >> PAGE_SHIFT for p in self.guest_pages()] if kind == "guest" else [])
         if pool:
             return int(host_va(pool[k % len(pool)] << PAGE_SHIFT) + off) & U64
         return int(host_va(self.page(k)) + off)
@@ -300,8 +300,12 @@ HANDLE_CALLS = {"unreserve": "__pkvm_unreserve_vm", "start_teardown": "__pkvm_st
 
 def run_step(w: World, s: Step) -> None:
     """Perform one step. Refusals (HostError, non-fatal HostDataAbort) are normal outcomes."""
-    cpu = s.cpu % w.m.nr_cpus
-    op, a = s.op, s.a
+    run_op(w, s.cpu % w.m.nr_cpus, s.op, s.a)
+
+
+def run_op(w: World, cpu: int, op: str, a: tuple[Any, ...]) -> None:
+    """`run_step` of `Step(op, cpu, a)`, `cpu` a CPU of the machine (no `Step` made: the
+    inner steps of a session or a race, and `fuzz.execute`'s)."""
     fn = STEP_OPS.get(op)  # (disjoint from `HANDLE_CALLS` and `GUEST_OPS`)
     if fn is not None:
         fn(w, cpu, a)
@@ -458,7 +462,7 @@ def _session(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     try:
         for op, args in a[3]:  # (a finding propagates with the vCPU still loaded, as it was)
             try:
-                run_step(w, Step(op, cpu, args))
+                run_op(w, cpu, op, args)
             except (HostError, HostDataAbort):
                 if w.m.dead:
                     raise
@@ -469,10 +473,8 @@ def _session(w: World, cpu: int, a: tuple[Any, ...]) -> None:
 
 def _lifecycle(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """A whole legitimate VM life: create, map pages (first/last slot pages included), destroy."""
-    vm = w.m.host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
-    w.vms.append(vm)
-    if vm.handle:
-        w.handles.append(vm.handle)
+    _create_vm(w, cpu, a)
+    vm = w.vms[-1]
     for g in a[2]:
         w.load_image(vm, GFN0 + g % 64)
         vm.map(GFN0 + g % 64, 1, cpu=cpu)
@@ -532,7 +534,7 @@ def _race(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     w.racer.arm([], a[1], a[0])
     try:
         with w.m.preemption.scheduled(w.racer):
-            run_step(w, Step(a[2][0], cpu, a[2][1]))
+            run_op(w, cpu, a[2][0], a[2][1])
     finally:
         w.racer.arm([])
 
