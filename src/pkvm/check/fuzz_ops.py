@@ -146,7 +146,7 @@ class World:
         n = len(args)  # the arguments as 64-bit registers (the usual counts written out)
         masked = ((args[0] & U64,) if n == 1 else (args[0] & U64, args[1] & U64) if n == 2
                   else (args[0] & U64, args[1] & U64, args[2] & U64) if n == 3
-                  else tuple([a & U64 for a in args]))
+                  else () if not n else tuple([a & U64 for a in args]))
         ev: list[Any] = ["hvc", cpu, func, masked, ()]
         self.log.append(ev)
         try:
