@@ -2,17 +2,24 @@
 
 A vCPU reset's packed `arch.ctxt` kept per (pc, x0, index, bytes before) (`VcpuRunner.reset`),
 the fuzzer's interposer's arguments as registers written out for the usual counts
-(`World._log_call`), its inner steps run without a `Step` (`run_op`), and the port's stores
-translated and logged inline (`HostPort.write` / `zero`): each gives what the generic code gives.
+(`World._log_call`), its inner steps run without a `Step` (`run_op`), its results counted from
+the kept records when read (`World.count_results`, no listener frame per call), and the port's
+stores translated and logged inline (`HostPort.write` / `zero`): each gives what the generic
+code gives.
 """
 
 from __future__ import annotations
+
+from collections import Counter
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pkvm.abi.host_structs import CTXT_END, CTXT_START, ctxt_pack
 from pkvm.board import Machine
+from pkvm.check import fuzz_ops
+from pkvm.check.ffa_ops import smc_result_label
 from pkvm.check.fuzz_ops import Step, World, run_op, run_step
 from pkvm.errors import HostDataAbort, HostError, HypPanic
 from pkvm.host import vcpu_run
@@ -93,3 +100,33 @@ def test_port_stores_log_and_observe_as_before() -> None:
                    ("write", 0, pa + PAGE_SIZE - 2, b"wxyz"), ("zero", 0, pa + PAGE_SIZE, PAGE_SIZE)]
     assert seen == [e[1:] for e in log] and type(log[1][3]) is bytes
     assert m.host.read(pa + 8, 3) == b"abc" and m.host.read(pa + PAGE_SIZE - 2, 2) == b"wx"
+
+
+def _per_call_count(results: Counter[Any], rec: Any) -> None:
+    """The listener the fuzzer had: each call's result counted as it returned."""
+    if rec.panic is not None:
+        return
+    if rec.name.startswith("smc:"):
+        key = (rec.name, smc_result_label(rec))
+    else:
+        key = (rec.name, fuzz_ops._result_label(rec.x0, rec.x1))
+    results[key] += 1
+
+
+def test_results_counted_from_records_as_per_call() -> None:
+    """`count_results` (at any point, any number of times) gives the per-call listener's count."""
+    w = World("64M", 2, "latest", ())
+    want: Counter[Any] = Counter()
+    w.m.listeners.append(lambda rec: _per_call_count(want, rec))
+    steps = [Step("alloc", 0)] + [Step("share", 0, (("special", k),)) for k in range(14)] + [
+        Step("create_vm", 1, (2, False)), Step("map", 0, (0, 3, 2)), Step("unshare", 1, (("edge", 2),)),
+        Step("raw", 0, ("__pkvm_host_share_hyp", 1 << 60)), Step("reserve", 1), Step("put", 0),
+        Step("load", 1, (("vm", 0), 0)), Step("destroy", 0, (0,))]
+    for k, s in enumerate(steps):
+        try:
+            run_step(w, s)
+        except (HostError, HostDataAbort, MemoryError):
+            pass
+        if k % 5 == 0:
+            assert w.count_results() == want
+    assert w.count_results() == want and not w.recs and sum(want.values()) > 20

@@ -194,7 +194,7 @@ def _warn_failure(e: HypPanic, m: Any, i: int) -> Failure | None:
 
 
 def _absorb(res: RunResult, w: World) -> None:
-    res.calls.update(w.results)
+    res.calls.update(w.count_results())
     w.results = Counter()
     if w.m.checker is not None:
         res.transitions.update(w.m.checker.transitions)

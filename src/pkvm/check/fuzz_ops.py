@@ -99,7 +99,8 @@ class World:
             self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False,
                                      recycle=dead.checker if dead is not None else None)
             self.m.listeners.append(self.m.checker.after_call)
-        self.m.listeners.insert(0, self._on_call)
+        self.recs: list[Any] = []  # each call's record, counted at `count_results`
+        self.m.listeners.insert(0, self.recs.append)  # (a list's append: no Python frame)
         self.m.host_port.log_stores(self.log)  # ("write"/"zero", cpu, pa, data) per store
         self.racer = Racer(self.m, self.m.new_host_port())
         self.m.interpose_hvc(self._log_call)
@@ -163,16 +164,21 @@ class World:
         self.log.append(("smc", cpu, func, tuple(a & U64 for a in args), imm))
         return proceed(cpu, func, args, imm)
 
-    def _on_call(self, rec: Any) -> None:
-        if rec.panic is not None:
-            return
-        name = rec.name
-        if name.startswith("smc:"):
-            key = (name, smc_result_label(rec))
-        else:  # "0" or an errno met before, else labelled (and kept) now
-            label = _ERRNO_LABELS.get(rec.x1) if rec.x0 == 0 else None
-            key = (name, _result_label(rec.x0, rec.x1) if label is None else label)
-        self.results[key] = self.results.get(key, 0) + 1  # (not the Counter's __missing__)
+    def count_results(self) -> Counter[Any]:
+        """`results`, with the calls made since the last count (`recs`) counted in."""
+        counts: dict[tuple[str, str], int] = {}  # (a dict's get and set: not the Counter's)
+        for rec in self.recs:
+            if rec.panic is None:
+                name = rec.name
+                if name.startswith("smc:"):
+                    key = (name, smc_result_label(rec))
+                else:  # "0" or an errno met before, else labelled (and kept) now
+                    label = _ERRNO_LABELS.get(rec.x1) if rec.x0 == 0 else None
+                    key = (name, _result_label(rec.x0, rec.x1) if label is None else label)
+                counts[key] = counts.get(key, 0) + 1
+        self.recs.clear()
+        self.results.update(counts)
+        return self.results
 
     # -- operand resolution ----------------------------------------------------------------
     def page(self, k: int) -> int:
@@ -203,17 +209,10 @@ class World:
 
     def pfn(self, spec: tuple[Any, ...]) -> int:
         kind, k = spec
-        pool: list[int] = []
-        if kind == "shared":
-            pool = self.shared
-        elif kind == "vmmem":
-            pool = [p >> PAGE_SHIFT for p in self.vm_pages()]
-        elif kind == "guest":
-            pool = [p >> PAGE_SHIFT for p in self.guest_pages()]
-        elif kind == "edge":
-            pool = self.edges
-        elif kind == "special":
-            pool = self.specials
+        pool = (self.shared if kind == "shared" else self.edges if kind == "edge"
+                else self.specials if kind == "special"
+                else [p >> PAGE_SHIFT for p in self.vm_pages()] if kind == "vmmem"
+                else [p >> PAGE_SHIFT for p in self.guest_pages()] if kind == "guest" else [])
         if pool:
             return int(pool[k % len(pool)])
         return self.page(k) >> PAGE_SHIFT
