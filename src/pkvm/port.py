@@ -79,13 +79,18 @@ class HostPort:
     def write(self, cpu: int, pa: int, data: bytes) -> None:
         m = self._m
         if 0 < len(data) <= PAGE_SIZE - (pa & 0xFFF):  # within one page: `_write`, inlined
-            out = m.host_translate(cpu, pa, True)
-            if out is not None:
+            hit = m._door.host_hit(cpu, pa, True)  # `host_translate`, inlined
+            out = hit if hit != S2_WALK_FAULT else m.host_translate_slow(cpu, pa, True)
+            if out is not None and out >= 0:
                 m.mem.write(out, data)
         else:
             self._write(cpu, pa, data)
-        if self._watched:
-            self._stored(cpu, pa, bytes(data))
+        if self._watched:  # `_stored`, inlined
+            entry = ("write", cpu, pa, bytes(data))
+            for log in self._logs:
+                log.append(entry)
+            for fn in self._observers:
+                fn(cpu, pa, entry[3])
 
     def _write(self, cpu: int, pa: int, data: bytes) -> None:
         m = self._m
@@ -136,13 +141,18 @@ class HostPort:
         translated first; RAM that comes out adjacent is zeroed in one go (`zero_runs`)."""
         m = self._m
         if n == PAGE_SIZE and not pa & 0xFFF:  # one page (the host's `alloc_pages(1)`)
-            out = m.host_translate(cpu, pa, True)
-            if out is not None:
+            hit = m._door.host_hit(cpu, pa, True)  # `host_translate`, inlined
+            out = hit if hit != S2_WALK_FAULT else m.host_translate_slow(cpu, pa, True)
+            if out is not None and out >= 0:
                 m.mem.zero(out, n)
         else:
             zero_runs(m.mem, self._translate(cpu, pa, n, True))
-        if self._watched:
-            self._stored(cpu, pa, n)
+        if self._watched:  # `_stored`, inlined
+            entry = ("zero", cpu, pa, n)
+            for log in self._logs:
+                log.append(entry)
+            for fn in self._observers:
+                fn(cpu, pa, n)
 
     def _translate(self, cpu: int, pa: int, n: int, write: bool) -> list[tuple[int | None, int]]:
         """Check every page of [pa, pa+n) first: a refused access changes nothing."""

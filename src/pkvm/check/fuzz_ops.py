@@ -99,7 +99,8 @@ class World:
             self.m.checker = Checker(self.m, full_every=FULL_EVERY, initial_check=False,
                                      recycle=dead.checker if dead is not None else None)
             self.m.listeners.append(self.m.checker.after_call)
-        self.m.listeners.insert(0, self._on_call)
+        self.recs: list[Any] = []  # each call's record, counted at `count_results`
+        self.m.listeners.insert(0, self.recs.append)  # (a list's append: no Python frame)
         self.m.host_port.log_stores(self.log)  # ("write"/"zero", cpu, pa, data) per store
         self.racer = Racer(self.m, self.m.new_host_port())
         self.m.interpose_hvc(self._log_call)
@@ -143,7 +144,11 @@ class World:
     def _log_call(self, proceed: Any, cpu: int, func: Any, args: tuple[int, ...]) -> Any:
         """Log each hypercall as it is issued (a call that raises is logged too), with the
         stores a racing host CPU made during it."""
-        ev: list[Any] = ["hvc", cpu, func, tuple([a & U64 for a in args]), ()]
+        n = len(args)  # the arguments as 64-bit registers (the usual counts written out)
+        masked = ((args[0] & U64,) if n == 1 else (args[0] & U64, args[1] & U64) if n == 2
+                  else (args[0] & U64, args[1] & U64, args[2] & U64) if n == 3
+                  else () if not n else tuple([a & U64 for a in args]))
+        ev: list[Any] = ["hvc", cpu, func, masked, ()]
         self.log.append(ev)
         try:
             return proceed(cpu, func, args)
@@ -159,16 +164,21 @@ class World:
         self.log.append(("smc", cpu, func, tuple(a & U64 for a in args), imm))
         return proceed(cpu, func, args, imm)
 
-    def _on_call(self, rec: Any) -> None:
-        if rec.panic is not None:
-            return
-        name = rec.name
-        if name.startswith("smc:"):
-            key = (name, smc_result_label(rec))
-        else:  # "0" or an errno met before, else labelled (and kept) now
-            label = _ERRNO_LABELS.get(rec.x1) if rec.x0 == 0 else None
-            key = (name, _result_label(rec.x0, rec.x1) if label is None else label)
-        self.results[key] = self.results.get(key, 0) + 1  # (not the Counter's __missing__)
+    def count_results(self) -> Counter[Any]:
+        """`results`, with the calls made since the last count (`recs`) counted in."""
+        counts: dict[tuple[str, str], int] = {}  # (a dict's get and set: not the Counter's)
+        for rec in self.recs:
+            if rec.panic is None:
+                name = rec.name
+                if name.startswith("smc:"):
+                    key = (name, smc_result_label(rec))
+                else:  # "0" or an errno met before, else labelled (and kept) now
+                    label = _ERRNO_LABELS.get(rec.x1) if rec.x0 == 0 else None
+                    key = (name, _result_label(rec.x0, rec.x1) if label is None else label)
+                counts[key] = counts.get(key, 0) + 1
+        self.recs.clear()
+        self.results.update(counts)
+        return self.results
 
     # -- operand resolution ----------------------------------------------------------------
     def page(self, k: int) -> int:
@@ -199,17 +209,10 @@ class World:
 
     def pfn(self, spec: tuple[Any, ...]) -> int:
         kind, k = spec
-        pool: list[int] = []
-        if kind == "shared":
-            pool = self.shared
-        elif kind == "vmmem":
-            pool = [p >> PAGE_SHIFT for p in self.vm_pages()]
-        elif kind == "guest":
-            pool = [p >> PAGE_SHIFT for p in self.guest_pages()]
-        elif kind == "edge":
-            pool = self.edges
-        elif kind == "special":
-            pool = self.specials
+        pool = (self.shared if kind == "shared" else self.edges if kind == "edge"
+                else self.specials if kind == "special"
+                else [p >> PAGE_SHIFT for p in self.vm_pages()] if kind == "vmmem"
+                else [p >> PAGE_SHIFT for p in self.guest_pages()] if kind == "guest" else [])
         if pool:
             return int(pool[k % len(pool)])
         return self.page(k) >> PAGE_SHIFT
@@ -254,15 +257,11 @@ class World:
             pa = self.m.host.alloc_pages(max(1, k))
             self.pages.append(pa)
             return host_va(pa)
-        pools: dict[str, Any] = {
-            "shared": lambda: self.shared, "unshared": lambda: self.unshared,
-            "recent": lambda: self.recent[::-1][:8],
-            "returned": lambda: [p >> PAGE_SHIFT for p in self.returned_pages()],
-            "vmmem": lambda: [p >> PAGE_SHIFT for p in self.vm_pages()],
-            "guest": lambda: [p >> PAGE_SHIFT for p in self.guest_pages()],
-            "special": lambda: self.specials,
-        }
-        pool = pools[kind]() if kind in pools else []
+        pool = (self.shared if kind == "shared" else self.unshared if kind == "unshared"
+                else self.recent[::-1][:8] if kind == "recent" else self.specials if kind == "special"
+                else [p >> PAGE_SHIFT for p in self.returned_pages()] if kind == "returned"
+                else [p >> PAGE_SHIFT for p in self.vm_pages()] if kind == "vmmem"
+                else [p >> PAGE_SHIFT for p in self.guest_pages()] if kind == "guest" else [])
         if pool:
             return int(host_va(pool[k % len(pool)] << PAGE_SHIFT) + off) & U64
         return int(host_va(self.page(k)) + off)
@@ -300,8 +299,12 @@ HANDLE_CALLS = {"unreserve": "__pkvm_unreserve_vm", "start_teardown": "__pkvm_st
 
 def run_step(w: World, s: Step) -> None:
     """Perform one step. Refusals (HostError, non-fatal HostDataAbort) are normal outcomes."""
-    cpu = s.cpu % w.m.nr_cpus
-    op, a = s.op, s.a
+    run_op(w, s.cpu % w.m.nr_cpus, s.op, s.a)
+
+
+def run_op(w: World, cpu: int, op: str, a: tuple[Any, ...]) -> None:
+    """`run_step` of `Step(op, cpu, a)`, `cpu` a CPU of the machine (no `Step` made: the
+    inner steps of a session or a race, and `fuzz.execute`'s)."""
     fn = STEP_OPS.get(op)  # (disjoint from `HANDLE_CALLS` and `GUEST_OPS`)
     if fn is not None:
         fn(w, cpu, a)
@@ -458,7 +461,7 @@ def _session(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     try:
         for op, args in a[3]:  # (a finding propagates with the vCPU still loaded, as it was)
             try:
-                run_step(w, Step(op, cpu, args))
+                run_op(w, cpu, op, args)
             except (HostError, HostDataAbort):
                 if w.m.dead:
                     raise
@@ -469,10 +472,8 @@ def _session(w: World, cpu: int, a: tuple[Any, ...]) -> None:
 
 def _lifecycle(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     """A whole legitimate VM life: create, map pages (first/last slot pages included), destroy."""
-    vm = w.m.host.create_vm(vcpus=a[0], protected=a[1] and w.prof.protected_vms, memory="256K")
-    w.vms.append(vm)
-    if vm.handle:
-        w.handles.append(vm.handle)
+    _create_vm(w, cpu, a)
+    vm = w.vms[-1]
     for g in a[2]:
         w.load_image(vm, GFN0 + g % 64)
         vm.map(GFN0 + g % 64, 1, cpu=cpu)
@@ -532,7 +533,7 @@ def _race(w: World, cpu: int, a: tuple[Any, ...]) -> None:
     w.racer.arm([], a[1], a[0])
     try:
         with w.m.preemption.scheduled(w.racer):
-            run_step(w, Step(a[2][0], cpu, a[2][1]))
+            run_op(w, cpu, a[2][0], a[2][1])
     finally:
         w.racer.arm([])
 

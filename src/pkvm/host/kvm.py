@@ -472,13 +472,15 @@ class HostVm:
         scribbled on: stop at a repeated page, a page the host cannot read, or the end of RAM."""
         out: list[int] = []
         seen: set[int] = set()
-        limit = len(self.host.pages.used)
+        host = self.host
+        limit = len(host.pages.used)
+        load, cpu = host._read_u64, host.cpu  # `Host.read_u64`'s port accessor, a frame less
         while nr and len(out) < limit:
             page = head & ~(PAGE_SIZE - 1)
             if page in seen:
                 break
             try:
-                head = self.host.read_u64(page)
+                head = load(cpu, page) if load is not None else host.read_u64(page)
             except (HostDataAbort, ValueError):
                 break
             seen.add(page)
