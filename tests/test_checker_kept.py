@@ -5,7 +5,9 @@ random page-table trees (a DAG of table pages, as a hostile or buggy hyp may bui
 stores to any of their words, the kept answer equals a walk from nothing and the generic
 `_valid_leaves`. `HypView.vm_slots` keeps its used slots while each holds the same object and
 the table counts the same free slots: over random stores of None, the reserved marker, a VM or
-a foreign object into any slot, it equals a scan of every slot.
+a foreign object into any slot, it equals a scan of every slot. `HypView.nothing_dirty` (the
+checker's test before it drains the vmemmap's noted stores) is true exactly when a drain would
+answer nothing and change nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pkvm
 from pkvm.arch.pgtable import KVM_PTE_ADDR_MASK
 from pkvm.check.page_invariants import _valid_leaves, guest_leaves
 from pkvm.inspect import RESERVED_ENTRY, guest_state_of_pte
+from pkvm.inspect_hyp import same_objects
 from pkvm.machine.memory import PAGE_SHIFT
 
 BASE, PAGES = 0x4000_0000, 6
@@ -82,12 +85,16 @@ def test_kept_guest_leaves_are_a_fresh_walk_after_any_store(data: Any, level: in
 _MACHINE: list[Any] = []
 
 
-def _view() -> Any:
+def _view_machine() -> Any:
     if not _MACHINE:
         m = pkvm.Machine(memory="64M", cpus=2, abi="latest")
         m.host.create_vm(vcpus=1, protected=True, memory="256K").map(0x40000, 1)
         _MACHINE.append(m)
-    return _MACHINE[0].inspect.hyp_view()
+    return _MACHINE[0]
+
+
+def _view() -> Any:
+    return _view_machine().inspect.hyp_view()
 
 
 @settings(max_examples=100, deadline=None)
@@ -110,3 +117,56 @@ def test_kept_vm_slots_are_a_scan_after_any_slot_store(stores: list[Any]) -> Non
     finally:
         table[:] = saved
         h.vm_slots()
+
+
+_POOL = [None, RESERVED_ENTRY, object(), object(), object()]  # equality by identity, as in the table
+
+
+@settings(max_examples=200, deadline=None)
+@given(a=st.lists(st.integers(0, len(_POOL) - 1), max_size=8),
+       edits=st.lists(st.tuples(st.integers(0, 7), st.integers(-1, len(_POOL) - 1)), max_size=3),
+       resize=st.sampled_from([0, -1, 1]))
+def test_same_objects_is_an_identity_scan(a: list[int], edits: list[Any], resize: int) -> None:
+    """`same_objects` (vm_slots' test of its kept copy) = identity slot by slot, for slots of
+    the kinds the VM table holds (None, the reserved marker, objects equal only to
+    themselves); a fresh object in a slot (-1) is a change."""
+    x = [_POOL[k] for k in a]
+    y = list(x)
+    for i, k in edits:
+        if i < len(y):
+            y[i] = object() if k < 0 else _POOL[k]
+    if resize < 0 and y:
+        y.pop()
+    elif resize > 0:
+        y.append(None)
+    want = len(x) == len(y) and all(p is q for p, q in zip(x, y))
+    assert same_objects(x, y) == want == same_objects(y, x)
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.tuples(st.sampled_from(["touch", "drain", "drain2", "none"]),
+                              st.integers(0, 63)), max_size=20))
+def test_nothing_dirty_is_an_empty_drain(ops: list[Any]) -> None:
+    """`HypView.nothing_dirty` (the checker's test before a drain) is true exactly when a drain
+    would answer nothing and change nothing, with two recorders of one vmemmap handing noted
+    entries to each other and the hyp's set dropped (None) at times."""
+    m = _view_machine()
+    a, b = m.inspect.hyp_view(), m.inspect.hyp_view()
+    a.vmemmap.record_dirty()
+    b.vmemmap.record_dirty()
+    v = a._h.vmemmap
+    a.vmemmap.drain_dirty()
+    b.vmemmap.drain_dirty()
+    for op, i in ops:
+        if op == "touch":
+            v.touch(i)
+        elif op == "none":
+            v.dirty = None  # (as a restore of an unrecorded state leaves it)
+        else:
+            view = a if op == "drain" else b
+            before = v.dirty
+            quiet = view.nothing_dirty()
+            got = view.vmemmap.drain_dirty()
+            assert quiet == (before is not None and not got)
+    a.vmemmap.drain_dirty()
+    b.vmemmap.drain_dirty()

@@ -375,9 +375,13 @@ class Ghost:
         """Cheap frame check for calls outside the VM table: slot kinds still counted alike."""
         h: HypView = self.checker.h
         found = h.vm_slots()  # the used slots: the others are free (the same list: the same)
-        if self._found_of[0] is not found:
-            self._found_of = (found, sum(1 for _, s in found if s is RESERVED_ENTRY))
-        if (h.vm_table_size() - len(found), self._found_of[1]) != self._kinds():
+        fo = self._found_of
+        if fo[0] is not found:
+            fo = self._found_of = (found, sum(1 for _, s in found if s is RESERVED_ENTRY))
+        if self._kinds_of[0] is not self.table:
+            self._kinds_and_used()
+        free, reserved = self._kinds_of[1]  # (`_kinds`, compared as two ints)
+        if h.vm_table_size() - len(found) != free or fo[1] != reserved:
             self._compare_table(rec, self.table)
 
     def _kinds(self) -> tuple[int, int]:

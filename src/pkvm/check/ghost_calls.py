@@ -24,6 +24,7 @@ from pkvm.abi.host_structs import IFLAG_INCREMENT_PC, KVM, KVM_VCPU
 from pkvm.abi.profiles import Profile
 from pkvm.check.ghost_guest import Leaf
 from pkvm.errors import EINVAL, ENODEV, EPERM
+from pkvm.inspect import Inspector
 
 if TYPE_CHECKING:
     from pkvm.board import TraceRecord
@@ -123,9 +124,10 @@ LEFT_TO_INVARIANTS: dict[str, str] = {
 class CallsGhost:
     """Predicts `RULES` and the gate for every host HVC; `fail(what, expected, found)` reports."""
 
-    def __init__(self, inspect: Any, profile: Profile, fail: Callable[[str, Any, Any], None],
+    def __init__(self, inspect: Inspector, profile: Profile,
+                 fail: Callable[[str, Any, Any], None],
                  frame_of: Callable[[], tuple[int, ...]], raced: Callable[[], bool]):
-        self.i = inspect
+        self.i = inspect  # (typed: native calls, not attribute lookups by name)
         self.prof = profile
         self.fail = fail
         self.frame_of = frame_of  # the page-table generations (host s2, hyp s1, guests)
@@ -266,9 +268,9 @@ class CallsGhost:
 
     def _effects(self, name: str | None, pre: dict[str, Any], rec: Any) -> None:
         if name == "__kvm_timer_set_cntvoff":
-            got = self.i.cntvoff(pre["cpu"])
-            if got != pre["a"][0]:
-                self.fail("__kvm_timer_set_cntvoff: CNTVOFF_EL2", hex(pre["a"][0]), hex(got))
+            voff = self.i.cntvoff(pre["cpu"])
+            if voff != pre["a"][0]:
+                self.fail("__kvm_timer_set_cntvoff: CNTVOFF_EL2", hex(pre["a"][0]), hex(voff))
         elif name == "__kvm_adjust_pc":
             pc, iflags = pre["pc_iflags"]
             if pc is None or iflags is None:

@@ -116,8 +116,8 @@ _PREDICT: Final[dict[str, Any]] = {}  # a guest-memory call's name -> its GuestG
 class GuestGhost:
     """Predicts and checks the guest-memory calls; `fail(what, expected, found)` reports."""
 
-    def __init__(self, inspect: Any, fail: Any):
-        self.i = inspect
+    def __init__(self, inspect: Inspector, fail: Any):
+        self.i = inspect  # (typed: native calls, not attribute lookups by name)
         self.fail = fail
         self.pre: dict[str, Any] | None = None
         self.raced_now: Any = lambda: False  # set by a fuzzer whose racing CPU may store

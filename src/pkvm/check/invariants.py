@@ -83,8 +83,8 @@ _NOT_OWNED: Final = re.compile(b"[^" + re.escape(bytes([PageState.OWNED])) + b"]
 _NOT_NOPAGE: Final = re.compile(b"[^" + re.escape(bytes([PageState.NOPAGE])) + b"]")
 _NONZERO: Final = re.compile(b"[^\x00]")
 
-# ((host, hyp) before, (host, hyp) after) as state values -> the same as names (`_note`)
-_TRANSITION_NAMES: Final[dict[tuple[int, int, int, int], tuple[tuple[str, str], tuple[str, str]]]] = {}
+# (h0 | y0 << 8 | h1 << 16 | y1 << 24: the state bytes packed) -> the same as names (`_note`)
+_TRANSITION_NAMES: Final[dict[int, tuple[tuple[str, str], tuple[str, str]]]] = {}
 
 
 def _name(s: Any) -> str:
@@ -118,7 +118,7 @@ class Checker(GlobalInvariants):
         self.orphan_owned = set()
         self.orphan_borrowed = Counter()
         self._about_to_orphan: list[tuple[int, PageState]] | None = None
-        self.transitions: Counter[Any] = Counter()  # ((host, hyp) before, after) -> pages
+        self.transitions = Counter()  # ((host, hyp) before, after) -> pages
         self._globals_fp: tuple[Any, ...] | None = None  # see _fingerprint
         self._fp: tuple[Any, ...] | None = None  # the last _fingerprint, at struct_gen _fp_gen
         self._fp_gen = -1
@@ -292,6 +292,8 @@ class Checker(GlobalInvariants):
     def _changed_pages(self) -> set[int]:
         """pfns whose vmemmap entry (states, refcount, share count) changed since last call:
         of those the hyp's writers noted, the ones that differ from the copy (then updated)."""
+        if self.h.nothing_dirty():  # (most calls' pre-state: a drain would answer empty)
+            return set()
         dirty = self.h.vmemmap.drain_dirty()
         if not dirty:
             return set()
@@ -306,7 +308,7 @@ class Checker(GlobalInvariants):
         base = self._ram_lo
         (ch, ph), (cy, py), (cr, pr), (cs, ps) = self._pairs
         for pfn in dirty:
-            i = pfn - base
+            i: Any = pfn - base  # (boxed once for the eight reads, not once for each)
             h0, h1, y0, y1 = ph[i], ch[i], py[i], cy[i]
             r0, r1, s0, s1 = pr[i], cr[i], ps[i], cs[i]
             if h0 != h1 or y0 != y1:
@@ -320,14 +322,31 @@ class Checker(GlobalInvariants):
                 ps[i] = s1
         return out
 
-    def _transition(self, i: int, h0: int, y0: int, h1: int, y1: int) -> None:
+    _tcount: dict[int, int]  # packed state key -> pages, since `transitions` was set
+    _tbase: Counter[Any]  # what `transitions` was last set to
+
+    @property
+    def transitions(self) -> Counter[Any]:
+        """((host, hyp) before, (host, hyp) after) as names -> pages that changed so (7.2): a
+        new Counter, from what it was set to and the changes `_transition` counted since."""
+        out: Counter[Any] = Counter(self._tbase)
+        for key, n in self._tcount.items():
+            out[_TRANSITION_NAMES[key]] += n
+        return out
+
+    @transitions.setter
+    def transitions(self, value: Counter[Any]) -> None:
+        self._tbase = value
+        self._tcount = {}
+
+    def _transition(self, i: Any, h0: int, y0: int, h1: int, y1: int) -> None:
         """Count the change of (host, hyp) state of the page at vmemmap index `i` (the names
         made once per change) and bring the copy's two states up to date (7.2)."""
-        key = (h0, y0, h1, y1)
-        names = _TRANSITION_NAMES.get(key)
-        if names is None:
-            names = _TRANSITION_NAMES[key] = ((_name(h0), _name(y0)), (_name(h1), _name(y1)))
-        self.transitions[names] += 1
+        key = h0 | y0 << 8 | h1 << 16 | y1 << 24  # (state bytes: an int key, no tuple)
+        if key not in _TRANSITION_NAMES:
+            _TRANSITION_NAMES[key] = ((_name(h0), _name(y0)), (_name(h1), _name(y1)))
+        tc = self._tcount
+        tc[key] = tc.get(key, 0) + 1
         if h0 != h1:
             self._pairs[0][1][i] = h1
         if y0 != y1:

@@ -250,7 +250,7 @@ class PageInvariants:
             ypte = 0 if ret else ypte
             guests = gmap.get(pfn, [])
             if in_vmemmap:
-                i = pfn - lo
+                i: Any = pfn - lo  # (boxed once for the three reads)
                 if plain_page(hs[i], ys[i], sc[i], hpte, ypte, pa, guests):
                     continue  # every check of `_check_page` holds (test_checker_fast.py)
                 states = self.page_states(pfn)
