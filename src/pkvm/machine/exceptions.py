@@ -257,7 +257,11 @@ class CpuExceptions(CpuRegisters):
         return not self._sys_dirty and not self._shadow_sys[self._sctlr_index] & SCTLR_ELx_M
 
     def _fetch(self, va: int) -> int | None:
-        """The instruction word at VA (through the guest's stage-1), None if unreachable."""
+        """The instruction word at VA (through the guest's stage-1), None if unreachable or
+        misaligned (a misaligned PC takes a PC alignment fault before any fetch, and its four
+        bytes could run past the end of the host mapping)."""
+        if va & 3:
+            return None
         if self._mmu_off():  # the walk's answer with the MMU off, without a `Walk`
             ipa: int | None = va if va <= OA_MASK else None
         else:
