@@ -22,6 +22,7 @@ from pkvm.arch.pgtable_stage2 import _stage2_map_walk
 from pkvm.hyp.mm import (
     PAGE_OFFSET_MASK,
     _s1_writable,
+    _walk,
     el2_read_u64,
     el2_read_u64s,
     el2_translate,
@@ -63,14 +64,7 @@ def _by_generation(h, tlb: Tlb, va: int, write: bool) -> int:
             tlb.record_stale(f"EL2 {'write' if write else 'read'} of hyp VA {va:#x} used the "
                              f"cached PA {e[0]:#x}; the hyp stage-1 {now}")
         return e[0] | (va & PAGE_OFFSET_MASK)
-    ret, pte, level = pgt.get_leaf(va)
-    if ret or not pte_valid(pte):
-        raise HypBug(f"EL2 data abort: hyp VA {va:#x} is not mapped in the hyp stage-1")
-    writable = _s1_writable(pte)
-    if write and not writable:
-        raise HypBug(f"EL2 permission fault: write to read-only hyp VA {va:#x}")
-    mask = (1 << granule_shift(level)) - 1
-    pa = (pte & KVM_PTE_ADDR_MASK & ~mask) | (va & mask)
+    pa, writable = _walk(h, va, write)  # (a miss: the walk, as both translations take it)
     tlb.entries[key] = (pa & ~PAGE_OFFSET_MASK, writable, pgt.gen)
     return pa
 
