@@ -101,16 +101,18 @@ class VmLife(Protocol):
 class GuestMmOps(MmOps):
     """Where a guest stage-2 gets table pages: the VM pool first, then the vCPU's memcache."""
 
-    def __init__(self, h: HypState, vm: "PkvmHypVm"):
+    def __init__(self, h: HypState, pool: HypPool):
+        """`pool`: the VM's (`PkvmHypVm.pool`), not the VM, which holds its stage-2 and so
+        these operations: a reference back would be a cycle per VM."""
         self.h = h
-        self.vm = vm
+        self.pool = pool
         self.vcpu: PkvmHypVcpu | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
-        return (GuestMmOps, (self.h, self.vm), self.__getstate__())
+        return (GuestMmOps, (self.h, self.pool), self.__getstate__())
 
     def zalloc_page(self) -> int | None:
-        pa = self.vm.pool.alloc_pages(0)
+        pa = self.pool.alloc_pages(0)
         if pa is not None:
             return pa
         if self.vcpu is None:
@@ -127,13 +129,13 @@ class GuestMmOps(MmOps):
         return pa
 
     def get_page(self, pa: int) -> None:
-        self.vm.pool.get_page(pa)
+        self.pool.get_page(pa)
 
     def put_page(self, pa: int) -> None:
-        self.vm.pool.put_page(pa)
+        self.pool.put_page(pa)
 
     def page_count(self, pa: int) -> int:
-        return self.vm.pool.page_count(pa)
+        return self.pool.page_count(pa)
 
 
 def vm_page(vm: PkvmHypVm) -> int:
@@ -341,7 +343,7 @@ class _VmInit:
                        self.vm_size, pgd_pa, pgd_size, lock, flags=self.flags,
                        vcpu_features=self.features)
         vm.set_pool(pool)
-        vm.mm_ops = GuestMmOps(h, vm)
+        vm.mm_ops = GuestMmOps(h, pool)
         pgt = KvmPgtable(h.mem, vm.mm_ops, stage=2, name=f"guest {hd:#x} stage-2",
                          eagain_stops=h.profile.pgtable_walk_eagain_stops,
                          normal_memattr=GUEST_S2_MEMATTR)
@@ -452,10 +454,18 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
             host_mc_push(h, host_kvm, s2mc, pa)
             _warn(h, __pkvm_hyp_donate_host(h, pa >> PAGE_SHIFT, 1))
         _teardown_donated(h, host_kvm, vcpu.mem_va, sizes.PKVM_HYP_VCPU_SIZE, mc)
+    drop_hyp_vcpus(vm)
     h.hyp_vms.pop(vm.vm_va, None)
     _teardown_donated(h, host_kvm, vm.vm_va, vm.vm_size, mc)
     if not h.bug("teardown-keeps-pin"):  # seeded: the host's struct kvm stays pinned
         hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
+
+
+def drop_hyp_vcpus(vm: PkvmHypVm) -> None:
+    """The hyp vCPUs are gone with their pages (returned above, or the machine is discarded):
+    empty the VM's slots, so reference counting frees the vCPUs and the VM (each vCPU points
+    back at its VM: a cycle while the slots hold them)."""
+    vm.vcpus[:] = [None] * len(vm.vcpus)
 
 
 def _teardown_donated(h: HypState, host_kvm: int, va: int, size: int, mc: str) -> None:
