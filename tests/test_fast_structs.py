@@ -109,7 +109,9 @@ def test_a_snapshot_makes_the_structs_again(machine_vcpu):
     copy = snapshot.load(snapshot.save(m))
     vm2 = copy._hyp.vm_table[0]
     v2 = vm2.vcpus[0]
-    assert v2.vm is vm2 and v2.memcache._s is v2 and v2._h is copy._hyp is vm2._h
+    assert v2.vm is vm2 and v2._h is copy._hyp is vm2._h is v2.memcache._h
+    assert (v2.memcache._va, v2.memcache._off) == (v2.va, v2._off)
+    assert vm2.mm_ops.pool is vm2.pool and vm2.pgt.mm_ops is vm2.mm_ops
     assert (v2.hcr_el2, v2.host_vcpu, v2.ctxt, v2.loaded_on, vm2.handle, vm2.is_protected) == (
         vcpu.hcr_el2, vcpu.host_vcpu, vcpu.ctxt, vcpu.loaded_on, vcpu.vm.handle, True)
     v2.hcr_el2 = vcpu.hcr_el2 ^ 1  # the copy's page, not the original's

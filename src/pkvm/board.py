@@ -29,6 +29,7 @@ from pkvm.host import Host
 from pkvm.hyp.hyp_main import handle_host_smc
 from pkvm.hyp.mem_protect import handle_host_mem_abort
 from pkvm.hyp.panic import HypBug
+from pkvm.hyp.pkvm import drop_hyp_vcpus
 from pkvm.hyp.psci_relay import init_psci_relay, kvm_hyp_cpu_start
 from pkvm.hyp.setup import hyp_image_pages
 from pkvm.hyp.state import HypState, new_hyp_state
@@ -450,15 +451,22 @@ class Machine:
         state's (the hyp stage-1's TLB invalidation and the host stage-2's force-PTE callback,
         partials of the state; the guest-HVC watchers) and its HVC door's (the interposer
         chain, down to the door's own `call`), so reference counting frees the machine now
-        rather than a collection. (A guest VM's stage-2 holds the state too: a machine with
-        VMs left is still freed by a collection.)"""
+        rather than a collection; and its hyp VMs' (`drop_hyp_vcpus`, the VM table emptied)."""
         if self.checker is not None:
             self.checker.retire()
         h = self._hyp
         h.guest_hvc_watchers.clear()
+        for vm in h.hyp_vms.values():  # its VMs (each holds the state, the state them)
+            drop_hyp_vcpus(vm)
+        h.hyp_vms.clear()
+        h.vm_table.clear()
+        h.loaded_hyp_vcpu[:] = [None] * len(h.loaded_hyp_vcpu)
         h.pkvm_pgtable.tlbi = None
         h.host_mmu.pgt.force_pte_cb = None
         self._door.interposed = _discarded
+        # The host's VMs (live or destroyed) and their vCPUs point at each other and at the
+        # host, a collection's to free: let them hold an empty host, not the machine's port.
+        vars(self.host).clear()
         vars(self).clear()
 
     def spare_arrays(self) -> list[Any]:

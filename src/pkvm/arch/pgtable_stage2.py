@@ -100,62 +100,83 @@ def _stage2_annotate_pages(pgt: KvmPgtable, addr: int, size: int, annotation: in
     return 0
 
 
+class Stage2MapData:
+    """`struct stage2_map_data`: what the map walker's callbacks read (the walk's `arg`; a
+    plain object rather than a closure, so a walk leaves no reference cycle behind)."""
+
+    def __init__(self, pgt: KvmPgtable, phys: int | None, annotation: int, attr: int, base: int,
+                 force_pte: bool):
+        self.pgt = pgt
+        self.phys = phys
+        self.annotation = annotation
+        self.attr = attr
+        self.base = base
+        self.force_pte = force_pte
+
+
+def stage2_leaf_mapping_allowed(ctx: VisitCtx, data: Stage2MapData) -> bool:
+    if data.force_pte and ctx.level < 3:
+        return False
+    if data.phys is None:
+        return True
+    g = granule_size(ctx.level)
+    if ctx.level < KVM_PGTABLE_MIN_BLOCK_LEVEL or g > ctx.end - ctx.addr:
+        return False
+    p = data.base + (ctx.addr - ctx.start)
+    return not (p | ctx.addr) & (g - 1)
+
+
+def stage2_map_walker_try_leaf(ctx: VisitCtx, data: Stage2MapData) -> int:
+    if not stage2_leaf_mapping_allowed(ctx, data):
+        return -E2BIG
+    if data.phys is None:
+        new = data.annotation
+    else:
+        new = init_valid_leaf_pte(data.base + (ctx.addr - ctx.start), data.attr, ctx.level)
+    old = ctx.old
+    if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
+        return -EAGAIN  # the same mapping, or only its permissions: nothing to update
+    data.pgt.set_pte_invalidate(ctx.ptep, old, new, ctx.addr, ctx.level)
+    return 0
+
+
+def stage2_map_walker(ctx: VisitCtx, v: int) -> int:
+    """The map walk's visitor (`stage2_map_walker`: table-pre, then leaf)."""
+    data: Stage2MapData = ctx.arg
+    pgt = data.pgt
+    if v == KVM_PGTABLE_WALK_TABLE_PRE:
+        if not stage2_leaf_mapping_allowed(ctx, data):
+            return 0
+        child = ctx.old & KVM_PTE_ADDR_MASK
+        # Detach the subtree, then install the block/annotation in its place.
+        pgt.write_pte(ctx.ptep, 0)
+        pgt.gen += 1
+        pgt.note_change(ctx.addr, ctx.level)
+        pgt.invalidate(ctx.addr, ctx.level)
+        pgt.mm_ops.put_page(ctx.ptep & ~(PAGE_SIZE - 1))
+        pgt.free_unlinked(child, ctx.level + 1)
+        ctx.old = 0
+        return stage2_map_walker_try_leaf(ctx, data)
+    ret = stage2_map_walker_try_leaf(ctx, data)
+    if ret != -E2BIG:
+        return ret
+    if ctx.level == KVM_PGTABLE_LAST_LEVEL:
+        return -EINVAL
+    # Break a block (its other pages fault back lazily) or an annotation into a table.
+    new_table = pgt.mm_ops.zalloc_page()
+    if new_table is None:
+        return -ENOMEM
+    pgt.set_pte_invalidate(ctx.ptep, ctx.old, init_table_pte(new_table), ctx.addr, ctx.level)
+    return 0
+
+
 def _stage2_map_walk(pgt: KvmPgtable, addr: int, size: int, phys: int | None, annotation: int,
                      flags: int, attr: int, base: int, force_pte: bool) -> int:
     """`kvm_pgtable_stage2_map` through the generic walker (a function of its own, so the
-    page-sized path makes no closure)."""
-
-    def leaf_allowed(ctx: VisitCtx) -> bool:
-        if force_pte and ctx.level < 3:
-            return False
-        if phys is None:
-            return True
-        g = granule_size(ctx.level)
-        if ctx.level < KVM_PGTABLE_MIN_BLOCK_LEVEL or g > ctx.end - ctx.addr:
-            return False
-        p = base + (ctx.addr - ctx.start)
-        return not (p | ctx.addr) & (g - 1)
-
-    def try_leaf(ctx: VisitCtx) -> int:
-        if not leaf_allowed(ctx):
-            return -E2BIG
-        if phys is None:
-            new = annotation
-        else:
-            new = init_valid_leaf_pte(base + (ctx.addr - ctx.start), attr, ctx.level)
-        old = ctx.old
-        if pte_valid(old) and pte_valid(new) and not (old ^ new) & ~KVM_PTE_LEAF_ATTR_S2_PERMS:
-            return -EAGAIN  # the same mapping, or only its permissions: nothing to update
-        pgt.set_pte_invalidate(ctx.ptep, old, new, ctx.addr, ctx.level)
-        return 0
-
-    def visit(ctx: VisitCtx, v: int) -> int:
-        if v == KVM_PGTABLE_WALK_TABLE_PRE:
-            if not leaf_allowed(ctx):
-                return 0
-            child = ctx.old & KVM_PTE_ADDR_MASK
-            # Detach the subtree, then install the block/annotation in its place.
-            pgt.write_pte(ctx.ptep, 0)
-            pgt.gen += 1
-            pgt.note_change(ctx.addr, ctx.level)
-            pgt.invalidate(ctx.addr, ctx.level)
-            pgt.mm_ops.put_page(ctx.ptep & ~(PAGE_SIZE - 1))
-            pgt.free_unlinked(child, ctx.level + 1)
-            ctx.old = 0
-            return try_leaf(ctx)
-        ret = try_leaf(ctx)
-        if ret != -E2BIG:
-            return ret
-        if ctx.level == KVM_PGTABLE_LAST_LEVEL:
-            return -EINVAL
-        # Break a block (its other pages fault back lazily) or an annotation into a table.
-        new_table = pgt.mm_ops.zalloc_page()
-        if new_table is None:
-            return -ENOMEM
-        pgt.set_pte_invalidate(ctx.ptep, ctx.old, init_table_pte(new_table), ctx.addr, ctx.level)
-        return 0
-
-    return pgt.walk(addr, size, visit, KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_TABLE_PRE | flags)
+    page-sized path makes no walk data)."""
+    data = Stage2MapData(pgt, phys, annotation, attr, base, force_pte)
+    return pgt.walk(addr, size, stage2_map_walker,
+                    KVM_PGTABLE_WALK_LEAF | KVM_PGTABLE_WALK_TABLE_PRE | flags, data)
 
 
 def kvm_pgtable_stage2_unmap(pgt: KvmPgtable, addr: int, size: int) -> int:

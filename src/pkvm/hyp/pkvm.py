@@ -101,16 +101,18 @@ class VmLife(Protocol):
 class GuestMmOps(MmOps):
     """Where a guest stage-2 gets table pages: the VM pool first, then the vCPU's memcache."""
 
-    def __init__(self, h: HypState, vm: "PkvmHypVm"):
+    def __init__(self, h: HypState, pool: HypPool):
+        """`pool`: the VM's (`PkvmHypVm.pool`), not the VM, which holds its stage-2 and so
+        these operations: a reference back would be a cycle per VM."""
         self.h = h
-        self.vm = vm
+        self.pool = pool
         self.vcpu: PkvmHypVcpu | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
-        return (GuestMmOps, (self.h, self.vm), self.__getstate__())
+        return (GuestMmOps, (self.h, self.pool), self.__getstate__())
 
     def zalloc_page(self) -> int | None:
-        pa = self.vm.pool.alloc_pages(0)
+        pa = self.pool.alloc_pages(0)
         if pa is not None:
             return pa
         if self.vcpu is None:
@@ -127,13 +129,13 @@ class GuestMmOps(MmOps):
         return pa
 
     def get_page(self, pa: int) -> None:
-        self.vm.pool.get_page(pa)
+        self.pool.get_page(pa)
 
     def put_page(self, pa: int) -> None:
-        self.vm.pool.put_page(pa)
+        self.pool.put_page(pa)
 
     def page_count(self, pa: int) -> int:
-        return self.vm.pool.page_count(pa)
+        return self.pool.page_count(pa)
 
 
 def vm_page(vm: PkvmHypVm) -> int:
@@ -294,34 +296,61 @@ def __pkvm_init_vm(h: HypState, host_kvm: int, vm_hva: int, pgd_hva: int) -> int
     vm_va = map_donated_memory(h, vm_hva, vm_size)
     pgd_va = map_donated_memory_noclear(h, pgd_hva, pgd_size) if vm_va is not None else None
 
-    def undo(err: int) -> int:
+    init = _VmInit(h, host_kvm, nr_vcpus, vm_va, vm_size, pgd_va, pgd_size)
+    if vm_va is None or pgd_va is None:
+        return init.undo(-ENOMEM)
+    is_protected = bool(kvm_field(h, host_kvm, "arch.pkvm.is_protected")) if prof.protected_vms else False
+    init.is_protected = is_protected
+    init.flags, init.features = h.life.init_vm_arch(h, host_kvm, is_protected)
+    return h.life.insert_vm(h, handle, init.build, init.undo)
+
+
+class _VmInit:
+    """What `__pkvm_init_vm` hands its life cycle's `insert_vm`: how to build the VM under its
+    handle and how to undo the donations. An object whose bound methods are passed, not
+    closures: a compiled closure's environment holds its nested functions, a reference cycle
+    per call that only a collection would free."""
+
+    def __init__(self, h: HypState, host_kvm: int, nr_vcpus: int, vm_va: int | None,
+                 vm_size: int, pgd_va: int | None, pgd_size: int):
+        self.h = h
+        self.host_kvm = host_kvm
+        self.nr_vcpus = nr_vcpus
+        self.vm_va = vm_va
+        self.vm_size = vm_size
+        self.pgd_va = pgd_va
+        self.pgd_size = pgd_size
+        self.is_protected = False
+        self.flags = 0
+        self.features = 0
+
+    def undo(self, err: int) -> int:
         """Give the donations back and unpin the host kvm: a refusal leaves nothing behind."""
-        unmap_donated_memory(h, vm_va, vm_size)
-        unmap_donated_memory(h, pgd_va, pgd_size)
-        hyp_unpin_shared_mem(h, host_kvm, kvm_end)
+        h = self.h
+        unmap_donated_memory(h, self.vm_va, self.vm_size)
+        unmap_donated_memory(h, self.pgd_va, self.pgd_size)
+        hyp_unpin_shared_mem(h, self.host_kvm, self.host_kvm + h.profile.sizeof_kvm)
         return err
 
-    if vm_va is None or pgd_va is None:
-        return undo(-ENOMEM)
-    is_protected = bool(kvm_field(h, host_kvm, "arch.pkvm.is_protected")) if prof.protected_vms else False
-    flags, features = h.life.init_vm_arch(h, host_kvm, is_protected)
-    pgd_pa = hyp_pa(pgd_va)
-
-    def build(hd: int) -> PkvmHypVm:
+    def build(self, hd: int) -> PkvmHypVm:
+        h = self.h
+        vm_va, pgd_va = self.vm_va, self.pgd_va
+        assert vm_va is not None and pgd_va is not None
+        pgd_pa, pgd_size = hyp_pa(pgd_va), self.pgd_size
         lock = HypSpinLock(h.locks, f"vm{hd:#x}.lock", RANK_GUEST)
         pool = kvm_guest_prepare_stage2(h, hd, pgd_pa, pgd_size)
-        vm = PkvmHypVm(h, hd, host_kvm, nr_vcpus, is_protected, vm_va,
-                       vm_size, pgd_pa, pgd_size, lock, flags=flags, vcpu_features=features)
+        vm = PkvmHypVm(h, hd, self.host_kvm, self.nr_vcpus, self.is_protected, vm_va,
+                       self.vm_size, pgd_pa, pgd_size, lock, flags=self.flags,
+                       vcpu_features=self.features)
         vm.set_pool(pool)
-        vm.mm_ops = GuestMmOps(h, vm)
+        vm.mm_ops = GuestMmOps(h, pool)
         pgt = KvmPgtable(h.mem, vm.mm_ops, stage=2, name=f"guest {hd:#x} stage-2",
-                         eagain_stops=prof.pgtable_walk_eagain_stops, normal_memattr=GUEST_S2_MEMATTR)
+                         eagain_stops=h.profile.pgtable_walk_eagain_stops,
+                         normal_memattr=GUEST_S2_MEMATTR)
         with lock:
             pgt.init()
         vm.set_pgt(pgt)
         return vm
-
-    return h.life.insert_vm(h, handle, build, undo)
 
 
 def __pkvm_init_vcpu(h: HypState, handle: int, host_vcpu: int, vcpu_hva: int) -> int:
@@ -425,10 +454,18 @@ def _teardown_hyp_memory(h: HypState, vm: PkvmHypVm) -> None:
             host_mc_push(h, host_kvm, s2mc, pa)
             _warn(h, __pkvm_hyp_donate_host(h, pa >> PAGE_SHIFT, 1))
         _teardown_donated(h, host_kvm, vcpu.mem_va, sizes.PKVM_HYP_VCPU_SIZE, mc)
+    drop_hyp_vcpus(vm)
     h.hyp_vms.pop(vm.vm_va, None)
     _teardown_donated(h, host_kvm, vm.vm_va, vm.vm_size, mc)
     if not h.bug("teardown-keeps-pin"):  # seeded: the host's struct kvm stays pinned
         hyp_unpin_shared_mem(h, host_kvm, host_kvm + h.profile.sizeof_kvm)
+
+
+def drop_hyp_vcpus(vm: PkvmHypVm) -> None:
+    """The hyp vCPUs are gone with their pages (returned above, or the machine is discarded):
+    empty the VM's slots, so reference counting frees the vCPUs and the VM (each vCPU points
+    back at its VM: a cycle while the slots hold them)."""
+    vm.vcpus[:] = [None] * len(vm.vcpus)
 
 
 def _teardown_donated(h: HypState, host_kvm: int, va: int, size: int, mc: str) -> None:

@@ -167,28 +167,30 @@ class HypStruct:
 class Memcache:
     """`arch.pkvm_memcache` of a hyp vCPU: [head, nr_pages] as the memcache helpers use it."""
 
-    __slots__ = ("_s",)
+    __slots__ = ("_h", "_va", "_off")
     _HEAD = KVM_VCPU.offset("arch.pkvm_memcache.head")
     _NR = KVM_VCPU.offset("arch.pkvm_memcache.nr_pages")
 
-    def __init__(self, s: HypStruct):
-        self._s = s
+    def __init__(self, h: HypState, va: int, off: int):
+        """The struct's hyp VA and RAM offset (`HypStruct.va`, `_off`), not the struct: the
+        struct holds its memcache, and a reference back would be a cycle per vCPU."""
+        self._h = h
+        self._va = va
+        self._off = off
 
     def __reduce__(self) -> tuple[Any, ...]:  # as `Tlb.__reduce__` (machine/mmu.py)
-        return (Memcache, (self._s,), self.__getstate__())
+        return (Memcache, (self._h, self._va, self._off), self.__getstate__())
 
     def __getitem__(self, i: int) -> int:
         """A word of the struct's page (both fields are aligned u64s: one load of the RAM's
         word view, no `unpack_from` and tuple)."""
-        s = self._s
-        value: int = s._h.mem.u64[(s._off + (self._NR if i else self._HEAD)) >> 3]
+        value: int = self._h.mem.u64[(self._off + (self._NR if i else self._HEAD)) >> 3]
         return value
 
     def __setitem__(self, i: int, value: int) -> None:
         """`store` of the 8 bytes of `value` (aligned: `el2_write_u64`, the same translation,
         store check and word store, without the bytes)."""
-        s = self._s
-        el2_write_u64(s._h, s.va + (self._NR if i else self._HEAD), value)
+        el2_write_u64(self._h, self._va + (self._NR if i else self._HEAD), value)
 
     def __iter__(self) -> Iterator[int]:
         return iter((self[0], self[1]))
@@ -233,7 +235,7 @@ class PkvmHypVcpu(HypStruct):
         self.mem_va = mem_va  # the donated pages holding this struct
         self.engine: Core | None = None  # the CPU the guest runs on (switch.py)
         self.exit_data: VcpuExitData = {}
-        self.memcache = Memcache(self)  # arch.pkvm_memcache: head, nr_pages
+        self.memcache = Memcache(self._h, self.va, self._off)  # arch.pkvm_memcache
         struct_set(self, _KVM, vm.va)  # vcpu.kvm
         self.host_vcpu = host_vcpu
         self.vcpu_idx = vcpu_idx
