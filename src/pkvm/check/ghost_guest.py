@@ -194,7 +194,14 @@ class GuestGhost:
     def _leaves(self, handle: int, ipa: int, n: int) -> list[Leaf | None]:
         """`_leaf` of the n pages from `ipa` (wrapping at 2^64), in order."""
         i: Inspector = self.i
-        return [Leaf.of(f) for f in i.guest_leaves(handle, ipa, n)]
+        out: list[Leaf | None] = []
+        last: tuple[int, int, int] | None = None
+        leaf: Leaf | None = None  # (Leaf.of(None): a run's equal leaves built once)
+        for f in i.guest_leaves(handle, ipa, n):
+            if f is not last and f != last:
+                leaf, last = Leaf.of(f), f
+            out.append(leaf)
+        return out
 
     def _u64(self, pa: int) -> int:
         return int.from_bytes(self.i.read(pa, 8), "little")
@@ -239,8 +246,9 @@ class GuestGhost:
                 n = a[2] if name == "__pkvm_host_share_guest" and a[2] == BLOCK_PAGES else 1
                 taken = set(pre["refill"]["taken"])  # the refill runs first
                 pfn = ((a[0] << PAGE_SHIFT) & U64) >> PAGE_SHIFT  # hyp_pfn_to_phys wraps
+                pages = self._pages(pfn, n)
                 pre["pages"] = [("NOPAGE", "OWNED", -1, p[3]) if p and pfn + k in taken else p
-                                for k, p in enumerate(self._pages(pfn, n))]
+                                for k, p in enumerate(pages)] if taken else pages
                 pre["leaves"] = self._leaves(vcpu["handle"], (a[1] << PAGE_SHIFT) & U64, n)
         elif name in ("__pkvm_host_relax_perms_guest", "__pkvm_host_mkyoung_guest"):
             if vcpu is not None:
