@@ -144,6 +144,8 @@ class Watch:
         self.compared = 0
         self.leaves_reused = 0
         self.unplain_compared = 0
+        self.vm_abs: tuple[Any, dict[int, Any]] = (None, {})
+        self.vm_kept = 0
         w.m.listeners.append(self.look)
 
     def look(self, rec: Any = None) -> None:
@@ -221,6 +223,11 @@ class Watch:
         self.structs = structs
         assert c._fingerprint_now() == c._fingerprint()
         assert c.ghost.abstract_table() == generic_table(c) == c.ghost._abstract_table()
+        # the table abstracted again (`_abstract_table_kept`) with a VM's abstraction kept
+        vm_abs = (c.ghost._abs, {i: e[3] for i, e in c.ghost._vm_abs.items()})
+        if vm_abs[0] is not self.vm_abs[0]:
+            self.vm_kept += any(self.vm_abs[1].get(i) is g for i, g in vm_abs[1].items())
+        self.vm_abs = vm_abs
         fp = (c._fingerprint(), generic_fingerprint(c))
         if fp[1] != self.fp[1]:
             assert fp[0] != self.fp[0]  # the fast fingerprint sees every change the generic does
@@ -252,6 +259,7 @@ def test_a_fixed_run_reaches_every_fast_path(abi: str) -> None:
     to run is asserted on one fixed run: seed 1 reaches each of them."""
     watches = _watched(abi, 1)
     assert sum(w.gen_kept for w in watches)  # struct_gen stood still: the kept readings compared
+    assert sum(w.vm_kept for w in watches)  # a VM's abstraction kept while the table's changed
     if abi == "latest":
         assert sum(w.leaves_reused for w in watches)  # the kept leaves were compared too
         assert sum(w.unplain_compared for w in watches)
@@ -424,3 +432,20 @@ def test_a_dead_recorder_leaves_the_registry() -> None:
     del a
     gc.collect()
     assert key not in inspect_module._RECORDERS
+
+
+@settings(max_examples=200, deadline=None)
+@given(pages=st.lists(st.one_of(st.none(), st.tuples(
+    st.sampled_from(["OWNED", "SHARED_OWNED", "NOPAGE"]), st.sampled_from(["NOPAGE", "OWNED"]),
+    st.integers(-1, 3), st.integers(0, 2**32 - 1))), min_size=1, max_size=8),
+    share=st.booleans())
+def test_mapped_pages_are_each_pages_expected_post_state(pages: list[Any], share: bool) -> None:
+    """`ghost_guest._mapped_pages` (a share or donation's expected pages, compared as one list)
+    is the per-page expectation it replaced."""
+    if any(p is None for p in pages):
+        with pytest.raises(AssertionError):
+            ghost_guest._mapped_pages(pages, share)
+        return
+    assert ghost_guest._mapped_pages(pages, share) == [
+        ("SHARED_OWNED", p[1], p[2], p[3] + 1) if share else ("NOPAGE", "NOPAGE", p[2], p[3])
+        for p in pages]

@@ -40,6 +40,7 @@ from pkvm.inspect_hyp import (  # (re-exported: the checkers' view)
     VmemmapView,
     _host_pgt,
     _hyp_pgt,
+    same_objects,
     used,
     used_slots,
 )
@@ -54,7 +55,7 @@ __all__ = [
     "RESERVED_ENTRY", "ComponentId", "HypView", "Inspector", "PageInfo", "PageState",
     "PkvmHypVcpu", "PkvmHypVm", "decode_host_annotation", "guest_state_of_pte",
     "hyp_state_of_pte", "hyp_pa", "hyp_va", "RamView", "VmemmapView", "VM_SPANS", "VCPU_SPANS",
-    "used", "used_slots",
+    "same_objects", "used", "used_slots",
 ]
 
 STATE_NAMES: Final[dict[int, str]] = {s: s.name for s in PageState}  # a state (or its int) -> name

@@ -27,16 +27,23 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 from pkvm.abi import sizes
-from pkvm.abi.host_structs import KVM, KVM_VCPU
+from pkvm.abi.host_structs import KVM_VCPU
 from pkvm.abi.profiles import func_ids
 from pkvm.check.ghost_calls import CallsGhost
 from pkvm.check.ghost_ffa import FfaGhost
-from pkvm.check.ghost_guest import GuestGhost, range_errno
+from pkvm.check.ghost_guest import GuestGhost, host_u32, init_vm_checks, pin_errno, range_errno
 from pkvm.check.ghost_pvm import PvmGhost
 from pkvm.check.page_invariants import PageInvariants
 from pkvm.check.violations import InvariantViolation
 from pkvm.errors import EBUSY, EINVAL, ENOENT, ENOMEM, EPERM, ERANGE
-from pkvm.inspect import RESERVED_ENTRY, HypView, PageState, PkvmHypVm, used_slots
+from pkvm.inspect import (
+    RESERVED_ENTRY,
+    HypView,
+    PageState,
+    PkvmHypVm,
+    same_objects,
+    used_slots,
+)
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -112,6 +119,8 @@ class Ghost:
     _found_of: tuple[Any, int] = (None, 0)  # (vm_slots' answer, its reserved slots)
     _abs: list[Any] | None = None  # abstract_table's last answer, at struct_gen _abs_gen
     _abs_gen: int = -1
+    # slot -> (hyp VM, its vCPU array, its field bytes, its abstraction): see _abstract_table_kept
+    _vm_abs: dict[int, tuple[Any, list[Any], Any, GhostVm]] = field(default_factory=dict)
     # a call's name -> (its function ID, its name as the profile's table has it)
     _ids: dict[Any, tuple[int | None, Any]] = field(default_factory=dict)
 
@@ -145,9 +154,40 @@ class Ghost:
         h: HypView = self.checker.h  # (typed: native calls)
         gen = h.struct_gen()
         if gen != self._abs_gen or self._abs is None:
-            self._abs = self._abstract_table()
+            self._abs = self._abstract_table_kept()
             self._abs_gen = gen
         return self._abs
+
+    def _abstract_table_kept(self) -> list[Any]:
+        """`_abstract_table`, each hyp VM abstracted again only when what `struct_gen` read of
+        it changed (`HypView.struct_parts`: the same VM in the same slot, the same vCPU objects,
+        the same field bytes); the others' last abstractions kept. Right after `struct_gen`
+        (tests/test_checker_fast.py compares with `_abstract_table` after every call)."""
+        h: HypView = self.checker.h
+        vms, lists, raws = h.struct_parts()
+        out: list[Any] = [None] * h.vm_table_size()
+        old = self._vm_abs
+        new: dict[int, tuple[Any, list[Any], Any, GhostVm]] = {}
+        j = 0
+        for i, slot in h.vm_slots():
+            if slot is RESERVED_ENTRY:
+                out[i] = RESERVED
+            elif isinstance(slot, PkvmHypVm):
+                assert vms[j] is slot
+                raw, vcpus = raws[j], lists[j]
+                j += 1
+                prev = old.get(i)
+                if prev is not None and prev[0] is slot and prev[2] == raw and \
+                        same_objects(prev[1], vcpus):
+                    g = prev[3]
+                else:
+                    g = _abstract_vm(slot)
+                new[i] = (slot, vcpus, raw, g)
+                out[i] = g
+            else:
+                out[i] = f"not a hyp VM: {slot!r}"
+        self._vm_abs = new
+        return out
 
     def _abstract_table(self) -> list[Any]:
         """The concrete VM table, abstracted (the generic reading)."""
@@ -160,11 +200,7 @@ class Ghost:
                 out[i] = f"not a hyp VM: {slot!r}"
             else:
                 assert isinstance(slot, PkvmHypVm)
-                made = [v for v in slot.vcpus if v is not None]
-                vcpus = frozenset([v.vcpu_idx for v in made])
-                loaded = tuple(sorted([(v.vcpu_idx, v.loaded_on) for v in made
-                                       if v.loaded_on is not None]))
-                out[i] = GhostVm(slot.is_dying, slot.created_vcpus, vcpus, loaded)
+                out[i] = _abstract_vm(slot)
         return out
 
     def abstract_page(self, phys: int) -> GhostPage | None:
@@ -205,7 +241,7 @@ class Ghost:
                 prof.share_hyp_checks_allowed_memory:  # 7.2's init checks
             a = list(args) + [0] * 3
             if name == "__pkvm_init_vm":
-                self.pre_init_vm = self._init_vm_checks(a[0])
+                self.pre_init_vm = init_vm_checks(self.checker.machine.inspect, prof, a[0])
             else:
                 self.pre_init_vcpu = self._init_vcpu_checks(prof.handle(a[0]), a[1], a[2])
         if name in ("__pkvm_host_share_hyp", "__pkvm_host_unshare_hyp") and args:
@@ -233,29 +269,6 @@ class Ghost:
         if rec.name in VM_TABLE_CALLS:
             self._table_call(rec)
 
-    def _pin_errno(self, pa: int, size: int) -> int:
-        """`hyp_pin_shared_mem` over [pa, pa + size): the range in one memory region, every
-        page host SHARED_OWNED and hyp SHARED_BORROWED (else -EPERM); 0 if it would pin."""
-        i = self.checker.machine.inspect
-        start = pa & ~(PAGE_SIZE - 1)
-        end = (pa + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
-        lo, hi = i.ram_range()
-        err = range_errno(lo, hi, start, end - start)
-        if err:
-            return err
-        pages = [i.page_quick(pfn) for pfn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT)]
-        if any(p is None or p[0] != "SHARED_OWNED" for p in pages):
-            return -EPERM
-        if any(p is None or p[1] != "SHARED_BORROWED" for p in pages):
-            return -EPERM
-        return 0
-
-    def _host_u32(self, pa: int) -> int:
-        lo, hi = self.checker.machine.inspect.ram_range()
-        if not lo <= pa <= hi - 4:
-            return 0
-        return int.from_bytes(self.checker.machine.inspect.read(pa, 4), "little")
-
     def _init_vcpu_checks(self, handle: int, host_vcpu: int, vcpu_hva: int) -> frozenset[int]:
         """7.2 `__pkvm_init_vcpu` on the pre-state: the donation of the hyp vCPU's pages
         (`map_donated_memory`: page-aligned, in one memory region, host OWNED and hyp NOPAGE,
@@ -278,27 +291,12 @@ class Ghost:
         if not isinstance(vm, GhostVm):
             return frozenset({-ENOENT})
         hv = i.host_ptr_pa(host_vcpu)
-        if self._pin_errno(hv, prof.sizeof_kvm_vcpu):
+        if pin_errno(i, hv, prof.sizeof_kvm_vcpu):
             return frozenset({-EBUSY})
-        v = self._host_u32(hv + KVM_VCPU.offset("vcpu_idx"))
+        v = host_u32(i, hv + KVM_VCPU.offset("vcpu_idx"))
         if v >= vm.created or v in vm.vcpus:
             return frozenset({-EINVAL})
         return frozenset({0, -EINVAL})
-
-    def _init_vm_checks(self, host_kvm: int) -> int:
-        """7.2 `__pkvm_init_vm`'s first checks, on the pre-state: `hyp_pin_shared_mem` of the
-        host's struct kvm (the range in one memory region, every page host SHARED_OWNED and hyp
-        SHARED_BORROWED, else -EPERM), `created_vcpus` (as unsigned) at least 1 and the handle
-        the host reserved at least `HANDLE_OFFSET`, else -EINVAL; 0 when all pass."""
-        prof = self.checker.h.profile
-        pa = self.checker.machine.inspect.host_ptr_pa(host_kvm)
-        err = self._pin_errno(pa, prof.sizeof_kvm)
-        if err:
-            return err
-        if not self._host_u32(pa + KVM.offset("created_vcpus")):
-            return -EINVAL
-        handle = prof.handle(self._host_u32(pa + KVM.offset("arch.pkvm.handle")))
-        return -EINVAL if handle < sizes.HANDLE_OFFSET else 0
 
     def _fail(self, rec: TraceRecord | None, what: str, expected: Any, found: Any) -> None:
         raise InvariantViolation("ghost", what, None, expected, found)
@@ -405,6 +403,16 @@ class Ghost:
             i = _differing(t, conc)[0]
             self._fail(rec, f"VM table slot {i + sizes.HANDLE_OFFSET:#x} after {rec.name}",
                        t[i], conc[i])
+
+
+def _abstract_vm(slot: PkvmHypVm) -> GhostVm:
+    """One hyp VM, abstracted: dying, vCPUs created, vCPUs initialised and where each is
+    loaded."""
+    made = [v for v in slot.vcpus if v is not None]
+    vcpus = frozenset([v.vcpu_idx for v in made])
+    loaded = tuple(sorted([(v.vcpu_idx, v.loaded_on) for v in made
+                           if v.loaded_on is not None]))
+    return GhostVm(slot.is_dying, slot.created_vcpus, vcpus, loaded)
 
 
 def _differing(t: list[Any], conc: list[Any]) -> list[int]:
@@ -517,7 +525,7 @@ def _init_vcpu(c: TableCall) -> None:
                f"0..{vm.created - 1}", v)
     if c.prof.vcpu_init_in_order and v != len(vm.vcpus):
         c.fail("hyp vCPUs are initialised in order", len(vm.vcpus), v)
-    c.t[idx] = vm._replace(vcpus=vm.vcpus | {v})
+    c.t[idx] = GhostVm(vm.dying, vm.created, vm.vcpus | {v}, vm.loaded)
 
 
 def _vcpu_load(c: TableCall) -> None:
@@ -528,7 +536,8 @@ def _vcpu_load(c: TableCall) -> None:
           and v in vm.vcpus and all(lv != v for lv, _ in vm.loaded))
     if ok:
         assert vm is not None and c.idx is not None
-        c.t[c.idx] = vm._replace(loaded=tuple(sorted(vm.loaded + ((v, c.cpu),))))
+        c.t[c.idx] = GhostVm(vm.dying, vm.created, vm.vcpus,
+                             tuple(sorted(vm.loaded + ((v, c.cpu),))))
 
 
 def _vcpu_put(c: TableCall) -> None:
@@ -538,7 +547,8 @@ def _vcpu_put(c: TableCall) -> None:
     if cur is not None:
         i, v = cur
         g = c.t[i]
-        c.t[i] = g._replace(loaded=tuple(x for x in g.loaded if x != (v, c.cpu)))
+        c.t[i] = GhostVm(g.dying, g.created, g.vcpus,
+                         tuple([x for x in g.loaded if x != (v, c.cpu)]))
 
 
 def _start_teardown_vm(c: TableCall) -> None:
@@ -549,7 +559,7 @@ def _start_teardown_vm(c: TableCall) -> None:
                c.x1)
     if ok:
         assert vm is not None and c.idx is not None
-        c.t[c.idx] = vm._replace(dying=True)
+        c.t[c.idx] = GhostVm(True, vm.created, vm.vcpus, vm.loaded)
 
 
 def _finalize_teardown_vm(c: TableCall) -> None:

@@ -29,7 +29,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from pkvm.abi.host_structs import KVM_VCPU
+from pkvm.abi.host_structs import KVM, KVM_VCPU
+from pkvm.abi.sizes import HANDLE_OFFSET
 from pkvm.arch.pgtable import (
     KVM_PGTABLE_PROT_RWX,
     KVM_PGTABLE_PROT_W,
@@ -43,6 +44,7 @@ from pkvm.inspect import STATE_NAMES, Inspector, guest_state_of_pte
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
 
 if TYPE_CHECKING:
+    from pkvm.abi.profiles import Profile
     from pkvm.board import TraceRecord
 
 U64: Final = 0xFFFF_FFFF_FFFF_FFFF
@@ -78,6 +80,46 @@ def range_errno(lo: int, hi: int, phys: int, size: int) -> int:
     return 0 if lo <= phys < hi else -EPERM
 
 
+def pin_errno(i: Inspector, pa: int, size: int) -> int:
+    """`hyp_pin_shared_mem` over [pa, pa + size): the range in one memory region, every
+    page host SHARED_OWNED and hyp SHARED_BORROWED (else -EPERM); 0 if it would pin."""
+    start = pa & ~(PAGE_SIZE - 1)
+    end = (pa + size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    lo, hi = i.ram_range()
+    err = range_errno(lo, hi, start, end - start)
+    if err:
+        return err
+    pages = [i.page_quick(pfn) for pfn in range(start >> PAGE_SHIFT, end >> PAGE_SHIFT)]
+    if any(p is None or p[0] != "SHARED_OWNED" for p in pages):
+        return -EPERM
+    if any(p is None or p[1] != "SHARED_BORROWED" for p in pages):
+        return -EPERM
+    return 0
+
+
+def host_u32(i: Inspector, pa: int) -> int:
+    """The host's u32 at `pa` (0 outside RAM)."""
+    lo, hi = i.ram_range()
+    if not lo <= pa <= hi - 4:
+        return 0
+    return int.from_bytes(i.read(pa, 4), "little")
+
+
+def init_vm_checks(i: Inspector, prof: Profile, host_kvm: int) -> int:
+    """7.2 `__pkvm_init_vm`'s first checks, on the pre-state: `hyp_pin_shared_mem` of the
+    host's struct kvm (the range in one memory region, every page host SHARED_OWNED and hyp
+    SHARED_BORROWED, else -EPERM), `created_vcpus` (as unsigned) at least 1 and the handle
+    the host reserved at least `HANDLE_OFFSET`, else -EINVAL; 0 when all pass."""
+    pa = i.host_ptr_pa(host_kvm)
+    err = pin_errno(i, pa, prof.sizeof_kvm)
+    if err:
+        return err
+    if not host_u32(i, pa + KVM.offset("created_vcpus")):
+        return -EINVAL
+    handle = prof.handle(host_u32(i, pa + KVM.offset("arch.pkvm.handle")))
+    return -EINVAL if handle < HANDLE_OFFSET else 0
+
+
 
 @dataclass(frozen=True)
 class Leaf:
@@ -110,6 +152,19 @@ class Leaf:
 _LEAVES: Final[dict[tuple[int, int, int], Leaf]] = {}  # Leaf.of's answers (immutable), by its argument
 
 
+def _mapped_pages(pages: list[tuple[str, str, int, int] | None],
+                  share: bool) -> list[tuple[str, str, int, int]]:
+    """The pages a share (`share`) or donation to a guest leaves, from their pre-states: a
+    share adds one to each page's share count and leaves it host SHARED_OWNED, a donation
+    leaves it host and hyp NOPAGE (refcounts unchanged)."""
+    out: list[tuple[str, str, int, int]] = []
+    for p0 in pages:
+        assert p0 is not None
+        out.append(("SHARED_OWNED", p0[1], p0[2], p0[3] + 1) if share else
+                   ("NOPAGE", "NOPAGE", p0[2], p0[3]))
+    return out
+
+
 _PREDICT: Final[dict[str, Any]] = {}  # a guest-memory call's name -> its GuestGhost method
 
 
@@ -139,7 +194,14 @@ class GuestGhost:
     def _leaves(self, handle: int, ipa: int, n: int) -> list[Leaf | None]:
         """`_leaf` of the n pages from `ipa` (wrapping at 2^64), in order."""
         i: Inspector = self.i
-        return [Leaf.of(f) for f in i.guest_leaves(handle, ipa, n)]
+        out: list[Leaf | None] = []
+        last: tuple[int, int, int] | None = None
+        leaf: Leaf | None = None  # (Leaf.of(None): a run's equal leaves built once)
+        for f in i.guest_leaves(handle, ipa, n):
+            if f is not last and f != last:
+                leaf, last = Leaf.of(f), f
+            out.append(leaf)
+        return out
 
     def _u64(self, pa: int) -> int:
         return int.from_bytes(self.i.read(pa, 8), "little")
@@ -184,8 +246,9 @@ class GuestGhost:
                 n = a[2] if name == "__pkvm_host_share_guest" and a[2] == BLOCK_PAGES else 1
                 taken = set(pre["refill"]["taken"])  # the refill runs first
                 pfn = ((a[0] << PAGE_SHIFT) & U64) >> PAGE_SHIFT  # hyp_pfn_to_phys wraps
+                pages = self._pages(pfn, n)
                 pre["pages"] = [("NOPAGE", "OWNED", -1, p[3]) if p and pfn + k in taken else p
-                                for k, p in enumerate(self._pages(pfn, n))]
+                                for k, p in enumerate(pages)] if taken else pages
                 pre["leaves"] = self._leaves(vcpu["handle"], (a[1] << PAGE_SHIFT) & U64, n)
         elif name in ("__pkvm_host_relax_perms_guest", "__pkvm_host_mkyoung_guest"):
             if vcpu is not None:
@@ -266,16 +329,16 @@ class GuestGhost:
         self._memcache_after(rec, pre)
         n = len(pre["pages"])
         posts = self._pages(phys >> PAGE_SHIFT, n)
-        leaves = self._leaves(pre["vcpu"]["handle"], ipa, n)
+        # (a mapped call is judged on its first leaf alone: the others are not read)
+        leaves = self._leaves(pre["vcpu"]["handle"], ipa, n if want else 1)
         if want:
             self._same(f"{rec.name} refused: the pages it names", pre["pages"], posts)
             self._same(f"{rec.name} refused: the guest leaves", pre["leaves"], leaves)
             return
-        for k, (p0, p1) in enumerate(zip(pre["pages"], posts)):
-            assert p0 is not None
-            exp = ("SHARED_OWNED", p0[1], p0[2], p0[3] + 1) if share else ("NOPAGE", "NOPAGE",
-                                                                            p0[2], p0[3])
-            self._same(f"{rec.name}: page {(phys >> PAGE_SHIFT) + k:#x} after", exp, p1)
+        exps = _mapped_pages(pre["pages"], share)
+        if exps != posts:  # (compared as lists; the first page that differs is reported)
+            for k, (exp, p1) in enumerate(zip(exps, posts)):
+                self._same(f"{rec.name}: page {(phys >> PAGE_SHIFT) + k:#x} after", exp, p1)
         level = 2 if n == BLOCK_PAGES else 3
         want_leaf = Leaf(0, "SHARED_BORROWED" if share else "OWNED", level, phys, prot,
                          leaves[0].young if leaves[0] else False)
