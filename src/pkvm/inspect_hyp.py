@@ -219,7 +219,6 @@ class HypView:
         self._skey: tuple[Any, list[PkvmHypVm], list[list[Any]], list[Any], Any, Any] = (
             None, [], [], [], None, ())
         self._sgen = 0
-        self._segs: list[tuple[int, int]] = []  # each VM's [start, end) in the bytes' tuple
         self._gen_in_hold = False  # struct_gen has read the structs since the hold began
 
     def hold(self, on: bool) -> None:
@@ -301,29 +300,14 @@ class HypView:
             self._skey = (found, vms, k[2], loaded, k[4], raw)
             self._sgen += 1
             return self._sgen
-        spans: list[slice] = []
-        segs: list[tuple[int, int]] = []
-        for vm in vms:  # (each VM's spans, then its vCPUs': one segment of the bytes per VM)
-            start = len(spans)
-            spans += [slice(vm._off + a, vm._off + b) for a, b in VM_SPANS]
-            spans += [slice(v._off + a, v._off + b) for v in vm.vcpus if v is not None
-                      for a, b in VCPU_SPANS]
-            segs.append((start, len(spans)))
-        self._segs = segs
+        spans = [slice(vm._off + a, vm._off + b) for vm in vms for a, b in VM_SPANS]
+        spans += [slice(v._off + a, v._off + b) for vm in vms for v in vm.vcpus
+                  if v is not None for a, b in VCPU_SPANS]
         get = itemgetter(*spans, slice(0, 0))  # (the empty span: always a tuple)
         self._skey = (found, vms, [list(x) for x in lists], list(h.loaded_hyp_vcpu), get,
                       get(h.mem._map))
         self._sgen += 1
         return self._sgen
-
-    def struct_parts(self) -> tuple[list[PkvmHypVm], list[list[Any]], list[Any]]:
-        """What `struct_gen`'s last reading read, per live hyp VM (in table order): the VMs,
-        a copy of each one's vCPU array, and each one's field bytes (a tuple: its own spans,
-        then its vCPUs'). Equal parts: the VM's fields as `struct_gen` reads them are the
-        same. Ask right after `struct_gen`."""
-        k = self._skey
-        raw = k[5]
-        return k[1], k[2], [raw[a:b] for a, b in self._segs]
 
     @property
     def loaded_hyp_vcpu(self) -> tuple[PkvmHypVcpu | None, ...]:

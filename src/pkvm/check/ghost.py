@@ -41,7 +41,6 @@ from pkvm.inspect import (
     HypView,
     PageState,
     PkvmHypVm,
-    same_objects,
     used_slots,
 )
 from pkvm.machine.memory import PAGE_SHIFT, PAGE_SIZE
@@ -119,8 +118,6 @@ class Ghost:
     _found_of: tuple[Any, int] = (None, 0)  # (vm_slots' answer, its reserved slots)
     _abs: list[Any] | None = None  # abstract_table's last answer, at struct_gen _abs_gen
     _abs_gen: int = -1
-    # slot -> (hyp VM, its vCPU array, its field bytes, its abstraction): see _abstract_table_kept
-    _vm_abs: dict[int, tuple[Any, list[Any], Any, GhostVm]] = field(default_factory=dict)
     # a call's name -> (its function ID, its name as the profile's table has it)
     _ids: dict[Any, tuple[int | None, Any]] = field(default_factory=dict)
 
@@ -154,40 +151,9 @@ class Ghost:
         h: HypView = self.checker.h  # (typed: native calls)
         gen = h.struct_gen()
         if gen != self._abs_gen or self._abs is None:
-            self._abs = self._abstract_table_kept()
+            self._abs = self._abstract_table()
             self._abs_gen = gen
         return self._abs
-
-    def _abstract_table_kept(self) -> list[Any]:
-        """`_abstract_table`, each hyp VM abstracted again only when what `struct_gen` read of
-        it changed (`HypView.struct_parts`: the same VM in the same slot, the same vCPU objects,
-        the same field bytes); the others' last abstractions kept. Right after `struct_gen`
-        (tests/test_checker_fast.py compares with `_abstract_table` after every call)."""
-        h: HypView = self.checker.h
-        vms, lists, raws = h.struct_parts()
-        out: list[Any] = [None] * h.vm_table_size()
-        old = self._vm_abs
-        new: dict[int, tuple[Any, list[Any], Any, GhostVm]] = {}
-        j = 0
-        for i, slot in h.vm_slots():
-            if slot is RESERVED_ENTRY:
-                out[i] = RESERVED
-            elif isinstance(slot, PkvmHypVm):
-                assert vms[j] is slot
-                raw, vcpus = raws[j], lists[j]
-                j += 1
-                prev = old.get(i)
-                if prev is not None and prev[0] is slot and prev[2] == raw and \
-                        same_objects(prev[1], vcpus):
-                    g = prev[3]
-                else:
-                    g = _abstract_vm(slot)
-                new[i] = (slot, vcpus, raw, g)
-                out[i] = g
-            else:
-                out[i] = f"not a hyp VM: {slot!r}"
-        self._vm_abs = new
-        return out
 
     def _abstract_table(self) -> list[Any]:
         """The concrete VM table, abstracted (the generic reading)."""
